@@ -1,0 +1,39 @@
+// csrc/ops/checks.h — argument checks shared by the op glue. Every failure names the
+// argument and says what was expected and what was received; they raise ValueError
+// in Python (TORCH_CHECK_VALUE).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace iddpm::ops {
+
+inline std::string shape_str(const at::Tensor& x) { return c10::str(x.sizes()); }
+
+inline void check_defined(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.defined(), name, ": expected a tensor, got None");
+}
+
+inline void check_dim(const at::Tensor& x, const char* name, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(x.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
+                    shape_str(x));
+}
+
+inline void check_dtype(const at::Tensor& x, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(x.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                    x.scalar_type());
+}
+
+inline void check_index_dtype(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt, name,
+                    ": expected an integer tensor (int64 or int32), got ", x.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  TORCH_CHECK_VALUE(x.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+                    " (the device of ", ref_name, "), got ", x.device());
+}
+
+}  // namespace iddpm::ops

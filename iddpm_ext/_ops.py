@@ -1,0 +1,118 @@
+"""Loading of the compiled extension and the Python side of the ``iddpm`` torch ops.
+
+``iddpm_ext._C`` registers the ops (schemas in python/schemas.cpp, CPU/CUDA kernels in
+csrc/). This module loads it, checks that it was built against the running torch, and
+adds what the ops need in Python: fake (meta) implementations for torch.compile and
+autograd formulas. When ``_C`` is missing or unusable the pure-Python parts of the
+library keep working and every op wrapper raises :class:`ExtensionUnavailableError`
+that says what happened and the one command that rebuilds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+REBUILD_COMMAND = "make build   (or: pip install --no-build-isolation --no-deps -e .)"
+
+
+class ExtensionUnavailableError(ImportError):
+    """The compiled extension iddpm_ext._C cannot be used."""
+
+
+_C = None
+_LOAD_ERROR: str | None = None
+
+
+def _load():
+    global _C, _LOAD_ERROR
+    if os.environ.get("IDDPM_EXT_DISABLE_C", "") == "1":
+        _LOAD_ERROR = "iddpm_ext._C was disabled by IDDPM_EXT_DISABLE_C=1"
+        return
+    try:
+        from . import _C as mod  # noqa: PLC0415  (torch is imported above, as _C requires)
+    except ImportError as exc:
+        text = str(exc)
+        if "No module named" in text and "_C" in text:
+            _LOAD_ERROR = (
+                "iddpm_ext._C is not built, so the fused kernels are unavailable. "
+                f"Build it with: {REBUILD_COMMAND}"
+            )
+        else:
+            _LOAD_ERROR = (
+                f"iddpm_ext._C failed to load ({text}). This usually means it was built "
+                f"against a different torch than the running torch {torch.__version__}. "
+                f"Rebuild with: {REBUILD_COMMAND}"
+            )
+        return
+    built = mod.build_info()["torch_version"]
+    if built != torch.__version__:
+        _LOAD_ERROR = (
+            f"iddpm_ext._C was built against torch {built} but torch {torch.__version__} is "
+            f"running; its kernels are disabled. Rebuild with: {REBUILD_COMMAND}"
+        )
+        return
+    _C = mod
+
+
+_load()
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used."""
+    return _C is not None
+
+
+def load_error() -> str | None:
+    """Why the compiled kernels are unavailable (None when they are available)."""
+    return _LOAD_ERROR
+
+
+def require():
+    """Raise :class:`ExtensionUnavailableError` unless the compiled kernels are usable."""
+    if _C is None:
+        raise ExtensionUnavailableError(_LOAD_ERROR)
+    return _C
+
+
+def build_info() -> dict:
+    """How iddpm_ext._C was built: version, torch_version, cuda, cuda_version,
+    arch_list, compiler, build_type. Raises ExtensionUnavailableError without _C."""
+    return dict(require().build_info())
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """True when ``_C`` has kernels for tensors on ``device``."""
+    if _C is None:
+        return False
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return bool(_C.build_info()["cuda"])
+    return False
+
+
+# ---------------------------------------------------------------------------------
+# iddpm::gather_coefs
+# ---------------------------------------------------------------------------------
+
+
+def gather_coefs(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rows of a per-timestep coefficient table: ``out[b] = table[t[b]]``.
+
+    table: [T, K] float32; t: [B] int64/int32 on table's device -> [B, K] float32.
+    On CPU an out-of-range ``t`` raises ValueError; on CUDA it gives NaN rows (no sync).
+    """
+    require()
+    return torch.ops.iddpm.gather_coefs(table, t)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("iddpm::gather_coefs")
+    def _gather_coefs_fake(table, t):
+        torch._check(table.dim() == 2, lambda: "table: expected a 2-D tensor [T, K]")
+        torch._check(t.dim() == 1, lambda: "t: expected a 1-D tensor [B]")
+        return table.new_empty((t.shape[0], table.shape[1]))
