@@ -1,9 +1,9 @@
 """Loading of the compiled extension and the Python side of the ``iddpm`` torch ops.
 
 ``iddpm_ext._C`` registers the ops (schemas in python/schemas.cpp, CPU/CUDA kernels in
-csrc/). This module loads it, checks that it was built against the running torch, and
-adds what the ops need in Python: fake (meta) implementations for torch.compile and
-autograd formulas. When ``_C`` is missing or unusable the pure-Python parts of the
+csrc/). This module loads it and checks that it was built against the running torch;
+the per-op Python wrappers, fake (meta) implementations and autograd formulas live in
+:mod:`iddpm_ext.ops`. When ``_C`` is missing or unusable the pure-Python parts of the
 library keep working and every op wrapper raises :class:`ExtensionUnavailableError`
 that says what happened and the one command that rebuilds.
 """
@@ -46,14 +46,19 @@ def _load():
                 f"Rebuild with: {REBUILD_COMMAND}"
             )
         return
-    built = mod.build_info()["torch_version"]
-    if built != torch.__version__:
-        _LOAD_ERROR = (
-            f"iddpm_ext._C was built against torch {built} but torch {torch.__version__} is "
-            f"running; its kernels are disabled. Rebuild with: {REBUILD_COMMAND}"
-        )
-        return
-    _C = mod
+    _LOAD_ERROR = version_mismatch(mod.build_info()["torch_version"], torch.__version__)
+    if _LOAD_ERROR is None:
+        _C = mod
+
+
+def version_mismatch(built: str, running: str) -> str | None:
+    """The error text when _C was built against another torch than the running one."""
+    if built == running:
+        return None
+    return (
+        f"iddpm_ext._C was built against torch {built} but torch {running} is running; "
+        f"its kernels are disabled. Rebuild with: {REBUILD_COMMAND}"
+    )
 
 
 _load()
@@ -92,27 +97,3 @@ def has_kernel(device: torch.device | str) -> bool:
     if kind == "cuda":
         return bool(_C.build_info()["cuda"])
     return False
-
-
-# ---------------------------------------------------------------------------------
-# iddpm::gather_coefs
-# ---------------------------------------------------------------------------------
-
-
-def gather_coefs(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Rows of a per-timestep coefficient table: ``out[b] = table[t[b]]``.
-
-    table: [T, K] float32; t: [B] int64/int32 on table's device -> [B, K] float32.
-    On CPU an out-of-range ``t`` raises ValueError; on CUDA it gives NaN rows (no sync).
-    """
-    require()
-    return torch.ops.iddpm.gather_coefs(table, t)
-
-
-if _C is not None:
-
-    @torch.library.register_fake("iddpm::gather_coefs")
-    def _gather_coefs_fake(table, t):
-        torch._check(table.dim() == 2, lambda: "table: expected a 2-D tensor [T, K]")
-        torch._check(t.dim() == 1, lambda: "t: expected a 1-D tensor [B]")
-        return table.new_empty((t.shape[0], table.shape[1]))

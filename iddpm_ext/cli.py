@@ -29,6 +29,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iddpm", description="Improved DDPM with fused kernels (iddpm_ext)."
@@ -37,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="torch, CUDA and build facts as JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="kernel microbenchmarks (iddpm bench --help)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="a short end-to-end run on a toy 2-D data set")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -47,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # the bench parser owns everything after `bench`
+        from . import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -22,7 +22,7 @@ import enum
 import numpy as np
 import torch
 
-from . import _ops
+from . import _ops, ops
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .tables import COEF_INDEX, schedule_arrays, stack_coef_table
 
@@ -154,7 +154,7 @@ class GaussianDiffusion:
     def _coefs(self, t: torch.Tensor, ndim: int) -> _StepCoefs:
         table = self.coef_table(t.device)
         if _ops.has_kernel(t.device) and t.dtype in (torch.int64, torch.int32):
-            rows = _ops.gather_coefs(table, t)
+            rows = ops.gather_coefs(table, t)
         else:
             rows = table[t.long()]
         return _StepCoefs(rows, ndim)

@@ -1,0 +1,74 @@
+"""Kernel microbenchmarks behind ``iddpm bench <what>`` (also ``python -m iddpm_ext.bench``).
+
+Each benchmark is a module of this package with ``add_arguments(parser)`` (optional) and
+``run(args) -> list[dict]`` returning records ``{op, impl, shape, dtype, device, ms,
+gbps?, tflops?, pct_peak?}``; :mod:`iddpm_ext.bench.common` has the timing, table and
+JSON helpers. Register a new benchmark in ``BENCHES`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+BENCHES = {
+    "gather": ("iddpm_ext.bench.gather", "schedule-coefficient gather (iddpm::gather_coefs)"),
+}
+
+
+def build_parser(prog: str = "iddpm bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="iddpm_ext kernel microbenchmarks")
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text)
+        _common_arguments(p)
+        mod = importlib.import_module(module)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+    p = sub.add_parser("all", help="every benchmark above, one after another")
+    _common_arguments(p)
+    return parser
+
+
+def _common_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per case")
+    p.add_argument("--iters", type=int, default=None, help="timed runs per case (median reported)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and runs (smoke test)")
+
+
+def main(argv=None, prog: str = "iddpm bench") -> int:
+    from . import common
+
+    args = build_parser(prog).parse_args(argv)
+    names = list(BENCHES) if args.what == "all" else [args.what]
+    records = []
+    for name in names:
+        mod = importlib.import_module(BENCHES[name][0])
+        if args.what == "all":
+            # Fill in each benchmark's own defaults for arguments `all` does not carry.
+            p = argparse.ArgumentParser()
+            _common_arguments(p)
+            if hasattr(mod, "add_arguments"):
+                mod.add_arguments(p)
+            defaults = vars(p.parse_args([]))
+            defaults.update({k: v for k, v in vars(args).items() if v is not None})
+            sub_args = argparse.Namespace(**defaults)
+        else:
+            sub_args = args
+        common.setup(sub_args)
+        recs = mod.run(sub_args)
+        common.print_table(recs, title=f"iddpm bench {name}")
+        records.extend(recs)
+    if args.json:
+        common.write_json(args.json, records)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m iddpm_ext.bench"))

@@ -1,0 +1,192 @@
+"""Timing, peak numbers, table printing and JSON output shared by the benchmarks.
+
+``ms`` is always the median of timed runs after warm-up. On CUDA each run is timed with
+CUDA events and the L2 cache is flushed before it (by writing a buffer larger than L2),
+so memory-bound kernels are measured from HBM, not from cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# Dense peak numbers of cards we may meet: HBM bytes/s, and bf16/fp16 tensor-core FLOP/s.
+_PEAKS = {
+    "H200": (4.8e12, 989e12),
+    "H100 SXM": (3.35e12, 989e12),
+    "H100 80GB HBM3": (3.35e12, 989e12),
+    "H100 PCIe": (2.0e12, 756e12),
+    "H100 NVL": (3.9e12, 835e12),
+    "A100-SXM4-80GB": (2.039e12, 312e12),
+    "A100-SXM4-40GB": (1.555e12, 312e12),
+    "A100 80GB PCIe": (1.935e12, 312e12),
+    "L40S": (0.864e12, 362e12),
+}
+
+
+def setup(args):
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "device", None) is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    if getattr(args, "warmup", None) is None:
+        args.warmup = 2 if args.quick else 5
+    if getattr(args, "iters", None) is None:
+        args.iters = 3 if args.quick else 20
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_bandwidth(device) -> float | None:
+    """HBM bytes/s of the card, or None when unknown (and on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bw, _) in _PEAKS.items():
+        if key in name:
+            return bw
+    props = torch.cuda.get_device_properties(device)
+    clock = getattr(props, "memory_clock_rate", None)  # kHz
+    width = getattr(props, "memory_bus_width", None)  # bits
+    if clock and width:
+        return 2 * clock * 1e3 * width / 8
+    return None
+
+
+def peak_tensor_flops(device) -> float | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (_, flops) in _PEAKS.items():
+        if key in name:
+            return flops
+    return None
+
+
+_L2_FLUSH = {}
+
+
+def _flush_l2(device):
+    buf = _L2_FLUSH.get(str(device))
+    if buf is None:
+        props = torch.cuda.get_device_properties(device)
+        size = max(2 * getattr(props, "L2_cache_size", 64 << 20), 128 << 20)
+        buf = torch.empty(size // 4, dtype=torch.int32, device=device)
+        _L2_FLUSH[str(device)] = buf
+    buf.zero_()
+
+
+def time_ms(fn, device, warmup: int = 5, iters: int = 20, flush_l2: bool = True) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            if flush_l2:
+                _flush_l2(device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def record(op, impl, shape, dtype, device, ms, bytes_moved=None, flops=None, **extra) -> dict:
+    """One benchmark record; GB/s and % of peak bandwidth from ``bytes_moved``,
+    TFLOP/s (and % of tensor-core peak) from ``flops``."""
+    rec = {
+        "op": op,
+        "impl": impl,
+        "shape": list(shape) if not isinstance(shape, str) else shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device_name(device),
+        "ms": round(ms, 5),
+    }
+    if bytes_moved is not None and ms > 0:
+        gbps = bytes_moved / (ms * 1e-3) / 1e9
+        rec["gbps"] = round(gbps, 2)
+        peak = peak_bandwidth(device)
+        if peak:
+            rec["pct_peak"] = round(100 * gbps * 1e9 / peak, 1)
+    if flops is not None and ms > 0:
+        tflops = flops / (ms * 1e-3) / 1e12
+        rec["tflops"] = round(tflops, 3)
+        peak = peak_tensor_flops(device)
+        if peak and "pct_peak" not in rec:
+            rec["pct_peak"] = round(100 * tflops * 1e12 / peak, 1)
+    rec.update(extra)
+    return rec
+
+
+def environment() -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from .. import _ops
+
+        env["iddpm_ext_build"] = _ops.build_info() if _ops.available() else None
+    except Exception:  # noqa: BLE001 - environment facts are best effort
+        env["iddpm_ext_build"] = None
+    return env
+
+
+def print_table(records: list, title: str = ""):
+    if not records:
+        return
+    cols = ["op", "impl", "shape", "dtype", "ms", "gbps", "tflops", "pct_peak", "speedup"]
+    cols = [c for c in cols if any(c in r for r in records)]
+    rows = [[_fmt(r.get(c, "")) for c in cols] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    if title:
+        print(f"\n{title} — {records[0].get('device', '')}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def write_json(path: str, records: list):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "records": records}, f, indent=1)
