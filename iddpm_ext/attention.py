@@ -35,3 +35,39 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """QKV attention: [B, 3·H·C, T] -> [B, H·C, T] (currently the einsum path)."""
     return qkv_attention_reference(qkv, num_heads)
+
+
+# ---------------------------------------------------------------------------------
+# Which implementation qkv_attention uses: "auto" (the fused op where _C has a kernel
+# for the device, else einsum), "fused" (the op, error if unavailable) or "einsum".
+# ---------------------------------------------------------------------------------
+_IMPLS = ("auto", "fused", "einsum")
+_impl = "auto"
+
+
+def set_attention_impl(impl: str) -> str:
+    """Choose the attention implementation globally; returns the previous choice."""
+    global _impl
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {list(_IMPLS)}, got {impl!r}")
+    previous, _impl = _impl, impl
+    return previous
+
+
+def get_attention_impl() -> str:
+    return _impl
+
+
+class attention_impl:
+    """Context manager: ``with attention_impl("einsum"): ...``."""
+
+    def __init__(self, impl: str):
+        self.impl = impl
+
+    def __enter__(self):
+        self.previous = set_attention_impl(self.impl)
+        return self
+
+    def __exit__(self, *exc):
+        set_attention_impl(self.previous)
+        return False
