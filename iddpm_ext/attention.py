@@ -11,6 +11,9 @@ import math
 
 import torch
 
+from . import _ops
+from .ops import attention as _fused_ops
+
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The reference's einsum attention (improved-diffusion's QKVAttention), readable path.
@@ -33,8 +36,58 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """QKV attention: [B, 3·H·C, T] -> [B, H·C, T] (currently the einsum path)."""
+    """QKV attention: [B, 3·H·C, T] -> [B, H·C, T], differentiable w.r.t. qkv.
+
+    Under the implementation switch (see :func:`set_attention_impl`): "auto" runs the fused
+    op ``iddpm::qkv_attention`` when ``_C`` has a kernel for ``qkv``'s device, dtype and head
+    dim and falls back to :func:`qkv_attention_reference` otherwise; "fused" always runs the
+    op (a clear error when it cannot); "einsum" always runs the reference.
+    """
+    impl = _impl
+    if impl == "einsum":
+        return qkv_attention_reference(qkv, num_heads)
+    if impl == "fused":
+        _require_fused_device(qkv)
+        return _fused_ops.qkv_attention_fused(qkv, num_heads)
+    if fused_supported(qkv, num_heads):
+        return _fused_ops.qkv_attention_fused(qkv, num_heads)
     return qkv_attention_reference(qkv, num_heads)
+
+
+# What the compiled kernels cover. Read once at import so that the dispatch above is plain
+# Python over constants (torch.compile(fullgraph=True) traces it without a graph break).
+_HAS_KERNEL = {"cpu": _ops.has_kernel("cpu"), "cuda": _ops.has_kernel("cuda")}
+_FUSED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+_CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
+    """True when the fused op has a kernel for this qkv (device, dtype, head dim)."""
+    kind = qkv.device.type
+    if not _HAS_KERNEL.get(kind, False) or qkv.dtype not in _FUSED_DTYPES[kind]:
+        return False
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[1] % (3 * num_heads) != 0:
+        return False
+    head_dim = qkv.shape[1] // (3 * num_heads)
+    if kind == "cuda":
+        return head_dim in _CUDA_HEAD_DIMS
+    return head_dim >= 1
+
+
+def _require_fused_device(qkv: torch.Tensor):
+    if not _ops.available():
+        _ops.require()
+    kind = qkv.device.type
+    if not _HAS_KERNEL.get(kind, False):
+        built = "with" if _HAS_KERNEL["cuda"] else "without"
+        raise ValueError(
+            f"qkv: the fused attention (attention impl 'fused') has no kernel for device "
+            f"{qkv.device}; iddpm_ext._C was built {built} CUDA and has kernels for "
+            f"{[k for k, v in _HAS_KERNEL.items() if v]}"
+        )
 
 
 # ---------------------------------------------------------------------------------

@@ -4,4 +4,5 @@ Importing this package registers them; the wrappers raise ExtensionUnavailableEr
 when iddpm_ext._C is not usable."""
 
 from .._ops import available, has_kernel, require  # noqa: F401
+from .attention import qkv_attention_fused  # noqa: F401
 from .gather import gather_coefs  # noqa: F401

@@ -1,0 +1,29 @@
+// csrc/cuda/attention.h — CUDA launchers of the fused QKV attention over raw pointers and a
+// stream. Plain C++ (no torch, no CUDA headers) so the glue in csrc/ops can include it.
+//
+// Layout: qkv [B, 3·H·C, T] contiguous, head h = channels [3Ch, 3Ch + 3C) = q | k | v;
+// out [B, H·C, T]; lse [B, H, T] f32; grad_qkv [B, 3·H·C, T] in qkv's layout.
+#pragma once
+
+#include <cstdint>
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace iddpm::cuda {
+
+enum class AttnDtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Head dims with a compiled kernel.
+inline bool qkv_attention_head_dim_supported(int64_t C) { return C == 32 || C == 64 || C == 128; }
+
+// Forward. Returns a cudaError_t value (0 = success) of the launches.
+int qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, float* lse, int64_t B,
+                      int64_t H, int64_t C, int64_t T, cudaStream_t stream);
+
+// Backward. Workspaces (allocated by the caller, any content): dq_accum [B·H, C, T] f32 and
+// delta [B·H, T] f32. grad_out and out: [B, H·C, T] in qkv's dtype.
+int qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
+                      const float* lse, void* grad_qkv, float* dq_accum, float* delta, int64_t B,
+                      int64_t H, int64_t C, int64_t T, cudaStream_t stream);
+
+}  // namespace iddpm::cuda

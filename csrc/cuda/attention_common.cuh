@@ -1,0 +1,300 @@
+// csrc/cuda/attention_common.cuh — device building blocks of the fused attention kernels
+// (attention_fwd.cu, attention_bwd.cu): warp-level 16×8×16 matrix products on tensor cores
+// (mma.sync, fp16/bf16 in, fp32 accumulate) with an exact fp32 emulation of the same
+// fragment layout (for fp32 inputs), shared-memory fragment loads (ldmatrix) and the
+// global → shared tile copies (cp.async when 16-byte aligned, guarded scalar loads otherwise).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .row.col), lane = 4·g + t (g = lane/4,
+// t = lane%4); a "pair" is two consecutive k (A, B) or n (C) elements:
+//   A (16×16, rows m, cols k):  x[0] = (m=g,   k=2t..2t+1)   x[1] = (m=g+8, k=2t..2t+1)
+//                               x[2] = (m=g,   k=2t+8..+9)   x[3] = (m=g+8, k=2t+8..+9)
+//   B (16×8, rows k, cols n):   x[0] = (k=2t..2t+1, n=g)     x[1] = (k=2t+8..+9, n=g)
+//   C (16×8 f32):               c[0], c[1] = (m=g, n=2t, 2t+1)   c[2], c[3] = (m=g+8, same n)
+// Two C tiles side by side (n = 0..7 and 8..15) are exactly the A fragment of a 16×16 block,
+// which is how P (and dS) go from one product into the next without leaving registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/attention_math.h"
+
+namespace iddpm::cuda::attn_dev {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// ---- element types -------------------------------------------------------------------------
+template <class T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  using Pair = uint32_t;
+  static constexpr bool kTensorCore = true;
+  static __device__ __forceinline__ Pair pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);  // a in the low half
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Pair = uint32_t;
+  static constexpr bool kTensorCore = true;
+  static __device__ __forceinline__ Pair pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <>
+struct Elem<float> {
+  using Pair = float2;
+  static constexpr bool kTensorCore = false;
+  static __device__ __forceinline__ Pair pack(float a, float b) { return make_float2(a, b); }
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+
+template <class T>
+struct FragA {
+  typename Elem<T>::Pair x[4];
+};
+template <class T>
+struct FragB {
+  typename Elem<T>::Pair x[2];
+};
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ---- matrix products: c (16×8 f32) += a (16×16) · b (16×8) ------------------------------------
+__device__ __forceinline__ void mma(float (&c)[4], const FragA<__half>& a, const FragB<__half>& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], const FragA<__nv_bfloat16>& a,
+                                    const FragB<__nv_bfloat16>& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+
+// fp32: the same product on the same fragment layout, in fp32 FMAs. Each lane gathers row g
+// and g+8 of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them.
+__device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) {
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const int half = k >> 3, src_t = (k & 7) >> 1;
+    const bool odd = k & 1;
+    const float a_row = odd ? a.x[2 * half].y : a.x[2 * half].x;        // A[g'][k] on lane 4g'+src_t
+    const float a_row8 = odd ? a.x[2 * half + 1].y : a.x[2 * half + 1].x;  // A[g'+8][k]
+    const float b_col = odd ? b.x[half].y : b.x[half].x;                 // B[k][g'] on lane 4g'+src_t
+    const float ag = __shfl_sync(kFull, a_row, 4 * g + src_t);
+    const float ag8 = __shfl_sync(kFull, a_row8, 4 * g + src_t);
+    const float b0 = __shfl_sync(kFull, b_col, 4 * (2 * t) + src_t);
+    const float b1 = __shfl_sync(kFull, b_col, 4 * (2 * t + 1) + src_t);
+    c[0] = fmaf(ag, b0, c[0]);
+    c[1] = fmaf(ag, b1, c[1]);
+    c[2] = fmaf(ag8, b0, c[2]);
+    c[3] = fmaf(ag8, b1, c[3]);
+  }
+}
+
+// ---- fragment loads from shared memory --------------------------------------------------------
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// A fragment of the 16×16 block (m0.., k0..) of a matrix stored k-major: A[m][k] = s[k·ld + m]
+// (a [C, T] tile read as its transpose). For ldmatrix.trans, lane L gives the address of row
+// L%8 of 8×8 matrix q = L/8, where matrix q holds (m: +8·(q&1), k: +8·(q>>1)) = x[q].
+template <class T>
+__device__ __forceinline__ void load_a_kmajor(FragA<T>& f, const T* s, int ld, int m0, int k0) {
+  const int lane = lane_id();
+  const int q = lane >> 3, r = lane & 7;
+  if constexpr (Elem<T>::kTensorCore) {
+    uint32_t v[4];
+    ldsm_x4_trans(v, s + (k0 + (q >> 1) * 8 + r) * ld + m0 + (q & 1) * 8);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f.x[i] = v[i];
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const T* p = s + (k0 + (i >> 1) * 8 + 2 * t) * ld + m0 + (i & 1) * 8 + g;
+      f.x[i] = make_float2(p[0], p[ld]);
+    }
+  }
+}
+
+// B fragments of n-tiles n0.. and n0+8.. (k0..k0+15) of a matrix stored k-major:
+// B[k][n] = s[k·ld + n] (a [C, T] tile with k = channel). Matrix q: (k: +8·(q&1), n: +8·(q>>1)).
+template <class T>
+__device__ __forceinline__ void load_b_kmajor(FragB<T>& b0, FragB<T>& b1, const T* s, int ld,
+                                              int k0, int n0) {
+  const int lane = lane_id();
+  const int q = lane >> 3, r = lane & 7;
+  if constexpr (Elem<T>::kTensorCore) {
+    uint32_t v[4];
+    ldsm_x4_trans(v, s + (k0 + (q & 1) * 8 + r) * ld + n0 + (q >> 1) * 8);
+    b0.x[0] = v[0];
+    b0.x[1] = v[1];
+    b1.x[0] = v[2];
+    b1.x[1] = v[3];
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const T* p = s + (k0 + (i & 1) * 8 + 2 * t) * ld + n0 + (i >> 1) * 8 + g;
+      FragB<T>& b = (i >> 1) ? b1 : b0;
+      b.x[i & 1] = make_float2(p[0], p[ld]);
+    }
+  }
+}
+
+// B fragments of n-tiles n0.. and n0+8.. of a matrix stored n-major: B[k][n] = s[n·ld + k]
+// (a [C, T] tile with k = time). Matrix q: (n: +8·(q>>1), k: +8·(q&1)), no transpose.
+template <class T>
+__device__ __forceinline__ void load_b_nmajor(FragB<T>& b0, FragB<T>& b1, const T* s, int ld,
+                                              int k0, int n0) {
+  const int lane = lane_id();
+  const int q = lane >> 3, r = lane & 7;
+  if constexpr (Elem<T>::kTensorCore) {
+    uint32_t v[4];
+    ldsm_x4(v, s + (n0 + (q >> 1) * 8 + r) * ld + k0 + (q & 1) * 8);
+    b0.x[0] = v[0];
+    b0.x[1] = v[1];
+    b1.x[0] = v[2];
+    b1.x[1] = v[3];
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const T* p = s + (n0 + (i >> 1) * 8 + g) * ld + k0 + (i & 1) * 8 + 2 * t;
+      FragB<T>& b = (i >> 1) ? b1 : b0;
+      b.x[i & 1] = make_float2(p[0], p[1]);
+    }
+  }
+}
+
+// The A fragment of a 16×16 block whose values sit in two adjacent C tiles (see above).
+template <class T>
+__device__ __forceinline__ void c_to_a(FragA<T>& f, const float (&lo)[4], const float (&hi)[4]) {
+  f.x[0] = Elem<T>::pack(lo[0], lo[1]);
+  f.x[1] = Elem<T>::pack(lo[2], lo[3]);
+  f.x[2] = Elem<T>::pack(hi[0], hi[1]);
+  f.x[3] = Elem<T>::pack(hi[2], hi[3]);
+}
+
+// ---- global -> shared tiles ------------------------------------------------------------------
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// s[r·LD + c] = g[r·ldg + col0 + c] for r < ROWS, c < COLS, zero where col0 + c >= T.
+// `vec`: 16-byte cp.async (needs g, ldg and col0 aligned to 16 bytes and T a multiple of the
+// chunk, which the launcher checks); otherwise guarded element loads.
+template <class T, int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ldg, int col0, int T_len,
+                                          bool vec) {
+  constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
+  static_assert(COLS % E == 0 && LD % E == 0, "tile rows must be whole 16-byte chunks");
+  if (vec) {
+    constexpr int CPR = COLS / E, TOTAL = ROWS * CPR;
+    for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {
+      const int r = idx / CPR, c = (idx % CPR) * E;
+      const bool valid = col0 + c < T_len;
+      const T* src = valid ? g + r * ldg + col0 + c : g;
+      cp_async_16(s + r * LD + c, src, valid);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+      const int r = idx / COLS, c = idx % COLS;
+      s[r * LD + c] = col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
+    }
+  }
+}
+
+// Writes the [ROWS, COLS] smem tile back to g (row stride ldg) where col0 + c < T.
+template <class T, int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void store_tile(T* g, int64_t ldg, const T* s, int col0, int T_len) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    const int r = idx / COLS, c = idx % COLS;
+    if (col0 + c < T_len) g[r * ldg + col0 + c] = s[r * LD + c];
+  }
+}
+
+// ---- small math ---------------------------------------------------------------------------
+struct Exp2 {
+  __device__ __forceinline__ float operator()(float x) const { return exp2f(x); }
+};
+struct Log2 {
+  __device__ __forceinline__ float operator()(float x) const { return log2f(x); }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Max / sum over the 4 lanes of a quad (the lanes that share a fragment row).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFull, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFull, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(kFull, v, 1);
+  return v + __shfl_xor_sync(kFull, v, 2);
+}
+
+// Raises a kernel's dynamic shared-memory limit once per device (`Tag` names the kernel), so
+// that later launches, including those under CUDA-graph capture, make no such call.
+template <class Tag>
+inline cudaError_t set_smem_limit_once(const void* kernel, size_t bytes) {
+  static bool done[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64 && done[dev]) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+  if (err == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
+  return err;
+}
+
+// Padding of smem rows (elements): keeps ldmatrix / fragment loads free of bank conflicts and
+// rows 16-byte aligned.
+template <class T>
+constexpr int kPad = 16 / sizeof(T) == 8 ? 8 : 4;
+
+}  // namespace iddpm::cuda::attn_dev

@@ -1,0 +1,191 @@
+// csrc/ops/attention.cpp — torch glue of the fused QKV attention:
+//
+//   iddpm::qkv_attention(Tensor qkv, int num_heads) -> (Tensor out, Tensor lse)
+//     qkv: [B, 3·H·C, T]; per head h the channels [3Ch, 3Ch + 3C) are q | k | v (the
+//     reference's order). out: [B, H·C, T] in qkv's dtype; lse: [B, H, T], the natural-log
+//     logsumexp of each query's scaled logits (saved for the backward): float32, or float64
+//     for float64 qkv (so that the CPU backward in float64 is exact to float64 rounding).
+//   iddpm::qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse,
+//                                 int num_heads) -> Tensor grad_qkv   [B, 3·H·C, T]
+//
+// No layout copies: the kernels read q, k, v as the [C, T] blocks they are in qkv. A
+// non-contiguous argument (not the case for a Conv1d output) is made contiguous once here.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/attention.h"
+#include "ops/checks.h"
+
+#ifdef IDDPM_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/attention.h"
+#endif
+
+namespace iddpm::ops {
+namespace {
+
+struct Dims {
+  int64_t B, H, C, T;
+};
+
+bool cpu_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+bool cuda_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Checks qkv and num_heads; returns the dimensions.
+Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
+  check_defined(qkv, "qkv");
+  check_dim(qkv, "qkv", 3, "[B, 3·num_heads·C, T]");
+  TORCH_CHECK_VALUE(num_heads >= 1, "num_heads: expected a positive number of heads, got ",
+                    num_heads);
+  const int64_t width = qkv.size(1);
+  TORCH_CHECK_VALUE(width > 0 && width % (3 * num_heads) == 0, "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
+                    3 * num_heads, " (q, k and v of C channels per head), got ", width,
+                    " channels in shape ", shape_str(qkv));
+  const Dims d{qkv.size(0), num_heads, width / (3 * num_heads), qkv.size(2)};
+  if (qkv.is_cuda()) {
+    TORCH_CHECK_VALUE(cuda_dtype_ok(qkv.scalar_type()),
+                      "qkv: expected dtype float32, float16 or bfloat16 on CUDA, got ",
+                      qkv.scalar_type());
+#ifdef IDDPM_WITH_CUDA
+    TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(d.C),
+                      "qkv: expected a head dim C = channels / (3·num_heads) of 32, 64 or 128 on "
+                      "CUDA, got C = ",
+                      d.C, " (", width, " channels, ", num_heads, " heads)");
+#endif
+  } else {
+    TORCH_CHECK_VALUE(cpu_dtype_ok(qkv.scalar_type()),
+                      "qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got ",
+                      qkv.scalar_type());
+  }
+  return d;
+}
+
+// Checks a [B, H·C, T] tensor that goes with qkv (grad_out, out).
+void check_like_out(const at::Tensor& x, const char* name, const at::Tensor& qkv, const Dims& d) {
+  check_defined(x, name);
+  check_same_device(x, name, qkv, "qkv");
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == d.B && x.size(1) == d.H * d.C && x.size(2) == d.T,
+                    name, ": expected shape [", d.B, ", ", d.H * d.C, ", ", d.T,
+                    "] (that of the attention output), got ", shape_str(x));
+  TORCH_CHECK_VALUE(x.scalar_type() == qkv.scalar_type(), name, ": expected dtype ",
+                    qkv.scalar_type(), " (that of qkv), got ", x.scalar_type());
+}
+
+at::ScalarType lse_dtype(const at::Tensor& qkv) {
+  return qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& qkv, const Dims& d) {
+  check_defined(lse, "lse");
+  check_same_device(lse, "lse", qkv, "qkv");
+  check_dtype(lse, "lse", lse_dtype(qkv));
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T,
+                    "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
+}
+
+cpu::AttnDtype cpu_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cpu::AttnDtype::f64;
+    case at::kHalf: return cpu::AttnDtype::f16;
+    case at::kBFloat16: return cpu::AttnDtype::bf16;
+    default: return cpu::AttnDtype::f32;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> qkv_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
+  const Dims d = check_qkv(qkv_in, num_heads);
+  const at::Tensor qkv = qkv_in.contiguous();
+  at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(lse_dtype(qkv)));
+  cpu::qkv_attention_fwd(cpu_dtype(qkv.scalar_type()), qkv.data_ptr(), out.data_ptr(),
+                         lse.data_ptr(), {d.B, d.H, d.C, d.T});
+  return {out, lse};
+}
+
+at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                      const at::Tensor& out_in, const at::Tensor& lse_in,
+                                      int64_t num_heads) {
+  const Dims d = check_qkv(qkv_in, num_heads);
+  check_like_out(grad_out_in, "grad_out", qkv_in, d);
+  check_like_out(out_in, "out", qkv_in, d);
+  check_lse(lse_in, qkv_in, d);
+  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  cpu::qkv_attention_bwd(cpu_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(),
+                         out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
+                         {d.B, d.H, d.C, d.T});
+  return grad_qkv;
+}
+
+#ifdef IDDPM_WITH_CUDA
+cuda::AttnDtype cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return cuda::AttnDtype::f16;
+    case at::kBFloat16: return cuda::AttnDtype::bf16;
+    default: return cuda::AttnDtype::f32;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
+  const Dims d = check_qkv(qkv_in, num_heads);
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = qkv_in.contiguous();
+  at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const int err = cuda::qkv_attention_fwd(cuda_dtype(qkv.scalar_type()), qkv.data_ptr(),
+                                          out.data_ptr(), lse.data_ptr<float>(), d.B, d.H, d.C,
+                                          d.T, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+  return {out, lse};
+}
+
+at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                       const at::Tensor& out_in, const at::Tensor& lse_in,
+                                       int64_t num_heads) {
+  const Dims d = check_qkv(qkv_in, num_heads);
+  check_like_out(grad_out_in, "grad_out", qkv_in, d);
+  check_like_out(out_in, "out", qkv_in, d);
+  check_lse(lse_in, qkv_in, d);
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  if (grad_qkv.numel() == 0) return grad_qkv;
+  const auto f32 = qkv.options().dtype(at::kFloat);
+  at::Tensor dq_accum = at::empty({d.B * d.H, d.C, d.T}, f32);
+  at::Tensor delta = at::empty({d.B * d.H, d.T}, f32);
+  const int err = cuda::qkv_attention_bwd(
+      cuda_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(),
+      lse.data_ptr<float>(), grad_qkv.data_ptr(), dq_accum.data_ptr<float>(),
+      delta.data_ptr<float>(), d.B, d.H, d.C, d.T, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+  return grad_qkv;
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
+  m.impl("qkv_attention", &qkv_attention_cpu);
+  m.impl("qkv_attention_backward", &qkv_attention_backward_cpu);
+}
+
+#ifdef IDDPM_WITH_CUDA
+TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
+  m.impl("qkv_attention", &qkv_attention_cuda);
+  m.impl("qkv_attention_backward", &qkv_attention_backward_cuda);
+}
+#endif
+
+}  // namespace iddpm::ops
