@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 BENCHES = {
     "gather": ("iddpm_ext.bench.gather", "schedule-coefficient gather (iddpm::gather_coefs)"),
+    "attention": ("iddpm_ext.bench.attention", "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)"),
 }
 
 

@@ -1,0 +1,175 @@
+"""``iddpm bench attention``: the UNet's QKV self-attention, fused op vs einsum vs SDPA.
+
+Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
+  einsum (reference)        the reference's QKVAttention (iddpm_ext.attention.qkv_attention_reference)
+  sdpa:<backend> +copies    torch's scaled_dot_product_attention restricted to one backend,
+                            including the layout copies the model's layout needs: qkv is
+                            rearranged once into contiguous q, k, v [B, H, T, C] and the
+                            output [B, H, T, C] back into [B, H·C, T]
+  sdpa:<backend> kernel     the same backend on pre-arranged contiguous q, k, v (kernel only)
+  iddpm (fused)             iddpm::qkv_attention (and its backward op), no copies
+Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
+Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
+
+FLOPs: 4·B·H·T²·C forward, 10·B·H·T²·C backward (the five T×T×C products of the backward,
+FlashAttention's convention), so `tflops` of `fwd+bwd` uses 14·B·H·T²·C. Bytes: the minimum an
+implementation must move, the same for all impls — forward reads qkv and writes out
+(4·B·H·C·T elements), the backward reads qkv, out and grad_out and writes grad_qkv (8 more).
+`pct_peak` is of HBM bandwidth, `pct_peak_tflops` of the card's dense fp16/bf16 tensor peak.
+`speedup` is against the einsum reference; our rows also carry `vs_sdpa_copies` (the best SDPA
+backend with its copies over ours) and `vs_sdpa_kernel` (the best kernel-only SDPA over ours).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import attention as attn
+from .. import ops
+from ..ops import attention as attn_ops
+from . import common
+
+# (B, H, C, T): the CIFAR-10 model's attention (16×16 and 8×8 maps), ImageNet-64 style T = 1024,
+# and the FlashAttention paper's point (B·T = 16k, H·C = 2048).
+CASES = [
+    (1, 4, 64, 64), (64, 4, 64, 64), (256, 4, 64, 64),
+    (1, 4, 64, 256), (64, 4, 64, 256), (256, 4, 64, 256),
+    (16, 8, 64, 1024), (16, 32, 64, 1024),
+]
+QUICK_CASES = [(1, 4, 64, 64), (64, 4, 64, 64), (1, 4, 64, 256), (64, 4, 64, 256)]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser):
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes (default: float16,bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--cases", default=None,
+                        help="cases as BxHxCxT, comma-separated (default: the standard eight)")
+    parser.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
+
+
+def _backends(device):
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # pragma: no cover - old torch
+        return {}
+    names = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    return {n.lower(): getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)}
+
+
+def _sdpa(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _split_heads(qkv, H):
+    """qkv [B, 3HC, T] -> contiguous q, k, v [B, H, T, C] (one copy kernel)."""
+    B, W, T = qkv.shape
+    C = W // (3 * H)
+    qkv5 = qkv.view(B, H, 3, C, T).permute(2, 0, 1, 4, 3).contiguous()
+    return qkv5[0], qkv5[1], qkv5[2]
+
+
+def _sdpa_with_copies(qkv, H, backend):
+    B, W, T = qkv.shape
+    q, k, v = _split_heads(qkv, H)
+    o = _sdpa(q, k, v, backend)  # [B, H, T, C]
+    return o.transpose(-1, -2).reshape(B, W // 3, T)
+
+
+def _timed(fn, device, args):
+    """Median ms; fewer runs for slow cases (large CPU einsum runs take seconds each)."""
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = (time.perf_counter() - t0) * 1e3
+    warmup, iters = args.warmup, args.iters
+    if first > 200:
+        warmup, iters = 0, 3
+    elif first > 20:
+        warmup, iters = 1, min(iters, 5)
+    return common.time_ms(fn, device, warmup, iters)
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    if args.dtype:
+        dtypes = [_DTYPES[d.strip()] for d in args.dtype.split(",")]
+    else:
+        dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    if args.cases:
+        cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
+    else:
+        cases = QUICK_CASES if args.quick else CASES
+    passes = [p.strip() for p in args.passes.split(",")]
+    backends = _backends(device)
+    peak_flops = common.peak_tensor_flops(device)
+    records = []
+    for dtype in dtypes:
+        for B, H, C, T in cases:
+            gen = torch.Generator(device=device).manual_seed(0)
+            qkv = torch.randn(B, 3 * H * C, T, device=device, generator=gen).to(dtype)
+            q, k, v = _split_heads(qkv, H)
+            fused_ok = ops.has_kernel(device) and attn.fused_supported(qkv, H)
+            elems = B * H * C * T * qkv.element_size()
+            for pss in passes:
+                bwd = pss == "fwd+bwd"
+                impls = {"einsum (reference)": lambda x: attn.qkv_attention_reference(x, H)}
+                for name, be in backends.items():
+                    impls[f"sdpa:{name} +copies"] = lambda x, be=be: _sdpa_with_copies(x, H, be)
+                    impls[f"sdpa:{name} kernel"] = ("kernel", be)
+                if fused_ok:
+                    impls["iddpm (fused)"] = lambda x: attn_ops.qkv_attention_fused(x, H)
+                flops = (14 if bwd else 4) * B * H * T * T * C
+                moved = (12 if bwd else 4) * elems
+                rows = {}
+                for impl, f in impls.items():
+                    fn = _make_fn(f, qkv, (q, k, v), bwd)
+                    try:
+                        fn()
+                    except RuntimeError as e:  # backend refuses this case
+                        if "kernel" in impl or "sdpa" in impl:
+                            continue
+                        raise
+                    ms = _timed(fn, device, args)
+                    rec = common.record(f"qkv_attention {pss}", impl, [B, H, C, T], dtype, device,
+                                        ms, bytes_moved=moved, flops=flops)
+                    if peak_flops and dtype != torch.float32:
+                        rec["pct_peak_tflops"] = round(100 * rec["tflops"] * 1e12 / peak_flops, 1)
+                    rows[impl] = rec
+                    records.append(rec)
+                base = rows.get("einsum (reference)")
+                for rec in rows.values():
+                    if base:
+                        rec["speedup"] = round(base["ms"] / rec["ms"], 2)
+                ours = rows.get("iddpm (fused)")
+                if ours:
+                    for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
+                        times = [r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)]
+                        if times:
+                            ours[tag] = round(min(times) / ours["ms"], 2)
+                del rows
+    return records
+
+
+def _make_fn(f, qkv, qkv_split, bwd):
+    """A closure running one impl (forward, or forward + backward)."""
+    if isinstance(f, tuple):  # SDPA on pre-arranged q, k, v
+        be = f[1]
+        q, k, v = (t.detach().requires_grad_(bwd) for t in qkv_split)
+        if not bwd:
+            return lambda: _sdpa(q, k, v, be)
+        go = torch.randn_like(q)
+        return lambda: torch.autograd.grad(_sdpa(q, k, v, be), (q, k, v), go)
+    x = qkv.detach().requires_grad_(bwd)
+    if not bwd:
+        return lambda: f(x)
+    B, W, T = qkv.shape
+    go = torch.randn(B, W // 3, T, device=qkv.device, dtype=qkv.dtype)
+    return lambda: torch.autograd.grad(f(x), x, go)
