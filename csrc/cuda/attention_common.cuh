@@ -12,12 +12,17 @@
 //   C (16×8 f32):               c[0], c[1] = (m=g, n=2t, 2t+1)   c[2], c[3] = (m=g+8, same n)
 // Two C tiles side by side (n = 0..7 and 8..15) are exactly the A fragment of a 16×16 block,
 // which is how P (and dS) go from one product into the next without leaving registers.
+//
+// With IDDPM_ATTN_HOST_EMULATION defined, the handful of warp-collective instructions below
+// (mma.sync, ldmatrix, cp.async) call into a host emulator instead of inline PTX, which lets
+// tests/cuda_emulation/ run these kernels, unchanged otherwise, on the CPU (see docs/attention.md).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/attention_math.h"
@@ -74,31 +79,42 @@ struct FragB {
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // ---- matrix products: c (16×8 f32) += a (16×16) · b (16×8) ------------------------------------
 __device__ __forceinline__ void mma(float (&c)[4], const FragA<__half>& a, const FragB<__half>& b) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::mma_b16(c, a.x, b.x, false);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+#endif
 }
 
 __device__ __forceinline__ void mma(float (&c)[4], const FragA<__nv_bfloat16>& a,
                                     const FragB<__nv_bfloat16>& b) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::mma_b16(c, a.x, b.x, true);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+#endif
 }
 
 // fp32: the same product on the same fragment layout, in fp32 FMAs. Each lane gathers row g
 // and g+8 of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them.
-__device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) {
+__device__ __forceinline__ void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
+                                                const FragB<float>& b) {
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
@@ -118,18 +134,34 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const 
   }
 }
 
+__device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::mma_f32(c, a.x, b.x);  // one collective step; mma_f32_shuffle is tested on its own
+#else
+  mma_f32_shuffle(c, a, b);
+#endif
+}
+
 // ---- fragment loads from shared memory --------------------------------------------------------
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p))
                : "memory");
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p))
                : "memory");
+#endif
 }
 
 // A fragment of the 16×16 block (m0.., k0..) of a matrix stored k-major: A[m][k] = s[k·ld + m]
@@ -215,12 +247,20 @@ __device__ __forceinline__ void c_to_a(FragA<T>& f, const float (&lo)[4], const 
 
 // ---- global -> shared tiles ------------------------------------------------------------------
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::cp_async_16(dst, src, valid);  // deferred until this thread's wait, as on the GPU
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_async_wait_all() {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::cp_async_wait_all();
+#else
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // s[r·LD + c] = g[r·ldg + col0 + c] for r < ROWS, c < COLS, zero where col0 + c >= T.

@@ -1,0 +1,247 @@
+// csrc/cuda/attention_bwd_kernel.cuh — backward kernels of the fused QKV attention (CUDA C++17,
+// no torch); launched by attention_bwd.cu, also compiled for the host by the emulation test
+// (tests/cuda_emulation/).
+//
+// FlashAttention-2's scheme, on the [C, T] layout of qkv, recomputing P (no T×T matrix):
+//  1. attn_delta_kernel: D_i = Σ_c dO[c, i]·O[c, i] per (b·h, query), in fp32.
+//  2. attn_bwd_kernel: one CTA of 4 warps per (b·h, tile of BK = 64 keys); warp w owns key
+//     rows 16w..16w+15 and keeps dkᵀ, dvᵀ (16 × C) in fp32 registers. For each tile of BQ
+//     queries (two-stage cp.async pipeline for q, dO, lse, D):
+//       Sᵀ  = kᵀq,  dPᵀ = vᵀdO                     (16 keys × BQ queries per warp)
+//       Pᵀ  = exp2(Sᵀ·scale·log2e - lse·log2e),  dSᵀ = Pᵀ ∘ (dPᵀ - D)   (zero outside T)
+//       dvᵀ += Pᵀ dOᵀ,  dkᵀ += dSᵀ qᵀ               (Pᵀ, dSᵀ reused in registers as A fragments)
+//       dSᵀ → shared memory; dqᵀ (BQ × C) = dS kᵀ over the CTA's 64 keys, added to an fp32
+//       [BH, C, T] buffer with atomicAdd.
+//     Atomics for dq (rather than a second pass that recomputes S and dP per query tile) keep
+//     the work at 5 products per (query, key) pair instead of 7; the price is that dq's fp32
+//     sums are not bitwise deterministic from run to run.
+//  3. attn_dq_kernel: grad_q = scale · dq_accum, cast, into grad_qkv's q channels.
+// dk (× scale) and dv go straight to grad_qkv's k, v channels through a shared-memory staging
+// tile, so grad_qkv is written exactly once everywhere.
+#pragma once
+
+#include "cuda/attention_common.cuh"
+
+namespace iddpm::cuda::attn_kernels {
+
+using namespace attn_dev;
+
+template <class T, int C>
+struct BwdCfg {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int BK = 16 * kWarps;       // keys per CTA
+  static constexpr int BQ = C == 128 ? 32 : 64;  // queries per step (register budget)
+  static constexpr int LDK = BK + kPad<T>, LDQ = BQ + kPad<T>;
+  // k, v: [C, LDK]; q, dO: 2 stages × [C, LDQ]; dSᵀ: [BK, LDQ]; then lse2, D: 2 × [BQ] f32.
+  static constexpr int kElems = 2 * C * LDK + 4 * C * LDQ + BK * LDQ;
+  static constexpr size_t kSmemBytes = kElems * sizeof(T) + 4 * BQ * sizeof(float);
+  // dq: the BQ × C tile is split over the 4 warps as RB row blocks × CS column blocks.
+  static constexpr int RB = BQ / 16, CS = kWarps / RB, CW = C / CS;
+  static_assert(RB * CS == kWarps && CW % 16 == 0, "dq tiling");
+  // The dk, dv staging tiles [C, LDK] reuse the two q/dO regions.
+  static_assert(2 * LDQ >= LDK, "staging space");
+};
+
+// dout, out: [BH, C, T]; delta: [BH, T]. Block b covers (bh = b / tiles, 128 queries).
+template <class T, int C>
+__global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
+                                  float* __restrict__ delta, int T_len, int tiles) {
+  const int64_t bh = blockIdx.x / tiles;
+  const int i = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
+  if (i >= T_len) return;
+  const int64_t base = bh * C * static_cast<int64_t>(T_len) + i;
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int c = 0; c < C; ++c) {
+    acc = fmaf(Elem<T>::to_f(dout[base + c * static_cast<int64_t>(T_len)]),
+               Elem<T>::to_f(out[base + c * static_cast<int64_t>(T_len)]), acc);
+  }
+  delta[bh * T_len + i] = acc;
+}
+
+// grad_qkv q channels = scale · dq_accum. dq_accum: [BH, C, T]; grad_qkv: [BH, 3C, T].
+template <class T, int C>
+__global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv,
+                               int64_t BH, int T_len, float scale) {
+  const int64_t n = BH * C * static_cast<int64_t>(T_len);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t bh = idx / (C * static_cast<int64_t>(T_len));
+    const int64_t rest = idx - bh * C * T_len;  // c·T + i
+    grad_qkv[bh * 3 * C * T_len + rest] = Elem<T>::from_f(dq[idx] * scale);
+  }
+}
+
+template <class T, int C>
+__global__ void __launch_bounds__(128) attn_bwd_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ dout, const float* __restrict__ lse,
+    const float* __restrict__ delta, T* __restrict__ grad_qkv, float* __restrict__ dq_accum,
+    int T_len, float scale, float scale_log2, bool vec) {
+  using Cfg = BwdCfg<T, C>;
+  constexpr int BK = Cfg::BK, BQ = Cfg::BQ, LDK = Cfg::LDK, LDQ = Cfg::LDQ, NT = Cfg::kThreads;
+  constexpr int KSTEP_C = C / 16, NTILE_C = C / 8, NTILE_Q = BQ / 8, KSTEP_Q = BQ / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* ks = reinterpret_cast<T*>(smem_raw);  // [C, LDK]
+  T* vs = ks + C * LDK;                      // [C, LDK]
+  T* qs = vs + C * LDK;                      // 2 × [C, LDQ]
+  T* dos = qs + 2 * C * LDQ;                 // 2 × [C, LDQ]
+  T* dss = dos + 2 * C * LDQ;                // [BK, LDQ]: dSᵀ[j, i]
+  float* lse2_s = reinterpret_cast<float*>(dss + BK * LDQ);  // 2 × [BQ]
+  float* delta_s = lse2_s + 2 * BQ;                          // 2 × [BQ]
+
+  const int64_t bh = blockIdx.x;
+  const int j0 = blockIdx.y * BK;
+  const int64_t TT = T_len;
+  const T* qg = qkv + bh * 3 * C * TT;
+  const T* kg = qg + C * TT;
+  const T* vg = kg + C * TT;
+  const T* dog = dout + bh * C * TT;
+  const float* lse_g = lse + bh * TT;
+  const float* delta_g = delta + bh * TT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  auto load_q_tile = [&](int stage, int i0) {
+    load_tile<T, C, BQ, LDQ, NT>(qs + stage * C * LDQ, qg, TT, i0, T_len, vec);
+    load_tile<T, C, BQ, LDQ, NT>(dos + stage * C * LDQ, dog, TT, i0, T_len, vec);
+    for (int i = threadIdx.x; i < BQ; i += NT) {  // padded queries: lse2 = D = 0 (masked anyway)
+      const bool valid = i0 + i < T_len;
+      lse2_s[stage * BQ + i] = valid ? attn::lse_to_base2(lse_g[i0 + i]) : 0.0f;
+      delta_s[stage * BQ + i] = valid ? delta_g[i0 + i] : 0.0f;
+    }
+  };
+
+  load_tile<T, C, BK, LDK, NT>(ks, kg, TT, j0, T_len, vec);
+  load_tile<T, C, BK, LDK, NT>(vs, vg, TT, j0, T_len, vec);
+  load_q_tile(0, 0);
+  cp_async_wait_all();
+  __syncthreads();
+
+  float dk[NTILE_C][4], dv[NTILE_C][4];
+#pragma unroll
+  for (int n = 0; n < NTILE_C; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+  }
+
+  const int n_tiles = (T_len + BQ - 1) / BQ;
+  for (int it = 0; it < n_tiles; ++it) {
+    const int buf = it & 1, i0 = it * BQ;
+    if (it + 1 < n_tiles) load_q_tile(buf ^ 1, i0 + BQ);
+    const T* qb = qs + buf * C * LDQ;
+    const T* dob = dos + buf * C * LDQ;
+    const float* l2b = lse2_s + buf * BQ;
+    const float* db = delta_s + buf * BQ;
+
+    // Sᵀ = kᵀq and dPᵀ = vᵀdO for this warp's 16 keys × BQ queries.
+    float st[NTILE_Q][4], dpt[NTILE_Q][4];
+#pragma unroll
+    for (int n = 0; n < NTILE_Q; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < KSTEP_C; ++kk) {
+      FragA<T> ka, va;
+      load_a_kmajor(ka, ks, LDK, 16 * warp, 16 * kk);
+      load_a_kmajor(va, vs, LDK, 16 * warp, 16 * kk);
+#pragma unroll
+      for (int n = 0; n < NTILE_Q; n += 2) {
+        FragB<T> b0, b1;
+        load_b_kmajor(b0, b1, qb, LDQ, 16 * kk, 8 * n);
+        mma(st[n], ka, b0);
+        mma(st[n + 1], ka, b1);
+        load_b_kmajor(b0, b1, dob, LDQ, 16 * kk, 8 * n);
+        mma(dpt[n], va, b0);
+        mma(dpt[n + 1], va, b1);
+      }
+    }
+    // Pᵀ and dSᵀ in place; zero outside the T × T square. dSᵀ also to shared memory.
+#pragma unroll
+    for (int n = 0; n < NTILE_Q; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = 8 * n + 2 * t + (e & 1);
+        const int j = j0 + 16 * warp + g + 8 * (e >> 1);
+        const bool valid = j < T_len && i0 + il < T_len;
+        const float p = valid ? attn::recomputed_prob(st[n][e] * scale_log2, l2b[il], Exp2{}) : 0.0f;
+        st[n][e] = p;
+        dpt[n][e] = attn::logit_grad(p, dpt[n][e], db[il]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int jl = 16 * warp + g + 8 * r, il = 8 * n + 2 * t;
+        *reinterpret_cast<typename Elem<T>::Pair*>(dss + jl * LDQ + il) =
+            Elem<T>::pack(dpt[n][2 * r], dpt[n][2 * r + 1]);
+      }
+    }
+    // dvᵀ += Pᵀ dOᵀ and dkᵀ += dSᵀ qᵀ: B[k = query][n = channel] from the [C, BQ] tiles.
+#pragma unroll
+    for (int ki = 0; ki < KSTEP_Q; ++ki) {
+      FragA<T> pa, sa;
+      c_to_a(pa, st[2 * ki], st[2 * ki + 1]);
+      c_to_a(sa, dpt[2 * ki], dpt[2 * ki + 1]);
+#pragma unroll
+      for (int n = 0; n < NTILE_C; n += 2) {
+        FragB<T> b0, b1;
+        load_b_nmajor(b0, b1, dob, LDQ, 16 * ki, 8 * n);
+        mma(dv[n], pa, b0);
+        mma(dv[n + 1], pa, b1);
+        load_b_nmajor(b0, b1, qb, LDQ, 16 * ki, 8 * n);
+        mma(dk[n], sa, b0);
+        mma(dk[n + 1], sa, b1);
+      }
+    }
+    __syncthreads();  // dSᵀ of all 64 keys is in shared memory
+
+    // dqᵀ[i, c] = Σ_j dS[i, j] k[c, j]: warp → query rows 16·(w % RB).., channels CW·(w / RB)..
+    {
+      constexpr int CW = Cfg::CW, NTILE_W = CW / 8;
+      const int rb = warp % Cfg::RB, c0 = (warp / Cfg::RB) * CW;
+      float dq[NTILE_W][4];
+#pragma unroll
+      for (int n = 0; n < NTILE_W; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+      for (int kj = 0; kj < BK / 16; ++kj) {
+        FragA<T> a;
+        load_a_kmajor(a, dss, LDQ, 16 * rb, 16 * kj);
+#pragma unroll
+        for (int n = 0; n < NTILE_W; n += 2) {
+          FragB<T> b0, b1;
+          load_b_nmajor(b0, b1, ks, LDK, 16 * kj, c0 + 8 * n);
+          mma(dq[n], a, b0);
+          mma(dq[n + 1], a, b1);
+        }
+      }
+      float* dqg = dq_accum + bh * C * TT;
+#pragma unroll
+      for (int n = 0; n < NTILE_W; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + 16 * rb + g + 8 * (e >> 1), c = c0 + 8 * n + 2 * t + (e & 1);
+          if (i < T_len) atomicAdd(dqg + c * TT + i, dq[n][e]);
+        }
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();  // next stage landed; dSᵀ and this stage free for reuse
+  }
+
+  // dk (× scale: the logits are scale·qᵀk) and dv, staged as [C, BK] in the q / dO regions.
+  T* dks = qs;
+  T* dvs = dos;
+#pragma unroll
+  for (int n = 0; n < NTILE_C; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = 8 * n + 2 * t + (e & 1), jl = 16 * warp + g + 8 * (e >> 1);
+      dks[c * LDK + jl] = Elem<T>::from_f(dk[n][e] * scale);
+      dvs[c * LDK + jl] = Elem<T>::from_f(dv[n][e]);
+    }
+  }
+  __syncthreads();
+  T* gk = grad_qkv + bh * 3 * C * TT + C * TT;
+  store_tile<T, C, BK, LDK, NT>(gk, TT, dks, j0, T_len);
+  store_tile<T, C, BK, LDK, NT>(gk + C * TT, TT, dvs, j0, T_len);
+}
+
+}  // namespace iddpm::cuda::attn_kernels

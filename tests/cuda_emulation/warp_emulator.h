@@ -1,0 +1,327 @@
+// tests/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough to
+// run the attention kernels of csrc/cuda/attention_*_kernel.cuh unchanged on the CPU.
+//
+// Each CUDA thread of a block is a ucontext coroutine. Threads run until they reach a collective
+// operation: a block barrier (__syncthreads) or a warp-collective instruction (__shfl_sync, and,
+// through the hooks of attention_common.cuh, mma.sync, ldmatrix). A warp's collective is
+// resolved once all 32 lanes have reached it — from every lane's operands at once, following
+// the fragment layouts of the PTX ISA — and a barrier once every thread of the block is at it.
+// Warps drift apart at random (a ready warp collective is resolved with probability 1/2 per
+// round), so that only __syncthreads keeps warps together, as on the GPU. cp.async copies are
+// queued per thread and performed at that thread's cp.async.wait_all, so a missing wait or
+// barrier shows up as stale data. Shared memory is filled with NaN before each block, and
+// ldmatrix / cp.async check alignment and bounds.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __launch_bounds__(...)
+#define IDDPM_ATTN_HOST_EMULATION 1
+
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+namespace attn_emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emulator: %s (block %u,%u thread %u)\n", what, blockIdx.x, blockIdx.y,
+               threadIdx.x);
+  std::exit(3);
+}
+
+enum class St { run, wait_warp, wait_block, done };
+enum class Op { none, shfl, ldsm, mma_b16, mma_f32 };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct Lane {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  St st = St::run;
+  Op op = Op::none;
+  // operands / results of the pending collective
+  float fval = 0, fres = 0;
+  int src = 0;
+  const void* addr = nullptr;
+  bool flag = false;
+  uint32_t a[4] = {}, b[2] = {}, r[4] = {};
+  float2 fa[4] = {}, fb[2] = {};
+  float c[4] = {};
+  std::vector<Copy> pending;
+};
+
+struct Block {
+  std::vector<Lane> lanes;
+  ucontext_t sched;
+  int cur = 0;
+  std::function<void()> body;
+  const unsigned char* smem_lo = nullptr;
+  size_t smem_bytes = 0;
+};
+
+inline Block* g_block = nullptr;
+inline uint64_t g_rng = 0x9e3779b97f4a7c15ull;  // xorshift state of the warp scheduling
+
+inline bool coin() {
+  g_rng ^= g_rng << 13;
+  g_rng ^= g_rng >> 7;
+  g_rng ^= g_rng << 17;
+  return g_rng & 1;
+}
+
+inline Lane& me() { return g_block->lanes[g_block->cur]; }
+
+inline void yield(St st) {
+  Lane& l = me();
+  l.st = st;
+  swapcontext(&l.ctx, &g_block->sched);
+}
+
+inline void trampoline() {
+  g_block->body();
+  me().st = St::done;
+}
+
+// Global-memory ranges a cp.async may read (registered by the harness).
+struct Range {
+  const void* lo;
+  size_t bytes;
+};
+inline std::vector<Range> g_global;
+
+inline void check_smem(const void* p, size_t bytes, const char* what) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < g_block->smem_lo || q + bytes > g_block->smem_lo + g_block->smem_bytes) fail(what);
+}
+
+// ---- warp collectives, called from kernel code ----------------------------------------------
+inline float shfl(float v, int src) {
+  Lane& l = me();
+  l.op = Op::shfl;
+  l.fval = v;
+  l.src = src & 31;
+  yield(St::wait_warp);
+  return me().fres;
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+  check_smem(p, 16, "ldmatrix row outside the block's dynamic shared memory");
+  Lane& l = me();
+  l.op = Op::ldsm;
+  l.addr = p;
+  l.flag = trans;
+  yield(St::wait_warp);
+  for (int i = 0; i < 4; ++i) r[i] = me().r[i];
+}
+
+inline void mma_b16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  Lane& l = me();
+  l.op = Op::mma_b16;
+  l.flag = bf16;
+  for (int i = 0; i < 4; ++i) l.a[i] = a[i], l.c[i] = c[i];
+  l.b[0] = b[0];
+  l.b[1] = b[1];
+  yield(St::wait_warp);
+  for (int i = 0; i < 4; ++i) c[i] = me().c[i];
+}
+
+inline void mma_f32(float (&c)[4], const float2 (&a)[4], const float2 (&b)[2]) {
+  Lane& l = me();
+  l.op = Op::mma_f32;
+  for (int i = 0; i < 4; ++i) l.fa[i] = a[i], l.c[i] = c[i];
+  l.fb[0] = b[0];
+  l.fb[1] = b[1];
+  yield(St::wait_warp);
+  for (int i = 0; i < 4; ++i) c[i] = me().c[i];
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || (valid && reinterpret_cast<uintptr_t>(src) % 16)) {
+    fail("cp.async address not 16-byte aligned");
+  }
+  check_smem(dst, 16, "cp.async destination outside dynamic shared memory");
+  if (valid) {
+    bool inside = false;
+    for (const Range& r : g_global) {
+      const auto* lo = static_cast<const unsigned char*>(r.lo);
+      const auto* s = static_cast<const unsigned char*>(src);
+      inside = inside || (s >= lo && s + 16 <= lo + r.bytes);
+    }
+    if (!inside) fail("cp.async reads outside every input buffer");
+  }
+  me().pending.push_back({dst, src, valid});
+}
+
+inline void cp_async_wait_all() {
+  for (const Copy& c : me().pending) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+  me().pending.clear();
+}
+
+// ---- resolution of a warp's collective ------------------------------------------------------
+inline float b16_to_f(uint16_t h, bool bf16) {
+  if (bf16) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half x;
+  std::memcpy(&x, &h, 2);
+  return __half2float(x);
+}
+
+// Fragment element (row, col) → (register, half) per the m16n8k16 layouts (see the .cuh).
+inline void mma_resolve(Lane* w, bool is_f32, bool bf16) {
+  double A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
+      for (int h = 0; h < 2; ++h) {
+        A[m][k + h] = is_f32 ? (h ? w[lane].fa[i].y : w[lane].fa[i].x)
+                             : b16_to_f(static_cast<uint16_t>(w[lane].a[i] >> (16 * h)), bf16);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int k = 2 * t + 8 * i;
+      for (int h = 0; h < 2; ++h) {
+        B[k + h][g] = is_f32 ? (h ? w[lane].fb[i].y : w[lane].fb[i].x)
+                             : b16_to_f(static_cast<uint16_t>(w[lane].b[i] >> (16 * h)), bf16);
+      }
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i >> 1), n = 2 * t + (i & 1);
+      double acc = w[lane].c[i];
+      for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+      w[lane].c[i] = static_cast<float>(acc);
+    }
+  }
+}
+
+// ldmatrix .x4: lanes 8q..8q+7 give the row addresses of matrix q. Without .trans lane L gets
+// (row L/4, cols 2(L%4), +1) of each matrix; with .trans (rows 2(L%4), +1; col L/4).
+inline void ldsm_resolve(Lane* w) {
+  const bool trans = w[0].flag;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (w[lane].flag != trans) fail("ldmatrix: lanes disagree on .trans");
+    for (int q = 0; q < 4; ++q) {
+      uint16_t e[2];
+      for (int h = 0; h < 2; ++h) {
+        const int row = trans ? 2 * (lane & 3) + h : lane >> 2;
+        const int col = trans ? lane >> 2 : 2 * (lane & 3) + h;
+        std::memcpy(&e[h], static_cast<const uint16_t*>(w[8 * q + row].addr) + col, 2);
+      }
+      w[lane].r[q] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+    }
+  }
+}
+
+inline void resolve(Lane* w) {
+  const Op op = w[0].op;
+  for (int i = 0; i < 32; ++i) {
+    if (w[i].op != op) fail("lanes of a warp at different collectives (divergence)");
+  }
+  switch (op) {
+    case Op::shfl:
+      for (int i = 0; i < 32; ++i) w[i].fres = w[w[i].src].fval;
+      break;
+    case Op::ldsm: ldsm_resolve(w); break;
+    case Op::mma_b16: mma_resolve(w, false, w[0].flag); break;
+    case Op::mma_f32: mma_resolve(w, true, false); break;
+    default: fail("unknown collective");
+  }
+  for (int i = 0; i < 32; ++i) w[i].st = St::run, w[i].op = Op::none;
+}
+
+// Runs one block of `threads` threads (a multiple of 32) executing `body`.
+inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
+                      std::function<void()> body) {
+  Block blk;
+  blk.lanes.resize(threads);
+  blk.body = std::move(body);
+  blk.smem_lo = smem;
+  blk.smem_bytes = smem_bytes;
+  std::memset(smem, 0xff, smem_bytes);  // NaN in every float type: uninitialized reads show
+  g_block = &blk;
+  for (Lane& l : blk.lanes) {
+    l.stack.resize(256 * 1024);
+    getcontext(&l.ctx);
+    l.ctx.uc_stack.ss_sp = l.stack.data();
+    l.ctx.uc_stack.ss_size = l.stack.size();
+    l.ctx.uc_link = &blk.sched;
+    makecontext(&l.ctx, trampoline, 0);
+  }
+  blockDim = dim3(threads, 1, 1);
+  for (;;) {
+    for (unsigned i = 0; i < threads; ++i) {
+      if (blk.lanes[i].st != St::run) continue;
+      blk.cur = static_cast<int>(i);
+      threadIdx = make_uint3(i, 0, 0);
+      swapcontext(&blk.sched, &blk.lanes[i].ctx);
+    }
+    bool progress = false;
+    std::vector<unsigned> ready;
+    for (unsigned w = 0; w < threads / 32; ++w) {
+      Lane* lanes = &blk.lanes[32 * w];
+      bool all = true;
+      for (int i = 0; i < 32; ++i) all = all && lanes[i].st == St::wait_warp;
+      if (all) ready.push_back(w);
+    }
+    for (unsigned w : ready) {  // at least one, the others at random: warps drift apart
+      if (!progress || coin()) resolve(&blk.lanes[32 * w]), progress = true;
+    }
+    unsigned done = 0, at_barrier = 0;
+    for (const Lane& l : blk.lanes) done += l.st == St::done, at_barrier += l.st == St::wait_block;
+    if (done == threads) break;
+    if (at_barrier > 0 && at_barrier + done == threads) {
+      if (done > 0) fail("__syncthreads with exited threads");
+      for (Lane& l : blk.lanes) l.st = St::run;
+      progress = true;
+    }
+    if (!progress) fail("deadlock: a warp collective or barrier that not all threads reach");
+  }
+  for (const Lane& l : blk.lanes) {
+    if (!l.pending.empty()) fail("cp.async never waited for");
+  }
+  g_block = nullptr;
+}
+
+}  // namespace attn_emu
+
+// The CUDA intrinsics the kernels use, on top of the emulator.
+inline void __syncthreads() { attn_emu::yield(attn_emu::St::wait_block); }
+inline float __shfl_sync(unsigned, float v, int src) { return attn_emu::shfl(v, src); }
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  return attn_emu::shfl(v, static_cast<int>(threadIdx.x & 31) ^ mask);
+}
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
