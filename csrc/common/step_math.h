@@ -13,7 +13,9 @@
 //              σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ))·sqrt(1−ᾱ/ᾱ_prev),
 //              x_{t-1} = x0·sqrt(ᾱ_prev) + sqrt(1−ᾱ_prev−σ²)·ε + (mask·σ)·z
 //   reverse:   x_{t+1} = x0·sqrt(ᾱ_next) + sqrt(1−ᾱ_next)·ε
-// with mask = 0 where t = 0 (no noise in the last step).
+// with mask = 0 where t = 0 (no noise in the last step). The per-item DDIM factors (σ and the
+// square roots) are computed in float64 from the float32 table and rounded once: the eager
+// path's float32 1 − ᾱ_prev − σ² cancels catastrophically for η ≈ 1 with large jumps.
 //
 // `M` supplies the arithmetic: M::mul/add/sub/div round each operation separately
 // (on CUDA through __fmul_rn etc., so nvcc does not contract them into FMAs).
@@ -104,18 +106,20 @@ IDDPM_HD ItemCoefs item_coefs(const float* row, int64_t tt, const StepConfig& cf
       c.noise_scale = M::mul(c.mask, M::exp(M::mul(0.5f, log_var)));
     }
   } else if (cfg.rule == kDdim) {
-    const float ab = row[col::kAlphasCumprod];
-    const float abp = row[col::kAlphasCumprodPrev];
-    const float sigma =
-        M::mul(M::mul(cfg.eta, M::sqrt(M::div(M::sub(1.0f, abp), M::sub(1.0f, ab)))),
-               M::sqrt(M::sub(1.0f, M::div(ab, abp))));
-    c.ddim_a = M::sqrt(abp);
-    c.ddim_b = M::sqrt(M::sub(M::sub(1.0f, abp), M::mul(sigma, sigma)));
-    c.noise_scale = M::mul(c.mask, sigma);
+    // In float64 from the table's float32 values: 1 − ᾱ_prev − σ² cancels badly for η near 1
+    // and large (respaced) jumps, where float32 loses most digits.
+    const double ab = row[col::kAlphasCumprod];
+    const double abp = row[col::kAlphasCumprodPrev];
+    const double sigma = static_cast<double>(cfg.eta) * std::sqrt((1.0 - abp) / (1.0 - ab)) *
+                         std::sqrt(1.0 - ab / abp);
+    const double rest = (1.0 - abp) - sigma * sigma;
+    c.ddim_a = static_cast<float>(std::sqrt(abp));
+    c.ddim_b = static_cast<float>(std::sqrt(rest > 0.0 ? rest : 0.0));
+    c.noise_scale = M::mul(c.mask, static_cast<float>(sigma));
   } else {  // kDdimReverse
-    const float abn = row[col::kAlphasCumprodNext];
-    c.ddim_a = M::sqrt(abn);
-    c.ddim_b = M::sqrt(M::sub(1.0f, abn));
+    const double abn = row[col::kAlphasCumprodNext];
+    c.ddim_a = static_cast<float>(std::sqrt(abn));
+    c.ddim_b = static_cast<float>(std::sqrt(1.0 - abn));
   }
   return c;
 }
