@@ -245,3 +245,24 @@ def test_learned_variance_channels_are_named_in_errors():
         d, x, mo, t, table, noise = _args(var)
         _raises(lambda: ops.ddim_reverse_step(x, mo[:, :3], t, table, "epsilon", var),
                 r"mean and variance channels")
+
+
+def test_portable_cpu_kernel_via_a_subprocess():
+    """ATEN_CPU_CAPABILITY=default makes csrc/cpu/step.cpp take its scalar kernel instead of
+    the AVX2 at::vec one: the parity and noise tests must pass there too."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(root, "tests", "test_step_parity.py"),
+         os.path.join(root, "tests", "test_step_noise.py"),
+         "-k", "ancestral_matches or ddim_matches or reverse_matches or layouts or low_precision "
+               "or spatial or kernel_noise or channels_last"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout

@@ -27,6 +27,16 @@
 #include "common/macros.h"
 #include "common/step_params.h"
 
+// The per-element functions below are always inlined: on the CPU they run on
+// at::vec::Vectorized<float> values, which are expensive to pass by value to a call.
+#if defined(__CUDACC__)
+#define IDDPM_STEP_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define IDDPM_STEP_INLINE inline __attribute__((always_inline))
+#else
+#define IDDPM_STEP_INLINE inline
+#endif
+
 namespace iddpm::step {
 
 // Columns of the coefficient table read by the step kernels: positions in
@@ -66,8 +76,12 @@ struct ScalarOps {
   static IDDPM_HD float sqrt(float a) { return std::sqrt(a); }
   static IDDPM_HD float exp(float a) { return std::exp(a); }
 #endif
-  // torch.clamp(v, -1, 1): NaN stays NaN.
-  static IDDPM_HD float clamp_unit(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+  // torch.clamp(v, -1, 1): NaN stays NaN. Written as two selects whose false branch is v, so
+  // that x86 compilers emit maxss/minss (no data-dependent branches).
+  static IDDPM_HD float clamp_unit(float v) {
+    const float lo = -1.0f > v ? -1.0f : v;
+    return 1.0f < lo ? 1.0f : lo;
+  }
 };
 
 // The per-item quantities of one step, computed once per batch item from its table row.
@@ -126,7 +140,7 @@ IDDPM_HD ItemCoefs item_coefs(const float* row, int64_t tt, const StepConfig& cf
 
 // x0 predicted from x_t and the model's mean output, clipped when asked.
 template <class M, class V>
-IDDPM_HD V pred_xstart(const StepConfig& cfg, const ItemCoefs& c, V x, V mo) {
+IDDPM_STEP_INLINE V pred_xstart(const StepConfig& cfg, const ItemCoefs& c, V x, V mo) {
   V x0;
   if (cfg.mean_type == kEpsilon) {
     x0 = M::sub(M::mul(M::splat(c.sr), x), M::mul(M::splat(c.srm1), mo));
@@ -140,7 +154,7 @@ IDDPM_HD V pred_xstart(const StepConfig& cfg, const ItemCoefs& c, V x, V mo) {
 
 // The factor that multiplies the noise in an ancestral step: mask·exp(0.5·log σ²).
 template <class M, class V>
-IDDPM_HD V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs& c, V v) {
+IDDPM_STEP_INLINE V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs& c, V v) {
   if (cfg.var_type == kLearned) {
     return M::mul(M::splat(c.mask), M::exp(M::mul(M::splat(0.5f), v)));
   }
@@ -157,7 +171,7 @@ IDDPM_HD V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs& c, V v)
 // channel (learned types); z: N(0, 1) noise (ignored when has_noise is false).
 // Returns the new sample; *x0_out receives pred_x0.
 template <class M, class V>
-IDDPM_HD V step_element(const StepConfig& cfg, const ItemCoefs& c, V x, V mo, V v, V z,
+IDDPM_STEP_INLINE V step_element(const StepConfig& cfg, const ItemCoefs& c, V x, V mo, V v, V z,
                         bool has_noise, V* x0_out) {
   const V x0 = pred_xstart<M>(cfg, c, x, mo);
   *x0_out = x0;

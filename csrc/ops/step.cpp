@@ -239,8 +239,8 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
 void check_generator_device(const std::optional<at::Generator>& gen, const at::Tensor& x) {
   if (!gen.has_value() || !gen->defined()) return;
   TORCH_CHECK_VALUE(gen->device().type() == x.device().type(), "generator: expected a ",
-                    x.device().type(), " generator (x is on ", x.device(), "), got one on ",
-                    gen->device());
+                    c10::DeviceTypeName(x.device().type(), /*lower_case=*/true),
+                    " generator (x is on ", x.device(), "), got one on ", gen->device());
 }
 
 void run_cpu(Prepared& r, const std::optional<at::Generator>& generator) {
