@@ -13,8 +13,9 @@
 // torch's own kernels on that generator.
 //
 // The integer part is bit-identical on every device. The transcendental functions of
-// Box–Muller differ in the last bits between the host (libm) and the device
-// (fast intrinsics), so CPU and CUDA noise agree to ~1e-6, not bit for bit.
+// Box–Muller differ in the last bits between the host (libm, or SLEEF in the AVX2 CPU
+// kernel) and the device (logf, __sincosf), so CPU and CUDA noise agree to ~1e-6, not bit
+// for bit.
 #pragma once
 
 #include <cmath>
@@ -79,9 +80,11 @@ IDDPM_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   const float u1 = static_cast<float>((a >> 8) + 1u) * kInv24;
   const float angle = static_cast<float>(b >> 8) * (kTwoPi * kInv24) - kPi;
 #if defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * __logf(u1));
+  // logf, not __logf: the fast log's absolute error (~2^-22) exceeds |log u1| for u1 just
+  // below 1, where it could turn positive and make the square root NaN.
+  const float r = sqrtf(-2.0f * logf(u1));
   float s, c;
-  __sincosf(angle, &s, &c);
+  __sincosf(angle, &s, &c);  // |angle| <= π: absolute error about 2^-21.4
 #else
   const float r = std::sqrt(-2.0f * std::log(u1));
   const float s = std::sin(angle);

@@ -1,18 +1,24 @@
 """``iddpm bench step``: one reverse-diffusion step (after the model call), fused vs eager.
 
-Impls, side by side in one run (same inputs, t mixed over the schedule):
-  fused (explicit noise)   torch.randn_like(x) + iddpm::p_sample_step/ddim_step reading it
-  fused (in-kernel noise)  the fused op drawing Philox noise itself
-  eager                    GaussianDiffusion's eager path (one gather of the coefficient rows,
-                           separate elementwise ops, randn_like)
-  eager (reference-style)  the reference's step: each coefficient taken from a numpy array
-                           per step (_extract_into_tensor), separate elementwise ops
-  eager (torch.compile)    the eager path compiled by inductor (noise drawn inside it)
-`speedup` is relative to the reference-style eager step; `vs_compile` relates the fused rows
-to the compiled eager step. `gbps` counts the bytes the step has to move: x, the model output
-and x_{t-1} once each, plus the noise tensor written and read again where an impl
-materialises it (explicit noise, eager, reference-style); eager rows move more than that, so
-their figure is an effective bandwidth. pred_x0 is not written by the fused rows.
+Impls, side by side in one run (same inputs, t spread over the schedule):
+  fused (explicit noise)   iddpm::p_sample_step / ddim_step reading a noise tensor drawn
+                           beforehand (not timed, as for the two eager rows below)
+  fused (in-kernel noise)  the fused op drawing its Philox noise itself (timed)
+  eager                    GaussianDiffusion's eager path with the same noise tensor (one
+                           gather of the coefficient rows, separate elementwise ops)
+  eager (reference-style)  the reference implementation's step with the same noise tensor:
+                           every coefficient taken from a numpy array per step
+                           (_extract_into_tensor), separate elementwise ops (ancestral only)
+  eager (torch.compile)    the eager ε-model step over the coefficient table (plain tensor
+                           ops) compiled by inductor, drawing its noise inside (the
+                           counterpart of in-kernel noise)
+`speedup` is relative to the reference-style eager step (to the eager row for DDIM); fused
+rows also carry `vs_compile`, the compiled eager step's time over theirs. `gbps` counts the
+bytes a step has to move: x, the model output and x_{t-1} once each, plus the noise tensor
+once where a row reads one (pred_x0 is not written). With explicit noise the noise is also
+written once by whoever draws it (randn), so a full explicit-noise step moves 24 B per fp32
+element against 16 B with in-kernel noise (learned variances: 2C model-output channels).
+Eager rows move more than they are credited with, so their figure is an effective bandwidth.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .. import ops
 from ..diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from ..diffusion import _extract_into_tensor
 from ..schedules import get_named_beta_schedule
+from ..tables import COEF_INDEX
 from . import common
 
 CASES = [(1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32), (256, 3, 32, 32), (64, 3, 64, 64),
@@ -73,6 +80,42 @@ def _reference_style_step(d, model_output, x, t, clip, noise):
     return mean + mask * torch.exp(0.5 * log_var) * noise
 
 
+def _table_step(table, x, mo, t, var_type, ddim, eta, clip=True):
+    """The eager ε-model step written with plain tensor ops over the device coefficient
+    table (what torch.compile gets to fuse; GaussianDiffusion's own eager path holds its
+    coefficients in a helper class that dynamo does not trace). Noise: randn_like(x)."""
+    rows = table[t]
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def col(name):
+        return rows[:, COEF_INDEX[name]].view(shape)
+
+    C = x.shape[1]
+    eps, v = (mo[:, :C], mo[:, C:]) if mo.shape[1] == 2 * C else (mo, None)
+    x0 = col("sqrt_recip_alphas_cumprod") * x - col("sqrt_recipm1_alphas_cumprod") * eps
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    noise = torch.randn_like(x)
+    mask = (t != 0).float().view(shape)
+    if ddim:
+        eps = (col("sqrt_recip_alphas_cumprod") * x - x0) / col("sqrt_recipm1_alphas_cumprod")
+        ab, abp = col("alphas_cumprod"), col("alphas_cumprod_prev")
+        sigma = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
+        mean = x0 * torch.sqrt(abp) + torch.sqrt(1 - abp - sigma**2) * eps
+        return mean + mask * sigma * noise
+    mean = col("posterior_mean_coef1") * x0 + col("posterior_mean_coef2") * x
+    if var_type == ModelVarType.LEARNED:
+        log_var = v
+    elif var_type == ModelVarType.LEARNED_RANGE:
+        frac = (v + 1) / 2
+        log_var = frac * col("log_betas") + (1 - frac) * col("posterior_log_variance_clipped")
+    elif var_type == ModelVarType.FIXED_LARGE:
+        log_var = col("fixed_large_log_variance")
+    else:
+        log_var = col("posterior_log_variance_clipped")
+    return mean + mask * torch.exp(0.5 * log_var) * noise
+
+
 def _parse_sizes(text):
     return [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part]
 
@@ -113,40 +156,39 @@ def run(args) -> list:
 
         def eager():
             if ddim:
-                return d._ddim_sample(model, x, t, True, None, None, args.eta, None, None)
-            return d._p_sample(model, x, t, True, None, None, None, None)
+                return d._ddim_sample(model, x, t, True, None, None, args.eta, noise, None)
+            return d._p_sample(model, x, t, True, None, None, noise, None)
 
+        noise = torch.randn(shape, device=device, generator=gen).to(dtype)
         impls = {}
         if ops.has_kernel(device):
-            impls["fused (explicit noise)"] = (fused(lambda: torch.randn_like(x)), True)
+            impls["fused (explicit noise)"] = (fused(lambda: noise), True)
             impls["fused (in-kernel noise)"] = (fused(lambda: None), False)
         impls["eager"] = (eager, True)
         if not ddim and mean_type == ModelMeanType.EPSILON:
             impls["eager (reference-style)"] = (
-                lambda: _reference_style_step(d, mo, x, t, True, torch.randn_like(x)), True)
-        if can_compile:
-            compiled = torch.compile(lambda xx, mm, tt: (
-                d._ddim_sample(lambda *a, **k: mm, xx, tt, True, None, None, args.eta, None, None)
-                if ddim else d._p_sample(lambda *a, **k: mm, xx, tt, True, None, None, None, None)
-            )["sample"])
-            impls["eager (torch.compile)"] = (lambda: compiled(x, mo, t), False)
+                lambda: _reference_style_step(d, mo, x, t, True, noise), True)
+        if can_compile and mean_type == ModelMeanType.EPSILON:
+            compiled = torch.compile(_table_step)
+            impls["eager (torch.compile)"] = (
+                lambda: compiled(table, x, mo, t, var_type, ddim, args.eta), False)
 
         n = x.numel()
         base_bytes = n * x.element_size() * 2 + mo.numel() * mo.element_size()
-        noise_bytes = 2 * n * x.element_size()
+        noise_bytes = n * x.element_size()
         times = {}
-        for impl, (fn, materialises_noise) in impls.items():
+        for impl, (fn, _) in impls.items():
             with torch.no_grad():
                 times[impl] = common.time_ms(fn, device, args.warmup, args.iters)
         ref_ms = times.get("eager (reference-style)", times["eager"])
         compile_ms = times.get("eager (torch.compile)")
-        for impl, (_, materialises_noise) in impls.items():
+        for impl, (_, reads_noise) in impls.items():
             ms = times[impl]
             extra = {"speedup": round(ref_ms / ms, 2), "rule": args.rule,
                      "var_type": var_type.name.lower(), "model_output_dtype": str(mo.dtype)}
             if compile_ms and impl.startswith("fused"):
                 extra["vs_compile"] = round(compile_ms / ms, 2)
-            moved = base_bytes + (noise_bytes if materialises_noise else 0)
+            moved = base_bytes + (noise_bytes if reads_noise else 0)
             records.append(common.record(op_name, impl, list(shape), dtype, device, ms,
                                          bytes_moved=moved, **extra))
     return records
