@@ -19,7 +19,13 @@ from .resample import (
 )
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule
-from .script_util import create_gaussian_diffusion
+from .script_util import (
+    create_gaussian_diffusion,
+    create_model,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from .unet import SuperResModel, UNetModel
 
 __version__ = "0.1.0"
 
@@ -33,16 +39,21 @@ __all__ = [
     "ModelVarType",
     "ScheduleSampler",
     "SpacedDiffusion",
+    "SuperResModel",
+    "UNetModel",
     "UniformSampler",
     "UnknownNameError",
     "betas_for_alpha_bar",
     "build_info",
     "create_gaussian_diffusion",
+    "create_model",
+    "create_model_and_diffusion",
     "create_named_schedule_sampler",
     "discretized_gaussian_log_likelihood",
     "extension_available",
     "get_named_beta_schedule",
     "mean_flat",
+    "model_and_diffusion_defaults",
     "normal_kl",
     "space_timesteps",
 ]

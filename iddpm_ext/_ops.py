@@ -30,21 +30,22 @@ def _load():
     if os.environ.get("IDDPM_EXT_DISABLE_C", "") == "1":
         _LOAD_ERROR = "iddpm_ext._C was disabled by IDDPM_EXT_DISABLE_C=1"
         return
+    import importlib.util
+
+    if importlib.util.find_spec(__package__ + "._C") is None:
+        _LOAD_ERROR = (
+            "iddpm_ext._C is not built, so the fused kernels are unavailable. "
+            f"Build it with: {REBUILD_COMMAND}"
+        )
+        return
     try:
         from . import _C as mod  # noqa: PLC0415  (torch is imported above, as _C requires)
     except ImportError as exc:
-        text = str(exc)
-        if "No module named" in text and "_C" in text:
-            _LOAD_ERROR = (
-                "iddpm_ext._C is not built, so the fused kernels are unavailable. "
-                f"Build it with: {REBUILD_COMMAND}"
-            )
-        else:
-            _LOAD_ERROR = (
-                f"iddpm_ext._C failed to load ({text}). This usually means it was built "
-                f"against a different torch than the running torch {torch.__version__}. "
-                f"Rebuild with: {REBUILD_COMMAND}"
-            )
+        _LOAD_ERROR = (
+            f"iddpm_ext._C failed to load ({exc}). This usually means it was built against a "
+            f"different torch than the running torch {torch.__version__}. "
+            f"Rebuild with: {REBUILD_COMMAND}"
+        )
         return
     _LOAD_ERROR = version_mismatch(mod.build_info()["torch_version"], torch.__version__)
     if _LOAD_ERROR is None:

@@ -13,11 +13,23 @@ and ValueErrors (argument, expected, received) instead of asserts.
 
 Shapes: x, x_start, x_t: [N, C, ...]; t: [N] integer timesteps in [0, T);
 model output: [N, C, ...] or [N, 2C, ...] with learned variances.
+
+Fused steps: p_sample, ddim_sample, ddim_reverse_sample and the sampling loops run the
+update after the model call as one fused kernel (iddpm::p_sample_step / ddim_step /
+ddim_reverse_step, docs/step.md) whenever it applies: the extension has kernels for x's
+device, ``denoised_fn`` is None, x and the model output are float32/float16/bfloat16,
+explicit noise (if any) has x's dtype and device, and no gradient is being recorded.
+``diffusion.use_fused = False`` (or IDDPM_EXT_FUSED=0 in the environment before the
+diffusion is made) forces the eager path. With the fused op, the sample and pred_xstart
+keep x's dtype (the eager path promotes to float32), and noise that is not given comes
+from ``torch.randn_like(x)`` on CPU without a generator (as the reference draws it), else
+from in-kernel Philox noise keyed by ``generator`` or the device's default generator.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 
 import numpy as np
 import torch
@@ -60,6 +72,23 @@ class LossType(enum.Enum):
 
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSED_DEVICES: dict[str, bool] = {}
+
+
+def fused_default() -> bool:
+    """The default of ``GaussianDiffusion.use_fused``: environment variable
+    IDDPM_EXT_FUSED, unset or 1 = on, 0 (or false/off/no) = off."""
+    value = os.environ.get("IDDPM_EXT_FUSED", "1").strip().lower()
+    return value not in ("0", "false", "off", "no")
+
+
+def _fused_kernels_on(device: torch.device) -> bool:
+    on = _FUSED_DEVICES.get(device.type)
+    if on is None:
+        on = _ops.has_kernel(device)
+        _FUSED_DEVICES[device.type] = on
+    return on
 
 
 def _broadcast_shape(batch: int, ndim: int) -> tuple:
@@ -88,6 +117,10 @@ class GaussianDiffusion:
     :param model_var_type: a :class:`ModelVarType`.
     :param loss_type: a :class:`LossType`.
     :param rescale_timesteps: pass float timesteps scaled to [0, 1000) to the model.
+
+    Attribute ``use_fused`` (default from IDDPM_EXT_FUSED, see :func:`fused_default`):
+    run sampling steps with the fused kernels where they apply (module docstring);
+    False forces the eager path.
     """
 
     def __init__(
@@ -135,6 +168,8 @@ class GaussianDiffusion:
         # Public methods check that t is in [0, T): a host read of t (a sync on CUDA,
         # skipped during graph capture and compilation). Set False to skip it.
         self.check_timesteps = True
+        # Sampling steps through the fused kernels where they apply (False: eager path).
+        self.use_fused = fused_default()
 
     # ------------------------------------------------------------------------------
     # schedule tables on the device
@@ -384,6 +419,36 @@ class GaussianDiffusion:
             return torch.randn_like(x)
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
+    def _fused_applies(self, x, model_output, t, denoised_fn, noise) -> bool:
+        """Whether a sampling step can run as one fused op (see the module docstring).
+        Raises the eager path's errors for a wrong model output or noise shape."""
+        if not self.use_fused or denoised_fn is not None or not _fused_kernels_on(x.device):
+            return False
+        if not isinstance(model_output, torch.Tensor) or model_output.device != x.device:
+            return False
+        if x.dtype not in _FUSED_DTYPES or model_output.dtype not in _FUSED_DTYPES:
+            return False
+        if t.device != x.device or t.dtype not in (torch.int64, torch.int32):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or model_output.requires_grad):
+            return False  # the fused ops are not differentiable
+        if noise is not None:
+            self._check_same_shape(noise, "noise", x, "x")
+            if noise.dtype != x.dtype or noise.device != x.device:
+                return False
+        self._check_model_output(model_output, x)
+        return True
+
+    @staticmethod
+    def _fused_noise(x, noise, generator):
+        """The noise argument of a fused step: ``noise`` as given; on CPU without a
+        generator, ``torch.randn_like(x)`` from the global RNG exactly as the reference
+        draws it; otherwise None (Philox noise in the kernel from ``generator`` or the
+        device's default generator)."""
+        if noise is None and generator is None and x.device.type == "cpu":
+            return torch.randn_like(x)
+        return noise
+
     def p_sample(
         self,
         model,
@@ -406,8 +471,17 @@ class GaussianDiffusion:
         return self._p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, noise,
                               generator)
 
-    def _p_sample(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, noise, generator):
-        out = self._p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+    def _p_sample(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, noise, generator,
+                  need_pred_xstart=True):
+        model_output = self._run_model(model, x, t, model_kwargs)
+        if self._fused_applies(x, model_output, t, denoised_fn, noise):
+            noise = self._fused_noise(x, noise, generator)
+            sample, pred_xstart = ops.p_sample_step(
+                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                self.model_var_type, clip_denoised, noise=noise, generator=generator,
+                return_pred_xstart=need_pred_xstart)
+            return {"sample": sample, "pred_xstart": pred_xstart}
+        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
         noise = self._noise_like(x, noise, generator)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
@@ -433,8 +507,18 @@ class GaussianDiffusion:
                                  generator)
 
     def _ddim_sample(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, eta, noise,
-                     generator):
-        out = self._p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+                     generator, need_pred_xstart=True):
+        model_output = self._run_model(model, x, t, model_kwargs)
+        if isinstance(eta, (int, float)) and self._fused_applies(x, model_output, t, denoised_fn,
+                                                                  noise):
+            # The reference draws noise even when eta = 0; the default CPU draw keeps that.
+            noise = self._fused_noise(x, noise, generator)
+            sample, pred_xstart = ops.ddim_step(
+                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                self.model_var_type, clip_denoised, eta=float(eta), noise=noise,
+                generator=generator, return_pred_xstart=need_pred_xstart)
+            return {"sample": sample, "pred_xstart": pred_xstart}
+        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
         c = self._coefs(t, x.dim())
         # The model may predict x_0 or x_{t-1}: re-derive ε from the (clipped) x_0.
         eps = self._eps_from_xstart(x, c, out["pred_xstart"])
@@ -469,7 +553,13 @@ class GaussianDiffusion:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
         self._check_x(x)
         self._check_t(t, x.shape[0])
-        out = self._p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        model_output = self._run_model(model, x, t, model_kwargs)
+        if self._fused_applies(x, model_output, t, denoised_fn, None):
+            sample, pred_xstart = ops.ddim_reverse_step(
+                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                self.model_var_type, clip_denoised)
+            return {"sample": sample, "pred_xstart": pred_xstart}
+        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
         c = self._coefs(t, x.dim())
         eps = self._eps_from_xstart(x, c, out["pred_xstart"])
         alpha_bar_next = c.alphas_cumprod_next
@@ -494,11 +584,14 @@ class GaussianDiffusion:
         :param step_noise: optional [T, *shape] tensor; entry t is the noise used at timestep t.
         :return: the final x_0 batch (no grad).
         """
+        # As p_sample_loop_progressive, but the fused steps skip writing pred_xstart.
+        def step(x, t, step_eps):
+            return self._p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, step_eps,
+                                  generator, need_pred_xstart=False)
+
         final = None
-        for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
-            generator=generator, step_noise=step_noise,
-        ):
+        for final in self._loop(step, model, shape, noise, device, progress, generator,
+                                step_noise):
             pass
         return final["sample"]
 
@@ -537,11 +630,14 @@ class GaussianDiffusion:
         step_noise=None,
     ):
         """Generate samples with DDIM; same arguments as :meth:`p_sample_loop` plus ``eta``."""
+        # As ddim_sample_loop_progressive, but the fused steps skip writing pred_xstart.
+        def step(x, t, step_eps):
+            return self._ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta,
+                                     step_eps, generator, need_pred_xstart=False)
+
         final = None
-        for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
-            eta=eta, generator=generator, step_noise=step_noise,
-        ):
+        for final in self._loop(step, model, shape, noise, device, progress, generator,
+                                step_noise):
             pass
         return final["sample"]
 

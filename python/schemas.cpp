@@ -8,6 +8,26 @@ TORCH_LIBRARY(iddpm, m) {
   // table: [T, K] f32, t: [B] int -> [B, K] f32 with out[b] = table[t[b]].
   m.def("gather_coefs(Tensor table, Tensor t) -> Tensor");
 
+  // ---- fused reverse-diffusion steps (csrc/ops/step.cpp, docs/step.md) ----
+  // x: [B, C, ...] f32/f16/bf16; model_output: [B, C or 2C, ...]; t: [B] int; table: [T, K] f32
+  // (GaussianDiffusion.coef_table). Returns (x_{t-1} or x_{t+1}, pred_x0) in x's dtype and
+  // layout; pred_x0 is an empty [0] tensor unless return_pred_xstart. Noise: `noise`, else
+  // Philox in the kernel from `generator` (or the default generator of x's device).
+  m.def(
+      "p_sample_step(Tensor x, Tensor model_output, Tensor t, Tensor table, str model_mean_type, "
+      "str model_var_type, bool clip_denoised, Tensor? noise=None, Generator? generator=None, "
+      "bool return_pred_xstart=True) -> (Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor table, str model_mean_type, "
+      "str model_var_type, bool clip_denoised, float eta, Tensor? noise=None, "
+      "Generator? generator=None, bool return_pred_xstart=True) -> (Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "ddim_reverse_step(Tensor x, Tensor model_output, Tensor t, Tensor table, "
+      "str model_mean_type, str model_var_type, bool clip_denoised, "
+      "bool return_pred_xstart=True) -> (Tensor, Tensor)");
+
   // ---- fused QKV self-attention (csrc/ops/attention.cpp) ----
   // qkv: [B, 3·H·C, T] (per head: q | k | v) -> out [B, H·C, T] in qkv's dtype,
   // lse [B, H, T] (logsumexp of the scaled logits, saved for the backward; f32, f64 for f64).

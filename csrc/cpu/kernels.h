@@ -12,3 +12,15 @@ int64_t gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t,
                      float* out);
 
 }  // namespace iddpm::cpu
+
+namespace iddpm::step {
+struct StepParams;
+}
+
+namespace iddpm::cpu {
+
+// The fused reverse-diffusion step (common/step_params.h describes the arguments).
+// Returns -1, or the first b whose t[b] is outside [0, T) (then nothing is written).
+int64_t step(const step::StepParams& params);
+
+}  // namespace iddpm::cpu

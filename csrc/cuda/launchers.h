@@ -15,3 +15,16 @@ int gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t, int
                  cudaStream_t stream);
 
 }  // namespace iddpm::cuda
+
+namespace iddpm::step {
+struct StepParams;
+}
+
+namespace iddpm::cuda {
+
+// The fused reverse-diffusion step (common/step_params.h), one kernel launch on `stream`.
+// Items whose t is outside [0, T) get NaN outputs (no host sync to raise).
+// Returns a cudaError_t value (0 = success) of the launch.
+int step(const step::StepParams& params, cudaStream_t stream);
+
+}  // namespace iddpm::cuda

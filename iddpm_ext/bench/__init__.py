@@ -15,6 +15,8 @@ import sys
 # name -> (module, one-line help)
 BENCHES = {
     "gather": ("iddpm_ext.bench.gather", "schedule-coefficient gather (iddpm::gather_coefs)"),
+    "step": ("iddpm_ext.bench.step", "fused reverse-diffusion step vs eager (iddpm::p_sample_step)"),
+    "unet": ("iddpm_ext.bench.unet", "UNet (CIFAR-10 config) fwd / fwd+bwd, fused vs einsum attention"),
     "attention": ("iddpm_ext.bench.attention", "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)"),
 }
 

@@ -1,0 +1,194 @@
+"""``iddpm bench step``: one reverse-diffusion step (after the model call), fused vs eager.
+
+Impls, side by side in one run (same inputs, t spread over the schedule):
+  fused (explicit noise)   iddpm::p_sample_step / ddim_step reading a noise tensor drawn
+                           beforehand (not timed, as for the two eager rows below)
+  fused (in-kernel noise)  the fused op drawing its Philox noise itself (timed)
+  eager                    GaussianDiffusion's eager path with the same noise tensor (one
+                           gather of the coefficient rows, separate elementwise ops)
+  eager (reference-style)  the reference implementation's step with the same noise tensor:
+                           every coefficient taken from a numpy array per step
+                           (_extract_into_tensor), separate elementwise ops (ancestral only)
+  eager (torch.compile)    the eager ε-model step over the coefficient table (plain tensor
+                           ops) compiled by inductor, drawing its noise inside (the
+                           counterpart of in-kernel noise)
+`speedup` is relative to the reference-style eager step (to the eager row for DDIM); fused
+rows also carry `vs_compile`, the compiled eager step's time over theirs. `gbps` counts the
+bytes a step has to move: x, the model output and x_{t-1} once each, plus the noise tensor
+once where a row reads one (pred_x0 is not written). With explicit noise the noise is also
+written once by whoever draws it (randn), so a full explicit-noise step moves 24 B per fp32
+element against 16 B with in-kernel noise (learned variances: 2C model-output channels).
+Eager rows move more than they are credited with, so their figure is an effective bandwidth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from ..diffusion import _extract_into_tensor
+from ..schedules import get_named_beta_schedule
+from ..tables import COEF_INDEX
+from . import common
+
+CASES = [(1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32), (256, 3, 32, 32), (64, 3, 64, 64),
+         (64, 3, 256, 256)]
+QUICK_CASES = [(16, 3, 32, 32), (64, 3, 32, 32)]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser):
+    parser.add_argument("--rule", choices=["ancestral", "ddim"], default="ancestral")
+    parser.add_argument("--var-type", default="learned_range",
+                        choices=[v.name.lower() for v in ModelVarType])
+    parser.add_argument("--mean-type", default="epsilon",
+                        choices=[m.name.lower() for m in ModelMeanType])
+    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES),
+                        help="dtype of x and of the model output")
+    parser.add_argument("--eta", type=float, default=0.5, help="DDIM eta (--rule ddim)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--sizes", default=None,
+                        help="cases as BxCxHxW, comma-separated (default: the standard six)")
+
+
+def _reference_style_step(d, model_output, x, t, clip, noise):
+    """The reference implementation's ancestral step: numpy tables indexed per step."""
+    C = x.shape[1]
+    if d.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+        model_output, var_values = torch.split(model_output, C, dim=1)
+        if d.model_var_type == ModelVarType.LEARNED:
+            log_var = var_values
+        else:
+            min_log = _extract_into_tensor(d.posterior_log_variance_clipped, t, x.shape)
+            max_log = _extract_into_tensor(np.log(d.betas), t, x.shape)
+            frac = (var_values + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+    elif d.model_var_type == ModelVarType.FIXED_LARGE:
+        arr = np.log(np.append(d.posterior_variance[1], d.betas[1:]))
+        log_var = _extract_into_tensor(arr, t, x.shape)
+    else:
+        log_var = _extract_into_tensor(d.posterior_log_variance_clipped, t, x.shape)
+    x0 = (_extract_into_tensor(d.sqrt_recip_alphas_cumprod, t, x.shape) * x
+          - _extract_into_tensor(d.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = (_extract_into_tensor(d.posterior_mean_coef1, t, x.shape) * x0
+            + _extract_into_tensor(d.posterior_mean_coef2, t, x.shape) * x)
+    mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
+    return mean + mask * torch.exp(0.5 * log_var) * noise
+
+
+def _table_step(table, x, mo, t, var_type, ddim, eta, clip=True):
+    """The eager ε-model step written with plain tensor ops over the device coefficient
+    table (what torch.compile gets to fuse; GaussianDiffusion's own eager path holds its
+    coefficients in a helper class that dynamo does not trace). Noise: randn_like(x)."""
+    rows = table[t]
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def col(name):
+        return rows[:, COEF_INDEX[name]].view(shape)
+
+    C = x.shape[1]
+    eps, v = (mo[:, :C], mo[:, C:]) if mo.shape[1] == 2 * C else (mo, None)
+    x0 = col("sqrt_recip_alphas_cumprod") * x - col("sqrt_recipm1_alphas_cumprod") * eps
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    noise = torch.randn_like(x)
+    mask = (t != 0).float().view(shape)
+    if ddim:
+        eps = (col("sqrt_recip_alphas_cumprod") * x - x0) / col("sqrt_recipm1_alphas_cumprod")
+        ab, abp = col("alphas_cumprod"), col("alphas_cumprod_prev")
+        sigma = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
+        mean = x0 * torch.sqrt(abp) + torch.sqrt(1 - abp - sigma**2) * eps
+        return mean + mask * sigma * noise
+    mean = col("posterior_mean_coef1") * x0 + col("posterior_mean_coef2") * x
+    if var_type == ModelVarType.LEARNED:
+        log_var = v
+    elif var_type == ModelVarType.LEARNED_RANGE:
+        frac = (v + 1) / 2
+        log_var = frac * col("log_betas") + (1 - frac) * col("posterior_log_variance_clipped")
+    elif var_type == ModelVarType.FIXED_LARGE:
+        log_var = col("fixed_large_log_variance")
+    else:
+        log_var = col("posterior_log_variance_clipped")
+    return mean + mask * torch.exp(0.5 * log_var) * noise
+
+
+def _parse_sizes(text):
+    return [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part]
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    dtype = _DTYPES[args.dtype]
+    mean_type = ModelMeanType[args.mean_type.upper()]
+    var_type = ModelVarType[args.var_type.upper()]
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=mean_type,
+                          model_var_type=var_type, loss_type=LossType.MSE)
+    d.use_fused = False  # the eager rows; the fused rows call the ops directly
+    learned = var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+    table = d.coef_table(device)
+    cases = _parse_sizes(args.sizes) if args.sizes else (QUICK_CASES if args.quick else CASES)
+    can_compile = not args.no_compile and not (args.quick and device.type == "cpu")
+    ddim = args.rule == "ddim"
+    op_name = "ddim_step" if ddim else "p_sample_step"
+    records = []
+    for shape in cases:
+        B, C = shape[:2]
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(shape, device=device, generator=gen).to(dtype)
+        mo_shape = (B, 2 * C if learned else C, *shape[2:])
+        mo = torch.randn(mo_shape, device=device, generator=gen).clamp(-1, 1).to(dtype)
+        t = torch.randint(0, d.num_timesteps, (B,), device=device, generator=gen)
+
+        def model(*_args, **_kwargs):
+            return mo
+
+        def fused(noise_fn):
+            if ddim:
+                return lambda: ops.ddim_step(x, mo, t, table, mean_type, var_type, True,
+                                             eta=args.eta, noise=noise_fn(),
+                                             return_pred_xstart=False)
+            return lambda: ops.p_sample_step(x, mo, t, table, mean_type, var_type, True,
+                                             noise=noise_fn(), return_pred_xstart=False)
+
+        def eager():
+            if ddim:
+                return d._ddim_sample(model, x, t, True, None, None, args.eta, noise, None)
+            return d._p_sample(model, x, t, True, None, None, noise, None)
+
+        noise = torch.randn(shape, device=device, generator=gen).to(dtype)
+        impls = {}
+        if ops.has_kernel(device):
+            impls["fused (explicit noise)"] = (fused(lambda: noise), True)
+            impls["fused (in-kernel noise)"] = (fused(lambda: None), False)
+        impls["eager"] = (eager, True)
+        if not ddim and mean_type == ModelMeanType.EPSILON:
+            impls["eager (reference-style)"] = (
+                lambda: _reference_style_step(d, mo, x, t, True, noise), True)
+        if can_compile and mean_type == ModelMeanType.EPSILON:
+            compiled = torch.compile(_table_step)
+            impls["eager (torch.compile)"] = (
+                lambda: compiled(table, x, mo, t, var_type, ddim, args.eta), False)
+
+        n = x.numel()
+        base_bytes = n * x.element_size() * 2 + mo.numel() * mo.element_size()
+        noise_bytes = n * x.element_size()
+        times = {}
+        for impl, (fn, _) in impls.items():
+            with torch.no_grad():
+                times[impl] = common.time_ms(fn, device, args.warmup, args.iters)
+        ref_ms = times.get("eager (reference-style)", times["eager"])
+        compile_ms = times.get("eager (torch.compile)")
+        for impl, (_, reads_noise) in impls.items():
+            ms = times[impl]
+            extra = {"speedup": round(ref_ms / ms, 2), "rule": args.rule,
+                     "var_type": var_type.name.lower(), "model_output_dtype": str(mo.dtype)}
+            if compile_ms and impl.startswith("fused"):
+                extra["vs_compile"] = round(compile_ms / ms, 2)
+            moved = base_bytes + (noise_bytes if reads_noise else 0)
+            records.append(common.record(op_name, impl, list(shape), dtype, device, ms,
+                                         bytes_moved=moved, **extra))
+    return records

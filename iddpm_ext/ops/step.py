@@ -1,0 +1,141 @@
+"""iddpm::p_sample_step, iddpm::ddim_step, iddpm::ddim_reverse_step — fused reverse-diffusion
+steps (csrc/ops/step.cpp; docs/step.md).
+
+Each op reads x_t, the model output, the timesteps and the diffusion's coefficient table
+once and writes x_{t-1} (x_{t+1} for the reverse DDIM step) and, optionally, pred_x0
+once, with all arithmetic in float32 (the formulas of csrc/common/step_math.h, the same
+operations in the same order as the eager path of :mod:`iddpm_ext.diffusion`).
+
+Shapes: x [B, C, ...] float32/float16/bfloat16; model_output [B, C, ...] or [B, 2C, ...]
+(learned variances) in any of those dtypes; t [B] int64/int32; table [T, K] float32
+(``GaussianDiffusion.coef_table(device)``). Outputs have x's dtype and layout (channels-
+first contiguous, or channels-last when x is channels-last dense; other strides are
+made contiguous once).
+
+Noise: ``noise`` (x's shape and dtype) when given; otherwise Philox4x32-10 noise drawn in
+the kernel from ``generator`` or the default generator of x's device (on CUDA from the
+generator's Philox state, so seeds reproduce and CUDA graph capture works).
+
+Timesteps out of [0, T): ValueError on CPU; NaN outputs for that item on CUDA (raising
+would need a host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MEAN_TYPES = ("epsilon", "start_x", "previous_x")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+
+
+def _type_name(value, arg: str, names: tuple) -> str:
+    """An improved-diffusion enum member (ModelMeanType.EPSILON) or its name, lower-case."""
+    name = value if isinstance(value, str) else getattr(value, "name", None)
+    if not isinstance(name, str) or name.lower() not in names:
+        raise ValueError(f"{arg}: expected one of {names} or the enum member, got {value!r}")
+    return name.lower()
+
+
+def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type,
+                  clip_denoised=True, noise=None, generator=None, return_pred_xstart=True):
+    """Ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise where t == 0).
+
+    :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
+    """
+    _ops.require()
+    sample, pred = torch.ops.iddpm.p_sample_step(
+        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised), noise,
+        generator, bool(return_pred_xstart))
+    return sample, (pred if return_pred_xstart else None)
+
+
+def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True,
+              eta=0.0, noise=None, generator=None, return_pred_xstart=True):
+    """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0: deterministic, no noise used).
+
+    :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
+    """
+    _ops.require()
+    sample, pred = torch.ops.iddpm.ddim_step(
+        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
+        float(eta), noise, generator, bool(return_pred_xstart))
+    return sample, (pred if return_pred_xstart else None)
+
+
+def ddim_reverse_step(x, model_output, t, table, model_mean_type, model_var_type,
+                      clip_denoised=True, return_pred_xstart=True):
+    """Deterministic reverse DDIM step x_t -> x_{t+1} (the DDIM ODE run forward).
+
+    :return: (x_{t+1}, pred_x0 or None), both in x's dtype.
+    """
+    _ops.require()
+    sample, pred = torch.ops.iddpm.ddim_reverse_step(
+        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
+        bool(return_pred_xstart))
+    return sample, (pred if return_pred_xstart else None)
+
+
+def output_strides(x: torch.Tensor) -> tuple:
+    """Strides of the step's outputs: x's layout when x is channels-first contiguous or
+    channels-last dense ([B, *spatial, C] in memory), else contiguous (as csrc/ops/step.cpp)."""
+    sizes = tuple(x.shape)
+    contiguous = []
+    acc = 1
+    for s in reversed(sizes):
+        contiguous.append(acc)
+        acc *= max(s, 1)
+    contiguous = tuple(reversed(contiguous))
+    if x.is_contiguous() or x.dim() < 3:
+        return contiguous
+    last = [0] * len(sizes)
+    acc = 1
+    last[1] = acc
+    acc *= max(sizes[1], 1)
+    for d in range(len(sizes) - 1, 1, -1):
+        last[d] = acc
+        acc *= max(sizes[d], 1)
+    last[0] = acc
+    dense_last = all(sizes[d] <= 1 or x.stride(d) == last[d] for d in range(len(sizes)))
+    return tuple(last) if dense_last else contiguous
+
+
+def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart):
+    torch._check(x.dim() >= 2, lambda: f"x: expected a tensor [B, C, ...], got shape {tuple(x.shape)}")
+    torch._check(x.dtype in SUPPORTED_DTYPES, lambda: f"x: unsupported dtype {x.dtype}")
+    learned = model_var_type in ("learned", "learned_range")
+    channels = 2 * x.shape[1] if learned else x.shape[1]
+    expected = (x.shape[0], channels, *x.shape[2:])
+    torch._check(
+        tuple(model_output.shape) == tuple(expected),
+        lambda: f"model_output: expected shape {tuple(expected)}, got {tuple(model_output.shape)}",
+    )
+    torch._check(tuple(t.shape) == (x.shape[0],), lambda: f"t: expected shape ({x.shape[0]},)")
+    torch._check(table.dim() == 2, lambda: "table: expected a [T, K] tensor")
+    strides = output_strides(x)
+    out = x.new_empty_strided(tuple(x.shape), strides)
+    pred = x.new_empty_strided(tuple(x.shape), strides) if return_pred_xstart else x.new_empty((0,))
+    return out, pred
+
+
+if _ops.available():
+
+    @torch.library.register_fake("iddpm::p_sample_step")
+    def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
+                            clip_denoised, noise=None, generator=None, return_pred_xstart=True):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
+
+    @torch.library.register_fake("iddpm::ddim_step")
+    def _ddim_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
+                        clip_denoised, eta, noise=None, generator=None, return_pred_xstart=True):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
+
+    @torch.library.register_fake("iddpm::ddim_reverse_step")
+    def _ddim_reverse_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
+                                clip_denoised, return_pred_xstart=True):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)

@@ -1,0 +1,450 @@
+"""The UNet of improved-diffusion: the same module tree, parameter names and outputs.
+
+A checkpoint saved from openai/improved-diffusion's ``UNetModel`` loads here with
+``strict=True`` and gives the same outputs. Mixed precision is meant to be done with
+``torch.autocast`` (parameters stay fp32); ``convert_to_fp16`` is kept for the
+reference's API. Attention goes through :func:`iddpm_ext.attention.qkv_attention`, so
+``iddpm_ext.attention.attention_impl(...)`` selects the fused kernel or the einsum path.
+
+Shapes: x: [N, C, *spatial] with 1, 2 or 3 spatial dims (``dims``); for dims=3 only the
+last two spatial dims are down/upsampled.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import qkv_attention
+from .nn import (
+    SiLU,
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+__all__ = [
+    "AttentionBlock",
+    "Downsample",
+    "QKVAttention",
+    "ResBlock",
+    "SuperResModel",
+    "TimestepBlock",
+    "TimestepEmbedSequential",
+    "UNetModel",
+    "Upsample",
+    "convert_module_to_f16",
+    "convert_module_to_f32",
+]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def convert_module_to_f16(module: nn.Module):
+    """Cast a convolution's parameters to float16 (other modules are left alone)."""
+    if isinstance(module, _CONVS):
+        module.weight.data = module.weight.data.half()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.half()
+
+
+def convert_module_to_f32(module: nn.Module):
+    """Undo :func:`convert_module_to_f16`."""
+    if isinstance(module, _CONVS):
+        module.weight.data = module.weight.data.float()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.float()
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    @abstractmethod
+    def forward(self, x, emb):
+        """Apply the module to ``x`` given the embeddings ``emb``: [N, emb_channels]."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A Sequential that hands ``emb`` to the children that are TimestepBlocks."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 upsampling, then a 3×3 convolution when ``use_conv``."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, channels, 3, padding=1)
+
+    def forward(self, x):  # x: [N, C, ...] -> [N, C, ...×2]
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.use_conv:
+            x = self.conv(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """×2 downsampling by a stride-2 3×3 convolution (``use_conv``) or average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, channels, channels, 3, stride=stride, padding=1)
+        else:
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):  # x: [N, C, ...] -> [N, C, .../2]
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding.
+
+    h = conv(SiLU(GN(x))); then either h + W·emb (default) or, with
+    ``use_scale_shift_norm``, GN(h)·(1 + scale) + shift with [scale, shift] = W·emb;
+    then SiLU, dropout and a zero-initialised conv; the skip path is the identity, a 3×3
+    conv (``use_conv``) or a 1×1 conv when the channel count changes.
+    """
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        out_ch = self.out_channels
+
+        self.in_layers = nn.Sequential(
+            normalization(channels), SiLU(), conv_nd(dims, channels, out_ch, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            SiLU(), linear(emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(out_ch),
+            SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1)),
+        )
+        if out_ch == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, out_ch, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, out_ch, 1)
+
+    def forward(self, x, emb):  # x: [N, C, ...], emb: [N, E] -> [N, out_channels, ...]
+        return checkpoint(self._forward, (x, emb), None, self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C'] or [N, 2C']
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttention(nn.Module):
+    """Multi-head QKV attention, [N, 3·H·C, T] -> [N, H·C, T] (no parameters).
+
+    Unlike the reference's module (which receives [N·H, 3C, T]), this one takes the head
+    count and the un-split tensor, and calls :func:`iddpm_ext.attention.qkv_attention`.
+    """
+
+    def __init__(self, num_heads: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, qkv):
+        return qkv_attention(qkv, self.num_heads)
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        """A ``thop`` counter: two matmuls of N·T²·C multiply-adds each."""
+        b, c, *spatial = y[0].shape
+        num_spatial = int(np.prod(spatial))
+        model.total_ops += torch.DoubleTensor([2 * b * (num_spatial**2) * c])
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions, with a zero-initialised output projection."""
+
+    def __init__(self, channels: int, num_heads: int = 1, use_checkpoint: bool = False):
+        super().__init__()
+        if num_heads < 1 or channels % num_heads != 0:
+            raise ValueError(
+                f"num_heads: expected a positive divisor of the block's {channels} channels, "
+                f"got {num_heads}"
+            )
+        self.channels = channels
+        self.num_heads = num_heads
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.attention = QKVAttention(num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), None, self.use_checkpoint)
+
+    def _forward(self, x):  # x: [N, C, *spatial]
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)  # [N, C, T]
+        qkv = self.qkv(self.norm(x))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)
+        h = self.proj_out(self.attention(qkv))  # [N, C, T]
+        return (x + h).reshape(b, c, *spatial)
+
+
+class UNetModel(nn.Module):
+    """The UNet with timestep embedding and attention of improved-diffusion.
+
+    :param in_channels: channels of the input.
+    :param model_channels: base channel count (multiplied by ``channel_mult`` per level).
+    :param out_channels: channels of the output (2× the image channels when learning σ).
+    :param num_res_blocks: residual blocks per level on the way down (one more going up).
+    :param attention_resolutions: downsample rates (1, 2, 4, …) at which attention is used.
+    :param dropout: dropout probability inside the residual blocks.
+    :param channel_mult: channel multiplier of each level; len(channel_mult) - 1 downsamplings.
+    :param conv_resample: learned convolutions for down/upsampling (else pooling / plain).
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param num_classes: make the model class-conditional with this many classes.
+    :param use_checkpoint: activation checkpointing in every ResBlock and AttentionBlock.
+    :param num_heads: attention heads on the way down and in the middle.
+    :param num_heads_upsample: heads on the way up (-1: same as ``num_heads``).
+    :param use_scale_shift_norm: FiLM-like conditioning of the ResBlocks.
+    """
+
+    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True,
+                 dims=2, num_classes=None, use_checkpoint=False, num_heads=1,
+                 num_heads_upsample=-1, use_scale_shift_norm=False):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        channel_mult = tuple(int(m) for m in channel_mult)
+        if not channel_mult or min(channel_mult) < 1:
+            raise ValueError(f"channel_mult: expected positive integers, got {channel_mult!r}")
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims: expected 1, 2 or 3, got {dims!r}")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes: expected a positive int or None, got {num_classes!r}")
+
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.dims = dims
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.num_heads = num_heads
+        self.num_heads_upsample = num_heads_upsample
+
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        def res_block(ch_in, ch_out):
+            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out, dims=dims,
+                            use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm)
+
+        def attention(ch, heads):
+            return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint)
+
+        # Down: input_blocks[0] is the stem conv; then per level num_res_blocks
+        # [ResBlock (+ AttentionBlock)] and, except at the last level, a Downsample.
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
+        )
+        skip_chans = [model_channels]  # channels of each input block's output
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(
+                    TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims))
+                )
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch)
+        )
+
+        # Up: per level (deepest first) num_res_blocks + 1 blocks, each taking the
+        # concatenation with one skip; the last block of each level but the top upsamples.
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_chans.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample, dims=dims))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            SiLU(),
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+        )
+
+    # -- precision -------------------------------------------------------------------
+    def convert_to_fp16(self):
+        """Cast the convolutions of the torso (input, middle, output blocks) to float16.
+
+        Kept for the reference's API; prefer ``torch.autocast`` with fp32 parameters.
+        """
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """Undo :meth:`convert_to_fp16`."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f32)
+
+    @property
+    def inner_dtype(self) -> torch.dtype:
+        """The dtype of the torso's parameters (float16 after :meth:`convert_to_fp16`)."""
+        return next(self.input_blocks.parameters()).dtype
+
+    # -- forward ---------------------------------------------------------------------
+    def _check_inputs(self, x, timesteps, y):
+        """Validate the inputs; returns timesteps as [N] (a scalar or [1] is broadcast)."""
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x: expected [N, {self.in_channels}, {', '.join(['...'] * self.dims)}] "
+                f"(dims={self.dims}), got shape {tuple(x.shape)}"
+            )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        resampled = x.shape[2:] if self.dims != 3 else x.shape[3:]
+        if any(s % factor for s in resampled):
+            raise ValueError(
+                f"x: spatial size {tuple(x.shape[2:])} must be divisible by {factor} "
+                f"({len(self.channel_mult) - 1} downsamplings)"
+            )
+        n = x.shape[0]
+        if not isinstance(timesteps, torch.Tensor):
+            raise ValueError(f"timesteps: expected a tensor [N], got {type(timesteps).__name__}")
+        if timesteps.dim() == 0 or tuple(timesteps.shape) == (1,):
+            timesteps = timesteps.reshape(1).expand(n)
+        if tuple(timesteps.shape) != (n,):
+            raise ValueError(f"timesteps: expected shape ({n},), got {tuple(timesteps.shape)}")
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "y: must be given if and only if the model is class-conditional "
+                f"(num_classes={self.num_classes}), got {'a tensor' if y is not None else 'None'}"
+            )
+        if y is not None and tuple(y.shape) != (n,):
+            raise ValueError(f"y: expected class labels of shape ({n},), got {tuple(y.shape)}")
+        return timesteps
+
+    def _embed(self, timesteps, y):  # -> emb: [N, 4·model_channels]
+        t_emb = timestep_embedding(timesteps, self.model_channels)  # fp32
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # model.to(dtype) works
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x, timesteps, y=None):
+        """x: [N, in_channels, ...], timesteps: [N], y: [N] labels -> [N, out_channels, ...]."""
+        timesteps = self._check_inputs(x, timesteps, y)
+        emb = self._embed(timesteps, y)
+        hs = []
+        h = x.to(self.inner_dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.to(x.dtype))
+
+    def get_feature_vectors(self, x, timesteps, y=None):
+        """The intermediate activations: {'down': [...], 'middle': tensor, 'up': [...]}."""
+        timesteps = self._check_inputs(x, timesteps, y)
+        emb = self._embed(timesteps, y)
+        hs, result = [], {"down": [], "up": []}
+        h = x.to(self.inner_dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+            result["down"].append(h.to(x.dtype))
+        h = self.middle_block(h, emb)
+        result["middle"] = h.to(x.dtype)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+            result["up"].append(h.to(x.dtype))
+        return result
+
+
+class SuperResModel(UNetModel):
+    """A UNetModel conditioned on a low-resolution image (``low_res=``), which is
+    bilinearly upsampled to x's size and concatenated to x along channels (2-D only)."""
+
+    def __init__(self, in_channels, *args, **kwargs):
+        super().__init__(in_channels * 2, *args, **kwargs)
+
+    def _with_low_res(self, x, low_res):
+        if low_res is None:
+            raise ValueError("low_res: SuperResModel needs the low-resolution image, got None")
+        if x.dim() != 4 or low_res.dim() != 4:
+            raise ValueError(
+                f"x, low_res: expected 4-D [N, C, H, W] tensors, got {tuple(x.shape)} "
+                f"and {tuple(low_res.shape)}"
+            )
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return torch.cat([x, upsampled], dim=1)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        return super().forward(self._with_low_res(x, low_res), timesteps, **kwargs)
+
+    def get_feature_vectors(self, x, timesteps, low_res=None, **kwargs):
+        return super().get_feature_vectors(self._with_low_res(x, low_res), timesteps, **kwargs)
