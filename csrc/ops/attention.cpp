@@ -60,6 +60,9 @@ Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
                       "qkv: expected a head dim C = channels / (3·num_heads) of 32, 64 or 128 on "
                       "CUDA, got C = ",
                       d.C, " (", width, " channels, ", num_heads, " heads)");
+    // One CTA per 64 queries along gridDim.y (at most 65535).
+    TORCH_CHECK_VALUE(d.T <= int64_t{65535} * 64, "qkv: expected at most ", int64_t{65535} * 64,
+                      " positions (dim 2) on CUDA, got ", d.T);
 #endif
   } else {
     TORCH_CHECK_VALUE(cpu_dtype_ok(qkv.scalar_type()),
