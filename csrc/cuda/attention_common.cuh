@@ -113,7 +113,14 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<__nv_bfloat16>& a
 
 // fp32: the same product on the same fragment layout, in fp32 FMAs. Each lane gathers row g
 // and g+8 of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them.
-__device__ __forceinline__ void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
+// Not inlined: inlined into every product of the fp32 kernels it made ptxas take minutes
+// (sm_80) for a path that is not the fast one anyway. `static`: one copy per .cu file.
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+#define IDDPM_ATTN_NOINLINE
+#else
+#define IDDPM_ATTN_NOINLINE __noinline__
+#endif
+static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
                                                 const FragB<float>& b) {
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
