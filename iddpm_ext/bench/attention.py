@@ -45,7 +45,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def add_arguments(parser):
     parser.add_argument("--dtype", default=None,
-                        help="comma-separated dtypes (default: float16,bfloat16 on CUDA, float32 on CPU)")
+                        help="comma-separated dtypes (default: float16,bfloat16,float32 on CUDA, "
+                             "float32 on CPU)")
     parser.add_argument("--cases", default=None,
                         help="cases as BxHxCxT, comma-separated (default: the standard eight)")
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
@@ -102,7 +103,8 @@ def run(args) -> list:
     if args.dtype:
         dtypes = [_DTYPES[d.strip()] for d in args.dtype.split(",")]
     else:
-        dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+        dtypes = ([torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda"
+                  else [torch.float32])
     if args.cases:
         cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
     else:
