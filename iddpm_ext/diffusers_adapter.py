@@ -198,12 +198,7 @@ class IDDPMScheduler:
     def _step_index(self, timestep, batch: int, device) -> torch.Tensor:
         """[B] int64 indices into the respaced process for ``timestep`` (original values)."""
         if torch.is_tensor(timestep) and timestep.device.type != "cpu":
-            ts = timestep.reshape(-1).to(device=device, dtype=torch.long)
-            key = str(device)
-            if key not in self._map_on:
-                self._map_on[key] = torch.tensor(self.process.timestep_map, dtype=torch.long,
-                                                 device=device)
-            idx = torch.searchsorted(self._map_on[key], ts)
+            idx = self._device_index(timestep, device)
         else:
             values = timestep.reshape(-1).tolist() if torch.is_tensor(timestep) else [timestep]
             try:
@@ -216,6 +211,16 @@ class IDDPMScheduler:
         if idx.numel() not in (1, batch):
             raise ValueError(f"timestep: expected a scalar or {batch} values, got {idx.numel()}")
         return idx.expand(batch).contiguous()
+
+    def _device_index(self, timestep: torch.Tensor, device) -> torch.Tensor:
+        """Indices of original timesteps looked up on the device (searchsorted in the sorted
+        timestep map; no host sync, so values outside ``timesteps`` go undetected)."""
+        ts = timestep.reshape(-1).to(device=device, dtype=torch.long)
+        key = str(device)
+        if key not in self._map_on:
+            self._map_on[key] = torch.tensor(self.process.timestep_map, dtype=torch.long,
+                                             device=device)
+        return torch.searchsorted(self._map_on[key], ts)
 
     # -- the step ------------------------------------------------------------------------
     def step(self, model_output, timestep, sample, generator=None, return_dict=True, eta=None,

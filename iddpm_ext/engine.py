@@ -89,6 +89,8 @@ def _amp_dtype(amp):
 
 def _default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device} was asked for but CUDA is not available")
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.default_generators[index]
     if device.type == "cpu":
@@ -456,7 +458,8 @@ class SamplingEngine:
     def _build(self, key, d, shape, sampler, eta, clip, kwargs, amp_dtype) -> _Entry:
         dev = self.device
         S, B = int(d.num_timesteps), shape[0]
-        with torch.no_grad():
+        # Normal tensors even when called under inference_mode: later runs update them in place.
+        with torch.inference_mode(False), torch.no_grad():
             x = torch.empty(shape, device=dev, dtype=torch.float32,
                             memory_format=_memory_format(shape, self.channels_last)).zero_()
             t_rows = torch.arange(S - 1, -1, -1, device=dev, dtype=torch.long)
@@ -466,9 +469,10 @@ class SamplingEngine:
                              for k, v in kwargs.items()}
             for k, v in kwargs.items():  # valid values for the warm-up
                 static_kwargs[k].copy_(v)
+            counter = torch.zeros(1, dtype=torch.long, device=dev)
         entry = _Entry(key=key, diffusion=d, sampler=sampler, eta=eta, clip_denoised=clip,
                        amp_dtype=amp_dtype, x=x, t_rows=t_rows, model_t_rows=model_t_rows,
-                       counter=torch.zeros(1, dtype=torch.long, device=dev),
+                       counter=counter,
                        kwargs=static_kwargs, table=d.coef_table(dev))
         step = self._step_function(entry)
         self.stats["builds"] += 1

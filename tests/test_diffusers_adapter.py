@@ -172,3 +172,13 @@ def test_errors(model):
         sched.step(out, sched.timesteps[:3], x)
     with pytest.raises(ValueError, match=r"sample: expected a tensor"):
         sched.step(out, 0, torch.randn(3))
+
+
+def test_device_lookup_matches_host_lookup():
+    """The no-sync lookup used for CUDA timesteps gives the host lookup's indices."""
+    sched = IDDPMScheduler(1000)
+    sched.set_timesteps(37)
+    ts = sched.timesteps
+    on_device = sched._device_index(ts, torch.device("cpu"))
+    assert on_device.tolist() == [sched._index[int(t)] for t in ts]
+    assert on_device.tolist() == list(range(36, -1, -1))

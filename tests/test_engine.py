@@ -326,6 +326,20 @@ def test_mode_errors(model):
         SamplingEngine(model, diffusion(), amp="int8")
     with pytest.raises(ValueError, match=r"device: the engine runs on cpu or cuda"):
         SamplingEngine(model, diffusion(), device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: cuda was asked for but CUDA is not"):
+            SamplingEngine(model, diffusion(), device="cuda")
+
+
+def test_first_call_under_inference_mode(model):
+    d = diffusion(respacing="4")
+    engine = SamplingEngine(model, d, mode="eager")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        first = engine.sample(SHAPE, generator=g)
+    g = torch.Generator().manual_seed(0)
+    second = engine.sample(SHAPE, generator=g)  # reuses the buffers outside inference mode
+    assert torch.equal(first, second) and engine.stats["builds"] == 1
 
 
 def test_argument_errors(model, cond_model):

@@ -195,3 +195,22 @@ def test_replayed_step_launches(model):
     assert graph["h2d"] == 0, graph
     assert graph["kernel"] <= 3 * 10 + 10, graph  # per replay at most the RNG fills
     assert eager["kernel"] >= 10 * graph["kernel"] // 3, (eager, graph)
+
+
+def test_diffusers_adapter_on_cuda(model):
+    """A diffusers-style loop with CUDA timesteps (looked up on the device) gives the
+    library loop's samples."""
+    from iddpm_ext.diffusers_adapter import IDDPMScheduler
+
+    d = diffusion(respacing="12", rescale=True)
+    sched = IDDPMScheduler(100, beta_schedule="cosine", variance_type="learned_range",
+                           rescale_timesteps=True)
+    sched.set_timesteps(12, device=DEV)
+    x = torch.randn(SHAPE, device=DEV)
+    g = torch.Generator(DEV).manual_seed(8)
+    ref = d.p_sample_loop(model, SHAPE, noise=x, generator=torch.Generator(DEV).manual_seed(8))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model(x, sched.model_timesteps(t))
+            x = sched.step(out, t, x, generator=g).prev_sample
+    _close(x, ref)
