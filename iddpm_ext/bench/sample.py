@@ -89,6 +89,9 @@ def cases(args, device) -> list:
         impls = _csv(args.impls) if args.impls else impls
         dtypes = _csv(args.dtypes) if args.dtypes else ["float32", "bfloat16"]
         grid = [(s, b, dt, i) for s, b, dt, i in itertools.product(steps, batches, dtypes, impls)]
+    elif args.quick:  # CUDA smoke test
+        grid = [(50, b, dt, i) for b in (1, 16) for dt in ("float32", "bfloat16")
+                for i in ("reference", "eager", "graph")]
     else:  # the trimmed CUDA default
         grid = [(50, b, dt, i) for b in (1, 16, 256) for dt in ("float32", "bfloat16")
                 for i in ("reference", "eager", "graph")]
