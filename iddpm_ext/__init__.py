@@ -7,7 +7,9 @@ PyTorch and works without the compiled extension; the fused kernels live in
 
 from ._ops import ExtensionUnavailableError, build_info
 from ._ops import available as extension_available
+from .diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
 from .diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from .engine import SamplingEngine
 from .errors import UnknownNameError
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
@@ -32,11 +34,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ExtensionUnavailableError",
     "GaussianDiffusion",
+    "IDDPMScheduler",
+    "IDDPMSchedulerOutput",
     "LossAwareSampler",
     "LossSecondMomentResampler",
     "LossType",
     "ModelMeanType",
     "ModelVarType",
+    "SamplingEngine",
     "ScheduleSampler",
     "SpacedDiffusion",
     "SuperResModel",

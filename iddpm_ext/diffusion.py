@@ -14,16 +14,8 @@ and ValueErrors (argument, expected, received) instead of asserts.
 Shapes: x, x_start, x_t: [N, C, ...]; t: [N] integer timesteps in [0, T);
 model output: [N, C, ...] or [N, 2C, ...] with learned variances.
 
-Fused steps: p_sample, ddim_sample, ddim_reverse_sample and the sampling loops run the
-update after the model call as one fused kernel (iddpm::p_sample_step / ddim_step /
-ddim_reverse_step, docs/step.md) whenever it applies: the extension has kernels for x's
-device, ``denoised_fn`` is None, x and the model output are float32/float16/bfloat16,
-explicit noise (if any) has x's dtype and device, and no gradient is being recorded.
-``diffusion.use_fused = False`` (or IDDPM_EXT_FUSED=0 in the environment before the
-diffusion is made) forces the eager path. With the fused op, the sample and pred_xstart
-keep x's dtype (the eager path promotes to float32), and noise that is not given comes
-from ``torch.randn_like(x)`` on CPU without a generator (as the reference draws it), else
-from in-kernel Philox noise keyed by ``generator`` or the device's default generator.
+Sampling (p_sample, ddim_sample, the loops) lives in :mod:`iddpm_ext.sampling`, which
+also runs the fused step kernels where they apply (``diffusion.use_fused``).
 """
 
 from __future__ import annotations
@@ -35,6 +27,7 @@ import numpy as np
 import torch
 
 from . import _ops, ops
+from .sampling import SamplingMixin, _default_device
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .tables import COEF_INDEX, schedule_arrays, stack_coef_table
 
@@ -72,10 +65,6 @@ class LossType(enum.Enum):
 
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FUSED_DEVICES: dict[str, bool] = {}
-
-
 def fused_default() -> bool:
     """The default of ``GaussianDiffusion.use_fused``: environment variable
     IDDPM_EXT_FUSED, unset or 1 = on, 0 (or false/off/no) = off."""
@@ -83,20 +72,13 @@ def fused_default() -> bool:
     return value not in ("0", "false", "off", "no")
 
 
-def _fused_kernels_on(device: torch.device) -> bool:
-    on = _FUSED_DEVICES.get(device.type)
-    if on is None:
-        on = _ops.has_kernel(device)
-        _FUSED_DEVICES[device.type] = on
-    return on
-
-
 def _broadcast_shape(batch: int, ndim: int) -> tuple:
     return (batch,) + (1,) * (ndim - 1)
 
 
 class _StepCoefs:
-    """The schedule coefficients of one batch of timesteps, each as [N, 1, ..., 1]."""
+    """The schedule coefficients of one batch of timesteps, each as [N, 1, ..., 1].
+    One read-only property per column of the coefficient table (tables.COEF_NAMES)."""
 
     __slots__ = ("_rows", "_shape")
 
@@ -104,11 +86,20 @@ class _StepCoefs:
         self._rows = rows  # [N, K] float32
         self._shape = _broadcast_shape(rows.shape[0], ndim)
 
-    def __getattr__(self, name: str) -> torch.Tensor:
-        return self._rows[:, COEF_INDEX[name]].view(self._shape)
+    def column(self, k: int) -> torch.Tensor:
+        return self._rows[:, k].view(self._shape)
 
 
-class GaussianDiffusion:
+def _coef_property(k: int, name: str):
+    return property(lambda self: self.column(k), doc=f"column {k} of the table: {name}")
+
+
+for _name, _k in COEF_INDEX.items():
+    setattr(_StepCoefs, _name, _coef_property(_k, _name))
+del _name, _k
+
+
+class GaussianDiffusion(SamplingMixin):
     """Utilities for training and sampling diffusion models (Ho et al. 2020; Nichol &
     Dhariwal 2021).
 
@@ -404,297 +395,6 @@ class GaussianDiffusion:
         return self._eps_from_xstart(x_t, self._coefs(t, x_t.dim()), pred_xstart)
 
     # ------------------------------------------------------------------------------
-    # sampling
-    # ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _noise_like(x, noise, generator, name="noise"):
-        """The explicit ``noise`` (checked), or fresh N(0, I) noise like ``x``: from
-        ``generator`` when given, else from torch's global RNG exactly as the reference
-        draws it (``torch.randn_like(x)``), so seeded runs match it."""
-        if noise is not None:
-            GaussianDiffusion._check_same_shape(noise, name, x, "x")
-            return noise
-        if generator is None:
-            return torch.randn_like(x)
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-    def _fused_applies(self, x, model_output, t, denoised_fn, noise) -> bool:
-        """Whether a sampling step can run as one fused op (see the module docstring).
-        Raises the eager path's errors for a wrong model output or noise shape."""
-        if not self.use_fused or denoised_fn is not None or not _fused_kernels_on(x.device):
-            return False
-        if not isinstance(model_output, torch.Tensor) or model_output.device != x.device:
-            return False
-        if x.dtype not in _FUSED_DTYPES or model_output.dtype not in _FUSED_DTYPES:
-            return False
-        if t.device != x.device or t.dtype not in (torch.int64, torch.int32):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or model_output.requires_grad):
-            return False  # the fused ops are not differentiable
-        if noise is not None:
-            self._check_same_shape(noise, "noise", x, "x")
-            if noise.dtype != x.dtype or noise.device != x.device:
-                return False
-        self._check_model_output(model_output, x)
-        return True
-
-    @staticmethod
-    def _fused_noise(x, noise, generator):
-        """The noise argument of a fused step: ``noise`` as given; on CPU without a
-        generator, ``torch.randn_like(x)`` from the global RNG exactly as the reference
-        draws it; otherwise None (Philox noise in the kernel from ``generator`` or the
-        device's default generator)."""
-        if noise is None and generator is None and x.device.type == "cpu":
-            return torch.randn_like(x)
-        return noise
-
-    def p_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        noise=None,
-        generator=None,
-    ):
-        """Sample x_{t-1} ~ p(x_{t-1} | x_t): mean + σ·noise, no noise where t == 0.
-
-        :param noise: optional explicit N(0, I) noise of x's shape.
-        :param generator: optional torch.Generator for the noise.
-        :return: dict with 'sample' and 'pred_xstart'.
-        """
-        self._check_x(x)
-        self._check_t(t, x.shape[0])
-        return self._p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, noise,
-                              generator)
-
-    def _p_sample(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, noise, generator,
-                  need_pred_xstart=True):
-        model_output = self._run_model(model, x, t, model_kwargs)
-        if self._fused_applies(x, model_output, t, denoised_fn, noise):
-            noise = self._fused_noise(x, noise, generator)
-            sample, pred_xstart = ops.p_sample_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
-                self.model_var_type, clip_denoised, noise=noise, generator=generator,
-                return_pred_xstart=need_pred_xstart)
-            return {"sample": sample, "pred_xstart": pred_xstart}
-        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-        noise = self._noise_like(x, noise, generator)
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-        noise=None,
-        generator=None,
-    ):
-        """Sample x_{t-1} with DDIM (Song et al. eq. 12); ``eta`` = 0 is deterministic.
-        Noise is still drawn when eta = 0 (as the reference does) unless ``noise`` is given."""
-        self._check_x(x)
-        self._check_t(t, x.shape[0])
-        return self._ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta, noise,
-                                 generator)
-
-    def _ddim_sample(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, eta, noise,
-                     generator, need_pred_xstart=True):
-        model_output = self._run_model(model, x, t, model_kwargs)
-        if isinstance(eta, (int, float)) and self._fused_applies(x, model_output, t, denoised_fn,
-                                                                  noise):
-            # The reference draws noise even when eta = 0; the default CPU draw keeps that.
-            noise = self._fused_noise(x, noise, generator)
-            sample, pred_xstart = ops.ddim_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
-                self.model_var_type, clip_denoised, eta=float(eta), noise=noise,
-                generator=generator, return_pred_xstart=need_pred_xstart)
-            return {"sample": sample, "pred_xstart": pred_xstart}
-        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-        c = self._coefs(t, x.dim())
-        # The model may predict x_0 or x_{t-1}: re-derive ε from the (clipped) x_0.
-        eps = self._eps_from_xstart(x, c, out["pred_xstart"])
-        alpha_bar = c.alphas_cumprod
-        alpha_bar_prev = c.alphas_cumprod_prev
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        noise = self._noise_like(x, noise, generator)
-        mean_pred = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-        sample = mean_pred + nonzero_mask * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_reverse_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-    ):
-        """Deterministic DDIM step from x_t to x_{t+1} (the reverse ODE); eta must be 0."""
-        if eta != 0.0:
-            raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
-        self._check_x(x)
-        self._check_t(t, x.shape[0])
-        model_output = self._run_model(model, x, t, model_kwargs)
-        if self._fused_applies(x, model_output, t, denoised_fn, None):
-            sample, pred_xstart = ops.ddim_reverse_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
-                self.model_var_type, clip_denoised)
-            return {"sample": sample, "pred_xstart": pred_xstart}
-        out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-        c = self._coefs(t, x.dim())
-        eps = self._eps_from_xstart(x, c, out["pred_xstart"])
-        alpha_bar_next = c.alphas_cumprod_next
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
-
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        generator=None,
-        step_noise=None,
-    ):
-        """Generate samples: x_T = ``noise`` (or N(0, I)), then T ancestral steps.
-
-        :param step_noise: optional [T, *shape] tensor; entry t is the noise used at timestep t.
-        :return: the final x_0 batch (no grad).
-        """
-        # As p_sample_loop_progressive, but the fused steps skip writing pred_xstart.
-        def step(x, t, step_eps):
-            return self._p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, step_eps,
-                                  generator, need_pred_xstart=False)
-
-        final = None
-        for final in self._loop(step, model, shape, noise, device, progress, generator,
-                                step_noise):
-            pass
-        return final["sample"]
-
-    def p_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        generator=None,
-        step_noise=None,
-    ):
-        """Like :meth:`p_sample_loop`, yielding each step's p_sample dict (t = T-1 .. 0)."""
-        def step(x, t, step_eps):
-            return self._p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, step_eps,
-                                  generator)
-
-        yield from self._loop(step, model, shape, noise, device, progress, generator, step_noise)
-
-    def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        generator=None,
-        step_noise=None,
-    ):
-        """Generate samples with DDIM; same arguments as :meth:`p_sample_loop` plus ``eta``."""
-        # As ddim_sample_loop_progressive, but the fused steps skip writing pred_xstart.
-        def step(x, t, step_eps):
-            return self._ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta,
-                                     step_eps, generator, need_pred_xstart=False)
-
-        final = None
-        for final in self._loop(step, model, shape, noise, device, progress, generator,
-                                step_noise):
-            pass
-        return final["sample"]
-
-    def ddim_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        generator=None,
-        step_noise=None,
-    ):
-        """Like :meth:`ddim_sample_loop`, yielding each step's ddim_sample dict."""
-        def step(x, t, step_eps):
-            return self._ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta,
-                                     step_eps, generator)
-
-        yield from self._loop(step, model, shape, noise, device, progress, generator, step_noise)
-
-    def _loop(self, step_fn, model, shape, noise, device, progress, generator, step_noise):
-        if not isinstance(shape, (tuple, list)) or len(shape) < 2:
-            raise ValueError(f"shape: expected a tuple (N, C, ...), got {shape!r}")
-        shape = tuple(int(s) for s in shape)
-        if device is None:
-            device = _default_device(model, noise)
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise: expected shape {shape} (the sample shape), got {tuple(noise.shape)}")
-            img = noise
-        elif generator is not None:
-            img = torch.randn(*shape, device=device, generator=generator)
-        else:
-            img = torch.randn(*shape, device=device)
-        if step_noise is not None and tuple(step_noise.shape) != (self.num_timesteps, *shape):
-            raise ValueError(
-                f"step_noise: expected shape {(self.num_timesteps, *shape)} "
-                f"([T, *shape], entry t used at timestep t), got {tuple(step_noise.shape)}"
-            )
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
-        for i in indices:
-            # A fill kernel, not a host-to-device copy.
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = step_fn(img, t, None if step_noise is None else step_noise[i])
-                yield out
-                img = out["sample"]
-
-    # ------------------------------------------------------------------------------
     # the variational bound and training losses
     # ------------------------------------------------------------------------------
 
@@ -845,15 +545,6 @@ def _cannot_sync(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _default_device(model, noise):
-    if noise is not None:
-        return noise.device
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
