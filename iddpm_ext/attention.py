@@ -40,7 +40,9 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
     Under the implementation switch (see :func:`set_attention_impl`): "auto" runs the fused
     op ``iddpm::qkv_attention`` when ``_C`` has a kernel for ``qkv``'s device, dtype and head
-    dim and falls back to :func:`qkv_attention_reference` otherwise; "fused" always runs the
+    dim and the dtype is one the fused op is preferred for (any on CPU; fp16/bf16 on CUDA,
+    where fp32 stays on cuBLAS: the fused fp32 path has no tensor-core product), and falls
+    back to :func:`qkv_attention_reference` otherwise; "fused" always runs the
     op (a clear error when it cannot); "einsum" always runs the reference.
     """
     impl = _impl
@@ -49,7 +51,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if impl == "fused":
         _require_fused_device(qkv)
         return _fused_ops.qkv_attention_fused(qkv, num_heads)
-    if fused_supported(qkv, num_heads):
+    if qkv.dtype in _AUTO_DTYPES.get(qkv.device.type, ()) and fused_supported(qkv, num_heads):
         return _fused_ops.qkv_attention_fused(qkv, num_heads)
     return qkv_attention_reference(qkv, num_heads)
 
@@ -62,6 +64,11 @@ _FUSED_DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 _CUDA_HEAD_DIMS = (32, 64, 128)
+# The dtypes "auto" sends to the fused op (see qkv_attention's docstring).
+_AUTO_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16),
+}
 
 
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:

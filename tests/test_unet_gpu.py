@@ -55,10 +55,10 @@ def _forward(model, x, t, impl, dtype=None):
 
 def test_fp32_fused_matches_einsum(cifar):
     model, x, t, ref = cifar
-    out = _forward(model, x, t, "auto")
+    out = _forward(model, x, t, "fused")
     assert out.dtype == torch.float32
     err = rel_err(out, ref)
-    print(f"\nfp32 auto vs fp32 einsum: rel err {err:.3g}")
+    print(f"\nfp32 fused vs fp32 einsum: rel err {err:.3g}")
     assert err <= 1e-4
 
 
