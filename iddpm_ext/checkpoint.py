@@ -290,6 +290,6 @@ def model_path_from(path: str, prefer_ema: bool = True) -> str:
     if os.path.isdir(path) or os.path.basename(path) == LATEST:
         files = resolve_resume(path)
         if prefer_ema and files["ema"]:
-            return files["ema"][sorted(files["ema"])[0]]
+            return next(iter(files["ema"].values()))  # the first --ema_rate
         return files["model"]
     return path

@@ -222,8 +222,8 @@ def load_npz(path, image_size, channels, resize="crop") -> ArraySource:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10 batches (dicts of bytes, lists and numpy arrays) and nothing else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {(core, name) for core in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
