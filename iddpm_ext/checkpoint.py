@@ -90,6 +90,17 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
     _fsync_dir(folder)
 
 
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete temporary files that a killed writer left in ``folder`` (ours only:
+    ``.{name}.*.tmp``); returns their names."""
+    removed = []
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
 def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True):
     atomic_write(path, lambda f: f.write(data), overwrite)
 

@@ -136,6 +136,7 @@ class TrainLoop:
         self.metrics = None
         if dist_util.is_main():
             os.makedirs(out_dir, exist_ok=True)
+            ckpt.remove_stale_temporaries(out_dir)
             self.metrics = MetricsLog(os.path.join(out_dir, "progress.jsonl"),
                                       os.path.join(out_dir, "loss.png"), resume_step=resume_step)
         self._reset_accumulators()
