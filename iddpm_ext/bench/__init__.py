@@ -16,6 +16,7 @@ import sys
 BENCHES = {
     "gather": ("iddpm_ext.bench.gather", "schedule-coefficient gather (iddpm::gather_coefs)"),
     "unet": ("iddpm_ext.bench.unet", "UNet (CIFAR-10 config) fwd / fwd+bwd, fused vs einsum attention"),
+    "train": ("iddpm_ext.bench.train", "training step it/s and peak memory (CIFAR-10 config), fused vs einsum"),
 }
 
 
