@@ -284,6 +284,7 @@ class TrainLoop:
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if grads else torch.zeros((), device=self.device)
         self._acc["grad_norm"] += norm.detach().float()
+        self._acc["steps"] += 1
         if self.lr_anneal_steps:
             frac_done = self.step / self.lr_anneal_steps
             for group in self.opt.param_groups:
@@ -324,7 +325,7 @@ class TrainLoop:
     def _write_log(self):
         acc = self._acc
         keys = sorted(acc["sums"])
-        steps = self.log_interval
+        steps = max(acc["steps"], 1)  # fewer than log_interval right after a resume
         # One all-reduce of [counts, q_counts(4), grad_norm, per key: sum, q_sums(4)].
         flat = torch.cat([acc["counts"].view(1), acc["q_counts"], acc["grad_norm"].view(1)]
                          + [torch.cat([acc["sums"][k].view(1), acc["q_sums"][k]]) for k in keys])
