@@ -181,12 +181,15 @@ class TrainLoop:
         return self.step
 
     def _load_train_state(self, state, path):
+        if not isinstance(state, dict):
+            raise ckpt.CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+        reference = "optimizer" not in state and "param_groups" in state  # improved-diffusion's opt*.pt
         try:
-            self.opt.load_state_dict(state["optimizer"])
+            self.opt.load_state_dict(state if reference else state["optimizer"])
         except (KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
-        if not isinstance(state, dict) or "step" not in state:
-            return  # a reference opt*.pt: only the optimizer
+        if reference:
+            return
         self.step = int(state["step"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

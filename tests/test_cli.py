@@ -141,6 +141,11 @@ def test_reference_pt_checkpoint_with_flags(tmp_path):
     pt = str(tmp_path / "ref" / "model000005.pt")
     os.makedirs(os.path.dirname(pt))
     torch.save(model.state_dict(), pt)
+    # the reference's optimizer file beside it: a plain AdamW state dict
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.zeros(1, 1, 8, 8), torch.zeros(1)).square().mean().backward()
+    opt.step()
+    torch.save(opt.state_dict(), os.path.join(os.path.dirname(pt), "opt000005.pt"))
     out = str(tmp_path / "s")
     assert cli.main(["sample", "--model_path", pt, *tiny_flags(), "--num_samples", "2", "--timestep_respacing", "2",
                      "--out_dir", out, "--progress", "False"]) == 0

@@ -73,3 +73,11 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
                      "--timestep_respacing", "3", "--out_dir", one_out, "--progress", "False"]) == 0
     with np.load(os.path.join(one_out, "samples_5x8x8x1.npz")) as f:
         assert np.array_equal(f["arr_0"], two)
+    nll = str(tmp_path / "nll")
+    r = _torchrun(["-m", "iddpm_ext", "nll", "--model_path", run, "--data_dir", data, "--num_samples", "5",
+                   "--batch_size", "2", "--out_dir", nll, "--progress", "False"])
+    assert json.loads(r.stdout.strip().splitlines()[-1])["num_images"] == 5
+    with np.load(os.path.join(nll, "bpd.npz")) as f:
+        assert f["total_bpd"].shape == (5,) and np.isfinite(f["total_bpd"]).all()
+    with np.load(os.path.join(nll, "vb_terms.npz")) as f:
+        assert f["arr_0"].shape == (10,)
