@@ -101,7 +101,9 @@ def _panel(draw, box, title, series, log_scale, xs_all):
         v = xlo + (xhi - xlo) * i / 2
         xx = px(v)
         draw.line([xx, bottom, xx, bottom + 3], fill=(120, 120, 120))
-        draw.text((xx - 12, bottom + 6), f"{int(round(v))}", fill=(60, 60, 60))
+        label = f"{int(round(v))}"
+        width = draw.textlength(label)
+        draw.text((min(max(xx - width / 2, left), right - width), bottom + 6), label, fill=(60, 60, 60))
     for xs, ys, color, width in series:
         pts = [(px(x), py(y)) for x, y in zip(xs, ys)
                if y is not None and math.isfinite(y) and (y > 0 or not log_scale)]
@@ -135,7 +137,7 @@ def plot_curves(records: list, path: str, title: str = "", width: int = 900, pan
         series.append(([p[0] for p in pts], [p[1] for p in pts], (20, 20, 20), 2))
         label = name + (" (thin: quartiles of t, q0 = smallest t)" if len(series) > 1 else "")
         box = (0, head + i * panel_h, width, head + (i + 1) * panel_h)
-        _panel(draw, box, label + (" — log scale" if log_scale else ""), series, log_scale, xs_all)
+        _panel(draw, box, label + (", log scale" if log_scale else ""), series, log_scale, xs_all)
     draw.text((width // 2 - 20, img.height - 16), "step", fill=(60, 60, 60))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
