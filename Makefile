@@ -17,6 +17,8 @@ BOOTSTRAP_PYTHON ?= python3
 TORCH_SPEC ?= torch==2.14.1
 BUILD_DEPS := scikit-build-core pybind11 ninja "cmake>=3.26" numpy
 RUN_DEPS := tqdm pillow safetensors
+# The digits demo's data set (scikit-learn ships it; no download): pyproject's [digits] extra.
+DEMO_DEPS := "scikit-learn>=1.2"
 TEST_DEPS := pytest hypothesis
 
 ifeq ($(strip $(PYTHON)),)
@@ -48,15 +50,15 @@ help:
 
 deps: $(DEPS_STAMP)
 
-$(VENV)/.iddpm-deps: pyproject.toml
+$(VENV)/.iddpm-deps: pyproject.toml Makefile
 	@test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)" $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)" $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)
 	@touch $@
 
-build/.iddpm-deps-external: pyproject.toml
+build/.iddpm-deps-external: pyproject.toml Makefile
 	@mkdir -p build
-	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors" 2>/dev/null \
-	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS)
+	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors, sklearn" 2>/dev/null \
+	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)
 	@touch $@
 
 build: $(BUILD_STAMP)

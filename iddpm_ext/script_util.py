@@ -72,7 +72,7 @@ CHANNEL_MULT_BY_SIZE = {
 
 def model_and_diffusion_defaults():
     """Defaults for image training: the reference's keys and values, plus the extras
-    ``channel_mult=""`` (by image size) and ``num_classes=1000``."""
+    ``channel_mult=""`` (by image size), ``num_classes=1000`` and ``image_channels=3``."""
     return dict(
         image_size=64,
         num_channels=128,
@@ -95,6 +95,7 @@ def model_and_diffusion_defaults():
         use_scale_shift_norm=True,
         channel_mult="",
         num_classes=NUM_CLASSES,
+        image_channels=3,
     )
 
 
@@ -120,6 +121,7 @@ def create_model_and_diffusion(
     use_scale_shift_norm,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    image_channels=3,
 ):
     """(UNetModel, SpacedDiffusion) from the flat argument set of
     :func:`model_and_diffusion_defaults`."""
@@ -137,6 +139,7 @@ def create_model_and_diffusion(
         dropout=dropout,
         channel_mult=channel_mult,
         num_classes=num_classes,
+        image_channels=image_channels,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -166,8 +169,10 @@ def create_model(
     dropout,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    image_channels=3,
 ):
-    """A UNetModel for RGB images of ``image_size`` (3 output channels, 6 with learn_sigma).
+    """A UNetModel for images of ``image_size`` with ``image_channels`` channels (3: RGB,
+    as the reference; 1: grayscale); outputs twice as many channels with learn_sigma.
 
     ``attention_resolutions`` ("16,8" or a sequence of ints) are feature-map sizes, turned
     into downsample rates image_size // res. ``channel_mult`` ("" = by image size, or
@@ -176,10 +181,12 @@ def create_model(
     from .unet import UNetModel
 
     mult = _channel_mult(channel_mult, image_size, "image_size")
+    if isinstance(image_channels, bool) or not isinstance(image_channels, int) or image_channels < 1:
+        raise ValueError(f"image_channels: expected a positive int, got {image_channels!r}")
     return UNetModel(
-        in_channels=3,
+        in_channels=image_channels,
         model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
+        out_channels=(image_channels if not learn_sigma else 2 * image_channels),
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,

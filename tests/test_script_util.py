@@ -33,8 +33,8 @@ def _small(**overrides):
 def test_defaults_are_the_reference_plus_extras():
     d = script_util.model_and_diffusion_defaults()
     assert {k: d[k] for k in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
-    assert set(d) - set(REFERENCE_DEFAULTS) == {"channel_mult", "num_classes"}
-    assert d["channel_mult"] == "" and d["num_classes"] == 1000
+    assert set(d) - set(REFERENCE_DEFAULTS) == {"channel_mult", "num_classes", "image_channels"}
+    assert d["channel_mult"] == "" and d["num_classes"] == 1000 and d["image_channels"] == 3
     # every default key is an argument of create_model_and_diffusion
     assert set(d) == set(inspect.signature(script_util.create_model_and_diffusion).parameters)
 

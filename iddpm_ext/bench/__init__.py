@@ -19,6 +19,7 @@ BENCHES = {
     "sample": ("iddpm_ext.bench.sample", "sampling loops: reference-style vs eager vs CUDA graph vs torch.compile"),
     "unet": ("iddpm_ext.bench.unet", "UNet (CIFAR-10 config) fwd / fwd+bwd, fused vs einsum attention"),
     "attention": ("iddpm_ext.bench.attention", "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)"),
+    "train": ("iddpm_ext.bench.train", "training step it/s and peak memory (CIFAR-10 config), fused vs einsum"),
 }
 
 

@@ -1,0 +1,106 @@
+"""``iddpm bench train``: training iterations/s and peak memory, ours vs einsum attention.
+
+One iteration is a full :class:`iddpm_ext.train.TrainLoop` step on a synthetic batch:
+timestep sampling, ``training_losses`` (L_hybrid: learned σ, cosine schedule), backward,
+gradient norm, AdamW and an EMA update. Cases: fp32 and bf16 autocast, with and without
+``use_checkpoint``, attention ``auto`` (the fused kernel where the extension has one for
+the device) and ``einsum`` (the reference's math). The baseline for ``speedup`` is
+einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
+
+Configurations: ``cifar10`` is improved-diffusion's CIFAR-10 run (--preset cifar10: 128
+channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``tiny`` (CPU default
+and --quick) is 32 channels, 1 res block, channel_mult 1,2, attention at 8x8, 16x16 RGB
+images, T = 1000, batch 8. Peak memory is torch.cuda.max_memory_allocated over the timed
+steps (parameters, optimizer state and EMA included); not measured on CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from ..attention import attention_impl
+from . import common
+
+CONFIGS = {
+    "cifar10": dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
+                    diffusion_steps=4000, noise_schedule="cosine"),
+    "tiny": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 num_heads=4, learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine"),
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                        help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 128 cifar10, 8 tiny)")
+    parser.set_defaults(warmup=-1, iters=-1)
+
+
+def _loop(config, use_checkpoint, amp, device, batch, out_dir):
+    from ..resample import UniformSampler
+    from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from ..train import TrainLoop
+
+    cfg = model_and_diffusion_defaults()
+    cfg.update(CONFIGS[config])
+    cfg["use_checkpoint"] = use_checkpoint
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**cfg)
+    model.to(device)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=iter(()), batch_size=batch, microbatch=-1, lr=1e-4,
+                     ema_rate="0.9999", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
+                     schedule_sampler=UniformSampler(diffusion), config=cfg, out_dir=out_dir, amp=amp,
+                     progress=False, log=lambda *a, **k: None)
+    x = torch.rand(batch, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    return loop, x, sum(p.numel() for p in model.parameters())
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    config = args.config or ("cifar10" if device.type == "cuda" and not args.quick else "tiny")
+    batch = args.batch or (128 if config == "cifar10" else 8)
+    cpu = device.type == "cpu"
+    warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
+    iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
+    amps = ["none", "bf16"]
+    records, rows = [], []
+    baseline_ms = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for use_ckpt in (False, True):
+            for amp in amps:
+                for impl in ("einsum", "auto"):
+                    loop, x, n_params = _loop(config, use_ckpt, amp, device, batch, tmp)
+                    step = lambda: loop.run_step(x, {})  # noqa: E731
+                    peak = None
+                    with attention_impl(impl):
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                            torch.cuda.reset_peak_memory_stats(device)
+                        ms = common.time_ms(step, device, warmup, iters, flush_l2=False)
+                        if device.type == "cuda":
+                            peak = torch.cuda.max_memory_allocated(device) / 2**20
+                    if baseline_ms is None:
+                        baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
+                    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+                    rec = common.record(f"train step {config}" + (" +ckpt" if use_ckpt else ""), impl, [batch, 3, x.shape[-1], x.shape[-1]], dtype,
+                                        device, ms, it_per_s=round(1000 / ms, 3),
+                                        images_per_s=round(batch * 1000 / ms, 1), use_checkpoint=use_ckpt,
+                                        peak_mib=None if peak is None else round(peak, 1),
+                                        speedup=round(baseline_ms / ms, 3), params=n_params)
+                    records.append(rec)
+                    mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
+                    rows.append(f"{impl:<7} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
+                                f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}")
+                    del loop, x
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    print(f"\ntrain step {config}: {records[0]['params']:,} parameters, batch {batch}, on {common.device_name(device)}"
+          f" (speedup vs einsum/fp32/no checkpointing)")
+    for r in rows:
+        print("  " + r)
+    best = max(r["speedup"] for r in records if r["impl"] == "auto")
+    print(f"  best 'auto' case: x{best:.2f} the einsum/fp32 baseline's it/s"
+          + (f" (GPU target >= 2x: {'met' if best >= 2 else 'NOT met'})" if device.type == "cuda" else ""))
+    return records

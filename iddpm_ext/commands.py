@@ -1,0 +1,242 @@
+"""``iddpm train``, ``iddpm sample`` and ``iddpm nll``: the work behind the commands
+(improved-diffusion's image_train.py / image_sample.py / image_nll.py), single process or
+under ``torchrun`` (see :mod:`iddpm_ext.dist_util`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import dist_util
+from .flags import model_config
+from .script_util import create_model_and_diffusion
+
+# Flags that may differ between training and use: the checkpoint's value never overrides them.
+_USE_TIME_KEYS = ("timestep_respacing", "use_checkpoint", "dropout")
+
+
+def _say(*a):
+    if dist_util.is_main():
+        print(*a, flush=True)
+
+
+def resolve_model(model_path: str, args, explicit: set):
+    """(weights path, state dict, config): the checkpoint's config fills the model and
+    diffusion flags that were not given; given ones must agree with it."""
+    path = ckpt.model_path_from(model_path)
+    state, stored, _ = ckpt.load_weights(path)
+    config = model_config(args)
+    if stored is not None:
+        ckpt.check_config(path, stored, config, explicit)
+        for k, v in stored.items():
+            if k in config and k not in explicit and k not in _USE_TIME_KEYS:
+                config[k] = v
+    return path, state, config
+
+
+def build(config: dict, device):
+    model, diffusion = create_model_and_diffusion(**config)
+    return model.to(device), diffusion
+
+
+# -------------------------------------------------------------------------------------
+# train
+# -------------------------------------------------------------------------------------
+
+
+def cmd_train(args, explicit: set) -> dict:
+    from .data import BatchStream, open_source
+    from .resample import create_named_schedule_sampler
+    from .train import TrainLoop
+
+    device = dist_util.setup_dist(args.device or None)
+    config = model_config(args)
+    if args.resume_checkpoint:
+        files = ckpt.resolve_resume(args.resume_checkpoint)
+        _, stored, _ = ckpt.load_weights(files["model"])
+        if stored is not None:
+            ckpt.check_config(files["model"], stored, config, explicit)
+            config.update({k: v for k, v in stored.items()
+                           if k in config and k not in explicit and k not in _USE_TIME_KEYS})
+    if config["timestep_respacing"]:
+        _say("note: training with --timestep_respacing trains the respaced process")
+    source = open_source(args.data_dir, image_size=config["image_size"],
+                         image_channels=config["image_channels"], split="train", resize=args.resize)
+    if config["class_cond"]:
+        if source.labels is None:
+            raise ValueError(f"class_cond: {source.description} has no class labels")
+        if source.num_classes > config["num_classes"]:
+            raise ValueError(f"num_classes: the data has {source.num_classes} classes, more than "
+                             f"--num_classes {config['num_classes']}")
+    data = BatchStream(source, args.batch_size, rank=dist_util.get_rank(), world=dist_util.get_world_size(),
+                       seed=args.seed, random_flip=args.random_flip, class_cond=config["class_cond"],
+                       num_workers=args.num_workers)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (rank 0's are broadcast too)
+    model, diffusion = build(config, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(f"data: {source.description}; model: {n_params:,} parameters; {dist_util.get_world_size()} process(es) "
+         f"on {device}; out_dir {args.out_dir}")
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
+        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth, schedule_sampler=sampler, weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps, config=config, out_dir=args.out_dir, amp=args.amp,
+        grad_clip=args.grad_clip, max_steps=args.max_steps, seed=args.seed,
+        keep_checkpoints=args.keep_checkpoints, progress=args.progress,
+    )
+    if not (args.max_steps or args.lr_anneal_steps):
+        _say("no --max_steps or --lr_anneal_steps: training until interrupted (Ctrl-C)")
+    t0 = time.perf_counter()
+    loop.run_loop()
+    _say(f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints and "
+         f"progress.jsonl / loss.png in {args.out_dir}")
+    dist_util.cleanup()
+    return {"step": loop.step, "out_dir": args.out_dir}
+
+
+# -------------------------------------------------------------------------------------
+# sample
+# -------------------------------------------------------------------------------------
+
+
+def cmd_sample(args, explicit: set) -> dict:
+    from . import sample as S
+
+    if not args.model_path:
+        raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError(f"num_samples, batch_size: expected positive ints, got {args.num_samples}, "
+                         f"{args.batch_size}")
+    device = dist_util.setup_dist(args.device or None)
+    path, state, config = resolve_model(args.model_path, args, explicit)
+    model, diffusion = build(config, device)
+    ckpt.load_into(model, state, path)
+    model.eval()
+    if hasattr(diffusion, "use_fused"):
+        diffusion.use_fused = bool(args.fused)
+    c, h = config["image_channels"], config["image_size"]
+    npz = os.path.join(args.out_dir, f"samples_{args.num_samples}x{h}x{h}x{c}.npz")
+    png = os.path.join(args.out_dir, "samples.png")
+    traj = os.path.join(args.out_dir, "trajectory.png") if args.trajectory else None
+    if dist_util.is_main() and not args.overwrite:
+        S.check_outputs_free([npz, png, traj])
+    steps = diffusion.num_timesteps
+    _say(f"sampling {args.num_samples} images from {path} ({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, "
+         f"{steps} steps, {dist_util.get_world_size()} process(es) on {device})")
+    res = S.generate(model, diffusion, args.num_samples, (c, h, h), batch_size=args.batch_size, seed=args.seed,
+                     use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
+                     label=None if args.label < 0 else args.label, device=device,
+                     trajectory_steps=args.trajectory, progress=args.progress)
+    if dist_util.is_main():
+        S.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
+        S.save_grid(png, res["images"][:256], overwrite=args.overwrite)
+        if traj:
+            S.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
+        per = res["seconds"] / max(1, math.ceil(args.num_samples / dist_util.get_world_size()))
+        _say(f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
+             f"({1000 * per:.1f} ms per sample per process, fused={getattr(diffusion, 'use_fused', False)})")
+    dist_util.barrier()
+    dist_util.cleanup()
+    return {"npz": npz, "png": png, "images": res["images"], "labels": res["labels"], "seconds": res["seconds"]}
+
+
+# -------------------------------------------------------------------------------------
+# nll
+# -------------------------------------------------------------------------------------
+
+
+def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_denoised=True, seed=0,
+                 device="cpu", class_cond=False, progress=False):
+    """The variational bound in bits/dim of the first ``num_samples`` images of ``source``,
+    split over the processes (contiguous blocks), gathered in order.
+
+    :return: dict of numpy arrays: total_bpd [N], prior_bpd [N], vb / mse / xstart_mse [N, T].
+    """
+    from .data import to_model_input
+
+    n = min(num_samples, len(source))
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    per = math.ceil(n / world)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    counts = [max(0, min(n, (r + 1) * per) - r * per) for r in range(world)]
+    torch.manual_seed(seed * 1000 + rank)
+    keys = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
+    parts = {k: [] for k in keys}
+    starts = range(0, len(mine), batch_size)
+    if progress and dist_util.is_main():
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="nll", dynamic_ncols=True)
+    for s in starts:
+        idx = mine[s: s + batch_size]
+        x = to_model_input(source.get_batch(idx)).to(device)  # [B, C, H, W]
+        kwargs = {}
+        if class_cond:
+            kwargs["y"] = torch.from_numpy(source.labels[np.asarray(idx)]).to(device)
+        with torch.no_grad():
+            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=kwargs)
+        for k in keys:
+            parts[k].append(out[k].float())
+    T = diffusion.num_timesteps
+    result = {}
+    for k in keys:
+        empty = torch.zeros((0,) if k.endswith("bpd") else (0, T), device=device)
+        local = torch.cat(parts[k]) if parts[k] else empty
+        result[k] = dist_util.all_gather_rows(local, counts).cpu().numpy()
+    return result
+
+
+def mean_stderr(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def cmd_nll(args, explicit: set) -> dict:
+    from .checkpoint import atomic_write
+    from .data import open_source
+    from .sample import check_outputs_free
+
+    if not args.model_path:
+        raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
+    device = dist_util.setup_dist(args.device or None)
+    path, state, config = resolve_model(args.model_path, args, explicit)
+    source = open_source(args.data_dir, image_size=config["image_size"], image_channels=config["image_channels"],
+                         split=args.split, resize=args.resize)
+    if config["class_cond"] and source.labels is None:
+        raise ValueError(f"class_cond: {source.description} has no class labels")
+    outputs = {k: os.path.join(args.out_dir, f"{k}_terms.npz") for k in ("vb", "mse", "xstart_mse")}
+    outputs["bpd"] = os.path.join(args.out_dir, "bpd.npz")
+    if dist_util.is_main() and not args.overwrite:
+        check_outputs_free(outputs.values())
+    model, diffusion = build(config, device)
+    ckpt.load_into(model, state, path)
+    model.eval()
+    n = min(args.num_samples, len(source))
+    _say(f"bits/dim of {n} images of {source.description} with {path}: the full {diffusion.num_timesteps}-step "
+         f"bound, {dist_util.get_world_size()} process(es) on {device}")
+    t0 = time.perf_counter()
+    res = bits_per_dim(model, diffusion, source, n, args.batch_size, clip_denoised=args.clip_denoised,
+                       seed=args.seed, device=device, class_cond=config["class_cond"], progress=args.progress)
+    seconds = time.perf_counter() - t0
+    mean, err = mean_stderr(res["total_bpd"])
+    if dist_util.is_main():
+        for k in ("vb", "mse", "xstart_mse"):  # per-timestep means, as the reference's image_nll
+            terms = res[k].mean(axis=0)
+            atomic_write(outputs[k], lambda f, a=terms: np.savez(f, a), overwrite=args.overwrite)
+        atomic_write(outputs["bpd"], lambda f: np.savez(f, total_bpd=res["total_bpd"], prior_bpd=res["prior_bpd"]),
+                     overwrite=args.overwrite)
+        _say(f"bits/dim: {mean:.4f} ± {err:.4f} (mean ± standard error over {n} images; {seconds:.1f} s)")
+        _say(json.dumps({"bits_per_dim": mean, "stderr": err, "num_images": n}))
+    dist_util.barrier()
+    dist_util.cleanup()
+    return {"bits_per_dim": mean, "stderr": err, "num_images": n, "seconds": seconds, **res}

@@ -1,0 +1,142 @@
+"""``iddpm demo`` (``make demo``): handwritten digits on a CPU in a few minutes.
+
+Uses the small checkpoint shipped in ``iddpm_ext/assets`` (the EMA weights of a run of
+``iddpm train --preset digits``; its command and log are in docs/training.md and
+``assets/digits_train_log.jsonl``), or trains one first with ``--train_steps N``. Then:
+
+1. samples a grid of digits with 100 respaced steps (fused sampling step where the
+   extension has it; timed, and compared with the eager step when both exist);
+2. draws the training loss curves from the run's JSONL log;
+3. computes the full 1000-step variational bound in bits/dim on held-out digits (the
+   first 50 of the fixed 297-image test split) with ``calc_bpd_loop``: mean ± stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+CHECKPOINT = os.path.join(ASSETS, "digits_ema.safetensors")
+TRAIN_LOG = os.path.join(ASSETS, "digits_train_log.jsonl")
+NLL_IMAGES = 50  # the full 1000-step bound of 50 digits: ~1.5 min on 2 idle cores
+
+
+def _train(out_dir, steps, seed, device, log):
+    from .data import BatchStream, open_source
+    from .presets import preset_defaults
+    from .resample import create_named_schedule_sampler
+    from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from .train import TrainLoop
+
+    p = preset_defaults("digits", "train")
+    config = model_and_diffusion_defaults()
+    config.update({k: v for k, v in p.items() if k in config})
+    run_dir = os.path.join(out_dir, "train")
+    if os.path.exists(os.path.join(run_dir, "latest.json")):
+        import shutil
+
+        shutil.rmtree(run_dir)  # the demo's own scratch run
+    source = open_source("digits", image_size=config["image_size"], image_channels=config["image_channels"])
+    data = BatchStream(source, p["batch_size"], seed=seed)
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**config)
+    model.to(device)
+    log(f"[demo] training the digits model for {steps} steps (batch {p['batch_size']}) in {run_dir}")
+    loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=p["batch_size"], microbatch=-1,
+                     lr=p["lr"], ema_rate=p["ema_rate"], log_interval=min(p["log_interval"], max(1, steps // 10)),
+                     save_interval=steps, resume_checkpoint="", lr_anneal_steps=steps,
+                     schedule_sampler=create_named_schedule_sampler("uniform", diffusion), config=config,
+                     out_dir=run_dir, seed=seed, progress=True, log=log)
+    loop.run_loop()
+    latest = json.load(open(os.path.join(run_dir, "latest.json")))
+    return os.path.join(run_dir, next(iter(latest["ema"].values()))), os.path.join(run_dir, "progress.jsonl")
+
+
+def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=64, sample_steps=100,
+        device=None, log=print) -> dict:
+    from . import checkpoint as ckpt
+    from . import sample as S
+    from .commands import bits_per_dim, build, mean_stderr
+    from .data import open_source
+    from .metrics import plot_curves, read_jsonl
+
+    t_all = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(out_dir, exist_ok=True)
+    if train_steps:
+        weights, train_log = _train(out_dir, train_steps, seed, device, log)
+    else:
+        weights, train_log = CHECKPOINT, TRAIN_LOG
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{weights}: the shipped digits checkpoint is missing; "
+                                    "run `iddpm demo --train_steps 3000` to train one")
+    state, config, meta = ckpt.load_weights(weights)
+    if config is None:
+        raise ValueError(f"{weights}: expected a checkpoint with its config")
+    results = {"checkpoint": weights, "checkpoint_step": int(meta.get("step", 0)), "device": str(device)}
+    log(f"[demo] digits model: {weights} (step {results['checkpoint_step']}, "
+        f"{sum(v.numel() for v in state.values()):,} parameters, {config['image_size']}x{config['image_size']} "
+        f"grayscale, T={config['diffusion_steps']} {config['noise_schedule']}, learned σ)")
+
+    # 1. samples
+    model, diffusion = build({**config, "timestep_respacing": str(sample_steps)}, device)
+    ckpt.load_into(model, state, weights)
+    model.eval()
+    shape = (config["image_channels"], config["image_size"], config["image_size"])
+    fused = bool(getattr(diffusion, "use_fused", False))
+    res = S.generate(model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device,
+                     trajectory_steps=10, trajectory_samples=8)
+    results["sample_seconds"] = round(res["seconds"], 3)
+    results["sample_fused"] = fused
+    timing = f"{res['seconds']:.2f} s ({'fused' if fused else 'eager'} step)"
+    if fused:  # the same samples through the eager step, for comparison
+        diffusion.use_fused = False
+        eager = S.generate(model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device)
+        diffusion.use_fused = True
+        results["sample_seconds_eager"] = round(eager["seconds"], 3)
+        results["max_pixel_diff_fused_vs_eager"] = int(np.abs(eager["images"].astype(int) - res["images"]).max())
+        timing += f"; eager step {eager['seconds']:.2f} s"
+    grid = os.path.join(out_dir, "samples.png")
+    S.save_grid(grid, res["images"], ncol=8, overwrite=True)
+    S.save_npz(os.path.join(out_dir, S.samples_filename(res["images"])), res["images"], overwrite=True)
+    S.save_trajectory(os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True)
+    log(f"[demo] {num_samples} samples, {sample_steps} respaced steps: {timing} -> {grid}")
+
+    # 2. loss curves of the training run
+    records = read_jsonl(train_log)
+    plot = os.path.join(out_dir, "loss.png")
+    plot_curves(records, plot, title=f"digits training run ({os.path.basename(train_log)}), "
+                                     f"{records[-1]['step'] if records else 0} steps")
+    if records:
+        last = records[-1]
+        results["final_train_loss"] = last["loss"]
+        log(f"[demo] training log: {len(records)} records to step {last['step']}, final loss {last['loss']:.4f} "
+            f"(mse {last.get('mse', float('nan')):.4f}, vb {last.get('vb', float('nan')):.4f}) -> {plot}")
+
+    # 3. held-out bits/dim with the full chain
+    n = nll_images or NLL_IMAGES
+    full_model, full_diffusion = build({**config, "timestep_respacing": ""}, device)
+    ckpt.load_into(full_model, state, weights)
+    full_model.eval()
+    test = open_source("digits", image_size=config["image_size"], image_channels=config["image_channels"],
+                       split="test")
+    t0 = time.perf_counter()
+    bpd = bits_per_dim(full_model, full_diffusion, test, n, n, seed=seed, device=device)
+    mean, err = mean_stderr(bpd["total_bpd"])
+    results.update(bits_per_dim=mean, bits_per_dim_stderr=err, nll_images=int(len(bpd["total_bpd"])),
+                   nll_seconds=round(time.perf_counter() - t0, 2))
+    log(f"[demo] held-out digits: {mean:.3f} ± {err:.3f} bits/dim (mean ± standard error, first "
+        f"{results['nll_images']} of the {len(test)} test digits, full {full_diffusion.num_timesteps}-step bound, "
+        f"{results['nll_seconds']:.1f} s)")
+
+    results["total_seconds"] = round(time.perf_counter() - t_all, 2)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"[demo] done in {results['total_seconds']:.1f} s; results.json, samples.png, trajectory.png, loss.png "
+        f"in {out_dir}")
+    return results

@@ -1,0 +1,111 @@
+"""Process-group helpers: DDP under ``torchrun`` (NCCL on GPUs, gloo on CPU), or a plain
+single process when no launcher variables are set.
+
+``setup_dist()`` reads torch.distributed.run's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT); without them nothing is initialized and every helper below
+acts as a one-process group (rank 0 of 1), so the same code runs either way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun) set WORLD_SIZE > 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup_dist(device: str | None = None) -> torch.device:
+    """Initialise the process group when launched by torchrun; return this rank's device.
+
+    :param device: "cpu", "cuda" or None (cuda when available). Under torchrun with CUDA
+        each rank takes GPU LOCAL_RANK and the backend is NCCL; on CPU it is gloo.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: expected a device that exists, got cuda (no CUDA device here)")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if launched_distributed() and not is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_params(tensors):
+    """Copy rank 0's values into every rank's tensors (in place)."""
+    if get_world_size() > 1:
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place; returned for convenience)."""
+    if get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order.
+
+    t: [n_r, ...] on this rank, where ``counts[r]`` is rank r's n_r (ranks may differ;
+    rows are padded to max(counts) for the collective and trimmed after).
+    """
+    world = get_world_size()
+    if world == 1:
+        return t
+    if len(counts) != world or t.shape[0] != counts[get_rank()]:
+        raise ValueError(f"counts: expected {world} row counts matching this rank's {t.shape[0]} "
+                         f"rows, got {counts}")
+    most = max(counts)
+    padded = t.new_zeros((most, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)

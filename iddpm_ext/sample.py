@@ -1,0 +1,221 @@
+"""Sampling with per-sample seeds, and the sample files (npz, PNG grid, trajectory strip).
+
+Sample i (its global index) has its own ``torch.Generator`` seeded from (seed, i) through
+numpy's SeedSequence. From it come, in this order: its class label (class-conditional
+models: uniform over the model's own ``num_classes``), its x_T, then the noise of every
+step, drawn in chunks of steps. So sample i does not depend on the batch size, on which
+batch or process made it, or on the number of processes. (Generators are per device
+type: CPU and CUDA runs give different, each reproducible, samples.)
+
+The steps go through ``diffusion.p_sample`` / ``ddim_sample`` with explicit noise, which
+run the fused step kernels where they apply (``diffusion.use_fused``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import torch
+
+from . import dist_util
+from .checkpoint import atomic_write, atomic_write_bytes
+
+NOISE_CHUNK = 32  # steps of noise drawn at once per sample
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of sample ``index``'s generator."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) | (int(state[1] & 0x7FFFFFFF) << 32)
+
+
+def _generators(seed, indices, device):
+    gens = []
+    for i in indices:
+        g = torch.Generator(device=device)
+        g.manual_seed(sample_seed(seed, i))
+        gens.append(g)
+    return gens
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] (as the reference's image_sample)."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def model_num_classes(model) -> int | None:
+    inner = getattr(model, "module", model)
+    return getattr(inner, "num_classes", None)
+
+
+@torch.no_grad()
+def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
+                 label=None, device="cpu", trajectory_steps=0):
+    """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
+
+    ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
+    an int = that class for all. ``trajectory_steps`` > 0 keeps x_t at that many evenly
+    spaced steps (frames: list of (t, [B, C, H, W] on CPU)).
+    """
+    device = torch.device(device)
+    gens = _generators(seed, indices, device)
+    n_classes = model_num_classes(model)
+    model_kwargs, labels = {}, None
+    if n_classes is not None:
+        if label is None:
+            labels = torch.stack([torch.randint(0, n_classes, (), generator=g, device=device) for g in gens])
+        else:
+            if not 0 <= int(label) < n_classes:
+                raise ValueError(f"label: expected a class in [0, {n_classes}), got {label}")
+            labels = torch.full((len(indices),), int(label), device=device, dtype=torch.long)
+        model_kwargs["y"] = labels
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # [B, C, H, W]
+    T = diffusion.num_timesteps
+    keep = set()
+    if trajectory_steps > 0:
+        keep = {int(round(v)) for v in np.linspace(T - 1, 0, trajectory_steps)}
+    frames = []
+    deterministic = use_ddim and eta == 0.0
+    zeros = torch.zeros_like(x) if deterministic else None
+    check, diffusion.check_timesteps = getattr(diffusion, "check_timesteps", True), False
+    try:
+        chunk, chunk_start = None, None
+        for j, t_int in enumerate(range(T - 1, -1, -1)):
+            if deterministic:
+                noise = zeros
+            else:
+                k = j % NOISE_CHUNK
+                if k == 0:
+                    n = min(NOISE_CHUNK, T - j)
+                    chunk = torch.stack([torch.randn((n, *shape), generator=g, device=device) for g in gens], 1)
+                noise = chunk[k]  # [B, C, H, W]
+            t = torch.full((len(indices),), t_int, device=device, dtype=torch.long)
+            if use_ddim:
+                out = diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                            eta=eta, noise=noise)
+            else:
+                out = diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                         noise=noise)
+            x = out["sample"]
+            if t_int in keep:
+                frames.append((t_int, x.float().cpu()))
+    finally:
+        diffusion.check_timesteps = check
+    return x.float(), labels, frames
+
+
+def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use_ddim=False, eta=0.0,
+             clip_denoised=True, label=None, device="cpu", trajectory_steps=0, trajectory_samples=8,
+             progress=False, log=print):
+    """``num_samples`` samples split over the processes (rank r makes a contiguous block of
+    global indices), gathered on every rank in index order.
+
+    :return: dict with "images" uint8 [N, H, W, C] (numpy), "labels" [N] or None,
+        "trajectory" (list of (t, [k, C, H, W]) for the first k samples, rank 0's), "seconds".
+    """
+    import time
+
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    per = math.ceil(num_samples / world)
+    mine = list(range(rank * per, min(num_samples, (rank + 1) * per)))
+    counts = [max(0, min(num_samples, (r + 1) * per) - r * per) for r in range(world)]
+    images, labels, trajectory = [], [], []
+    starts = range(0, len(mine), batch_size)
+    if progress and dist_util.is_main():
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sample", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for s in starts:
+        idx = mine[s: s + batch_size]
+        want_traj = trajectory_steps if (s == 0 and rank == 0) else 0
+        x, y, frames = sample_batch(model, diffusion, idx, shape, seed=seed, use_ddim=use_ddim, eta=eta,
+                                    clip_denoised=clip_denoised, label=label, device=device,
+                                    trajectory_steps=want_traj)
+        images.append(to_uint8(x))
+        if y is not None:
+            labels.append(y)
+        if frames:
+            trajectory = [(t, f[:trajectory_samples]) for t, f in frames]
+    if device != "cpu" and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    dev = torch.device(device)
+    local = torch.cat(images) if images else torch.zeros((0, shape[1], shape[2], shape[0]), dtype=torch.uint8,
+                                                         device=dev)
+    all_images = dist_util.all_gather_rows(local, counts).cpu().numpy()
+    all_labels = None
+    if model_num_classes(model) is not None:
+        local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=dev)
+        all_labels = dist_util.all_gather_rows(local_y, counts).cpu().numpy()
+    return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds}
+
+
+# -------------------------------------------------------------------------------------
+# files
+# -------------------------------------------------------------------------------------
+
+
+def samples_filename(images: np.ndarray) -> str:
+    return "samples_" + "x".join(str(s) for s in images.shape) + ".npz"
+
+
+def save_npz(path: str, images: np.ndarray, labels=None, overwrite: bool = False):
+    """arr_0 = images uint8 [N, H, W, C], arr_1 = labels (when given); atomic, and an
+    existing file is an error unless ``overwrite``."""
+    arrays = [images] if labels is None else [images, labels]
+    atomic_write(path, lambda f: np.savez(f, *arrays), overwrite=overwrite)
+
+
+def grid_image(images: np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 2):
+    """A PIL image tiling uint8 [N, H, W, C] images (C 1 or 3), ``scale``× nearest."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        canvas[y: y + h, x: x + w] = images[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
+    return img
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def default_scale(h: int) -> int:
+    return max(1, 96 // max(h, 1))
+
+
+def save_grid(path: str, images: np.ndarray, ncol=None, scale=None, overwrite: bool = False):
+    scale = scale or default_scale(images.shape[1])
+    atomic_write_bytes(path, _png_bytes(grid_image(images, ncol, scale)), overwrite=overwrite)
+
+
+def save_trajectory(path: str, trajectory, overwrite: bool = False):
+    """A strip: one row per sample, one column per kept step (x_t, noisy to clean)."""
+    if not trajectory:
+        return
+    frames = [to_uint8(f).numpy() for _, f in trajectory]  # each [k, H, W, C]
+    k = frames[0].shape[0]
+    rows = np.stack(frames, axis=1).reshape(k * len(frames), *frames[0].shape[1:])
+    scale = default_scale(frames[0].shape[1])
+    atomic_write_bytes(path, _png_bytes(grid_image(rows, ncol=len(frames), scale=scale)), overwrite=overwrite)
+
+
+def check_outputs_free(paths):
+    """FileExistsError naming the first path that exists (checked before any work)."""
+    for p in paths:
+        if p and os.path.exists(p):
+            raise FileExistsError(f"{p}: already exists; choose another --out_dir or pass --overwrite True")

@@ -1,0 +1,426 @@
+"""The training loop (improved-diffusion's ``TrainLoop``, same arguments, plus ours).
+
+Per step: sample timesteps (uniform or loss-second-moment, whose history is all-gathered
+under DDP), compute ``diffusion.training_losses`` per microbatch under bf16/fp16 autocast
+(fp16 with a GradScaler), accumulate gradients (microbatch losses are weighted by their
+share of the batch, so the gradient does not depend on ``microbatch``; the reference sums
+unweighted microbatch means), log and optionally clip the gradient norm, anneal the
+learning rate linearly over ``lr_anneal_steps``, step AdamW, update every EMA.
+
+Every ``log_interval`` steps one JSONL record (means over the interval and over ranks of
+loss / mse / vb, their quartiles by timestep ``_q0.._q3`` as the reference logs them,
+grad_norm, lr, samples/s) is appended to ``progress.jsonl`` and ``loss.png`` is redrawn.
+Checkpoints (see :mod:`iddpm_ext.checkpoint`) hold everything needed to continue exactly:
+a resumed run takes the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import dist_util
+from .metrics import MetricsLog
+from .resample import LossAwareSampler, UniformSampler
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def parse_ema_rates(ema_rate) -> list:
+    if isinstance(ema_rate, (int, float)):
+        rates = [float(ema_rate)]
+    else:
+        try:
+            rates = [float(x) for x in str(ema_rate).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"ema_rate: expected comma-separated floats like '0.9999', got {ema_rate!r}") from None
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"ema_rate: expected rates in [0, 1), got {r}")
+    return rates
+
+
+class _Autocast:
+    """Calls ``model`` under autocast and returns float32 outputs, so only the network
+    runs in low precision while the diffusion losses stay in fp32."""
+
+    def __init__(self, model, device_type, dtype):
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.model(*args, **kwargs)
+        return out.float()
+
+
+class TrainLoop:
+    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate,
+                 log_interval, save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
+                 schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0,
+                 config=None, out_dir="runs/train", amp="none", grad_clip=0.0, max_steps=0, seed=0,
+                 keep_checkpoints=0, progress=True, log=print):
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
+        if use_fp16 and amp == "none":
+            amp = "fp16"  # the reference's flag; fp16_scale_growth has no role with GradScaler
+        for name, value in (("batch_size", batch_size), ("log_interval", log_interval),
+                            ("save_interval", save_interval)):
+            if int(value) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value}")
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rates = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.config = dict(config or {})
+        self.out_dir = out_dir
+        self.amp = amp
+        self.grad_clip = grad_clip
+        self.max_steps = max_steps
+        self.seed = seed
+        self.keep_checkpoints = keep_checkpoints
+        self.log = log if dist_util.is_main() else (lambda *a, **k: None)
+        self.progress = progress and dist_util.is_main()
+
+        self.device = next(model.parameters()).device
+        self.rank, self.world = dist_util.get_rank(), dist_util.get_world_size()
+        self.global_batch = batch_size * self.world
+        self.step = 0
+
+        # Randomness: torch (noise, dropout) and the timestep sampler, per rank.
+        torch.manual_seed(seed + self.rank)
+        random.seed(seed + self.rank)
+        self.t_rng = np.random.default_rng([seed, self.rank, 1])
+
+        self.params = list(model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+        resume_step = None
+        if resume_checkpoint:
+            resume_step = self._resume(resume_checkpoint)
+        else:
+            existing = ckpt.read_latest(out_dir) if os.path.isdir(out_dir) else None
+            if existing is not None:
+                raise ckpt.CheckpointError(
+                    f"{out_dir}: already holds a training run (saved step {existing['step']}); continue it "
+                    f"with --resume_checkpoint {out_dir} or choose another --out_dir")
+            dist_util.broadcast_params(self.params)
+            self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                 broadcast_buffers=False, find_unused_parameters=False)
+        else:
+            self.ddp_model = model
+        self.forward_model = self.ddp_model
+        if amp != "none":
+            self.forward_model = _Autocast(self.ddp_model, self.device.type,
+                                           torch.bfloat16 if amp == "bf16" else torch.float16)
+
+        self.metrics = None
+        if dist_util.is_main():
+            os.makedirs(out_dir, exist_ok=True)
+            ckpt.remove_stale_temporaries(out_dir)
+            self.metrics = MetricsLog(os.path.join(out_dir, "progress.jsonl"),
+                                      os.path.join(out_dir, "loss.png"), resume_step=resume_step)
+        self._reset_accumulators()
+
+    # ------------------------------------------------------------------------------
+    # resume
+    # ------------------------------------------------------------------------------
+
+    def _resume(self, path) -> int:
+        files = ckpt.resolve_resume(path)
+        same_dir = os.path.abspath(os.path.dirname(files["model"])) == os.path.abspath(self.out_dir)
+        latest = ckpt.read_latest(self.out_dir) if os.path.isdir(self.out_dir) else None
+        if latest is not None and latest["step"] > files["step"] and same_dir:
+            raise ckpt.CheckpointError(
+                f"{path}: resuming step {files['step']} into {self.out_dir}, which already holds later steps "
+                f"(up to {latest['step']}) that would be overwritten; choose another --out_dir")
+        state, config, _ = ckpt.load_weights(files["model"])
+        if config is not None and self.config:
+            ckpt.check_config(files["model"], config, self.config)
+        ckpt.load_into(self.model, state, files["model"])
+        self.log(f"resuming from {files['model']} (step {files['step']})")
+        self.ema_params = []
+        for rate in self.ema_rates:
+            ema_path = files["ema"].get(str(rate))
+            if ema_path is None:
+                self.log(f"no EMA file for rate {rate} at step {files['step']}: starting it from the model")
+                self.ema_params.append([p.detach().clone() for p in self.params])
+                continue
+            ema_state, _, _ = ckpt.load_weights(ema_path)
+            names = [n for n, _ in self.model.named_parameters()]
+            missing = [n for n in names if n not in ema_state]
+            if missing:
+                raise ckpt.CheckpointError(f"{ema_path}: missing {len(missing)} parameters (e.g. {missing[:3]})")
+            self.ema_params.append([ema_state[n].to(self.device, p.dtype).clone()
+                                    for n, p in zip(names, self.params)])
+        self.step = files["step"]
+        if files["opt"]:
+            self._load_train_state(ckpt.load_train_state(files["opt"]), files["opt"])
+        else:
+            self.log(f"no training state (opt{files['step']:06d}.pt) next to {files['model']}: "
+                     "fresh optimizer, data order and RNG")
+        return self.step
+
+    def _load_train_state(self, state, path):
+        if not isinstance(state, dict):
+            raise ckpt.CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+        reference = "optimizer" not in state and "param_groups" in state  # improved-diffusion's opt*.pt
+        try:
+            self.opt.load_state_dict(state if reference else state["optimizer"])
+        except (KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
+        if reference:
+            return
+        self.step = int(state["step"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        hist = state.get("sampler")
+        if hist is not None and isinstance(self.schedule_sampler, LossAwareSampler) \
+                and hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict({k: v.numpy() for k, v in hist.items()})
+        if "data" in state and hasattr(self.data, "load_state_dict"):
+            if not self.data.load_state_dict(state["data"]):
+                self.log("data layout changed (batch size, processes or data set): the data order continues "
+                         "after the same number of images, not exactly")
+        rng = state.get("rng") or []
+        if len(rng) == self.world:
+            mine = rng[self.rank]
+            torch.set_rng_state(mine["torch"])
+            if mine.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+            self.t_rng.bit_generator.state = json.loads(mine["t_rng"])
+            py = json.loads(mine["python"])
+            random.setstate((py[0], tuple(py[1]), py[2]))
+        else:
+            self.log(f"{path}: saved by {len(rng)} process(es), resumed by {self.world}: RNG states not restored")
+
+    # ------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        if self.max_steps and self.step >= self.max_steps:
+            return True
+        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+
+    def run_loop(self):
+        total = self.max_steps or self.lr_anneal_steps or None
+        if self.lr_anneal_steps and self.max_steps:
+            total = min(self.max_steps, self.lr_anneal_steps)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+        self._t_log = time.perf_counter()
+        last_plot = 0.0
+        saved_at = self.step
+        try:
+            while not self._done():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.log_interval == 0:
+                    record = self._write_log()
+                    if bar is not None and record:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if self.metrics and time.perf_counter() - last_plot > 5.0:
+                        self.metrics.plot(title=f"training ({self.out_dir})")
+                        last_plot = time.perf_counter()
+                if self.step % self.save_interval == 0:
+                    self.save()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self.save()
+            if self.metrics:
+                self.metrics.plot(title=f"training ({self.out_dir})")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def run_step(self, batch, cond):
+        self.forward_backward(batch, cond)
+        self.optimize()
+        self.step += 1
+
+    def forward_backward(self, batch, cond):
+        self.opt.zero_grad(set_to_none=True)
+        n_total = batch.shape[0]
+        for i in range(0, n_total, self.microbatch):
+            micro = batch[i: i + self.microbatch].to(self.device)  # [m, C, H, W]
+            micro_cond = {k: v[i: i + self.microbatch].to(self.device) for k, v in cond.items()}
+            last = i + self.microbatch >= n_total
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, rng=self.t_rng)
+            sync = contextlib.nullcontext() if (last or self.world == 1) else self.ddp_model.no_sync()
+            with sync:
+                losses = self.diffusion.training_losses(self.forward_model, micro, t, model_kwargs=micro_cond)
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"] * weights).mean() * (micro.shape[0] / n_total)
+                self._accumulate(t, {k: v.detach() * weights for k, v in losses.items()})
+                self.scaler.scale(loss).backward()
+
+    def optimize(self):
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if grads else torch.zeros((), device=self.device)
+        self._acc["grad_norm"] += norm.detach().float()
+        self._acc["steps"] += 1
+        if self.lr_anneal_steps:
+            frac_done = self.step / self.lr_anneal_steps
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * (1 - frac_done)
+        if self.scaler.is_enabled():
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale_before:  # inf/NaN gradients: the step was skipped
+                return
+        else:
+            self.opt.step()
+        with torch.no_grad():
+            for rate, ema in zip(self.ema_rates, self.ema_params):
+                torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - rate)
+
+    # ------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------
+
+    def _reset_accumulators(self):
+        z = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)  # noqa: E731
+        self._acc = {"grad_norm": z(()), "steps": 0, "sums": {}, "counts": z(()), "q_sums": {},
+                     "q_counts": z(4)}
+
+    def _accumulate(self, t, losses):
+        acc = self._acc
+        q = (4 * t // self.diffusion.num_timesteps).clamp_(0, 3)
+        acc["counts"] += t.shape[0]
+        acc["q_counts"].index_add_(0, q, torch.ones_like(t, dtype=torch.float64))
+        for key, values in losses.items():
+            v = values.double()
+            acc["sums"].setdefault(key, torch.zeros((), device=self.device, dtype=torch.float64))
+            acc["sums"][key] += v.sum()
+            acc["q_sums"].setdefault(key, torch.zeros(4, device=self.device, dtype=torch.float64))
+            acc["q_sums"][key].index_add_(0, q, v)
+
+    def _write_log(self):
+        acc = self._acc
+        keys = sorted(acc["sums"])
+        steps = max(acc["steps"], 1)  # fewer than log_interval right after a resume
+        # One all-reduce of [counts, q_counts(4), grad_norm, per key: sum, q_sums(4)].
+        flat = torch.cat([acc["counts"].view(1), acc["q_counts"], acc["grad_norm"].view(1)]
+                         + [torch.cat([acc["sums"][k].view(1), acc["q_sums"][k]]) for k in keys])
+        flat = dist_util.all_reduce_sum(flat).tolist()
+        now = time.perf_counter()
+        elapsed, self._t_log = now - self._t_log, now
+        self._reset_accumulators()
+        if not dist_util.is_main():
+            return None
+        count, q_counts, grad_norm = flat[0], flat[1:5], flat[5] / self.world / steps
+        record = {"step": self.step, "samples": self.step * self.global_batch,
+                  "lr": self.opt.param_groups[0]["lr"]}
+        for j, key in enumerate(keys):
+            base = 6 + 5 * j
+            record[key] = flat[base] / max(count, 1)
+            for qi in range(4):
+                if q_counts[qi] > 0:
+                    record[f"{key}_q{qi}"] = flat[base + 1 + qi] / q_counts[qi]
+        record["grad_norm"] = grad_norm
+        record["samples_per_s"] = steps * self.global_batch / max(elapsed, 1e-9)
+        if self.scaler.is_enabled():
+            record["loss_scale"] = self.scaler.get_scale()
+        self.metrics.append(record)
+        return record
+
+    # ------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------
+
+    def _rng_state(self) -> dict:
+        py = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "t_rng": json.dumps(self.t_rng.bit_generator.state),
+            "python": json.dumps([py[0], list(py[1]), py[2]]),
+        }
+
+    def _state_dict_from(self, params) -> dict:
+        state = self.model.state_dict()
+        for (name, _), p in zip(self.model.named_parameters(), params):
+            state[name] = p
+        return state
+
+    def save(self):
+        """Write the checkpoint files of this step, then latest.json (rank 0; all ranks
+        take part in gathering the RNG states)."""
+        rng_states = [self._rng_state()]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, {k: (v.cpu() if torch.is_tensor(v) else v)
+                                                           for k, v in rng_states[0].items()})
+            rng_states = gathered
+        if dist_util.is_main():
+            s = self.step
+            meta = dict(step=s)
+            model_name = f"model{s:06d}.safetensors"
+            ckpt.save_weights(os.path.join(self.out_dir, model_name),
+                              self._state_dict_from(self.params), self.config, kind="model", **meta)
+            ema_names = {}
+            for rate, params in zip(self.ema_rates, self.ema_params):
+                name = f"ema_{rate}_{s:06d}.safetensors"
+                ckpt.save_weights(os.path.join(self.out_dir, name), self._state_dict_from(params),
+                                  self.config, kind="ema", rate=rate, **meta)
+                ema_names[str(rate)] = name
+            sampler = None
+            if hasattr(self.schedule_sampler, "state_dict"):
+                sampler = {k: torch.from_numpy(np.asarray(v)) for k, v in self.schedule_sampler.state_dict().items()}
+            state = {
+                "format": 1, "step": s, "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": rng_states, "sampler": sampler,
+                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+                "ema_rates": [str(r) for r in self.ema_rates], "world_size": self.world,
+                "config": json.dumps(self.config, sort_keys=True), "seed": self.seed,
+            }
+            opt_name = f"opt{s:06d}.pt"
+            ckpt.save_train_state(os.path.join(self.out_dir, opt_name), state)
+            ckpt.write_latest(self.out_dir, s, {"model": model_name, "ema": ema_names, "opt": opt_name})
+            self._prune()
+        dist_util.barrier()
+
+    def _prune(self):
+        """Keep the newest ``keep_checkpoints`` steps (0: keep all); runs after latest.json."""
+        if self.keep_checkpoints <= 0:
+            return
+        steps = sorted({ckpt.step_from_filename(n) for n in os.listdir(self.out_dir)
+                        if n.startswith(("model", "ema_", "opt")) and not n.startswith(".")
+                        and n.endswith((".safetensors", ".pt"))})
+        for old in steps[: -self.keep_checkpoints]:
+            if old == self.step:
+                continue
+            for n in os.listdir(self.out_dir):
+                if ckpt.step_from_filename(n) == old and n.startswith(("model", "ema_", "opt")):
+                    os.remove(os.path.join(self.out_dir, n))
