@@ -50,12 +50,12 @@ help:
 
 deps: $(DEPS_STAMP)
 
-$(VENV)/.iddpm-deps: pyproject.toml Makefile
+$(VENV)/.iddpm-deps: pyproject.toml Makefile Makefile
 	@test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)" $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)
 	@touch $@
 
-build/.iddpm-deps-external: pyproject.toml Makefile
+build/.iddpm-deps-external: pyproject.toml Makefile Makefile
 	@mkdir -p build
 	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors, sklearn" 2>/dev/null \
 	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)

@@ -66,6 +66,12 @@ def _fsync_dir(folder: str):
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn, overwrite: bool = True):
     """Write ``path`` through ``write_fn(file)`` into a temporary file of the same folder,
     fsync it, then rename it over ``path`` (``overwrite=False``: fail with FileExistsError
@@ -74,6 +80,8 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()

@@ -137,3 +137,18 @@ def test_resolve_resume(tmp_path):
     open(os.path.join(folder, "latest.json"), "w").write("{not json")
     with pytest.raises(ckpt.CheckpointError, match="not a valid checkpoint pointer"):
         ckpt.resolve_resume(folder)
+
+
+def test_atomic_write_gives_files_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from iddpm_ext.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(str(tmp_path / "f.bin"), b"abc")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f.bin").st_mode) == 0o644
+    assert (tmp_path / "f.bin").read_bytes() == b"abc"
