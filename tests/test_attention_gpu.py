@@ -185,7 +185,7 @@ def test_torch_compile_fullgraph_cuda():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("C, T", [(64, 40), (64, 128), (128, 96)])
 def test_sanitizer_subset(dtype, C, T):
-    # Small cases for compute-sanitizer (memcheck, racecheck; scripts/gpu_check_attention.sh):
+    # Small cases for compute-sanitizer (memcheck, racecheck; scripts/gpu_check.sh):
     # T is a multiple of 8, so the cp.async path runs (with a partial tile for 40 and 96, two
     # pipelined tiles for 128); T + 1 runs the guarded element loads. C = 128 has the other
     # backward tiling (32 queries per step).

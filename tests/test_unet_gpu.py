@@ -1,5 +1,5 @@
 """GPU checks of the CIFAR-10 UNet: autocast bf16/fp16 vs fp32, fused vs einsum attention,
-activation checkpointing memory. Skipped without CUDA (run by scripts/gpu_check_unet.sh).
+activation checkpointing memory. Skipped without CUDA (run by scripts/gpu_check.sh).
 
 Tolerance rule: the fp32 reference runs with TF32 off. Under autocast the error of the
 model with ``attention_impl("auto")`` (fused attention where available) against that

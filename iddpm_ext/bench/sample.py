@@ -25,7 +25,7 @@ Model: the CIFAR-10 configuration (52.5M parameters, 4000-step cosine process, l
 timesteps rescaled) on CUDA; a small one (image 16, 32 channels, 1 res block) on CPU.
 
 Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dtypes`` to pick):
-  CUDA default (what scripts/gpu_check_sample.sh runs, trimmed to about a minute on an H100):
+  CUDA default (what scripts/gpu_check.sh runs, trimmed to about a minute on an H100):
     50 steps, B in {1, 16, 256}: reference, eager, graph in fp32 and bf16;
     250 steps, B = 1: reference and graph in bf16; compile: 50 steps, B = 1, bf16 (last).
   CUDA --full: B in {1, 16, 256} x {50, 250} steps x all four impls x {fp32, bf16}.
