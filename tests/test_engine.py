@@ -233,7 +233,7 @@ def test_memory_report_counts_static_buffers(cond_model):
     x_bytes = 4 * B * 3 * 8 * 8
     t_bytes = 8 * S * B
     model_t_bytes = 4 * S * B  # rescaled timesteps are float32
-    expected = x_bytes + t_bytes + model_t_bytes + 8 + 8 * B
+    expected = x_bytes + t_bytes + model_t_bytes + 8 + 8 * B + 8 * B  # counter, y, sample_index
     assert rec["static_bytes"] == expected and report["total_bytes"] == expected
     assert rec["steps"] == S and rec["runs"] == 1 and report["mode"] == "eager"
 
