@@ -99,16 +99,12 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
   int64_t cached_b = -1;
   ItemCoefs c{};
   bool valid = false;
-  uint64_t noise_first = 0;  // Philox element of item b's first element
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t i0 = g * VEC;
     const int64_t b = i0 / L;
     if (b != cached_b) {
       valid = load_coefs(p, b, &c);
-      if (p.noise_mode == step::kPhiloxNoise) {
-        noise_first = step::noise_element(step::noise_sample(p, b), L, 0);
-      }
       cached_b = b;
     }
     const int64_t mo_off = p.learned ? i0 + b * L : i0;  // b*2L + (i0 - b*L)
@@ -124,8 +120,9 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
 #pragma unroll
       for (int k = 0; k < VEC; ++k) z[k] = to_f(nv.v[k]);
     } else if (p.noise_mode == step::kPhiloxNoise) {
-      // L % VEC == 0 and VEC % 4 == 0 here: the group starts a Philox group of 4.
-      const uint64_t group0 = (noise_first + static_cast<uint64_t>(i0 - b * L)) / 4;
+      // L % VEC == 0 and VEC % 4 == 0 here: the group starts a Philox group of 4. (The
+      // sample index is re-read per group, an L1 hit: caching it per item made ptxas spill.)
+      const uint64_t group0 = step::noise_element(step::noise_sample(p, b), L, i0 - b * L) / 4;
 #pragma unroll
       for (int q = 0; q < VEC / 4; ++q) {
         philox::normal4(key.seed, key.offset, group0 + q, z + 4 * q);
