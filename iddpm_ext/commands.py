@@ -129,12 +129,13 @@ def cmd_sample(args, explicit: set) -> dict:
     if dist_util.is_main() and not args.overwrite:
         S.check_outputs_free([npz, png, traj])
     steps = diffusion.num_timesteps
+    engine = S.resolve_engine(args.engine, device, diffusion)
     _say(f"sampling {args.num_samples} images from {path} ({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, "
-         f"{steps} steps, {dist_util.get_world_size()} process(es) on {device})")
+         f"{steps} steps, engine {engine}, {dist_util.get_world_size()} process(es) on {device})")
     res = S.generate(model, diffusion, args.num_samples, (c, h, h), batch_size=args.batch_size, seed=args.seed,
                      use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
                      label=None if args.label < 0 else args.label, device=device,
-                     trajectory_steps=args.trajectory, progress=args.progress)
+                     trajectory_steps=args.trajectory, progress=args.progress, engine=engine)
     if dist_util.is_main():
         S.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
         S.save_grid(png, res["images"][:256], overwrite=args.overwrite)
@@ -142,10 +143,12 @@ def cmd_sample(args, explicit: set) -> dict:
             S.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
         per = res["seconds"] / max(1, math.ceil(args.num_samples / dist_util.get_world_size()))
         _say(f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
-             f"({1000 * per:.1f} ms per sample per process, fused={getattr(diffusion, 'use_fused', False)})")
+             f"({1000 * per:.1f} ms per sample per process, engine {engine}, "
+             f"fused={getattr(diffusion, 'use_fused', False) or engine != 'loop'})")
     dist_util.barrier()
     dist_util.cleanup()
-    return {"npz": npz, "png": png, "images": res["images"], "labels": res["labels"], "seconds": res["seconds"]}
+    return {"npz": npz, "png": png, "images": res["images"], "labels": res["labels"], "seconds": res["seconds"],
+            "engine": engine}
 
 
 # -------------------------------------------------------------------------------------

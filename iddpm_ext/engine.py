@@ -22,7 +22,12 @@ configuration builds (and in graph mode captures) it, later runs reuse its buffe
 Noise: a run with ``generator=G`` gives the same samples as
 ``diffusion.p_sample_loop(model, shape, generator=G)`` (``ddim_sample_loop`` for DDIM): x_T
 is ``torch.randn(shape, generator=G)``, each step's noise is the fused op's in-kernel
-Philox noise from G. Without a generator G is the default generator of the device (on
+Philox noise from G. That noise is numbered per sample (docs/step.md): batch item b draws
+the stream of global sample ``sample_index[b]`` (default b), kept in a static device buffer
+that each run refills, so one captured graph serves every set of indices. With x_T given as
+``noise``, the same generator state per run, and the model computing each sample on its
+own, sample j's result depends only on (x_T of j, G's state, j), not on the batch it is in
+(:mod:`iddpm_ext.sample` builds ``iddpm sample`` on this). Without a generator G is the default generator of the device (on
 CUDA this is exactly ``p_sample_loop(..., generator=None)``; on CPU that loop draws its step
 noise with ``torch.randn_like`` instead, so the engine matches
 ``p_sample_loop(..., generator=torch.default_generator)``). The step function always uses the
@@ -230,6 +235,7 @@ class _Entry:
     t_rows: torch.Tensor  # [S, B] int64, row i = the timestep of step i (S-1-i)
     model_t_rows: torch.Tensor  # [S, B], the timesteps the model sees at step i
     counter: torch.Tensor  # [1] int64, the index of the next step
+    sample_index: torch.Tensor  # [B] int64, the global sample index keying each item's noise
     kwargs: dict  # name -> static tensor (class labels y, ...)
     table: torch.Tensor  # [T', K] float32, the diffusion's coefficient table
     run_step: object = None  # what a step calls: the step function, its compiled form, or replay
@@ -242,7 +248,8 @@ class _Entry:
         return self.t_rows.shape[0]
 
     def static_bytes(self) -> int:
-        tensors = [self.x, self.t_rows, self.model_t_rows, self.counter, *self.kwargs.values()]
+        tensors = [self.x, self.t_rows, self.model_t_rows, self.counter, self.sample_index,
+                   *self.kwargs.values()]
         return sum(v.untyped_storage().nbytes() for v in tensors)
 
 
@@ -297,7 +304,7 @@ class SamplingEngine:
     # -- public API ------------------------------------------------------------------
     def sample(self, shape, *, sampler="ancestral", eta=0.0, diffusion=None, noise=None,
                clip_denoised=True, model_kwargs=None, y=None, generator=None, amp=_UNSET,
-               progress=False) -> torch.Tensor:
+               progress=False, sample_index=None, callback=None) -> torch.Tensor:
         """Draw samples: x_T = ``noise`` (or N(0, I) from the generator), then every step of
         the (respaced) process. Returns a new float32 [B, C, *spatial] tensor.
 
@@ -305,6 +312,12 @@ class SamplingEngine:
         :param eta: DDIM's η (part of the configuration: each value has its own step).
         :param y: class labels [B] (same as ``model_kwargs={"y": y}``).
         :param generator: torch.Generator on the engine's device (see the module docstring).
+        :param sample_index: the global sample index of each batch item, which keys its
+            in-kernel step noise: None (item b is sample b), an int k (samples k .. k+B-1), or
+            B integers (tensor or sequence). Copied into a static buffer: no rebuild.
+        :param callback: ``callback(t, x)`` after each step, with the timestep just taken
+            (S-1 down to 0) and the static x buffer, x_t after that step (valid until the
+            next step: clone what you keep).
         """
         d = self.diffusion if diffusion is None else diffusion
         if d is None:
@@ -323,6 +336,9 @@ class SamplingEngine:
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape} (the sample shape), "
                              f"got {tuple(noise.shape)}")
+        index = self._check_sample_index(sample_index, shape[0])
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
         if getattr(self.model, "training", False):
             raise ValueError("model: expected eval mode (call model.eval()); dropout in "
                              "training mode would draw random numbers inside the step")
@@ -334,6 +350,7 @@ class SamplingEngine:
             entry.x.copy_(noise)
             for name, value in kwargs.items():
                 entry.kwargs[name].copy_(value)
+            entry.sample_index.copy_(index)
             entry.counter.zero_()
             steps = range(entry.num_steps)
             if progress:
@@ -341,8 +358,10 @@ class SamplingEngine:
 
                 steps = tqdm(steps)
             with _generator_as_default(generator, self.device):
-                for _ in steps:
+                for i in steps:
                     entry.run_step()
+                    if callback is not None:
+                        callback(entry.num_steps - 1 - i, entry.x)
             entry.runs += 1
             self.stats["runs"] += 1
             return entry.x.clone(memory_format=torch.contiguous_format)
@@ -420,6 +439,24 @@ class SamplingEngine:
             raise ValueError(f"eta: only DDIM has an eta; ancestral sampling got {eta}")
         return eta
 
+    def _check_sample_index(self, sample_index, batch) -> torch.Tensor:
+        """[B] int64 global sample indices (on the engine's device for None and ints)."""
+        if sample_index is None:
+            sample_index = 0
+        if isinstance(sample_index, int) and not isinstance(sample_index, bool):
+            return torch.arange(sample_index, sample_index + batch, device=self.device)
+        try:
+            index = torch.as_tensor(sample_index)
+        except (TypeError, ValueError, RuntimeError):
+            index = None
+        if index is None or index.dtype.is_floating_point or index.dtype.is_complex or \
+                index.dtype == torch.bool or tuple(index.shape) != (batch,):
+            got = (f"shape {tuple(index.shape)} dtype {index.dtype}" if index is not None
+                   else type(sample_index).__name__)
+            raise ValueError(f"sample_index: expected None, an int or {batch} integers (one per "
+                             f"batch item), got {got}")
+        return index.to(torch.long)
+
     def _check_kwargs(self, model_kwargs, y, batch) -> dict:
         kwargs = dict(model_kwargs or {})
         if y is not None:
@@ -470,9 +507,10 @@ class SamplingEngine:
             for k, v in kwargs.items():  # valid values for the warm-up
                 static_kwargs[k].copy_(v)
             counter = torch.zeros(1, dtype=torch.long, device=dev)
+            sample_index = torch.arange(B, dtype=torch.long, device=dev)
         entry = _Entry(key=key, diffusion=d, sampler=sampler, eta=eta, clip_denoised=clip,
                        amp_dtype=amp_dtype, x=x, t_rows=t_rows, model_t_rows=model_t_rows,
-                       counter=counter,
+                       counter=counter, sample_index=sample_index,
                        kwargs=static_kwargs, table=d.coef_table(dev))
         step = self._step_function(entry)
         self.stats["builds"] += 1
@@ -500,11 +538,12 @@ class SamplingEngine:
 
     def _step_function(self, e: _Entry):
         """The function one step runs (and graph mode captures): reads the static x, the
-        device counter and the static kwargs; writes x_{t-1} into x and advances the counter.
+        device counter, the static sample indices and kwargs; writes x_{t-1} into x and
+        advances the counter.
         No host-to-device copies, no host syncs, no allocation that outlives the step."""
         model = self.model
-        table, t_rows, model_t_rows, counter, x, kwargs = (
-            e.table, e.t_rows, e.model_t_rows, e.counter, e.x, e.kwargs)
+        table, t_rows, model_t_rows, counter, x, kwargs, index = (
+            e.table, e.t_rows, e.model_t_rows, e.counter, e.x, e.kwargs, e.sample_index)
         d = e.diffusion
         mean_type = d.model_mean_type.name.lower()
         var_type = d.model_var_type.name.lower()
@@ -521,10 +560,10 @@ class SamplingEngine:
                     model_output = model(x, model_t, **kwargs)
             if ancestral:
                 sample, _ = ops.p_sample_step(x, model_output, t, table, mean_type, var_type,
-                                              clip, return_pred_xstart=False)
+                                              clip, return_pred_xstart=False, sample_index=index)
             else:
                 sample, _ = ops.ddim_step(x, model_output, t, table, mean_type, var_type, clip,
-                                          eta=eta, return_pred_xstart=False)
+                                          eta=eta, return_pred_xstart=False, sample_index=index)
             x.copy_(sample)
             counter.add_(1)
 

@@ -86,7 +86,7 @@ SAMPLE_HELP = {
     "model_path": "weights: a .safetensors file, a run folder (its latest EMA), or an improved-diffusion .pt",
 }
 SAMPLE_EXTRA = dict(eta=0.0, seed=0, out_dir="runs/samples", device="", label=-1, trajectory=0,
-                    overwrite=False, fused=True, progress=True, threads=0)
+                    overwrite=False, fused=True, progress=True, threads=0, engine="auto")
 SAMPLE_EXTRA_HELP = {
     "eta": "DDIM η (0: deterministic)",
     "seed": "seed; sample i depends only on (seed, i), not on batch size or processes",
@@ -95,9 +95,12 @@ SAMPLE_EXTRA_HELP = {
     "label": "class for every sample of a class-conditional model (-1: random over the model's classes)",
     "trajectory": "also write trajectory.png with this many steps of the first 8 samples (0: off)",
     "overwrite": "replace existing output files",
-    "fused": "use the fused sampling-step kernels where they apply (False: eager path)",
+    "fused": "use the fused sampling-step kernels where they apply (False: eager path; loop engine only)",
     "progress": "show a progress bar (main process only)",
     "threads": TRAIN_EXTRA_HELP["threads"],
+    "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, eager (the engine's "
+              "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
+              "graph on CUDA, loop elsewhere",
 }
 
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
@@ -122,7 +125,8 @@ NLL_EXTRA_HELP = {
 }
 
 CHOICES = {"noise_schedule": ["linear", "cosine"], "schedule_sampler": ["uniform", "loss-second-moment"],
-           "amp": ["none", "bf16", "fp16"], "resize": ["crop", "none"], "split": ["train", "test"]}
+           "amp": ["none", "bf16", "fp16"], "resize": ["crop", "none"], "split": ["train", "test"],
+           "engine": ["auto", "graph", "compile", "eager", "loop"]}
 
 COMMANDS = {
     "train": ((TRAIN_DEFAULTS, TRAIN_HELP), (TRAIN_EXTRA, TRAIN_EXTRA_HELP)),

@@ -1,14 +1,26 @@
 """Sampling with per-sample seeds, and the sample files (npz, PNG grid, trajectory strip).
 
 Sample i (its global index) has its own ``torch.Generator`` seeded from (seed, i) through
-numpy's SeedSequence. From it come, in this order: its class label (class-conditional
-models: uniform over the model's own ``num_classes``), its x_T, then the noise of every
-step, drawn in chunks of steps. So sample i does not depend on the batch size, on which
-batch or process made it, or on the number of processes. (Generators are per device
-type: CPU and CUDA runs give different, each reproducible, samples.)
+numpy's SeedSequence. From it come, in this order, its class label (class-conditional
+models: uniform over the model's own ``num_classes``) and its x_T. The noise of the steps
+comes, by ``engine``:
 
-The steps go through ``diffusion.p_sample`` / ``ddim_sample`` with explicit noise, which
-run the fused step kernels where they apply (``diffusion.use_fused``).
+- ``"loop"``: from the same per-sample generator, drawn in chunks of steps after x_T; the
+  steps go through ``diffusion.p_sample`` / ``ddim_sample`` with explicit noise, which run
+  the fused step kernels where they apply (``diffusion.use_fused``).
+- ``"graph"`` | ``"compile"`` | ``"eager"``: the :class:`~iddpm_ext.engine.SamplingEngine`
+  in that mode (one captured/compiled step replayed per timestep) with the fused op's
+  in-kernel Philox noise, numbered per sample (``sample_index`` = the global indices, docs/
+  step.md) and keyed by one generator seeded from ``seed`` alone (:func:`step_noise_seed`),
+  reset at the start of every batch, so step k of every batch uses the same Philox key and
+  offset and sample i's noise at step k depends only on (seed, i, k).
+- ``"auto"``: ``"graph"`` on CUDA (when ``_C`` has CUDA kernels and ``diffusion.use_fused``
+  is on), ``"loop"`` elsewhere.
+
+Either way sample i does not depend on the batch size, on which batch or process made it,
+or on the number of processes. The two noise sources differ, so the loop and the engine give
+different samples (the same labels and x_T); generators are per device type, so CPU and
+CUDA runs differ too (each reproducible).
 """
 
 from __future__ import annotations
@@ -23,12 +35,22 @@ import torch
 from . import dist_util
 from .checkpoint import atomic_write, atomic_write_bytes
 
-NOISE_CHUNK = 32  # steps of noise drawn at once per sample
+NOISE_CHUNK = 32  # steps of noise drawn at once per sample (loop)
+ENGINES = ("auto", "graph", "compile", "eager", "loop")
+_STEP_NOISE_TAG = 0x5354_4550  # "STEP": keeps the step-noise seed apart from the samples' seeds
 
 
 def sample_seed(seed: int, index: int) -> int:
     """The 63-bit seed of sample ``index``'s generator."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) | (int(state[1] & 0x7FFFFFFF) << 32)
+
+
+def step_noise_seed(seed: int) -> int:
+    """The 63-bit seed of the generator keying the engine's in-kernel step noise: the same
+    on every rank and batch (a SeedSequence of its own, never a sample's seed stream)."""
+    ss = np.random.SeedSequence([int(seed)], spawn_key=(_STEP_NOISE_TAG,))
+    state = ss.generate_state(2, dtype=np.uint32)
     return int(state[0]) | (int(state[1] & 0x7FFFFFFF) << 32)
 
 
@@ -41,6 +63,39 @@ def _generators(seed, indices, device):
     return gens
 
 
+def rank_counts(num_samples: int, world: int) -> list[int]:
+    """How many samples each of ``world`` processes makes (contiguous blocks of
+    ceil(N / world) global indices; the last ones may be short or empty)."""
+    per = math.ceil(num_samples / world)
+    return [max(0, min(num_samples, (r + 1) * per) - r * per) for r in range(world)]
+
+
+def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
+    """The global sample indices process ``rank`` of ``world`` makes, in order; the blocks
+    of ranks 0 .. world-1 concatenate to 0 .. N-1."""
+    per = math.ceil(num_samples / world)
+    return list(range(rank * per, min(num_samples, (rank + 1) * per)))
+
+
+def resolve_engine(engine, device, diffusion=None) -> str:
+    """The sampler for ``engine`` ∈ ENGINES on ``device``: ``auto`` is ``graph`` on CUDA when
+    ``_C`` has CUDA kernels and the diffusion's fused step is on, else ``loop``."""
+    from . import _ops
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    device = torch.device(device)
+    if engine == "graph" and device.type != "cuda":
+        raise ValueError(f"engine: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
+                         "(use eager, compile or loop)")
+    if engine != "auto":
+        return engine
+    fused = bool(getattr(diffusion, "use_fused", True))
+    if device.type == "cuda" and fused and _ops.available() and _ops.has_kernel(device):
+        return "graph"
+    return "loop"
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] (as the reference's image_sample)."""
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -51,19 +106,11 @@ def model_num_classes(model) -> int | None:
     return getattr(inner, "num_classes", None)
 
 
-@torch.no_grad()
-def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
-                 label=None, device="cpu", trajectory_steps=0):
-    """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
-
-    ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
-    an int = that class for all. ``trajectory_steps`` > 0 keeps x_t at that many evenly
-    spaced steps (frames: list of (t, [B, C, H, W] on CPU)).
-    """
-    device = torch.device(device)
-    gens = _generators(seed, indices, device)
+def _labels_and_x_T(model, gens, indices, shape, label, device):
+    """Per-sample class labels ([B] or None) and x_T [B, C, H, W], each from its sample's
+    generator (labels first)."""
     n_classes = model_num_classes(model)
-    model_kwargs, labels = {}, None
+    labels = None
     if n_classes is not None:
         if label is None:
             labels = torch.stack([torch.randint(0, n_classes, (), generator=g, device=device) for g in gens])
@@ -71,18 +118,66 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
             if not 0 <= int(label) < n_classes:
                 raise ValueError(f"label: expected a class in [0, {n_classes}), got {label}")
             labels = torch.full((len(indices),), int(label), device=device, dtype=torch.long)
-        model_kwargs["y"] = labels
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # [B, C, H, W]
+    return labels, x
+
+
+def _kept_steps(T: int, trajectory_steps: int) -> set:
+    if trajectory_steps <= 0:
+        return set()
+    return {int(round(v)) for v in np.linspace(T - 1, 0, trajectory_steps)}
+
+
+@torch.no_grad()
+def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
+                 label=None, device="cpu", trajectory_steps=0, engine="loop"):
+    """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
+
+    ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
+    an int = that class for all. ``trajectory_steps`` > 0 keeps x_t at that many evenly
+    spaced steps (frames: list of (t, [B, C, H, W] on CPU)). ``engine``: one of ENGINES, or
+    a :class:`~iddpm_ext.engine.SamplingEngine` to run (reused across batches by
+    :func:`generate`; see the module docstring).
+    """
+    device = torch.device(device)
+    gens = _generators(seed, indices, device)
+    labels, x = _labels_and_x_T(model, gens, indices, shape, label, device)
+    keep = _kept_steps(diffusion.num_timesteps, trajectory_steps)
+    if isinstance(engine, str):
+        engine = resolve_engine(engine, device, diffusion)
+        if engine == "loop":
+            return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
+        from .engine import SamplingEngine
+
+        engine = SamplingEngine(model, diffusion, mode=engine, device=device)
+    frames = []
+
+    def keep_frame(t_int, x_t):
+        if t_int in keep:  # x_t is the engine's static buffer: copy it
+            frames.append((t_int, x_t.to("cpu", torch.float32, copy=True)))
+
+    # Every batch starts the step-noise generator afresh: step k has the same Philox key and
+    # offset in every batch and process, and sample i takes its own stream (sample_index).
+    g = torch.Generator(device=device).manual_seed(step_noise_seed(seed))
+    out = engine.sample(tuple(x.shape), sampler="ddim" if use_ddim else "ancestral",
+                        eta=eta if use_ddim else 0.0, diffusion=diffusion, noise=x,
+                        clip_denoised=clip_denoised, y=labels, generator=g,
+                        sample_index=torch.tensor(list(indices), dtype=torch.long),
+                        callback=keep_frame if keep else None)
+    return out, labels, frames
+
+
+def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep):
+    """The explicit-noise loop: each step's noise from the per-sample generators."""
+    device, shape, B = x.device, tuple(x.shape[1:]), x.shape[0]
+    model_kwargs = {} if labels is None else {"y": labels}
     T = diffusion.num_timesteps
-    keep = set()
-    if trajectory_steps > 0:
-        keep = {int(round(v)) for v in np.linspace(T - 1, 0, trajectory_steps)}
     frames = []
     deterministic = use_ddim and eta == 0.0
     zeros = torch.zeros_like(x) if deterministic else None
     check, diffusion.check_timesteps = getattr(diffusion, "check_timesteps", True), False
     try:
-        chunk, chunk_start = None, None
+        chunk = None
         for j, t_int in enumerate(range(T - 1, -1, -1)):
             if deterministic:
                 noise = zeros
@@ -92,7 +187,7 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
                     n = min(NOISE_CHUNK, T - j)
                     chunk = torch.stack([torch.randn((n, *shape), generator=g, device=device) for g in gens], 1)
                 noise = chunk[k]  # [B, C, H, W]
-            t = torch.full((len(indices),), t_int, device=device, dtype=torch.long)
+            t = torch.full((B,), t_int, device=device, dtype=torch.long)
             if use_ddim:
                 out = diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                                             eta=eta, noise=noise)
@@ -109,19 +204,29 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
 
 def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use_ddim=False, eta=0.0,
              clip_denoised=True, label=None, device="cpu", trajectory_steps=0, trajectory_samples=8,
-             progress=False, log=print):
+             progress=False, log=print, engine="loop"):
     """``num_samples`` samples split over the processes (rank r makes a contiguous block of
-    global indices), gathered on every rank in index order.
+    global indices, :func:`rank_indices`), gathered on every rank in index order.
+
+    ``engine``: one of ENGINES (module docstring); an engine mode builds one
+    SamplingEngine for all batches (one configuration per batch size: a short last batch
+    builds, and in graph mode captures, a second one).
 
     :return: dict with "images" uint8 [N, H, W, C] (numpy), "labels" [N] or None,
-        "trajectory" (list of (t, [k, C, H, W]) for the first k samples, rank 0's), "seconds".
+        "trajectory" (list of (t, [k, C, H, W]) for the first k samples, rank 0's), "seconds",
+        "engine" (the sampler used).
     """
     import time
 
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    per = math.ceil(num_samples / world)
-    mine = list(range(rank * per, min(num_samples, (rank + 1) * per)))
-    counts = [max(0, min(num_samples, (r + 1) * per) - r * per) for r in range(world)]
+    mine = rank_indices(num_samples, rank, world)
+    counts = rank_counts(num_samples, world)
+    mode = resolve_engine(engine, device, diffusion)
+    runner = mode
+    if mode != "loop":
+        from .engine import SamplingEngine
+
+        runner = SamplingEngine(model, diffusion, mode=mode, device=device)
     images, labels, trajectory = [], [], []
     starts = range(0, len(mine), batch_size)
     if progress and dist_util.is_main():
@@ -134,7 +239,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         want_traj = trajectory_steps if (s == 0 and rank == 0) else 0
         x, y, frames = sample_batch(model, diffusion, idx, shape, seed=seed, use_ddim=use_ddim, eta=eta,
                                     clip_denoised=clip_denoised, label=label, device=device,
-                                    trajectory_steps=want_traj)
+                                    trajectory_steps=want_traj, engine=runner)
         images.append(to_uint8(x))
         if y is not None:
             labels.append(y)
@@ -151,7 +256,8 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     if model_num_classes(model) is not None:
         local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=dev)
         all_labels = dist_util.all_gather_rows(local_y, counts).cpu().numpy()
-    return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds}
+    return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds,
+            "engine": mode}
 
 
 # -------------------------------------------------------------------------------------

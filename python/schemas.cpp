@@ -12,16 +12,18 @@ TORCH_LIBRARY(iddpm, m) {
   // x: [B, C, ...] f32/f16/bf16; model_output: [B, C or 2C, ...]; t: [B] int; table: [T, K] f32
   // (GaussianDiffusion.coef_table). Returns (x_{t-1} or x_{t+1}, pred_x0) in x's dtype and
   // layout; pred_x0 is an empty [0] tensor unless return_pred_xstart. Noise: `noise`, else
-  // Philox in the kernel from `generator` (or the default generator of x's device).
+  // Philox in the kernel from `generator` (or the default generator of x's device), item b
+  // taking the stream of global sample sample_index[b] ([B] int; None: b; docs/step.md).
   m.def(
       "p_sample_step(Tensor x, Tensor model_output, Tensor t, Tensor table, str model_mean_type, "
       "str model_var_type, bool clip_denoised, Tensor? noise=None, Generator? generator=None, "
-      "bool return_pred_xstart=True) -> (Tensor, Tensor)",
+      "bool return_pred_xstart=True, Tensor? sample_index=None) -> (Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor table, str model_mean_type, "
       "str model_var_type, bool clip_denoised, float eta, Tensor? noise=None, "
-      "Generator? generator=None, bool return_pred_xstart=True) -> (Tensor, Tensor)",
+      "Generator? generator=None, bool return_pred_xstart=True, Tensor? sample_index=None) "
+      "-> (Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "ddim_reverse_step(Tensor x, Tensor model_output, Tensor t, Tensor table, "

@@ -48,6 +48,22 @@ class Autocast(torch.nn.Module):
             return self.model(x, t, **kwargs)
 
 
+class PerSample(torch.nn.Module):
+    """``model`` run on one batch item at a time: its output for a sample is then the same,
+    bit for bit, in any batch (a batched forward may take other convolution algorithms per
+    batch size, whose last-bit differences a sampling loop amplifies to ~1e-4)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_classes = getattr(model, "num_classes", None)
+        self.train(model.training)
+
+    def forward(self, x, t, **kwargs):
+        return torch.cat([self.model(x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
+                          for i in range(x.shape[0])])
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

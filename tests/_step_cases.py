@@ -161,9 +161,12 @@ def philox4x32_10(ctr, key0, key1):
     return c
 
 
-def philox_normals(seed: int, offset: int, n: int) -> np.ndarray:
-    """The in-kernel noise of elements 0..n-1 (memory order) for a Philox (seed, offset)."""
-    groups = np.arange((n + 3) // 4, dtype=np.uint64)
+def philox_normals(seed: int, offset: int, n: int, first: int = 0) -> np.ndarray:
+    """The in-kernel noise of Philox elements first .. first+n-1 for a Philox (seed, offset):
+    elements 0..n-1 of x in memory order by default; sample j's C*S elements start at
+    first = j*C*S (per-sample streams, docs/step.md)."""
+    g0 = first // 4
+    groups = np.arange(g0, (first + n + 3) // 4, dtype=np.uint64)
     step = offset // 4
     zeros = np.zeros_like(groups)
     bits = philox4x32_10(
@@ -179,7 +182,7 @@ def philox_normals(seed: int, offset: int, n: int) -> np.ndarray:
 
     z0, z1 = box_muller(bits[0], bits[1])
     z2, z3 = box_muller(bits[2], bits[3])
-    return np.stack([z0, z1, z2, z3], axis=1).ravel()[:n]
+    return np.stack([z0, z1, z2, z3], axis=1).ravel()[first - 4 * g0:][:n]
 
 
 def cpu_generator_key(generator: torch.Generator) -> int:

@@ -12,6 +12,7 @@ from iddpm_ext.engine import SamplingEngine, default_mode, diffusion_signature
 
 from _engine_cases import (
     Autocast,
+    PerSample,
     call_graph_backend,
     diffusion,
     reference_loop,
@@ -233,7 +234,7 @@ def test_memory_report_counts_static_buffers(cond_model):
     x_bytes = 4 * B * 3 * 8 * 8
     t_bytes = 8 * S * B
     model_t_bytes = 4 * S * B  # rescaled timesteps are float32
-    expected = x_bytes + t_bytes + model_t_bytes + 8 + 8 * B
+    expected = x_bytes + t_bytes + model_t_bytes + 8 + 8 * B + 8 * B  # counter, y, sample_index
     assert rec["static_bytes"] == expected and report["total_bytes"] == expected
     assert rec["steps"] == S and rec["runs"] == 1 and report["mode"] == "eager"
 
@@ -379,3 +380,84 @@ def test_argument_errors(model, cond_model):
     finally:
         model.eval()
     assert engine.cache_keys() == []  # nothing was built by a failing call
+
+
+# ---------------------------------------------------------------------------------
+# per-sample noise streams (sample_index)
+# ---------------------------------------------------------------------------------
+
+def _split_runs(engine, d, sampler="ancestral", eta=0.0, y=None, seed=21):
+    """6 samples with fixed x_T: as one batch, and as batches of 2 and 3 with their global
+    indices, each run from a generator seeded alike."""
+    x_T = torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(99))
+
+    def run(items, index):
+        g = torch.Generator().manual_seed(seed)
+        kw = {} if y is None else {"y": y[items]}
+        return engine.sample((len(items), 3, 8, 8), sampler=sampler, eta=eta, noise=x_T[items],
+                             generator=g, sample_index=index, **kw)
+
+    whole = run(list(range(6)), None)
+    splits = {}
+    for size in (2, 3):
+        parts = [list(range(s, s + size)) for s in range(0, 6, size)]
+        splits[size] = torch.cat([run(p, torch.tensor(p)) for p in parts])
+    return whole, splits, run
+
+
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.5)])
+def test_sample_index_makes_samples_batch_independent(model, sampler, eta):
+    """With a model whose per-sample output does not depend on the batch (PerSample), each
+    sample is the same bit for bit in any split; the batched model agrees to 1e-4."""
+    d = diffusion(respacing="5")
+    engine = SamplingEngine(PerSample(model), d, mode="eager")
+    whole, splits, run = _split_runs(engine, d, sampler, eta)
+    for size, got in splits.items():
+        assert torch.equal(got, whole), size
+    # int k = samples k .. k+B-1; any order of indices
+    assert torch.equal(run([3, 4, 5], 3), whole[3:])
+    assert torch.equal(run([5, 1], [5, 1]), whole[[5, 1]])
+    # other indices: other noise
+    assert not torch.allclose(run([0, 1], [7, 8]), whole[:2])
+    assert engine.stats["builds"] == 3  # batch 6, 2, 3: one configuration per batch size
+    batched_whole, batched_splits, _ = _split_runs(SamplingEngine(model, d, mode="eager"), d,
+                                                   sampler, eta)
+    torch.testing.assert_close(batched_whole, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched_splits[2], whole, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_index_reaches_graph_and_compiled_steps_without_rebuilding(cond_model, monkeypatch):
+    d = diffusion(respacing="4")
+    y = torch.tensor([0, 3, 1, 4, 2, 2])
+    eager = SamplingEngine(cond_model, d, mode="eager")
+    ref, ref_splits, _ = _split_runs(eager, d, y=y)
+    with call_graph_backend(monkeypatch) as backends:
+        graph = SamplingEngine(cond_model, d, mode="graph")
+        whole, splits, _ = _split_runs(graph, d, y=y)
+    assert torch.equal(whole, ref) and torch.equal(splits[3], ref_splits[3])
+    assert graph.stats["captures"] == 3 and sum(b.captures for b in backends) == 3  # B = 6, 2, 3
+    compiled = SamplingEngine(cond_model, d, mode="compile",
+                              compile_options={"backend": "aot_eager", "fullgraph": True})
+    whole_c, splits_c, _ = _split_runs(compiled, d, y=y)
+    assert torch.equal(whole_c, ref) and torch.equal(splits_c[2], ref_splits[2])
+    assert compiled.stats["compiles"] == 3
+
+
+def test_callback_sees_every_step(model):
+    d = diffusion(respacing="5")
+    engine = SamplingEngine(model, d, mode="eager")
+    seen = []
+    out = engine.sample(SHAPE, generator=torch.Generator().manual_seed(0),
+                        callback=lambda t, x: seen.append((t, x.clone())))
+    assert [t for t, _ in seen] == [4, 3, 2, 1, 0]
+    assert torch.equal(seen[-1][1], out) and not torch.equal(seen[0][1], out)
+
+
+def test_sample_index_and_callback_errors(model):
+    engine = SamplingEngine(model, diffusion(), mode="eager")
+    for bad in (torch.arange(3), torch.zeros(2), [0.5, 1.5], "01", True):
+        with pytest.raises(ValueError, match=r"^sample_index: expected None, an int or 2 integers"):
+            engine.sample(SHAPE, sample_index=bad)
+    with pytest.raises(ValueError, match=r"^callback: expected a callable"):
+        engine.sample(SHAPE, callback=3)
+    assert engine.cache_keys() == []

@@ -100,3 +100,128 @@ def test_trajectory_and_files(tmp_path):
         assert t.size == ((4 * 10 + 2) * 12, (3 * 10 + 2) * 12)
     with pytest.raises(FileExistsError, match="already exists"):
         S.check_outputs_free([str(tmp_path / "none.png"), npz])
+
+
+# ---------------------------------------------------------------------------------------
+# the sampling engine (in-kernel per-sample noise): eager mode on CPU
+# ---------------------------------------------------------------------------------------
+
+needs_ops = pytest.mark.skipif(not __import__("iddpm_ext._ops", fromlist=["available"]).available(),
+                               reason="iddpm_ext._C is not built")
+
+
+@needs_ops
+@pytest.mark.parametrize("use_ddim,eta", [(False, 0.0), (True, 0.7)])
+def test_engine_samples_do_not_depend_on_batch_size(use_ddim, eta):
+    model, diffusion = _model(timestep_respacing="6")
+    kw = dict(seed=5, use_ddim=use_ddim, eta=eta, engine="eager")
+    runs = {bs: S.generate(model, diffusion, 6, (1, 8, 8), batch_size=bs, **kw) for bs in (2, 3, 6)}
+    a = runs[2]["images"]
+    assert runs[2]["engine"] == "eager" and a.shape == (6, 8, 8, 1)
+    assert np.array_equal(a, runs[3]["images"]) and np.array_equal(a, runs[6]["images"])
+    assert len({img.tobytes() for img in a}) == 6
+    # float samples per sample: alone, in a batch, in another order
+    x_all, _, _ = S.sample_batch(model, diffusion, list(range(6)), (1, 8, 8), **kw)
+    x_two, _, _ = S.sample_batch(model, diffusion, [4, 1], (1, 8, 8), **kw)
+    torch.testing.assert_close(x_two, x_all[[4, 1]], rtol=1e-5, atol=1e-5)
+    # the step noise is not the loop's (same x_T and labels, other noise) and follows the seed
+    loop = S.generate(model, diffusion, 6, (1, 8, 8), batch_size=6, seed=5, use_ddim=use_ddim, eta=eta)
+    assert loop["engine"] == "loop" and not np.array_equal(loop["images"], a)
+    other = S.generate(model, diffusion, 6, (1, 8, 8), batch_size=6, **{**kw, "seed": 6})["images"]
+    assert not np.array_equal(other, a)
+
+
+@needs_ops
+def test_engine_deterministic_ddim_equals_the_loop():
+    """DDIM with η = 0 draws no noise: the engine and the loop start from the same per-sample
+    x_T and run the same fused update."""
+    model, diffusion = _model(timestep_respacing="5")
+    kw = dict(seed=2, use_ddim=True, eta=0.0)
+    eng, _, _ = S.sample_batch(model, diffusion, [0, 1, 2], (1, 8, 8), engine="eager", **kw)
+    loop, _, _ = S.sample_batch(model, diffusion, [0, 1, 2], (1, 8, 8), engine="loop", **kw)
+    torch.testing.assert_close(eng, loop, rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
+def test_engine_class_labels_and_trajectory():
+    model, diffusion = _model(class_cond=True, num_classes=3, timestep_respacing="8")
+    kw = dict(seed=0, engine="eager")
+    res = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=2, trajectory_steps=4, trajectory_samples=2, **kw)
+    loop = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=5, seed=0)
+    assert np.array_equal(res["labels"], loop["labels"])  # labels from the per-sample generators
+    again = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=5, **kw)
+    assert np.array_equal(again["images"], res["images"]) and np.array_equal(again["labels"], res["labels"])
+    assert [t for t, _ in res["trajectory"]] == [7, 5, 2, 0]
+    assert all(f.shape == (2, 1, 8, 8) for _, f in res["trajectory"])
+    assert np.array_equal(S.to_uint8(res["trajectory"][-1][1]).numpy(), res["images"][:2])
+
+
+def test_rank_split_covers_every_index_once_in_order():
+    for n in (1, 5, 7, 12):
+        for world in (1, 2, 3, 4, 8):
+            blocks = [S.rank_indices(n, r, world) for r in range(world)]
+            assert sum(blocks, []) == list(range(n))
+            assert [len(b) for b in blocks] == S.rank_counts(n, world)
+
+
+@needs_ops
+def test_engine_samples_do_not_depend_on_the_number_of_processes(monkeypatch):
+    """generate on each rank of 2 (ranks simulated in one process: the gather returns the
+    rank's own rows) gives the blocks of the single-process result."""
+    model, diffusion = _model(timestep_respacing="4")
+    kw = dict(seed=9, engine="eager")
+    single = S.generate(model, diffusion, 7, (1, 8, 8), batch_size=3, **kw)["images"]
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(S.dist_util, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(S.dist_util, "get_world_size", lambda: 2)
+        monkeypatch.setattr(S.dist_util, "all_gather_rows", lambda t, counts: t)
+        parts.append(S.generate(model, diffusion, 7, (1, 8, 8), batch_size=2, **kw)["images"])
+    assert [len(p) for p in parts] == [4, 3]
+    assert np.array_equal(np.concatenate(parts), single)
+
+
+def test_engine_choice():
+    _, diffusion = _model()
+    assert S.resolve_engine("auto", "cpu", diffusion) == "loop"
+    assert S.resolve_engine("eager", "cpu", diffusion) == "eager"
+    from iddpm_ext import _ops
+
+    cuda_ok = _ops.available() and _ops.has_kernel("cuda")
+    assert S.resolve_engine("auto", "cuda", diffusion) == ("graph" if cuda_ok else "loop")
+    diffusion.use_fused = False
+    assert S.resolve_engine("auto", "cuda", diffusion) == "loop"
+    with pytest.raises(ValueError, match=r"engine: 'graph' captures CUDA graphs and needs a CUDA device"):
+        S.resolve_engine("graph", "cpu", diffusion)
+    with pytest.raises(ValueError, match=r"engine: expected one of auto, graph"):
+        S.resolve_engine("fast", "cpu", diffusion)
+    assert S.step_noise_seed(0) != S.step_noise_seed(1)
+    assert S.step_noise_seed(0) not in {S.sample_seed(0, i) for i in range(100)}
+    assert 0 <= S.step_noise_seed(123) < 2**63
+
+
+@needs_ops
+def test_cli_sample_engine_flag(tmp_path, capsys):
+    from iddpm_ext import checkpoint as ckpt
+    from iddpm_ext import cli
+
+    cfg = tiny_config(timestep_respacing="")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**cfg)
+    randomize_(model)
+    weights = str(tmp_path / "m.safetensors")
+    ckpt.save_weights(weights, model.state_dict(), cfg)
+    images = {}
+    for engine, bs in (("eager", 2), ("eager", 3), ("loop", 3)):
+        out = str(tmp_path / f"{engine}{bs}")
+        rc = cli.main(["sample", "--model_path", weights, "--num_samples", "5", "--batch_size", str(bs),
+                       "--timestep_respacing", "4", "--out_dir", out, "--engine", engine, "--progress", "False"])
+        assert rc == 0
+        assert f"engine {engine}" in capsys.readouterr().out
+        with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
+            images[engine, bs] = f["arr_0"]
+    assert np.array_equal(images["eager", 2], images["eager", 3])
+    assert not np.array_equal(images["eager", 3], images["loop", 3])
+    assert cli.main(["sample", "--model_path", weights, "--engine", "graph", "--device", "cpu",
+                     "--out_dir", str(tmp_path / "g")]) == 2
+    assert "engine: 'graph'" in capsys.readouterr().err

@@ -137,6 +137,74 @@ def test_cuda_noise_is_philox_from_the_generator_state():
     assert np.array_equal(_probe(d, x, mo, t, generator=g2).cpu().reshape(-1).numpy(), mine)
 
 
+@pytest.mark.parametrize("case", ["vec", "vec_fp16", "odd_size", "channels_last", "flat"])
+def test_cuda_per_sample_noise_does_not_depend_on_the_batch_split(case):
+    """A batch of 6 as one call and as two calls of 3 with sample_index [0, 1, 2] / [3, 4, 5]
+    (the same generator seed each call): the same noise per sample, bit for bit, on the
+    vector path (C*S a multiple of the vector width) and the scalar path (odd C*S, where a
+    thread's 4 elements straddle samples, and channels-last with 2C channels); and sample n's
+    noise is Philox elements n*C*S .. of the generator's (seed, offset)."""
+    shape = {"odd_size": (6, 3, 5, 7), "flat": (6, 3)}.get(case, (6, 2, 4, 4))
+    x_dtype = torch.float16 if case == "vec_fp16" else torch.float32
+    d, x, mo, t = noise_probe(shape=shape, device=DEV, x_dtype=x_dtype)
+    fmt = torch.channels_last if case == "channels_last" else torch.contiguous_format
+
+    def noise(items, index):
+        g = torch.Generator(DEV).manual_seed(321)
+        xi, moi = (v[items].contiguous(memory_format=fmt) for v in (x, mo))
+        return _probe(d, xi, moi, t[items], generator=g, sample_index=index)
+
+    whole = noise(list(range(6)), None)
+    for items in ([0, 1, 2], [3, 4, 5]):
+        part = noise(items, torch.tensor(items, device=DEV))
+        assert torch.equal(part, whole[items])
+        assert torch.equal(noise(items, items[0]), part)  # int k: samples k .. k+B-1
+    shuffled = noise([4, 0], torch.tensor([4, 0], device=DEV, dtype=torch.int32))
+    assert torch.equal(shuffled, whole[[4, 0]])
+    L = whole[0].numel()
+    index = [2**33 + 1, 5]
+    far = noise([0, 1], torch.tensor(index, device=DEV))
+    tol = 5e-5 if x_dtype == torch.float32 else 2e-3  # fp16: rounding of values up to ~5
+    for b, n in enumerate(index):
+        got = far[b].float().cpu()
+        if case == "channels_last":
+            got = got.permute(1, 2, 0)  # the sample's memory order: h, w, c
+        expected = philox_normals(321, 0, L, first=n * L)
+        np.testing.assert_allclose(got.reshape(-1).numpy(), expected, rtol=tol, atol=tol)
+
+
+def test_cuda_graph_replay_reads_new_sample_indices():
+    """One capture with a static sample_index buffer: replays after copying new indices into
+    it give each sample its own noise, as an eager call on the whole batch."""
+    d, x, mo, t = noise_probe(shape=(6, 3, 8, 8), device=DEV)
+    table = d.coef_table(DEV)
+    xs, mos, ts = x[:3].clone(), mo[:3].clone(), t[:3].clone()
+    index = torch.arange(3, device=DEV)
+
+    def step():
+        return ops.p_sample_step(xs, mos, ts, table, d.model_mean_type, d.model_var_type,
+                                 clip_denoised=False, return_pred_xstart=False,
+                                 sample_index=index)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    parts = []
+    for first in (0, 3):
+        index.copy_(torch.arange(first, first + 3))
+        torch.cuda.manual_seed(55)
+        graph.replay()
+        parts.append(static.clone())
+    torch.cuda.manual_seed(55)
+    whole = _probe(d, x, mo, t)
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_cuda_graph_capture_replays_like_eager_calls():
     d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
     x, mo, _ = _cuda(*make_inputs(d, (4, 3, 8, 8)))
@@ -283,6 +351,8 @@ def test_cuda_opcheck_and_compile():
     torch.library.opcheck(torch.ops.iddpm.p_sample_step.default, common, {"noise": noise})
     torch.library.opcheck(torch.ops.iddpm.ddim_step.default, common + (0.5,), {})
     torch.library.opcheck(torch.ops.iddpm.ddim_reverse_step.default, common, {})
+    torch.library.opcheck(torch.ops.iddpm.p_sample_step.default, common,
+                          {"sample_index": torch.tensor([7, 3], device=DEV)})
 
     @torch.compile(fullgraph=True)
     def step(x, mo, t, noise):

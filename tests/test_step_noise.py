@@ -139,3 +139,99 @@ def test_sampling_loop_with_a_generator_reproduces():
     ddim = [d.ddim_sample_loop(model, (2, 3, 4, 4), eta=1.0,
                                generator=torch.Generator().manual_seed(s)) for s in (3, 3)]
     assert torch.equal(ddim[0], ddim[1])
+
+
+# ---- per-sample streams (sample_index) ------------------------------------------------------
+
+def _split_probe(rule, shape, parts, layout=None, x_dtype=torch.float32, seed=11, as_int=False):
+    """The in-kernel noise of a batch of shape[0] samples computed as one call and as calls
+    over ``parts`` (lists of global indices), each from a generator seeded alike."""
+    d, x, mo, t = noise_probe(shape=shape, x_dtype=x_dtype)
+    if layout is not None:
+        x, mo = x.to(memory_format=layout), mo.to(memory_format=layout)
+    table = d.coef_table("cpu")
+
+    def noise(items, index):
+        g = torch.Generator().manual_seed(seed)
+        args = (x[items], mo[items], t[items], table, d.model_mean_type, d.model_var_type, False)
+        if rule == "ancestral":
+            out, _ = ops.p_sample_step(*args, generator=g, sample_index=index,
+                                       return_pred_xstart=False)
+        else:  # DDIM with eta = 1 at t = 5: sample = x0·a + b·eps + σ·z, x0 = eps = 0
+            out, _ = ops.ddim_step(*args, eta=1.0, generator=g, sample_index=index,
+                                   return_pred_xstart=False)
+        return out
+
+    whole = noise(list(range(shape[0])), None)
+    pieces = []
+    for items in parts:
+        index = items[0] if as_int else torch.tensor(items)
+        pieces.append((items, noise(items, index)))
+    return d, whole, pieces
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 3, 5, 7), (6, 1, 3)],
+                         ids=["L%4=0", "L%4=1", "L=3"])
+@pytest.mark.parametrize("rule", ["ancestral", "ddim"])
+def test_kernel_noise_per_sample_streams_do_not_depend_on_the_batch_split(shape, rule):
+    _, whole, pieces = _split_probe(rule, shape, [[0, 1, 2], [3, 4, 5]])
+    for items, part in pieces:
+        assert torch.equal(part, whole[items])  # bit for bit
+    _, whole_i, pieces_i = _split_probe(rule, shape, [[0, 1, 2], [3, 4, 5]], as_int=True)
+    assert torch.equal(whole_i, whole)
+    for (items, part), (_, part_i) in zip(pieces, pieces_i):
+        assert torch.equal(part_i, part)  # an int k means samples k .. k+B-1
+    # Any order and any subset: each item takes its own sample's stream.
+    _, _, shuffled = _split_probe(rule, shape, [[5, 0, 3], [2], [4, 1]])
+    for items, part in shuffled:
+        assert torch.equal(part, whole[items])
+
+
+@pytest.mark.parametrize("layout,x_dtype", [(torch.channels_last, torch.float32),
+                                            (None, torch.float16), (None, torch.bfloat16)])
+def test_kernel_noise_per_sample_streams_in_other_layouts_and_dtypes(layout, x_dtype):
+    _, whole, pieces = _split_probe("ancestral", (6, 3, 3, 5), [[0, 1, 2], [3, 4, 5]],
+                                    layout=layout, x_dtype=x_dtype)
+    for items, part in pieces:
+        assert torch.equal(part, whole[items])
+        if layout is not None:
+            assert part.is_contiguous(memory_format=layout)
+
+
+def test_kernel_noise_of_a_sample_is_its_run_of_the_philox_sequence():
+    """Item b with sample index n takes Philox elements n*C*S .. n*C*S + C*S - 1 (memory
+    order within the sample), also for indices beyond 32 bits of elements; int32 indices
+    equal int64 ones; None equals arange(B)."""
+    d, x, mo, t = noise_probe(shape=(3, 2, 5, 7))
+    L = 2 * 5 * 7
+    index = torch.tensor([7, 0, 2**40 + 3])
+    g = torch.Generator().manual_seed(77)
+    key = cpu_generator_key(g)
+    z = _probe_noise(d, x, mo, t, generator=g, sample_index=index)
+    for b, n in enumerate(index.tolist()):
+        expected = philox_normals(key, 0, L, first=n * L)
+        np.testing.assert_allclose(z[b].reshape(-1).numpy(), expected, rtol=2e-5, atol=2e-5)
+    g = torch.Generator().manual_seed(77)
+    small = torch.tensor([7, 0, 3])
+    z_small = _probe_noise(d, x, mo, t, generator=g, sample_index=small)
+    assert torch.equal(z_small[:2], z[:2])
+    g = torch.Generator().manual_seed(77)
+    assert torch.equal(_probe_noise(d, x, mo, t, generator=g, sample_index=small.int()), z_small)
+    g = torch.Generator().manual_seed(77)
+    plain = _probe_noise(d, x, mo, t, generator=g)
+    g = torch.Generator().manual_seed(77)
+    assert torch.equal(_probe_noise(d, x, mo, t, generator=g, sample_index=torch.arange(3)), plain)
+
+
+def test_sample_index_is_unused_with_explicit_noise_and_checked():
+    d, x, mo, t = noise_probe(shape=(2, 3, 4, 4))
+    noise = torch.randn(x.shape)
+    a = _probe_noise(d, x, mo, t, noise=noise)
+    b = _probe_noise(d, x, mo, t, noise=noise, sample_index=torch.tensor([9, 4]))
+    assert torch.equal(a, b) and torch.equal(a, noise)
+    with pytest.raises(ValueError, match=r"^sample_index: expected shape \[2\] \(one global"):
+        _probe_noise(d, x, mo, t, sample_index=torch.arange(3))
+    with pytest.raises(ValueError, match=r"^sample_index: expected an integer tensor"):
+        _probe_noise(d, x, mo, t, sample_index=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^sample_index: expected None, an int"):
+        _probe_noise(d, x, mo, t, sample_index=1.5)

@@ -68,6 +68,12 @@ def test_opcheck(layout):
     torch.library.opcheck(OPS.ddim_reverse_step.default, common, {})
     # In-kernel noise from the default generator.
     torch.library.opcheck(OPS.p_sample_step.default, common, {})
+    # ... numbered per sample (sample_index, int64 and int32).
+    torch.library.opcheck(OPS.p_sample_step.default, common,
+                          {"sample_index": torch.tensor([4, 1])})
+    torch.library.opcheck(OPS.ddim_step.default, common + (0.5,),
+                          {"sample_index": torch.tensor([0, 9], dtype=torch.int32),
+                           "return_pred_xstart": False})
 
 
 def test_torch_compile_fullgraph():
@@ -95,6 +101,18 @@ def test_torch_compile_fullgraph():
     torch.manual_seed(0)
     b = ddim(x, mo, t)
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+    @torch.compile(fullgraph=True)
+    def per_sample(x, mo, t, index):  # in-kernel noise numbered by a sample-index tensor
+        return ops.p_sample_step(x, mo, t, table, "epsilon", "learned_range", True,
+                                 return_pred_xstart=False, sample_index=index)[0]
+
+    index = torch.tensor([5, 2])
+    torch.manual_seed(1)
+    c = per_sample(x, mo, t, index)
+    torch.manual_seed(1)
+    e = ops.p_sample_step(x, mo, t, table, "epsilon", "learned_range", True, sample_index=index)[0]
+    assert torch.equal(c, e)
 
 
 def _raises(fn, pattern):
@@ -138,6 +156,13 @@ def test_error_messages():
             r"^model_var_type: expected 'fixed_small', 'fixed_large', 'learned' or")
     _raises(lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=float("nan")),
             r"^eta: expected a finite number, got nan")
+    _raises(lambda: call(sample_index=torch.tensor([[0, 1]])),
+            r"^sample_index: expected shape \[2\] \(one global sample index per batch item of x\), "
+            r"got \[1, 2\]")
+    _raises(lambda: call(sample_index=torch.tensor([0.0, 1.0])),
+            r"^sample_index: expected an integer tensor \(int64 or int32\), got Float")
+    _raises(lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=0.5,
+                                  sample_index="0"), r"^sample_index: expected None, an int")
 
 
 # ---- property-based: random shapes, dtypes, strides and argument mistakes -----------------

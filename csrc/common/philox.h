@@ -8,6 +8,9 @@
 // which is how torch's CUDA kernels use the generator's Philox state):
 //   counter = (offset / 4 low, offset / 4 high, group low, group high), key = seed,
 // where `group` = element index / 4: element i gets normal number i % 4 of group i / 4.
+// The step kernels number elements per sample (common/step_params.h noise_element):
+// element e of global sample n is i = n * (elements per sample) + e, so each sample has
+// its own run of counters whatever batch it is computed in.
 // A call reserves one offset step (an increment of 4 in torch's units), so calls that
 // take disjoint offsets from a generator never share counters with each other or with
 // torch's own kernels on that generator.

@@ -1,16 +1,22 @@
 // csrc/common/step_params.h — the plain argument block of the fused reverse-diffusion step
-// kernels (iddpm::p_sample_step, ddim_step, ddim_reverse_step). No torch and no CUDA
-// types: the glue in csrc/ops fills it, csrc/cpu and csrc/cuda read it.
+// kernels (iddpm::p_sample_step, ddim_step, ddim_reverse_step) and the per-sample noise
+// indexing. No torch and no CUDA types: the glue in csrc/ops fills it, csrc/cpu and
+// csrc/cuda read it.
 //
 // Layout. Every per-element tensor is dense in one of two memory orders:
 //   channels-first: x, noise, outputs [B, C, S] (S = product of spatial sizes),
 //                   model_output [B, Cm, S]
 //   channels-last:  x, noise, outputs [B, S, C], model_output [B, S, Cm]
 // with Cm = 2C when the model also predicts variances (mean channels first), else C.
-// The element index i runs over x's memory order; in-kernel noise is keyed by it.
+// The element index i runs over x's memory order. In-kernel noise is keyed by the element's
+// place in its *sample's* stream: element e (memory order within item b, 0 <= e < C*S) of
+// global sample n_b = sample_index[b] (b when sample_index is null) takes Philox element
+// n_b * C*S + e (noise_element below), so a sample's noise does not depend on the batch.
 #pragma once
 
 #include <cstdint>
+
+#include "common/macros.h"
 
 namespace iddpm::step {
 
@@ -64,11 +70,29 @@ struct StepParams {
   void* pred_xstart = nullptr;  // [B, C, S] x_dtype, or nullptr when not wanted
   const void* t = nullptr;      // [B] int64 or int32 timesteps
   bool t_is_int64 = true;
+  const void* sample_index = nullptr;  // [B] int64 or int32 global sample indices, or nullptr
+  bool sample_index_is_int64 = true;
   const float* table = nullptr;  // [T, K] float32 coefficient table (iddpm_ext/tables.py)
   int64_t T = 0, K = 0;
   StepConfig cfg;
   int32_t noise_mode = kNoNoise;
   PhiloxSource philox;
 };
+
+// The global sample index of batch item b (keys its in-kernel noise; see the top).
+IDDPM_HD uint64_t noise_sample(const StepParams& p, int64_t b) {
+  if (p.sample_index == nullptr) return static_cast<uint64_t>(b);
+  const int64_t n = p.sample_index_is_int64
+                        ? static_cast<const int64_t*>(p.sample_index)[b]
+                        : static_cast<int64_t>(static_cast<const int32_t*>(p.sample_index)[b]);
+  return static_cast<uint64_t>(n);  // any int64: negative values wrap modulo 2^64
+}
+
+// The Philox element index of element e (memory order within its sample) of global sample
+// `sample` with `per_sample` = C*S elements: the samples' streams are consecutive runs of
+// one element sequence, so sample_index = arange(B) is the plain element index b*C*S + e.
+IDDPM_HD uint64_t noise_element(uint64_t sample, int64_t per_sample, int64_t e) {
+  return sample * static_cast<uint64_t>(per_sample) + static_cast<uint64_t>(e);
+}
 
 }  // namespace iddpm::step

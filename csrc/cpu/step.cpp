@@ -21,14 +21,14 @@ namespace iddpm::cpu {
 
 namespace detail {
 
-void step_philox_fill(uint64_t seed, uint64_t offset, int64_t first, int64_t n, float* out) {
+void step_philox_fill(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, float* out) {
   int64_t i = 0;
   while (i < n) {
-    const int64_t e = first + i;
-    const int64_t group = e / 4;
+    const uint64_t e = first + static_cast<uint64_t>(i);
+    const uint64_t group = e / 4;
     float z[4];
-    philox::normal4(seed, offset, static_cast<uint64_t>(group), z);
-    for (int64_t r = e - group * 4; r < 4 && i < n; ++r, ++i) out[i] = z[r];
+    philox::normal4(seed, offset, group, z);
+    for (uint64_t r = e - group * 4; r < 4 && i < n; ++r, ++i) out[i] = z[r];
   }
 }
 
@@ -63,7 +63,8 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
       auto* out = static_cast<xT*>(p.out) + base;
       auto* pred = p.pred_xstart ? static_cast<xT*>(p.pred_xstart) + base : nullptr;
       if (p.noise_mode == step::kPhiloxNoise) {
-        detail::step_philox_fill(p.philox.seed, p.philox.offset, base, n, z);
+        detail::step_philox_fill(p.philox.seed, p.philox.offset,
+                                 step::noise_element(step::noise_sample(p, b), L, j0), n, z);
       }
       // Model output offset of element j0 and the distance to its variance channel.
       const bool interleaved = p.learned && p.channels_last;  // [B, S, 2C]

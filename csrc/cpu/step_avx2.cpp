@@ -71,13 +71,14 @@ constexpr int64_t kChunk = 1024;  // elements per unit: a multiple of Vec::size(
 // common/philox.h for 8 element groups (32 elements) at a time: the integer rounds as
 // plain loops the compiler vectorizes, Box–Muller with SLEEF's log/sin/cos; the same
 // numbers as step_philox_fill up to the last bits of the transcendental functions.
-void philox_fill_vec(uint64_t seed, uint64_t offset, int64_t first, int64_t n, float* out) {
+void philox_fill_vec(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, float* out) {
   constexpr int kGroups = Vec::size();
-  int64_t i = std::min<int64_t>(n, (4 * kGroups - first % (4 * kGroups)) % (4 * kGroups));
+  constexpr uint64_t kRun = 4 * kGroups;
+  int64_t i = std::min<int64_t>(n, static_cast<int64_t>((kRun - first % kRun) % kRun));
   if (i > 0) step_philox_fill(seed, offset, first, i, out);  // up to a multiple of 32
   const uint64_t step = offset / 4;
   for (; i + 4 * kGroups <= n; i += 4 * kGroups) {
-    const uint64_t g0 = static_cast<uint64_t>(first + i) / 4;
+    const uint64_t g0 = (first + static_cast<uint64_t>(i)) / 4;
     uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     for (int l = 0; l < kGroups; ++l) {
       c0[l] = static_cast<uint32_t>(step);
@@ -121,7 +122,7 @@ void philox_fill_vec(uint64_t seed, uint64_t offset, int64_t first, int64_t n, f
       for (int r = 0; r < 4; ++r) out[i + 4 * l + r] = z[r][l];
     }
   }
-  if (i < n) step_philox_fill(seed, offset, first + i, n - i, out + i);
+  if (i < n) step_philox_fill(seed, offset, first + static_cast<uint64_t>(i), n - i, out + i);
 }
 
 // src[0, n) as float32: in place for float32, else converted into buf.
@@ -174,7 +175,9 @@ class StepKernel {
     if (p_.noise_mode == step::kExplicitNoise) {
       zs = as_float(static_cast<const xT*>(p_.noise) + base, n, zbuf);
     } else if (p_.noise_mode == step::kPhiloxNoise) {
-      philox_fill_vec(p_.philox.seed, p_.philox.offset, base, n, zbuf);
+      // This item's run of its sample's noise stream (common/step_params.h).
+      philox_fill_vec(p_.philox.seed, p_.philox.offset,
+                      step::noise_element(step::noise_sample(p_, b), L, j0), n, zbuf);
     }
 
     xT* out = static_cast<xT*>(p_.out) + base;

@@ -10,8 +10,9 @@
 
 namespace iddpm::cpu::detail {
 
-// Philox normals of elements [first, first + n) (x's memory order) into out[0, n).
-void step_philox_fill(uint64_t seed, uint64_t offset, int64_t first, int64_t n, float* out);
+// Philox normals of Philox elements [first, first + n) (common/step_params.h
+// noise_element) into out[0, n).
+void step_philox_fill(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, float* out);
 
 // The whole step with at::vec on AVX2 (coefs: [B] per-item quantities, t already
 // validated). Returns false, doing nothing, where this build has no AVX2 kernel.

@@ -6,8 +6,10 @@
 //    items, the model output's mean and variance channels are contiguous runs
 //    (channels-first, or C channels only) and every pointer is aligned.
 //  - step_scalar_kernel: 4 elements per thread with scalar loads; any layout.
-// Per-element math: common/step_math.h; noise: common/philox.h. The Philox seed and offset
-// are read in the kernel when the launch was captured in a CUDA graph.
+// Per-element math: common/step_math.h; noise: common/philox.h, numbered per sample
+// (common/step_params.h noise_element; the sample indices are read on the device, so a
+// captured step sees new indices on every replay). The Philox seed and offset are read in
+// the kernel when the launch was captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -118,9 +120,12 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
 #pragma unroll
       for (int k = 0; k < VEC; ++k) z[k] = to_f(nv.v[k]);
     } else if (p.noise_mode == step::kPhiloxNoise) {
+      // L % VEC == 0 and VEC % 4 == 0 here: the group starts a Philox group of 4. (The
+      // sample index is re-read per group, an L1 hit: caching it per item made ptxas spill.)
+      const uint64_t group0 = step::noise_element(step::noise_sample(p, b), L, i0 - b * L) / 4;
 #pragma unroll
       for (int q = 0; q < VEC / 4; ++q) {
-        philox::normal4(key.seed, key.offset, static_cast<uint64_t>(i0 / 4 + q), z + 4 * q);
+        philox::normal4(key.seed, key.offset, group0 + q, z + 4 * q);
       }
     }
     Pack<xT, VEC> ov, pv;
@@ -139,7 +144,9 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
   }
 }
 
-// Any layout of common/step_params.h; 4 consecutive elements (one Philox draw) per thread.
+// Any layout of common/step_params.h; 4 consecutive elements per thread: one Philox draw
+// when they lie in one Philox group (always without sample_index, or when C*S % 4 == 0),
+// else one per Philox group they touch.
 template <typename xT, typename moT>
 __global__ void __launch_bounds__(kThreads) step_scalar_kernel(const StepParams p) {
   const int64_t L = p.C * p.S;
@@ -160,12 +167,11 @@ __global__ void __launch_bounds__(kThreads) step_scalar_kernel(const StepParams 
   int64_t cached_b = -1;
   ItemCoefs c{};
   bool valid = false;
+  uint64_t noise_first = 0;  // Philox element of item b's first element
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (p.noise_mode == step::kPhiloxNoise) {
-      philox::normal4(key.seed, key.offset, static_cast<uint64_t>(g), z);
-    }
+    uint64_t z_group = ~uint64_t{0};  // the Philox group held in z (none yet)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int64_t i = g * 4 + r;
@@ -173,9 +179,22 @@ __global__ void __launch_bounds__(kThreads) step_scalar_kernel(const StepParams 
       const int64_t b = i / L;
       if (b != cached_b) {
         valid = load_coefs(p, b, &c);
+        if (p.noise_mode == step::kPhiloxNoise) {
+          noise_first = step::noise_element(step::noise_sample(p, b), L, 0);
+        }
         cached_b = b;
       }
       const int64_t inner = i - b * L;
+      float zr = 0.0f;
+      if (p.noise_mode == step::kPhiloxNoise) {
+        const uint64_t e = noise_first + static_cast<uint64_t>(inner);
+        if (e / 4 != z_group) {
+          z_group = e / 4;
+          philox::normal4(key.seed, key.offset, z_group, z);
+        }
+        const unsigned lane = static_cast<unsigned>(e % 4);  // selects keep z in registers
+        zr = lane == 0 ? z[0] : (lane == 1 ? z[1] : (lane == 2 ? z[2] : z[3]));
+      }
       int64_t mo_off = i;
       if (p.learned) {
         if (p.channels_last) {
@@ -186,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) step_scalar_kernel(const StepParams 
         }
       }
       const float v = need_var ? to_f(mo[mo_off + var_delta]) : 0.0f;
-      const float zi = p.noise_mode == step::kExplicitNoise ? to_f(noise[i]) : z[r];
+      const float zi = p.noise_mode == step::kExplicitNoise ? to_f(noise[i]) : zr;
       float x0;
       float s = step::step_element<ScalarOps>(p.cfg, c, to_f(x[i]), to_f(mo[mo_off]), v, zi,
                                               has_noise, &x0);

@@ -1,7 +1,8 @@
 // csrc/ops/step.cpp — torch glue of the fused reverse-diffusion steps:
 //   iddpm::p_sample_step(x, model_output, t, table, mean_type, var_type, clip, noise?,
-//                        generator?, return_pred_xstart) -> (x_{t-1}, pred_x0)
-//   iddpm::ddim_step(..., clip, eta, noise?, generator?, return_pred_xstart) -> (x_{t-1}, pred_x0)
+//                        generator?, return_pred_xstart, sample_index?) -> (x_{t-1}, pred_x0)
+//   iddpm::ddim_step(..., clip, eta, noise?, generator?, return_pred_xstart, sample_index?)
+//                        -> (x_{t-1}, pred_x0)
 //   iddpm::ddim_reverse_step(..., clip, return_pred_xstart) -> (x_{t+1}, pred_x0)
 //
 // x: [B, C, *spatial] f32/f16/bf16; model_output: [B, C or 2C, *spatial] f32/f16/bf16
@@ -17,6 +18,10 @@
 // (common/philox.h) from `generator` or the default generator of x's device: CUDA takes
 // the generator's PhiloxCudaState (graph-capture safe), CPU keys Philox with a 64-bit
 // number drawn from the CPU generator. DDIM with eta = 0 and reverse DDIM use no noise.
+// sample_index: [B] int64/int32 on x's device, the global sample index of each batch item;
+// item b's in-kernel noise is sample sample_index[b]'s run of the Philox stream
+// (common/step_params.h), so it does not depend on the batch the sample is in. None: item b
+// is sample b (the plain element index). Read on the device: graph replays see new values.
 //
 // Bad t: CPU raises ValueError; CUDA cannot without a host sync and writes NaN for that
 // item instead (the Python wrappers validate t where they can).
@@ -133,14 +138,15 @@ std::string expected_shape(const at::Tensor& x, int64_t channels) {
 }
 
 struct Prepared {
-  at::Tensor x, mo, t, table, noise, out, pred;
+  at::Tensor x, mo, t, table, noise, sample_index, out, pred;
   StepParams p;
 };
 
 Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
                  const at::Tensor& t_in, const at::Tensor& table_in, c10::string_view mean_type,
                  c10::string_view var_type, bool clip, double eta,
-                 const std::optional<at::Tensor>& noise_in, bool return_pred) {
+                 const std::optional<at::Tensor>& noise_in, bool return_pred,
+                 const std::optional<at::Tensor>& sample_index_in) {
   Prepared r;
   StepParams& p = r.p;
   p.cfg.rule = rule;
@@ -194,6 +200,15 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
                       x_in.scalar_type(), " (the dtype of x), got ", nz.scalar_type());
   }
 
+  const bool has_index = sample_index_in.has_value() && sample_index_in->defined();
+  if (has_index) {
+    const at::Tensor& si = *sample_index_in;
+    check_same_device(si, "sample_index", x_in, "x");
+    check_index_dtype(si, "sample_index");
+    TORCH_CHECK_VALUE(si.dim() == 1 && si.size(0) == B, "sample_index: expected shape [", B,
+                      "] (one global sample index per batch item of x), got ", shape_str(si));
+  }
+
   // Layout: x as it is when channels-first contiguous or channels-last dense.
   const bool cl = !x_in.is_contiguous() && is_channels_last_dense(x_in);
   p.channels_last = cl;
@@ -216,6 +231,11 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
       p.noise = r.noise.data_ptr();
     } else {
       p.noise_mode = step::kPhiloxNoise;
+      if (has_index) {
+        r.sample_index = sample_index_in->contiguous();
+        p.sample_index = r.sample_index.data_ptr();
+        p.sample_index_is_int64 = r.sample_index.scalar_type() == at::kLong;
+      }
     }
   }
 
@@ -293,8 +313,10 @@ std::tuple<at::Tensor, at::Tensor> run(int32_t rule, const at::Tensor& x, const 
                                        bool clip, double eta,
                                        const std::optional<at::Tensor>& noise,
                                        const std::optional<at::Generator>& generator,
-                                       bool return_pred) {
-  Prepared r = prepare(rule, x, mo, t, table, mean_type, var_type, clip, eta, noise, return_pred);
+                                       bool return_pred,
+                                       const std::optional<at::Tensor>& sample_index) {
+  Prepared r = prepare(rule, x, mo, t, table, mean_type, var_type, clip, eta, noise, return_pred,
+                       sample_index);
   check_generator_device(generator, x);
   if (x.is_cuda()) {
 #ifdef IDDPM_WITH_CUDA
@@ -313,18 +335,20 @@ std::tuple<at::Tensor, at::Tensor> p_sample_step(
     const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
     const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
     bool clip_denoised, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, bool return_pred_xstart) {
+    std::optional<at::Generator> generator, bool return_pred_xstart,
+    const std::optional<at::Tensor>& sample_index) {
   return run(step::kAncestral, x, model_output, t, table, model_mean_type, model_var_type,
-             clip_denoised, 0.0, noise, generator, return_pred_xstart);
+             clip_denoised, 0.0, noise, generator, return_pred_xstart, sample_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step(
     const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
     const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
     bool clip_denoised, double eta, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, bool return_pred_xstart) {
+    std::optional<at::Generator> generator, bool return_pred_xstart,
+    const std::optional<at::Tensor>& sample_index) {
   return run(step::kDdim, x, model_output, t, table, model_mean_type, model_var_type,
-             clip_denoised, eta, noise, generator, return_pred_xstart);
+             clip_denoised, eta, noise, generator, return_pred_xstart, sample_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(
@@ -332,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(
     const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
     bool clip_denoised, bool return_pred_xstart) {
   return run(step::kDdimReverse, x, model_output, t, table, model_mean_type, model_var_type,
-             clip_denoised, 0.0, std::nullopt, std::nullopt, return_pred_xstart);
+             clip_denoised, 0.0, std::nullopt, std::nullopt, return_pred_xstart, std::nullopt);
 }
 
 }  // namespace

@@ -14,7 +14,10 @@ made contiguous once).
 
 Noise: ``noise`` (x's shape and dtype) when given; otherwise Philox4x32-10 noise drawn in
 the kernel from ``generator`` or the default generator of x's device (on CUDA from the
-generator's Philox state, so seeds reproduce and CUDA graph capture works).
+generator's Philox state, so seeds reproduce and CUDA graph capture works). The in-kernel
+noise is numbered per sample: batch item b draws the stream of global sample
+``sample_index[b]`` (default b), so with the same generator state a sample's noise does not
+depend on the batch it is computed in (docs/step.md, "Per-sample streams").
 
 Timesteps out of [0, T): ValueError on CPU; NaN outputs for that item on CUDA (raising
 would need a host sync).
@@ -39,31 +42,46 @@ def _type_name(value, arg: str, names: tuple) -> str:
     return name.lower()
 
 
+def _sample_index(sample_index, x):
+    """None, a [B] integer tensor (passed as it is), or an int k: samples k .. k+B-1."""
+    if sample_index is None or isinstance(sample_index, torch.Tensor):
+        return sample_index
+    if isinstance(sample_index, bool) or not isinstance(sample_index, int):
+        raise ValueError("sample_index: expected None, an int (the first sample's global index) "
+                         f"or a [B] integer tensor, got {type(sample_index).__name__}")
+    return torch.arange(sample_index, sample_index + x.shape[0], device=x.device)
+
+
 def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type,
-                  clip_denoised=True, noise=None, generator=None, return_pred_xstart=True):
+                  clip_denoised=True, noise=None, generator=None, return_pred_xstart=True,
+                  sample_index=None):
     """Ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise where t == 0).
 
+    :param sample_index: the global sample index of each batch item, which keys its
+        in-kernel noise: a [B] int64/int32 tensor on x's device, an int k (items are samples
+        k .. k+B-1), or None (item b is sample b). Unused with explicit ``noise``.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
     _ops.require()
     sample, pred = torch.ops.iddpm.p_sample_step(
         x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
         _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised), noise,
-        generator, bool(return_pred_xstart))
+        generator, bool(return_pred_xstart), _sample_index(sample_index, x))
     return sample, (pred if return_pred_xstart else None)
 
 
 def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True,
-              eta=0.0, noise=None, generator=None, return_pred_xstart=True):
+              eta=0.0, noise=None, generator=None, return_pred_xstart=True, sample_index=None):
     """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0: deterministic, no noise used).
 
+    :param sample_index: as :func:`p_sample_step`.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
     _ops.require()
     sample, pred = torch.ops.iddpm.ddim_step(
         x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
         _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
-        float(eta), noise, generator, bool(return_pred_xstart))
+        float(eta), noise, generator, bool(return_pred_xstart), _sample_index(sample_index, x))
     return sample, (pred if return_pred_xstart else None)
 
 
@@ -105,7 +123,8 @@ def output_strides(x: torch.Tensor) -> tuple:
     return tuple(last) if dense_last else contiguous
 
 
-def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart):
+def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
+                  sample_index=None):
     torch._check(x.dim() >= 2, lambda: f"x: expected a tensor [B, C, ...], got shape {tuple(x.shape)}")
     torch._check(x.dtype in SUPPORTED_DTYPES, lambda: f"x: unsupported dtype {x.dtype}")
     learned = model_var_type in ("learned", "learned_range")
@@ -117,6 +136,9 @@ def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
     )
     torch._check(tuple(t.shape) == (x.shape[0],), lambda: f"t: expected shape ({x.shape[0]},)")
     torch._check(table.dim() == 2, lambda: "table: expected a [T, K] tensor")
+    if sample_index is not None:
+        torch._check(tuple(sample_index.shape) == (x.shape[0],),
+                     lambda: f"sample_index: expected shape ({x.shape[0]},)")
     strides = output_strides(x)
     out = x.new_empty_strided(tuple(x.shape), strides)
     pred = x.new_empty_strided(tuple(x.shape), strides) if return_pred_xstart else x.new_empty((0,))
@@ -127,13 +149,17 @@ if _ops.available():
 
     @torch.library.register_fake("iddpm::p_sample_step")
     def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
-                            clip_denoised, noise=None, generator=None, return_pred_xstart=True):
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
+                            clip_denoised, noise=None, generator=None, return_pred_xstart=True,
+                            sample_index=None):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
+                             sample_index)
 
     @torch.library.register_fake("iddpm::ddim_step")
     def _ddim_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
-                        clip_denoised, eta, noise=None, generator=None, return_pred_xstart=True):
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
+                        clip_denoised, eta, noise=None, generator=None, return_pred_xstart=True,
+                        sample_index=None):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
+                             sample_index)
 
     @torch.library.register_fake("iddpm::ddim_reverse_step")
     def _ddim_reverse_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
