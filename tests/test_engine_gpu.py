@@ -1,4 +1,4 @@
-"""The sampling engine on CUDA (marked gpu; run by scripts/gpu_check_sample.sh): the CUDA-graph
+"""The sampling engine on CUDA (marked gpu; run by scripts/gpu_check.sh): the CUDA-graph
 step against the library's non-graph loop with the same seed (fp32 within 1e-5; bf16 by the
 2x-error rule), ancestral and DDIM (eta 0 and 0.5), respaced, class-conditional, channels-last,
 user generators, a one-step process, capture caching and memory report, compile mode, and the

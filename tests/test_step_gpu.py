@@ -1,4 +1,4 @@
-"""Fused reverse-diffusion steps on CUDA (marked gpu; run by scripts/gpu_check_step.sh):
+"""Fused reverse-diffusion steps on CUDA (marked gpu; run by scripts/gpu_check.sh):
 parity with the eager CUDA path and the CPU kernel, both kernels (vector and scalar paths),
 Philox noise keyed by the CUDA generator, CUDA graph capture, noise statistics, one launch
 per step, and errors that need a second device."""
