@@ -181,8 +181,11 @@ def task_train(run, settings, out_dir, device="cpu") -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)
-    if os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)  # a partial earlier attempt of this task (our own folder)
+    if os.path.isdir(run_dir):  # an earlier attempt of this task: ours to replace, nothing else
+        ours = {"progress.jsonl", "latest.json", "train.json", "loss.png"}
+        if os.listdir(run_dir) and not ours & set(os.listdir(run_dir)):
+            raise ReproductionError(f"{run_dir}: exists and is not a reproduction run folder; choose another --out")
+        shutil.rmtree(run_dir)
     cfg, seed, n = model_config(settings, run), settings["seed"], settings["train_steps"]
     data = BatchStream(_digits(settings, "train"), settings["batch_size"], seed=seed)
     torch.manual_seed(seed)

@@ -110,6 +110,11 @@ def test_settings_and_cli_errors(tmp_path, capsys):
     assert rc == 2 and "iddpm: error: runs: expected names from" in err and "Traceback" not in err
     rc = cli.main(["reproduce", "--scale", "tiny", "--sample_steps", "10,x", "--out", str(tmp_path)])
     assert rc == 2 and "sample_steps: expected comma-separated ints" in capsys.readouterr().err
+    (tmp_path / "simple_cosine").mkdir()  # a folder that is not ours is never deleted
+    (tmp_path / "simple_cosine" / "notes.txt").write_text("keep me")
+    rc = cli.main(["reproduce", "--scale", "tiny", "--runs", "simple_cosine", "--jobs", "1", "--out", str(tmp_path)])
+    assert rc == 2 and "is not a reproduction run folder" in capsys.readouterr().err
+    assert (tmp_path / "simple_cosine" / "notes.txt").read_text() == "keep me"
 
 
 # -------------------------------------------------------------------------------------
