@@ -243,3 +243,41 @@ def cmd_nll(args, explicit: set) -> dict:
     dist_util.barrier()
     dist_util.cleanup()
     return {"bits_per_dim": mean, "stderr": err, "num_images": n, "seconds": seconds, **res}
+
+
+# -------------------------------------------------------------------------------------
+# fid
+# -------------------------------------------------------------------------------------
+
+
+def cmd_fid(args) -> dict:
+    """``iddpm fid REF SAMPLES --inception PATH``: FID, IS, precision and recall."""
+    from .checkpoint import atomic_write_bytes
+    from .evaluation import evaluate
+
+    if args.batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {args.batch_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device")
+    for what, path in (("ref", args.ref), ("samples", args.samples)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what}: no such file: {path!r} (expected an .npz with arr_0 uint8 NHWC images)")
+    cache_dir = None if args.no_cache else args.cache_dir
+    t0 = time.perf_counter()
+    res = evaluate(args.ref, args.samples, args.inception, batch_size=args.batch_size, device=device,
+                   cache_dir=cache_dir)
+    res["seconds"] = time.perf_counter() - t0
+    res.update(ref=args.ref, samples=args.samples, inception=args.inception)
+    cached = "read from the cache" if res["reference_cached"] else ("computed and cached" if cache_dir is not None
+                                                                    else "computed (no cache)")
+    print(f"FID              {res['fid']:.4f}")
+    print(f"Inception Score  {res['inception_score']:.4f} ± {res['inception_score_std']:.4f}")
+    print(f"precision        {res['precision']:.4f}")
+    print(f"recall           {res['recall']:.4f}")
+    print(f"reference: {args.ref} ({res['num_reference']} images, statistics {cached}); samples: "
+          f"{args.samples} ({res['num_samples']} images); {res['seconds']:.1f} s on {device}")
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(res, indent=1) + "\n").encode(), overwrite=True)
+        print(f"wrote {args.json}")
+    return res
