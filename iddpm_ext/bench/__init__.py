@@ -66,7 +66,11 @@ def main(argv=None, prog: str = "iddpm bench") -> int:
         else:
             sub_args = args
         common.setup(sub_args)
-        recs = mod.run(sub_args)
+        try:
+            recs = mod.run(sub_args)
+        except common.BenchArgumentError as e:  # a bad --cases / --dtype / ... value: one line
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
         common.print_table(recs, title=f"iddpm bench {name}")
         records.extend(recs)
     if args.json:

@@ -98,18 +98,35 @@ def _timed(fn, device, args):
     return common.time_ms(fn, device, warmup, iters)
 
 
+def _pick(table: dict, name: str, what: str):
+    key = name.strip()
+    if key not in table:
+        raise common.BenchArgumentError(f"--{what}: expected names from {sorted(table)}, got {key!r}")
+    return table[key]
+
+
+def _parse_passes(text: str) -> list:
+    passes = []
+    for p in text.split(","):
+        p = p.strip()
+        if p == "both":
+            passes += ["fwd", "fwd+bwd"]
+        elif p in ("fwd", "fwd+bwd"):
+            passes.append(p)
+        else:
+            raise common.BenchArgumentError(f"--passes: expected fwd, fwd+bwd or both, got {p!r}")
+    return list(dict.fromkeys(passes))
+
+
 def run(args) -> list:
     device = torch.device(args.device)
     if args.dtype:
-        dtypes = [_DTYPES[d.strip()] for d in args.dtype.split(",")]
+        dtypes = [_pick(_DTYPES, d, "dtype") for d in args.dtype.split(",")]
     else:
         dtypes = ([torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda"
                   else [torch.float32])
-    if args.cases:
-        cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
-    else:
-        cases = QUICK_CASES if args.quick else CASES
-    passes = [p.strip() for p in args.passes.split(",")]
+    cases = common.parse_shapes(args.cases, "--cases", 4, "64x4x64x256") if args.cases else (QUICK_CASES if args.quick else CASES)
+    passes = _parse_passes(args.passes)
     backends = _backends(device)
     peak_flops = common.peak_tensor_flops(device)
     records = []

@@ -30,6 +30,23 @@ _PEAKS = {
 }
 
 
+class BenchArgumentError(ValueError):
+    """A benchmark argument with a bad value; ``iddpm bench`` prints it as one error line."""
+
+
+def parse_shapes(text: str, flag: str, dims: int, example: str) -> list:
+    """``"64x4x64x256,1x4x64x64"`` -> [(64, 4, 64, 256), (1, 4, 64, 64)]; each shape has
+    ``dims`` positive ints, else a :class:`BenchArgumentError` naming ``flag``."""
+    shapes = []
+    for c in text.split(","):
+        parts = c.strip().lower().split("x")
+        if len(parts) != dims or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise BenchArgumentError(f"{flag}: expected {dims} positive ints joined by 'x' (e.g. {example}), "
+                                     f"got {c.strip()!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
 def setup(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

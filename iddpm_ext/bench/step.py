@@ -117,7 +117,7 @@ def _table_step(table, x, mo, t, var_type, ddim, eta, clip=True):
 
 
 def _parse_sizes(text):
-    return [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part]
+    return common.parse_shapes(text, "--sizes", 4, "64x3x32x32")
 
 
 def run(args) -> list:

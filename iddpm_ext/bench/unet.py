@@ -95,9 +95,9 @@ def activation_bytes(model: torch.nn.Module, *inputs, loss_fn=None) -> int:
 
 def _runs(args, device) -> tuple[int, int]:
     warmup, iters = args.warmup, args.iters
-    if device.type == "cpu":
-        warmup = 1 if warmup == _AUTO else warmup
-        iters = (2 if args.quick else 3) if iters == _AUTO else iters
+    if device.type == "cpu":  # a few runs more than feel necessary: single runs here swing by 50%
+        warmup = (1 if args.quick else 2) if warmup == _AUTO else warmup
+        iters = (2 if args.quick else 7) if iters == _AUTO else iters
     else:
         warmup = (2 if args.quick else 5) if warmup == _AUTO else warmup
         iters = (3 if args.quick else 20) if iters == _AUTO else iters

@@ -1,0 +1,48 @@
+"""``iddpm bench`` argument handling: the attention benchmark's --passes (``both`` = fwd and
+fwd+bwd), shapes given on the command line, and bad values as one error line (exit 2)."""
+
+import json
+
+import pytest
+
+from iddpm_ext import bench, ops
+
+
+def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    argv = ["attention", "--device", "cpu", "--threads", "1", "--warmup", "1", "--iters", "2",
+            "--cases", "1x2x32x16", "--passes", "both", "--json", str(out)]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    recs = json.loads(out.read_text())["records"]
+    ops_seen = {r["op"] for r in recs}
+    assert ops_seen == {"qkv_attention fwd", "qkv_attention fwd+bwd"}
+    assert all(r["shape"] == [1, 2, 32, 16] for r in recs)
+    impls = {r["impl"] for r in recs}
+    assert "einsum (reference)" in impls
+    if ops.has_kernel("cpu"):
+        assert "iddpm (fused)" in impls
+
+
+def test_step_sizes_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    argv = ["step", "--device", "cpu", "--threads", "1", "--warmup", "1", "--iters", "2", "--no-compile",
+            "--sizes", "2x3x8x8", "--json", str(out)]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    recs = json.loads(out.read_text())["records"]
+    assert recs and all(r["shape"][:4] == [2, 3, 8, 8] for r in recs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["attention", "--device", "cpu", "--passes", "forward"], "--passes: expected fwd, fwd+bwd or both, got 'forward'"),
+    (["attention", "--device", "cpu", "--cases", "1x4x64"], "--cases: expected 4 positive ints"),
+    (["attention", "--device", "cpu", "--cases", "1x4x0x64"], "got '1x4x0x64'"),
+    (["attention", "--device", "cpu", "--dtype", "float8"], "--dtype: expected names from"),
+    (["step", "--device", "cpu", "--sizes", "64x3xAx32"], "--sizes: expected 4 positive ints"),
+])
+def test_bad_values_are_one_error_line(argv, message, capsys):
+    assert bench.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in out + err
+    assert err.startswith("iddpm bench: error:")
