@@ -117,7 +117,7 @@ def _add_eval_parsers(sub):
     p.add_argument("--train_steps", type=int, default=None, help="training steps per run")
     p.add_argument("--diffusion_steps", type=int, default=None, help="T (default: 1000)")
     p.add_argument("--nll_images", type=int, default=None, help="test digits for bits/dim (default: all 297)")
-    p.add_argument("--num_samples", type=int, default=None, help="samples per step count (default: 300)")
+    p.add_argument("--num_samples", type=int, default=None, help="samples per step count (default: 500)")
     p.add_argument("--sample_steps", default="", help="comma-separated step counts, 0 = T (default: 0,100,50,25)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the finished tasks of an earlier run in --out with the same settings")

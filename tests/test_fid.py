@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from iddpm_ext.evaluation import (
-    InceptionV3,
     evaluate,
     feature_statistics,
     frechet_distance,
@@ -84,19 +83,6 @@ def test_load_npz_images_errors(tmp_path):
         load_npz_images(str(tmp_path / "junk.npz"))
     with pytest.raises(FileNotFoundError):
         load_npz_images(str(tmp_path / "missing.npz"))
-
-
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    torch.manual_seed(0)
-    net = InceptionV3()
-    for m in net.modules():  # spread the BN statistics so that features differ between images
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.fill_(0.5)
-    path = tmp_path_factory.mktemp("w") / "inception_random.pth"
-    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    torch.save(state, path)
-    return str(path)
 
 
 def test_inception_weights_file_errors(tmp_path, random_inception):

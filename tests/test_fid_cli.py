@@ -9,19 +9,12 @@ import pytest
 import torch
 
 from iddpm_ext import cli
-from iddpm_ext.evaluation import InceptionV3, evaluate
+from iddpm_ext.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    net = InceptionV3()
-    for m in net.modules():  # spread the BN statistics so that features differ between images
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.fill_(0.5)
-    path = tmp_path_factory.mktemp("w") / "inception_random.pth"
-    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
-    return str(path)
+def weights(random_inception):  # tests/conftest.py: a random network saved as a weights file
+    return random_inception
 
 
 @pytest.fixture(scope="module")
