@@ -8,8 +8,10 @@ float32/float16/bfloat16, explicit noise (if any) has x's dtype and device, and 
 gradient is being recorded. ``diffusion.use_fused = False`` (or IDDPM_EXT_FUSED=0 in the
 environment before the diffusion is made) forces the eager path.
 
-With the fused op the sample and pred_xstart keep x's dtype (the eager path promotes to
-float32). Noise that is not given is drawn with ``torch.randn_like(x)`` from torch's
+Results are float32 either way, as in the reference: its float32 coefficient tables promote
+fp16/bf16 operands, so an fp16/bf16 x is upcast (exactly) before the fused op, which then
+computes from the same values as the eager math. (The ops themselves, and the sampling
+engine, return x's dtype.) Noise that is not given is drawn with ``torch.randn_like(x)`` from torch's
 global RNG on CPU without a generator (as the reference draws it, so seeded runs match
 the reference), else in the kernel with Philox keyed by ``generator`` or the device's
 default generator. Because ``randn_like`` follows x's memory layout, a fused result is
@@ -73,6 +75,13 @@ class SamplingMixin:
         if noise is None and generator is None and x.device.type == "cpu":
             return torch.randn_like(x)
         return noise
+
+    @staticmethod
+    def _as_float32(*vs):
+        """x (and noise) as the eager math sees them: its float32 coefficient tables promote
+        fp16/bf16 operands to float32, so its results are float32. Upcasting first (exact)
+        makes the fused op compute from the same values and return float32 as well."""
+        return tuple(v.float() if v is not None and v.dtype != torch.float32 else v for v in vs)
 
     # ------------------------------------------------------------------------------
     # when the fused kernels apply, and the layout of their results
@@ -208,9 +217,10 @@ class SamplingMixin:
         model_output = self._run_model(model, x, t, model_kwargs)
         if self._fused_applies(x, model_output, t, denoised_fn, noise):
             noise = self._fused_noise(x, noise, generator)
+            x32, noise32 = self._as_float32(x, noise)
             sample, pred_xstart = ops.p_sample_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
-                self.model_var_type, clip_denoised, noise=noise, generator=generator,
+                x32, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                self.model_var_type, clip_denoised, noise=noise32, generator=generator,
                 return_pred_xstart=need_pred_xstart)
             return self._fused_result("p_sample", x, model_output, noise, clip_denoised, 0.0,
                                       sample, pred_xstart)
@@ -243,9 +253,10 @@ class SamplingMixin:
                                                                   noise):
             # The reference draws noise even when eta = 0; the default CPU draw keeps that.
             noise = self._fused_noise(x, noise, generator)
+            x32, noise32 = self._as_float32(x, noise)
             sample, pred_xstart = ops.ddim_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
-                self.model_var_type, clip_denoised, eta=float(eta), noise=noise,
+                x32, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                self.model_var_type, clip_denoised, eta=float(eta), noise=noise32,
                 generator=generator, return_pred_xstart=need_pred_xstart)
             return self._fused_result("ddim", x, model_output, noise, clip_denoised, eta,
                                       sample, pred_xstart)
@@ -269,8 +280,9 @@ class SamplingMixin:
         self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
         if self._fused_applies(x, model_output, t, denoised_fn, None):
+            (x32,) = self._as_float32(x)
             sample, pred_xstart = ops.ddim_reverse_step(
-                x, model_output, t, self.coef_table(x.device), self.model_mean_type,
+                x32, model_output, t, self.coef_table(x.device), self.model_mean_type,
                 self.model_var_type, clip_denoised)
             return self._fused_result("ddim_reverse", x, model_output, None, clip_denoised, 0.0,
                                       sample, pred_xstart)
