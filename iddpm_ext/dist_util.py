@@ -109,3 +109,33 @@ def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
+
+
+# -------------------------------------------------------------------------------------
+# the reference's names (improved_diffusion.dist_util), for scripts written against it
+# -------------------------------------------------------------------------------------
+
+
+def dev() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_state_dict(path, map_location=None, **kwargs):
+    """The state dict in ``path``: a reference ``.pt`` (read with ``weights_only=True``) or this
+    library's ``.safetensors``; a clear error for a missing, corrupt or non-weights file.
+    ``map_location`` (a device) moves the tensors there; other torch.load keywords are not used."""
+    from . import checkpoint
+
+    del kwargs
+    state, _, _ = checkpoint.load_weights(str(path))
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return state
+
+
+def sync_params(params):
+    """Rank 0's parameter values on every rank (the reference's name for broadcast_params)."""
+    broadcast_params(list(params))

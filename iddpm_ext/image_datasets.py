@@ -1,0 +1,32 @@
+"""``improved_diffusion.image_datasets`` under its own name: ``load_data`` as the reference's
+training scripts call it, over this library's data sources (docs/training.md, "Data").
+
+``data_dir`` may be anything ``iddpm train --data_dir`` takes: an image folder (recursive
+jpg/jpeg/png, class = file-name prefix before the first ``_``), a ``.npz`` (uint8 NHWC
+``arr_0``, labels ``arr_1``), a CIFAR-10 python-batches folder, or ``digits``.
+"""
+
+from __future__ import annotations
+
+from . import dist_util
+from .data import BatchStream, DataError, list_image_files, open_source
+
+__all__ = ["load_data", "list_image_files"]
+
+
+def load_data(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False,
+              image_channels=3, random_flip=False, seed=0):
+    """An endless iterator of ``(images, kwargs)``: images float32 [B, C, H, W] in [-1, 1],
+    kwargs ``{"y": int64 [B]}`` when ``class_cond`` else ``{}``.
+
+    As the reference: resize + center crop to ``image_size``, each process (rank) reads its
+    own shard, whole batches only, shuffled unless ``deterministic``. Additions (keyword
+    only, defaults = the reference's behaviour): ``image_channels`` (1 or 3), ``random_flip``,
+    ``seed`` of the shuffle order. The iterator has ``state_dict`` / ``load_state_dict`` for
+    exact resumption.
+    """
+    if not data_dir:
+        raise DataError("data_dir: unspecified data directory (a folder, a .npz file, or 'digits')")
+    source = open_source(str(data_dir), image_size=image_size, image_channels=image_channels)
+    return BatchStream(source, batch_size, rank=dist_util.get_rank(), world=dist_util.get_world_size(),
+                       seed=seed, shuffle=not deterministic, random_flip=random_flip, class_cond=class_cond)

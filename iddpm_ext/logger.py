@@ -1,0 +1,248 @@
+"""``improved_diffusion.logger`` under its own name: the key-value logger the reference's
+scripts call (``configure``, ``logkv``, ``logkv_mean``, ``dumpkvs``, ``log``, ``get_dir``).
+
+Formats: ``stdout`` (a table), ``log`` (the same into ``log.txt``), ``csv``
+(``progress.csv``; the header grows when new keys appear), ``json`` (``progress.json``, one
+object per dump). ``configure()`` without a ``dir`` uses ``$OPENAI_LOGDIR`` or a fresh folder
+under the system temp dir, and ``$OPENAI_LOG_FORMAT`` (default ``stdout,log,csv``) on rank 0;
+other ranks write only ``log{suffix}.txt`` with their rank in the suffix. Differences: no
+TensorBoard format, and ``logkv_mean`` values are averaged per process (the reference also
+averages them over MPI ranks at ``dumpkvs``). The library's own trainer writes JSONL instead
+(docs/training.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
+
+__all__ = ["configure", "reset", "scoped_configure", "logkv", "logkv_mean", "logkvs", "dumpkvs", "getkvs",
+           "log", "debug", "info", "warn", "error", "set_level", "get_dir", "get_current", "Logger",
+           "DEBUG", "INFO", "WARN", "ERROR", "DISABLED"]
+
+
+def _fmt(v) -> str:
+    return f"{v:<8.3g}" if hasattr(v, "__float__") and not isinstance(v, (int, str)) else str(v)
+
+
+class _Table:
+    """stdout / log.txt: a boxed key | value table per dump, plain lines for log()."""
+
+    def __init__(self, file, owns: bool):
+        self.file, self.owns = file, owns
+
+    def writekvs(self, kvs: dict):
+        if not kvs:
+            return
+        rows = [(str(k)[:30], _fmt(v)[:30]) for k, v in sorted(kvs.items())]
+        kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+        bar = "-" * (kw + vw + 7)
+        lines = [bar] + [f"| {k}{' ' * (kw - len(k))} | {v}{' ' * (vw - len(v))} |" for k, v in rows] + [bar]
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
+
+    def writeseq(self, args):
+        self.file.write(" ".join(map(str, args)) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.owns:
+            self.file.close()
+
+
+class _Csv:
+    def __init__(self, path: str):
+        self.path, self.keys = path, []
+        open(path, "w").close()
+
+    def writekvs(self, kvs: dict):
+        new = [k for k in sorted(kvs) if k not in self.keys]
+        if new:  # rewrite the file with the wider header, old rows padded
+            with open(self.path) as f:
+                old = f.read().splitlines()[1:]
+            self.keys += new
+            with open(self.path, "w") as f:
+                f.write(",".join(self.keys) + "\n")
+                for line in old:
+                    f.write(line + "," * len(new) + "\n")
+        with open(self.path, "a") as f:
+            f.write(",".join("" if kvs.get(k) is None else str(kvs[k]) for k in self.keys) + "\n")
+
+    def close(self):
+        pass
+
+
+class _Json:
+    def __init__(self, path: str):
+        self.path = path
+        open(path, "w").close()
+
+    def writekvs(self, kvs: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: (float(v) if hasattr(v, "dtype") else v) for k, v in kvs.items()}) + "\n")
+
+    def close(self):
+        pass
+
+
+def _make_format(name: str, directory: str, suffix: str):
+    os.makedirs(directory, exist_ok=True)
+    if name == "stdout":
+        return _Table(sys.stdout, owns=False)
+    if name == "log":
+        return _Table(open(os.path.join(directory, f"log{suffix}.txt"), "w"), owns=True)
+    if name == "csv":
+        return _Csv(os.path.join(directory, f"progress{suffix}.csv"))
+    if name == "json":
+        return _Json(os.path.join(directory, f"progress{suffix}.json"))
+    raise ValueError(f"format_strs: expected names from ['stdout', 'log', 'csv', 'json'], got {name!r}")
+
+
+class Logger:
+    def __init__(self, dir, output_formats):
+        self.dir, self.output_formats = dir, list(output_formats)
+        self.name2val, self.name2cnt = {}, {}
+        self.level = INFO
+
+    def logkv(self, key, val):
+        self.name2val[key] = val
+
+    def logkv_mean(self, key, val):
+        n = self.name2cnt.get(key, 0)
+        old = self.name2val.get(key, 0.0)
+        self.name2val[key] = old * n / (n + 1) + val / (n + 1)
+        self.name2cnt[key] = n + 1
+
+    def dumpkvs(self) -> dict:
+        out = dict(self.name2val)
+        for fmt in self.output_formats:
+            fmt.writekvs(out)
+        self.name2val.clear()
+        self.name2cnt.clear()
+        return out
+
+    def log(self, *args, level=INFO):
+        if self.level <= level:
+            for fmt in self.output_formats:
+                if hasattr(fmt, "writeseq"):
+                    fmt.writeseq(args)
+
+    def set_level(self, level):
+        self.level = level
+
+    def get_dir(self):
+        return self.dir
+
+    def close(self):
+        for fmt in self.output_formats:
+            fmt.close()
+
+
+_current: Logger | None = None
+_default: Logger | None = None
+
+
+def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
+    """Start logging to ``dir`` in the given formats (see the module docstring)."""
+    global _current
+    from . import dist_util
+
+    del comm  # no MPI here; ranks come from torch.distributed
+    dir = dir or os.getenv("OPENAI_LOGDIR") or os.path.join(
+        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+    dir = os.path.expanduser(dir)
+    os.makedirs(dir, exist_ok=True)
+    rank = dist_util.get_rank()
+    if rank > 0:
+        log_suffix = f"{log_suffix}-rank{rank:03d}"
+    if format_strs is None:
+        format_strs = (os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv") if rank == 0
+                       else os.getenv("OPENAI_LOG_FORMAT_MPI", "log")).split(",")
+    formats = [_make_format(f.strip(), dir, log_suffix) for f in format_strs if f.strip()]
+    if _current is not None and _current is not _default:
+        _current.close()
+    _current = Logger(dir, formats)
+    if formats:
+        _current.log(f"Logging to {dir}")
+    return _current
+
+
+def get_current() -> Logger:
+    global _current, _default
+    if _current is None:  # before configure(): print to stdout only, as the reference does
+        _default = _current = Logger(None, [_Table(sys.stdout, owns=False)])
+    return _current
+
+
+def reset():
+    global _current
+    if _current is not None and _current is not _default:
+        _current.close()
+    _current = None
+
+
+@contextmanager
+def scoped_configure(dir=None, format_strs=None, comm=None):
+    global _current
+    previous = _current
+    _current = None
+    try:
+        yield configure(dir=dir, format_strs=format_strs, comm=comm)
+    finally:
+        _current.close()
+        _current = previous
+
+
+def logkv(key, val):
+    get_current().logkv(key, val)
+
+
+def logkv_mean(key, val):
+    get_current().logkv_mean(key, val)
+
+
+def logkvs(d):
+    for k, v in d.items():
+        logkv(k, v)
+
+
+def dumpkvs():
+    return get_current().dumpkvs()
+
+
+def getkvs():
+    return get_current().name2val
+
+
+def log(*args, level=INFO):
+    get_current().log(*args, level=level)
+
+
+def debug(*args):
+    log(*args, level=DEBUG)
+
+
+def info(*args):
+    log(*args, level=INFO)
+
+
+def warn(*args):
+    log(*args, level=WARN)
+
+
+def error(*args):
+    log(*args, level=ERROR)
+
+
+def set_level(level):
+    get_current().set_level(level)
+
+
+def get_dir():
+    return get_current().get_dir()
