@@ -137,7 +137,7 @@ COMMANDS = {
 
 def _add(group, key, default, help_text, suppress):
     kind = str2bool if isinstance(default, bool) else (str if default is None else type(default))
-    shown = f" (default: {default!r})" if not suppress else ""
+    shown = f" (default: {default!r})"  # also on the probe parser, which answers --help
     names = [f"--{key}"] + (["--data"] if key == "data_dir" else [])
     kwargs = dict(dest=key, type=kind, default=argparse.SUPPRESS if suppress else default,
                   help=help_text + shown)

@@ -34,6 +34,10 @@ def test_help_lists_every_flag_with_text(command, capsys):
     text = capsys.readouterr().out
     for key in REFERENCE_FLAGS[command] + list(model_and_diffusion_defaults()) + ["preset", "seed", "device"]:
         assert f"--{key}" in text, key
+    flat = " ".join(text.split())  # argparse wraps long help lines
+    for key, default in model_and_diffusion_defaults().items():  # each flag shows its own default
+        entry = flat.split(f"--{key} ")[-1].split(" --")[0]  # its line in the options list
+        assert f"(default: {default!r})" in entry, (key, entry)
     parser = cli.command_parser(command)
     for action in parser._actions:
         assert action.help, action.dest  # no flag without help text
