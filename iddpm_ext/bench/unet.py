@@ -10,9 +10,9 @@ plus backward of a mean-square loss. It also measures the training-step memory w
 without ``use_checkpoint``: on CUDA the peak allocated bytes above the parameters, on CPU
 the activation bytes kept for backward (see :func:`activation_bytes`).
 
-Defaults: CUDA batch 128; CPU batch 2 with 1 warm-up and 3 timed runs per case (the
-memory cases are timed once on CPU); ``--quick`` a tiny model (32 channels, 1 res block,
-16×16 images).
+Defaults: CUDA batch 128; CPU batch 2 with 2 warm-up and 7 timed runs per case (``--quick``:
+1 and 2; the memory cases are timed once on CPU); ``--quick`` a tiny model (32 channels, 1 res
+block, 16×16 images).
 """
 
 from __future__ import annotations
