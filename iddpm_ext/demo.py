@@ -67,19 +67,13 @@ def _time_step_alone(model, diffusion, n, shape, device, repeats=50) -> dict:
     def const(*_a, **_k):
         return out
 
+    from .bench.common import time_ms
+
     times = {}
     for fused in (True, False):
         diffusion.use_fused = fused
-        runs = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            diffusion.p_sample(const, x, t)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            runs.append(time.perf_counter() - t0)
-        times["step_ms_fused" if fused else "step_ms_eager"] = 1e3 * float(np.median(runs[repeats // 5:]))
+        times["step_ms_fused" if fused else "step_ms_eager"] = time_ms(
+            lambda: diffusion.p_sample(const, x, t), device, warmup=repeats // 5, iters=repeats, flush_l2=False)
     diffusion.use_fused = True
     return times
 

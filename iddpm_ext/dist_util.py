@@ -19,6 +19,11 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _local_gpu() -> torch.device:
+    """The GPU of this process under torchrun: LOCAL_RANK modulo the visible devices."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def setup_dist(device: str | None = None) -> torch.device:
     """Initialise the process group when launched by torchrun; return this rank's device.
 
@@ -30,9 +35,8 @@ def setup_dist(device: str | None = None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: expected a device that exists, got cuda (no CUDA device here)")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        dev = _local_gpu()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if launched_distributed() and not is_initialized():
@@ -118,9 +122,7 @@ def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 def dev() -> torch.device:
     """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
+    return _local_gpu() if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_state_dict(path, map_location=None, **kwargs):

@@ -125,7 +125,10 @@ def run(args) -> list:
     else:
         dtypes = ([torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda"
                   else [torch.float32])
-    cases = common.parse_shapes(args.cases, "--cases", 4, "64x4x64x256") if args.cases else (QUICK_CASES if args.quick else CASES)
+    if args.cases:
+        cases = common.parse_shapes(args.cases, "--cases", 4, "64x4x64x256")
+    else:
+        cases = QUICK_CASES if args.quick else CASES
     passes = _parse_passes(args.passes)
     backends = _backends(device)
     peak_flops = common.peak_tensor_flops(device)
