@@ -8,7 +8,7 @@ PyTorch and works without the compiled extension; the fused kernels live in
 from ._ops import ExtensionUnavailableError, build_info
 from ._ops import available as extension_available
 from .diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
-from .diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .engine import SamplingEngine
 from .errors import UnknownNameError
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
@@ -20,7 +20,7 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule
 from .script_util import (
     create_gaussian_diffusion,
     create_model,

@@ -129,13 +129,14 @@ def cmd_sample(args, explicit: set) -> dict:
     if dist_util.is_main() and not args.overwrite:
         S.check_outputs_free([npz, png, traj])
     steps = diffusion.num_timesteps
-    engine = S.resolve_engine(args.engine, device, diffusion)
+    sampler = S.Sampler(args.engine, model, diffusion, device)  # resolved once for the command
+    engine = sampler.name
     _say(f"sampling {args.num_samples} images from {path} ({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, "
          f"{steps} steps, engine {engine}, {dist_util.get_world_size()} process(es) on {device})")
     res = S.generate(model, diffusion, args.num_samples, (c, h, h), batch_size=args.batch_size, seed=args.seed,
                      use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
                      label=None if args.label < 0 else args.label, device=device,
-                     trajectory_steps=args.trajectory, progress=args.progress, engine=engine)
+                     trajectory_steps=args.trajectory, progress=args.progress, engine=sampler)
     if dist_util.is_main():
         S.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
         S.save_grid(png, res["images"][:256], overwrite=args.overwrite)

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import get_named_beta_schedule
+from .core.schedules import get_named_beta_schedule
 
 _VARIANCE_TYPES = {
     "fixed_small": ModelVarType.FIXED_SMALL,
@@ -174,6 +174,7 @@ class IDDPMScheduler:
                                        rescale_timesteps=self.config.rescale_timesteps,
                                        **self._types)
         # The respaced process without the model wrapper: step() hands it the model output.
+        # Its timesteps are indices into timestep_map, valid by construction: no host read.
         self._steps = GaussianDiffusion(betas=self.process.betas, **self._types)
         self._steps.check_timesteps = False
         self._index = {t: i for i, t in enumerate(self.process.timestep_map)}
@@ -237,21 +238,16 @@ class IDDPMScheduler:
             raise ValueError(f"sample: expected a tensor [B, C, ...], got "
                              f"{tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__}")
         t = self._step_index(timestep, sample.shape[0], sample.device)
-        d = self._steps
-
-        def given_output(x, ts, **kwargs):
-            return model_output
-
+        if self.config.sampler == "ancestral":
+            if eta not in (None, 0, 0.0):
+                raise ValueError(f"eta: ancestral sampling has no eta, got {eta}")
+            eta = 0.0
+        else:
+            eta = self.config.eta if eta is None else float(eta)
         with torch.no_grad():
-            if self.config.sampler == "ancestral":
-                if eta not in (None, 0, 0.0):
-                    raise ValueError(f"eta: ancestral sampling has no eta, got {eta}")
-                out = d._p_sample(given_output, sample, t, self.config.clip_sample, None, None,
-                                  variance_noise, generator)
-            else:
-                eta = self.config.eta if eta is None else float(eta)
-                out = d._ddim_sample(given_output, sample, t, self.config.clip_sample, None, None,
-                                     eta, variance_noise, generator)
+            out = self._steps.step(self.config.sampler, model_output, sample, t,
+                                   clip_denoised=self.config.clip_sample, eta=eta, noise=variance_noise,
+                                   generator=generator)
         result = IDDPMSchedulerOutput(out["sample"], out["pred_xstart"])
         return result if return_dict else result.to_tuple()
 

@@ -133,18 +133,6 @@ def _rng_preserved(device: torch.device):
         default.set_state(saved)
 
 
-def _echo_timesteps(x, timesteps, **kwargs):
-    """A stand-in model returning the timesteps it is given (see _model_timesteps)."""
-    return timesteps
-
-
-def _model_timesteps(diffusion, t: torch.Tensor) -> torch.Tensor:
-    """The timesteps the model sees for diffusion timesteps ``t``, computed by the
-    diffusion's own ``_run_model`` (respacing map, rescaling), elementwise, so the values
-    are those the reference loop passes to the model at each step."""
-    return diffusion._run_model(_echo_timesteps, None, t, None)
-
-
 def diffusion_signature(diffusion) -> tuple:
     """What of a diffusion a captured step depends on: process length, respacing map,
     timestep rescaling, mean/variance types and the β schedule."""
@@ -237,7 +225,6 @@ class _Entry:
     counter: torch.Tensor  # [1] int64, the index of the next step
     sample_index: torch.Tensor  # [B] int64, the global sample index keying each item's noise
     kwargs: dict  # name -> static tensor (class labels y, ...)
-    table: torch.Tensor  # [T', K] float32, the diffusion's coefficient table
     run_step: object = None  # what a step calls: the step function, its compiled form, or replay
     graph: object = None
     memory: dict = field(default_factory=dict)
@@ -501,17 +488,18 @@ class SamplingEngine:
                             memory_format=_memory_format(shape, self.channels_last)).zero_()
             t_rows = torch.arange(S - 1, -1, -1, device=dev, dtype=torch.long)
             t_rows = t_rows.view(S, 1).expand(S, B).contiguous()
-            model_t_rows = _model_timesteps(d, t_rows.reshape(-1)).reshape(S, B).contiguous()
+            model_t_rows = d.model_timesteps(t_rows.reshape(-1)).reshape(S, B).contiguous()
             static_kwargs = {k: torch.zeros(v.shape, dtype=v.dtype, device=dev)
                              for k, v in kwargs.items()}
             for k, v in kwargs.items():  # valid values for the warm-up
                 static_kwargs[k].copy_(v)
             counter = torch.zeros(1, dtype=torch.long, device=dev)
             sample_index = torch.arange(B, dtype=torch.long, device=dev)
+            d.coef_table(dev)  # the step's table, made now: outside graph capture and compilation
         entry = _Entry(key=key, diffusion=d, sampler=sampler, eta=eta, clip_denoised=clip,
                        amp_dtype=amp_dtype, x=x, t_rows=t_rows, model_t_rows=model_t_rows,
                        counter=counter, sample_index=sample_index,
-                       kwargs=static_kwargs, table=d.coef_table(dev))
+                       kwargs=static_kwargs)
         step = self._step_function(entry)
         self.stats["builds"] += 1
 
@@ -538,16 +526,14 @@ class SamplingEngine:
 
     def _step_function(self, e: _Entry):
         """The function one step runs (and graph mode captures): reads the static x, the
-        device counter, the static sample indices and kwargs; writes x_{t-1} into x and
-        advances the counter.
-        No host-to-device copies, no host syncs, no allocation that outlives the step."""
+        device counter, the static sample indices and kwargs; writes x_{t-1} into x (through
+        the diffusion's one per-step API, fused, with in-kernel per-sample noise) and advances
+        the counter. No host-to-device copies, no host syncs, no allocation that outlives the step."""
         model = self.model
-        table, t_rows, model_t_rows, counter, x, kwargs, index = (
-            e.table, e.t_rows, e.model_t_rows, e.counter, e.x, e.kwargs, e.sample_index)
+        t_rows, model_t_rows, counter, x, kwargs, index = (
+            e.t_rows, e.model_t_rows, e.counter, e.x, e.kwargs, e.sample_index)
         d = e.diffusion
-        mean_type = d.model_mean_type.name.lower()
-        var_type = d.model_var_type.name.lower()
-        clip, eta, ancestral = e.clip_denoised, e.eta, e.sampler == "ancestral"
+        kind, clip, eta = e.sampler, e.clip_denoised, e.eta  # samplers are step kinds
         amp_dtype, device_type = e.amp_dtype, self.device.type
 
         def step():
@@ -558,13 +544,9 @@ class SamplingEngine:
             else:
                 with torch.autocast(device_type, dtype=amp_dtype, cache_enabled=False):
                     model_output = model(x, model_t, **kwargs)
-            if ancestral:
-                sample, _ = ops.p_sample_step(x, model_output, t, table, mean_type, var_type,
-                                              clip, return_pred_xstart=False, sample_index=index)
-            else:
-                sample, _ = ops.ddim_step(x, model_output, t, table, mean_type, var_type, clip,
-                                          eta=eta, return_pred_xstart=False, sample_index=index)
-            x.copy_(sample)
+            out = d.step(kind, model_output, x, t, clip_denoised=clip, eta=eta, sample_index=index, fused=True,
+                         pred_xstart=False)
+            x.copy_(out["sample"])
             counter.add_(1)
 
         return step

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion
 
 
 def _parse_section_counts(num_timesteps: int, section_counts):
@@ -150,6 +150,14 @@ class SpacedDiffusion(GaussianDiffusion):
     def _run_model(self, model, x, t, model_kwargs):
         return self._wrap_model(model)(x, t, **(model_kwargs or {}))
 
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The original process's timesteps of respaced timesteps ``t`` (scaled to [0, 1000)
+        with ``rescale_timesteps``): what the model is given."""
+        new_ts = self._timestep_map_tensor(t.device, t.dtype)[t]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return new_ts
+
     def _scale_timesteps(self, t):
         # Scaling is done by the wrapped model.
         return t
@@ -166,7 +174,4 @@ class _WrappedModel:
         self.original_num_steps = diffusion.original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        new_ts = self.diffusion._timestep_map_tensor(ts.device, ts.dtype)[ts]
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return self.model(x, new_ts, **kwargs)
+        return self.model(x, self.diffusion.model_timesteps(ts), **kwargs)

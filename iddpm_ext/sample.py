@@ -96,6 +96,25 @@ def resolve_engine(engine, device, diffusion=None) -> str:
     return "loop"
 
 
+class Sampler:
+    """The sampler of a command, resolved once: ``name`` in ("loop", "graph", "compile",
+    "eager") and, for the engine modes, one :class:`~iddpm_ext.engine.SamplingEngine`
+    (``engine``) reused across batches (one configuration per batch size: a short last
+    batch builds, and in graph mode captures, a second one)."""
+
+    def __init__(self, engine, model, diffusion, device):
+        self.name = resolve_engine(engine, device, diffusion)
+        self.engine = None
+        if self.name != "loop":
+            from .engine import SamplingEngine
+
+            self.engine = SamplingEngine(model, diffusion, mode=self.name, device=device)
+
+
+def _sampler(engine, model, diffusion, device) -> Sampler:
+    return engine if isinstance(engine, Sampler) else Sampler(engine, model, diffusion, device)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] (as the reference's image_sample)."""
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -136,20 +155,15 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
     an int = that class for all. ``trajectory_steps`` > 0 keeps x_t at that many evenly
     spaced steps (frames: list of (t, [B, C, H, W] on CPU)). ``engine``: one of ENGINES, or
-    a :class:`~iddpm_ext.engine.SamplingEngine` to run (reused across batches by
-    :func:`generate`; see the module docstring).
+    a :class:`Sampler` (reused across batches by :func:`generate`; see the module docstring).
     """
     device = torch.device(device)
+    sampler = _sampler(engine, model, diffusion, device)
     gens = _generators(seed, indices, device)
     labels, x = _labels_and_x_T(model, gens, indices, shape, label, device)
     keep = _kept_steps(diffusion.num_timesteps, trajectory_steps)
-    if isinstance(engine, str):
-        engine = resolve_engine(engine, device, diffusion)
-        if engine == "loop":
-            return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
-        from .engine import SamplingEngine
-
-        engine = SamplingEngine(model, diffusion, mode=engine, device=device)
+    if sampler.engine is None:
+        return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
     frames = []
 
     def keep_frame(t_int, x_t):
@@ -159,46 +173,57 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     # Every batch starts the step-noise generator afresh: step k has the same Philox key and
     # offset in every batch and process, and sample i takes its own stream (sample_index).
     g = torch.Generator(device=device).manual_seed(step_noise_seed(seed))
-    out = engine.sample(tuple(x.shape), sampler="ddim" if use_ddim else "ancestral",
-                        eta=eta if use_ddim else 0.0, diffusion=diffusion, noise=x,
-                        clip_denoised=clip_denoised, y=labels, generator=g,
-                        sample_index=torch.tensor(list(indices), dtype=torch.long),
-                        callback=keep_frame if keep else None)
+    out = sampler.engine.sample(tuple(x.shape), sampler="ddim" if use_ddim else "ancestral",
+                                eta=eta if use_ddim else 0.0, diffusion=diffusion, noise=x,
+                                clip_denoised=clip_denoised, y=labels, generator=g,
+                                sample_index=torch.tensor(list(indices), dtype=torch.long),
+                                callback=keep_frame if keep else None)
     return out, labels, frames
 
 
+class _StepNoise:
+    """The loop's step noise: a callable t -> [B, C, H, W] for the library's sampling loops
+    (``step_noise=``), drawing each sample's noise from its own generator in chunks of
+    NOISE_CHUNK steps. Called for t = T-1 .. 0 in order; ``zeros``: all-zero noise (DDIM
+    with eta = 0 uses none)."""
+
+    def __init__(self, gens, x, num_timesteps, zeros=False):
+        self.gens, self.shape, self.device = gens, tuple(x.shape[1:]), x.device
+        self.T, self.next, self.chunk = num_timesteps, 0, None
+        self.zeros = torch.zeros_like(x) if zeros else None
+
+    def __call__(self, t: int) -> torch.Tensor:
+        j = self.T - 1 - t
+        if j != self.next:
+            raise RuntimeError(f"step noise asked for timestep {t} out of order (expected {self.T - 1 - self.next})")
+        self.next += 1
+        if self.zeros is not None:
+            return self.zeros
+        k = j % NOISE_CHUNK
+        if k == 0:
+            n = min(NOISE_CHUNK, self.T - j)
+            self.chunk = torch.stack([torch.randn((n, *self.shape), generator=g, device=self.device)
+                                      for g in self.gens], 1)  # [n, B, C, H, W]
+        return self.chunk[k]
+
+
 def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep):
-    """The explicit-noise loop: each step's noise from the per-sample generators."""
-    device, shape, B = x.device, tuple(x.shape[1:]), x.shape[0]
+    """The explicit-noise loop: the library's sampling loop, each step's noise from the
+    per-sample generators."""
     model_kwargs = {} if labels is None else {"y": labels}
     T = diffusion.num_timesteps
+    noise = _StepNoise(gens, x, T, zeros=use_ddim and eta == 0.0)
+    if use_ddim:
+        steps = diffusion.ddim_sample_loop_progressive(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
+                                                       model_kwargs=model_kwargs, eta=eta, step_noise=noise)
+    else:
+        steps = diffusion.p_sample_loop_progressive(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
+                                                    model_kwargs=model_kwargs, step_noise=noise)
     frames = []
-    deterministic = use_ddim and eta == 0.0
-    zeros = torch.zeros_like(x) if deterministic else None
-    check, diffusion.check_timesteps = getattr(diffusion, "check_timesteps", True), False
-    try:
-        chunk = None
-        for j, t_int in enumerate(range(T - 1, -1, -1)):
-            if deterministic:
-                noise = zeros
-            else:
-                k = j % NOISE_CHUNK
-                if k == 0:
-                    n = min(NOISE_CHUNK, T - j)
-                    chunk = torch.stack([torch.randn((n, *shape), generator=g, device=device) for g in gens], 1)
-                noise = chunk[k]  # [B, C, H, W]
-            t = torch.full((B,), t_int, device=device, dtype=torch.long)
-            if use_ddim:
-                out = diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                            eta=eta, noise=noise)
-            else:
-                out = diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                         noise=noise)
-            x = out["sample"]
-            if t_int in keep:
-                frames.append((t_int, x.float().cpu()))
-    finally:
-        diffusion.check_timesteps = check
+    for t_int, out in zip(range(T - 1, -1, -1), steps):
+        x = out["sample"]
+        if t_int in keep:
+            frames.append((t_int, x.float().cpu()))
     return x.float(), labels, frames
 
 
@@ -208,9 +233,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     """``num_samples`` samples split over the processes (rank r makes a contiguous block of
     global indices, :func:`rank_indices`), gathered on every rank in index order.
 
-    ``engine``: one of ENGINES (module docstring); an engine mode builds one
-    SamplingEngine for all batches (one configuration per batch size: a short last batch
-    builds, and in graph mode captures, a second one).
+    ``engine``: one of ENGINES (module docstring), resolved here once, or a :class:`Sampler`.
 
     :return: dict with "images" uint8 [N, H, W, C] (numpy), "labels" [N] or None,
         "trajectory" (list of (t, [k, C, H, W]) for the first k samples, rank 0's), "seconds",
@@ -221,12 +244,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     mine = rank_indices(num_samples, rank, world)
     counts = rank_counts(num_samples, world)
-    mode = resolve_engine(engine, device, diffusion)
-    runner = mode
-    if mode != "loop":
-        from .engine import SamplingEngine
-
-        runner = SamplingEngine(model, diffusion, mode=mode, device=device)
+    sampler = _sampler(engine, model, diffusion, device)
     images, labels, trajectory = [], [], []
     starts = range(0, len(mine), batch_size)
     if progress and dist_util.is_main():
@@ -239,7 +257,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         want_traj = trajectory_steps if (s == 0 and rank == 0) else 0
         x, y, frames = sample_batch(model, diffusion, idx, shape, seed=seed, use_ddim=use_ddim, eta=eta,
                                     clip_denoised=clip_denoised, label=label, device=device,
-                                    trajectory_steps=want_traj, engine=runner)
+                                    trajectory_steps=want_traj, engine=sampler)
         images.append(to_uint8(x))
         if y is not None:
             labels.append(y)
@@ -257,7 +275,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=dev)
         all_labels = dist_util.all_gather_rows(local_y, counts).cpu().numpy()
     return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds,
-            "engine": mode}
+            "engine": sampler.name}
 
 
 # -------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from . import diffusion as gd
+from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import get_named_beta_schedule
+from .core.schedules import get_named_beta_schedule
 
 
 def create_gaussian_diffusion(

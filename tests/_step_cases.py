@@ -15,7 +15,7 @@ from iddpm_ext import (
     get_named_beta_schedule,
     space_timesteps,
 )
-from iddpm_ext.tables import COEF_INDEX
+from iddpm_ext.core.tables import COEF_INDEX
 
 LEARNED = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 

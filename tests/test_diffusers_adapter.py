@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import iddpm_ext.sampling as sampling_mod
+import iddpm_ext.core.sampling as sampling_mod
 from iddpm_ext import create_gaussian_diffusion, ops, space_timesteps
 from iddpm_ext.diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
 

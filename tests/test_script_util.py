@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iddpm_ext import SpacedDiffusion, SuperResModel, UNetModel, script_util
-from iddpm_ext.diffusion import LossType, ModelMeanType, ModelVarType
+from iddpm_ext.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
 
 # improved-diffusion's model_and_diffusion_defaults(), as published (README / script_util.py).
 REFERENCE_DEFAULTS = dict(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import iddpm_ext.ops as ops
 from iddpm_ext import ModelMeanType, ModelVarType
 from iddpm_ext import _ops
-from iddpm_ext.tables import COEF_INDEX, COEF_NAMES
+from iddpm_ext.core.tables import COEF_INDEX, COEF_NAMES
 
 from _step_cases import LEARNED, assert_parity, make_diffusion, make_inputs, run_step
 

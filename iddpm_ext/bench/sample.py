@@ -308,7 +308,7 @@ def _graph_extras(engine, model, d, shape, x_T, device, dtype, ms, iters) -> dic
     extra = {}
     try:
         t = torch.full((shape[0],), d.num_timesteps // 2, device=device, dtype=torch.long)
-        model_t = d._run_model(lambda x, ts, **kw: ts, None, t, None)
+        model_t = d.model_timesteps(t)
         with attention_impl("auto"):
             model_ms = _model_only_ms(model, x_T, model_t, device, dtype, iters)
         extra["model_ms"] = round(model_ms, 4)

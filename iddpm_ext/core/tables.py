@@ -3,12 +3,16 @@
 ``schedule_arrays`` follows the reference's formulas exactly (same operations, same
 order), so that the float32 values the library uses are the reference's values.
 ``stack_coef_table`` lays them out as one [T, K] table, a row per timestep, for the
-single-gather lookups of the eager path and the fused kernels (columns in COEF_NAMES).
+single-gather lookups of the eager path and the fused kernels (columns in COEF_NAMES);
+``step_coefs`` gathers the rows of a batch of timesteps as a :class:`StepCoefs`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from .. import ops
 
 # Column order of the [T, K] coefficient table. Append only: kernels index by position.
 COEF_NAMES = (
@@ -89,3 +93,41 @@ def schedule_arrays(betas) -> dict:
 def stack_coef_table(arrays: dict) -> np.ndarray:
     """The [T, K] float64 table whose column k is ``arrays[COEF_NAMES[k]]``."""
     return np.stack([np.asarray(arrays[n], dtype=np.float64) for n in COEF_NAMES], axis=1)
+
+
+def _broadcast_shape(batch: int, ndim: int) -> tuple:
+    return (batch,) + (1,) * (ndim - 1)
+
+
+class StepCoefs:
+    """The schedule coefficients of one batch of timesteps, each as [N, 1, ..., 1].
+    One read-only property per column of the coefficient table (COEF_NAMES)."""
+
+    __slots__ = ("_rows", "_shape")
+
+    def __init__(self, rows: torch.Tensor, ndim: int):
+        self._rows = rows  # [N, K] float32
+        self._shape = _broadcast_shape(rows.shape[0], ndim)
+
+    def column(self, k: int) -> torch.Tensor:
+        return self._rows[:, k].view(self._shape)
+
+
+def _coef_property(k: int, name: str):
+    return property(lambda self: self.column(k), doc=f"column {k} of the table: {name}")
+
+
+for _name, _k in COEF_INDEX.items():
+    setattr(StepCoefs, _name, _coef_property(_k, _name))
+del _name, _k
+
+
+def step_coefs(table: torch.Tensor, t: torch.Tensor, ndim: int) -> StepCoefs:
+    """The rows of ``table`` [T, K] for timesteps ``t`` [N], broadcastable against [N, ...]
+    tensors of ``ndim`` dims: one gather (``iddpm::gather_coefs`` where the extension has a
+    kernel for t's device), no host sync."""
+    if ops.has_kernel(t.device) and t.dtype in (torch.int64, torch.int32):
+        rows = ops.gather_coefs(table, t)
+    else:
+        rows = table[t.long()]
+    return StepCoefs(rows, ndim)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnknownNameError
+from ..errors import UnknownNameError
 
 SCHEDULE_NAMES = ("linear", "cosine")
 
