@@ -5,12 +5,12 @@ PyTorch and works without the compiled extension; the fused kernels live in
 ``iddpm_ext._C`` and are used when it is built (see :func:`build_info`).
 """
 
-from ._ops import ExtensionUnavailableError, build_info
-from ._ops import available as extension_available
+from .errors import ExtensionUnavailableError, UnknownNameError
+from .ops import attention_impl, build_info, get_attention_impl, set_attention_impl
+from .ops import available as extension_available
 from .diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .engine import SamplingEngine
-from .errors import UnknownNameError
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
     LossAwareSampler,
@@ -29,7 +29,7 @@ from .script_util import (
 )
 from .unet import SuperResModel, UNetModel
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ExtensionUnavailableError",
@@ -48,6 +48,8 @@ __all__ = [
     "UNetModel",
     "UniformSampler",
     "UnknownNameError",
+    "__version__",
+    "attention_impl",
     "betas_for_alpha_bar",
     "build_info",
     "create_gaussian_diffusion",
@@ -56,9 +58,11 @@ __all__ = [
     "create_named_schedule_sampler",
     "discretized_gaussian_log_likelihood",
     "extension_available",
+    "get_attention_impl",
     "get_named_beta_schedule",
     "mean_flat",
     "model_and_diffusion_defaults",
     "normal_kl",
+    "set_attention_impl",
     "space_timesteps",
 ]

@@ -164,7 +164,7 @@ def save_weights(path: str, state_dict: dict, config: dict, **meta):
     """Weights [name -> tensor] as safetensors with ``config`` (JSON) and ``meta`` in the header."""
     from safetensors.torch import save
 
-    from . import __version__
+    from .version import __version__
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, "version": __version__, "config": json.dumps(config, sort_keys=True)}
@@ -242,7 +242,7 @@ def load_train_state(path: str) -> dict:
 
 
 def write_latest(folder: str, step: int, files: dict):
-    from . import __version__
+    from .version import __version__
 
     record = {"step": int(step), "version": __version__, **files}
     atomic_write_bytes(os.path.join(folder, LATEST), (json.dumps(record, indent=1) + "\n").encode())

@@ -29,7 +29,7 @@ COMMAND_HELP = {
 def _cmd_info(args) -> int:
     import torch
 
-    from . import _ops
+    from . import ops as _ops
 
     info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available()}

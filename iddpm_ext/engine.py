@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import _ops, ops
+from . import ops
 
 MODES = ("graph", "compile", "eager")
 SAMPLERS = ("ancestral", "ddim")
@@ -268,7 +268,7 @@ class SamplingEngine:
                 device = torch.device("cpu")
         self.device = torch.device(device)
         _default_generator(self.device)  # cpu or cuda only
-        _ops.require()
+        ops.require()
         if not ops.has_kernel(self.device):
             raise ValueError(
                 f"device: iddpm_ext._C has no kernels for {self.device} (built without CUDA?)")

@@ -1,4 +1,10 @@
-"""Error types of iddpm_ext."""
+"""Error types of iddpm_ext. Each is a built-in error type too, so code that catches
+ValueError / ImportError / NotImplementedError keeps working."""
+
+
+class ExtensionUnavailableError(ImportError):
+    """The compiled extension iddpm_ext._C cannot be used (not built, built against another
+    torch, or disabled): says why and the command that rebuilds it."""
 
 
 class UnknownNameError(ValueError, NotImplementedError):

@@ -80,7 +80,7 @@ def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
 def resolve_engine(engine, device, diffusion=None) -> str:
     """The sampler for ``engine`` ∈ ENGINES on ``device``: ``auto`` is ``graph`` on CUDA when
     ``_C`` has CUDA kernels and the diffusion's fused step is on, else ``loop``."""
-    from . import _ops
+    from . import ops as _ops
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import qkv_attention
+from .ops.attention import qkv_attention
 from .nn import (
     SiLU,
     avg_pool_nd,

@@ -10,18 +10,17 @@ from attention_helpers import attention_math_f64, check_two_x_rule, max_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iddpm_ext import _ops
-from iddpm_ext import attention as A
-from iddpm_ext.ops import attention as ops_attn
+from iddpm_ext.ops import loader
+from iddpm_ext.ops import attention as A
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason="iddpm_ext._C is not built")
+pytestmark = pytest.mark.skipif(not loader.available(), reason="iddpm_ext._C is not built")
 
 # (B, H, C, T): odd T, one key, several heads, odd head dims, T not a multiple of any block.
 SHAPES = [(2, 3, 16, 37), (1, 4, 64, 64), (2, 2, 32, 257), (1, 1, 5, 1), (3, 1, 7, 130), (1, 2, 128, 96)]
 
 
 def fused(qkv, num_heads):
-    return ops_attn.qkv_attention_fused(qkv, num_heads)
+    return A.qkv_attention_fused(qkv, num_heads)
 
 
 @pytest.fixture(params=["native", "avx2", "generic"])
@@ -46,7 +45,7 @@ def test_forward_f32_matches_reference(shape, isa):
 def test_forward_f64_exact(shape):
     B, H, C, T = shape
     qkv = torch.randn(B, 3 * H * C, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out, lse = ops_attn.qkv_attention_with_lse(qkv, H)
+    out, lse = A.qkv_attention_with_lse(qkv, H)
     assert out.dtype == torch.float64 and lse.dtype == torch.float64 and lse.shape == (B, H, T)
     torch.testing.assert_close(out, attention_math_f64(qkv, H), rtol=1e-12, atol=1e-13)
     # lse = logsumexp over keys of qᵀk / √C.
@@ -128,7 +127,7 @@ def test_non_contiguous_qkv():
 
 
 def test_empty_batch():
-    out, lse = ops_attn.qkv_attention_with_lse(torch.randn(0, 12, 5), 2)
+    out, lse = A.qkv_attention_with_lse(torch.randn(0, 12, 5), 2)
     assert out.shape == (0, 4, 5) and lse.shape == (0, 2, 5)
 
 
@@ -136,7 +135,7 @@ def test_opcheck_forward_and_backward():
     gen = torch.Generator().manual_seed(8)
     qkv = torch.randn(2, 3 * 2 * 8, 11, dtype=torch.float64, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.iddpm.qkv_attention.default, (qkv, 2))
-    out, lse = ops_attn.qkv_attention_with_lse(qkv.detach(), 2)
+    out, lse = A.qkv_attention_with_lse(qkv.detach(), 2)
     g = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.iddpm.qkv_attention_backward.default, (g, qkv.detach(), out, lse, 2)
@@ -214,7 +213,7 @@ def test_dtype_error():
 
 def test_backward_errors():
     qkv = torch.randn(2, 24, 5)
-    out, lse = ops_attn.qkv_attention_with_lse(qkv, 2)
+    out, lse = A.qkv_attention_with_lse(qkv, 2)
     bwd = torch.ops.iddpm.qkv_attention_backward
     with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 8, 5\]"):
         bwd(torch.randn(2, 8, 4), qkv, out, lse, 2)

@@ -12,13 +12,12 @@ import pytest
 import torch
 from attention_helpers import attention_math_f64, check_two_x_rule, max_err
 
-from iddpm_ext import _ops
-from iddpm_ext import attention as A
-from iddpm_ext.ops import attention as ops_attn
+from iddpm_ext.ops import loader
+from iddpm_ext.ops import attention as A
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _ops.has_kernel("cuda"), reason="iddpm_ext._C has no CUDA kernels"),
+    pytest.mark.skipif(not loader.has_kernel("cuda"), reason="iddpm_ext._C has no CUDA kernels"),
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,7 +37,7 @@ def _floor(ref):
 def _check_fwd_bwd(B, H, C, T, dtype, seed=0):
     qkv, g = _case(B, H, C, T, dtype, seed)
     x = qkv.clone().requires_grad_()
-    out = ops_attn.qkv_attention_fused(x, H)
+    out = A.qkv_attention_fused(x, H)
     assert out.dtype == dtype and out.shape == (B, H * C, T)
     (grad,) = torch.autograd.grad(out, x, g)
     xe = qkv.clone().requires_grad_()
@@ -78,7 +77,7 @@ def test_cifar_shape_many_heads(dtype):
 def test_lse(dtype):
     B, H, C, T = 2, 2, 64, 100
     qkv, _ = _case(B, H, C, T, dtype, seed=3)
-    _, lse = ops_attn.qkv_attention_with_lse(qkv, H)
+    _, lse = A.qkv_attention_with_lse(qkv, H)
     assert lse.dtype == torch.float32 and lse.shape == (B, H, T)
     q, k, _ = qkv.double().reshape(B * H, 3 * C, T).split(C, dim=1)
     expect = (torch.einsum("bct,bcs->bts", q, k) / C**0.5).logsumexp(-1).reshape(B, H, T)
@@ -94,14 +93,14 @@ def test_unaligned_storage_uses_guarded_loads(dtype):
     flat = torch.randn(B * 3 * H * C * T + 1, device="cuda", generator=gen).to(dtype)
     qkv = flat[1:].view(B, 3 * H * C, T)
     assert qkv.is_contiguous() and qkv.data_ptr() % 16 != 0
-    out = ops_attn.qkv_attention_fused(qkv, H)
-    aligned = ops_attn.qkv_attention_fused(qkv.clone(), H)
+    out = A.qkv_attention_fused(qkv, H)
+    aligned = A.qkv_attention_fused(qkv.clone(), H)
     assert torch.equal(out, aligned)
     x = qkv.detach().requires_grad_()
     g = torch.randn_like(out)
-    (grad,) = torch.autograd.grad(ops_attn.qkv_attention_fused(x, H), x, g)
+    (grad,) = torch.autograd.grad(A.qkv_attention_fused(x, H), x, g)
     xa = qkv.clone().requires_grad_()
-    (grad_a,) = torch.autograd.grad(ops_attn.qkv_attention_fused(xa, H), xa, g)
+    (grad_a,) = torch.autograd.grad(A.qkv_attention_fused(xa, H), xa, g)
     torch.testing.assert_close(grad, grad_a, rtol=1e-3, atol=1e-3)
 
 
@@ -111,7 +110,7 @@ def test_deterministic_forward_and_dk_dv():
     outs, grads = [], []
     for _ in range(2):
         x = qkv.clone().requires_grad_()
-        out = ops_attn.qkv_attention_fused(x, H)
+        out = A.qkv_attention_fused(x, H)
         (grad,) = torch.autograd.grad(out, x, g)
         outs.append(out)
         grads.append(grad.reshape(B, H, 3, C, T))
@@ -129,19 +128,19 @@ def test_cuda_graph_capture():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the capture
         for _ in range(2):
-            (grad,) = torch.autograd.grad(ops_attn.qkv_attention_fused(x, H), x, g)
+            (grad,) = torch.autograd.grad(A.qkv_attention_fused(x, H), x, g)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_static = ops_attn.qkv_attention_fused(x, H)
+        out_static = A.qkv_attention_fused(x, H)
         (grad_static,) = torch.autograd.grad(out_static, x, g)
     x.data.copy_(torch.randn_like(qkv))
     graph.replay()
     torch.cuda.synchronize()
-    expect = ops_attn.qkv_attention_fused(x.detach(), H)
+    expect = A.qkv_attention_fused(x.detach(), H)
     assert torch.equal(out_static, expect)
     xe = x.detach().clone().requires_grad_()
-    (grad_e,) = torch.autograd.grad(ops_attn.qkv_attention_fused(xe, H), xe, g)
+    (grad_e,) = torch.autograd.grad(A.qkv_attention_fused(xe, H), xe, g)
     torch.testing.assert_close(grad_static, grad_e, rtol=1e-3, atol=1e-3)
 
 
@@ -152,7 +151,7 @@ def test_errors():
     with pytest.raises(ValueError, match="float32, float16 or bfloat16 on CUDA, got Double"):
         torch.ops.iddpm.qkv_attention(torch.zeros(1, 6 * 32, 4, device="cuda", dtype=torch.float64), 2)
     qkv, g = _case(1, 2, 32, 16, torch.float16)
-    out, lse = ops_attn.qkv_attention_with_lse(qkv, 2)
+    out, lse = A.qkv_attention_with_lse(qkv, 2)
     with pytest.raises(ValueError, match="grad_out: expected a tensor on cuda"):
         torch.ops.iddpm.qkv_attention_backward(g.cpu(), qkv, out, lse, 2)
     # auto falls back to the reference where the CUDA kernel has no head dim; fused refuses.

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import iddpm_ext
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_extension_loads_and_reports_build_facts():
-    assert _ops.available(), _ops.load_error()
+    assert loader.available(), loader.load_error()
     info = iddpm_ext.build_info()
     for key in ("version", "torch_version", "cuda", "cuda_version", "arch_list", "compiler"):
         assert key in info, key
@@ -72,8 +72,8 @@ except iddpm_ext.ExtensionUnavailableError as e:
 
 
 def test_version_mismatch_message_names_both_versions_and_the_rebuild_command():
-    assert _ops.version_mismatch("2.14.1", "2.14.1") is None
-    msg = _ops.version_mismatch("2.11.0+cu130", "2.14.1+cu130")
+    assert loader.version_mismatch("2.14.1", "2.14.1") is None
+    msg = loader.version_mismatch("2.11.0+cu130", "2.14.1+cu130")
     assert "2.11.0+cu130" in msg and "2.14.1+cu130" in msg
     assert "make build" in msg and "pip install --no-build-isolation" in msg
 
@@ -85,7 +85,7 @@ def test_missing_module_message(tmp_path):
     pkg = tmp_path / "iddpm_ext"
     shutil.copytree(os.path.join(REPO, "iddpm_ext"), pkg,
                     ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
-    code = "import iddpm_ext, iddpm_ext._ops as o; print(o.load_error())"
+    code = "import iddpm_ext, iddpm_ext.ops.loader as o; print(o.load_error())"
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     res = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0]=[%r] + %r; " % (
         str(tmp_path), [p for p in sys.path if "site-packages" in p]) + code],

@@ -8,7 +8,7 @@ making graph-mode samples independent of the batch split, and iddpm sample's eng
 import pytest
 import torch
 
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 from iddpm_ext.engine import SamplingEngine
 from iddpm_ext.unet import UNetModel
 
@@ -16,8 +16,8 @@ from _engine_cases import Autocast, PerSample, diffusion, reference_loop, rel_er
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (_ops.available() and torch.cuda.is_available()
-                            and _ops.has_kernel("cuda")),
+    pytest.mark.skipif(not (loader.available() and torch.cuda.is_available()
+                            and loader.has_kernel("cuda")),
                        reason="needs CUDA and iddpm_ext._C built with CUDA"),
 ]
 

@@ -106,7 +106,7 @@ def test_trajectory_and_files(tmp_path):
 # the sampling engine (in-kernel per-sample noise): eager mode on CPU
 # ---------------------------------------------------------------------------------------
 
-needs_ops = pytest.mark.skipif(not __import__("iddpm_ext._ops", fromlist=["available"]).available(),
+needs_ops = pytest.mark.skipif(not __import__("iddpm_ext.ops", fromlist=["available"]).available(),
                                reason="iddpm_ext._C is not built")
 
 
@@ -185,9 +185,9 @@ def test_engine_choice():
     _, diffusion = _model()
     assert S.resolve_engine("auto", "cpu", diffusion) == "loop"
     assert S.resolve_engine("eager", "cpu", diffusion) == "eager"
-    from iddpm_ext import _ops
+    from iddpm_ext.ops import loader
 
-    cuda_ok = _ops.available() and _ops.has_kernel("cuda")
+    cuda_ok = loader.available() and loader.has_kernel("cuda")
     assert S.resolve_engine("auto", "cuda", diffusion) == ("graph" if cuda_ok else "loop")
     diffusion.use_fused = False
     assert S.resolve_engine("auto", "cuda", diffusion) == "loop"

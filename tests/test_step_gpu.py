@@ -9,7 +9,7 @@ import torch
 
 import iddpm_ext.ops as ops
 from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 
 from _step_cases import (
     assert_parity,
@@ -24,8 +24,8 @@ from _step_cases import (
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (_ops.available() and torch.cuda.is_available()
-                            and _ops.has_kernel("cuda")),
+    pytest.mark.skipif(not (loader.available() and torch.cuda.is_available()
+                            and loader.has_kernel("cuda")),
                        reason="needs CUDA and iddpm_ext._C built with CUDA"),
 ]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import iddpm_ext.ops as ops
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 
 from _step_cases import (
     cpu_generator_key,
@@ -16,7 +16,7 @@ from _step_cases import (
     philox_normals,
 )
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason="iddpm_ext._C is not built")
+pytestmark = pytest.mark.skipif(not loader.available(), reason="iddpm_ext._C is not built")
 
 
 def _probe_noise(d, x, mo, t, **kwargs):

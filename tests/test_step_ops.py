@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 import iddpm_ext.ops as ops
 from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 from iddpm_ext.core.tables import COEF_INDEX, COEF_NAMES
 
 from _step_cases import LEARNED, assert_parity, make_diffusion, make_inputs, run_step
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason="iddpm_ext._C is not built")
+pytestmark = pytest.mark.skipif(not loader.available(), reason="iddpm_ext._C is not built")
 
 OPS = torch.ops.iddpm
 

@@ -7,7 +7,7 @@ import torch
 
 import iddpm_ext.ops as ops
 from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext import _ops
+from iddpm_ext.ops import loader
 
 from _step_cases import (
     LEARNED,
@@ -20,7 +20,7 @@ from _step_cases import (
     run_step,
 )
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason="iddpm_ext._C is not built")
+pytestmark = pytest.mark.skipif(not loader.available(), reason="iddpm_ext._C is not built")
 
 MEANS = list(ModelMeanType)
 VARS = list(ModelVarType)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _unet_util import randomize_, rel_err
 
-from iddpm_ext.attention import attention_impl
+from iddpm_ext import attention_impl
 from iddpm_ext.bench.unet import build_model
 
 pytestmark = pytest.mark.gpu

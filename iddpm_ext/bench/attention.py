@@ -27,9 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import attention as attn
+from ..ops import attention as attn
 from .. import ops
-from ..ops import attention as attn_ops
 from . import common
 
 # (B, H, C, T): the CIFAR-10 model's attention (16×16 and 8×8 maps), ImageNet-64 style T = 1024,
@@ -147,7 +146,7 @@ def run(args) -> list:
                     impls[f"sdpa:{name} +copies"] = lambda x, be=be: _sdpa_with_copies(x, H, be)
                     impls[f"sdpa:{name} kernel"] = ("kernel", be)
                 if fused_ok:
-                    impls["iddpm (fused)"] = lambda x: attn_ops.qkv_attention_fused(x, H)
+                    impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
                 flops = (14 if bwd else 4) * B * H * T * T * C
                 moved = (12 if bwd else 4) * elems
                 rows = {}

@@ -173,7 +173,7 @@ def environment() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
-        from .. import _ops
+        from .. import ops as _ops
 
         env["iddpm_ext_build"] = _ops.build_info() if _ops.available() else None
     except Exception:  # noqa: BLE001 - environment facts are best effort

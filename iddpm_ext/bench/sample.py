@@ -41,7 +41,7 @@ import itertools
 import torch
 
 from .. import ops
-from ..attention import attention_impl
+from ..ops.attention import attention_impl
 from ..engine import SamplingEngine
 from ..script_util import create_gaussian_diffusion
 from . import common

@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from ..attention import attention_impl
+from ..ops.attention import attention_impl
 from . import common
 
 CONFIGS = {

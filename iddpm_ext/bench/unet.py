@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from ..attention import attention_impl
+from ..ops.attention import attention_impl
 from ..unet import AttentionBlock, ResBlock, UNetModel
 from . import common
 

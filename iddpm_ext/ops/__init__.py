@@ -1,9 +1,24 @@
-"""Python side of the ``iddpm`` torch ops: one module per op with its wrapper, its
-fake (meta) implementation for torch.compile, and its autograd formula where it has one.
-Importing this package registers them; the wrappers raise ExtensionUnavailableError
-when iddpm_ext._C is not usable."""
+"""The Python side of the ``iddpm`` torch ops, one module per op: its wrapper, its fake
+(meta) implementation for torch.compile, its autograd formula where it has one, and the
+dispatch between the fused op and the readable eager path where the library picks one.
 
-from .._ops import available, has_kernel, require  # noqa: F401
-from .attention import qkv_attention_fused  # noqa: F401
-from .gather import gather_coefs  # noqa: F401
+- :mod:`.loader` — loading ``iddpm_ext._C`` (available, require, build_info, has_kernel).
+- :mod:`.gather_coefs` — iddpm::gather_coefs, rows of the schedule-coefficient table.
+- :mod:`.step` — iddpm::p_sample_step / ddim_step / ddim_reverse_step, the fused steps.
+- :mod:`.attention` — iddpm::qkv_attention (+ backward) and the UNet's attention dispatch.
+
+Importing this package registers the fake and autograd implementations; the wrappers raise
+ExtensionUnavailableError when ``_C`` is not usable.
+"""
+
+from .attention import (  # noqa: F401
+    attention_impl,
+    get_attention_impl,
+    qkv_attention,
+    qkv_attention_fused,
+    qkv_attention_reference,
+    set_attention_impl,
+)
+from .gather_coefs import gather_coefs  # noqa: F401
+from .loader import available, build_info, has_kernel, load_error, require  # noqa: F401
 from .step import ddim_reverse_step, ddim_step, p_sample_step  # noqa: F401

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops
+from . import loader
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MEAN_TYPES = ("epsilon", "start_x", "previous_x")
@@ -62,7 +62,7 @@ def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type,
         k .. k+B-1), or None (item b is sample b). Unused with explicit ``noise``.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
-    _ops.require()
+    loader.require()
     sample, pred = torch.ops.iddpm.p_sample_step(
         x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
         _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised), noise,
@@ -77,7 +77,7 @@ def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_d
     :param sample_index: as :func:`p_sample_step`.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
-    _ops.require()
+    loader.require()
     sample, pred = torch.ops.iddpm.ddim_step(
         x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
         _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
@@ -91,7 +91,7 @@ def ddim_reverse_step(x, model_output, t, table, model_mean_type, model_var_type
 
     :return: (x_{t+1}, pred_x0 or None), both in x's dtype.
     """
-    _ops.require()
+    loader.require()
     sample, pred = torch.ops.iddpm.ddim_reverse_step(
         x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
         _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
@@ -145,7 +145,7 @@ def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
     return out, pred
 
 
-if _ops.available():
+if loader.available():
 
     @torch.library.register_fake("iddpm::p_sample_step")
     def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type,

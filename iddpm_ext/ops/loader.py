@@ -1,8 +1,8 @@
-"""Loading of the compiled extension and the Python side of the ``iddpm`` torch ops.
+"""Loading of the compiled extension ``iddpm_ext._C``.
 
-``iddpm_ext._C`` registers the ops (schemas in python/schemas.cpp, CPU/CUDA kernels in
-csrc/). This module loads it and checks that it was built against the running torch;
-the per-op Python wrappers, fake (meta) implementations and autograd formulas live in
+``_C`` registers the ``iddpm`` torch ops (schemas in python/schemas.cpp, CPU/CUDA kernels in
+csrc/). This module loads it and checks that it was built against the running torch; the
+per-op Python wrappers, fake (meta) implementations and autograd formulas live beside it in
 :mod:`iddpm_ext.ops`. When ``_C`` is missing or unusable the pure-Python parts of the
 library keep working and every op wrapper raises :class:`ExtensionUnavailableError`
 that says what happened and the one command that rebuilds.
@@ -14,12 +14,10 @@ import os
 
 import torch
 
+from ..errors import ExtensionUnavailableError
+
 REBUILD_COMMAND = "make build   (or: pip install --no-build-isolation --no-deps -e .)"
-
-
-class ExtensionUnavailableError(ImportError):
-    """The compiled extension iddpm_ext._C cannot be used."""
-
+_PACKAGE = __package__.rpartition(".")[0]  # iddpm_ext
 
 _C = None
 _LOAD_ERROR: str | None = None
@@ -32,14 +30,14 @@ def _load():
         return
     import importlib.util
 
-    if importlib.util.find_spec(__package__ + "._C") is None:
+    if importlib.util.find_spec(_PACKAGE + "._C") is None:
         _LOAD_ERROR = (
             "iddpm_ext._C is not built, so the fused kernels are unavailable. "
             f"Build it with: {REBUILD_COMMAND}"
         )
         return
     try:
-        from . import _C as mod  # noqa: PLC0415  (torch is imported above, as _C requires)
+        from .. import _C as mod  # noqa: PLC0415  (torch is imported above, as _C requires)
     except ImportError as exc:
         _LOAD_ERROR = (
             f"iddpm_ext._C failed to load ({exc}). This usually means it was built against a "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops
+from . import loader
 
 
 def gather_coefs(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -13,11 +13,11 @@ def gather_coefs(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     table: [T, K] float32; t: [B] int64/int32 on table's device -> [B, K] float32.
     On CPU an out-of-range ``t`` raises ValueError; on CUDA it gives NaN rows (no sync).
     """
-    _ops.require()
+    loader.require()
     return torch.ops.iddpm.gather_coefs(table, t)
 
 
-if _ops.available():
+if loader.available():
 
     @torch.library.register_fake("iddpm::gather_coefs")
     def _gather_coefs_fake(table, t):
