@@ -8,9 +8,8 @@ PyTorch and works without the compiled extension; the fused kernels live in
 from .errors import ExtensionUnavailableError, UnknownNameError
 from .ops import attention_impl, build_info, get_attention_impl, set_attention_impl
 from .ops import available as extension_available
-from .diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
+from .engine import IDDPMScheduler, IDDPMSchedulerOutput, SamplingEngine
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
-from .engine import SamplingEngine
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .resample import (
     LossAwareSampler,

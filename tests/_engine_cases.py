@@ -90,7 +90,7 @@ class CallGraphBackend:
 
 @contextlib.contextmanager
 def call_graph_backend(monkeypatch):
-    import iddpm_ext.engine as engine_mod
+    import iddpm_ext.engine.sampling_engine as engine_mod
 
     backends = []
 

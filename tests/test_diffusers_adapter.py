@@ -7,7 +7,7 @@ import torch
 
 import iddpm_ext.core.sampling as sampling_mod
 from iddpm_ext import create_gaussian_diffusion, ops, space_timesteps
-from iddpm_ext.diffusers_adapter import IDDPMScheduler, IDDPMSchedulerOutput
+from iddpm_ext.engine.scheduler import IDDPMScheduler, IDDPMSchedulerOutput
 
 from _engine_cases import tiny_model
 

@@ -6,7 +6,7 @@ itself is tested in tests/test_engine_gpu.py."""
 import pytest
 import torch
 
-import iddpm_ext.engine as engine_mod
+import iddpm_ext.engine.sampling_engine as engine_mod
 from iddpm_ext import ops
 from iddpm_ext.engine import SamplingEngine, default_mode, diffusion_signature
 

@@ -201,7 +201,7 @@ def test_replayed_step_launches(model):
 def test_diffusers_adapter_on_cuda(model):
     """A diffusers-style loop with CUDA timesteps (looked up on the device) gives the
     library loop's samples."""
-    from iddpm_ext.diffusers_adapter import IDDPMScheduler
+    from iddpm_ext.engine.scheduler import IDDPMScheduler
 
     d = diffusion(respacing="12", rescale=True)
     sched = IDDPMScheduler(100, beta_schedule="cosine", variance_type="learned_range",

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
-from .respace import SpacedDiffusion, space_timesteps
-from .core.schedules import get_named_beta_schedule
+from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from ..respace import SpacedDiffusion, space_timesteps
+from ..core.schedules import get_named_beta_schedule
 
 _VARIANCE_TYPES = {
     "fixed_small": ModelVarType.FIXED_SMALL,

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import ops
+from .. import ops
 
 MODES = ("graph", "compile", "eager")
 SAMPLERS = ("ancestral", "ddim")
