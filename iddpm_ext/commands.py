@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
+from .training import checkpoint as ckpt
 from . import dist_util
 from .flags import model_config
 from .script_util import create_model_and_diffusion
@@ -51,9 +51,9 @@ def build(config: dict, device):
 
 
 def cmd_train(args, explicit: set) -> dict:
-    from .data import BatchStream, open_source
+    from .training.data import BatchStream, open_source
     from .resample import create_named_schedule_sampler
-    from .train import TrainLoop
+    from .training.loop import TrainLoop
 
     device = dist_util.setup_dist(args.device or None)
     config = model_config(args)
@@ -164,7 +164,7 @@ def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_deno
 
     :return: dict of numpy arrays: total_bpd [N], prior_bpd [N], vb / mse / xstart_mse [N, T].
     """
-    from .data import to_model_input
+    from .training.data import to_model_input
 
     n = min(num_samples, len(source))
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
@@ -206,8 +206,8 @@ def mean_stderr(values: np.ndarray) -> tuple[float, float]:
 
 
 def cmd_nll(args, explicit: set) -> dict:
-    from .checkpoint import atomic_write
-    from .data import open_source
+    from .io import atomic_write
+    from .training.data import open_source
     from .sample import check_outputs_free
 
     if not args.model_path:
@@ -253,7 +253,7 @@ def cmd_nll(args, explicit: set) -> dict:
 
 def cmd_fid(args) -> dict:
     """``iddpm fid REF SAMPLES --inception PATH``: FID, IS, precision and recall."""
-    from .checkpoint import atomic_write_bytes
+    from .io import atomic_write_bytes
     from .evaluation import evaluate
 
     if args.batch_size < 1:

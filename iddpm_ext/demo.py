@@ -27,11 +27,11 @@ NLL_IMAGES = 50  # the full 1000-step bound of 50 digits: ~1.5 min on 2 idle cor
 
 
 def _train(out_dir, steps, seed, device, log):
-    from .data import BatchStream, open_source
+    from .training.data import BatchStream, open_source
     from .presets import preset_defaults
     from .resample import create_named_schedule_sampler
     from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
-    from .train import TrainLoop
+    from .training.loop import TrainLoop
 
     p = preset_defaults("digits", "train")
     config = model_and_diffusion_defaults()
@@ -80,11 +80,11 @@ def _time_step_alone(model, diffusion, n, shape, device, repeats=50) -> dict:
 
 def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=64, sample_steps=100,
         device=None, log=print) -> dict:
-    from . import checkpoint as ckpt
+    from .training import checkpoint as ckpt
     from . import sample as S
     from .commands import bits_per_dim, build, mean_stderr
-    from .data import open_source
-    from .metrics import plot_curves, read_jsonl
+    from .training.data import open_source
+    from .training.log import plot_curves, read_jsonl
 
     t_all = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -129,7 +129,7 @@ def load_state_dict(path, map_location=None, **kwargs):
     """The state dict in ``path``: a reference ``.pt`` (read with ``weights_only=True``) or this
     library's ``.safetensors``; a clear error for a missing, corrupt or non-weights file.
     ``map_location`` (a device) moves the tensors there; other torch.load keywords are not used."""
-    from . import checkpoint
+    from .training import checkpoint
 
     del kwargs
     state, _, _ = checkpoint.load_weights(str(path))

@@ -13,3 +13,11 @@ class UnknownNameError(ValueError, NotImplementedError):
     A ValueError, and also a NotImplementedError so that code written against
     openai/improved-diffusion (which raises NotImplementedError) keeps working.
     """
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: says which file and why."""
+
+
+class DataError(ValueError):
+    """A data set that cannot be used: says which file or folder, and why."""

@@ -9,7 +9,7 @@ jpg/jpeg/png, class = file-name prefix before the first ``_``), a ``.npz`` (uint
 from __future__ import annotations
 
 from . import dist_util
-from .data import BatchStream, DataError, list_image_files, open_source
+from .training.data import BatchStream, DataError, list_image_files, open_source
 
 __all__ = ["load_data", "list_image_files"]
 

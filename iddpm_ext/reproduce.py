@@ -151,7 +151,7 @@ def run_command_lines(settings: dict, out_dir: str, run: str) -> dict:
 
 
 def _digits(settings, split):
-    from .data import open_source
+    from .training.data import open_source
 
     return open_source("digits", image_size=settings["image_size"], image_channels=1, split=split)
 
@@ -161,7 +161,7 @@ def _say(*a):
 
 
 def _load_ema(run_dir, settings, run, respacing, device):
-    from . import checkpoint as ckpt
+    from .training import checkpoint as ckpt
     from .script_util import create_model_and_diffusion
 
     path = ckpt.model_path_from(run_dir)  # the latest EMA weights, as iddpm sample/nll use
@@ -173,11 +173,11 @@ def _load_ema(run_dir, settings, run, respacing, device):
 
 
 def task_train(run, settings, out_dir, device="cpu") -> dict:
-    from .data import BatchStream
-    from .metrics import read_jsonl
+    from .training.data import BatchStream
+    from .training.log import read_jsonl
     from .resample import create_named_schedule_sampler
     from .script_util import create_model_and_diffusion
-    from .train import TrainLoop
+    from .training.loop import TrainLoop
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)

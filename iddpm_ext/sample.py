@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import dist_util
-from .checkpoint import atomic_write, atomic_write_bytes
+from .io import atomic_write, atomic_write_bytes
 
 NOISE_CHUNK = 32  # steps of noise drawn at once per sample (loop)
 ENGINES = ("auto", "graph", "compile", "eager", "loop")

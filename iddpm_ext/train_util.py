@@ -1,24 +1,17 @@
 """``improved_diffusion.train_util`` under its own name: ``TrainLoop`` (this library's
-trainer, which takes the reference's keyword arguments; see :mod:`iddpm_ext.train`) and the
-reference's helper functions. As in the reference, checkpoints go to the logger's folder
-(``logger.configure()``) unless ``out_dir`` is given."""
+trainer, :mod:`iddpm_ext.training.loop`, which takes the reference's keyword arguments and,
+as the reference, saves to the logger's folder unless ``out_dir`` is given) and the
+reference's helper functions."""
 
 from __future__ import annotations
 
 import os
 
 from . import logger
-from .train import TrainLoop as _TrainLoop
+from .training.loop import TrainLoop
 
 __all__ = ["TrainLoop", "parse_resume_step_from_filename", "get_blob_logdir", "find_resume_checkpoint",
            "find_ema_checkpoint", "log_loss_dict"]
-
-
-class TrainLoop(_TrainLoop):
-    __doc__ = _TrainLoop.__doc__
-
-    def __init__(self, *args, out_dir=None, **kwargs):
-        super().__init__(*args, out_dir=out_dir or get_blob_logdir() or "runs/train", **kwargs)
 
 
 def parse_resume_step_from_filename(filename) -> int:

@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from iddpm_ext import dist_util  # noqa: E402
 from iddpm_ext import sample as S  # noqa: E402
-from iddpm_ext.data import ArraySource, BatchStream  # noqa: E402
+from iddpm_ext.training.data import ArraySource, BatchStream  # noqa: E402
 from iddpm_ext.resample import create_named_schedule_sampler  # noqa: E402
 from iddpm_ext.script_util import create_model_and_diffusion  # noqa: E402
-from iddpm_ext.train import TrainLoop  # noqa: E402
+from iddpm_ext.training.loop import TrainLoop  # noqa: E402
 
 from _train_util import blob_images, tiny_config  # noqa: E402
 from _unet_util import randomize_  # noqa: E402

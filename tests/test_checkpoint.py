@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from iddpm_ext import checkpoint as ckpt
+from iddpm_ext.training import checkpoint as ckpt
 from iddpm_ext.script_util import create_model_and_diffusion
 
 from _train_util import tiny_config
@@ -143,7 +143,7 @@ def test_atomic_write_gives_files_the_umask_mode(tmp_path):
     import os
     import stat
 
-    from iddpm_ext.checkpoint import atomic_write_bytes
+    from iddpm_ext.io import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

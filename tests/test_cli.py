@@ -118,9 +118,9 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
 
 
 def test_nll_matches_calc_bpd_loop(tmp_path):
-    from iddpm_ext import checkpoint as ckpt
+    from iddpm_ext.training import checkpoint as ckpt
     from iddpm_ext.commands import bits_per_dim
-    from iddpm_ext.data import open_source, to_model_input
+    from iddpm_ext.training.data import open_source, to_model_input
 
     cfg = tiny_config()
     torch.manual_seed(0)

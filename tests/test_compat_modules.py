@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iddpm_ext import fp16_util, logger, train_util
-from iddpm_ext.data import DataError
+from iddpm_ext.training.data import DataError
 from iddpm_ext.image_datasets import load_data
 
 from _train_util import blob_images, tiny_config, write_npz

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iddpm_ext.data import (
+from iddpm_ext.training.data import (
     BatchStream,
     DataError,
     FolderSource,
@@ -180,7 +180,7 @@ def test_to_model_input_range():
 
 
 def _arrays_source(n=40):
-    from iddpm_ext.data import ArraySource
+    from iddpm_ext.training.data import ArraySource
 
     images, labels = blob_images(n, 8, 1)
     images[:, 0, 0, 0] = np.arange(n)  # tag each image with its index
@@ -218,7 +218,7 @@ def test_stream_random_flip_and_errors():
     assert all(s or m for s, m in zip(same, mirrored)) and 5 < sum(mirrored) < 35
     with pytest.raises(DataError, match="fewer than batch_size"):
         BatchStream(src, 41)
-    from iddpm_ext.data import ArraySource
+    from iddpm_ext.training.data import ArraySource
 
     with pytest.raises(DataError, match="no class labels"):
         BatchStream(ArraySource(src.images), 4, class_cond=True)

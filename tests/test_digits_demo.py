@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from iddpm_ext import checkpoint as ckpt
+from iddpm_ext.training import checkpoint as ckpt
 from iddpm_ext import demo
 
 pytest.importorskip("sklearn")
@@ -38,7 +38,7 @@ def test_demo_with_the_shipped_checkpoint(tmp_path):
         assert os.path.getsize(tmp_path / name) > 100, name
     with np.load(tmp_path / "samples_16x16x16x1.npz") as f:
         samples = f["arr_0"]
-    from iddpm_ext.data import open_source
+    from iddpm_ext.training.data import open_source
 
     data = open_source("digits", image_size=16, image_channels=1, split="test").images
     assert _digit_like(data) > 0.9  # the statistic holds for real digits ...

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from iddpm_ext import checkpoint as ckpt
+from iddpm_ext.training import checkpoint as ckpt
 from iddpm_ext import cli
-from iddpm_ext.metrics import read_jsonl
+from iddpm_ext.training.log import read_jsonl
 
 from _train_util import REPO, tiny_flags, write_npz
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from iddpm_ext import cli, reproduce
-from iddpm_ext.data import open_source
+from iddpm_ext.training.data import open_source
 from iddpm_ext.evaluation import repro_report
 from iddpm_ext.evaluation.digits_classifier import (
     FeatureFD,

@@ -202,7 +202,7 @@ def test_engine_choice():
 
 @needs_ops
 def test_cli_sample_engine_flag(tmp_path, capsys):
-    from iddpm_ext import checkpoint as ckpt
+    from iddpm_ext.training import checkpoint as ckpt
     from iddpm_ext import cli
 
     cfg = tiny_config(timestep_respacing="")

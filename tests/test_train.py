@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import checkpoint as ckpt
-from iddpm_ext.data import ArraySource, BatchStream
-from iddpm_ext.metrics import read_jsonl
+from iddpm_ext.training import checkpoint as ckpt
+from iddpm_ext.training.data import ArraySource, BatchStream
+from iddpm_ext.training.log import read_jsonl
 from iddpm_ext.resample import create_named_schedule_sampler
 from iddpm_ext.script_util import create_model_and_diffusion
-from iddpm_ext.train import TrainLoop
+from iddpm_ext.training.loop import TrainLoop
 
 from _train_util import blob_images, tiny_config
 

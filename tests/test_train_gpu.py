@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from iddpm_ext import sample as S
-from iddpm_ext.data import ArraySource, BatchStream
-from iddpm_ext.metrics import read_jsonl
+from iddpm_ext.training.data import ArraySource, BatchStream
+from iddpm_ext.training.log import read_jsonl
 from iddpm_ext.script_util import create_model_and_diffusion
-from iddpm_ext.train import TrainLoop
+from iddpm_ext.training.loop import TrainLoop
 
 from _train_util import blob_images, tiny_config
 from _unet_util import randomize_

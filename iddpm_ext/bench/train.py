@@ -41,7 +41,7 @@ def add_arguments(parser):
 def _loop(config, use_checkpoint, amp, device, batch, out_dir):
     from ..resample import UniformSampler
     from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
-    from ..train import TrainLoop
+    from ..training.loop import TrainLoop
 
     cfg = model_and_diffusion_defaults()
     cfg.update(CONFIGS[config])

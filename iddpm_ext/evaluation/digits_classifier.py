@@ -53,7 +53,7 @@ def _as_input(images) -> torch.Tensor:
     """uint8 [N, H, W, C] numpy (or a float [N, C, H, W] tensor in [-1, 1]) -> float tensor."""
     if isinstance(images, torch.Tensor):
         return images.float()
-    from ..data import to_model_input
+    from ..training.data import to_model_input
 
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:

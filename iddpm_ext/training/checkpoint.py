@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 
-from . import script_util
+from .. import script_util
+from ..errors import CheckpointError
+from ..io import atomic_write, atomic_write_bytes, remove_stale_temporaries  # noqa: F401
 
 FORMAT = "iddpm_ext"
 LATEST = "latest.json"
@@ -42,75 +43,6 @@ CHECKED_KEYS = (
     "num_classes", "use_scale_shift_norm", "diffusion_steps", "noise_schedule", "predict_xstart",
     "rescale_timesteps", "sigma_small",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: says which file and why."""
-
-
-# -------------------------------------------------------------------------------------
-# atomic writes
-# -------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: str):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write_fn, overwrite: bool = True):
-    """Write ``path`` through ``write_fn(file)`` into a temporary file of the same folder,
-    fsync it, then rename it over ``path`` (``overwrite=False``: fail with FileExistsError
-    instead of replacing an existing file). Readers see the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic, and refuses to replace an existing file
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def remove_stale_temporaries(folder: str) -> list:
-    """Delete temporary files that a killed writer left in ``folder`` (ours only:
-    ``.{name}.*.tmp``); returns their names."""
-    removed = []
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-    return removed
-
-
-def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True):
-    atomic_write(path, lambda f: f.write(data), overwrite)
 
 
 # -------------------------------------------------------------------------------------
@@ -164,7 +96,7 @@ def save_weights(path: str, state_dict: dict, config: dict, **meta):
     """Weights [name -> tensor] as safetensors with ``config`` (JSON) and ``meta`` in the header."""
     from safetensors.torch import save
 
-    from .version import __version__
+    from ..version import __version__
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, "version": __version__, "config": json.dumps(config, sort_keys=True)}
@@ -242,7 +174,7 @@ def load_train_state(path: str) -> dict:
 
 
 def write_latest(folder: str, step: int, files: dict):
-    from .version import __version__
+    from ..version import __version__
 
     record = {"step": int(step), "version": __version__, **files}
     atomic_write_bytes(os.path.join(folder, LATEST), (json.dumps(record, indent=1) + "\n").encode())

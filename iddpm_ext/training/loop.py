@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
+from .. import dist_util, logger
+from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
-from . import dist_util
-from .metrics import MetricsLog
-from .resample import LossAwareSampler, UniformSampler
+from .log import MetricsLog
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -61,10 +61,15 @@ class _Autocast:
 
 
 class TrainLoop:
+    """improved-diffusion's TrainLoop (same keyword arguments), plus ours: ``config`` (stored
+    in every checkpoint), ``out_dir`` (default: the logger's folder, ``logger.configure()``,
+    as the reference saves there; else ``runs/train``), ``amp``, ``grad_clip``,
+    ``max_steps``, ``seed``, ``keep_checkpoints``, ``progress``, ``log``."""
+
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate,
                  log_interval, save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
                  schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0,
-                 config=None, out_dir="runs/train", amp="none", grad_clip=0.0, max_steps=0, seed=0,
+                 config=None, out_dir=None, amp="none", grad_clip=0.0, max_steps=0, seed=0,
                  keep_checkpoints=0, progress=True, log=print):
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
@@ -87,7 +92,7 @@ class TrainLoop:
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.config = dict(config or {})
-        self.out_dir = out_dir
+        self.out_dir = out_dir = out_dir or logger.get_dir() or "runs/train"
         self.amp = amp
         self.grad_clip = grad_clip
         self.max_steps = max_steps

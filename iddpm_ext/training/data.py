@@ -28,13 +28,11 @@ import pickle
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DIGITS_TEST = 297  # held-out digits (of 1797)
 RESIZE_MODES = ("crop", "none")
-
-
-class DataError(ValueError):
-    """A data set that cannot be used: says which file or folder, and why."""
 
 
 # -------------------------------------------------------------------------------------

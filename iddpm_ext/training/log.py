@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from .checkpoint import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 # (panel title, main key, thin extra keys, log scale)
 PANELS = (
