@@ -8,6 +8,7 @@ acts as a one-process group (rank 0 of 1), so the same code runs either way.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -93,6 +94,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def rank_counts(num_samples: int, world: int) -> list[int]:
+    """How many items each of ``world`` processes makes (contiguous blocks of
+    ceil(N / world) global indices; the last ones may be short or empty)."""
+    per = math.ceil(num_samples / world)
+    return [max(0, min(num_samples, (r + 1) * per) - r * per) for r in range(world)]
+
+
+def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
+    """The global indices process ``rank`` of ``world`` makes, in order; the blocks
+    of ranks 0 .. world-1 concatenate to 0 .. N-1."""
+    per = math.ceil(num_samples / world)
+    return list(range(rank * per, min(num_samples, (rank + 1) * per)))
 
 
 def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from iddpm_ext import dist_util  # noqa: E402
-from iddpm_ext import sample as S  # noqa: E402
+from iddpm_ext.cli import generate as S  # noqa: E402
 from iddpm_ext.training.data import ArraySource, BatchStream  # noqa: E402
 from iddpm_ext.resample import create_named_schedule_sampler  # noqa: E402
 from iddpm_ext.script_util import create_model_and_diffusion  # noqa: E402

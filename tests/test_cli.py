@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import cli
-from iddpm_ext.flags import parse_command
-from iddpm_ext.presets import PRESETS
+from iddpm_ext.cli import app as cli
+from iddpm_ext.cli.flags import parse_command
+from iddpm_ext.cli.presets import PRESETS
 from iddpm_ext.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 from _train_util import run_cli, tiny_config, tiny_flags, write_npz
@@ -119,7 +119,7 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
 
 def test_nll_matches_calc_bpd_loop(tmp_path):
     from iddpm_ext.training import checkpoint as ckpt
-    from iddpm_ext.commands import bits_per_dim
+    from iddpm_ext.evaluation.likelihood import bits_per_dim
     from iddpm_ext.training.data import open_source, to_model_input
 
     cfg = tiny_config()

@@ -3,7 +3,7 @@
 import json
 import os
 
-from iddpm_ext import toy
+from iddpm_ext.cli import toy
 
 
 def test_toy_demo_short_run(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from iddpm_ext.training import checkpoint as ckpt
-from iddpm_ext import demo
+from iddpm_ext.cli import demo
 
 pytest.importorskip("sklearn")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import sample as S
+from iddpm_ext.cli import generate as S
 from iddpm_ext.script_util import create_model_and_diffusion
 
 from _train_util import REPO, tiny_config, tiny_flags, write_npz
@@ -66,7 +66,7 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         two = f["arr_0"]
     assert two.shape == (5, 8, 8, 1) and len({i.tobytes() for i in two}) == 5
-    from iddpm_ext import cli
+    from iddpm_ext.cli import app as cli
 
     one_out = str(tmp_path / "one")
     assert cli.main(["sample", "--model_path", run, "--num_samples", "5", "--batch_size", "5",

@@ -264,7 +264,7 @@ def test_sample_generate_graph_matches_eager_per_sample(no_tf32):
     """iddpm sample's path on CUDA (sample.sample_batch with engine graph, per-sample x_T
     and labels, the per-batch step-noise generator): batches of 2 and 3 in graph mode
     against one eager batch of 6 (per-item model), per sample within 1e-5."""
-    from iddpm_ext import sample as S
+    from iddpm_ext.cli import generate as S
 
     m = tiny_model(num_classes=7, seed=3, device=DEV)
     per_item = PerSample(m)

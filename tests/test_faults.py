@@ -11,7 +11,7 @@ import time
 import pytest
 
 from iddpm_ext.training import checkpoint as ckpt
-from iddpm_ext import cli
+from iddpm_ext.cli import app as cli
 from iddpm_ext.training.log import read_jsonl
 
 from _train_util import REPO, tiny_flags, write_npz

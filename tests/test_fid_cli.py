@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import cli
+from iddpm_ext.cli import app as cli
 from iddpm_ext.evaluation import evaluate
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from iddpm_ext import cli, reproduce
+from iddpm_ext.cli import app as cli
+from iddpm_ext.cli import reproduce
 from iddpm_ext.training.data import open_source
 from iddpm_ext.evaluation import repro_report
 from iddpm_ext.evaluation.digits_classifier import (

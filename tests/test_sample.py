@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import sample as S
+from iddpm_ext import dist_util
+from iddpm_ext.cli import generate as S
+from iddpm_ext.cli import images
 from iddpm_ext.script_util import create_model_and_diffusion
 
 from _unet_util import randomize_
@@ -81,25 +83,25 @@ def test_trajectory_and_files(tmp_path):
     ts = [t for t, _ in res["trajectory"]]
     assert ts == [7, 5, 2, 0] and all(f.shape == (3, 1, 8, 8) for _, f in res["trajectory"])
     # the last frame is the final sample
-    assert np.array_equal(S.to_uint8(res["trajectory"][-1][1]).numpy(), res["images"][:3])
-    npz = str(tmp_path / S.samples_filename(res["images"]))
+    assert np.array_equal(images.to_uint8(res["trajectory"][-1][1]).numpy(), res["images"][:3])
+    npz = str(tmp_path / images.samples_filename(res["images"]))
     assert os.path.basename(npz) == "samples_5x8x8x1.npz"
-    S.save_npz(npz, res["images"], np.arange(5))
+    images.save_npz(npz, res["images"], np.arange(5))
     with np.load(npz) as f:
         assert np.array_equal(f["arr_0"], res["images"]) and f["arr_1"].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(FileExistsError):
-        S.save_npz(npz, res["images"][:1])
+        images.save_npz(npz, res["images"][:1])
     with np.load(npz) as f:
         assert f["arr_0"].shape == (5, 8, 8, 1)  # untouched
-    S.save_grid(str(tmp_path / "g.png"), res["images"])
-    S.save_trajectory(str(tmp_path / "t.png"), res["trajectory"])
+    images.save_grid(str(tmp_path / "g.png"), res["images"])
+    images.save_trajectory(str(tmp_path / "t.png"), res["trajectory"])
     from PIL import Image
 
     with Image.open(tmp_path / "g.png") as g, Image.open(tmp_path / "t.png") as t:
         assert g.size == ((3 * 10 + 2) * 12, (2 * 10 + 2) * 12)  # 3x2 tiles of 8 px + 2 px pads, ×12
         assert t.size == ((4 * 10 + 2) * 12, (3 * 10 + 2) * 12)
     with pytest.raises(FileExistsError, match="already exists"):
-        S.check_outputs_free([str(tmp_path / "none.png"), npz])
+        images.check_outputs_free([str(tmp_path / "none.png"), npz])
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,15 +155,15 @@ def test_engine_class_labels_and_trajectory():
     assert np.array_equal(again["images"], res["images"]) and np.array_equal(again["labels"], res["labels"])
     assert [t for t, _ in res["trajectory"]] == [7, 5, 2, 0]
     assert all(f.shape == (2, 1, 8, 8) for _, f in res["trajectory"])
-    assert np.array_equal(S.to_uint8(res["trajectory"][-1][1]).numpy(), res["images"][:2])
+    assert np.array_equal(images.to_uint8(res["trajectory"][-1][1]).numpy(), res["images"][:2])
 
 
 def test_rank_split_covers_every_index_once_in_order():
     for n in (1, 5, 7, 12):
         for world in (1, 2, 3, 4, 8):
-            blocks = [S.rank_indices(n, r, world) for r in range(world)]
+            blocks = [dist_util.rank_indices(n, r, world) for r in range(world)]
             assert sum(blocks, []) == list(range(n))
-            assert [len(b) for b in blocks] == S.rank_counts(n, world)
+            assert [len(b) for b in blocks] == dist_util.rank_counts(n, world)
 
 
 @needs_ops
@@ -203,7 +205,7 @@ def test_engine_choice():
 @needs_ops
 def test_cli_sample_engine_flag(tmp_path, capsys):
     from iddpm_ext.training import checkpoint as ckpt
-    from iddpm_ext import cli
+    from iddpm_ext.cli import app as cli
 
     cfg = tiny_config(timestep_respacing="")
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ext import sample as S
+from iddpm_ext.cli import generate as S
 from iddpm_ext.training.data import ArraySource, BatchStream
 from iddpm_ext.training.log import read_jsonl
 from iddpm_ext.script_util import create_model_and_diffusion

@@ -25,15 +25,12 @@ CUDA runs differ too (each reproducible).
 
 from __future__ import annotations
 
-import io
-import math
-import os
 
 import numpy as np
 import torch
 
-from . import dist_util
-from .io import atomic_write, atomic_write_bytes
+from .. import dist_util
+from .images import to_uint8
 
 NOISE_CHUNK = 32  # steps of noise drawn at once per sample (loop)
 ENGINES = ("auto", "graph", "compile", "eager", "loop")
@@ -63,24 +60,10 @@ def _generators(seed, indices, device):
     return gens
 
 
-def rank_counts(num_samples: int, world: int) -> list[int]:
-    """How many samples each of ``world`` processes makes (contiguous blocks of
-    ceil(N / world) global indices; the last ones may be short or empty)."""
-    per = math.ceil(num_samples / world)
-    return [max(0, min(num_samples, (r + 1) * per) - r * per) for r in range(world)]
-
-
-def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
-    """The global sample indices process ``rank`` of ``world`` makes, in order; the blocks
-    of ranks 0 .. world-1 concatenate to 0 .. N-1."""
-    per = math.ceil(num_samples / world)
-    return list(range(rank * per, min(num_samples, (rank + 1) * per)))
-
-
 def resolve_engine(engine, device, diffusion=None) -> str:
     """The sampler for ``engine`` ∈ ENGINES on ``device``: ``auto`` is ``graph`` on CUDA when
     ``_C`` has CUDA kernels and the diffusion's fused step is on, else ``loop``."""
-    from . import ops as _ops
+    from .. import ops as _ops
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
@@ -106,18 +89,13 @@ class Sampler:
         self.name = resolve_engine(engine, device, diffusion)
         self.engine = None
         if self.name != "loop":
-            from .engine import SamplingEngine
+            from ..engine import SamplingEngine
 
             self.engine = SamplingEngine(model, diffusion, mode=self.name, device=device)
 
 
 def _sampler(engine, model, diffusion, device) -> Sampler:
     return engine if isinstance(engine, Sampler) else Sampler(engine, model, diffusion, device)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] (as the reference's image_sample)."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def model_num_classes(model) -> int | None:
@@ -242,8 +220,8 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     import time
 
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    mine = rank_indices(num_samples, rank, world)
-    counts = rank_counts(num_samples, world)
+    mine = dist_util.rank_indices(num_samples, rank, world)
+    counts = dist_util.rank_counts(num_samples, world)
     sampler = _sampler(engine, model, diffusion, device)
     images, labels, trajectory = [], [], []
     starts = range(0, len(mine), batch_size)
@@ -276,70 +254,3 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         all_labels = dist_util.all_gather_rows(local_y, counts).cpu().numpy()
     return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds,
             "engine": sampler.name}
-
-
-# -------------------------------------------------------------------------------------
-# files
-# -------------------------------------------------------------------------------------
-
-
-def samples_filename(images: np.ndarray) -> str:
-    return "samples_" + "x".join(str(s) for s in images.shape) + ".npz"
-
-
-def save_npz(path: str, images: np.ndarray, labels=None, overwrite: bool = False):
-    """arr_0 = images uint8 [N, H, W, C], arr_1 = labels (when given); atomic, and an
-    existing file is an error unless ``overwrite``."""
-    arrays = [images] if labels is None else [images, labels]
-    atomic_write(path, lambda f: np.savez(f, *arrays), overwrite=overwrite)
-
-
-def grid_image(images: np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 2):
-    """A PIL image tiling uint8 [N, H, W, C] images (C 1 or 3), ``scale``× nearest."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = math.ceil(n / ncol)
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        canvas[y: y + h, x: x + w] = images[i]
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
-    return img
-
-
-def _png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def default_scale(h: int) -> int:
-    return max(1, 96 // max(h, 1))
-
-
-def save_grid(path: str, images: np.ndarray, ncol=None, scale=None, overwrite: bool = False):
-    scale = scale or default_scale(images.shape[1])
-    atomic_write_bytes(path, _png_bytes(grid_image(images, ncol, scale)), overwrite=overwrite)
-
-
-def save_trajectory(path: str, trajectory, overwrite: bool = False):
-    """A strip: one row per sample, one column per kept step (x_t, noisy to clean)."""
-    if not trajectory:
-        return
-    frames = [to_uint8(f).numpy() for _, f in trajectory]  # each [k, H, W, C]
-    k = frames[0].shape[0]
-    rows = np.stack(frames, axis=1).reshape(k * len(frames), *frames[0].shape[1:])
-    scale = default_scale(frames[0].shape[1])
-    atomic_write_bytes(path, _png_bytes(grid_image(rows, ncol=len(frames), scale=scale)), overwrite=overwrite)
-
-
-def check_outputs_free(paths):
-    """FileExistsError naming the first path that exists (checked before any work)."""
-    for p in paths:
-        if p and os.path.exists(p):
-            raise FileExistsError(f"{p}: already exists; choose another --out_dir or pass --overwrite True")

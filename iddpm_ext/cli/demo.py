@@ -20,18 +20,18 @@ import time
 import numpy as np
 import torch
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CHECKPOINT = os.path.join(ASSETS, "digits_ema.safetensors")
 TRAIN_LOG = os.path.join(ASSETS, "digits_train_log.jsonl")
 NLL_IMAGES = 50  # the full 1000-step bound of 50 digits: ~1.5 min on 2 idle cores
 
 
 def _train(out_dir, steps, seed, device, log):
-    from .training.data import BatchStream, open_source
+    from ..training.data import BatchStream, open_source
     from .presets import preset_defaults
-    from .resample import create_named_schedule_sampler
-    from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
-    from .training.loop import TrainLoop
+    from ..resample import create_named_schedule_sampler
+    from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from ..training.loop import TrainLoop
 
     p = preset_defaults("digits", "train")
     config = model_and_diffusion_defaults()
@@ -67,7 +67,7 @@ def _time_step_alone(model, diffusion, n, shape, device, repeats=50) -> dict:
     def const(*_a, **_k):
         return out
 
-    from .bench.common import time_ms
+    from ..bench.common import time_ms
 
     times = {}
     for fused in (True, False):
@@ -80,11 +80,13 @@ def _time_step_alone(model, diffusion, n, shape, device, repeats=50) -> dict:
 
 def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=64, sample_steps=100,
         device=None, log=print) -> dict:
-    from .training import checkpoint as ckpt
-    from . import sample as S
-    from .commands import bits_per_dim, build, mean_stderr
-    from .training.data import open_source
-    from .training.log import plot_curves, read_jsonl
+    from ..training import checkpoint as ckpt
+    from . import generate as S
+    from . import images
+    from ..evaluation.likelihood import bits_per_dim, mean_stderr
+    from .commands import build
+    from ..training.data import open_source
+    from ..training.log import plot_curves, read_jsonl
 
     t_all = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -130,9 +132,9 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
         timing += (f"; the step alone: fused {step['step_ms_fused']:.3f} ms vs eager {step['step_ms_eager']:.3f} ms"
                    f" ({step['step_ms_eager'] / step['step_ms_fused']:.1f}×)")
     grid = os.path.join(out_dir, "samples.png")
-    S.save_grid(grid, res["images"], ncol=8, overwrite=True)
-    S.save_npz(os.path.join(out_dir, S.samples_filename(res["images"])), res["images"], overwrite=True)
-    S.save_trajectory(os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True)
+    images.save_grid(grid, res["images"], ncol=8, overwrite=True)
+    images.save_npz(os.path.join(out_dir, images.samples_filename(res["images"])), res["images"], overwrite=True)
+    images.save_trajectory(os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True)
     log(f"[demo] {num_samples} samples, {sample_steps} respaced steps: {timing} -> {grid}")
 
     # 2. loss curves of the training run

@@ -29,7 +29,7 @@ COMMAND_HELP = {
 def _cmd_info(args) -> int:
     import torch
 
-    from . import ops as _ops
+    from .. import ops as _ops
 
     info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available()}
@@ -184,7 +184,7 @@ def _run_command(command: str, argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # the bench parser owns everything after `bench`
-        from . import bench
+        from .. import bench
 
         return bench.main(argv[1:])
     try:

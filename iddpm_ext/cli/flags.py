@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .presets import PRESETS, preset_defaults
-from .script_util import model_and_diffusion_defaults, str2bool
+from ..script_util import model_and_diffusion_defaults, str2bool
 
 MODEL_HELP = {
     "image_size": "image height and width in pixels",

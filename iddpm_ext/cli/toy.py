@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .script_util import create_gaussian_diffusion
-from .resample import create_named_schedule_sampler
+from ..script_util import create_gaussian_diffusion
+from ..resample import create_named_schedule_sampler
 
 MODES = 8
 RADIUS = 0.7

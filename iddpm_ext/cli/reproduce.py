@@ -112,7 +112,7 @@ def scale_settings(scale: str, **overrides) -> dict:
 
 def model_config(settings: dict, run: str) -> dict:
     """create_model_and_diffusion arguments of ``run``."""
-    from .script_util import model_and_diffusion_defaults
+    from ..script_util import model_and_diffusion_defaults
 
     spec = RUNS[run]
     cfg = model_and_diffusion_defaults()
@@ -151,7 +151,7 @@ def run_command_lines(settings: dict, out_dir: str, run: str) -> dict:
 
 
 def _digits(settings, split):
-    from .training.data import open_source
+    from ..training.data import open_source
 
     return open_source("digits", image_size=settings["image_size"], image_channels=1, split=split)
 
@@ -161,8 +161,8 @@ def _say(*a):
 
 
 def _load_ema(run_dir, settings, run, respacing, device):
-    from .training import checkpoint as ckpt
-    from .script_util import create_model_and_diffusion
+    from ..training import checkpoint as ckpt
+    from ..script_util import create_model_and_diffusion
 
     path = ckpt.model_path_from(run_dir)  # the latest EMA weights, as iddpm sample/nll use
     state, _, _ = ckpt.load_weights(path)
@@ -173,11 +173,11 @@ def _load_ema(run_dir, settings, run, respacing, device):
 
 
 def task_train(run, settings, out_dir, device="cpu") -> dict:
-    from .training.data import BatchStream
-    from .training.log import read_jsonl
-    from .resample import create_named_schedule_sampler
-    from .script_util import create_model_and_diffusion
-    from .training.loop import TrainLoop
+    from ..training.data import BatchStream
+    from ..training.log import read_jsonl
+    from ..resample import create_named_schedule_sampler
+    from ..script_util import create_model_and_diffusion
+    from ..training.loop import TrainLoop
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)
@@ -209,7 +209,7 @@ def task_train(run, settings, out_dir, device="cpu") -> dict:
 
 
 def task_nll(run, settings, out_dir, device="cpu") -> dict:
-    from .commands import bits_per_dim, mean_stderr
+    from ..evaluation.likelihood import bits_per_dim, mean_stderr
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)
@@ -227,9 +227,10 @@ def task_nll(run, settings, out_dir, device="cpu") -> dict:
 
 
 def task_samples(run, settings, out_dir, device="cpu") -> dict:
-    from . import sample as S
-    from .evaluation.digits_classifier import FeatureFD, load_classifier, predict_logits
-    from .evaluation.fid import precision_recall
+    from ..evaluation.digits_classifier import FeatureFD, load_classifier, predict_logits
+    from ..evaluation.fid import precision_recall
+    from .generate import generate
+    from .images import save_npz
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)
@@ -240,10 +241,10 @@ def task_samples(run, settings, out_dir, device="cpu") -> dict:
     for k in settings["sample_steps"]:
         t1 = time.perf_counter()
         model, diffusion = _load_ema(run_dir, settings, run, "" if k == T else str(k), device)
-        res = S.generate(model, diffusion, n, (1, size, size), batch_size=min(n, 512), seed=settings["seed"],
-                         device=device)
+        res = generate(model, diffusion, n, (1, size, size), batch_size=min(n, 512), seed=settings["seed"],
+                       device=device)
         images = res["images"]  # uint8 [n, H, W, 1]
-        S.save_npz(os.path.join(run_dir, f"samples_{k}steps.npz"), images, overwrite=True)
+        save_npz(os.path.join(run_dir, f"samples_{k}steps.npz"), images, overwrite=True)
         feats = fd.features(images)
         precision, recall = precision_recall(fd.reference_features, feats)
         classes = np.bincount(predict_logits(clf, images).argmax(axis=1), minlength=10)
@@ -284,7 +285,7 @@ def _cached(kind, run, settings, out_dir):
 
 
 def _classifier(settings, out_dir, log) -> dict:
-    from .evaluation.digits_classifier import FeatureFD, save_classifier, train_classifier
+    from ..evaluation.digits_classifier import FeatureFD, save_classifier, train_classifier
 
     train, test = _digits(settings, "train"), _digits(settings, "test")
     model, info = train_classifier(train.images, train.labels, test.images, test.labels,
@@ -357,7 +358,7 @@ def _schedule(settings, out_dir, device, jobs, threads, reuse, log) -> dict:
 def run(out_dir="out/reproduce", scale="default", jobs=None, threads=None, device="cpu", reuse=False,
         log=print, **overrides) -> dict:
     """The whole reproduction; returns (and writes to ``out_dir/results.json``) every number."""
-    from .evaluation import repro_report
+    from ..evaluation import repro_report
 
     settings = scale_settings(scale, **overrides)
     cpus = os.cpu_count() or 1

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import torch
 
-from .training import checkpoint as ckpt
-from . import dist_util
+from ..training import checkpoint as ckpt
+from .. import dist_util
 from .flags import model_config
-from .script_util import create_model_and_diffusion
+from ..script_util import create_model_and_diffusion
 
 # Flags that may differ between training and use: the checkpoint's value never overrides them.
 _USE_TIME_KEYS = ("timestep_respacing", "use_checkpoint", "dropout")
@@ -51,9 +51,9 @@ def build(config: dict, device):
 
 
 def cmd_train(args, explicit: set) -> dict:
-    from .training.data import BatchStream, open_source
-    from .resample import create_named_schedule_sampler
-    from .training.loop import TrainLoop
+    from ..training.data import BatchStream, open_source
+    from ..resample import create_named_schedule_sampler
+    from ..training.loop import TrainLoop
 
     device = dist_util.setup_dist(args.device or None)
     config = model_config(args)
@@ -108,7 +108,8 @@ def cmd_train(args, explicit: set) -> dict:
 
 
 def cmd_sample(args, explicit: set) -> dict:
-    from . import sample as S
+    from . import generate as S
+    from . import images
 
     if not args.model_path:
         raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
@@ -127,7 +128,7 @@ def cmd_sample(args, explicit: set) -> dict:
     png = os.path.join(args.out_dir, "samples.png")
     traj = os.path.join(args.out_dir, "trajectory.png") if args.trajectory else None
     if dist_util.is_main() and not args.overwrite:
-        S.check_outputs_free([npz, png, traj])
+        images.check_outputs_free([npz, png, traj])
     steps = diffusion.num_timesteps
     sampler = S.Sampler(args.engine, model, diffusion, device)  # resolved once for the command
     engine = sampler.name
@@ -138,10 +139,10 @@ def cmd_sample(args, explicit: set) -> dict:
                      label=None if args.label < 0 else args.label, device=device,
                      trajectory_steps=args.trajectory, progress=args.progress, engine=sampler)
     if dist_util.is_main():
-        S.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
-        S.save_grid(png, res["images"][:256], overwrite=args.overwrite)
+        images.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
+        images.save_grid(png, res["images"][:256], overwrite=args.overwrite)
         if traj:
-            S.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
+            images.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
         per = res["seconds"] / max(1, math.ceil(args.num_samples / dist_util.get_world_size()))
         _say(f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
              f"({1000 * per:.1f} ms per sample per process, engine {engine}, "
@@ -157,58 +158,11 @@ def cmd_sample(args, explicit: set) -> dict:
 # -------------------------------------------------------------------------------------
 
 
-def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_denoised=True, seed=0,
-                 device="cpu", class_cond=False, progress=False):
-    """The variational bound in bits/dim of the first ``num_samples`` images of ``source``,
-    split over the processes (contiguous blocks), gathered in order.
-
-    :return: dict of numpy arrays: total_bpd [N], prior_bpd [N], vb / mse / xstart_mse [N, T].
-    """
-    from .training.data import to_model_input
-
-    n = min(num_samples, len(source))
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    per = math.ceil(n / world)
-    mine = list(range(rank * per, min(n, (rank + 1) * per)))
-    counts = [max(0, min(n, (r + 1) * per) - r * per) for r in range(world)]
-    torch.manual_seed(seed * 1000 + rank)
-    keys = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
-    parts = {k: [] for k in keys}
-    starts = range(0, len(mine), batch_size)
-    if progress and dist_util.is_main():
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="nll", dynamic_ncols=True)
-    for s in starts:
-        idx = mine[s: s + batch_size]
-        x = to_model_input(source.get_batch(idx)).to(device)  # [B, C, H, W]
-        kwargs = {}
-        if class_cond:
-            kwargs["y"] = torch.from_numpy(source.labels[np.asarray(idx)]).to(device)
-        with torch.no_grad():
-            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=kwargs)
-        for k in keys:
-            parts[k].append(out[k].float())
-    T = diffusion.num_timesteps
-    result = {}
-    for k in keys:
-        empty = torch.zeros((0,) if k.endswith("bpd") else (0, T), device=device)
-        local = torch.cat(parts[k]) if parts[k] else empty
-        result[k] = dist_util.all_gather_rows(local, counts).cpu().numpy()
-    return result
-
-
-def mean_stderr(values: np.ndarray) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
-
-
 def cmd_nll(args, explicit: set) -> dict:
-    from .io import atomic_write
-    from .training.data import open_source
-    from .sample import check_outputs_free
+    from ..evaluation.likelihood import bits_per_dim, mean_stderr
+    from ..io import atomic_write
+    from ..training.data import open_source
+    from .images import check_outputs_free
 
     if not args.model_path:
         raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
@@ -253,8 +207,8 @@ def cmd_nll(args, explicit: set) -> dict:
 
 def cmd_fid(args) -> dict:
     """``iddpm fid REF SAMPLES --inception PATH``: FID, IS, precision and recall."""
-    from .io import atomic_write_bytes
-    from .evaluation import evaluate
+    from ..io import atomic_write_bytes
+    from ..evaluation import evaluate
 
     if args.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {args.batch_size}")
