@@ -74,10 +74,10 @@ PYEOF
 # -- GPU tests: the kernels (parity with eager / float64 references, the 2x-of-eager-error rule
 #    for fp16/bf16, in-kernel Philox noise statistics, CUDA-graph capture, one launch per step,
 #    odd T and T = 4096 attention, errors), then the engine, the UNet and the trainer.
-step tests_kernels 180 "${PYTEST[@]}" -v tests/test_build.py tests/test_gather_op.py \
-  tests/test_step_gpu.py tests/test_attention_gpu.py
-step tests_models 150 "${PYTEST[@]}" -v tests/test_engine_gpu.py tests/test_unet_gpu.py \
-  tests/test_train_gpu.py
+step tests_kernels 180 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
+  tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py
+step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
+  tests/training/test_train_gpu.py
 
 # -- benchmarks of the kernels and the sampling loop (JSON under $OUT).
 step bench_step 75 $PY -m iddpm_ext.bench step --device cuda --json "$OUT/bench_step.json"
@@ -88,11 +88,11 @@ step bench_sample 90 $PY -m iddpm_ext.bench sample --device cuda --json "$OUT/be
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
 #    load paths, partial tiles and both backward tilings).
 if [ -x "$SANITIZER" ]; then
-  step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/test_step_gpu.py \
+  step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_step_gpu.py \
     -k "(kernel_paths and (float32-float32 or float16-float16)) or (matches_eager_and_cpu and EPSILON) or philox or argument_errors or out_of_range"
-  step memcheck_attention 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/test_attention_gpu.py \
+  step memcheck_attention 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k sanitizer_subset
-  step racecheck_attention 60 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/test_attention_gpu.py \
+  step racecheck_attention 60 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k "sanitizer_subset and not bfloat16"
 else
   log "compute-sanitizer not found: sanitizer steps skipped"

@@ -1,14 +1,33 @@
+"""Shared setup of the test suite.
+
+Markers (declared in pyproject.toml), skipped here where they cannot run:
+- ``gpu``: needs a CUDA device and iddpm_ext._C built with CUDA (scripts/gpu_check.sh runs them);
+- ``kernels``: needs the compiled kernels iddpm_ext._C (``make build``).
+Shared helpers live in tests/helpers/ (importable as ``helpers``: pyproject's pythonpath).
+"""
+
 import pytest
 import torch
 
 
+def _skip_reasons() -> dict:
+    from iddpm_ext import ops
+
+    reasons = {}
+    if not (torch.cuda.is_available() and ops.has_kernel("cuda")):
+        reasons["gpu"] = "needs a CUDA device and iddpm_ext._C built with CUDA"
+    if not ops.available():
+        reasons["kernels"] = f"needs iddpm_ext._C: {ops.load_error()}"
+    return reasons
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    reasons = _skip_reasons()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in reasons.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break
 
 
 @pytest.fixture(scope="session")

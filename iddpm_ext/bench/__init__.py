@@ -12,22 +12,23 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+# name -> (module, one-line help); a benchmark is named after the op it measures
 BENCHES = {
-    "gather": ("iddpm_ext.bench.gather", "schedule-coefficient gather (iddpm::gather_coefs)"),
+    "gather_coefs": ("iddpm_ext.bench.gather_coefs", "schedule-coefficient gather (iddpm::gather_coefs)"),
     "step": ("iddpm_ext.bench.step", "fused reverse-diffusion step vs eager (iddpm::p_sample_step)"),
     "sample": ("iddpm_ext.bench.sample", "sampling loops: reference-style vs eager vs CUDA graph vs torch.compile"),
     "unet": ("iddpm_ext.bench.unet", "UNet (CIFAR-10 config) fwd / fwd+bwd, fused vs einsum attention"),
     "attention": ("iddpm_ext.bench.attention", "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)"),
     "train": ("iddpm_ext.bench.train", "training step it/s and peak memory (CIFAR-10 config), fused vs einsum"),
 }
+ALIASES = {"gather_coefs": ["gather"]}  # earlier names, still accepted
 
 
 def build_parser(prog: str = "iddpm bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="iddpm_ext kernel microbenchmarks")
     sub = parser.add_subparsers(dest="what", required=True)
     for name, (module, help_text) in BENCHES.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, aliases=ALIASES.get(name, []))
         _common_arguments(p)
         mod = importlib.import_module(module)
         if hasattr(mod, "add_arguments"):
@@ -50,6 +51,8 @@ def main(argv=None, prog: str = "iddpm bench") -> int:
     from . import common
 
     args = build_parser(prog).parse_args(argv)
+    canonical = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+    args.what = canonical.get(args.what, args.what)
     names = list(BENCHES) if args.what == "all" else [args.what]
     records = []
     for name in names:

@@ -1,0 +1,190 @@
+"""The iddpm command: flags, presets, train -> sample -> nll, reference .pt files, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm_ext.cli import app as cli
+from iddpm_ext.cli.flags import parse_command
+from iddpm_ext.cli.presets import PRESETS
+from iddpm_ext.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+from helpers.training import run_cli, tiny_config, tiny_flags, write_npz
+
+REFERENCE_FLAGS = {
+    "train": ["data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
+              "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16", "fp16_scale_growth"],
+    "sample": ["clip_denoised", "num_samples", "batch_size", "use_ddim", "model_path"],
+    "nll": ["data_dir", "clip_denoised", "num_samples", "batch_size", "model_path"],
+}
+
+
+def _parse(command, argv):
+    return parse_command(lambda suppress: cli.command_parser(command, suppress), command, argv)
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "nll"])
+def test_help_lists_every_flag_with_text(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key in REFERENCE_FLAGS[command] + list(model_and_diffusion_defaults()) + ["preset", "seed", "device"]:
+        assert f"--{key}" in text, key
+    flat = " ".join(text.split())  # argparse wraps long help lines
+    for key, default in model_and_diffusion_defaults().items():  # each flag shows its own default
+        entry = flat.split(f"--{key} ")[-1].split(" --")[0]  # its line in the options list
+        assert f"(default: {default!r})" in entry, (key, entry)
+    parser = cli.command_parser(command)
+    for action in parser._actions:
+        assert action.help, action.dest  # no flag without help text
+
+
+def test_reference_defaults_and_types():
+    args, explicit = _parse("train", [])
+    assert (args.lr, args.batch_size, args.microbatch, args.ema_rate, args.save_interval) == (1e-4, 1, -1, "0.9999", 10000)
+    assert args.use_fp16 is False and args.rescale_timesteps is True and explicit == set()
+    args, explicit = _parse("train", ["--use_fp16", "True", "--learn_sigma", "t", "--ema_rate", "0.9999,0.999"])
+    assert args.use_fp16 is True and args.learn_sigma is True and explicit == {"use_fp16", "learn_sigma", "ema_rate"}
+    args, _ = _parse("sample", ["--use_ddim", "yes", "--timestep_respacing", "ddim25"])
+    assert args.use_ddim is True and args.timestep_respacing == "ddim25" and args.num_samples == 10000
+    args, _ = _parse("train", ["--data", "digits"])  # alias of --data_dir
+    assert args.data_dir == "digits"
+
+
+def test_presets_are_defaults_that_flags_override():
+    args, explicit = _parse("train", ["--preset", "cifar10", "--lr", "3e-4"])
+    assert (args.image_size, args.num_channels, args.num_res_blocks, args.dropout) == (32, 128, 3, 0.3)
+    assert (args.diffusion_steps, args.noise_schedule, args.learn_sigma) == (4000, "cosine", True)
+    assert args.lr == 3e-4 and args.batch_size == 128 and {"image_size", "lr"} <= explicit
+    args, _ = _parse("train", ["--preset", "imagenet64"])
+    assert (args.image_size, args.num_res_blocks, args.learn_sigma) == (64, 3, True)
+    args, _ = _parse("train", ["--preset", "cifar10_vlb"])
+    assert args.use_kl is True and args.schedule_sampler == "loss-second-moment"
+    args, _ = _parse("sample", ["--preset", "digits"])
+    assert args.timestep_respacing == "100" and args.image_channels == 1
+    args, _ = _parse("nll", ["--preset", "digits"])
+    assert args.split == "test" and args.data_dir == "digits"
+    for name in PRESETS:  # every preset builds a model
+        args, _ = _parse("train", ["--preset", name])
+        cfg = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
+        with torch.device("meta"):
+            model, diffusion = create_model_and_diffusion(**cfg)
+        assert diffusion.num_timesteps == args.diffusion_steps
+
+
+def test_train_sample_nll_end_to_end(tmp_path, capsys):
+    data = write_npz(str(tmp_path / "d.npz"), n=32)
+    run = str(tmp_path / "run")
+    rc = cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "4",
+                   "--save_interval", "2", "--log_interval", "2", "--ema_rate", "0.5", "--out_dir", run,
+                   "--progress", "False", "--lr", "1e-3"])
+    assert rc == 0
+    assert {"model000004.safetensors", "ema_0.5_000004.safetensors", "opt000004.pt", "latest.json",
+            "progress.jsonl", "loss.png"} <= set(os.listdir(run))
+    # sample: the model flags come from the checkpoint
+    out = str(tmp_path / "samples")
+    rc = cli.main(["sample", "--model_path", run, "--num_samples", "5", "--batch_size", "2",
+                   "--timestep_respacing", "4", "--out_dir", out, "--trajectory", "3", "--progress", "False"])
+    assert rc == 0
+    with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
+        assert f["arr_0"].shape == (5, 8, 8, 1) and f["arr_0"].dtype == np.uint8 and "arr_1" not in f.files
+    assert os.path.isfile(os.path.join(out, "samples.png")) and os.path.isfile(os.path.join(out, "trajectory.png"))
+    # an existing output is an error, and the file is kept
+    before = open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read()
+    assert cli.main(["sample", "--model_path", run, "--num_samples", "5", "--out_dir", out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read() == before
+    # nll
+    nll_out = str(tmp_path / "nll")
+    rc = cli.main(["nll", "--model_path", os.path.join(run, "model000004.safetensors"), "--data_dir", data,
+                   "--num_samples", "6", "--batch_size", "4", "--out_dir", nll_out, "--progress", "False"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["num_images"] == 6 and "±" in printed
+    with np.load(os.path.join(nll_out, "bpd.npz")) as f:
+        total, prior = f["total_bpd"], f["prior_bpd"]
+    assert total.shape == (6,) and result["bits_per_dim"] == pytest.approx(float(total.mean()))
+    for name in ("vb", "mse", "xstart_mse"):
+        with np.load(os.path.join(nll_out, f"{name}_terms.npz")) as f:
+            assert f["arr_0"].shape == (10,)  # per timestep, as the reference's image_nll
+    with np.load(os.path.join(nll_out, "vb_terms.npz")) as f:
+        # total = Σ_t vb_t + prior (means over images)
+        assert float(f["arr_0"].sum() + prior.mean()) == pytest.approx(float(total.mean()), rel=1e-5)
+
+
+def test_nll_matches_calc_bpd_loop(tmp_path):
+    from iddpm_ext.training import checkpoint as ckpt
+    from iddpm_ext.evaluation.likelihood import bits_per_dim
+    from iddpm_ext.training.data import open_source, to_model_input
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**cfg)
+    model.eval()
+    data = write_npz(str(tmp_path / "d.npz"), n=8)
+    src = open_source(data, image_size=8, image_channels=1)
+    res = bits_per_dim(model, diffusion, src, 5, 5, seed=3)
+    torch.manual_seed(3000)
+    with torch.no_grad():
+        ref = diffusion.calc_bpd_loop(model, to_model_input(src.images[:5]))
+    assert np.allclose(res["total_bpd"], ref["total_bpd"].numpy(), rtol=1e-6)
+    assert res["vb"].shape == (5, 10)
+    del ckpt
+
+
+def test_reference_pt_checkpoint_with_flags(tmp_path):
+    """An improved-diffusion model*.pt (a plain state dict) samples and resumes with its flags."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**cfg)
+    pt = str(tmp_path / "ref" / "model000005.pt")
+    os.makedirs(os.path.dirname(pt))
+    torch.save(model.state_dict(), pt)
+    # the reference's optimizer file beside it: a plain AdamW state dict
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.zeros(1, 1, 8, 8), torch.zeros(1)).square().mean().backward()
+    opt.step()
+    torch.save(opt.state_dict(), os.path.join(os.path.dirname(pt), "opt000005.pt"))
+    out = str(tmp_path / "s")
+    assert cli.main(["sample", "--model_path", pt, *tiny_flags(), "--num_samples", "2", "--timestep_respacing", "2",
+                     "--out_dir", out, "--progress", "False"]) == 0
+    # without the flags the defaults do not fit: a clear error
+    assert cli.main(["sample", "--model_path", pt, "--num_samples", "2", "--out_dir", str(tmp_path / "s2")]) == 2
+    data = write_npz(str(tmp_path / "d.npz"), n=16)
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "6",
+                     "--resume_checkpoint", pt, "--out_dir", run, "--progress", "False"]) == 0
+    assert json.load(open(os.path.join(run, "latest.json")))["step"] == 6  # continued from step 5
+
+
+def test_bad_input_errors_are_one_line(tmp_path, capsys):
+    # one real process: exit status 2 and one line, no traceback
+    r = run_cli(["train", "--data_dir", str(tmp_path / "missing"), *tiny_flags(), "--out_dir", str(tmp_path / "o")])
+    assert r.returncode == 2 and "missing: no such file or folder" in r.stderr and "Traceback" not in r.stderr
+    data = write_npz(str(tmp_path / "d.npz"), n=16)
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "1",
+                     "--out_dir", run, "--progress", "False"]) == 0
+    capsys.readouterr()
+
+    def fails(argv, message):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+
+    fails(["sample", "--model_path", run, "--learn_sigma", "False", "--out_dir", str(tmp_path / "s")],
+          "learn_sigma=True in the checkpoint but False from the flags")
+    assert not os.path.exists(tmp_path / "s")
+    fails(["train", "--data_dir", data, *tiny_flags(), "--out_dir", run, "--max_steps", "2"],
+          "already holds a training run")
+    fails(["sample", "--model_path", str(tmp_path / "nope.safetensors")], "no such checkpoint file")
+    fails(["sample"], "model_path: expected a checkpoint file")
+    fails(["train", "--data_dir", data, *tiny_flags(), "--out_dir", str(tmp_path / "o2"), "--class_cond", "True",
+           "--num_classes", "2"], "the data has 3 classes")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--preset", "nope"])
+    assert "invalid choice" in capsys.readouterr().err

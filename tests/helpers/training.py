@@ -1,0 +1,69 @@
+"""Training and command-line cases: a tiny model configuration (as a config and as flags),
+small data sets, and ``python -m iddpm_ext`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from helpers import REPO
+
+# An 8x8 grayscale UNet with 32 channels, one res block, attention at 4x4, learned sigma,
+# 10 diffusion steps: a training step takes a few milliseconds on a CPU.
+TINY = dict(image_size=8, image_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+            attention_resolutions="4", num_heads=2, learn_sigma=True, diffusion_steps=10,
+            noise_schedule="cosine", dropout=0.0)
+
+
+def tiny_flags(**overrides) -> list:
+    """TINY (with overrides) as command-line flags."""
+    cfg = {**TINY, **overrides}
+    out = []
+    for k, v in cfg.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def tiny_config(**overrides) -> dict:
+    from iddpm_ext.script_util import model_and_diffusion_defaults
+
+    cfg = model_and_diffusion_defaults()
+    cfg.update(TINY)
+    cfg.update(overrides)
+    return cfg
+
+
+def blob_images(n: int, size: int = 8, channels: int = 1, seed: int = 0) -> tuple:
+    """uint8 [n, size, size, channels] images of a bright square at a random place, and
+    labels 0..2 (the square's size class)."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size, channels), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=n)
+    for i in range(n):
+        s = 2 + int(labels[i])
+        y, x = rng.integers(0, size - s + 1, size=2)
+        images[i, y: y + s, x: x + s] = 200
+    return images, labels
+
+
+def write_npz(path: str, n: int = 64, size: int = 8, channels: int = 1, labels: bool = True) -> str:
+    images, y = blob_images(n, size, channels)
+    if labels:
+        np.savez(path, images, y)
+    else:
+        np.savez(path, images)
+    return path
+
+
+def run_cli(args: list, timeout: float = 240, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m iddpm_ext ARGS`` in a subprocess (this checkout first on the path)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "iddpm_ext", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)

@@ -1,0 +1,249 @@
+"""The fused QKV attention op on CPU: forward and backward against the einsum reference and
+an independent float64 computation, gradcheck, opcheck, torch.compile, errors, and the
+implementation switch. GPU tests are in test_attention_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iddpm_ext.ops import loader
+from iddpm_ext.ops import attention as A
+
+pytestmark = pytest.mark.kernels
+
+# (B, H, C, T): odd T, one key, several heads, odd head dims, T not a multiple of any block.
+SHAPES = [(2, 3, 16, 37), (1, 4, 64, 64), (2, 2, 32, 257), (1, 1, 5, 1), (3, 1, 7, 130), (1, 2, 128, 96)]
+
+
+def fused(qkv, num_heads):
+    return A.qkv_attention_fused(qkv, num_heads)
+
+
+@pytest.fixture(params=["native", "avx2", "generic"])
+def isa(request, monkeypatch):
+    """Runs a test with each vector build of the CPU kernel this machine can execute."""
+    if request.param != "native":
+        monkeypatch.setenv("IDDPM_ATTN_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_f32_matches_reference(shape, isa):
+    B, H, C, T = shape
+    qkv = torch.randn(B, 3 * H * C, T, generator=torch.Generator().manual_seed(1))
+    out = fused(qkv, H)
+    assert out.shape == (B, H * C, T) and out.dtype == torch.float32
+    ref = A.qkv_attention_reference(qkv, H)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_f64_exact(shape):
+    B, H, C, T = shape
+    qkv = torch.randn(B, 3 * H * C, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out, lse = A.qkv_attention_with_lse(qkv, H)
+    assert out.dtype == torch.float64 and lse.dtype == torch.float64 and lse.shape == (B, H, T)
+    torch.testing.assert_close(out, attention_math_f64(qkv, H), rtol=1e-12, atol=1e-13)
+    # lse = logsumexp over keys of qᵀk / √C.
+    q, k, _ = qkv.reshape(B * H, 3 * C, T).split(C, dim=1)
+    logits = torch.einsum("bct,bcs->bts", q, k) / C**0.5
+    torch.testing.assert_close(lse.reshape(B * H, T), logits.logsumexp(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_f64_exact(shape):
+    B, H, C, T = shape
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, 3 * H * C, T, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(B, H * C, T, dtype=torch.float64, generator=gen)
+    (ours,) = torch.autograd.grad(fused(qkv, H), qkv, g)
+    (ref,) = torch.autograd.grad(attention_math_f64(qkv, H), qkv, g)
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_f32_matches_reference_autograd(shape, isa):
+    B, H, C, T = shape
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(B, 3 * H * C, T, generator=gen, requires_grad=True)
+    g = torch.randn(B, H * C, T, generator=gen)
+    (ours,) = torch.autograd.grad(fused(qkv, H), qkv, g)
+    (ref,) = torch.autograd.grad(A.qkv_attention_reference(qkv, H), qkv, g)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_two_x_rule(dtype):
+    B, H, C, T = 2, 2, 32, 100
+    gen = torch.Generator().manual_seed(5)
+    qkv32 = torch.randn(B, 3 * H * C, T, generator=gen)
+    g32 = torch.randn(B, H * C, T, generator=gen)
+    x = qkv32.to(dtype).requires_grad_()
+    out = fused(x, H)
+    assert out.dtype == dtype
+    (grad,) = torch.autograd.grad(out, x, g32.to(dtype))
+    xe = qkv32.to(dtype).requires_grad_()
+    eager = A.qkv_attention_reference(xe, H)
+    (grad_eager,) = torch.autograd.grad(eager, xe, g32.to(dtype))
+    xr = qkv32.to(dtype).double().requires_grad_()  # the same rounded inputs, exact math
+    ref = attention_math_f64(xr, H)
+    (grad_ref,) = torch.autograd.grad(ref, xr, g32.to(dtype).double())
+    check_two_x_rule(out, eager, ref, f"{dtype} forward")
+    check_two_x_rule(grad, grad_eager, grad_ref, f"{dtype} backward")
+
+
+def test_gradcheck_f64():
+    qkv = torch.randn(2, 3 * 2 * 4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: fused(x, 2), (qkv,))
+    qkv1 = torch.randn(1, 3 * 3 * 5, 1, dtype=torch.float64, requires_grad=True)  # T = 1
+    assert torch.autograd.gradcheck(lambda x: fused(x, 3), (qkv1,))
+
+
+def test_large_t_is_blocked_and_correct():
+    # T = 2048: one (b, h) score matrix would be 2048² floats (16 MiB); the kernel keeps
+    # [128, 64] / [64, 64] blocks. Correctness at this size (odd T) in float64.
+    B, H, C, T = 1, 2, 16, 2047
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(B, 3 * H * C, T, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(B, H * C, T, dtype=torch.float64, generator=gen)
+    out = fused(qkv, H)
+    ref = attention_math_f64(qkv, H)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-12)
+    (ours,) = torch.autograd.grad(out, qkv, g)
+    (expect,) = torch.autograd.grad(ref, qkv, g)
+    torch.testing.assert_close(ours, expect, rtol=1e-10, atol=1e-11)
+
+
+def test_non_contiguous_qkv():
+    base = torch.randn(2, 3 * 2 * 8, 40 * 2, generator=torch.Generator().manual_seed(7))
+    qkv = base[:, :, ::2]  # strided along T
+    assert not qkv.is_contiguous()
+    torch.testing.assert_close(fused(qkv, 2), fused(qkv.contiguous(), 2), rtol=0, atol=0)
+
+
+def test_empty_batch():
+    out, lse = A.qkv_attention_with_lse(torch.randn(0, 12, 5), 2)
+    assert out.shape == (0, 4, 5) and lse.shape == (0, 2, 5)
+
+
+def test_opcheck_forward_and_backward():
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(2, 3 * 2 * 8, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.iddpm.qkv_attention.default, (qkv, 2))
+    out, lse = A.qkv_attention_with_lse(qkv.detach(), 2)
+    g = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.iddpm.qkv_attention_backward.default, (g, qkv.detach(), out, lse, 2)
+    )
+    qkv32 = torch.randn(1, 3 * 4 * 16, 20, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.iddpm.qkv_attention.default, (qkv32, 4))
+
+
+class _TinyAttention(torch.nn.Module):
+    def __init__(self, channels=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = torch.nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        return x + self.proj(A.qkv_attention(self.qkv(x), self.heads))
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(9)
+    model = _TinyAttention()
+    x = torch.randn(2, 32, 19)
+    with A.attention_impl("fused"):
+        eager = model(x)
+        eager.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_impl_switch():
+    qkv = torch.randn(2, 3 * 2 * 8, 30, generator=torch.Generator().manual_seed(10))
+    expect_fused = fused(qkv, 2)
+    expect_ref = A.qkv_attention_reference(qkv, 2)
+    assert not torch.equal(expect_fused, expect_ref)  # the two paths are distinguishable
+    with A.attention_impl("auto"):
+        assert A.fused_supported(qkv, 2)
+        assert torch.equal(A.qkv_attention(qkv, 2), expect_fused)
+    with A.attention_impl("einsum"):
+        assert torch.equal(A.qkv_attention(qkv, 2), expect_ref)
+    with A.attention_impl("fused"):
+        assert torch.equal(A.qkv_attention(qkv, 2), expect_fused)
+    assert A.get_attention_impl() == "auto"
+    # No kernel for these: auto falls back to the reference.
+    assert not A.fused_supported(torch.zeros(1, 6, 4, dtype=torch.int32), 2)
+    assert not A.fused_supported(torch.zeros(1, 6, 4, device="meta"), 2)
+    assert not A.fused_supported(torch.zeros(1, 7, 4), 2)
+    with pytest.raises(ValueError, match="impl"):
+        A.set_attention_impl("flash")
+
+
+@pytest.mark.parametrize(
+    "shape, heads, match",
+    [
+        ((2, 3 * 2 * 4 + 1, 5), 2, "multiple of 3·num_heads = 6"),
+        ((2, 24, 5), 0, "num_heads: expected a positive"),
+        ((24, 5), 2, r"3-D tensor"),
+    ],
+)
+def test_forward_errors(shape, heads, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.iddpm.qkv_attention(torch.randn(shape), heads)
+
+
+def test_dtype_error():
+    with pytest.raises(ValueError, match="qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got Long"):
+        torch.ops.iddpm.qkv_attention(torch.zeros(1, 6, 3, dtype=torch.long), 2)
+
+
+def test_backward_errors():
+    qkv = torch.randn(2, 24, 5)
+    out, lse = A.qkv_attention_with_lse(qkv, 2)
+    bwd = torch.ops.iddpm.qkv_attention_backward
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 8, 5\]"):
+        bwd(torch.randn(2, 8, 4), qkv, out, lse, 2)
+    with pytest.raises(ValueError, match="grad_out: expected dtype Float"):
+        bwd(out.double(), qkv, out, lse, 2)
+    with pytest.raises(ValueError, match=r"out: expected shape"):
+        bwd(out, qkv, out[:, :4], lse, 2)
+    with pytest.raises(ValueError, match="lse: expected dtype Float"):
+        bwd(out, qkv, out, lse.double(), 2)
+    with pytest.raises(ValueError, match=r"lse: expected shape \[2, 2, 5\]"):
+        bwd(out, qkv, out, lse[:, :1], 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(0, 2),
+    width=st.integers(1, 40),
+    T=st.integers(0, 9),
+    heads=st.integers(-1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.int32]),
+)
+def test_arguments_give_result_or_clean_error(B, width, T, heads, dtype):
+    qkv = torch.ones(B, width, T, dtype=dtype)
+    try:
+        out, lse = torch.ops.iddpm.qkv_attention(qkv, heads)
+    except ValueError as e:
+        assert "qkv" in str(e) or "num_heads" in str(e)
+        return
+    assert heads >= 1 and width % (3 * heads) == 0 and dtype != torch.int32
+    assert out.shape == (B, width // 3, T) and lse.shape == (B, heads, T)
+    if out.numel():
+        # Constant inputs: uniform attention, so the output is the (constant) v.
+        assert max_err(out, torch.ones_like(out)) < 1e-6

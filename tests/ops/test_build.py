@@ -1,0 +1,95 @@
+"""The extension is built, matches the running torch, and its absence is handled."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import iddpm_ext
+from iddpm_ext.ops import loader
+
+from helpers import REPO
+
+
+
+def test_extension_loads_and_reports_build_facts():
+    assert loader.available(), loader.load_error()
+    info = iddpm_ext.build_info()
+    for key in ("version", "torch_version", "cuda", "cuda_version", "arch_list", "compiler"):
+        assert key in info, key
+    assert info["torch_version"] == torch.__version__
+    assert info["version"] == iddpm_ext.__version__
+    if info["cuda"]:
+        assert info["cuda_version"] and info["arch_list"]
+    else:
+        assert info["cuda_version"] is None
+
+
+@pytest.mark.skipif(os.environ.get("IDDPM_EXT_EXPECT_CUDA_BUILD") != "1",
+                    reason="only where the build must include CUDA (CI sets IDDPM_EXT_EXPECT_CUDA_BUILD=1)")
+def test_cuda_sources_were_compiled():
+    info = iddpm_ext.build_info()
+    assert info["cuda"] is True
+    assert torch.version.cuda is not None
+    assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+
+
+def test_cuda_kernels_registered_when_built():
+    has_cuda_impl = torch._C._dispatch_has_kernel_for_dispatch_key("iddpm::gather_coefs", "CUDA")
+    assert has_cuda_impl == iddpm_ext.build_info()["cuda"]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("iddpm::gather_coefs", "CPU")
+
+
+def _run(code, **env):
+    full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=REPO, timeout=300)
+
+
+def test_without_extension_the_core_works_and_ops_raise_with_rebuild_command():
+    code = """
+import torch, iddpm_ext
+from iddpm_ext import ops
+assert not iddpm_ext.extension_available()
+d = iddpm_ext.create_gaussian_diffusion(steps=10, learn_sigma=True, noise_schedule="cosine")
+x = torch.zeros(2, 3, 4, 4)
+out = d.p_sample(lambda x, t: torch.zeros(2, 6, 4, 4), x, torch.tensor([3, 0]))
+assert out["sample"].shape == x.shape
+try:
+    iddpm_ext.build_info()
+except iddpm_ext.ExtensionUnavailableError as e:
+    print("ERR", e)
+try:
+    ops.gather_coefs(torch.zeros(3, 2), torch.tensor([0]))
+except iddpm_ext.ExtensionUnavailableError as e:
+    print("ERR2", e)
+"""
+    res = _run(code, IDDPM_EXT_DISABLE_C="1")
+    assert res.returncode == 0, res.stderr
+    assert "ERR iddpm_ext._C was disabled" in res.stdout
+    assert "ERR2" in res.stdout
+
+
+def test_version_mismatch_message_names_both_versions_and_the_rebuild_command():
+    assert loader.version_mismatch("2.14.1", "2.14.1") is None
+    msg = loader.version_mismatch("2.11.0+cu130", "2.14.1+cu130")
+    assert "2.11.0+cu130" in msg and "2.14.1+cu130" in msg
+    assert "make build" in msg and "pip install --no-build-isolation" in msg
+
+
+def test_missing_module_message(tmp_path):
+    # A copy of the Python package without the compiled module: the error says it is not built.
+    import shutil
+
+    pkg = tmp_path / "iddpm_ext"
+    shutil.copytree(os.path.join(REPO, "iddpm_ext"), pkg,
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    code = "import iddpm_ext, iddpm_ext.ops.loader as o; print(o.load_error())"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0]=[%r] + %r; " % (
+        str(tmp_path), [p for p in sys.path if "site-packages" in p]) + code],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "not built" in res.stdout and "make build" in res.stdout

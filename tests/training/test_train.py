@@ -1,0 +1,169 @@
+"""TrainLoop: exact resume, microbatching, EMA, AMP, clipping, annealing, logs and plot."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm_ext.training import checkpoint as ckpt
+from iddpm_ext.training.data import ArraySource, BatchStream
+from iddpm_ext.training.log import read_jsonl
+from iddpm_ext.resample import create_named_schedule_sampler
+from iddpm_ext.script_util import create_model_and_diffusion
+from iddpm_ext.training.loop import TrainLoop
+
+from helpers.training import blob_images, tiny_config
+
+
+def _loop(out_dir, *, seed=0, batch_size=8, sampler="uniform", resume="", config=None, **kw):
+    cfg = config or tiny_config(dropout=0.1, diffusion_steps=5)
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**cfg)
+    images, labels = blob_images(48, 8, 1)
+    data = BatchStream(ArraySource(images, labels), batch_size, seed=seed, random_flip=True,
+                       class_cond=cfg["class_cond"])
+    args = dict(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=-1, lr=1e-3,
+                ema_rate="0.9,0.99", log_interval=1, save_interval=1000, resume_checkpoint=resume,
+                schedule_sampler=create_named_schedule_sampler(sampler, diffusion), config=cfg,
+                out_dir=str(out_dir), seed=seed, progress=False, log=lambda *a: None)
+    args.update(kw)
+    return TrainLoop(**args)
+
+
+def _losses(out_dir):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(os.path.join(out_dir, "progress.jsonl"))]
+
+
+def test_resume_continues_exactly(tmp_path):
+    # loss-second-moment with T=5 warms up after 50 losses (7 steps of 8): the history
+    # saved at step 4 decides the timestep distribution after the resume.
+    common = dict(sampler="loss-second-moment", microbatch=3)
+    full = _loop(tmp_path / "full", max_steps=10, save_interval=4, **common)
+    full.run_loop()
+    part = _loop(tmp_path / "part", max_steps=4, save_interval=4, **common)
+    part.run_loop()
+    resumed = _loop(tmp_path / "part", max_steps=10, save_interval=4, resume=str(tmp_path / "part"), **common)
+    assert resumed.step == 4
+    resumed.run_loop()
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")  # exact equality on CPU
+    assert len(_losses(tmp_path / "full")) == 10
+    for name in ("model000010.safetensors", "ema_0.9_000010.safetensors", "ema_0.99_000010.safetensors"):
+        a, _, _ = ckpt.load_weights(str(tmp_path / "full" / name))
+        b, _, _ = ckpt.load_weights(str(tmp_path / "part" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert full.schedule_sampler._warmed_up()
+    state = ckpt.load_train_state(str(tmp_path / "part" / "opt000010.pt"))
+    assert state["step"] == 10 and state["data"]["position"] == 10
+
+
+class _FixedNoise:
+    """Delegates to a diffusion, with noise a fixed function of the batch item (so a batch
+    and its microbatches see the same noise)."""
+
+    def __init__(self, diffusion):
+        self.d = diffusion
+
+    def __getattr__(self, name):
+        return getattr(self.d, name)
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        noise = torch.sin(7.0 * x_start + t.view(-1, 1, 1, 1).float())
+        return self.d.training_losses(model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+
+
+class _FixedTimesteps:
+    def __init__(self, ts):
+        self.ts, self.pos = ts, 0
+
+    def sample(self, n, device, rng=None):
+        t = torch.tensor(self.ts[self.pos: self.pos + n], device=device)
+        self.pos += n
+        return t, torch.ones(n, device=device)
+
+
+def test_microbatches_accumulate_the_batch_gradient(tmp_path):
+    grads = {}
+    for micro in (-1, 3):
+        loop = _loop(tmp_path / str(micro), microbatch=micro, config=tiny_config(diffusion_steps=5))
+        loop.diffusion = _FixedNoise(loop.diffusion)
+        loop.schedule_sampler = _FixedTimesteps([0, 1, 2, 3, 4, 4, 2, 0])
+        x, cond = next(loop.data)
+        loop.forward_backward(x, cond)
+        grads[micro] = torch.cat([p.grad.flatten() for p in loop.params])
+    assert torch.allclose(grads[-1], grads[3], rtol=1e-5, atol=1e-7)
+
+
+def test_ema_rates_clip_and_anneal(tmp_path):
+    loop = _loop(tmp_path, ema_rate="0.0,0.5", grad_clip=1e-3, lr_anneal_steps=4, max_steps=0)
+    before = [p.detach().clone() for p in loop.params]
+    loop.run_loop()
+    assert loop.step == 4  # stops at lr_anneal_steps
+    recs = read_jsonl(str(tmp_path / "progress.jsonl"))
+    assert [r["lr"] for r in recs] == pytest.approx([1e-3 * (1 - s / 4) for s in range(4)])
+    assert all(r["grad_norm"] > 1e-3 for r in recs)  # the logged norm is before clipping
+    clipped = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in loop.params))
+    assert clipped <= 1e-3 * 1.01
+    ema0, ema5 = loop.ema_params
+    assert all(torch.equal(e, p) for e, p in zip(ema0, loop.params))  # rate 0: the model itself
+    # rate 0.5 after 4 steps: between the initial and the final weights, equal to neither
+    assert not all(torch.equal(e, p) for e, p in zip(ema5, loop.params))
+    assert not all(torch.equal(e, b) for e, b in zip(ema5, before))
+    files = sorted(os.listdir(tmp_path))
+    assert "ema_0.0_000004.safetensors" in files and "ema_0.5_000004.safetensors" in files
+
+
+def test_log_records_and_plot(tmp_path):
+    loop = _loop(tmp_path, max_steps=6, log_interval=3, save_interval=3, batch_size=16)
+    loop.run_loop()
+    recs = read_jsonl(str(tmp_path / "progress.jsonl"))
+    assert [r["step"] for r in recs] == [3, 6] and recs[-1]["samples"] == 6 * 16
+    for key in ("loss", "mse", "vb", "grad_norm", "samples_per_s", "lr", "loss_q0", "mse_q3"):
+        assert key in recs[0] and np.isfinite(recs[0][key]), key
+    # per-sample loss = mse + vb is a float32 sum: equal to float32 rounding
+    assert recs[0]["loss"] == pytest.approx(recs[0]["mse"] + recs[0]["vb"], rel=1e-6)
+    from PIL import Image
+
+    with Image.open(tmp_path / "loss.png") as img:
+        assert img.size[0] == 900 and img.size[1] > 400
+    latest = json.load(open(tmp_path / "latest.json"))
+    assert latest["step"] == 6 and latest["ema"] == {"0.9": "ema_0.9_000006.safetensors",
+                                                     "0.99": "ema_0.99_000006.safetensors"}
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_training_runs(tmp_path, amp):
+    loop = _loop(tmp_path, max_steps=3, amp=amp)
+    loop.run_loop()
+    recs = read_jsonl(str(tmp_path / "progress.jsonl"))
+    assert len(recs) == 3 and all(np.isfinite(r["loss"]) for r in recs)
+    assert all(p.dtype == torch.float32 for p in loop.params)  # fp32 master weights
+    if amp == "fp16":
+        assert loop.scaler.is_enabled() and "loss_scale" in recs[0]
+
+
+def test_class_conditional_training(tmp_path):
+    cfg = tiny_config(class_cond=True, num_classes=3, diffusion_steps=5)
+    loop = _loop(tmp_path, max_steps=2, config=cfg)
+    loop.run_loop()
+    assert loop.model.label_emb.weight.grad is not None
+
+
+def test_refuses_an_existing_run_and_overwriting_later_steps(tmp_path):
+    _loop(tmp_path, max_steps=4, save_interval=2).run_loop()
+    with pytest.raises(ckpt.CheckpointError, match="already holds a training run"):
+        _loop(tmp_path, max_steps=4)
+    with pytest.raises(ckpt.CheckpointError, match="already holds later steps"):
+        _loop(tmp_path, max_steps=4, resume=str(tmp_path / "model000002.safetensors"))
+    with pytest.raises(ValueError, match="ema_rate"):
+        _loop(tmp_path / "x", ema_rate="0.9,abc")
+    with pytest.raises(ValueError, match="amp"):
+        _loop(tmp_path / "x", amp="fp8")
+
+
+def test_resume_with_other_model_flags_is_refused(tmp_path):
+    _loop(tmp_path, max_steps=2, save_interval=2).run_loop()
+    with pytest.raises(ckpt.CheckpointError, match="learn_sigma=True in the checkpoint but False"):
+        _loop(tmp_path / "b", resume=str(tmp_path), config=tiny_config(learn_sigma=False, diffusion_steps=5,
+                                                                        dropout=0.1))
