@@ -4,6 +4,7 @@
 Run by CMakeLists.txt with the Python that will import the extension, so the build
 always matches the torch it will be loaded into (no find_package(Torch) needed).
 """
+
 import glob
 import os
 import site

@@ -5,12 +5,13 @@ PyTorch and works without the compiled extension; the fused kernels live in
 ``iddpm_ext._C`` and are used when it is built (see :func:`build_info`).
 """
 
-from .errors import ExtensionUnavailableError, UnknownNameError
-from .ops import attention_impl, build_info, get_attention_impl, set_attention_impl
-from .ops import available as extension_available
+from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule
 from .engine import IDDPMScheduler, IDDPMSchedulerOutput, SamplingEngine
+from .errors import ExtensionUnavailableError, UnknownNameError
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .ops import attention_impl, build_info, get_attention_impl, set_attention_impl
+from .ops import available as extension_available
 from .resample import (
     LossAwareSampler,
     LossSecondMomentResampler,
@@ -19,7 +20,6 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, space_timesteps
-from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule
 from .script_util import (
     create_gaussian_diffusion,
     create_model,
@@ -27,7 +27,6 @@ from .script_util import (
     model_and_diffusion_defaults,
 )
 from .unet import SuperResModel, UNetModel
-
 from .version import __version__
 
 __all__ = [

@@ -120,8 +120,9 @@ def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
     if world == 1:
         return t
     if len(counts) != world or t.shape[0] != counts[get_rank()]:
-        raise ValueError(f"counts: expected {world} row counts matching this rank's {t.shape[0]} "
-                         f"rows, got {counts}")
+        raise ValueError(
+            f"counts: expected {world} row counts matching this rank's {t.shape[0]} rows, got {counts}"
+        )
     most = max(counts)
     padded = t.new_zeros((most, *t.shape[1:]))
     padded[: t.shape[0]] = t

@@ -12,9 +12,15 @@ from torch import nn
 
 from .unet import convert_module_to_f16, convert_module_to_f32
 
-__all__ = ["convert_module_to_f16", "convert_module_to_f32", "make_master_params",
-           "model_grads_to_master_grads", "master_params_to_model_params", "unflatten_master_params",
-           "zero_grad"]
+__all__ = [
+    "convert_module_to_f16",
+    "convert_module_to_f32",
+    "make_master_params",
+    "model_grads_to_master_grads",
+    "master_params_to_model_params",
+    "unflatten_master_params",
+    "zero_grad",
+]
 
 
 def make_master_params(model_params):
@@ -41,7 +47,7 @@ def unflatten_master_params(model_params, master_params):
     out, offset = [], 0
     for p in model_params:
         n = p.numel()
-        out.append(flat[offset:offset + n].view_as(p))
+        out.append(flat[offset : offset + n].view_as(p))
         offset += n
     if offset != flat.numel():
         raise ValueError(f"master_params: {flat.numel()} values for model parameters of {offset} values")

@@ -22,6 +22,7 @@ model output: [N, C, ...] or [N, 2C, ...] with learned variances.
 
 from __future__ import annotations
 
+import collections
 import enum
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from .core import sampling
 from .core.checks import check_model_output, check_same_shape, check_timesteps, check_x
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule  # noqa: F401  (the reference's names)
-from .core.tables import COEF_INDEX, StepCoefs, schedule_arrays, stack_coef_table, step_coefs
+from .core.tables import StepCoefs, schedule_arrays, stack_coef_table, step_coefs
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 
@@ -223,9 +224,7 @@ class GaussianDiffusion:
         """model(x, timesteps as the model expects them, **model_kwargs)."""
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
 
-    def p_mean_variance(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None
-    ):
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
         """Apply the model to get p(x_{t-1} | x_t) and a prediction of x_0.
 
         :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart' (x's shape).
@@ -359,8 +358,22 @@ class GaussianDiffusion:
     # one step from a model output: the one per-step API
     # ------------------------------------------------------------------------------
 
-    def step(self, kind, model_output, x, t, *, clip_denoised=True, denoised_fn=None, eta=0.0, noise=None,
-             generator=None, sample_index=None, fused=None, pred_xstart=True):
+    def step(
+        self,
+        kind,
+        model_output,
+        x,
+        t,
+        *,
+        clip_denoised=True,
+        denoised_fn=None,
+        eta=0.0,
+        noise=None,
+        generator=None,
+        sample_index=None,
+        fused=None,
+        pred_xstart=True,
+    ):
         """One reverse-process update from a model output, as one fused kernel where it
         applies (:mod:`iddpm_ext.core.sampling`), else with the eager math above.
 
@@ -386,11 +399,36 @@ class GaussianDiffusion:
         self._check_t(t, x.shape[0])
         if kind == "ddim_reverse" and eta != 0.0:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
-        return self._step(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator,
-                          sample_index, fused, pred_xstart)
+        return self._step(
+            kind,
+            model_output,
+            x,
+            t,
+            clip_denoised,
+            denoised_fn,
+            eta,
+            noise,
+            generator,
+            sample_index,
+            fused,
+            pred_xstart,
+        )
 
-    def _step(self, kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator, sample_index,
-              fused, need_pred_xstart):
+    def _step(
+        self,
+        kind,
+        model_output,
+        x,
+        t,
+        clip_denoised,
+        denoised_fn,
+        eta,
+        noise,
+        generator,
+        sample_index,
+        fused,
+        need_pred_xstart,
+    ):
         """:meth:`step` after the checks of x and t."""
         if noise is not None:
             check_same_shape(noise, "noise", x, "x")
@@ -401,22 +439,33 @@ class GaussianDiffusion:
         elif fused and blocker is not None:
             raise ValueError(f"fused: the fused step cannot run here: {blocker}")
         if fused:
-            noise = sampling.fused_noise(x, noise, generator, sample_index)
-            sample, pred = sampling.run_fused(kind, x, model_output, t, self.coef_table(x.device),
-                                              self.model_mean_type, self.model_var_type, clip_denoised, eta,
-                                              noise, generator, sample_index, need_pred_xstart)
 
-            def eager(mo, xx, tt, nn):
+            def eager_update(mo, xx, tt, nn):  # the layout oracle: this rule on meta tensors
                 return self._eager_update(kind, mo, xx, tt, clip_denoised, None, eta, nn)
 
-            strides = sampling.eager_strides(self._layout_cache, eager, kind, x, model_output, noise,
-                                             clip_denoised, eta)
-            strides = strides or (None, None)
-            return {"sample": sampling.relayout(sample, strides[0]),
-                    "pred_xstart": sampling.relayout(pred, strides[1])}
+            table = self.coef_table(x.device)
+            types = (self.model_mean_type, self.model_var_type)
+            return sampling.fused_update(
+                kind,
+                model_output,
+                x,
+                t,
+                table,
+                types,
+                clip_denoised,
+                eta,
+                noise,
+                generator,
+                sample_index,
+                need_pred_xstart,
+                self._layout_cache,
+                eager_update,
+            )
         if sample_index is not None and noise is None and kind != "ddim_reverse":
-            raise ValueError("sample_index: per-sample noise streams are drawn in the fused kernel, which "
-                             "does not run here (give noise, or let the fused op run)")
+            raise ValueError(
+                "sample_index: per-sample noise streams are drawn in the fused kernel, which "
+                "does not run here (give noise, or let the fused op run)"
+            )
         if kind != "ddim_reverse" and noise is None:
             noise = sampling.eager_noise(x, generator)
         return self._eager_update(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise)
@@ -425,8 +474,9 @@ class GaussianDiffusion:
     # sampling with a model: the reference's methods
     # ------------------------------------------------------------------------------
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None,
-                 generator=None):
+    def p_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None, generator=None
+    ):
         """Sample x_{t-1} ~ p(x_{t-1} | x_t): mean + σ·noise, no noise where t == 0.
 
         :param noise: optional explicit N(0, I) noise of x's shape.
@@ -436,74 +486,208 @@ class GaussianDiffusion:
         check_x(x)
         self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step("ancestral", model_output, x, t, clip_denoised, denoised_fn, 0.0, noise, generator,
-                          None, None, True)
+        return self._step(
+            "ancestral",
+            model_output,
+            x,
+            t,
+            clip_denoised,
+            denoised_fn,
+            0.0,
+            noise,
+            generator,
+            None,
+            None,
+            True,
+        )
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
-                    noise=None, generator=None):
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        noise=None,
+        generator=None,
+    ):
         """Sample x_{t-1} with DDIM (Song et al. eq. 12); ``eta`` = 0 is deterministic.
         Noise is still drawn when eta = 0 (as the reference does) unless ``noise`` is given."""
         check_x(x)
         self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step("ddim", model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator, None,
-                          None, True)
+        return self._step(
+            "ddim", model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator, None, None, True
+        )
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                            eta=0.0):
+    def ddim_reverse_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
+    ):
         """Deterministic DDIM step from x_t to x_{t+1} (the reverse ODE); eta must be 0."""
         if eta != 0.0:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
         check_x(x)
         self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step("ddim_reverse", model_output, x, t, clip_denoised, denoised_fn, 0.0, None, None, None,
-                          None, True)
+        return self._step(
+            "ddim_reverse", model_output, x, t, clip_denoised, denoised_fn, 0.0, None, None, None, None, True
+        )
 
     # ------------------------------------------------------------------------------
     # the sampling loops (one timestep loop: _loop)
     # ------------------------------------------------------------------------------
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                      device=None, progress=False, generator=None, step_noise=None):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
+        step_noise=None,
+    ):
         """Generate samples: x_T = ``noise`` (or N(0, I)), then T ancestral steps.
 
         :param step_noise: optional [T, *shape] tensor (entry t is the noise used at timestep
             t), or a callable t -> [*shape] noise tensor (None: drawn).
         :return: the final x_0 batch (no grad).
         """
-        return self._final(self._loop("ancestral", model, shape, noise, clip_denoised, denoised_fn, model_kwargs,
-                                      device, progress, 0.0, generator, step_noise, need_pred_xstart=False))
+        return self._final(
+            self._loop(
+                "ancestral",
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                model_kwargs,
+                device,
+                progress,
+                0.0,
+                generator,
+                step_noise,
+                need_pred_xstart=False,
+            )
+        )
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False, generator=None,
-                                  step_noise=None):
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
+        step_noise=None,
+    ):
         """Like :meth:`p_sample_loop`, yielding each step's p_sample dict (t = T-1 .. 0)."""
-        yield from self._loop("ancestral", model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device,
-                              progress, 0.0, generator, step_noise)
+        yield from self._loop(
+            "ancestral",
+            model,
+            shape,
+            noise,
+            clip_denoised,
+            denoised_fn,
+            model_kwargs,
+            device,
+            progress,
+            0.0,
+            generator,
+            step_noise,
+        )
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                         device=None, progress=False, eta=0.0, generator=None, step_noise=None):
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        generator=None,
+        step_noise=None,
+    ):
         """Generate samples with DDIM; same arguments as :meth:`p_sample_loop` plus ``eta``."""
-        return self._final(self._loop("ddim", model, shape, noise, clip_denoised, denoised_fn, model_kwargs,
-                                      device, progress, eta, generator, step_noise, need_pred_xstart=False))
+        return self._final(
+            self._loop(
+                "ddim",
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                model_kwargs,
+                device,
+                progress,
+                eta,
+                generator,
+                step_noise,
+                need_pred_xstart=False,
+            )
+        )
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     model_kwargs=None, device=None, progress=False, eta=0.0, generator=None,
-                                     step_noise=None):
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        generator=None,
+        step_noise=None,
+    ):
         """Like :meth:`ddim_sample_loop`, yielding each step's ddim_sample dict."""
-        yield from self._loop("ddim", model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device,
-                              progress, eta, generator, step_noise)
+        yield from self._loop(
+            "ddim",
+            model,
+            shape,
+            noise,
+            clip_denoised,
+            denoised_fn,
+            model_kwargs,
+            device,
+            progress,
+            eta,
+            generator,
+            step_noise,
+        )
 
     @staticmethod
     def _final(steps):
-        final = None
-        for final in steps:
-            pass
-        return final["sample"]
+        return collections.deque(steps, maxlen=1)[0]["sample"]  # run the loop, keep its last step
 
-    def _loop(self, kind, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
-              generator, step_noise, need_pred_xstart=True):
+    def _loop(
+        self,
+        kind,
+        model,
+        shape,
+        noise,
+        clip_denoised,
+        denoised_fn,
+        model_kwargs,
+        device,
+        progress,
+        eta,
+        generator,
+        step_noise,
+        need_pred_xstart=True,
+    ):
         """x_T, then one step per timestep T-1 .. 0, yielding each step's dict. Its timesteps
         are valid by construction, so the steps skip the host read of t."""
         shape = sampling.check_sample_shape(shape)
@@ -515,8 +699,20 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)  # a fill, not a copy
             with torch.no_grad():
                 model_output = self._run_model(model, img, t, model_kwargs)
-                out = self._step(kind, model_output, img, t, clip_denoised, denoised_fn, eta, noise_at(i),
-                                 generator, None, None, need_pred_xstart)
+                out = self._step(
+                    kind,
+                    model_output,
+                    img,
+                    t,
+                    clip_denoised,
+                    denoised_fn,
+                    eta,
+                    noise_at(i),
+                    generator,
+                    None,
+                    None,
+                    need_pred_xstart,
+                )
                 yield out
                 img = out["sample"]
 
@@ -572,9 +768,9 @@ class GaussianDiffusion:
         terms = {}
         if self.loss_type.is_vb():
             model_output = self._run_model(model, x_t, t, model_kwargs)
-            terms["loss"] = self._vb_terms_from_output(
-                model_output, x_start, x_t, t, clip_denoised=False
-            )["output"]
+            terms["loss"] = self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised=False)[
+                "output"
+            ]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -586,9 +782,9 @@ class GaussianDiffusion:
             model_output, model_var_values = torch.split(model_output, C, dim=1)
             # Learn the variance with the bound, but don't let it move the mean.
             frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
-            terms["vb"] = self._vb_terms_from_output(
-                frozen_out, x_start, x_t, t, clip_denoised=False
-            )["output"]
+            terms["vb"] = self._vb_terms_from_output(frozen_out, x_start, x_t, t, clip_denoised=False)[
+                "output"
+            ]
             if self.loss_type == LossType.RESCALED_MSE:
                 # Divide by 1000 for equivalence with the initial implementation.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
@@ -605,16 +801,16 @@ class GaussianDiffusion:
 
     def _prior_bpd(self, x_start):
         """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, [N]."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device,
-                       dtype=torch.long)
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
         c = self._coefs(t, x_start.dim())
         qt_mean = c.sqrt_alphas_cumprod * x_start
         qt_log_variance = c.log_one_minus_alphas_cumprod.expand(x_start.shape)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / LN2
 
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, noise=None,
-                      progress=False):
+    def calc_bpd_loop(
+        self, model, x_start, clip_denoised=True, model_kwargs=None, noise=None, progress=False
+    ):
         """The whole variational bound in bits per dimension, and related quantities.
 
         :param noise: optional [T, *x_start.shape] tensor; entry t is the noise used to
@@ -663,14 +859,6 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
-
-
-def _cannot_sync(t: torch.Tensor) -> bool:
-    """True where reading t's values on the host is impossible or unwanted: during
-    CUDA graph capture and while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):

@@ -14,8 +14,17 @@ from .training.data import BatchStream, DataError, list_image_files, open_source
 __all__ = ["load_data", "list_image_files"]
 
 
-def load_data(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False,
-              image_channels=3, random_flip=False, seed=0):
+def load_data(
+    *,
+    data_dir,
+    batch_size,
+    image_size,
+    class_cond=False,
+    deterministic=False,
+    image_channels=3,
+    random_flip=False,
+    seed=0,
+):
     """An endless iterator of ``(images, kwargs)``: images float32 [B, C, H, W] in [-1, 1],
     kwargs ``{"y": int64 [B]}`` when ``class_cond`` else ``{}``.
 
@@ -28,5 +37,13 @@ def load_data(*, data_dir, batch_size, image_size, class_cond=False, determinist
     if not data_dir:
         raise DataError("data_dir: unspecified data directory (a folder, a .npz file, or 'digits')")
     source = open_source(str(data_dir), image_size=image_size, image_channels=image_channels)
-    return BatchStream(source, batch_size, rank=dist_util.get_rank(), world=dist_util.get_world_size(),
-                       seed=seed, shuffle=not deterministic, random_flip=random_flip, class_cond=class_cond)
+    return BatchStream(
+        source,
+        batch_size,
+        rank=dist_util.get_rank(),
+        world=dist_util.get_world_size(),
+        seed=seed,
+        shuffle=not deterministic,
+        random_flip=random_flip,
+        class_cond=class_cond,
+    )

@@ -22,9 +22,30 @@ from contextlib import contextmanager
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
-__all__ = ["configure", "reset", "scoped_configure", "logkv", "logkv_mean", "logkvs", "dumpkvs", "getkvs",
-           "log", "debug", "info", "warn", "error", "set_level", "get_dir", "get_current", "Logger",
-           "DEBUG", "INFO", "WARN", "ERROR", "DISABLED"]
+__all__ = [
+    "configure",
+    "reset",
+    "scoped_configure",
+    "logkv",
+    "logkv_mean",
+    "logkvs",
+    "dumpkvs",
+    "getkvs",
+    "log",
+    "debug",
+    "info",
+    "warn",
+    "error",
+    "set_level",
+    "get_dir",
+    "get_current",
+    "Logger",
+    "DEBUG",
+    "INFO",
+    "WARN",
+    "ERROR",
+    "DISABLED",
+]
 
 
 def _fmt(v) -> str:
@@ -154,16 +175,24 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     from . import dist_util
 
     del comm  # no MPI here; ranks come from torch.distributed
-    dir = dir or os.getenv("OPENAI_LOGDIR") or os.path.join(
-        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+    dir = (
+        dir
+        or os.getenv("OPENAI_LOGDIR")
+        or os.path.join(
+            tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+        )
+    )
     dir = os.path.expanduser(dir)
     os.makedirs(dir, exist_ok=True)
     rank = dist_util.get_rank()
     if rank > 0:
         log_suffix = f"{log_suffix}-rank{rank:03d}"
     if format_strs is None:
-        format_strs = (os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv") if rank == 0
-                       else os.getenv("OPENAI_LOG_FORMAT_MPI", "log")).split(",")
+        format_strs = (
+            os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv")
+            if rank == 0
+            else os.getenv("OPENAI_LOG_FORMAT_MPI", "log")
+        ).split(",")
     formats = [_make_format(f.strip(), dir, log_suffix) for f in format_strs if f.strip()]
     if _current is not None and _current is not _default:
         _current.close()

@@ -83,9 +83,7 @@ class LossAwareSampler(ScheduleSampler):
             return
         world = dist.get_world_size()
         batch_sizes = [torch.zeros(1, dtype=torch.int32, device=local_ts.device) for _ in range(world)]
-        dist.all_gather(
-            batch_sizes, torch.tensor([len(local_ts)], dtype=torch.int32, device=local_ts.device)
-        )
+        dist.all_gather(batch_sizes, torch.tensor([len(local_ts)], dtype=torch.int32, device=local_ts.device))
         batch_sizes = [int(x.item()) for x in batch_sizes]
         max_bs = max(batch_sizes)
         # Pad every rank's batch to the largest one for all_gather.
@@ -131,9 +129,7 @@ class LossSecondMomentResampler(LossAwareSampler):
         for t, loss in zip(ts, losses):
             t = int(t)
             if not 0 <= t < self.diffusion.num_timesteps:
-                raise ValueError(
-                    f"ts: expected timesteps in [0, {self.diffusion.num_timesteps}), got {t}"
-                )
+                raise ValueError(f"ts: expected timesteps in [0, {self.diffusion.num_timesteps}), got {t}")
             if self._loss_counts[t] == self.history_per_term:
                 # Shift out the oldest loss term.
                 self._loss_history[t, :-1] = self._loss_history[t, 1:]

@@ -19,7 +19,7 @@ def _parse_section_counts(num_timesteps: int, section_counts):
         spec = section_counts.strip()
         if spec.startswith("ddim"):
             try:
-                desired_count = int(spec[len("ddim"):])
+                desired_count = int(spec[len("ddim") :])
             except ValueError:
                 raise ValueError(
                     f"section_counts: expected 'ddimN' with an integer N, got {section_counts!r}"
@@ -60,7 +60,11 @@ def space_timesteps(num_timesteps, section_counts):
     >>> sorted(space_timesteps(10, "3"))
     [0, 4, 9]
     """
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+    if (
+        isinstance(num_timesteps, bool)
+        or not isinstance(num_timesteps, (int, np.integer))
+        or num_timesteps < 1
+    ):
         raise ValueError(f"num_timesteps: expected a positive int, got {num_timesteps!r}")
     counts = _parse_section_counts(int(num_timesteps), section_counts)
     if isinstance(counts, set):
@@ -110,9 +114,7 @@ class SpacedDiffusion(GaussianDiffusion):
         try:
             self.use_timesteps = set(int(t) for t in use_timesteps)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"use_timesteps: expected a collection of ints, got {use_timesteps!r}"
-            ) from None
+            raise ValueError(f"use_timesteps: expected a collection of ints, got {use_timesteps!r}") from None
         if not self.use_timesteps:
             raise ValueError("use_timesteps: expected at least one timestep, got none")
         out_of_range = [t for t in self.use_timesteps if not 0 <= t < self.original_num_steps]

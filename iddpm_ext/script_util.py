@@ -6,8 +6,8 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
-from .respace import SpacedDiffusion, space_timesteps
 from .core.schedules import get_named_beta_schedule
+from .respace import SpacedDiffusion, space_timesteps
 
 
 def create_gaussian_diffusion(
@@ -337,8 +337,7 @@ def _attention_ds(attention_resolutions, image_size):
     for res in resolutions:
         if res < 1 or image_size % res:
             raise ValueError(
-                f"attention_resolutions: each resolution must divide the image size {image_size}, "
-                f"got {res}"
+                f"attention_resolutions: each resolution must divide the image size {image_size}, got {res}"
             )
     return tuple(image_size // res for res in resolutions)
 

@@ -10,8 +10,14 @@ import os
 from . import logger
 from .training.loop import TrainLoop
 
-__all__ = ["TrainLoop", "parse_resume_step_from_filename", "get_blob_logdir", "find_resume_checkpoint",
-           "find_ema_checkpoint", "log_loss_dict"]
+__all__ = [
+    "TrainLoop",
+    "parse_resume_step_from_filename",
+    "get_blob_logdir",
+    "find_resume_checkpoint",
+    "find_ema_checkpoint",
+    "log_loss_dict",
+]
 
 
 def parse_resume_step_from_filename(filename) -> int:

@@ -3,8 +3,8 @@
 A checkpoint saved from openai/improved-diffusion's ``UNetModel`` loads here with
 ``strict=True`` and gives the same outputs. Mixed precision is meant to be done with
 ``torch.autocast`` (parameters stay fp32); ``convert_to_fp16`` is kept for the
-reference's API. Attention goes through :func:`iddpm_ext.attention.qkv_attention`, so
-``iddpm_ext.attention.attention_impl(...)`` selects the fused kernel or the einsum path.
+reference's API. Attention goes through :func:`iddpm_ext.ops.attention.qkv_attention`, so
+``iddpm_ext.ops.attention.attention_impl(...)`` selects the fused kernel or the einsum path.
 
 Shapes: x: [N, C, *spatial] with 1, 2 or 3 spatial dims (``dims``); for dims=3 only the
 last two spatial dims are down/upsampled.
@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.attention import qkv_attention
 from .nn import (
     SiLU,
     avg_pool_nd,
@@ -30,6 +29,7 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
+from .ops.attention import qkv_attention
 
 __all__ = [
     "AttentionBlock",
@@ -129,8 +129,17 @@ class ResBlock(TimestepBlock):
     conv (``use_conv``) or a 1×1 conv when the channel count changes.
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
-                 use_scale_shift_norm=False, dims=2, use_checkpoint=False):
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+    ):
         super().__init__()
         self.channels = channels
         self.emb_channels = emb_channels
@@ -180,7 +189,7 @@ class QKVAttention(nn.Module):
     """Multi-head QKV attention, [N, 3·H·C, T] -> [N, H·C, T] (no parameters).
 
     Unlike the reference's module (which receives [N·H, 3C, T]), this one takes the head
-    count and the un-split tensor, and calls :func:`iddpm_ext.attention.qkv_attention`.
+    count and the un-split tensor, and calls :func:`iddpm_ext.ops.attention.qkv_attention`.
     """
 
     def __init__(self, num_heads: int = 1):
@@ -205,8 +214,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         if num_heads < 1 or channels % num_heads != 0:
             raise ValueError(
-                f"num_heads: expected a positive divisor of the block's {channels} channels, "
-                f"got {num_heads}"
+                f"num_heads: expected a positive divisor of the block's {channels} channels, got {num_heads}"
             )
         self.channels = channels
         self.num_heads = num_heads
@@ -246,10 +254,23 @@ class UNetModel(nn.Module):
     :param use_scale_shift_norm: FiLM-like conditioning of the ResBlocks.
     """
 
-    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks,
-                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True,
-                 dims=2, num_classes=None, use_checkpoint=False, num_heads=1,
-                 num_heads_upsample=-1, use_scale_shift_norm=False):
+    def __init__(
+        self,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        num_heads=1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+    ):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -276,16 +297,20 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
 
         emb_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         def res_block(ch_in, ch_out):
-            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out, dims=dims,
-                            use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm)
+            return ResBlock(
+                ch_in,
+                emb_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+            )
 
         def attention(ch, heads):
             return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint)
@@ -306,9 +331,7 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(
-                    TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims))
-                )
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims)))
                 skip_chans.append(ch)
                 ds *= 2
 

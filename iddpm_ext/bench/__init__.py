@@ -16,10 +16,19 @@ import sys
 BENCHES = {
     "gather_coefs": ("iddpm_ext.bench.gather_coefs", "schedule-coefficient gather (iddpm::gather_coefs)"),
     "step": ("iddpm_ext.bench.step", "fused reverse-diffusion step vs eager (iddpm::p_sample_step)"),
-    "sample": ("iddpm_ext.bench.sample", "sampling loops: reference-style vs eager vs CUDA graph vs torch.compile"),
+    "sample": (
+        "iddpm_ext.bench.sample",
+        "sampling loops: reference-style vs eager vs CUDA graph vs torch.compile",
+    ),
     "unet": ("iddpm_ext.bench.unet", "UNet (CIFAR-10 config) fwd / fwd+bwd, fused vs einsum attention"),
-    "attention": ("iddpm_ext.bench.attention", "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)"),
-    "train": ("iddpm_ext.bench.train", "training step it/s and peak memory (CIFAR-10 config), fused vs einsum"),
+    "attention": (
+        "iddpm_ext.bench.attention",
+        "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)",
+    ),
+    "train": (
+        "iddpm_ext.bench.train",
+        "training step it/s and peak memory (CIFAR-10 config), fused vs einsum",
+    ),
 }
 ALIASES = {"gather_coefs": ["gather"]}  # earlier names, still accepted
 

@@ -1,7 +1,7 @@
 """``iddpm bench attention``: the UNet's QKV self-attention, fused op vs einsum vs SDPA.
 
 Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
-  einsum (reference)        the reference's QKVAttention (iddpm_ext.attention.qkv_attention_reference)
+  einsum (reference)        the reference's QKVAttention (iddpm_ext.ops.attention.qkv_attention_reference)
   sdpa:<backend> +copies    torch's scaled_dot_product_attention restricted to one backend,
                             including the layout copies the model's layout needs: qkv is
                             rearranged once into contiguous q, k, v [B, H, T, C] and the
@@ -27,27 +27,35 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..ops import attention as attn
 from .. import ops
+from ..ops import attention as attn
 from . import common
 
 # (B, H, C, T): the CIFAR-10 model's attention (16×16 and 8×8 maps), ImageNet-64 style T = 1024,
 # and the FlashAttention paper's point (B·T = 16k, H·C = 2048).
 CASES = [
-    (1, 4, 64, 64), (64, 4, 64, 64), (256, 4, 64, 64),
-    (1, 4, 64, 256), (64, 4, 64, 256), (256, 4, 64, 256),
-    (16, 8, 64, 1024), (16, 32, 64, 1024),
+    (1, 4, 64, 64),
+    (64, 4, 64, 64),
+    (256, 4, 64, 64),
+    (1, 4, 64, 256),
+    (64, 4, 64, 256),
+    (256, 4, 64, 256),
+    (16, 8, 64, 1024),
+    (16, 32, 64, 1024),
 ]
 QUICK_CASES = [(1, 4, 64, 64), (64, 4, 64, 64), (1, 4, 64, 256), (64, 4, 64, 256)]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser):
-    parser.add_argument("--dtype", default=None,
-                        help="comma-separated dtypes (default: float16,bfloat16,float32 on CUDA, "
-                             "float32 on CPU)")
-    parser.add_argument("--cases", default=None,
-                        help="cases as BxHxCxT, comma-separated (default: the standard eight)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="comma-separated dtypes (default: float16,bfloat16,float32 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--cases", default=None, help="cases as BxHxCxT, comma-separated (default: the standard eight)"
+    )
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
 
 
@@ -122,8 +130,7 @@ def run(args) -> list:
     if args.dtype:
         dtypes = [_pick(_DTYPES, d, "dtype") for d in args.dtype.split(",")]
     else:
-        dtypes = ([torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda"
-                  else [torch.float32])
+        dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     if args.cases:
         cases = common.parse_shapes(args.cases, "--cases", 4, "64x4x64x256")
     else:
@@ -154,13 +161,21 @@ def run(args) -> list:
                     fn = _make_fn(f, qkv, (q, k, v), bwd)
                     try:
                         fn()
-                    except RuntimeError as e:  # backend refuses this case
+                    except RuntimeError:  # backend refuses this case
                         if "kernel" in impl or "sdpa" in impl:
                             continue
                         raise
                     ms = _timed(fn, device, args)
-                    rec = common.record(f"qkv_attention {pss}", impl, [B, H, C, T], dtype, device,
-                                        ms, bytes_moved=moved, flops=flops)
+                    rec = common.record(
+                        f"qkv_attention {pss}",
+                        impl,
+                        [B, H, C, T],
+                        dtype,
+                        device,
+                        ms,
+                        bytes_moved=moved,
+                        flops=flops,
+                    )
                     if peak_flops and dtype != torch.float32:
                         rec["pct_peak_tflops"] = round(100 * rec["tflops"] * 1e12 / peak_flops, 1)
                     rows[impl] = rec
@@ -172,7 +187,9 @@ def run(args) -> list:
                 ours = rows.get("iddpm (fused)")
                 if ours:
                     for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
-                        times = [r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)]
+                        times = [
+                            r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)
+                        ]
                         if times:
                             ours[tag] = round(min(times) / ours["ms"], 2)
                 del rows

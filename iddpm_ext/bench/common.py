@@ -41,8 +41,9 @@ def parse_shapes(text: str, flag: str, dims: int, example: str) -> list:
     for c in text.split(","):
         parts = c.strip().lower().split("x")
         if len(parts) != dims or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise BenchArgumentError(f"{flag}: expected {dims} positive ints joined by 'x' (e.g. {example}), "
-                                     f"got {c.strip()!r}")
+            raise BenchArgumentError(
+                f"{flag}: expected {dims} positive ints joined by 'x' (e.g. {example}), got {c.strip()!r}"
+            )
         shapes.append(tuple(int(p) for p in parts))
     return shapes
 

@@ -1,4 +1,5 @@
-"""``iddpm bench gather_coefs`` (alias ``gather``): iddpm::gather_coefs against torch indexing of the same table."""
+"""``iddpm bench gather_coefs`` (alias ``gather``): iddpm::gather_coefs against torch indexing
+of the same table."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def run(args) -> list:
     diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
     table = diffusion.coef_table(device)
     records = []
-    for batch in ((64,) if args.quick else (1, 64, 4096)):
+    for batch in (64,) if args.quick else (1, 64, 4096):
         t = torch.randint(0, 1000, (batch,), device=device)
         moved = batch * table.shape[1] * 4 * 2 + batch * 8
         impls = {"torch indexing": lambda: table[t]}
@@ -24,6 +25,16 @@ def run(args) -> list:
         for impl, fn in impls.items():
             ms = common.time_ms(fn, device, args.warmup, args.iters, flush_l2=False)
             base = base or ms
-            records.append(common.record("gather_coefs", impl, [batch, table.shape[1]], torch.float32,
-                                         device, ms, bytes_moved=moved, speedup=round(base / ms, 2)))
+            records.append(
+                common.record(
+                    "gather_coefs",
+                    impl,
+                    [batch, table.shape[1]],
+                    torch.float32,
+                    device,
+                    ms,
+                    bytes_moved=moved,
+                    speedup=round(base / ms, 2),
+                )
+            )
     return records

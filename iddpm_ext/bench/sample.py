@@ -41,8 +41,8 @@ import itertools
 import torch
 
 from .. import ops
-from ..ops.attention import attention_impl
 from ..engine import SamplingEngine
+from ..ops.attention import attention_impl
 from ..script_util import create_gaussian_diffusion
 from . import common
 from .step import _reference_style_step
@@ -54,8 +54,12 @@ _AUTO = -1
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", choices=["cifar10", "small"], default=None,
-                        help="model (default: cifar10 on CUDA, small on CPU)")
+    parser.add_argument(
+        "--config",
+        choices=["cifar10", "small"],
+        default=None,
+        help="model (default: cifar10 on CUDA, small on CPU)",
+    )
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", default=None, help="comma-separated respaced step counts")
     parser.add_argument("--impls", default=None, help=f"comma-separated, from {_ALL_IMPLS}")
@@ -63,10 +67,14 @@ def add_arguments(parser):
     parser.add_argument("--full", action="store_true", help="the whole CUDA grid (slow)")
     parser.add_argument("--compile", action="store_true", help="add the compile rows on CPU")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile rows")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode for the compile rows (default: inductor default)")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="skip the torch.profiler launch/copy counts (CUDA)")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode for the compile rows (default: inductor default)",
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the torch.profiler launch/copy counts (CUDA)"
+    )
     parser.set_defaults(warmup=_AUTO, iters=_AUTO)
 
 
@@ -90,11 +98,19 @@ def cases(args, device) -> list:
         dtypes = _csv(args.dtypes) if args.dtypes else ["float32", "bfloat16"]
         grid = [(s, b, dt, i) for s, b, dt, i in itertools.product(steps, batches, dtypes, impls)]
     elif args.quick:  # CUDA smoke test
-        grid = [(50, b, dt, i) for b in (1, 16) for dt in ("float32", "bfloat16")
-                for i in ("reference", "eager", "graph")]
+        grid = [
+            (50, b, dt, i)
+            for b in (1, 16)
+            for dt in ("float32", "bfloat16")
+            for i in ("reference", "eager", "graph")
+        ]
     else:  # the trimmed CUDA default
-        grid = [(50, b, dt, i) for b in (1, 16, 256) for dt in ("float32", "bfloat16")
-                for i in ("reference", "eager", "graph")]
+        grid = [
+            (50, b, dt, i)
+            for b in (1, 16, 256)
+            for dt in ("float32", "bfloat16")
+            for i in ("reference", "eager", "graph")
+        ]
         grid += [(250, 1, "bfloat16", i) for i in ("reference", "graph")]
         grid += [(50, 1, "bfloat16", "compile")]
     for *_, impl in grid:
@@ -168,9 +184,7 @@ def _model_only_ms(model, x, model_t, device, dtype, iters) -> float:
         for _ in range(reps):
             graph.replay()
 
-    ms = common.time_ms(replay, device, 2, iters, flush_l2=False) / reps
-    del graph
-    return ms
+    return common.time_ms(replay, device, 2, iters, flush_l2=False) / reps
 
 
 def _profile_counts(fn, steps) -> dict:
@@ -203,8 +217,10 @@ def _runs(args, device, batch) -> tuple:
     # Each case runs once untimed first (capture / compile / cuDNN autotuning), so no
     # further warm-up by default; a run is already `steps` steps long.
     big = batch >= 64
-    return ((0 if warmup == _AUTO else warmup),
-            ((2 if big or args.quick else 3) if iters == _AUTO else iters))
+    return (
+        (0 if warmup == _AUTO else warmup),
+        ((2 if big or args.quick else 3) if iters == _AUTO else iters),
+    )
 
 
 def run(args) -> list:
@@ -231,8 +247,12 @@ def run(args) -> list:
             d = diffusions.get(S)
             if d is None:
                 d = diffusions[S] = create_gaussian_diffusion(
-                    steps=steps_total, learn_sigma=True, noise_schedule="cosine",
-                    rescale_timesteps=True, timestep_respacing=str(S))
+                    steps=steps_total,
+                    learn_sigma=True,
+                    noise_schedule="cosine",
+                    rescale_timesteps=True,
+                    timestep_respacing=str(S),
+                )
             shape = (B, channels, size, size)
             x_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(1))
             fn = _impl_fn(impl, engines, model, d, x_T, device, dtype, args)
@@ -244,29 +264,47 @@ def run(args) -> list:
                 run_ms = common.time_ms(fn, device, warmup, iters, flush_l2=False)
             except Exception as exc:  # noqa: BLE001 - one failing impl must not end the run
                 notes.append(f"{impl} S={S} B={B} {dt_name}: {type(exc).__name__}: {exc}"[:300])
-                records.append(common.record(f"sample {config} {S} steps", impl, shape, dtype,
-                                             device, float("nan"), error=notes[-1]))
+                records.append(
+                    common.record(
+                        f"sample {config} {S} steps",
+                        impl,
+                        shape,
+                        dtype,
+                        device,
+                        float("nan"),
+                        error=notes[-1],
+                    )
+                )
                 continue
             ms = run_ms / S
             if impl == "reference":
                 ref_ms[(S, B, dt_name)] = ms
-            extra = {"steps": S, "ms_per_run": round(run_ms, 3),
-                     "images_per_s": round(B / (run_ms * 1e-3), 2), "params": n_params}
-            for key, name in (((S, B, dt_name), "speedup"),
-                              ((S, B, "float32"), "speedup_vs_ref_fp32")):
+            extra = {
+                "steps": S,
+                "ms_per_run": round(run_ms, 3),
+                "images_per_s": round(B / (run_ms * 1e-3), 2),
+                "params": n_params,
+            }
+            for key, name in (((S, B, dt_name), "speedup"), ((S, B, "float32"), "speedup_vs_ref_fp32")):
                 if key in ref_ms:
                     extra[name] = round(ref_ms[key] / ms, 3)
             if device.type == "cuda" and impl == "graph":
-                extra.update(_graph_extras(engines["graph"], model, d, shape, x_T, device, dtype,
-                                           ms, iters))
-            if (device.type == "cuda" and B == 1 and S == 50 and dt_name == "float32"
-                    and not args.no_profile and impl in ("reference", "eager", "graph")):
+                extra.update(_graph_extras(engines["graph"], model, d, shape, x_T, device, dtype, ms, iters))
+            if (
+                device.type == "cuda"
+                and B == 1
+                and S == 50
+                and dt_name == "float32"
+                and not args.no_profile
+                and impl in ("reference", "eager", "graph")
+            ):
                 try:
                     extra.update(_profile_counts(fn, S))
                 except Exception as exc:  # noqa: BLE001 - profiling is best effort
                     notes.append(f"profile {impl}: {type(exc).__name__}: {exc}"[:200])
-            records.append(common.record(f"sample {config} {S} steps", impl, list(shape), dtype,
-                                         device, ms, **extra))
+            records.append(
+                common.record(f"sample {config} {S} steps", impl, list(shape), dtype, device, ms, **extra)
+            )
             if args.json:
                 common.write_json(args.json, records)  # partial results survive a time limit
     finally:
@@ -293,8 +331,7 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
     mode = {"graph": "graph", "compile": "compile", "engine-eager": "eager"}[impl]
     if engines[impl] is None:
         options = {"mode": args.compile_mode} if args.compile_mode else None
-        engines[impl] = SamplingEngine(model, d, mode=mode, compile_options=options,
-                                       device=device)
+        engines[impl] = SamplingEngine(model, d, mode=mode, compile_options=options, device=device)
     engine = engines[impl]
 
     def sample():
@@ -329,8 +366,10 @@ def _print_summary(config, n_params, records, engines, notes):
     for r in records:
         if "error" in r:
             continue
-        line = (f"  {r['steps']:>4} steps B={r['shape'][0]:<4} {r['dtype']:<9} {r['impl']:<12}"
-                f" {r['ms']:9.4f} ms/step {r['images_per_s']:10.1f} img/s")
+        line = (
+            f"  {r['steps']:>4} steps B={r['shape'][0]:<4} {r['dtype']:<9} {r['impl']:<12}"
+            f" {r['ms']:9.4f} ms/step {r['images_per_s']:10.1f} img/s"
+        )
         if "speedup" in r:
             line += f"  x{r['speedup']:.2f} vs reference"
         if "speedup_vs_ref_fp32" in r and r["dtype"] != "float32":
@@ -343,7 +382,9 @@ def _print_summary(config, n_params, records, engines, notes):
     for mode, engine in engines.items():
         if engine is not None:
             report = engine.memory_report()
-            print(f"  engine {mode}: {len(report['entries'])} configurations, "
-                  f"{report['total_bytes'] / 2**20:.1f} MiB (static buffers + graph pools)")
+            print(
+                f"  engine {mode}: {len(report['entries'])} configurations, "
+                f"{report['total_bytes'] / 2**20:.1f} MiB (static buffers + graph pools)"
+            )
     for note in notes:
         print("  note: " + note)

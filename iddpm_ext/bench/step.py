@@ -27,30 +27,41 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
-from ..gaussian_diffusion import _extract_into_tensor
 from ..core.schedules import get_named_beta_schedule
 from ..core.tables import COEF_INDEX
+from ..gaussian_diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    _extract_into_tensor,
+)
 from . import common
 
-CASES = [(1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32), (256, 3, 32, 32), (64, 3, 64, 64),
-         (64, 3, 256, 256)]
+CASES = [
+    (1, 3, 32, 32),
+    (16, 3, 32, 32),
+    (64, 3, 32, 32),
+    (256, 3, 32, 32),
+    (64, 3, 64, 64),
+    (64, 3, 256, 256),
+]
 QUICK_CASES = [(16, 3, 32, 32), (64, 3, 32, 32)]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser):
     parser.add_argument("--rule", choices=["ancestral", "ddim"], default="ancestral")
-    parser.add_argument("--var-type", default="learned_range",
-                        choices=[v.name.lower() for v in ModelVarType])
-    parser.add_argument("--mean-type", default="epsilon",
-                        choices=[m.name.lower() for m in ModelMeanType])
-    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES),
-                        help="dtype of x and of the model output")
+    parser.add_argument("--var-type", default="learned_range", choices=[v.name.lower() for v in ModelVarType])
+    parser.add_argument("--mean-type", default="epsilon", choices=[m.name.lower() for m in ModelMeanType])
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(_DTYPES), help="dtype of x and of the model output"
+    )
     parser.add_argument("--eta", type=float, default=0.5, help="DDIM eta (--rule ddim)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    parser.add_argument("--sizes", default=None,
-                        help="cases as BxCxHxW, comma-separated (default: the standard six)")
+    parser.add_argument(
+        "--sizes", default=None, help="cases as BxCxHxW, comma-separated (default: the standard six)"
+    )
 
 
 def _reference_style_step(d, model_output, x, t, clip, noise):
@@ -70,12 +81,16 @@ def _reference_style_step(d, model_output, x, t, clip, noise):
         log_var = _extract_into_tensor(arr, t, x.shape)
     else:
         log_var = _extract_into_tensor(d.posterior_log_variance_clipped, t, x.shape)
-    x0 = (_extract_into_tensor(d.sqrt_recip_alphas_cumprod, t, x.shape) * x
-          - _extract_into_tensor(d.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output)
+    x0 = (
+        _extract_into_tensor(d.sqrt_recip_alphas_cumprod, t, x.shape) * x
+        - _extract_into_tensor(d.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output
+    )
     if clip:
         x0 = x0.clamp(-1, 1)
-    mean = (_extract_into_tensor(d.posterior_mean_coef1, t, x.shape) * x0
-            + _extract_into_tensor(d.posterior_mean_coef2, t, x.shape) * x)
+    mean = (
+        _extract_into_tensor(d.posterior_mean_coef1, t, x.shape) * x0
+        + _extract_into_tensor(d.posterior_mean_coef2, t, x.shape) * x
+    )
     mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
     return mean + mask * torch.exp(0.5 * log_var) * noise
 
@@ -125,8 +140,12 @@ def run(args) -> list:
     dtype = _DTYPES[args.dtype]
     mean_type = ModelMeanType[args.mean_type.upper()]
     var_type = ModelVarType[args.var_type.upper()]
-    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=mean_type,
-                          model_var_type=var_type, loss_type=LossType.MSE)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=mean_type,
+        model_var_type=var_type,
+        loss_type=LossType.MSE,
+    )
     d.check_timesteps = False  # the eager rows time the update alone (t is valid by construction)
     learned = var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
     table = d.coef_table(device)
@@ -145,11 +164,21 @@ def run(args) -> list:
 
         def fused(noise_fn):
             if ddim:
-                return lambda: ops.ddim_step(x, mo, t, table, mean_type, var_type, True,
-                                             eta=args.eta, noise=noise_fn(),
-                                             return_pred_xstart=False)
-            return lambda: ops.p_sample_step(x, mo, t, table, mean_type, var_type, True,
-                                             noise=noise_fn(), return_pred_xstart=False)
+                return lambda: ops.ddim_step(
+                    x,
+                    mo,
+                    t,
+                    table,
+                    mean_type,
+                    var_type,
+                    True,
+                    eta=args.eta,
+                    noise=noise_fn(),
+                    return_pred_xstart=False,
+                )
+            return lambda: ops.p_sample_step(
+                x, mo, t, table, mean_type, var_type, True, noise=noise_fn(), return_pred_xstart=False
+            )
 
         def eager():  # the fused rows call the ops directly
             return d.step(args.rule, mo, x, t, eta=args.eta if ddim else 0.0, noise=noise, fused=False)
@@ -161,12 +190,13 @@ def run(args) -> list:
             impls["fused (in-kernel noise)"] = (fused(lambda: None), False)
         impls["eager"] = (eager, True)
         if not ddim and mean_type == ModelMeanType.EPSILON:
-            impls["eager (reference-style)"] = (
-                lambda: _reference_style_step(d, mo, x, t, True, noise), True)
+            impls["eager (reference-style)"] = (lambda: _reference_style_step(d, mo, x, t, True, noise), True)
         if can_compile and mean_type == ModelMeanType.EPSILON:
             compiled = torch.compile(_table_step)
             impls["eager (torch.compile)"] = (
-                lambda: compiled(table, x, mo, t, var_type, ddim, args.eta), False)
+                lambda: compiled(table, x, mo, t, var_type, ddim, args.eta),
+                False,
+            )
 
         n = x.numel()
         base_bytes = n * x.element_size() * 2 + mo.numel() * mo.element_size()
@@ -179,11 +209,16 @@ def run(args) -> list:
         compile_ms = times.get("eager (torch.compile)")
         for impl, (_, reads_noise) in impls.items():
             ms = times[impl]
-            extra = {"speedup": round(ref_ms / ms, 2), "rule": args.rule,
-                     "var_type": var_type.name.lower(), "model_output_dtype": str(mo.dtype)}
+            extra = {
+                "speedup": round(ref_ms / ms, 2),
+                "rule": args.rule,
+                "var_type": var_type.name.lower(),
+                "model_output_dtype": str(mo.dtype),
+            }
             if compile_ms and impl.startswith("fused"):
                 extra["vs_compile"] = round(compile_ms / ms, 2)
             moved = base_bytes + (noise_bytes if reads_noise else 0)
-            records.append(common.record(op_name, impl, list(shape), dtype, device, ms,
-                                         bytes_moved=moved, **extra))
+            records.append(
+                common.record(op_name, impl, list(shape), dtype, device, ms, bytes_moved=moved, **extra)
+            )
     return records

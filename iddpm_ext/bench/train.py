@@ -1,6 +1,6 @@
 """``iddpm bench train``: training iterations/s and peak memory, ours vs einsum attention.
 
-One iteration is a full :class:`iddpm_ext.train.TrainLoop` step on a synthetic batch:
+One iteration is a full :class:`iddpm_ext.training.loop.TrainLoop` step on a synthetic batch:
 timestep sampling, ``training_losses`` (L_hybrid: learned σ, cosine schedule), backward,
 gradient norm, AdamW and an EMA update. Cases: fp32 and bf16 autocast, with and without
 ``use_checkpoint``, attention ``auto`` (the fused kernel where the extension has one for
@@ -16,6 +16,7 @@ steps (parameters, optimizer state and EMA included); not measured on CPU.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 
 import torch
@@ -24,16 +25,36 @@ from ..ops.attention import attention_impl
 from . import common
 
 CONFIGS = {
-    "cifar10": dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
-                    diffusion_steps=4000, noise_schedule="cosine"),
-    "tiny": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                 num_heads=4, learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine"),
+    "cifar10": dict(
+        image_size=32,
+        num_channels=128,
+        num_res_blocks=3,
+        learn_sigma=True,
+        dropout=0.3,
+        diffusion_steps=4000,
+        noise_schedule="cosine",
+    ),
+    "tiny": dict(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="8",
+        num_heads=4,
+        learn_sigma=True,
+        diffusion_steps=1000,
+        noise_schedule="cosine",
+    ),
 }
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
-                        help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 128 cifar10, 8 tiny)")
     parser.set_defaults(warmup=-1, iters=-1)
 
@@ -49,10 +70,24 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir):
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**cfg)
     model.to(device)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=iter(()), batch_size=batch, microbatch=-1, lr=1e-4,
-                     ema_rate="0.9999", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
-                     schedule_sampler=UniformSampler(diffusion), config=cfg, out_dir=out_dir, amp=amp,
-                     progress=False, log=lambda *a, **k: None)
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=iter(()),
+        batch_size=batch,
+        microbatch=-1,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10**9,
+        save_interval=10**9,
+        resume_checkpoint="",
+        schedule_sampler=UniformSampler(diffusion),
+        config=cfg,
+        out_dir=out_dir,
+        amp=amp,
+        progress=False,
+        log=lambda *a, **k: None,
+    )
     x = torch.rand(batch, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
     return loop, x, sum(p.numel() for p in model.parameters())
 
@@ -72,7 +107,7 @@ def run(args) -> list:
             for amp in amps:
                 for impl in ("einsum", "auto"):
                     loop, x, n_params = _loop(config, use_ckpt, amp, device, batch, tmp)
-                    step = lambda: loop.run_step(x, {})  # noqa: E731
+                    step = functools.partial(loop.run_step, x, {})
                     peak = None
                     with attention_impl(impl):
                         if device.type == "cuda":
@@ -84,23 +119,38 @@ def run(args) -> list:
                     if baseline_ms is None:
                         baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
                     dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-                    rec = common.record(f"train step {config}" + (" +ckpt" if use_ckpt else ""), impl, [batch, 3, x.shape[-1], x.shape[-1]], dtype,
-                                        device, ms, it_per_s=round(1000 / ms, 3),
-                                        images_per_s=round(batch * 1000 / ms, 1), use_checkpoint=use_ckpt,
-                                        peak_mib=None if peak is None else round(peak, 1),
-                                        speedup=round(baseline_ms / ms, 3), params=n_params)
+                    rec = common.record(
+                        f"train step {config}" + (" +ckpt" if use_ckpt else ""),
+                        impl,
+                        [batch, 3, x.shape[-1], x.shape[-1]],
+                        dtype,
+                        device,
+                        ms,
+                        it_per_s=round(1000 / ms, 3),
+                        images_per_s=round(batch * 1000 / ms, 1),
+                        use_checkpoint=use_ckpt,
+                        peak_mib=None if peak is None else round(peak, 1),
+                        speedup=round(baseline_ms / ms, 3),
+                        params=n_params,
+                    )
                     records.append(rec)
                     mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
-                    rows.append(f"{impl:<7} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
-                                f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}")
+                    rows.append(
+                        f"{impl:<7} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
+                        f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}"
+                    )
                     del loop, x
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    print(f"\ntrain step {config}: {records[0]['params']:,} parameters, batch {batch}, on {common.device_name(device)}"
-          f" (speedup vs einsum/fp32/no checkpointing)")
+    print(
+        f"\ntrain step {config}: {records[0]['params']:,} parameters, batch {batch}, "
+        f"on {common.device_name(device)} (speedup vs einsum/fp32/no checkpointing)"
+    )
     for r in rows:
         print("  " + r)
     best = max(r["speedup"] for r in records if r["impl"] == "auto")
-    print(f"  best 'auto' case: x{best:.2f} the einsum/fp32 baseline's it/s"
-          + (f" (GPU target >= 2x: {'met' if best >= 2 else 'NOT met'})" if device.type == "cuda" else ""))
+    print(
+        f"  best 'auto' case: x{best:.2f} the einsum/fp32 baseline's it/s"
+        + (f" (GPU target >= 2x: {'met' if best >= 2 else 'NOT met'})" if device.type == "cuda" else "")
+    )
     return records

@@ -27,21 +27,47 @@ from . import common
 
 CONFIGS = {
     # improved-diffusion's CIFAR-10 run: image 32, attention_resolutions "16,8" -> ds (2, 4).
-    "cifar10": dict(image_size=32, in_channels=3, model_channels=128, out_channels=6,
-                    num_res_blocks=3, attention_resolutions=(2, 4), dropout=0.3,
-                    channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True),
-    "tiny": dict(image_size=16, in_channels=3, model_channels=32, out_channels=6,
-                 num_res_blocks=1, attention_resolutions=(2,), dropout=0.0,
-                 channel_mult=(1, 2), num_heads=4, use_scale_shift_norm=True),
+    "cifar10": dict(
+        image_size=32,
+        in_channels=3,
+        model_channels=128,
+        out_channels=6,
+        num_res_blocks=3,
+        attention_resolutions=(2, 4),
+        dropout=0.3,
+        channel_mult=(1, 2, 2, 2),
+        num_heads=4,
+        use_scale_shift_norm=True,
+    ),
+    "tiny": dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        dropout=0.0,
+        channel_mult=(1, 2),
+        num_heads=4,
+        use_scale_shift_norm=True,
+    ),
 }
 _AUTO = -1  # "choose by device": see _runs()
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
-                        help="model configuration (default: cifar10; tiny with --quick)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 128 on CUDA, 2 on CPU, 4 with --quick on CUDA)")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="model configuration (default: cifar10; tiny with --quick)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size (default: 128 on CUDA, 2 on CPU, 4 with --quick on CUDA)",
+    )
     # Device-dependent defaults for the shared --warmup/--iters (resolved in _runs).
     parser.set_defaults(warmup=_AUTO, iters=_AUTO)
 
@@ -80,8 +106,11 @@ def activation_bytes(model: torch.nn.Module, *inputs, loss_fn=None) -> int:
             for a in args:
                 note(a)
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
-               if isinstance(m, (ResBlock, AttentionBlock))]
+    handles = [
+        m.register_forward_pre_hook(pre_hook)
+        for m in model.modules()
+        if isinstance(m, (ResBlock, AttentionBlock))
+    ]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(*inputs)
@@ -157,7 +186,9 @@ def _peak_training_bytes(model, x, t, device, dtype) -> int:
 def run(args) -> list:
     device = torch.device(args.device)
     config = args.config or ("tiny" if args.quick else "cifar10")
-    batch = args.batch or (128 if device.type == "cuda" and not args.quick else 2 if device.type == "cpu" else 4)
+    batch = args.batch or (
+        128 if device.type == "cuda" and not args.quick else 2 if device.type == "cpu" else 4
+    )
     warmup, iters = _runs(args, device)
     dtypes = [torch.float32, torch.bfloat16]
 
@@ -180,17 +211,31 @@ def run(args) -> list:
                 ms = {}
                 for impl in ("einsum", "auto"):
                     with attention_impl(impl):
-                        ms[impl] = common.time_ms(_step_fn(model, x, t, device, dtype, backward),
-                                                  device, warmup, iters, flush_l2=False)
+                        ms[impl] = common.time_ms(
+                            _step_fn(model, x, t, device, dtype, backward),
+                            device,
+                            warmup,
+                            iters,
+                            flush_l2=False,
+                        )
                 for impl in ("auto", "einsum"):
-                    rec = common.record(op, impl, shape, dtype, device, ms[impl],
-                                        flops=flops[backward],
-                                        images_per_s=round(batch / (ms[impl] * 1e-3), 2),
-                                        speedup=round(ms["einsum"] / ms[impl], 3),
-                                        params=n_params)
+                    rec = common.record(
+                        op,
+                        impl,
+                        shape,
+                        dtype,
+                        device,
+                        ms[impl],
+                        flops=flops[backward],
+                        images_per_s=round(batch / (ms[impl] * 1e-3), 2),
+                        speedup=round(ms["einsum"] / ms[impl], 3),
+                        params=n_params,
+                    )
                     records.append(rec)
-                    summary.append(f"{op:<24} {impl:<7} {rec['dtype']:<9} "
-                                   f"{rec['images_per_s']:>10.1f} img/s  x{rec['speedup']:.2f} vs einsum")
+                    summary.append(
+                        f"{op:<24} {impl:<7} {rec['dtype']:<9} "
+                        f"{rec['images_per_s']:>10.1f} img/s  x{rec['speedup']:.2f} vs einsum"
+                    )
 
         # Training-step memory with and without activation checkpointing.
         model.train()
@@ -203,26 +248,44 @@ def run(args) -> list:
                 m.train()
                 with attention_impl("auto"):
                     peaks[ckpt] = _peak_training_bytes(m, x, t, device, dtype)
-                    step_ms = common.time_ms(_step_fn(m, x, t, device, dtype, True), device,
-                                             *((0, 1) if device.type == "cpu" else (1, 3)),
-                                             flush_l2=False)
+                    step_ms = common.time_ms(
+                        _step_fn(m, x, t, device, dtype, True),
+                        device,
+                        *((0, 1) if device.type == "cpu" else (1, 3)),
+                        flush_l2=False,
+                    )
                 del m
-                measure = ("cuda max_memory_allocated above parameters" if device.type == "cuda"
-                           else "activation bytes kept for backward")
-                rec = common.record(f"unet {config} train step", f"use_checkpoint={ckpt}", shape,
-                                    dtype, device, step_ms, peak_mib=round(peaks[ckpt] / 2**20, 1),
-                                    memory_measure=measure, params=n_params)
+                measure = (
+                    "cuda max_memory_allocated above parameters"
+                    if device.type == "cuda"
+                    else "activation bytes kept for backward"
+                )
+                rec = common.record(
+                    f"unet {config} train step",
+                    f"use_checkpoint={ckpt}",
+                    shape,
+                    dtype,
+                    device,
+                    step_ms,
+                    peak_mib=round(peaks[ckpt] / 2**20, 1),
+                    memory_measure=measure,
+                    params=n_params,
+                )
                 records.append(rec)
             ratio = peaks[True] / max(peaks[False], 1)
-            summary.append(f"{'train step memory':<24} {str(dtype).replace('torch.', ''):<17}"
-                           f" {peaks[False] / 2**20:.1f} MiB -> {peaks[True] / 2**20:.1f} MiB with "
-                           f"use_checkpoint ({100 * ratio:.0f}%)")
+            summary.append(
+                f"{'train step memory':<24} {str(dtype).replace('torch.', ''):<17}"
+                f" {peaks[False] / 2**20:.1f} MiB -> {peaks[True] / 2**20:.1f} MiB with "
+                f"use_checkpoint ({100 * ratio:.0f}%)"
+            )
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
 
-    print(f"\nunet {config}: {n_params:,} parameters, batch {batch}, "
-          f"{flops[False] / batch / 1e9:.2f} GFLOP/image forward, "
-          f"{flops[True] / batch / 1e9:.2f} forward+backward")
+    print(
+        f"\nunet {config}: {n_params:,} parameters, batch {batch}, "
+        f"{flops[False] / batch / 1e9:.2f} GFLOP/image forward, "
+        f"{flops[True] / batch / 1e9:.2f} forward+backward"
+    )
     for line in summary:
         print("  " + line)
     return records

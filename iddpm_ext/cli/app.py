@@ -31,8 +31,11 @@ def _cmd_info(args) -> int:
 
     from .. import ops as _ops
 
-    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available()}
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if _ops.available():
         info["build"] = _ops.build_info()
     else:
@@ -49,8 +52,15 @@ def _cmd_demo(args) -> int:
         return 0
     from . import demo
 
-    demo.run(out_dir=args.out, train_steps=args.train_steps, seed=args.seed, nll_images=args.nll_images,
-             num_samples=args.num_samples, sample_steps=args.sample_steps, device=args.device or None)
+    demo.run(
+        out_dir=args.out,
+        train_steps=args.train_steps,
+        seed=args.seed,
+        nll_images=args.nll_images,
+        num_samples=args.num_samples,
+        sample_steps=args.sample_steps,
+        device=args.device or None,
+    )
     return 0
 
 
@@ -69,73 +79,113 @@ def _cmd_reproduce(args) -> int:
         try:
             steps = [int(v) for v in args.sample_steps.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"sample_steps: expected comma-separated ints like 0,100,50,25, "
-                             f"got {args.sample_steps!r}") from None
+            raise ValueError(
+                f"sample_steps: expected comma-separated ints like 0,100,50,25, got {args.sample_steps!r}"
+            ) from None
     runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    reproduce.run(out_dir=args.out, scale=args.scale, jobs=args.jobs or None, threads=args.threads or None,
-                  device=args.device, reuse=args.reuse, runs=runs, seed=args.seed, train_steps=args.train_steps,
-                  diffusion_steps=args.diffusion_steps, nll_images=args.nll_images, num_samples=args.num_samples,
-                  sample_steps=steps)
+    reproduce.run(
+        out_dir=args.out,
+        scale=args.scale,
+        jobs=args.jobs or None,
+        threads=args.threads or None,
+        device=args.device,
+        reuse=args.reuse,
+        runs=runs,
+        seed=args.seed,
+        train_steps=args.train_steps,
+        diffusion_steps=args.diffusion_steps,
+        nll_images=args.nll_images,
+        num_samples=args.num_samples,
+        sample_steps=steps,
+    )
     return 0
 
 
 def _add_eval_parsers(sub):
-    p = sub.add_parser("fid", help="FID, Inception Score and precision/recall of a samples .npz against a "
-                                   "reference .npz, with Inception-v3 weights you provide",
-                       description="FID / Inception Score / precision-recall (k=3) in the feature space of the "
-                                   "FID Inception-v3. Both files: arr_0 uint8 [N, H, W, C] (C 1 or 3), as "
-                                   "`iddpm sample` writes. Nothing is downloaded: pass the weights file "
-                                   "(e.g. pt_inception-2015-12-05-6726825d.pth, or a .safetensors of it).")
+    p = sub.add_parser(
+        "fid",
+        help="FID, Inception Score and precision/recall of a samples .npz against a "
+        "reference .npz, with Inception-v3 weights you provide",
+        description="FID / Inception Score / precision-recall (k=3) in the feature space of the "
+        "FID Inception-v3. Both files: arr_0 uint8 [N, H, W, C] (C 1 or 3), as "
+        "`iddpm sample` writes. Nothing is downloaded: pass the weights file "
+        "(e.g. pt_inception-2015-12-05-6726825d.pth, or a .safetensors of it).",
+    )
     p.add_argument("ref", help="reference images (.npz); its statistics are cached per file content")
     p.add_argument("samples", help="generated images (.npz)")
-    p.add_argument("--inception", required=True, help="the Inception-v3 FID weights file (.pth / .safetensors)")
+    p.add_argument(
+        "--inception", required=True, help="the Inception-v3 FID weights file (.pth / .safetensors)"
+    )
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception batch (default: 50)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--cache_dir", default="", help="where reference statistics are cached "
-                                                   "(default: $IDDPM_EXT_CACHE or ~/.cache/iddpm_ext)")
+    p.add_argument(
+        "--cache_dir",
+        default="",
+        help="where reference statistics are cached (default: $IDDPM_EXT_CACHE or ~/.cache/iddpm_ext)",
+    )
     p.add_argument("--no_cache", action="store_true", help="neither read nor write cached statistics")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
     p.set_defaults(func=_cmd_fid)
 
     from .reproduce import RUNS, SCALES
 
-    p = sub.add_parser("reproduce", help="the paper's ablations at a small scale on the digits: bits/dim and "
-                                         "classifier-feature FD vs sampling steps (docs/results.md)",
-                       description="Train small digit UNets with L_simple / L_hybrid / L_vlb and linear / cosine "
-                                   "schedules, then report held-out bits/dim (full bound) and sample quality at "
-                                   "T, 100, 50 and 25 steps as a Fréchet distance in the features of a small "
-                                   "digits classifier trained here (not Inception FID). Flags below override "
-                                   "the chosen --scale.")
-    p.add_argument("--scale", choices=list(SCALES), default="default",
-                   help="tiny (tests), small (~1/3 of default), default (~20-25 min on 2 idle cores), long")
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's ablations at a small scale on the digits: bits/dim and "
+        "classifier-feature FD vs sampling steps (docs/results.md)",
+        description="Train small digit UNets with L_simple / L_hybrid / L_vlb and linear / cosine "
+        "schedules, then report held-out bits/dim (full bound) and sample quality at "
+        "T, 100, 50 and 25 steps as a Fréchet distance in the features of a small "
+        "digits classifier trained here (not Inception FID). Flags below override "
+        "the chosen --scale.",
+    )
+    p.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default="default",
+        help="tiny (tests), small (~1/3 of default), default (~20-25 min on 2 idle cores), long",
+    )
     p.add_argument("--out", default="out/reproduce", help="output folder (default: out/reproduce)")
     p.add_argument("--runs", default="", help=f"comma-separated subset of {', '.join(RUNS)} (default: all)")
-    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: min(2, CPUs); 1: in process)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per job (default: CPUs / jobs, max 2)")
+    p.add_argument(
+        "--jobs", type=int, default=0, help="worker processes (default: min(2, CPUs); 1: in process)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads per job (default: CPUs / jobs, max 2)"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (then one job)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default: 0)")
     p.add_argument("--train_steps", type=int, default=None, help="training steps per run")
     p.add_argument("--diffusion_steps", type=int, default=None, help="T (default: 1000)")
     p.add_argument("--nll_images", type=int, default=None, help="test digits for bits/dim (default: all 297)")
     p.add_argument("--num_samples", type=int, default=None, help="samples per step count (default: 500)")
-    p.add_argument("--sample_steps", default="", help="comma-separated step counts, 0 = T (default: 0,100,50,25)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep the finished tasks of an earlier run in --out with the same settings")
+    p.add_argument(
+        "--sample_steps", default="", help="comma-separated step counts, 0 = T (default: 0,100,50,25)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the finished tasks of an earlier run in --out with the same settings",
+    )
     p.set_defaults(func=_cmd_reproduce)
 
 
 def command_parser(command: str, suppress: bool = False) -> argparse.ArgumentParser:
     from .flags import add_command_flags
 
-    p = argparse.ArgumentParser(prog=f"iddpm {command}", description=COMMAND_HELP[command],
-                                argument_default=argparse.SUPPRESS if suppress else None)
+    p = argparse.ArgumentParser(
+        prog=f"iddpm {command}",
+        description=COMMAND_HELP[command],
+        argument_default=argparse.SUPPRESS if suppress else None,
+    )
     add_command_flags(p, command, suppress=suppress)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="iddpm", description="Improved DDPM with fused kernels (iddpm_ext).",
+        prog="iddpm",
+        description="Improved DDPM with fused kernels (iddpm_ext).",
         epilog="Run `iddpm COMMAND --help` for a command's flags.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,13 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("demo", help="the digits demo: samples, loss plot and held-out bits/dim "
-                                    "(--toy: the 2-D toy run)")
+    p = sub.add_parser(
+        "demo", help="the digits demo: samples, loss plot and held-out bits/dim (--toy: the 2-D toy run)"
+    )
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--toy", action="store_true", help="run the 2-D toy demo instead")
-    p.add_argument("--train_steps", type=int, default=0,
-                   help="train a digits model for this many steps instead of using the shipped checkpoint "
-                        "(toy: default 3000)")
+    p.add_argument(
+        "--train_steps",
+        type=int,
+        default=0,
+        help="train a digits model for this many steps instead of using the shipped checkpoint "
+        "(toy: default 3000)",
+    )
     p.add_argument("--nll_images", type=int, default=None, help="held-out digits for bits/dim (default: 50)")
     p.add_argument("--num_samples", type=int, default=64, help="samples in the grid (default: 64)")
     p.add_argument("--sample_steps", type=int, default=100, help="respaced sampling steps (default: 100)")

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import torch
 
-from ..training import checkpoint as ckpt
 from .. import dist_util
-from .flags import model_config
 from ..script_util import create_model_and_diffusion
+from ..training import checkpoint as ckpt
+from .flags import model_config
 
 # Flags that may differ between training and use: the checkpoint's value never overrides them.
 _USE_TIME_KEYS = ("timestep_respacing", "use_checkpoint", "dropout")
@@ -51,8 +51,8 @@ def build(config: dict, device):
 
 
 def cmd_train(args, explicit: set) -> dict:
-    from ..training.data import BatchStream, open_source
     from ..resample import create_named_schedule_sampler
+    from ..training.data import BatchStream, open_source
     from ..training.loop import TrainLoop
 
     device = dist_util.setup_dist(args.device or None)
@@ -62,42 +62,81 @@ def cmd_train(args, explicit: set) -> dict:
         _, stored, _ = ckpt.load_weights(files["model"])
         if stored is not None:
             ckpt.check_config(files["model"], stored, config, explicit)
-            config.update({k: v for k, v in stored.items()
-                           if k in config and k not in explicit and k not in _USE_TIME_KEYS})
+            config.update(
+                {
+                    k: v
+                    for k, v in stored.items()
+                    if k in config and k not in explicit and k not in _USE_TIME_KEYS
+                }
+            )
     if config["timestep_respacing"]:
         _say("note: training with --timestep_respacing trains the respaced process")
-    source = open_source(args.data_dir, image_size=config["image_size"],
-                         image_channels=config["image_channels"], split="train", resize=args.resize)
+    source = open_source(
+        args.data_dir,
+        image_size=config["image_size"],
+        image_channels=config["image_channels"],
+        split="train",
+        resize=args.resize,
+    )
     if config["class_cond"]:
         if source.labels is None:
             raise ValueError(f"class_cond: {source.description} has no class labels")
         if source.num_classes > config["num_classes"]:
-            raise ValueError(f"num_classes: the data has {source.num_classes} classes, more than "
-                             f"--num_classes {config['num_classes']}")
-    data = BatchStream(source, args.batch_size, rank=dist_util.get_rank(), world=dist_util.get_world_size(),
-                       seed=args.seed, random_flip=args.random_flip, class_cond=config["class_cond"],
-                       num_workers=args.num_workers)
+            raise ValueError(
+                f"num_classes: the data has {source.num_classes} classes, more than "
+                f"--num_classes {config['num_classes']}"
+            )
+    data = BatchStream(
+        source,
+        args.batch_size,
+        rank=dist_util.get_rank(),
+        world=dist_util.get_world_size(),
+        seed=args.seed,
+        random_flip=args.random_flip,
+        class_cond=config["class_cond"],
+        num_workers=args.num_workers,
+    )
     torch.manual_seed(args.seed)  # the same initial weights on every rank (rank 0's are broadcast too)
     model, diffusion = build(config, device)
     n_params = sum(p.numel() for p in model.parameters())
-    _say(f"data: {source.description}; model: {n_params:,} parameters; {dist_util.get_world_size()} process(es) "
-         f"on {device}; out_dir {args.out_dir}")
+    _say(
+        f"data: {source.description}; model: {n_params:,} parameters; "
+        f"{dist_util.get_world_size()} process(es) on {device}; out_dir {args.out_dir}"
+    )
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
-        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth, schedule_sampler=sampler, weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps, config=config, out_dir=args.out_dir, amp=args.amp,
-        grad_clip=args.grad_clip, max_steps=args.max_steps, seed=args.seed,
-        keep_checkpoints=args.keep_checkpoints, progress=args.progress,
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        config=config,
+        out_dir=args.out_dir,
+        amp=args.amp,
+        grad_clip=args.grad_clip,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=args.progress,
     )
     if not (args.max_steps or args.lr_anneal_steps):
         _say("no --max_steps or --lr_anneal_steps: training until interrupted (Ctrl-C)")
     t0 = time.perf_counter()
     loop.run_loop()
-    _say(f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints and "
-         f"progress.jsonl / loss.png in {args.out_dir}")
+    _say(
+        f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints and "
+        f"progress.jsonl / loss.png in {args.out_dir}"
+    )
     dist_util.cleanup()
     return {"step": loop.step, "out_dir": args.out_dir}
 
@@ -114,8 +153,9 @@ def cmd_sample(args, explicit: set) -> dict:
     if not args.model_path:
         raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
     if args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError(f"num_samples, batch_size: expected positive ints, got {args.num_samples}, "
-                         f"{args.batch_size}")
+        raise ValueError(
+            f"num_samples, batch_size: expected positive ints, got {args.num_samples}, {args.batch_size}"
+        )
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
     model, diffusion = build(config, device)
@@ -132,25 +172,48 @@ def cmd_sample(args, explicit: set) -> dict:
     steps = diffusion.num_timesteps
     sampler = S.Sampler(args.engine, model, diffusion, device)  # resolved once for the command
     engine = sampler.name
-    _say(f"sampling {args.num_samples} images from {path} ({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, "
-         f"{steps} steps, engine {engine}, {dist_util.get_world_size()} process(es) on {device})")
-    res = S.generate(model, diffusion, args.num_samples, (c, h, h), batch_size=args.batch_size, seed=args.seed,
-                     use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
-                     label=None if args.label < 0 else args.label, device=device,
-                     trajectory_steps=args.trajectory, progress=args.progress, engine=sampler)
+    _say(
+        f"sampling {args.num_samples} images from {path} "
+        f"({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, {steps} steps, engine {engine}, "
+        f"{dist_util.get_world_size()} process(es) on {device})"
+    )
+    res = S.generate(
+        model,
+        diffusion,
+        args.num_samples,
+        (c, h, h),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        use_ddim=args.use_ddim,
+        eta=args.eta,
+        clip_denoised=args.clip_denoised,
+        label=None if args.label < 0 else args.label,
+        device=device,
+        trajectory_steps=args.trajectory,
+        progress=args.progress,
+        engine=sampler,
+    )
     if dist_util.is_main():
         images.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
         images.save_grid(png, res["images"][:256], overwrite=args.overwrite)
         if traj:
             images.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
         per = res["seconds"] / max(1, math.ceil(args.num_samples / dist_util.get_world_size()))
-        _say(f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
-             f"({1000 * per:.1f} ms per sample per process, engine {engine}, "
-             f"fused={getattr(diffusion, 'use_fused', False) or engine != 'loop'})")
+        _say(
+            f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
+            f"({1000 * per:.1f} ms per sample per process, engine {engine}, "
+            f"fused={getattr(diffusion, 'use_fused', False) or engine != 'loop'})"
+        )
     dist_util.barrier()
     dist_util.cleanup()
-    return {"npz": npz, "png": png, "images": res["images"], "labels": res["labels"], "seconds": res["seconds"],
-            "engine": engine}
+    return {
+        "npz": npz,
+        "png": png,
+        "images": res["images"],
+        "labels": res["labels"],
+        "seconds": res["seconds"],
+        "engine": engine,
+    }
 
 
 # -------------------------------------------------------------------------------------
@@ -168,8 +231,13 @@ def cmd_nll(args, explicit: set) -> dict:
         raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
-    source = open_source(args.data_dir, image_size=config["image_size"], image_channels=config["image_channels"],
-                         split=args.split, resize=args.resize)
+    source = open_source(
+        args.data_dir,
+        image_size=config["image_size"],
+        image_channels=config["image_channels"],
+        split=args.split,
+        resize=args.resize,
+    )
     if config["class_cond"] and source.labels is None:
         raise ValueError(f"class_cond: {source.description} has no class labels")
     outputs = {k: os.path.join(args.out_dir, f"{k}_terms.npz") for k in ("vb", "mse", "xstart_mse")}
@@ -180,19 +248,34 @@ def cmd_nll(args, explicit: set) -> dict:
     ckpt.load_into(model, state, path)
     model.eval()
     n = min(args.num_samples, len(source))
-    _say(f"bits/dim of {n} images of {source.description} with {path}: the full {diffusion.num_timesteps}-step "
-         f"bound, {dist_util.get_world_size()} process(es) on {device}")
+    _say(
+        f"bits/dim of {n} images of {source.description} with {path}: the full "
+        f"{diffusion.num_timesteps}-step bound, {dist_util.get_world_size()} process(es) on {device}"
+    )
     t0 = time.perf_counter()
-    res = bits_per_dim(model, diffusion, source, n, args.batch_size, clip_denoised=args.clip_denoised,
-                       seed=args.seed, device=device, class_cond=config["class_cond"], progress=args.progress)
+    res = bits_per_dim(
+        model,
+        diffusion,
+        source,
+        n,
+        args.batch_size,
+        clip_denoised=args.clip_denoised,
+        seed=args.seed,
+        device=device,
+        class_cond=config["class_cond"],
+        progress=args.progress,
+    )
     seconds = time.perf_counter() - t0
     mean, err = mean_stderr(res["total_bpd"])
     if dist_util.is_main():
         for k in ("vb", "mse", "xstart_mse"):  # per-timestep means, as the reference's image_nll
             terms = res[k].mean(axis=0)
             atomic_write(outputs[k], lambda f, a=terms: np.savez(f, a), overwrite=args.overwrite)
-        atomic_write(outputs["bpd"], lambda f: np.savez(f, total_bpd=res["total_bpd"], prior_bpd=res["prior_bpd"]),
-                     overwrite=args.overwrite)
+        atomic_write(
+            outputs["bpd"],
+            lambda f: np.savez(f, total_bpd=res["total_bpd"], prior_bpd=res["prior_bpd"]),
+            overwrite=args.overwrite,
+        )
         _say(f"bits/dim: {mean:.4f} ± {err:.4f} (mean ± standard error over {n} images; {seconds:.1f} s)")
         _say(json.dumps({"bits_per_dim": mean, "stderr": err, "num_images": n}))
     dist_util.barrier()
@@ -207,8 +290,8 @@ def cmd_nll(args, explicit: set) -> dict:
 
 def cmd_fid(args) -> dict:
     """``iddpm fid REF SAMPLES --inception PATH``: FID, IS, precision and recall."""
-    from ..io import atomic_write_bytes
     from ..evaluation import evaluate
+    from ..io import atomic_write_bytes
 
     if args.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {args.batch_size}")
@@ -217,21 +300,29 @@ def cmd_fid(args) -> dict:
         raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device")
     for what, path in (("ref", args.ref), ("samples", args.samples)):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what}: no such file: {path!r} (expected an .npz with arr_0 uint8 NHWC images)")
+            raise FileNotFoundError(
+                f"{what}: no such file: {path!r} (expected an .npz with arr_0 uint8 NHWC images)"
+            )
     cache_dir = None if args.no_cache else args.cache_dir
     t0 = time.perf_counter()
-    res = evaluate(args.ref, args.samples, args.inception, batch_size=args.batch_size, device=device,
-                   cache_dir=cache_dir)
+    res = evaluate(
+        args.ref, args.samples, args.inception, batch_size=args.batch_size, device=device, cache_dir=cache_dir
+    )
     res["seconds"] = time.perf_counter() - t0
     res.update(ref=args.ref, samples=args.samples, inception=args.inception)
-    cached = "read from the cache" if res["reference_cached"] else ("computed and cached" if cache_dir is not None
-                                                                    else "computed (no cache)")
+    cached = (
+        "read from the cache"
+        if res["reference_cached"]
+        else ("computed and cached" if cache_dir is not None else "computed (no cache)")
+    )
     print(f"FID              {res['fid']:.4f}")
     print(f"Inception Score  {res['inception_score']:.4f} ± {res['inception_score_std']:.4f}")
     print(f"precision        {res['precision']:.4f}")
     print(f"recall           {res['recall']:.4f}")
-    print(f"reference: {args.ref} ({res['num_reference']} images, statistics {cached}); samples: "
-          f"{args.samples} ({res['num_samples']} images); {res['seconds']:.1f} s on {device}")
+    print(
+        f"reference: {args.ref} ({res['num_reference']} images, statistics {cached}); samples: "
+        f"{args.samples} ({res['num_samples']} images); {res['seconds']:.1f} s on {device}"
+    )
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(res, indent=1) + "\n").encode(), overwrite=True)
         print(f"wrote {args.json}")

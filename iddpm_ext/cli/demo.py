@@ -27,11 +27,11 @@ NLL_IMAGES = 50  # the full 1000-step bound of 50 digits: ~1.5 min on 2 idle cor
 
 
 def _train(out_dir, steps, seed, device, log):
-    from ..training.data import BatchStream, open_source
-    from .presets import preset_defaults
     from ..resample import create_named_schedule_sampler
     from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from ..training.data import BatchStream, open_source
     from ..training.loop import TrainLoop
+    from .presets import preset_defaults
 
     p = preset_defaults("digits", "train")
     config = model_and_diffusion_defaults()
@@ -47,11 +47,25 @@ def _train(out_dir, steps, seed, device, log):
     model, diffusion = create_model_and_diffusion(**config)
     model.to(device)
     log(f"[demo] training the digits model for {steps} steps (batch {p['batch_size']}) in {run_dir}")
-    loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=p["batch_size"], microbatch=-1,
-                     lr=p["lr"], ema_rate=p["ema_rate"], log_interval=min(p["log_interval"], max(1, steps // 10)),
-                     save_interval=steps, resume_checkpoint="", lr_anneal_steps=steps,
-                     schedule_sampler=create_named_schedule_sampler("uniform", diffusion), config=config,
-                     out_dir=run_dir, seed=seed, progress=True, log=log)
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=p["batch_size"],
+        microbatch=-1,
+        lr=p["lr"],
+        ema_rate=p["ema_rate"],
+        log_interval=min(p["log_interval"], max(1, steps // 10)),
+        save_interval=steps,
+        resume_checkpoint="",
+        lr_anneal_steps=steps,
+        schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
+        config=config,
+        out_dir=run_dir,
+        seed=seed,
+        progress=True,
+        log=log,
+    )
     loop.run_loop()
     latest = json.load(open(os.path.join(run_dir, "latest.json")))
     return os.path.join(run_dir, next(iter(latest["ema"].values()))), os.path.join(run_dir, "progress.jsonl")
@@ -73,20 +87,33 @@ def _time_step_alone(model, diffusion, n, shape, device, repeats=50) -> dict:
     for fused in (True, False):
         diffusion.use_fused = fused
         times["step_ms_fused" if fused else "step_ms_eager"] = time_ms(
-            lambda: diffusion.p_sample(const, x, t), device, warmup=repeats // 5, iters=repeats, flush_l2=False)
+            lambda: diffusion.p_sample(const, x, t),
+            device,
+            warmup=repeats // 5,
+            iters=repeats,
+            flush_l2=False,
+        )
     diffusion.use_fused = True
     return times
 
 
-def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=64, sample_steps=100,
-        device=None, log=print) -> dict:
-    from ..training import checkpoint as ckpt
-    from . import generate as S
-    from . import images
+def run(
+    out_dir="out/demo",
+    train_steps=0,
+    seed=0,
+    nll_images=None,
+    num_samples=64,
+    sample_steps=100,
+    device=None,
+    log=print,
+) -> dict:
     from ..evaluation.likelihood import bits_per_dim, mean_stderr
-    from .commands import build
+    from ..training import checkpoint as ckpt
     from ..training.data import open_source
     from ..training.log import plot_curves, read_jsonl
+    from . import generate as S
+    from . import images
+    from .commands import build
 
     t_all = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,15 +123,20 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
     else:
         weights, train_log = CHECKPOINT, TRAIN_LOG
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{weights}: the shipped digits checkpoint is missing; "
-                                    "run `iddpm demo --train_steps 3000` to train one")
+            raise FileNotFoundError(
+                f"{weights}: the shipped digits checkpoint is missing; "
+                "run `iddpm demo --train_steps 3000` to train one"
+            )
     state, config, meta = ckpt.load_weights(weights)
     if config is None:
         raise ValueError(f"{weights}: expected a checkpoint with its config")
     results = {"checkpoint": weights, "checkpoint_step": int(meta.get("step", 0)), "device": str(device)}
-    log(f"[demo] digits model: {weights} (step {results['checkpoint_step']}, "
-        f"{sum(v.numel() for v in state.values()):,} parameters, {config['image_size']}x{config['image_size']} "
-        f"grayscale, T={config['diffusion_steps']} {config['noise_schedule']}, learned σ)")
+    log(
+        f"[demo] digits model: {weights} (step {results['checkpoint_step']}, "
+        f"{sum(v.numel() for v in state.values()):,} parameters, "
+        f"{config['image_size']}x{config['image_size']} grayscale, "
+        f"T={config['diffusion_steps']} {config['noise_schedule']}, learned σ)"
+    )
 
     # 1. samples
     model, diffusion = build({**config, "timestep_respacing": str(sample_steps)}, device)
@@ -113,60 +145,95 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
     shape = (config["image_channels"], config["image_size"], config["image_size"])
     fused = bool(getattr(diffusion, "use_fused", False))
     with torch.no_grad():  # warm-up (allocator, kernels' first calls), so the timings compare
-        model(torch.zeros(num_samples, *shape, device=device), torch.zeros(num_samples, dtype=torch.long,
-                                                                           device=device))
-    res = S.generate(model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device,
-                     trajectory_steps=10, trajectory_samples=8)
+        model(
+            torch.zeros(num_samples, *shape, device=device),
+            torch.zeros(num_samples, dtype=torch.long, device=device),
+        )
+    res = S.generate(
+        model,
+        diffusion,
+        num_samples,
+        shape,
+        batch_size=num_samples,
+        seed=seed,
+        device=device,
+        trajectory_steps=10,
+        trajectory_samples=8,
+    )
     results["sample_seconds"] = round(res["seconds"], 3)
     results["sample_fused"] = fused
     timing = f"{res['seconds']:.2f} s ({'fused' if fused else 'eager'} step)"
     if fused:  # the same samples through the eager step, for comparison
         diffusion.use_fused = False
-        eager = S.generate(model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device)
+        eager = S.generate(
+            model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device
+        )
         diffusion.use_fused = True
         results["sample_seconds_eager"] = round(eager["seconds"], 3)
-        results["max_pixel_diff_fused_vs_eager"] = int(np.abs(eager["images"].astype(int) - res["images"]).max())
+        results["max_pixel_diff_fused_vs_eager"] = int(
+            np.abs(eager["images"].astype(int) - res["images"]).max()
+        )
         timing += f"; eager step {eager['seconds']:.2f} s (the UNet's time dominates both)"
         step = _time_step_alone(model, diffusion, num_samples, shape, device)
         results.update(step)
-        timing += (f"; the step alone: fused {step['step_ms_fused']:.3f} ms vs eager {step['step_ms_eager']:.3f} ms"
-                   f" ({step['step_ms_eager'] / step['step_ms_fused']:.1f}×)")
+        timing += (
+            f"; the step alone: fused {step['step_ms_fused']:.3f} ms vs eager {step['step_ms_eager']:.3f} ms"
+            f" ({step['step_ms_eager'] / step['step_ms_fused']:.1f}×)"
+        )
     grid = os.path.join(out_dir, "samples.png")
     images.save_grid(grid, res["images"], ncol=8, overwrite=True)
-    images.save_npz(os.path.join(out_dir, images.samples_filename(res["images"])), res["images"], overwrite=True)
+    images.save_npz(
+        os.path.join(out_dir, images.samples_filename(res["images"])), res["images"], overwrite=True
+    )
     images.save_trajectory(os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True)
     log(f"[demo] {num_samples} samples, {sample_steps} respaced steps: {timing} -> {grid}")
 
     # 2. loss curves of the training run
     records = read_jsonl(train_log)
     plot = os.path.join(out_dir, "loss.png")
-    plot_curves(records, plot, title=f"digits training run ({os.path.basename(train_log)}), "
-                                     f"{records[-1]['step'] if records else 0} steps")
+    plot_curves(
+        records,
+        plot,
+        title=f"digits training run ({os.path.basename(train_log)}), "
+        f"{records[-1]['step'] if records else 0} steps",
+    )
     if records:
         last = records[-1]
         results["final_train_loss"] = last["loss"]
-        log(f"[demo] training log: {len(records)} records to step {last['step']}, final loss {last['loss']:.4f} "
-            f"(mse {last.get('mse', float('nan')):.4f}, vb {last.get('vb', float('nan')):.4f}) -> {plot}")
+        log(
+            f"[demo] training log: {len(records)} records to step {last['step']}, "
+            f"final loss {last['loss']:.4f} (mse {last.get('mse', float('nan')):.4f}, "
+            f"vb {last.get('vb', float('nan')):.4f}) -> {plot}"
+        )
 
     # 3. held-out bits/dim with the full chain
     n = nll_images or NLL_IMAGES
     full_model, full_diffusion = build({**config, "timestep_respacing": ""}, device)
     ckpt.load_into(full_model, state, weights)
     full_model.eval()
-    test = open_source("digits", image_size=config["image_size"], image_channels=config["image_channels"],
-                       split="test")
+    test = open_source(
+        "digits", image_size=config["image_size"], image_channels=config["image_channels"], split="test"
+    )
     t0 = time.perf_counter()
     bpd = bits_per_dim(full_model, full_diffusion, test, n, n, seed=seed, device=device)
     mean, err = mean_stderr(bpd["total_bpd"])
-    results.update(bits_per_dim=mean, bits_per_dim_stderr=err, nll_images=int(len(bpd["total_bpd"])),
-                   nll_seconds=round(time.perf_counter() - t0, 2))
-    log(f"[demo] held-out digits: {mean:.3f} ± {err:.3f} bits/dim (mean ± standard error, first "
-        f"{results['nll_images']} of the {len(test)} test digits, full {full_diffusion.num_timesteps}-step bound, "
-        f"{results['nll_seconds']:.1f} s)")
+    results.update(
+        bits_per_dim=mean,
+        bits_per_dim_stderr=err,
+        nll_images=int(len(bpd["total_bpd"])),
+        nll_seconds=round(time.perf_counter() - t0, 2),
+    )
+    log(
+        f"[demo] held-out digits: {mean:.3f} ± {err:.3f} bits/dim (mean ± standard error, first "
+        f"{results['nll_images']} of the {len(test)} test digits, "
+        f"full {full_diffusion.num_timesteps}-step bound, {results['nll_seconds']:.1f} s)"
+    )
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 2)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    log(f"[demo] done in {results['total_seconds']:.1f} s; results.json, samples.png, trajectory.png, loss.png "
-        f"in {out_dir}")
+    log(
+        f"[demo] done in {results['total_seconds']:.1f} s; results.json, samples.png, trajectory.png, "
+        f"loss.png in {out_dir}"
+    )
     return results

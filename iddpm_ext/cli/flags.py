@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from .presets import PRESETS, preset_defaults
 from ..script_util import model_and_diffusion_defaults, str2bool
+from .presets import PRESETS, preset_defaults
 
 MODEL_HELP = {
     "image_size": "image height and width in pixels",
@@ -35,31 +35,51 @@ MODEL_HELP = {
 }
 
 TRAIN_DEFAULTS = dict(
-    data_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0, batch_size=1,
-    microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000, resume_checkpoint="",
-    use_fp16=False, fp16_scale_growth=1e-3,
+    data_dir="",
+    schedule_sampler="uniform",
+    lr=1e-4,
+    weight_decay=0.0,
+    lr_anneal_steps=0,
+    batch_size=1,
+    microbatch=-1,
+    ema_rate="0.9999",
+    log_interval=10,
+    save_interval=10000,
+    resume_checkpoint="",
+    use_fp16=False,
+    fp16_scale_growth=1e-3,
 )
 TRAIN_HELP = {
     "data_dir": "the data: an image folder, a .npz (arr_0 uint8 NHWC, arr_1 labels), a CIFAR-10 "
-                "python-batches folder, or 'digits' (scikit-learn's digits)",
+    "python-batches folder, or 'digits' (scikit-learn's digits)",
     "schedule_sampler": "timestep sampling: uniform or loss-second-moment",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "lr_anneal_steps": "anneal the learning rate linearly to 0 over this many steps, then stop (0: constant, "
-                       "run until --max_steps or forever)",
+    "run until --max_steps or forever)",
     "batch_size": "images per step per process",
     "microbatch": "split each batch into microbatches of this size, accumulating gradients (-1: off)",
     "ema_rate": "comma-separated EMA rates, one EMA checkpoint each",
     "log_interval": "steps per JSONL log record (means over the interval) and plot refresh",
     "save_interval": "steps between checkpoints",
     "resume_checkpoint": "continue from a run folder (its latest.json), a model*.safetensors file, or an "
-                         "improved-diffusion model*.pt file",
+    "improved-diffusion model*.pt file",
     "use_fp16": "the reference's fp16 flag: same as --amp fp16",
     "fp16_scale_growth": "accepted for compatibility; the GradScaler's own growth is used",
 }
 TRAIN_EXTRA = dict(
-    out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
-    random_flip=False, resize="crop", num_workers=0, progress=True, threads=0,
+    out_dir="runs/train",
+    seed=0,
+    amp="none",
+    grad_clip=0.0,
+    max_steps=0,
+    device="",
+    keep_checkpoints=0,
+    random_flip=False,
+    resize="crop",
+    num_workers=0,
+    progress=True,
+    threads=0,
 )
 TRAIN_EXTRA_HELP = {
     "out_dir": "folder for checkpoints, progress.jsonl and loss.png (must not hold another run)",
@@ -71,7 +91,7 @@ TRAIN_EXTRA_HELP = {
     "keep_checkpoints": "keep only the newest K checkpoints (0: keep all)",
     "random_flip": "mirror half of the training images left-right",
     "resize": "crop: scale and centre-crop images to image_size (the reference); none: images must "
-              "already be image_size",
+    "already be image_size",
     "num_workers": "data-loading worker processes for image folders (0: load in the main process)",
     "progress": "show a progress bar (main process only)",
     "threads": "CPU threads for torch (0: torch's default)",
@@ -85,8 +105,19 @@ SAMPLE_HELP = {
     "use_ddim": "sample with DDIM instead of ancestral sampling",
     "model_path": "weights: a .safetensors file, a run folder (its latest EMA), or an improved-diffusion .pt",
 }
-SAMPLE_EXTRA = dict(eta=0.0, seed=0, out_dir="runs/samples", device="", label=-1, trajectory=0,
-                    overwrite=False, fused=True, progress=True, threads=0, engine="auto")
+SAMPLE_EXTRA = dict(
+    eta=0.0,
+    seed=0,
+    out_dir="runs/samples",
+    device="",
+    label=-1,
+    trajectory=0,
+    overwrite=False,
+    fused=True,
+    progress=True,
+    threads=0,
+    engine="auto",
+)
 SAMPLE_EXTRA_HELP = {
     "eta": "DDIM η (0: deterministic)",
     "seed": "seed; sample i depends only on (seed, i), not on batch size or processes",
@@ -99,8 +130,8 @@ SAMPLE_EXTRA_HELP = {
     "progress": "show a progress bar (main process only)",
     "threads": TRAIN_EXTRA_HELP["threads"],
     "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, eager (the engine's "
-              "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
-              "graph on CUDA, loop elsewhere",
+    "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
+    "graph on CUDA, loop elsewhere",
 }
 
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
@@ -111,8 +142,16 @@ NLL_HELP = {
     "batch_size": "images per batch per process",
     "model_path": SAMPLE_HELP["model_path"],
 }
-NLL_EXTRA = dict(split="train", seed=0, out_dir="runs/nll", device="", overwrite=False, resize="crop",
-                 progress=True, threads=0)
+NLL_EXTRA = dict(
+    split="train",
+    seed=0,
+    out_dir="runs/nll",
+    device="",
+    overwrite=False,
+    resize="crop",
+    progress=True,
+    threads=0,
+)
 NLL_EXTRA_HELP = {
     "split": "train or test (CIFAR-10 and digits have a test split; folders and .npz: everything)",
     "seed": "seed of the bound's noise",
@@ -124,9 +163,14 @@ NLL_EXTRA_HELP = {
     "threads": TRAIN_EXTRA_HELP["threads"],
 }
 
-CHOICES = {"noise_schedule": ["linear", "cosine"], "schedule_sampler": ["uniform", "loss-second-moment"],
-           "amp": ["none", "bf16", "fp16"], "resize": ["crop", "none"], "split": ["train", "test"],
-           "engine": ["auto", "graph", "compile", "eager", "loop"]}
+CHOICES = {
+    "noise_schedule": ["linear", "cosine"],
+    "schedule_sampler": ["uniform", "loss-second-moment"],
+    "amp": ["none", "bf16", "fp16"],
+    "resize": ["crop", "none"],
+    "split": ["train", "test"],
+    "engine": ["auto", "graph", "compile", "eager", "loop"],
+}
 
 COMMANDS = {
     "train": ((TRAIN_DEFAULTS, TRAIN_HELP), (TRAIN_EXTRA, TRAIN_EXTRA_HELP)),
@@ -139,8 +183,9 @@ def _add(group, key, default, help_text, suppress):
     kind = str2bool if isinstance(default, bool) else (str if default is None else type(default))
     shown = f" (default: {default!r})"  # also on the probe parser, which answers --help
     names = [f"--{key}"] + (["--data"] if key == "data_dir" else [])
-    kwargs = dict(dest=key, type=kind, default=argparse.SUPPRESS if suppress else default,
-                  help=help_text + shown)
+    kwargs = dict(
+        dest=key, type=kind, default=argparse.SUPPRESS if suppress else default, help=help_text + shown
+    )
     if key in CHOICES:
         kwargs["choices"] = CHOICES[key]
     if isinstance(default, bool):
@@ -152,8 +197,12 @@ def add_command_flags(parser, command: str, suppress: bool = False):
     """All flags of ``command`` on ``parser`` (``suppress``: no defaults, to see which
     flags were given)."""
     (ref, ref_help), (extra, extra_help) = COMMANDS[command]
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS if suppress else None,
-                        help="a named flag set (explicit flags override it): " + ", ".join(sorted(PRESETS)))
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=argparse.SUPPRESS if suppress else None,
+        help="a named flag set (explicit flags override it): " + ", ".join(sorted(PRESETS)),
+    )
     g = parser.add_argument_group(f"improved-diffusion {command} flags")
     for key, default in ref.items():
         _add(g, key, default, ref_help[key], suppress)

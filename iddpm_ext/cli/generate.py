@@ -8,7 +8,7 @@ comes, by ``engine``:
 - ``"loop"``: from the same per-sample generator, drawn in chunks of steps after x_T; the
   steps go through ``diffusion.p_sample`` / ``ddim_sample`` with explicit noise, which run
   the fused step kernels where they apply (``diffusion.use_fused``).
-- ``"graph"`` | ``"compile"`` | ``"eager"``: the :class:`~iddpm_ext.engine.SamplingEngine`
+- ``"graph"`` | ``"compile"`` | ``"eager"``: the :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine`
   in that mode (one captured/compiled step replayed per timestep) with the fused op's
   in-kernel Philox noise, numbered per sample (``sample_index`` = the global indices, docs/
   step.md) and keyed by one generator seeded from ``seed`` alone (:func:`step_noise_seed`),
@@ -24,7 +24,6 @@ CUDA runs differ too (each reproducible).
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
@@ -69,8 +68,10 @@ def resolve_engine(engine, device, diffusion=None) -> str:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     device = torch.device(device)
     if engine == "graph" and device.type != "cuda":
-        raise ValueError(f"engine: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
-                         "(use eager, compile or loop)")
+        raise ValueError(
+            f"engine: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
+            "(use eager, compile or loop)"
+        )
     if engine != "auto":
         return engine
     fused = bool(getattr(diffusion, "use_fused", True))
@@ -81,7 +82,7 @@ def resolve_engine(engine, device, diffusion=None) -> str:
 
 class Sampler:
     """The sampler of a command, resolved once: ``name`` in ("loop", "graph", "compile",
-    "eager") and, for the engine modes, one :class:`~iddpm_ext.engine.SamplingEngine`
+    "eager") and, for the engine modes, one :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine`
     (``engine``) reused across batches (one configuration per batch size: a short last
     batch builds, and in graph mode captures, a second one)."""
 
@@ -126,8 +127,21 @@ def _kept_steps(T: int, trajectory_steps: int) -> set:
 
 
 @torch.no_grad()
-def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
-                 label=None, device="cpu", trajectory_steps=0, engine="loop"):
+def sample_batch(
+    model,
+    diffusion,
+    indices,
+    shape,
+    *,
+    seed=0,
+    use_ddim=False,
+    eta=0.0,
+    clip_denoised=True,
+    label=None,
+    device="cpu",
+    trajectory_steps=0,
+    engine="loop",
+):
     """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
 
     ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
@@ -151,11 +165,18 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     # Every batch starts the step-noise generator afresh: step k has the same Philox key and
     # offset in every batch and process, and sample i takes its own stream (sample_index).
     g = torch.Generator(device=device).manual_seed(step_noise_seed(seed))
-    out = sampler.engine.sample(tuple(x.shape), sampler="ddim" if use_ddim else "ancestral",
-                                eta=eta if use_ddim else 0.0, diffusion=diffusion, noise=x,
-                                clip_denoised=clip_denoised, y=labels, generator=g,
-                                sample_index=torch.tensor(list(indices), dtype=torch.long),
-                                callback=keep_frame if keep else None)
+    out = sampler.engine.sample(
+        tuple(x.shape),
+        sampler="ddim" if use_ddim else "ancestral",
+        eta=eta if use_ddim else 0.0,
+        diffusion=diffusion,
+        noise=x,
+        clip_denoised=clip_denoised,
+        y=labels,
+        generator=g,
+        sample_index=torch.tensor(list(indices), dtype=torch.long),
+        callback=keep_frame if keep else None,
+    )
     return out, labels, frames
 
 
@@ -173,15 +194,18 @@ class _StepNoise:
     def __call__(self, t: int) -> torch.Tensor:
         j = self.T - 1 - t
         if j != self.next:
-            raise RuntimeError(f"step noise asked for timestep {t} out of order (expected {self.T - 1 - self.next})")
+            raise RuntimeError(
+                f"step noise asked for timestep {t} out of order (expected {self.T - 1 - self.next})"
+            )
         self.next += 1
         if self.zeros is not None:
             return self.zeros
         k = j % NOISE_CHUNK
         if k == 0:
             n = min(NOISE_CHUNK, self.T - j)
-            self.chunk = torch.stack([torch.randn((n, *self.shape), generator=g, device=self.device)
-                                      for g in self.gens], 1)  # [n, B, C, H, W]
+            self.chunk = torch.stack(
+                [torch.randn((n, *self.shape), generator=g, device=self.device) for g in self.gens], 1
+            )  # [n, B, C, H, W]
         return self.chunk[k]
 
 
@@ -192,11 +216,24 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
     T = diffusion.num_timesteps
     noise = _StepNoise(gens, x, T, zeros=use_ddim and eta == 0.0)
     if use_ddim:
-        steps = diffusion.ddim_sample_loop_progressive(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
-                                                       model_kwargs=model_kwargs, eta=eta, step_noise=noise)
+        steps = diffusion.ddim_sample_loop_progressive(
+            model,
+            tuple(x.shape),
+            noise=x,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            step_noise=noise,
+        )
     else:
-        steps = diffusion.p_sample_loop_progressive(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised,
-                                                    model_kwargs=model_kwargs, step_noise=noise)
+        steps = diffusion.p_sample_loop_progressive(
+            model,
+            tuple(x.shape),
+            noise=x,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            step_noise=noise,
+        )
     frames = []
     for t_int, out in zip(range(T - 1, -1, -1), steps):
         x = out["sample"]
@@ -205,9 +242,25 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
     return x.float(), labels, frames
 
 
-def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use_ddim=False, eta=0.0,
-             clip_denoised=True, label=None, device="cpu", trajectory_steps=0, trajectory_samples=8,
-             progress=False, log=print, engine="loop"):
+def generate(
+    model,
+    diffusion,
+    num_samples,
+    shape,
+    *,
+    batch_size=16,
+    seed=0,
+    use_ddim=False,
+    eta=0.0,
+    clip_denoised=True,
+    label=None,
+    device="cpu",
+    trajectory_steps=0,
+    trajectory_samples=8,
+    progress=False,
+    log=print,
+    engine="loop",
+):
     """``num_samples`` samples split over the processes (rank r makes a contiguous block of
     global indices, :func:`rank_indices`), gathered on every rank in index order.
 
@@ -231,11 +284,22 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         starts = tqdm(starts, desc="sample", dynamic_ncols=True)
     t0 = time.perf_counter()
     for s in starts:
-        idx = mine[s: s + batch_size]
+        idx = mine[s : s + batch_size]
         want_traj = trajectory_steps if (s == 0 and rank == 0) else 0
-        x, y, frames = sample_batch(model, diffusion, idx, shape, seed=seed, use_ddim=use_ddim, eta=eta,
-                                    clip_denoised=clip_denoised, label=label, device=device,
-                                    trajectory_steps=want_traj, engine=sampler)
+        x, y, frames = sample_batch(
+            model,
+            diffusion,
+            idx,
+            shape,
+            seed=seed,
+            use_ddim=use_ddim,
+            eta=eta,
+            clip_denoised=clip_denoised,
+            label=label,
+            device=device,
+            trajectory_steps=want_traj,
+            engine=sampler,
+        )
         images.append(to_uint8(x))
         if y is not None:
             labels.append(y)
@@ -245,12 +309,20 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     dev = torch.device(device)
-    local = torch.cat(images) if images else torch.zeros((0, shape[1], shape[2], shape[0]), dtype=torch.uint8,
-                                                         device=dev)
+    local = (
+        torch.cat(images)
+        if images
+        else torch.zeros((0, shape[1], shape[2], shape[0]), dtype=torch.uint8, device=dev)
+    )
     all_images = dist_util.all_gather_rows(local, counts).cpu().numpy()
     all_labels = None
     if model_num_classes(model) is not None:
         local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=dev)
         all_labels = dist_util.all_gather_rows(local_y, counts).cpu().numpy()
-    return {"images": all_images, "labels": all_labels, "trajectory": trajectory, "seconds": seconds,
-            "engine": sampler.name}
+    return {
+        "images": all_images,
+        "labels": all_labels,
+        "trajectory": trajectory,
+        "seconds": seconds,
+        "engine": sampler.name,
+    }

@@ -40,7 +40,7 @@ def grid_image(images: np.ndarray, ncol: int | None = None, scale: int = 1, pad:
     for i in range(n):
         r, q = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        canvas[y: y + h, x: x + w] = images[i]
+        canvas[y : y + h, x : x + w] = images[i]
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..script_util import create_gaussian_diffusion
 from ..resample import create_named_schedule_sampler
+from ..script_util import create_gaussian_diffusion
 
 MODES = 8
 RADIUS = 0.7
@@ -56,7 +56,11 @@ class TimeMLP(nn.Module):
         self.inp = nn.Linear(2, hidden)
         self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.body = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
             nn.Linear(hidden, out),
         )
 
@@ -97,8 +101,10 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.05, total_iters=train_steps)
     sampler = create_named_schedule_sampler("uniform", diffusion)
 
-    log(f"[demo] training a {sum(p.numel() for p in model.parameters())}-parameter MLP for "
-        f"{train_steps} steps: hybrid loss (L_simple + λ·L_vlb), learned σ, cosine schedule, T=1000")
+    log(
+        f"[demo] training a {sum(p.numel() for p in model.parameters())}-parameter MLP for "
+        f"{train_steps} steps: hybrid loss (L_simple + λ·L_vlb), learned σ, cosine schedule, T=1000"
+    )
     history = []
     start = time.time()
     for step in range(train_steps):
@@ -128,8 +134,10 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
         q["seconds"] = round(time.time() - t0, 2)
         results[f"samples_{label.split()[0]}"] = q
         panels.append((f"samples, {label}", samples))
-        log(f"[demo] {label:>10}: {100 * q['frac_within_3sigma']:.1f}% of 2000 samples within 3σ of a blob, "
-            f"{q['modes_covered']}/8 blobs covered ({q['seconds']} s)")
+        log(
+            f"[demo] {label:>10}: {100 * q['frac_within_3sigma']:.1f}% of 2000 samples within 3σ of a blob, "
+            f"{q['modes_covered']}/8 blobs covered ({q['seconds']} s)"
+        )
 
     held_out = ring_of_blobs(500, torch.Generator().manual_seed(seed + 2))
     t0 = time.time()
@@ -137,8 +145,10 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
         bpd = diffusion.calc_bpd_loop(model, held_out, clip_denoised=True)
     results["bits_per_dim"] = bpd["total_bpd"].mean().item()
     results["bits_per_dim_stderr"] = (bpd["total_bpd"].std() / math.sqrt(len(held_out))).item()
-    log(f"[demo] held-out NLL: {results['bits_per_dim']:.3f} ± {results['bits_per_dim_stderr']:.3f} "
-        f"bits/dim (8-bit quantized coordinates, full 1000-step bound, {time.time() - t0:.1f} s)")
+    log(
+        f"[demo] held-out NLL: {results['bits_per_dim']:.3f} ± {results['bits_per_dim_stderr']:.3f} "
+        f"bits/dim (8-bit quantized coordinates, full 1000-step bound, {time.time() - t0:.1f} s)"
+    )
 
     png = os.path.join(out_dir, "toy_samples.png")
     _scatter_png(png, panels)

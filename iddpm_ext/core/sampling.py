@@ -103,25 +103,55 @@ def as_float32(*vs):
     return tuple(v.float() if v is not None and v.dtype != torch.float32 else v for v in vs)
 
 
-def run_fused(kind, x, model_output, t, table, mean_type, var_type, clip_denoised, eta, noise, generator,
-              sample_index, need_pred_xstart):
-    """The fused op of ``kind``: (sample, pred_xstart or None), float32, in the kernel's layout."""
+# ---------------------------------------------------------------------------------
+# the fused op, and the layout of its results
+# ---------------------------------------------------------------------------------
+
+
+def fused_update(
+    kind,
+    model_output,
+    x,
+    t,
+    table,
+    types,
+    clip_denoised,
+    eta,
+    noise,
+    generator,
+    sample_index,
+    need_pred_xstart,
+    layout_cache,
+    eager_update,
+) -> dict:
+    """One step as the fused op of ``kind`` (``types``: the model's mean and variance types)
+    with the noise, dtype and layout rules of the module docstring: a dict with 'sample' and
+    'pred_xstart' (None when not ``need_pred_xstart``)."""
+    noise = fused_noise(x, noise, generator, sample_index)
     x32, noise32 = as_float32(x, noise)
+    args = (x32, model_output, t, table, *types, clip_denoised)
     if kind == "ancestral":
-        return ops.p_sample_step(x32, model_output, t, table, mean_type, var_type, clip_denoised,
-                                 noise=noise32, generator=generator, return_pred_xstart=need_pred_xstart,
-                                 sample_index=sample_index)
-    if kind == "ddim":
-        return ops.ddim_step(x32, model_output, t, table, mean_type, var_type, clip_denoised, eta=float(eta),
-                             noise=noise32, generator=generator, return_pred_xstart=need_pred_xstart,
-                             sample_index=sample_index)
-    return ops.ddim_reverse_step(x32, model_output, t, table, mean_type, var_type, clip_denoised,
-                                 return_pred_xstart=need_pred_xstart)
-
-
-# ---------------------------------------------------------------------------------
-# the layout of fused results
-# ---------------------------------------------------------------------------------
+        sample, pred = ops.p_sample_step(
+            *args,
+            noise=noise32,
+            generator=generator,
+            return_pred_xstart=need_pred_xstart,
+            sample_index=sample_index,
+        )
+    elif kind == "ddim":
+        sample, pred = ops.ddim_step(
+            *args,
+            eta=float(eta),
+            noise=noise32,
+            generator=generator,
+            return_pred_xstart=need_pred_xstart,
+            sample_index=sample_index,
+        )
+    else:
+        sample, pred = ops.ddim_reverse_step(*args, return_pred_xstart=need_pred_xstart)
+    strides = eager_strides(layout_cache, eager_update, kind, x, model_output, noise, clip_denoised, eta)
+    strides = strides or (None, None)
+    return {"sample": relayout(sample, strides[0]), "pred_xstart": relayout(pred, strides[1])}
 
 
 def dim_order(x: torch.Tensor) -> tuple:
@@ -151,8 +181,17 @@ def eager_strides(cache: dict, eager_update, kind, x, model_output, noise, clip_
         and (noise is None or dim_order(noise) == dim_order(x))
     ):
         return None
-    key = (kind, tuple(x.shape), x.stride(), model_output.stride(), None if noise is None else noise.stride(),
-           x.dtype, model_output.dtype, bool(clip_denoised), float(eta))
+    key = (
+        kind,
+        tuple(x.shape),
+        x.stride(),
+        model_output.stride(),
+        None if noise is None else noise.stride(),
+        x.dtype,
+        model_output.dtype,
+        bool(clip_denoised),
+        float(eta),
+    )
     if key not in cache:
 
         def meta(v):

@@ -6,7 +6,7 @@ Same names, arguments and float64 values as openai/improved-diffusion.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,9 +24,7 @@ def _check_num_steps(num_diffusion_timesteps) -> int:
             f"{num_diffusion_timesteps!r} ({type(num_diffusion_timesteps).__name__})"
         )
     if num_diffusion_timesteps < 1:
-        raise ValueError(
-            f"num_diffusion_timesteps: expected a positive int, got {num_diffusion_timesteps}"
-        )
+        raise ValueError(f"num_diffusion_timesteps: expected a positive int, got {num_diffusion_timesteps}")
     return int(num_diffusion_timesteps)
 
 
@@ -50,9 +48,7 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         return np.linspace(beta_start, beta_end, T, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(T, cosine_alpha_bar)
-    raise UnknownNameError(
-        f"schedule_name: expected one of {list(SCHEDULE_NAMES)}, got {schedule_name!r}"
-    )
+    raise UnknownNameError(f"schedule_name: expected one of {list(SCHEDULE_NAMES)}, got {schedule_name!r}")
 
 
 def betas_for_alpha_bar(

@@ -44,7 +44,9 @@ def check_betas(betas) -> np.ndarray:
     try:
         arr = np.array(betas, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"betas: expected a 1-D array of floats, got {type(betas).__name__} ({exc})")
+        raise ValueError(
+            f"betas: expected a 1-D array of floats, got {type(betas).__name__} ({exc})"
+        ) from None
     if arr.ndim != 1 or arr.shape[0] < 1:
         raise ValueError(f"betas: expected a non-empty 1-D array, got shape {arr.shape}")
     bad = ~(np.isfinite(arr) & (arr > 0) & (arr <= 1))

@@ -27,7 +27,8 @@ the stream of global sample ``sample_index[b]`` (default b), kept in a static de
 that each run refills, so one captured graph serves every set of indices. With x_T given as
 ``noise``, the same generator state per run, and the model computing each sample on its
 own, sample j's result depends only on (x_T of j, G's state, j), not on the batch it is in
-(:mod:`iddpm_ext.sample` builds ``iddpm sample`` on this). Without a generator G is the default generator of the device (on
+(:mod:`iddpm_ext.cli.generate` builds ``iddpm sample`` on this). Without a generator G is the
+default generator of the device (on
 CUDA this is exactly ``p_sample_loop(..., generator=None)``; on CPU that loop draws its step
 noise with ``torch.randn_like`` instead, so the engine matches
 ``p_sample_loop(..., generator=torch.default_generator)``). The step function always uses the
@@ -56,9 +57,14 @@ MODES = ("graph", "compile", "eager")
 SAMPLERS = ("ancestral", "ddim")
 ENV_MODE = "IDDPM_EXT_ENGINE_MODE"
 _AMP_NAMES = {
-    None: None, "none": None, "fp32": None, "float32": None,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
+    None: None,
+    "none": None,
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 _UNSET = object()
 
@@ -66,6 +72,7 @@ _UNSET = object()
 # ---------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------
+
 
 def default_mode(device) -> str:
     """The engine mode for ``device`` when none is given: IDDPM_EXT_ENGINE_MODE if set
@@ -161,6 +168,7 @@ def _memory_format(shape, channels_last: bool):
 # CUDA graph capture (the one part that cannot run without a GPU)
 # ---------------------------------------------------------------------------------
 
+
 class CUDAGraphBackend:
     """Warm-up of a step function on a side stream, then its capture in a CUDA graph.
 
@@ -211,6 +219,7 @@ def _graph_backend(device: torch.device):
 # one cached configuration
 # ---------------------------------------------------------------------------------
 
+
 @dataclass
 class _Entry:
     key: tuple
@@ -235,8 +244,14 @@ class _Entry:
         return self.t_rows.shape[0]
 
     def static_bytes(self) -> int:
-        tensors = [self.x, self.t_rows, self.model_t_rows, self.counter, self.sample_index,
-                   *self.kwargs.values()]
+        tensors = [
+            self.x,
+            self.t_rows,
+            self.model_t_rows,
+            self.counter,
+            self.sample_index,
+            *self.kwargs.values(),
+        ]
         return sum(v.untyped_storage().nbytes() for v in tensors)
 
 
@@ -257,8 +272,17 @@ class SamplingEngine:
     :param device: where to run (default: the device of the model's parameters).
     """
 
-    def __init__(self, model, diffusion=None, *, mode=None, amp=None, channels_last=False,
-                 compile_options=None, device=None):
+    def __init__(
+        self,
+        model,
+        diffusion=None,
+        *,
+        mode=None,
+        amp=None,
+        channels_last=False,
+        compile_options=None,
+        device=None,
+    ):
         self.model = model
         self.diffusion = diffusion
         if device is None:
@@ -270,8 +294,7 @@ class SamplingEngine:
         _default_generator(self.device)  # cpu or cuda only
         ops.require()
         if not ops.has_kernel(self.device):
-            raise ValueError(
-                f"device: iddpm_ext._C has no kernels for {self.device} (built without CUDA?)")
+            raise ValueError(f"device: iddpm_ext._C has no kernels for {self.device} (built without CUDA?)")
         if mode is None or mode == "auto":
             mode = default_mode(self.device)
         if mode not in MODES:
@@ -289,9 +312,23 @@ class SamplingEngine:
         self.stats = {"builds": 0, "captures": 0, "compiles": 0, "runs": 0}
 
     # -- public API ------------------------------------------------------------------
-    def sample(self, shape, *, sampler="ancestral", eta=0.0, diffusion=None, noise=None,
-               clip_denoised=True, model_kwargs=None, y=None, generator=None, amp=_UNSET,
-               progress=False, sample_index=None, callback=None) -> torch.Tensor:
+    def sample(
+        self,
+        shape,
+        *,
+        sampler="ancestral",
+        eta=0.0,
+        diffusion=None,
+        noise=None,
+        clip_denoised=True,
+        model_kwargs=None,
+        y=None,
+        generator=None,
+        amp=_UNSET,
+        progress=False,
+        sample_index=None,
+        callback=None,
+    ) -> torch.Tensor:
         """Draw samples: x_T = ``noise`` (or N(0, I) from the generator), then every step of
         the (respaced) process. Returns a new float32 [B, C, *spatial] tensor.
 
@@ -315,20 +352,21 @@ class SamplingEngine:
         eta = self._check_eta(sampler, eta)
         kwargs = self._check_kwargs(model_kwargs, y, shape[0])
         amp_dtype = self.amp if amp is _UNSET else _amp_dtype(amp)
-        if generator is not None and (not isinstance(generator, torch.Generator)
-                                      or generator.device.type != self.device.type):
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != self.device.type
+        ):
             got = generator.device if isinstance(generator, torch.Generator) else type(generator)
-            raise ValueError(f"generator: expected a torch.Generator on {self.device.type}, "
-                             f"got {got}")
+            raise ValueError(f"generator: expected a torch.Generator on {self.device.type}, got {got}")
         if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise: expected shape {shape} (the sample shape), "
-                             f"got {tuple(noise.shape)}")
+            raise ValueError(f"noise: expected shape {shape} (the sample shape), got {tuple(noise.shape)}")
         index = self._check_sample_index(sample_index, shape[0])
         if callback is not None and not callable(callback):
             raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
         if getattr(self.model, "training", False):
-            raise ValueError("model: expected eval mode (call model.eval()); dropout in "
-                             "training mode would draw random numbers inside the step")
+            raise ValueError(
+                "model: expected eval mode (call model.eval()); dropout in "
+                "training mode would draw random numbers inside the step"
+            )
 
         entry = self._entry(d, shape, sampler, eta, bool(clip_denoised), kwargs, amp_dtype)
         with torch.no_grad():
@@ -353,19 +391,51 @@ class SamplingEngine:
             self.stats["runs"] += 1
             return entry.x.clone(memory_format=torch.contiguous_format)
 
-    def p_sample_loop(self, shape, noise=None, clip_denoised=True, model_kwargs=None,
-                      progress=False, generator=None, diffusion=None):
+    def p_sample_loop(
+        self,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        model_kwargs=None,
+        progress=False,
+        generator=None,
+        diffusion=None,
+    ):
         """Ancestral sampling; the arguments of GaussianDiffusion.p_sample_loop."""
-        return self.sample(shape, sampler="ancestral", noise=noise, clip_denoised=clip_denoised,
-                           model_kwargs=model_kwargs, progress=progress, generator=generator,
-                           diffusion=diffusion)
+        return self.sample(
+            shape,
+            sampler="ancestral",
+            noise=noise,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            progress=progress,
+            generator=generator,
+            diffusion=diffusion,
+        )
 
-    def ddim_sample_loop(self, shape, noise=None, clip_denoised=True, model_kwargs=None,
-                         progress=False, eta=0.0, generator=None, diffusion=None):
+    def ddim_sample_loop(
+        self,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        model_kwargs=None,
+        progress=False,
+        eta=0.0,
+        generator=None,
+        diffusion=None,
+    ):
         """DDIM sampling; the arguments of GaussianDiffusion.ddim_sample_loop."""
-        return self.sample(shape, sampler="ddim", eta=eta, noise=noise,
-                           clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                           progress=progress, generator=generator, diffusion=diffusion)
+        return self.sample(
+            shape,
+            sampler="ddim",
+            eta=eta,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            progress=progress,
+            generator=generator,
+            diffusion=diffusion,
+        )
 
     def cache_keys(self) -> list:
         """The keys of the cached configurations (see :meth:`config_key`)."""
@@ -381,25 +451,46 @@ class SamplingEngine:
         after an empty_cache) and the bytes still allocated from it after capture."""
         entries = []
         for e in self._entries.values():
-            rec = {"shape": list(e.x.shape), "sampler": e.sampler, "eta": e.eta,
-                   "steps": e.num_steps, "amp": str(e.amp_dtype).replace("torch.", ""),
-                   "static_bytes": e.static_bytes(), "runs": e.runs}
+            rec = {
+                "shape": list(e.x.shape),
+                "sampler": e.sampler,
+                "eta": e.eta,
+                "steps": e.num_steps,
+                "amp": str(e.amp_dtype).replace("torch.", ""),
+                "static_bytes": e.static_bytes(),
+                "runs": e.runs,
+            }
             rec.update(e.memory)
             entries.append(rec)
         total = sum(r["static_bytes"] + r.get("graph_pool_reserved_bytes", 0) for r in entries)
-        return {"mode": self.mode, "device": str(self.device), "entries": entries,
-                "total_bytes": total}
+        return {"mode": self.mode, "device": str(self.device), "entries": entries, "total_bytes": total}
 
-    def config_key(self, diffusion, shape, sampler="ancestral", eta=0.0, clip_denoised=True,
-                   model_kwargs=None, amp=_UNSET) -> tuple:
+    def config_key(
+        self,
+        diffusion,
+        shape,
+        sampler="ancestral",
+        eta=0.0,
+        clip_denoised=True,
+        model_kwargs=None,
+        amp=_UNSET,
+    ) -> tuple:
         """The cache key of a configuration: mode, shape, sampler, η (DDIM), clipping,
         diffusion signature (respacing), model-kwarg shapes/dtypes (class conditioning),
         autocast dtype, channels-last."""
         amp_dtype = self.amp if amp is _UNSET else _amp_dtype(amp)
         spec = tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in (model_kwargs or {}).items()))
-        return (self.mode, tuple(int(s) for s in shape), sampler,
-                float(eta) if sampler == "ddim" else None, bool(clip_denoised),
-                diffusion_signature(diffusion), spec, amp_dtype, self.channels_last)
+        return (
+            self.mode,
+            tuple(int(s) for s in shape),
+            sampler,
+            float(eta) if sampler == "ddim" else None,
+            bool(clip_denoised),
+            diffusion_signature(diffusion),
+            spec,
+            amp_dtype,
+            self.channels_last,
+        )
 
     # -- argument checks ---------------------------------------------------------------
     @staticmethod
@@ -436,12 +527,21 @@ class SamplingEngine:
             index = torch.as_tensor(sample_index)
         except (TypeError, ValueError, RuntimeError):
             index = None
-        if index is None or index.dtype.is_floating_point or index.dtype.is_complex or \
-                index.dtype == torch.bool or tuple(index.shape) != (batch,):
-            got = (f"shape {tuple(index.shape)} dtype {index.dtype}" if index is not None
-                   else type(sample_index).__name__)
-            raise ValueError(f"sample_index: expected None, an int or {batch} integers (one per "
-                             f"batch item), got {got}")
+        if (
+            index is None
+            or index.dtype.is_floating_point
+            or index.dtype.is_complex
+            or index.dtype == torch.bool
+            or tuple(index.shape) != (batch,)
+        ):
+            got = (
+                f"shape {tuple(index.shape)} dtype {index.dtype}"
+                if index is not None
+                else type(sample_index).__name__
+            )
+            raise ValueError(
+                f"sample_index: expected None, an int or {batch} integers (one per batch item), got {got}"
+            )
         return index.to(torch.long)
 
     def _check_kwargs(self, model_kwargs, y, batch) -> dict:
@@ -452,17 +552,22 @@ class SamplingEngine:
             kwargs["y"] = y
         for name, value in kwargs.items():
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"model_kwargs[{name!r}]: expected a tensor (it becomes a "
-                                 f"static buffer), got {type(value).__name__}")
+                raise ValueError(
+                    f"model_kwargs[{name!r}]: expected a tensor (it becomes a "
+                    f"static buffer), got {type(value).__name__}"
+                )
             if value.dim() == 0 or value.shape[0] != batch:
-                raise ValueError(f"model_kwargs[{name!r}]: expected a leading batch dim of "
-                                 f"{batch}, got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"model_kwargs[{name!r}]: expected a leading batch dim of "
+                    f"{batch}, got shape {tuple(value.shape)}"
+                )
         num_classes = getattr(self.model, "num_classes", None)
         if num_classes is not None:
             labels = kwargs.get("y")
             if labels is None:
-                raise ValueError(f"y: the model is class-conditional ({num_classes} classes); "
-                                 "pass labels [B] as y=")
+                raise ValueError(
+                    f"y: the model is class-conditional ({num_classes} classes); pass labels [B] as y="
+                )
             if labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise ValueError(f"y: expected integer class labels, got dtype {labels.dtype}")
             lo, hi = int(labels.min()), int(labels.max())
@@ -484,22 +589,35 @@ class SamplingEngine:
         S, B = int(d.num_timesteps), shape[0]
         # Normal tensors even when called under inference_mode: later runs update them in place.
         with torch.inference_mode(False), torch.no_grad():
-            x = torch.empty(shape, device=dev, dtype=torch.float32,
-                            memory_format=_memory_format(shape, self.channels_last)).zero_()
+            x = torch.empty(
+                shape,
+                device=dev,
+                dtype=torch.float32,
+                memory_format=_memory_format(shape, self.channels_last),
+            ).zero_()
             t_rows = torch.arange(S - 1, -1, -1, device=dev, dtype=torch.long)
             t_rows = t_rows.view(S, 1).expand(S, B).contiguous()
             model_t_rows = d.model_timesteps(t_rows.reshape(-1)).reshape(S, B).contiguous()
-            static_kwargs = {k: torch.zeros(v.shape, dtype=v.dtype, device=dev)
-                             for k, v in kwargs.items()}
+            static_kwargs = {k: torch.zeros(v.shape, dtype=v.dtype, device=dev) for k, v in kwargs.items()}
             for k, v in kwargs.items():  # valid values for the warm-up
                 static_kwargs[k].copy_(v)
             counter = torch.zeros(1, dtype=torch.long, device=dev)
             sample_index = torch.arange(B, dtype=torch.long, device=dev)
             d.coef_table(dev)  # the step's table, made now: outside graph capture and compilation
-        entry = _Entry(key=key, diffusion=d, sampler=sampler, eta=eta, clip_denoised=clip,
-                       amp_dtype=amp_dtype, x=x, t_rows=t_rows, model_t_rows=model_t_rows,
-                       counter=counter, sample_index=sample_index,
-                       kwargs=static_kwargs)
+        entry = _Entry(
+            key=key,
+            diffusion=d,
+            sampler=sampler,
+            eta=eta,
+            clip_denoised=clip,
+            amp_dtype=amp_dtype,
+            x=x,
+            t_rows=t_rows,
+            model_t_rows=model_t_rows,
+            counter=counter,
+            sample_index=sample_index,
+            kwargs=static_kwargs,
+        )
         step = self._step_function(entry)
         self.stats["builds"] += 1
 
@@ -531,7 +649,13 @@ class SamplingEngine:
         the counter. No host-to-device copies, no host syncs, no allocation that outlives the step."""
         model = self.model
         t_rows, model_t_rows, counter, x, kwargs, index = (
-            e.t_rows, e.model_t_rows, e.counter, e.x, e.kwargs, e.sample_index)
+            e.t_rows,
+            e.model_t_rows,
+            e.counter,
+            e.x,
+            e.kwargs,
+            e.sample_index,
+        )
         d = e.diffusion
         kind, clip, eta = e.sampler, e.clip_denoised, e.eta  # samplers are step kinds
         amp_dtype, device_type = e.amp_dtype, self.device.type
@@ -544,18 +668,29 @@ class SamplingEngine:
             else:
                 with torch.autocast(device_type, dtype=amp_dtype, cache_enabled=False):
                     model_output = model(x, model_t, **kwargs)
-            out = d.step(kind, model_output, x, t, clip_denoised=clip, eta=eta, sample_index=index, fused=True,
-                         pred_xstart=False)
+            out = d.step(
+                kind,
+                model_output,
+                x,
+                t,
+                clip_denoised=clip,
+                eta=eta,
+                sample_index=index,
+                fused=True,
+                pred_xstart=False,
+            )
             x.copy_(out["sample"])
             counter.add_(1)
 
         return step
 
     def _warn_recompile_limit(self):
-        limit = getattr(torch._dynamo.config, "recompile_limit",
-                        getattr(torch._dynamo.config, "cache_size_limit", None))
+        limit = getattr(
+            torch._dynamo.config, "recompile_limit", getattr(torch._dynamo.config, "cache_size_limit", None)
+        )
         if limit is not None and self.stats["compiles"] > limit:
             warnings.warn(
                 f"SamplingEngine: {self.stats['compiles']} compiled configurations exceed "
                 f"torch._dynamo's recompile limit ({limit}); further ones may run uncompiled",
-                stacklevel=3)
+                stacklevel=3,
+            )

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.schedules import get_named_beta_schedule
 from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from ..respace import SpacedDiffusion, space_timesteps
-from ..core.schedules import get_named_beta_schedule
 
 _VARIANCE_TYPES = {
     "fixed_small": ModelVarType.FIXED_SMALL,
@@ -100,37 +100,55 @@ class IDDPMScheduler:
     order = 1
     init_noise_sigma = 1.0
 
-    def __init__(self, num_train_timesteps=1000, beta_schedule="linear", trained_betas=None,
-                 variance_type="learned_range", prediction_type="epsilon", clip_sample=True,
-                 rescale_timesteps=False, sampler="ancestral", eta=0.0):
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        trained_betas=None,
+        variance_type="learned_range",
+        prediction_type="epsilon",
+        clip_sample=True,
+        rescale_timesteps=False,
+        sampler="ancestral",
+        eta=0.0,
+    ):
         if variance_type not in _VARIANCE_TYPES:
-            raise ValueError(f"variance_type: expected one of {sorted(_VARIANCE_TYPES)}, "
-                             f"got {variance_type!r}")
+            raise ValueError(
+                f"variance_type: expected one of {sorted(_VARIANCE_TYPES)}, got {variance_type!r}"
+            )
         if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: expected one of {sorted(_PREDICTION_TYPES)}, "
-                             f"got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type: expected one of {sorted(_PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler: expected one of {_SAMPLERS}, got {sampler!r}")
         if trained_betas is not None:
             betas = np.asarray(trained_betas, dtype=np.float64)
             if betas.ndim != 1 or betas.shape[0] != int(num_train_timesteps):
-                raise ValueError(f"trained_betas: expected {num_train_timesteps} values, got "
-                                 f"shape {betas.shape}")
+                raise ValueError(
+                    f"trained_betas: expected {num_train_timesteps} values, got shape {betas.shape}"
+                )
         else:
             name = "cosine" if beta_schedule == "squaredcos_cap_v2" else beta_schedule
             betas = get_named_beta_schedule(name, num_train_timesteps)
         self.config = _Config(
-            num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
+            num_train_timesteps=int(num_train_timesteps),
+            beta_schedule=beta_schedule,
             trained_betas=None if trained_betas is None else betas.tolist(),
-            variance_type=variance_type, prediction_type=prediction_type,
-            clip_sample=bool(clip_sample), rescale_timesteps=bool(rescale_timesteps),
-            sampler=sampler, eta=float(eta))
+            variance_type=variance_type,
+            prediction_type=prediction_type,
+            clip_sample=bool(clip_sample),
+            rescale_timesteps=bool(rescale_timesteps),
+            sampler=sampler,
+            eta=float(eta),
+        )
         self._betas = betas
-        self._types = dict(model_mean_type=_PREDICTION_TYPES[prediction_type],
-                           model_var_type=_VARIANCE_TYPES[variance_type],
-                           loss_type=LossType.MSE)
-        self.base = GaussianDiffusion(betas=betas, rescale_timesteps=bool(rescale_timesteps),
-                                      **self._types)
+        self._types = dict(
+            model_mean_type=_PREDICTION_TYPES[prediction_type],
+            model_var_type=_VARIANCE_TYPES[variance_type],
+            loss_type=LossType.MSE,
+        )
+        self.base = GaussianDiffusion(betas=betas, rescale_timesteps=bool(rescale_timesteps), **self._types)
         self.num_inference_steps = None
         self.set_timesteps(int(num_train_timesteps))
 
@@ -139,20 +157,31 @@ class IDDPMScheduler:
         """A scheduler over the process of one of our diffusions (a GaussianDiffusion, or a
         SpacedDiffusion that keeps every step, whose β are recomputed from its ᾱ)."""
         if isinstance(diffusion, SpacedDiffusion) and (
-                len(diffusion.timestep_map) != diffusion.original_num_steps):
+            len(diffusion.timestep_map) != diffusion.original_num_steps
+        ):
             raise ValueError(
                 "diffusion: a respaced diffusion does not keep the original process's betas; "
-                "build the scheduler from num_train_timesteps and beta_schedule/trained_betas")
+                "build the scheduler from num_train_timesteps and beta_schedule/trained_betas"
+            )
         if not isinstance(diffusion, GaussianDiffusion):
             raise ValueError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
         variance = {v: k for k, v in _VARIANCE_TYPES.items()}[diffusion.model_var_type]
         prediction = {v: k for k, v in _PREDICTION_TYPES.items()}.get(diffusion.model_mean_type)
         if prediction is None:
-            raise ValueError(f"diffusion: model_mean_type {diffusion.model_mean_type.name} has no "
-                             "diffusers prediction_type")
-        return cls(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas,
-                   variance_type=variance, prediction_type=prediction, clip_sample=clip_sample,
-                   rescale_timesteps=diffusion.rescale_timesteps, sampler=sampler, eta=eta)
+            raise ValueError(
+                f"diffusion: model_mean_type {diffusion.model_mean_type.name} has no "
+                "diffusers prediction_type"
+            )
+        return cls(
+            num_train_timesteps=diffusion.num_timesteps,
+            trained_betas=diffusion.betas,
+            variance_type=variance,
+            prediction_type=prediction,
+            clip_sample=clip_sample,
+            rescale_timesteps=diffusion.rescale_timesteps,
+            sampler=sampler,
+            eta=eta,
+        )
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -168,11 +197,13 @@ class IDDPMScheduler:
         else:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps: give it or timesteps")
-            spec = num_inference_steps if isinstance(num_inference_steps, str) else str(int(num_inference_steps))
+            spec = (
+                num_inference_steps if isinstance(num_inference_steps, str) else str(int(num_inference_steps))
+            )
             keep = space_timesteps(T, spec)
-        self.process = SpacedDiffusion(keep, betas=self._betas,
-                                       rescale_timesteps=self.config.rescale_timesteps,
-                                       **self._types)
+        self.process = SpacedDiffusion(
+            keep, betas=self._betas, rescale_timesteps=self.config.rescale_timesteps, **self._types
+        )
         # The respaced process without the model wrapper: step() hands it the model output.
         # Its timesteps are indices into timestep_map, valid by construction: no host read.
         self._steps = GaussianDiffusion(betas=self.process.betas, **self._types)
@@ -181,8 +212,7 @@ class IDDPMScheduler:
         self._map_on: dict[str, torch.Tensor] = {}
         self.num_inference_steps = len(self.process.timestep_map)
         device = torch.device("cpu") if device is None else torch.device(device)
-        self.timesteps = torch.tensor(self.process.timestep_map[::-1], dtype=torch.long,
-                                      device=device)
+        self.timesteps = torch.tensor(self.process.timestep_map[::-1], dtype=torch.long, device=device)
 
     def model_timesteps(self, timestep):
         """The timestep(s) to give the model: ``timestep`` itself, or scaled to [0, 1000)
@@ -207,7 +237,8 @@ class IDDPMScheduler:
             except (KeyError, TypeError, ValueError):
                 raise ValueError(
                     f"timestep: expected one of the scheduler's timesteps (set_timesteps kept "
-                    f"{self.num_inference_steps} of {len(self)}), got {timestep!r}") from None
+                    f"{self.num_inference_steps} of {len(self)}), got {timestep!r}"
+                ) from None
             idx = torch.tensor(rows, dtype=torch.long).to(device)
         if idx.numel() not in (1, batch):
             raise ValueError(f"timestep: expected a scalar or {batch} values, got {idx.numel()}")
@@ -219,13 +250,13 @@ class IDDPMScheduler:
         ts = timestep.reshape(-1).to(device=device, dtype=torch.long)
         key = str(device)
         if key not in self._map_on:
-            self._map_on[key] = torch.tensor(self.process.timestep_map, dtype=torch.long,
-                                             device=device)
+            self._map_on[key] = torch.tensor(self.process.timestep_map, dtype=torch.long, device=device)
         return torch.searchsorted(self._map_on[key], ts)
 
     # -- the step ------------------------------------------------------------------------
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True, eta=None,
-             variance_noise=None):
+    def step(
+        self, model_output, timestep, sample, generator=None, return_dict=True, eta=None, variance_noise=None
+    ):
         """x_{t-1} from the model output at original timestep ``timestep``.
 
         :param model_output: [B, C, ...] ([B, 2C, ...] for the learned variance types).
@@ -235,8 +266,10 @@ class IDDPMScheduler:
         :return: IDDPMSchedulerOutput(prev_sample, pred_original_sample), or that tuple.
         """
         if not torch.is_tensor(sample) or sample.dim() < 2:
-            raise ValueError(f"sample: expected a tensor [B, C, ...], got "
-                             f"{tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__}")
+            raise ValueError(
+                f"sample: expected a tensor [B, C, ...], got "
+                f"{tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__}"
+            )
         t = self._step_index(timestep, sample.shape[0], sample.device)
         if self.config.sampler == "ancestral":
             if eta not in (None, 0, 0.0):
@@ -245,9 +278,16 @@ class IDDPMScheduler:
         else:
             eta = self.config.eta if eta is None else float(eta)
         with torch.no_grad():
-            out = self._steps.step(self.config.sampler, model_output, sample, t,
-                                   clip_denoised=self.config.clip_sample, eta=eta, noise=variance_noise,
-                                   generator=generator)
+            out = self._steps.step(
+                self.config.sampler,
+                model_output,
+                sample,
+                t,
+                clip_denoised=self.config.clip_sample,
+                eta=eta,
+                noise=variance_noise,
+                generator=generator,
+            )
         result = IDDPMSchedulerOutput(out["sample"], out["pred_xstart"])
         return result if return_dict else result.to_tuple()
 

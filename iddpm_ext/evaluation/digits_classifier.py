@@ -25,13 +25,26 @@ class DigitsClassifier(nn.Module):
     """conv-conv-pool-conv-pool, a hidden layer of ``feature_dim`` (the features), and a
     linear layer to the classes. Input: [N, C, S, S] in [-1, 1] (S divisible by 4)."""
 
-    def __init__(self, image_size: int = 8, channels: int = 1, width: int = 32, feature_dim: int = 64,
-                 num_classes: int = 10, dropout: float = 0.3):
+    def __init__(
+        self,
+        image_size: int = 8,
+        channels: int = 1,
+        width: int = 32,
+        feature_dim: int = 64,
+        num_classes: int = 10,
+        dropout: float = 0.3,
+    ):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size: expected a multiple of 4, got {image_size}")
-        self.config = dict(image_size=image_size, channels=channels, width=width, feature_dim=feature_dim,
-                           num_classes=num_classes, dropout=dropout)
+        self.config = dict(
+            image_size=image_size,
+            channels=channels,
+            width=width,
+            feature_dim=feature_dim,
+            num_classes=num_classes,
+            dropout=dropout,
+        )
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
         self.conv3 = nn.Conv2d(width, 2 * width, 3, padding=1)
@@ -64,8 +77,10 @@ def _as_input(images) -> torch.Tensor:
 def _check_size(model: DigitsClassifier, x: torch.Tensor):
     c, s = model.config["channels"], model.config["image_size"]
     if tuple(x.shape[1:]) != (c, s, s):
-        raise ValueError(f"images: the classifier takes {s}x{s} images with {c} channel(s), "
-                         f"got [N, C, H, W] = {list(x.shape)}")
+        raise ValueError(
+            f"images: the classifier takes {s}x{s} images with {c} channel(s), "
+            f"got [N, C, H, W] = {list(x.shape)}"
+        )
 
 
 @torch.no_grad()
@@ -73,7 +88,7 @@ def predict_logits(model: DigitsClassifier, images, batch_size: int = 512) -> np
     x = _as_input(images)
     _check_size(model, x)
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
 @torch.no_grad()
@@ -82,7 +97,7 @@ def classifier_features(model: DigitsClassifier, images, batch_size: int = 512) 
     x = _as_input(images)
     _check_size(model, x)
     model.eval()
-    feats = [model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    feats = [model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return torch.cat(feats).double().numpy()
 
 
@@ -91,9 +106,20 @@ def accuracy(model: DigitsClassifier, images, labels) -> float:
     return float((pred == np.asarray(labels)).mean())
 
 
-def train_classifier(train_images, train_labels, test_images, test_labels, *, epochs: int = 40,
-                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, width: int = 32,
-                     feature_dim: int = 64, log=None) -> tuple:
+def train_classifier(
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    *,
+    epochs: int = 40,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    width: int = 32,
+    feature_dim: int = 64,
+    log=None,
+) -> tuple:
     """Train a :class:`DigitsClassifier` on uint8 NHWC images (AdamW, cosine-annealed lr,
     random ±1-pixel shifts as augmentation); returns (model in eval mode, info dict with
     test accuracy, train accuracy, seconds)."""
@@ -104,8 +130,9 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
         x = _as_input(train_images)
         y = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
         n, c, s, _ = x.shape
-        model = DigitsClassifier(image_size=s, channels=c, width=width, feature_dim=feature_dim,
-                                 num_classes=int(y.max()) + 1)
+        model = DigitsClassifier(
+            image_size=s, channels=c, width=width, feature_dim=feature_dim, num_classes=int(y.max()) + 1
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         steps = epochs * max(1, n // batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
@@ -113,7 +140,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n - batch_size + 1, batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 xb = x[idx]
                 dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()  # a small shift per batch
                 if dy or dx:
@@ -124,13 +151,20 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
                 opt.step()
                 sched.step()
     model.eval()
-    info = {"test_accuracy": accuracy(model, test_images, test_labels),
-            "train_accuracy": accuracy(model, train_images, train_labels),
-            "epochs": epochs, "seconds": time.perf_counter() - t0,
-            "parameters": sum(p.numel() for p in model.parameters()), **model.config}
+    info = {
+        "test_accuracy": accuracy(model, test_images, test_labels),
+        "train_accuracy": accuracy(model, train_images, train_labels),
+        "epochs": epochs,
+        "seconds": time.perf_counter() - t0,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **model.config,
+    }
     if log:
-        log(f"digits classifier: test accuracy {info['test_accuracy']:.4f} (train {info['train_accuracy']:.4f}), "
-            f"{info['parameters']:,} parameters, {info['seconds']:.1f} s")
+        log(
+            f"digits classifier: test accuracy {info['test_accuracy']:.4f} "
+            f"(train {info['train_accuracy']:.4f}), {info['parameters']:,} parameters, "
+            f"{info['seconds']:.1f} s"
+        )
     return model, info
 
 

@@ -17,7 +17,6 @@ import torch
 
 from .inception import InceptionV3, load_inception
 
-
 # ---------------------------------------------------------------------------------
 # the math (float64, numpy)
 # ---------------------------------------------------------------------------------
@@ -75,7 +74,7 @@ def _knn_radii(feats: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row."""
     radii = []
     for i in range(0, feats.shape[0], chunk):
-        d = torch.cdist(feats[i:i + chunk], feats)
+        d = torch.cdist(feats[i : i + chunk], feats)
         radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
     return torch.cat(radii)
 
@@ -84,7 +83,7 @@ def _coverage(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, 
     """Fraction of ``points`` inside at least one ball (center, radius)."""
     inside = []
     for i in range(0, points.shape[0], chunk):
-        d = torch.cdist(points[i:i + chunk], centers)
+        d = torch.cdist(points[i : i + chunk], centers)
         inside.append((d <= radii[None, :]).any(dim=1))
     return torch.cat(inside).double().mean().item()
 
@@ -95,8 +94,10 @@ def precision_recall(real_features, fake_features, k: int = 3):
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
     if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"features: expected more than k = {k} real and fake feature rows, "
-                         f"got {real.shape[0]} and {fake.shape[0]}")
+        raise ValueError(
+            f"features: expected more than k = {k} real and fake feature rows, "
+            f"got {real.shape[0]} and {fake.shape[0]}"
+        )
     precision = _coverage(fake, real, _knn_radii(real, k))
     recall = _coverage(real, fake, _knn_radii(fake, k))
     return precision, recall
@@ -120,8 +121,9 @@ def load_npz_images(path: str) -> np.ndarray:
     if arr is None:
         raise ValueError(f"{path}: expected an array 'arr_0' (uint8 [N, H, W, C]), found {keys}")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: expected arr_0 as uint8 [N, H, W, C] with C = 1 or 3, "
-                         f"got {arr.dtype} {arr.shape}")
+        raise ValueError(
+            f"{path}: expected arr_0 as uint8 [N, H, W, C] with C = 1 or 3, got {arr.dtype} {arr.shape}"
+        )
     return arr
 
 
@@ -130,7 +132,7 @@ def inception_outputs(images: np.ndarray, model: InceptionV3, batch_size: int = 
     """(pool features [N, 2048] float64, logits [N, 1008] float64) of uint8 NHWC images."""
     feats, logits = [], []
     for i in range(0, images.shape[0], batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         f, lg = model(x)
@@ -151,8 +153,9 @@ def default_cache_dir() -> str:
     return os.environ.get("IDDPM_EXT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iddpm_ext"))
 
 
-def reference_features(ref_path: str, model: InceptionV3, weights_key: str, cache_dir: str | None,
-                       batch_size: int, device) -> dict:
+def reference_features(
+    ref_path: str, model: InceptionV3, weights_key: str, cache_dir: str | None, batch_size: int, device
+) -> dict:
     """Features and logits of a reference .npz, read from / written to the cache."""
     cache_file = None
     if cache_dir:
@@ -171,8 +174,16 @@ def reference_features(ref_path: str, model: InceptionV3, weights_key: str, cach
     return {"features": feats, "logits": logits, "cached": False}
 
 
-def evaluate(ref_path: str, samples_path: str, inception_path: str, batch_size: int = 50,
-             device="cpu", cache_dir: str | None = "", is_splits: int = 10, k: int = 3) -> dict:
+def evaluate(
+    ref_path: str,
+    samples_path: str,
+    inception_path: str,
+    batch_size: int = 50,
+    device="cpu",
+    cache_dir: str | None = "",
+    is_splits: int = 10,
+    k: int = 3,
+) -> dict:
     """FID, IS, precision and recall of ``samples_path`` against ``ref_path``.
 
     :param cache_dir: where reference statistics are cached ("" = the default

@@ -175,11 +175,15 @@ def load_inception(path: str, device="cpu") -> InceptionV3:
     weights_only=True, or a .safetensors file). Raises FileNotFoundError when the file is
     missing and ValueError when it does not hold this network's weights."""
     if not path:
-        raise ValueError("inception: expected the path of an Inception-v3 FID weights file "
-                         "(e.g. pt_inception-2015-12-05-6726825d.pth), got none")
+        raise ValueError(
+            "inception: expected the path of an Inception-v3 FID weights file "
+            "(e.g. pt_inception-2015-12-05-6726825d.pth), got none"
+        )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"inception: no such file: {path!r} (the Inception-v3 FID weights, "
-                                "e.g. pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"inception: no such file: {path!r} (the Inception-v3 FID weights, "
+            "e.g. pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)"
+        )
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

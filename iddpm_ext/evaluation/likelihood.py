@@ -11,8 +11,19 @@ import torch
 from .. import dist_util
 
 
-def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_denoised=True, seed=0,
-                 device="cpu", class_cond=False, progress=False):
+def bits_per_dim(
+    model,
+    diffusion,
+    source,
+    num_samples,
+    batch_size,
+    *,
+    clip_denoised=True,
+    seed=0,
+    device="cpu",
+    class_cond=False,
+    progress=False,
+):
     """The variational bound in bits/dim of the first ``num_samples`` images of ``source``,
     split over the processes (contiguous blocks), gathered in order.
 
@@ -33,7 +44,7 @@ def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_deno
 
         starts = tqdm(starts, desc="nll", dynamic_ncols=True)
     for s in starts:
-        idx = mine[s: s + batch_size]
+        idx = mine[s : s + batch_size]
         x = to_model_input(source.get_batch(idx)).to(device)  # [B, C, H, W]
         kwargs = {}
         if class_cond:

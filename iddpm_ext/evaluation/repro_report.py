@@ -10,11 +10,20 @@ import os
 
 import numpy as np
 
-COLORS = {"simple_cosine": (31, 119, 180), "hybrid_cosine": (214, 39, 40), "vlb_cosine": (44, 160, 44),
-          "hybrid_linear": (255, 127, 14), "simple_linear": (23, 190, 207)}
-SHORT = {"simple_cosine": "L_simple, fixed sigma, cosine", "hybrid_cosine": "L_hybrid, learned sigma, cosine",
-         "vlb_cosine": "L_vlb, learned sigma, cosine", "hybrid_linear": "L_hybrid, learned sigma, linear",
-         "simple_linear": "L_simple, fixed sigma, linear"}
+COLORS = {
+    "simple_cosine": (31, 119, 180),
+    "hybrid_cosine": (214, 39, 40),
+    "vlb_cosine": (44, 160, 44),
+    "hybrid_linear": (255, 127, 14),
+    "simple_linear": (23, 190, 207),
+}
+SHORT = {
+    "simple_cosine": "L_simple, fixed sigma, cosine",
+    "hybrid_cosine": "L_hybrid, learned sigma, cosine",
+    "vlb_cosine": "L_vlb, learned sigma, cosine",
+    "hybrid_linear": "L_hybrid, learned sigma, linear",
+    "simple_linear": "L_simple, fixed sigma, linear",
+}
 
 
 # -------------------------------------------------------------------------------------
@@ -64,8 +73,15 @@ def expected_directions(results: dict, out_dir: str) -> list:
         detail = f"{nll(h):.3f} vs {nll(s):.3f} bits/dim"
         if diff:
             detail += f"; paired difference {diff[0]:+.3f} ± {diff[1]:.3f}"
-        checks.append({"claim": f"hybrid NLL below simple NLL ({sched})", "holds": bool(nll(h) < nll(s)),
-                       "beyond_noise": _beyond(diff), "detail": detail, "difference": diff})
+        checks.append(
+            {
+                "claim": f"hybrid NLL below simple NLL ({sched})",
+                "holds": bool(nll(h) < nll(s)),
+                "beyond_noise": _beyond(diff),
+                "detail": detail,
+                "difference": diff,
+            }
+        )
     # 2. Learned σ loses less quality than fixed σ when the steps drop to 50 and 25.
     for sched in ("cosine", "linear"):
         h, s = f"hybrid_{sched}", f"simple_{sched}"
@@ -75,14 +91,17 @@ def expected_directions(results: dict, out_dir: str) -> list:
                 continue
             lost_h, lost_s = fh[0] - fh0[0], fs[0] - fs0[0]
             noise = 2 * math.hypot(fh[1], fs[1])
-            checks.append({
-                "claim": f"learned sigma loses less quality than fixed sigma at {k} steps ({sched})",
-                "holds": bool(lost_h < lost_s),
-                "beyond_noise": bool(abs(fh[0] - fs[0]) > noise),
-                "detail": f"FD {T}->{k} steps: hybrid {fh0[0]:.1f}->{fh[0]:.1f} ({lost_h:+.1f}), "
-                          f"simple {fs0[0]:.1f}->{fs[0]:.1f} ({lost_s:+.1f}); FD gap at {k} steps "
-                          f"{fh[0] - fs[0]:+.1f} vs 2 bootstrap std {noise:.1f}",
-                "fd_increase": {"learned": lost_h, "fixed": lost_s}})
+            checks.append(
+                {
+                    "claim": f"learned sigma loses less quality than fixed sigma at {k} steps ({sched})",
+                    "holds": bool(lost_h < lost_s),
+                    "beyond_noise": bool(abs(fh[0] - fs[0]) > noise),
+                    "detail": f"FD {T}->{k} steps: hybrid {fh0[0]:.1f}->{fh[0]:.1f} ({lost_h:+.1f}), "
+                    f"simple {fs0[0]:.1f}->{fs[0]:.1f} ({lost_s:+.1f}); FD gap at {k} steps "
+                    f"{fh[0] - fs[0]:+.1f} vs 2 bootstrap std {noise:.1f}",
+                    "fd_increase": {"learned": lost_h, "fixed": lost_s},
+                }
+            )
     # 3. The cosine schedule is not worse than the linear one.
     for obj in ("hybrid", "simple"):
         c, lin = f"{obj}_cosine", f"{obj}_linear"
@@ -90,35 +109,53 @@ def expected_directions(results: dict, out_dir: str) -> list:
             continue
         diff = _paired_nll(out_dir, c, lin)
         tol = 2 * diff[1] if diff else 0.0
-        checks.append({"claim": f"cosine NLL not worse than linear ({obj})", "holds": bool(nll(c) <= nll(lin) + tol),
-                       "beyond_noise": _beyond(diff),
-                       "detail": f"{nll(c):.3f} vs {nll(lin):.3f} bits/dim"
-                                 + (f"; paired difference {diff[0]:+.3f} ± {diff[1]:.3f}" if diff else ""),
-                       "difference": diff})
+        checks.append(
+            {
+                "claim": f"cosine NLL not worse than linear ({obj})",
+                "holds": bool(nll(c) <= nll(lin) + tol),
+                "beyond_noise": _beyond(diff),
+                "detail": f"{nll(c):.3f} vs {nll(lin):.3f} bits/dim"
+                + (f"; paired difference {diff[0]:+.3f} ± {diff[1]:.3f}" if diff else ""),
+                "difference": diff,
+            }
+        )
         worse = []
         for k in settings["sample_steps"]:
             fc, fl = _fd(results, c, k), _fd(results, lin, k)
             if fc and fl:
                 worse.append((k, fc[0], fl[0], fc[0] > fl[0] + 2 * math.hypot(fc[1], fl[1])))
         if worse:
-            checks.append({"claim": f"cosine sample quality not worse than linear ({obj})",
-                           "holds": not any(w[3] for w in worse),
-                           "detail": "; ".join(f"{k} steps: FD {a:.1f} vs {b:.1f}" for k, a, b, _ in worse)
-                                     + " (worse = more than 2 bootstrap std above)"})
+            checks.append(
+                {
+                    "claim": f"cosine sample quality not worse than linear ({obj})",
+                    "holds": not any(w[3] for w in worse),
+                    "detail": "; ".join(f"{k} steps: FD {a:.1f} vs {b:.1f}" for k, a, b, _ in worse)
+                    + " (worse = more than 2 bootstrap std above)",
+                }
+            )
     # 4. L_vlb: the best NLL, worse samples than L_hybrid (the paper's Tables 1 and 2).
     if nll("vlb_cosine") is not None and nll("hybrid_cosine") is not None:
         diff = _paired_nll(out_dir, "vlb_cosine", "hybrid_cosine")
-        checks.append({"claim": "vlb NLL below hybrid NLL (cosine)",
-                       "holds": bool(nll("vlb_cosine") < nll("hybrid_cosine")), "beyond_noise": _beyond(diff),
-                       "detail": f"{nll('vlb_cosine'):.3f} vs {nll('hybrid_cosine'):.3f} bits/dim"
-                                 + (f"; paired difference {diff[0]:+.3f} ± {diff[1]:.3f}" if diff else ""),
-                       "difference": diff})
+        checks.append(
+            {
+                "claim": "vlb NLL below hybrid NLL (cosine)",
+                "holds": bool(nll("vlb_cosine") < nll("hybrid_cosine")),
+                "beyond_noise": _beyond(diff),
+                "detail": f"{nll('vlb_cosine'):.3f} vs {nll('hybrid_cosine'):.3f} bits/dim"
+                + (f"; paired difference {diff[0]:+.3f} ± {diff[1]:.3f}" if diff else ""),
+                "difference": diff,
+            }
+        )
         fv, fh = _fd(results, "vlb_cosine", T), _fd(results, "hybrid_cosine", T)
         if fv and fh:
-            checks.append({"claim": f"vlb samples worse than hybrid samples ({T} steps, cosine)",
-                           "holds": bool(fv[0] > fh[0]),
-                           "beyond_noise": bool(abs(fv[0] - fh[0]) > 2 * math.hypot(fv[1], fh[1])),
-                           "detail": f"FD {fv[0]:.1f} vs {fh[0]:.1f}"})
+            checks.append(
+                {
+                    "claim": f"vlb samples worse than hybrid samples ({T} steps, cosine)",
+                    "holds": bool(fv[0] > fh[0]),
+                    "beyond_noise": bool(abs(fv[0] - fh[0]) > 2 * math.hypot(fv[1], fh[1])),
+                    "detail": f"FD {fv[0]:.1f} vs {fh[0]:.1f}",
+                }
+            )
     return checks
 
 
@@ -136,9 +173,13 @@ def table_markdown(results: dict) -> str:
     for name, r in results["runs"].items():
         spec = r.get("spec", {})
         n = r.get("nll", {})
-        cells = [f"`{name}`", spec.get("objective", ""), "learned" if spec.get("learn_sigma") else "fixed β_t",
-                 spec.get("noise_schedule", ""),
-                 f"{_f(n.get('bpd'), 3)} ± {_f(n.get('stderr'), 3)}" if n else "—"]
+        cells = [
+            f"`{name}`",
+            spec.get("objective", ""),
+            "learned" if spec.get("learn_sigma") else "fixed β_t",
+            spec.get("noise_schedule", ""),
+            f"{_f(n.get('bpd'), 3)} ± {_f(n.get('stderr'), 3)}" if n else "—",
+        ]
         by = r.get("samples", {}).get("by_steps", {})
         for k in steps:
             e = by.get(str(k))
@@ -148,12 +189,14 @@ def table_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     c = results["classifier"]
     lines.append("")
-    lines.append(f"FD: Fréchet distance in the {c['feature_dim']}-d penultimate-layer features of a digits "
-                 f"classifier (test accuracy {100 * c['test_accuracy']:.1f}%), {s['num_samples']} samples vs "
-                 f"the {c.get('test_images', '?')} test digits; ± = bootstrap std over the samples. "
-                 f"Not Inception FID. Real-vs-real floor ({c['real_floor_images']} training digits vs test): "
-                 f"{c['real_floor_fd']:.1f} ± {_f(c.get('real_floor_fd_std'), 1)}. NLL: mean ± standard error over "
-                 f"{s['nll_images']} test digits, full {T}-step bound.")
+    lines.append(
+        f"FD: Fréchet distance in the {c['feature_dim']}-d penultimate-layer features of a digits "
+        f"classifier (test accuracy {100 * c['test_accuracy']:.1f}%), {s['num_samples']} samples vs "
+        f"the {c.get('test_images', '?')} test digits; ± = bootstrap std over the samples. "
+        f"Not Inception FID. Real-vs-real floor ({c['real_floor_images']} training digits vs test): "
+        f"{c['real_floor_fd']:.1f} ± {_f(c.get('real_floor_fd_std'), 1)}. NLL: mean ± standard error over "
+        f"{s['nll_images']} test digits, full {T}-step bound."
+    )
     return "\n".join(lines)
 
 
@@ -186,8 +229,11 @@ def _dashed(draw, p, q, fill, width=2, dash=7):
     n = max(1, int(length // dash))
     for i in range(0, n, 2):
         a, b = i / n, min(1.0, (i + 1) / n)
-        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                  fill=fill, width=width)
+        draw.line(
+            [(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+            fill=fill,
+            width=width,
+        )
 
 
 def _tick(v: float) -> str:
@@ -238,7 +284,7 @@ def plot_quality(results: dict, path: str, width=720, height=440):
         xy = [(px(k), py(y)) for k, y, _ in pts]
         for a, b in zip(xy, xy[1:]):
             (_dashed(d, a, b, color) if name.endswith("linear") else d.line([a, b], fill=color, width=2))
-        for (k, y, e), (x, yy) in zip(pts, xy):
+        for (_k, y, e), (x, yy) in zip(pts, xy):
             d.line([x, py(y - e), x, py(y + e)], fill=color, width=1)
             d.ellipse([x - 3, yy - 3, x + 3, yy + 3], fill=color)
     ly = top
@@ -328,8 +374,12 @@ def plot_samples(results: dict, out_dir: str, path: str, scale=4, pad=2):
 def write_all(results: dict, out_dir: str):
     """table.md, quality_vs_steps.png, nll.png, samples.png in ``out_dir``."""
     with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table_markdown(results) + "\n\nExpected directions (the paper) vs this run:\n\n"
-                + checks_markdown(results) + "\n")
+        f.write(
+            table_markdown(results)
+            + "\n\nExpected directions (the paper) vs this run:\n\n"
+            + checks_markdown(results)
+            + "\n"
+        )
     plot_quality(results, os.path.join(out_dir, "quality_vs_steps.png"))
     plot_nll(results, os.path.join(out_dir, "nll.png"))
     plot_samples(results, out_dir, os.path.join(out_dir, "samples.png"))

@@ -31,9 +31,7 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """
     B, width, T = qkv.shape
     if width % (3 * num_heads) != 0:
-        raise ValueError(
-            f"qkv: expected channels divisible by 3·num_heads = {3 * num_heads}, got {width}"
-        )
+        raise ValueError(f"qkv: expected channels divisible by 3·num_heads = {3 * num_heads}, got {width}")
     qkv = qkv.reshape(B * num_heads, width // num_heads, T)
     ch = qkv.shape[1] // 3
     q, k, v = torch.split(qkv, ch, dim=1)
@@ -206,6 +204,4 @@ if loader.available():
         grad_qkv = torch.ops.iddpm.qkv_attention_backward(grad_out, qkv, out, lse, ctx.num_heads)
         return grad_qkv, None
 
-    torch.library.register_autograd(
-        "iddpm::qkv_attention", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("iddpm::qkv_attention", _backward, setup_context=_setup_context)

@@ -4,7 +4,7 @@ steps (csrc/ops/step.cpp; docs/step.md).
 Each op reads x_t, the model output, the timesteps and the diffusion's coefficient table
 once and writes x_{t-1} (x_{t+1} for the reverse DDIM step) and, optionally, pred_x0
 once, with all arithmetic in float32 (the formulas of csrc/common/step_math.h, the same
-operations in the same order as the eager path of :mod:`iddpm_ext.diffusion`).
+operations in the same order as the eager path of :mod:`iddpm_ext.gaussian_diffusion`).
 
 Shapes: x [B, C, ...] float32/float16/bfloat16; model_output [B, C, ...] or [B, 2C, ...]
 (learned variances) in any of those dtypes; t [B] int64/int32; table [T, K] float32
@@ -47,14 +47,26 @@ def _sample_index(sample_index, x):
     if sample_index is None or isinstance(sample_index, torch.Tensor):
         return sample_index
     if isinstance(sample_index, bool) or not isinstance(sample_index, int):
-        raise ValueError("sample_index: expected None, an int (the first sample's global index) "
-                         f"or a [B] integer tensor, got {type(sample_index).__name__}")
+        raise ValueError(
+            "sample_index: expected None, an int (the first sample's global index) "
+            f"or a [B] integer tensor, got {type(sample_index).__name__}"
+        )
     return torch.arange(sample_index, sample_index + x.shape[0], device=x.device)
 
 
-def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type,
-                  clip_denoised=True, noise=None, generator=None, return_pred_xstart=True,
-                  sample_index=None):
+def p_sample_step(
+    x,
+    model_output,
+    t,
+    table,
+    model_mean_type,
+    model_var_type,
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    return_pred_xstart=True,
+    sample_index=None,
+):
     """Ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise where t == 0).
 
     :param sample_index: the global sample index of each batch item, which keys its
@@ -64,14 +76,35 @@ def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type,
     """
     loader.require()
     sample, pred = torch.ops.iddpm.p_sample_step(
-        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised), noise,
-        generator, bool(return_pred_xstart), _sample_index(sample_index, x))
+        x,
+        model_output,
+        t,
+        table,
+        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES),
+        bool(clip_denoised),
+        noise,
+        generator,
+        bool(return_pred_xstart),
+        _sample_index(sample_index, x),
+    )
     return sample, (pred if return_pred_xstart else None)
 
 
-def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True,
-              eta=0.0, noise=None, generator=None, return_pred_xstart=True, sample_index=None):
+def ddim_step(
+    x,
+    model_output,
+    t,
+    table,
+    model_mean_type,
+    model_var_type,
+    clip_denoised=True,
+    eta=0.0,
+    noise=None,
+    generator=None,
+    return_pred_xstart=True,
+    sample_index=None,
+):
     """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0: deterministic, no noise used).
 
     :param sample_index: as :func:`p_sample_step`.
@@ -79,23 +112,40 @@ def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_d
     """
     loader.require()
     sample, pred = torch.ops.iddpm.ddim_step(
-        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
-        float(eta), noise, generator, bool(return_pred_xstart), _sample_index(sample_index, x))
+        x,
+        model_output,
+        t,
+        table,
+        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES),
+        bool(clip_denoised),
+        float(eta),
+        noise,
+        generator,
+        bool(return_pred_xstart),
+        _sample_index(sample_index, x),
+    )
     return sample, (pred if return_pred_xstart else None)
 
 
-def ddim_reverse_step(x, model_output, t, table, model_mean_type, model_var_type,
-                      clip_denoised=True, return_pred_xstart=True):
+def ddim_reverse_step(
+    x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True, return_pred_xstart=True
+):
     """Deterministic reverse DDIM step x_t -> x_{t+1} (the DDIM ODE run forward).
 
     :return: (x_{t+1}, pred_x0 or None), both in x's dtype.
     """
     loader.require()
     sample, pred = torch.ops.iddpm.ddim_reverse_step(
-        x, model_output, t, table, _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES), bool(clip_denoised),
-        bool(return_pred_xstart))
+        x,
+        model_output,
+        t,
+        table,
+        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
+        _type_name(model_var_type, "model_var_type", VAR_TYPES),
+        bool(clip_denoised),
+        bool(return_pred_xstart),
+    )
     return sample, (pred if return_pred_xstart else None)
 
 
@@ -123,8 +173,7 @@ def output_strides(x: torch.Tensor) -> tuple:
     return tuple(last) if dense_last else contiguous
 
 
-def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
-                  sample_index=None):
+def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index=None):
     torch._check(x.dim() >= 2, lambda: f"x: expected a tensor [B, C, ...], got shape {tuple(x.shape)}")
     torch._check(x.dtype in SUPPORTED_DTYPES, lambda: f"x: unsupported dtype {x.dtype}")
     learned = model_var_type in ("learned", "learned_range")
@@ -137,8 +186,10 @@ def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
     torch._check(tuple(t.shape) == (x.shape[0],), lambda: f"t: expected shape ({x.shape[0]},)")
     torch._check(table.dim() == 2, lambda: "table: expected a [T, K] tensor")
     if sample_index is not None:
-        torch._check(tuple(sample_index.shape) == (x.shape[0],),
-                     lambda: f"sample_index: expected shape ({x.shape[0]},)")
+        torch._check(
+            tuple(sample_index.shape) == (x.shape[0],),
+            lambda: f"sample_index: expected shape ({x.shape[0]},)",
+        )
     strides = output_strides(x)
     out = x.new_empty_strided(tuple(x.shape), strides)
     pred = x.new_empty_strided(tuple(x.shape), strides) if return_pred_xstart else x.new_empty((0,))
@@ -148,20 +199,40 @@ def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
 if loader.available():
 
     @torch.library.register_fake("iddpm::p_sample_step")
-    def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
-                            clip_denoised, noise=None, generator=None, return_pred_xstart=True,
-                            sample_index=None):
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
-                             sample_index)
+    def _p_sample_step_fake(
+        x,
+        model_output,
+        t,
+        table,
+        model_mean_type,
+        model_var_type,
+        clip_denoised,
+        noise=None,
+        generator=None,
+        return_pred_xstart=True,
+        sample_index=None,
+    ):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
 
     @torch.library.register_fake("iddpm::ddim_step")
-    def _ddim_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
-                        clip_denoised, eta, noise=None, generator=None, return_pred_xstart=True,
-                        sample_index=None):
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
-                             sample_index)
+    def _ddim_step_fake(
+        x,
+        model_output,
+        t,
+        table,
+        model_mean_type,
+        model_var_type,
+        clip_denoised,
+        eta,
+        noise=None,
+        generator=None,
+        return_pred_xstart=True,
+        sample_index=None,
+    ):
+        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
 
     @torch.library.register_fake("iddpm::ddim_reverse_step")
-    def _ddim_reverse_step_fake(x, model_output, t, table, model_mean_type, model_var_type,
-                                clip_denoised, return_pred_xstart=True):
+    def _ddim_reverse_step_fake(
+        x, model_output, t, table, model_mean_type, model_var_type, clip_denoised, return_pred_xstart=True
+    ):
         return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)

@@ -38,10 +38,23 @@ LATEST = "latest.json"
 # Keys that change what a set of weights means: a checkpoint and the flags must agree on
 # these. Others (timestep_respacing, dropout, use_checkpoint, use_kl, ...) may differ.
 CHECKED_KEYS = (
-    "image_size", "image_channels", "num_channels", "num_res_blocks", "num_heads",
-    "num_heads_upsample", "attention_resolutions", "channel_mult", "learn_sigma", "class_cond",
-    "num_classes", "use_scale_shift_norm", "diffusion_steps", "noise_schedule", "predict_xstart",
-    "rescale_timesteps", "sigma_small",
+    "image_size",
+    "image_channels",
+    "num_channels",
+    "num_res_blocks",
+    "num_heads",
+    "num_heads_upsample",
+    "attention_resolutions",
+    "channel_mult",
+    "learn_sigma",
+    "class_cond",
+    "num_classes",
+    "use_scale_shift_norm",
+    "diffusion_steps",
+    "noise_schedule",
+    "predict_xstart",
+    "rescale_timesteps",
+    "sigma_small",
 )
 
 
@@ -60,7 +73,9 @@ def normalize_config(config: dict) -> dict:
         c["attention_resolutions"] = sorted(int(p) for p in parts if str(p).strip())
     if "channel_mult" in c:
         try:
-            c["channel_mult"] = list(script_util._channel_mult(c["channel_mult"], c.get("image_size"), "image_size"))
+            c["channel_mult"] = list(
+                script_util._channel_mult(c["channel_mult"], c.get("image_size"), "image_size")
+            )
         except ValueError:
             pass
     if c.get("num_heads_upsample", None) == -1:
@@ -83,8 +98,10 @@ def check_config(path: str, stored: dict, wanted: dict, explicit=None):
     diffs = config_differences(stored, wanted, keys)
     if diffs:
         what = ", ".join(f"{k}={s!r} in the checkpoint but {w!r} from the flags" for k, s, w in diffs)
-        raise CheckpointError(f"{path}: the checkpoint's config disagrees with the flags: {what}. "
-                              "Drop those flags (the checkpoint's values are used) or pass a matching checkpoint.")
+        raise CheckpointError(
+            f"{path}: the checkpoint's config disagrees with the flags: {what}. "
+            "Drop those flags (the checkpoint's values are used) or pass a matching checkpoint."
+        )
 
 
 # -------------------------------------------------------------------------------------
@@ -112,8 +129,9 @@ def load_weights(path: str):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - truncated zip, pickle refused, ...
-            raise CheckpointError(f"{path}: cannot load this .pt file with weights_only=True "
-                                  f"({type(err).__name__}: {err})") from None
+            raise CheckpointError(
+                f"{path}: cannot load this .pt file with weights_only=True ({type(err).__name__}: {err})"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a state dict of tensors (a model*.pt / ema_*.pt file)")
         return state, None, {}
@@ -124,8 +142,9 @@ def load_weights(path: str):
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - SafetensorError and OSError
-        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt? "
-                              f"({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file, truncated or corrupt? ({type(err).__name__}: {err})"
+        ) from None
     config = None
     if "config" in metadata:
         try:
@@ -140,8 +159,11 @@ def load_into(model: torch.nn.Module, state: dict, path: str):
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -150,8 +172,9 @@ def load_into(model: torch.nn.Module, state: dict, path: str):
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (checkpoint vs model, e.g. {shapes[:3]})")
-        raise CheckpointError(f"{path}: the weights do not fit the model built from the flags: "
-                              + "; ".join(parts))
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model built from the flags: " + "; ".join(parts)
+        )
     with torch.no_grad():
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
@@ -170,7 +193,9 @@ def load_train_state(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot load the training state ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: cannot load the training state ({type(err).__name__}: {err})"
+        ) from None
 
 
 def write_latest(folder: str, step: int, files: dict):
@@ -190,7 +215,9 @@ def read_latest(folder: str) -> dict | None:
         int(record["step"])
         record["model"]
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a valid checkpoint pointer ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: not a valid checkpoint pointer ({type(err).__name__}: {err})"
+        ) from None
     return record
 
 
@@ -215,9 +242,12 @@ def resolve_resume(path: str) -> dict:
         latest = read_latest(folder)
         if latest is None:
             raise CheckpointError(f"{path}: no {LATEST} here (not a training run folder, or it never saved)")
-        files = {"step": latest["step"], "model": os.path.join(folder, latest["model"]),
-                 "ema": {r: os.path.join(folder, p) for r, p in latest.get("ema", {}).items()},
-                 "opt": os.path.join(folder, latest["opt"]) if latest.get("opt") else None}
+        files = {
+            "step": latest["step"],
+            "model": os.path.join(folder, latest["model"]),
+            "ema": {r: os.path.join(folder, p) for r, p in latest.get("ema", {}).items()},
+            "opt": os.path.join(folder, latest["opt"]) if latest.get("opt") else None,
+        }
     else:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such checkpoint file or folder")
@@ -227,7 +257,7 @@ def resolve_resume(path: str) -> dict:
         prefix = "ema_"
         for name in sorted(os.listdir(folder or ".")):
             if name.startswith(prefix) and name.endswith(f"_{step:06d}{ext}"):
-                ema[name[len(prefix): -len(f"_{step:06d}{ext}")]] = os.path.join(folder, name)
+                ema[name[len(prefix) : -len(f"_{step:06d}{ext}")]] = os.path.join(folder, name)
         opt = os.path.join(folder, f"opt{step:06d}.pt")
         files = {"step": step, "model": path, "ema": ema, "opt": opt if os.path.isfile(opt) else None}
     for p in [files["model"], *files["ema"].values()] + ([files["opt"]] if files["opt"] else []):

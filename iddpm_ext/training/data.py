@@ -205,12 +205,18 @@ def load_npz(path, image_size, channels, resize="crop") -> ArraySource:
     except Exception as err:  # noqa: BLE001 - zip/format errors of a damaged file
         raise DataError(f"{path}: cannot read this .npz file ({type(err).__name__}: {err})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        hint = " (this looks like NCHW; expected NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
-        raise DataError(f"{path}: expected arr_0 as uint8 [N, H, W, C] with C 1 or 3, got "
-                        f"{images.dtype} {list(images.shape)}{hint}")
+        hint = (
+            " (this looks like NCHW; expected NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+        )
+        raise DataError(
+            f"{path}: expected arr_0 as uint8 [N, H, W, C] with C 1 or 3, got "
+            f"{images.dtype} {list(images.shape)}{hint}"
+        )
     if labels is not None and (labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu"):
-        raise DataError(f"{path}: expected arr_1 as {images.shape[0]} integer labels, got "
-                        f"{labels.dtype} {list(labels.shape)}")
+        raise DataError(
+            f"{path}: expected arr_1 as {images.shape[0]} integer labels, got "
+            f"{labels.dtype} {list(labels.shape)}"
+        )
     if labels is not None and len(labels) and labels.min() < 0:
         raise DataError(f"{path}: expected labels >= 0 in arr_1, got {labels.min()}")
     images = _resize_array(_to_channels(images, channels), image_size, resize, path)
@@ -220,8 +226,11 @@ def load_npz(path, image_size, channels, resize="crop") -> ArraySource:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10 batches (dicts of bytes, lists and numpy arrays) and nothing else."""
 
-    ALLOWED = {(core, name) for core in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        (core, name)
+        for core in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -231,7 +240,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _cifar_dir(path: str) -> str | None:
     for cand in (path, os.path.join(path, "cifar-10-batches-py")):
-        if os.path.isfile(os.path.join(cand, "data_batch_1")) or os.path.isfile(os.path.join(cand, "test_batch")):
+        if os.path.isfile(os.path.join(cand, "data_batch_1")) or os.path.isfile(
+            os.path.join(cand, "test_batch")
+        ):
             return cand
     return None
 
@@ -256,12 +267,18 @@ def load_cifar10(folder, split, image_size, channels, resize="crop") -> ArraySou
     if os.path.isfile(meta):
         try:
             with open(meta, "rb") as f:
-                class_names = [n.decode() for n in _NumpyOnlyUnpickler(f, encoding="bytes").load()[b"label_names"]]
+                class_names = [
+                    n.decode() for n in _NumpyOnlyUnpickler(f, encoding="bytes").load()[b"label_names"]
+                ]
         except Exception:  # noqa: BLE001 - names are a nicety
             class_names = None
     arr = _resize_array(_to_channels(np.concatenate(images), channels), image_size, resize, folder)
-    return ArraySource(arr, np.concatenate(labels), description=f"CIFAR-10 {split} ({arr.shape[0]} images)",
-                       class_names=class_names)
+    return ArraySource(
+        arr,
+        np.concatenate(labels),
+        description=f"CIFAR-10 {split} ({arr.shape[0]} images)",
+        class_names=class_names,
+    )
 
 
 def load_digits(split, image_size, channels) -> ArraySource:
@@ -269,7 +286,9 @@ def load_digits(split, image_size, channels) -> ArraySource:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
-        raise DataError("digits: needs scikit-learn (pip install 'iddpm-ext[digits]' or scikit-learn)") from None
+        raise DataError(
+            "digits: needs scikit-learn (pip install 'iddpm-ext[digits]' or scikit-learn)"
+        ) from None
     bunch = sk_load_digits()
     order = np.random.RandomState(0).permutation(len(bunch.target))
     idx = order[:DIGITS_TEST] if split == "test" else order[DIGITS_TEST:]
@@ -282,12 +301,17 @@ def load_digits(split, image_size, channels) -> ArraySource:
             img = img.resize((image_size, image_size), resample=Image.BILINEAR)
         out[i] = np.asarray(img)
     images = _to_channels(out[..., None], channels)
-    return ArraySource(images, bunch.target[idx], description=f"digits {split} ({len(idx)} images)",
-                       class_names=[str(d) for d in range(10)])
+    return ArraySource(
+        images,
+        bunch.target[idx],
+        description=f"digits {split} ({len(idx)} images)",
+        class_names=[str(d) for d in range(10)],
+    )
 
 
-def open_source(spec: str, *, image_size: int, image_channels: int = 3, split: str = "train",
-                resize: str = "crop") -> ImageSource:
+def open_source(
+    spec: str, *, image_size: int, image_channels: int = 3, split: str = "train", resize: str = "crop"
+) -> ImageSource:
     """The data set named by ``spec`` ('digits', a .npz file, a CIFAR-10 folder, an image folder)."""
     if split not in ("train", "test"):
         raise DataError(f"split: expected 'train' or 'test', got {split!r}")
@@ -315,8 +339,15 @@ def open_source(spec: str, *, image_size: int, image_channels: int = 3, split: s
     class_names = sorted(set(names))
     index = {n: i for i, n in enumerate(class_names)}
     labels = np.array([index[n] for n in names], dtype=np.int64)
-    return FolderSource(paths, labels, class_names, image_size, image_channels, resize,
-                        description=f"{spec} ({len(paths)} images, {len(class_names)} name prefixes)")
+    return FolderSource(
+        paths,
+        labels,
+        class_names,
+        image_size,
+        image_channels,
+        resize,
+        description=f"{spec} ({len(paths)} images, {len(class_names)} name prefixes)",
+    )
 
 
 # -------------------------------------------------------------------------------------
@@ -341,9 +372,19 @@ class BatchStream:
     chosen by the same seeded generator.
     """
 
-    def __init__(self, source: ImageSource, batch_size: int, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, shuffle: bool = True, random_flip: bool = False,
-                 class_cond: bool = False, num_workers: int = 0):
+    def __init__(
+        self,
+        source: ImageSource,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        class_cond: bool = False,
+        num_workers: int = 0,
+    ):
         if batch_size < 1:
             raise DataError(f"batch_size: expected a positive int, got {batch_size}")
         if class_cond and source.labels is None:
@@ -361,7 +402,8 @@ class BatchStream:
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"batch_size: {source.description} has {len(source)} images, fewer than "
-                f"batch_size {batch_size} × {world} process(es)")
+                f"batch_size {batch_size} × {world} process(es)"
+            )
         self.position = 0  # batches handed out so far
         self._loader_iter = None
 
@@ -374,7 +416,7 @@ class BatchStream:
             flips = rng.random(n) < 0.5
         else:
             perm, flips = np.arange(n), np.zeros(n, dtype=bool)
-        mine = perm[self.rank::self.world][: self.per_rank]
+        mine = perm[self.rank :: self.world][: self.per_rank]
         return mine, flips[mine] if self.random_flip else np.zeros(len(mine), dtype=bool)
 
     def batch_indices(self, position: int):
@@ -389,12 +431,24 @@ class BatchStream:
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world": self.world, "data_len": len(self.source)}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world": self.world,
+            "data_len": len(self.source),
+        }
 
     def load_state_dict(self, state: dict):
-        same = all(state.get(k) == v for k, v in (("seed", self.seed), ("batch_size", self.batch_size),
-                                                  ("world", self.world), ("data_len", len(self.source))))
+        same = all(
+            state.get(k) == v
+            for k, v in (
+                ("seed", self.seed),
+                ("batch_size", self.batch_size),
+                ("world", self.world),
+                ("data_len", len(self.source)),
+            )
+        )
         if same:
             self.position = int(state["position"])
         else:  # another layout: continue after the same number of images, order not exact
@@ -443,5 +497,6 @@ class BatchStream:
 
         # With an IterableDataset the loader takes one item from each worker in turn, so
         # the batches come out in position order.
-        return torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
-                                           persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            _Batches(), batch_size=None, num_workers=self.num_workers, persistent_workers=False
+        )

@@ -74,8 +74,12 @@ def _panel(draw, box, title, series, log_scale, xs_all):
     left, right, top, bottom = x0 + 58, x1 - 10, y0 + 22, y1 - 24
     draw.rectangle([left, top, right, bottom], outline=(150, 150, 150))
     draw.text((left, y0 + 4), title, fill=(0, 0, 0))
-    ys_all = [y for _, ys, _, _ in series for y in ys if y is not None and math.isfinite(y)
-              and (y > 0 or not log_scale)]
+    ys_all = [
+        y
+        for _, ys, _, _ in series
+        for y in ys
+        if y is not None and math.isfinite(y) and (y > 0 or not log_scale)
+    ]
     if not ys_all or not xs_all:
         draw.text((left + 8, top + 8), "no data", fill=(120, 120, 120))
         return
@@ -105,8 +109,11 @@ def _panel(draw, box, title, series, log_scale, xs_all):
         width = draw.textlength(label)
         draw.text((min(max(xx - width / 2, left), right - width), bottom + 6), label, fill=(60, 60, 60))
     for xs, ys, color, width in series:
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys)
-               if y is not None and math.isfinite(y) and (y > 0 or not log_scale)]
+        pts = [
+            (px(x), py(y))
+            for x, y in zip(xs, ys)
+            if y is not None and math.isfinite(y) and (y > 0 or not log_scale)
+        ]
         if len(pts) == 1:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
         elif pts:

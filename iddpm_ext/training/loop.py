@@ -10,7 +10,7 @@ learning rate linearly over ``lr_anneal_steps``, step AdamW, update every EMA.
 Every ``log_interval`` steps one JSONL record (means over the interval and over ranks of
 loss / mse / vb, their quartiles by timestep ``_q0.._q3`` as the reference logs them,
 grad_norm, lr, samples/s) is appended to ``progress.jsonl`` and ``loss.png`` is redrawn.
-Checkpoints (see :mod:`iddpm_ext.checkpoint`) hold everything needed to continue exactly:
+Checkpoints (see :mod:`iddpm_ext.training.checkpoint`) hold everything needed to continue exactly:
 a resumed run takes the same steps as an uninterrupted one.
 """
 
@@ -40,7 +40,9 @@ def parse_ema_rates(ema_rate) -> list:
         try:
             rates = [float(x) for x in str(ema_rate).split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"ema_rate: expected comma-separated floats like '0.9999', got {ema_rate!r}") from None
+            raise ValueError(
+                f"ema_rate: expected comma-separated floats like '0.9999', got {ema_rate!r}"
+            ) from None
     for r in rates:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ema_rate: expected rates in [0, 1), got {r}")
@@ -66,17 +68,43 @@ class TrainLoop:
     as the reference saves there; else ``runs/train``), ``amp``, ``grad_clip``,
     ``max_steps``, ``seed``, ``keep_checkpoints``, ``progress``, ``log``."""
 
-    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate,
-                 log_interval, save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
-                 schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0,
-                 config=None, out_dir=None, amp="none", grad_clip=0.0, max_steps=0, seed=0,
-                 keep_checkpoints=0, progress=True, log=print):
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        config=None,
+        out_dir=None,
+        amp="none",
+        grad_clip=0.0,
+        max_steps=0,
+        seed=0,
+        keep_checkpoints=0,
+        progress=True,
+        log=print,
+    ):
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
         if use_fp16 and amp == "none":
             amp = "fp16"  # the reference's flag; fp16_scale_growth has no role with GradScaler
-        for name, value in (("batch_size", batch_size), ("log_interval", log_interval),
-                            ("save_interval", save_interval)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("log_interval", log_interval),
+            ("save_interval", save_interval),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value}")
         self.model = model
@@ -122,28 +150,37 @@ class TrainLoop:
             if existing is not None:
                 raise ckpt.CheckpointError(
                     f"{out_dir}: already holds a training run (saved step {existing['step']}); continue it "
-                    f"with --resume_checkpoint {out_dir} or choose another --out_dir")
+                    f"with --resume_checkpoint {out_dir} or choose another --out_dir"
+                )
             dist_util.broadcast_params(self.params)
             self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
 
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp_model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                 broadcast_buffers=False, find_unused_parameters=False)
+            self.ddp_model = DDP(
+                model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=False,
+            )
         else:
             self.ddp_model = model
         self.forward_model = self.ddp_model
         if amp != "none":
-            self.forward_model = _Autocast(self.ddp_model, self.device.type,
-                                           torch.bfloat16 if amp == "bf16" else torch.float16)
+            self.forward_model = _Autocast(
+                self.ddp_model, self.device.type, torch.bfloat16 if amp == "bf16" else torch.float16
+            )
 
         self.metrics = None
         if dist_util.is_main():
             os.makedirs(out_dir, exist_ok=True)
             ckpt.remove_stale_temporaries(out_dir)
-            self.metrics = MetricsLog(os.path.join(out_dir, "progress.jsonl"),
-                                      os.path.join(out_dir, "loss.png"), resume_step=resume_step)
+            self.metrics = MetricsLog(
+                os.path.join(out_dir, "progress.jsonl"),
+                os.path.join(out_dir, "loss.png"),
+                resume_step=resume_step,
+            )
         self._reset_accumulators()
 
     # ------------------------------------------------------------------------------
@@ -157,7 +194,8 @@ class TrainLoop:
         if latest is not None and latest["step"] > files["step"] and same_dir:
             raise ckpt.CheckpointError(
                 f"{path}: resuming step {files['step']} into {self.out_dir}, which already holds later steps "
-                f"(up to {latest['step']}) that would be overwritten; choose another --out_dir")
+                f"(up to {latest['step']}) that would be overwritten; choose another --out_dir"
+            )
         state, config, _ = ckpt.load_weights(files["model"])
         if config is not None and self.config:
             ckpt.check_config(files["model"], config, self.config)
@@ -174,20 +212,27 @@ class TrainLoop:
             names = [n for n, _ in self.model.named_parameters()]
             missing = [n for n in names if n not in ema_state]
             if missing:
-                raise ckpt.CheckpointError(f"{ema_path}: missing {len(missing)} parameters (e.g. {missing[:3]})")
-            self.ema_params.append([ema_state[n].to(self.device, p.dtype).clone()
-                                    for n, p in zip(names, self.params)])
+                raise ckpt.CheckpointError(
+                    f"{ema_path}: missing {len(missing)} parameters (e.g. {missing[:3]})"
+                )
+            self.ema_params.append(
+                [ema_state[n].to(self.device, p.dtype).clone() for n, p in zip(names, self.params)]
+            )
         self.step = files["step"]
         if files["opt"]:
             self._load_train_state(ckpt.load_train_state(files["opt"]), files["opt"])
         else:
-            self.log(f"no training state (opt{files['step']:06d}.pt) next to {files['model']}: "
-                     "fresh optimizer, data order and RNG")
+            self.log(
+                f"no training state (opt{files['step']:06d}.pt) next to {files['model']}: "
+                "fresh optimizer, data order and RNG"
+            )
         return self.step
 
     def _load_train_state(self, state, path):
         if not isinstance(state, dict):
-            raise ckpt.CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+            raise ckpt.CheckpointError(
+                f"{path}: expected a dict of training state, got {type(state).__name__}"
+            )
         reference = "optimizer" not in state and "param_groups" in state  # improved-diffusion's opt*.pt
         try:
             self.opt.load_state_dict(state if reference else state["optimizer"])
@@ -199,13 +244,18 @@ class TrainLoop:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         hist = state.get("sampler")
-        if hist is not None and isinstance(self.schedule_sampler, LossAwareSampler) \
-                and hasattr(self.schedule_sampler, "load_state_dict"):
+        if (
+            hist is not None
+            and isinstance(self.schedule_sampler, LossAwareSampler)
+            and hasattr(self.schedule_sampler, "load_state_dict")
+        ):
             self.schedule_sampler.load_state_dict({k: v.numpy() for k, v in hist.items()})
         if "data" in state and hasattr(self.data, "load_state_dict"):
             if not self.data.load_state_dict(state["data"]):
-                self.log("data layout changed (batch size, processes or data set): the data order continues "
-                         "after the same number of images, not exactly")
+                self.log(
+                    "data layout changed (batch size, processes or data set): the data order continues "
+                    "after the same number of images, not exactly"
+                )
         rng = state.get("rng") or []
         if len(rng) == self.world:
             mine = rng[self.rank]
@@ -216,7 +266,9 @@ class TrainLoop:
             py = json.loads(mine["python"])
             random.setstate((py[0], tuple(py[1]), py[2]))
         else:
-            self.log(f"{path}: saved by {len(rng)} process(es), resumed by {self.world}: RNG states not restored")
+            self.log(
+                f"{path}: saved by {len(rng)} process(es), resumed by {self.world}: RNG states not restored"
+            )
 
     # ------------------------------------------------------------------------------
     # the loop
@@ -272,8 +324,8 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         n_total = batch.shape[0]
         for i in range(0, n_total, self.microbatch):
-            micro = batch[i: i + self.microbatch].to(self.device)  # [m, C, H, W]
-            micro_cond = {k: v[i: i + self.microbatch].to(self.device) for k, v in cond.items()}
+            micro = batch[i : i + self.microbatch].to(self.device)  # [m, C, H, W]
+            micro_cond = {k: v[i : i + self.microbatch].to(self.device) for k, v in cond.items()}
             last = i + self.microbatch >= n_total
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, rng=self.t_rng)
             sync = contextlib.nullcontext() if (last or self.world == 1) else self.ddp_model.no_sync()
@@ -290,7 +342,11 @@ class TrainLoop:
             self.scaler.unscale_(self.opt)
         max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if grads else torch.zeros((), device=self.device)
+        norm = (
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if grads
+            else torch.zeros((), device=self.device)
+        )
         self._acc["grad_norm"] += norm.detach().float()
         self._acc["steps"] += 1
         if self.lr_anneal_steps:
@@ -315,8 +371,14 @@ class TrainLoop:
 
     def _reset_accumulators(self):
         z = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)  # noqa: E731
-        self._acc = {"grad_norm": z(()), "steps": 0, "sums": {}, "counts": z(()), "q_sums": {},
-                     "q_counts": z(4)}
+        self._acc = {
+            "grad_norm": z(()),
+            "steps": 0,
+            "sums": {},
+            "counts": z(()),
+            "q_sums": {},
+            "q_counts": z(4),
+        }
 
     def _accumulate(self, t, losses):
         acc = self._acc
@@ -335,8 +397,10 @@ class TrainLoop:
         keys = sorted(acc["sums"])
         steps = max(acc["steps"], 1)  # fewer than log_interval right after a resume
         # One all-reduce of [counts, q_counts(4), grad_norm, per key: sum, q_sums(4)].
-        flat = torch.cat([acc["counts"].view(1), acc["q_counts"], acc["grad_norm"].view(1)]
-                         + [torch.cat([acc["sums"][k].view(1), acc["q_sums"][k]]) for k in keys])
+        flat = torch.cat(
+            [acc["counts"].view(1), acc["q_counts"], acc["grad_norm"].view(1)]
+            + [torch.cat([acc["sums"][k].view(1), acc["q_sums"][k]]) for k in keys]
+        )
         flat = dist_util.all_reduce_sum(flat).tolist()
         now = time.perf_counter()
         elapsed, self._t_log = now - self._t_log, now
@@ -344,8 +408,11 @@ class TrainLoop:
         if not dist_util.is_main():
             return None
         count, q_counts, grad_norm = flat[0], flat[1:5], flat[5] / self.world / steps
-        record = {"step": self.step, "samples": self.step * self.global_batch,
-                  "lr": self.opt.param_groups[0]["lr"]}
+        record = {
+            "step": self.step,
+            "samples": self.step * self.global_batch,
+            "lr": self.opt.param_groups[0]["lr"],
+        }
         for j, key in enumerate(keys):
             base = 6 + 5 * j
             record[key] = flat[base] / max(count, 1)
@@ -384,31 +451,50 @@ class TrainLoop:
         rng_states = [self._rng_state()]
         if self.world > 1:
             gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, {k: (v.cpu() if torch.is_tensor(v) else v)
-                                                           for k, v in rng_states[0].items()})
+            torch.distributed.all_gather_object(
+                gathered, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng_states[0].items()}
+            )
             rng_states = gathered
         if dist_util.is_main():
             s = self.step
             meta = dict(step=s)
             model_name = f"model{s:06d}.safetensors"
-            ckpt.save_weights(os.path.join(self.out_dir, model_name),
-                              self._state_dict_from(self.params), self.config, kind="model", **meta)
+            ckpt.save_weights(
+                os.path.join(self.out_dir, model_name),
+                self._state_dict_from(self.params),
+                self.config,
+                kind="model",
+                **meta,
+            )
             ema_names = {}
             for rate, params in zip(self.ema_rates, self.ema_params):
                 name = f"ema_{rate}_{s:06d}.safetensors"
-                ckpt.save_weights(os.path.join(self.out_dir, name), self._state_dict_from(params),
-                                  self.config, kind="ema", rate=rate, **meta)
+                ckpt.save_weights(
+                    os.path.join(self.out_dir, name),
+                    self._state_dict_from(params),
+                    self.config,
+                    kind="ema",
+                    rate=rate,
+                    **meta,
+                )
                 ema_names[str(rate)] = name
             sampler = None
             if hasattr(self.schedule_sampler, "state_dict"):
-                sampler = {k: torch.from_numpy(np.asarray(v)) for k, v in self.schedule_sampler.state_dict().items()}
+                sampler = {
+                    k: torch.from_numpy(np.asarray(v)) for k, v in self.schedule_sampler.state_dict().items()
+                }
             state = {
-                "format": 1, "step": s, "optimizer": self.opt.state_dict(),
+                "format": 1,
+                "step": s,
+                "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng": rng_states, "sampler": sampler,
+                "rng": rng_states,
+                "sampler": sampler,
                 "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-                "ema_rates": [str(r) for r in self.ema_rates], "world_size": self.world,
-                "config": json.dumps(self.config, sort_keys=True), "seed": self.seed,
+                "ema_rates": [str(r) for r in self.ema_rates],
+                "world_size": self.world,
+                "config": json.dumps(self.config, sort_keys=True),
+                "seed": self.seed,
             }
             opt_name = f"opt{s:06d}.pt"
             ckpt.save_train_state(os.path.join(self.out_dir, opt_name), state)
@@ -420,9 +506,15 @@ class TrainLoop:
         """Keep the newest ``keep_checkpoints`` steps (0: keep all); runs after latest.json."""
         if self.keep_checkpoints <= 0:
             return
-        steps = sorted({ckpt.step_from_filename(n) for n in os.listdir(self.out_dir)
-                        if n.startswith(("model", "ema_", "opt")) and not n.startswith(".")
-                        and n.endswith((".safetensors", ".pt"))})
+        steps = sorted(
+            {
+                ckpt.step_from_filename(n)
+                for n in os.listdir(self.out_dir)
+                if n.startswith(("model", "ema_", "opt"))
+                and not n.startswith(".")
+                and n.endswith((".safetensors", ".pt"))
+            }
+        )
         for old in steps[: -self.keep_checkpoints]:
             if old == self.step:
                 continue
