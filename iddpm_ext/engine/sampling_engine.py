@@ -42,7 +42,6 @@ model runs in bf16/fp16 under autocast); t: [B] int64; y (class labels): [B].
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import warnings
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from . import capture
 
 MODES = ("graph", "compile", "eager")
 SAMPLERS = ("ancestral", "ddim")
@@ -99,47 +99,6 @@ def _amp_dtype(amp):
     raise ValueError(f"amp: expected None, 'bf16', 'fp16' or a torch dtype among those, got {amp!r}")
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device} was asked for but CUDA is not available")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.default_generators[index]
-    if device.type == "cpu":
-        return torch.default_generator
-    raise ValueError(f"device: the engine runs on cpu or cuda, got {device}")
-
-
-@contextlib.contextmanager
-def _generator_as_default(generator, device: torch.device):
-    """Run the body with ``generator``'s state in the device's default generator (which
-    the step function uses), then write the advanced state back into ``generator`` and
-    restore the default generator."""
-    default = _default_generator(device)
-    if generator is None or generator is default:
-        yield
-        return
-    saved = default.get_state()
-    default.set_state(generator.get_state())
-    try:
-        yield
-    finally:
-        generator.set_state(default.get_state())
-        default.set_state(saved)
-
-
-@contextlib.contextmanager
-def _rng_preserved(device: torch.device):
-    """Restore the device's default generator after the body (warm-up and capture must
-    not move the random stream of the runs)."""
-    default = _default_generator(device)
-    saved = default.get_state()
-    try:
-        yield
-    finally:
-        default.set_state(saved)
-
-
 def diffusion_signature(diffusion) -> tuple:
     """What of a diffusion a captured step depends on: process length, respacing map,
     timestep rescaling, mean/variance types and the β schedule."""
@@ -162,57 +121,6 @@ def _memory_format(shape, channels_last: bool):
     if channels_last and len(shape) == 5:
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-# ---------------------------------------------------------------------------------
-# CUDA graph capture (the one part that cannot run without a GPU)
-# ---------------------------------------------------------------------------------
-
-
-class CUDAGraphBackend:
-    """Warm-up of a step function on a side stream, then its capture in a CUDA graph.
-
-    ``build(warm, step)`` runs ``warm()`` ``warmup_iters`` times (cuDNN/cuBLAS handles,
-    lazily made tables, autotuning), captures ``step()`` and returns
-    ``(replay, graph, info)`` with info's memory facts (bytes)."""
-
-    warmup_iters = 2
-
-    def __init__(self, device: torch.device):
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(
-                f"mode: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
-                "(use mode='eager' or 'compile')"
-            )
-        self.device = device
-
-    def build(self, warm, step):
-        device = self.device
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_iters):
-                    warm()
-            torch.cuda.current_stream(device).wait_stream(side)
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            allocated0 = torch.cuda.memory_allocated(device)
-            reserved0 = torch.cuda.memory_reserved(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
-                step()
-            torch.cuda.synchronize(device)
-            info = {
-                "graph_allocated_bytes": torch.cuda.memory_allocated(device) - allocated0,
-                "graph_pool_reserved_bytes": torch.cuda.memory_reserved(device) - reserved0,
-            }
-        return graph.replay, graph, info
-
-
-def _graph_backend(device: torch.device):
-    """The capture backend for ``device`` (tests substitute one that runs on CPU)."""
-    return CUDAGraphBackend(device)
 
 
 # ---------------------------------------------------------------------------------
@@ -291,7 +199,7 @@ class SamplingEngine:
             except (AttributeError, StopIteration, TypeError):
                 device = torch.device("cpu")
         self.device = torch.device(device)
-        _default_generator(self.device)  # cpu or cuda only
+        capture.default_generator(self.device)  # cpu or cuda only
         ops.require()
         if not ops.has_kernel(self.device):
             raise ValueError(f"device: iddpm_ext._C has no kernels for {self.device} (built without CUDA?)")
@@ -300,7 +208,7 @@ class SamplingEngine:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES} or 'auto', got {mode!r}")
         self.mode = mode
-        self._backend = _graph_backend(self.device) if mode == "graph" else None
+        self._backend = capture.graph_backend(self.device) if mode == "graph" else None
         self.amp = _amp_dtype(amp)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -382,7 +290,7 @@ class SamplingEngine:
                 from tqdm.auto import tqdm
 
                 steps = tqdm(steps)
-            with _generator_as_default(generator, self.device):
+            with capture.generator_as_default(generator, self.device):
                 for i in steps:
                     entry.run_step()
                     if callback is not None:
@@ -631,11 +539,11 @@ class SamplingEngine:
             entry.run_step = torch.compile(step, **self.compile_options)
             self.stats["compiles"] += 1
             self._warn_recompile_limit()
-            with torch.no_grad(), _rng_preserved(dev):
+            with torch.no_grad(), capture.rng_preserved(dev):
                 warm()  # compiles now, not in the first timed run
         else:
             entry.run_step = step
-            with torch.no_grad(), _rng_preserved(dev):
+            with torch.no_grad(), capture.rng_preserved(dev):
                 replay, graph, info = self._backend.build(warm, step)
             entry.run_step, entry.graph = replay, graph
             entry.memory.update(info)

@@ -86,7 +86,7 @@ class CallGraphBackend:
 
 @contextlib.contextmanager
 def call_graph_backend(monkeypatch):
-    import iddpm_ext.engine.sampling_engine as engine_mod
+    import iddpm_ext.engine.capture as capture_mod
 
     backends = []
 
@@ -94,5 +94,5 @@ def call_graph_backend(monkeypatch):
         backends.append(CallGraphBackend(device))
         return backends[-1]
 
-    monkeypatch.setattr(engine_mod, "_graph_backend", make)
+    monkeypatch.setattr(capture_mod, "graph_backend", make)
     yield backends
