@@ -1,8 +1,10 @@
 # The README's commands. Each target is self-sufficient on a fresh machine:
 #   make demo   the main job (installs what it needs, builds, runs)
 #   make test   the test suite (same install path)
+#   make lint   ruff (lint + format check) on the Python, clang-format on csrc/ and python/
 #   make build  install the project in editable mode and build iddpm_ext._C
 #   make bench  kernel microbenchmarks on this machine's default device
+#   make format apply ruff format and clang-format in place
 # Without PYTHON=..., a virtual environment .venv is created with torch and the tools;
 # with PYTHON=/path/to/python that interpreter (and its torch) is used as it is.
 # Re-runs are incremental: nothing is reinstalled or rebuilt unless a source changed.
@@ -20,6 +22,8 @@ RUN_DEPS := tqdm pillow safetensors
 # The digits demo's data set (scikit-learn ships it; no download): pyproject's [digits] extra.
 DEMO_DEPS := "scikit-learn>=1.2"
 TEST_DEPS := pytest hypothesis
+# Pinned: a formatter's output changes between versions.
+LINT_DEPS := ruff==0.17.6 clang-format==19.1.7
 
 ifeq ($(strip $(PYTHON)),)
 PY := $(VENV)/bin/python
@@ -38,37 +42,60 @@ endif
 
 SOURCES := $(shell find csrc python cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 BUILD_STAMP := build/.iddpm-installed
+# The list of Python modules: the editable install maps module names to files, so adding,
+# moving or removing a module reinstalls (a few seconds; nothing is recompiled).
+PY_MODULES := build/.iddpm-modules
+$(shell mkdir -p build && find iddpm_ext -name '*.py' | LC_ALL=C sort > $(PY_MODULES).new \
+  && (cmp -s $(PY_MODULES).new $(PY_MODULES) || mv $(PY_MODULES).new $(PY_MODULES)); rm -f $(PY_MODULES).new)
+CXX_FILES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'csrc/*.inc' 'python/*.cpp' \
+  'tests/*.cpp' 'tests/*.h' 2>/dev/null)
+CLANG_FORMAT = $(PY) -c 'import clang_format; clang_format.clang_format()'
 
-.PHONY: help deps build test demo bench gpu-check clean
+.PHONY: help deps build test lint format demo bench gpu-check clean
 
 help:
 	@echo "make demo   - the main job: a short end-to-end run (installs and builds first)"
 	@echo "make test   - the test suite (installs and builds first)"
+	@echo "make lint   - ruff check + ruff format --check + clang-format --dry-run (CI runs it)"
+	@echo "make format - apply ruff format and clang-format"
 	@echo "make build  - install the project (editable) and build iddpm_ext._C"
 	@echo "make bench  - kernel microbenchmarks"
 	@echo "Variables: PYTHON=/path/to/python (skip .venv), TORCH_SPEC, IDDPM_EXT_CUDA=0|1, TORCH_CUDA_ARCH_LIST"
 
 deps: $(DEPS_STAMP)
 
-$(VENV)/.iddpm-deps: pyproject.toml Makefile Makefile
+$(VENV)/.iddpm-deps: pyproject.toml Makefile
 	@test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)" $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)" $(BUILD_DEPS) $(RUN_DEPS) \
+	  $(DEMO_DEPS) $(TEST_DEPS) $(LINT_DEPS)
 	@touch $@
 
-build/.iddpm-deps-external: pyproject.toml Makefile Makefile
+build/.iddpm-deps-external: pyproject.toml Makefile
 	@mkdir -p build
-	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors, sklearn" 2>/dev/null \
-	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS)
+	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors, \
+	  sklearn, ruff, clang_format" 2>/dev/null \
+	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS) \
+	  $(LINT_DEPS)
 	@touch $@
 
 build: $(BUILD_STAMP)
 
-$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(PY_MODULES)
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $@
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(CLANG_FORMAT) --dry-run -Werror $(CXX_FILES)
+
+format: $(DEPS_STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+	$(CLANG_FORMAT) -i $(CXX_FILES)
 
 demo: $(BUILD_STAMP)
 	$(PY) -m iddpm_ext demo
