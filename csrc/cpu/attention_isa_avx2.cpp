@@ -1,4 +1,4 @@
-// csrc/cpu/attention_isa_avx2.cpp — the CPU attention kernel (cpu/attention_kernel.h) built for
+// csrc/cpu/attention_isa_avx2.cpp — the CPU attention kernel (cpu/attention_kernel.inc) built for
 // avx2 (32-byte vectors); csrc/cpu/attention.cpp calls it only when the CPU has avx2.
 #include <algorithm>
 #include <cmath>
@@ -22,7 +22,7 @@
 namespace iddpm::cpu::isa_avx2 {
 #define IDDPM_VB 32
 #define IDDPM_MR 6
-#include "cpu/attention_kernel.h"
+#include "cpu/attention_kernel.inc"
 #undef IDDPM_VB
 #undef IDDPM_MR
 }  // namespace iddpm::cpu::isa_avx2

@@ -1,4 +1,4 @@
-// csrc/cpu/attention_isa_generic.cpp — the CPU attention kernel (cpu/attention_kernel.h) built for
+// csrc/cpu/attention_isa_generic.cpp — the CPU attention kernel (cpu/attention_kernel.inc) built for
 // the compiler's baseline instruction set with 16-byte vectors (SSE2 on x86-64, NEON on Arm).
 #include <algorithm>
 #include <cmath>
@@ -19,7 +19,7 @@
 namespace iddpm::cpu::isa_generic {
 #define IDDPM_VB 16
 #define IDDPM_MR 6
-#include "cpu/attention_kernel.h"
+#include "cpu/attention_kernel.inc"
 #undef IDDPM_VB
 #undef IDDPM_MR
 }  // namespace iddpm::cpu::isa_generic

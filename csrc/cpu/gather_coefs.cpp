@@ -1,8 +1,8 @@
 // csrc/cpu/gather_coefs.cpp — CPU kernel of iddpm::gather_coefs.
 #include <ATen/Parallel.h>
 
-#include "common/gather.h"
-#include "cpu/kernels.h"
+#include "common/gather_coefs_math.h"
+#include "cpu/gather_coefs.h"
 
 namespace iddpm::cpu {
 

@@ -14,7 +14,7 @@
 
 #include "common/philox.h"
 #include "common/step_math.h"
-#include "cpu/kernels.h"
+#include "cpu/step.h"
 #include "cpu/step_internal.h"
 
 namespace iddpm::cpu {

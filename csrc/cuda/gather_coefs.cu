@@ -1,8 +1,8 @@
 // csrc/cuda/gather_coefs.cu — CUDA kernel of iddpm::gather_coefs (CUDA C++17, no torch).
 #include <cuda_runtime.h>
 
-#include "common/gather.h"
-#include "cuda/launchers.h"
+#include "common/gather_coefs_math.h"
+#include "cuda/gather_coefs.h"
 
 namespace iddpm::cuda {
 namespace {

@@ -18,7 +18,7 @@
 
 #include "common/philox.h"
 #include "common/step_math.h"
-#include "cuda/launchers.h"
+#include "cuda/step.h"
 
 namespace iddpm::cuda {
 namespace {

@@ -7,7 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cpu/kernels.h"
+#include "cpu/gather_coefs.h"
 #include "ops/checks.h"
 
 #ifdef IDDPM_WITH_CUDA
@@ -15,7 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/launchers.h"
+#include "cuda/gather_coefs.h"
 #endif
 
 namespace iddpm::ops {

@@ -36,7 +36,7 @@
 
 #include "common/step_math.h"
 #include "common/step_params.h"
-#include "cpu/kernels.h"
+#include "cpu/step.h"
 #include "ops/checks.h"
 
 #ifdef IDDPM_WITH_CUDA
@@ -45,7 +45,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/launchers.h"
+#include "cuda/step.h"
 #endif
 
 namespace iddpm::ops {

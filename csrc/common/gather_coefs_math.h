@@ -1,4 +1,4 @@
-// csrc/common/gather.h — per-element math of the schedule-coefficient gather,
+// csrc/common/gather_coefs_math.h — per-element math of the schedule-coefficient gather,
 // shared by csrc/cpu/gather_coefs.cpp and csrc/cuda/gather_coefs.cu.
 //
 // table: [T, K] float32 row-major, one row of K coefficients per timestep.
