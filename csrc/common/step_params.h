@@ -16,11 +16,13 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "common/macros.h"
 
 namespace iddpm::step {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The dtypes of x, noise, the outputs and model_output (the glue checks them against this list).
+inline constexpr DType kStepDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
 // The update rule (one op each).
 enum Rule : int32_t { kAncestral = 0, kDdim = 1, kDdimReverse = 2 };

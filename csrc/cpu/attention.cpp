@@ -48,7 +48,7 @@ const char* qkv_attention_isa() {
   }
 }
 
-void qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, void* lse, AttnShape s) {
+void qkv_attention_fwd(DType dtype, const void* qkv, void* out, void* lse, AttnShape s) {
   const int64_t BH = s.B * s.H;
   if (BH == 0 || s.T == 0) return;
   const Isa isa = best_isa();
@@ -68,7 +68,7 @@ void qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, void* lse, A
   at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
 }
 
-void qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
+void qkv_attention_bwd(DType dtype, const void* grad_out, const void* qkv, const void* out,
                        const void* lse, void* grad_qkv, AttnShape s) {
   const int64_t BH = s.B * s.H;
   if (BH == 0 || s.T == 0) return;

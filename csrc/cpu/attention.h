@@ -12,9 +12,13 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace iddpm::cpu {
 
-enum class AttnDtype : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+// The dtypes of qkv with a kernel (any head dim C >= 1).
+inline constexpr DType kAttentionDtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16,
+                                             DType::kBFloat16};
 
 struct AttnShape {
   int64_t B, H, C, T;
@@ -22,10 +26,10 @@ struct AttnShape {
 
 // Forward: out = softmax(qᵀk / sqrt(C)) applied to v, per (batch, head); lse as above.
 // Accumulates in float (double for f64 inputs); f16/bf16 are upcast block by block.
-void qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, void* lse, AttnShape s);
+void qkv_attention_fwd(DType dtype, const void* qkv, void* out, void* lse, AttnShape s);
 
 // Backward: grad_qkv from grad_out [B, H·C, T], the forward's out and lse.
-void qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
+void qkv_attention_bwd(DType dtype, const void* grad_out, const void* qkv, const void* out,
                        const void* lse, void* grad_qkv, AttnShape s);
 
 // The vector instruction set the kernels run with on this machine: "avx512", "avx2" or

@@ -10,7 +10,7 @@
 namespace iddpm::cpu {
 
 struct AttnFwdArgs {
-  AttnDtype dtype;
+  DType dtype;
   const void* qkv;  // [B, 3HC, T]
   void* out;        // [B, HC, T]
   void* lse;        // [B, H, T] f32 (f64 for f64 inputs)
@@ -19,7 +19,7 @@ struct AttnFwdArgs {
 };
 
 struct AttnBwdArgs {
-  AttnDtype dtype;
+  DType dtype;
   const void* grad_out;  // [B, HC, T]
   const void* qkv;       // [B, 3HC, T]
   const void* out;       // [B, HC, T]

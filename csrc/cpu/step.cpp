@@ -90,9 +90,10 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
 template <typename xT>
 void run_scalar_mo(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return run_scalar<xT, float>(p, coefs);
-    case step::DType::kFloat16: return run_scalar<xT, c10::Half>(p, coefs);
-    case step::DType::kBFloat16: return run_scalar<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat32: return run_scalar<xT, float>(p, coefs);
+    case DType::kFloat16: return run_scalar<xT, c10::Half>(p, coefs);
+    case DType::kBFloat16: return run_scalar<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat64: return;  // not a step dtype (the glue checks kStepDtypes)
   }
 }
 
@@ -128,9 +129,10 @@ int64_t step(const step::StepParams& p) {
   if (p.B * p.C * p.S == 0) return -1;
   if (use_vector_kernel() && detail::step_avx2(p, coefs.data())) return -1;
   switch (p.x_dtype) {
-    case step::DType::kFloat32: run_scalar_mo<float>(p, coefs); break;
-    case step::DType::kFloat16: run_scalar_mo<c10::Half>(p, coefs); break;
-    case step::DType::kBFloat16: run_scalar_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat32: run_scalar_mo<float>(p, coefs); break;
+    case DType::kFloat16: run_scalar_mo<c10::Half>(p, coefs); break;
+    case DType::kBFloat16: run_scalar_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat64: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return -1;
 }

@@ -234,9 +234,10 @@ void run_all(const StepParams& p, const ItemCoefs* coefs) {
 template <typename xT>
 void run_mo(const StepParams& p, const ItemCoefs* coefs) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return run_all<xT, float>(p, coefs);
-    case step::DType::kFloat16: return run_all<xT, c10::Half>(p, coefs);
-    case step::DType::kBFloat16: return run_all<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat32: return run_all<xT, float>(p, coefs);
+    case DType::kFloat16: return run_all<xT, c10::Half>(p, coefs);
+    case DType::kBFloat16: return run_all<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat64: return;  // not a step dtype (the glue checks kStepDtypes)
   }
 }
 
@@ -244,9 +245,10 @@ void run_mo(const StepParams& p, const ItemCoefs* coefs) {
 
 bool step_avx2(const StepParams& p, const ItemCoefs* coefs) {
   switch (p.x_dtype) {
-    case step::DType::kFloat32: run_mo<float>(p, coefs); break;
-    case step::DType::kFloat16: run_mo<c10::Half>(p, coefs); break;
-    case step::DType::kBFloat16: run_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat32: run_mo<float>(p, coefs); break;
+    case DType::kFloat16: run_mo<c10::Half>(p, coefs); break;
+    case DType::kBFloat16: run_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat64: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return true;
 }

@@ -59,18 +59,20 @@ int launch_bwd_dim(const void* dout, const void* qkv, const void* out, const flo
 
 }  // namespace
 
-int qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
+int qkv_attention_bwd(DType dtype, const void* grad_out, const void* qkv, const void* out,
                       const float* lse, void* grad_qkv, float* dq_accum, float* delta, int64_t B,
                       int64_t H, int64_t C, int64_t T_len, cudaStream_t stream) {
   const int64_t BH = B * H;
   if (BH == 0 || T_len == 0) return 0;
   switch (dtype) {
-    case AttnDtype::f16:
+    case DType::kFloat32:
+      return launch_bwd_dim<float>(grad_out, qkv, out, lse, grad_qkv, dq_accum, delta, BH, C, T_len, stream);
+    case DType::kFloat16:
       return launch_bwd_dim<__half>(grad_out, qkv, out, lse, grad_qkv, dq_accum, delta, BH, C, T_len, stream);
-    case AttnDtype::bf16:
+    case DType::kBFloat16:
       return launch_bwd_dim<__nv_bfloat16>(grad_out, qkv, out, lse, grad_qkv, dq_accum, delta, BH, C, T_len, stream);
     default:
-      return launch_bwd_dim<float>(grad_out, qkv, out, lse, grad_qkv, dq_accum, delta, BH, C, T_len, stream);
+      return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 

@@ -40,14 +40,15 @@ int launch_fwd_dim(const void* qkv, void* out, float* lse, int64_t BH, int64_t C
 
 }  // namespace
 
-int qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, float* lse, int64_t B,
+int qkv_attention_fwd(DType dtype, const void* qkv, void* out, float* lse, int64_t B,
                       int64_t H, int64_t C, int64_t T_len, cudaStream_t stream) {
   const int64_t BH = B * H;
   if (BH == 0 || T_len == 0) return 0;
   switch (dtype) {
-    case AttnDtype::f16: return launch_fwd_dim<__half>(qkv, out, lse, BH, C, T_len, stream);
-    case AttnDtype::bf16: return launch_fwd_dim<__nv_bfloat16>(qkv, out, lse, BH, C, T_len, stream);
-    default: return launch_fwd_dim<float>(qkv, out, lse, BH, C, T_len, stream);
+    case DType::kFloat32: return launch_fwd_dim<float>(qkv, out, lse, BH, C, T_len, stream);
+    case DType::kFloat16: return launch_fwd_dim<__half>(qkv, out, lse, BH, C, T_len, stream);
+    case DType::kBFloat16: return launch_fwd_dim<__nv_bfloat16>(qkv, out, lse, BH, C, T_len, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 

@@ -261,9 +261,10 @@ int launch(const StepParams& p, cudaStream_t stream) {
 template <typename xT>
 int launch_mo(const StepParams& p, cudaStream_t stream) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return launch<xT, float>(p, stream);
-    case step::DType::kFloat16: return launch<xT, __half>(p, stream);
-    case step::DType::kBFloat16: return launch<xT, __nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch<xT, float>(p, stream);
+    case DType::kFloat16: return launch<xT, __half>(p, stream);
+    case DType::kBFloat16: return launch<xT, __nv_bfloat16>(p, stream);
+    default: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -273,9 +274,10 @@ int launch_mo(const StepParams& p, cudaStream_t stream) {
 int step(const step::StepParams& p, cudaStream_t stream) {
   if (p.B * p.C * p.S == 0) return 0;
   switch (p.x_dtype) {
-    case step::DType::kFloat32: return launch_mo<float>(p, stream);
-    case step::DType::kFloat16: return launch_mo<__half>(p, stream);
-    case step::DType::kBFloat16: return launch_mo<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_mo<float>(p, stream);
+    case DType::kFloat16: return launch_mo<__half>(p, stream);
+    case DType::kBFloat16: return launch_mo<__nv_bfloat16>(p, stream);
+    default: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -16,14 +16,14 @@
 #include <tuple>
 
 #include "cpu/attention.h"
+#include "cuda/attention.h"  // plain C++: the CUDA kernels' dtypes and head dims
 #include "ops/checks.h"
+#include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "cuda/attention.h"
 #endif
 
 namespace iddpm::ops {
@@ -32,13 +32,6 @@ namespace {
 struct Dims {
   int64_t B, H, C, T;
 };
-
-bool cpu_dtype_ok(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-bool cuda_dtype_ok(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 // Checks qkv and num_heads; returns the dimensions.
 Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
@@ -52,22 +45,19 @@ Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
                     " channels in shape ", shape_str(qkv));
   const Dims d{qkv.size(0), num_heads, width / (3 * num_heads), qkv.size(2)};
   if (qkv.is_cuda()) {
-    TORCH_CHECK_VALUE(cuda_dtype_ok(qkv.scalar_type()),
-                      "qkv: expected dtype float32, float16 or bfloat16 on CUDA, got ",
-                      qkv.scalar_type());
+    TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cuda::kAttentionDtypes), "qkv: expected dtype ",
+                      dtype_names(cuda::kAttentionDtypes), " on CUDA, got ", qkv.scalar_type());
 #ifdef IDDPM_WITH_CUDA
     TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(d.C),
-                      "qkv: expected a head dim C = channels / (3·num_heads) of 32, 64 or 128 on "
-                      "CUDA, got C = ",
-                      d.C, " (", width, " channels, ", num_heads, " heads)");
-    // One CTA per 64 queries along gridDim.y (at most 65535).
-    TORCH_CHECK_VALUE(d.T <= int64_t{65535} * 64, "qkv: expected at most ", int64_t{65535} * 64,
-                      " positions (dim 2) on CUDA, got ", d.T);
+                      "qkv: expected a head dim C = channels / (3·num_heads) of ",
+                      or_list(cuda::kAttentionHeadDims, [](int c) { return std::to_string(c); }),
+                      " on CUDA, got C = ", d.C, " (", width, " channels, ", num_heads, " heads)");
+    TORCH_CHECK_VALUE(d.T <= cuda::kAttentionMaxPositions, "qkv: expected at most ",
+                      cuda::kAttentionMaxPositions, " positions (dim 2) on CUDA, got ", d.T);
 #endif
   } else {
-    TORCH_CHECK_VALUE(cpu_dtype_ok(qkv.scalar_type()),
-                      "qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got ",
-                      qkv.scalar_type());
+    TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cpu::kAttentionDtypes), "qkv: expected dtype ",
+                      dtype_names(cpu::kAttentionDtypes), " on CPU, got ", qkv.scalar_type());
   }
   return d;
 }
@@ -95,21 +85,12 @@ void check_lse(const at::Tensor& lse, const at::Tensor& qkv, const Dims& d) {
                     "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
 }
 
-cpu::AttnDtype cpu_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cpu::AttnDtype::f64;
-    case at::kHalf: return cpu::AttnDtype::f16;
-    case at::kBFloat16: return cpu::AttnDtype::bf16;
-    default: return cpu::AttnDtype::f32;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
   const Dims d = check_qkv(qkv_in, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
   at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
   at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(lse_dtype(qkv)));
-  cpu::qkv_attention_fwd(cpu_dtype(qkv.scalar_type()), qkv.data_ptr(), out.data_ptr(),
+  cpu::qkv_attention_fwd(dtype_of(qkv), qkv.data_ptr(), out.data_ptr(),
                          lse.data_ptr(), {d.B, d.H, d.C, d.T});
   return {out, lse};
 }
@@ -124,21 +105,13 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
   const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor grad_qkv = at::empty_like(qkv);
-  cpu::qkv_attention_bwd(cpu_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(),
+  cpu::qkv_attention_bwd(dtype_of(qkv), grad_out.data_ptr(), qkv.data_ptr(),
                          out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
                          {d.B, d.H, d.C, d.T});
   return grad_qkv;
 }
 
 #ifdef IDDPM_WITH_CUDA
-cuda::AttnDtype cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return cuda::AttnDtype::f16;
-    case at::kBFloat16: return cuda::AttnDtype::bf16;
-    default: return cuda::AttnDtype::f32;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const Dims d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
@@ -146,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, 
   at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
   at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const int err = cuda::qkv_attention_fwd(cuda_dtype(qkv.scalar_type()), qkv.data_ptr(),
+  const int err = cuda::qkv_attention_fwd(dtype_of(qkv), qkv.data_ptr(),
                                           out.data_ptr(), lse.data_ptr<float>(), d.B, d.H, d.C,
                                           d.T, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
@@ -169,7 +142,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   at::Tensor dq_accum = at::empty({d.B * d.H, d.C, d.T}, f32);
   at::Tensor delta = at::empty({d.B * d.H, d.T}, f32);
   const int err = cuda::qkv_attention_bwd(
-      cuda_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(),
+      dtype_of(qkv), grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(),
       lse.data_ptr<float>(), grad_qkv.data_ptr(), dq_accum.data_ptr<float>(),
       delta.data_ptr<float>(), d.B, d.H, d.C, d.T, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));

@@ -5,11 +5,23 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <string>
 
 namespace iddpm::ops {
 
 inline std::string shape_str(const at::Tensor& x) { return c10::str(x.sizes()); }
+
+// "a, b or c": what is accepted, as the error messages list it (name(x) gives each item).
+template <class T, size_t N, class Name>
+std::string or_list(const T (&xs)[N], Name name) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) {
+    if (i > 0) s += i + 1 < N ? ", " : " or ";
+    s += name(xs[i]);
+  }
+  return s;
+}
 
 inline void check_defined(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.defined(), name, ": expected a tensor, got None");

@@ -38,6 +38,7 @@
 #include "common/step_params.h"
 #include "cpu/step.h"
 #include "ops/checks.h"
+#include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -75,15 +76,8 @@ int32_t parse_var_type(c10::string_view s) {
 }
 
 void check_float_dtype(const at::Tensor& v, const char* name) {
-  const auto d = v.scalar_type();
-  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, name,
-                    ": expected dtype float32, float16 or bfloat16, got ", d);
-}
-
-step::DType to_dtype(at::ScalarType d) {
-  if (d == at::kHalf) return step::DType::kFloat16;
-  if (d == at::kBFloat16) return step::DType::kBFloat16;
-  return step::DType::kFloat32;
+  TORCH_CHECK_VALUE(dtype_in(v.scalar_type(), step::kStepDtypes), name, ": expected dtype ",
+                    dtype_names(step::kStepDtypes), ", got ", v.scalar_type());
 }
 
 // Strides of a dense tensor of `sizes` stored as [B, *spatial, C].
@@ -243,9 +237,9 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   p.C = C;
   p.S = B * C == 0 ? 0 : x_in.numel() / (B * C);
   p.x = r.x.data_ptr();
-  p.x_dtype = to_dtype(x_in.scalar_type());
+  p.x_dtype = dtype_of(x_in);
   p.model_output = r.mo.data_ptr();
-  p.mo_dtype = to_dtype(mo_in.scalar_type());
+  p.mo_dtype = dtype_of(mo_in);
   p.out = r.out.data_ptr();
   p.pred_xstart = return_pred ? r.pred.data_ptr() : nullptr;
   p.t = r.t.data_ptr();
