@@ -4,12 +4,12 @@
 
 #include <cstdint>
 
+#include "common/gather_coefs_params.h"
+
 namespace iddpm::cpu {
 
-// table: [T, K] f32, t: [B], out: [B, K] f32. Returns -1, or the first b whose
-// t[b] is outside [0, T) (then nothing is written).
-template <typename index_t>
-int64_t gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t, int64_t B,
-                     float* out);
+// out[b] = table[t[b]] (common/gather_coefs_params.h describes the arguments).
+// Returns -1, or the first b whose t[b] is outside [0, T) (then nothing is written).
+int64_t gather_coefs(const GatherCoefsParams& params);
 
 }  // namespace iddpm::cpu

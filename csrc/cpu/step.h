@@ -4,9 +4,7 @@
 
 #include <cstdint>
 
-namespace iddpm::step {
-struct StepParams;
-}
+#include "common/step_params.h"
 
 namespace iddpm::cpu {
 

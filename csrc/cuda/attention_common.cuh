@@ -23,9 +23,13 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/attention_math.h"
+#include "common/dtype.h"
+#include "cuda/attention.h"
 
 namespace iddpm::cuda::attn_dev {
 
@@ -343,5 +347,36 @@ inline cudaError_t set_smem_limit_once(const void* kernel, size_t bytes) {
 // rows 16-byte aligned.
 template <class T>
 constexpr int kPad = 16 / sizeof(T) == 8 ? 8 : 4;
+
+// ---- host: the compiled kernel instances -----------------------------------------------------
+template <class T>
+struct ElemTag {
+  using type = T;
+};
+
+template <size_t I, class T, class F>
+int with_head_dim(int64_t head_dim, F& f) {
+  if constexpr (I < sizeof(kAttentionHeadDims) / sizeof(kAttentionHeadDims[0])) {
+    constexpr int C = kAttentionHeadDims[I];
+    if (head_dim == C) return f(ElemTag<T>{}, std::integral_constant<int, C>{});
+    return with_head_dim<I + 1, T>(head_dim, f);
+  } else {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// Returns f(ElemTag<T>{}, std::integral_constant<int, C>{}) for the element type T of `dtype`
+// (one of kAttentionDtypes) and the head dim C == head_dim (one of kAttentionHeadDims): the
+// launchers instantiate their kernels through this, for exactly those. cudaErrorInvalidValue
+// where no kernel was compiled.
+template <class F>
+int with_compiled_kernel(DType dtype, int64_t head_dim, F f) {
+  switch (dtype) {
+    case DType::kFloat32: return with_head_dim<0, float>(head_dim, f);
+    case DType::kFloat16: return with_head_dim<0, __half>(head_dim, f);
+    case DType::kBFloat16: return with_head_dim<0, __nv_bfloat16>(head_dim, f);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
 
 }  // namespace iddpm::cuda::attn_dev

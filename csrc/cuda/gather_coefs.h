@@ -2,16 +2,14 @@
 // stream. Plain C++ (no torch, no CUDA headers) so the glue in csrc/ops can include it.
 #pragma once
 
-#include <cstdint>
+#include "common/gather_coefs_params.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
 namespace iddpm::cuda {
 
-// table: [T, K] f32, t: [B], out: [B, K] f32. Out-of-range t gives NaN rows.
-// Returns a cudaError_t value (0 = success) of the launch.
-template <typename index_t>
-int gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t, int64_t B, float* out,
-                 cudaStream_t stream);
+// out[b] = table[t[b]] (common/gather_coefs_params.h); an out-of-range t gives a NaN row (no
+// host sync to raise). Returns a cudaError_t value (0 = success) of the launch.
+int gather_coefs(const GatherCoefsParams& params, cudaStream_t stream);
 
 }  // namespace iddpm::cuda

@@ -5,11 +5,9 @@
 
 #include <cstdint>
 
-typedef struct CUstream_st* cudaStream_t;
+#include "common/step_params.h"
 
-namespace iddpm::step {
-struct StepParams;
-}
+typedef struct CUstream_st* cudaStream_t;
 
 namespace iddpm::cuda {
 

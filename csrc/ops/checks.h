@@ -42,6 +42,16 @@ inline void check_index_dtype(const at::Tensor& x, const char* name) {
                     ": expected an integer tensor (int64 or int32), got ", x.scalar_type());
 }
 
+// `bad`: what a CPU kernel returned for the [B] int64/int32 timesteps t of a table with T rows,
+// -1 or the first b whose t[b] is outside [0, T) (then the error names it).
+inline void check_timesteps(const at::Tensor& t, int64_t bad, int64_t T) {
+  if (bad < 0) return;
+  const int64_t value =
+      t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[bad] : t.data_ptr<int32_t>()[bad];
+  TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", T, ") (the table has ", T,
+                    " rows), got t[", bad, "] = ", value);
+}
+
 inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
                               const char* ref_name) {
   TORCH_CHECK_VALUE(x.device() == ref.device(), name, ": expected a tensor on ", ref.device(),

@@ -265,13 +265,7 @@ void run_cpu(Prepared& r, const std::optional<at::Generator>& generator) {
     r.p.philox.seed = gen->random64();  // a fresh key per call; offset 0
     r.p.philox.offset = 0;
   }
-  const int64_t bad = cpu::step(r.p);
-  if (bad >= 0) {
-    const int64_t value = r.t.scalar_type() == at::kLong ? r.t.data_ptr<int64_t>()[bad]
-                                                         : r.t.data_ptr<int32_t>()[bad];
-    TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", r.p.T, ") (the table has ", r.p.T,
-                      " rows), got t[", bad, "] = ", value);
-  }
+  check_timesteps(r.t, cpu::step(r.p), r.p.T);
 }
 
 #ifdef IDDPM_WITH_CUDA
