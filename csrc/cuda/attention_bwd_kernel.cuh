@@ -27,8 +27,7 @@ namespace iddpm::cuda::attn_kernels {
 using namespace attn_dev;
 
 template <class T, int C>
-struct BwdCfg {
-  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+struct BwdCfg : CtaShape {
   static constexpr int BK = 16 * kWarps;       // keys per CTA
   static constexpr int BQ = C == 128 ? 32 : 64;  // queries per step (register budget)
   static constexpr int LDK = BK + kPad<T>, LDQ = BQ + kPad<T>;
@@ -73,7 +72,7 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 }
 
 template <class T, int C>
-__global__ void __launch_bounds__(128) attn_bwd_kernel(
+__global__ void __launch_bounds__(CtaShape::kThreads) attn_bwd_kernel(
     const T* __restrict__ qkv, const T* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, T* __restrict__ grad_qkv, float* __restrict__ dq_accum,
     int T_len, float scale, float scale_log2, bool vec) {
@@ -117,11 +116,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
   __syncthreads();
 
   float dk[NTILE_C][4], dv[NTILE_C][4];
-#pragma unroll
-  for (int n = 0; n < NTILE_C; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
-  }
+  zero_tiles(dk);
+  zero_tiles(dv);
 
   const int n_tiles = (T_len + BQ - 1) / BQ;
   for (int it = 0; it < n_tiles; ++it) {
@@ -134,11 +130,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
 
     // Sᵀ = kᵀq and dPᵀ = vᵀdO for this warp's 16 keys × BQ queries.
     float st[NTILE_Q][4], dpt[NTILE_Q][4];
-#pragma unroll
-    for (int n = 0; n < NTILE_Q; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-    }
+    zero_tiles(st);
+    zero_tiles(dpt);
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) {
       FragA<T> ka, va;
@@ -146,13 +139,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       load_a_kmajor(va, vs, LDK, 16 * warp, 16 * kk);
 #pragma unroll
       for (int n = 0; n < NTILE_Q; n += 2) {
-        FragB<T> b0, b1;
-        load_b_kmajor(b0, b1, qb, LDQ, 16 * kk, 8 * n);
-        mma(st[n], ka, b0);
-        mma(st[n + 1], ka, b1);
-        load_b_kmajor(b0, b1, dob, LDQ, 16 * kk, 8 * n);
-        mma(dpt[n], va, b0);
-        mma(dpt[n + 1], va, b1);
+        mma_pair<Major::k>(st[n], st[n + 1], ka, qb, LDQ, 16 * kk, 8 * n);
+        mma_pair<Major::k>(dpt[n], dpt[n + 1], va, dob, LDQ, 16 * kk, 8 * n);
       }
     }
     // Pᵀ and dSᵀ in place; zero outside the T × T square. dSᵀ also to shared memory.
@@ -182,13 +170,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       c_to_a(sa, dpt[2 * ki], dpt[2 * ki + 1]);
 #pragma unroll
       for (int n = 0; n < NTILE_C; n += 2) {
-        FragB<T> b0, b1;
-        load_b_nmajor(b0, b1, dob, LDQ, 16 * ki, 8 * n);
-        mma(dv[n], pa, b0);
-        mma(dv[n + 1], pa, b1);
-        load_b_nmajor(b0, b1, qb, LDQ, 16 * ki, 8 * n);
-        mma(dk[n], sa, b0);
-        mma(dk[n + 1], sa, b1);
+        mma_pair<Major::n>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, 8 * n);
+        mma_pair<Major::n>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, 8 * n);
       }
     }
     __syncthreads();  // dSᵀ of all 64 keys is in shared memory
@@ -198,18 +181,14 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       constexpr int CW = Cfg::CW, NTILE_W = CW / 8;
       const int rb = warp % Cfg::RB, c0 = (warp / Cfg::RB) * CW;
       float dq[NTILE_W][4];
-#pragma unroll
-      for (int n = 0; n < NTILE_W; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+      zero_tiles(dq);
 #pragma unroll
       for (int kj = 0; kj < BK / 16; ++kj) {
         FragA<T> a;
         load_a_kmajor(a, dss, LDQ, 16 * rb, 16 * kj);
 #pragma unroll
         for (int n = 0; n < NTILE_W; n += 2) {
-          FragB<T> b0, b1;
-          load_b_nmajor(b0, b1, ks, LDK, 16 * kj, c0 + 8 * n);
-          mma(dq[n], a, b0);
-          mma(dq[n + 1], a, b1);
+          mma_pair<Major::n>(dq[n], dq[n + 1], a, ks, LDK, 16 * kj, c0 + 8 * n);
         }
       }
       float* dqg = dq_accum + bh * C * TT;

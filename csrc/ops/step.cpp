@@ -347,20 +347,19 @@ std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(
              clip_denoised, 0.0, std::nullopt, std::nullopt, return_pred_xstart, std::nullopt);
 }
 
+// The same functions serve both dispatch keys (run() picks the device).
+void impl_step_ops(torch::Library& m) {
+  m.impl("p_sample_step", &p_sample_step);
+  m.impl("ddim_step", &ddim_step);
+  m.impl("ddim_reverse_step", &ddim_reverse_step);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
-  m.impl("p_sample_step", &p_sample_step);
-  m.impl("ddim_step", &ddim_step);
-  m.impl("ddim_reverse_step", &ddim_reverse_step);
-}
+TORCH_LIBRARY_IMPL(iddpm, CPU, m) { impl_step_ops(m); }
 
 #ifdef IDDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
-  m.impl("p_sample_step", &p_sample_step);
-  m.impl("ddim_step", &ddim_step);
-  m.impl("ddim_reverse_step", &ddim_reverse_step);
-}
+TORCH_LIBRARY_IMPL(iddpm, CUDA, m) { impl_step_ops(m); }
 #endif
 
 }  // namespace iddpm::ops
