@@ -74,7 +74,7 @@ struct StepParams {
   bool t_is_int64 = true;
   const void* sample_index = nullptr;  // [B] int64 or int32 global sample indices, or nullptr
   bool sample_index_is_int64 = true;
-  const float* table = nullptr;  // [T, K] float32 coefficient table (iddpm_ext/tables.py)
+  const float* table = nullptr;  // [T, K] float32 coefficient table (iddpm_ext/core/tables.py)
   int64_t T = 0, K = 0;
   StepConfig cfg;
   int32_t noise_mode = kNoNoise;
