@@ -135,11 +135,13 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<T>& a, const Frag
     attn_emu::mma_b16(c, a.x, b.x, kBf16);
 #else
 // The instruction with A and B of PTX type AB ("f16" or "bf16").
-#define IDDPM_ATTN_MMA_M16N8K16(AB)                                                           \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, "     \
-               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                     \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                               \
+// clang-format off
+#define IDDPM_ATTN_MMA_M16N8K16(AB)                                                        \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, " \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                 \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                           \
                : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]))
+// clang-format on
     if constexpr (kBf16) {
       IDDPM_ATTN_MMA_M16N8K16("bf16");
     } else {
