@@ -31,9 +31,8 @@ constexpr bool kWithCuda = false;
 
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/test_build.py
 // checks that the two agree).
-constexpr const char* kOps[] = {"gather_coefs",      "p_sample_step",
-                                "ddim_step",         "ddim_reverse_step",
-                                "qkv_attention",     "qkv_attention_backward"};
+constexpr const char* kOps[] = {"gather_coefs",      "p_sample_step", "ddim_step",
+                                "ddim_reverse_step", "qkv_attention", "qkv_attention_backward"};
 
 py::dict build_info() {
   py::dict d;

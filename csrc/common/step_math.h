@@ -173,7 +173,7 @@ IDDPM_STEP_INLINE V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs
 // Returns the new sample; *x0_out receives pred_x0.
 template <class M, class V>
 IDDPM_STEP_INLINE V step_element(const StepConfig& cfg, const ItemCoefs& c, V x, V mo, V v, V z,
-                        bool has_noise, V* x0_out) {
+                                 bool has_noise, V* x0_out) {
   const V x0 = pred_xstart<M>(cfg, c, x, mo);
   *x0_out = x0;
   if (cfg.rule == kAncestral) {

@@ -11,12 +11,12 @@ namespace iddpm::cpu {
 
 // Forward tasks [begin, end) of B·H·q_chunks: task = bh · q_chunks + chunk, where each (b, h)
 // is split into q_chunks chunks of query blocks. Backward heads [begin, end) of B·H.
-#define IDDPM_ATTN_DECLARE_ISA(ns)                                                      \
-  namespace ns {                                                                        \
+#define IDDPM_ATTN_DECLARE_ISA(ns)                                                        \
+  namespace ns {                                                                          \
   void attn_fwd_tasks(const attn::AttentionFwdParams& p, int64_t q_chunks, int64_t begin, \
-                      int64_t end);                                                     \
-  void attn_bwd_heads(const attn::AttentionBwdParams& p, int64_t begin, int64_t end);   \
-  int64_t attn_query_block();                                                           \
+                      int64_t end);                                                       \
+  void attn_bwd_heads(const attn::AttentionBwdParams& p, int64_t begin, int64_t end);     \
+  int64_t attn_query_block();                                                             \
   }
 
 IDDPM_ATTN_DECLARE_ISA(isa_generic)

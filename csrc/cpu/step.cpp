@@ -78,8 +78,8 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
                                                               : (has_noise ? z[k] : 0.0f);
         float x0;
         const float sample = step::step_element<step::ScalarOps>(
-            p.cfg, coefs[b], static_cast<float>(x[k]), static_cast<float>(mo_item[mo_off]), v,
-            zi, has_noise, &x0);
+            p.cfg, coefs[b], static_cast<float>(x[k]), static_cast<float>(mo_item[mo_off]), v, zi,
+            has_noise, &x0);
         out[k] = static_cast<xT>(sample);
         if (pred != nullptr) pred[k] = static_cast<xT>(x0);
       }
@@ -123,8 +123,8 @@ bool use_vector_kernel() {
 
 int64_t step(const step::StepParams& p) {
   std::vector<ItemCoefs> coefs;
-  const int64_t bad = p.t_is_int64 ? item_coefs_or_bad<int64_t>(p, &coefs)
-                                   : item_coefs_or_bad<int32_t>(p, &coefs);
+  const int64_t bad =
+      p.t_is_int64 ? item_coefs_or_bad<int64_t>(p, &coefs) : item_coefs_or_bad<int32_t>(p, &coefs);
   if (bad >= 0) return bad;
   if (p.B * p.C * p.S == 0) return -1;
   if (use_vector_kernel() && detail::step_avx2(p, coefs.data())) return -1;

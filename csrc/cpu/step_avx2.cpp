@@ -147,9 +147,9 @@ class StepKernel {
     const int64_t Cm = p_.learned ? 2 * p_.C : p_.C;
     const int64_t base = b * L + j0;  // first element, x's memory order
     const auto* mo_item = static_cast<const moT*>(p_.model_output) + b * Cm * p_.S;
-    const bool need_var = p_.learned && p_.cfg.rule == step::kAncestral &&
-                          (p_.cfg.var_type == step::kLearned ||
-                           p_.cfg.var_type == step::kLearnedRange);
+    const bool need_var =
+        p_.learned && p_.cfg.rule == step::kAncestral &&
+        (p_.cfg.var_type == step::kLearned || p_.cfg.var_type == step::kLearnedRange);
 
     alignas(64) float xbuf[kChunk], mbuf[kChunk], vbuf[kChunk], zbuf[kChunk];
     alignas(64) float obuf[kChunk], pbuf[kChunk];

@@ -21,7 +21,8 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<T, C>;
   const int Ti = static_cast<int>(T_len);
   auto kernel = attn_bwd_kernel<T, C>;
-  cudaError_t err = set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  cudaError_t err =
+      set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -33,7 +34,8 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK));
+  const dim3 grid(static_cast<unsigned>(BH),
+                  static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum, Ti,
       attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec);
@@ -41,8 +43,8 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t n = BH * C * T_len;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 8));
-  attn_dq_kernel<T, C><<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, Ti,
-                                                   attn::softmax_scale<float>(C));
+  attn_dq_kernel<T, C>
+      <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, Ti, attn::softmax_scale<float>(C));
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -28,7 +28,7 @@ using namespace attn_dev;
 
 template <class T, int C>
 struct BwdCfg : CtaShape {
-  static constexpr int BK = 16 * kWarps;       // keys per CTA
+  static constexpr int BK = 16 * kWarps;         // keys per CTA
   static constexpr int BQ = C == 128 ? 32 : 64;  // queries per step (register budget)
   static constexpr int LDK = BK + kPad<T>, LDQ = BQ + kPad<T>;
   // k, v: [C, LDK]; q, dO: 2 stages × [C, LDQ]; dSᵀ: [BK, LDQ]; then lse2, D: 2 × [BQ] f32.
@@ -60,8 +60,8 @@ __global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restric
 
 // grad_qkv q channels = scale · dq_accum. dq_accum: [BH, C, T]; grad_qkv: [BH, 3C, T].
 template <class T, int C>
-__global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv,
-                               int64_t BH, int T_len, float scale) {
+__global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv, int64_t BH,
+                               int T_len, float scale) {
   const int64_t n = BH * C * static_cast<int64_t>(T_len);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -72,19 +72,20 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 }
 
 template <class T, int C>
-__global__ void __launch_bounds__(CtaShape::kThreads) attn_bwd_kernel(
-    const T* __restrict__ qkv, const T* __restrict__ dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, T* __restrict__ grad_qkv, float* __restrict__ dq_accum,
-    int T_len, float scale, float scale_log2, bool vec) {
+__global__ void __launch_bounds__(CtaShape::kThreads)
+    attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
+                    const float* __restrict__ lse, const float* __restrict__ delta,
+                    T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int T_len, float scale,
+                    float scale_log2, bool vec) {
   using Cfg = BwdCfg<T, C>;
   constexpr int BK = Cfg::BK, BQ = Cfg::BQ, LDK = Cfg::LDK, LDQ = Cfg::LDQ, NT = Cfg::kThreads;
   constexpr int KSTEP_C = C / 16, NTILE_C = C / 8, NTILE_Q = BQ / 8, KSTEP_Q = BQ / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* ks = reinterpret_cast<T*>(smem_raw);  // [C, LDK]
-  T* vs = ks + C * LDK;                      // [C, LDK]
-  T* qs = vs + C * LDK;                      // 2 × [C, LDQ]
-  T* dos = qs + 2 * C * LDQ;                 // 2 × [C, LDQ]
-  T* dss = dos + 2 * C * LDQ;                // [BK, LDQ]: dSᵀ[j, i]
+  T* ks = reinterpret_cast<T*>(smem_raw);                    // [C, LDK]
+  T* vs = ks + C * LDK;                                      // [C, LDK]
+  T* qs = vs + C * LDK;                                      // 2 × [C, LDQ]
+  T* dos = qs + 2 * C * LDQ;                                 // 2 × [C, LDQ]
+  T* dss = dos + 2 * C * LDQ;                                // [BK, LDQ]: dSᵀ[j, i]
   float* lse2_s = reinterpret_cast<float*>(dss + BK * LDQ);  // 2 × [BQ]
   float* delta_s = lse2_s + 2 * BQ;                          // 2 × [BQ]
 
@@ -151,7 +152,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads) attn_bwd_kernel(
         const int il = 8 * n + 2 * t + (e & 1);
         const int j = j0 + 16 * warp + g + 8 * (e >> 1);
         const bool valid = j < T_len && i0 + il < T_len;
-        const float p = valid ? attn::recomputed_prob(st[n][e] * scale_log2, l2b[il], Exp2{}) : 0.0f;
+        const float p =
+            valid ? attn::recomputed_prob(st[n][e] * scale_log2, l2b[il], Exp2{}) : 0.0f;
         st[n][e] = p;
         dpt[n][e] = attn::logit_grad(p, dpt[n][e], db[il]);
       }

@@ -100,15 +100,15 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 #define IDDPM_ATTN_NOINLINE __noinline__
 #endif
 static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
-                                                const FragB<float>& b) {
+                                                           const FragB<float>& b) {
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     const int half = k >> 3, src_t = (k & 7) >> 1;
     const bool odd = k & 1;
-    const float a_row = odd ? a.x[2 * half].y : a.x[2 * half].x;        // A[g'][k] on lane 4g'+src_t
+    const float a_row = odd ? a.x[2 * half].y : a.x[2 * half].x;  // A[g'][k] on lane 4g'+src_t
     const float a_row8 = odd ? a.x[2 * half + 1].y : a.x[2 * half + 1].x;  // A[g'+8][k]
-    const float b_col = odd ? b.x[half].y : b.x[half].x;                 // B[k][g'] on lane 4g'+src_t
+    const float b_col = odd ? b.x[half].y : b.x[half].x;  // B[k][g'] on lane 4g'+src_t
     const float ag = __shfl_sync(kFull, a_row, 4 * g + src_t);
     const float ag8 = __shfl_sync(kFull, a_row8, 4 * g + src_t);
     const float b0 = __shfl_sync(kFull, b_col, 4 * (2 * t) + src_t);
@@ -141,7 +141,7 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<T>& a, const Frag
                "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                 \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                           \
                : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]))
-// clang-format on
+    // clang-format on
     if constexpr (kBf16) {
       IDDPM_ATTN_MMA_M16N8K16("bf16");
     } else {
@@ -160,10 +160,10 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
   attn_emu::ldmatrix_x4(r, p, kTrans);
 #else
-#define IDDPM_ATTN_LDSM_X4(TRANS)                                                       \
+#define IDDPM_ATTN_LDSM_X4(TRANS)                                                         \
   asm volatile("ldmatrix.sync.aligned.m8n8.x4" TRANS ".shared.b16 {%0,%1,%2,%3}, [%4];\n" \
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                         \
-               : "r"(smem_addr(p))                                                      \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                           \
+               : "r"(smem_addr(p))                                                        \
                : "memory")
   if constexpr (kTrans) {
     IDDPM_ATTN_LDSM_X4(".trans");
@@ -258,8 +258,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 #if defined(IDDPM_ATTN_HOST_EMULATION)
   attn_emu::cp_async_16(dst, src, valid);  // deferred until this thread's wait, as on the GPU
 #else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(valid ? 16 : 0)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
                : "memory");
 #endif
 }

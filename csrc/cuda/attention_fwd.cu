@@ -20,7 +20,8 @@ int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return static_cast<int>(err);
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(p.qkv) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_len + Cfg::BQ - 1) / Cfg::BQ));
+  const dim3 grid(static_cast<unsigned>(BH),
+                  static_cast<unsigned>((T_len + Cfg::BQ - 1) / Cfg::BQ));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       static_cast<const T*>(p.qkv), static_cast<T*>(p.out), static_cast<float*>(p.lse),
       static_cast<int>(T_len), attn::logit_scale_log2<float>(C), vec);

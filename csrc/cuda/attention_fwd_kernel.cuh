@@ -31,17 +31,16 @@ struct FwdCfg : CtaShape {
 
 // qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T].
 template <class T, int C>
-__global__ void __launch_bounds__(CtaShape::kThreads) attn_fwd_kernel(const T* __restrict__ qkv,
-                                                       T* __restrict__ out,
-                                                       float* __restrict__ lse, int T_len,
-                                                       float scale_log2, bool vec) {
+__global__ void __launch_bounds__(CtaShape::kThreads)
+    attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse,
+                    int T_len, float scale_log2, bool vec) {
   using Cfg = FwdCfg<T, C>;
   constexpr int BQ = Cfg::BQ, BK = Cfg::BK, LDQ = Cfg::LDQ, LDK = Cfg::LDK, NT = Cfg::kThreads;
   constexpr int NTILE_K = BK / 8, KSTEP_C = C / 16, NTILE_C = C / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);  // [C, LDQ]
-  T* ks = qs + C * LDQ;                      // 2 × [C, LDK]
-  T* vs = ks + 2 * C * LDK;                  // 2 × [C, LDK]
+  T* ks = qs + C * LDQ;                    // 2 × [C, LDK]
+  T* vs = ks + 2 * C * LDK;                // 2 × [C, LDK]
 
   const int64_t bh = blockIdx.x;
   const int q0 = blockIdx.y * BQ;

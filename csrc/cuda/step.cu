@@ -36,9 +36,13 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float
 template <typename T>
 __device__ __forceinline__ T from_f(float v);
 template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
+__device__ __forceinline__ float from_f<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -132,9 +136,9 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       float x0;
-      float s = step::step_element<ScalarOps>(p.cfg, c, to_f(xv.v[k]), to_f(mv.v[k]),
-                                              need_var ? to_f(vv.v[k]) : 0.0f, z[k],
-                                              has_noise, &x0);
+      float s =
+          step::step_element<ScalarOps>(p.cfg, c, to_f(xv.v[k]), to_f(mv.v[k]),
+                                        need_var ? to_f(vv.v[k]) : 0.0f, z[k], has_noise, &x0);
       if (!valid) s = x0 = nan_f();
       ov.v[k] = from_f<xT>(s);
       pv.v[k] = from_f<xT>(x0);
@@ -223,7 +227,8 @@ int sm_count() {
   if (dev < 0 || dev >= 64) return 132;
   if (cached[dev] == 0) {
     int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        sms <= 0) {
       return 132;
     }
     cached[dev] = sms;

@@ -38,9 +38,11 @@ AttentionShape check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   TORCH_CHECK_VALUE(num_heads >= 1, "num_heads: expected a positive number of heads, got ",
                     num_heads);
   const int64_t width = qkv.size(1);
-  TORCH_CHECK_VALUE(width > 0 && width % (3 * num_heads) == 0, "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
-                    3 * num_heads, " (q, k and v of C channels per head), got ", width,
-                    " channels in shape ", shape_str(qkv));
+  TORCH_CHECK_VALUE(
+      width > 0 && width % (3 * num_heads) == 0,
+      "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
+      3 * num_heads, " (q, k and v of C channels per head), got ", width, " channels in shape ",
+      shape_str(qkv));
   AttentionShape d;
   d.B = qkv.size(0);
   d.H = num_heads;
@@ -65,7 +67,8 @@ AttentionShape check_qkv(const at::Tensor& qkv, int64_t num_heads) {
 }
 
 // Checks a [B, H·C, T] tensor that goes with qkv (grad_out, out).
-void check_like_out(const at::Tensor& x, const char* name, const at::Tensor& qkv, const AttentionShape& d) {
+void check_like_out(const at::Tensor& x, const char* name, const at::Tensor& qkv,
+                    const AttentionShape& d) {
   check_defined(x, name);
   check_same_device(x, name, qkv, "qkv");
   TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == d.B && x.size(1) == d.H * d.C && x.size(2) == d.T,
@@ -83,8 +86,9 @@ void check_lse(const at::Tensor& lse, const at::Tensor& qkv, const AttentionShap
   check_defined(lse, "lse");
   check_same_device(lse, "lse", qkv, "qkv");
   check_dtype(lse, "lse", lse_dtype(qkv));
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T,
-                    "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
+  TORCH_CHECK_VALUE(
+      lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T,
+      "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
 }
 
 // Checks the backward's arguments; returns the dimensions.
@@ -124,8 +128,8 @@ struct Backward {
   attn::AttentionBwdParams p;
 };
 
-Backward backward(const AttentionShape& d, const at::Tensor& grad_out_in,
-                  const at::Tensor& qkv_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
+Backward backward(const AttentionShape& d, const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                  const at::Tensor& out_in, const at::Tensor& lse_in) {
   Backward b;
   b.qkv = qkv_in.contiguous();
   b.grad_out = grad_out_in.contiguous();

@@ -28,8 +28,8 @@ inline void check_defined(const at::Tensor& x, const char* name) {
 }
 
 inline void check_dim(const at::Tensor& x, const char* name, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(x.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
-                    shape_str(x));
+  TORCH_CHECK_VALUE(x.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout,
+                    ", got shape ", shape_str(x));
 }
 
 inline void check_dtype(const at::Tensor& x, const char* name, at::ScalarType dtype) {

@@ -151,7 +151,8 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   p.cfg.eta = static_cast<float>(eta);
 
   check_defined(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() >= 2, "x: expected a tensor [B, C, ...] with at least 2 dims, got shape ",
+  TORCH_CHECK_VALUE(x_in.dim() >= 2,
+                    "x: expected a tensor [B, C, ...] with at least 2 dims, got shape ",
                     shape_str(x_in));
   check_float_dtype(x_in, "x");
   const int64_t B = x_in.size(0), C = x_in.size(1);
@@ -177,13 +178,12 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   check_defined(table_in, "table");
   check_same_device(table_in, "table", x_in, "x");
   check_dtype(table_in, "table", at::kFloat);
-  TORCH_CHECK_VALUE(table_in.dim() == 2 && table_in.size(0) >= 1 &&
-                        table_in.size(1) >= step::col::kMinColumns,
-                    "table: expected a [T, K] coefficient table with T >= 1 and K >= ",
-                    step::col::kMinColumns,
-                    " columns (GaussianDiffusion.coef_table, columns iddpm_ext.tables.COEF_NAMES), "
-                    "got shape ",
-                    shape_str(table_in));
+  TORCH_CHECK_VALUE(
+      table_in.dim() == 2 && table_in.size(0) >= 1 && table_in.size(1) >= step::col::kMinColumns,
+      "table: expected a [T, K] coefficient table with T >= 1 and K >= ", step::col::kMinColumns,
+      " columns (GaussianDiffusion.coef_table, columns iddpm_ext.tables.COEF_NAMES), "
+      "got shape ",
+      shape_str(table_in));
 
   if (noise_in.has_value() && noise_in->defined()) {
     const at::Tensor& nz = *noise_in;
@@ -329,20 +329,24 @@ std::tuple<at::Tensor, at::Tensor> p_sample_step(
              clip_denoised, 0.0, noise, generator, return_pred_xstart, sample_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(
-    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
-    bool clip_denoised, double eta, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, bool return_pred_xstart,
-    const std::optional<at::Tensor>& sample_index) {
-  return run(step::kDdim, x, model_output, t, table, model_mean_type, model_var_type,
-             clip_denoised, eta, noise, generator, return_pred_xstart, sample_index);
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& x, const at::Tensor& model_output,
+                                             const at::Tensor& t, const at::Tensor& table,
+                                             c10::string_view model_mean_type,
+                                             c10::string_view model_var_type, bool clip_denoised,
+                                             double eta, const std::optional<at::Tensor>& noise,
+                                             std::optional<at::Generator> generator,
+                                             bool return_pred_xstart,
+                                             const std::optional<at::Tensor>& sample_index) {
+  return run(step::kDdim, x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
+             eta, noise, generator, return_pred_xstart, sample_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(
-    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
-    bool clip_denoised, bool return_pred_xstart) {
+std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(const at::Tensor& x,
+                                                     const at::Tensor& model_output,
+                                                     const at::Tensor& t, const at::Tensor& table,
+                                                     c10::string_view model_mean_type,
+                                                     c10::string_view model_var_type,
+                                                     bool clip_denoised, bool return_pred_xstart) {
   return run(step::kDdimReverse, x, model_output, t, table, model_mean_type, model_var_type,
              clip_denoised, 0.0, std::nullopt, std::nullopt, return_pred_xstart, std::nullopt);
 }

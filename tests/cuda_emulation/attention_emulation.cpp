@@ -168,17 +168,15 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
   // backward: delta, main, dq
   using Bw = BwdCfg<T, C>;
   const int d_tiles = (T_len + 127) / 128;
-  launch(dim3(BH * d_tiles, 1, 1), 128, 0, [&] {
-    attn_delta_kernel<T, C>(dout.data(), out.data(), delta.data(), T_len, d_tiles);
-  });
+  launch(dim3(BH * d_tiles, 1, 1), 128, 0,
+         [&] { attn_delta_kernel<T, C>(dout.data(), out.data(), delta.data(), T_len, d_tiles); });
   launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, 1), Bw::kThreads, Bw::kSmemBytes, [&] {
     attn_bwd_kernel<T, C>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
                           dq_accum.data(), T_len, scale, scale_log2, vec);
   });
   // grid-stride kernel: a few blocks cover everything
-  launch(dim3(3, 1, 1), 256, 0, [&] {
-    attn_dq_kernel<T, C>(dq_accum.data(), grad.data(), BH, T_len, scale);
-  });
+  launch(dim3(3, 1, 1), 256, 0,
+         [&] { attn_dq_kernel<T, C>(dq_accum.data(), grad.data(), BH, T_len, scale); });
 
   // compare with float64 on the same (rounded) inputs
   const size_t CT = static_cast<size_t>(C) * T_len;
@@ -201,9 +199,9 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
   for (size_t i = 0; i < r_lse.size(); ++i) g_lse[i] = lse.data()[i];
   for (size_t i = 0; i < nqkv; ++i) g_g[i] = to_f(grad.data()[i]);
 
-  const std::string name = std::string(dtype) + " C=" + std::to_string(C) + " B=" +
-                           std::to_string(B) + " H=" + std::to_string(H) + " T=" +
-                           std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
+  const std::string name = std::string(dtype) + " C=" + std::to_string(C) +
+                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                           " T=" + std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
                            (shift ? " unaligned" : "");
   expect(out.all_finite() && lse.all_finite() && grad.all_finite(), name + ": unwritten output");
   expect(qkv.guards_intact() && out.guards_intact() && grad.guards_intact() &&
@@ -220,8 +218,8 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
     }
     e_g[part] = max_rel_err(a, b);
   }
-  std::printf("%-44s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_lse,
-              e_g[0], e_g[1], e_g[2]);
+  std::printf("%-44s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_lse, e_g[0],
+              e_g[1], e_g[2]);
   expect(e_o <= tol_fwd && e_lse <= tol_fwd, name + ": forward error");
   expect(e_g[0] <= tol_bwd && e_g[1] <= tol_bwd && e_g[2] <= tol_bwd, name + ": backward error");
 }
@@ -233,8 +231,10 @@ void self_tests() {
   std::mt19937 rng(7);
   std::uniform_int_distribution<int> small(-8, 8);
   float A[16][16], Bm[16][8];
-  for (auto& r : A) for (float& x : r) x = small(rng) / 4.0f;
-  for (auto& r : Bm) for (float& x : r) x = small(rng) / 4.0f;
+  for (auto& r : A)
+    for (float& x : r) x = small(rng) / 4.0f;
+  for (auto& r : Bm)
+    for (float& x : r) x = small(rng) / 4.0f;
   float err = 0;
   alignas(16) static float fs[16 * 24];
   alignas(16) static __half hs[16 * 24];
@@ -247,7 +247,8 @@ void self_tests() {
       const int m = g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
       a.x[i] = make_float2(A[m][k], A[m][k + 1]);
     }
-    for (int i = 0; i < 2; ++i) b.x[i] = make_float2(Bm[2 * t + 8 * i][g], Bm[2 * t + 8 * i + 1][g]);
+    for (int i = 0; i < 2; ++i)
+      b.x[i] = make_float2(Bm[2 * t + 8 * i][g], Bm[2 * t + 8 * i + 1][g]);
     float c[4] = {0, 0, 0, 0};
     mma_f32_shuffle(c, a, b);
     for (int i = 0; i < 4; ++i) {
@@ -318,12 +319,12 @@ int main() {
     run_case<float, 64>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
     run_case<float, 128>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
   }
-  run_case<__half, 64>(2, 1, 136, 0, 4e-3, 1e-2, "fp16");    // 3 pipelined tiles, cp.async
+  run_case<__half, 64>(2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
   run_case<float, 32>(1, 1, 136, 0, 2e-5, 1e-4, "fp32");
   run_case<__nv_bfloat16, 64>(1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
-  run_case<__half, 128>(1, 1, 130, 0, 4e-3, 1e-2, "fp16");   // backward: 5 query tiles of 32
+  run_case<__half, 128>(1, 1, 130, 0, 4e-3, 1e-2, "fp16");        // backward: 5 query tiles of 32
   run_case<float, 64>(1, 1, 130, 0, 2e-5, 1e-4, "fp32");
-  run_case<__half, 64>(1, 2, 80, 1, 4e-3, 1e-2, "fp16");     // unaligned storage: guarded loads
+  run_case<__half, 64>(1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }
