@@ -1,7 +1,17 @@
-// python/module.cpp — the pybind11 module iddpm_ext._C: build facts and version.
-// Importing it also registers the `iddpm` torch ops (schemas.cpp, csrc/ops).
-// Always `import torch` before importing this module.
+// python/module.cpp — the pybind11 module iddpm_ext._C: build facts, version, and what the
+// compiled kernels accept (capabilities). Importing it also registers the `iddpm` torch ops
+// (schemas.cpp, csrc/ops). Always `import torch` before importing this module.
+//
+// Plain pybind11, no torch headers: the capabilities are read from the plain C++ headers of
+// csrc/, the same constants the argument checks in csrc/ops use.
 #include <pybind11/pybind11.h>
+
+#include <cstddef>
+
+#include "common/dtype.h"
+#include "common/step_params.h"
+#include "cpu/attention.h"
+#include "cuda/attention.h"
 
 namespace py = pybind11;
 
@@ -10,6 +20,19 @@ namespace py = pybind11;
 #endif
 
 namespace {
+
+using iddpm::DType;
+
+#ifdef IDDPM_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/test_build.py
+// checks that the two agree).
+constexpr const char* kOps[] = {"gather_coefs",      "p_sample_step", "ddim_step",
+                                "ddim_reverse_step", "qkv_attention", "qkv_attention_backward"};
 
 py::dict build_info() {
   py::dict d;
@@ -30,10 +53,65 @@ py::dict build_info() {
   return d;
 }
 
+template <class T, size_t N, class Item>
+py::list to_list(const T (&xs)[N], Item item) {
+  py::list l;
+  for (const T& x : xs) l.append(item(x));
+  return l;
+}
+
+template <size_t N>
+py::list dtype_names(const DType (&dtypes)[N]) {
+  return to_list(dtypes, [](DType d) { return py::str(iddpm::dtype_name(d)); });
+}
+
+// What the compiled kernels accept, as a plain dict (read by iddpm_ext at import):
+//   {"cuda": bool,                     CUDA kernels compiled in (= build_info()["cuda"])
+//    "ops": [str, ...],                the torch.ops.iddpm op names
+//    "step": {                         p_sample_step, ddim_step, ddim_reverse_step
+//      "cpu":  {"dtypes": [str, ...]},   of x (and noise, outputs) and model_output
+//      "cuda": {"dtypes": [str, ...]} or None without CUDA},
+//    "attention": {                    qkv_attention, qkv_attention_backward
+//      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
+//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "max_positions": int}
+//              or None without CUDA}}
+// dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
+// not listed gets a ValueError from the op. gather_coefs takes a float32 table on every device.
+py::dict capabilities() {
+  py::dict step_cpu, attention_cpu;
+  step_cpu["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
+  attention_cpu["dtypes"] = dtype_names(iddpm::cpu::kAttentionDtypes);
+  attention_cpu["head_dims"] = "any";
+
+  py::object step_cuda = py::none(), attention_cuda = py::none();
+  if (kWithCuda) {
+    py::dict s, a;
+    s["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
+    a["dtypes"] = dtype_names(iddpm::cuda::kAttentionDtypes);
+    a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims, [](int c) { return py::int_(c); });
+    a["max_positions"] = iddpm::cuda::kAttentionMaxPositions;
+    step_cuda = s;
+    attention_cuda = a;
+  }
+
+  py::dict step, attention, caps;
+  step["cpu"] = step_cpu;
+  step["cuda"] = step_cuda;
+  attention["cpu"] = attention_cpu;
+  attention["cuda"] = attention_cuda;
+  caps["cuda"] = kWithCuda;
+  caps["ops"] = to_list(kOps, [](const char* name) { return py::str(name); });
+  caps["step"] = step;
+  caps["attention"] = attention;
+  return caps;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "iddpm_ext compiled kernels (torch ops live under torch.ops.iddpm)";
   m.def("build_info", &build_info, "Facts about how this extension was built.");
+  m.def("capabilities", &capabilities,
+        "What the compiled kernels accept: ops, dtypes and head dims per device (a plain dict).");
   m.attr("__version__") = IDDPM_VERSION;
 }

@@ -1,6 +1,6 @@
 // csrc/common/attention_math.h — per-element math of the fused QKV attention, shared by
-// the CPU kernels (csrc/cpu/attention_*.cpp, with scalar and vector types) and the CUDA
-// kernels (csrc/cuda/attention_*.cu, with float).
+// the CPU kernel (csrc/cpu/attention_kernel.inc, with scalar and vector types) and the CUDA
+// kernels (csrc/cuda/attention_{fwd,bwd}_kernel.cuh, with float).
 //
 // Conventions (all kernels):
 //   s    = (q · k) / sqrt(C)                     the logit of the reference

@@ -1,9 +1,10 @@
 // csrc/common/step_math.h — per-element math of the fused reverse-diffusion steps, shared
-// by csrc/cpu/step.cpp (V = at::vec::Vectorized<float>) and csrc/cuda/step.cu (V = float).
+// by csrc/cpu/step.cpp (V = float), csrc/cpu/step_avx2.cpp (V = at::vec::Vectorized<float>)
+// and csrc/cuda/step.cu (V = float).
 //
-// Every formula repeats the eager path of iddpm_ext/diffusion.py operation by operation
-// (same operands, same order, each product and sum rounded to float32 on its own), so
-// the fused CPU result equals the eager one up to the last bit of exp():
+// Every formula repeats the eager path of iddpm_ext/gaussian_diffusion.py operation by
+// operation (same operands, same order, each product and sum rounded to float32 on its own),
+// so the fused CPU result equals the eager one up to the last bit of exp():
 //   pred_x0  ε: sqrt_recip_ac·x − sqrt_recipm1_ac·ε    x_prev: rc1·x_prev − (c2/c1)·x
 //            x0: model output; then clamp to [−1, 1] when clip_denoised
 //   ancestral: mean = coef1·x0 + coef2·x (model output itself for x_prev)
@@ -40,7 +41,7 @@
 namespace iddpm::step {
 
 // Columns of the coefficient table read by the step kernels: positions in
-// iddpm_ext/tables.py COEF_NAMES (tests/test_step_ops.py checks they agree).
+// iddpm_ext/core/tables.py COEF_NAMES (tests/test_step_ops.py checks they agree).
 namespace col {
 constexpr int kPosteriorLogVarianceClipped = 6;
 constexpr int kPosteriorMeanCoef1 = 7;
@@ -172,7 +173,7 @@ IDDPM_STEP_INLINE V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs
 // Returns the new sample; *x0_out receives pred_x0.
 template <class M, class V>
 IDDPM_STEP_INLINE V step_element(const StepConfig& cfg, const ItemCoefs& c, V x, V mo, V v, V z,
-                        bool has_noise, V* x0_out) {
+                                 bool has_noise, V* x0_out) {
   const V x0 = pred_xstart<M>(cfg, c, x, mo);
   *x0_out = x0;
   if (cfg.rule == kAncestral) {

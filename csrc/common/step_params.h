@@ -16,11 +16,13 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "common/macros.h"
 
 namespace iddpm::step {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The dtypes of x, noise, the outputs and model_output (the glue checks them against this list).
+inline constexpr DType kStepDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
 // The update rule (one op each).
 enum Rule : int32_t { kAncestral = 0, kDdim = 1, kDdimReverse = 2 };
@@ -72,7 +74,7 @@ struct StepParams {
   bool t_is_int64 = true;
   const void* sample_index = nullptr;  // [B] int64 or int32 global sample indices, or nullptr
   bool sample_index_is_int64 = true;
-  const float* table = nullptr;  // [T, K] float32 coefficient table (iddpm_ext/tables.py)
+  const float* table = nullptr;  // [T, K] float32 coefficient table (iddpm_ext/core/tables.py)
   int64_t T = 0, K = 0;
   StepConfig cfg;
   int32_t noise_mode = kNoNoise;

@@ -48,7 +48,8 @@ const char* qkv_attention_isa() {
   }
 }
 
-void qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, void* lse, AttnShape s) {
+void qkv_attention_fwd(const attn::AttentionFwdParams& p) {
+  const attn::AttentionShape& s = p.s;
   const int64_t BH = s.B * s.H;
   if (BH == 0 || s.T == 0) return;
   const Isa isa = best_isa();
@@ -64,22 +65,20 @@ void qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, void* lse, A
   const int64_t threads = at::get_num_threads();
   int64_t chunks = 1;
   if (BH < threads) chunks = std::min<int64_t>(nqb, (threads + BH - 1) / BH);
-  const AttnFwdArgs args{dtype, qkv, out, lse, s, chunks};
-  at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  at::parallel_for(0, BH * chunks, 1,
+                   [&](int64_t begin, int64_t end) { run(p, chunks, begin, end); });
 }
 
-void qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
-                       const void* lse, void* grad_qkv, AttnShape s) {
-  const int64_t BH = s.B * s.H;
-  if (BH == 0 || s.T == 0) return;
+void qkv_attention_bwd(const attn::AttentionBwdParams& p) {
+  const int64_t BH = p.s.B * p.s.H;
+  if (BH == 0 || p.s.T == 0) return;
   const Isa isa = best_isa();
   auto run = isa_generic::attn_bwd_heads;
 #if defined(__x86_64__)
   if (isa == Isa::avx512) run = isa_avx512::attn_bwd_heads;
   if (isa == Isa::avx2) run = isa_avx2::attn_bwd_heads;
 #endif
-  const AttnBwdArgs args{dtype, grad_out, qkv, out, lse, grad_qkv, s};
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) { run(p, begin, end); });
 }
 
 }  // namespace iddpm::cpu

@@ -5,36 +5,18 @@
 
 #include <cstdint>
 
-#include "cpu/attention.h"
+#include "common/attention_params.h"
 
 namespace iddpm::cpu {
 
-struct AttnFwdArgs {
-  AttnDtype dtype;
-  const void* qkv;  // [B, 3HC, T]
-  void* out;        // [B, HC, T]
-  void* lse;        // [B, H, T] f32 (f64 for f64 inputs)
-  AttnShape s;
-  int64_t q_chunks;  // each (b, h) is split into this many chunks of query blocks
-};
-
-struct AttnBwdArgs {
-  AttnDtype dtype;
-  const void* grad_out;  // [B, HC, T]
-  const void* qkv;       // [B, 3HC, T]
-  const void* out;       // [B, HC, T]
-  const void* lse;       // [B, H, T] f32 (f64 for f64 inputs)
-  void* grad_qkv;        // [B, 3HC, T]
-  AttnShape s;
-};
-
-// Forward tasks [begin, end) of B·H·q_chunks: task = bh · q_chunks + chunk.
-// Backward heads [begin, end) of B·H.
-#define IDDPM_ATTN_DECLARE_ISA(ns)                                              \
-  namespace ns {                                                                \
-  void attn_fwd_tasks(const AttnFwdArgs& a, int64_t begin, int64_t end);       \
-  void attn_bwd_heads(const AttnBwdArgs& a, int64_t begin, int64_t end);       \
-  int64_t attn_query_block();                                                   \
+// Forward tasks [begin, end) of B·H·q_chunks: task = bh · q_chunks + chunk, where each (b, h)
+// is split into q_chunks chunks of query blocks. Backward heads [begin, end) of B·H.
+#define IDDPM_ATTN_DECLARE_ISA(ns)                                                        \
+  namespace ns {                                                                          \
+  void attn_fwd_tasks(const attn::AttentionFwdParams& p, int64_t q_chunks, int64_t begin, \
+                      int64_t end);                                                       \
+  void attn_bwd_heads(const attn::AttentionBwdParams& p, int64_t begin, int64_t end);     \
+  int64_t attn_query_block();                                                             \
   }
 
 IDDPM_ATTN_DECLARE_ISA(isa_generic)

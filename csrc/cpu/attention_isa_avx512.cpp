@@ -1,30 +1,9 @@
-// csrc/cpu/attention_isa_avx512.cpp — the CPU attention kernel (cpu/attention_kernel.h) built for
-// avx512 (64-byte vectors); csrc/cpu/attention.cpp calls it only when the CPU has avx512.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include "cpu/attention_isa.h"
-
+// csrc/cpu/attention_isa_avx512.cpp — the CPU attention kernel (cpu/attention_kernel.inc) built
+// for avx512 (64-byte vectors); csrc/cpu/attention.cpp calls it only when the CPU has avx512.
 #if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-// Included after the target pragma so that its static functions are built for this ISA.
-#include "common/attention_math.h"
-
-namespace iddpm::cpu::isa_avx512 {
+#define IDDPM_ATTN_ISA isa_avx512
+#define IDDPM_ATTN_TARGET "avx512f,avx512vl,avx512dq,avx2,fma"
 #define IDDPM_VB 64
 #define IDDPM_MR 12
-#include "cpu/attention_kernel.h"
-#undef IDDPM_VB
-#undef IDDPM_MR
-}  // namespace iddpm::cpu::isa_avx512
-#pragma GCC pop_options
-#endif  // __x86_64__
+#include "cpu/attention_isa.inc"
+#endif

@@ -1,14 +1,19 @@
 // csrc/cpu/gather_coefs.cpp — CPU kernel of iddpm::gather_coefs.
+#include "cpu/gather_coefs.h"
+
 #include <ATen/Parallel.h>
 
-#include "common/gather.h"
-#include "cpu/kernels.h"
+#include "common/gather_coefs_math.h"
 
 namespace iddpm::cpu {
+namespace {
 
 template <typename index_t>
-int64_t gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t, int64_t B,
-                     float* out) {
+int64_t gather(const GatherCoefsParams& p) {
+  const float* table = p.table;
+  const index_t* t = static_cast<const index_t*>(p.t);
+  const int64_t T = p.T, K = p.K, B = p.B;
+  float* out = p.out;
   // Validate everything first so that a bad timestep leaves `out` untouched.
   for (int64_t b = 0; b < B; ++b) {
     if (!timestep_in_range(t[b], T)) return b;
@@ -21,9 +26,10 @@ int64_t gather_coefs(const float* table, int64_t T, int64_t K, const index_t* t,
   return -1;
 }
 
-template int64_t gather_coefs<int64_t>(const float*, int64_t, int64_t, const int64_t*, int64_t,
-                                       float*);
-template int64_t gather_coefs<int32_t>(const float*, int64_t, int64_t, const int32_t*, int64_t,
-                                       float*);
+}  // namespace
+
+int64_t gather_coefs(const GatherCoefsParams& p) {
+  return p.t_is_int64 ? gather<int64_t>(p) : gather<int32_t>(p);
+}
 
 }  // namespace iddpm::cpu

@@ -14,7 +14,7 @@
 
 #include "common/philox.h"
 #include "common/step_math.h"
-#include "cpu/kernels.h"
+#include "cpu/step.h"
 #include "cpu/step_internal.h"
 
 namespace iddpm::cpu {
@@ -78,8 +78,8 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
                                                               : (has_noise ? z[k] : 0.0f);
         float x0;
         const float sample = step::step_element<step::ScalarOps>(
-            p.cfg, coefs[b], static_cast<float>(x[k]), static_cast<float>(mo_item[mo_off]), v,
-            zi, has_noise, &x0);
+            p.cfg, coefs[b], static_cast<float>(x[k]), static_cast<float>(mo_item[mo_off]), v, zi,
+            has_noise, &x0);
         out[k] = static_cast<xT>(sample);
         if (pred != nullptr) pred[k] = static_cast<xT>(x0);
       }
@@ -90,9 +90,10 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
 template <typename xT>
 void run_scalar_mo(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return run_scalar<xT, float>(p, coefs);
-    case step::DType::kFloat16: return run_scalar<xT, c10::Half>(p, coefs);
-    case step::DType::kBFloat16: return run_scalar<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat32: return run_scalar<xT, float>(p, coefs);
+    case DType::kFloat16: return run_scalar<xT, c10::Half>(p, coefs);
+    case DType::kBFloat16: return run_scalar<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat64: return;  // not a step dtype (the glue checks kStepDtypes)
   }
 }
 
@@ -122,15 +123,16 @@ bool use_vector_kernel() {
 
 int64_t step(const step::StepParams& p) {
   std::vector<ItemCoefs> coefs;
-  const int64_t bad = p.t_is_int64 ? item_coefs_or_bad<int64_t>(p, &coefs)
-                                   : item_coefs_or_bad<int32_t>(p, &coefs);
+  const int64_t bad =
+      p.t_is_int64 ? item_coefs_or_bad<int64_t>(p, &coefs) : item_coefs_or_bad<int32_t>(p, &coefs);
   if (bad >= 0) return bad;
   if (p.B * p.C * p.S == 0) return -1;
   if (use_vector_kernel() && detail::step_avx2(p, coefs.data())) return -1;
   switch (p.x_dtype) {
-    case step::DType::kFloat32: run_scalar_mo<float>(p, coefs); break;
-    case step::DType::kFloat16: run_scalar_mo<c10::Half>(p, coefs); break;
-    case step::DType::kBFloat16: run_scalar_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat32: run_scalar_mo<float>(p, coefs); break;
+    case DType::kFloat16: run_scalar_mo<c10::Half>(p, coefs); break;
+    case DType::kBFloat16: run_scalar_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat64: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return -1;
 }

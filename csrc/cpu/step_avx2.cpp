@@ -147,9 +147,9 @@ class StepKernel {
     const int64_t Cm = p_.learned ? 2 * p_.C : p_.C;
     const int64_t base = b * L + j0;  // first element, x's memory order
     const auto* mo_item = static_cast<const moT*>(p_.model_output) + b * Cm * p_.S;
-    const bool need_var = p_.learned && p_.cfg.rule == step::kAncestral &&
-                          (p_.cfg.var_type == step::kLearned ||
-                           p_.cfg.var_type == step::kLearnedRange);
+    const bool need_var =
+        p_.learned && p_.cfg.rule == step::kAncestral &&
+        (p_.cfg.var_type == step::kLearned || p_.cfg.var_type == step::kLearnedRange);
 
     alignas(64) float xbuf[kChunk], mbuf[kChunk], vbuf[kChunk], zbuf[kChunk];
     alignas(64) float obuf[kChunk], pbuf[kChunk];
@@ -234,9 +234,10 @@ void run_all(const StepParams& p, const ItemCoefs* coefs) {
 template <typename xT>
 void run_mo(const StepParams& p, const ItemCoefs* coefs) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return run_all<xT, float>(p, coefs);
-    case step::DType::kFloat16: return run_all<xT, c10::Half>(p, coefs);
-    case step::DType::kBFloat16: return run_all<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat32: return run_all<xT, float>(p, coefs);
+    case DType::kFloat16: return run_all<xT, c10::Half>(p, coefs);
+    case DType::kBFloat16: return run_all<xT, c10::BFloat16>(p, coefs);
+    case DType::kFloat64: return;  // not a step dtype (the glue checks kStepDtypes)
   }
 }
 
@@ -244,9 +245,10 @@ void run_mo(const StepParams& p, const ItemCoefs* coefs) {
 
 bool step_avx2(const StepParams& p, const ItemCoefs* coefs) {
   switch (p.x_dtype) {
-    case step::DType::kFloat32: run_mo<float>(p, coefs); break;
-    case step::DType::kFloat16: run_mo<c10::Half>(p, coefs); break;
-    case step::DType::kBFloat16: run_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat32: run_mo<float>(p, coefs); break;
+    case DType::kFloat16: run_mo<c10::Half>(p, coefs); break;
+    case DType::kBFloat16: run_mo<c10::BFloat16>(p, coefs); break;
+    case DType::kFloat64: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return true;
 }

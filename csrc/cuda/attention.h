@@ -1,29 +1,42 @@
 // csrc/cuda/attention.h — CUDA launchers of the fused QKV attention over raw pointers and a
-// stream. Plain C++ (no torch, no CUDA headers) so the glue in csrc/ops can include it.
+// stream, and what they support. Plain C++ (no torch, no CUDA headers) so the glue in csrc/ops
+// and python/module.cpp can include it.
 //
-// Layout: qkv [B, 3·H·C, T] contiguous, head h = channels [3Ch, 3Ch + 3C) = q | k | v;
-// out [B, H·C, T]; lse [B, H, T] f32; grad_qkv [B, 3·H·C, T] in qkv's layout.
+// Layout (common/attention_params.h): qkv [B, 3·H·C, T] contiguous, head h = channels
+// [3Ch, 3Ch + 3C) = q | k | v; out [B, H·C, T]; lse [B, H, T] f32; grad_qkv [B, 3·H·C, T].
 #pragma once
 
 #include <cstdint>
+
+#include "common/attention_params.h"
+#include "common/dtype.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
 namespace iddpm::cuda {
 
-enum class AttnDtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+// The dtypes of qkv with a kernel.
+inline constexpr DType kAttentionDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
-// Head dims with a compiled kernel.
-inline bool qkv_attention_head_dim_supported(int64_t C) { return C == 32 || C == 64 || C == 128; }
+// Head dims C with a compiled kernel (attention_fwd.cu and attention_bwd.cu instantiate
+// their kernels for exactly these).
+inline constexpr int kAttentionHeadDims[] = {32, 64, 128};
 
-// Forward. Returns a cudaError_t value (0 = success) of the launches.
-int qkv_attention_fwd(AttnDtype dtype, const void* qkv, void* out, float* lse, int64_t B,
-                      int64_t H, int64_t C, int64_t T, cudaStream_t stream);
+// At most this many positions T: one CTA per 64 queries along gridDim.y (at most 65535).
+inline constexpr int64_t kAttentionMaxPositions = int64_t{65535} * 64;
 
-// Backward. Workspaces (allocated by the caller, any content): dq_accum [B·H, C, T] f32 and
-// delta [B·H, T] f32. grad_out and out: [B, H·C, T] in qkv's dtype.
-int qkv_attention_bwd(AttnDtype dtype, const void* grad_out, const void* qkv, const void* out,
-                      const float* lse, void* grad_qkv, float* dq_accum, float* delta, int64_t B,
-                      int64_t H, int64_t C, int64_t T, cudaStream_t stream);
+inline bool qkv_attention_head_dim_supported(int64_t C) {
+  for (const int c : kAttentionHeadDims) {
+    if (C == c) return true;
+  }
+  return false;
+}
+
+// Forward (lse: float32). Returns a cudaError_t value (0 = success) of the launches.
+int qkv_attention_fwd(const attn::AttentionFwdParams& params, cudaStream_t stream);
+
+// Backward, with the workspaces params.dq_accum and params.delta (lse: float32). Returns a
+// cudaError_t value (0 = success) of the launches.
+int qkv_attention_bwd(const attn::AttentionBwdParams& params, cudaStream_t stream);
 
 }  // namespace iddpm::cuda

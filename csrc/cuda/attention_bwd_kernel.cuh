@@ -27,9 +27,8 @@ namespace iddpm::cuda::attn_kernels {
 using namespace attn_dev;
 
 template <class T, int C>
-struct BwdCfg {
-  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
-  static constexpr int BK = 16 * kWarps;       // keys per CTA
+struct BwdCfg : CtaShape {
+  static constexpr int BK = 16 * kWarps;         // keys per CTA
   static constexpr int BQ = C == 128 ? 32 : 64;  // queries per step (register budget)
   static constexpr int LDK = BK + kPad<T>, LDQ = BQ + kPad<T>;
   // k, v: [C, LDK]; q, dO: 2 stages × [C, LDQ]; dSᵀ: [BK, LDQ]; then lse2, D: 2 × [BQ] f32.
@@ -61,8 +60,8 @@ __global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restric
 
 // grad_qkv q channels = scale · dq_accum. dq_accum: [BH, C, T]; grad_qkv: [BH, 3C, T].
 template <class T, int C>
-__global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv,
-                               int64_t BH, int T_len, float scale) {
+__global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv, int64_t BH,
+                               int T_len, float scale) {
   const int64_t n = BH * C * static_cast<int64_t>(T_len);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -73,19 +72,20 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 }
 
 template <class T, int C>
-__global__ void __launch_bounds__(128) attn_bwd_kernel(
-    const T* __restrict__ qkv, const T* __restrict__ dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, T* __restrict__ grad_qkv, float* __restrict__ dq_accum,
-    int T_len, float scale, float scale_log2, bool vec) {
+__global__ void __launch_bounds__(CtaShape::kThreads)
+    attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
+                    const float* __restrict__ lse, const float* __restrict__ delta,
+                    T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int T_len, float scale,
+                    float scale_log2, bool vec) {
   using Cfg = BwdCfg<T, C>;
   constexpr int BK = Cfg::BK, BQ = Cfg::BQ, LDK = Cfg::LDK, LDQ = Cfg::LDQ, NT = Cfg::kThreads;
   constexpr int KSTEP_C = C / 16, NTILE_C = C / 8, NTILE_Q = BQ / 8, KSTEP_Q = BQ / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* ks = reinterpret_cast<T*>(smem_raw);  // [C, LDK]
-  T* vs = ks + C * LDK;                      // [C, LDK]
-  T* qs = vs + C * LDK;                      // 2 × [C, LDQ]
-  T* dos = qs + 2 * C * LDQ;                 // 2 × [C, LDQ]
-  T* dss = dos + 2 * C * LDQ;                // [BK, LDQ]: dSᵀ[j, i]
+  T* ks = reinterpret_cast<T*>(smem_raw);                    // [C, LDK]
+  T* vs = ks + C * LDK;                                      // [C, LDK]
+  T* qs = vs + C * LDK;                                      // 2 × [C, LDQ]
+  T* dos = qs + 2 * C * LDQ;                                 // 2 × [C, LDQ]
+  T* dss = dos + 2 * C * LDQ;                                // [BK, LDQ]: dSᵀ[j, i]
   float* lse2_s = reinterpret_cast<float*>(dss + BK * LDQ);  // 2 × [BQ]
   float* delta_s = lse2_s + 2 * BQ;                          // 2 × [BQ]
 
@@ -117,11 +117,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
   __syncthreads();
 
   float dk[NTILE_C][4], dv[NTILE_C][4];
-#pragma unroll
-  for (int n = 0; n < NTILE_C; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
-  }
+  zero_tiles(dk);
+  zero_tiles(dv);
 
   const int n_tiles = (T_len + BQ - 1) / BQ;
   for (int it = 0; it < n_tiles; ++it) {
@@ -134,11 +131,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
 
     // Sᵀ = kᵀq and dPᵀ = vᵀdO for this warp's 16 keys × BQ queries.
     float st[NTILE_Q][4], dpt[NTILE_Q][4];
-#pragma unroll
-    for (int n = 0; n < NTILE_Q; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-    }
+    zero_tiles(st);
+    zero_tiles(dpt);
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) {
       FragA<T> ka, va;
@@ -146,13 +140,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       load_a_kmajor(va, vs, LDK, 16 * warp, 16 * kk);
 #pragma unroll
       for (int n = 0; n < NTILE_Q; n += 2) {
-        FragB<T> b0, b1;
-        load_b_kmajor(b0, b1, qb, LDQ, 16 * kk, 8 * n);
-        mma(st[n], ka, b0);
-        mma(st[n + 1], ka, b1);
-        load_b_kmajor(b0, b1, dob, LDQ, 16 * kk, 8 * n);
-        mma(dpt[n], va, b0);
-        mma(dpt[n + 1], va, b1);
+        mma_pair<Major::k>(st[n], st[n + 1], ka, qb, LDQ, 16 * kk, 8 * n);
+        mma_pair<Major::k>(dpt[n], dpt[n + 1], va, dob, LDQ, 16 * kk, 8 * n);
       }
     }
     // Pᵀ and dSᵀ in place; zero outside the T × T square. dSᵀ also to shared memory.
@@ -163,7 +152,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
         const int il = 8 * n + 2 * t + (e & 1);
         const int j = j0 + 16 * warp + g + 8 * (e >> 1);
         const bool valid = j < T_len && i0 + il < T_len;
-        const float p = valid ? attn::recomputed_prob(st[n][e] * scale_log2, l2b[il], Exp2{}) : 0.0f;
+        const float p =
+            valid ? attn::recomputed_prob(st[n][e] * scale_log2, l2b[il], Exp2{}) : 0.0f;
         st[n][e] = p;
         dpt[n][e] = attn::logit_grad(p, dpt[n][e], db[il]);
       }
@@ -182,13 +172,8 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       c_to_a(sa, dpt[2 * ki], dpt[2 * ki + 1]);
 #pragma unroll
       for (int n = 0; n < NTILE_C; n += 2) {
-        FragB<T> b0, b1;
-        load_b_nmajor(b0, b1, dob, LDQ, 16 * ki, 8 * n);
-        mma(dv[n], pa, b0);
-        mma(dv[n + 1], pa, b1);
-        load_b_nmajor(b0, b1, qb, LDQ, 16 * ki, 8 * n);
-        mma(dk[n], sa, b0);
-        mma(dk[n + 1], sa, b1);
+        mma_pair<Major::n>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, 8 * n);
+        mma_pair<Major::n>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, 8 * n);
       }
     }
     __syncthreads();  // dSᵀ of all 64 keys is in shared memory
@@ -198,18 +183,14 @@ __global__ void __launch_bounds__(128) attn_bwd_kernel(
       constexpr int CW = Cfg::CW, NTILE_W = CW / 8;
       const int rb = warp % Cfg::RB, c0 = (warp / Cfg::RB) * CW;
       float dq[NTILE_W][4];
-#pragma unroll
-      for (int n = 0; n < NTILE_W; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+      zero_tiles(dq);
 #pragma unroll
       for (int kj = 0; kj < BK / 16; ++kj) {
         FragA<T> a;
         load_a_kmajor(a, dss, LDQ, 16 * rb, 16 * kj);
 #pragma unroll
         for (int n = 0; n < NTILE_W; n += 2) {
-          FragB<T> b0, b1;
-          load_b_nmajor(b0, b1, ks, LDK, 16 * kj, c0 + 8 * n);
-          mma(dq[n], a, b0);
-          mma(dq[n + 1], a, b1);
+          mma_pair<Major::n>(dq[n], dq[n + 1], a, ks, LDK, 16 * kj, c0 + 8 * n);
         }
       }
       float* dqg = dq_accum + bh * C * TT;

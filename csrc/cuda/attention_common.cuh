@@ -23,9 +23,13 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/attention_math.h"
+#include "common/dtype.h"
+#include "cuda/attention.h"
 
 namespace iddpm::cuda::attn_dev {
 
@@ -86,31 +90,6 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 #endif
 
 // ---- matrix products: c (16×8 f32) += a (16×16) · b (16×8) ------------------------------------
-__device__ __forceinline__ void mma(float (&c)[4], const FragA<__half>& a, const FragB<__half>& b) {
-#if defined(IDDPM_ATTN_HOST_EMULATION)
-  attn_emu::mma_b16(c, a.x, b.x, false);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-#endif
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], const FragA<__nv_bfloat16>& a,
-                                    const FragB<__nv_bfloat16>& b) {
-#if defined(IDDPM_ATTN_HOST_EMULATION)
-  attn_emu::mma_b16(c, a.x, b.x, true);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-#endif
-}
-
 // fp32: the same product on the same fragment layout, in fp32 FMAs. Each lane gathers row g
 // and g+8 of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them.
 // Not inlined: inlined into every product of the fp32 kernels it made ptxas take minutes
@@ -121,15 +100,15 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<__nv_bfloat16>& a
 #define IDDPM_ATTN_NOINLINE __noinline__
 #endif
 static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
-                                                const FragB<float>& b) {
+                                                           const FragB<float>& b) {
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     const int half = k >> 3, src_t = (k & 7) >> 1;
     const bool odd = k & 1;
-    const float a_row = odd ? a.x[2 * half].y : a.x[2 * half].x;        // A[g'][k] on lane 4g'+src_t
+    const float a_row = odd ? a.x[2 * half].y : a.x[2 * half].x;  // A[g'][k] on lane 4g'+src_t
     const float a_row8 = odd ? a.x[2 * half + 1].y : a.x[2 * half + 1].x;  // A[g'+8][k]
-    const float b_col = odd ? b.x[half].y : b.x[half].x;                 // B[k][g'] on lane 4g'+src_t
+    const float b_col = odd ? b.x[half].y : b.x[half].x;  // B[k][g'] on lane 4g'+src_t
     const float ag = __shfl_sync(kFull, a_row, 4 * g + src_t);
     const float ag8 = __shfl_sync(kFull, a_row8, 4 * g + src_t);
     const float b0 = __shfl_sync(kFull, b_col, 4 * (2 * t) + src_t);
@@ -141,33 +120,57 @@ static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const 
   }
 }
 
-__device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) {
+// fp16 and bf16 on tensor cores (mma.sync); fp32 by mma_f32_shuffle.
+template <class T>
+__device__ __forceinline__ void mma(float (&c)[4], const FragA<T>& a, const FragB<T>& b) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (!Elem<T>::kTensorCore) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
-  attn_emu::mma_f32(c, a.x, b.x);  // one collective step; mma_f32_shuffle is tested on its own
+    attn_emu::mma_f32(c, a.x, b.x);  // one collective step; mma_f32_shuffle is tested on its own
 #else
-  mma_f32_shuffle(c, a, b);
+    mma_f32_shuffle(c, a, b);
 #endif
+  } else {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+    attn_emu::mma_b16(c, a.x, b.x, kBf16);
+#else
+// The instruction with A and B of PTX type AB ("f16" or "bf16").
+// clang-format off
+#define IDDPM_ATTN_MMA_M16N8K16(AB)                                                        \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, " \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                 \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                           \
+               : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]))
+    // clang-format on
+    if constexpr (kBf16) {
+      IDDPM_ATTN_MMA_M16N8K16("bf16");
+    } else {
+      IDDPM_ATTN_MMA_M16N8K16("f16");
+    }
+#undef IDDPM_ATTN_MMA_M16N8K16
+#endif
+  }
 }
 
 // ---- fragment loads from shared memory --------------------------------------------------------
+// Four 8×8 b16 matrices (ldmatrix .x4; lane L gives the address of row L%8 of matrix L/8),
+// transposed when kTrans.
+template <bool kTrans>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
-  attn_emu::ldmatrix_x4(r, p, false);
+  attn_emu::ldmatrix_x4(r, p, kTrans);
 #else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-#endif
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-#if defined(IDDPM_ATTN_HOST_EMULATION)
-  attn_emu::ldmatrix_x4(r, p, true);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
+#define IDDPM_ATTN_LDSM_X4(TRANS)                                                         \
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4" TRANS ".shared.b16 {%0,%1,%2,%3}, [%4];\n" \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                           \
+               : "r"(smem_addr(p))                                                        \
+               : "memory")
+  if constexpr (kTrans) {
+    IDDPM_ATTN_LDSM_X4(".trans");
+  } else {
+    IDDPM_ATTN_LDSM_X4("");
+  }
+#undef IDDPM_ATTN_LDSM_X4
 #endif
 }
 
@@ -180,7 +183,7 @@ __device__ __forceinline__ void load_a_kmajor(FragA<T>& f, const T* s, int ld, i
   const int q = lane >> 3, r = lane & 7;
   if constexpr (Elem<T>::kTensorCore) {
     uint32_t v[4];
-    ldsm_x4_trans(v, s + (k0 + (q >> 1) * 8 + r) * ld + m0 + (q & 1) * 8);
+    ldsm_x4<true>(v, s + (k0 + (q >> 1) * 8 + r) * ld + m0 + (q & 1) * 8);
 #pragma unroll
     for (int i = 0; i < 4; ++i) f.x[i] = v[i];
   } else {
@@ -193,16 +196,25 @@ __device__ __forceinline__ void load_a_kmajor(FragA<T>& f, const T* s, int ld, i
   }
 }
 
-// B fragments of n-tiles n0.. and n0+8.. (k0..k0+15) of a matrix stored k-major:
-// B[k][n] = s[k·ld + n] (a [C, T] tile with k = channel). Matrix q: (k: +8·(q&1), n: +8·(q>>1)).
-template <class T>
-__device__ __forceinline__ void load_b_kmajor(FragB<T>& b0, FragB<T>& b1, const T* s, int ld,
-                                              int k0, int n0) {
+// How a B operand (16 × 16, rows k, cols n) is stored in shared memory: k-major,
+// B[k][n] = s[k·ld + n] (a [C, T] tile with k = channel, read with ldmatrix.trans), or n-major,
+// B[k][n] = s[n·ld + k] (a [C, T] tile with k = time, read with plain ldmatrix).
+enum class Major { k, n };
+
+// B fragments of n-tiles n0.. and n0+8.. (k0..k0+15). Matrix q of the x4 load holds
+// (k: +8·(q&1), n: +8·(q>>1)); lane L gives the address of row L%8 of matrix L/8.
+template <Major kMajor, class T>
+__device__ __forceinline__ void load_b(FragB<T>& b0, FragB<T>& b1, const T* s, int ld, int k0,
+                                       int n0) {
+  constexpr bool kK = kMajor == Major::k;
+  // The stored rows run along k (k-major) or n (n-major): B[k][n] = s[row·ld + col].
+  const int row0 = kK ? k0 : n0, col0 = kK ? n0 : k0;
   const int lane = lane_id();
   const int q = lane >> 3, r = lane & 7;
   if constexpr (Elem<T>::kTensorCore) {
+    const int kq = (q & 1) * 8, nq = (q >> 1) * 8;  // matrix q starts at B[k0 + kq][n0 + nq]
     uint32_t v[4];
-    ldsm_x4_trans(v, s + (k0 + (q & 1) * 8 + r) * ld + n0 + (q >> 1) * 8);
+    ldsm_x4<kK>(v, s + (row0 + (kK ? kq : nq) + r) * ld + col0 + (kK ? nq : kq));
     b0.x[0] = v[0];
     b0.x[1] = v[1];
     b1.x[0] = v[2];
@@ -211,36 +223,25 @@ __device__ __forceinline__ void load_b_kmajor(FragB<T>& b0, FragB<T>& b1, const 
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const T* p = s + (k0 + (i & 1) * 8 + 2 * t) * ld + n0 + (i >> 1) * 8 + g;
+      // B[k][n] and B[k + 1][n] with k = k0 + ki + 2t, n = n0 + ni + g.
+      const int ki = (i & 1) * 8, ni = (i >> 1) * 8;
+      const T* p = kK ? s + (row0 + ki + 2 * t) * ld + col0 + ni + g
+                      : s + (row0 + ni + g) * ld + col0 + ki + 2 * t;
       FragB<T>& b = (i >> 1) ? b1 : b0;
-      b.x[i & 1] = make_float2(p[0], p[ld]);
+      b.x[i & 1] = make_float2(p[0], p[kK ? ld : 1]);
     }
   }
 }
 
-// B fragments of n-tiles n0.. and n0+8.. of a matrix stored n-major: B[k][n] = s[n·ld + k]
-// (a [C, T] tile with k = time). Matrix q: (n: +8·(q>>1), k: +8·(q&1)), no transpose.
-template <class T>
-__device__ __forceinline__ void load_b_nmajor(FragB<T>& b0, FragB<T>& b1, const T* s, int ld,
-                                              int k0, int n0) {
-  const int lane = lane_id();
-  const int q = lane >> 3, r = lane & 7;
-  if constexpr (Elem<T>::kTensorCore) {
-    uint32_t v[4];
-    ldsm_x4(v, s + (n0 + (q >> 1) * 8 + r) * ld + k0 + (q & 1) * 8);
-    b0.x[0] = v[0];
-    b0.x[1] = v[1];
-    b1.x[0] = v[2];
-    b1.x[1] = v[3];
-  } else {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const T* p = s + (n0 + (i >> 1) * 8 + g) * ld + k0 + (i & 1) * 8 + 2 * t;
-      FragB<T>& b = (i >> 1) ? b1 : b0;
-      b.x[i & 1] = make_float2(p[0], p[1]);
-    }
-  }
+// Two products sharing A: c0 += a · B[:, n0..n0+7] and c1 += a · B[:, n0+8..n0+15], with B
+// (rows k0..k0+15) read from shared memory as load_b does.
+template <Major kMajor, class T>
+__device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const FragA<T>& a,
+                                         const T* s, int ld, int k0, int n0) {
+  FragB<T> b0, b1;
+  load_b<kMajor>(b0, b1, s, ld, k0, n0);
+  mma(c0, a, b0);
+  mma(c1, a, b1);
 }
 
 // The A fragment of a 16×16 block whose values sit in two adjacent C tiles (see above).
@@ -257,8 +258,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 #if defined(IDDPM_ATTN_HOST_EMULATION)
   attn_emu::cp_async_16(dst, src, valid);  // deferred until this thread's wait, as on the GPU
 #else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(valid ? 16 : 0)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
                : "memory");
 #endif
 }
@@ -304,6 +305,13 @@ __device__ __forceinline__ void store_tile(T* g, int64_t ldg, const T* s, int co
 }
 
 // ---- small math ---------------------------------------------------------------------------
+// Zeroes N accumulator tiles (16×8 f32 C fragments).
+template <int N>
+__device__ __forceinline__ void zero_tiles(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
 struct Exp2 {
   __device__ __forceinline__ float operator()(float x) const { return exp2f(x); }
 };
@@ -339,9 +347,45 @@ inline cudaError_t set_smem_limit_once(const void* kernel, size_t bytes) {
   return err;
 }
 
+// The CTA of both attention kernels: 4 warps, warp w owning rows 16w..16w+15 of its tile.
+struct CtaShape {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+};
+
 // Padding of smem rows (elements): keeps ldmatrix / fragment loads free of bank conflicts and
 // rows 16-byte aligned.
 template <class T>
 constexpr int kPad = 16 / sizeof(T) == 8 ? 8 : 4;
+
+// ---- host: the compiled kernel instances -----------------------------------------------------
+template <class T>
+struct ElemTag {
+  using type = T;
+};
+
+template <size_t I, class T, class F>
+int with_head_dim(int64_t head_dim, F& f) {
+  if constexpr (I < sizeof(kAttentionHeadDims) / sizeof(kAttentionHeadDims[0])) {
+    constexpr int C = kAttentionHeadDims[I];
+    if (head_dim == C) return f(ElemTag<T>{}, std::integral_constant<int, C>{});
+    return with_head_dim<I + 1, T>(head_dim, f);
+  } else {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// Returns f(ElemTag<T>{}, std::integral_constant<int, C>{}) for the element type T of `dtype`
+// (one of kAttentionDtypes) and the head dim C == head_dim (one of kAttentionHeadDims): the
+// launchers instantiate their kernels through this, for exactly those. cudaErrorInvalidValue
+// where no kernel was compiled.
+template <class F>
+int with_compiled_kernel(DType dtype, int64_t head_dim, F f) {
+  switch (dtype) {
+    case DType::kFloat32: return with_head_dim<0, float>(head_dim, f);
+    case DType::kFloat16: return with_head_dim<0, __half>(head_dim, f);
+    case DType::kBFloat16: return with_head_dim<0, __nv_bfloat16>(head_dim, f);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
 
 }  // namespace iddpm::cuda::attn_dev

@@ -22,8 +22,7 @@ namespace iddpm::cuda::attn_kernels {
 using namespace attn_dev;
 
 template <class T, int C>
-struct FwdCfg {
-  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+struct FwdCfg : CtaShape {
   static constexpr int BQ = 16 * kWarps, BK = 64;
   static constexpr int LDQ = BQ + kPad<T>, LDK = BK + kPad<T>;
   static constexpr int kSmemElems = C * LDQ + 4 * C * LDK;  // q, then 2 stages of (k, v)
@@ -32,17 +31,16 @@ struct FwdCfg {
 
 // qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T].
 template <class T, int C>
-__global__ void __launch_bounds__(128) attn_fwd_kernel(const T* __restrict__ qkv,
-                                                       T* __restrict__ out,
-                                                       float* __restrict__ lse, int T_len,
-                                                       float scale_log2, bool vec) {
+__global__ void __launch_bounds__(CtaShape::kThreads)
+    attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse,
+                    int T_len, float scale_log2, bool vec) {
   using Cfg = FwdCfg<T, C>;
   constexpr int BQ = Cfg::BQ, BK = Cfg::BK, LDQ = Cfg::LDQ, LDK = Cfg::LDK, NT = Cfg::kThreads;
   constexpr int NTILE_K = BK / 8, KSTEP_C = C / 16, NTILE_C = C / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);  // [C, LDQ]
-  T* ks = qs + C * LDQ;                      // 2 × [C, LDK]
-  T* vs = ks + 2 * C * LDK;                  // 2 × [C, LDK]
+  T* ks = qs + C * LDQ;                    // 2 × [C, LDK]
+  T* vs = ks + 2 * C * LDK;                // 2 × [C, LDK]
 
   const int64_t bh = blockIdx.x;
   const int q0 = blockIdx.y * BQ;
@@ -62,8 +60,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(const T* __restrict__ qkv
   for (int kk = 0; kk < KSTEP_C; ++kk) load_a_kmajor(qf[kk], qs, LDQ, 16 * warp, 16 * kk);
 
   float o[NTILE_C][4];
-#pragma unroll
-  for (int n = 0; n < NTILE_C; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  zero_tiles(o);
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g, g + 8
 
   const int n_tiles = (T_len + BK - 1) / BK;
@@ -77,16 +74,12 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(const T* __restrict__ qkv
     const T* vb = vs + buf * C * LDK;
 
     float s[NTILE_K][4];
-#pragma unroll
-    for (int n = 0; n < NTILE_K; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) {
 #pragma unroll
       for (int n = 0; n < NTILE_K; n += 2) {
-        FragB<T> b0, b1;
-        load_b_kmajor(b0, b1, kb, LDK, 16 * kk, 8 * n);
-        mma(s[n], qf[kk], b0);
-        mma(s[n + 1], qf[kk], b1);
+        mma_pair<Major::k>(s[n], s[n + 1], qf[kk], kb, LDK, 16 * kk, 8 * n);
       }
     }
 
@@ -131,10 +124,7 @@ __global__ void __launch_bounds__(128) attn_fwd_kernel(const T* __restrict__ qkv
       c_to_a(pf, s[2 * kj], s[2 * kj + 1]);
 #pragma unroll
       for (int n = 0; n < NTILE_C; n += 2) {
-        FragB<T> b0, b1;
-        load_b_nmajor(b0, b1, vb, LDK, 16 * kj, 8 * n);
-        mma(o[n], pf, b0);
-        mma(o[n + 1], pf, b1);
+        mma_pair<Major::n>(o[n], o[n + 1], pf, vb, LDK, 16 * kj, 8 * n);
       }
     }
     cp_async_wait_all();

@@ -18,7 +18,7 @@
 
 #include "common/philox.h"
 #include "common/step_math.h"
-#include "cuda/launchers.h"
+#include "cuda/step.h"
 
 namespace iddpm::cuda {
 namespace {
@@ -36,9 +36,13 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float
 template <typename T>
 __device__ __forceinline__ T from_f(float v);
 template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
+__device__ __forceinline__ float from_f<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -132,9 +136,9 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       float x0;
-      float s = step::step_element<ScalarOps>(p.cfg, c, to_f(xv.v[k]), to_f(mv.v[k]),
-                                              need_var ? to_f(vv.v[k]) : 0.0f, z[k],
-                                              has_noise, &x0);
+      float s =
+          step::step_element<ScalarOps>(p.cfg, c, to_f(xv.v[k]), to_f(mv.v[k]),
+                                        need_var ? to_f(vv.v[k]) : 0.0f, z[k], has_noise, &x0);
       if (!valid) s = x0 = nan_f();
       ov.v[k] = from_f<xT>(s);
       pv.v[k] = from_f<xT>(x0);
@@ -223,7 +227,8 @@ int sm_count() {
   if (dev < 0 || dev >= 64) return 132;
   if (cached[dev] == 0) {
     int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        sms <= 0) {
       return 132;
     }
     cached[dev] = sms;
@@ -261,9 +266,10 @@ int launch(const StepParams& p, cudaStream_t stream) {
 template <typename xT>
 int launch_mo(const StepParams& p, cudaStream_t stream) {
   switch (p.mo_dtype) {
-    case step::DType::kFloat32: return launch<xT, float>(p, stream);
-    case step::DType::kFloat16: return launch<xT, __half>(p, stream);
-    case step::DType::kBFloat16: return launch<xT, __nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch<xT, float>(p, stream);
+    case DType::kFloat16: return launch<xT, __half>(p, stream);
+    case DType::kBFloat16: return launch<xT, __nv_bfloat16>(p, stream);
+    default: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -273,9 +279,10 @@ int launch_mo(const StepParams& p, cudaStream_t stream) {
 int step(const step::StepParams& p, cudaStream_t stream) {
   if (p.B * p.C * p.S == 0) return 0;
   switch (p.x_dtype) {
-    case step::DType::kFloat32: return launch_mo<float>(p, stream);
-    case step::DType::kFloat16: return launch_mo<__half>(p, stream);
-    case step::DType::kBFloat16: return launch_mo<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_mo<float>(p, stream);
+    case DType::kFloat16: return launch_mo<__half>(p, stream);
+    case DType::kBFloat16: return launch_mo<__nv_bfloat16>(p, stream);
+    default: break;  // not a step dtype (the glue checks kStepDtypes)
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -16,64 +16,59 @@
 #include <tuple>
 
 #include "cpu/attention.h"
+#include "cuda/attention.h"  // plain C++: the CUDA kernels' dtypes and head dims
 #include "ops/checks.h"
+#include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "cuda/attention.h"
 #endif
 
 namespace iddpm::ops {
 namespace {
 
-struct Dims {
-  int64_t B, H, C, T;
-};
-
-bool cpu_dtype_ok(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-bool cuda_dtype_ok(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+using attn::AttentionShape;
 
 // Checks qkv and num_heads; returns the dimensions.
-Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
+AttentionShape check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   check_defined(qkv, "qkv");
   check_dim(qkv, "qkv", 3, "[B, 3·num_heads·C, T]");
   TORCH_CHECK_VALUE(num_heads >= 1, "num_heads: expected a positive number of heads, got ",
                     num_heads);
   const int64_t width = qkv.size(1);
-  TORCH_CHECK_VALUE(width > 0 && width % (3 * num_heads) == 0, "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
-                    3 * num_heads, " (q, k and v of C channels per head), got ", width,
-                    " channels in shape ", shape_str(qkv));
-  const Dims d{qkv.size(0), num_heads, width / (3 * num_heads), qkv.size(2)};
+  TORCH_CHECK_VALUE(
+      width > 0 && width % (3 * num_heads) == 0,
+      "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
+      3 * num_heads, " (q, k and v of C channels per head), got ", width, " channels in shape ",
+      shape_str(qkv));
+  AttentionShape d;
+  d.B = qkv.size(0);
+  d.H = num_heads;
+  d.C = width / (3 * num_heads);
+  d.T = qkv.size(2);
   if (qkv.is_cuda()) {
-    TORCH_CHECK_VALUE(cuda_dtype_ok(qkv.scalar_type()),
-                      "qkv: expected dtype float32, float16 or bfloat16 on CUDA, got ",
-                      qkv.scalar_type());
+    TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cuda::kAttentionDtypes), "qkv: expected dtype ",
+                      dtype_names(cuda::kAttentionDtypes), " on CUDA, got ", qkv.scalar_type());
 #ifdef IDDPM_WITH_CUDA
     TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(d.C),
-                      "qkv: expected a head dim C = channels / (3·num_heads) of 32, 64 or 128 on "
-                      "CUDA, got C = ",
-                      d.C, " (", width, " channels, ", num_heads, " heads)");
-    // One CTA per 64 queries along gridDim.y (at most 65535).
-    TORCH_CHECK_VALUE(d.T <= int64_t{65535} * 64, "qkv: expected at most ", int64_t{65535} * 64,
-                      " positions (dim 2) on CUDA, got ", d.T);
+                      "qkv: expected a head dim C = channels / (3·num_heads) of ",
+                      or_list(cuda::kAttentionHeadDims, [](int c) { return std::to_string(c); }),
+                      " on CUDA, got C = ", d.C, " (", width, " channels, ", num_heads, " heads)");
+    TORCH_CHECK_VALUE(d.T <= cuda::kAttentionMaxPositions, "qkv: expected at most ",
+                      cuda::kAttentionMaxPositions, " positions (dim 2) on CUDA, got ", d.T);
 #endif
   } else {
-    TORCH_CHECK_VALUE(cpu_dtype_ok(qkv.scalar_type()),
-                      "qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got ",
-                      qkv.scalar_type());
+    TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cpu::kAttentionDtypes), "qkv: expected dtype ",
+                      dtype_names(cpu::kAttentionDtypes), " on CPU, got ", qkv.scalar_type());
   }
   return d;
 }
 
 // Checks a [B, H·C, T] tensor that goes with qkv (grad_out, out).
-void check_like_out(const at::Tensor& x, const char* name, const at::Tensor& qkv, const Dims& d) {
+void check_like_out(const at::Tensor& x, const char* name, const at::Tensor& qkv,
+                    const AttentionShape& d) {
   check_defined(x, name);
   check_same_device(x, name, qkv, "qkv");
   TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == d.B && x.size(1) == d.H * d.C && x.size(2) == d.T,
@@ -87,93 +82,112 @@ at::ScalarType lse_dtype(const at::Tensor& qkv) {
   return qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_lse(const at::Tensor& lse, const at::Tensor& qkv, const Dims& d) {
+void check_lse(const at::Tensor& lse, const at::Tensor& qkv, const AttentionShape& d) {
   check_defined(lse, "lse");
   check_same_device(lse, "lse", qkv, "qkv");
   check_dtype(lse, "lse", lse_dtype(qkv));
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T,
-                    "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
+  TORCH_CHECK_VALUE(
+      lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T,
+      "lse: expected shape [", d.B, ", ", d.H, ", ", d.T, "], got ", shape_str(lse));
 }
 
-cpu::AttnDtype cpu_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cpu::AttnDtype::f64;
-    case at::kHalf: return cpu::AttnDtype::f16;
-    case at::kBFloat16: return cpu::AttnDtype::bf16;
-    default: return cpu::AttnDtype::f32;
-  }
+// Checks the backward's arguments; returns the dimensions.
+AttentionShape check_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                              const at::Tensor& out, const at::Tensor& lse, int64_t num_heads) {
+  const AttentionShape d = check_qkv(qkv, num_heads);
+  check_like_out(grad_out, "grad_out", qkv, d);
+  check_like_out(out, "out", qkv, d);
+  check_lse(lse, qkv, d);
+  return d;
+}
+
+// The forward's tensors (qkv contiguous) and its params. out: [B, H·C, T] in qkv's dtype;
+// lse: [B, H, T] in lse_dtype.
+struct Forward {
+  at::Tensor qkv, out, lse;
+  attn::AttentionFwdParams p;
+};
+
+Forward forward(const AttentionShape& d, const at::Tensor& qkv_in, at::ScalarType lse_dtype) {
+  Forward f;
+  f.qkv = qkv_in.contiguous();
+  f.out = at::empty({d.B, d.H * d.C, d.T}, f.qkv.options());
+  f.lse = at::empty({d.B, d.H, d.T}, f.qkv.options().dtype(lse_dtype));
+  f.p.dtype = dtype_of(f.qkv);
+  f.p.s = d;
+  f.p.qkv = f.qkv.data_ptr();
+  f.p.out = f.out.data_ptr();
+  f.p.lse = f.lse.data_ptr();
+  return f;
+}
+
+// The backward's tensors (inputs contiguous, grad_qkv allocated) and its params (without the
+// CUDA workspaces).
+struct Backward {
+  at::Tensor grad_out, qkv, out, lse, grad_qkv;
+  attn::AttentionBwdParams p;
+};
+
+Backward backward(const AttentionShape& d, const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                  const at::Tensor& out_in, const at::Tensor& lse_in) {
+  Backward b;
+  b.qkv = qkv_in.contiguous();
+  b.grad_out = grad_out_in.contiguous();
+  b.out = out_in.contiguous();
+  b.lse = lse_in.contiguous();
+  b.grad_qkv = at::empty_like(b.qkv);
+  b.p.dtype = dtype_of(b.qkv);
+  b.p.s = d;
+  b.p.grad_out = b.grad_out.data_ptr();
+  b.p.qkv = b.qkv.data_ptr();
+  b.p.out = b.out.data_ptr();
+  b.p.lse = b.lse.data_ptr();
+  b.p.grad_qkv = b.grad_qkv.data_ptr();
+  return b;
 }
 
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
-  const Dims d = check_qkv(qkv_in, num_heads);
-  const at::Tensor qkv = qkv_in.contiguous();
-  at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
-  at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(lse_dtype(qkv)));
-  cpu::qkv_attention_fwd(cpu_dtype(qkv.scalar_type()), qkv.data_ptr(), out.data_ptr(),
-                         lse.data_ptr(), {d.B, d.H, d.C, d.T});
-  return {out, lse};
+  const AttentionShape d = check_qkv(qkv_in, num_heads);
+  const Forward f = forward(d, qkv_in, lse_dtype(qkv_in));
+  cpu::qkv_attention_fwd(f.p);
+  return {f.out, f.lse};
 }
 
 at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                       const at::Tensor& out_in, const at::Tensor& lse_in,
                                       int64_t num_heads) {
-  const Dims d = check_qkv(qkv_in, num_heads);
-  check_like_out(grad_out_in, "grad_out", qkv_in, d);
-  check_like_out(out_in, "out", qkv_in, d);
-  check_lse(lse_in, qkv_in, d);
-  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
-  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
-  at::Tensor grad_qkv = at::empty_like(qkv);
-  cpu::qkv_attention_bwd(cpu_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(),
-                         out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
-                         {d.B, d.H, d.C, d.T});
-  return grad_qkv;
+  const AttentionShape d = check_backward(grad_out_in, qkv_in, out_in, lse_in, num_heads);
+  const Backward b = backward(d, grad_out_in, qkv_in, out_in, lse_in);
+  cpu::qkv_attention_bwd(b.p);
+  return b.grad_qkv;
 }
 
 #ifdef IDDPM_WITH_CUDA
-cuda::AttnDtype cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return cuda::AttnDtype::f16;
-    case at::kBFloat16: return cuda::AttnDtype::bf16;
-    default: return cuda::AttnDtype::f32;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
-  const Dims d = check_qkv(qkv_in, num_heads);
+  const AttentionShape d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
-  const at::Tensor qkv = qkv_in.contiguous();
-  at::Tensor out = at::empty({d.B, d.H * d.C, d.T}, qkv.options());
-  at::Tensor lse = at::empty({d.B, d.H, d.T}, qkv.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  const int err = cuda::qkv_attention_fwd(cuda_dtype(qkv.scalar_type()), qkv.data_ptr(),
-                                          out.data_ptr(), lse.data_ptr<float>(), d.B, d.H, d.C,
-                                          d.T, c10::cuda::getCurrentCUDAStream());
+  const Forward f = forward(d, qkv_in, at::kFloat);
+  if (f.out.numel() == 0) return {f.out, f.lse};
+  const int err = cuda::qkv_attention_fwd(f.p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-  return {out, lse};
+  return {f.out, f.lse};
 }
 
 at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                        const at::Tensor& out_in, const at::Tensor& lse_in,
                                        int64_t num_heads) {
-  const Dims d = check_qkv(qkv_in, num_heads);
-  check_like_out(grad_out_in, "grad_out", qkv_in, d);
-  check_like_out(out_in, "out", qkv_in, d);
-  check_lse(lse_in, qkv_in, d);
+  const AttentionShape d = check_backward(grad_out_in, qkv_in, out_in, lse_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
-  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
-  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
-  at::Tensor grad_qkv = at::empty_like(qkv);
-  if (grad_qkv.numel() == 0) return grad_qkv;
-  const auto f32 = qkv.options().dtype(at::kFloat);
+  Backward b = backward(d, grad_out_in, qkv_in, out_in, lse_in);
+  if (b.grad_qkv.numel() == 0) return b.grad_qkv;
+  const auto f32 = b.qkv.options().dtype(at::kFloat);
   at::Tensor dq_accum = at::empty({d.B * d.H, d.C, d.T}, f32);
   at::Tensor delta = at::empty({d.B * d.H, d.T}, f32);
-  const int err = cuda::qkv_attention_bwd(
-      cuda_dtype(qkv.scalar_type()), grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(),
-      lse.data_ptr<float>(), grad_qkv.data_ptr(), dq_accum.data_ptr<float>(),
-      delta.data_ptr<float>(), d.B, d.H, d.C, d.T, c10::cuda::getCurrentCUDAStream());
+  b.p.dq_accum = dq_accum.data_ptr<float>();
+  b.p.delta = delta.data_ptr<float>();
+  const int err = cuda::qkv_attention_bwd(b.p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-  return grad_qkv;
+  return b.grad_qkv;
 }
 #endif
 

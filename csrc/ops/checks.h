@@ -5,19 +5,31 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <string>
 
 namespace iddpm::ops {
 
 inline std::string shape_str(const at::Tensor& x) { return c10::str(x.sizes()); }
 
+// "a, b or c": what is accepted, as the error messages list it (name(x) gives each item).
+template <class T, size_t N, class Name>
+std::string or_list(const T (&xs)[N], Name name) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) {
+    if (i > 0) s += i + 1 < N ? ", " : " or ";
+    s += name(xs[i]);
+  }
+  return s;
+}
+
 inline void check_defined(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.defined(), name, ": expected a tensor, got None");
 }
 
 inline void check_dim(const at::Tensor& x, const char* name, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(x.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout, ", got shape ",
-                    shape_str(x));
+  TORCH_CHECK_VALUE(x.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout,
+                    ", got shape ", shape_str(x));
 }
 
 inline void check_dtype(const at::Tensor& x, const char* name, at::ScalarType dtype) {
@@ -28,6 +40,16 @@ inline void check_dtype(const at::Tensor& x, const char* name, at::ScalarType dt
 inline void check_index_dtype(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt, name,
                     ": expected an integer tensor (int64 or int32), got ", x.scalar_type());
+}
+
+// `bad`: what a CPU kernel returned for the [B] int64/int32 timesteps t of a table with T rows,
+// -1 or the first b whose t[b] is outside [0, T) (then the error names it).
+inline void check_timesteps(const at::Tensor& t, int64_t bad, int64_t T) {
+  if (bad < 0) return;
+  const int64_t value =
+      t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[bad] : t.data_ptr<int32_t>()[bad];
+  TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", T, ") (the table has ", T,
+                    " rows), got t[", bad, "] = ", value);
 }
 
 inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,

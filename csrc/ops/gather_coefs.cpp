@@ -7,7 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cpu/kernels.h"
+#include "common/gather_coefs_params.h"
+#include "cpu/gather_coefs.h"
 #include "ops/checks.h"
 
 #ifdef IDDPM_WITH_CUDA
@@ -15,7 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/launchers.h"
+#include "cuda/gather_coefs.h"
 #endif
 
 namespace iddpm::ops {
@@ -33,25 +34,24 @@ at::Tensor check_gather_args(const at::Tensor& table, const at::Tensor& t) {
   return table.contiguous();
 }
 
+// table: [T, K] f32 contiguous, t: [B] contiguous, out: [B, K] f32.
+GatherCoefsParams params(const at::Tensor& table, const at::Tensor& t, at::Tensor& out) {
+  GatherCoefsParams p;
+  p.table = table.data_ptr<float>();
+  p.T = table.size(0);
+  p.K = table.size(1);
+  p.t = t.data_ptr();
+  p.t_is_int64 = t.scalar_type() == at::kLong;
+  p.B = t.size(0);
+  p.out = out.data_ptr<float>();
+  return p;
+}
+
 at::Tensor gather_coefs_cpu(const at::Tensor& table_in, const at::Tensor& t_in) {
   const at::Tensor table = check_gather_args(table_in, t_in);
   const at::Tensor t = t_in.contiguous();
-  const int64_t T = table.size(0), K = table.size(1), B = t.size(0);
-  at::Tensor out = at::empty({B, K}, table.options());
-  int64_t bad = -1;
-  if (t.scalar_type() == at::kLong) {
-    bad = cpu::gather_coefs(table.data_ptr<float>(), T, K, t.data_ptr<int64_t>(), B,
-                            out.data_ptr<float>());
-  } else {
-    bad = cpu::gather_coefs(table.data_ptr<float>(), T, K, t.data_ptr<int32_t>(), B,
-                            out.data_ptr<float>());
-  }
-  if (bad >= 0) {
-    const int64_t value = t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[bad]
-                                                       : t.data_ptr<int32_t>()[bad];
-    TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", T, ") (the table has ", T,
-                      " rows), got t[", bad, "] = ", value);
-  }
+  at::Tensor out = at::empty({t.size(0), table.size(1)}, table.options());
+  check_timesteps(t, cpu::gather_coefs(params(table, t, out)), table.size(0));
   return out;
 }
 
@@ -60,17 +60,8 @@ at::Tensor gather_coefs_cuda(const at::Tensor& table_in, const at::Tensor& t_in)
   const at::Tensor table = check_gather_args(table_in, t_in);
   const at::Tensor t = t_in.contiguous();
   const c10::cuda::CUDAGuard guard(table.device());
-  const int64_t T = table.size(0), K = table.size(1), B = t.size(0);
-  at::Tensor out = at::empty({B, K}, table.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int err = 0;
-  if (t.scalar_type() == at::kLong) {
-    err = cuda::gather_coefs(table.data_ptr<float>(), T, K, t.data_ptr<int64_t>(), B,
-                             out.data_ptr<float>(), stream);
-  } else {
-    err = cuda::gather_coefs(table.data_ptr<float>(), T, K, t.data_ptr<int32_t>(), B,
-                             out.data_ptr<float>(), stream);
-  }
+  at::Tensor out = at::empty({t.size(0), table.size(1)}, table.options());
+  const int err = cuda::gather_coefs(params(table, t, out), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return out;
 }

@@ -36,8 +36,9 @@
 
 #include "common/step_math.h"
 #include "common/step_params.h"
-#include "cpu/kernels.h"
+#include "cpu/step.h"
 #include "ops/checks.h"
+#include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -45,7 +46,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/launchers.h"
+#include "cuda/step.h"
 #endif
 
 namespace iddpm::ops {
@@ -75,15 +76,8 @@ int32_t parse_var_type(c10::string_view s) {
 }
 
 void check_float_dtype(const at::Tensor& v, const char* name) {
-  const auto d = v.scalar_type();
-  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, name,
-                    ": expected dtype float32, float16 or bfloat16, got ", d);
-}
-
-step::DType to_dtype(at::ScalarType d) {
-  if (d == at::kHalf) return step::DType::kFloat16;
-  if (d == at::kBFloat16) return step::DType::kBFloat16;
-  return step::DType::kFloat32;
+  TORCH_CHECK_VALUE(dtype_in(v.scalar_type(), step::kStepDtypes), name, ": expected dtype ",
+                    dtype_names(step::kStepDtypes), ", got ", v.scalar_type());
 }
 
 // Strides of a dense tensor of `sizes` stored as [B, *spatial, C].
@@ -157,7 +151,8 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   p.cfg.eta = static_cast<float>(eta);
 
   check_defined(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() >= 2, "x: expected a tensor [B, C, ...] with at least 2 dims, got shape ",
+  TORCH_CHECK_VALUE(x_in.dim() >= 2,
+                    "x: expected a tensor [B, C, ...] with at least 2 dims, got shape ",
                     shape_str(x_in));
   check_float_dtype(x_in, "x");
   const int64_t B = x_in.size(0), C = x_in.size(1);
@@ -183,13 +178,12 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   check_defined(table_in, "table");
   check_same_device(table_in, "table", x_in, "x");
   check_dtype(table_in, "table", at::kFloat);
-  TORCH_CHECK_VALUE(table_in.dim() == 2 && table_in.size(0) >= 1 &&
-                        table_in.size(1) >= step::col::kMinColumns,
-                    "table: expected a [T, K] coefficient table with T >= 1 and K >= ",
-                    step::col::kMinColumns,
-                    " columns (GaussianDiffusion.coef_table, columns iddpm_ext.tables.COEF_NAMES), "
-                    "got shape ",
-                    shape_str(table_in));
+  TORCH_CHECK_VALUE(
+      table_in.dim() == 2 && table_in.size(0) >= 1 && table_in.size(1) >= step::col::kMinColumns,
+      "table: expected a [T, K] coefficient table with T >= 1 and K >= ", step::col::kMinColumns,
+      " columns (GaussianDiffusion.coef_table, columns iddpm_ext.tables.COEF_NAMES), "
+      "got shape ",
+      shape_str(table_in));
 
   if (noise_in.has_value() && noise_in->defined()) {
     const at::Tensor& nz = *noise_in;
@@ -243,9 +237,9 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   p.C = C;
   p.S = B * C == 0 ? 0 : x_in.numel() / (B * C);
   p.x = r.x.data_ptr();
-  p.x_dtype = to_dtype(x_in.scalar_type());
+  p.x_dtype = dtype_of(x_in);
   p.model_output = r.mo.data_ptr();
-  p.mo_dtype = to_dtype(mo_in.scalar_type());
+  p.mo_dtype = dtype_of(mo_in);
   p.out = r.out.data_ptr();
   p.pred_xstart = return_pred ? r.pred.data_ptr() : nullptr;
   p.t = r.t.data_ptr();
@@ -271,13 +265,7 @@ void run_cpu(Prepared& r, const std::optional<at::Generator>& generator) {
     r.p.philox.seed = gen->random64();  // a fresh key per call; offset 0
     r.p.philox.offset = 0;
   }
-  const int64_t bad = cpu::step(r.p);
-  if (bad >= 0) {
-    const int64_t value = r.t.scalar_type() == at::kLong ? r.t.data_ptr<int64_t>()[bad]
-                                                         : r.t.data_ptr<int32_t>()[bad];
-    TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", r.p.T, ") (the table has ", r.p.T,
-                      " rows), got t[", bad, "] = ", value);
-  }
+  check_timesteps(r.t, cpu::step(r.p), r.p.T);
 }
 
 #ifdef IDDPM_WITH_CUDA
@@ -341,38 +329,41 @@ std::tuple<at::Tensor, at::Tensor> p_sample_step(
              clip_denoised, 0.0, noise, generator, return_pred_xstart, sample_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(
-    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
-    bool clip_denoised, double eta, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, bool return_pred_xstart,
-    const std::optional<at::Tensor>& sample_index) {
-  return run(step::kDdim, x, model_output, t, table, model_mean_type, model_var_type,
-             clip_denoised, eta, noise, generator, return_pred_xstart, sample_index);
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& x, const at::Tensor& model_output,
+                                             const at::Tensor& t, const at::Tensor& table,
+                                             c10::string_view model_mean_type,
+                                             c10::string_view model_var_type, bool clip_denoised,
+                                             double eta, const std::optional<at::Tensor>& noise,
+                                             std::optional<at::Generator> generator,
+                                             bool return_pred_xstart,
+                                             const std::optional<at::Tensor>& sample_index) {
+  return run(step::kDdim, x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
+             eta, noise, generator, return_pred_xstart, sample_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(
-    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view model_mean_type, c10::string_view model_var_type,
-    bool clip_denoised, bool return_pred_xstart) {
+std::tuple<at::Tensor, at::Tensor> ddim_reverse_step(const at::Tensor& x,
+                                                     const at::Tensor& model_output,
+                                                     const at::Tensor& t, const at::Tensor& table,
+                                                     c10::string_view model_mean_type,
+                                                     c10::string_view model_var_type,
+                                                     bool clip_denoised, bool return_pred_xstart) {
   return run(step::kDdimReverse, x, model_output, t, table, model_mean_type, model_var_type,
              clip_denoised, 0.0, std::nullopt, std::nullopt, return_pred_xstart, std::nullopt);
 }
 
+// The same functions serve both dispatch keys (run() picks the device).
+void impl_step_ops(torch::Library& m) {
+  m.impl("p_sample_step", &p_sample_step);
+  m.impl("ddim_step", &ddim_step);
+  m.impl("ddim_reverse_step", &ddim_reverse_step);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
-  m.impl("p_sample_step", &p_sample_step);
-  m.impl("ddim_step", &ddim_step);
-  m.impl("ddim_reverse_step", &ddim_reverse_step);
-}
+TORCH_LIBRARY_IMPL(iddpm, CPU, m) { impl_step_ops(m); }
 
 #ifdef IDDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
-  m.impl("p_sample_step", &p_sample_step);
-  m.impl("ddim_step", &ddim_step);
-  m.impl("ddim_reverse_step", &ddim_reverse_step);
-}
+TORCH_LIBRARY_IMPL(iddpm, CUDA, m) { impl_step_ops(m); }
 #endif
 
 }  // namespace iddpm::ops

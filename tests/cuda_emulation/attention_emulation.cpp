@@ -70,6 +70,19 @@ struct Buf {
   }
 };
 
+// Runs `kernel` (a call of a __global__ function) for every block of `grid` in turn, x outer
+// and y inner, as the GPU would run them in some order.
+template <class Kernel>
+void launch(dim3 grid, int threads, size_t smem_bytes, const Kernel& kernel) {
+  gridDim = grid;
+  for (unsigned x = 0; x < grid.x; ++x) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      blockIdx = make_uint3(x, y, 0);
+      attn_emu::run_block(threads, smem_raw, smem_bytes, kernel);
+    }
+  }
+}
+
 double max_rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
   double m = 0, e = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -149,44 +162,21 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
 
   // forward
   using F = FwdCfg<T, C>;
-  const int q_tiles = (T_len + F::BQ - 1) / F::BQ;
-  gridDim = dim3(BH, q_tiles, 1);
-  for (int bh = 0; bh < BH; ++bh) {
-    for (int qt = 0; qt < q_tiles; ++qt) {
-      blockIdx = make_uint3(bh, qt, 0);
-      attn_emu::run_block(F::kThreads, smem_raw, F::kSmemBytes, [&] {
-        attn_fwd_kernel<T, C>(qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec);
-      });
-    }
-  }
+  launch(dim3(BH, (T_len + F::BQ - 1) / F::BQ, 1), F::kThreads, F::kSmemBytes, [&] {
+    attn_fwd_kernel<T, C>(qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec);
+  });
   // backward: delta, main, dq
   using Bw = BwdCfg<T, C>;
   const int d_tiles = (T_len + 127) / 128;
-  gridDim = dim3(BH * d_tiles, 1, 1);
-  for (int b = 0; b < BH * d_tiles; ++b) {
-    blockIdx = make_uint3(b, 0, 0);
-    attn_emu::run_block(128, smem_raw, 0, [&] {
-      attn_delta_kernel<T, C>(dout.data(), out.data(), delta.data(), T_len, d_tiles);
-    });
-  }
-  const int k_tiles = (T_len + Bw::BK - 1) / Bw::BK;
-  gridDim = dim3(BH, k_tiles, 1);
-  for (int bh = 0; bh < BH; ++bh) {
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      blockIdx = make_uint3(bh, kt, 0);
-      attn_emu::run_block(Bw::kThreads, smem_raw, Bw::kSmemBytes, [&] {
-        attn_bwd_kernel<T, C>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
-                              dq_accum.data(), T_len, scale, scale_log2, vec);
-      });
-    }
-  }
-  gridDim = dim3(3, 1, 1);  // grid-stride kernel: a few blocks cover everything
-  for (int b = 0; b < 3; ++b) {
-    blockIdx = make_uint3(b, 0, 0);
-    attn_emu::run_block(256, smem_raw, 0, [&] {
-      attn_dq_kernel<T, C>(dq_accum.data(), grad.data(), BH, T_len, scale);
-    });
-  }
+  launch(dim3(BH * d_tiles, 1, 1), 128, 0,
+         [&] { attn_delta_kernel<T, C>(dout.data(), out.data(), delta.data(), T_len, d_tiles); });
+  launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, 1), Bw::kThreads, Bw::kSmemBytes, [&] {
+    attn_bwd_kernel<T, C>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
+                          dq_accum.data(), T_len, scale, scale_log2, vec);
+  });
+  // grid-stride kernel: a few blocks cover everything
+  launch(dim3(3, 1, 1), 256, 0,
+         [&] { attn_dq_kernel<T, C>(dq_accum.data(), grad.data(), BH, T_len, scale); });
 
   // compare with float64 on the same (rounded) inputs
   const size_t CT = static_cast<size_t>(C) * T_len;
@@ -209,9 +199,9 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
   for (size_t i = 0; i < r_lse.size(); ++i) g_lse[i] = lse.data()[i];
   for (size_t i = 0; i < nqkv; ++i) g_g[i] = to_f(grad.data()[i]);
 
-  const std::string name = std::string(dtype) + " C=" + std::to_string(C) + " B=" +
-                           std::to_string(B) + " H=" + std::to_string(H) + " T=" +
-                           std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
+  const std::string name = std::string(dtype) + " C=" + std::to_string(C) +
+                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                           " T=" + std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
                            (shift ? " unaligned" : "");
   expect(out.all_finite() && lse.all_finite() && grad.all_finite(), name + ": unwritten output");
   expect(qkv.guards_intact() && out.guards_intact() && grad.guards_intact() &&
@@ -228,8 +218,8 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
     }
     e_g[part] = max_rel_err(a, b);
   }
-  std::printf("%-44s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_lse,
-              e_g[0], e_g[1], e_g[2]);
+  std::printf("%-44s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_lse, e_g[0],
+              e_g[1], e_g[2]);
   expect(e_o <= tol_fwd && e_lse <= tol_fwd, name + ": forward error");
   expect(e_g[0] <= tol_bwd && e_g[1] <= tol_bwd && e_g[2] <= tol_bwd, name + ": backward error");
 }
@@ -241,8 +231,10 @@ void self_tests() {
   std::mt19937 rng(7);
   std::uniform_int_distribution<int> small(-8, 8);
   float A[16][16], Bm[16][8];
-  for (auto& r : A) for (float& x : r) x = small(rng) / 4.0f;
-  for (auto& r : Bm) for (float& x : r) x = small(rng) / 4.0f;
+  for (auto& r : A)
+    for (float& x : r) x = small(rng) / 4.0f;
+  for (auto& r : Bm)
+    for (float& x : r) x = small(rng) / 4.0f;
   float err = 0;
   alignas(16) static float fs[16 * 24];
   alignas(16) static __half hs[16 * 24];
@@ -255,7 +247,8 @@ void self_tests() {
       const int m = g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
       a.x[i] = make_float2(A[m][k], A[m][k + 1]);
     }
-    for (int i = 0; i < 2; ++i) b.x[i] = make_float2(Bm[2 * t + 8 * i][g], Bm[2 * t + 8 * i + 1][g]);
+    for (int i = 0; i < 2; ++i)
+      b.x[i] = make_float2(Bm[2 * t + 8 * i][g], Bm[2 * t + 8 * i + 1][g]);
     float c[4] = {0, 0, 0, 0};
     mma_f32_shuffle(c, a, b);
     for (int i = 0; i < 4; ++i) {
@@ -296,13 +289,13 @@ void self_tests() {
     for (int i = 0; i < 4; ++i) check_pair(af.x[i], ah.x[i]);
     FragB<float> bf0, bf1;
     FragB<__half> bh0, bh1;
-    load_b_kmajor(bf0, bf1, sf, 24, 0, 8);
-    load_b_kmajor(bh0, bh1, sh, 24, 0, 8);
-    load_b_nmajor(bf0, bf1, sf, 24, 8, 0);  // n-major read of the same storage
-    load_b_nmajor(bh0, bh1, sh, 24, 8, 0);
+    load_b<Major::k>(bf0, bf1, sf, 24, 0, 8);
+    load_b<Major::k>(bh0, bh1, sh, 24, 0, 8);
+    load_b<Major::n>(bf0, bf1, sf, 24, 8, 0);  // n-major read of the same storage
+    load_b<Major::n>(bh0, bh1, sh, 24, 8, 0);
     for (int i = 0; i < 2; ++i) check_pair(bf0.x[i], bh0.x[i]), check_pair(bf1.x[i], bh1.x[i]);
-    load_b_kmajor(bf0, bf1, sf, 24, 0, 0);
-    load_b_kmajor(bh0, bh1, sh, 24, 0, 0);
+    load_b<Major::k>(bf0, bf1, sf, 24, 0, 0);
+    load_b<Major::k>(bh0, bh1, sh, 24, 0, 0);
     for (int i = 0; i < 2; ++i) check_pair(bf0.x[i], bh0.x[i]), check_pair(bf1.x[i], bh1.x[i]);
   });
   std::printf("self-test: fp32 shuffle mma error %.2e, fp32 vs ldmatrix fragments %s\n", err,
@@ -326,12 +319,12 @@ int main() {
     run_case<float, 64>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
     run_case<float, 128>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
   }
-  run_case<__half, 64>(2, 1, 136, 0, 4e-3, 1e-2, "fp16");    // 3 pipelined tiles, cp.async
+  run_case<__half, 64>(2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
   run_case<float, 32>(1, 1, 136, 0, 2e-5, 1e-4, "fp32");
   run_case<__nv_bfloat16, 64>(1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
-  run_case<__half, 128>(1, 1, 130, 0, 4e-3, 1e-2, "fp16");   // backward: 5 query tiles of 32
+  run_case<__half, 128>(1, 1, 130, 0, 4e-3, 1e-2, "fp16");        // backward: 5 query tiles of 32
   run_case<float, 64>(1, 1, 130, 0, 2e-5, 1e-4, "fp32");
-  run_case<__half, 64>(1, 2, 80, 1, 4e-3, 1e-2, "fp16");     // unaligned storage: guarded loads
+  run_case<__half, 64>(1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }

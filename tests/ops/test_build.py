@@ -93,3 +93,70 @@ def test_missing_module_message(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "not built" in res.stdout and "make build" in res.stdout
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def test_capabilities_match_what_the_ops_accept():
+    from iddpm_ext import _C
+
+    caps = _C.capabilities()
+    assert set(caps) == {"cuda", "ops", "step", "attention"}
+    assert caps["cuda"] == iddpm_ext.build_info()["cuda"]
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("iddpm::")}
+    assert set(caps["ops"]) == registered
+    for op in ("step", "attention"):
+        assert set(caps[op]) == {"cpu", "cuda"}
+        assert (caps[op]["cuda"] is None) == (not caps["cuda"])
+    assert caps["attention"]["cpu"]["head_dims"] == "any"
+    if caps["cuda"]:
+        cuda = caps["attention"]["cuda"]
+        assert cuda["head_dims"] and all(isinstance(c, int) for c in cuda["head_dims"])
+        assert set(cuda["dtypes"]) <= set(_TORCH_DTYPES) and cuda["max_positions"] > 0
+        assert set(caps["step"]["cuda"]["dtypes"]) <= set(_TORCH_DTYPES)
+
+    # CPU attention: every listed dtype runs (any head dim), every other one is a ValueError.
+    listed = caps["attention"]["cpu"]["dtypes"]
+    for name, dtype in _TORCH_DTYPES.items():
+        qkv = torch.randn(1, 3 * 2 * 5, 7).to(dtype)  # 2 heads of head dim 5
+        if name in listed:
+            out, lse = torch.ops.iddpm.qkv_attention(qkv, 2)
+            assert out.dtype == dtype and out.shape == (1, 10, 7)
+        else:
+            with pytest.raises(ValueError, match="qkv: expected dtype"):
+                torch.ops.iddpm.qkv_attention(qkv, 2)
+    with pytest.raises(ValueError, match="qkv: expected dtype"):
+        torch.ops.iddpm.qkv_attention(torch.ones(1, 6, 3, dtype=torch.int64), 1)
+
+    # CPU step: the same for x's dtype.
+    listed = caps["step"]["cpu"]["dtypes"]
+    table = torch.rand(10, 20)  # [T, K] coefficient table (K >= the 18 columns the kernels read)
+    for name, dtype in _TORCH_DTYPES.items():
+        x = torch.randn(2, 3, 4, 4).to(dtype)
+        args = (x, torch.randn(2, 3, 4, 4), torch.tensor([0, 5]), table, "epsilon", "fixed_small",
+                True)
+        if name in listed:
+            sample, _ = torch.ops.iddpm.p_sample_step(*args)
+            assert sample.dtype == dtype
+        else:
+            with pytest.raises(ValueError, match="x: expected dtype"):
+                torch.ops.iddpm.p_sample_step(*args)
+
+
+@pytest.mark.gpu
+def test_cuda_capabilities_match_what_the_ops_accept():
+    from iddpm_ext import _C
+
+    cuda = _C.capabilities()["attention"]["cuda"]
+    for name, dtype in _TORCH_DTYPES.items():
+        for head_dim in (*cuda["head_dims"], 16, 48):
+            qkv = torch.randn(1, 3 * head_dim, 64, device="cuda").to(dtype)
+            if name in cuda["dtypes"] and head_dim in cuda["head_dims"]:
+                out, _ = torch.ops.iddpm.qkv_attention(qkv, 1)
+                assert out.dtype == dtype
+            else:
+                with pytest.raises(ValueError, match="qkv: expected"):
+                    torch.ops.iddpm.qkv_attention(qkv, 1)

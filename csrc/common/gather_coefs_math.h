@@ -1,14 +1,16 @@
-// csrc/common/gather.h — per-element math of the schedule-coefficient gather,
-// shared by csrc/cpu/gather_coefs.cpp and csrc/cuda/gather_coefs.cu.
+// csrc/common/gather_coefs_math.h — per-element math of the schedule-coefficient gather
+// (iddpm::gather_coefs), shared by csrc/cpu/gather_coefs.cpp and csrc/cuda/gather_coefs.cu.
 //
 // table: [T, K] float32 row-major, one row of K coefficients per timestep.
 // t:     [B] integer timesteps.
 // out:   [B, K] float32, out[b, k] = table[t[b], k].
+// (common/gather_coefs_params.h holds these pointers and sizes.)
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include "common/gather_coefs_params.h"
 #include "common/macros.h"
 
 namespace iddpm {

@@ -1,0 +1,45 @@
+// csrc/common/attention_params.h — the plain argument blocks of the fused QKV attention
+// (iddpm::qkv_attention and qkv_attention_backward). No torch and no CUDA types: the glue in
+// csrc/ops fills them, csrc/cpu and csrc/cuda read them.
+//
+// Layout (the UNet's own, as the reference reshapes it):
+//   qkv:      [B, 3·H·C, T] contiguous; head h owns channels [3Ch, 3Ch + 3C): q | k | v,
+//             each a [C, T] block with T contiguous.
+//   out:      [B, H·C, T] contiguous, dtype of qkv.
+//   lse:      [B, H, T] contiguous, natural-log logsumexp of the scaled logits; float64 for
+//             float64 inputs (CPU, so that the recomputed probabilities are exact), else float32.
+//   grad_qkv: [B, 3·H·C, T] contiguous, same interleaved layout as qkv.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace iddpm::attn {
+
+struct AttentionShape {
+  int64_t B = 0, H = 0, C = 0, T = 0;  // batch, heads, head dim, positions
+};
+
+struct AttentionFwdParams {
+  DType dtype = DType::kFloat32;  // of qkv and out
+  AttentionShape s;
+  const void* qkv = nullptr;  // [B, 3·H·C, T]
+  void* out = nullptr;        // [B, H·C, T]
+  void* lse = nullptr;        // [B, H, T] float32 (float64 for float64 qkv)
+};
+
+struct AttentionBwdParams {
+  DType dtype = DType::kFloat32;  // of qkv, grad_out, out and grad_qkv
+  AttentionShape s;
+  const void* grad_out = nullptr;  // [B, H·C, T]
+  const void* qkv = nullptr;       // [B, 3·H·C, T]
+  const void* out = nullptr;       // [B, H·C, T], the forward's
+  const void* lse = nullptr;       // [B, H, T], the forward's
+  void* grad_qkv = nullptr;        // [B, 3·H·C, T]
+  // CUDA only: workspaces allocated by the caller (any content).
+  float* dq_accum = nullptr;  // [B·H, C, T] float32
+  float* delta = nullptr;     // [B·H, T] float32
+};
+
+}  // namespace iddpm::attn
