@@ -29,7 +29,7 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/test_build.py
+// The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
 constexpr const char* kOps[] = {"gather_coefs",      "p_sample_step", "ddim_step",
                                 "ddim_reverse_step", "qkv_attention", "qkv_attention_backward"};

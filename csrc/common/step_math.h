@@ -41,7 +41,7 @@
 namespace iddpm::step {
 
 // Columns of the coefficient table read by the step kernels: positions in
-// iddpm_ext/core/tables.py COEF_NAMES (tests/test_step_ops.py checks they agree).
+// iddpm_ext/core/tables.py COEF_NAMES (tests/ops/test_step.py checks they agree).
 namespace col {
 constexpr int kPosteriorLogVarianceClipped = 6;
 constexpr int kPosteriorMeanCoef1 = 7;

@@ -1,6 +1,6 @@
 // csrc/cuda/attention_bwd_kernel.cuh — backward kernels of the fused QKV attention (CUDA C++17,
 // no torch); launched by attention_bwd.cu, also compiled for the host by the emulation test
-// (tests/cuda_emulation/).
+// (tests/ops/cuda_emulation/).
 //
 // FlashAttention-2's scheme, on the [C, T] layout of qkv, recomputing P (no T×T matrix):
 //  1. attn_delta_kernel: D_i = Σ_c dO[c, i]·O[c, i] per (b·h, query), in fp32.

@@ -1,6 +1,6 @@
 // csrc/cuda/attention_fwd_kernel.cuh — forward kernel of the fused QKV attention (CUDA C++17, no
 // torch); launched by attention_fwd.cu, also compiled for the host by the emulation test
-// (tests/cuda_emulation/).
+// (tests/ops/cuda_emulation/).
 //
 // One CTA of 4 warps per (b·h, tile of BQ = 64 queries); warp w owns query rows 16w..16w+15.
 // The q tile is read once into registers as A fragments (ldmatrix.trans straight from the

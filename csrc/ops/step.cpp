@@ -181,7 +181,7 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   TORCH_CHECK_VALUE(
       table_in.dim() == 2 && table_in.size(0) >= 1 && table_in.size(1) >= step::col::kMinColumns,
       "table: expected a [T, K] coefficient table with T >= 1 and K >= ", step::col::kMinColumns,
-      " columns (GaussianDiffusion.coef_table, columns iddpm_ext.tables.COEF_NAMES), "
+      " columns (GaussianDiffusion.coef_table, columns iddpm_ext.core.tables.COEF_NAMES), "
       "got shape ",
       shape_str(table_in));
 

@@ -36,7 +36,8 @@ import torch
 from .. import ops
 
 KINDS = ("ancestral", "ddim", "ddim_reverse")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# x and model-output dtypes the fused step kernels take (asked of _C; the CPU and CUDA lists agree).
+FUSED_DTYPES = (ops.loader.capabilities()["step"]["cpu"] or {"dtypes": ()})["dtypes"]
 _FUSED_DEVICES: dict[str, bool] = {}
 
 

@@ -63,14 +63,11 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return qkv_attention_reference(qkv, num_heads)
 
 
-# What the compiled kernels cover. Read once at import so that the dispatch above is plain
-# Python over constants (torch.compile(fullgraph=True) traces it without a graph break).
+# What the compiled kernels cover, asked of _C once at import (loader.capabilities), so that
+# the dispatch above is plain Python over constants (torch.compile(fullgraph=True) traces it
+# without a graph break).
 _HAS_KERNEL = {"cpu": loader.has_kernel("cpu"), "cuda": loader.has_kernel("cuda")}
-_FUSED_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
-_CUDA_HEAD_DIMS = (32, 64, 128)
+_KERNELS = {device: caps for device, caps in loader.capabilities()["attention"].items() if caps}
 # The dtypes "auto" sends to the fused op (see qkv_attention's docstring).
 _AUTO_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -79,16 +76,16 @@ _AUTO_DTYPES = {
 
 
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
-    """True when the fused op has a kernel for this qkv (device, dtype, head dim)."""
-    kind = qkv.device.type
-    if not _HAS_KERNEL.get(kind, False) or qkv.dtype not in _FUSED_DTYPES[kind]:
+    """True when the fused op has a kernel for this qkv (device, dtype, head dim, length)."""
+    caps = _KERNELS.get(qkv.device.type)
+    if caps is None or qkv.dtype not in caps["dtypes"]:
         return False
     if qkv.dim() != 3 or num_heads < 1 or qkv.shape[1] % (3 * num_heads) != 0:
         return False
     head_dim = qkv.shape[1] // (3 * num_heads)
-    if kind == "cuda":
-        return head_dim in _CUDA_HEAD_DIMS
-    return head_dim >= 1
+    if caps["head_dims"] != "any" and head_dim not in caps["head_dims"]:
+        return False
+    return head_dim >= 1 and qkv.shape[2] <= caps.get("max_positions", qkv.shape[2])
 
 
 def _require_fused_device(qkv: torch.Tensor):

@@ -96,3 +96,33 @@ def has_kernel(device: torch.device | str) -> bool:
     if kind == "cuda":
         return bool(_C.build_info()["cuda"])
     return False
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def capabilities() -> dict:
+    """What the kernels of ``_C`` accept, as ``_C.capabilities()`` reports it from the same
+    C++ constants its argument checks use, with dtype names turned into torch dtypes::
+
+        {"ops": [...], "step": {"cpu": {"dtypes": (...)}, "cuda": ... or None},
+         "attention": {"cpu": {"dtypes": (...), "head_dims": "any"},
+                       "cuda": {"dtypes": (...), "head_dims": (32, 64, 128), "max_positions": N} or None}}
+
+    Without ``_C``: no ops and None for every device."""
+    if _C is None:
+        return {"ops": [], "step": {"cpu": None, "cuda": None}, "attention": {"cpu": None, "cuda": None}}
+    caps = _C.capabilities()
+
+    def convert(entry):
+        if entry is None:
+            return None
+        out = dict(entry)
+        out["dtypes"] = tuple(_DTYPES[n] for n in entry["dtypes"])
+        if isinstance(entry.get("head_dims"), list):
+            out["head_dims"] = tuple(entry["head_dims"])
+        return out
+
+    return {"ops": list(caps["ops"]),
+            **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in ("step", "attention")}}

@@ -1,4 +1,4 @@
-"""The CUDA attention kernels run on the CPU: tests/cuda_emulation/ compiles
+"""The CUDA attention kernels run on the CPU: tests/ops/cuda_emulation/ compiles
 csrc/cuda/attention_{fwd,bwd}_kernel.cuh with the host compiler on top of a small warp/block
 emulator (mma.sync, ldmatrix, cp.async, shuffles and barriers following the PTX ISA) and checks
 every dtype and head dim against float64 (see the .cpp's header for what it can and cannot
@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SRC = ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp"
+SRC = pathlib.Path(__file__).resolve().parent / "cuda_emulation" / "attention_emulation.cpp"
 
 
 def _cuda_include():

@@ -1,4 +1,4 @@
-// tests/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough to
+// tests/ops/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough to
 // run the attention kernels of csrc/cuda/attention_*_kernel.cuh unchanged on the CPU.
 //
 // Each CUDA thread of a block is a ucontext coroutine. Threads run until they reach a collective

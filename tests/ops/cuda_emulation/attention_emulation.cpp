@@ -1,9 +1,9 @@
-// tests/cuda_emulation/attention_emulation.cpp — runs the CUDA attention kernels
+// tests/ops/cuda_emulation/attention_emulation.cpp — runs the CUDA attention kernels
 // (csrc/cuda/attention_{fwd,bwd}_kernel.cuh, unchanged) on the CPU through warp_emulator.h and
 // checks them against a float64 reference computed here, for fp16, bf16 and fp32 inputs and
 // head dims 32, 64, 128: both global-load paths (cp.async and guarded), partial and pipelined
 // tiles, every output element written (buffers start as NaN), nothing written outside them
-// (guard zones). Built and run by tests/test_attention_cuda_emulation.py. Exit code 0 = pass.
+// (guard zones). Built and run by tests/ops/test_attention_cuda_emulation.py. Exit code 0 = pass.
 //
 // What it cannot check: that the hardware's mma.sync / ldmatrix follow the layouts the emulator
 // implements (the PTX ISA's, also written down in attention_common.cuh), timing, and memory
