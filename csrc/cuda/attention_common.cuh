@@ -15,7 +15,8 @@
 //
 // With IDDPM_ATTN_HOST_EMULATION defined, the handful of warp-collective instructions below
 // (mma.sync, ldmatrix, cp.async) call into a host emulator instead of inline PTX, which lets
-// tests/ops/cuda_emulation/ run these kernels, unchanged otherwise, on the CPU (see docs/attention.md).
+// tests/ops/cuda_emulation/ run these kernels, unchanged otherwise, on the CPU (see
+// docs/attention.md).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -98,8 +98,12 @@ def has_kernel(device: torch.device | str) -> bool:
     return False
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def capabilities() -> dict:
@@ -124,5 +128,7 @@ def capabilities() -> dict:
             out["head_dims"] = tuple(entry["head_dims"])
         return out
 
-    return {"ops": list(caps["ops"]),
-            **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in ("step", "attention")}}
+    return {
+        "ops": list(caps["ops"]),
+        **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in ("step", "attention")},
+    }

@@ -10,8 +10,23 @@ from iddpm_ext import bench, ops
 
 def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys):
     out = tmp_path / "a.json"
-    argv = ["attention", "--device", "cpu", "--threads", "1", "--warmup", "1", "--iters", "2",
-            "--cases", "1x2x32x16", "--passes", "both", "--json", str(out)]
+    argv = [
+        "attention",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--cases",
+        "1x2x32x16",
+        "--passes",
+        "both",
+        "--json",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     capsys.readouterr()
     recs = json.loads(out.read_text())["records"]
@@ -26,21 +41,41 @@ def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys)
 
 def test_step_sizes_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "s.json"
-    argv = ["step", "--device", "cpu", "--threads", "1", "--warmup", "1", "--iters", "2", "--no-compile",
-            "--sizes", "2x3x8x8", "--json", str(out)]
+    argv = [
+        "step",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--no-compile",
+        "--sizes",
+        "2x3x8x8",
+        "--json",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     capsys.readouterr()
     recs = json.loads(out.read_text())["records"]
     assert recs and all(r["shape"][:4] == [2, 3, 8, 8] for r in recs)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["attention", "--device", "cpu", "--passes", "forward"], "--passes: expected fwd, fwd+bwd or both, got 'forward'"),
-    (["attention", "--device", "cpu", "--cases", "1x4x64"], "--cases: expected 4 positive ints"),
-    (["attention", "--device", "cpu", "--cases", "1x4x0x64"], "got '1x4x0x64'"),
-    (["attention", "--device", "cpu", "--dtype", "float8"], "--dtype: expected names from"),
-    (["step", "--device", "cpu", "--sizes", "64x3xAx32"], "--sizes: expected 4 positive ints"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["attention", "--device", "cpu", "--passes", "forward"],
+            "--passes: expected fwd, fwd+bwd or both, got 'forward'",
+        ),
+        (["attention", "--device", "cpu", "--cases", "1x4x64"], "--cases: expected 4 positive ints"),
+        (["attention", "--device", "cpu", "--cases", "1x4x0x64"], "got '1x4x0x64'"),
+        (["attention", "--device", "cpu", "--dtype", "float8"], "--dtype: expected names from"),
+        (["step", "--device", "cpu", "--sizes", "64x3xAx32"], "--sizes: expected 4 positive ints"),
+    ],
+)
 def test_bad_values_are_one_error_line(argv, message, capsys):
     assert bench.main(argv) == 2
     out, err = capsys.readouterr()

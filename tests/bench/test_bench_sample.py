@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from iddpm_ext import bench, ops
+from iddpm_ext import bench
 from iddpm_ext.bench import sample as bench_sample
 
 pytestmark = pytest.mark.kernels
@@ -19,15 +19,15 @@ def _args(argv):
 def test_cuda_grids():
     cuda = torch.device("cuda")
     trimmed = bench_sample.cases(_args([]), cuda)
-    assert {(s, b) for s, b, _, i in trimmed if i == "graph"} == {(50, 1), (50, 16), (50, 256),
-                                                                  (250, 1)}
+    assert {(s, b) for s, b, _, i in trimmed if i == "graph"} == {(50, 1), (50, 16), (50, 256), (250, 1)}
     assert {b for s, b, _, i in trimmed if i == "reference" and s == 50} == {1, 16, 256}
     assert trimmed[-1][3] == "compile" and sum(c[3] == "compile" for c in trimmed) == 1
     full = bench_sample.cases(_args(["--full"]), cuda)
     assert len(full) == 3 * 2 * 4 * 2
     assert all(c[3] == "compile" for c in full[-12:])  # compile rows last
-    picked = bench_sample.cases(_args(["--batches", "2", "--steps", "7", "--impls", "graph",
-                                       "--dtypes", "bfloat16"]), cuda)
+    picked = bench_sample.cases(
+        _args(["--batches", "2", "--steps", "7", "--impls", "graph", "--dtypes", "bfloat16"]), cuda
+    )
     assert picked == [(7, 2, "bfloat16", "graph")]
     assert all(c[3] != "compile" for c in bench_sample.cases(_args(["--no-compile"]), cuda))
     quick = bench_sample.cases(_args(["--quick"]), cuda)
@@ -47,8 +47,7 @@ def test_cpu_grid_has_no_graph_rows():
 
 def test_quick_cpu_run_writes_records(tmp_path):
     path = tmp_path / "bench_sample.json"
-    argv = ["sample", "--device", "cpu", "--quick", "--threads", "1", "--steps", "2",
-            "--json", str(path)]
+    argv = ["sample", "--device", "cpu", "--quick", "--threads", "1", "--steps", "2", "--json", str(path)]
     previous = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0

@@ -7,16 +7,28 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.training import run_cli, tiny_config, tiny_flags, write_npz
 from iddpm_ext.cli import app as cli
 from iddpm_ext.cli.flags import parse_command
 from iddpm_ext.cli.presets import PRESETS
 from iddpm_ext.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from helpers.training import run_cli, tiny_config, tiny_flags, write_npz
-
 REFERENCE_FLAGS = {
-    "train": ["data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
-              "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16", "fp16_scale_growth"],
+    "train": [
+        "data_dir",
+        "schedule_sampler",
+        "lr",
+        "weight_decay",
+        "lr_anneal_steps",
+        "batch_size",
+        "microbatch",
+        "ema_rate",
+        "log_interval",
+        "save_interval",
+        "resume_checkpoint",
+        "use_fp16",
+        "fp16_scale_growth",
+    ],
     "sample": ["clip_denoised", "num_samples", "batch_size", "use_ddim", "model_path"],
     "nll": ["data_dir", "clip_denoised", "num_samples", "batch_size", "model_path"],
 }
@@ -45,10 +57,22 @@ def test_help_lists_every_flag_with_text(command, capsys):
 
 def test_reference_defaults_and_types():
     args, explicit = _parse("train", [])
-    assert (args.lr, args.batch_size, args.microbatch, args.ema_rate, args.save_interval) == (1e-4, 1, -1, "0.9999", 10000)
+    assert (args.lr, args.batch_size, args.microbatch, args.ema_rate, args.save_interval) == (
+        1e-4,
+        1,
+        -1,
+        "0.9999",
+        10000,
+    )
     assert args.use_fp16 is False and args.rescale_timesteps is True and explicit == set()
-    args, explicit = _parse("train", ["--use_fp16", "True", "--learn_sigma", "t", "--ema_rate", "0.9999,0.999"])
-    assert args.use_fp16 is True and args.learn_sigma is True and explicit == {"use_fp16", "learn_sigma", "ema_rate"}
+    args, explicit = _parse(
+        "train", ["--use_fp16", "True", "--learn_sigma", "t", "--ema_rate", "0.9999,0.999"]
+    )
+    assert (
+        args.use_fp16 is True
+        and args.learn_sigma is True
+        and explicit == {"use_fp16", "learn_sigma", "ema_rate"}
+    )
     args, _ = _parse("sample", ["--use_ddim", "yes", "--timestep_respacing", "ddim25"])
     assert args.use_ddim is True and args.timestep_respacing == "ddim25" and args.num_samples == 10000
     args, _ = _parse("train", ["--data", "digits"])  # alias of --data_dir
@@ -79,20 +103,66 @@ def test_presets_are_defaults_that_flags_override():
 def test_train_sample_nll_end_to_end(tmp_path, capsys):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
-    rc = cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "4",
-                   "--save_interval", "2", "--log_interval", "2", "--ema_rate", "0.5", "--out_dir", run,
-                   "--progress", "False", "--lr", "1e-3"])
+    rc = cli.main(
+        [
+            "train",
+            "--data_dir",
+            data,
+            *tiny_flags(),
+            "--batch_size",
+            "8",
+            "--max_steps",
+            "4",
+            "--save_interval",
+            "2",
+            "--log_interval",
+            "2",
+            "--ema_rate",
+            "0.5",
+            "--out_dir",
+            run,
+            "--progress",
+            "False",
+            "--lr",
+            "1e-3",
+        ]
+    )
     assert rc == 0
-    assert {"model000004.safetensors", "ema_0.5_000004.safetensors", "opt000004.pt", "latest.json",
-            "progress.jsonl", "loss.png"} <= set(os.listdir(run))
+    assert {
+        "model000004.safetensors",
+        "ema_0.5_000004.safetensors",
+        "opt000004.pt",
+        "latest.json",
+        "progress.jsonl",
+        "loss.png",
+    } <= set(os.listdir(run))
     # sample: the model flags come from the checkpoint
     out = str(tmp_path / "samples")
-    rc = cli.main(["sample", "--model_path", run, "--num_samples", "5", "--batch_size", "2",
-                   "--timestep_respacing", "4", "--out_dir", out, "--trajectory", "3", "--progress", "False"])
+    rc = cli.main(
+        [
+            "sample",
+            "--model_path",
+            run,
+            "--num_samples",
+            "5",
+            "--batch_size",
+            "2",
+            "--timestep_respacing",
+            "4",
+            "--out_dir",
+            out,
+            "--trajectory",
+            "3",
+            "--progress",
+            "False",
+        ]
+    )
     assert rc == 0
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         assert f["arr_0"].shape == (5, 8, 8, 1) and f["arr_0"].dtype == np.uint8 and "arr_1" not in f.files
-    assert os.path.isfile(os.path.join(out, "samples.png")) and os.path.isfile(os.path.join(out, "trajectory.png"))
+    assert os.path.isfile(os.path.join(out, "samples.png")) and os.path.isfile(
+        os.path.join(out, "trajectory.png")
+    )
     # an existing output is an error, and the file is kept
     before = open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read()
     assert cli.main(["sample", "--model_path", run, "--num_samples", "5", "--out_dir", out]) == 2
@@ -100,8 +170,23 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     assert open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read() == before
     # nll
     nll_out = str(tmp_path / "nll")
-    rc = cli.main(["nll", "--model_path", os.path.join(run, "model000004.safetensors"), "--data_dir", data,
-                   "--num_samples", "6", "--batch_size", "4", "--out_dir", nll_out, "--progress", "False"])
+    rc = cli.main(
+        [
+            "nll",
+            "--model_path",
+            os.path.join(run, "model000004.safetensors"),
+            "--data_dir",
+            data,
+            "--num_samples",
+            "6",
+            "--batch_size",
+            "4",
+            "--out_dir",
+            nll_out,
+            "--progress",
+            "False",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     result = json.loads(printed.strip().splitlines()[-1])
@@ -118,8 +203,8 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
 
 
 def test_nll_matches_calc_bpd_loop(tmp_path):
-    from iddpm_ext.training import checkpoint as ckpt
     from iddpm_ext.evaluation.likelihood import bits_per_dim
+    from iddpm_ext.training import checkpoint as ckpt
     from iddpm_ext.training.data import open_source, to_model_input
 
     cfg = tiny_config()
@@ -151,40 +236,114 @@ def test_reference_pt_checkpoint_with_flags(tmp_path):
     opt.step()
     torch.save(opt.state_dict(), os.path.join(os.path.dirname(pt), "opt000005.pt"))
     out = str(tmp_path / "s")
-    assert cli.main(["sample", "--model_path", pt, *tiny_flags(), "--num_samples", "2", "--timestep_respacing", "2",
-                     "--out_dir", out, "--progress", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--model_path",
+                pt,
+                *tiny_flags(),
+                "--num_samples",
+                "2",
+                "--timestep_respacing",
+                "2",
+                "--out_dir",
+                out,
+                "--progress",
+                "False",
+            ]
+        )
+        == 0
+    )
     # without the flags the defaults do not fit: a clear error
-    assert cli.main(["sample", "--model_path", pt, "--num_samples", "2", "--out_dir", str(tmp_path / "s2")]) == 2
+    assert (
+        cli.main(["sample", "--model_path", pt, "--num_samples", "2", "--out_dir", str(tmp_path / "s2")]) == 2
+    )
     data = write_npz(str(tmp_path / "d.npz"), n=16)
     run = str(tmp_path / "run")
-    assert cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "6",
-                     "--resume_checkpoint", pt, "--out_dir", run, "--progress", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data_dir",
+                data,
+                *tiny_flags(),
+                "--batch_size",
+                "8",
+                "--max_steps",
+                "6",
+                "--resume_checkpoint",
+                pt,
+                "--out_dir",
+                run,
+                "--progress",
+                "False",
+            ]
+        )
+        == 0
+    )
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 6  # continued from step 5
 
 
 def test_bad_input_errors_are_one_line(tmp_path, capsys):
     # one real process: exit status 2 and one line, no traceback
-    r = run_cli(["train", "--data_dir", str(tmp_path / "missing"), *tiny_flags(), "--out_dir", str(tmp_path / "o")])
+    r = run_cli(
+        ["train", "--data_dir", str(tmp_path / "missing"), *tiny_flags(), "--out_dir", str(tmp_path / "o")]
+    )
     assert r.returncode == 2 and "missing: no such file or folder" in r.stderr and "Traceback" not in r.stderr
     data = write_npz(str(tmp_path / "d.npz"), n=16)
     run = str(tmp_path / "run")
-    assert cli.main(["train", "--data_dir", data, *tiny_flags(), "--batch_size", "8", "--max_steps", "1",
-                     "--out_dir", run, "--progress", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data_dir",
+                data,
+                *tiny_flags(),
+                "--batch_size",
+                "8",
+                "--max_steps",
+                "1",
+                "--out_dir",
+                run,
+                "--progress",
+                "False",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     def fails(argv, message):
         assert cli.main(argv) == 2
         assert message in capsys.readouterr().err
 
-    fails(["sample", "--model_path", run, "--learn_sigma", "False", "--out_dir", str(tmp_path / "s")],
-          "learn_sigma=True in the checkpoint but False from the flags")
+    fails(
+        ["sample", "--model_path", run, "--learn_sigma", "False", "--out_dir", str(tmp_path / "s")],
+        "learn_sigma=True in the checkpoint but False from the flags",
+    )
     assert not os.path.exists(tmp_path / "s")
-    fails(["train", "--data_dir", data, *tiny_flags(), "--out_dir", run, "--max_steps", "2"],
-          "already holds a training run")
+    fails(
+        ["train", "--data_dir", data, *tiny_flags(), "--out_dir", run, "--max_steps", "2"],
+        "already holds a training run",
+    )
     fails(["sample", "--model_path", str(tmp_path / "nope.safetensors")], "no such checkpoint file")
     fails(["sample"], "model_path: expected a checkpoint file")
-    fails(["train", "--data_dir", data, *tiny_flags(), "--out_dir", str(tmp_path / "o2"), "--class_cond", "True",
-           "--num_classes", "2"], "the data has 3 classes")
+    fails(
+        [
+            "train",
+            "--data_dir",
+            data,
+            *tiny_flags(),
+            "--out_dir",
+            str(tmp_path / "o2"),
+            "--class_cond",
+            "True",
+            "--num_classes",
+            "2",
+        ],
+        "the data has 3 classes",
+    )
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "nope"])
     assert "invalid choice" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from iddpm_ext.training import checkpoint as ckpt
 from iddpm_ext.cli import demo
+from iddpm_ext.training import checkpoint as ckpt
 
 pytest.importorskip("sklearn")
 
@@ -54,7 +54,8 @@ def test_demo_with_the_shipped_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_when_asked(tmp_path):
-    res = demo.run(out_dir=str(tmp_path), train_steps=2, num_samples=2, sample_steps=2, nll_images=1,
-                   log=lambda *a: None)
+    res = demo.run(
+        out_dir=str(tmp_path), train_steps=2, num_samples=2, sample_steps=2, nll_images=1, log=lambda *a: None
+    )
     assert res["checkpoint_step"] == 2 and os.path.isfile(tmp_path / "train" / "latest.json")
     assert np.isfinite(res["bits_per_dim"])

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.models import randomize_
+from helpers.training import tiny_config
 from iddpm_ext import dist_util
 from iddpm_ext.cli import generate as S
 from iddpm_ext.cli import images
 from iddpm_ext.script_util import create_model_and_diffusion
-
-from helpers.models import randomize_
-from helpers.training import tiny_config
 
 
 def _model(**overrides):
@@ -33,7 +32,9 @@ def test_samples_do_not_depend_on_batch_size(use_ddim, eta):
     assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(a, c)
     assert len({img.tobytes() for img in a}) == 6  # distinct samples
-    other = S.generate(model, diffusion, 6, (1, 8, 8), batch_size=6, seed=6, use_ddim=use_ddim, eta=eta)["images"]
+    other = S.generate(model, diffusion, 6, (1, 8, 8), batch_size=6, seed=6, use_ddim=use_ddim, eta=eta)[
+        "images"
+    ]
     assert not np.array_equal(a, other)
 
 
@@ -78,8 +79,9 @@ def test_fused_and_eager_steps_agree():
 
 def test_trajectory_and_files(tmp_path):
     model, diffusion = _model(timestep_respacing="8")
-    res = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=5, seed=0, trajectory_steps=4,
-                     trajectory_samples=3)
+    res = S.generate(
+        model, diffusion, 5, (1, 8, 8), batch_size=5, seed=0, trajectory_steps=4, trajectory_samples=3
+    )
     ts = [t for t, _ in res["trajectory"]]
     assert ts == [7, 5, 2, 0] and all(f.shape == (3, 1, 8, 8) for _, f in res["trajectory"])
     # the last frame is the final sample
@@ -107,7 +109,6 @@ def test_trajectory_and_files(tmp_path):
 # ---------------------------------------------------------------------------------------
 # the sampling engine (in-kernel per-sample noise): eager mode on CPU
 # ---------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.kernels
@@ -146,7 +147,9 @@ def test_engine_deterministic_ddim_equals_the_loop():
 def test_engine_class_labels_and_trajectory():
     model, diffusion = _model(class_cond=True, num_classes=3, timestep_respacing="8")
     kw = dict(seed=0, engine="eager")
-    res = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=2, trajectory_steps=4, trajectory_samples=2, **kw)
+    res = S.generate(
+        model, diffusion, 5, (1, 8, 8), batch_size=2, trajectory_steps=4, trajectory_samples=2, **kw
+    )
     loop = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=5, seed=0)
     assert np.array_equal(res["labels"], loop["labels"])  # labels from the per-sample generators
     again = S.generate(model, diffusion, 5, (1, 8, 8), batch_size=5, **kw)
@@ -202,8 +205,8 @@ def test_engine_choice():
 
 @pytest.mark.kernels
 def test_cli_sample_engine_flag(tmp_path, capsys):
-    from iddpm_ext.training import checkpoint as ckpt
     from iddpm_ext.cli import app as cli
+    from iddpm_ext.training import checkpoint as ckpt
 
     cfg = tiny_config(timestep_respacing="")
     torch.manual_seed(0)
@@ -214,14 +217,45 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
     images = {}
     for engine, bs in (("eager", 2), ("eager", 3), ("loop", 3)):
         out = str(tmp_path / f"{engine}{bs}")
-        rc = cli.main(["sample", "--model_path", weights, "--num_samples", "5", "--batch_size", str(bs),
-                       "--timestep_respacing", "4", "--out_dir", out, "--engine", engine, "--progress", "False"])
+        rc = cli.main(
+            [
+                "sample",
+                "--model_path",
+                weights,
+                "--num_samples",
+                "5",
+                "--batch_size",
+                str(bs),
+                "--timestep_respacing",
+                "4",
+                "--out_dir",
+                out,
+                "--engine",
+                engine,
+                "--progress",
+                "False",
+            ]
+        )
         assert rc == 0
         assert f"engine {engine}" in capsys.readouterr().out
         with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
             images[engine, bs] = f["arr_0"]
     assert np.array_equal(images["eager", 2], images["eager", 3])
     assert not np.array_equal(images["eager", 3], images["loop", 3])
-    assert cli.main(["sample", "--model_path", weights, "--engine", "graph", "--device", "cpu",
-                     "--out_dir", str(tmp_path / "g")]) == 2
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--model_path",
+                weights,
+                "--engine",
+                "graph",
+                "--device",
+                "cpu",
+                "--out_dir",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "engine: 'graph'" in capsys.readouterr().err

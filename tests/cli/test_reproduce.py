@@ -7,12 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from iddpm_ext.cli import app as cli
 from iddpm_ext.cli import reproduce
-from iddpm_ext.training.data import open_source
 from iddpm_ext.evaluation import repro_report
 from iddpm_ext.evaluation.digits_classifier import (
     FeatureFD,
@@ -21,6 +19,7 @@ from iddpm_ext.evaluation.digits_classifier import (
     save_classifier,
     train_classifier,
 )
+from iddpm_ext.training.data import open_source
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,11 @@ def test_tiny_reproduction_writes_every_number_and_figure(tiny_run):
         assert r["nll"]["images"] == s["nll_images"] and 0 < r["nll"]["bpd"] < 20 and r["nll"]["stderr"] > 0
         for k in s["sample_steps"]:
             e = r["samples"]["by_steps"][str(k)]
-            assert e["fd"] >= 0 and np.isfinite(e["fd_bootstrap_std"]) and sum(e["class_counts"]) == s["num_samples"]
+            assert (
+                e["fd"] >= 0
+                and np.isfinite(e["fd_bootstrap_std"])
+                and sum(e["class_counts"]) == s["num_samples"]
+            )
             with np.load(os.path.join(out, name, f"samples_{k}steps.npz")) as z:
                 assert z["arr_0"].shape == (s["num_samples"], 8, 8, 1) and z["arr_0"].dtype == np.uint8
         assert r["commands"]["nll"].startswith("iddpm nll --model_path")
@@ -67,18 +70,54 @@ def test_run_folders_are_iddpm_nll_and_sample_inputs(tiny_run, tmp_path, capsys)
     """The reproduction's NLL and samples are what ``iddpm nll`` / ``iddpm sample`` give."""
     out, res = tiny_run
     s, run = res["settings"], "hybrid_cosine"
-    rc = cli.main(["nll", "--model_path", os.path.join(out, run), "--data_dir", "digits", "--split", "test",
-                   "--num_samples", str(s["nll_images"]), "--batch_size", str(s["nll_images"]), "--seed", "0",
-                   "--out_dir", str(tmp_path / "nll"), "--progress", "False"])
+    rc = cli.main(
+        [
+            "nll",
+            "--model_path",
+            os.path.join(out, run),
+            "--data_dir",
+            "digits",
+            "--split",
+            "test",
+            "--num_samples",
+            str(s["nll_images"]),
+            "--batch_size",
+            str(s["nll_images"]),
+            "--seed",
+            "0",
+            "--out_dir",
+            str(tmp_path / "nll"),
+            "--progress",
+            "False",
+        ]
+    )
     assert rc == 0
     bpd = np.load(tmp_path / "nll" / "bpd.npz")["total_bpd"]
     assert float(bpd.mean()) == pytest.approx(res["runs"][run]["nll"]["bpd"], rel=1e-6)
-    rc = cli.main(["sample", "--model_path", os.path.join(out, run), "--num_samples", str(s["num_samples"]),
-                   "--batch_size", "5", "--timestep_respacing", "10", "--seed", "0", "--out_dir",
-                   str(tmp_path / "s"), "--progress", "False"])
+    rc = cli.main(
+        [
+            "sample",
+            "--model_path",
+            os.path.join(out, run),
+            "--num_samples",
+            str(s["num_samples"]),
+            "--batch_size",
+            "5",
+            "--timestep_respacing",
+            "10",
+            "--seed",
+            "0",
+            "--out_dir",
+            str(tmp_path / "s"),
+            "--progress",
+            "False",
+        ]
+    )
     assert rc == 0
-    with np.load(tmp_path / "s" / f"samples_{s['num_samples']}x8x8x1.npz") as a, \
-            np.load(os.path.join(out, run, "samples_10steps.npz")) as b:
+    with (
+        np.load(tmp_path / "s" / f"samples_{s['num_samples']}x8x8x1.npz") as a,
+        np.load(os.path.join(out, run, "samples_10steps.npz")) as b,
+    ):
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     capsys.readouterr()
 
@@ -93,7 +132,9 @@ def test_reuse_and_two_jobs_give_the_same_numbers(tiny_run, tmp_path, capsys):
     for name in res["settings"]["runs"]:
         assert par["runs"][name]["nll"]["bpd"] == pytest.approx(res["runs"][name]["nll"]["bpd"], rel=1e-5)
         for k, e in res["runs"][name]["samples"]["by_steps"].items():
-            assert par["runs"][name]["samples"]["by_steps"][k]["fd"] == pytest.approx(e["fd"], rel=1e-4, abs=1e-6)
+            assert par["runs"][name]["samples"]["by_steps"][k]["fd"] == pytest.approx(
+                e["fd"], rel=1e-4, abs=1e-6
+            )
     capsys.readouterr()
 
 
@@ -113,7 +154,9 @@ def test_settings_and_cli_errors(tmp_path, capsys):
     assert rc == 2 and "sample_steps: expected comma-separated ints" in capsys.readouterr().err
     (tmp_path / "simple_cosine").mkdir()  # a folder that is not ours is never deleted
     (tmp_path / "simple_cosine" / "notes.txt").write_text("keep me")
-    rc = cli.main(["reproduce", "--scale", "tiny", "--runs", "simple_cosine", "--jobs", "1", "--out", str(tmp_path)])
+    rc = cli.main(
+        ["reproduce", "--scale", "tiny", "--runs", "simple_cosine", "--jobs", "1", "--out", str(tmp_path)]
+    )
     assert rc == 2 and "is not a reproduction run folder" in capsys.readouterr().err
     assert (tmp_path / "simple_cosine" / "notes.txt").read_text() == "keep me"
 
@@ -136,7 +179,9 @@ def test_classifier_is_accurate_and_saves(digits_classifier, tmp_path):
     assert info["test_accuracy"] > 0.95, info
     save_classifier(str(tmp_path / "c.pt"), model, info)
     again = load_classifier(str(tmp_path / "c.pt"))
-    np.testing.assert_array_equal(classifier_features(again, test.images), classifier_features(model, test.images))
+    np.testing.assert_array_equal(
+        classifier_features(again, test.images), classifier_features(model, test.images)
+    )
 
 
 def test_feature_fd_is_zero_for_identical_sets_and_grows_with_distortion(digits_classifier):
@@ -167,19 +212,32 @@ def _fake_results(tmp_path, nll, fd):
     runs = {}
     for name in nll:
         os.makedirs(tmp_path / name, exist_ok=True)
-        np.savez(tmp_path / name / "bpd.npz", total_bpd=np.full(10, nll[name]) + np.linspace(-0.1, 0.1, 10),
-                 prior_bpd=np.zeros(10))
-        runs[name] = {"nll": {"bpd": nll[name], "stderr": 0.01},
-                      "samples": {"by_steps": {str(k): {"fd": v, "fd_bootstrap_std": 0.5}
-                                               for k, v in fd[name].items()}}}
+        np.savez(
+            tmp_path / name / "bpd.npz",
+            total_bpd=np.full(10, nll[name]) + np.linspace(-0.1, 0.1, 10),
+            prior_bpd=np.zeros(10),
+        )
+        runs[name] = {
+            "nll": {"bpd": nll[name], "stderr": 0.01},
+            "samples": {
+                "by_steps": {str(k): {"fd": v, "fd_bootstrap_std": 0.5} for k, v in fd[name].items()}
+            },
+        }
     return {"runs": runs, "settings": {"diffusion_steps": 1000, "sample_steps": [1000, 100, 50, 25]}}
 
 
 def test_expected_directions_follow_the_numbers(tmp_path):
     nll = {"simple_cosine": 2.0, "hybrid_cosine": 1.5, "hybrid_linear": 1.7, "vlb_cosine": 1.6}
-    fd = {"simple_cosine": {1000: 5, 100: 8, 50: 20, 25: 40}, "hybrid_cosine": {1000: 6, 100: 6, 50: 7, 25: 9},
-          "hybrid_linear": {1000: 5, 100: 9, 50: 12, 25: 15}, "vlb_cosine": {1000: 30, 100: 30, 50: 31, 25: 33}}
-    checks = {c["claim"]: c for c in repro_report.expected_directions(_fake_results(tmp_path, nll, fd), str(tmp_path))}
+    fd = {
+        "simple_cosine": {1000: 5, 100: 8, 50: 20, 25: 40},
+        "hybrid_cosine": {1000: 6, 100: 6, 50: 7, 25: 9},
+        "hybrid_linear": {1000: 5, 100: 9, 50: 12, 25: 15},
+        "vlb_cosine": {1000: 30, 100: 30, 50: 31, 25: 33},
+    }
+    checks = {
+        c["claim"]: c
+        for c in repro_report.expected_directions(_fake_results(tmp_path, nll, fd), str(tmp_path))
+    }
     assert checks["hybrid NLL below simple NLL (cosine)"]["holds"] is True
     diff = checks["hybrid NLL below simple NLL (cosine)"]["difference"]
     assert diff[0] == pytest.approx(-0.5) and diff[1] == pytest.approx(0.0, abs=1e-12)  # paired: same images
@@ -192,8 +250,15 @@ def test_expected_directions_follow_the_numbers(tmp_path):
     assert not any("linear)" in c and "simple" in c for c in checks)  # simple_linear was not run
     # the other way round
     nll2 = {"simple_cosine": 1.5, "hybrid_cosine": 2.0}
-    fd2 = {"simple_cosine": {1000: 5, 100: 6, 50: 6, 25: 7}, "hybrid_cosine": {1000: 5, 100: 9, 50: 20, 25: 40}}
-    checks2 = {c["claim"]: c["holds"] for c in
-               repro_report.expected_directions(_fake_results(tmp_path / "b", nll2, fd2), str(tmp_path / "b"))}
+    fd2 = {
+        "simple_cosine": {1000: 5, 100: 6, 50: 6, 25: 7},
+        "hybrid_cosine": {1000: 5, 100: 9, 50: 20, 25: 40},
+    }
+    checks2 = {
+        c["claim"]: c["holds"]
+        for c in repro_report.expected_directions(
+            _fake_results(tmp_path / "b", nll2, fd2), str(tmp_path / "b")
+        )
+    }
     assert checks2["hybrid NLL below simple NLL (cosine)"] is False
     assert checks2["learned sigma loses less quality than fixed sigma at 25 steps (cosine)"] is False

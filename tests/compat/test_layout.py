@@ -14,8 +14,20 @@ import iddpm_ext
 
 PACKAGE_DIR = os.path.dirname(iddpm_ext.__file__)
 
-REFERENCE_MODULES = {"gaussian_diffusion", "respace", "resample", "losses", "nn", "unet", "script_util",
-                     "dist_util", "fp16_util", "logger", "image_datasets", "train_util"}
+REFERENCE_MODULES = {
+    "gaussian_diffusion",
+    "respace",
+    "resample",
+    "losses",
+    "nn",
+    "unet",
+    "script_util",
+    "dist_util",
+    "fp16_util",
+    "logger",
+    "image_datasets",
+    "train_util",
+}
 PLUMBING = {"__init__", "__main__", "errors", "version"}
 OTHER_TOP_LEVEL = {"io"}  # atomic writes, used by every layer that writes files (README, Layout)
 SUBPACKAGES = {"core", "ops", "engine", "training", "evaluation", "cli", "bench"}
@@ -38,8 +50,9 @@ LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 def test_top_level_holds_the_reference_names_plumbing_and_subpackages():
     modules = {n[:-3] for n in os.listdir(PACKAGE_DIR) if n.endswith(".py")}
     assert modules == REFERENCE_MODULES | PLUMBING | OTHER_TOP_LEVEL
-    packages = {n for n in os.listdir(PACKAGE_DIR)
-                if os.path.isfile(os.path.join(PACKAGE_DIR, n, "__init__.py"))}
+    packages = {
+        n for n in os.listdir(PACKAGE_DIR) if os.path.isfile(os.path.join(PACKAGE_DIR, n, "__init__.py"))
+    }
     assert packages == SUBPACKAGES
 
 

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
-from helpers.models import randomize_
 
+from helpers.models import randomize_
 from iddpm_ext import script_util
 from iddpm_ext.unet import SuperResModel, UNetModel
 
@@ -43,14 +43,37 @@ def _ref():
 
 
 CONFIGS = {
-    "plain": dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                  attention_resolutions=(2,), channel_mult=(1, 2)),
+    "plain": dict(
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+    ),
     "class_cond_scale_shift_4_heads": dict(
-        in_channels=3, model_channels=64, out_channels=6, num_res_blocks=2,
-        attention_resolutions=(1, 4), channel_mult=(1, 2, 2), num_classes=10, num_heads=4,
-        num_heads_upsample=2, use_scale_shift_norm=True, dropout=0.1),
-    "dims1": dict(in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
-                  attention_resolutions=(2,), channel_mult=(1, 2), dims=1, num_heads=2),
+        in_channels=3,
+        model_channels=64,
+        out_channels=6,
+        num_res_blocks=2,
+        attention_resolutions=(1, 4),
+        channel_mult=(1, 2, 2),
+        num_classes=10,
+        num_heads=4,
+        num_heads_upsample=2,
+        use_scale_shift_norm=True,
+        dropout=0.1,
+    ),
+    "dims1": dict(
+        in_channels=2,
+        model_channels=32,
+        out_channels=2,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        dims=1,
+        num_heads=2,
+    ),
 }
 MAX_DIFF = {}
 
@@ -77,7 +100,8 @@ def test_reference_checkpoint_loads_and_matches(name):
     ours = UNetModel(**kw).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
-        (k, v.shape) for k, v in ref.state_dict().items()]
+        (k, v.shape) for k, v in ref.state_dict().items()
+    ]
 
     x, t, y = _inputs(kw)
     expected, got = ref(x, t, y), ours(x, t, y)
@@ -97,9 +121,16 @@ def test_reference_create_model_cifar10_and_feature_vectors():
     ref_unet, ref_su = _ref()
     if ref_su is None:
         pytest.skip("the reference's script_util did not import")
-    args = dict(learn_sigma=True, class_cond=True, use_checkpoint=False,
-                attention_resolutions="16,8", num_heads=4, num_heads_upsample=-1,
-                use_scale_shift_norm=True, dropout=0.0)
+    args = dict(
+        learn_sigma=True,
+        class_cond=True,
+        use_checkpoint=False,
+        attention_resolutions="16,8",
+        num_heads=4,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+    )
     ref = ref_su.create_model(32, 64, 1, **args)
     ours = script_util.create_model(32, 64, 1, **args)
     ours.load_state_dict(randomize_(ref, seed=9).state_dict(), strict=True)
@@ -119,8 +150,15 @@ def test_reference_create_model_cifar10_and_feature_vectors():
 
 def test_reference_super_res_and_checkpointing():
     ref_unet, _ = _ref()
-    kw = dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-              attention_resolutions=(2,), channel_mult=(1, 2), use_checkpoint=True)
+    kw = dict(
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        use_checkpoint=True,
+    )
     ref = randomize_(ref_unet.SuperResModel(**kw), seed=2)
     ours = SuperResModel(**kw)
     ours.load_state_dict(ref.state_dict(), strict=True)

@@ -19,13 +19,18 @@ def zeros(c):
 def test_model_output_with_wrong_channel_count(d):
     x = torch.zeros(2, 3, 4, 4)
     t = torch.tensor([1, 2])
-    msg = r"model_output: expected shape \(2, 6, 4, 4\) \(6 channels: mean and variance for LEARNED_RANGE\), got \(2, 3, 4, 4\)"
+    msg = (
+        r"model_output: expected shape \(2, 6, 4, 4\) \(6 channels: mean and variance for LEARNED_RANGE\), "
+        r"got \(2, 3, 4, 4\)"
+    )
     with pytest.raises(ValueError, match=msg):
         d.p_sample(zeros(3), x, t)
     with pytest.raises(ValueError, match=msg):
         d.training_losses(zeros(3), x, t)
     fixed = create_gaussian_diffusion(steps=10, noise_schedule="cosine")
-    with pytest.raises(ValueError, match=r"expected shape \(2, 3, 4, 4\) \(3 channels for FIXED_LARGE\), got \(2, 6, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"expected shape \(2, 3, 4, 4\) \(3 channels for FIXED_LARGE\), got \(2, 6, 4, 4\)"
+    ):
         fixed.ddim_sample(zeros(6), x, t)
 
 
@@ -55,7 +60,9 @@ def test_bad_timesteps(d, t, match):
 def test_mismatched_noise_and_shapes(d):
     x = torch.zeros(2, 3, 4)
     t = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match=r"noise: expected shape \(2, 3, 4\) \(the shape of x_start\), got \(2, 3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"noise: expected shape \(2, 3, 4\) \(the shape of x_start\), got \(2, 3, 5\)"
+    ):
         d.q_sample(x, t, noise=torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match=r"noise: expected shape \(2, 3, 4\) \(the shape of x_start\)"):
         d.training_losses(zeros(6), x, t, noise=torch.zeros(2, 3))
@@ -85,14 +92,22 @@ def test_mismatched_noise_and_shapes(d):
 )
 def test_bad_betas(betas, match):
     with pytest.raises(ValueError, match=match):
-        GaussianDiffusion(betas=betas, model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+        GaussianDiffusion(
+            betas=betas,
+            model_mean_type=ModelMeanType.EPSILON,
+            model_var_type=ModelVarType.FIXED_SMALL,
+            loss_type=LossType.MSE,
+        )
 
 
 def test_bad_enum():
     with pytest.raises(ValueError, match="model_var_type: expected a ModelVarType, got 'learned'"):
-        GaussianDiffusion(betas=np.array([0.1]), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type="learned", loss_type=LossType.MSE)
+        GaussianDiffusion(
+            betas=np.array([0.1]),
+            model_mean_type=ModelMeanType.EPSILON,
+            model_var_type="learned",
+            loss_type=LossType.MSE,
+        )
 
 
 def test_timestep_check_can_be_disabled_but_shape_check_stays(d):
@@ -104,8 +119,12 @@ def test_timestep_check_can_be_disabled_but_shape_check_stays(d):
 
 
 def test_one_step_process_works():
-    d = GaussianDiffusion(betas=np.array([0.5]), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.LEARNED_RANGE, loss_type=LossType.RESCALED_MSE)
+    d = GaussianDiffusion(
+        betas=np.array([0.5]),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.LEARNED_RANGE,
+        loss_type=LossType.RESCALED_MSE,
+    )
     x0 = torch.rand(2, 1, 3) * 2 - 1
     terms = d.training_losses(zeros(2), x0, torch.tensor([0, 0]))
     assert torch.isfinite(terms["loss"]).all()

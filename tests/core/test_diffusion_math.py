@@ -38,8 +38,9 @@ def test_normal_kl_zero_for_identical_and_matches_torch_distributions():
     q = torch.distributions.Normal(m2, torch.exp(0.5 * lv2))
     torch.testing.assert_close(normal_kl(m, lv, m2, lv2), torch.distributions.kl_divergence(p, q))
     # scalars broadcast
-    torch.testing.assert_close(normal_kl(m, lv, 0.0, 0.0),
-                               torch.distributions.kl_divergence(p, torch.distributions.Normal(0.0, 1.0)))
+    torch.testing.assert_close(
+        normal_kl(m, lv, 0.0, 0.0), torch.distributions.kl_divergence(p, torch.distributions.Normal(0.0, 1.0))
+    )
 
 
 def test_q_sample_moments():
@@ -78,7 +79,9 @@ def test_posterior_is_bayes_rule_for_gaussians():
         beta, ab_prev = BETAS[ti], ab[ti - 1]
         prec = 1 / (1 - ab_prev) + (1 - beta) / beta
         post_var = 1 / prec
-        post_mean = post_var * (math.sqrt(ab_prev) * x0[i] / (1 - ab_prev) + math.sqrt(1 - beta) * xt[i] / beta)
+        post_mean = post_var * (
+            math.sqrt(ab_prev) * x0[i] / (1 - ab_prev) + math.sqrt(1 - beta) * xt[i] / beta
+        )
         torch.testing.assert_close(mean[i], post_mean, rtol=1e-5, atol=1e-6)
         assert var[i, 0].item() == pytest.approx(post_var, rel=1e-6)
         assert logvar[i, 0].item() == pytest.approx(math.log(post_var), rel=1e-6)
@@ -104,7 +107,9 @@ def test_discretized_likelihood_is_a_distribution_over_256_bins():
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in ((0.1, -1.0), (-0.9, -3.0), (0.999, -0.5)):
         means = torch.full_like(bins, mean)
-        logp = discretized_gaussian_log_likelihood(bins, means=means, log_scales=torch.full_like(bins, log_scale))
+        logp = discretized_gaussian_log_likelihood(
+            bins, means=means, log_scales=torch.full_like(bins, log_scale)
+        )
         assert torch.exp(logp).sum().item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="one shape"):
         discretized_gaussian_log_likelihood(bins, means=bins[:3], log_scales=bins)
@@ -116,7 +121,9 @@ def test_learned_range_interpolates_between_clipped_posterior_and_beta():
     t = torch.tensor([0, 20, 49])
     for v, expected in ((-1.0, d.posterior_log_variance_clipped), (1.0, np.log(d.betas))):
         out = d.p_mean_variance(lambda x, t, v=v: torch.cat([x, torch.full_like(x, v)], 1), x, t)
-        assert torch.equal(out["log_variance"][:, 0, 0], torch.tensor(expected[t.numpy()], dtype=torch.float32))
+        assert torch.equal(
+            out["log_variance"][:, 0, 0], torch.tensor(expected[t.numpy()], dtype=torch.float32)
+        )
     out = d.p_mean_variance(lambda x, t: torch.cat([x, torch.zeros_like(x)], 1), x, t)
     mid = 0.5 * (d.posterior_log_variance_clipped + np.log(d.betas))[t.numpy()]
     torch.testing.assert_close(out["log_variance"][:, 0, 0].double(), torch.tensor(mid), rtol=1e-6, atol=1e-6)
@@ -124,7 +131,9 @@ def test_learned_range_interpolates_between_clipped_posterior_and_beta():
 
 
 def test_learned_range_uses_the_respaced_process_betas():
-    d = create_gaussian_diffusion(steps=100, learn_sigma=True, noise_schedule="cosine", timestep_respacing="10")
+    d = create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="cosine", timestep_respacing="10"
+    )
     t = torch.arange(10)
     out = d.p_mean_variance(lambda x, t: torch.cat([x, torch.ones_like(x)], 1), torch.zeros(10, 1, 1), t)
     assert torch.equal(out["log_variance"][:, 0, 0], torch.tensor(np.log(d.betas), dtype=torch.float32))
@@ -171,7 +180,9 @@ def test_clip_denoised_clamps_pred_xstart():
     big = lambda x, t: torch.tensor([[[-3.0, -0.5, 0.5, 3.0]]])  # noqa: E731
     t = torch.tensor([10])
     assert d.p_mean_variance(big, x, t)["pred_xstart"].tolist() == [[[-1.0, -0.5, 0.5, 1.0]]]
-    assert d.p_mean_variance(big, x, t, clip_denoised=False)["pred_xstart"].tolist() == [[[-3.0, -0.5, 0.5, 3.0]]]
+    assert d.p_mean_variance(big, x, t, clip_denoised=False)["pred_xstart"].tolist() == [
+        [[-3.0, -0.5, 0.5, 3.0]]
+    ]
     doubled = d.p_mean_variance(big, x, t, denoised_fn=lambda x0: x0 / 4)["pred_xstart"]
     assert doubled.tolist() == [[[-0.75, -0.125, 0.125, 0.75]]]  # denoised_fn before the clip
 
@@ -205,8 +216,10 @@ def test_explicit_noise_and_generator_make_sampling_deterministic():
     assert torch.equal(s1, s2)
     step_noise = torch.randn(20, 3, 2, 4)
     x_T = torch.randn(3, 2, 4)
-    assert torch.equal(d.ddim_sample_loop(model, (3, 2, 4), noise=x_T, eta=1.0, step_noise=step_noise),
-                       d.ddim_sample_loop(model, (3, 2, 4), noise=x_T, eta=1.0, step_noise=step_noise))
+    assert torch.equal(
+        d.ddim_sample_loop(model, (3, 2, 4), noise=x_T, eta=1.0, step_noise=step_noise),
+        d.ddim_sample_loop(model, (3, 2, 4), noise=x_T, eta=1.0, step_noise=step_noise),
+    )
     # DDIM with eta = 0 ignores the noise
     e0 = d.ddim_sample(model, x, t, eta=0.0, noise=noise)["sample"]
     assert torch.equal(e0, d.ddim_sample(model, x, t, eta=0.0, noise=2 * noise)["sample"])

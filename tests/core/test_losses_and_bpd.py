@@ -86,7 +86,9 @@ def test_vb_term_is_decoder_nll_at_t0_and_kl_elsewhere_in_bits(batch):
     cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731
     inv = torch.exp(-logscale0)
     mass = cdf(inv * (x - mean0 + 1 / 255)) - cdf(inv * (x - mean0 - 1 / 255))
-    assert terms[0].item() == pytest.approx((-torch.log(mass.clamp(min=1e-12))).mean().item() / math.log(2), rel=1e-4)
+    assert terms[0].item() == pytest.approx(
+        (-torch.log(mass.clamp(min=1e-12))).mean().item() / math.log(2), rel=1e-4
+    )
 
 
 def test_calc_bpd_loop_columns_and_total(batch):
@@ -113,8 +115,12 @@ def test_calc_bpd_loop_columns_and_total(batch):
 
 def test_bits_are_nats_over_ln2_averaged_over_non_batch_dims():
     betas = np.linspace(0.01, 0.2, 10)
-    d = GaussianDiffusion(betas=betas, model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.KL)
+    d = GaussianDiffusion(
+        betas=betas,
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.KL,
+    )
     x0 = torch.zeros(2, 3, 4)
     x0[1, 0, 0] = 1.0  # one of 12 values differs: its KL is averaged over the 12 dims
     ab = np.cumprod(1 - betas)[-1]

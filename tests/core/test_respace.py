@@ -66,8 +66,13 @@ def test_respacing_that_cannot_be_met(T, spec, match):
 
 def _diffusions(**kw):
     betas = get_named_beta_schedule("cosine", 40)
-    args = dict(betas=betas, model_mean_type=ModelMeanType.EPSILON,
-                model_var_type=ModelVarType.LEARNED_RANGE, loss_type=LossType.RESCALED_MSE, **kw)
+    args = dict(
+        betas=betas,
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.LEARNED_RANGE,
+        loss_type=LossType.RESCALED_MSE,
+        **kw,
+    )
     return GaussianDiffusion(**args), SpacedDiffusion(use_timesteps=range(40), **args)
 
 
@@ -85,9 +90,12 @@ def test_spaced_equals_unspaced_when_all_steps_are_kept(rescale):
     t = torch.tensor([0, 39, 17])
     noise = torch.randn_like(x0)
     for key in ("loss", "mse", "vb"):
-        torch.testing.assert_close(base.training_losses(_model, x0, t, noise=noise)[key],
-                                   spaced.training_losses(_model, x0, t, noise=noise)[key],
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            base.training_losses(_model, x0, t, noise=noise)[key],
+            spaced.training_losses(_model, x0, t, noise=noise)[key],
+            rtol=1e-6,
+            atol=1e-7,
+        )
     a = base.p_sample(_model, x0, t, noise=noise)
     b = spaced.p_sample(_model, x0, t, noise=noise)
     torch.testing.assert_close(a["sample"], b["sample"], rtol=1e-6, atol=1e-7)
@@ -112,8 +120,9 @@ def test_model_sees_original_timesteps_rescaled_when_asked():
     d = create_gaussian_diffusion(steps=100, timestep_respacing="10", noise_schedule="cosine")
     d.p_mean_variance(model, torch.zeros(2, 1, 2), torch.tensor([0, 9]))
     assert seen[-1].tolist() == [0, 99]
-    d = create_gaussian_diffusion(steps=100, timestep_respacing="10", noise_schedule="cosine",
-                                  rescale_timesteps=True)
+    d = create_gaussian_diffusion(
+        steps=100, timestep_respacing="10", noise_schedule="cosine", rescale_timesteps=True
+    )
     d.p_mean_variance(model, torch.zeros(2, 1, 2), torch.tensor([0, 9]))
     assert seen[-1].dtype == torch.float32
     assert torch.allclose(seen[-1], torch.tensor([0.0, 990.0]))
@@ -121,8 +130,12 @@ def test_model_sees_original_timesteps_rescaled_when_asked():
 
 def test_spaced_diffusion_argument_errors():
     betas = get_named_beta_schedule("cosine", 10)
-    kw = dict(betas=betas, model_mean_type=ModelMeanType.EPSILON,
-              model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+    kw = dict(
+        betas=betas,
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.MSE,
+    )
     with pytest.raises(ValueError, match=r"use_timesteps: expected timesteps in \[0, 10\), got \[10\]"):
         SpacedDiffusion(use_timesteps=[0, 10], **kw)
     with pytest.raises(ValueError, match="use_timesteps: expected at least one timestep"):

@@ -5,7 +5,7 @@ follows x's layout, so the fused result must come back in the eager math's layou
 import pytest
 import torch
 
-from iddpm_ext import create_gaussian_diffusion, ops
+from iddpm_ext import create_gaussian_diffusion
 
 pytestmark = pytest.mark.kernels
 
@@ -27,8 +27,13 @@ class PermutedModel(torch.nn.Module):
 @pytest.mark.parametrize("learn_sigma", [False, True])
 @pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
 def test_seeded_loops_match_eager_with_permuted_model_outputs(predict_xstart, learn_sigma, loop):
-    d = create_gaussian_diffusion(steps=40, learn_sigma=learn_sigma, noise_schedule="cosine",
-                                  predict_xstart=predict_xstart, timestep_respacing="8")
+    d = create_gaussian_diffusion(
+        steps=40,
+        learn_sigma=learn_sigma,
+        noise_schedule="cosine",
+        predict_xstart=predict_xstart,
+        timestep_respacing="8",
+    )
     model = PermutedModel(3, 6 if learn_sigma else 3)
     kwargs = {"eta": 0.5} if loop == "ddim_sample_loop" else {}
     results = {}

@@ -4,13 +4,13 @@ ddim_reverse_sample, the loops, the sampling engine and the diffusers-style sche
 import pytest
 import torch
 
-from iddpm_ext import create_gaussian_diffusion, ops
-
+from iddpm_ext import create_gaussian_diffusion
 
 
 def _diffusion(learn_sigma=True, **kw):
-    return create_gaussian_diffusion(steps=50, learn_sigma=learn_sigma, noise_schedule="cosine",
-                                     timestep_respacing="10", **kw)
+    return create_gaussian_diffusion(
+        steps=50, learn_sigma=learn_sigma, noise_schedule="cosine", timestep_respacing="10", **kw
+    )
 
 
 class Linear(torch.nn.Module):

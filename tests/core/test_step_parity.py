@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import iddpm_ext.ops as ops
-from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext.ops import loader
-
-from helpers.step_cases import assert_parity, const_model, make_diffusion, make_inputs, run_step
 from helpers.oracles import LEARNED, max_err, reference_step64
+from helpers.step_cases import assert_parity, const_model, make_diffusion, make_inputs, run_step
+from iddpm_ext import ModelMeanType, ModelVarType
 
 pytestmark = pytest.mark.kernels
 
@@ -65,8 +63,9 @@ def test_ancestral_matches_eager(mean_type, var_type, clip, op_calls):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE],
-                         ids=lambda v: v.name)
+@pytest.mark.parametrize(
+    "var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE], ids=lambda v: v.name
+)
 @pytest.mark.parametrize("mean_type", MEANS, ids=lambda m: m.name)
 def test_ddim_matches_eager(mean_type, var_type, clip, eta, op_calls):
     d = make_diffusion(mean_type, var_type)
@@ -74,20 +73,19 @@ def test_ddim_matches_eager(mean_type, var_type, clip, eta, op_calls):
 
 
 @pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_LARGE, ModelVarType.LEARNED],
-                         ids=lambda v: v.name)
+@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_LARGE, ModelVarType.LEARNED], ids=lambda v: v.name)
 @pytest.mark.parametrize("mean_type", MEANS, ids=lambda m: m.name)
 def test_ddim_reverse_matches_eager(mean_type, var_type, clip, op_calls):
     d = make_diffusion(mean_type, var_type)
     _check_step(d, "reverse", (4, 3, 5, 5), T_MIXED, clip, op_calls=op_calls)
 
 
-@pytest.mark.parametrize("rule,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 1.0),
-                                      ("reverse", 0.0)])
+@pytest.mark.parametrize("rule,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("reverse", 0.0)])
 @pytest.mark.parametrize("respacing", ["ddim10", "10,5", [3, 2]])
 def test_respaced_schedules(respacing, rule, eta):
-    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=200,
-                       schedule="cosine", respacing=respacing)
+    d = make_diffusion(
+        ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=200, schedule="cosine", respacing=respacing
+    )
     T = d.num_timesteps
     t = torch.tensor([0, T - 1, T // 2, 1 % T])
     _check_step(d, rule, (4, 2, 3, 4), t, True, eta)
@@ -113,15 +111,19 @@ def _strided(v, kind):
     return v
 
 
-@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE],
-                         ids=lambda v: v.name)
-@pytest.mark.parametrize("x_layout,mo_layout", [
-    ("channels_last", "channels_last"),
-    ("channels_last", "contiguous"),
-    ("contiguous", "channels_last"),
-    ("transposed", "sliced"),
-    ("sliced", "transposed"),
-])
+@pytest.mark.parametrize(
+    "var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE], ids=lambda v: v.name
+)
+@pytest.mark.parametrize(
+    "x_layout,mo_layout",
+    [
+        ("channels_last", "channels_last"),
+        ("channels_last", "contiguous"),
+        ("contiguous", "channels_last"),
+        ("transposed", "sliced"),
+        ("sliced", "transposed"),
+    ],
+)
 def test_layouts(x_layout, mo_layout, var_type):
     d = make_diffusion(ModelMeanType.EPSILON, var_type)
     x, mo, noise = make_inputs(d, (4, 3, 6, 5))
@@ -143,8 +145,17 @@ def test_channels_last_3d_and_ddim():
     cl = torch.channels_last_3d
     for rule in ("ancestral", "ddim", "reverse"):
         eager = run_step(d, rule, x, mo, T_MIXED[:2], True, 0.7, noise, fused=False)
-        fused = run_step(d, rule, x.to(memory_format=cl), mo.to(memory_format=cl), T_MIXED[:2],
-                         True, 0.7, noise.to(memory_format=cl), fused=True)
+        fused = run_step(
+            d,
+            rule,
+            x.to(memory_format=cl),
+            mo.to(memory_format=cl),
+            T_MIXED[:2],
+            True,
+            0.7,
+            noise.to(memory_format=cl),
+            fused=True,
+        )
         assert fused["sample"].is_contiguous(memory_format=cl)
         assert_parity(fused["sample"], eager["sample"])
 
@@ -152,14 +163,24 @@ def test_channels_last_3d_and_ddim():
 # The low-precision rule: the fused path's error against an fp32 reference is at most twice
 # the eager path's own error in the same precision (its output rounded to x's dtype). Through
 # the diffusion's methods both return float32, the reference's promotion.
-@pytest.mark.parametrize("x_dtype,mo_dtype", [
-    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float16),
-], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "x_dtype,mo_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+    ],
+    ids=lambda d: str(d).replace("torch.", ""),
+)
 @pytest.mark.parametrize("rule", ["ancestral", "ddim", "reverse"])
-@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_LARGE, ModelVarType.LEARNED,
-                                      ModelVarType.LEARNED_RANGE], ids=lambda v: v.name)
+@pytest.mark.parametrize(
+    "var_type",
+    [ModelVarType.FIXED_LARGE, ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE],
+    ids=lambda v: v.name,
+)
 def test_low_precision_error_at_most_twice_eager(var_type, rule, x_dtype, mo_dtype):
     d = make_diffusion(ModelMeanType.EPSILON, var_type)
     t = torch.tensor([0, 3, 20, 60, 99, 40])
@@ -180,21 +201,24 @@ def test_pred_xstart_can_be_skipped():
     d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
     x, mo, noise = make_inputs(d, (4, 3, 5, 5))
     table = d.coef_table("cpu")
-    s1, p1 = ops.p_sample_step(x, mo, T_MIXED, table, d.model_mean_type, d.model_var_type,
-                               noise=noise)
-    s2, p2 = ops.p_sample_step(x, mo, T_MIXED, table, d.model_mean_type, d.model_var_type,
-                               noise=noise, return_pred_xstart=False)
+    s1, p1 = ops.p_sample_step(x, mo, T_MIXED, table, d.model_mean_type, d.model_var_type, noise=noise)
+    s2, p2 = ops.p_sample_step(
+        x, mo, T_MIXED, table, d.model_mean_type, d.model_var_type, noise=noise, return_pred_xstart=False
+    )
     assert p1 is not None and p2 is None
     assert torch.equal(s1, s2)
-    s3, p3 = ops.ddim_step(x, mo, T_MIXED, table, "epsilon", "learned_range", eta=0.0,
-                           return_pred_xstart=False)
+    s3, p3 = ops.ddim_step(
+        x, mo, T_MIXED, table, "epsilon", "learned_range", eta=0.0, return_pred_xstart=False
+    )
     assert p3 is None and torch.isfinite(s3).all()
 
 
-@pytest.mark.parametrize("loop,eta", [("p_sample_loop", None), ("ddim_sample_loop", 0.0),
-                                      ("ddim_sample_loop", 0.8)])
-@pytest.mark.parametrize("var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE],
-                         ids=lambda v: v.name)
+@pytest.mark.parametrize(
+    "loop,eta", [("p_sample_loop", None), ("ddim_sample_loop", 0.0), ("ddim_sample_loop", 0.8)]
+)
+@pytest.mark.parametrize(
+    "var_type", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE], ids=lambda v: v.name
+)
 def test_loops_fused_on_and_off_agree(loop, eta, var_type):
     d = make_diffusion(ModelMeanType.EPSILON, var_type, steps=200, respacing="ddim20")
     shape = (3, 2, 4, 4)

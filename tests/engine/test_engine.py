@@ -7,9 +7,6 @@ import pytest
 import torch
 
 import iddpm_ext.engine.sampling_engine as engine_mod
-from iddpm_ext import ops
-from iddpm_ext.engine import SamplingEngine, default_mode, diffusion_signature
-
 from helpers.engine_cases import (
     Autocast,
     PerSample,
@@ -18,6 +15,7 @@ from helpers.engine_cases import (
     reference_loop,
     tiny_model,
 )
+from iddpm_ext.engine import SamplingEngine, default_mode, diffusion_signature
 
 pytestmark = pytest.mark.kernels
 
@@ -34,8 +32,7 @@ def cond_model():
     return tiny_model(num_classes=5, seed=1)
 
 
-def _pair(d, m, sampler="ancestral", eta=0.0, seed=3, engine=None, model_kwargs=None,
-          **engine_kwargs):
+def _pair(d, m, sampler="ancestral", eta=0.0, seed=3, engine=None, model_kwargs=None, **engine_kwargs):
     """(engine sample, reference loop sample) with a CPU generator seeded alike."""
     engine = engine or SamplingEngine(m, d, mode="eager", **engine_kwargs)
     g = torch.Generator().manual_seed(seed)
@@ -49,6 +46,7 @@ def _pair(d, m, sampler="ancestral", eta=0.0, seed=3, engine=None, model_kwargs=
 # same seed -> same samples as the library's loops
 # ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
 @pytest.mark.parametrize("respacing,rescale", [("10", True), ("", False), ("ddim5", True)])
 def test_eager_matches_library_loop(model, sampler, eta, respacing, rescale):
@@ -58,8 +56,7 @@ def test_eager_matches_library_loop(model, sampler, eta, respacing, rescale):
     assert ours.dtype == torch.float32 and ours.is_contiguous()
 
 
-@pytest.mark.parametrize("learn_sigma,predict_xstart", [(False, False), (False, True),
-                                                        (True, True)])
+@pytest.mark.parametrize("learn_sigma,predict_xstart", [(False, False), (False, True), (True, True)])
 def test_eager_matches_for_other_mean_and_variance_types(learn_sigma, predict_xstart):
     m = tiny_model(learn_sigma=learn_sigma, seed=2)
     d = diffusion(learn_sigma=learn_sigma, predict_xstart=predict_xstart, schedule="linear")
@@ -135,6 +132,7 @@ def test_clip_denoised_off(model):
 # bf16 autocast and channels-last
 # ---------------------------------------------------------------------------------
 
+
 def test_bf16_autocast_matches_loop_under_autocast(model):
     d = diffusion()
     engine = SamplingEngine(model, d, mode="eager", amp="bf16")
@@ -161,8 +159,7 @@ def test_channels_last_matches_loop_with_channels_last_inputs():
     (entry,) = engine._entries.values()
     assert entry.x.is_contiguous(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(6)
-    ref = d.p_sample_loop(m, SHAPE, noise=x_T.contiguous(memory_format=torch.channels_last),
-                          generator=g)
+    ref = d.p_sample_loop(m, SHAPE, noise=x_T.contiguous(memory_format=torch.channels_last), generator=g)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert ours.is_contiguous()
 
@@ -170,6 +167,7 @@ def test_channels_last_matches_loop_with_channels_last_inputs():
 # ---------------------------------------------------------------------------------
 # caching, buffer reuse, memory report
 # ---------------------------------------------------------------------------------
+
 
 def test_configuration_cached_and_buffers_reused(model):
     d = diffusion()
@@ -213,7 +211,8 @@ def test_cache_keys_distinguish_every_part(model, cond_model):
     keys = [base] + variants
     assert len(set(keys)) == len(keys)
     assert engine.config_key(d, SHAPE, sampler="ddim", eta=0) == engine.config_key(
-        d, SHAPE, sampler="ddim", eta=0.0)
+        d, SHAPE, sampler="ddim", eta=0.0
+    )
     assert diffusion_signature(d) == diffusion_signature(diffusion())
     # Actually building distinct configurations keeps one entry each.
     for shape in (SHAPE, (3, 3, 8, 8)):
@@ -257,6 +256,7 @@ def test_step_reads_timesteps_from_the_device_counter(model):
 # graph mode's build path (stand-in backend) and compile mode
 # ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("respacing", ["10", "1"])
 def test_graph_mode_build_path_on_cpu(model, monkeypatch, respacing):
     """Graph mode with a backend that runs instead of capturing: warm-up steps (which draw
@@ -284,8 +284,9 @@ def test_graph_mode_build_path_on_cpu(model, monkeypatch, respacing):
 def test_compile_mode_matches_eager(cond_model):
     d = diffusion(respacing="6")
     y = torch.tensor([3, 1])
-    engine = SamplingEngine(cond_model, d, mode="compile",
-                            compile_options={"backend": "aot_eager", "fullgraph": True})
+    engine = SamplingEngine(
+        cond_model, d, mode="compile", compile_options={"backend": "aot_eager", "fullgraph": True}
+    )
     eager = SamplingEngine(cond_model, d, mode="eager")
     for sampler, eta in (("ddim", 0.5), ("ancestral", 0.0)):
         g = torch.Generator().manual_seed(12)
@@ -300,6 +301,7 @@ def test_compile_mode_matches_eager(cond_model):
 # ---------------------------------------------------------------------------------
 # modes and errors
 # ---------------------------------------------------------------------------------
+
 
 def test_default_mode_and_environment(monkeypatch, model):
     monkeypatch.delenv(engine_mod.ENV_MODE, raising=False)
@@ -386,6 +388,7 @@ def test_argument_errors(model, cond_model):
 # per-sample noise streams (sample_index)
 # ---------------------------------------------------------------------------------
 
+
 def _split_runs(engine, d, sampler="ancestral", eta=0.0, y=None, seed=21):
     """6 samples with fixed x_T: as one batch, and as batches of 2 and 3 with their global
     indices, each run from a generator seeded alike."""
@@ -394,8 +397,15 @@ def _split_runs(engine, d, sampler="ancestral", eta=0.0, y=None, seed=21):
     def run(items, index):
         g = torch.Generator().manual_seed(seed)
         kw = {} if y is None else {"y": y[items]}
-        return engine.sample((len(items), 3, 8, 8), sampler=sampler, eta=eta, noise=x_T[items],
-                             generator=g, sample_index=index, **kw)
+        return engine.sample(
+            (len(items), 3, 8, 8),
+            sampler=sampler,
+            eta=eta,
+            noise=x_T[items],
+            generator=g,
+            sample_index=index,
+            **kw,
+        )
 
     whole = run(list(range(6)), None)
     splits = {}
@@ -420,8 +430,7 @@ def test_sample_index_makes_samples_batch_independent(model, sampler, eta):
     # other indices: other noise
     assert not torch.allclose(run([0, 1], [7, 8]), whole[:2])
     assert engine.stats["builds"] == 3  # batch 6, 2, 3: one configuration per batch size
-    batched_whole, batched_splits, _ = _split_runs(SamplingEngine(model, d, mode="eager"), d,
-                                                   sampler, eta)
+    batched_whole, batched_splits, _ = _split_runs(SamplingEngine(model, d, mode="eager"), d, sampler, eta)
     torch.testing.assert_close(batched_whole, whole, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batched_splits[2], whole, rtol=1e-4, atol=1e-4)
 
@@ -436,8 +445,9 @@ def test_sample_index_reaches_graph_and_compiled_steps_without_rebuilding(cond_m
         whole, splits, _ = _split_runs(graph, d, y=y)
     assert torch.equal(whole, ref) and torch.equal(splits[3], ref_splits[3])
     assert graph.stats["captures"] == 3 and sum(b.captures for b in backends) == 3  # B = 6, 2, 3
-    compiled = SamplingEngine(cond_model, d, mode="compile",
-                              compile_options={"backend": "aot_eager", "fullgraph": True})
+    compiled = SamplingEngine(
+        cond_model, d, mode="compile", compile_options={"backend": "aot_eager", "fullgraph": True}
+    )
     whole_c, splits_c, _ = _split_runs(compiled, d, y=y)
     assert torch.equal(whole_c, ref) and torch.equal(splits_c[2], ref_splits[2])
     assert compiled.stats["compiles"] == 3
@@ -447,8 +457,9 @@ def test_callback_sees_every_step(model):
     d = diffusion(respacing="5")
     engine = SamplingEngine(model, d, mode="eager")
     seen = []
-    out = engine.sample(SHAPE, generator=torch.Generator().manual_seed(0),
-                        callback=lambda t, x: seen.append((t, x.clone())))
+    out = engine.sample(
+        SHAPE, generator=torch.Generator().manual_seed(0), callback=lambda t, x: seen.append((t, x.clone()))
+    )
     assert [t for t, _ in seen] == [4, 3, 2, 1, 0]
     assert torch.equal(seen[-1][1], out) and not torch.equal(seen[0][1], out)
 

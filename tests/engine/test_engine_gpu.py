@@ -8,12 +8,10 @@ making graph-mode samples independent of the batch split, and iddpm sample's eng
 import pytest
 import torch
 
-from iddpm_ext.ops import loader
-from iddpm_ext.engine import SamplingEngine
-from iddpm_ext.unet import UNetModel
-
 from helpers.engine_cases import Autocast, PerSample, diffusion, reference_loop, tiny_model
 from helpers.oracles import rel_err
+from iddpm_ext.engine import SamplingEngine
+from iddpm_ext.unet import UNetModel
 
 pytestmark = pytest.mark.gpu
 
@@ -38,8 +36,9 @@ def _close(ours, ref, tol=1e-5):
     assert err <= tol * scale, f"max abs diff {err} (scale {scale})"
 
 
-def _graph_vs_loop(m, d, sampler="ancestral", eta=0.0, seed=0, engine=None, shape=SHAPE,
-                   model_kwargs=None, **engine_kwargs):
+def _graph_vs_loop(
+    m, d, sampler="ancestral", eta=0.0, seed=0, engine=None, shape=SHAPE, model_kwargs=None, **engine_kwargs
+):
     engine = engine or SamplingEngine(m, d, mode="graph", **engine_kwargs)
     torch.cuda.manual_seed(seed)
     ours = engine.sample(shape, sampler=sampler, eta=eta, model_kwargs=model_kwargs)
@@ -74,9 +73,21 @@ def test_graph_class_conditional(cond_model):
 def test_graph_cifar10_configuration():
     """The benchmark's model (52.5M parameters, learned sigma, rescaled timesteps)."""
     torch.manual_seed(0)
-    m = UNetModel(in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
-                  attention_resolutions=(2, 4), dropout=0.3, channel_mult=(1, 2, 2, 2),
-                  num_heads=4, use_scale_shift_norm=True).to(DEV).eval()
+    m = (
+        UNetModel(
+            in_channels=3,
+            model_channels=128,
+            out_channels=6,
+            num_res_blocks=3,
+            attention_resolutions=(2, 4),
+            dropout=0.3,
+            channel_mult=(1, 2, 2, 2),
+            num_heads=4,
+            use_scale_shift_norm=True,
+        )
+        .to(DEV)
+        .eval()
+    )
     with torch.no_grad():
         torch.nn.init.normal_(m.out[-1].weight, std=0.02)
     d = diffusion(respacing="12", steps=4000)
@@ -111,8 +122,7 @@ def test_graph_channels_last():
     g = torch.Generator(DEV).manual_seed(5)
     ours = engine.sample(SHAPE, noise=x_T, generator=g)
     g = torch.Generator(DEV).manual_seed(5)
-    ref = d.p_sample_loop(m, SHAPE, noise=x_T.contiguous(memory_format=torch.channels_last),
-                          generator=g)
+    ref = d.p_sample_loop(m, SHAPE, noise=x_T.contiguous(memory_format=torch.channels_last), generator=g)
     _close(ours, ref)
 
 
@@ -154,8 +164,9 @@ def test_capture_cached_and_memory_reported(model):
 def test_compile_mode_on_cuda(cond_model):
     d = diffusion(respacing="8")
     y = torch.tensor([2, 0, 5], device=DEV)
-    engine = SamplingEngine(cond_model, d, mode="compile",
-                            compile_options={"backend": "aot_eager", "fullgraph": True})
+    engine = SamplingEngine(
+        cond_model, d, mode="compile", compile_options={"backend": "aot_eager", "fullgraph": True}
+    )
     g = torch.Generator(DEV).manual_seed(4)
     ours = engine.sample(SHAPE, sampler="ddim", eta=0.5, y=y, generator=g)
     g = torch.Generator(DEV).manual_seed(4)
@@ -200,8 +211,7 @@ def test_diffusers_adapter_on_cuda(model):
     from iddpm_ext.engine.scheduler import IDDPMScheduler
 
     d = diffusion(respacing="12", rescale=True)
-    sched = IDDPMScheduler(100, beta_schedule="cosine", variance_type="learned_range",
-                           rescale_timesteps=True)
+    sched = IDDPMScheduler(100, beta_schedule="cosine", variance_type="learned_range", rescale_timesteps=True)
     sched.set_timesteps(12, device=DEV)
     x = torch.randn(SHAPE, device=DEV)
     g = torch.Generator(DEV).manual_seed(8)
@@ -227,6 +237,7 @@ def no_tf32():
 # differences to ~1e-4: measured on CPU with oneDNN). Across batch splits the tests therefore
 # run the model one item at a time (PerSample); runs of the same batches use the model as is.
 
+
 @pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.5)])
 def test_graph_samples_do_not_depend_on_batch_split(cond_model, no_tf32, sampler, eta):
     """Per-sample noise streams: graph mode in batches of 2 and of 3 (global sample_index,
@@ -239,8 +250,15 @@ def test_graph_samples_do_not_depend_on_batch_split(cond_model, no_tf32, sampler
 
     def run(engine, items):
         g = torch.Generator(DEV).manual_seed(42)
-        return engine.sample((len(items), 3, 16, 16), sampler=sampler, eta=eta, noise=x_T[items],
-                             y=y[items], generator=g, sample_index=torch.tensor(items))
+        return engine.sample(
+            (len(items), 3, 16, 16),
+            sampler=sampler,
+            eta=eta,
+            noise=x_T[items],
+            y=y[items],
+            generator=g,
+            sample_index=torch.tensor(items),
+        )
 
     per_item = PerSample(cond_model)
     whole = run(SamplingEngine(per_item, d, mode="eager"), list(range(6)))
@@ -250,8 +268,10 @@ def test_graph_samples_do_not_depend_on_batch_split(cond_model, no_tf32, sampler
     for size in (2, 3):
         parts = [list(range(s, s + size)) for s in range(0, 6, size)]
         _close(torch.cat([run(graph, p) for p in parts]), whole)
-        _close(torch.cat([run(graph_batched, p) for p in parts]),
-               torch.cat([run(eager_batched, p) for p in parts]))
+        _close(
+            torch.cat([run(graph_batched, p) for p in parts]),
+            torch.cat([run(eager_batched, p) for p in parts]),
+        )
     _close(run(graph, [5, 2]), whole[[5, 2]])  # any indices, same capture
     assert graph.stats["captures"] == 2 and graph_batched.stats["captures"] == 2
 
@@ -271,8 +291,7 @@ def test_sample_generate_graph_matches_eager_per_sample(no_tf32):
     for size in (2, 3):
         outs, labels = [], []
         for s in range(0, 6, size):
-            x, y, _ = S.sample_batch(per_item, d, list(range(s, s + size)), (3, 16, 16), engine=engine,
-                                     **kw)
+            x, y, _ = S.sample_batch(per_item, d, list(range(s, s + size)), (3, 16, 16), engine=engine, **kw)
             outs.append(x)
             labels.append(y)
         _close(torch.cat(outs), ref)

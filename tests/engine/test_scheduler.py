@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import iddpm_ext.core.sampling as sampling_mod
+from helpers.engine_cases import tiny_model
 from iddpm_ext import create_gaussian_diffusion, ops, space_timesteps
 from iddpm_ext.engine.scheduler import IDDPMScheduler, IDDPMSchedulerOutput
-
-from helpers.engine_cases import tiny_model
 
 pytestmark = pytest.mark.kernels
 
@@ -34,10 +33,19 @@ def _diffusers_loop(sched, model, x, generator=None, **step_kwargs):
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_diffusers_loop_matches_p_sample_loop(model, schedule, rescale):
-    d = create_gaussian_diffusion(steps=100, learn_sigma=True, noise_schedule=schedule,
-                                  rescale_timesteps=rescale, timestep_respacing="10")
-    sched = IDDPMScheduler(num_train_timesteps=100, beta_schedule=schedule,
-                           variance_type="learned_range", rescale_timesteps=rescale)
+    d = create_gaussian_diffusion(
+        steps=100,
+        learn_sigma=True,
+        noise_schedule=schedule,
+        rescale_timesteps=rescale,
+        timestep_respacing="10",
+    )
+    sched = IDDPMScheduler(
+        num_train_timesteps=100,
+        beta_schedule=schedule,
+        variance_type="learned_range",
+        rescale_timesteps=rescale,
+    )
     sched.set_timesteps(10)
     x_T = torch.randn(SHAPE)
     ours = _diffusers_loop(sched, model, x_T, generator=torch.Generator().manual_seed(1))
@@ -63,12 +71,10 @@ def test_ddim_matches_ddim_sample_loop(model, eta):
     sched.set_timesteps("ddim10")
     x_T = torch.randn(SHAPE)
     ours = _diffusers_loop(sched, model, x_T, generator=torch.Generator().manual_seed(2))
-    ref = d.ddim_sample_loop(model, SHAPE, noise=x_T, eta=eta,
-                             generator=torch.Generator().manual_seed(2))
+    ref = d.ddim_sample_loop(model, SHAPE, noise=x_T, eta=eta, generator=torch.Generator().manual_seed(2))
     assert torch.equal(ours, ref)
     # eta given to step() overrides the constructor's
-    other = _diffusers_loop(sched, model, x_T, generator=torch.Generator().manual_seed(2),
-                            eta=eta + 0.3)
+    other = _diffusers_loop(sched, model, x_T, generator=torch.Generator().manual_seed(2), eta=eta + 0.3)
     assert not torch.equal(other, ours)
 
 
@@ -130,8 +136,7 @@ def test_add_noise_is_q_sample():
     x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
     t = torch.tensor([0, 99])
     assert torch.equal(sched.add_noise(x0, noise, t), d.q_sample(x0, t, noise))
-    assert torch.equal(sched.add_noise(x0, noise, 40),
-                       d.q_sample(x0, torch.tensor([40, 40]), noise))
+    assert torch.equal(sched.add_noise(x0, noise, 40), d.q_sample(x0, torch.tensor([40, 40]), noise))
 
 
 def test_from_diffusion(model):

@@ -39,8 +39,21 @@ def _run(argv, capsys):
 
 def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, npzs, capsys):
     cache, js = tmp_path / "cache", tmp_path / "fid.json"
-    argv = ["fid", npzs["ref"], npzs["samples"], "--inception", weights, "--batch_size", "4",
-            "--cache_dir", str(cache), "--device", "cpu", "--json", str(js)]
+    argv = [
+        "fid",
+        npzs["ref"],
+        npzs["samples"],
+        "--inception",
+        weights,
+        "--batch_size",
+        "4",
+        "--cache_dir",
+        str(cache),
+        "--device",
+        "cpu",
+        "--json",
+        str(js),
+    ]
     rc, out, _ = _run(argv, capsys)
     assert rc == 0
     assert "FID" in out and "Inception Score" in out and "precision" in out and "recall" in out

@@ -10,15 +10,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
+from helpers.models import randomize_  # noqa: E402
+from helpers.training import blob_images, tiny_config  # noqa: E402
 from iddpm_ext import dist_util  # noqa: E402
 from iddpm_ext.cli import generate as S  # noqa: E402
-from iddpm_ext.training.data import ArraySource, BatchStream  # noqa: E402
 from iddpm_ext.resample import create_named_schedule_sampler  # noqa: E402
 from iddpm_ext.script_util import create_model_and_diffusion  # noqa: E402
+from iddpm_ext.training.data import ArraySource, BatchStream  # noqa: E402
 from iddpm_ext.training.loop import TrainLoop  # noqa: E402
-
-from helpers.training import blob_images, tiny_config  # noqa: E402
-from helpers.models import randomize_  # noqa: E402
 
 
 def gather_flat(tensors):
@@ -39,10 +38,23 @@ def main(out_dir):
     model, diffusion = create_model_and_diffusion(**cfg)
     images, labels = blob_images(64, 8, 1)
     data = BatchStream(ArraySource(images, labels), 4, rank=rank, world=world, seed=0)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=4, microbatch=2, lr=1e-3,
-                     ema_rate="0.9", log_interval=2, save_interval=3, resume_checkpoint="",
-                     schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
-                     config=cfg, out_dir=os.path.join(out_dir, "run"), max_steps=6, progress=False)
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=4,
+        microbatch=2,
+        lr=1e-3,
+        ema_rate="0.9",
+        log_interval=2,
+        save_interval=3,
+        resume_checkpoint="",
+        schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
+        config=cfg,
+        out_dir=os.path.join(out_dir, "run"),
+        max_steps=6,
+        progress=False,
+    )
     start = [p.detach().clone() for p in loop.params]
     loop.run_loop()
     params = gather_flat(loop.params)

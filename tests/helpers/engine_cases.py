@@ -7,26 +7,29 @@ import contextlib
 
 import torch
 
+from helpers.models import randomize_, tiny_kwargs
 from iddpm_ext import create_gaussian_diffusion
 from iddpm_ext.unet import UNetModel
-
-from helpers.models import randomize_, tiny_kwargs
 
 
 def tiny_model(num_classes=None, learn_sigma=True, seed=0, device="cpu") -> UNetModel:
     """A randomized tiny UNet (32 channels, 2 levels) in eval mode."""
     torch.manual_seed(seed)
-    model = UNetModel(**tiny_kwargs(out_channels=6 if learn_sigma else 3,
-                                    num_classes=num_classes))
+    model = UNetModel(**tiny_kwargs(out_channels=6 if learn_sigma else 3, num_classes=num_classes))
     return randomize_(model, seed).to(device).eval()
 
 
-def diffusion(respacing="10", steps=100, learn_sigma=True, rescale=True, schedule="cosine",
-              predict_xstart=False):
-    return create_gaussian_diffusion(steps=steps, learn_sigma=learn_sigma,
-                                     noise_schedule=schedule, rescale_timesteps=rescale,
-                                     timestep_respacing=respacing,
-                                     predict_xstart=predict_xstart)
+def diffusion(
+    respacing="10", steps=100, learn_sigma=True, rescale=True, schedule="cosine", predict_xstart=False
+):
+    return create_gaussian_diffusion(
+        steps=steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=schedule,
+        rescale_timesteps=rescale,
+        timestep_respacing=respacing,
+        predict_xstart=predict_xstart,
+    )
 
 
 def reference_loop(d, model, shape, sampler="ancestral", eta=0.0, **kwargs):
@@ -61,8 +64,12 @@ class PerSample(torch.nn.Module):
         self.train(model.training)
 
     def forward(self, x, t, **kwargs):
-        return torch.cat([self.model(x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
-                          for i in range(x.shape[0])])
+        return torch.cat(
+            [
+                self.model(x[i : i + 1], t[i : i + 1], **{k: v[i : i + 1] for k, v in kwargs.items()})
+                for i in range(x.shape[0])
+            ]
+        )
 
 
 class CallGraphBackend:

@@ -33,7 +33,14 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def tiny_kwargs(**overrides) -> dict:
     """A small UNet: 32 channels, 1 res block, two levels, attention at ds 2."""
-    kw = dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-              attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2)
+    kw = dict(
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_heads=2,
+    )
     kw.update(overrides)
     return kw

@@ -55,8 +55,11 @@ def reference_step64(d, rule, x, mo, t, clip=True, eta=0.0, noise=None):
         x0 = x0.clamp(-1, 1)
     mask = (t.cpu() != 0).double().view(shape)
     if rule == "ancestral":
-        mean = out if mt == ModelMeanType.PREVIOUS_X else (
-            col("posterior_mean_coef1") * x0 + col("posterior_mean_coef2") * x)
+        mean = (
+            out
+            if mt == ModelMeanType.PREVIOUS_X
+            else (col("posterior_mean_coef1") * x0 + col("posterior_mean_coef2") * x)
+        )
         vt = d.model_var_type
         if vt == ModelVarType.LEARNED:
             log_var = v
@@ -96,8 +99,7 @@ def philox4x32_10(ctr, key0, key1):
             k1 = (k1 + np.uint64(0xBB67AE85)) & _MASK
         p0 = np.uint64(0xD2511F53) * c[0]
         p1 = np.uint64(0xCD9E8D57) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK, (p0 >> np.uint64(32)) ^ c[3] ^ k1,
-             p0 & _MASK]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _MASK]
     return c
 
 
@@ -110,8 +112,15 @@ def philox_normals(seed: int, offset: int, n: int, first: int = 0) -> np.ndarray
     step = offset // 4
     zeros = np.zeros_like(groups)
     bits = philox4x32_10(
-        [zeros + np.uint64(step & 0xFFFFFFFF), zeros + np.uint64(step >> 32), groups & _MASK,
-         groups >> np.uint64(32)], seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+        [
+            zeros + np.uint64(step & 0xFFFFFFFF),
+            zeros + np.uint64(step >> 32),
+            groups & _MASK,
+            groups >> np.uint64(32),
+        ],
+        seed & 0xFFFFFFFF,
+        (seed >> 32) & 0xFFFFFFFF,
+    )
 
     def box_muller(a, b):
         u1 = ((a >> np.uint64(8)) + np.uint64(1)).astype(np.float32) * np.float32(2.0**-24)
@@ -122,7 +131,7 @@ def philox_normals(seed: int, offset: int, n: int, first: int = 0) -> np.ndarray
 
     z0, z1 = box_muller(bits[0], bits[1])
     z2, z3 = box_muller(bits[2], bits[3])
-    return np.stack([z0, z1, z2, z3], axis=1).ravel()[first - 4 * g0:][:n]
+    return np.stack([z0, z1, z2, z3], axis=1).ravel()[first - 4 * g0 :][:n]
 
 
 def cpu_generator_key(generator: torch.Generator) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from helpers.oracles import max_err
 from iddpm_ext import (
     GaussianDiffusion,
     LossType,
@@ -16,14 +17,16 @@ from iddpm_ext import (
     space_timesteps,
 )
 
-from helpers.oracles import max_err
 
-
-def make_diffusion(mean_type=ModelMeanType.EPSILON, var_type=ModelVarType.LEARNED_RANGE,
-                   steps=100, schedule="linear", respacing=None):
+def make_diffusion(
+    mean_type=ModelMeanType.EPSILON,
+    var_type=ModelVarType.LEARNED_RANGE,
+    steps=100,
+    schedule="linear",
+    respacing=None,
+):
     betas = get_named_beta_schedule(schedule, steps)
-    kwargs = dict(betas=betas, model_mean_type=mean_type, model_var_type=var_type,
-                  loss_type=LossType.MSE)
+    kwargs = dict(betas=betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=LossType.MSE)
     if respacing is not None:
         return SpacedDiffusion(space_timesteps(steps, respacing), **kwargs)
     return GaussianDiffusion(**kwargs)

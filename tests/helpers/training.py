@@ -13,9 +13,19 @@ from helpers import REPO
 
 # An 8x8 grayscale UNet with 32 channels, one res block, attention at 4x4, learned sigma,
 # 10 diffusion steps: a training step takes a few milliseconds on a CPU.
-TINY = dict(image_size=8, image_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-            attention_resolutions="4", num_heads=2, learn_sigma=True, diffusion_steps=10,
-            noise_schedule="cosine", dropout=0.0)
+TINY = dict(
+    image_size=8,
+    image_channels=1,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_heads=2,
+    learn_sigma=True,
+    diffusion_steps=10,
+    noise_schedule="cosine",
+    dropout=0.0,
+)
 
 
 def tiny_flags(**overrides) -> list:
@@ -45,7 +55,7 @@ def blob_images(n: int, size: int = 8, channels: int = 1, seed: int = 0) -> tupl
     for i in range(n):
         s = 2 + int(labels[i])
         y, x = rng.integers(0, size - s + 1, size=2)
-        images[i, y: y + s, x: x + s] = 200
+        images[i, y : y + s, x : x + s] = 200
     return images, labels
 
 
@@ -65,5 +75,11 @@ def run_cli(args: list, timeout: float = 240, env=None, cwd=None) -> subprocess.
     full_env.setdefault("OMP_NUM_THREADS", "1")
     if env:
         full_env.update(env)
-    return subprocess.run([sys.executable, "-m", "iddpm_ext", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "iddpm_ext", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )

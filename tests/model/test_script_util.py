@@ -13,19 +13,43 @@ from iddpm_ext.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
 
 # improved-diffusion's model_and_diffusion_defaults(), as published (README / script_util.py).
 REFERENCE_DEFAULTS = dict(
-    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
-    attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
-    class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
-    use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
-    use_checkpoint=False, use_scale_shift_norm=True,
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    num_heads=4,
+    num_heads_upsample=-1,
+    attention_resolutions="16,8",
+    dropout=0.0,
+    learn_sigma=False,
+    sigma_small=False,
+    class_cond=False,
+    diffusion_steps=1000,
+    noise_schedule="linear",
+    timestep_respacing="",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=True,
+    rescale_learned_sigmas=True,
+    use_checkpoint=False,
+    use_scale_shift_norm=True,
 )
 
 
 def _small(**overrides):
     """create_model arguments for a small model (32 channels, 1 res block)."""
-    kw = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=False,
-              class_cond=False, use_checkpoint=False, attention_resolutions="16,8", num_heads=4,
-              num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0)
+    kw = dict(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        learn_sigma=False,
+        class_cond=False,
+        use_checkpoint=False,
+        attention_resolutions="16,8",
+        num_heads=4,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+    )
     kw.update(overrides)
     return kw
 
@@ -41,9 +65,18 @@ def test_defaults_are_the_reference_plus_extras():
 
 def test_create_model_and_diffusion_from_defaults():
     d = script_util.model_and_diffusion_defaults()
-    d.update(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True,
-             class_cond=True, num_classes=7, diffusion_steps=100, noise_schedule="cosine",
-             timestep_respacing="25", dropout=0.1)
+    d.update(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        learn_sigma=True,
+        class_cond=True,
+        num_classes=7,
+        diffusion_steps=100,
+        noise_schedule="cosine",
+        timestep_respacing="25",
+        dropout=0.1,
+    )
     model, diffusion = script_util.create_model_and_diffusion(**d)
     assert isinstance(model, UNetModel) and isinstance(diffusion, SpacedDiffusion)
     assert model.out_channels == 6 and model.in_channels == 3
@@ -58,8 +91,9 @@ def test_create_model_and_diffusion_from_defaults():
     assert out.shape == (2, 6, 32, 32)
 
 
-@pytest.mark.parametrize("size, mult", [(32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)),
-                                        (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4))])
+@pytest.mark.parametrize(
+    "size, mult", [(32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4))]
+)
 def test_channel_mult_by_image_size(size, mult):
     model = script_util.create_model(**_small(image_size=size, num_channels=32))
     assert model.channel_mult == mult
@@ -71,8 +105,9 @@ def test_channel_mult_override_and_unsupported_size():
     with pytest.raises(ValueError, match="image_size"):
         script_util.create_model(**_small(image_size=48))
     for override in ("1,2,2", (1, 2, 2), [1, 2, 2], " 1, 2,2 "):
-        model = script_util.create_model(**_small(image_size=48, channel_mult=override,
-                                                  attention_resolutions="12"))
+        model = script_util.create_model(
+            **_small(image_size=48, channel_mult=override, attention_resolutions="12")
+        )
         assert model.channel_mult == (1, 2, 2) and model.attention_resolutions == (4,)
     model = script_util.create_model(**_small(channel_mult="1,2"))  # override beats the table
     assert model.channel_mult == (1, 2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.models import randomize_, tiny_kwargs
 
+from helpers.models import randomize_, tiny_kwargs
 from iddpm_ext import SuperResModel, UNetModel, create_model
 from iddpm_ext.unet import Downsample, Upsample
 
@@ -102,8 +102,9 @@ def test_super_res_model():
     low = torch.randn(2, 3, 8, 8)
     out = model(x, t, low_res=low)
     assert out.shape == (2, 6, 16, 16)
-    expected = UNetModel.forward(model, torch.cat(
-        [x, torch.nn.functional.interpolate(low, (16, 16), mode="bilinear")], 1), t)
+    expected = UNetModel.forward(
+        model, torch.cat([x, torch.nn.functional.interpolate(low, (16, 16), mode="bilinear")], 1), t
+    )
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="low_res"):
         model(x, t)
@@ -125,41 +126,50 @@ def _norm(prefix, ch):
 
 
 def _resblock(prefix, n_in, n_out, emb=128, scale_shift=True):
-    keys = {**_norm(f"{prefix}.in_layers.0", n_in),
-            **_conv(f"{prefix}.in_layers.2", n_in, n_out, (3, 3)),
-            **_linear(f"{prefix}.emb_layers.1", emb, 2 * n_out if scale_shift else n_out),
-            **_norm(f"{prefix}.out_layers.0", n_out),
-            **_conv(f"{prefix}.out_layers.3", n_out, n_out, (3, 3))}
+    keys = {
+        **_norm(f"{prefix}.in_layers.0", n_in),
+        **_conv(f"{prefix}.in_layers.2", n_in, n_out, (3, 3)),
+        **_linear(f"{prefix}.emb_layers.1", emb, 2 * n_out if scale_shift else n_out),
+        **_norm(f"{prefix}.out_layers.0", n_out),
+        **_conv(f"{prefix}.out_layers.3", n_out, n_out, (3, 3)),
+    }
     if n_in != n_out:
         keys.update(_conv(f"{prefix}.skip_connection", n_in, n_out, (1, 1)))
     return keys
 
 
 def _attention(prefix, ch):
-    return {**_norm(f"{prefix}.norm", ch), **_conv(f"{prefix}.qkv", ch, 3 * ch, (1,)),
-            **_conv(f"{prefix}.proj_out", ch, ch, (1,))}
+    return {
+        **_norm(f"{prefix}.norm", ch),
+        **_conv(f"{prefix}.qkv", ch, 3 * ch, (1,)),
+        **_conv(f"{prefix}.proj_out", ch, ch, (1,)),
+    }
 
 
 def test_state_dict_keys_and_shapes():
     """Hand-enumerated from the architecture (not from our modules): in 3, 32 channels,
     out 6, 1 res block, channel_mult (1, 2), attention at ds 2, 10 classes, scale-shift."""
     expected = {
-        **_linear("time_embed.0", 32, 128), **_linear("time_embed.2", 128, 128),
+        **_linear("time_embed.0", 32, 128),
+        **_linear("time_embed.2", 128, 128),
         "label_emb.weight": (10, 128),
-        **_conv("input_blocks.0.0", 3, 32, (3, 3)),                  # stem; skip 32
-        **_resblock("input_blocks.1.0", 32, 32),                     # level 0; skip 32
-        **_conv("input_blocks.2.0.op", 32, 32, (3, 3)),              # downsample; skip 32
-        **_resblock("input_blocks.3.0", 32, 64),                     # level 1 (ds 2)
-        **_attention("input_blocks.3.1", 64),                        # skip 64
+        **_conv("input_blocks.0.0", 3, 32, (3, 3)),  # stem; skip 32
+        **_resblock("input_blocks.1.0", 32, 32),  # level 0; skip 32
+        **_conv("input_blocks.2.0.op", 32, 32, (3, 3)),  # downsample; skip 32
+        **_resblock("input_blocks.3.0", 32, 64),  # level 1 (ds 2)
+        **_attention("input_blocks.3.1", 64),  # skip 64
         **_resblock("middle_block.0", 64, 64),
         **_attention("middle_block.1", 64),
         **_resblock("middle_block.2", 64, 64),
-        **_resblock("output_blocks.0.0", 64 + 64, 64), **_attention("output_blocks.0.1", 64),
-        **_resblock("output_blocks.1.0", 64 + 32, 64), **_attention("output_blocks.1.1", 64),
-        **_conv("output_blocks.1.2.conv", 64, 64, (3, 3)),           # upsample
-        **_resblock("output_blocks.2.0", 64 + 32, 32),               # level 0
+        **_resblock("output_blocks.0.0", 64 + 64, 64),
+        **_attention("output_blocks.0.1", 64),
+        **_resblock("output_blocks.1.0", 64 + 32, 64),
+        **_attention("output_blocks.1.1", 64),
+        **_conv("output_blocks.1.2.conv", 64, 64, (3, 3)),  # upsample
+        **_resblock("output_blocks.2.0", 64 + 32, 32),  # level 0
         **_resblock("output_blocks.3.0", 32 + 32, 32),
-        **_norm("out.0", 32), **_conv("out.2", 32, 6, (3, 3)),
+        **_norm("out.0", 32),
+        **_conv("out.2", 32, 6, (3, 3)),
     }
     model = UNetModel(**tiny_kwargs(out_channels=6, num_classes=10, use_scale_shift_norm=True))
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -186,9 +196,19 @@ def test_cifar10_parameter_count():
     # (/tmp/ref/improved_diffusion/unet.py) built with these arguments (the CIFAR-10 run:
     # 128 channels, 3 res blocks, channel_mult (1, 2, 2, 2), attention at 16 and 8 with
     # 4 heads, scale-shift norm, learned sigma), counted once in a scratch script.
-    model = create_model(32, 128, 3, learn_sigma=True, class_cond=False, use_checkpoint=False,
-                         attention_resolutions="16,8", num_heads=4, num_heads_upsample=-1,
-                         use_scale_shift_norm=True, dropout=0.3)
+    model = create_model(
+        32,
+        128,
+        3,
+        learn_sigma=True,
+        class_cond=False,
+        use_checkpoint=False,
+        attention_resolutions="16,8",
+        num_heads=4,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.3,
+    )
     assert sum(p.numel() for p in model.parameters()) == 52_546_438
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.models import randomize_, tiny_kwargs
 
+from helpers.models import randomize_, tiny_kwargs
 from iddpm_ext.bench.unet import activation_bytes
 from iddpm_ext.unet import UNetModel
 

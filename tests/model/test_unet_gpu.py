@@ -15,9 +15,9 @@ import contextlib
 
 import pytest
 import torch
+
 from helpers.models import randomize_
 from helpers.oracles import rel_err
-
 from iddpm_ext import attention_impl
 from iddpm_ext.bench.unet import build_model
 
@@ -110,6 +110,8 @@ def test_use_checkpoint_cuts_training_memory():
         peaks[ckpt] = torch.cuda.max_memory_allocated() - base
         del model
         torch.cuda.empty_cache()
-    print(f"\ntraining step peak above parameters, batch 32 fp32: {peaks[False] / 2**20:.0f} MiB, "
-          f"use_checkpoint {peaks[True] / 2**20:.0f} MiB")
+    print(
+        f"\ntraining step peak above parameters, batch 32 fp32: {peaks[False] / 2**20:.0f} MiB, "
+        f"use_checkpoint {peaks[True] / 2**20:.0f} MiB"
+    )
     assert peaks[True] < 0.6 * peaks[False]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from helpers.models import randomize_, tiny_kwargs
 from helpers.oracles import rel_err
-
 from iddpm_ext import nn as inn
 from iddpm_ext.unet import UNetModel
 
@@ -149,8 +149,7 @@ def test_mean_flat_reexported():
 # Mixed precision: autocast bf16
 # ---------------------------------------------------------------------------------
 def test_unet_autocast_bf16_close_to_fp32():
-    model = randomize_(UNetModel(**tiny_kwargs(num_classes=4, use_scale_shift_norm=True,
-                                               num_heads=4))).eval()
+    model = randomize_(UNetModel(**tiny_kwargs(num_classes=4, use_scale_shift_norm=True, num_heads=4))).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, 16, generator=gen)
     t, y = torch.tensor([10, 700]), torch.tensor([1, 3])

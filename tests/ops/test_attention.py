@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iddpm_ext.ops import loader
+from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
 from iddpm_ext.ops import attention as A
 
 pytestmark = pytest.mark.kernels
@@ -137,9 +136,7 @@ def test_opcheck_forward_and_backward():
     torch.library.opcheck(torch.ops.iddpm.qkv_attention.default, (qkv, 2))
     out, lse = A.qkv_attention_with_lse(qkv.detach(), 2)
     g = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.iddpm.qkv_attention_backward.default, (g, qkv.detach(), out, lse, 2)
-    )
+    torch.library.opcheck(torch.ops.iddpm.qkv_attention_backward.default, (g, qkv.detach(), out, lse, 2))
     qkv32 = torch.randn(1, 3 * 4 * 16, 20, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.iddpm.qkv_attention.default, (qkv32, 4))
 
@@ -207,7 +204,9 @@ def test_forward_errors(shape, heads, match):
 
 
 def test_dtype_error():
-    with pytest.raises(ValueError, match="qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got Long"):
+    with pytest.raises(
+        ValueError, match="qkv: expected dtype float32, float64, float16 or bfloat16 on CPU, got Long"
+    ):
         torch.ops.iddpm.qkv_attention(torch.zeros(1, 6, 3, dtype=torch.long), 2)
 
 

@@ -31,8 +31,18 @@ def test_cuda_kernels_under_host_emulation(tmp_path):
     if inc is None or cxx is None or platform.system() != "Linux":
         pytest.skip("needs the CUDA headers (cuda_fp16.h), a C++ compiler and Linux (ucontext)")
     exe = tmp_path / "attention_emulation"
-    cmd = [cxx, "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-class-memaccess",
-           f"-I{ROOT / 'csrc'}", f"-I{inc}", str(SRC), "-o", str(exe)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-Wno-unknown-pragmas",
+        "-Wno-class-memaccess",
+        f"-I{ROOT / 'csrc'}",
+        f"-I{inc}",
+        str(SRC),
+        "-o",
+        str(exe),
+    ]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)

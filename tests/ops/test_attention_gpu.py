@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
 
-from iddpm_ext.ops import loader
+from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
 from iddpm_ext.ops import attention as A
 
 pytestmark = pytest.mark.gpu
@@ -48,8 +47,9 @@ def _check_fwd_bwd(B, H, C, T, dtype, seed=0):
     # Per block of grad_qkv (q, k, v), so that a wrong dk cannot hide behind a large dv.
     for name, sl in (("dq", 0), ("dk", 1), ("dv", 2)):
         view = lambda t: t.reshape(B, H, 3, C, T)[:, :, sl]  # noqa: E731
-        check_two_x_rule(view(grad), view(grad_eager), view(grad_ref), f"{what} {name}",
-                         _floor(view(grad_ref)))
+        check_two_x_rule(
+            view(grad), view(grad_eager), view(grad_ref), f"{what} {name}", _floor(view(grad_ref))
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

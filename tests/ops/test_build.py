@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import iddpm_ext
-from iddpm_ext.ops import loader
-
 from helpers import REPO
-
+from iddpm_ext.ops import loader
 
 
 def test_extension_loads_and_reports_build_facts():
@@ -27,8 +25,10 @@ def test_extension_loads_and_reports_build_facts():
         assert info["cuda_version"] is None
 
 
-@pytest.mark.skipif(os.environ.get("IDDPM_EXT_EXPECT_CUDA_BUILD") != "1",
-                    reason="only where the build must include CUDA (CI sets IDDPM_EXT_EXPECT_CUDA_BUILD=1)")
+@pytest.mark.skipif(
+    os.environ.get("IDDPM_EXT_EXPECT_CUDA_BUILD") != "1",
+    reason="only where the build must include CUDA (CI sets IDDPM_EXT_EXPECT_CUDA_BUILD=1)",
+)
 def test_cuda_sources_were_compiled():
     info = iddpm_ext.build_info()
     assert info["cuda"] is True
@@ -44,8 +44,9 @@ def test_cuda_kernels_registered_when_built():
 
 def _run(code, **env):
     full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
-                          cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300
+    )
 
 
 def test_without_extension_the_core_works_and_ops_raise_with_rebuild_command():
@@ -84,19 +85,34 @@ def test_missing_module_message(tmp_path):
     import shutil
 
     pkg = tmp_path / "iddpm_ext"
-    shutil.copytree(os.path.join(REPO, "iddpm_ext"), pkg,
-                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copytree(
+        os.path.join(REPO, "iddpm_ext"), pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__")
+    )
     code = "import iddpm_ext, iddpm_ext.ops.loader as o; print(o.load_error())"
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    res = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0]=[%r] + %r; " % (
-        str(tmp_path), [p for p in sys.path if "site-packages" in p]) + code],
-        capture_output=True, text=True, env=env, timeout=300)
+    site_packages = [p for p in sys.path if "site-packages" in p]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            f"import sys; sys.path[:0]=[{str(tmp_path)!r}] + {site_packages!r}; " + code,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "not built" in res.stdout and "make build" in res.stdout
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def test_capabilities_match_what_the_ops_accept():
@@ -105,8 +121,9 @@ def test_capabilities_match_what_the_ops_accept():
     caps = _C.capabilities()
     assert set(caps) == {"cuda", "ops", "step", "attention"}
     assert caps["cuda"] == iddpm_ext.build_info()["cuda"]
-    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-                  if n.startswith("iddpm::")}
+    registered = {
+        n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("iddpm::")
+    }
     assert set(caps["ops"]) == registered
     for op in ("step", "attention"):
         assert set(caps[op]) == {"cpu", "cuda"}
@@ -136,8 +153,7 @@ def test_capabilities_match_what_the_ops_accept():
     table = torch.rand(10, 20)  # [T, K] coefficient table (K >= the 18 columns the kernels read)
     for name, dtype in _TORCH_DTYPES.items():
         x = torch.randn(2, 3, 4, 4).to(dtype)
-        args = (x, torch.randn(2, 3, 4, 4), torch.tensor([0, 5]), table, "epsilon", "fixed_small",
-                True)
+        args = (x, torch.randn(2, 3, 4, 4), torch.tensor([0, 5]), table, "epsilon", "fixed_small", True)
         if name in listed:
             sample, _ = torch.ops.iddpm.p_sample_step(*args)
             assert sample.dtype == dtype

@@ -40,9 +40,17 @@ def test_diffusion_table_gather_equals_float64_values_cast():
     "table,t,match",
     [
         (torch.randn(5), torch.tensor([0]), r"table: expected a 2-D tensor \[T, K\], got shape \[5\]"),
-        (torch.randn(5, 2, dtype=torch.float64), torch.tensor([0]), r"table: expected dtype Float, got Double"),
+        (
+            torch.randn(5, 2, dtype=torch.float64),
+            torch.tensor([0]),
+            r"table: expected dtype Float, got Double",
+        ),
         (torch.randn(5, 2), torch.tensor([[0]]), r"t: expected a 1-D tensor \[B\], got shape \[1, 1\]"),
-        (torch.randn(5, 2), torch.tensor([0.0]), r"t: expected an integer tensor \(int64 or int32\), got Float"),
+        (
+            torch.randn(5, 2),
+            torch.tensor([0.0]),
+            r"t: expected an integer tensor \(int64 or int32\), got Float",
+        ),
         (torch.randn(5, 2), torch.tensor([5]), r"t: expected timesteps in \[0, 5\).*got t\[0\] = 5"),
         (torch.randn(5, 2), torch.tensor([1, -1]), r"t: expected timesteps in \[0, 5\).*got t\[1\] = -1"),
     ],

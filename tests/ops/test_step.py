@@ -11,13 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import iddpm_ext.ops as ops
-from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext.ops import loader
-from iddpm_ext.core.tables import COEF_INDEX, COEF_NAMES
-
-from helpers.step_cases import assert_parity, make_diffusion, make_inputs, run_step
 from helpers import REPO
 from helpers.oracles import LEARNED
+from helpers.step_cases import assert_parity, make_diffusion, make_inputs, run_step
+from iddpm_ext import ModelMeanType, ModelVarType
+from iddpm_ext.core.tables import COEF_INDEX, COEF_NAMES
 
 pytestmark = pytest.mark.kernels
 
@@ -64,19 +62,19 @@ def test_opcheck(layout):
         mo = mo[..., ::2]
     common = (x, mo, t, table, "epsilon", "learned_range", True)
     torch.library.opcheck(OPS.p_sample_step.default, common, {"noise": noise})
-    torch.library.opcheck(OPS.p_sample_step.default, common,
-                          {"noise": noise, "return_pred_xstart": False})
+    torch.library.opcheck(OPS.p_sample_step.default, common, {"noise": noise, "return_pred_xstart": False})
     torch.library.opcheck(OPS.ddim_step.default, common + (0.5,), {"noise": noise})
     torch.library.opcheck(OPS.ddim_step.default, common + (0.0,), {})
     torch.library.opcheck(OPS.ddim_reverse_step.default, common, {})
     # In-kernel noise from the default generator.
     torch.library.opcheck(OPS.p_sample_step.default, common, {})
     # ... numbered per sample (sample_index, int64 and int32).
-    torch.library.opcheck(OPS.p_sample_step.default, common,
-                          {"sample_index": torch.tensor([4, 1])})
-    torch.library.opcheck(OPS.ddim_step.default, common + (0.5,),
-                          {"sample_index": torch.tensor([0, 9], dtype=torch.int32),
-                           "return_pred_xstart": False})
+    torch.library.opcheck(OPS.p_sample_step.default, common, {"sample_index": torch.tensor([4, 1])})
+    torch.library.opcheck(
+        OPS.ddim_step.default,
+        common + (0.5,),
+        {"sample_index": torch.tensor([0, 9], dtype=torch.int32), "return_pred_xstart": False},
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -84,20 +82,23 @@ def test_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True)
     def step(x, mo, t, noise):
-        sample, pred = ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type,
-                                         True, noise=noise)
+        sample, pred = ops.p_sample_step(
+            x, mo, t, table, d.model_mean_type, d.model_var_type, True, noise=noise
+        )
         return sample * 1.0, pred
 
     @torch.compile(fullgraph=True)
     def ddim(x, mo, t):  # DDIM and in-kernel noise from the default generator
-        a, _ = ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", True, eta=0.5,
-                             return_pred_xstart=False)
+        a, _ = ops.ddim_step(
+            x, mo, t, table, "epsilon", "learned_range", True, eta=0.5, return_pred_xstart=False
+        )
         b, _ = ops.ddim_reverse_step(a, mo, t, table, "epsilon", "learned_range", True)
         return b
 
     sample, pred = step(x, mo, t, noise)
-    eager_sample, eager_pred = ops.p_sample_step(x, mo, t, table, d.model_mean_type,
-                                                 d.model_var_type, True, noise=noise)
+    eager_sample, eager_pred = ops.p_sample_step(
+        x, mo, t, table, d.model_mean_type, d.model_var_type, True, noise=noise
+    )
     assert torch.equal(sample, eager_sample) and torch.equal(pred, eager_pred)
     torch.manual_seed(0)
     a = ddim(x, mo, t)
@@ -107,8 +108,9 @@ def test_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True)
     def per_sample(x, mo, t, index):  # in-kernel noise numbered by a sample-index tensor
-        return ops.p_sample_step(x, mo, t, table, "epsilon", "learned_range", True,
-                                 return_pred_xstart=False, sample_index=index)[0]
+        return ops.p_sample_step(
+            x, mo, t, table, "epsilon", "learned_range", True, return_pred_xstart=False, sample_index=index
+        )[0]
 
     index = torch.tensor([5, 2])
     torch.manual_seed(1)
@@ -129,43 +131,65 @@ def test_error_messages():
     def call(x=x, mo=mo, t=t, table=table, mean="epsilon", var="learned_range", **kw):
         return ops.p_sample_step(x, mo, t, table, mean, var, **kw)
 
-    _raises(lambda: call(x=x.double(), mo=mo.double()),
-            r"^x: expected dtype float32, float16 or bfloat16, got Double")
+    _raises(
+        lambda: call(x=x.double(), mo=mo.double()),
+        r"^x: expected dtype float32, float16 or bfloat16, got Double",
+    )
     _raises(lambda: call(x=x[:, 0, 0, 0]), r"^x: expected a tensor \[B, C, \.\.\.\] with at least 2")
-    _raises(lambda: call(mo=mo[:, :3]),
-            r"^model_output: expected shape \[2, 6, 4, 4\] \(\[B, 2C, \.\.\.\]: mean and variance "
-            r"channels for model_var_type 'learned_range'\), got \[2, 3, 4, 4\]")
-    _raises(lambda: call(var="fixed_small"),
-            r"^model_output: expected shape \[2, 3, 4, 4\] .*'fixed_small'\), got \[2, 6, 4, 4\]")
+    _raises(
+        lambda: call(mo=mo[:, :3]),
+        r"^model_output: expected shape \[2, 6, 4, 4\] \(\[B, 2C, \.\.\.\]: mean and variance "
+        r"channels for model_var_type 'learned_range'\), got \[2, 3, 4, 4\]",
+    )
+    _raises(
+        lambda: call(var="fixed_small"),
+        r"^model_output: expected shape \[2, 3, 4, 4\] .*'fixed_small'\), got \[2, 6, 4, 4\]",
+    )
     _raises(lambda: call(mo=mo[..., :3]), r"^model_output: expected shape \[2, 6, 4, 4\]")
     _raises(lambda: call(mo=mo.int()), r"^model_output: expected dtype float32, float16 or bfloat16")
     _raises(lambda: call(t=t[:1]), r"^t: expected shape \[2\] \(one timestep per batch item")
     _raises(lambda: call(t=t.float()), r"^t: expected an integer tensor \(int64 or int32\), got Float")
-    _raises(lambda: call(t=torch.tensor([3, 100])),
-            r"^t: expected timesteps in \[0, 100\) \(the table has 100 rows\), got t\[1\] = 100")
+    _raises(
+        lambda: call(t=torch.tensor([3, 100])),
+        r"^t: expected timesteps in \[0, 100\) \(the table has 100 rows\), got t\[1\] = 100",
+    )
     _raises(lambda: call(t=torch.tensor([-1, 0], dtype=torch.int32)), r"got t\[0\] = -1")
-    _raises(lambda: call(table=table[:, :5]),
-            r"^table: expected a \[T, K\] coefficient table with T >= 1 and K >= 18 columns.*"
-            r"got shape \[100, 5\]")
+    _raises(
+        lambda: call(table=table[:, :5]),
+        r"^table: expected a \[T, K\] coefficient table with T >= 1 and K >= 18 columns.*"
+        r"got shape \[100, 5\]",
+    )
     _raises(lambda: call(table=table[:0]), r"^table: expected a \[T, K\] coefficient table")
     _raises(lambda: call(table=table.double()), r"^table: expected dtype Float, got Double")
     _raises(lambda: call(noise=noise[:1]), r"^noise: expected shape \[2, 3, 4, 4\] \(the shape of x\)")
     _raises(lambda: call(noise=noise.half()), r"^noise: expected dtype Float \(the dtype of x\), got Half")
     _raises(lambda: call(mean="eps"), r"^model_mean_type: expected one of")
     _raises(lambda: call(var=ModelMeanType.EPSILON), r"^model_var_type: expected one of")
-    _raises(lambda: OPS.p_sample_step(x, mo, t, table, "eps", "learned_range", True),
-            r"^model_mean_type: expected 'epsilon', 'start_x' or 'previous_x', got 'eps'")
-    _raises(lambda: OPS.p_sample_step(x, mo, t, table, "epsilon", "big", True),
-            r"^model_var_type: expected 'fixed_small', 'fixed_large', 'learned' or")
-    _raises(lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=float("nan")),
-            r"^eta: expected a finite number, got nan")
-    _raises(lambda: call(sample_index=torch.tensor([[0, 1]])),
-            r"^sample_index: expected shape \[2\] \(one global sample index per batch item of x\), "
-            r"got \[1, 2\]")
-    _raises(lambda: call(sample_index=torch.tensor([0.0, 1.0])),
-            r"^sample_index: expected an integer tensor \(int64 or int32\), got Float")
-    _raises(lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=0.5,
-                                  sample_index="0"), r"^sample_index: expected None, an int")
+    _raises(
+        lambda: OPS.p_sample_step(x, mo, t, table, "eps", "learned_range", True),
+        r"^model_mean_type: expected 'epsilon', 'start_x' or 'previous_x', got 'eps'",
+    )
+    _raises(
+        lambda: OPS.p_sample_step(x, mo, t, table, "epsilon", "big", True),
+        r"^model_var_type: expected 'fixed_small', 'fixed_large', 'learned' or",
+    )
+    _raises(
+        lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=float("nan")),
+        r"^eta: expected a finite number, got nan",
+    )
+    _raises(
+        lambda: call(sample_index=torch.tensor([[0, 1]])),
+        r"^sample_index: expected shape \[2\] \(one global sample index per batch item of x\), "
+        r"got \[1, 2\]",
+    )
+    _raises(
+        lambda: call(sample_index=torch.tensor([0.0, 1.0])),
+        r"^sample_index: expected an integer tensor \(int64 or int32\), got Float",
+    )
+    _raises(
+        lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=0.5, sample_index="0"),
+        r"^sample_index: expected None, an int",
+    )
 
 
 # ---- property-based: random shapes, dtypes, strides and argument mistakes -----------------
@@ -178,17 +202,21 @@ _ARG = r"^(x|model_output|t|table|noise|eta|model_mean_type|model_var_type): "
 def _cases(draw):
     spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3)))
     return dict(
-        B=draw(st.integers(0, 3)), C=draw(st.integers(1, 3)), spatial=spatial,
+        B=draw(st.integers(0, 3)),
+        C=draw(st.integers(1, 3)),
+        spatial=spatial,
         mean=draw(st.sampled_from(list(ModelMeanType))),
         var=draw(st.sampled_from(list(ModelVarType))),
         rule=draw(st.sampled_from(["ancestral", "ddim", "reverse"])),
-        x_dtype=draw(st.sampled_from(_DTYPES)), mo_dtype=draw(st.sampled_from(_DTYPES)),
+        x_dtype=draw(st.sampled_from(_DTYPES)),
+        mo_dtype=draw(st.sampled_from(_DTYPES)),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "transposed", "sliced"])),
         channel_error=draw(st.sampled_from([0, 0, 0, 1, -1])),
         t_kind=draw(st.sampled_from(["ok", "ok", "ok", "high", "negative", "float", "short"])),
         t_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         noise_kind=draw(st.sampled_from(["given", "given", "none", "wrong_shape", "wrong_dtype"])),
-        clip=draw(st.booleans()), eta=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        clip=draw(st.booleans()),
+        eta=draw(st.sampled_from([0.0, 0.5, 1.0])),
     )
 
 
@@ -226,26 +254,31 @@ def test_random_arguments_give_a_result_or_a_clean_error(case):
         t = t.float()
     elif case["t_kind"] == "short":
         t = t[:-1] if case["B"] else torch.zeros(1, dtype=torch.long)
-    noise = {"given": noise32, "none": None,
-             "wrong_shape": torch.zeros((case["B"] + 1, *shape[1:])),
-             "wrong_dtype": noise32.double()}[case["noise_kind"]]
+    noise = {
+        "given": noise32,
+        "none": None,
+        "wrong_shape": torch.zeros((case["B"] + 1, *shape[1:])),
+        "wrong_dtype": noise32.double(),
+    }[case["noise_kind"]]
     if noise is not None and case["noise_kind"] != "wrong_dtype":
         noise = _layout(noise.to(case["x_dtype"]), case["layout"])
     table = d.coef_table("cpu")
 
     floats = (torch.float32, torch.float16, torch.bfloat16)
     uses_noise = case["rule"] == "ancestral" or (case["rule"] == "ddim" and case["eta"] != 0)
-    valid = (case["x_dtype"] in floats and case["mo_dtype"] in floats
-             and case["channel_error"] == 0
-             and (case["t_kind"] == "ok" or (case["B"] == 0 and case["t_kind"] in ("high", "negative")))
-             and (case["noise_kind"] in ("given", "none") or case["rule"] == "reverse"))
+    valid = (
+        case["x_dtype"] in floats
+        and case["mo_dtype"] in floats
+        and case["channel_error"] == 0
+        and (case["t_kind"] == "ok" or (case["B"] == 0 and case["t_kind"] in ("high", "negative")))
+        and (case["noise_kind"] in ("given", "none") or case["rule"] == "reverse")
+    )
     mt, vt = case["mean"], case["var"]
     try:
         if case["rule"] == "ancestral":
             sample, pred = ops.p_sample_step(x, mo, t, table, mt, vt, case["clip"], noise=noise)
         elif case["rule"] == "ddim":
-            sample, pred = ops.ddim_step(x, mo, t, table, mt, vt, case["clip"], eta=case["eta"],
-                                         noise=noise)
+            sample, pred = ops.ddim_step(x, mo, t, table, mt, vt, case["clip"], eta=case["eta"], noise=noise)
         else:
             sample, pred = ops.ddim_reverse_step(x, mo, t, table, mt, vt, case["clip"])
     except ValueError as exc:
@@ -256,9 +289,17 @@ def test_random_arguments_give_a_result_or_a_clean_error(case):
     assert sample.shape == x.shape and sample.dtype == x.dtype and pred.shape == x.shape
     if noise is None and uses_noise:
         return  # in-kernel noise: tested in ops/test_step_noise.py
-    eager = run_step(d, case["rule"], x32.to(case["x_dtype"]).float(),
-                     mo32.to(case["mo_dtype"]).float(), t.long(), case["clip"], case["eta"],
-                     None if noise is None else noise.float(), fused=False)
+    eager = run_step(
+        d,
+        case["rule"],
+        x32.to(case["x_dtype"]).float(),
+        mo32.to(case["mo_dtype"]).float(),
+        t.long(),
+        case["clip"],
+        case["eta"],
+        None if noise is None else noise.float(),
+        fused=False,
+    )
     if case["x_dtype"] == torch.float32:
         assert_parity(sample, eager["sample"])
         assert_parity(pred, eager["pred_xstart"])
@@ -270,8 +311,10 @@ def test_random_arguments_give_a_result_or_a_clean_error(case):
 def test_learned_variance_channels_are_named_in_errors():
     for var in LEARNED:
         d, x, mo, t, table, noise = _args(var)
-        _raises(lambda: ops.ddim_reverse_step(x, mo[:, :3], t, table, "epsilon", var),
-                r"mean and variance channels")
+        _raises(
+            lambda: ops.ddim_reverse_step(x, mo[:, :3], t, table, "epsilon", var),
+            r"mean and variance channels",
+        )
 
 
 def test_portable_cpu_kernel_via_a_subprocess():
@@ -284,11 +327,25 @@ def test_portable_cpu_kernel_via_a_subprocess():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         os.path.join(root, "tests", "core", "test_step_parity.py"),
-         os.path.join(root, "tests", "ops", "test_step_noise.py"),
-         "-k", "ancestral_matches or ddim_matches or reverse_matches or layouts or low_precision "
-               "or spatial or kernel_noise or channels_last"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(root, "tests", "core", "test_step_parity.py"),
+            os.path.join(root, "tests", "ops", "test_step_noise.py"),
+            "-k",
+            "ancestral_matches or ddim_matches or reverse_matches or layouts or low_precision "
+            "or spatial or kernel_noise or channels_last",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

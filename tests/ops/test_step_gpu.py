@@ -8,11 +8,9 @@ import pytest
 import torch
 
 import iddpm_ext.ops as ops
-from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext.ops import loader
-
-from helpers.step_cases import assert_parity, make_diffusion, make_inputs, noise_probe, run_step
 from helpers.oracles import max_err, philox_normals, reference_step64
+from helpers.step_cases import assert_parity, make_diffusion, make_inputs, noise_probe, run_step
+from iddpm_ext import ModelMeanType, ModelVarType
 
 pytestmark = pytest.mark.gpu
 
@@ -24,8 +22,7 @@ def _cuda(*tensors):
     return [v.to(DEV) for v in tensors]
 
 
-@pytest.mark.parametrize("rule,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5),
-                                      ("reverse", 0.0)])
+@pytest.mark.parametrize("rule,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("reverse", 0.0)])
 @pytest.mark.parametrize("var_type", list(ModelVarType), ids=lambda v: v.name)
 @pytest.mark.parametrize("mean_type", list(ModelMeanType), ids=lambda m: m.name)
 def test_cuda_matches_eager_and_cpu(mean_type, var_type, rule, eta):
@@ -44,13 +41,21 @@ def test_cuda_matches_eager_and_cpu(mean_type, var_type, rule, eta):
         assert_parity(fused[key].cpu(), cpu[key])
 
 
-@pytest.mark.parametrize("x_dtype,mo_dtype", [
-    (torch.float32, torch.float32), (torch.float16, torch.float16),
-    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
-    (torch.float16, torch.float32)], ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", [
-    "vec", "odd_size", "misaligned", "channels_last", "channels_last_fixed", "sliced", "flat",
-    "large"])
+@pytest.mark.parametrize(
+    "x_dtype,mo_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+    ],
+    ids=lambda d: str(d).replace("torch.", ""),
+)
+@pytest.mark.parametrize(
+    "case",
+    ["vec", "odd_size", "misaligned", "channels_last", "channels_last_fixed", "sliced", "flat", "large"],
+)
 def test_cuda_kernel_paths_match_cpu(case, x_dtype, mo_dtype):
     """Vector path (aligned, C*S a multiple of the vector width) and scalar path (odd sizes,
     misaligned pointers, channels-last with 2C channels) against the CPU kernel."""
@@ -64,11 +69,13 @@ def test_cuda_kernel_paths_match_cpu(case, x_dtype, mo_dtype):
     cpu_s, cpu_p = ops.p_sample_step(x, mo, t, table, noise=noise, **args)
     xc, moc, nc, tc = _cuda(x, mo, noise, t)
     if case == "misaligned":  # contiguous, but one element past an aligned address
+
         def shift(v):
             buf = torch.empty(v.numel() + 1, dtype=v.dtype, device=DEV)
             out = buf[1:].view(v.shape)
             out.copy_(v)
             return out
+
         xc, moc, nc = shift(xc), shift(moc), shift(nc)
     elif case.startswith("channels_last"):
         xc, moc, nc = (v.to(memory_format=torch.channels_last) for v in (xc, moc, nc))
@@ -101,9 +108,17 @@ def test_cuda_low_precision_error_at_most_twice_eager(rule):
 
 
 def _probe(d, x, mo, t, **kwargs):
-    sample, _ = ops.p_sample_step(x, mo, t, d.coef_table(x.device), d.model_mean_type,
-                                  d.model_var_type, clip_denoised=False,
-                                  return_pred_xstart=False, **kwargs)
+    sample, _ = ops.p_sample_step(
+        x,
+        mo,
+        t,
+        d.coef_table(x.device),
+        d.model_mean_type,
+        d.model_var_type,
+        clip_denoised=False,
+        return_pred_xstart=False,
+        **kwargs,
+    )
     return sample
 
 
@@ -169,9 +184,17 @@ def test_cuda_graph_replay_reads_new_sample_indices():
     index = torch.arange(3, device=DEV)
 
     def step():
-        return ops.p_sample_step(xs, mos, ts, table, d.model_mean_type, d.model_var_type,
-                                 clip_denoised=False, return_pred_xstart=False,
-                                 sample_index=index)[0]
+        return ops.p_sample_step(
+            xs,
+            mos,
+            ts,
+            table,
+            d.model_mean_type,
+            d.model_var_type,
+            clip_denoised=False,
+            return_pred_xstart=False,
+            sample_index=index,
+        )[0]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -200,8 +223,9 @@ def test_cuda_graph_capture_replays_like_eager_calls():
 
     def two_steps():
         a, pa = ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type)
-        b, _ = ops.ddim_step(a, mo, t, table, d.model_mean_type, d.model_var_type, eta=0.5,
-                             return_pred_xstart=False)
+        b, _ = ops.ddim_step(
+            a, mo, t, table, d.model_mean_type, d.model_var_type, eta=0.5, return_pred_xstart=False
+        )
         return a, pa, b
 
     side = torch.cuda.Stream()
@@ -259,11 +283,9 @@ def test_one_kernel_launch_per_step():
     ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type)  # warm-up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type,
-                          return_pred_xstart=False)
+        ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type, return_pred_xstart=False)
         torch.cuda.synchronize()
-    gpu_events = [e.name for e in prof.events()
-                  if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not gpu_events:
         pytest.skip("the profiler recorded no CUDA activity on this machine")
     assert len(gpu_events) == 1 and "step_" in gpu_events[0], gpu_events
@@ -292,18 +314,15 @@ def test_cuda_out_of_range_t_gives_nan_for_that_item_only():
     x, mo, noise = _cuda(*make_inputs(d, (3, 3, 4, 4)))
     table = d.coef_table(DEV)
     args = (d.model_mean_type, d.model_var_type)
-    good, _ = ops.p_sample_step(x, mo, torch.tensor([5, 6, 7], device=DEV), table, *args,
-                                noise=noise)
-    bad, pred = ops.p_sample_step(x, mo, torch.tensor([5, 100, -1], device=DEV), table, *args,
-                                  noise=noise)
+    good, _ = ops.p_sample_step(x, mo, torch.tensor([5, 6, 7], device=DEV), table, *args, noise=noise)
+    bad, pred = ops.p_sample_step(x, mo, torch.tensor([5, 100, -1], device=DEV), table, *args, noise=noise)
     assert torch.equal(bad[0], good[0])
     assert torch.isnan(bad[1:]).all() and torch.isnan(pred[1:]).all()
 
 
 @pytest.mark.parametrize("loop,eta", [("p_sample_loop", None), ("ddim_sample_loop", 0.5)])
 def test_cuda_loops_fused_on_and_off_agree(loop, eta):
-    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=200,
-                       respacing="ddim20")
+    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=200, respacing="ddim20")
     shape = (3, 2, 8, 8)
     g = torch.Generator().manual_seed(5)
     x_T = torch.randn(shape, generator=g).to(DEV)
@@ -338,8 +357,9 @@ def test_cuda_opcheck_and_compile():
     torch.library.opcheck(torch.ops.iddpm.p_sample_step.default, common, {"noise": noise})
     torch.library.opcheck(torch.ops.iddpm.ddim_step.default, common + (0.5,), {})
     torch.library.opcheck(torch.ops.iddpm.ddim_reverse_step.default, common, {})
-    torch.library.opcheck(torch.ops.iddpm.p_sample_step.default, common,
-                          {"sample_index": torch.tensor([7, 3], device=DEV)})
+    torch.library.opcheck(
+        torch.ops.iddpm.p_sample_step.default, common, {"sample_index": torch.tensor([7, 3], device=DEV)}
+    )
 
     @torch.compile(fullgraph=True)
     def step(x, mo, t, noise):

@@ -6,19 +6,25 @@ import pytest
 import torch
 
 import iddpm_ext.ops as ops
-from iddpm_ext.ops import loader
-
-from helpers.step_cases import make_diffusion, noise_probe
 from helpers.oracles import cpu_generator_key, philox4x32_10, philox_normals
+from helpers.step_cases import make_diffusion, noise_probe
 
 pytestmark = pytest.mark.kernels
 
 
 def _probe_noise(d, x, mo, t, **kwargs):
     """The noise the kernel drew: the sample of a step whose output is 1·z."""
-    sample, _ = ops.p_sample_step(x, mo, t, d.coef_table(x.device), d.model_mean_type,
-                                  d.model_var_type, clip_denoised=False,
-                                  return_pred_xstart=False, **kwargs)
+    sample, _ = ops.p_sample_step(
+        x,
+        mo,
+        t,
+        d.coef_table(x.device),
+        d.model_mean_type,
+        d.model_var_type,
+        clip_denoised=False,
+        return_pred_xstart=False,
+        **kwargs,
+    )
     return sample
 
 
@@ -27,8 +33,11 @@ def test_numpy_philox_matches_random123_known_answers():
     cases = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for ctr, key, expected in cases:
         got = philox4x32_10([np.uint64(c) for c in ctr], *key)
@@ -73,8 +82,7 @@ def test_default_generator_and_reproducibility():
     a2 = _probe_noise(d, x, mo, t)
     assert torch.equal(a, a2)
     assert not torch.equal(a, b)
-    np.testing.assert_allclose(a.reshape(-1).numpy(), philox_normals(key, 0, a.numel()),
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(a.reshape(-1).numpy(), philox_normals(key, 0, a.numel()), rtol=2e-5, atol=2e-5)
     g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (9, 9, 10))
     n1, n2, n3 = (_probe_noise(d, x, mo, t, generator=g) for g in (g1, g2, g3))
     assert torch.equal(n1, n2) and not torch.equal(n1, n3)
@@ -128,15 +136,19 @@ def test_sampling_loop_with_a_generator_reproduces():
     def model(x, t, **kwargs):
         return torch.cat([0.1 * x, torch.zeros_like(x)], dim=1)
 
-    runs = [d.p_sample_loop(model, (2, 3, 4, 4), generator=torch.Generator().manual_seed(s))
-            for s in (3, 3, 4)]
+    runs = [
+        d.p_sample_loop(model, (2, 3, 4, 4), generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)
+    ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    ddim = [d.ddim_sample_loop(model, (2, 3, 4, 4), eta=1.0,
-                               generator=torch.Generator().manual_seed(s)) for s in (3, 3)]
+    ddim = [
+        d.ddim_sample_loop(model, (2, 3, 4, 4), eta=1.0, generator=torch.Generator().manual_seed(s))
+        for s in (3, 3)
+    ]
     assert torch.equal(ddim[0], ddim[1])
 
 
 # ---- per-sample streams (sample_index) ------------------------------------------------------
+
 
 def _split_probe(rule, shape, parts, layout=None, x_dtype=torch.float32, seed=11, as_int=False):
     """The in-kernel noise of a batch of shape[0] samples computed as one call and as calls
@@ -150,11 +162,9 @@ def _split_probe(rule, shape, parts, layout=None, x_dtype=torch.float32, seed=11
         g = torch.Generator().manual_seed(seed)
         args = (x[items], mo[items], t[items], table, d.model_mean_type, d.model_var_type, False)
         if rule == "ancestral":
-            out, _ = ops.p_sample_step(*args, generator=g, sample_index=index,
-                                       return_pred_xstart=False)
+            out, _ = ops.p_sample_step(*args, generator=g, sample_index=index, return_pred_xstart=False)
         else:  # DDIM with eta = 1 at t = 5: sample = x0·a + b·eps + σ·z, x0 = eps = 0
-            out, _ = ops.ddim_step(*args, eta=1.0, generator=g, sample_index=index,
-                                   return_pred_xstart=False)
+            out, _ = ops.ddim_step(*args, eta=1.0, generator=g, sample_index=index, return_pred_xstart=False)
         return out
 
     whole = noise(list(range(shape[0])), None)
@@ -165,8 +175,7 @@ def _split_probe(rule, shape, parts, layout=None, x_dtype=torch.float32, seed=11
     return d, whole, pieces
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 3, 5, 7), (6, 1, 3)],
-                         ids=["L%4=0", "L%4=1", "L=3"])
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 3, 5, 7), (6, 1, 3)], ids=["L%4=0", "L%4=1", "L=3"])
 @pytest.mark.parametrize("rule", ["ancestral", "ddim"])
 def test_kernel_noise_per_sample_streams_do_not_depend_on_the_batch_split(shape, rule):
     _, whole, pieces = _split_probe(rule, shape, [[0, 1, 2], [3, 4, 5]])
@@ -174,7 +183,7 @@ def test_kernel_noise_per_sample_streams_do_not_depend_on_the_batch_split(shape,
         assert torch.equal(part, whole[items])  # bit for bit
     _, whole_i, pieces_i = _split_probe(rule, shape, [[0, 1, 2], [3, 4, 5]], as_int=True)
     assert torch.equal(whole_i, whole)
-    for (items, part), (_, part_i) in zip(pieces, pieces_i):
+    for (_, part), (_, part_i) in zip(pieces, pieces_i):
         assert torch.equal(part_i, part)  # an int k means samples k .. k+B-1
     # Any order and any subset: each item takes its own sample's stream.
     _, _, shuffled = _split_probe(rule, shape, [[5, 0, 3], [2], [4, 1]])
@@ -182,11 +191,13 @@ def test_kernel_noise_per_sample_streams_do_not_depend_on_the_batch_split(shape,
         assert torch.equal(part, whole[items])
 
 
-@pytest.mark.parametrize("layout,x_dtype", [(torch.channels_last, torch.float32),
-                                            (None, torch.float16), (None, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "layout,x_dtype", [(torch.channels_last, torch.float32), (None, torch.float16), (None, torch.bfloat16)]
+)
 def test_kernel_noise_per_sample_streams_in_other_layouts_and_dtypes(layout, x_dtype):
-    _, whole, pieces = _split_probe("ancestral", (6, 3, 3, 5), [[0, 1, 2], [3, 4, 5]],
-                                    layout=layout, x_dtype=x_dtype)
+    _, whole, pieces = _split_probe(
+        "ancestral", (6, 3, 3, 5), [[0, 1, 2], [3, 4, 5]], layout=layout, x_dtype=x_dtype
+    )
     for items, part in pieces:
         assert torch.equal(part, whole[items])
         if layout is not None:

@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 
-from iddpm_ext.training import checkpoint as ckpt
-from iddpm_ext.script_util import create_model_and_diffusion
-
 from helpers.training import tiny_config
+from iddpm_ext.script_util import create_model_and_diffusion
+from iddpm_ext.training import checkpoint as ckpt
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -59,7 +58,9 @@ def test_truncated_or_corrupt_weights_are_clear_errors(tmp_path):
     for name, blob in (("trunc", data[: len(data) // 2]), ("head", data[:5]), ("junk", b"\x00" * 64)):
         bad = str(tmp_path / f"{name}.safetensors")
         open(bad, "wb").write(blob)
-        with pytest.raises(ckpt.CheckpointError, match=rf"{name}\.safetensors: not a readable safetensors file"):
+        with pytest.raises(
+            ckpt.CheckpointError, match=rf"{name}\.safetensors: not a readable safetensors file"
+        ):
             ckpt.load_weights(bad)
     with pytest.raises(ckpt.CheckpointError, match="no such checkpoint file"):
         ckpt.load_weights(str(tmp_path / "nope.safetensors"))
@@ -99,7 +100,9 @@ def test_load_into_lists_what_does_not_fit(tmp_path):
 
 def test_config_check():
     stored = tiny_config(learn_sigma=True)
-    with pytest.raises(ckpt.CheckpointError, match="learn_sigma=True in the checkpoint but False from the flags"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="learn_sigma=True in the checkpoint but False from the flags"
+    ):
         ckpt.check_config("c", stored, tiny_config(learn_sigma=False))
     # only the given flags are compared
     ckpt.check_config("c", stored, tiny_config(learn_sigma=False), explicit={"num_channels"})
@@ -110,8 +113,9 @@ def test_config_check():
     b = tiny_config(image_size=32, attention_resolutions="8,16", channel_mult="1,2,2,2")
     assert ckpt.config_differences(a, b) == []
     assert ckpt.config_differences(tiny_config(num_classes=5), tiny_config(num_classes=7)) == []
-    assert ckpt.config_differences(tiny_config(class_cond=True, num_classes=5),
-                                   tiny_config(class_cond=True, num_classes=7)) == [("num_classes", 5, 7)]
+    assert ckpt.config_differences(
+        tiny_config(class_cond=True, num_classes=5), tiny_config(class_cond=True, num_classes=7)
+    ) == [("num_classes", 5, 7)]
 
 
 def test_resolve_resume(tmp_path):
@@ -123,10 +127,19 @@ def test_resolve_resume(tmp_path):
         ckpt.save_weights(os.path.join(folder, f"model{s:06d}.safetensors"), model.state_dict(), cfg)
         ckpt.save_weights(os.path.join(folder, f"ema_0.99_{s:06d}.safetensors"), model.state_dict(), cfg)
         ckpt.save_train_state(os.path.join(folder, f"opt{s:06d}.pt"), {"step": s})
-    ckpt.write_latest(folder, 2, {"model": "model000002.safetensors", "ema": {"0.99": "ema_0.99_000002.safetensors"},
-                                  "opt": "opt000002.pt"})
+    ckpt.write_latest(
+        folder,
+        2,
+        {
+            "model": "model000002.safetensors",
+            "ema": {"0.99": "ema_0.99_000002.safetensors"},
+            "opt": "opt000002.pt",
+        },
+    )
     files = ckpt.resolve_resume(folder)
-    assert files["step"] == 2 and files["ema"] == {"0.99": os.path.join(folder, "ema_0.99_000002.safetensors")}
+    assert files["step"] == 2 and files["ema"] == {
+        "0.99": os.path.join(folder, "ema_0.99_000002.safetensors")
+    }
     assert ckpt.load_train_state(files["opt"]) == {"step": 2}
     one = ckpt.resolve_resume(os.path.join(folder, "model000001.safetensors"))
     assert one["step"] == 1 and one["opt"].endswith("opt000001.pt") and "0.99" in one["ema"]

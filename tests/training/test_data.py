@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.training import blob_images, write_npz
 from iddpm_ext.training.data import (
     BatchStream,
     DataError,
@@ -17,8 +18,6 @@ from iddpm_ext.training.data import (
     resize_center_crop,
     to_model_input,
 )
-
-from helpers.training import blob_images, write_npz
 
 
 def _png(path, arr):
@@ -32,8 +31,9 @@ def _folder(tmp_path):
     _png(str(root / "cat_001.png"), rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
     _png(str(root / "dog_a_002.png"), rng.integers(0, 255, (20, 10, 3), dtype=np.uint8))
     _png(str(root / "sub" / "deeper" / "cat_003.jpg"), rng.integers(0, 255, (9, 30, 3), dtype=np.uint8))
-    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(str(root / "sub" / "bird_4.JPEG"),
-                                                                         format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+        str(root / "sub" / "bird_4.JPEG"), format="JPEG"
+    )
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -41,7 +41,12 @@ def _folder(tmp_path):
 def test_folder_recursive_labels_and_sizes(tmp_path):
     root = _folder(tmp_path)
     files = list_image_files(str(root))
-    assert [os.path.basename(f) for f in files] == ["cat_001.png", "dog_a_002.png", "bird_4.JPEG", "cat_003.jpg"]
+    assert [os.path.basename(f) for f in files] == [
+        "cat_001.png",
+        "dog_a_002.png",
+        "bird_4.JPEG",
+        "cat_003.jpg",
+    ]
     src = open_source(str(root), image_size=8, image_channels=3)
     assert isinstance(src, FolderSource) and len(src) == 4
     assert src.class_names == ["bird", "cat", "dog"]  # prefix before the first "_", sorted
@@ -107,7 +112,9 @@ def test_npz_roundtrip_and_errors(tmp_path):
     np.savez(str(tmp_path / "float.npz"), np.zeros((4, 8, 8, 3), dtype=np.float32))
     with pytest.raises(DataError, match="uint8"):
         open_source(str(tmp_path / "float.npz"), image_size=8)
-    np.savez(str(tmp_path / "badlab.npz"), np.zeros((4, 8, 8, 3), dtype=np.uint8), np.zeros(3, dtype=np.int64))
+    np.savez(
+        str(tmp_path / "badlab.npz"), np.zeros((4, 8, 8, 3), dtype=np.uint8), np.zeros(3, dtype=np.int64)
+    )
     with pytest.raises(DataError, match="arr_1"):
         open_source(str(tmp_path / "badlab.npz"), image_size=8)
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")

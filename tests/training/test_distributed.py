@@ -11,19 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.models import randomize_
+from helpers.training import REPO, tiny_config, tiny_flags, write_npz
 from iddpm_ext.cli import generate as S
 from iddpm_ext.script_util import create_model_and_diffusion
 
-from helpers.training import REPO, tiny_config, tiny_flags, write_npz
-from helpers.models import randomize_
-
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 
 
 def _torchrun(args, timeout=180):
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + os.path.join(REPO, "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        REPO + os.pathsep + os.path.join(REPO, "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    )
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -56,12 +59,45 @@ def test_ddp_training_and_sampling_across_two_processes(tmp_path):
 def test_torchrun_iddpm_train_and_sample(tmp_path):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
-    _torchrun(["-m", "iddpm_ext", "train", "--data_dir", data, *tiny_flags(), "--batch_size", "4",
-               "--max_steps", "2", "--out_dir", run, "--progress", "False"])
+    _torchrun(
+        [
+            "-m",
+            "iddpm_ext",
+            "train",
+            "--data_dir",
+            data,
+            *tiny_flags(),
+            "--batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--out_dir",
+            run,
+            "--progress",
+            "False",
+        ]
+    )
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 2
     out = str(tmp_path / "s")
-    r = _torchrun(["-m", "iddpm_ext", "sample", "--model_path", run, "--num_samples", "5", "--batch_size", "2",
-                   "--timestep_respacing", "3", "--out_dir", out, "--progress", "False"])
+    r = _torchrun(
+        [
+            "-m",
+            "iddpm_ext",
+            "sample",
+            "--model_path",
+            run,
+            "--num_samples",
+            "5",
+            "--batch_size",
+            "2",
+            "--timestep_respacing",
+            "3",
+            "--out_dir",
+            out,
+            "--progress",
+            "False",
+        ]
+    )
     assert "2 process(es)" in r.stdout
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         two = f["arr_0"]
@@ -69,13 +105,48 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
     from iddpm_ext.cli import app as cli
 
     one_out = str(tmp_path / "one")
-    assert cli.main(["sample", "--model_path", run, "--num_samples", "5", "--batch_size", "5",
-                     "--timestep_respacing", "3", "--out_dir", one_out, "--progress", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--model_path",
+                run,
+                "--num_samples",
+                "5",
+                "--batch_size",
+                "5",
+                "--timestep_respacing",
+                "3",
+                "--out_dir",
+                one_out,
+                "--progress",
+                "False",
+            ]
+        )
+        == 0
+    )
     with np.load(os.path.join(one_out, "samples_5x8x8x1.npz")) as f:
         assert np.array_equal(f["arr_0"], two)
     nll = str(tmp_path / "nll")
-    r = _torchrun(["-m", "iddpm_ext", "nll", "--model_path", run, "--data_dir", data, "--num_samples", "5",
-                   "--batch_size", "2", "--out_dir", nll, "--progress", "False"])
+    r = _torchrun(
+        [
+            "-m",
+            "iddpm_ext",
+            "nll",
+            "--model_path",
+            run,
+            "--data_dir",
+            data,
+            "--num_samples",
+            "5",
+            "--batch_size",
+            "2",
+            "--out_dir",
+            nll,
+            "--progress",
+            "False",
+        ]
+    )
     assert json.loads(r.stdout.strip().splitlines()[-1])["num_images"] == 5
     with np.load(os.path.join(nll, "bpd.npz")) as f:
         assert f["total_bpd"].shape == (5,) and np.isfinite(f["total_bpd"]).all()

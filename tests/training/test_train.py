@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.training import blob_images, tiny_config
+from iddpm_ext.resample import create_named_schedule_sampler
+from iddpm_ext.script_util import create_model_and_diffusion
 from iddpm_ext.training import checkpoint as ckpt
 from iddpm_ext.training.data import ArraySource, BatchStream
 from iddpm_ext.training.log import read_jsonl
-from iddpm_ext.resample import create_named_schedule_sampler
-from iddpm_ext.script_util import create_model_and_diffusion
 from iddpm_ext.training.loop import TrainLoop
-
-from helpers.training import blob_images, tiny_config
 
 
 def _loop(out_dir, *, seed=0, batch_size=8, sampler="uniform", resume="", config=None, **kw):
@@ -22,18 +21,35 @@ def _loop(out_dir, *, seed=0, batch_size=8, sampler="uniform", resume="", config
     torch.manual_seed(seed)
     model, diffusion = create_model_and_diffusion(**cfg)
     images, labels = blob_images(48, 8, 1)
-    data = BatchStream(ArraySource(images, labels), batch_size, seed=seed, random_flip=True,
-                       class_cond=cfg["class_cond"])
-    args = dict(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=-1, lr=1e-3,
-                ema_rate="0.9,0.99", log_interval=1, save_interval=1000, resume_checkpoint=resume,
-                schedule_sampler=create_named_schedule_sampler(sampler, diffusion), config=cfg,
-                out_dir=str(out_dir), seed=seed, progress=False, log=lambda *a: None)
+    data = BatchStream(
+        ArraySource(images, labels), batch_size, seed=seed, random_flip=True, class_cond=cfg["class_cond"]
+    )
+    args = dict(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch_size,
+        microbatch=-1,
+        lr=1e-3,
+        ema_rate="0.9,0.99",
+        log_interval=1,
+        save_interval=1000,
+        resume_checkpoint=resume,
+        schedule_sampler=create_named_schedule_sampler(sampler, diffusion),
+        config=cfg,
+        out_dir=str(out_dir),
+        seed=seed,
+        progress=False,
+        log=lambda *a: None,
+    )
     args.update(kw)
     return TrainLoop(**args)
 
 
 def _losses(out_dir):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(os.path.join(out_dir, "progress.jsonl"))]
+    return [
+        (r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(os.path.join(out_dir, "progress.jsonl"))
+    ]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -78,7 +94,7 @@ class _FixedTimesteps:
         self.ts, self.pos = ts, 0
 
     def sample(self, n, device, rng=None):
-        t = torch.tensor(self.ts[self.pos: self.pos + n], device=device)
+        t = torch.tensor(self.ts[self.pos : self.pos + n], device=device)
         self.pos += n
         return t, torch.ones(n, device=device)
 
@@ -128,8 +144,10 @@ def test_log_records_and_plot(tmp_path):
     with Image.open(tmp_path / "loss.png") as img:
         assert img.size[0] == 900 and img.size[1] > 400
     latest = json.load(open(tmp_path / "latest.json"))
-    assert latest["step"] == 6 and latest["ema"] == {"0.9": "ema_0.9_000006.safetensors",
-                                                     "0.99": "ema_0.99_000006.safetensors"}
+    assert latest["step"] == 6 and latest["ema"] == {
+        "0.9": "ema_0.9_000006.safetensors",
+        "0.99": "ema_0.99_000006.safetensors",
+    }
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -165,5 +183,8 @@ def test_refuses_an_existing_run_and_overwriting_later_steps(tmp_path):
 def test_resume_with_other_model_flags_is_refused(tmp_path):
     _loop(tmp_path, max_steps=2, save_interval=2).run_loop()
     with pytest.raises(ckpt.CheckpointError, match="learn_sigma=True in the checkpoint but False"):
-        _loop(tmp_path / "b", resume=str(tmp_path), config=tiny_config(learn_sigma=False, diffusion_steps=5,
-                                                                        dropout=0.1))
+        _loop(
+            tmp_path / "b",
+            resume=str(tmp_path),
+            config=tiny_config(learn_sigma=False, diffusion_steps=5, dropout=0.1),
+        )

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.models import randomize_
+from helpers.training import blob_images, tiny_config
 from iddpm_ext.cli import generate as S
+from iddpm_ext.script_util import create_model_and_diffusion
 from iddpm_ext.training.data import ArraySource, BatchStream
 from iddpm_ext.training.log import read_jsonl
-from iddpm_ext.script_util import create_model_and_diffusion
 from iddpm_ext.training.loop import TrainLoop
-
-from helpers.training import blob_images, tiny_config
-from helpers.models import randomize_
 
 pytestmark = pytest.mark.gpu
 
@@ -23,19 +22,46 @@ def test_cuda_training_steps(tmp_path, amp):
     model, diffusion = create_model_and_diffusion(**cfg)
     model.cuda()
     images, labels = blob_images(64, 8, 1)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=BatchStream(ArraySource(images, labels), 16),
-                     batch_size=16, microbatch=8, lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=4,
-                     resume_checkpoint="", config=cfg, out_dir=str(tmp_path), amp=amp, max_steps=4, progress=False)
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=BatchStream(ArraySource(images, labels), 16),
+        batch_size=16,
+        microbatch=8,
+        lr=1e-3,
+        ema_rate="0.9",
+        log_interval=1,
+        save_interval=4,
+        resume_checkpoint="",
+        config=cfg,
+        out_dir=str(tmp_path),
+        amp=amp,
+        max_steps=4,
+        progress=False,
+    )
     loop.run_loop()
     recs = read_jsonl(str(tmp_path / "progress.jsonl"))
     assert len(recs) == 4 and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
     # resume on the GPU restores the CUDA RNG state and continues
     model2, diffusion2 = create_model_and_diffusion(**cfg)
     model2.cuda()
-    loop2 = TrainLoop(model=model2, diffusion=diffusion2, data=BatchStream(ArraySource(images, labels), 16),
-                      batch_size=16, microbatch=8, lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=4,
-                      resume_checkpoint=str(tmp_path), config=cfg, out_dir=str(tmp_path), amp=amp, max_steps=6,
-                      progress=False)
+    loop2 = TrainLoop(
+        model=model2,
+        diffusion=diffusion2,
+        data=BatchStream(ArraySource(images, labels), 16),
+        batch_size=16,
+        microbatch=8,
+        lr=1e-3,
+        ema_rate="0.9",
+        log_interval=1,
+        save_interval=4,
+        resume_checkpoint=str(tmp_path),
+        config=cfg,
+        out_dir=str(tmp_path),
+        amp=amp,
+        max_steps=6,
+        progress=False,
+    )
     assert loop2.step == 4
     loop2.run_loop()
     assert [r["step"] for r in read_jsonl(str(tmp_path / "progress.jsonl"))] == [1, 2, 3, 4, 5, 6]
@@ -43,8 +69,9 @@ def test_cuda_training_steps(tmp_path, amp):
 
 def test_cuda_samples_do_not_depend_on_batch_size():
     torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**tiny_config(timestep_respacing="8", class_cond=True,
-                                                                num_classes=3))
+    model, diffusion = create_model_and_diffusion(
+        **tiny_config(timestep_respacing="8", class_cond=True, num_classes=3)
+    )
     randomize_(model)
     model.cuda().eval()
     a = S.generate(model, diffusion, 6, (1, 8, 8), batch_size=2, seed=4, device="cuda")

@@ -1,5 +1,5 @@
-// tests/ops/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough to
-// run the attention kernels of csrc/cuda/attention_*_kernel.cuh unchanged on the CPU.
+// tests/ops/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough
+// to run the attention kernels of csrc/cuda/attention_*_kernel.cuh unchanged on the CPU.
 //
 // Each CUDA thread of a block is a ucontext coroutine. Threads run until they reach a collective
 // operation: a block barrier (__syncthreads) or a warp-collective instruction (__shfl_sync, and,
