@@ -358,22 +358,8 @@ class GaussianDiffusion:
     # one step from a model output: the one per-step API
     # ------------------------------------------------------------------------------
 
-    def step(
-        self,
-        kind,
-        model_output,
-        x,
-        t,
-        *,
-        clip_denoised=True,
-        denoised_fn=None,
-        eta=0.0,
-        noise=None,
-        generator=None,
-        sample_index=None,
-        fused=None,
-        pred_xstart=True,
-    ):
+    def step(self, kind, model_output, x, t, *, clip_denoised=True, denoised_fn=None, eta=0.0, noise=None,
+             generator=None, sample_index=None, fused=None, pred_xstart=True):  # fmt: skip
         """One reverse-process update from a model output, as one fused kernel where it
         applies (:mod:`iddpm_ext.core.sampling`), else with the eager math above.
 
@@ -399,36 +385,11 @@ class GaussianDiffusion:
         self._check_t(t, x.shape[0])
         if kind == "ddim_reverse" and eta != 0.0:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
-        return self._step(
-            kind,
-            model_output,
-            x,
-            t,
-            clip_denoised,
-            denoised_fn,
-            eta,
-            noise,
-            generator,
-            sample_index,
-            fused,
-            pred_xstart,
-        )
+        return self._step(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator,
+                          sample_index, fused, pred_xstart)  # fmt: skip
 
-    def _step(
-        self,
-        kind,
-        model_output,
-        x,
-        t,
-        clip_denoised,
-        denoised_fn,
-        eta,
-        noise,
-        generator,
-        sample_index,
-        fused,
-        need_pred_xstart,
-    ):
+    def _step(self, kind, model_output, x, t, clip_denoised, denoised_fn=None, eta=0.0, noise=None,
+              generator=None, sample_index=None, fused=None, pred_xstart=True):  # fmt: skip
         """:meth:`step` after the checks of x and t."""
         if noise is not None:
             check_same_shape(noise, "noise", x, "x")
@@ -443,24 +404,10 @@ class GaussianDiffusion:
             def eager_update(mo, xx, tt, nn):  # the layout oracle: this rule on meta tensors
                 return self._eager_update(kind, mo, xx, tt, clip_denoised, None, eta, nn)
 
-            table = self.coef_table(x.device)
-            types = (self.model_mean_type, self.model_var_type)
-            return sampling.fused_update(
-                kind,
-                model_output,
-                x,
-                t,
-                table,
-                types,
-                clip_denoised,
-                eta,
-                noise,
-                generator,
-                sample_index,
-                need_pred_xstart,
-                self._layout_cache,
-                eager_update,
-            )
+            table, types = self.coef_table(x.device), (self.model_mean_type, self.model_var_type)
+            return sampling.fused_update(kind, model_output, x, t, table, types, clip_denoised, eta, noise,
+                                         generator, sample_index, pred_xstart, self._layout_cache,
+                                         eager_update)  # fmt: skip
         if sample_index is not None and noise is None and kind != "ddim_reverse":
             raise ValueError(
                 "sample_index: per-sample noise streams are drawn in the fused kernel, which "
@@ -471,223 +418,78 @@ class GaussianDiffusion:
         return self._eager_update(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise)
 
     # ------------------------------------------------------------------------------
-    # sampling with a model: the reference's methods
+    # sampling with a model: the reference's methods (signatures laid out as the reference's)
     # ------------------------------------------------------------------------------
 
-    def p_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None, generator=None
-    ):
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None,
+                 generator=None):  # fmt: skip
         """Sample x_{t-1} ~ p(x_{t-1} | x_t): mean + σ·noise, no noise where t == 0.
 
         :param noise: optional explicit N(0, I) noise of x's shape.
         :param generator: optional torch.Generator for the noise.
         :return: dict with 'sample' and 'pred_xstart'.
         """
-        check_x(x)
-        self._check_t(t, x.shape[0])
-        model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step(
-            "ancestral",
-            model_output,
-            x,
-            t,
-            clip_denoised,
-            denoised_fn,
-            0.0,
-            noise,
-            generator,
-            None,
-            None,
-            True,
-        )
+        model_output = self._checked_model_output(model, x, t, model_kwargs)
+        return self._step("ancestral", model_output, x, t, clip_denoised, denoised_fn, 0.0, noise, generator)
 
-    def ddim_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-        noise=None,
-        generator=None,
-    ):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
+                    noise=None, generator=None):  # fmt: skip
         """Sample x_{t-1} with DDIM (Song et al. eq. 12); ``eta`` = 0 is deterministic.
         Noise is still drawn when eta = 0 (as the reference does) unless ``noise`` is given."""
-        check_x(x)
-        self._check_t(t, x.shape[0])
-        model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step(
-            "ddim", model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator, None, None, True
-        )
+        model_output = self._checked_model_output(model, x, t, model_kwargs)
+        return self._step("ddim", model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator)
 
-    def ddim_reverse_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
-    ):
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+                            eta=0.0):  # fmt: skip
         """Deterministic DDIM step from x_t to x_{t+1} (the reverse ODE); eta must be 0."""
         if eta != 0.0:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
+        model_output = self._checked_model_output(model, x, t, model_kwargs)
+        return self._step("ddim_reverse", model_output, x, t, clip_denoised, denoised_fn)
+
+    def _checked_model_output(self, model, x, t, model_kwargs):
         check_x(x)
         self._check_t(t, x.shape[0])
-        model_output = self._run_model(model, x, t, model_kwargs)
-        return self._step(
-            "ddim_reverse", model_output, x, t, clip_denoised, denoised_fn, 0.0, None, None, None, None, True
-        )
+        return self._run_model(model, x, t, model_kwargs)
 
     # ------------------------------------------------------------------------------
-    # the sampling loops (one timestep loop: _loop)
+    # the sampling loops (one timestep loop: _loop; each passes on every argument as given)
     # ------------------------------------------------------------------------------
 
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        generator=None,
-        step_noise=None,
-    ):
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+                      device=None, progress=False, generator=None, step_noise=None):  # fmt: skip
         """Generate samples: x_T = ``noise`` (or N(0, I)), then T ancestral steps.
 
         :param step_noise: optional [T, *shape] tensor (entry t is the noise used at timestep
             t), or a callable t -> [*shape] noise tensor (None: drawn).
         :return: the final x_0 batch (no grad).
         """
-        return self._final(
-            self._loop(
-                "ancestral",
-                model,
-                shape,
-                noise,
-                clip_denoised,
-                denoised_fn,
-                model_kwargs,
-                device,
-                progress,
-                0.0,
-                generator,
-                step_noise,
-                need_pred_xstart=False,
-            )
-        )
+        return self._final(self._loop("ancestral", **_arguments(locals()), pred_xstart=False))
 
-    def p_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        generator=None,
-        step_noise=None,
-    ):
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                  model_kwargs=None, device=None, progress=False, generator=None,
+                                  step_noise=None):  # fmt: skip
         """Like :meth:`p_sample_loop`, yielding each step's p_sample dict (t = T-1 .. 0)."""
-        yield from self._loop(
-            "ancestral",
-            model,
-            shape,
-            noise,
-            clip_denoised,
-            denoised_fn,
-            model_kwargs,
-            device,
-            progress,
-            0.0,
-            generator,
-            step_noise,
-        )
+        yield from self._loop("ancestral", **_arguments(locals()))
 
-    def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        generator=None,
-        step_noise=None,
-    ):
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                         model_kwargs=None, device=None, progress=False, eta=0.0, generator=None,
+                         step_noise=None):  # fmt: skip
         """Generate samples with DDIM; same arguments as :meth:`p_sample_loop` plus ``eta``."""
-        return self._final(
-            self._loop(
-                "ddim",
-                model,
-                shape,
-                noise,
-                clip_denoised,
-                denoised_fn,
-                model_kwargs,
-                device,
-                progress,
-                eta,
-                generator,
-                step_noise,
-                need_pred_xstart=False,
-            )
-        )
+        return self._final(self._loop("ddim", **_arguments(locals()), pred_xstart=False))
 
-    def ddim_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-        generator=None,
-        step_noise=None,
-    ):
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                     model_kwargs=None, device=None, progress=False, eta=0.0,
+                                     generator=None, step_noise=None):  # fmt: skip
         """Like :meth:`ddim_sample_loop`, yielding each step's ddim_sample dict."""
-        yield from self._loop(
-            "ddim",
-            model,
-            shape,
-            noise,
-            clip_denoised,
-            denoised_fn,
-            model_kwargs,
-            device,
-            progress,
-            eta,
-            generator,
-            step_noise,
-        )
+        yield from self._loop("ddim", **_arguments(locals()))
 
     @staticmethod
     def _final(steps):
         return collections.deque(steps, maxlen=1)[0]["sample"]  # run the loop, keep its last step
 
-    def _loop(
-        self,
-        kind,
-        model,
-        shape,
-        noise,
-        clip_denoised,
-        denoised_fn,
-        model_kwargs,
-        device,
-        progress,
-        eta,
-        generator,
-        step_noise,
-        need_pred_xstart=True,
-    ):
+    def _loop(self, kind, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
+              generator, step_noise, eta=0.0, pred_xstart=True):  # fmt: skip
         """x_T, then one step per timestep T-1 .. 0, yielding each step's dict. Its timesteps
         are valid by construction, so the steps skip the host read of t."""
         shape = sampling.check_sample_shape(shape)
@@ -699,20 +501,8 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)  # a fill, not a copy
             with torch.no_grad():
                 model_output = self._run_model(model, img, t, model_kwargs)
-                out = self._step(
-                    kind,
-                    model_output,
-                    img,
-                    t,
-                    clip_denoised,
-                    denoised_fn,
-                    eta,
-                    noise_at(i),
-                    generator,
-                    None,
-                    None,
-                    need_pred_xstart,
-                )
+                out = self._step(kind, model_output, img, t, clip_denoised, denoised_fn, eta, noise_at(i),
+                                 generator, pred_xstart=pred_xstart)  # fmt: skip
                 yield out
                 img = out["sample"]
 
@@ -859,6 +649,11 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
+
+
+def _arguments(values: dict) -> dict:
+    """A method's arguments from its ``locals()``, without ``self``."""
+    return {k: v for k, v in values.items() if k != "self"}
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):

@@ -73,104 +73,46 @@ CHANNEL_MULT_BY_SIZE = {
 def model_and_diffusion_defaults():
     """Defaults for image training: the reference's keys and values, plus the extras
     ``channel_mult=""`` (by image size), ``num_classes=1000`` and ``image_channels=3``."""
+    # A table of defaults, laid out by hand.
+    # fmt: off
     return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        channel_mult="",
-        num_classes=NUM_CLASSES,
-        image_channels=3,
+        image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+        attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False, class_cond=False,
+        diffusion_steps=1000, noise_schedule="linear", timestep_respacing="", use_kl=False,
+        predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True, use_checkpoint=False,
+        use_scale_shift_norm=True, channel_mult="", num_classes=NUM_CLASSES, image_channels=3,
     )
+    # fmt: on
 
 
+def _call(fn, values: dict, **renamed):
+    """fn(**the entries of ``values`` that are parameters of fn); ``renamed``: parameter of fn
+    -> key of values where the names differ (create_gaussian_diffusion's steps = diffusion_steps)."""
+    names = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in values.items() if k in names}
+    kwargs.update({k: values[key] for k, key in renamed.items() if key in values})
+    return fn(**kwargs)
+
+
+# The reference's flat signatures, laid out by hand: one argument set, split between the model
+# and the diffusion by name.
 def create_model_and_diffusion(
-    image_size,
-    class_cond,
-    learn_sigma,
-    sigma_small,
-    num_channels,
-    num_res_blocks,
-    num_heads,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    channel_mult="",
-    num_classes=NUM_CLASSES,
-    image_channels=3,
-):
+    image_size, class_cond, learn_sigma, sigma_small, num_channels, num_res_blocks, num_heads,
+    num_heads_upsample, attention_resolutions, dropout, diffusion_steps, noise_schedule, timestep_respacing,
+    use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+    channel_mult="", num_classes=NUM_CLASSES, image_channels=3,
+):  # fmt: skip
     """(UNetModel, SpacedDiffusion) from the flat argument set of
     :func:`model_and_diffusion_defaults`."""
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes,
-        image_channels=image_channels,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    args = locals()
+    return _call(create_model, args), _call(create_gaussian_diffusion, args, steps="diffusion_steps")
 
 
 def create_model(
-    image_size,
-    num_channels,
-    num_res_blocks,
-    learn_sigma,
-    class_cond,
-    use_checkpoint,
-    attention_resolutions,
-    num_heads,
-    num_heads_upsample,
-    use_scale_shift_norm,
-    dropout,
-    channel_mult="",
-    num_classes=NUM_CLASSES,
+    image_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint, attention_resolutions,
+    num_heads, num_heads_upsample, use_scale_shift_norm, dropout, channel_mult="", num_classes=NUM_CLASSES,
     image_channels=3,
-):
+):  # fmt: skip
     """A UNetModel for images of ``image_size`` with ``image_channels`` channels (3: RGB,
     as the reference; 1: grayscale); outputs twice as many channels with learn_sigma.
 
@@ -180,23 +122,9 @@ def create_model(
     """
     from .unet import UNetModel
 
-    mult = _channel_mult(channel_mult, image_size, "image_size")
     if isinstance(image_channels, bool) or not isinstance(image_channels, int) or image_channels < 1:
         raise ValueError(f"image_channels: expected a positive int, got {image_channels!r}")
-    return UNetModel(
-        in_channels=image_channels,
-        model_channels=num_channels,
-        out_channels=(image_channels if not learn_sigma else 2 * image_channels),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(_num_classes(num_classes) if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-    )
+    return UNetModel(**_unet_kwargs(locals(), image_size, "image_size", image_channels))
 
 
 def sr_model_and_diffusion_defaults():
@@ -210,93 +138,44 @@ def sr_model_and_diffusion_defaults():
 
 
 def sr_create_model_and_diffusion(
-    large_size,
-    small_size,
-    class_cond,
-    learn_sigma,
-    num_channels,
-    num_res_blocks,
-    num_heads,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    channel_mult="",
-    num_classes=NUM_CLASSES,
-):
+    large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks, num_heads,
+    num_heads_upsample, attention_resolutions, dropout, diffusion_steps, noise_schedule, timestep_respacing,
+    use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+    channel_mult="", num_classes=NUM_CLASSES,
+):  # fmt: skip
     """(SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    args = locals()
+    return _call(sr_create_model, args), _call(create_gaussian_diffusion, args, steps="diffusion_steps")
 
 
 def sr_create_model(
-    large_size,
-    small_size,
-    num_channels,
-    num_res_blocks,
-    learn_sigma,
-    class_cond,
-    use_checkpoint,
-    attention_resolutions,
-    num_heads,
-    num_heads_upsample,
-    use_scale_shift_norm,
-    dropout,
-    channel_mult="",
+    large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
+    attention_resolutions, num_heads, num_heads_upsample, use_scale_shift_norm, dropout, channel_mult="",
     num_classes=NUM_CLASSES,
-):
+):  # fmt: skip
     """A SuperResModel producing ``large_size`` images (``small_size`` is not used by the
     architecture; the low-resolution input is upsampled to x's size in forward)."""
     from .unet import SuperResModel
 
-    del small_size
-    mult = _channel_mult(channel_mult, large_size, "large_size")
-    return SuperResModel(
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(_num_classes(num_classes) if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
+    return SuperResModel(**_unet_kwargs(locals(), large_size, "large_size", 3))
+
+
+def _unet_kwargs(args: dict, size: int, size_name: str, channels: int) -> dict:
+    """The UNetModel arguments of create_model / sr_create_model's argument set ``args``."""
+    channel_mult = _channel_mult(args["channel_mult"], size, size_name)  # checked first, as the reference
+    return dict(
+        in_channels=channels,
+        model_channels=args["num_channels"],
+        out_channels=2 * channels if args["learn_sigma"] else channels,
+        num_res_blocks=args["num_res_blocks"],
+        attention_resolutions=_attention_ds(args["attention_resolutions"], size),
+        dropout=args["dropout"],
+        channel_mult=channel_mult,
+        num_classes=_num_classes(args["num_classes"]) if args["class_cond"] else None,
+        use_checkpoint=args["use_checkpoint"],
+        num_heads=args["num_heads"],
+        num_heads_upsample=args["num_heads_upsample"],
+        use_scale_shift_norm=args["use_scale_shift_norm"],
     )
 
 

@@ -24,28 +24,16 @@ import torch
 from ..ops.attention import attention_impl
 from . import common
 
+# Model configurations, laid out by hand.
+# fmt: off
 CONFIGS = {
-    "cifar10": dict(
-        image_size=32,
-        num_channels=128,
-        num_res_blocks=3,
-        learn_sigma=True,
-        dropout=0.3,
-        diffusion_steps=4000,
-        noise_schedule="cosine",
-    ),
-    "tiny": dict(
-        image_size=16,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,2",
-        attention_resolutions="8",
-        num_heads=4,
-        learn_sigma=True,
-        diffusion_steps=1000,
-        noise_schedule="cosine",
-    ),
+    "cifar10": dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
+                    diffusion_steps=4000, noise_schedule="cosine"),
+    "tiny": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                 attention_resolutions="8", num_heads=4, learn_sigma=True, diffusion_steps=1000,
+                 noise_schedule="cosine"),
 }
+# fmt: on
 
 
 def add_arguments(parser):

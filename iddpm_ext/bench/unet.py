@@ -25,33 +25,18 @@ from ..ops.attention import attention_impl
 from ..unet import AttentionBlock, ResBlock, UNetModel
 from . import common
 
+# Model configurations, laid out by hand.
+# fmt: off
 CONFIGS = {
     # improved-diffusion's CIFAR-10 run: image 32, attention_resolutions "16,8" -> ds (2, 4).
-    "cifar10": dict(
-        image_size=32,
-        in_channels=3,
-        model_channels=128,
-        out_channels=6,
-        num_res_blocks=3,
-        attention_resolutions=(2, 4),
-        dropout=0.3,
-        channel_mult=(1, 2, 2, 2),
-        num_heads=4,
-        use_scale_shift_norm=True,
-    ),
-    "tiny": dict(
-        image_size=16,
-        in_channels=3,
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        dropout=0.0,
-        channel_mult=(1, 2),
-        num_heads=4,
-        use_scale_shift_norm=True,
-    ),
+    "cifar10": dict(image_size=32, in_channels=3, model_channels=128, out_channels=6,
+                    num_res_blocks=3, attention_resolutions=(2, 4), dropout=0.3,
+                    channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True),
+    "tiny": dict(image_size=16, in_channels=3, model_channels=32, out_channels=6,
+                 num_res_blocks=1, attention_resolutions=(2,), dropout=0.0,
+                 channel_mult=(1, 2), num_heads=4, use_scale_shift_norm=True),
 }
+# fmt: on
 _AUTO = -1  # "choose by device": see _runs()
 
 

@@ -83,21 +83,11 @@ def _cmd_reproduce(args) -> int:
                 f"sample_steps: expected comma-separated ints like 0,100,50,25, got {args.sample_steps!r}"
             ) from None
     runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    reproduce.run(
-        out_dir=args.out,
-        scale=args.scale,
-        jobs=args.jobs or None,
-        threads=args.threads or None,
-        device=args.device,
-        reuse=args.reuse,
-        runs=runs,
-        seed=args.seed,
-        train_steps=args.train_steps,
-        diffusion_steps=args.diffusion_steps,
-        nll_images=args.nll_images,
-        num_samples=args.num_samples,
-        sample_steps=steps,
-    )
+    given = {
+        k: getattr(args, k) for k in ("seed", "train_steps", "diffusion_steps", "nll_images", "num_samples")
+    }
+    reproduce.run(out_dir=args.out, scale=args.scale, jobs=args.jobs or None, threads=args.threads or None,
+                  device=args.device, reuse=args.reuse, runs=runs, sample_steps=steps, **given)  # fmt: skip
     return 0
 
 

@@ -4,6 +4,7 @@ under ``torchrun`` (see :mod:`iddpm_ext.dist_util`)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -43,6 +44,22 @@ def resolve_model(model_path: str, args, explicit: set):
 def build(config: dict, device):
     model, diffusion = create_model_and_diffusion(**config)
     return model.to(device), diffusion
+
+
+def annealed_run(config: dict, data, steps: int, out_dir: str, device, *, seed: int,
+                 schedule_sampler="uniform", **loop_kwargs):  # fmt: skip
+    """A TrainLoop of ``steps`` steps for a fresh model of ``config`` (initial weights from
+    ``seed``), the learning rate annealed to 0 over them and one checkpoint at the end: the
+    short runs of the demo and the reproduction. ``loop_kwargs``: batch_size, lr, ema_rate, ..."""
+    from ..resample import create_named_schedule_sampler
+    from ..training.loop import TrainLoop
+
+    torch.manual_seed(seed)
+    model, diffusion = build(config, device)
+    sampler = create_named_schedule_sampler(schedule_sampler, diffusion)
+    return TrainLoop(model=model, diffusion=diffusion, data=data, microbatch=-1, save_interval=steps,
+                     resume_checkpoint="", lr_anneal_steps=steps, schedule_sampler=sampler, config=config,
+                     out_dir=out_dir, seed=seed, **loop_kwargs)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------
@@ -104,31 +121,10 @@ def cmd_train(args, explicit: set) -> dict:
         f"{dist_util.get_world_size()} process(es) on {device}; out_dir {args.out_dir}"
     )
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        config=config,
-        out_dir=args.out_dir,
-        amp=args.amp,
-        grad_clip=args.grad_clip,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        keep_checkpoints=args.keep_checkpoints,
-        progress=args.progress,
-    )
+    # TrainLoop's keyword arguments come from the flags of the same names.
+    flags = {k: v for k, v in vars(args).items() if k in inspect.signature(TrainLoop).parameters}
+    flags.update(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, config=config)
+    loop = TrainLoop(**flags)
     if not (args.max_steps or args.lr_anneal_steps):
         _say("no --max_steps or --lr_anneal_steps: training until interrupted (Ctrl-C)")
     t0 = time.perf_counter()

@@ -27,10 +27,9 @@ NLL_IMAGES = 50  # the full 1000-step bound of 50 digits: ~1.5 min on 2 idle cor
 
 
 def _train(out_dir, steps, seed, device, log):
-    from ..resample import create_named_schedule_sampler
-    from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from ..script_util import model_and_diffusion_defaults
     from ..training.data import BatchStream, open_source
-    from ..training.loop import TrainLoop
+    from .commands import annealed_run
     from .presets import preset_defaults
 
     p = preset_defaults("digits", "train")
@@ -43,29 +42,10 @@ def _train(out_dir, steps, seed, device, log):
         shutil.rmtree(run_dir)  # the demo's own scratch run
     source = open_source("digits", image_size=config["image_size"], image_channels=config["image_channels"])
     data = BatchStream(source, p["batch_size"], seed=seed)
-    torch.manual_seed(seed)
-    model, diffusion = create_model_and_diffusion(**config)
-    model.to(device)
     log(f"[demo] training the digits model for {steps} steps (batch {p['batch_size']}) in {run_dir}")
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=p["batch_size"],
-        microbatch=-1,
-        lr=p["lr"],
-        ema_rate=p["ema_rate"],
-        log_interval=min(p["log_interval"], max(1, steps // 10)),
-        save_interval=steps,
-        resume_checkpoint="",
-        lr_anneal_steps=steps,
-        schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
-        config=config,
-        out_dir=run_dir,
-        seed=seed,
-        progress=True,
-        log=log,
-    )
+    loop = annealed_run(config, data, steps, run_dir, device, seed=seed, batch_size=p["batch_size"],
+                        lr=p["lr"], ema_rate=p["ema_rate"], progress=True, log=log,
+                        log_interval=min(p["log_interval"], max(1, steps // 10)))  # fmt: skip
     loop.run_loop()
     latest = json.load(open(os.path.join(run_dir, "latest.json")))
     return os.path.join(run_dir, next(iter(latest["ema"].values()))), os.path.join(run_dir, "progress.jsonl")

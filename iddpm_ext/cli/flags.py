@@ -34,21 +34,14 @@ MODEL_HELP = {
     "image_channels": "image channels: 3 (RGB) or 1 (grayscale)",
 }
 
+# Tables of flags, laid out by hand.
+# fmt: off
 TRAIN_DEFAULTS = dict(
-    data_dir="",
-    schedule_sampler="uniform",
-    lr=1e-4,
-    weight_decay=0.0,
-    lr_anneal_steps=0,
-    batch_size=1,
-    microbatch=-1,
-    ema_rate="0.9999",
-    log_interval=10,
-    save_interval=10000,
-    resume_checkpoint="",
-    use_fp16=False,
-    fp16_scale_growth=1e-3,
+    data_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0, batch_size=1,
+    microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000, resume_checkpoint="",
+    use_fp16=False, fp16_scale_growth=1e-3,
 )
+# fmt: on
 TRAIN_HELP = {
     "data_dir": "the data: an image folder, a .npz (arr_0 uint8 NHWC, arr_1 labels), a CIFAR-10 "
     "python-batches folder, or 'digits' (scikit-learn's digits)",
@@ -67,20 +60,13 @@ TRAIN_HELP = {
     "use_fp16": "the reference's fp16 flag: same as --amp fp16",
     "fp16_scale_growth": "accepted for compatibility; the GradScaler's own growth is used",
 }
+# Tables of flags, laid out by hand.
+# fmt: off
 TRAIN_EXTRA = dict(
-    out_dir="runs/train",
-    seed=0,
-    amp="none",
-    grad_clip=0.0,
-    max_steps=0,
-    device="",
-    keep_checkpoints=0,
-    random_flip=False,
-    resize="crop",
-    num_workers=0,
-    progress=True,
-    threads=0,
+    out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
+    random_flip=False, resize="crop", num_workers=0, progress=True, threads=0,
 )
+# fmt: on
 TRAIN_EXTRA_HELP = {
     "out_dir": "folder for checkpoints, progress.jsonl and loss.png (must not hold another run)",
     "seed": "random seed (data order, timesteps, noise, dropout)",
@@ -97,7 +83,10 @@ TRAIN_EXTRA_HELP = {
     "threads": "CPU threads for torch (0: torch's default)",
 }
 
+# Tables of flags, laid out by hand.
+# fmt: off
 SAMPLE_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
+# fmt: on
 SAMPLE_HELP = {
     "clip_denoised": "clip predicted x_0 to [-1, 1] at each step",
     "num_samples": "number of samples",
@@ -105,19 +94,11 @@ SAMPLE_HELP = {
     "use_ddim": "sample with DDIM instead of ancestral sampling",
     "model_path": "weights: a .safetensors file, a run folder (its latest EMA), or an improved-diffusion .pt",
 }
-SAMPLE_EXTRA = dict(
-    eta=0.0,
-    seed=0,
-    out_dir="runs/samples",
-    device="",
-    label=-1,
-    trajectory=0,
-    overwrite=False,
-    fused=True,
-    progress=True,
-    threads=0,
-    engine="auto",
-)
+# Tables of flags, laid out by hand.
+# fmt: off
+SAMPLE_EXTRA = dict(eta=0.0, seed=0, out_dir="runs/samples", device="", label=-1, trajectory=0,
+                    overwrite=False, fused=True, progress=True, threads=0, engine="auto")
+# fmt: on
 SAMPLE_EXTRA_HELP = {
     "eta": "DDIM η (0: deterministic)",
     "seed": "seed; sample i depends only on (seed, i), not on batch size or processes",
@@ -134,7 +115,10 @@ SAMPLE_EXTRA_HELP = {
     "graph on CUDA, loop elsewhere",
 }
 
+# Tables of flags, laid out by hand.
+# fmt: off
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
+# fmt: on
 NLL_HELP = {
     "data_dir": TRAIN_HELP["data_dir"],
     "clip_denoised": "clip predicted x_0 to [-1, 1]",
@@ -142,16 +126,11 @@ NLL_HELP = {
     "batch_size": "images per batch per process",
     "model_path": SAMPLE_HELP["model_path"],
 }
-NLL_EXTRA = dict(
-    split="train",
-    seed=0,
-    out_dir="runs/nll",
-    device="",
-    overwrite=False,
-    resize="crop",
-    progress=True,
-    threads=0,
-)
+# Tables of flags, laid out by hand.
+# fmt: off
+NLL_EXTRA = dict(split="train", seed=0, out_dir="runs/nll", device="", overwrite=False, resize="crop",
+                 progress=True, threads=0)
+# fmt: on
 NLL_EXTRA_HELP = {
     "split": "train or test (CIFAR-10 and digits have a test split; folders and .npz: everything)",
     "seed": "seed of the bound's noise",

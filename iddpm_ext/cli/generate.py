@@ -127,21 +127,8 @@ def _kept_steps(T: int, trajectory_steps: int) -> set:
 
 
 @torch.no_grad()
-def sample_batch(
-    model,
-    diffusion,
-    indices,
-    shape,
-    *,
-    seed=0,
-    use_ddim=False,
-    eta=0.0,
-    clip_denoised=True,
-    label=None,
-    device="cpu",
-    trajectory_steps=0,
-    engine="loop",
-):
+def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
+                 label=None, device="cpu", trajectory_steps=0, engine="loop"):  # fmt: skip
     """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
 
     ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
@@ -242,25 +229,9 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
     return x.float(), labels, frames
 
 
-def generate(
-    model,
-    diffusion,
-    num_samples,
-    shape,
-    *,
-    batch_size=16,
-    seed=0,
-    use_ddim=False,
-    eta=0.0,
-    clip_denoised=True,
-    label=None,
-    device="cpu",
-    trajectory_steps=0,
-    trajectory_samples=8,
-    progress=False,
-    log=print,
-    engine="loop",
-):
+def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use_ddim=False, eta=0.0,
+             clip_denoised=True, label=None, device="cpu", trajectory_steps=0, trajectory_samples=8,
+             progress=False, log=print, engine="loop"):  # fmt: skip
     """``num_samples`` samples split over the processes (rank r makes a contiguous block of
     global indices, :func:`rank_indices`), gathered on every rank in index order.
 

@@ -45,89 +45,35 @@ class ReproductionError(ValueError):
 # what is run
 # -------------------------------------------------------------------------------------
 
+# The runs, the shared settings and the scales: tables laid out by hand.
+# fmt: off
 RUNS = {
-    "simple_cosine": dict(
-        label="L_simple, fixed σ, cosine",
-        objective="simple",
-        learn_sigma=False,
-        use_kl=False,
-        noise_schedule="cosine",
-        schedule_sampler="uniform",
-    ),
-    "hybrid_cosine": dict(
-        label="L_hybrid, learned σ, cosine",
-        objective="hybrid",
-        learn_sigma=True,
-        use_kl=False,
-        noise_schedule="cosine",
-        schedule_sampler="uniform",
-    ),
-    "vlb_cosine": dict(
-        label="L_vlb, learned σ, cosine (loss-second-moment t)",
-        objective="vlb",
-        learn_sigma=True,
-        use_kl=True,
-        noise_schedule="cosine",
-        schedule_sampler="loss-second-moment",
-    ),
-    "hybrid_linear": dict(
-        label="L_hybrid, learned σ, linear",
-        objective="hybrid",
-        learn_sigma=True,
-        use_kl=False,
-        noise_schedule="linear",
-        schedule_sampler="uniform",
-    ),
-    "simple_linear": dict(
-        label="L_simple, fixed σ, linear",
-        objective="simple",
-        learn_sigma=False,
-        use_kl=False,
-        noise_schedule="linear",
-        schedule_sampler="uniform",
-    ),
+    "simple_cosine": dict(label="L_simple, fixed σ, cosine", objective="simple", learn_sigma=False,
+                          use_kl=False, noise_schedule="cosine", schedule_sampler="uniform"),
+    "hybrid_cosine": dict(label="L_hybrid, learned σ, cosine", objective="hybrid", learn_sigma=True,
+                          use_kl=False, noise_schedule="cosine", schedule_sampler="uniform"),
+    "vlb_cosine": dict(label="L_vlb, learned σ, cosine (loss-second-moment t)", objective="vlb",
+                       learn_sigma=True, use_kl=True, noise_schedule="cosine",
+                       schedule_sampler="loss-second-moment"),
+    "hybrid_linear": dict(label="L_hybrid, learned σ, linear", objective="hybrid", learn_sigma=True,
+                          use_kl=False, noise_schedule="linear", schedule_sampler="uniform"),
+    "simple_linear": dict(label="L_simple, fixed σ, linear", objective="simple", learn_sigma=False,
+                          use_kl=False, noise_schedule="linear", schedule_sampler="uniform"),
 }
 
 # Model, diffusion and evaluation settings shared by all runs; a scale overrides some.
 BASE = dict(
-    runs=list(RUNS),
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=4,
-    dropout=0.1,
-    diffusion_steps=1000,
-    train_steps=3000,
-    batch_size=64,
-    lr=5e-4,
-    ema_rate=0.995,
-    grad_clip=1.0,
-    nll_images=297,
-    num_samples=500,
-    sample_steps=[0, 100, 50, 25],
-    grid_samples=16,
-    classifier_epochs=40,
-    min_classifier_accuracy=0.95,
-    floor_rounds=5,
-    seed=0,
+    runs=list(RUNS), image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+    attention_resolutions="4", num_heads=4, dropout=0.1, diffusion_steps=1000, train_steps=3000,
+    batch_size=64, lr=5e-4, ema_rate=0.995, grad_clip=1.0, nll_images=297, num_samples=500,
+    sample_steps=[0, 100, 50, 25], grid_samples=16, classifier_epochs=40, min_classifier_accuracy=0.95,
+    floor_rounds=5, seed=0,
 )
 SCALES = {
     # For tests: two runs, a few steps, T = 20. Minutes of nothing; numbers meaningless.
-    "tiny": dict(
-        runs=["simple_cosine", "hybrid_cosine"],
-        diffusion_steps=20,
-        train_steps=6,
-        batch_size=16,
-        nll_images=8,
-        num_samples=12,
-        sample_steps=[0, 10, 5],
-        grid_samples=4,
-        classifier_epochs=1,
-        min_classifier_accuracy=0.0,
-        floor_rounds=2,
-    ),
+    "tiny": dict(runs=["simple_cosine", "hybrid_cosine"], diffusion_steps=20, train_steps=6,
+                 batch_size=16, nll_images=8, num_samples=12, sample_steps=[0, 10, 5], grid_samples=4,
+                 classifier_epochs=1, min_classifier_accuracy=0.0, floor_rounds=2),
     # About a third of the default's work.
     "small": dict(train_steps=1500, nll_images=100, num_samples=200),
     # The reported configuration: about 20 minutes on 2 idle CPU cores (docs/results.md).
@@ -136,6 +82,7 @@ SCALES = {
     "long": dict(train_steps=15000, ema_rate=0.999, num_samples=1000),
 }
 SETTING_KEYS = tuple(BASE)
+# fmt: on
 
 
 def scale_settings(scale: str, **overrides) -> dict:
@@ -258,11 +205,9 @@ def _load_ema(run_dir, settings, run, respacing, device):
 
 
 def task_train(run, settings, out_dir, device="cpu") -> dict:
-    from ..resample import create_named_schedule_sampler
-    from ..script_util import create_model_and_diffusion
     from ..training.data import BatchStream
     from ..training.log import read_jsonl
-    from ..training.loop import TrainLoop
+    from .commands import annealed_run
 
     t0, c0 = time.perf_counter(), time.process_time()
     run_dir = os.path.join(out_dir, run)
@@ -275,30 +220,11 @@ def task_train(run, settings, out_dir, device="cpu") -> dict:
         shutil.rmtree(run_dir)
     cfg, seed, n = model_config(settings, run), settings["seed"], settings["train_steps"]
     data = BatchStream(_digits(settings, "train"), settings["batch_size"], seed=seed)
-    torch.manual_seed(seed)
-    model, diffusion = create_model_and_diffusion(**cfg)
-    model.to(device)
-    _say(f"[{run}] training {n} steps ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=settings["batch_size"],
-        microbatch=-1,
-        lr=settings["lr"],
-        ema_rate=str(settings["ema_rate"]),
-        log_interval=max(1, n // 50),
-        save_interval=n,
-        resume_checkpoint="",
-        lr_anneal_steps=n,
-        schedule_sampler=create_named_schedule_sampler(RUNS[run]["schedule_sampler"], diffusion),
-        config=cfg,
-        out_dir=run_dir,
-        grad_clip=settings["grad_clip"],
-        seed=seed,
-        progress=False,
-        log=lambda *a: None,
-    )
+    loop = annealed_run(cfg, data, n, run_dir, device, seed=seed,
+                        schedule_sampler=RUNS[run]["schedule_sampler"], batch_size=settings["batch_size"],
+                        lr=settings["lr"], ema_rate=str(settings["ema_rate"]), log_interval=max(1, n // 50),
+                        grad_clip=settings["grad_clip"], progress=False, log=lambda *a: None)  # fmt: skip
+    _say(f"[{run}] training {n} steps ({sum(p.numel() for p in loop.model.parameters()):,} parameters)")
     loop.run_loop()
     records = read_jsonl(os.path.join(run_dir, "progress.jsonl"))
     last = records[-1] if records else {}
@@ -309,7 +235,7 @@ def task_train(run, settings, out_dir, device="cpu") -> dict:
         "final_loss": last.get("loss"),
         "final_mse": last.get("mse"),
         "final_vb": last.get("vb"),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in loop.model.parameters()),
     }
     _say(f"[{run}] trained in {out['seconds']:.0f} s (final loss {out['final_loss']})")
     return out

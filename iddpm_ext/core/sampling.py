@@ -109,47 +109,21 @@ def as_float32(*vs):
 # ---------------------------------------------------------------------------------
 
 
-def fused_update(
-    kind,
-    model_output,
-    x,
-    t,
-    table,
-    types,
-    clip_denoised,
-    eta,
-    noise,
-    generator,
-    sample_index,
-    need_pred_xstart,
-    layout_cache,
-    eager_update,
-) -> dict:
+def fused_update(kind, model_output, x, t, table, types, clip_denoised, eta, noise, generator, sample_index,
+                 pred_xstart, layout_cache, eager_update) -> dict:  # fmt: skip
     """One step as the fused op of ``kind`` (``types``: the model's mean and variance types)
     with the noise, dtype and layout rules of the module docstring: a dict with 'sample' and
-    'pred_xstart' (None when not ``need_pred_xstart``)."""
+    'pred_xstart' (None when not ``pred_xstart``)."""
     noise = fused_noise(x, noise, generator, sample_index)
     x32, noise32 = as_float32(x, noise)
     args = (x32, model_output, t, table, *types, clip_denoised)
+    kw = dict(noise=noise32, generator=generator, return_pred_xstart=pred_xstart, sample_index=sample_index)
     if kind == "ancestral":
-        sample, pred = ops.p_sample_step(
-            *args,
-            noise=noise32,
-            generator=generator,
-            return_pred_xstart=need_pred_xstart,
-            sample_index=sample_index,
-        )
+        sample, pred = ops.p_sample_step(*args, **kw)
     elif kind == "ddim":
-        sample, pred = ops.ddim_step(
-            *args,
-            eta=float(eta),
-            noise=noise32,
-            generator=generator,
-            return_pred_xstart=need_pred_xstart,
-            sample_index=sample_index,
-        )
+        sample, pred = ops.ddim_step(*args, eta=float(eta), **kw)
     else:
-        sample, pred = ops.ddim_reverse_step(*args, return_pred_xstart=need_pred_xstart)
+        sample, pred = ops.ddim_reverse_step(*args, return_pred_xstart=pred_xstart)
     strides = eager_strides(layout_cache, eager_update, kind, x, model_output, noise, clip_denoised, eta)
     strides = strides or (None, None)
     return {"sample": relayout(sample, strides[0]), "pred_xstart": relayout(pred, strides[1])}

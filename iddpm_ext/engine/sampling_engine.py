@@ -220,23 +220,9 @@ class SamplingEngine:
         self.stats = {"builds": 0, "captures": 0, "compiles": 0, "runs": 0}
 
     # -- public API ------------------------------------------------------------------
-    def sample(
-        self,
-        shape,
-        *,
-        sampler="ancestral",
-        eta=0.0,
-        diffusion=None,
-        noise=None,
-        clip_denoised=True,
-        model_kwargs=None,
-        y=None,
-        generator=None,
-        amp=_UNSET,
-        progress=False,
-        sample_index=None,
-        callback=None,
-    ) -> torch.Tensor:
+    def sample(self, shape, *, sampler="ancestral", eta=0.0, diffusion=None, noise=None, clip_denoised=True,
+               model_kwargs=None, y=None, generator=None, amp=_UNSET, progress=False, sample_index=None,
+               callback=None) -> torch.Tensor:  # fmt: skip
         """Draw samples: x_T = ``noise`` (or N(0, I) from the generator), then every step of
         the (respaced) process. Returns a new float32 [B, C, *spatial] tensor.
 
@@ -299,51 +285,17 @@ class SamplingEngine:
             self.stats["runs"] += 1
             return entry.x.clone(memory_format=torch.contiguous_format)
 
-    def p_sample_loop(
-        self,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        model_kwargs=None,
-        progress=False,
-        generator=None,
-        diffusion=None,
-    ):
+    def p_sample_loop(self, shape, noise=None, clip_denoised=True, model_kwargs=None, progress=False,
+                      generator=None, diffusion=None):  # fmt: skip
         """Ancestral sampling; the arguments of GaussianDiffusion.p_sample_loop."""
-        return self.sample(
-            shape,
-            sampler="ancestral",
-            noise=noise,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            progress=progress,
-            generator=generator,
-            diffusion=diffusion,
-        )
+        args = {k: v for k, v in locals().items() if k not in ("self", "shape")}
+        return self.sample(shape, sampler="ancestral", **args)
 
-    def ddim_sample_loop(
-        self,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        model_kwargs=None,
-        progress=False,
-        eta=0.0,
-        generator=None,
-        diffusion=None,
-    ):
+    def ddim_sample_loop(self, shape, noise=None, clip_denoised=True, model_kwargs=None, progress=False,
+                         eta=0.0, generator=None, diffusion=None):  # fmt: skip
         """DDIM sampling; the arguments of GaussianDiffusion.ddim_sample_loop."""
-        return self.sample(
-            shape,
-            sampler="ddim",
-            eta=eta,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            progress=progress,
-            generator=generator,
-            diffusion=diffusion,
-        )
+        args = {k: v for k, v in locals().items() if k not in ("self", "shape")}
+        return self.sample(shape, sampler="ddim", **args)
 
     def cache_keys(self) -> list:
         """The keys of the cached configurations (see :meth:`config_key`)."""

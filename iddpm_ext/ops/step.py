@@ -54,19 +54,16 @@ def _sample_index(sample_index, x):
     return torch.arange(sample_index, sample_index + x.shape[0], device=x.device)
 
 
-def p_sample_step(
-    x,
-    model_output,
-    t,
-    table,
-    model_mean_type,
-    model_var_type,
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    return_pred_xstart=True,
-    sample_index=None,
-):
+def _args(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised) -> tuple:
+    """The leading arguments every step op takes, type names checked (after _C is known usable)."""
+    loader.require()
+    mean = _type_name(model_mean_type, "model_mean_type", MEAN_TYPES)
+    var = _type_name(model_var_type, "model_var_type", VAR_TYPES)
+    return x, model_output, t, table, mean, var, bool(clip_denoised)
+
+
+def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True, noise=None,
+                  generator=None, return_pred_xstart=True, sample_index=None):  # fmt: skip
     """Ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (no noise where t == 0).
 
     :param sample_index: the global sample index of each batch item, which keys its
@@ -74,78 +71,35 @@ def p_sample_step(
         k .. k+B-1), or None (item b is sample b). Unused with explicit ``noise``.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
-    loader.require()
-    sample, pred = torch.ops.iddpm.p_sample_step(
-        x,
-        model_output,
-        t,
-        table,
-        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES),
-        bool(clip_denoised),
-        noise,
-        generator,
-        bool(return_pred_xstart),
-        _sample_index(sample_index, x),
-    )
+    args = _args(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised)
+    index = _sample_index(sample_index, x)
+    sample, pred = torch.ops.iddpm.p_sample_step(*args, noise, generator, bool(return_pred_xstart), index)
     return sample, (pred if return_pred_xstart else None)
 
 
-def ddim_step(
-    x,
-    model_output,
-    t,
-    table,
-    model_mean_type,
-    model_var_type,
-    clip_denoised=True,
-    eta=0.0,
-    noise=None,
-    generator=None,
-    return_pred_xstart=True,
-    sample_index=None,
-):
+def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True, eta=0.0,
+              noise=None, generator=None, return_pred_xstart=True, sample_index=None):  # fmt: skip
     """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0: deterministic, no noise used).
 
     :param sample_index: as :func:`p_sample_step`.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
-    loader.require()
+    args = _args(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised)
+    index = _sample_index(sample_index, x)
     sample, pred = torch.ops.iddpm.ddim_step(
-        x,
-        model_output,
-        t,
-        table,
-        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES),
-        bool(clip_denoised),
-        float(eta),
-        noise,
-        generator,
-        bool(return_pred_xstart),
-        _sample_index(sample_index, x),
+        *args, float(eta), noise, generator, bool(return_pred_xstart), index
     )
     return sample, (pred if return_pred_xstart else None)
 
 
-def ddim_reverse_step(
-    x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True, return_pred_xstart=True
-):
+def ddim_reverse_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True,
+                      return_pred_xstart=True):  # fmt: skip
     """Deterministic reverse DDIM step x_t -> x_{t+1} (the DDIM ODE run forward).
 
     :return: (x_{t+1}, pred_x0 or None), both in x's dtype.
     """
-    loader.require()
-    sample, pred = torch.ops.iddpm.ddim_reverse_step(
-        x,
-        model_output,
-        t,
-        table,
-        _type_name(model_mean_type, "model_mean_type", MEAN_TYPES),
-        _type_name(model_var_type, "model_var_type", VAR_TYPES),
-        bool(clip_denoised),
-        bool(return_pred_xstart),
-    )
+    args = _args(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised)
+    sample, pred = torch.ops.iddpm.ddim_reverse_step(*args, bool(return_pred_xstart))
     return sample, (pred if return_pred_xstart else None)
 
 
@@ -199,40 +153,17 @@ def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart,
 if loader.available():
 
     @torch.library.register_fake("iddpm::p_sample_step")
-    def _p_sample_step_fake(
-        x,
-        model_output,
-        t,
-        table,
-        model_mean_type,
-        model_var_type,
-        clip_denoised,
-        noise=None,
-        generator=None,
-        return_pred_xstart=True,
-        sample_index=None,
-    ):
+    def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
+                            noise=None, generator=None, return_pred_xstart=True,
+                            sample_index=None):  # fmt: skip
         return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
 
     @torch.library.register_fake("iddpm::ddim_step")
-    def _ddim_step_fake(
-        x,
-        model_output,
-        t,
-        table,
-        model_mean_type,
-        model_var_type,
-        clip_denoised,
-        eta,
-        noise=None,
-        generator=None,
-        return_pred_xstart=True,
-        sample_index=None,
-    ):
+    def _ddim_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised, eta,
+                        noise=None, generator=None, return_pred_xstart=True, sample_index=None):  # fmt: skip
         return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
 
     @torch.library.register_fake("iddpm::ddim_reverse_step")
-    def _ddim_reverse_step_fake(
-        x, model_output, t, table, model_mean_type, model_var_type, clip_denoised, return_pred_xstart=True
-    ):
+    def _ddim_reverse_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
+                                return_pred_xstart=True):  # fmt: skip
         return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)

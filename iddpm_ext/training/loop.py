@@ -53,7 +53,7 @@ class _Autocast:
     """Calls ``model`` under autocast and returns float32 outputs, so only the network
     runs in low precision while the diffusion losses stay in fp32."""
 
-    def __init__(self, model, device_type, dtype):
+    def __init__(self, model, device_type, dtype):  # fmt: skip
         self.model, self.device_type, self.dtype = model, device_type, dtype
 
     def __call__(self, *args, **kwargs):
@@ -68,34 +68,11 @@ class TrainLoop:
     as the reference saves there; else ``runs/train``), ``amp``, ``grad_clip``,
     ``max_steps``, ``seed``, ``keep_checkpoints``, ``progress``, ``log``."""
 
-    def __init__(
-        self,
-        *,
-        model,
-        diffusion,
-        data,
-        batch_size,
-        microbatch,
-        lr,
-        ema_rate,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        schedule_sampler=None,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        config=None,
-        out_dir=None,
-        amp="none",
-        grad_clip=0.0,
-        max_steps=0,
-        seed=0,
-        keep_checkpoints=0,
-        progress=True,
-        log=print,
-    ):
+    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval,
+                 save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
+                 schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0, config=None, out_dir=None,
+                 amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=True,
+                 log=print):  # fmt: skip
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
         if use_fp16 and amp == "none":

@@ -5,29 +5,20 @@ import json
 
 import pytest
 
+from helpers.training import argv
 from iddpm_ext import bench, ops
 
 
 def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys):
     out = tmp_path / "a.json"
-    argv = [
-        "attention",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--warmup",
-        "1",
-        "--iters",
-        "2",
-        "--cases",
-        "1x2x32x16",
-        "--passes",
-        "both",
-        "--json",
-        str(out),
-    ]
-    assert bench.main(argv) == 0
+    args = argv(
+        (
+            "attention --device cpu --threads 1 --warmup 1 --iters 2 --cases "
+            "1x2x32x16 --passes both --json {json}"
+        ),
+        json=str(out),
+    )
+    assert bench.main(args) == 0
     capsys.readouterr()
     recs = json.loads(out.read_text())["records"]
     ops_seen = {r["op"] for r in recs}
@@ -41,43 +32,31 @@ def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys)
 
 def test_step_sizes_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "s.json"
-    argv = [
-        "step",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--warmup",
-        "1",
-        "--iters",
-        "2",
-        "--no-compile",
-        "--sizes",
-        "2x3x8x8",
-        "--json",
-        str(out),
-    ]
-    assert bench.main(argv) == 0
+    args = argv(
+        ("step --device cpu --threads 1 --warmup 1 --iters 2 --no-compile --sizes 2x3x8x8 --json {json}"),
+        json=str(out),
+    )
+    assert bench.main(args) == 0
     capsys.readouterr()
     recs = json.loads(out.read_text())["records"]
     assert recs and all(r["shape"][:4] == [2, 3, 8, 8] for r in recs)
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "args, message",
     [
         (
-            ["attention", "--device", "cpu", "--passes", "forward"],
+            argv("attention --device cpu --passes forward"),
             "--passes: expected fwd, fwd+bwd or both, got 'forward'",
         ),
-        (["attention", "--device", "cpu", "--cases", "1x4x64"], "--cases: expected 4 positive ints"),
-        (["attention", "--device", "cpu", "--cases", "1x4x0x64"], "got '1x4x0x64'"),
-        (["attention", "--device", "cpu", "--dtype", "float8"], "--dtype: expected names from"),
-        (["step", "--device", "cpu", "--sizes", "64x3xAx32"], "--sizes: expected 4 positive ints"),
+        (argv("attention --device cpu --cases 1x4x64"), "--cases: expected 4 positive ints"),
+        (argv("attention --device cpu --cases 1x4x0x64"), "got '1x4x0x64'"),
+        (argv("attention --device cpu --dtype float8"), "--dtype: expected names from"),
+        (argv("step --device cpu --sizes 64x3xAx32"), "--sizes: expected 4 positive ints"),
     ],
 )
-def test_bad_values_are_one_error_line(argv, message, capsys):
-    assert bench.main(argv) == 2
+def test_bad_values_are_one_error_line(args, message, capsys):
+    assert bench.main(args) == 2
     out, err = capsys.readouterr()
     assert message in err and "Traceback" not in out + err
     assert err.startswith("iddpm bench: error:")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.training import run_cli, tiny_config, tiny_flags, write_npz
+from helpers.training import argv, main, run_cli, tiny_config, tiny_flags, train, write_npz
 from iddpm_ext.cli import app as cli
 from iddpm_ext.cli.flags import parse_command
 from iddpm_ext.cli.presets import PRESETS
@@ -65,22 +65,20 @@ def test_reference_defaults_and_types():
         10000,
     )
     assert args.use_fp16 is False and args.rescale_timesteps is True and explicit == set()
-    args, explicit = _parse(
-        "train", ["--use_fp16", "True", "--learn_sigma", "t", "--ema_rate", "0.9999,0.999"]
-    )
+    args, explicit = _parse("train", argv("--use_fp16 True --learn_sigma t --ema_rate 0.9999,0.999"))
     assert (
         args.use_fp16 is True
         and args.learn_sigma is True
         and explicit == {"use_fp16", "learn_sigma", "ema_rate"}
     )
-    args, _ = _parse("sample", ["--use_ddim", "yes", "--timestep_respacing", "ddim25"])
+    args, _ = _parse("sample", argv("--use_ddim yes --timestep_respacing ddim25"))
     assert args.use_ddim is True and args.timestep_respacing == "ddim25" and args.num_samples == 10000
     args, _ = _parse("train", ["--data", "digits"])  # alias of --data_dir
     assert args.data_dir == "digits"
 
 
 def test_presets_are_defaults_that_flags_override():
-    args, explicit = _parse("train", ["--preset", "cifar10", "--lr", "3e-4"])
+    args, explicit = _parse("train", argv("--preset cifar10 --lr 3e-4"))
     assert (args.image_size, args.num_channels, args.num_res_blocks, args.dropout) == (32, 128, 3, 0.3)
     assert (args.diffusion_steps, args.noise_schedule, args.learn_sigma) == (4000, "cosine", True)
     assert args.lr == 3e-4 and args.batch_size == 128 and {"image_size", "lr"} <= explicit
@@ -103,30 +101,8 @@ def test_presets_are_defaults_that_flags_override():
 def test_train_sample_nll_end_to_end(tmp_path, capsys):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
-    rc = cli.main(
-        [
-            "train",
-            "--data_dir",
-            data,
-            *tiny_flags(),
-            "--batch_size",
-            "8",
-            "--max_steps",
-            "4",
-            "--save_interval",
-            "2",
-            "--log_interval",
-            "2",
-            "--ema_rate",
-            "0.5",
-            "--out_dir",
-            run,
-            "--progress",
-            "False",
-            "--lr",
-            "1e-3",
-        ]
-    )
+    flags = "--batch_size 8 --max_steps 4 --save_interval 2 --log_interval 2 --ema_rate 0.5 --lr 1e-3"
+    rc = train("--data_dir {data} --out_dir {run} --progress False " + flags, data=data, run=run)
     assert rc == 0
     assert {
         "model000004.safetensors",
@@ -138,25 +114,8 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     } <= set(os.listdir(run))
     # sample: the model flags come from the checkpoint
     out = str(tmp_path / "samples")
-    rc = cli.main(
-        [
-            "sample",
-            "--model_path",
-            run,
-            "--num_samples",
-            "5",
-            "--batch_size",
-            "2",
-            "--timestep_respacing",
-            "4",
-            "--out_dir",
-            out,
-            "--trajectory",
-            "3",
-            "--progress",
-            "False",
-        ]
-    )
+    flags = "--num_samples 5 --batch_size 2 --timestep_respacing 4 --trajectory 3 --progress False"
+    rc = main("sample --model_path {run} --out_dir {out} " + flags, run=run, out=out)
     assert rc == 0
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         assert f["arr_0"].shape == (5, 8, 8, 1) and f["arr_0"].dtype == np.uint8 and "arr_1" not in f.files
@@ -165,28 +124,15 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     )
     # an existing output is an error, and the file is kept
     before = open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read()
-    assert cli.main(["sample", "--model_path", run, "--num_samples", "5", "--out_dir", out]) == 2
+    assert main("sample --model_path {run} --num_samples 5 --out_dir {out}", run=run, out=out) == 2
     assert "already exists" in capsys.readouterr().err
     assert open(os.path.join(out, "samples_5x8x8x1.npz"), "rb").read() == before
     # nll
     nll_out = str(tmp_path / "nll")
-    rc = cli.main(
-        [
-            "nll",
-            "--model_path",
-            os.path.join(run, "model000004.safetensors"),
-            "--data_dir",
-            data,
-            "--num_samples",
-            "6",
-            "--batch_size",
-            "4",
-            "--out_dir",
-            nll_out,
-            "--progress",
-            "False",
-        ]
-    )
+    model = os.path.join(run, "model000004.safetensors")
+    flags = "--num_samples 6 --batch_size 4 --progress False"
+    rc = main("nll --model_path {model} --data_dir {data} --out_dir {out} " + flags, model=model, data=data,
+              out=nll_out)  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
     result = json.loads(printed.strip().splitlines()[-1])
@@ -236,114 +182,54 @@ def test_reference_pt_checkpoint_with_flags(tmp_path):
     opt.step()
     torch.save(opt.state_dict(), os.path.join(os.path.dirname(pt), "opt000005.pt"))
     out = str(tmp_path / "s")
+    sample = "sample --model_path {pt} --num_samples 2 --out_dir {out}"
     assert (
-        cli.main(
-            [
-                "sample",
-                "--model_path",
-                pt,
-                *tiny_flags(),
-                "--num_samples",
-                "2",
-                "--timestep_respacing",
-                "2",
-                "--out_dir",
-                out,
-                "--progress",
-                "False",
-            ]
-        )
+        cli.main(argv(sample + " --timestep_respacing 2 --progress False", pt=pt, out=out) + tiny_flags())
         == 0
     )
     # without the flags the defaults do not fit: a clear error
-    assert (
-        cli.main(["sample", "--model_path", pt, "--num_samples", "2", "--out_dir", str(tmp_path / "s2")]) == 2
-    )
+    assert main(sample, pt=pt, out=str(tmp_path / "s2")) == 2
     data = write_npz(str(tmp_path / "d.npz"), n=16)
     run = str(tmp_path / "run")
-    assert (
-        cli.main(
-            [
-                "train",
-                "--data_dir",
-                data,
-                *tiny_flags(),
-                "--batch_size",
-                "8",
-                "--max_steps",
-                "6",
-                "--resume_checkpoint",
-                pt,
-                "--out_dir",
-                run,
-                "--progress",
-                "False",
-            ]
-        )
-        == 0
-    )
+    resume = "--data_dir {data} --batch_size 8 --max_steps 6 --resume_checkpoint {pt} --out_dir {run}"
+    assert train(resume + " --progress False", data=data, pt=pt, run=run) == 0
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 6  # continued from step 5
 
 
 def test_bad_input_errors_are_one_line(tmp_path, capsys):
     # one real process: exit status 2 and one line, no traceback
-    r = run_cli(
-        ["train", "--data_dir", str(tmp_path / "missing"), *tiny_flags(), "--out_dir", str(tmp_path / "o")]
-    )
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "o")
+    r = run_cli(argv("train --data_dir {missing} --out_dir {out}", missing=missing, out=out) + tiny_flags())
     assert r.returncode == 2 and "missing: no such file or folder" in r.stderr and "Traceback" not in r.stderr
     data = write_npz(str(tmp_path / "d.npz"), n=16)
     run = str(tmp_path / "run")
-    assert (
-        cli.main(
-            [
-                "train",
-                "--data_dir",
-                data,
-                *tiny_flags(),
-                "--batch_size",
-                "8",
-                "--max_steps",
-                "1",
-                "--out_dir",
-                run,
-                "--progress",
-                "False",
-            ]
-        )
-        == 0
-    )
+    assert train("--data_dir {data} --batch_size 8 --max_steps 1 --out_dir {run} --progress False", data=data,
+                 run=run) == 0  # fmt: skip
     capsys.readouterr()
 
-    def fails(argv, message):
-        assert cli.main(argv) == 2
+    def fails(words, message, **values):
+        args = argv(words, **values) + (tiny_flags() if words.startswith("train") else [])
+        assert cli.main(args) == 2
         assert message in capsys.readouterr().err
 
+    message = "learn_sigma=True in the checkpoint but False from the flags"
     fails(
-        ["sample", "--model_path", run, "--learn_sigma", "False", "--out_dir", str(tmp_path / "s")],
-        "learn_sigma=True in the checkpoint but False from the flags",
+        "sample --model_path {run} --learn_sigma False --out_dir {out}",
+        message,
+        run=run,
+        out=str(tmp_path / "s"),
     )
     assert not os.path.exists(tmp_path / "s")
     fails(
-        ["train", "--data_dir", data, *tiny_flags(), "--out_dir", run, "--max_steps", "2"],
+        "train --data_dir {data} --out_dir {run} --max_steps 2",
         "already holds a training run",
+        data=data,
+        run=run,
     )
-    fails(["sample", "--model_path", str(tmp_path / "nope.safetensors")], "no such checkpoint file")
-    fails(["sample"], "model_path: expected a checkpoint file")
-    fails(
-        [
-            "train",
-            "--data_dir",
-            data,
-            *tiny_flags(),
-            "--out_dir",
-            str(tmp_path / "o2"),
-            "--class_cond",
-            "True",
-            "--num_classes",
-            "2",
-        ],
-        "the data has 3 classes",
-    )
+    fails("sample --model_path {path}", "no such checkpoint file", path=str(tmp_path / "nope.safetensors"))
+    fails("sample", "model_path: expected a checkpoint file")
+    fails("train --data_dir {data} --out_dir {out} --class_cond True --num_classes 2",
+          "the data has 3 classes", data=data, out=str(tmp_path / "o2"))  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "nope"])
     assert "invalid choice" in capsys.readouterr().err

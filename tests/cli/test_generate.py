@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
-from helpers.training import tiny_config
+from helpers.training import main, tiny_config
 from iddpm_ext import dist_util
 from iddpm_ext.cli import generate as S
 from iddpm_ext.cli import images
@@ -205,7 +205,6 @@ def test_engine_choice():
 
 @pytest.mark.kernels
 def test_cli_sample_engine_flag(tmp_path, capsys):
-    from iddpm_ext.cli import app as cli
     from iddpm_ext.training import checkpoint as ckpt
 
     cfg = tiny_config(timestep_respacing="")
@@ -217,24 +216,16 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
     images = {}
     for engine, bs in (("eager", 2), ("eager", 3), ("loop", 3)):
         out = str(tmp_path / f"{engine}{bs}")
-        rc = cli.main(
-            [
-                "sample",
-                "--model_path",
-                weights,
-                "--num_samples",
-                "5",
-                "--batch_size",
-                str(bs),
-                "--timestep_respacing",
-                "4",
-                "--out_dir",
-                out,
-                "--engine",
-                engine,
-                "--progress",
-                "False",
-            ]
+        rc = main(
+            (
+                "sample --model_path {model_path} --num_samples 5 --batch_size "
+                "{batch_size} --timestep_respacing 4 --out_dir {out_dir} --engine "
+                "{engine} --progress False"
+            ),
+            model_path=weights,
+            batch_size=str(bs),
+            out_dir=out,
+            engine=engine,
         )
         assert rc == 0
         assert f"engine {engine}" in capsys.readouterr().out
@@ -243,18 +234,10 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
     assert np.array_equal(images["eager", 2], images["eager", 3])
     assert not np.array_equal(images["eager", 3], images["loop", 3])
     assert (
-        cli.main(
-            [
-                "sample",
-                "--model_path",
-                weights,
-                "--engine",
-                "graph",
-                "--device",
-                "cpu",
-                "--out_dir",
-                str(tmp_path / "g"),
-            ]
+        main(
+            ("sample --model_path {model_path} --engine graph --device cpu --out_dir {out_dir}"),
+            model_path=weights,
+            out_dir=str(tmp_path / "g"),
         )
         == 2
     )

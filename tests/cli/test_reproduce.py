@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iddpm_ext.cli import app as cli
+from helpers.training import main
 from iddpm_ext.cli import reproduce
 from iddpm_ext.evaluation import repro_report
 from iddpm_ext.evaluation.digits_classifier import (
@@ -25,7 +25,7 @@ from iddpm_ext.training.data import open_source
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("repro") / "out")
-    rc = cli.main(["reproduce", "--scale", "tiny", "--out", out, "--jobs", "1", "--threads", "1"])
+    rc = main("reproduce --scale tiny --out {out} --jobs 1 --threads 1", out=out)
     assert rc == 0
     with open(os.path.join(out, "results.json")) as f:
         return out, json.load(f)
@@ -70,48 +70,29 @@ def test_run_folders_are_iddpm_nll_and_sample_inputs(tiny_run, tmp_path, capsys)
     """The reproduction's NLL and samples are what ``iddpm nll`` / ``iddpm sample`` give."""
     out, res = tiny_run
     s, run = res["settings"], "hybrid_cosine"
-    rc = cli.main(
-        [
-            "nll",
-            "--model_path",
-            os.path.join(out, run),
-            "--data_dir",
-            "digits",
-            "--split",
-            "test",
-            "--num_samples",
-            str(s["nll_images"]),
-            "--batch_size",
-            str(s["nll_images"]),
-            "--seed",
-            "0",
-            "--out_dir",
-            str(tmp_path / "nll"),
-            "--progress",
-            "False",
-        ]
+    rc = main(
+        (
+            "nll --model_path {model_path} --data_dir digits --split test "
+            "--num_samples {num_samples} --batch_size {batch_size} --seed 0 "
+            "--out_dir {out_dir} --progress False"
+        ),
+        model_path=os.path.join(out, run),
+        num_samples=str(s["nll_images"]),
+        batch_size=str(s["nll_images"]),
+        out_dir=str(tmp_path / "nll"),
     )
     assert rc == 0
     bpd = np.load(tmp_path / "nll" / "bpd.npz")["total_bpd"]
     assert float(bpd.mean()) == pytest.approx(res["runs"][run]["nll"]["bpd"], rel=1e-6)
-    rc = cli.main(
-        [
-            "sample",
-            "--model_path",
-            os.path.join(out, run),
-            "--num_samples",
-            str(s["num_samples"]),
-            "--batch_size",
-            "5",
-            "--timestep_respacing",
-            "10",
-            "--seed",
-            "0",
-            "--out_dir",
-            str(tmp_path / "s"),
-            "--progress",
-            "False",
-        ]
+    rc = main(
+        (
+            "sample --model_path {model_path} --num_samples {num_samples} "
+            "--batch_size 5 --timestep_respacing 10 --seed 0 --out_dir {out_dir} "
+            "--progress False"
+        ),
+        model_path=os.path.join(out, run),
+        num_samples=str(s["num_samples"]),
+        out_dir=str(tmp_path / "s"),
     )
     assert rc == 0
     with (
@@ -147,16 +128,14 @@ def test_settings_and_cli_errors(tmp_path, capsys):
         reproduce.scale_settings("huge")
     s = reproduce.scale_settings("default")
     assert s["sample_steps"] == [1000, 100, 50, 25] and s["nll_images"] == 297 and len(s["runs"]) == 5
-    rc = cli.main(["reproduce", "--scale", "tiny", "--runs", "simple_cosine,bogus", "--out", str(tmp_path)])
+    rc = main("reproduce --scale tiny --runs simple_cosine,bogus --out {out}", out=str(tmp_path))
     err = capsys.readouterr().err
     assert rc == 2 and "iddpm: error: runs: expected names from" in err and "Traceback" not in err
-    rc = cli.main(["reproduce", "--scale", "tiny", "--sample_steps", "10,x", "--out", str(tmp_path)])
+    rc = main("reproduce --scale tiny --sample_steps 10,x --out {out}", out=str(tmp_path))
     assert rc == 2 and "sample_steps: expected comma-separated ints" in capsys.readouterr().err
     (tmp_path / "simple_cosine").mkdir()  # a folder that is not ours is never deleted
     (tmp_path / "simple_cosine" / "notes.txt").write_text("keep me")
-    rc = cli.main(
-        ["reproduce", "--scale", "tiny", "--runs", "simple_cosine", "--jobs", "1", "--out", str(tmp_path)]
-    )
+    rc = main("reproduce --scale tiny --runs simple_cosine --jobs 1 --out {out}", out=str(tmp_path))
     assert rc == 2 and "is not a reproduction run folder" in capsys.readouterr().err
     assert (tmp_path / "simple_cosine" / "notes.txt").read_text() == "keep me"
 

@@ -15,85 +15,33 @@ from iddpm_ext.image_datasets import load_data
 from iddpm_ext.training.data import DataError
 
 # The names the reference's scripts (image_train/image_sample/image_nll/super_res_*) and
-# notebooks import from each of its modules.
+# notebooks import from each of its modules (a table, laid out by hand).
+# fmt: off
 REFERENCE_NAMES = {
-    "gaussian_diffusion": [
-        "GaussianDiffusion",
-        "get_named_beta_schedule",
-        "betas_for_alpha_bar",
-        "ModelMeanType",
-        "ModelVarType",
-        "LossType",
-        "_extract_into_tensor",
-    ],
+    "gaussian_diffusion": ["GaussianDiffusion", "get_named_beta_schedule", "betas_for_alpha_bar",
+                           "ModelMeanType", "ModelVarType", "LossType", "_extract_into_tensor"],
     "respace": ["SpacedDiffusion", "space_timesteps"],
-    "resample": [
-        "create_named_schedule_sampler",
-        "ScheduleSampler",
-        "UniformSampler",
-        "LossAwareSampler",
-        "LossSecondMomentResampler",
-    ],
+    "resample": ["create_named_schedule_sampler", "ScheduleSampler", "UniformSampler", "LossAwareSampler",
+                 "LossSecondMomentResampler"],
     "losses": ["normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood"],
-    "nn": [
-        "SiLU",
-        "GroupNorm32",
-        "conv_nd",
-        "linear",
-        "avg_pool_nd",
-        "update_ema",
-        "zero_module",
-        "scale_module",
-        "mean_flat",
-        "normalization",
-        "timestep_embedding",
-        "checkpoint",
-    ],
-    "unet": [
-        "UNetModel",
-        "SuperResModel",
-        "AttentionBlock",
-        "ResBlock",
-        "QKVAttention",
-        "Upsample",
-        "Downsample",
-        "TimestepBlock",
-        "TimestepEmbedSequential",
-    ],
-    "script_util": [
-        "model_and_diffusion_defaults",
-        "create_model_and_diffusion",
-        "create_model",
-        "create_gaussian_diffusion",
-        "sr_model_and_diffusion_defaults",
-        "sr_create_model_and_diffusion",
-        "sr_create_model",
-        "add_dict_to_argparser",
-        "args_to_dict",
-        "str2bool",
-        "NUM_CLASSES",
-    ],
+    "nn": ["SiLU", "GroupNorm32", "conv_nd", "linear", "avg_pool_nd", "update_ema", "zero_module",
+           "scale_module", "mean_flat", "normalization", "timestep_embedding", "checkpoint"],
+    "unet": ["UNetModel", "SuperResModel", "AttentionBlock", "ResBlock", "QKVAttention", "Upsample",
+             "Downsample", "TimestepBlock", "TimestepEmbedSequential"],
+    "script_util": ["model_and_diffusion_defaults", "create_model_and_diffusion", "create_model",
+                    "create_gaussian_diffusion", "sr_model_and_diffusion_defaults",
+                    "sr_create_model_and_diffusion", "sr_create_model", "add_dict_to_argparser",
+                    "args_to_dict", "str2bool", "NUM_CLASSES"],
     "dist_util": ["setup_dist", "dev", "load_state_dict", "sync_params"],
-    "fp16_util": [
-        "convert_module_to_f16",
-        "convert_module_to_f32",
-        "make_master_params",
-        "model_grads_to_master_grads",
-        "master_params_to_model_params",
-        "unflatten_master_params",
-        "zero_grad",
-    ],
+    "fp16_util": ["convert_module_to_f16", "convert_module_to_f32", "make_master_params",
+                  "model_grads_to_master_grads", "master_params_to_model_params", "unflatten_master_params",
+                  "zero_grad"],
     "image_datasets": ["load_data"],
     "logger": ["configure", "log", "logkv", "logkv_mean", "dumpkvs", "get_dir", "reset"],
-    "train_util": [
-        "TrainLoop",
-        "parse_resume_step_from_filename",
-        "get_blob_logdir",
-        "find_resume_checkpoint",
-        "find_ema_checkpoint",
-        "log_loss_dict",
-    ],
+    "train_util": ["TrainLoop", "parse_resume_step_from_filename", "get_blob_logdir",
+                   "find_resume_checkpoint", "find_ema_checkpoint", "log_loss_dict"],
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("module", sorted(REFERENCE_NAMES))
@@ -309,23 +257,13 @@ def test_reference_style_training_script(tmp_path):
         image_channels=1,
     )
     with logger.scoped_configure(dir=str(tmp_path / "run"), format_strs=[]):
-        loop = train_util.TrainLoop(
-            model=model,
-            diffusion=diffusion,
-            data=data,
-            batch_size=4,
-            microbatch=-1,
-            lr=1e-3,
-            ema_rate="0.9999",
-            log_interval=1,
-            save_interval=2,
-            resume_checkpoint="",
-            schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
-            weight_decay=0.0,
-            lr_anneal_steps=2,
-            progress=False,
-            log=lambda *a: None,
-        )  # saves to the logger's folder
+        # saves to the logger's folder
+        loop = train_util.TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=4, microbatch=-1,
+                                    lr=1e-3, ema_rate="0.9999", log_interval=1, save_interval=2,
+                                    resume_checkpoint="",
+                                    schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
+                                    weight_decay=0.0, lr_anneal_steps=2, progress=False,
+                                    log=lambda *a: None)  # fmt: skip
     loop.run_loop()
     assert loop.step == 2
     assert np.isfinite([p.detach().sum().item() for p in model.parameters()]).all()

@@ -42,39 +42,19 @@ def _ref():
     return unet, su
 
 
+# Model configurations, laid out by hand.
+# fmt: off
 CONFIGS = {
-    "plain": dict(
-        in_channels=3,
-        model_channels=32,
-        out_channels=3,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-    ),
+    "plain": dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                  attention_resolutions=(2,), channel_mult=(1, 2)),
     "class_cond_scale_shift_4_heads": dict(
-        in_channels=3,
-        model_channels=64,
-        out_channels=6,
-        num_res_blocks=2,
-        attention_resolutions=(1, 4),
-        channel_mult=(1, 2, 2),
-        num_classes=10,
-        num_heads=4,
-        num_heads_upsample=2,
-        use_scale_shift_norm=True,
-        dropout=0.1,
-    ),
-    "dims1": dict(
-        in_channels=2,
-        model_channels=32,
-        out_channels=2,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        dims=1,
-        num_heads=2,
-    ),
+        in_channels=3, model_channels=64, out_channels=6, num_res_blocks=2,
+        attention_resolutions=(1, 4), channel_mult=(1, 2, 2), num_classes=10, num_heads=4,
+        num_heads_upsample=2, use_scale_shift_norm=True, dropout=0.1),
+    "dims1": dict(in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
+                  attention_resolutions=(2,), channel_mult=(1, 2), dims=1, num_heads=2),
 }
+# fmt: on
 MAX_DIFF = {}
 
 
@@ -85,6 +65,15 @@ def _inputs(kw, n=2):
     t = torch.randint(0, 1000, (n,), generator=gen)
     y = torch.randint(0, kw["num_classes"], (n,), generator=gen) if "num_classes" in kw else None
     return x, t, y
+
+
+def _assert_same_gradients(ref, ours, expected, got):
+    """The reference's and our parameters get the same gradients of _loss."""
+    _loss(expected).backward()
+    _loss(got).backward()
+    ref_grads = dict(ref.named_parameters())
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-4, msg=k)
 
 
 def _loss(out):
@@ -110,27 +99,15 @@ def test_reference_checkpoint_loads_and_matches(name):
     print(f"\n{name}: max |ours - reference| = {diff:.3g} (output max {expected.abs().max():.3g})")
     assert diff <= 1e-4
 
-    _loss(expected).backward()
-    _loss(got).backward()
-    ref_grads = dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-4, msg=k)
+    _assert_same_gradients(ref, ours, expected, got)
 
 
 def test_reference_create_model_cifar10_and_feature_vectors():
     ref_unet, ref_su = _ref()
     if ref_su is None:
         pytest.skip("the reference's script_util did not import")
-    args = dict(
-        learn_sigma=True,
-        class_cond=True,
-        use_checkpoint=False,
-        attention_resolutions="16,8",
-        num_heads=4,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=True,
-        dropout=0.0,
-    )
+    args = dict(learn_sigma=True, class_cond=True, use_checkpoint=False, attention_resolutions="16,8",
+                num_heads=4, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0)  # fmt: skip
     ref = ref_su.create_model(32, 64, 1, **args)
     ours = script_util.create_model(32, 64, 1, **args)
     ours.load_state_dict(randomize_(ref, seed=9).state_dict(), strict=True)
@@ -150,15 +127,7 @@ def test_reference_create_model_cifar10_and_feature_vectors():
 
 def test_reference_super_res_and_checkpointing():
     ref_unet, _ = _ref()
-    kw = dict(
-        in_channels=3,
-        model_channels=32,
-        out_channels=3,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        use_checkpoint=True,
-    )
+    kw = {**CONFIGS["plain"], "use_checkpoint": True}
     ref = randomize_(ref_unet.SuperResModel(**kw), seed=2)
     ours = SuperResModel(**kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -168,8 +137,4 @@ def test_reference_super_res_and_checkpointing():
     diff = (got - expected).abs().max().item()
     MAX_DIFF["super_res_checkpoint"] = diff
     assert diff <= 1e-4
-    _loss(expected).backward()
-    _loss(got).backward()
-    ref_grads = dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[k].grad, rtol=1e-4, atol=1e-4, msg=k)
+    _assert_same_gradients(ref, ours, expected, got)

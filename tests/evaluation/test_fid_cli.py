@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.training import argv
 from iddpm_ext.cli import app as cli
 from iddpm_ext.evaluation import evaluate
 
@@ -30,8 +31,8 @@ def npzs(tmp_path_factory):
     return {k: str(d / f"{k}.npz") for k in ("ref", "samples", "float", "junk")}
 
 
-def _run(argv, capsys):
-    rc = cli.main(argv)
+def _run(args, capsys):
+    rc = cli.main(args)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return rc, out, err
@@ -39,22 +40,18 @@ def _run(argv, capsys):
 
 def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, npzs, capsys):
     cache, js = tmp_path / "cache", tmp_path / "fid.json"
-    argv = [
-        "fid",
-        npzs["ref"],
-        npzs["samples"],
-        "--inception",
-        weights,
-        "--batch_size",
-        "4",
-        "--cache_dir",
-        str(cache),
-        "--device",
-        "cpu",
-        "--json",
-        str(js),
-    ]
-    rc, out, _ = _run(argv, capsys)
+    args = argv(
+        (
+            "fid {ref} {samples} --inception {inception} --batch_size 4 --cache_dir "
+            "{cache_dir} --device cpu --json {json}"
+        ),
+        ref=npzs["ref"],
+        samples=npzs["samples"],
+        inception=weights,
+        cache_dir=str(cache),
+        json=str(js),
+    )
+    rc, out, _ = _run(args, capsys)
     assert rc == 0
     assert "FID" in out and "Inception Score" in out and "precision" in out and "recall" in out
     assert "computed and cached" in out
@@ -70,7 +67,7 @@ def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, np
 
 
 def test_fid_command_bad_weights_are_clear_errors(tmp_path, npzs, capsys):
-    base = ["fid", npzs["ref"], npzs["samples"], "--no_cache", "--inception"]
+    base = argv("fid {ref} {samples} --no_cache --inception", ref=npzs["ref"], samples=npzs["samples"])
     rc, _, err = _run(base + [str(tmp_path / "missing.pth")], capsys)
     assert rc == 2 and "iddpm: error: inception: no such file" in err and "nothing is downloaded" in err
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")  # a state dict of another network
@@ -85,7 +82,7 @@ def test_fid_command_bad_weights_are_clear_errors(tmp_path, npzs, capsys):
 
 
 def test_fid_command_bad_inputs_are_clear_errors(tmp_path, weights, npzs, capsys):
-    tail = ["--inception", weights, "--no_cache"]
+    tail = argv("--inception {inception} --no_cache", inception=weights)
     rc, _, err = _run(["fid", str(tmp_path / "nope.npz"), npzs["samples"], *tail], capsys)
     assert rc == 2 and "ref: no such file" in err
     rc, _, err = _run(["fid", npzs["ref"], str(tmp_path / "nope.npz"), *tail], capsys)

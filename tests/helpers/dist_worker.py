@@ -38,23 +38,11 @@ def main(out_dir):
     model, diffusion = create_model_and_diffusion(**cfg)
     images, labels = blob_images(64, 8, 1)
     data = BatchStream(ArraySource(images, labels), 4, rank=rank, world=world, seed=0)
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=4,
-        microbatch=2,
-        lr=1e-3,
-        ema_rate="0.9",
-        log_interval=2,
-        save_interval=3,
-        resume_checkpoint="",
-        schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
-        config=cfg,
-        out_dir=os.path.join(out_dir, "run"),
-        max_steps=6,
-        progress=False,
-    )
+    loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=4, microbatch=2, lr=1e-3,
+                     ema_rate="0.9", log_interval=2, save_interval=3, resume_checkpoint="",
+                     schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
+                     config=cfg, out_dir=os.path.join(out_dir, "run"), max_steps=6,
+                     progress=False)  # fmt: skip
     start = [p.detach().clone() for p in loop.params]
     loop.run_loop()
     params = gather_flat(loop.params)

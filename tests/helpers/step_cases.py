@@ -14,6 +14,7 @@ from iddpm_ext import (
     ModelVarType,
     SpacedDiffusion,
     get_named_beta_schedule,
+    ops,
     space_timesteps,
 )
 
@@ -96,3 +97,12 @@ def noise_probe(d_steps=100, shape=(4, 3, 8, 8), t_value=5, device="cpu", x_dtyp
     mo = torch.zeros((B, 2 * C, *shape[2:]), device=device, dtype=x_dtype)
     t = torch.full((B,), t_value, device=device, dtype=torch.long)
     return d, x, mo, t
+
+
+def probe_noise(d, x, mo, t, **kwargs):
+    """The noise the kernel drew for the arguments of :func:`noise_probe`: the sample of a step
+    whose output is 1·z (``kwargs``: noise source, generator, sample_index)."""
+    table = d.coef_table(x.device)
+    sample, _ = ops.p_sample_step(x, mo, t, table, d.model_mean_type, d.model_var_type, clip_denoised=False,
+                                  return_pred_xstart=False, **kwargs)  # fmt: skip
+    return sample

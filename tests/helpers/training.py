@@ -28,6 +28,26 @@ TINY = dict(
 )
 
 
+def argv(template: str, **values) -> list:
+    """Command-line words: the template split at spaces, then each word formatted with
+    ``values`` (so values may hold spaces): argv("train --out_dir {out}", out=d)."""
+    return [word.format(**values) for word in template.split()]
+
+
+def main(template: str, **values) -> int:
+    """``iddpm`` in this process: the exit status of iddpm_ext.cli.main(argv(template, **values))."""
+    from iddpm_ext.cli import main as cli_main
+
+    return cli_main(argv(template, **values))
+
+
+def train(template: str, **values) -> int:
+    """``iddpm train`` of the tiny model in this process: main("train " + template) with TINY's flags."""
+    from iddpm_ext.cli import main as cli_main
+
+    return cli_main(argv("train " + template, **values) + tiny_flags())
+
+
 def tiny_flags(**overrides) -> list:
     """TINY (with overrides) as command-line flags."""
     cfg = {**TINY, **overrides}

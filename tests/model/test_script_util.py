@@ -12,44 +12,23 @@ from iddpm_ext import SpacedDiffusion, SuperResModel, UNetModel, script_util
 from iddpm_ext.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
 
 # improved-diffusion's model_and_diffusion_defaults(), as published (README / script_util.py).
+# A table, laid out by hand.
+# fmt: off
 REFERENCE_DEFAULTS = dict(
-    image_size=64,
-    num_channels=128,
-    num_res_blocks=2,
-    num_heads=4,
-    num_heads_upsample=-1,
-    attention_resolutions="16,8",
-    dropout=0.0,
-    learn_sigma=False,
-    sigma_small=False,
-    class_cond=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    timestep_respacing="",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=True,
-    rescale_learned_sigmas=True,
-    use_checkpoint=False,
-    use_scale_shift_norm=True,
+    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+    attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
+    class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
+    use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
+    use_checkpoint=False, use_scale_shift_norm=True,
 )
+# fmt: on
 
 
 def _small(**overrides):
     """create_model arguments for a small model (32 channels, 1 res block)."""
-    kw = dict(
-        image_size=32,
-        num_channels=32,
-        num_res_blocks=1,
-        learn_sigma=False,
-        class_cond=False,
-        use_checkpoint=False,
-        attention_resolutions="16,8",
-        num_heads=4,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=True,
-        dropout=0.0,
-    )
+    kw = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=False,
+              class_cond=False, use_checkpoint=False, attention_resolutions="16,8", num_heads=4,
+              num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0)  # fmt: skip
     kw.update(overrides)
     return kw
 

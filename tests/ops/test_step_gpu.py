@@ -9,13 +9,26 @@ import torch
 
 import iddpm_ext.ops as ops
 from helpers.oracles import max_err, philox_normals, reference_step64
-from helpers.step_cases import assert_parity, make_diffusion, make_inputs, noise_probe, run_step
+from helpers.step_cases import assert_parity, make_diffusion, make_inputs, noise_probe, probe_noise, run_step
 from iddpm_ext import ModelMeanType, ModelVarType
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 T_MIXED = torch.tensor([0, 1, 57, 99])
+
+
+def _capture(fn):
+    """fn warmed up on a side stream, then captured: (graph, fn's static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
 
 
 def _cuda(*tensors):
@@ -107,36 +120,21 @@ def test_cuda_low_precision_error_at_most_twice_eager(rule):
             assert max_err(fused[key], ref[key]) <= 2 * eager_err + 1e-6, (dtype, key)
 
 
-def _probe(d, x, mo, t, **kwargs):
-    sample, _ = ops.p_sample_step(
-        x,
-        mo,
-        t,
-        d.coef_table(x.device),
-        d.model_mean_type,
-        d.model_var_type,
-        clip_denoised=False,
-        return_pred_xstart=False,
-        **kwargs,
-    )
-    return sample
-
-
 def test_cuda_noise_is_philox_from_the_generator_state():
     d, x, mo, t = noise_probe(shape=(3, 2, 5, 7), device=DEV)
     n = x.numel()
     torch.cuda.manual_seed(1234)
-    first = _probe(d, x, mo, t).cpu().reshape(-1).numpy()
-    second = _probe(d, x, mo, t).cpu().reshape(-1).numpy()
+    first = probe_noise(d, x, mo, t).cpu().reshape(-1).numpy()
+    second = probe_noise(d, x, mo, t).cpu().reshape(-1).numpy()
     # seed 1234, offset 0 then 4 (one counter step per call); device math differs from
     # numpy's in the last bits only.
     np.testing.assert_allclose(first, philox_normals(1234, 0, n), rtol=5e-5, atol=5e-5)
     np.testing.assert_allclose(second, philox_normals(1234, 4, n), rtol=5e-5, atol=5e-5)
     g = torch.Generator(DEV).manual_seed(99)
-    mine = _probe(d, x, mo, t, generator=g).cpu().reshape(-1).numpy()
+    mine = probe_noise(d, x, mo, t, generator=g).cpu().reshape(-1).numpy()
     np.testing.assert_allclose(mine, philox_normals(99, 0, n), rtol=5e-5, atol=5e-5)
     g2 = torch.Generator(DEV).manual_seed(99)
-    assert np.array_equal(_probe(d, x, mo, t, generator=g2).cpu().reshape(-1).numpy(), mine)
+    assert np.array_equal(probe_noise(d, x, mo, t, generator=g2).cpu().reshape(-1).numpy(), mine)
 
 
 @pytest.mark.parametrize("case", ["vec", "vec_fp16", "odd_size", "channels_last", "flat"])
@@ -154,7 +152,7 @@ def test_cuda_per_sample_noise_does_not_depend_on_the_batch_split(case):
     def noise(items, index):
         g = torch.Generator(DEV).manual_seed(321)
         xi, moi = (v[items].contiguous(memory_format=fmt) for v in (x, mo))
-        return _probe(d, xi, moi, t[items], generator=g, sample_index=index)
+        return probe_noise(d, xi, moi, t[items], generator=g, sample_index=index)
 
     whole = noise(list(range(6)), None)
     for items in ([0, 1, 2], [3, 4, 5]):
@@ -196,14 +194,7 @@ def test_cuda_graph_replay_reads_new_sample_indices():
             sample_index=index,
         )[0]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = _capture(step)
     parts = []
     for first in (0, 3):
         index.copy_(torch.arange(first, first + 3))
@@ -211,7 +202,7 @@ def test_cuda_graph_replay_reads_new_sample_indices():
         graph.replay()
         parts.append(static.clone())
     torch.cuda.manual_seed(55)
-    whole = _probe(d, x, mo, t)
+    whole = probe_noise(d, x, mo, t)
     assert torch.equal(torch.cat(parts), whole)
 
 
@@ -228,14 +219,7 @@ def test_cuda_graph_capture_replays_like_eager_calls():
         )
         return a, pa, b
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        two_steps()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = two_steps()
+    graph, static = _capture(two_steps)
     torch.cuda.manual_seed(77)
     graph.replay()
     first = [v.clone() for v in static]
@@ -253,8 +237,8 @@ def test_cuda_graph_capture_replays_like_eager_calls():
 def test_cuda_noise_statistics():
     d, x, mo, t = noise_probe(shape=(64, 3, 32, 32), device=DEV)
     g = torch.Generator(DEV).manual_seed(4242)
-    z1 = _probe(d, x, mo, t, generator=g).double()
-    z2 = _probe(d, x, mo, t, generator=g).double()
+    z1 = probe_noise(d, x, mo, t, generator=g).double()
+    z2 = probe_noise(d, x, mo, t, generator=g).double()
     flat = z1.reshape(-1)
     n = flat.numel()
     se = 1 / n**0.5

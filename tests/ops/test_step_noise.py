@@ -7,25 +7,9 @@ import torch
 
 import iddpm_ext.ops as ops
 from helpers.oracles import cpu_generator_key, philox4x32_10, philox_normals
-from helpers.step_cases import make_diffusion, noise_probe
+from helpers.step_cases import make_diffusion, noise_probe, probe_noise
 
 pytestmark = pytest.mark.kernels
-
-
-def _probe_noise(d, x, mo, t, **kwargs):
-    """The noise the kernel drew: the sample of a step whose output is 1·z."""
-    sample, _ = ops.p_sample_step(
-        x,
-        mo,
-        t,
-        d.coef_table(x.device),
-        d.model_mean_type,
-        d.model_var_type,
-        clip_denoised=False,
-        return_pred_xstart=False,
-        **kwargs,
-    )
-    return sample
 
 
 def test_numpy_philox_matches_random123_known_answers():
@@ -49,7 +33,7 @@ def test_kernel_noise_is_philox_box_muller_keyed_by_the_generator(x_dtype):
     d, x, mo, t = noise_probe(shape=(3, 2, 5, 7), x_dtype=x_dtype)
     g = torch.Generator().manual_seed(2024)
     key = cpu_generator_key(g)
-    z = _probe_noise(d, x, mo, t, generator=g)
+    z = probe_noise(d, x, mo, t, generator=g)
     expected = torch.from_numpy(philox_normals(key, 0, z.numel())).view(z.shape).to(x_dtype)
     tol = 2e-5 if x_dtype == torch.float32 else 1e-2
     torch.testing.assert_close(z, expected, rtol=tol, atol=tol)
@@ -65,7 +49,7 @@ def test_noise_follows_memory_order_for_channels_last():
     g = torch.Generator().manual_seed(7)
     key = cpu_generator_key(g)
     cl = torch.channels_last
-    z = _probe_noise(d, x.to(memory_format=cl), mo.to(memory_format=cl), t, generator=g)
+    z = probe_noise(d, x.to(memory_format=cl), mo.to(memory_format=cl), t, generator=g)
     assert z.is_contiguous(memory_format=cl)
     expected = philox_normals(key, 0, z.numel())
     got = z.permute(0, 2, 3, 1).reshape(-1).numpy()  # memory order: b, h, w, c
@@ -76,22 +60,22 @@ def test_default_generator_and_reproducibility():
     d, x, mo, t = noise_probe()
     torch.manual_seed(5)
     key = cpu_generator_key(torch.default_generator)
-    a = _probe_noise(d, x, mo, t)
-    b = _probe_noise(d, x, mo, t)
+    a = probe_noise(d, x, mo, t)
+    b = probe_noise(d, x, mo, t)
     torch.manual_seed(5)
-    a2 = _probe_noise(d, x, mo, t)
+    a2 = probe_noise(d, x, mo, t)
     assert torch.equal(a, a2)
     assert not torch.equal(a, b)
     np.testing.assert_allclose(a.reshape(-1).numpy(), philox_normals(key, 0, a.numel()), rtol=2e-5, atol=2e-5)
     g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (9, 9, 10))
-    n1, n2, n3 = (_probe_noise(d, x, mo, t, generator=g) for g in (g1, g2, g3))
+    n1, n2, n3 = (probe_noise(d, x, mo, t, generator=g) for g in (g1, g2, g3))
     assert torch.equal(n1, n2) and not torch.equal(n1, n3)
 
 
 def test_no_noise_where_t_is_zero():
     d, x, mo, t = noise_probe(shape=(4, 3, 4, 4))
     t = torch.tensor([0, 4, 0, 9])
-    z = _probe_noise(d, x, mo, t, generator=torch.Generator().manual_seed(1))
+    z = probe_noise(d, x, mo, t, generator=torch.Generator().manual_seed(1))
     assert torch.equal(z[0], torch.zeros_like(z[0])) and torch.equal(z[2], z[0])
     assert (z[1] != 0).all() and (z[3] != 0).all()
 
@@ -105,8 +89,8 @@ def _corr(a, b):
 def test_noise_statistics():
     d, x, mo, t = noise_probe(shape=(64, 3, 32, 32))
     g = torch.Generator().manual_seed(31337)
-    z1 = _probe_noise(d, x, mo, t, generator=g)
-    z2 = _probe_noise(d, x, mo, t, generator=g)  # the next step
+    z1 = probe_noise(d, x, mo, t, generator=g)
+    z2 = probe_noise(d, x, mo, t, generator=g)  # the next step
     n = z1.numel()
     se = 1 / n**0.5
     flat = z1.reshape(-1).double()
@@ -213,31 +197,31 @@ def test_kernel_noise_of_a_sample_is_its_run_of_the_philox_sequence():
     index = torch.tensor([7, 0, 2**40 + 3])
     g = torch.Generator().manual_seed(77)
     key = cpu_generator_key(g)
-    z = _probe_noise(d, x, mo, t, generator=g, sample_index=index)
+    z = probe_noise(d, x, mo, t, generator=g, sample_index=index)
     for b, n in enumerate(index.tolist()):
         expected = philox_normals(key, 0, L, first=n * L)
         np.testing.assert_allclose(z[b].reshape(-1).numpy(), expected, rtol=2e-5, atol=2e-5)
     g = torch.Generator().manual_seed(77)
     small = torch.tensor([7, 0, 3])
-    z_small = _probe_noise(d, x, mo, t, generator=g, sample_index=small)
+    z_small = probe_noise(d, x, mo, t, generator=g, sample_index=small)
     assert torch.equal(z_small[:2], z[:2])
     g = torch.Generator().manual_seed(77)
-    assert torch.equal(_probe_noise(d, x, mo, t, generator=g, sample_index=small.int()), z_small)
+    assert torch.equal(probe_noise(d, x, mo, t, generator=g, sample_index=small.int()), z_small)
     g = torch.Generator().manual_seed(77)
-    plain = _probe_noise(d, x, mo, t, generator=g)
+    plain = probe_noise(d, x, mo, t, generator=g)
     g = torch.Generator().manual_seed(77)
-    assert torch.equal(_probe_noise(d, x, mo, t, generator=g, sample_index=torch.arange(3)), plain)
+    assert torch.equal(probe_noise(d, x, mo, t, generator=g, sample_index=torch.arange(3)), plain)
 
 
 def test_sample_index_is_unused_with_explicit_noise_and_checked():
     d, x, mo, t = noise_probe(shape=(2, 3, 4, 4))
     noise = torch.randn(x.shape)
-    a = _probe_noise(d, x, mo, t, noise=noise)
-    b = _probe_noise(d, x, mo, t, noise=noise, sample_index=torch.tensor([9, 4]))
+    a = probe_noise(d, x, mo, t, noise=noise)
+    b = probe_noise(d, x, mo, t, noise=noise, sample_index=torch.tensor([9, 4]))
     assert torch.equal(a, b) and torch.equal(a, noise)
     with pytest.raises(ValueError, match=r"^sample_index: expected shape \[2\] \(one global"):
-        _probe_noise(d, x, mo, t, sample_index=torch.arange(3))
+        probe_noise(d, x, mo, t, sample_index=torch.arange(3))
     with pytest.raises(ValueError, match=r"^sample_index: expected an integer tensor"):
-        _probe_noise(d, x, mo, t, sample_index=torch.zeros(2))
+        probe_noise(d, x, mo, t, sample_index=torch.zeros(2))
     with pytest.raises(ValueError, match=r"^sample_index: expected None, an int"):
-        _probe_noise(d, x, mo, t, sample_index=1.5)
+        probe_noise(d, x, mo, t, sample_index=1.5)

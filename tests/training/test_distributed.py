@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
-from helpers.training import REPO, tiny_config, tiny_flags, write_npz
+from helpers.training import REPO, argv, main, tiny_config, tiny_flags, write_npz
 from iddpm_ext.cli import generate as S
 from iddpm_ext.script_util import create_model_and_diffusion
 
@@ -60,68 +60,43 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
     _torchrun(
-        [
-            "-m",
-            "iddpm_ext",
-            "train",
-            "--data_dir",
-            data,
-            *tiny_flags(),
-            "--batch_size",
-            "4",
-            "--max_steps",
-            "2",
-            "--out_dir",
-            run,
-            "--progress",
-            "False",
-        ]
+        argv(
+            (
+                "-m iddpm_ext train --data_dir {data_dir} --batch_size 4 --max_steps 2 "
+                "--out_dir {out_dir} --progress False"
+            ),
+            data_dir=data,
+            out_dir=run,
+        )
+        + tiny_flags()
     )
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 2
     out = str(tmp_path / "s")
     r = _torchrun(
-        [
-            "-m",
-            "iddpm_ext",
-            "sample",
-            "--model_path",
-            run,
-            "--num_samples",
-            "5",
-            "--batch_size",
-            "2",
-            "--timestep_respacing",
-            "3",
-            "--out_dir",
-            out,
-            "--progress",
-            "False",
-        ]
+        argv(
+            (
+                "-m iddpm_ext sample --model_path {model_path} --num_samples 5 "
+                "--batch_size 2 --timestep_respacing 3 --out_dir {out_dir} --progress "
+                "False"
+            ),
+            model_path=run,
+            out_dir=out,
+        )
     )
     assert "2 process(es)" in r.stdout
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         two = f["arr_0"]
     assert two.shape == (5, 8, 8, 1) and len({i.tobytes() for i in two}) == 5
-    from iddpm_ext.cli import app as cli
 
     one_out = str(tmp_path / "one")
     assert (
-        cli.main(
-            [
-                "sample",
-                "--model_path",
-                run,
-                "--num_samples",
-                "5",
-                "--batch_size",
-                "5",
-                "--timestep_respacing",
-                "3",
-                "--out_dir",
-                one_out,
-                "--progress",
-                "False",
-            ]
+        main(
+            (
+                "sample --model_path {model_path} --num_samples 5 --batch_size 5 "
+                "--timestep_respacing 3 --out_dir {out_dir} --progress False"
+            ),
+            model_path=run,
+            out_dir=one_out,
         )
         == 0
     )
@@ -129,23 +104,15 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
         assert np.array_equal(f["arr_0"], two)
     nll = str(tmp_path / "nll")
     r = _torchrun(
-        [
-            "-m",
-            "iddpm_ext",
-            "nll",
-            "--model_path",
-            run,
-            "--data_dir",
-            data,
-            "--num_samples",
-            "5",
-            "--batch_size",
-            "2",
-            "--out_dir",
-            nll,
-            "--progress",
-            "False",
-        ]
+        argv(
+            (
+                "-m iddpm_ext nll --model_path {model_path} --data_dir {data_dir} "
+                "--num_samples 5 --batch_size 2 --out_dir {out_dir} --progress False"
+            ),
+            model_path=run,
+            data_dir=data,
+            out_dir=nll,
+        )
     )
     assert json.loads(r.stdout.strip().splitlines()[-1])["num_images"] == 5
     with np.load(os.path.join(nll, "bpd.npz")) as f:

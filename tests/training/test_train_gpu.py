@@ -18,50 +18,22 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_training_steps(tmp_path, amp):
     cfg = tiny_config(dropout=0.1)
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**cfg)
-    model.cuda()
     images, labels = blob_images(64, 8, 1)
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=BatchStream(ArraySource(images, labels), 16),
-        batch_size=16,
-        microbatch=8,
-        lr=1e-3,
-        ema_rate="0.9",
-        log_interval=1,
-        save_interval=4,
-        resume_checkpoint="",
-        config=cfg,
-        out_dir=str(tmp_path),
-        amp=amp,
-        max_steps=4,
-        progress=False,
-    )
-    loop.run_loop()
+
+    def loop(resume: str, max_steps: int) -> TrainLoop:
+        model, diffusion = create_model_and_diffusion(**cfg)
+        data = BatchStream(ArraySource(images, labels), 16)
+        return TrainLoop(model=model.cuda(), diffusion=diffusion, data=data, batch_size=16, microbatch=8,
+                         lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=4, resume_checkpoint=resume,
+                         config=cfg, out_dir=str(tmp_path), amp=amp, max_steps=max_steps,
+                         progress=False)  # fmt: skip
+
+    torch.manual_seed(0)
+    loop(resume="", max_steps=4).run_loop()
     recs = read_jsonl(str(tmp_path / "progress.jsonl"))
     assert len(recs) == 4 and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
     # resume on the GPU restores the CUDA RNG state and continues
-    model2, diffusion2 = create_model_and_diffusion(**cfg)
-    model2.cuda()
-    loop2 = TrainLoop(
-        model=model2,
-        diffusion=diffusion2,
-        data=BatchStream(ArraySource(images, labels), 16),
-        batch_size=16,
-        microbatch=8,
-        lr=1e-3,
-        ema_rate="0.9",
-        log_interval=1,
-        save_interval=4,
-        resume_checkpoint=str(tmp_path),
-        config=cfg,
-        out_dir=str(tmp_path),
-        amp=amp,
-        max_steps=6,
-        progress=False,
-    )
+    loop2 = loop(resume=str(tmp_path), max_steps=6)
     assert loop2.step == 4
     loop2.run_loop()
     assert [r["step"] for r in read_jsonl(str(tmp_path / "progress.jsonl"))] == [1, 2, 3, 4, 5, 6]
