@@ -6,7 +6,6 @@ PyTorch and works without the compiled extension; the fused kernels live in
 """
 
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule
-from .engine import IDDPMScheduler, IDDPMSchedulerOutput, SamplingEngine
 from .errors import ExtensionUnavailableError, UnknownNameError
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
@@ -28,6 +27,25 @@ from .script_util import (
 )
 from .unet import SuperResModel, UNetModel
 from .version import __version__
+
+# Imported on first use (PEP 562): the low-latency sampling layer is not needed to import the
+# library, and leaving it out keeps `import iddpm_ext` short.
+_LAZY = {"SamplingEngine": ".engine", "IDDPMScheduler": ".engine", "IDDPMSchedulerOutput": ".engine"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ExtensionUnavailableError",

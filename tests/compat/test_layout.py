@@ -116,3 +116,14 @@ def test_every_module_imports():
         if name.endswith("__main__"):
             continue
         importlib.import_module(name)
+
+
+def test_import_leaves_the_sampling_engine_until_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, iddpm_ext; assert 'iddpm_ext.engine' not in sys.modules; "
+        "iddpm_ext.SamplingEngine; assert 'iddpm_ext.engine' in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
