@@ -37,7 +37,7 @@ def _load():
         )
         return
     try:
-        from .. import _C as mod  # noqa: PLC0415  (torch is imported above, as _C requires)
+        mod = importlib.import_module(_PACKAGE + "._C")  # torch is imported above, as _C requires
     except ImportError as exc:
         _LOAD_ERROR = (
             f"iddpm_ext._C failed to load ({exc}). This usually means it was built against a "
