@@ -202,25 +202,11 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
     model_kwargs = {} if labels is None else {"y": labels}
     T = diffusion.num_timesteps
     noise = _StepNoise(gens, x, T, zeros=use_ddim and eta == 0.0)
+    kwargs = dict(noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, step_noise=noise)
     if use_ddim:
-        steps = diffusion.ddim_sample_loop_progressive(
-            model,
-            tuple(x.shape),
-            noise=x,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            eta=eta,
-            step_noise=noise,
-        )
+        steps = diffusion.ddim_sample_loop_progressive(model, tuple(x.shape), eta=eta, **kwargs)
     else:
-        steps = diffusion.p_sample_loop_progressive(
-            model,
-            tuple(x.shape),
-            noise=x,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            step_noise=noise,
-        )
+        steps = diffusion.p_sample_loop_progressive(model, tuple(x.shape), **kwargs)
     frames = []
     for t_int, out in zip(range(T - 1, -1, -1), steps):
         x = out["sample"]

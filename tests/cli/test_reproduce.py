@@ -70,29 +70,17 @@ def test_run_folders_are_iddpm_nll_and_sample_inputs(tiny_run, tmp_path, capsys)
     """The reproduction's NLL and samples are what ``iddpm nll`` / ``iddpm sample`` give."""
     out, res = tiny_run
     s, run = res["settings"], "hybrid_cosine"
-    rc = main(
-        (
-            "nll --model_path {model_path} --data_dir digits --split test "
-            "--num_samples {num_samples} --batch_size {batch_size} --seed 0 "
-            "--out_dir {out_dir} --progress False"
-        ),
-        model_path=os.path.join(out, run),
-        num_samples=str(s["nll_images"]),
-        batch_size=str(s["nll_images"]),
-        out_dir=str(tmp_path / "nll"),
+    model, n = os.path.join(out, run), s["nll_images"]
+    nll = (
+        "nll --model_path {model} --data_dir digits --split test --num_samples {n} --batch_size {n} --seed 0"
     )
+    rc = main(nll + " --out_dir {out} --progress False", model=model, n=n, out=str(tmp_path / "nll"))
     assert rc == 0
     bpd = np.load(tmp_path / "nll" / "bpd.npz")["total_bpd"]
     assert float(bpd.mean()) == pytest.approx(res["runs"][run]["nll"]["bpd"], rel=1e-6)
+    sample = "sample --model_path {model} --num_samples {n} --batch_size 5 --timestep_respacing 10 --seed 0"
     rc = main(
-        (
-            "sample --model_path {model_path} --num_samples {num_samples} "
-            "--batch_size 5 --timestep_respacing 10 --seed 0 --out_dir {out_dir} "
-            "--progress False"
-        ),
-        model_path=os.path.join(out, run),
-        num_samples=str(s["num_samples"]),
-        out_dir=str(tmp_path / "s"),
+        sample + " --out_dir {out} --progress False", model=model, n=s["num_samples"], out=str(tmp_path / "s")
     )
     assert rc == 0
     with (
