@@ -21,7 +21,9 @@ BUILD_DEPS := scikit-build-core pybind11 ninja "cmake>=3.26" numpy
 RUN_DEPS := tqdm pillow safetensors
 # The digits demo's data set (scikit-learn ships it; no download): pyproject's [digits] extra.
 DEMO_DEPS := "scikit-learn>=1.2"
-TEST_DEPS := pytest hypothesis
+TEST_DEPS := pytest hypothesis pytest-xdist
+# Test processes (pytest-xdist; each runs torch with one thread): auto = one per CPU core.
+TEST_WORKERS ?= auto
 # Pinned: a formatter's output changes between versions.
 LINT_DEPS := ruff==0.17.6 clang-format==19.1.7
 
@@ -60,7 +62,8 @@ help:
 	@echo "make format - apply ruff format and clang-format"
 	@echo "make build  - install the project (editable) and build iddpm_ext._C"
 	@echo "make bench  - kernel microbenchmarks"
-	@echo "Variables: PYTHON=/path/to/python (skip .venv), TORCH_SPEC, IDDPM_EXT_CUDA=0|1, TORCH_CUDA_ARCH_LIST"
+	@echo "Variables: PYTHON=/path/to/python (skip .venv), TORCH_SPEC, IDDPM_EXT_CUDA=0|1, TORCH_CUDA_ARCH_LIST,"
+	@echo "           TEST_WORKERS=auto|N (pytest-xdist processes for make test; 0: in one process)"
 
 deps: $(DEPS_STAMP)
 
@@ -72,8 +75,8 @@ $(VENV)/.iddpm-deps: pyproject.toml Makefile
 
 build/.iddpm-deps-external: pyproject.toml Makefile
 	@mkdir -p build
-	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, tqdm, PIL, safetensors, \
-	  sklearn, ruff, clang_format" 2>/dev/null \
+	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, xdist, tqdm, PIL, \
+	  safetensors, sklearn, ruff, clang_format" 2>/dev/null \
 	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS) \
 	  $(LINT_DEPS)
 	@touch $@
@@ -85,7 +88,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(PY_MODULES)
 	@mkdir -p build && touch $@
 
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check .

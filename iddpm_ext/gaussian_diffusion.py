@@ -589,8 +589,26 @@ class GaussianDiffusion:
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
+    def bpd_terms(self, model, x_start, t, noise=None, clip_denoised=True, model_kwargs=None):
+        """Each item's term of the variational bound at its own timestep t, in bits per
+        dimension ([N]): the decoder NLL -log p(x_0 | x_1) where t == 0, else
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), at x_t ~ q(x_t | x_0) drawn with ``noise``
+        (default: fresh N(0, I)). :meth:`calc_bpd_loop`'s total is the sum of these over every t
+        plus :meth:`prior_bpd`; iddpm_ext.evaluation.likelihood estimates it from a few."""
+        check_x(x_start, "x_start")
+        self._check_t(t, x_start.shape[0])
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        check_same_shape(noise, "noise", x_start, "x_start")
+        x_t = self._q_sample(x_start, t, noise)
+        model_output = self._run_model(model, x_t, t, model_kwargs)
+        return self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised)["output"]
+
     def _prior_bpd(self, x_start):
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, [N]."""
+        return self.prior_bpd(x_start)
+
+    def prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, [N]: the bound's last term."""
         t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
         c = self._coefs(t, x_start.dim())
         qt_mean = c.sqrt_alphas_cumprod * x_start
@@ -640,7 +658,7 @@ class GaussianDiffusion:
         xstart_mse = torch.stack(xstart_mse, dim=1)
         mse = torch.stack(mse, dim=1)
 
-        prior_bpd = self._prior_bpd(x_start)
+        prior_bpd = self.prior_bpd(x_start)
         total_bpd = vb.sum(dim=1) + prior_bpd
         return {
             "total_bpd": total_bpd,

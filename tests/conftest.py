@@ -6,8 +6,16 @@ Markers (declared in pyproject.toml), skipped here where they cannot run:
 Shared helpers live in tests/helpers/ (importable as ``helpers``: pyproject's pythonpath).
 """
 
-import pytest
-import torch
+import os
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # parallel workers: one thread each (2 cores, 2 workers)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 
 def _skip_reasons() -> dict:
@@ -28,6 +36,16 @@ def pytest_collection_modifyitems(config, items):
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that sets torch's thread count (``--threads 1`` on a command line run in this
+    process) does not leave it set for the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

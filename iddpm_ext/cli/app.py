@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a digits model for this many steps instead of using the shipped checkpoint "
         "(toy: default 3000)",
     )
-    p.add_argument("--nll_images", type=int, default=None, help="held-out digits for bits/dim (default: 50)")
+    p.add_argument("--nll_images", type=int, default=None, help="held-out digits for bits/dim (default: 120)")
     p.add_argument("--num_samples", type=int, default=64, help="samples in the grid (default: 64)")
     p.add_argument("--sample_steps", type=int, default=100, help="respaced sampling steps (default: 100)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
