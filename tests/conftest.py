@@ -2,7 +2,8 @@
 
 Markers (declared in pyproject.toml), skipped here where they cannot run:
 - ``gpu``: needs a CUDA device and iddpm_ext._C built with CUDA (scripts/gpu_check.sh runs them);
-- ``kernels``: needs the compiled kernels iddpm_ext._C (``make build``).
+- ``kernels``: needs the compiled kernels iddpm_ext._C (``make build``);
+- ``slow``: the longest tests (about 5 s or more on 2 cores; ``-m "not slow"`` leaves them out).
 Shared helpers live in tests/helpers/ (importable as ``helpers``: pyproject's pythonpath).
 """
 

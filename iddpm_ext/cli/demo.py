@@ -99,13 +99,17 @@ def _reference_speed(model, diffusion, shape, n, device) -> dict:
     def reference():
         return reference_loop(diffusion, model, x_T, device, torch.float32)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     times = {}
     for name, fn in (("engine", ours), ("reference_loop", reference)):
         fn()  # warm-up (graph capture, cuDNN autotuning)
-        torch.cuda.synchronize(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device)
+        sync()
         times[f"{name}_seconds"] = round(time.perf_counter() - t0, 4)
     times["engine"] = sampler.name
     return times

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from iddpm_ext.cli import demo
 from iddpm_ext.training import checkpoint as ckpt
@@ -31,6 +32,7 @@ def test_shipped_checkpoint_and_log():
     assert records[-1]["step"] == int(meta["step"]) and records[-1]["loss"] < records[0]["loss"]
 
 
+@pytest.mark.slow
 def test_demo_with_the_shipped_checkpoint(tmp_path):
     lines = []
     res = demo.run(out_dir=str(tmp_path), num_samples=16, sample_steps=50, nll_images=4, log=lines.append)
@@ -60,3 +62,15 @@ def test_demo_trains_when_asked(tmp_path):
     )
     assert res["checkpoint_step"] == 2 and os.path.isfile(tmp_path / "train" / "latest.json")
     assert np.isfinite(res["bits_per_dim"])
+
+
+def test_engine_against_the_reference_style_loop_runs():
+    """What the demo times on a GPU, here on the CPU (the library loop against the
+    reference-style loop, both from the same x_T)."""
+    from iddpm_ext.cli.commands import build
+
+    state, config, _ = ckpt.load_weights(demo.CHECKPOINT)
+    model, diffusion = build({**config, "timestep_respacing": "2"}, "cpu")
+    ckpt.load_into(model, state, demo.CHECKPOINT)
+    speed = demo._reference_speed(model.eval(), diffusion, (1, 16, 16), 2, torch.device("cpu"))
+    assert speed["engine"] == "loop" and speed["engine_seconds"] > 0 and speed["reference_loop_seconds"] > 0

@@ -91,6 +91,7 @@ def test_run_folders_are_iddpm_nll_and_sample_inputs(tiny_run, tmp_path, capsys)
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_reuse_and_two_jobs_give_the_same_numbers(tiny_run, tmp_path, capsys):
     out, res = tiny_run
     again = reproduce.run(out_dir=out, scale="tiny", jobs=1, threads=1, reuse=True, log=lambda *a: None)

@@ -3,9 +3,12 @@
 import json
 import os
 
+import pytest
+
 from iddpm_ext.cli import toy
 
 
+@pytest.mark.slow
 def test_toy_demo_short_run(tmp_path):
     lines = []
     res = toy.run(out_dir=str(tmp_path), train_steps=1500, seed=0, log=lines.append)

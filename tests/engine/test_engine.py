@@ -435,6 +435,7 @@ def test_sample_index_makes_samples_batch_independent(model, sampler, eta):
     torch.testing.assert_close(batched_splits[2], whole, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sample_index_reaches_graph_and_compiled_steps_without_rebuilding(cond_model, monkeypatch):
     d = diffusion(respacing="4")
     y = torch.tensor([0, 3, 1, 4, 2, 2])

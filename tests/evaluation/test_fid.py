@@ -98,6 +98,7 @@ def test_inception_weights_file_errors(tmp_path, random_inception):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_whole_pipeline_with_a_random_network(tmp_path, random_inception):
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)

@@ -38,6 +38,7 @@ def _run(args, capsys):
     return rc, out, err
 
 
+@pytest.mark.slow
 def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, npzs, capsys):
     cache, js = tmp_path / "cache", tmp_path / "fid.json"
     args = argv(

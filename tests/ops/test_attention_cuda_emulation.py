@@ -25,6 +25,7 @@ def _cuda_include():
     return None
 
 
+@pytest.mark.slow
 def test_cuda_kernels_under_host_emulation(tmp_path):
     inc = _cuda_include()
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")

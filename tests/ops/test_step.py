@@ -317,6 +317,7 @@ def test_learned_variance_channels_are_named_in_errors():
         )
 
 
+@pytest.mark.slow
 def test_portable_cpu_kernel_via_a_subprocess():
     """ATEN_CPU_CAPABILITY=default makes csrc/cpu/step.cpp take its scalar kernel instead of
     the AVX2 at::vec one: the parity and noise tests must pass there too."""

@@ -34,6 +34,7 @@ def _torchrun(args, timeout=180):
     return r
 
 
+@pytest.mark.slow
 def test_ddp_training_and_sampling_across_two_processes(tmp_path):
     _torchrun([os.path.join(REPO, "tests", "helpers", "dist_worker.py"), str(tmp_path)])
     result = json.load(open(tmp_path / "result.json"))
@@ -56,6 +57,7 @@ def test_ddp_training_and_sampling_across_two_processes(tmp_path):
     assert np.array_equal(dist_images, single)  # independent of processes and batch size
 
 
+@pytest.mark.slow
 def test_torchrun_iddpm_train_and_sample(tmp_path):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
