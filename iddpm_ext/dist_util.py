@@ -1,9 +1,15 @@
-"""Process-group helpers: DDP under ``torchrun`` (NCCL on GPUs, gloo on CPU), or a plain
-single process when no launcher variables are set.
+"""Process-group helpers: DDP under ``torchrun`` (NCCL on GPUs, gloo on CPU), or a
+one-process group in a plain process, so code that calls ``torch.distributed`` directly
+(``dist.all_gather``, ``dist.barrier``, ...) runs either way, as with the reference's
+``setup_dist``.
 
 ``setup_dist()`` reads torch.distributed.run's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT); without them nothing is initialized and every helper below
-acts as a one-process group (rank 0 of 1), so the same code runs either way.
+MASTER_ADDR, MASTER_PORT; WORLD_SIZE=1 included) and joins that group. Without those
+variables it makes a one-process group (NCCL on CUDA, gloo on CPU) on 127.0.0.1 and a free
+port (a TCP store bound to port 0, so the OS picks it); it does not set the variables, so
+child processes do not mistake themselves for torchrun workers. A second call is a no-op.
+The helpers below also work with no group at all (rank 0 of 1), for code that never calls
+``setup_dist``.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import os
 import torch
 import torch.distributed as dist
 
+# What torch.distributed.run sets for every worker (and what init_method="env://" reads).
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-def launched_distributed() -> bool:
-    """True when a launcher (torchrun) set WORLD_SIZE > 1."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+def launched_by_torchrun() -> bool:
+    """True when a launcher (torchrun) set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    return all(os.environ.get(name) for name in TORCHRUN_VARIABLES)
 
 
 def _local_gpu() -> torch.device:
@@ -26,10 +35,11 @@ def _local_gpu() -> torch.device:
 
 
 def setup_dist(device: str | None = None) -> torch.device:
-    """Initialise the process group when launched by torchrun; return this rank's device.
+    """Make sure a process group exists (see the module docstring); return this rank's device.
 
     :param device: "cpu", "cuda" or None (cuda when available). Under torchrun with CUDA
-        each rank takes GPU LOCAL_RANK and the backend is NCCL; on CPU it is gloo.
+        each rank takes GPU LOCAL_RANK. The backend is NCCL on CUDA and gloo on the CPU, also for
+        the one-process group a plain process gets (as the reference's setup_dist).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,9 +50,19 @@ def setup_dist(device: str | None = None) -> torch.device:
         dev = _local_gpu()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if launched_distributed() and not is_initialized():
+    if not dist.is_available() or is_initialized():
+        return dev
+    if launched_by_torchrun():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        # port 0: a free port. NCCL on CUDA as the reference's setup_dist (gloo cannot all_gather
+        # CUDA tensors, which the reference's image_sample.py does).
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend, store=store, rank=0, world_size=1, device_id=dev if dev.type == "cuda" else None
+        )
     return dev
 
 

@@ -7,6 +7,11 @@ class ExtensionUnavailableError(ImportError):
     torch, or disabled): says why and the command that rebuilds it."""
 
 
+class MissingDependencyError(ImportError):
+    """An optional package that a requested feature needs is not installed: says which
+    feature, which package and how to install it."""
+
+
 class UnknownNameError(ValueError, NotImplementedError):
     """An unknown name was asked for (schedule, sampler, ...).
 

@@ -3,12 +3,17 @@ scripts call (``configure``, ``logkv``, ``logkv_mean``, ``dumpkvs``, ``log``, ``
 
 Formats: ``stdout`` (a table), ``log`` (the same into ``log.txt``), ``csv``
 (``progress.csv``; the header grows when new keys appear), ``json`` (``progress.json``, one
-object per dump). ``configure()`` without a ``dir`` uses ``$OPENAI_LOGDIR`` or a fresh folder
-under the system temp dir, and ``$OPENAI_LOG_FORMAT`` (default ``stdout,log,csv``) on rank 0;
-other ranks write only ``log{suffix}.txt`` with their rank in the suffix. Differences: no
-TensorBoard format, and ``logkv_mean`` values are averaged per process (the reference also
-averages them over MPI ranks at ``dumpkvs``). The library's own trainer writes JSONL instead
-(docs/training.md).
+object per dump), ``tensorboard`` (event files in ``tb/`` through ``torch.utils.tensorboard``;
+needs the optional ``tensorboard`` package; the x axis is the dumped ``step`` when there is
+one, else the dump count). ``configure()`` without a ``dir`` uses ``$OPENAI_LOGDIR`` or a
+fresh folder under the system temp dir, and ``$OPENAI_LOG_FORMAT`` (default
+``stdout,log,csv``) on rank 0; other ranks write only ``log{suffix}.txt`` with their rank in
+the suffix. Differences: a folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are
+continued by a later ``configure()`` (the reference starts them afresh), so rerunning a
+training script into its folder keeps the history; ``logkv_mean`` values are averaged per
+process (the reference also averages them over MPI ranks at ``dumpkvs``). ``TrainLoop``
+dumps its per-interval means (already averaged over processes) here as well as into its
+``progress.jsonl`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
+
+from .errors import MissingDependencyError
+from .io import atomic_write_bytes
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
@@ -39,6 +47,8 @@ __all__ = [
     "set_level",
     "get_dir",
     "get_current",
+    "prints_table",
+    "check_formats",
     "Logger",
     "DEBUG",
     "INFO",
@@ -78,20 +88,25 @@ class _Table:
 
 
 class _Csv:
+    """progress.csv: one row per dump under a header of every key seen. An existing file is
+    continued (its header kept), so a resumed run's rows follow the earlier ones."""
+
     def __init__(self, path: str):
         self.path, self.keys = path, []
-        open(path, "w").close()
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path) as f:
+                self.keys = f.readline().rstrip("\n").split(",")
+        else:
+            open(path, "w").close()
 
     def writekvs(self, kvs: dict):
         new = [k for k in sorted(kvs) if k not in self.keys]
-        if new:  # rewrite the file with the wider header, old rows padded
+        if new:  # the wider header, old rows padded, written atomically
             with open(self.path) as f:
                 old = f.read().splitlines()[1:]
             self.keys += new
-            with open(self.path, "w") as f:
-                f.write(",".join(self.keys) + "\n")
-                for line in old:
-                    f.write(line + "," * len(new) + "\n")
+            lines = [",".join(self.keys)] + [line + "," * len(new) for line in old]
+            atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
         with open(self.path, "a") as f:
             f.write(",".join("" if kvs.get(k) is None else str(kvs[k]) for k in self.keys) + "\n")
 
@@ -100,9 +115,11 @@ class _Csv:
 
 
 class _Json:
+    """progress.json: one JSON object per dump, appended."""
+
     def __init__(self, path: str):
         self.path = path
-        open(path, "w").close()
+        open(path, "a").close()
 
     def writekvs(self, kvs: dict):
         with open(self.path, "a") as f:
@@ -112,17 +129,67 @@ class _Json:
         pass
 
 
+class _TensorBoard:
+    """Scalars of every dump as TensorBoard events (torch.utils.tensorboard's SummaryWriter)."""
+
+    def __init__(self, path: str):
+        self.writer = _summary_writer_class()(log_dir=path)
+        self.dumps = 0
+
+    def writekvs(self, kvs: dict):
+        step = kvs.get("step", self.dumps)
+        step = int(step) if isinstance(step, (int, float)) else self.dumps
+        for key, value in kvs.items():
+            if key != "step" and hasattr(value, "__float__") and not isinstance(value, str):
+                self.writer.add_scalar(str(key), float(value), step)
+        self.writer.flush()
+        self.dumps += 1
+
+    def close(self):
+        self.writer.close()
+
+
+def _summary_writer_class():
+    """torch.utils.tensorboard's SummaryWriter; a MissingDependencyError naming the package
+    when tensorboard is not installed (it is not a dependency of iddpm_ext)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"tensorboard: the TensorBoard log format needs the tensorboard package, which is not "
+            f"installed ({err}); pip install tensorboard, or leave the format out"
+        ) from None
+    return SummaryWriter
+
+
+FORMATS = ("stdout", "log", "csv", "json", "tensorboard")
+
+
+def check_formats(format_strs) -> list:
+    """The format names of ``format_strs`` (blanks dropped), checked: a ValueError for an unknown
+    name, a MissingDependencyError for tensorboard without its package. Nothing is created."""
+    names = [str(f).strip() for f in format_strs if str(f).strip()]
+    for name in names:
+        if name not in FORMATS:
+            raise ValueError(f"format_strs: expected names from {list(FORMATS)}, got {name!r}")
+    if "tensorboard" in names:
+        _summary_writer_class()
+    return names
+
+
 def _make_format(name: str, directory: str, suffix: str):
     os.makedirs(directory, exist_ok=True)
     if name == "stdout":
         return _Table(sys.stdout, owns=False)
     if name == "log":
-        return _Table(open(os.path.join(directory, f"log{suffix}.txt"), "w"), owns=True)
+        return _Table(open(os.path.join(directory, f"log{suffix}.txt"), "a"), owns=True)
     if name == "csv":
         return _Csv(os.path.join(directory, f"progress{suffix}.csv"))
     if name == "json":
         return _Json(os.path.join(directory, f"progress{suffix}.json"))
-    raise ValueError(f"format_strs: expected names from ['stdout', 'log', 'csv', 'json'], got {name!r}")
+    if name == "tensorboard":
+        return _TensorBoard(os.path.join(directory, f"tb{suffix}"))
+    raise ValueError(f"format_strs: expected names from {list(FORMATS)}, got {name!r}")
 
 
 class Logger:
@@ -183,7 +250,6 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
         )
     )
     dir = os.path.expanduser(dir)
-    os.makedirs(dir, exist_ok=True)
     rank = dist_util.get_rank()
     if rank > 0:
         log_suffix = f"{log_suffix}-rank{rank:03d}"
@@ -193,7 +259,9 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
             if rank == 0
             else os.getenv("OPENAI_LOG_FORMAT_MPI", "log")
         ).split(",")
-    formats = [_make_format(f.strip(), dir, log_suffix) for f in format_strs if f.strip()]
+    names = check_formats(format_strs)  # before any folder or file is made
+    os.makedirs(dir, exist_ok=True)
+    formats = [_make_format(name, dir, log_suffix) for name in names]
     if _current is not None and _current is not _default:
         _current.close()
     _current = Logger(dir, formats)
@@ -224,7 +292,8 @@ def scoped_configure(dir=None, format_strs=None, comm=None):
     try:
         yield configure(dir=dir, format_strs=format_strs, comm=comm)
     finally:
-        _current.close()
+        if _current is not None and _current is not _default:
+            _current.close()
         _current = previous
 
 
@@ -275,3 +344,9 @@ def set_level(level):
 
 def get_dir():
     return get_current().get_dir()
+
+
+def prints_table() -> bool:
+    """True when the current logger prints its key tables to stdout (the ``stdout`` format);
+    the trainer then shows no progress bar unless asked."""
+    return _current is not None and any(isinstance(f, _Table) and not f.owns for f in _current.output_formats)

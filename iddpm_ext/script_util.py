@@ -103,9 +103,13 @@ def create_model_and_diffusion(
     channel_mult="", num_classes=NUM_CLASSES, image_channels=3,
 ):  # fmt: skip
     """(UNetModel, SpacedDiffusion) from the flat argument set of
-    :func:`model_and_diffusion_defaults`."""
-    args = locals()
-    return _call(create_model, args), _call(create_gaussian_diffusion, args, steps="diffusion_steps")
+    :func:`model_and_diffusion_defaults`. The arguments are recorded on the model as
+    ``model.iddpm_config`` (a dict), which the trainer stores in every checkpoint, so
+    ``iddpm sample --model_path`` rebuilds the model without repeating its flags."""
+    args = dict(locals())
+    model = _call(create_model, args)
+    model.iddpm_config = args
+    return model, _call(create_gaussian_diffusion, args, steps="diffusion_steps")
 
 
 def create_model(

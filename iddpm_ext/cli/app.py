@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from ..errors import MissingDependencyError
+
 COMMAND_HELP = {
     "train": "train a diffusion model (improved-diffusion's image_train.py flags, plus --preset etc.)",
     "sample": "generate samples to samples_NxHxWxC.npz and a PNG grid (image_sample.py flags)",
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_command(command: str, argv) -> int:
+    from .. import dist_util
     from . import commands
     from .flags import parse_command
 
@@ -222,7 +225,10 @@ def _run_command(command: str, argv) -> int:
 
         torch.set_num_threads(args.threads)
     fn = {"train": commands.cmd_train, "sample": commands.cmd_sample, "nll": commands.cmd_nll}[command]
-    fn(args, explicit)
+    try:
+        fn(args, explicit)
+    finally:  # the process group setup_dist made, also when the command fails
+        dist_util.cleanup()
     return 0
 
 
@@ -237,8 +243,9 @@ def main(argv=None) -> int:
             return _run_command(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        # Bad input: one clear line, no traceback (DataError and CheckpointError are ValueErrors).
+    except (ValueError, FileExistsError, FileNotFoundError, MissingDependencyError) as err:
+        # Bad input or a missing optional package: one clear line, no traceback (DataError and
+        # CheckpointError are ValueErrors).
         print(f"iddpm: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from .. import dist_util
+from .. import dist_util, logger
 from ..script_util import create_model_and_diffusion
 from ..training import checkpoint as ckpt
 from .flags import model_config
@@ -72,6 +72,11 @@ def cmd_train(args, explicit: set) -> dict:
     from ..training.data import BatchStream, open_source
     from ..training.loop import TrainLoop
 
+    if "out_dir" not in explicit and os.environ.get("OPENAI_LOGDIR"):
+        args.out_dir = os.environ["OPENAI_LOGDIR"]  # --out_dir, then $OPENAI_LOGDIR, then the default
+    log_formats = ["log", "csv"] + ([] if args.progress else ["stdout"])
+    log_formats += ["tensorboard"] if args.tensorboard else []
+    logger.check_formats(log_formats)  # tensorboard missing: one line, before any work
     device = dist_util.setup_dist(args.device or None)
     config = model_config(args)
     if args.resume_checkpoint:
@@ -124,14 +129,17 @@ def cmd_train(args, explicit: set) -> dict:
     # TrainLoop's keyword arguments come from the flags of the same names.
     flags = {k: v for k, v in vars(args).items() if k in inspect.signature(TrainLoop).parameters}
     flags.update(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, config=config)
-    loop = TrainLoop(**flags)
+    loop = TrainLoop(log=print, **flags)
     if not (args.max_steps or args.lr_anneal_steps):
         _say("no --max_steps or --lr_anneal_steps: training until interrupted (Ctrl-C)")
     t0 = time.perf_counter()
-    loop.run_loop()
+    # The key-value log (log.txt, progress.csv, ...) starts once the folder is accepted, so a
+    # refused run never truncates another run's files; only the main process writes it.
+    with logger.scoped_configure(args.out_dir, log_formats if dist_util.is_main() else []):
+        loop.run_loop()
     _say(
-        f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints and "
-        f"progress.jsonl / loss.png in {args.out_dir}"
+        f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints, progress.jsonl, "
+        f"progress.csv, log.txt and loss.png in {args.out_dir}"
     )
     dist_util.cleanup()
     return {"step": loop.step, "out_dir": args.out_dir}

@@ -64,11 +64,12 @@ TRAIN_HELP = {
 # fmt: off
 TRAIN_EXTRA = dict(
     out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
-    random_flip=False, resize="crop", num_workers=0, progress=True, threads=0,
+    random_flip=False, resize="crop", num_workers=0, progress=True, threads=0, tensorboard=False,
 )
 # fmt: on
 TRAIN_EXTRA_HELP = {
-    "out_dir": "folder for checkpoints, progress.jsonl and loss.png (must not hold another run)",
+    "out_dir": "folder for checkpoints, progress.jsonl, progress.csv, log.txt and loss.png (must not hold "
+    "another run); when not given: $OPENAI_LOGDIR if set, else runs/train",
     "seed": "random seed (data order, timesteps, noise, dropout)",
     "amp": "autocast precision: none, bf16 or fp16 (fp16 uses a GradScaler)",
     "grad_clip": "clip the gradient norm to this value (0: no clipping; the norm is logged either way)",
@@ -79,8 +80,11 @@ TRAIN_EXTRA_HELP = {
     "resize": "crop: scale and centre-crop images to image_size (the reference); none: images must "
     "already be image_size",
     "num_workers": "data-loading worker processes for image folders (0: load in the main process)",
-    "progress": "show a progress bar (main process only)",
+    "progress": "show a progress bar (main process only); False prints the key table of each log "
+    "interval instead",
     "threads": "CPU threads for torch (0: torch's default)",
+    "tensorboard": "also write the logged values as TensorBoard events to OUT_DIR/tb (needs the "
+    "tensorboard package, not installed with iddpm_ext)",
 }
 
 # Tables of flags, laid out by hand.

@@ -9,7 +9,10 @@ learning rate linearly over ``lr_anneal_steps``, step AdamW, update every EMA.
 
 Every ``log_interval`` steps one JSONL record (means over the interval and over ranks of
 loss / mse / vb, their quartiles by timestep ``_q0.._q3`` as the reference logs them,
-grad_norm, lr, samples/s) is appended to ``progress.jsonl`` and ``loss.png`` is redrawn.
+grad_norm, lr, samples/s) is appended to ``progress.jsonl`` and ``loss.png`` is redrawn; when
+:mod:`iddpm_ext.logger` is configured (``logger.configure()``, as the reference's scripts do;
+``iddpm train`` configures it into its folder) the same values are ``logkv``'d and dumped
+there too (key table on stdout / ``log.txt``, ``progress.csv``, TensorBoard, ...).
 Checkpoints (see :mod:`iddpm_ext.training.checkpoint`) hold everything needed to continue exactly:
 a resumed run takes the same steps as an uninterrupted one.
 """
@@ -64,15 +67,22 @@ class _Autocast:
 
 class TrainLoop:
     """improved-diffusion's TrainLoop (same keyword arguments), plus ours: ``config`` (stored
-    in every checkpoint), ``out_dir`` (default: the logger's folder, ``logger.configure()``,
-    as the reference saves there; else ``runs/train``), ``amp``, ``grad_clip``,
-    ``max_steps``, ``seed``, ``keep_checkpoints``, ``progress``, ``log``."""
+    in every checkpoint; default: the arguments ``create_model_and_diffusion`` recorded on
+    the model as ``model.iddpm_config``), ``out_dir``, ``amp``, ``grad_clip``, ``max_steps``,
+    ``seed``, ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger
+    prints its key tables to stdout), ``log`` (messages; default: ``logger.log`` once the
+    logger is configured, else ``print``).
+
+    ``out_dir`` given: that folder, which must not hold another run unless it is resumed
+    (``resume_checkpoint``). Not given (the reference's way): the logger's folder
+    (``logger.configure()``, ``$OPENAI_LOGDIR``), else ``runs/train``; a run already there is
+    resumed from its latest step, as the reference's ``find_resume_checkpoint`` hook would."""
 
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval,
                  save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
                  schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0, config=None, out_dir=None,
-                 amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=True,
-                 log=print):  # fmt: skip
+                 amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=None,
+                 log=None):  # fmt: skip
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
         if use_fp16 and amp == "none":
@@ -96,14 +106,19 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
-        self.config = dict(config or {})
+        self.config = dict(config or getattr(model, "iddpm_config", None) or {})
+        find_run = not out_dir and not resume_checkpoint
         self.out_dir = out_dir = out_dir or logger.get_dir() or "runs/train"
         self.amp = amp
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.seed = seed
         self.keep_checkpoints = keep_checkpoints
+        if log is None:
+            log = logger.log if logger.get_dir() is not None else print
         self.log = log if dist_util.is_main() else (lambda *a, **k: None)
+        if progress is None:
+            progress = not logger.prints_table()
         self.progress = progress and dist_util.is_main()
 
         self.device = next(model.parameters()).device
@@ -120,6 +135,14 @@ class TrainLoop:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
         resume_step = None
+        if find_run and os.path.isdir(out_dir):
+            found = ckpt.read_latest(out_dir)
+            if found is not None:
+                self.log(
+                    f"{out_dir} holds a training run saved at step {found['step']}: resuming it "
+                    "(for a new run, point OPENAI_LOGDIR or out_dir at another folder)"
+                )
+                resume_checkpoint = out_dir
         if resume_checkpoint:
             resume_step = self._resume(resume_checkpoint)
         else:
@@ -257,6 +280,11 @@ class TrainLoop:
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
     def run_loop(self):
+        if self._done() and self.step:  # e.g. a finished run started again
+            self.log(
+                f"nothing to train: the run is at step {self.step}, where it stops "
+                "(raise lr_anneal_steps or max_steps to go on)"
+            )
         total = self.max_steps or self.lr_anneal_steps or None
         if self.lr_anneal_steps and self.max_steps:
             total = min(self.max_steps, self.lr_anneal_steps)
@@ -401,6 +429,9 @@ class TrainLoop:
         if self.scaler.is_enabled():
             record["loss_scale"] = self.scaler.get_scale()
         self.metrics.append(record)
+        if logger.get_dir() is not None:  # configured: the reference's key-value log too
+            logger.logkvs(record)
+            logger.dumpkvs()
         return record
 
     # ------------------------------------------------------------------------------

@@ -195,6 +195,24 @@ def test_logger_formats_and_means(tmp_path, capsys):
         assert "hello 3" in f.read()
 
 
+def test_logger_continues_a_folders_files(tmp_path):
+    """A later configure() into the same folder (a training script started again) continues
+    log.txt, progress.csv (its header kept, widened when needed) and progress.json."""
+    d = str(tmp_path / "logs")
+    for step in (1, 2):
+        with logger.scoped_configure(dir=d, format_strs=["log", "csv", "json"]):
+            logger.logkv("step", step)
+            if step == 2:
+                logger.logkv("extra", 1.5)
+            logger.dumpkvs()
+    with open(os.path.join(d, "progress.csv")) as f:
+        assert f.read().splitlines() == ["step,extra", "1,", "2,1.5"]
+    with open(os.path.join(d, "progress.json")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    with open(os.path.join(d, "log.txt")) as f:
+        assert f.read().count("Logging to") == 2
+
+
 def test_logger_environment_defaults_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "env"))
     monkeypatch.setenv("OPENAI_LOG_FORMAT", "csv")
@@ -203,7 +221,8 @@ def test_logger_environment_defaults_and_errors(tmp_path, monkeypatch):
         assert logger.get_dir() == str(tmp_path / "env")
         assert os.path.exists(tmp_path / "env" / "progress.csv")
         with pytest.raises(ValueError, match="format_strs: expected names from"):
-            logger.configure(dir=str(tmp_path / "x"), format_strs=["tensorboard"])
+            logger.configure(dir=str(tmp_path / "x"), format_strs=["log", "nope"])
+        assert not os.path.exists(tmp_path / "x")  # names checked before anything is made
     finally:
         logger.reset()
 
