@@ -7,7 +7,7 @@ $OPENAI_LOGDIR, TrainLoop(...).run_loop(), dist.all_gather, np.savez of arr_0/ar
 samples_NxHxWxC.npz, image_nll's bits/dim loop with dist.all_reduce). flow.py runs them in turn
 (train, the same training again: it resumes, once more: nothing to do, sample, nll); here it runs
 as a plain process and under torchrun with 1 and 2 processes, and the outputs are checked.
-(b) With IDDPM_REFERENCE_DIR set to a checkout of openai/improved-diffusion, its real scripts
+(b) With IDDPM_REF_PATH set to a checkout of openai/improved-diffusion, its real scripts
 run the same way with `improved_diffusion` rewritten to `iddpm_ext` (skipped otherwise).
 """
 
@@ -160,10 +160,10 @@ def test_reference_style_scripts_under_torchrun(tmp_path, nproc):
 
 
 # -------------------------------------------------------------------------------------
-# (b) the real scripts, from a checkout given by IDDPM_REFERENCE_DIR
+# (b) the real scripts, from a checkout given by IDDPM_REF_PATH
 # -------------------------------------------------------------------------------------
 
-REFERENCE_DIR = os.environ.get("IDDPM_REFERENCE_DIR", "")
+REFERENCE_DIR = os.environ.get("IDDPM_REF_PATH", "")
 
 
 def reference_scripts(dest) -> dict:
@@ -180,7 +180,7 @@ def reference_scripts(dest) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REFERENCE_DIR, reason="IDDPM_REFERENCE_DIR: a checkout of openai/improved-diffusion")
+@pytest.mark.skipif(not REFERENCE_DIR, reason="IDDPM_REF_PATH: a checkout of openai/improved-diffusion")
 @pytest.mark.parametrize("nproc", [0, 1, 2])
 def test_the_reference_scripts_with_the_prefix_changed(tmp_path, nproc):
     scripts = reference_scripts(tmp_path / "scripts")
