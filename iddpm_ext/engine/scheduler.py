@@ -428,10 +428,13 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
         else:  # trailing
             keep = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
         keep = sorted(int(v) for v in keep)
-        if keep[-1] >= T or keep[0] < 0 or len(set(keep)) != len(keep):
+        if keep[-1] >= T or keep[0] < 0 or len(set(keep)) != len(keep) or len(keep) != n:
+            # diffusers' arithmetic goes wrong here (its trailing spacing gives n + 1 timesteps
+            # down to -1 for T = 999, n = 13; an offset can pass T - 1): refused, not stepped
             raise ValueError(
-                f"steps_offset: {self.config.steps_offset} puts {spacing!r} timesteps for "
-                f"num_inference_steps={n} outside [0, {T}): {keep[-3:]}"
+                f"num_inference_steps: timestep_spacing={spacing!r} with steps_offset="
+                f"{self.config.steps_offset} gives {len(keep)} timesteps from {keep[0]} to "
+                f"{keep[-1]} for num_inference_steps={n}, not {n} distinct ones in [0, {T})"
             )
         return keep
 

@@ -204,7 +204,10 @@ def test_errors(model):
         sched.set_timesteps(timesteps=[0, 5])
     with pytest.raises(ValueError, match=r"timesteps: expected strictly descending"):
         sched.set_timesteps(timesteps=[100, 5])
-    with pytest.raises(ValueError, match=r"steps_offset: 1 puts 'leading' timesteps"):
+    with pytest.raises(
+        ValueError,
+        match=r"steps_offset=1 gives 100 timesteps from 1 to 100",
+    ):
         IDDPMScheduler(100, steps_offset=1).set_timesteps(100)
     with pytest.raises(ValueError, match=r"generator: expected one generator or a list of 2, got 3"):
         sched.set_timesteps(10)
