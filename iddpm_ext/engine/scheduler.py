@@ -455,12 +455,13 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
     def previous_timestep(self, timestep):
         """The timestep stepped to from ``timestep`` (the next of ``timesteps``; -1 after the
         last), as DDPMScheduler: a tensor for a tensor, an int for an int."""
-        i = self._lookup([timestep])[0] if not torch.is_tensor(timestep) else None
-        if i is None:
-            i = self._lookup(timestep.reshape(-1).tolist())[0]
-            prev = self.process.timestep_map[i - 1] if i > 0 else -1
-            return torch.tensor(prev, device=timestep.device)
-        return self.process.timestep_map[i - 1] if i > 0 else -1
+        if not torch.is_tensor(timestep):
+            i = self._lookup([timestep])[0]
+            return self.process.timestep_map[i - 1] if i > 0 else -1
+        if timestep.numel() != 1:
+            raise ValueError(f"timestep: expected one timestep, got shape {tuple(timestep.shape)}")
+        i = self._lookup(timestep.reshape(-1).tolist())[0]
+        return torch.tensor(self.process.timestep_map[i - 1] if i > 0 else -1, device=timestep.device)
 
     def model_timesteps(self, timestep):
         """The timestep(s) to give the model: ``timestep`` itself, or scaled to [0, 1000)

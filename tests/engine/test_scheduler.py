@@ -286,6 +286,8 @@ def test_spacings_and_previous_timestep():
     assert torch.is_tensor(prev) and prev.item() == 0
     with pytest.raises(ValueError, match=r"timestep: expected one of the scheduler's timesteps"):
         sched.previous_timestep(949)
+    with pytest.raises(ValueError, match=r"timestep: expected one timestep, got shape \(2,\)"):
+        sched.previous_timestep(torch.tensor([950, 900]))
     trailing = IDDPMScheduler(1000, timestep_spacing="trailing")
     trailing.set_timesteps(20)
     assert trailing.timesteps.tolist() == list(range(999, 0, -50))
