@@ -21,7 +21,8 @@ BUILD_DEPS := scikit-build-core pybind11 ninja "cmake>=3.26" numpy
 RUN_DEPS := tqdm pillow safetensors
 # The digits demo's data set (scikit-learn ships it; no download): pyproject's [digits] extra.
 DEMO_DEPS := "scikit-learn>=1.2"
-TEST_DEPS := pytest hypothesis pytest-xdist
+# diffusers: the optional bridge (pyproject's [diffusers] extra), installed so its tests run.
+TEST_DEPS := pytest hypothesis pytest-xdist "diffusers>=0.42"
 # Test processes (pytest-xdist; each runs torch with one thread): auto = one per CPU core.
 TEST_WORKERS ?= auto
 # Pinned: a formatter's output changes between versions.
@@ -76,7 +77,7 @@ $(VENV)/.iddpm-deps: pyproject.toml Makefile
 build/.iddpm-deps-external: pyproject.toml Makefile
 	@mkdir -p build
 	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, xdist, tqdm, PIL, \
-	  safetensors, sklearn, ruff, clang_format" 2>/dev/null \
+	  safetensors, sklearn, ruff, clang_format, diffusers" 2>/dev/null \
 	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS) \
 	  $(LINT_DEPS)
 	@touch $@

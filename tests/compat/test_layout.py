@@ -30,7 +30,9 @@ REFERENCE_MODULES = {
 }
 PLUMBING = {"__init__", "__main__", "errors", "version"}
 OTHER_TOP_LEVEL = {"io"}  # atomic writes, used by every layer that writes files (README, Layout)
-SUBPACKAGES = {"core", "ops", "engine", "training", "evaluation", "cli", "bench"}
+SUBPACKAGES = {"core", "ops", "engine", "training", "integrations", "evaluation", "cli", "bench"}
+# Modules that need an optional dependency (pyproject extras): imported only where it is installed.
+OPTIONAL = {"iddpm_ext.integrations.diffusers_unet": "diffusers"}
 
 # Lowest first. A module may import its own layer and those below it.
 LAYERS = [
@@ -40,6 +42,7 @@ LAYERS = [
     {"gaussian_diffusion", "respace", "resample", "unet", "script_util"},
     {"engine"},
     {"training", "dist_util", "logger", "fp16_util", "image_datasets", "train_util"},
+    {"integrations"},
     {"evaluation"},
     {"bench"},
     {"cli", "__main__"},
@@ -115,15 +118,22 @@ def test_every_module_imports():
     for name in _modules():
         if name.endswith("__main__"):
             continue
+        if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name]) is None:
+            continue
         importlib.import_module(name)
 
 
-def test_import_leaves_the_sampling_engine_until_first_use():
+def test_import_leaves_the_sampling_engine_and_diffusers_until_first_use():
     import subprocess
     import sys
 
     code = (
         "import sys, iddpm_ext; assert 'iddpm_ext.engine' not in sys.modules; "
-        "iddpm_ext.SamplingEngine; assert 'iddpm_ext.engine' in sys.modules"
+        "import iddpm_ext.integrations; "
+        "iddpm_ext.SamplingEngine; assert 'iddpm_ext.engine' in sys.modules; "
+        "assert 'diffusers' not in sys.modules and 'iddpm_ext.engine.scheduler' not in sys.modules; "
+        "iddpm_ext.IDDPMScheduler; assert 'iddpm_ext.engine.scheduler' in sys.modules; "
+        "from importlib.util import find_spec; "
+        "assert ('diffusers' in sys.modules) == (find_spec('diffusers') is not None)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -211,7 +211,13 @@ def test_diffusers_adapter_on_cuda(model):
     from iddpm_ext.engine.scheduler import IDDPMScheduler
 
     d = diffusion(respacing="12", rescale=True)
-    sched = IDDPMScheduler(100, beta_schedule="cosine", variance_type="learned_range", rescale_timesteps=True)
+    sched = IDDPMScheduler(
+        100,
+        beta_schedule="cosine",
+        variance_type="learned_range",
+        rescale_timesteps=True,
+        timestep_spacing="respace",
+    )
     sched.set_timesteps(12, device=DEV)
     x = torch.randn(SHAPE, device=DEV)
     g = torch.Generator(DEV).manual_seed(8)
