@@ -29,7 +29,9 @@ if loader.available():
         checks.same_device(t, "t", table, "table")
         torch._check_value(
             table.shape[0] >= 1 or t.shape[0] == 0,
-            lambda: f"table: expected at least one row (T >= 1) to gather {t.shape[0]} timesteps from, "
-            f"got shape {list(table.shape)}",
+            lambda: (
+                f"table: expected at least one row (T >= 1) to gather {t.shape[0]} timesteps from, "
+                f"got shape {list(table.shape)}"
+            ),
         )
         return table.new_empty((t.shape[0], table.shape[1]))
