@@ -127,13 +127,18 @@ def choose(data, good, *bad):
 
 
 def draw_devices(data, names, base, mixes):
-    """Per tensor argument: ``base`` mostly, sometimes one of ``mixes``; or all "meta"."""
-    mode = data.draw(st.sampled_from(["base"] * 5 + ["mixed"] * 3 + ["meta"]))
-    if mode == "meta":
+    """Per tensor argument: all on ``base`` (4 in 10), all on meta (2 in 10), or ``base`` but
+    for one argument (and perhaps more) on one of ``mixes`` (4 in 10)."""
+    mode = data.draw(st.integers(0, 9))
+    if mode >= 8:
         return {n: "meta" for n in names}
-    if mode == "base":
-        return {n: base for n in names}
-    return {n: data.draw(st.sampled_from([base, base] + mixes)) for n in names}
+    devices = {n: base for n in names}
+    if mode < 4:
+        devices[data.draw(st.sampled_from(names))] = data.draw(st.sampled_from(mixes))
+        for n in names:
+            if not data.draw(st.integers(0, 4)):
+                devices[n] = data.draw(st.sampled_from([base, *mixes]))
+    return devices
 
 
 def close(result, ref, dtype, what):
@@ -157,8 +162,9 @@ def same_meta(meta_out, real_out, what):
     for m, r in zip(meta_out, real_out):
         assert m.device.type == "meta", f"{what}: meta call returned a {m.device} tensor"
         assert (tuple(m.shape), m.dtype) == (tuple(r.shape), r.dtype), f"{what}: meta {m.shape} {m.dtype}"
-        if r.numel() > 1:
-            assert m.stride() == r.stride(), f"{what}: meta strides {m.stride()} vs {r.stride()}"
+        if r.numel() > 1:  # strides of size-1 dims do not matter
+            ms, rs = ([st for st, n in zip(x.stride(), x.shape) if n > 1] for x in (m, r))
+            assert ms == rs, f"{what}: meta strides {m.stride()} vs {r.stride()}"
 
 
 def check_meta_agrees(meta, real, data_dependent, what, strict):
@@ -313,7 +319,9 @@ def fuzz_qkv_attention_backward(data, base="cpu", mixes=("meta",)):
         s = data.draw(st.sampled_from([s, s[:2], s + [1]]))
         args[target] = make(data, s, args[target].dtype, gen).to(base)
     elif change == "dtype":
-        args[target] = args[target].to(data.draw(st.sampled_from(DTYPES)))
+        new_dtype = data.draw(st.sampled_from(DTYPES))
+        change = "none" if new_dtype == args[target].dtype else change
+        args[target] = args[target].to(new_dtype)
     elif change == "layout":
         args[target] = relayout(data, args[target])
     elif change == "heads":
