@@ -9,6 +9,7 @@
 #include <cstddef>
 
 #include "common/dtype.h"
+#include "common/step_math.h"  // step::col::kMinColumns
 #include "common/step_params.h"
 #include "cpu/attention.h"
 #include "cuda/attention.h"
@@ -69,17 +70,19 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //   {"cuda": bool,                     CUDA kernels compiled in (= build_info()["cuda"])
 //    "ops": [str, ...],                the torch.ops.iddpm op names
 //    "step": {                         p_sample_step, ddim_step, ddim_reverse_step
-//      "cpu":  {"dtypes": [str, ...]},   of x (and noise, outputs) and model_output
-//      "cuda": {"dtypes": [str, ...]} or None without CUDA},
+//      "cpu":  {"dtypes": [str, ...],    of x (and noise, outputs) and model_output
+//               "min_table_columns": int},  K of the [T, K] coefficient table, at least
+//      "cuda": the same or None without CUDA},
 //    "attention": {                    qkv_attention, qkv_attention_backward
 //      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
-//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "max_positions": int}
-//              or None without CUDA}}
+//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "max_positions": int,
+//               "max_batch_heads": int} or None without CUDA}}
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
 // not listed gets a ValueError from the op. gather_coefs takes a float32 table on every device.
 py::dict capabilities() {
   py::dict step_cpu, attention_cpu;
   step_cpu["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
+  step_cpu["min_table_columns"] = iddpm::step::col::kMinColumns;
   attention_cpu["dtypes"] = dtype_names(iddpm::cpu::kAttentionDtypes);
   attention_cpu["head_dims"] = "any";
 
@@ -87,9 +90,11 @@ py::dict capabilities() {
   if (kWithCuda) {
     py::dict s, a;
     s["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
+    s["min_table_columns"] = iddpm::step::col::kMinColumns;
     a["dtypes"] = dtype_names(iddpm::cuda::kAttentionDtypes);
     a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims, [](int c) { return py::int_(c); });
     a["max_positions"] = iddpm::cuda::kAttentionMaxPositions;
+    a["max_batch_heads"] = iddpm::cuda::kAttentionMaxBatchHeads;
     step_cuda = s;
     attention_cuda = a;
   }

@@ -73,9 +73,9 @@ PYEOF
 
 # -- GPU tests: the kernels (parity with eager / float64 references, the 2x-of-eager-error rule
 #    for fp16/bf16, in-kernel Philox noise statistics, CUDA-graph capture, one launch per step,
-#    odd T and T = 4096 attention, errors), then the engine, the UNet and the trainer.
+#    odd T and T = 4096 attention, errors; the op-safety fuzz and head-dim crash regression), then the engine, the UNet and the trainer.
 step tests_kernels 180 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
-  tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py
+  tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py
 step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
   tests/training/test_train_gpu.py
 

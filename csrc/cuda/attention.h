@@ -25,6 +25,9 @@ inline constexpr int kAttentionHeadDims[] = {32, 64, 128};
 // At most this many positions T: one CTA per 64 queries along gridDim.y (at most 65535).
 inline constexpr int64_t kAttentionMaxPositions = int64_t{65535} * 64;
 
+// At most this many batch items × heads B·H: one CTA per (item, head) along gridDim.x.
+inline constexpr int64_t kAttentionMaxBatchHeads = int64_t{2147483647};
+
 inline bool qkv_attention_head_dim_supported(int64_t C) {
   for (const int c : kAttentionHeadDims) {
     if (C == c) return true;

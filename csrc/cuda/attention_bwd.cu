@@ -20,17 +20,17 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
   using Cfg = BwdCfg<T, C>;
   const int Ti = static_cast<int>(T_len);
+  const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
+  // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
+  if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto kernel = attn_bwd_kernel<T, C>;
   cudaError_t err =
       set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
   if (err != cudaSuccess) return static_cast<int>(err);
-  {
-    const int tiles = static_cast<int>((T_len + 127) / 128);
-    attn_delta_kernel<T, C><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
-        dout, static_cast<const T*>(p.out), p.delta, Ti, tiles);
-  }
+  attn_delta_kernel<T, C><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
+      dout, static_cast<const T*>(p.out), p.delta, Ti, tiles);
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;

@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
 
 #include "cpu/attention.h"
@@ -31,35 +33,43 @@ namespace {
 
 using attn::AttentionShape;
 
-// Checks qkv and num_heads; returns the dimensions.
+// Checks qkv and num_heads; returns the dimensions. Nothing is allocated or launched before
+// every check has passed. No arithmetic here can overflow: num_heads is any int64 (3·num_heads
+// is never formed), and qkv's dims may be near 2^63 where another dim is 0.
 AttentionShape check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   check_defined(qkv, "qkv");
   check_dim(qkv, "qkv", 3, "[B, 3·num_heads·C, T]");
   TORCH_CHECK_VALUE(num_heads >= 1, "num_heads: expected a positive number of heads, got ",
                     num_heads);
   const int64_t width = qkv.size(1);
+  // width % (3·num_heads) == 0 without forming 3·num_heads.
   TORCH_CHECK_VALUE(
-      width > 0 && width % (3 * num_heads) == 0,
+      width > 0 && width % 3 == 0 && (width / 3) % num_heads == 0,
       "qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = ",
-      3 * num_heads, " (q, k and v of C channels per head), got ", width, " channels in shape ",
-      shape_str(qkv));
+      product_str(3, num_heads), " (q, k and v of C channels per head), got ", width,
+      " channels in shape ", shape_str(qkv));
   AttentionShape d;
   d.B = qkv.size(0);
   d.H = num_heads;
-  d.C = width / (3 * num_heads);
+  d.C = width / 3 / num_heads;
   d.T = qkv.size(2);
   if (qkv.is_cuda()) {
     TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cuda::kAttentionDtypes), "qkv: expected dtype ",
                       dtype_names(cuda::kAttentionDtypes), " on CUDA, got ", qkv.scalar_type());
-#ifdef IDDPM_WITH_CUDA
     TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(d.C),
                       "qkv: expected a head dim C = channels / (3·num_heads) of ",
                       or_list(cuda::kAttentionHeadDims, [](int c) { return std::to_string(c); }),
                       " on CUDA, got C = ", d.C, " (", width, " channels, ", num_heads, " heads)");
     TORCH_CHECK_VALUE(d.T <= cuda::kAttentionMaxPositions, "qkv: expected at most ",
                       cuda::kAttentionMaxPositions, " positions (dim 2) on CUDA, got ", d.T);
-#endif
+    // One CTA per (batch item, head) along gridDim.x.
+    const std::optional<int64_t> bh = checked_mul(d.B, d.H);
+    TORCH_CHECK_VALUE(bh && *bh <= cuda::kAttentionMaxBatchHeads, "qkv: expected at most ",
+                      cuda::kAttentionMaxBatchHeads, " batch items × heads on CUDA, got ", d.B,
+                      " × ", d.H);
   } else {
+    TORCH_CHECK_VALUE(qkv.is_cpu(), "qkv: expected a CPU or CUDA tensor, got one on ",
+                      qkv.device());
     TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cpu::kAttentionDtypes), "qkv: expected dtype ",
                       dtype_names(cpu::kAttentionDtypes), " on CPU, got ", qkv.scalar_type());
   }

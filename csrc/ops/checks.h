@@ -4,8 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cstddef>
+#include <optional>
 #include <string>
 
 namespace iddpm::ops {
@@ -50,6 +52,20 @@ inline void check_timesteps(const at::Tensor& t, int64_t bad, int64_t T) {
       t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[bad] : t.data_ptr<int32_t>()[bad];
   TORCH_CHECK_VALUE(false, "t: expected timesteps in [0, ", T, ") (the table has ", T,
                     " rows), got t[", bad, "] = ", value);
+}
+
+// a · b, or nullopt where the product does not fit in int64 (sizes and counts near 2^63 are
+// valid arguments: a tensor may have such a dim when another is 0, num_heads is any int).
+inline std::optional<int64_t> checked_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  if (c10::mul_overflows(a, b, &out)) return std::nullopt;
+  return out;
+}
+
+// k · n as the error messages print it: its value, or "k·n" where that overflows int64.
+inline std::string product_str(int64_t k, int64_t n) {
+  const std::optional<int64_t> p = checked_mul(k, n);
+  return p ? std::to_string(*p) : std::to_string(k) + "·" + std::to_string(n);
 }
 
 inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,

@@ -31,6 +31,10 @@ at::Tensor check_gather_args(const at::Tensor& table, const at::Tensor& t) {
   check_dim(t, "t", 1, "[B]");
   check_index_dtype(t, "t");
   check_same_device(t, "t", table, "table");
+  // Before the [B, K] output is allocated: no timestep is valid in a table without rows.
+  TORCH_CHECK_VALUE(table.size(0) >= 1 || t.size(0) == 0,
+                    "table: expected at least one row (T >= 1) to gather ", t.size(0),
+                    " timesteps from, got shape ", shape_str(table));
   return table.contiguous();
 }
 

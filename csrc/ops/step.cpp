@@ -32,6 +32,8 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "common/step_math.h"
@@ -161,10 +163,12 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   check_same_device(mo_in, "model_output", x_in, "x");
   check_float_dtype(mo_in, "model_output");
   p.learned = p.cfg.var_type == step::kLearned || p.cfg.var_type == step::kLearnedRange;
-  const int64_t Cm = p.learned ? 2 * C : C;
-  const bool shape_ok = mo_in.dim() == x_in.dim() && mo_in.size(0) == B && mo_in.size(1) == Cm &&
-                        mo_in.sizes().slice(2) == x_in.sizes().slice(2);
-  TORCH_CHECK_VALUE(shape_ok, "model_output: expected shape ", expected_shape(x_in, Cm), " (",
+  // 2C without overflow (C may be near 2^63 when x is empty).
+  const std::optional<int64_t> Cm = p.learned ? checked_mul(2, C) : std::optional<int64_t>(C);
+  const bool shape_ok = Cm && mo_in.dim() == x_in.dim() && mo_in.size(0) == B &&
+                        mo_in.size(1) == *Cm && mo_in.sizes().slice(2) == x_in.sizes().slice(2);
+  TORCH_CHECK_VALUE(shape_ok, "model_output: expected shape ",
+                    Cm ? expected_shape(x_in, *Cm) : "[B, 2·" + std::to_string(C) + ", ...]", " (",
                     p.learned ? "[B, 2C, ...]: mean and variance channels for model_var_type '"
                               : "[B, C, ...] for model_var_type '",
                     std::string(var_type), "'), got ", shape_str(mo_in));
@@ -303,9 +307,10 @@ std::tuple<at::Tensor, at::Tensor> run(int32_t rule, const at::Tensor& x, const 
                                        const std::optional<at::Generator>& generator,
                                        bool return_pred,
                                        const std::optional<at::Tensor>& sample_index) {
+  check_defined(x, "x");
+  check_generator_device(generator, x);
   Prepared r = prepare(rule, x, mo, t, table, mean_type, var_type, clip, eta, noise, return_pred,
                        sample_index);
-  check_generator_device(generator, x);
   if (x.is_cuda()) {
 #ifdef IDDPM_WITH_CUDA
     run_cuda(r, generator);

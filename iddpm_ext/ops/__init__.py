@@ -6,6 +6,8 @@ dispatch between the fused op and the readable eager path where the library pick
 - :mod:`.gather_coefs` — iddpm::gather_coefs, rows of the schedule-coefficient table.
 - :mod:`.step` — iddpm::p_sample_step / ddim_step / ddim_reverse_step, the fused steps.
 - :mod:`.attention` — iddpm::qkv_attention (+ backward) and the UNet's attention dispatch.
+- :mod:`.checks` — the fake implementations' argument checks (the C++ checks' messages); they
+  refuse meta tensors mixed with real ones, which the dispatcher sends to the fakes.
 
 Importing this package registers the fake and autograd implementations; the wrappers raise
 ExtensionUnavailableError when ``_C`` is not usable.

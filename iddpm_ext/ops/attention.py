@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import loader
+from . import checks, loader
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -29,9 +29,16 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
     qkv: [B, 3·H·C, T] -> [B, H·C, T].
     """
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv: expected a 3-D tensor [B, 3·H·C, T], got shape {list(qkv.shape)}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive number of heads, got {num_heads}")
     B, width, T = qkv.shape
-    if width % (3 * num_heads) != 0:
-        raise ValueError(f"qkv: expected channels divisible by 3·num_heads = {3 * num_heads}, got {width}")
+    if width <= 0 or width % (3 * num_heads) != 0:
+        raise ValueError(
+            f"qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = "
+            f"{3 * num_heads}, got {width}"
+        )
     qkv = qkv.reshape(B * num_heads, width // num_heads, T)
     ch = qkv.shape[1] // 3
     q, k, v = torch.split(qkv, ch, dim=1)
@@ -84,6 +91,8 @@ def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
         return False
     head_dim = qkv.shape[1] // (3 * num_heads)
     if caps["head_dims"] != "any" and head_dim not in caps["head_dims"]:
+        return False
+    if qkv.shape[0] * num_heads > caps.get("max_batch_heads", qkv.shape[0] * num_heads):
         return False
     return head_dim >= 1 and qkv.shape[2] <= caps.get("max_positions", qkv.shape[2])
 
@@ -162,14 +171,61 @@ def qkv_attention_backward(grad_out, qkv, out, lse, num_heads: int) -> torch.Ten
 
 
 def _fake_dims(qkv, num_heads):
-    torch._check(qkv.dim() == 3, lambda: f"qkv: expected a 3-D tensor [B, 3·H·C, T], got {qkv.dim()}-D")
-    torch._check(num_heads >= 1, lambda: f"num_heads: expected a positive number, got {num_heads}")
+    """The checks of csrc/ops/attention.cpp's check_qkv (ValueError, its messages); returns
+    (B, H·C, T). On a FakeTensor's real device the kernel's limits apply; on meta (which stands
+    for any device) the dtypes of some kernel."""
+    checks.defined(qkv, "qkv")
+    checks.dim(qkv, "qkv", 3, "[B, 3·num_heads·C, T]")
+    if num_heads < 1:
+        raise ValueError(f"num_heads: expected a positive number of heads, got {num_heads}")
     B, width, T = qkv.shape
-    torch._check(
-        width % (3 * num_heads) == 0,
-        lambda: f"qkv: expected channels divisible by 3·num_heads = {3 * num_heads}, got {width}",
+    torch._check_value(
+        width > 0 and width % (3 * num_heads) == 0,
+        lambda: (
+            f"qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = "
+            f"{3 * num_heads} (q, k and v of C channels per head), got {width} channels"
+        ),
     )
+    kind = qkv.device.type
+    caps = _KERNELS.get(kind, _KERNELS.get("cpu") if kind == "meta" else None)
+    if caps is not None:
+        where = "" if kind == "meta" else f" on {kind.upper()}"
+        checks.dtype_in(qkv, "qkv", caps["dtypes"], where)
+        C = width // (3 * num_heads)
+        if caps["head_dims"] != "any":
+            torch._check_value(
+                C in caps["head_dims"],
+                lambda: (
+                    f"qkv: expected a head dim C = channels / (3·num_heads) of {list(caps['head_dims'])} "
+                    f"on {kind}, got C = {C} ({width} channels, {num_heads} heads)"
+                ),
+            )
+        if "max_positions" in caps:
+            torch._check_value(
+                T <= caps["max_positions"],
+                lambda: f"qkv: expected at most {caps['max_positions']} positions (dim 2) on {kind}, got {T}",
+            )
+            torch._check_value(
+                B * num_heads <= caps["max_batch_heads"],
+                lambda: (
+                    f"qkv: expected at most {caps['max_batch_heads']} batch items × heads on {kind}, "
+                    f"got {B} × {num_heads}"
+                ),
+            )
     return B, width // 3, T
+
+
+def _fake_like_out(x, name, qkv, B, hc, T):
+    checks.defined(x, name)
+    checks.same_device(x, name, qkv, "qkv")
+    checks.dim(x, name, 3, f"[{B}, {hc}, {T}] (that of the attention output)")
+    checks.shape(tuple(x.shape) == (B, hc, T), name, (B, hc, T), x, " (that of the attention output)")
+    if x.dtype != qkv.dtype:
+        raise ValueError(f"{name}: expected dtype {qkv.dtype} (that of qkv), got {x.dtype}")
+
+
+def _lse_dtype(qkv):
+    return torch.float64 if qkv.dtype == torch.float64 else torch.float32
 
 
 if loader.available():
@@ -178,13 +234,20 @@ if loader.available():
     def _qkv_attention_fake(qkv, num_heads):
         B, hc, T = _fake_dims(qkv, num_heads)
         out = qkv.new_empty((B, hc, T))
-        lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        lse = qkv.new_empty((B, num_heads, T), dtype=lse_dtype)
+        lse = qkv.new_empty((B, num_heads, T), dtype=_lse_dtype(qkv))
         return out, lse
 
     @torch.library.register_fake("iddpm::qkv_attention_backward")
     def _qkv_attention_backward_fake(grad_out, qkv, out, lse, num_heads):
-        _fake_dims(qkv, num_heads)
+        # csrc/ops/attention.cpp's check_backward, in its order.
+        B, hc, T = _fake_dims(qkv, num_heads)
+        _fake_like_out(grad_out, "grad_out", qkv, B, hc, T)
+        _fake_like_out(out, "out", qkv, B, hc, T)
+        checks.defined(lse, "lse")
+        checks.same_device(lse, "lse", qkv, "qkv")
+        checks.dtype_in(lse, "lse", (_lse_dtype(qkv),))
+        checks.dim(lse, "lse", 3, f"[{B}, {num_heads}, {T}]")
+        checks.shape(tuple(lse.shape) == (B, num_heads, T), "lse", (B, num_heads, T), lse)
         return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
     def _setup_context(ctx, inputs, output):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import loader
+from . import checks, loader
 
 
 def gather_coefs(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -21,6 +21,17 @@ if loader.available():
 
     @torch.library.register_fake("iddpm::gather_coefs")
     def _gather_coefs_fake(table, t):
-        torch._check(table.dim() == 2, lambda: "table: expected a 2-D tensor [T, K]")
-        torch._check(t.dim() == 1, lambda: "t: expected a 1-D tensor [B]")
+        # The checks of csrc/ops/gather_coefs.cpp, in its order (meta mixed with CPU lands here).
+        checks.dim(table, "table", 2, "[T, K]")
+        checks.dtype_in(table, "table", (torch.float32,))
+        checks.dim(t, "t", 1, "[B]")
+        checks.index_dtype(t, "t")
+        checks.same_device(t, "t", table, "table")
+        torch._check_value(
+            table.shape[0] >= 1 or t.shape[0] == 0,
+            lambda: (
+                f"table: expected at least one row (T >= 1) to gather {t.shape[0]} timesteps from, "
+                f"got shape {list(table.shape)}"
+            ),
+        )
         return table.new_empty((t.shape[0], table.shape[1]))

@@ -25,11 +25,15 @@ would need a host sync).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import loader
+from . import checks, loader
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# K of the [T, K] coefficient table the kernels need at least (csrc/common/step_math.h).
+MIN_TABLE_COLUMNS = (loader.capabilities()["step"]["cpu"] or {}).get("min_table_columns", 18)
 MEAN_TYPES = ("epsilon", "start_x", "previous_x")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
@@ -127,23 +131,54 @@ def output_strides(x: torch.Tensor) -> tuple:
     return tuple(last) if dense_last else contiguous
 
 
-def _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index=None):
-    torch._check(x.dim() >= 2, lambda: f"x: expected a tensor [B, C, ...], got shape {tuple(x.shape)}")
-    torch._check(x.dtype in SUPPORTED_DTYPES, lambda: f"x: unsupported dtype {x.dtype}")
+def _fake_checks(x, model_output, t, table, model_mean_type, model_var_type, eta, noise, sample_index):
+    """The argument checks of csrc/ops/step.cpp's prepare(), in its order and with its messages
+    (ValueError), for the fake implementations: a meta tensor among real ones is refused here."""
+    _type_name(model_mean_type, "model_mean_type", MEAN_TYPES)
+    _type_name(model_var_type, "model_var_type", VAR_TYPES)
+    if not math.isfinite(eta):
+        raise ValueError(f"eta: expected a finite number, got {eta}")
+    checks.defined(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected a tensor [B, C, ...] with at least 2 dims, got shape {list(x.shape)}")
+    checks.dtype_in(x, "x", SUPPORTED_DTYPES)
+    checks.defined(model_output, "model_output")
+    checks.same_device(model_output, "model_output", x, "x")
+    checks.dtype_in(model_output, "model_output", SUPPORTED_DTYPES)
     learned = model_var_type in ("learned", "learned_range")
-    channels = 2 * x.shape[1] if learned else x.shape[1]
-    expected = (x.shape[0], channels, *x.shape[2:])
-    torch._check(
-        tuple(model_output.shape) == tuple(expected),
-        lambda: f"model_output: expected shape {tuple(expected)}, got {tuple(model_output.shape)}",
+    expected = (x.shape[0], 2 * x.shape[1] if learned else x.shape[1], *x.shape[2:])
+    checks.shape(tuple(model_output.shape) == expected, "model_output", expected, model_output)
+    checks.defined(t, "t")
+    checks.same_device(t, "t", x, "x")
+    checks.index_dtype(t, "t")
+    checks.shape(
+        tuple(t.shape) == (x.shape[0],), "t", (x.shape[0],), t, " (one timestep per batch item of x)"
     )
-    torch._check(tuple(t.shape) == (x.shape[0],), lambda: f"t: expected shape ({x.shape[0]},)")
-    torch._check(table.dim() == 2, lambda: "table: expected a [T, K] tensor")
+    checks.defined(table, "table")
+    checks.same_device(table, "table", x, "x")
+    checks.dtype_in(table, "table", (torch.float32,))
+    checks.dim(table, "table", 2, "[T, K]")
+    torch._check_value(
+        table.shape[0] >= 1 and table.shape[1] >= MIN_TABLE_COLUMNS,
+        lambda: (
+            f"table: expected a [T, K] coefficient table with T >= 1 and K >= {MIN_TABLE_COLUMNS} "
+            f"columns (GaussianDiffusion.coef_table), got shape {list(table.shape)}"
+        ),
+    )
+    if noise is not None:
+        checks.same_device(noise, "noise", x, "x")
+        checks.shape(tuple(noise.shape) == tuple(x.shape), "noise", x.shape, noise, " (the shape of x)")
+        if noise.dtype != x.dtype:
+            raise ValueError(f"noise: expected dtype {x.dtype} (the dtype of x), got {noise.dtype}")
     if sample_index is not None:
-        torch._check(
-            tuple(sample_index.shape) == (x.shape[0],),
-            lambda: f"sample_index: expected shape ({x.shape[0]},)",
-        )
+        checks.same_device(sample_index, "sample_index", x, "x")
+        checks.index_dtype(sample_index, "sample_index")
+        checks.shape(tuple(sample_index.shape) == (x.shape[0],), "sample_index", (x.shape[0],), sample_index)
+
+
+def _fake_outputs(x, model_output, t, table, model_mean_type, model_var_type, return_pred_xstart, eta=0.0,
+                  noise=None, sample_index=None):  # fmt: skip
+    _fake_checks(x, model_output, t, table, model_mean_type, model_var_type, eta, noise, sample_index)
     strides = output_strides(x)
     out = x.new_empty_strided(tuple(x.shape), strides)
     pred = x.new_empty_strided(tuple(x.shape), strides) if return_pred_xstart else x.new_empty((0,))
@@ -156,14 +191,16 @@ if loader.available():
     def _p_sample_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
                             noise=None, generator=None, return_pred_xstart=True,
                             sample_index=None):  # fmt: skip
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
+        return _fake_outputs(x, model_output, t, table, model_mean_type, model_var_type, return_pred_xstart,
+                             noise=noise, sample_index=sample_index)  # fmt: skip
 
     @torch.library.register_fake("iddpm::ddim_step")
     def _ddim_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised, eta,
                         noise=None, generator=None, return_pred_xstart=True, sample_index=None):  # fmt: skip
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart, sample_index)
+        return _fake_outputs(x, model_output, t, table, model_mean_type, model_var_type, return_pred_xstart,
+                             eta, noise, sample_index)  # fmt: skip
 
     @torch.library.register_fake("iddpm::ddim_reverse_step")
     def _ddim_reverse_step_fake(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised,
                                 return_pred_xstart=True):  # fmt: skip
-        return _fake_outputs(x, model_output, t, table, model_var_type, return_pred_xstart)
+        return _fake_outputs(x, model_output, t, table, model_mean_type, model_var_type, return_pred_xstart)

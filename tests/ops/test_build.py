@@ -167,10 +167,9 @@ def test_cuda_capabilities_match_what_the_ops_accept():
     from iddpm_ext import _C
 
     cuda = _C.capabilities()["attention"]["cuda"]
-    # Unsupported head dims are left out: on the first H100 run the CUDA op crashed on one
-    # (head dim 96) instead of raising; issue 13 fixes that and adds them back.
+    # Unsupported head dims too: the first H100 run crashed on head dim 96 (issue 13).
     for name, dtype in _TORCH_DTYPES.items():
-        for head_dim in cuda["head_dims"]:
+        for head_dim in (*cuda["head_dims"], 16, 48, 96):
             qkv = torch.randn(1, 3 * head_dim, 64, device="cuda").to(dtype)
             if name in cuda["dtypes"] and head_dim in cuda["head_dims"]:
                 out, _ = torch.ops.iddpm.qkv_attention(qkv, 1)

@@ -1,0 +1,504 @@
+"""Random calls of every ``iddpm`` op for the safety tests (tests/ops/test_op_safety.py on the
+CPU, tests/ops/test_op_safety_gpu.py on CUDA): shapes with 0-size and huge-but-empty dims,
+head counts (0, negative, near 2^63), dtypes (int, bool, complex, float64, fp16, bf16, fp32),
+non-contiguous strides and devices mixed with meta (and CPU, on CUDA).
+
+Each ``fuzz_*`` function draws one call from hypothesis data and checks that it either
+returns what the readable oracle (:mod:`helpers.oracles`) gives for the same inputs, or raises
+a clean Python exception (ValueError, TypeError, RuntimeError, NotImplementedError) whose
+message names one of the op's arguments. A crash kills the test process, which fails the test.
+An all-meta call (the tracing of torch.compile) must agree with the same call on the real
+device: the same output shapes, dtypes and strides where the kernel returns, an error where it
+refuses (except for what only the data can tell, t out of range).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from helpers.oracles import attention_math_f64, max_err, reference_step64
+from helpers.step_cases import make_diffusion
+from iddpm_ext import ModelMeanType, ModelVarType
+
+CLEAN = (ValueError, TypeError, RuntimeError, NotImplementedError)
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPES = FLOATS + [torch.int32, torch.int64, torch.bool, torch.complex64]
+# Head counts that overflowed 3·num_heads (int64) in the attention checks, and other extremes.
+EXTREME_HEADS = [0, -1, -(2**63), 2**62, (2**64 + 2) // 3, 2**63 - 1]
+HUGE = 2**40  # a dim that only exists next to a 0-size one
+LAYOUTS = ["contiguous", "strided", "transposed", "expanded"]
+# Tolerances against the float64 oracles, relative to max(1, |reference|): the output's
+# rounding and the float32 arithmetic, generously (precision is tested elsewhere; this catches
+# garbage).
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+
+GATHER_ARGS = ("table", "t")
+ATTENTION_ARGS = ("qkv", "num_heads", "grad_out", "out", "lse")
+STEP_ARGS = ("x", "model_output", "t", "table", "noise", "sample_index", "generator",
+             "model_mean_type", "model_var_type", "eta")  # fmt: skip
+
+
+def outcome(call, names):
+    """(result, None), or (None, error) for a clean exception naming one of ``names``; any
+    other exception propagates (and fails the test)."""
+    try:
+        return call(), None
+    except CLEAN as e:
+        msg = str(e)
+        # "name: expected ..." (the ops' checks) or "argument 'name'" (torch's schema checks).
+        assert any(re.search(rf"(?<![\w.]){re.escape(n)}(:|')", msg) for n in names), (
+            f"{type(e).__name__} does not name an argument of {names}: {msg}"
+        )
+        return None, e
+
+
+# ---- tensors ----
+
+
+def values(shape, dtype, gen):
+    """Random values of ``dtype`` (contiguous, CPU)."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    if dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    return torch.randint(-3, 4, shape, generator=gen).to(dtype)
+
+
+def make(data, shape, dtype, gen, layout=None, value_fn=None):
+    """A CPU tensor of ``shape`` and ``dtype`` in a drawn layout: contiguous, every other element
+    of a larger tensor, the transpose of a transposed one, or expanded along dim 0 (stride 0)."""
+    shape = tuple(shape)
+    assume(math.prod(shape) <= 10**6)  # a derived shape (a dim dropped or grown) may no longer be empty
+    layout = layout or data.draw(st.sampled_from(LAYOUTS))
+    fill = value_fn or (lambda s: values(s, dtype, gen))
+    try:
+        return _make(shape, layout, fill)
+    except (RuntimeError, TypeError, ValueError):  # torch has no such tensor (a stride overflows int64)
+        assume(False)
+
+
+def _make(shape, layout, fill):
+    if layout == "strided" and shape:
+        return fill(shape[:-1] + (2 * shape[-1],))[..., ::2]
+    if layout == "transposed" and len(shape) >= 2:
+        return fill(shape[:-2] + (shape[-1], shape[-2])).transpose(-1, -2)
+    if layout == "expanded" and shape and (math.prod(shape) > 0 or math.prod(shape[1:]) == 0):
+        return fill((1,) + shape[1:]).expand(shape)
+    return fill(shape)
+
+
+def relayout(data, src):
+    """A copy of ``src`` (same values) in a drawn layout: contiguous, every other element of a
+    larger tensor, or the transpose of a transposed one."""
+    layout = data.draw(st.sampled_from(LAYOUTS[:3]))
+    if layout == "strided" and src.dim():
+        base = torch.empty(tuple(src.shape[:-1]) + (2 * src.shape[-1],), dtype=src.dtype, device=src.device)
+        base[..., ::2] = src
+        return base[..., ::2]
+    if layout == "transposed" and src.dim() >= 2:
+        return src.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return src.clone()
+
+
+def place(x, device):
+    """``x`` on ``device``, its strides kept where possible (meta: always)."""
+    if not isinstance(x, torch.Tensor) or x.device == torch.device(device):
+        return x
+    if torch.device(device).type == "meta":
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="meta")
+    return x.to(device)
+
+
+def choose(data, good, *bad):
+    """``good`` 9 times in 10, else one of ``bad``: most calls valid but for one argument or none,
+    so that a check that lets a bad argument through meets a call that would otherwise pass."""
+    if not bad or data.draw(st.integers(0, 9)):
+        return good
+    return data.draw(st.sampled_from(bad))
+
+
+def draw_devices(data, names, base, mixes):
+    """Per tensor argument: all on ``base`` (4 in 10), all on meta (2 in 10), or ``base`` but
+    for one argument (and perhaps more) on one of ``mixes`` (4 in 10)."""
+    mode = data.draw(st.integers(0, 9))
+    if mode >= 8:
+        return {n: "meta" for n in names}
+    devices = {n: base for n in names}
+    if mode < 4:
+        devices[data.draw(st.sampled_from(names))] = data.draw(st.sampled_from(mixes))
+        for n in names:
+            if not data.draw(st.integers(0, 4)):
+                devices[n] = data.draw(st.sampled_from([base, *mixes]))
+    return devices
+
+
+def close(result, ref, dtype, what):
+    """``result`` (any device, dtype) within TOL[dtype] of the float64 ``ref``; NaN where ref is NaN."""
+    assert tuple(result.shape) == tuple(ref.shape), (
+        f"{what}: shape {tuple(result.shape)} vs {tuple(ref.shape)}"
+    )
+    if ref.numel() == 0:
+        return
+    r, e = result.detach().cpu().double(), ref.detach().cpu().double()
+    assert torch.equal(r.isnan(), e.isnan()), f"{what}: NaN where the oracle has none (or the reverse)"
+    keep = ~e.isnan()
+    if keep.any():
+        scale = max(1.0, e[keep].abs().max().item())
+        err = max_err(r[keep], e[keep])
+        assert err <= TOL[dtype] * scale, f"{what}: error {err:.3g} vs oracle (scale {scale:.3g}, {dtype})"
+
+
+def same_meta(meta_out, real_out, what):
+    """An all-meta call's outputs have the real call's shapes, dtypes and strides."""
+    for m, r in zip(meta_out, real_out):
+        assert m.device.type == "meta", f"{what}: meta call returned a {m.device} tensor"
+        assert (tuple(m.shape), m.dtype) == (tuple(r.shape), r.dtype), f"{what}: meta {m.shape} {m.dtype}"
+        if r.numel() > 1:  # strides of size-1 dims do not matter
+            ms, rs = ([st for st, n in zip(x.stride(), x.shape) if n > 1] for x in (m, r))
+            assert ms == rs, f"{what}: meta strides {m.stride()} vs {r.stride()}"
+
+
+def check_meta_agrees(meta, real, data_dependent, what, strict):
+    """meta, real: (result, error) of the all-meta call and the real one. ``strict``: the meta
+    call also refuses what the real one refuses (the CPU kernels' limits are the fakes' limits)."""
+    (m_res, m_err), (r_res, r_err) = meta, real
+    if r_err is None:
+        assert m_err is None, f"{what}: the fake refuses what the kernel accepts: {m_err}"
+        same_meta(
+            m_res if isinstance(m_res, tuple) else (m_res,),
+            r_res if isinstance(r_res, tuple) else (r_res,),
+            what,
+        )
+    elif strict and m_err is None:
+        assert data_dependent(r_err), f"{what}: the fake accepts what the kernel refuses: {r_err}"
+
+
+def mixed(devices):
+    return len(set(devices.values())) > 1
+
+
+def assert_mix_refused(err, devices, what):
+    assert err is not None, f"{what}: tensors on {sorted(set(devices.values()))} were accepted"
+
+
+# ---- gather_coefs ----
+
+
+def fuzz_gather_coefs(data, base="cpu", mixes=("meta",)):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    T = data.draw(st.sampled_from([0, 1, 3, 7]))
+    K = data.draw(st.sampled_from([0, 1, 4, HUGE]))
+    B = data.draw(st.sampled_from([0, 1, 3, 5]))
+    if K == HUGE and T != 0:
+        T = 0
+    table_shape = choose(data, (T, K), (T,), (T, K, 1), ())
+    table = make(data, table_shape, choose(data, torch.float32, *DTYPES), gen)
+    t_dtype = choose(data, data.draw(st.sampled_from([torch.int64, torch.int32])), *DTYPES)
+    hi = max(T, 1)
+    lo = choose(data, 0, -1)
+    top = choose(data, hi, hi + 1)
+
+    def t_vals(s):
+        return torch.randint(lo, top, s, generator=gen)
+
+    t_shape = choose(data, (B,), (B, 1), ())
+    t = make(data, t_shape, t_dtype, gen, value_fn=lambda s: values(s, t_dtype, gen) if t_dtype not in
+             (torch.int64, torch.int32) else t_vals(s).to(t_dtype))  # fmt: skip
+    devices = draw_devices(data, GATHER_ARGS, base, list(mixes))
+    args = {"table": place(table, devices["table"]), "t": place(t, devices["t"])}
+
+    def call(a):
+        return lambda: torch.ops.iddpm.gather_coefs(a["table"], a["t"])
+
+    res, err = outcome(call(args), GATHER_ARGS)
+    if mixed(devices):
+        return assert_mix_refused(err, devices, "gather_coefs")
+    if devices["table"] == "meta":
+        real = outcome(call({"table": place(table, base), "t": place(t, base)}), GATHER_ARGS)
+        check_meta_agrees((res, err), real, _bad_timestep, "gather_coefs", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    # The oracle: table[t] row by row; an out-of-range t gives NaN on CUDA (CPU raises).
+    tc, tab = t.cpu().long(), table.cpu().double()
+    ok = (tc >= 0) & (tc < tab.shape[0])
+    ref = torch.full((tc.shape[0], tab.shape[1]), float("nan"), dtype=torch.float64)
+    ref[ok] = tab[tc[ok]]
+    assert base != "cpu" or bool(ok.all()), "gather_coefs: CPU accepted an out-of-range t"
+    close(res, ref, torch.float32, "gather_coefs")
+
+
+def _bad_timestep(err):
+    return str(err).startswith("t: expected timesteps in")
+
+
+# ---- attention ----
+
+
+def _heads(data):
+    return data.draw(st.one_of(st.integers(-1, 3), st.sampled_from(EXTREME_HEADS)))
+
+
+def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    heads = _heads(data)
+    h = heads if 1 <= heads <= 3 else 2
+    B = data.draw(st.sampled_from([0, 1, 2]))
+    C = data.draw(st.sampled_from([1, 2, 3, 4, 8, 32, 96]))
+    T = data.draw(st.sampled_from([0, 1, 2, 5, 9]))
+    width = choose(data, 3 * h * C, 0, 3 * h * C + 1, 6, 7)
+    shape = [B, width, T]
+    if B == 0 and data.draw(st.booleans()):  # huge but empty
+        shape[data.draw(st.sampled_from([1, 2]))] = 3 * HUGE
+    elif T == 0 and data.draw(st.booleans()):
+        shape[0] = HUGE
+    shape = choose(data, tuple(shape), tuple(shape[:2]), (2, 6, 2, 1))
+    dtype = choose(data, data.draw(st.sampled_from(FLOATS)), *DTYPES)
+    qkv = make(data, shape, dtype, gen)
+    device = data.draw(st.sampled_from([base] * 4 + ["meta"]))
+
+    def call(q):
+        return lambda: torch.ops.iddpm.qkv_attention(q, heads)
+
+    res, err = outcome(call(place(qkv, device)), ATTENTION_ARGS)
+    if device == "meta":
+        real = outcome(call(place(qkv, base)), ATTENTION_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "qkv_attention", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    out, lse = res
+    Bq, width_q, Tq = qkv.shape
+    assert heads >= 1 and width_q % (3 * heads) == 0, f"accepted heads={heads} for width {width_q}"
+    assert out.shape == (Bq, width_q // 3, Tq) and out.dtype == qkv.dtype
+    assert lse.shape == (Bq, heads, Tq) and lse.dtype == (
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    if out.numel() == 0:
+        return
+    q64 = qkv.cpu().double()
+    close(out, attention_math_f64(q64, heads), dtype, "qkv_attention out")
+    close(lse, _lse64(q64, heads), torch.float32 if dtype != torch.float64 else dtype, "qkv_attention lse")
+
+
+def _lse64(qkv, heads):
+    B, width, T = qkv.shape
+    C = width // (3 * heads)
+    q, k, _ = qkv.reshape(B * heads, 3 * C, T).split(C, dim=1)
+    return (torch.einsum("bct,bcs->bts", q, k) / math.sqrt(C)).logsumexp(-1).reshape(B, heads, T)
+
+
+def fuzz_qkv_attention_backward(data, base="cpu", mixes=("meta",)):
+    """A valid forward on ``base``, then its backward's arguments, one of them perhaps changed
+    in shape, dtype, layout or device, or the head count."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    heads = data.draw(st.integers(1, 3))
+    B, T = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 6))
+    C = data.draw(st.sampled_from([1, 3, 32] if base == "cpu" else [32, 64]))
+    dtype = data.draw(st.sampled_from(FLOATS if base == "cpu" else FLOATS[:3]))
+    qkv = make(data, (B, 3 * heads * C, T), dtype, gen).to(base)
+    out, lse = torch.ops.iddpm.qkv_attention(qkv, heads)
+    grad_out = make(data, tuple(out.shape), dtype, gen).to(base)
+    args = {"grad_out": grad_out, "qkv": qkv, "out": out, "lse": lse}
+    change = data.draw(st.sampled_from(["none"] * 4 + ["shape", "dtype", "layout", "heads"]))
+    target = data.draw(st.sampled_from(sorted(args)))
+    n_heads = heads
+    if change == "shape":
+        s = list(args[target].shape)
+        i = data.draw(st.integers(0, len(s) - 1))
+        s[i] = data.draw(st.sampled_from([0, s[i] + 1, HUGE if 0 in s[:i] + s[i + 1 :] else 1]))
+        s = data.draw(st.sampled_from([s, s[:2], s + [1]]))
+        args[target] = make(data, s, args[target].dtype, gen).to(base)
+    elif change == "dtype":
+        new_dtype = data.draw(st.sampled_from(DTYPES))
+        change = "none" if new_dtype == args[target].dtype else change
+        args[target] = args[target].to(new_dtype)
+    elif change == "layout":
+        args[target] = relayout(data, args[target])
+    elif change == "heads":
+        n_heads = _heads(data)
+    devices = draw_devices(data, ("grad_out", "qkv", "out", "lse"), base, list(mixes))
+    placed = {n: place(v, devices[n]) for n, v in args.items()}
+
+    def call(a):
+        return lambda: torch.ops.iddpm.qkv_attention_backward(
+            a["grad_out"], a["qkv"], a["out"], a["lse"], n_heads
+        )
+
+    res, err = outcome(call(placed), ATTENTION_ARGS)
+    if mixed(devices):
+        return assert_mix_refused(err, devices, "qkv_attention_backward")
+    if devices["qkv"] == "meta":
+        real = outcome(call({n: place(v, base) for n, v in args.items()}), ATTENTION_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "qkv_attention_backward", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    assert change in ("none", "layout") or (change == "heads" and n_heads == heads), (
+        f"accepted a changed {change}"
+    )
+    assert res.shape == qkv.shape and res.dtype == dtype
+    if res.numel() == 0:
+        return
+    x = qkv.detach().cpu().double().requires_grad_()
+    (ref,) = torch.autograd.grad(attention_math_f64(x, heads), x, grad_out.cpu().double())
+    close(res, ref, dtype if dtype != torch.float32 else torch.float16, "qkv_attention_backward")
+
+
+# ---- the step ops ----
+
+RULES = {"p_sample_step": "ancestral", "ddim_step": "ddim", "ddim_reverse_step": "reverse"}
+MEAN = {
+    "epsilon": ModelMeanType.EPSILON,
+    "start_x": ModelMeanType.START_X,
+    "previous_x": ModelMeanType.PREVIOUS_X,
+}
+VAR = {"fixed_small": ModelVarType.FIXED_SMALL, "fixed_large": ModelVarType.FIXED_LARGE,
+       "learned": ModelVarType.LEARNED, "learned_range": ModelVarType.LEARNED_RANGE}  # fmt: skip
+_DIFFUSIONS: dict = {}
+
+
+def _diffusion(mean, var, steps):
+    key = (mean, var, steps)
+    if key not in _DIFFUSIONS:
+        _DIFFUSIONS[key] = make_diffusion(MEAN[mean], VAR[var], steps=steps)
+    return _DIFFUSIONS[key]
+
+
+def fuzz_step(data, base="cpu", mixes=("meta",)):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    op = data.draw(st.sampled_from(sorted(RULES)))
+    rule = RULES[op]
+    mean = data.draw(st.sampled_from(sorted(MEAN)))
+    var = data.draw(st.sampled_from(sorted(VAR)))
+    d = _diffusion(mean, var, data.draw(st.sampled_from([40, 100])))
+    learned = var in ("learned", "learned_range")
+    B = data.draw(st.integers(0, 3))
+    C = data.draw(st.integers(0, 3))
+    spatial = data.draw(st.lists(st.integers(0, 3), max_size=2))
+    x_shape = [B, C, *spatial]
+    if 0 in x_shape[:1] + spatial and data.draw(st.booleans()):  # huge but empty
+        C = data.draw(st.sampled_from([HUGE, 2**62]))
+        x_shape[1] = C
+    x_shape = choose(data, x_shape, x_shape[:1], [])
+    x_dtype = choose(data, data.draw(st.sampled_from(FLOATS[:3])), *DTYPES)
+    mo_dtype = choose(data, data.draw(st.sampled_from([x_dtype, torch.float32])), *DTYPES)
+    mo_shape = list(x_shape)
+    if len(mo_shape) >= 2 and learned and C < 2**62:
+        mo_shape[1] *= 2
+    if (
+        data.draw(st.integers(0, 15)) == 0
+        and mo_shape
+        and math.prod(mo_shape[:-1]) * (mo_shape[-1] + 1) < 10**6
+    ):
+        mo_shape[-1] += 1
+    mo_scale = {"learned": (-9.0, 0.0), "learned_range": (-1.0, 1.0)}.get(var)
+
+    def mo_values(s):
+        v = values(s, mo_dtype, gen)
+        if mo_scale and len(s) >= 2 and s[1] and v.is_floating_point() and math.prod(s):
+            lo, hi = mo_scale  # the variance half in its natural range
+            v[:, s[1] // 2 :] = (torch.rand(v[:, s[1] // 2 :].shape, generator=gen) * (hi - lo) + lo).to(
+                mo_dtype
+            )
+        return v
+
+    x = make(data, x_shape, x_dtype, gen)
+    mo = make(data, mo_shape, mo_dtype, gen, value_fn=mo_values)
+    t_dtype = choose(data, data.draw(st.sampled_from([torch.int64, torch.int32])), *DTYPES)
+    steps = d.num_timesteps
+    in_range = data.draw(st.integers(0, 9)) > 0
+    lo, hi = (0, steps) if in_range else (-1, steps + 2)
+
+    def t_vals(s):
+        return torch.randint(lo, hi, s, generator=gen)
+
+    t = make(data, choose(data, (B,), (B, 1), ()), t_dtype, gen,
+             value_fn=lambda s: t_vals(s).to(t_dtype) if t_dtype in (torch.int64, torch.int32)
+             else values(s, t_dtype, gen))  # fmt: skip
+    table = d.coef_table("cpu")
+    table = choose(data, table, table.double(), table[:, :10], table[:0], table[0], table.t())
+    table = relayout(data, table)
+    noise = None
+    if data.draw(st.booleans()):
+        n_shape = choose(data, x_shape, x_shape[:-1])
+        n_dtype = choose(data, x_dtype, *DTYPES)
+        noise = make(data, n_shape, n_dtype, gen)
+    sample_index = None
+    if data.draw(st.booleans()):
+        si_dtype = choose(data, data.draw(st.sampled_from([torch.int64, torch.int32])), torch.float32)
+        sample_index = make(data, choose(data, (B,), (B + 1,)), si_dtype, gen)
+    generator = data.draw(st.sampled_from([None, None, "base", "cpu"]))
+    if generator is not None:
+        generator = torch.Generator(device=base if generator == "base" else "cpu").manual_seed(3)
+    clip = data.draw(st.booleans())
+    eta = choose(data, data.draw(st.sampled_from([0.0, 0.3, 1.0])), -0.5, 1.5, float("nan"), float("inf"))
+    mean_name = choose(data, mean, "bogus")
+    var_name = choose(data, var, "FIXED")
+    ret_pred = data.draw(st.booleans())
+    names = ("x", "model_output", "t", "table", "noise", "sample_index")
+    devices = draw_devices(data, names, base, list(mixes))
+    tensors = {
+        "x": x,
+        "model_output": mo,
+        "t": t,
+        "table": table,
+        "noise": noise,
+        "sample_index": sample_index,
+    }
+
+    def call(a, g=generator):
+        head = (a["x"], a["model_output"], a["t"], a["table"], mean_name, var_name, clip)
+        if op == "p_sample_step":
+            return lambda: torch.ops.iddpm.p_sample_step(*head, a["noise"], g, ret_pred, a["sample_index"])
+        if op == "ddim_step":
+            return lambda: torch.ops.iddpm.ddim_step(*head, eta, a["noise"], g, ret_pred, a["sample_index"])
+        return lambda: torch.ops.iddpm.ddim_reverse_step(*head, ret_pred)
+
+    used = [n for n in names if tensors[n] is not None and (op != "ddim_reverse_step" or n in names[:4])]
+    placed = {n: place(v, devices[n]) for n, v in tensors.items()}
+    res, err = outcome(call(placed), STEP_ARGS)
+    if len({devices[n] for n in used}) > 1:
+        return assert_mix_refused(err, {n: devices[n] for n in used}, op)
+    if devices["x"] == "meta":
+        real = outcome(call({n: place(v, base) for n, v in tensors.items()}), STEP_ARGS)
+        # The fakes leave the generator's device unchecked (meta stands for any device).
+        strict = base == "cpu" and generator is None
+        check_meta_agrees((res, err), real, _bad_timestep, op, strict=strict)
+        return
+    if err is not None:
+        return
+    _check_step_result(res, d, rule, x, mo, t, clip, eta, noise, ret_pred, base, op)
+
+
+def _check_step_result(res, d, rule, x, mo, t, clip, eta, noise, ret_pred, base, op):
+    sample, pred = res
+    assert sample.shape == x.shape and sample.dtype == x.dtype, f"{op}: sample {sample.shape} {sample.dtype}"
+    assert pred.shape == (x.shape if ret_pred else (0,)), f"{op}: pred_xstart shape {pred.shape}"
+    if x.numel() == 0:
+        return
+    tc = t.cpu().long()
+    ok = (tc >= 0) & (tc < d.num_timesteps)
+    assert base != "cpu" or bool(ok.all()), f"{op}: CPU accepted an out-of-range t"
+    needs_noise = rule == "ancestral" or (rule == "ddim" and eta != 0)
+    z = noise if noise is not None else (torch.zeros_like(x) if needs_noise else None)
+    ref = reference_step64(d, rule, x.cpu(), mo.cpu(), tc.clamp(0, d.num_timesteps - 1), clip, eta,
+                           z.cpu() if z is not None else None)  # fmt: skip
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    bad = (~ok).view(shape).expand(x.shape)
+    for name, got, want, check in (
+        ("sample", sample, ref["sample"], noise is not None or not needs_noise),
+        ("pred_xstart", pred, ref["pred_xstart"], ret_pred),
+    ):
+        if check:
+            want = want.masked_fill(bad, float("nan"))  # CUDA: NaN for an out-of-range t
+            close(got, want, x.dtype, f"{op} {name}")

@@ -1,0 +1,69 @@
+"""The CUDA twin of test_op_safety.py (run by scripts/gpu_check.sh): the crash of the first H100
+run (head dim 96, issue 13) as a regression test, in a child process so that a crash is reported
+as a failure of this test, and the hypothesis fuzz test of every op on the card, with arguments
+mixed across CUDA, CPU and meta."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import op_fuzz
+
+pytestmark = pytest.mark.gpu
+
+CRASH = """
+import torch, iddpm_ext
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for head_dim in (1, 16, 48, 80, 96, 160, 192, 256):
+        q = torch.randn(1, 6 * head_dim, 16, device="cuda", dtype=dtype)
+        for call in (lambda: torch.ops.iddpm.qkv_attention(q, 2),
+                     lambda: torch.ops.iddpm.qkv_attention(q.requires_grad_(), 2)):
+            try:
+                call()
+            except ValueError as e:
+                assert "head dim" in str(e), e
+            else:
+                raise AssertionError(f"head dim {head_dim} accepted")
+print("ok")
+"""
+
+
+def test_unsupported_head_dims_raise_not_crash():
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CRASH], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
+        f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    )
+
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+MIXES = ("cpu", "meta")
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_gather_coefs_cuda(data):
+    op_fuzz.fuzz_gather_coefs(data, base="cuda", mixes=MIXES)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_qkv_attention_cuda(data):
+    op_fuzz.fuzz_qkv_attention(data, base="cuda", mixes=MIXES)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_qkv_attention_backward_cuda(data):
+    op_fuzz.fuzz_qkv_attention_backward(data, base="cuda", mixes=MIXES)
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.data())
+def test_fuzz_step_ops_cuda(data):
+    op_fuzz.fuzz_step(data, base="cuda", mixes=MIXES)
