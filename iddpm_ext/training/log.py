@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from ..io import atomic_write_bytes
 
@@ -38,6 +39,7 @@ class MetricsLog:
         self.jsonl_path = jsonl_path
         self.png_path = png_path
         self.num_timesteps = num_timesteps
+        self._warned = False
         self.records = []
         if resume_step is not None and os.path.isfile(jsonl_path):
             # Keep what the checkpoint covers; later lines belong to the interrupted run.
@@ -53,8 +55,18 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, title: str = ""):
-        if self.png_path and self.records:
+        """Redraw the PNG; without matplotlib (a dependency, but an environment may lack it)
+        training goes on without the plot, with one warning."""
+        if not (self.png_path and self.records):
+            return
+        try:
             plot_curves(self.records, self.png_path, title=title, num_timesteps=self.num_timesteps)
+        except ModuleNotFoundError as err:
+            if err.name != "matplotlib" and not (err.name or "").startswith("matplotlib."):
+                raise
+            if not self._warned:
+                warnings.warn(f"{self.png_path} not drawn: matplotlib is not installed", stacklevel=2)
+                self._warned = True
 
 
 def plot_curves(records: list, path: str, title: str = "", num_timesteps: int | None = None):

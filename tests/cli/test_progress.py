@@ -52,6 +52,19 @@ def test_sample_ticks_per_denoising_step(run, tmp_path, capsys, on):
     assert "%|" not in captured.out  # never on stdout
 
 
+@pytest.mark.kernels
+def test_sample_ticks_per_step_with_the_engine(run, tmp_path, capsys):
+    # the engine's per-step callback ticks the bar (and keeps the trajectory's frames)
+    rc = main(
+        "sample --model_path {run} --num_samples 3 --batch_size 2 --timestep_respacing 4 --out_dir {out} "
+        "--engine eager --trajectory 2",
+        run=run["run"],
+        out=str(tmp_path),
+    )
+    assert rc == 0 and _bars(capsys.readouterr().err, "sample")[-1] == (8, 8)
+    assert (tmp_path / "trajectory.png").is_file()
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_nll_ticks_per_timestep(run, tmp_path, capsys, on):
     # 3 images in batches of 2, T = 10: 2 batches × 10 timesteps

@@ -193,3 +193,19 @@ def test_figures_write_atomically_and_import_matplotlib_lazily(tmp_path):
     code = "import sys, iddpm_ext, iddpm_ext.training.log, iddpm_ext.cli; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_training_log_goes_on_without_matplotlib(tmp_path, monkeypatch):
+    import warnings
+
+    from iddpm_ext.training.log import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    log = MetricsLog(str(tmp_path / "progress.jsonl"), str(tmp_path / "loss.png"))
+    log.append({"step": 1, "loss": 0.5})
+    with pytest.warns(UserWarning, match="loss.png not drawn: matplotlib is not installed"):
+        log.plot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log.plot()  # warned once
+    assert not (tmp_path / "loss.png").exists() and (tmp_path / "progress.jsonl").is_file()
