@@ -18,7 +18,7 @@ BOOTSTRAP_PYTHON ?= python3
 # The CUDA build of torch, so that CUDA sources compile (and run where a GPU exists).
 TORCH_SPEC ?= torch==2.14.1
 BUILD_DEPS := scikit-build-core pybind11 ninja "cmake>=3.26" numpy
-RUN_DEPS := tqdm pillow safetensors
+RUN_DEPS := tqdm pillow safetensors matplotlib
 # The digits demo's data set (scikit-learn ships it; no download): pyproject's [digits] extra.
 DEMO_DEPS := "scikit-learn>=1.2"
 # diffusers: the optional bridge (pyproject's [diffusers] extra), installed so its tests run.
@@ -77,7 +77,7 @@ $(VENV)/.iddpm-deps: pyproject.toml Makefile
 build/.iddpm-deps-external: pyproject.toml Makefile
 	@mkdir -p build
 	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, ninja, pytest, hypothesis, xdist, tqdm, PIL, \
-	  safetensors, sklearn, ruff, clang_format, diffusers" 2>/dev/null \
+	  safetensors, matplotlib, sklearn, ruff, clang_format, diffusers" 2>/dev/null \
 	  || $(PY) -m pip install --disable-pip-version-check $(BUILD_DEPS) $(RUN_DEPS) $(DEMO_DEPS) $(TEST_DEPS) \
 	  $(LINT_DEPS)
 	@touch $@

@@ -50,7 +50,9 @@ def _cmd_demo(args) -> int:
     if args.toy:
         from . import toy
 
-        toy.run(out_dir=args.out, train_steps=args.train_steps or 3000, seed=args.seed)
+        toy.run(
+            out_dir=args.out, train_steps=args.train_steps or 3000, seed=args.seed, progress=args.progress
+        )
         return 0
     from . import demo
 
@@ -62,6 +64,7 @@ def _cmd_demo(args) -> int:
         num_samples=args.num_samples,
         sample_steps=args.sample_steps,
         device=args.device or None,
+        progress=args.progress,
     )
     return 0
 
@@ -89,8 +92,19 @@ def _cmd_reproduce(args) -> int:
         k: getattr(args, k) for k in ("seed", "train_steps", "diffusion_steps", "nll_images", "num_samples")
     }
     reproduce.run(out_dir=args.out, scale=args.scale, jobs=args.jobs or None, threads=args.threads or None,
-                  device=args.device, reuse=args.reuse, runs=runs, sample_steps=steps, **given)  # fmt: skip
+                  device=args.device, reuse=args.reuse, runs=runs, sample_steps=steps, progress=args.progress,
+                  **given)  # fmt: skip
     return 0
+
+
+def _add_progress(p):
+    """--progress BOOL, as train, sample and nll have it."""
+    from ..script_util import str2bool
+    from .flags import PROGRESS_HELP
+
+    p.add_argument(
+        "--progress", type=str2bool, default=True, metavar="BOOL", help=PROGRESS_HELP + " (default: True)"
+    )
 
 
 def _add_eval_parsers(sub):
@@ -117,6 +131,7 @@ def _add_eval_parsers(sub):
     )
     p.add_argument("--no_cache", action="store_true", help="neither read nor write cached statistics")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    _add_progress(p)
     p.set_defaults(func=_cmd_fid)
 
     from .reproduce import RUNS, SCALES
@@ -159,6 +174,7 @@ def _add_eval_parsers(sub):
         action="store_true",
         help="keep the finished tasks of an earlier run in --out with the same settings",
     )
+    _add_progress(p)
     p.set_defaults(func=_cmd_reproduce)
 
 
@@ -202,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_steps", type=int, default=100, help="respaced sampling steps (default: 100)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_progress(p)
     p.set_defaults(func=_cmd_demo)
 
     _add_eval_parsers(sub)

@@ -201,7 +201,7 @@ def cmd_sample(args, explicit: set) -> dict:
         images.save_npz(npz, res["images"], res["labels"], overwrite=args.overwrite)
         images.save_grid(png, res["images"][:256], overwrite=args.overwrite)
         if traj:
-            images.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite)
+            images.save_trajectory(traj, res["trajectory"], overwrite=args.overwrite, diffusion=diffusion)
         per = res["seconds"] / max(1, math.ceil(args.num_samples / dist_util.get_world_size()))
         _say(
             f"wrote {npz} and {png}{' and ' + traj if traj else ''}; {res['seconds']:.1f} s "
@@ -310,7 +310,13 @@ def cmd_fid(args) -> dict:
     cache_dir = None if args.no_cache else args.cache_dir
     t0 = time.perf_counter()
     res = evaluate(
-        args.ref, args.samples, args.inception, batch_size=args.batch_size, device=device, cache_dir=cache_dir
+        args.ref,
+        args.samples,
+        args.inception,
+        batch_size=args.batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        progress=args.progress,
     )
     res["seconds"] = time.perf_counter() - t0
     res.update(ref=args.ref, samples=args.samples, inception=args.inception)

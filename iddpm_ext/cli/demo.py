@@ -31,7 +31,7 @@ NLL_EXACT, NLL_STRATA = 10, 40  # the bound's terms t < 10 computed, one from ea
 CHECK_SAMPLES = 8  # samples made again with the eager step (CPU) to compare
 
 
-def _train(out_dir, steps, seed, device, log):
+def _train(out_dir, steps, seed, device, log, progress=True):
     from ..script_util import model_and_diffusion_defaults
     from ..training.data import BatchStream, open_source
     from .commands import annealed_run
@@ -49,7 +49,7 @@ def _train(out_dir, steps, seed, device, log):
     data = BatchStream(source, p["batch_size"], seed=seed)
     log(f"[demo] training the digits model for {steps} steps (batch {p['batch_size']}) in {run_dir}")
     loop = annealed_run(config, data, steps, run_dir, device, seed=seed, batch_size=p["batch_size"],
-                        lr=p["lr"], ema_rate=p["ema_rate"], progress=True, log=log,
+                        lr=p["lr"], ema_rate=p["ema_rate"], progress=progress, log=log,
                         log_interval=min(p["log_interval"], max(1, steps // 10)))  # fmt: skip
     loop.run_loop()
     latest = json.load(open(os.path.join(run_dir, "latest.json")))
@@ -116,20 +116,24 @@ def _reference_speed(model, diffusion, shape, n, device) -> dict:
 
 
 def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=64, sample_steps=100,
-        device=None, log=print) -> dict:  # fmt: skip
+        device=None, log=print, progress=False) -> dict:  # fmt: skip
+    """The demo (module docstring); ``progress``: bars with the time left on stderr for the
+    training, the sampling (per step) and the bits/dim estimate (per model call)."""
     from ..evaluation.likelihood import estimate_bits_per_dim, mean_stderr, strata_edges
     from ..training import checkpoint as ckpt
     from ..training.data import open_source
     from ..training.log import plot_curves, read_jsonl
+    from ..training.progress import bar_safe
     from . import generate as S
     from . import images
     from .commands import build
 
+    log = bar_safe(log)
     t_all = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out_dir, exist_ok=True)
     if train_steps:
-        weights, train_log = _train(out_dir, train_steps, seed, device, log)
+        weights, train_log = _train(out_dir, train_steps, seed, device, log, progress)
     else:
         weights, train_log = CHECKPOINT, TRAIN_LOG
         if not os.path.isfile(weights):
@@ -157,13 +161,15 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
     with torch.no_grad():  # warm-up (allocator, kernels' first calls), so the timings compare
         model(torch.zeros(num_samples, *shape, device=device), torch.zeros(num_samples, device=device).long())
     res = S.generate(model, diffusion, num_samples, shape, batch_size=num_samples, seed=seed, device=device,
-                     trajectory_steps=10, trajectory_samples=8, engine="auto")  # fmt: skip
+                     trajectory_steps=10, trajectory_samples=8, engine="auto", progress=progress)  # fmt: skip
     results.update(sample_seconds=round(res["seconds"], 3), sample_fused=fused, sample_engine=res["engine"])
     timing = f"{res['seconds']:.2f} s ({res['engine']}, {'fused' if fused else 'eager'} step)"
     if fused and device.type == "cpu":  # the first samples again through the eager step: the same pixels
         k = min(CHECK_SAMPLES, num_samples)
         diffusion.use_fused = False
-        eager = S.generate(model, diffusion, k, shape, batch_size=k, seed=seed, device=device)
+        eager = S.generate(
+            model, diffusion, k, shape, batch_size=k, seed=seed, device=device, progress=progress
+        )
         diffusion.use_fused = True
         diff = int(np.abs(eager["images"].astype(int) - res["images"][:k]).max())
         results.update(max_pixel_diff_fused_vs_eager=diff, compared_samples=k)
@@ -186,14 +192,21 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
     images.save_grid(grid, res["images"], ncol=8, overwrite=True)
     npz = os.path.join(out_dir, images.samples_filename(res["images"]))
     images.save_npz(npz, res["images"], overwrite=True)
-    images.save_trajectory(os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True)
+    images.save_trajectory(
+        os.path.join(out_dir, "trajectory.png"), res["trajectory"], overwrite=True, diffusion=diffusion
+    )
     log(f"[demo] {num_samples} samples, {sample_steps} respaced steps: {timing} -> {grid}")
 
     # 2. loss curves of the training run
     records = read_jsonl(train_log)
     plot = os.path.join(out_dir, "loss.png")
     steps = records[-1]["step"] if records else 0
-    plot_curves(records, plot, title=f"digits training run ({os.path.basename(train_log)}), {steps} steps")
+    plot_curves(
+        records,
+        plot,
+        title=f"Digits training run ({os.path.basename(train_log)}), {steps} steps",
+        num_timesteps=config["diffusion_steps"],
+    )
     if records:
         last = records[-1]
         results["final_train_loss"] = last["loss"]
@@ -212,7 +225,7 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
                        split="test")  # fmt: skip
     t0 = time.perf_counter()
     bpd = estimate_bits_per_dim(full_model, full_diffusion, test, n, n, exact=NLL_EXACT, strata=NLL_STRATA,
-                                seed=seed, device=device)  # fmt: skip
+                                seed=seed, device=device, progress=progress)  # fmt: skip
     mean, err = mean_stderr(bpd["total_bpd"])
     T = full_diffusion.num_timesteps
     terms = min(NLL_EXACT, T) + len(strata_edges(T, NLL_EXACT, NLL_STRATA)) - 1

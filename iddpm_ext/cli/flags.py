@@ -9,6 +9,9 @@ import argparse
 from ..script_util import model_and_diffusion_defaults, str2bool
 from .presets import PRESETS, preset_defaults
 
+# The --progress flag of every long-running command (train, sample, nll, demo, reproduce, fid).
+PROGRESS_HELP = "progress bars with the rate and the time left, on stderr (main process only); False: none"
+
 MODEL_HELP = {
     "image_size": "image height and width in pixels",
     "num_channels": "base channel count of the UNet (× channel_mult per level)",
@@ -80,8 +83,7 @@ TRAIN_EXTRA_HELP = {
     "resize": "crop: scale and centre-crop images to image_size (the reference); none: images must "
     "already be image_size",
     "num_workers": "data-loading worker processes for image folders (0: load in the main process)",
-    "progress": "show a progress bar (main process only); False prints the key table of each log "
-    "interval instead",
+    "progress": PROGRESS_HELP + " (train: False prints the key table of each log interval instead)",
     "threads": "CPU threads for torch (0: torch's default)",
     "tensorboard": "also write the logged values as TensorBoard events to OUT_DIR/tb (needs the "
     "tensorboard package, not installed with iddpm_ext)",
@@ -112,7 +114,7 @@ SAMPLE_EXTRA_HELP = {
     "trajectory": "also write trajectory.png with this many steps of the first 8 samples (0: off)",
     "overwrite": "replace existing output files",
     "fused": "use the fused sampling-step kernels where they apply (False: eager path; loop engine only)",
-    "progress": "show a progress bar (main process only)",
+    "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
     "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, eager (the engine's "
     "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
@@ -142,7 +144,7 @@ NLL_EXTRA_HELP = {
     "device": "cpu or cuda (empty: cuda when available)",
     "overwrite": "replace existing output files",
     "resize": TRAIN_EXTRA_HELP["resize"],
-    "progress": "show a progress bar (main process only)",
+    "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
 }
 

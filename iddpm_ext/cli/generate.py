@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import dist_util
+from ..training.progress import progress_bar
 from .images import to_uint8
 
 NOISE_CHUNK = 32  # steps of noise drawn at once per sample (loop)
@@ -128,13 +129,14 @@ def _kept_steps(T: int, trajectory_steps: int) -> set:
 
 @torch.no_grad()
 def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
-                 label=None, device="cpu", trajectory_steps=0, engine="loop"):  # fmt: skip
+                 label=None, device="cpu", trajectory_steps=0, engine="loop", on_step=None):  # fmt: skip
     """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
 
     ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
     an int = that class for all. ``trajectory_steps`` > 0 keeps x_t at that many evenly
     spaced steps (frames: list of (t, [B, C, H, W] on CPU)). ``engine``: one of ENGINES, or
     a :class:`Sampler` (reused across batches by :func:`generate`; see the module docstring).
+    ``on_step``: called with no arguments after each denoising step (progress bars).
     """
     device = torch.device(device)
     sampler = _sampler(engine, model, diffusion, device)
@@ -142,12 +144,14 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     labels, x = _labels_and_x_T(model, gens, indices, shape, label, device)
     keep = _kept_steps(diffusion.num_timesteps, trajectory_steps)
     if sampler.engine is None:
-        return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
+        return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep, on_step)
     frames = []
 
-    def keep_frame(t_int, x_t):
+    def after_step(t_int, x_t):
         if t_int in keep:  # x_t is the engine's static buffer: copy it
             frames.append((t_int, x_t.to("cpu", torch.float32, copy=True)))
+        if on_step is not None:
+            on_step()
 
     # Every batch starts the step-noise generator afresh: step k has the same Philox key and
     # offset in every batch and process, and sample i takes its own stream (sample_index).
@@ -162,7 +166,7 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
         y=labels,
         generator=g,
         sample_index=torch.tensor(list(indices), dtype=torch.long),
-        callback=keep_frame if keep else None,
+        callback=after_step if keep or on_step is not None else None,
     )
     return out, labels, frames
 
@@ -196,7 +200,7 @@ class _StepNoise:
         return self.chunk[k]
 
 
-def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep):
+def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep, on_step=None):
     """The explicit-noise loop: the library's sampling loop, each step's noise from the
     per-sample generators."""
     model_kwargs = {} if labels is None else {"y": labels}
@@ -212,6 +216,8 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep)
         x = out["sample"]
         if t_int in keep:
             frames.append((t_int, x.float().cpu()))
+        if on_step is not None:
+            on_step()
     return x.float(), labels, frames
 
 
@@ -222,6 +228,8 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     global indices, :func:`rank_indices`), gathered on every rank in index order.
 
     ``engine``: one of ENGINES (module docstring), resolved here once, or a :class:`Sampler`.
+    ``progress``: a tqdm bar on stderr (main process only) ticking once per denoising step of
+    every batch, with its rate and the time left.
 
     :return: dict with "images" uint8 [N, H, W, C] (numpy), "labels" [N] or None,
         "trajectory" (list of (t, [k, C, H, W]) for the first k samples, rank 0's), "seconds",
@@ -235,12 +243,10 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     sampler = _sampler(engine, model, diffusion, device)
     images, labels, trajectory = [], [], []
     starts = range(0, len(mine), batch_size)
-    if progress and dist_util.is_main():
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="sample", dynamic_ncols=True)
+    bar = progress_bar(progress, len(starts) * diffusion.num_timesteps, "sample", "step")
     t0 = time.perf_counter()
-    for s in starts:
+    for b, s in enumerate(starts):
+        bar.set_postfix_str(f"batch {b + 1}/{len(starts)}", refresh=False)
         idx = mine[s : s + batch_size]
         want_traj = trajectory_steps if (s == 0 and rank == 0) else 0
         x, y, frames = sample_batch(
@@ -256,6 +262,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
             device=device,
             trajectory_steps=want_traj,
             engine=sampler,
+            on_step=bar.update if not bar.disable else None,
         )
         images.append(to_uint8(x))
         if y is not None:
@@ -265,6 +272,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     if device != "cpu" and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    bar.close()
     dev = torch.device(device)
     local = (
         torch.cat(images)

@@ -1,5 +1,5 @@
 """Sample files: ``samples_NxHxWxC.npz`` (the reference's format: arr_0 uint8 [N, H, W, C],
-arr_1 labels), PNG grids and trajectory strips, written atomically."""
+arr_1 labels), PNG grids (Pillow) and trajectory figures (matplotlib), written atomically."""
 
 from __future__ import annotations
 
@@ -62,15 +62,35 @@ def save_grid(path: str, images: np.ndarray, ncol=None, scale=None, overwrite: b
     atomic_write_bytes(path, _png_bytes(grid_image(images, ncol, scale)), overwrite=overwrite)
 
 
-def save_trajectory(path: str, trajectory, overwrite: bool = False):
-    """A strip: one row per sample, one column per kept step (x_t, noisy to clean)."""
+def save_trajectory(path: str, trajectory, overwrite: bool = False, diffusion=None, cell_px: int = 48):
+    """A figure of x_t along the chain: one row per sample, one column per kept step (noisy to
+    clean), each column labelled with its timestep t: the sample right after the denoising
+    step at t, in the original process's numbering when ``diffusion`` (respaced or not) is
+    given. Returns the matplotlib Figure (None for an empty trajectory)."""
+    from ..training.plots import image_grid_figure, png_bytes
+
     if not trajectory:
-        return
+        return None
     frames = [to_uint8(f).numpy() for _, f in trajectory]  # each [k, H, W, C]
+    ts = [int(t) for t, _ in trajectory]
+    steps = getattr(diffusion, "timestep_map", None)
+    if steps is not None:
+        ts = [int(steps[t]) for t in ts]
+    T = getattr(diffusion, "original_num_steps", getattr(diffusion, "num_timesteps", None))
     k = frames[0].shape[0]
-    rows = np.stack(frames, axis=1).reshape(k * len(frames), *frames[0].shape[1:])
-    scale = default_scale(frames[0].shape[1])
-    atomic_write_bytes(path, _png_bytes(grid_image(rows, ncol=len(frames), scale=scale)), overwrite=overwrite)
+    cells = [[f[i] for f in frames] for i in range(k)]
+    fig = image_grid_figure(
+        cells,
+        None,
+        row_labels=[str(i) for i in range(k)],
+        col_labels=[f"t={t}" for t in ts],
+        title=f"Denoising trajectories of the first {k} samples",
+        xlabel="the sample after the denoising step at timestep t" + (f" (of T = {T})" if T else ""),
+        ylabel="sample",
+        cell_px=cell_px,
+    )
+    atomic_write_bytes(path, png_bytes(fig), overwrite=overwrite)
+    return fig
 
 
 def check_outputs_free(paths):

@@ -188,7 +188,9 @@ def _digits(settings, split):
 
 
 def _say(*a):
-    print(*a, flush=True)
+    from ..training.progress import bar_safe
+
+    bar_safe(print)(*a)
 
 
 def _load_ema(run_dir, settings, run, respacing, device):
@@ -305,6 +307,9 @@ def task_samples(run, settings, out_dir, device="cpu") -> dict:
 
 
 TASKS = {"train": task_train, "nll": task_nll, "samples": task_samples}
+# Each task's share of a run's work, for the progress bar's time left (from the measured
+# default reproduction, docs/results/reproduce_default.json: training 42%, NLL 18%, samples 40%).
+TASK_SHARE = {"train": 0.42, "nll": 0.18, "samples": 0.40}
 
 
 def _task_entry(kind, run, settings, out_dir, device, threads):
@@ -368,9 +373,12 @@ def _classifier(settings, out_dir, log) -> dict:
     return info
 
 
-def _schedule(settings, out_dir, device, jobs, threads, reuse, log) -> dict:
+def _schedule(settings, out_dir, device, jobs, threads, reuse, log, progress=False) -> dict:
     """Run every task (train first, then NLL and samples of each trained run), in ``jobs``
-    worker processes (jobs = 1: in this process)."""
+    worker processes (jobs = 1: in this process); ``progress``: a bar over the runs' work
+    (tasks weighted by TASK_SHARE) with the time left."""
+    from ..training.progress import progress_bar
+
     results = {run: {} for run in settings["runs"]}
     pending = []
     for run in settings["runs"]:
@@ -386,6 +394,27 @@ def _schedule(settings, out_dir, device, jobs, threads, reuse, log) -> dict:
         else:
             pending.append(("train", run))
     pending.sort(key=lambda kr: kr[0] != "train")  # training tasks first, in the order given
+    done_share = sum(TASK_SHARE[k] for r in results.values() for k in r)
+    bar = progress_bar(
+        progress,
+        len(settings["runs"]),
+        "reproduce",
+        "run",
+        initial=done_share,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+    )
+
+    def finished(kind, run):
+        bar.set_postfix_str(f"{run} {kind} done", refresh=False)
+        bar.update(TASK_SHARE[kind])
+
+    try:
+        return _run_tasks(pending, results, settings, out_dir, device, jobs, threads, finished)
+    finally:
+        bar.close()
+
+
+def _run_tasks(pending, results, settings, out_dir, device, jobs, threads, finished) -> dict:
     if jobs <= 1:
         before = torch.get_num_threads()
         queue = list(pending)
@@ -394,6 +423,7 @@ def _schedule(settings, out_dir, device, jobs, threads, reuse, log) -> dict:
                 kind, run = queue.pop(0)
                 _, _, res = _task_entry(kind, run, settings, out_dir, device, threads)
                 results[run][kind] = res
+                finished(kind, run)
                 if kind == "train":
                     queue.extend([("nll", run), ("samples", run)])
         finally:
@@ -409,6 +439,7 @@ def _schedule(settings, out_dir, device, jobs, threads, reuse, log) -> dict:
             for fut in done:
                 kind, run, res = fut.result()
                 results[run][kind] = res
+                finished(kind, run)
                 if kind == "train":
                     futures |= {
                         pool.submit(_task_entry, k, run, settings, out_dir, device, threads)
@@ -425,11 +456,15 @@ def run(
     device="cpu",
     reuse=False,
     log=print,
+    progress=False,
     **overrides,
 ) -> dict:
-    """The whole reproduction; returns (and writes to ``out_dir/results.json``) every number."""
+    """The whole reproduction; returns (and writes to ``out_dir/results.json``) every number.
+    ``progress``: a bar over the runs' work with the time left (stderr)."""
     from ..evaluation import repro_report
+    from ..training.progress import bar_safe
 
+    log = bar_safe(log)
     settings = scale_settings(scale, **overrides)
     cpus = os.cpu_count() or 1
     if device != "cpu":
@@ -446,7 +481,7 @@ def run(
     )
     classifier = _classifier(settings, out_dir, log)
     classifier["seconds_total"] = time.perf_counter() - t0
-    runs = _schedule(settings, out_dir, device, jobs, threads, reuse, log)
+    runs = _schedule(settings, out_dir, device, jobs, threads, reuse, log, progress)
     wall = time.perf_counter() - t0
     for name, r in runs.items():
         r["label"] = RUNS[name]["label"]

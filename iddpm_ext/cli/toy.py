@@ -72,24 +72,19 @@ class TimeMLP(nn.Module):
         return self.body(self.inp(x) + self.temb(emb))
 
 
-def _scatter_png(path: str, panels: list, size: int = 260):
-    """Side-by-side scatter plots of [N, 2] point sets in [-1, 1]² (Pillow only)."""
-    from PIL import Image, ImageDraw
+def _scatter_png(path: str, panels: list):
+    """Side-by-side scatter plots of [N, 2] point sets in [-1, 1]² (matplotlib)."""
+    from ..training.plots import scatter_figure
 
-    img = Image.new("RGB", (size * len(panels), size + 22), "white")
-    draw = ImageDraw.Draw(img)
-    for i, (title, pts) in enumerate(panels):
-        x0 = i * size
-        draw.rectangle([x0 + 2, 20, x0 + size - 3, size + 19], outline=(160, 160, 160))
-        draw.text((x0 + 6, 4), title, fill=(0, 0, 0))
-        for px, py in pts.clamp(-1, 1).tolist():
-            u = x0 + (px + 1) / 2 * (size - 8) + 4
-            v = 20 + (1 - (py + 1) / 2) * (size - 8) + 4
-            draw.point((u, v), fill=(30, 70, 200))
-    img.save(path)
+    panels = [(title, pts.clamp(-1, 1).numpy(), f"{len(pts)} points") for title, pts in panels]
+    return scatter_figure(panels, path, title="2-D toy: 8 Gaussian blobs on a ring (data and samples)")
 
 
-def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=print) -> dict:
+def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=print, progress=False) -> dict:
+    from ..training.progress import bar_safe, progress_bar
+
+    log = bar_safe(log)
+
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -107,7 +102,7 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
     )
     history = []
     start = time.time()
-    for step in range(train_steps):
+    for step in progress_bar(progress, None, "train", "step", iterable=range(train_steps)):
         x0 = ring_of_blobs(512, g)
         t, weights = sampler.sample(x0.shape[0], "cpu")
         losses = diffusion.training_losses(model, x0, t)
@@ -129,7 +124,9 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
         d = create_gaussian_diffusion(**common, timestep_respacing=respacing)
         t0 = time.time()
         with torch.no_grad():
-            samples = d.p_sample_loop(model, (2000, 2), generator=torch.Generator().manual_seed(seed + 1))
+            samples = d.p_sample_loop(
+                model, (2000, 2), generator=torch.Generator().manual_seed(seed + 1), progress=progress
+            )
         q = mode_quality(samples)
         q["seconds"] = round(time.time() - t0, 2)
         results[f"samples_{label.split()[0]}"] = q
@@ -142,7 +139,7 @@ def run(out_dir: str = "out/demo", train_steps: int = 3000, seed: int = 0, log=p
     held_out = ring_of_blobs(500, torch.Generator().manual_seed(seed + 2))
     t0 = time.time()
     with torch.no_grad():
-        bpd = diffusion.calc_bpd_loop(model, held_out, clip_denoised=True)
+        bpd = diffusion.calc_bpd_loop(model, held_out, clip_denoised=True, progress=progress)
     results["bits_per_dim"] = bpd["total_bpd"].mean().item()
     results["bits_per_dim_stderr"] = (bpd["total_bpd"].std() / math.sqrt(len(held_out))).item()
     log(

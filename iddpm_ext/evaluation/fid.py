@@ -128,9 +128,20 @@ def load_npz_images(path: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def inception_outputs(images: np.ndarray, model: InceptionV3, batch_size: int = 50, device="cpu"):
-    """(pool features [N, 2048] float64, logits [N, 1008] float64) of uint8 NHWC images."""
+def inception_outputs(
+    images: np.ndarray,
+    model: InceptionV3,
+    batch_size: int = 50,
+    device="cpu",
+    progress=False,
+    desc="inception",
+):
+    """(pool features [N, 2048] float64, logits [N, 1008] float64) of uint8 NHWC images;
+    ``progress``: a bar over the images (stderr)."""
+    from ..training.progress import progress_bar
+
     feats, logits = [], []
+    bar = progress_bar(progress, images.shape[0], desc, "img")
     for i in range(0, images.shape[0], batch_size):
         x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] == 1:
@@ -138,6 +149,8 @@ def inception_outputs(images: np.ndarray, model: InceptionV3, batch_size: int = 
         f, lg = model(x)
         feats.append(f.double().cpu())
         logits.append(lg.double().cpu())
+        bar.update(x.shape[0])
+    bar.close()
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
@@ -154,7 +167,13 @@ def default_cache_dir() -> str:
 
 
 def reference_features(
-    ref_path: str, model: InceptionV3, weights_key: str, cache_dir: str | None, batch_size: int, device
+    ref_path: str,
+    model: InceptionV3,
+    weights_key: str,
+    cache_dir: str | None,
+    batch_size: int,
+    device,
+    progress: bool = False,
 ) -> dict:
     """Features and logits of a reference .npz, read from / written to the cache."""
     cache_file = None
@@ -164,7 +183,9 @@ def reference_features(
         if os.path.isfile(cache_file):
             with np.load(cache_file) as data:
                 return {"features": data["features"], "logits": data["logits"], "cached": True}
-    feats, logits = inception_outputs(load_npz_images(ref_path), model, batch_size, device)
+    feats, logits = inception_outputs(
+        load_npz_images(ref_path), model, batch_size, device, progress=progress, desc="inception (reference)"
+    )
     if cache_file:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = cache_file + f".tmp{os.getpid()}"
@@ -183,18 +204,24 @@ def evaluate(
     cache_dir: str | None = "",
     is_splits: int = 10,
     k: int = 3,
+    progress: bool = False,
 ) -> dict:
     """FID, IS, precision and recall of ``samples_path`` against ``ref_path``.
 
     :param cache_dir: where reference statistics are cached ("" = the default
         ~/.cache/iddpm_ext or $IDDPM_EXT_CACHE; None = no cache).
+    :param progress: progress bars (stderr) over the Inception passes.
     """
     if cache_dir == "":
         cache_dir = default_cache_dir()
     samples = load_npz_images(samples_path)  # fail early on a bad samples file
     model = load_inception(inception_path, device)
-    ref = reference_features(ref_path, model, _file_digest(inception_path), cache_dir, batch_size, device)
-    feats, logits = inception_outputs(samples, model, batch_size, device)
+    ref = reference_features(
+        ref_path, model, _file_digest(inception_path), cache_dir, batch_size, device, progress=progress
+    )
+    feats, logits = inception_outputs(
+        samples, model, batch_size, device, progress=progress, desc="inception (samples)"
+    )
     mu_r, sigma_r = feature_statistics(ref["features"])
     mu_s, sigma_s = feature_statistics(feats)
     is_mean, is_std = inception_score(logits, splits=min(is_splits, len(logits)))

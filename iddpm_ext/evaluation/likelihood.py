@@ -20,12 +20,27 @@ import numpy as np
 import torch
 
 from .. import dist_util
+from ..training.progress import progress_bar
 
 
-def _per_image(fn, source, num_images, batch_size, keys, widths, *, device, class_cond, progress, desc):
-    """``fn(x [B, C, H, W], model_kwargs, indices)`` -> {key: [B, ...]} over the first
+class _Ticking:
+    """The model, ticking a progress bar at each call (one call: one term of the bound, for a batch)."""
+
+    def __init__(self, model, bar):
+        self.model, self.bar = model, bar
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.bar.update(1)
+        return out
+
+
+def _per_image(fn, model, source, num_images, batch_size, keys, widths, *, device, class_cond, bar_spec):
+    """``fn(model, x [B, C, H, W], model_kwargs, indices)`` -> {key: [B, ...]} over the first
     ``num_images`` images of ``source``, split over the processes (contiguous blocks) and
-    gathered in order as numpy arrays; ``widths[key]``: the trailing shape of key's rows."""
+    gathered in order as numpy arrays; ``widths[key]``: the trailing shape of key's rows.
+    ``bar_spec``: None, or (description, unit, model calls per batch) for a progress bar
+    ticking at each model call."""
     from ..training.data import to_model_input
 
     n = min(num_images, len(source))
@@ -33,20 +48,21 @@ def _per_image(fn, source, num_images, batch_size, keys, widths, *, device, clas
     counts = dist_util.rank_counts(n, dist_util.get_world_size())
     parts = {k: [] for k in keys}
     starts = range(0, len(mine), batch_size)
-    if progress and dist_util.is_main():
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, dynamic_ncols=True)
-    for s in starts:
+    desc, unit, calls = bar_spec or ("", "it", 0)
+    bar = progress_bar(bar_spec is not None, len(starts) * calls, desc, unit)
+    ticking = model if bar.disable else _Ticking(model, bar)
+    for b, s in enumerate(starts):
+        bar.set_postfix_str(f"batch {b + 1}/{len(starts)}", refresh=False)
         idx = mine[s : s + batch_size]
         x = to_model_input(source.get_batch(idx)).to(device)  # [B, C, H, W]
         kwargs = {}
         if class_cond:
             kwargs["y"] = torch.from_numpy(source.labels[np.asarray(idx)]).to(device)
         with torch.no_grad():
-            out = fn(x, kwargs, idx)
+            out = fn(ticking, x, kwargs, idx)
         for k in keys:
             parts[k].append(out[k].float())
+    bar.close()
     result = {}
     for k in keys:
         local = torch.cat(parts[k]) if parts[k] else torch.zeros((0, *widths[k]), device=device)
@@ -66,11 +82,12 @@ def bits_per_dim(model, diffusion, source, num_samples, batch_size, *, clip_deno
     keys = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
     widths = {"total_bpd": (), "prior_bpd": (), "vb": (T,), "mse": (T,), "xstart_mse": (T,)}
 
-    def bound(x, kwargs, idx):
+    def bound(model, x, kwargs, idx):
         return diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=kwargs)
 
-    return _per_image(bound, source, num_samples, batch_size, keys, widths, device=device,
-                      class_cond=class_cond, progress=progress, desc="nll")  # fmt: skip
+    bar_spec = ("nll", "timestep", T) if progress else None
+    return _per_image(bound, model, source, num_samples, batch_size, keys, widths, device=device,
+                      class_cond=class_cond, bar_spec=bar_spec)  # fmt: skip
 
 
 def strata_edges(num_timesteps: int, exact: int, strata: int) -> list:
@@ -98,7 +115,7 @@ def estimate_bits_per_dim(model, diffusion, source, num_images, batch_size, *, e
     edges = strata_edges(T, exact, int(strata))
     torch.manual_seed(seed * 1000 + dist_util.get_rank())
 
-    def estimate(x, kwargs, idx):
+    def estimate(model, x, kwargs, idx):
         B = x.shape[0]
         head = torch.zeros(B, device=x.device)
         for t in range(exact):
@@ -115,8 +132,9 @@ def estimate_bits_per_dim(model, diffusion, source, num_images, batch_size, *, e
         return {"total_bpd": head + rest + prior, "prior_bpd": prior, "exact_bpd": head}
 
     keys = ("total_bpd", "prior_bpd", "exact_bpd")
-    return _per_image(estimate, source, num_images, batch_size, keys, {k: () for k in keys}, device=device,
-                      class_cond=class_cond, progress=progress, desc="nll estimate")  # fmt: skip
+    bar_spec = ("nll estimate", "term", exact + len(edges) - 1) if progress else None
+    return _per_image(estimate, model, source, num_images, batch_size, keys, {k: () for k in keys},
+                      device=device, class_cond=class_cond, bar_spec=bar_spec)  # fmt: skip
 
 
 def mean_stderr(values) -> tuple[float, float]:

@@ -1,5 +1,5 @@
 """The report of ``iddpm reproduce``: the paper's expected directions checked against the
-numbers, a Markdown table, and PNG figures drawn with Pillow (no matplotlib):
+numbers, a Markdown table, and PNG figures (matplotlib, :mod:`iddpm_ext.training.plots`):
 ``quality_vs_steps.png`` (FD vs sampling steps per run), ``nll.png`` (bits/dim per run
 with standard errors) and ``samples.png`` (the same seeds at every step count)."""
 
@@ -10,19 +10,20 @@ import os
 
 import numpy as np
 
+# The runs' colours and names in the figures (a linear schedule's lines are dashed).
 COLORS = {
-    "simple_cosine": (31, 119, 180),
-    "hybrid_cosine": (214, 39, 40),
-    "vlb_cosine": (44, 160, 44),
-    "hybrid_linear": (255, 127, 14),
-    "simple_linear": (23, 190, 207),
+    "simple_cosine": "#1f77b4",
+    "hybrid_cosine": "#d62728",
+    "vlb_cosine": "#2ca02c",
+    "hybrid_linear": "#ff7f0e",
+    "simple_linear": "#17becf",
 }
 SHORT = {
-    "simple_cosine": "L_simple, fixed sigma, cosine",
-    "hybrid_cosine": "L_hybrid, learned sigma, cosine",
-    "vlb_cosine": "L_vlb, learned sigma, cosine",
-    "hybrid_linear": "L_hybrid, learned sigma, linear",
-    "simple_linear": "L_simple, fixed sigma, linear",
+    "simple_cosine": "L_simple, fixed σ, cosine",
+    "hybrid_cosine": "L_hybrid, learned σ, cosine",
+    "vlb_cosine": "L_vlb, learned σ, cosine",
+    "hybrid_linear": "L_hybrid, learned σ, linear",
+    "simple_linear": "L_simple, fixed σ, linear",
 }
 
 
@@ -214,161 +215,97 @@ def checks_markdown(results: dict) -> str:
 # -------------------------------------------------------------------------------------
 
 
-def _font(size):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
+def _color(name: str) -> str:
+    return COLORS.get(name, "#646464")
 
 
-def _dashed(draw, p, q, fill, width=2, dash=7):
-    (x0, y0), (x1, y1) = p, q
-    length = math.hypot(x1 - x0, y1 - y0)
-    n = max(1, int(length // dash))
-    for i in range(0, n, 2):
-        a, b = i / n, min(1.0, (i + 1) / n)
-        draw.line(
-            [(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-            fill=fill,
-            width=width,
-        )
-
-
-def _tick(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 10 or v == 0 else f"{v:.2g}"
-
-
-def _save(img, path):
-    img.save(path, format="PNG", optimize=True)
-
-
-def plot_quality(results: dict, path: str, width=720, height=440):
-    """FD vs sampling steps (log x), one line per run, the real-vs-real floor dashed."""
-    from PIL import Image, ImageDraw
+def plot_quality(results: dict, path: str | None = None):
+    """FD vs sampling steps (log x), one line per run with bootstrap error bars (the linear
+    schedule's runs dashed), the real-vs-real floor dotted; returns the matplotlib Figure."""
+    from ..training.plots import errorbar_figure
 
     steps = sorted(results["settings"]["sample_steps"])
-    series = {}
+    series = []
     for name, r in results["runs"].items():
         by = r.get("samples", {}).get("by_steps", {})
         pts = [(k, by[str(k)]["fd"], by[str(k)]["fd_bootstrap_std"]) for k in steps if str(k) in by]
         if pts:
-            series[name] = pts
-    floor = results["classifier"]["real_floor_fd"]
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    f, fs = _font(14), _font(12)
-    left, right, top, bottom = 70, width - 250, 40, height - 50
-    d.text((left, 10), "sample quality vs sampling steps (lower is better)", fill=(0, 0, 0), font=f)
-    d.rectangle([left, top, right, bottom], outline=(150, 150, 150))
-    ys = [y + e for pts in series.values() for _, y, e in pts] + [floor]
-    ymax = max(ys) * 1.08 if ys else 1.0
-    lx = [math.log(k) for k in steps]
-    xlo, xhi = min(lx), max(lx)
-    xhi = xhi if xhi > xlo else xlo + 1
-    px = lambda k: left + 20 + (math.log(k) - xlo) / (xhi - xlo) * (right - left - 40)  # noqa: E731
-    py = lambda y: bottom - y / ymax * (bottom - top)  # noqa: E731
-    for i in range(6):
-        v = ymax * i / 5
-        d.line([left - 4, py(v), left, py(v)], fill=(120, 120, 120))
-        d.text((8, py(v) - 7), _tick(v), fill=(60, 60, 60), font=fs)
-    for k in steps:
-        d.line([px(k), bottom, px(k), bottom + 4], fill=(120, 120, 120))
-        d.text((px(k) - 10, bottom + 8), str(k), fill=(60, 60, 60), font=fs)
-    d.text(((left + right) // 2 - 90, height - 22), "sampling steps (log scale)", fill=(0, 0, 0), font=fs)
-    d.text((8, top - 20), "FD", fill=(0, 0, 0), font=fs)
-    _dashed(d, (left, py(floor)), (right, py(floor)), (130, 130, 130), width=1)
-    for name, pts in series.items():
-        color = COLORS.get(name, (0, 0, 0))
-        xy = [(px(k), py(y)) for k, y, _ in pts]
-        for a, b in zip(xy, xy[1:]):
-            (_dashed(d, a, b, color) if name.endswith("linear") else d.line([a, b], fill=color, width=2))
-        for (_k, y, e), (x, yy) in zip(pts, xy):
-            d.line([x, py(y - e), x, py(y + e)], fill=color, width=1)
-            d.ellipse([x - 3, yy - 3, x + 3, yy + 3], fill=color)
-    ly = top
-    for name in series:
-        color = COLORS.get(name, (0, 0, 0))
-        if name.endswith("linear"):
-            _dashed(d, (right + 15, ly + 8), (right + 45, ly + 8), color)
-        else:
-            d.line([right + 15, ly + 8, right + 45, ly + 8], fill=color, width=2)
-        d.text((right + 52, ly), SHORT.get(name, name), fill=(0, 0, 0), font=fs)
-        ly += 22
-    _dashed(d, (right + 15, ly + 8), (right + 45, ly + 8), (130, 130, 130), width=1)
-    d.text((right + 52, ly), "real digits vs test (floor)", fill=(0, 0, 0), font=fs)
-    d.text((right + 15, ly + 26), "bars: bootstrap std", fill=(90, 90, 90), font=fs)
-    _save(img, path)
+            style = {"color": _color(name), "ls": "--" if name.endswith("linear") else "-"}
+            series.append((SHORT.get(name, name), *map(list, zip(*pts)), style))
+    c = results["classifier"]
+    floor = [(c["real_floor_fd"], f"floor: {c.get('real_floor_images', '')} real digits vs test digits", {})]
+    n = results["settings"]["num_samples"]
+    return errorbar_figure(
+        series,
+        path,
+        title="Sample quality vs sampling steps (lower is better)",
+        xlabel=f"sampling steps (log scale; {results['settings']['diffusion_steps']} = the full chain)",
+        ylabel="FD in digits-classifier features",
+        xticks=steps,
+        hlines=floor,
+        note=f"error bars: bootstrap std ({n} samples)",
+    )
 
 
-def plot_nll(results: dict, path: str, width=720, row=34):
-    """Held-out bits/dim per run: horizontal bars with ± 1 standard error."""
-    from PIL import Image, ImageDraw
+def plot_nll(results: dict, path: str | None = None):
+    """Held-out bits/dim per run: horizontal bars with ± 1 standard error, on an axis zoomed
+    to the values; returns the matplotlib Figure."""
+    from ..training.plots import bar_figure
 
-    rows = [(n, r["nll"]["bpd"], r["nll"]["stderr"]) for n, r in results["runs"].items() if "nll" in r]
-    height = 80 + row * max(1, len(rows))
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    f, fs = _font(14), _font(12)
+    rows = [
+        (SHORT.get(n, n), r["nll"]["bpd"], r["nll"]["stderr"], _color(n))
+        for n, r in results["runs"].items()
+        if "nll" in r
+    ]
+    images = next((r["nll"].get("images") for r in results["runs"].values() if "nll" in r), None)
     T = results["settings"]["diffusion_steps"]
-    d.text((10, 10), f"held-out NLL, bits/dim (full {T}-step bound; lower is better)", fill=(0, 0, 0), font=f)
-    left, right = 240, width - 90
-    vmax = max([b + (e if math.isfinite(e) else 0) for _, b, e in rows], default=1.0) * 1.05
-    px = lambda v: left + v / vmax * (right - left)  # noqa: E731
-    for i, (name, b, e) in enumerate(rows):
-        y = 45 + i * row
-        color = COLORS.get(name, (100, 100, 100))
-        d.text((10, y + 6), SHORT.get(name, name), fill=(0, 0, 0), font=fs)
-        d.rectangle([left, y + 4, px(b), y + row - 8], fill=color)
-        if math.isfinite(e):
-            d.line([px(b - e), y + row // 2 - 2, px(b + e), y + row // 2 - 2], fill=(0, 0, 0), width=2)
-        d.text((px(b + (e if math.isfinite(e) else 0)) + 6, y + 6), f"{b:.3f}", fill=(0, 0, 0), font=fs)
-    d.line([left, height - 30, right, height - 30], fill=(120, 120, 120))
-    for i in range(5):
-        v = vmax * i / 4
-        d.text((px(v) - 10, height - 25), f"{v:.2f}", fill=(60, 60, 60), font=fs)
-    _save(img, path)
+    return bar_figure(
+        rows,
+        path,
+        title=f"Held-out NLL: the full {T}-step bound (lower is better)",
+        xlabel="bits/dim",
+        err_label=f"± 1 standard error ({images} test digits)" if images else "± 1 standard error",
+    )
 
 
-def plot_samples(results: dict, out_dir: str, path: str, scale=4, pad=2):
+def plot_samples(results: dict, out_dir: str, path: str | None = None):
     """Rows: runs; columns: step counts; each cell the first ``grid_samples`` samples (the
-    same per-sample seeds in every cell)."""
-    from PIL import Image, ImageDraw
+    same per-sample seeds in every cell); returns the matplotlib Figure (None: no samples)."""
+    from ..training.plots import image_grid_figure, montage
 
     s = results["settings"]
-    steps, n = s["sample_steps"], s["grid_samples"]
+    steps, n, size = s["sample_steps"], s["grid_samples"], s["image_size"]
     ncol = max(1, int(math.ceil(math.sqrt(n))))
     nrow = int(math.ceil(n / ncol))
-    size = s["image_size"] * scale
-    cell_w, cell_h = ncol * (size + pad) + pad, nrow * (size + pad) + pad
-    label_w, head_h, gap = 210, 26, 10
-    names = [name for name in results["runs"] if "samples" in results["runs"][name]]
-    fs = _font(12)
-    heads = [f"{k} steps" + (" (full)" if k == s["diffusion_steps"] else "") for k in steps]
-    col_w = max([cell_w] + [int(fs.getlength(h)) + 6 for h in heads]) + gap
-    width = label_w + len(steps) * col_w
-    height = head_h + len(names) * (cell_h + gap)
-    img = Image.new("L", (width, height), 255)
-    d = ImageDraw.Draw(img)
-    for j, text in enumerate(heads):
-        d.text((label_w + j * col_w + 2, 6), text, fill=0, font=fs)
-    for i, name in enumerate(names):
-        y = head_h + i * (cell_h + gap)
-        d.text((6, y + cell_h // 2 - 8), SHORT.get(name, name), fill=0, font=fs)
-        for j, k in enumerate(steps):
+    blank = np.full((size, size, 1), 200, dtype=np.uint8)
+    cells, labels = [], []
+    for name, r in results["runs"].items():
+        if "samples" not in r:
+            continue
+        row = []
+        for k in steps:
             npz = os.path.join(out_dir, name, f"samples_{k}steps.npz")
-            if not os.path.isfile(npz):
-                continue
-            with np.load(npz) as z:
-                images = z["arr_0"][:n, :, :, 0]
-            x0 = label_w + j * col_w
-            d.rectangle([x0, y, x0 + cell_w - 1, y + cell_h - 1], fill=200)
-            for q, im in enumerate(images):
-                r, c = divmod(q, ncol)
-                tile = Image.fromarray(im).resize((size, size), Image.NEAREST)
-                img.paste(tile, (x0 + pad + c * (size + pad), y + pad + r * (size + pad)))
-    _save(img, path)
+            images = []
+            if os.path.isfile(npz):
+                with np.load(npz) as z:
+                    images = list(z["arr_0"][:n])
+            tiles = images + [blank] * (nrow * ncol - len(images))
+            row.append(montage([tiles[i : i + ncol] for i in range(0, len(tiles), ncol)], pad=1, fill=128))
+        cells.append(row)
+        labels.append(SHORT.get(name, name))
+    if not cells:
+        return None
+    heads = [f"{k} steps" + (" (full)" if k == s["diffusion_steps"] else "") for k in steps]
+    return image_grid_figure(
+        cells,
+        path,
+        row_labels=labels,
+        col_labels=heads,
+        title=f"The first {n} samples of each run (the same seeds in every cell)",
+        xlabel="sampling steps",
+        cell_px=4 * (ncol * (size + 1) + 1),
+        pad=6,
+    )
 
 
 def write_all(results: dict, out_dir: str):

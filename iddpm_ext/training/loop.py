@@ -180,6 +180,7 @@ class TrainLoop:
                 os.path.join(out_dir, "progress.jsonl"),
                 os.path.join(out_dir, "loss.png"),
                 resume_step=resume_step,
+                num_timesteps=diffusion.num_timesteps,
             )
         self._reset_accumulators()
 

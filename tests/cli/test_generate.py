@@ -96,12 +96,17 @@ def test_trajectory_and_files(tmp_path):
     with np.load(npz) as f:
         assert f["arr_0"].shape == (5, 8, 8, 1)  # untouched
     images.save_grid(str(tmp_path / "g.png"), res["images"])
-    images.save_trajectory(str(tmp_path / "t.png"), res["trajectory"])
+    fig = images.save_trajectory(str(tmp_path / "t.png"), res["trajectory"], diffusion=diffusion)
     from PIL import Image
 
     with Image.open(tmp_path / "g.png") as g, Image.open(tmp_path / "t.png") as t:
         assert g.size == ((3 * 10 + 2) * 12, (2 * 10 + 2) * 12)  # 3x2 tiles of 8 px + 2 px pads, ×12
-        assert t.size == ((4 * 10 + 2) * 12, (3 * 10 + 2) * 12)
+        assert t.size == (int((4 * 10 + 2) * 48 / 8) + 160, int((3 * 10 + 2) * 48 / 8) + 110)  # 48-px cells
+    ax = fig.axes[0]  # columns: the timesteps kept, in the original process's numbering
+    ts = [t for t, _ in res["trajectory"]]
+    assert [x.get_text() for x in ax.get_xticklabels()] == [f"t={diffusion.timestep_map[t]}" for t in ts]
+    assert [y.get_text() for y in ax.get_yticklabels()] == ["0", "1", "2"] and "timestep t" in ax.get_xlabel()
+    assert images.save_trajectory(str(tmp_path / "none.png"), []) is None
     with pytest.raises(FileExistsError, match="already exists"):
         images.check_outputs_free([str(tmp_path / "none.png"), npz])
 

@@ -3,6 +3,7 @@ right architecture: the numbers equal the library's, reference statistics are ca
 every bad input is one clear line (exit status 2), never a traceback."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,10 +53,12 @@ def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, np
         cache_dir=str(cache),
         json=str(js),
     )
-    rc, out, _ = _run(args, capsys)
+    rc, out, err = _run(args, capsys)
     assert rc == 0
     assert "FID" in out and "Inception Score" in out and "precision" in out and "recall" in out
     assert "computed and cached" in out
+    for desc in ("inception (reference)", "inception (samples)"):  # progress bars over the images, on stderr
+        assert re.search(re.escape(desc) + r": 100%\|[^|]*\| 4/4 \[", err), desc
     got = json.loads(js.read_text())
     assert len(list(cache.iterdir())) == 1
     # The library with the same cache: reads the reference statistics the command wrote,
@@ -65,6 +68,8 @@ def test_fid_command_prints_and_writes_the_library_numbers(tmp_path, weights, np
     for key in ("fid", "inception_score", "inception_score_std", "precision", "recall"):
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     assert got["num_reference"] == got["num_samples"] == 4 and got["fid"] > 0
+    rc, out, err = _run(args + ["--progress", "False"], capsys)  # the reference from the cache: one pass
+    assert rc == 0 and "read from the cache" in out and "%|" not in err
 
 
 def test_fid_command_bad_weights_are_clear_errors(tmp_path, npzs, capsys):
