@@ -9,7 +9,8 @@ fp32 copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run 
 under ``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and
 activations). Each record has ms, images/s, TFLOP/s (FLOPs counted once with
 ``FlopCounterMode``), % of the card's peak where it is known (GPU only), the speedup over the
-baseline of its dtype and ``rel_err``: the relative L2 error of the output against the fp32
+baseline of its dtype (``speedup_min``: the same from the fastest run of each, steadier on a busy
+machine) and ``rel_err``: the relative L2 error of the output against the fp32
 baseline's. ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise,
 attention, other) from one profiled call (torch.profiler, self times).
 
@@ -367,11 +368,12 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             for i, c in enumerate(calls):
                 times[i].append(common.time_ms(c, device, 0, 1, flush_l2=False))
         ref_out = outs[0]
-        base_ms = {}
+        base_ms, base_min = {}, {}
         for v, ts, out in zip(variants, times, outs):
             impl, dtype = v[0], v[1]
             ms = statistics.median(ts)
             base_ms.setdefault(dtype, ms)  # the first variant of each dtype is its baseline
+            base_min.setdefault(dtype, min(ts))
             err = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-30)).item()
             extra = {}
             if breakdown:
@@ -386,6 +388,8 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
                 flops=flops_per_image * batch,
                 images_per_s=round(batch / (ms * 1e-3), 2),
                 speedup=round(base_ms[dtype] / ms, 3),
+                ms_min=round(min(ts), 5),
+                speedup_min=round(base_min[dtype] / min(ts), 3),
                 rel_err=float(f"{err:.3g}"),
                 params=n_params,
                 **extra,
@@ -394,7 +398,7 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             line = (
                 f"fwd B={batch:<4} {rec['dtype']:<9} {impl[:48]:<48} {ms:9.2f} ms "
                 f"{rec['images_per_s']:9.1f} img/s {rec['tflops']:7.3f} TF/s "
-                f"x{rec['speedup']:.2f}  err {err:.2e}"
+                f"x{rec['speedup']:.2f} (min x{rec['speedup_min']:.2f})  err {err:.2e}"
             )
             if "pct_peak" in rec:
                 line += f"  {rec['pct_peak']}% of peak"
