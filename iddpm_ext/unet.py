@@ -482,7 +482,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self._torso_output(self.out(h.to(self._out_dtype(x))), x)
+        return self._head(h, x)
 
     def _torso_input(self, x):
         h = x.to(self.inner_dtype)
@@ -490,13 +490,18 @@ class UNetModel(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         return h
 
-    def _out_dtype(self, x):
-        # x's dtype, unless the whole model was cast (to_inference(dtype)): then the out layers' own
+    def _head(self, h, x):
+        # The out layers run in x's dtype (autocast may lower it, as in the reference), unless the
+        # whole model was cast (to_inference(dtype)): then in theirs, and the result goes back to x's.
         out_dtype = self.out[-1].weight.dtype
-        return x.dtype if out_dtype == torch.float32 else out_dtype
+        if out_dtype == torch.float32:
+            out_dtype = x.dtype
+        out = self.out(h.to(out_dtype))
+        if out_dtype != x.dtype:
+            out = out.to(x.dtype)
+        return self._layout_like(out, x)
 
-    def _torso_output(self, h, x):  # back to the caller's dtype (and layout, after channels-last)
-        h = h.to(x.dtype)
+    def _layout_like(self, h, x):  # after channels-last: back to the caller's layout
         if self.channels_last and h.dim() == 4:
             x_is_nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             h = h.contiguous(memory_format=torch.channels_last if x_is_nhwc else torch.contiguous_format)
@@ -511,12 +516,12 @@ class UNetModel(nn.Module):
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
-            result["down"].append(self._torso_output(h, x))
+            result["down"].append(self._layout_like(h.to(x.dtype), x))
         h = self.middle_block(h, emb)
-        result["middle"] = self._torso_output(h, x)
+        result["middle"] = self._layout_like(h.to(x.dtype), x)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-            result["up"].append(self._torso_output(h, x))
+            result["up"].append(self._layout_like(h.to(x.dtype), x))
         return result
 
 
