@@ -7,6 +7,7 @@ layers they wrap, so state_dict keys follow the reference's module tree exactly.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,9 @@ from .losses import mean_flat  # noqa: F401  (re-exported: the reference defines
 
 __all__ = [
     "GroupNorm32",
+    "get_groupnorm_impl",
+    "groupnorm_impl",
+    "set_groupnorm_impl",
     "SiLU",
     "avg_pool_nd",
     "checkpoint",
@@ -34,17 +38,70 @@ __all__ = [
 SiLU = nn.SiLU
 
 
+# How GroupNorm32 runs a bf16/fp16 activation (fp32 and float64 ones always take the same path):
+# "torch": the reference's way, cast the activation to fp32, normalise, cast back (two extra passes
+#   over memory); "auto": on the CPU, one call of torch's mixed-dtype group_norm (the low-precision
+#   activation with fp32 weight and bias, statistics and affine map in fp32, one rounding of the
+#   result: the same numbers as "torch"), elsewhere as "torch". Default from IDDPM_GROUPNORM_IMPL.
+_GROUPNORM_IMPLS = ("auto", "torch")
+
+
+def _groupnorm_impl_from_env() -> str:
+    value = os.environ.get("IDDPM_GROUPNORM_IMPL", "auto").strip().lower() or "auto"
+    if value not in _GROUPNORM_IMPLS:
+        raise ValueError(f"IDDPM_GROUPNORM_IMPL: expected one of {list(_GROUPNORM_IMPLS)}, got {value!r}")
+    return value
+
+
+_groupnorm_impl = _groupnorm_impl_from_env()
+
+
+def set_groupnorm_impl(impl: str) -> str:
+    """Choose how GroupNorm32 runs low-precision activations ("auto" or "torch"); returns the previous."""
+    global _groupnorm_impl
+    if impl not in _GROUPNORM_IMPLS:
+        raise ValueError(f"impl: expected one of {list(_GROUPNORM_IMPLS)}, got {impl!r}")
+    previous, _groupnorm_impl = _groupnorm_impl, impl
+    return previous
+
+
+def get_groupnorm_impl() -> str:
+    return _groupnorm_impl
+
+
+class groupnorm_impl:
+    """Context manager: ``with groupnorm_impl("torch"): ...``."""
+
+    def __init__(self, impl: str):
+        self.impl = impl
+
+    def __enter__(self):
+        self.previous = set_groupnorm_impl(self.impl)
+        return self
+
+    def __exit__(self, *exc):
+        set_groupnorm_impl(self.previous)
+        return False
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics and affine map are computed in float32.
 
     The result is cast back to the input's dtype, so a bf16/fp16 activation stays in its
     dtype but is normalised in fp32. Under autocast this still holds: group_norm is never
-    autocast to a lower precision, and its inputs here are fp32.
+    autocast to a lower precision, and its inputs here are fp32. The memory format of the
+    input (e.g. channels-last) is kept. See :func:`set_groupnorm_impl` for how a low-precision
+    activation is normalised.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, ...]
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
+        if _groupnorm_impl == "auto" and x.dtype in _LOW_PRECISION and x.device.type == "cpu":
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)  # fp32 inside
         y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return y.to(x.dtype)
 

@@ -8,10 +8,18 @@ reference's API. Attention goes through :func:`iddpm_ext.ops.attention.qkv_atten
 
 Shapes: x: [N, C, *spatial] with 1, 2 or 3 spatial dims (``dims``); for dims=3 only the
 last two spatial dims are down/upsampled.
+
+Fast paths (each switchable off; docs/unet.md has the measurements):
+- :meth:`UNetModel.to_inference` — eval mode, every parameter in one dtype (e.g. bf16: no
+  per-call casts of autocast) and, for 2-D models, the channels-last memory format end to end
+  (oneDNN's NHWC convolutions on the CPU). Inputs and outputs keep their dtype and layout.
+- GroupNorm of bf16/fp16 activations without fp32 copies (:func:`iddpm_ext.nn.set_groupnorm_impl`).
+- fused attention (:func:`iddpm_ext.ops.attention.set_attention_impl`).
 """
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 
 import numpy as np
@@ -43,7 +51,25 @@ __all__ = [
     "Upsample",
     "convert_module_to_f16",
     "convert_module_to_f32",
+    "default_channels_last",
 ]
+
+
+def default_channels_last(device) -> bool:
+    """Whether :meth:`UNetModel.to_inference` picks channels-last by default on ``device``.
+
+    IDDPM_CHANNELS_LAST=1/0 forces it on/off; otherwise on for the CPU (oneDNN's NHWC convolutions
+    were faster there, docs/unet.md) and off elsewhere (not measured on a GPU yet).
+    """
+    value = os.environ.get("IDDPM_CHANNELS_LAST", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value:
+        raise ValueError(f"IDDPM_CHANNELS_LAST: expected 1 or 0 (or unset), got {value!r}")
+    return torch.device(device).type == "cpu"
+
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -295,6 +321,8 @@ class UNetModel(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_heads_upsample = num_heads_upsample
+        # Set by to_inference: run the torso in the channels-last memory format (2-D only).
+        self.channels_last = False
 
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim))
@@ -373,6 +401,32 @@ class UNetModel(nn.Module):
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
             part.apply(convert_module_to_f32)
 
+    def to_inference(self, dtype: torch.dtype | None = None, channels_last: bool | None = None):
+        """Switch to the inference fast paths, in place; returns the model.
+
+        Puts the model in eval mode; with ``dtype`` casts every parameter and buffer to it
+        (``torch.bfloat16``: activations stay bf16 from the stem to the output conv, with no
+        autocast casts per call; GroupNorm still normalises in fp32); with ``channels_last``
+        (default :func:`default_channels_last` of the parameters' device; 2-D models only)
+        stores the convolution weights channels-last and runs the torso in that format.
+        ``forward`` still takes and returns NCHW tensors of the caller's dtype. State-dict
+        keys are unchanged; ``to_inference(torch.float32, channels_last=False)`` undoes it.
+        """
+        if dtype is not None:
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+            self.to(dtype)
+        if channels_last is None:
+            channels_last = default_channels_last(next(self.parameters()).device)
+        if channels_last and self.dims != 2:
+            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self.channels_last = bool(channels_last)
+        return self.eval()
+
     @property
     def inner_dtype(self) -> torch.dtype:
         """The dtype of the torso's parameters (float16 after :meth:`convert_to_fp16`)."""
@@ -421,30 +475,53 @@ class UNetModel(nn.Module):
         timesteps = self._check_inputs(x, timesteps, y)
         emb = self._embed(timesteps, y)
         hs = []
-        h = x.to(self.inner_dtype)
+        h = self._torso_input(x)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        return self._head(h, x)
+
+    def _torso_input(self, x):
+        h = x.to(self.inner_dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        return h
+
+    def _head(self, h, x):
+        # The out layers run in x's dtype (autocast may lower it, as in the reference), unless the
+        # whole model was cast (to_inference(dtype)): then in theirs, and the result goes back to x's.
+        out_dtype = self.out[-1].weight.dtype
+        if out_dtype == torch.float32:
+            out_dtype = x.dtype
+        out = self.out(h.to(out_dtype))
+        if out_dtype != x.dtype:
+            out = out.to(x.dtype)
+        return self._layout_like(out, x)
+
+    def _layout_like(self, h, x):  # after channels-last: back to the caller's layout
+        if self.channels_last and h.dim() == 4:
+            x_is_nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            h = h.contiguous(memory_format=torch.channels_last if x_is_nhwc else torch.contiguous_format)
+        return h
 
     def get_feature_vectors(self, x, timesteps, y=None):
         """The intermediate activations: {'down': [...], 'middle': tensor, 'up': [...]}."""
         timesteps = self._check_inputs(x, timesteps, y)
         emb = self._embed(timesteps, y)
         hs, result = [], {"down": [], "up": []}
-        h = x.to(self.inner_dtype)
+        h = self._torso_input(x)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
-            result["down"].append(h.to(x.dtype))
+            result["down"].append(self._layout_like(h.to(x.dtype), x))
         h = self.middle_block(h, emb)
-        result["middle"] = h.to(x.dtype)
+        result["middle"] = self._layout_like(h.to(x.dtype), x)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-            result["up"].append(h.to(x.dtype))
+            result["up"].append(self._layout_like(h.to(x.dtype), x))
         return result
 
 

@@ -1,4 +1,20 @@
-"""``iddpm bench unet``: UNet forward and forward+backward throughput, ours vs einsum attention.
+"""``iddpm bench unet``: UNet forward and forward+backward throughput, ours vs the reference.
+
+Forward (sampling) section, per batch size (``--batch-sizes``) and dtype, the variants are timed
+in interleaved rounds (one call of each per round, median reported), so their ratios are side by
+side even on a busy machine. The baseline ("reference") is openai/improved-diffusion's UNetModel
+loaded from the checkout named by IDDPM_REF_PATH (the folder holding ``improved_diffusion``) with
+our weights; without it, our model with every fast path off (einsum attention, GroupNorm through
+fp32 copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run the baselines
+under ``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and
+activations). Each record has ms, images/s, TFLOP/s (FLOPs counted once with
+``FlopCounterMode``), % of the card's peak where it is known (GPU only), the speedup over the
+baseline of its dtype (``speedup_min``: the same from the fastest run of each, steadier on a busy
+machine) and ``rel_err``: the relative L2 error of the output against the fp32
+baseline's. ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise,
+attention, other) from one profiled call (torch.profiler, self times).
+
+The fwd+bwd and memory sections below are unchanged:
 
 The model is improved-diffusion's CIFAR-10 configuration (128 channels, 3 res blocks,
 channel_mult (1, 2, 2, 2), attention at 16 and 8 with 4 heads, scale-shift norm, learned
@@ -18,6 +34,7 @@ block, 16×16 images).
 from __future__ import annotations
 
 import contextlib
+import statistics
 
 import torch
 
@@ -32,6 +49,10 @@ CONFIGS = {
     "cifar10": dict(image_size=32, in_channels=3, model_channels=128, out_channels=6,
                     num_res_blocks=3, attention_resolutions=(2, 4), dropout=0.3,
                     channel_mult=(1, 2, 2, 2), num_heads=4, use_scale_shift_norm=True),
+    # improved-diffusion's ImageNet-64 run: channel_mult (1, 2, 3, 4), attention at 16 and 8 -> ds (4, 8).
+    "imagenet64": dict(image_size=64, in_channels=3, model_channels=128, out_channels=6,
+                       num_res_blocks=3, attention_resolutions=(4, 8), dropout=0.0,
+                       channel_mult=(1, 2, 3, 4), num_heads=4, use_scale_shift_norm=True),
     "tiny": dict(image_size=16, in_channels=3, model_channels=32, out_channels=6,
                  num_res_blocks=1, attention_resolutions=(2,), dropout=0.0,
                  channel_mult=(1, 2), num_heads=4, use_scale_shift_norm=True),
@@ -51,7 +72,24 @@ def add_arguments(parser):
         "--batch",
         type=int,
         default=None,
-        help="batch size (default: 128 on CUDA, 2 on CPU, 4 with --quick on CUDA)",
+        help="batch size of the fwd+bwd and memory sections, and of the forward section when "
+        "--batch-sizes is not given (default: 128 on CUDA, 2 on CPU, 4 with --quick on CUDA)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        default=None,
+        metavar="B1,B2,...",
+        help="batch sizes of the forward section (default: --batch's; the issue's GPU set is 1,16,64,256)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="per-layer-kind time of each forward variant (conv, norm, elementwise, attention, other)",
+    )
+    parser.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="only the forward section (skip fwd+bwd and the training-step memory)",
     )
     # Device-dependent defaults for the shared --warmup/--iters (resolved in _runs).
     parser.set_defaults(warmup=_AUTO, iters=_AUTO)
@@ -168,6 +206,210 @@ def _peak_training_bytes(model, x, t, device, dtype) -> int:
     return peak
 
 
+def parse_batch_sizes(text: str) -> list:
+    """``"1,16,64"`` -> [1, 16, 64]; else a BenchArgumentError naming --batch-sizes."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise common.BenchArgumentError(
+                f"--batch-sizes: expected positive ints joined by ',' (e.g. 1,16,64), got {part!r}"
+            )
+        sizes.append(int(part))
+    return sizes
+
+
+def randomize_zero_layers_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Give the zero-initialised output convolutions small random weights (in place), so that
+    every layer contributes to the output and an error comparison means something."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, std)
+    return model
+
+
+def reference_unet_class():
+    """openai/improved-diffusion's UNetModel from the checkout named by IDDPM_REF_PATH, or None."""
+    import importlib
+    import os
+    import sys
+
+    path = os.environ.get("IDDPM_REF_PATH")
+    if not path:
+        return None
+    if not os.path.isdir(os.path.join(path, "improved_diffusion")):
+        raise common.BenchArgumentError(
+            f"IDDPM_REF_PATH: expected a checkout of openai/improved-diffusion (a folder holding "
+            f"improved_diffusion/), got {path!r}"
+        )
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("improved_diffusion.unet").UNetModel
+
+
+_BASELINE_OFF = "ours, all fast paths off: einsum attention, torch GroupNorm, NCHW, fp32 weights"
+
+# Which layer kind a profiled op belongs to: by substrings of its name after "::" (conv, norm,
+# attention) or by its exact name (elementwise); anything else is "other" (e.g. addmm: linear).
+_KIND_SUBSTRINGS = (
+    ("attention", ("qkv_attention", "einsum", "bmm", "softmax", "scaled_dot_product")),
+    ("conv", ("conv",)),
+    ("norm", ("group_norm", "groupnorm", "layer_norm")),
+)
+_ELEMENTWISE = {
+    "add", "add_", "mul", "mul_", "sub", "div", "silu", "silu_", "sigmoid", "copy_", "_to_copy",
+    "cat", "clone", "contiguous", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+    "avg_pool2d", "dropout",
+}  # fmt: skip
+KINDS = ("conv", "norm", "elementwise", "attention", "other")
+
+
+def layer_kind(op_name: str) -> str:
+    """The layer kind of a profiler event name, e.g. 'aten::mkldnn_convolution' -> 'conv'."""
+    name = op_name.lower().rsplit("::", 1)[-1]
+    for kind, patterns in _KIND_SUBSTRINGS:
+        if any(p in name for p in patterns):
+            return kind
+    return "elementwise" if name in _ELEMENTWISE else "other"
+
+
+def breakdown_ms(fn, device) -> dict:
+    """Milliseconds of ``fn()`` per layer kind: the ops' self times from one profiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals = dict.fromkeys(KINDS, 0.0)
+    for ev in prof.key_averages():
+        if device.type == "cuda":
+            us = getattr(ev, "self_device_time_total", 0) or 0
+        else:
+            us = ev.self_cpu_time_total
+        if ev.key.startswith(("aten::", "iddpm::")):
+            totals[layer_kind(ev.key)] += us / 1e3
+    return {k: round(v, 3) for k, v in totals.items()}
+
+
+def _forward_variants(model, config, device):
+    """[(impl, dtype, module, input dtype, autocast dtype or None, attention impl, groupnorm impl)]:
+    the baseline first for each dtype. Every module has ``model``'s weights."""
+    import copy
+
+    from ..nn import groupnorm_impl  # noqa: F401  (the switch the variants set)
+
+    ref_cls = reference_unet_class()
+    kwargs = dict(CONFIGS[config])
+    kwargs.pop("image_size")
+    if ref_cls is not None:
+        base = ref_cls(**kwargs).to(device)
+        base.load_state_dict(model.state_dict(), strict=True)
+        base_name, base_attn = "reference (openai/improved-diffusion)", "auto"
+    else:
+        base, base_name, base_attn = copy.deepcopy(model), f"baseline ({_BASELINE_OFF})", "einsum"
+    base.eval()
+    ours = copy.deepcopy(model).eval()
+    cl = device.type == "cpu"  # channels-last: the default of to_inference on the CPU only
+    fp32_fast = copy.deepcopy(model).to_inference(channels_last=True)
+    bf16_fast = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=cl)
+    bf16_nchw = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=False)
+    f32, b16 = torch.float32, torch.bfloat16
+    layout = "channels-last" if cl else "NCHW"
+    return [
+        (base_name, f32, base, f32, None, base_attn, "torch"),
+        ("ours (fused attention)", f32, ours, f32, None, "auto", "auto"),
+        ("ours to_inference(channels-last)", f32, fp32_fast, f32, None, "auto", "auto"),
+        (f"{base_name} + bf16 autocast", b16, base, f32, b16, base_attn, "torch"),
+        ("ours + bf16 autocast", b16, ours, f32, b16, "auto", "auto"),
+        ("ours to_inference(bf16, NCHW)", b16, bf16_nchw, b16, None, "auto", "auto"),
+        (f"ours to_inference(bf16, {layout})", b16, bf16_fast, b16, None, "auto", "auto"),
+    ]
+
+
+def _forward_call(variant, x, t, device):
+    from ..nn import groupnorm_impl
+
+    _, _, module, in_dtype, ac_dtype, attn, gn = variant
+    xin = x.to(in_dtype)
+
+    def fwd():
+        with (
+            torch.no_grad(),
+            attention_impl(attn),
+            groupnorm_impl(gn),
+            _autocast(device, ac_dtype or torch.float32),
+        ):
+            return module(xin, t)
+
+    return fwd
+
+
+def forward_section(model, config, size, batch_sizes, device, warmup, iters, breakdown, flops_per_image):
+    """The forward records (see the module docstring) and their summary lines."""
+    variants = _forward_variants(model, config, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    records, summary = [], []
+    for batch in batch_sizes:
+        gen = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, model.in_channels, size, size, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        calls = [_forward_call(v, x, t, device) for v in variants]
+        outs = [c().float() for c in calls]  # also the first warm-up run
+        for _ in range(max(warmup - 1, 0)):
+            for c in calls:
+                c()
+        times = [[] for _ in calls]
+        for _ in range(iters):  # interleaved: one call of each variant per round
+            for i, c in enumerate(calls):
+                times[i].append(common.time_ms(c, device, 0, 1, flush_l2=False))
+        ref_out = outs[0]
+        base_ms, base_min = {}, {}
+        for v, ts, out in zip(variants, times, outs):
+            impl, dtype = v[0], v[1]
+            ms = statistics.median(ts)
+            base_ms.setdefault(dtype, ms)  # the first variant of each dtype is its baseline
+            base_min.setdefault(dtype, min(ts))
+            err = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-30)).item()
+            extra = {}
+            if breakdown:
+                extra["breakdown_ms"] = breakdown_ms(_forward_call(v, x, t, device), device)
+            rec = common.record(
+                f"unet {config} fwd",
+                impl,
+                [batch, model.in_channels, size, size],
+                dtype,
+                device,
+                ms,
+                flops=flops_per_image * batch,
+                images_per_s=round(batch / (ms * 1e-3), 2),
+                speedup=round(base_ms[dtype] / ms, 3),
+                ms_min=round(min(ts), 5),
+                speedup_min=round(base_min[dtype] / min(ts), 3),
+                rel_err=float(f"{err:.3g}"),
+                params=n_params,
+                **extra,
+            )
+            records.append(rec)
+            line = (
+                f"fwd B={batch:<4} {rec['dtype']:<9} {impl[:48]:<48} {ms:9.2f} ms "
+                f"{rec['images_per_s']:9.1f} img/s {rec['tflops']:7.3f} TF/s "
+                f"x{rec['speedup']:.2f} (min x{rec['speedup_min']:.2f})  err {err:.2e}"
+            )
+            if "pct_peak" in rec:
+                line += f"  {rec['pct_peak']}% of peak"
+            summary.append(line)
+            if breakdown:
+                summary.append(
+                    "      " + ", ".join(f"{k} {extra['breakdown_ms'][k]:.1f}" for k in KINDS) + " ms"
+                )
+    return records, summary
+
+
 def run(args) -> list:
     device = torch.device(args.device)
     config = args.config or ("tiny" if args.quick else "cifar10")
@@ -176,6 +418,8 @@ def run(args) -> list:
     )
     warmup, iters = _runs(args, device)
     dtypes = [torch.float32, torch.bfloat16]
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else [batch]
+    reference_unet_class()  # a bad IDDPM_REF_PATH is reported before any work
 
     torch.manual_seed(0)
     model, size = build_model(config, device=device)
@@ -185,11 +429,23 @@ def run(args) -> list:
     shape = [batch, model.in_channels, size, size]
     flops = {bwd: batch * _count_flops(model, x, t, bwd) for bwd in (False, True)}
 
+    fwd_model, _ = build_model(config, device=device)
+    fwd_model.load_state_dict(model.state_dict())
+    randomize_zero_layers_(fwd_model)
+
     previous_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     records, summary = [], []
     try:
-        for backward in (False, True):
+        recs, lines = forward_section(
+            fwd_model, config, size, batch_sizes, device, warmup, iters, args.breakdown, flops[False] // batch
+        )
+        records += recs
+        summary += lines
+        del fwd_model
+        if args.forward_only:
+            return _finish(config, n_params, batch, flops, records, summary)
+        for backward in (True,):
             model.train(backward)
             op = f"unet {config} fwd+bwd" if backward else f"unet {config} fwd"
             for dtype in dtypes:
@@ -265,7 +521,10 @@ def run(args) -> list:
             )
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
+    return _finish(config, n_params, batch, flops, records, summary)
 
+
+def _finish(config, n_params, batch, flops, records, summary) -> list:
     print(
         f"\nunet {config}: {n_params:,} parameters, batch {batch}, "
         f"{flops[False] / batch / 1e9:.2f} GFLOP/image forward, "

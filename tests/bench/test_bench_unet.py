@@ -1,0 +1,76 @@
+"""``iddpm bench unet``'s forward section: the variants, their fields (ms, images/s, TFLOP/s,
+speedup over the baseline, error against the fp32 baseline, per-layer-kind breakdown), the
+baseline's name without IDDPM_REF_PATH, and bad values as one error line."""
+
+import json
+
+import pytest
+
+from helpers.training import argv
+from iddpm_ext import bench
+from iddpm_ext.bench import unet as bench_unet
+
+
+@pytest.mark.slow
+def test_forward_section_records(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IDDPM_REF_PATH", raising=False)
+    out = tmp_path / "u.json"
+    args = argv(
+        (
+            "unet --device cpu --threads 1 --config tiny --batch-sizes 1 --forward-only --breakdown "
+            "--warmup 1 --iters 1 --json {json}"
+        ),
+        json=str(out),
+    )
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    recs = json.loads(out.read_text())["records"]
+    assert [r["dtype"] for r in recs] == ["float32"] * 3 + ["bfloat16"] * 4
+    assert recs[0]["impl"].startswith("baseline (ours, all fast paths off")
+    assert recs[3]["impl"].endswith("+ bf16 autocast")
+    assert recs[0]["speedup"] == 1 and recs[3]["speedup"] == 1
+    for r in recs:
+        assert r["op"] == "unet tiny fwd" and r["shape"] == [1, 3, 16, 16]
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["images_per_s"] > 0
+        assert set(r["breakdown_ms"]) == set(bench_unet.KINDS) and r["breakdown_ms"]["conv"] > 0
+    # fp32 fast paths within 1e-5 of the fp32 baseline; bf16 ones a bf16-sized error, not garbage
+    assert recs[0]["rel_err"] == 0 and all(r["rel_err"] <= 1e-5 for r in recs[:3])
+    assert all(0 < r["rel_err"] < 0.1 for r in recs[3:])
+    assert "fwd B=1" in printed and "conv " in printed
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("aten::mkldnn_convolution", "conv"),
+        ("aten::cudnn_convolution", "conv"),
+        ("aten::native_group_norm", "norm"),
+        ("aten::silu", "elementwise"),
+        ("aten::add", "elementwise"),
+        ("aten::cat", "elementwise"),
+        ("iddpm::qkv_attention", "attention"),
+        ("aten::bmm", "attention"),
+        ("aten::_softmax", "attention"),
+        ("aten::addmm", "other"),
+        ("aten::upsample_nearest2d", "elementwise"),
+        ("aten::empty", "other"),
+    ],
+)
+def test_layer_kind(name, kind):
+    assert bench_unet.layer_kind(name) == kind
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (argv("unet --device cpu --batch-sizes 1,0"), None, "--batch-sizes: expected positive ints"),
+        (argv("unet --device cpu --batch-sizes 2,x"), None, "got 'x'"),
+        (argv("unet --device cpu --config tiny --forward-only"), "/nonexistent", "IDDPM_REF_PATH: expected"),
+    ],
+)
+def test_bad_values_are_one_error_line(args, env, message, capsys, monkeypatch):
+    if env:
+        monkeypatch.setenv("IDDPM_REF_PATH", env)
+    assert bench.main(args) == 2
+    _, err = capsys.readouterr()
+    assert message in err and len(err.strip().splitlines()) == 1

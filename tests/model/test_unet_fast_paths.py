@@ -1,0 +1,194 @@
+"""The UNet's fast paths against the model with every fast path off: GroupNorm of bf16/fp16
+activations without fp32 copies, to_inference (one dtype for every parameter, channels-last),
+fused attention; the fp32 ≤ 1e-5 relative rule, the bf16 "within 2× of the all-off model's own
+bf16-autocast error" rule (float64 oracle), strict state-dict round trips and a seeded DDIM run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.engine_cases import diffusion
+from helpers.models import randomize_, tiny_kwargs
+from iddpm_ext import nn as inn
+from iddpm_ext import unet as iunet
+from iddpm_ext.nn import GroupNorm32, groupnorm_impl, set_groupnorm_impl
+from iddpm_ext.ops.attention import attention_impl
+from iddpm_ext.unet import UNetModel
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_heads=2, **overrides)
+    return randomize_(UNetModel(**kw), seed).eval()
+
+
+def _inputs(n=2, spatial=(8, 8), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *spatial, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def _all_off(model, x, t, autocast_dtype=None):
+    """The model with every fast path off (the reference's way of running it)."""
+    ctx = torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with torch.no_grad(), attention_impl("einsum"), groupnorm_impl("torch"), ctx:
+        return model(x, t).float()
+
+
+# ---------------------------------------------------------------------------------
+# GroupNorm32
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_groupnorm_low_precision_matches_fp32_copy_path(dtype, channels_last):
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(32, 64)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(64, generator=g))
+    x = (3 * torch.randn(2, 64, 8, 8, generator=g) + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    oracle = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+    with groupnorm_impl("torch"):
+        slow = norm(x)
+    with groupnorm_impl("auto"):
+        fast = norm(x)
+    assert fast.dtype == dtype and slow.dtype == dtype
+    assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last
+    err_fast = (fast.double() - oracle).abs().max().item()
+    err_slow = (slow.double() - oracle).abs().max().item()
+    assert err_fast <= 2 * err_slow + 1e-12, (err_fast, err_slow)
+
+
+def test_groupnorm_impl_switch_and_errors(monkeypatch):
+    previous = set_groupnorm_impl("torch")
+    try:
+        assert inn.get_groupnorm_impl() == "torch"
+        with groupnorm_impl("auto"):
+            assert inn.get_groupnorm_impl() == "auto"
+        assert inn.get_groupnorm_impl() == "torch"
+    finally:
+        set_groupnorm_impl(previous)
+    with pytest.raises(ValueError, match="impl: expected one of \\['auto', 'torch'\\], got 'fused'"):
+        set_groupnorm_impl("fused")
+    monkeypatch.setenv("IDDPM_GROUPNORM_IMPL", "fast")
+    with pytest.raises(ValueError, match="IDDPM_GROUPNORM_IMPL: expected one of"):
+        inn._groupnorm_impl_from_env()
+    monkeypatch.setenv("IDDPM_GROUPNORM_IMPL", "TORCH")
+    assert inn._groupnorm_impl_from_env() == "torch"
+
+
+# ---------------------------------------------------------------------------------
+# to_inference
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp32_fast_paths_match_all_off_model(channels_last):
+    model = _model()
+    x, t = _inputs()
+    expected = _all_off(model, x, t)
+    fast = copy.deepcopy(model).to_inference(channels_last=channels_last)
+    assert fast.channels_last == channels_last and not fast.training
+    with torch.no_grad():
+        got = fast(x, t)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert _rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_weights_within_twice_the_autocast_error(dtype, channels_last):
+    model = _model(seed=2)
+    x, t = _inputs(seed=3)
+    oracle = _all_off(copy.deepcopy(model).double(), x.double(), t)
+    ref_err = _rel(_all_off(model, x, t, autocast_dtype=dtype), oracle)
+    fast = copy.deepcopy(model).to_inference(dtype, channels_last=channels_last)
+    assert fast.inner_dtype == dtype and fast.time_embed[0].weight.dtype == dtype
+    with torch.no_grad():
+        got = fast(x, t)
+        got_bf16_input = fast(x.to(dtype), t)
+    assert got.dtype == torch.float32 and got_bf16_input.dtype == dtype
+    err = _rel(got, oracle)
+    assert 0 < ref_err and err <= 2 * ref_err, (err, ref_err)
+
+
+def test_to_inference_keeps_state_dict_keys_and_round_trips_strictly():
+    model = _model(num_classes=4)
+    keys = list(model.state_dict())
+    fast = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=True)
+    assert list(fast.state_dict()) == keys
+    conv = fast.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.bfloat16
+    fresh = UNetModel(**tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_heads=2, num_classes=4))
+    fresh.load_state_dict(fast.state_dict(), strict=True)  # loads, cast back to the fresh model's fp32
+    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False)
+    assert not back.channels_last and back.input_blocks[0][0].weight.is_contiguous()
+    x, t = _inputs()
+    y = torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, y), fresh.eval()(x, t, y), rtol=0, atol=0)
+
+
+def test_channels_last_keeps_the_callers_layout_and_feature_vectors():
+    model = _model()
+    fast = copy.deepcopy(model).to_inference(channels_last=True)
+    x, t = _inputs()
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = fast(x_nhwc, t)
+        feats, ref_feats = fast.get_feature_vectors(x, t), model.get_feature_vectors(x, t)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(
+        feats["down"] + [feats["middle"]] + feats["up"],
+        ref_feats["down"] + [ref_feats["middle"]] + ref_feats["up"],
+    ):
+        assert a.is_contiguous()
+        assert _rel(a, b) <= 1e-5
+
+
+def test_to_inference_errors_and_default(monkeypatch):
+    model = UNetModel(**tiny_kwargs(dims=1))
+    with pytest.raises(ValueError, match="channels_last: only 2-D models .* dims=1"):
+        model.to_inference(channels_last=True)
+    with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype or None, got torch.int32"):
+        model.to_inference(torch.int32)
+    monkeypatch.setenv("IDDPM_CHANNELS_LAST", "0")
+    assert iunet.default_channels_last("cpu") is False
+    monkeypatch.setenv("IDDPM_CHANNELS_LAST", "1")
+    assert iunet.default_channels_last("cuda") is True
+    monkeypatch.setenv("IDDPM_CHANNELS_LAST", "maybe")
+    with pytest.raises(ValueError, match="IDDPM_CHANNELS_LAST: expected 1 or 0"):
+        iunet.default_channels_last("cpu")
+    monkeypatch.delenv("IDDPM_CHANNELS_LAST")
+    assert iunet.default_channels_last("cpu") is True
+    assert iunet.default_channels_last("cuda") is False
+
+
+@pytest.mark.slow
+def test_seeded_ddim_with_fast_paths_matches_eager_path():
+    model = _model(seed=4)
+    fast = copy.deepcopy(model).to_inference(channels_last=True)
+    d = diffusion(respacing="ddim5")
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(2, 3, 8, 8, generator=g)
+    with attention_impl("einsum"), groupnorm_impl("torch"):
+        expected = d.ddim_sample_loop(model, noise.shape, noise=noise, eta=0.0)
+    got = d.ddim_sample_loop(fast, noise.shape, noise=noise, eta=0.0)
+    assert _rel(got, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_fast_paths():
+    torch._dynamo.reset()
+    model = _model().to_inference(torch.bfloat16, channels_last=True)
+    x, t = _inputs()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), model(x, t))
