@@ -168,10 +168,11 @@ class GaussianDiffusion:
 
     @property
     def _learned_variance(self) -> bool:
-        return self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        var_type = self.model_var_type
+        return var_type is ModelVarType.LEARNED or var_type is ModelVarType.LEARNED_RANGE
 
     def _check_model_output(self, model_output, x):
-        check_model_output(model_output, x, self._learned_variance, self.model_var_type.name)
+        check_model_output(model_output, x, self._learned_variance, self.model_var_type)
 
     # ------------------------------------------------------------------------------
     # the forward process

@@ -65,14 +65,23 @@ def timestep_range(t: torch.Tensor) -> tuple:
     return tuple(torch.stack(torch.aminmax(t)).tolist())
 
 
-def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type_name: str):
-    """model_output: [N, 2C, ...] (mean and variance) when ``learned``, else [N, C, ...]."""
+def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type):
+    """model_output: [N, 2C, ...] (mean and variance) when ``learned``, else [N, C, ...].
+    ``var_type``: the variance type (a ModelVarType or its name), named in the error."""
+    if isinstance(model_output, torch.Tensor):
+        shape, xs = model_output.shape, x.shape
+        if (
+            len(shape) == len(xs) >= 2
+            and shape[1] == (2 * xs[1] if learned else xs[1])
+            and shape[0] == xs[0]
+            and shape[2:] == xs[2:]
+        ):
+            return  # [N, C or 2C, *spatial]
     B, C = x.shape[:2]
     channels = 2 * C if learned else C
     expected = (B, channels, *x.shape[2:])
-    if isinstance(model_output, torch.Tensor) and tuple(model_output.shape) == expected:
-        return
     got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+    var_type_name = getattr(var_type, "name", var_type)
     why = (
         f"{channels} channels: mean and variance for {var_type_name}"
         if learned
