@@ -20,6 +20,7 @@ diffusers-style scheduler); this module holds what it decides with:
   kernel from ``generator`` or the device's default generator, item b taking the stream of
   global sample ``sample_index[b]`` (docs/step.md, "Per-sample streams"). The eager path
   draws ``randn_like(x)`` (or from ``generator``); per-sample streams exist only in-kernel.
+  The reverse DDIM step draws no noise on either path (as the reference).
 - **Layout** (:func:`eager_strides`): ``randn_like`` follows x's memory layout, so a fused
   result is returned in the layout the eager math would have produced (predicted once per
   layout on meta tensors), and the next step's noise lands where the reference's would.
@@ -113,7 +114,8 @@ def fused_update(kind, model_output, x, t, table, types, clip_denoised, eta, noi
     module docstring: a dict with 'sample' and 'pred_xstart' (None when not ``pred_xstart``).
     ``eager_update(model_output, x, t, noise)`` is the same rule written eagerly, run on meta
     tensors when the layout of the eager result has to be found (:func:`eager_strides`)."""
-    noise = fused_noise(x, noise, generator, sample_index)
+    if kind != "ddim_reverse":  # the reverse ODE step uses no noise, and draws none (as the reference)
+        noise = fused_noise(x, noise, generator, sample_index)
     x32 = x if x.dtype == torch.float32 else x.float()  # exact upcasts (module docstring)
     noise32 = noise if noise is None or noise.dtype == torch.float32 else noise.float()
     mean_type, var_type = types

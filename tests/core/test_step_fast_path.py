@@ -127,3 +127,15 @@ def test_respaced_model_sees_original_timesteps_once():
     assert all(torch.equal(s, expected) for s in seen) and len(seen) == 2
     assert torch.equal(d.model_timesteps(t.int()), expected.int())
     assert torch.equal(d.model_timesteps(torch.tensor([-1])), torch.tensor([d.timestep_map[-1]]))
+
+
+def test_reverse_ddim_draws_no_noise_as_the_reference():
+    d = make_diffusion()
+    x, mo, _ = make_inputs(d, (2, 3, 4, 4))
+    for fused in (True, False):
+        d.use_fused = fused
+        torch.manual_seed(0)
+        d.ddim_reverse_sample(const_model(mo), x, torch.tensor([3, 0]))
+        after = torch.randn(4)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.randn(4)), f"fused={fused}: the global RNG moved"
