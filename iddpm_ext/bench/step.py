@@ -193,13 +193,15 @@ def _call_rows(args, d, ref_d, shape, device, dtype, learned) -> list:
             return _reference_style_step(d, mo, x, t, True, torch.randn_like(x))
 
         impls["reference-style p_sample"] = reference_style
+    # Calls take microseconds: time many more of them than the kernel rows (--quick included).
+    warmup, iters = max(args.warmup, 50), max(args.iters, 500)
     d.check_timesteps = True  # as a user's call runs
     try:
         rows = {}
         with torch.no_grad():
             for impl, fn in impls.items():
-                ms = common.time_ms(fn, device, args.warmup, args.iters, flush_l2=False)
-                us = ms * 1e3 if device.type == "cpu" else common.host_us(fn, device, args.warmup, args.iters)
+                ms = common.time_ms(fn, device, warmup, iters, flush_l2=False)
+                us = ms * 1e3 if device.type == "cpu" else common.host_us(fn, device, warmup, iters // 20)
                 rows[impl] = (ms, us, common.launches(fn, device))
     finally:
         d.check_timesteps = False
