@@ -125,7 +125,8 @@ class GaussianDiffusion:
         ):
             setattr(self, name, arrays[name])
         self._coef_table_f64 = stack_coef_table(arrays)  # [T, K] float64
-        self._coef_tables: dict[str, torch.Tensor] = {}
+        self._coef_tables: dict = {}  # device (as given, and as torch.device) -> [T, K] float32 table
+        self._op_type_cache: tuple = (None, None, None)
         self._layout_cache: dict = {}  # strides of eager results per input layout (core.sampling)
         self.check_timesteps = True
         self.use_fused = sampling.fused_default()
@@ -137,13 +138,23 @@ class GaussianDiffusion:
     def coef_table(self, device) -> torch.Tensor:
         """The [T, K] float32 coefficient table on ``device`` (made once per device;
         column names in :data:`iddpm_ext.core.tables.COEF_NAMES`)."""
-        device = torch.device(device)
-        key = str(device)
-        table = self._coef_tables.get(key)
+        table = self._coef_tables.get(device)  # keyed by what callers pass: x.device per step
         if table is None:
-            table = torch.from_numpy(self._coef_table_f64).to(torch.float32).to(device)
-            self._coef_tables[key] = table
+            dev = torch.device(device)
+            table = self._coef_tables.get(dev)
+            if table is None:
+                table = torch.from_numpy(self._coef_table_f64).to(torch.float32).to(dev)
+            self._coef_tables[dev] = self._coef_tables[device] = table
         return table
+
+    def _op_types(self) -> tuple:
+        """The model's mean and variance types as the fused ops name them, e.g.
+        ("epsilon", "learned_range") (made once, remade if the attributes change)."""
+        cached = self._op_type_cache
+        if cached[0] is not self.model_mean_type or cached[1] is not self.model_var_type:
+            names = (self.model_mean_type.name.lower(), self.model_var_type.name.lower())
+            cached = self._op_type_cache = (self.model_mean_type, self.model_var_type, names)
+        return cached[2]
 
     def _coefs(self, t: torch.Tensor, ndim: int) -> StepCoefs:
         return step_coefs(self.coef_table(t.device), t, ndim)
@@ -157,10 +168,11 @@ class GaussianDiffusion:
 
     @property
     def _learned_variance(self) -> bool:
-        return self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        var_type = self.model_var_type
+        return var_type is ModelVarType.LEARNED or var_type is ModelVarType.LEARNED_RANGE
 
     def _check_model_output(self, model_output, x):
-        check_model_output(model_output, x, self._learned_variance, self.model_var_type.name)
+        check_model_output(model_output, x, self._learned_variance, self.model_var_type)
 
     # ------------------------------------------------------------------------------
     # the forward process
@@ -404,7 +416,7 @@ class GaussianDiffusion:
             def eager_update(mo, xx, tt, nn):  # the layout oracle: this rule on meta tensors
                 return self._eager_update(kind, mo, xx, tt, clip_denoised, None, eta, nn)
 
-            table, types = self.coef_table(x.device), (self.model_mean_type, self.model_var_type)
+            table, types = self.coef_table(x.device), self._op_types()
             return sampling.fused_update(kind, model_output, x, t, table, types, clip_denoised, eta, noise,
                                          generator, sample_index, pred_xstart, self._layout_cache,
                                          eager_update)  # fmt: skip

@@ -136,8 +136,8 @@ class SpacedDiffusion(GaussianDiffusion):
         self._map_tensors: dict[tuple, torch.Tensor] = {}
 
     def _timestep_map_tensor(self, device, dtype) -> torch.Tensor:
-        """timestep_map on ``device`` (made once per device and dtype)."""
-        key = (str(device), dtype)
+        """timestep_map on ``device`` (made once per device and dtype; keyed by t.device)."""
+        key = (device, dtype)
         m = self._map_tensors.get(key)
         if m is None:
             m = torch.tensor(self.timestep_map, device=device, dtype=dtype)
@@ -150,12 +150,17 @@ class SpacedDiffusion(GaussianDiffusion):
         return _WrappedModel(model, self)
 
     def _run_model(self, model, x, t, model_kwargs):
-        return self._wrap_model(model)(x, t, **(model_kwargs or {}))
+        # What self._wrap_model(model)(x, t, ...) does, without making a wrapper per call.
+        if isinstance(model, _WrappedModel):
+            return model(x, t, **(model_kwargs or {}))
+        return model(x, self.model_timesteps(t), **(model_kwargs or {}))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original process's timesteps of respaced timesteps ``t`` (scaled to [0, 1000)
         with ``rescale_timesteps``): what the model is given."""
-        new_ts = self._timestep_map_tensor(t.device, t.dtype)[t]
+        m = self._timestep_map_tensor(t.device, t.dtype)
+        # take == m[t] for a 1-D m (negative t counts from the end as well), with less overhead
+        new_ts = torch.take(m, t) if t.dtype == torch.int64 else m[t]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return new_ts

@@ -78,13 +78,15 @@ def main(argv=None, prog: str = "iddpm bench") -> int:
         else:
             sub_args = args
         common.setup(sub_args)
+        sub_args.record_sink = records  # common.emit prints each case as it ends and adds it here
+        print(f"iddpm bench {name} on {common.device_name(sub_args.device)}:", flush=True)
         try:
             recs = mod.run(sub_args)
         except common.BenchArgumentError as e:  # a bad --cases / --dtype / ... value: one line
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
         common.print_table(recs, title=f"iddpm bench {name}")
-        records.extend(recs)
+        records.extend(r for r in recs if not any(r is seen for seen in records))
     if args.json:
         common.write_json(args.json, records)
         print(f"wrote {len(records)} records to {args.json}")

@@ -179,7 +179,7 @@ def run(args) -> list:
                     if peak_flops and dtype != torch.float32:
                         rec["pct_peak_tflops"] = round(100 * rec["tflops"] * 1e12 / peak_flops, 1)
                     rows[impl] = rec
-                    records.append(rec)
+                    records.append(common.emit(args, rec))
                 base = rows.get("einsum (reference)")
                 for rec in rows.values():
                     if base:

@@ -135,6 +135,109 @@ def time_ms(fn, device, warmup: int = 5, iters: int = 20, flush_l2: bool = True)
     return statistics.median(times)
 
 
+def host_us(fn, device, warmup: int = 5, iters: int = 20, calls: int = 20) -> float:
+    """Median host microseconds per call of ``fn()``: the time the calling thread spends
+    issuing it (on CUDA the launches are not waited for; the queue is drained between
+    timed runs, so it never fills). On the CPU this is the whole call."""
+    device = torch.device(device)
+
+    def drain():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    drain()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+        drain()
+    return statistics.median(times)
+
+
+def launches(fn, device) -> dict:
+    """What one call of ``fn()`` dispatches: ``ops_per_call``, the torch ops (aten and
+    custom) seen by a dispatch-mode counter, and on CUDA ``kernels_per_call`` and
+    ``h2d_per_call`` (host-to-device copies), seen by torch.profiler. Empty when counting
+    fails (best effort: counting must not end a benchmark)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    try:
+        fn()
+        with _Count():
+            fn()
+        out["ops_per_call"] = _Count.n
+        device = torch.device(device)
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize(device)
+            kernels = h2d = 0
+            for e in prof.events():
+                if e.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                name = e.name.lower()
+                if "memcpy" in name:
+                    h2d += "htod" in name
+                elif "memset" not in name:
+                    kernels += 1
+            out.update(kernels_per_call=kernels, h2d_per_call=h2d)
+    except Exception as exc:  # noqa: BLE001 - best effort
+        out["launches_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def reference_package():
+    """openai/improved-diffusion's ``improved_diffusion`` package from a local checkout named by
+    IDDPM_REF_PATH (the folder holding the package, as tests/compat uses it), or None when the
+    variable is unset. Never part of this project: benchmarks only compare against it."""
+    import importlib
+    import sys
+
+    path = os.environ.get("IDDPM_REF_PATH")
+    if not path:
+        return None
+    if not os.path.isdir(os.path.join(path, "improved_diffusion")):
+        raise BenchArgumentError(
+            f"IDDPM_REF_PATH: expected a checkout of openai/improved-diffusion (a folder holding "
+            f"improved_diffusion/), got {path!r}"
+        )
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("improved_diffusion.gaussian_diffusion")
+
+
+def emit(args, rec: dict) -> dict:
+    """Print one record as a line now (flushed, so a run cut short still shows its cases)
+    and, with --json, rewrite the JSON file with every record so far; returns ``rec``."""
+    fields = [rec["op"], rec["impl"], _fmt(rec["shape"]), rec["dtype"], f"{rec['ms']:.4g} ms"]
+    for key, unit in (("host_us", " us host"), ("ops_per_call", " ops"), ("kernels_per_call", " kernels"),
+                      ("gbps", " GB/s"), ("tflops", " TFLOP/s"), ("speedup", "x")):  # fmt: skip
+        if rec.get(key) is not None:
+            fields.append(f"{_fmt(rec[key])}{unit}")
+    print("  " + " | ".join(str(f) for f in fields), flush=True)
+    sink = getattr(args, "record_sink", None)
+    if sink is not None:
+        sink.append(rec)
+        if getattr(args, "json", None):
+            write_json(args.json, sink)
+    return rec
+
+
 def record(op, impl, shape, dtype, device, ms, bytes_moved=None, flops=None, **extra) -> dict:
     """One benchmark record; GB/s and % of peak bandwidth from ``bytes_moved``,
     TFLOP/s (and % of tensor-core peak) from ``flops``."""
@@ -198,7 +301,8 @@ def environment() -> dict:
 def print_table(records: list, title: str = ""):
     if not records:
         return
-    cols = ["op", "impl", "shape", "dtype", "ms", "gbps", "tflops", "pct_peak", "speedup"]
+    cols = ["op", "impl", "shape", "dtype", "ms", "host_us", "ops_per_call", "kernels_per_call", "gbps",
+            "tflops", "pct_peak", "speedup"]  # fmt: skip
     cols = [c for c in cols if any(c in r for r in records)]
     rows = [[_fmt(r.get(c, "")) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]

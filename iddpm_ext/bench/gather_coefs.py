@@ -26,15 +26,18 @@ def run(args) -> list:
             ms = common.time_ms(fn, device, args.warmup, args.iters, flush_l2=False)
             base = base or ms
             records.append(
-                common.record(
-                    "gather_coefs",
-                    impl,
-                    [batch, table.shape[1]],
-                    torch.float32,
-                    device,
-                    ms,
-                    bytes_moved=moved,
-                    speedup=round(base / ms, 2),
+                common.emit(
+                    args,
+                    common.record(
+                        "gather_coefs",
+                        impl,
+                        [batch, table.shape[1]],
+                        torch.float32,
+                        device,
+                        ms,
+                        bytes_moved=moved,
+                        speedup=round(base / ms, 2),
+                    ),
                 )
             )
     return records

@@ -28,6 +28,7 @@ Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dt
   CUDA default (what scripts/gpu_check.sh runs, trimmed to about a minute on an H100):
     50 steps, B in {1, 16, 256}: reference, eager, graph in fp32 and bf16;
     250 steps, B = 1: reference and graph in bf16; compile: 50 steps, B = 1, bf16 (last).
+  CUDA --quick: 10 steps, B in {1, 16}: reference, eager, graph in fp32 and bf16 (no compile).
   CUDA --full: B in {1, 16, 256} x {50, 250} steps x all four impls x {fp32, bf16}.
   CPU: B in {1, 4}, 10 steps, reference / eager / engine-eager (compile with --compile: its
     inductor build takes about a minute per configuration on 2 cores); --quick: B = 1, 5 steps.
@@ -97,9 +98,9 @@ def cases(args, device) -> list:
         impls = _csv(args.impls) if args.impls else impls
         dtypes = _csv(args.dtypes) if args.dtypes else ["float32", "bfloat16"]
         grid = [(s, b, dt, i) for s, b, dt, i in itertools.product(steps, batches, dtypes, impls)]
-    elif args.quick:  # CUDA smoke test
+    elif args.quick:  # CUDA smoke test: 10 steps (a 50-step grid took over a minute on an H100)
         grid = [
-            (50, b, dt, i)
+            (10, b, dt, i)
             for b in (1, 16)
             for dt in ("float32", "bfloat16")
             for i in ("reference", "eager", "graph")
@@ -236,6 +237,7 @@ def run(args) -> list:
     channels = CONFIGS[unet_config]["in_channels"]
     steps_total = 4000 if config == "cifar10" else 1000
     grid = cases(args, device)
+    profile_steps = min(c[0] for c in grid) if grid else 0  # launch counts: the shortest runs only
     diffusions = {}
     engines = {"graph": None, "compile": None, "engine-eager": None}
     ref_ms, records, notes = {}, [], []
@@ -264,17 +266,9 @@ def run(args) -> list:
                 run_ms = common.time_ms(fn, device, warmup, iters, flush_l2=False)
             except Exception as exc:  # noqa: BLE001 - one failing impl must not end the run
                 notes.append(f"{impl} S={S} B={B} {dt_name}: {type(exc).__name__}: {exc}"[:300])
-                records.append(
-                    common.record(
-                        f"sample {config} {S} steps",
-                        impl,
-                        shape,
-                        dtype,
-                        device,
-                        float("nan"),
-                        error=notes[-1],
-                    )
-                )
+                rec = common.record(f"sample {config} {S} steps", impl, shape, dtype, device, float("nan"),
+                                    error=notes[-1])  # fmt: skip
+                records.append(common.emit(args, rec))
                 continue
             ms = run_ms / S
             if impl == "reference":
@@ -293,7 +287,7 @@ def run(args) -> list:
             if (
                 device.type == "cuda"
                 and B == 1
-                and S == 50
+                and S == profile_steps
                 and dt_name == "float32"
                 and not args.no_profile
                 and impl in ("reference", "eager", "graph")
@@ -302,11 +296,10 @@ def run(args) -> list:
                     extra.update(_profile_counts(fn, S))
                 except Exception as exc:  # noqa: BLE001 - profiling is best effort
                     notes.append(f"profile {impl}: {type(exc).__name__}: {exc}"[:200])
+            rec = common.record(f"sample {config} {S} steps", impl, list(shape), dtype, device, ms, **extra)
             records.append(
-                common.record(f"sample {config} {S} steps", impl, list(shape), dtype, device, ms, **extra)
-            )
-            if args.json:
-                common.write_json(args.json, records)  # partial results survive a time limit
+                common.emit(args, rec)
+            )  # printed now; with --json, partial results survive a limit
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
     _print_summary(config, n_params, records, engines, notes)

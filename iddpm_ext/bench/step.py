@@ -19,6 +19,19 @@ once where a row reads one (pred_x0 is not written). With explicit noise the noi
 written once by whoever draws it (randn), so a full explicit-noise step moves 24 B per fp32
 element against 16 B with in-kernel noise (learned variances: 2C model-output channels).
 Eager rows move more than they are credited with, so their figure is an effective bandwidth.
+
+Every row also carries ``host_us`` (host microseconds per call: on CUDA the time to issue it,
+launches not waited for; on the CPU the whole call) and what one call dispatches:
+``ops_per_call`` (torch ops, aten and custom, counted by a dispatch mode) and on CUDA
+``kernels_per_call`` / ``h2d_per_call`` (torch.profiler).
+
+Call rows (first; case 1x3x8x8, plus the cases with B <= 16 outside --quick, or the --sizes):
+one public call with a constant model, ``GaussianDiffusion.p_sample(model, x, t)`` (``--rule
+ddim``: ``ddim_sample``) with the timestep check on, as a user's loop calls it, against
+openai/improved-diffusion's own method when IDDPM_REF_PATH names a checkout of it (the folder
+holding ``improved_diffusion/``; nothing of it is part of this project), else against the
+reference-style step above after the same model call. ``speedup`` is the reference's host
+time over the row's.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ CASES = [
     (64, 3, 256, 256),
 ]
 QUICK_CASES = [(16, 3, 32, 32), (64, 3, 32, 32)]
+CALL_CASE = (1, 3, 8, 8)  # the per-call target's case: a p_sample call against the reference's
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,6 +149,71 @@ def _parse_sizes(text):
     return common.parse_shapes(text, "--sizes", 4, "64x3x32x32")
 
 
+def _reference_diffusion(gd_module, d):
+    """The reference's GaussianDiffusion with ``d``'s betas and types (None without a checkout)."""
+    if gd_module is None:
+        return None
+    return gd_module.GaussianDiffusion(
+        betas=d.betas,
+        model_mean_type=gd_module.ModelMeanType[d.model_mean_type.name],
+        model_var_type=gd_module.ModelVarType[d.model_var_type.name],
+        loss_type=gd_module.LossType[d.loss_type.name],
+    )
+
+
+def _call_rows(args, d, ref_d, shape, device, dtype, learned) -> list:
+    """One public call with a constant model (its output precomputed): ours
+    (GaussianDiffusion.p_sample / ddim_sample, timestep check on) against openai/improved-
+    diffusion's (IDDPM_REF_PATH) or, without a checkout, the reference-style step after the
+    same model call. Host µs per call, and the ops (CUDA: kernels) each call dispatches."""
+    ddim = args.rule == "ddim"
+    B, C = shape[:2]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, generator=gen).to(dtype)
+    mo_shape = (B, 2 * C if learned else C, *shape[2:])
+    out = torch.randn(mo_shape, device=device, generator=gen).clamp(-1, 1).to(dtype)
+    t = torch.full((B,), d.num_timesteps // 2, device=device, dtype=torch.long)
+
+    def model(*_args, **_kwargs):
+        return out
+
+    eta = args.eta if ddim else 0.0
+    name = "ddim_sample" if ddim else "p_sample"
+    impls = {
+        f"GaussianDiffusion.{name}": lambda: getattr(d, name)(model, x, t, **({"eta": eta} if ddim else {}))
+    }
+    if ref_d is not None:
+        impls[f"improved-diffusion {name}"] = lambda: getattr(ref_d, name)(
+            model, x, t, **({"eta": eta} if ddim else {})
+        )
+    elif not ddim and d.model_mean_type == ModelMeanType.EPSILON:
+
+        def reference_style():
+            mo = model(x, t)
+            return _reference_style_step(d, mo, x, t, True, torch.randn_like(x))
+
+        impls["reference-style p_sample"] = reference_style
+    # Calls take microseconds: time many more of them than the kernel rows (--quick included).
+    warmup, iters = max(args.warmup, 50), max(args.iters, 500)
+    d.check_timesteps = True  # as a user's call runs
+    try:
+        rows = {}
+        with torch.no_grad():
+            for impl, fn in impls.items():
+                ms = common.time_ms(fn, device, warmup, iters, flush_l2=False)
+                us = ms * 1e3 if device.type == "cpu" else common.host_us(fn, device, warmup, iters // 20)
+                rows[impl] = (ms, us, common.launches(fn, device))
+    finally:
+        d.check_timesteps = False
+    base_us = rows[list(rows)[-1]][1]  # the reference's call (or ours when there is none)
+    records = []
+    for impl, (ms, us, counts) in rows.items():
+        rec = common.record(f"{name} call", impl, list(shape), dtype, device, ms, host_us=round(us, 2),
+                            speedup=round(base_us / us, 2), rule=args.rule, **counts)  # fmt: skip
+        records.append(common.emit(args, rec))
+    return records
+
+
 def run(args) -> list:
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]
@@ -150,10 +229,15 @@ def run(args) -> list:
     learned = var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
     table = d.coef_table(device)
     cases = _parse_sizes(args.sizes) if args.sizes else (QUICK_CASES if args.quick else CASES)
-    can_compile = not args.no_compile and not (args.quick and device.type == "cpu")
+    # Compiled rows take an inductor build per case (tens of seconds): never in --quick.
+    can_compile = not args.no_compile and not args.quick
     ddim = args.rule == "ddim"
     op_name = "ddim_step" if ddim else "p_sample_step"
+    ref_d = _reference_diffusion(common.reference_package(), d)
     records = []
+    call_cases = cases if args.sizes else [CALL_CASE] + [c for c in cases if c[0] <= 16 and not args.quick]
+    for shape in call_cases:
+        records += _call_rows(args, d, ref_d, shape, device, dtype, learned)
     for shape in cases:
         B, C = shape[:2]
         gen = torch.Generator(device=device).manual_seed(0)
@@ -201,15 +285,23 @@ def run(args) -> list:
         n = x.numel()
         base_bytes = n * x.element_size() * 2 + mo.numel() * mo.element_size()
         noise_bytes = n * x.element_size()
-        times = {}
+        times, hosts, counts = {}, {}, {}
         for impl, (fn, _) in impls.items():
             with torch.no_grad():
                 times[impl] = common.time_ms(fn, device, args.warmup, args.iters)
+                hosts[impl] = (
+                    times[impl] * 1e3
+                    if device.type == "cpu"
+                    else common.host_us(fn, device, args.warmup, args.iters)
+                )
+                counts[impl] = common.launches(fn, device)
         ref_ms = times.get("eager (reference-style)", times["eager"])
         compile_ms = times.get("eager (torch.compile)")
         for impl, (_, reads_noise) in impls.items():
             ms = times[impl]
             extra = {
+                "host_us": round(hosts[impl], 2),
+                **counts[impl],
                 "speedup": round(ref_ms / ms, 2),
                 "rule": args.rule,
                 "var_type": var_type.name.lower(),
@@ -218,7 +310,6 @@ def run(args) -> list:
             if compile_ms and impl.startswith("fused"):
                 extra["vs_compile"] = round(compile_ms / ms, 2)
             moved = base_bytes + (noise_bytes if reads_noise else 0)
-            records.append(
-                common.record(op_name, impl, list(shape), dtype, device, ms, bytes_moved=moved, **extra)
-            )
+            rec = common.record(op_name, impl, list(shape), dtype, device, ms, bytes_moved=moved, **extra)
+            records.append(common.emit(args, rec))
     return records

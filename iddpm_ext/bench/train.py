@@ -121,7 +121,7 @@ def run(args) -> list:
                         speedup=round(baseline_ms / ms, 3),
                         params=n_params,
                     )
-                    records.append(rec)
+                    records.append(common.emit(args, rec))
                     mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
                     rows.append(
                         f"{impl:<7} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "

@@ -472,7 +472,7 @@ def run(args) -> list:
                         speedup=round(ms["einsum"] / ms[impl], 3),
                         params=n_params,
                     )
-                    records.append(rec)
+                    records.append(common.emit(args, rec))
                     summary.append(
                         f"{op:<24} {impl:<7} {rec['dtype']:<9} "
                         f"{rec['images_per_s']:>10.1f} img/s  x{rec['speedup']:.2f} vs einsum"
@@ -512,7 +512,7 @@ def run(args) -> list:
                     memory_measure=measure,
                     params=n_params,
                 )
-                records.append(rec)
+                records.append(common.emit(args, rec))
             ratio = peaks[True] / max(peaks[False], 1)
             summary.append(
                 f"{'train step memory':<24} {str(dtype).replace('torch.', ''):<17}"

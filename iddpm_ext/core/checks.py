@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_HOST_READ_MAX = 32  # up to this many CPU timesteps are read as Python ints (faster than a reduction)
 
 
 def cannot_sync(t: torch.Tensor) -> bool:
@@ -49,20 +50,38 @@ def check_timesteps(t, batch: int, num_timesteps: int, name: str = "t", read_val
         )
     if batch == 0 or not read_values or cannot_sync(t):
         return
-    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    lo, hi = timestep_range(t)
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: expected timesteps in [0, {num_timesteps}), got {bad}")
 
 
-def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type_name: str):
-    """model_output: [N, 2C, ...] (mean and variance) when ``learned``, else [N, C, ...]."""
+def timestep_range(t: torch.Tensor) -> tuple:
+    """(min, max) of the values of a non-empty integer tensor, read on the host: for a few CPU
+    values straight from memory (no op), else one reduction and one copy (a sync on CUDA)."""
+    if t.is_cpu and t.numel() <= _HOST_READ_MAX:
+        values = t.tolist()
+        return min(values), max(values)
+    return tuple(torch.stack(torch.aminmax(t)).tolist())
+
+
+def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type):
+    """model_output: [N, 2C, ...] (mean and variance) when ``learned``, else [N, C, ...].
+    ``var_type``: the variance type (a ModelVarType or its name), named in the error."""
+    if isinstance(model_output, torch.Tensor):
+        shape, xs = model_output.shape, x.shape
+        if (
+            len(shape) == len(xs) >= 2
+            and shape[1] == (2 * xs[1] if learned else xs[1])
+            and shape[0] == xs[0]
+            and shape[2:] == xs[2:]
+        ):
+            return  # [N, C or 2C, *spatial]
     B, C = x.shape[:2]
     channels = 2 * C if learned else C
     expected = (B, channels, *x.shape[2:])
-    if isinstance(model_output, torch.Tensor) and tuple(model_output.shape) == expected:
-        return
     got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+    var_type_name = getattr(var_type, "name", var_type)
     why = (
         f"{channels} channels: mean and variance for {var_type_name}"
         if learned

@@ -20,6 +20,7 @@ diffusers-style scheduler); this module holds what it decides with:
   kernel from ``generator`` or the device's default generator, item b taking the stream of
   global sample ``sample_index[b]`` (docs/step.md, "Per-sample streams"). The eager path
   draws ``randn_like(x)`` (or from ``generator``); per-sample streams exist only in-kernel.
+  The reverse DDIM step draws no noise on either path (as the reference).
 - **Layout** (:func:`eager_strides`): ``randn_like`` follows x's memory layout, so a fused
   result is returned in the layout the eager math would have produced (predicted once per
   layout on meta tensors), and the next step's noise lands where the reference's would.
@@ -38,6 +39,7 @@ from .. import ops
 KINDS = ("ancestral", "ddim", "ddim_reverse")
 # x and model-output dtypes the fused step kernels take (asked of _C; the CPU and CUDA lists agree).
 FUSED_DTYPES = (ops.loader.capabilities()["step"]["cpu"] or {"dtypes": ()})["dtypes"]
+_FUSED_T_DTYPES = (torch.int64, torch.int32)
 _FUSED_DEVICES: dict[str, bool] = {}
 
 
@@ -67,17 +69,18 @@ def fused_blocker(x, model_output, t, denoised_fn, noise) -> str | None:
     (noise and model output already checked for shape)."""
     if denoised_fn is not None:
         return "denoised_fn is given (the fused op has no hook between x_0 and the update)"
-    if not fused_kernels_on(x.device):
-        return f"iddpm_ext._C has no kernels for {x.device}"
-    if not isinstance(model_output, torch.Tensor) or model_output.device != x.device:
+    device = x.device
+    if not fused_kernels_on(device):
+        return f"iddpm_ext._C has no kernels for {device}"
+    if not isinstance(model_output, torch.Tensor) or model_output.device != device:
         return "the model output is not on x's device"
     if x.dtype not in FUSED_DTYPES or model_output.dtype not in FUSED_DTYPES:
         return f"x / model output dtypes {x.dtype} / {model_output.dtype} (fused: float32, float16, bfloat16)"
-    if t.device != x.device or t.dtype not in (torch.int64, torch.int32):
+    if t.dtype not in _FUSED_T_DTYPES or t.device != device:
         return f"t ({t.dtype} on {t.device}) is not int64/int32 on x's device"
-    if torch.is_grad_enabled() and (x.requires_grad or model_output.requires_grad):
+    if (x.requires_grad or model_output.requires_grad) and torch.is_grad_enabled():
         return "a gradient is being recorded (the fused ops are not differentiable)"
-    if noise is not None and (noise.dtype != x.dtype or noise.device != x.device):
+    if noise is not None and (noise.dtype != x.dtype or noise.device != device):
         return "noise does not have x's dtype and device"
     return None
 
@@ -99,11 +102,6 @@ def eager_noise(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def as_float32(*vs):
-    """x (and noise) as the eager math sees them: upcast exactly to float32 (module docstring)."""
-    return tuple(v.float() if v is not None and v.dtype != torch.float32 else v for v in vs)
-
-
 # ---------------------------------------------------------------------------------
 # the fused op, and the layout of its results
 # ---------------------------------------------------------------------------------
@@ -111,21 +109,28 @@ def as_float32(*vs):
 
 def fused_update(kind, model_output, x, t, table, types, clip_denoised, eta, noise, generator, sample_index,
                  pred_xstart, layout_cache, eager_update) -> dict:  # fmt: skip
-    """One step as the fused op of ``kind`` (``types``: the model's mean and variance types)
-    with the noise, dtype and layout rules of the module docstring: a dict with 'sample' and
-    'pred_xstart' (None when not ``pred_xstart``)."""
-    noise = fused_noise(x, noise, generator, sample_index)
-    x32, noise32 = as_float32(x, noise)
-    args = (x32, model_output, t, table, *types, clip_denoised)
-    kw = dict(noise=noise32, generator=generator, return_pred_xstart=pred_xstart, sample_index=sample_index)
+    """One step as the fused op of ``kind`` (``types``: the model's mean and variance type
+    names, e.g. ("epsilon", "learned_range")) with the noise, dtype and layout rules of the
+    module docstring: a dict with 'sample' and 'pred_xstart' (None when not ``pred_xstart``).
+    ``eager_update(model_output, x, t, noise)`` is the same rule written eagerly, run on meta
+    tensors when the layout of the eager result has to be found (:func:`eager_strides`)."""
+    if kind != "ddim_reverse":  # the reverse ODE step uses no noise, and draws none (as the reference)
+        noise = fused_noise(x, noise, generator, sample_index)
+    x32 = x if x.dtype == torch.float32 else x.float()  # exact upcasts (module docstring)
+    noise32 = noise if noise is None or noise.dtype == torch.float32 else noise.float()
+    mean_type, var_type = types
     if kind == "ancestral":
-        sample, pred = ops.p_sample_step(*args, **kw)
+        sample, pred = ops.p_sample_step(x32, model_output, t, table, mean_type, var_type, clip_denoised,
+                                         noise32, generator, pred_xstart, sample_index)  # fmt: skip
     elif kind == "ddim":
-        sample, pred = ops.ddim_step(*args, eta=float(eta), **kw)
+        sample, pred = ops.ddim_step(x32, model_output, t, table, mean_type, var_type, clip_denoised,
+                                     float(eta), noise32, generator, pred_xstart, sample_index)  # fmt: skip
     else:
-        sample, pred = ops.ddim_reverse_step(*args, return_pred_xstart=pred_xstart)
+        sample, pred = ops.ddim_reverse_step(x32, model_output, t, table, mean_type, var_type, clip_denoised,
+                                             pred_xstart)  # fmt: skip
     strides = eager_strides(layout_cache, eager_update, kind, x, model_output, noise, clip_denoised, eta)
-    strides = strides or (None, None)
+    if strides is None:
+        return {"sample": sample, "pred_xstart": pred}
     return {"sample": relayout(sample, strides[0]), "pred_xstart": relayout(pred, strides[1])}
 
 
@@ -150,6 +155,8 @@ def eager_strides(cache: dict, eager_update, kind, x, model_output, noise, clip_
     dense channels-first or channels-last and every operand in the same dim order.
     Otherwise the eager update ``eager_update(model_output, x, t, noise)`` runs once per
     layout on meta tensors and its strides are kept in ``cache``."""
+    if x.is_contiguous() and model_output.is_contiguous() and (noise is None or noise.is_contiguous()):
+        return None  # the common case, without sorting strides: every operand channels-first dense
     if (
         _dense(x)
         and dim_order(model_output) == dim_order(x)

@@ -40,6 +40,8 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
 def _type_name(value, arg: str, names: tuple) -> str:
     """An improved-diffusion enum member (ModelMeanType.EPSILON) or its name, lower-case."""
+    if value in names:  # the fast path: already one of the op's names
+        return value
     name = value if isinstance(value, str) else getattr(value, "name", None)
     if not isinstance(name, str) or name.lower() not in names:
         raise ValueError(f"{arg}: expected one of {names} or the enum member, got {value!r}")
