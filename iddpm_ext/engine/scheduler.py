@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.checks import check_eta
 from ..core.schedules import get_named_beta_schedule
 from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from ..respace import SpacedDiffusion, space_timesteps
@@ -122,6 +123,7 @@ class IDDPMScheduler:
             )
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler: expected one of {_SAMPLERS}, got {sampler!r}")
+        eta = check_eta(eta)
         if trained_betas is not None:
             betas = np.asarray(trained_betas, dtype=np.float64)
             if betas.ndim != 1 or betas.shape[0] != int(num_train_timesteps):
@@ -276,7 +278,7 @@ class IDDPMScheduler:
                 raise ValueError(f"eta: ancestral sampling has no eta, got {eta}")
             eta = 0.0
         else:
-            eta = self.config.eta if eta is None else float(eta)
+            eta = self.config.eta if eta is None else check_eta(eta)
         with torch.no_grad():
             out = self._steps.step(
                 self.config.sampler,
