@@ -41,11 +41,7 @@ def setup_dist(device: str | None = None) -> torch.device:
         each rank takes GPU LOCAL_RANK. The backend is NCCL on CUDA and gloo on the CPU, also for
         the one-process group a plain process gets (as the reference's setup_dist).
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: expected a device that exists, got cuda (no CUDA device here)")
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = _local_gpu()
     if dev.type == "cuda":
@@ -63,6 +59,29 @@ def setup_dist(device: str | None = None) -> torch.device:
         dist.init_process_group(
             backend=backend, store=store, rank=0, world_size=1, device_id=dev if dev.type == "cuda" else None
         )
+    return dev
+
+
+def resolve_device(device: str | None = None, flag: str = "--device") -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:N"; None or "": cuda when available) as a torch.device,
+    or a ValueError naming ``flag`` for anything else: a malformed or unknown name, another
+    device type (this package runs on CPUs and CUDA GPUs), CUDA without a CUDA device, or
+    an index past the devices there are."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{flag}: expected {expected}, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag}: expected {expected}, got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag}: expected a device that exists, got {device!r} (no CUDA device here)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag}: expected cuda:0 .. cuda:{count - 1}, got {device!r}")
     return dev
 
 

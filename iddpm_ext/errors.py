@@ -26,3 +26,30 @@ class CheckpointError(ValueError):
 
 class DataError(ValueError):
     """A data set that cannot be used: says which file or folder, and why."""
+
+
+class RunFolderLockedError(ValueError):
+    """A run folder is in use: another training process holds its lock. Says which folder
+    and the holder's pid."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after finishing its step and saving a checkpoint
+    of it. A KeyboardInterrupt, so code that handles Ctrl-C handles this too.
+
+    Attributes: ``signal`` (the signal number), ``step`` (the step saved), ``out_dir``,
+    ``exit_code`` (128 + the signal number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, out_dir: str):
+        import signal as _signal
+
+        self.signal, self.step, self.out_dir = int(signum), int(step), out_dir
+        self.exit_code = 128 + self.signal
+        try:
+            name = _signal.Signals(self.signal).name
+        except ValueError:
+            name = f"signal {self.signal}"
+        super().__init__(
+            f"stopped by {name} at step {self.step}; checkpoint saved in {out_dir} "
+            f"(continue with --resume_checkpoint {out_dir})"
+        )

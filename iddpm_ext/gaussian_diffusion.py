@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from .core import sampling
-from .core.checks import check_model_output, check_same_shape, check_timesteps, check_x
+from .core.checks import (
+    check_class_labels,
+    check_eta,
+    check_model_output,
+    check_same_shape,
+    check_sample_shape,
+    check_timesteps,
+    check_x,
+)
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule  # noqa: F401  (the reference's names)
 from .core.tables import StepCoefs, schedule_arrays, stack_coef_table, step_coefs
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
@@ -345,8 +353,12 @@ class GaussianDiffusion:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
+        # With eta = 1 and a long jump (ᾱ_prev ≈ 1, ᾱ_t ≈ 0) the float32 radicand, exactly
+        # (1-ᾱ_prev)²·ᾱ_t/(ᾱ_prev(1-ᾱ_t)) >= 0, can round below 0: clamp it (the reference gives
+        # NaN there; elsewhere the clamp changes no bit). eta > 1 is refused (check_eta).
         mean_pred = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp_min(0)) * eps
         )
         sample = mean_pred + sampling.nonzero_mask(t, x.dim()) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -397,6 +409,8 @@ class GaussianDiffusion:
         self._check_t(t, x.shape[0])
         if kind == "ddim_reverse" and eta != 0.0:
             raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
+        if kind == "ddim":
+            eta = check_eta(eta)
         return self._step(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator,
                           sample_index, fused, pred_xstart)  # fmt: skip
 
@@ -448,6 +462,7 @@ class GaussianDiffusion:
                     noise=None, generator=None):  # fmt: skip
         """Sample x_{t-1} with DDIM (Song et al. eq. 12); ``eta`` = 0 is deterministic.
         Noise is still drawn when eta = 0 (as the reference does) unless ``noise`` is given."""
+        eta = check_eta(eta)
         model_output = self._checked_model_output(model, x, t, model_kwargs)
         return self._step("ddim", model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator)
 
@@ -504,7 +519,10 @@ class GaussianDiffusion:
               generator, step_noise, eta=0.0, pred_xstart=True):  # fmt: skip
         """x_T, then one step per timestep T-1 .. 0, yielding each step's dict. Its timesteps
         are valid by construction, so the steps skip the host read of t."""
-        shape = sampling.check_sample_shape(shape)
+        shape = check_sample_shape(shape)
+        if kind == "ddim":
+            eta = check_eta(eta)
+        check_class_labels(model, model_kwargs, shape[0])
         if device is None:
             device = sampling.default_device(model, noise)
         img = sampling.initial_noise(shape, noise, device, generator)

@@ -32,9 +32,10 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
     fsync it, then rename it over ``path`` (``overwrite=False``: fail with FileExistsError
     instead of replacing an existing file). Readers see the old file or the whole new one."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -46,9 +47,13 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
         else:
             os.link(tmp, path)  # atomic, and refuses to replace an existing file
             os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError) and err.errno is not None:
+            # One error naming the file (a full disk fails the write, then the close again).
+            why = f"{path}: cannot write it ({err.strerror}); the previous file, if any, is unchanged"
+            raise OSError(err.errno, why) from None
         raise
     _fsync_dir(folder)
 
@@ -66,3 +71,35 @@ def remove_stale_temporaries(folder: str) -> list:
 
 def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True):
     atomic_write(path, lambda f: f.write(data), overwrite)
+
+
+def check_writable_dir(folder: str, flag: str = "out_dir") -> str:
+    """Probe that files can be written in ``folder`` before any work whose results go there:
+    create it (and missing parents), write and remove a probe file, then remove the folders
+    it created, so a check leaves nothing behind. A ValueError naming ``flag`` and the folder
+    when it cannot be used (under a regular file, no permission, read-only, ...)."""
+    created = []
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        created.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            why = "a file is in the way: the path or one of its parents is not a folder"
+        raise ValueError(f"{flag}: cannot write to {folder!r} ({why})") from None
+    finally:
+        for path in created:  # deepest first; one that another process filled meanwhile stays
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+    return folder

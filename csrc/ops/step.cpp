@@ -149,7 +149,12 @@ Prepared prepare(int32_t rule, const at::Tensor& x_in, const at::Tensor& mo_in,
   p.cfg.mean_type = parse_mean_type(mean_type);
   p.cfg.var_type = parse_var_type(var_type);
   p.cfg.clip = clip;
-  TORCH_CHECK_VALUE(std::isfinite(eta), "eta: expected a finite number, got ", eta);
+  // 0 <= eta <= 1 keeps sqrt(1 - abar_prev - sigma^2) real at every step of every schedule
+  // (iddpm_ext/core/checks.py, check_eta); NaN fails the test too.
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0,
+                    "eta: expected a number in [0, 1] (DDIM's eta; above 1 the coefficient "
+                    "sqrt(1 - abar_prev - sigma^2) is not real at some steps), got ",
+                    eta);
   p.cfg.eta = static_cast<float>(eta);
 
   check_defined(x_in, "x");

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import MissingDependencyError
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
         from .. import bench
 
         return bench.main(argv[1:])
+    from ..errors import TrainingStopped
+
     try:
         if argv and argv[0] in COMMAND_HELP:
             return _run_command(argv[0], argv[1:])
@@ -265,6 +268,25 @@ def main(argv=None) -> int:
         # CheckpointError are ValueErrors).
         print(f"iddpm: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # The system refused (disk full, permissions, ...): one line naming the file.
+        text = err.strerror if err.strerror and err.filename is None else str(err)
+        print(f"iddpm: error: {text}", file=sys.stderr)
+        return 1
+    except TrainingStopped as stop:
+        # SIGINT / SIGTERM during training: the step reached is saved (exit 130 / 143).
+        if _main_rank():
+            print(f"iddpm: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if _main_rank():
+            print("iddpm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main_rank() -> bool:
+    """Whether this process is rank 0 (or alone): only it reports a stop."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

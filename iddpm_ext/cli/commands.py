@@ -14,12 +14,22 @@ import numpy as np
 import torch
 
 from .. import dist_util, logger
+from ..core.checks import check_eta
+from ..errors import TrainingStopped
+from ..io import check_writable_dir
 from ..script_util import create_model_and_diffusion
 from ..training import checkpoint as ckpt
 from .flags import model_config
 
 # Flags that may differ between training and use: the checkpoint's value never overrides them.
 _USE_TIME_KEYS = ("timestep_respacing", "use_checkpoint", "dropout")
+
+
+def _check_out_dir(out_dir: str):
+    """--out_dir usable? Asked before any work (so before the process group exists), by the
+    process that writes there: rank 0 under torchrun, which stops the others when it fails."""
+    if os.environ.get("RANK", "0") == "0":
+        check_writable_dir(out_dir, "out_dir")
 
 
 def _say(*a):
@@ -31,7 +41,9 @@ def resolve_model(model_path: str, args, explicit: set):
     """(weights path, state dict, config): the checkpoint's config fills the model and
     diffusion flags that were not given; given ones must agree with it."""
     path = ckpt.model_path_from(model_path)
-    state, stored, _ = ckpt.load_weights(path)
+    state, stored, meta = ckpt.load_weights(path)
+    if os.path.isdir(model_path) or os.path.basename(model_path) == ckpt.LATEST:
+        ckpt.check_step(path, meta, ckpt.resolve_resume(model_path)["step"])
     config = model_config(args)
     if stored is not None:
         ckpt.check_config(path, stored, config, explicit)
@@ -77,6 +89,7 @@ def cmd_train(args, explicit: set) -> dict:
     log_formats = ["log", "csv"] + ([] if args.progress else ["stdout"])
     log_formats += ["tensorboard"] if args.tensorboard else []
     logger.check_formats(log_formats)  # tensorboard missing: one line, before any work
+    _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
     config = model_config(args)
     if args.resume_checkpoint:
@@ -136,7 +149,11 @@ def cmd_train(args, explicit: set) -> dict:
     # The key-value log (log.txt, progress.csv, ...) starts once the folder is accepted, so a
     # refused run never truncates another run's files; only the main process writes it.
     with logger.scoped_configure(args.out_dir, log_formats if dist_util.is_main() else []):
-        loop.run_loop()
+        try:
+            loop.run_loop()
+        except TrainingStopped:
+            dist_util.cleanup()
+            raise
     _say(
         f"trained to step {loop.step} in {time.perf_counter() - t0:.1f} s; checkpoints, progress.jsonl, "
         f"progress.csv, log.txt and loss.png in {args.out_dir}"
@@ -160,6 +177,8 @@ def cmd_sample(args, explicit: set) -> dict:
         raise ValueError(
             f"num_samples, batch_size: expected positive ints, got {args.num_samples}, {args.batch_size}"
         )
+    check_eta(args.eta)
+    _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
     model, diffusion = build(config, device)
@@ -233,6 +252,11 @@ def cmd_nll(args, explicit: set) -> dict:
 
     if not args.model_path:
         raise ValueError("model_path: expected a checkpoint file or run folder, got nothing")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError(
+            f"num_samples, batch_size: expected positive ints, got {args.num_samples}, {args.batch_size}"
+        )
+    _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
     source = open_source(
@@ -299,9 +323,7 @@ def cmd_fid(args) -> dict:
 
     if args.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device")
+    device = str(dist_util.resolve_device(args.device))
     for what, path in (("ref", args.ref), ("samples", args.samples)):
         if not os.path.isfile(path):
             raise FileNotFoundError(

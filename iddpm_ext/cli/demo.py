@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from .. import dist_util
+
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CHECKPOINT = os.path.join(ASSETS, "digits_ema.safetensors")
 TRAIN_LOG = os.path.join(ASSETS, "digits_train_log.jsonl")
@@ -130,7 +132,7 @@ def run(out_dir="out/demo", train_steps=0, seed=0, nll_images=None, num_samples=
 
     log = bar_safe(log)
     t_all = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_util.resolve_device(device)
     os.makedirs(out_dir, exist_ok=True)
     if train_steps:
         weights, train_log = _train(out_dir, train_steps, seed, device, log, progress)

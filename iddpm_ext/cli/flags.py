@@ -106,7 +106,7 @@ SAMPLE_EXTRA = dict(eta=0.0, seed=0, out_dir="runs/samples", device="", label=-1
                     overwrite=False, fused=True, progress=True, threads=0, engine="auto")
 # fmt: on
 SAMPLE_EXTRA_HELP = {
-    "eta": "DDIM η (0: deterministic)",
+    "eta": "DDIM η, in [0, 1] (0: deterministic; 1: noise of the posterior's variance β̃_t)",
     "seed": "seed; sample i depends only on (seed, i), not on batch size or processes",
     "out_dir": "folder for samples_NxHxWxC.npz and samples.png",
     "device": "cpu or cuda (empty: cuda when available)",

@@ -88,3 +88,72 @@ def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type):
         else f"{channels} channels for {var_type_name}"
     )
     raise ValueError(f"model_output: expected shape {expected} ({why}), got {got}")
+
+
+# The DDIM η rule. σ_t = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev) and the update's ε
+# coefficient is √(1-ᾱ_prev-σ_t²) = √((1-ᾱ_prev)·(1 - η²·r)) with r = (ᾱ_prev-ᾱ_t)/(ᾱ_prev·(1-ᾱ_t)),
+# and 0 <= r <= 1 for every schedule and step (ᾱ_t <= ᾱ_prev <= 1), with r -> 1 as ᾱ_t -> 0:
+# real for every schedule and step exactly when η <= 1 (docs/step.md, "DDIM η").
+ETA_RANGE = (0.0, 1.0)
+
+
+def check_eta(eta, name: str = "eta") -> float:
+    """DDIM's η as a float in [0, 1], else a ValueError naming it, the range and the value."""
+    if isinstance(eta, bool) or (isinstance(eta, torch.Tensor) and eta.numel() != 1):
+        value = None
+    else:
+        try:
+            value = float(eta)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+    if value is None:
+        raise ValueError(f"{name}: expected a number in [0, 1] (DDIM's η), got {eta!r}")
+    lo, hi = ETA_RANGE
+    if not lo <= value <= hi:  # NaN fails too
+        raise ValueError(
+            f"{name}: expected a number in [0, 1] (DDIM's η; above 1 the coefficient "
+            f"√(1 − ᾱ_prev − σ²) is not real at some steps), got {value}"
+        )
+    return value
+
+
+def check_sample_shape(shape) -> tuple:
+    """A sample shape (B, C, ...) of positive ints, as a tuple."""
+    ok = isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 2
+    if ok:
+        try:
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or min(shape) < 1:
+        raise ValueError(f"shape: expected a tuple (B, C, ...) of positive ints, got {shape!r}")
+    return shape
+
+
+def model_num_classes(model):
+    """The number of classes of a class-conditional model (a DDP wrapper's module too), else None."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "num_classes", None)
+
+
+def check_class_labels(model, model_kwargs, batch: int):
+    """For a class-conditional model (``num_classes`` set): ``model_kwargs["y"]`` must be
+    integer labels [batch] in [0, num_classes) (a host read, skipped where reading is
+    impossible: graph capture, compilation)."""
+    num_classes = model_num_classes(model)
+    if num_classes is None:
+        return
+    labels = (model_kwargs or {}).get("y")
+    if labels is None:
+        raise ValueError(f"y: the model is class-conditional ({num_classes} classes); pass labels [B] as y=")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"y: expected a tensor of integer class labels, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"y: expected integer class labels, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"y: expected shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
+    if cannot_sync(labels):
+        return
+    lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"y: expected labels in [0, {num_classes}), got {lo if lo < 0 else hi}")

@@ -225,12 +225,6 @@ def initial_noise(shape, noise, device, generator) -> torch.Tensor:
     return torch.randn(*shape, device=device)
 
 
-def check_sample_shape(shape) -> tuple:
-    if not isinstance(shape, (tuple, list)) or len(shape) < 2:
-        raise ValueError(f"shape: expected a tuple (N, C, ...), got {shape!r}")
-    return tuple(int(s) for s in shape)
-
-
 def step_noise_source(step_noise, num_timesteps: int, shape: tuple):
     """A function t -> the noise of timestep t (None: drawn per step) from ``step_noise``:
     a [T, *shape] tensor (entry t used at timestep t) or a callable t -> [*shape] tensor."""

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..core import checks
 from . import capture
 
 MODES = ("graph", "compile", "eager")
@@ -355,27 +356,15 @@ class SamplingEngine:
     # -- argument checks ---------------------------------------------------------------
     @staticmethod
     def _check_shape(shape) -> tuple:
-        ok = isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 2
-        if ok:
-            try:
-                shape = tuple(int(s) for s in shape)
-            except (TypeError, ValueError):
-                ok = False
-        if not ok or min(shape) < 1:
-            raise ValueError(f"shape: expected a tuple (B, C, ...) of positive ints, got {shape!r}")
-        return shape
+        return checks.check_sample_shape(shape)
 
     @staticmethod
     def _check_eta(sampler, eta) -> float:
-        try:
-            eta = float(eta)
-        except (TypeError, ValueError):
-            raise ValueError(f"eta: expected a number, got {eta!r}") from None
-        if not np.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta: expected a finite number >= 0, got {eta}")
-        if sampler == "ancestral" and eta != 0.0:
-            raise ValueError(f"eta: only DDIM has an eta; ancestral sampling got {eta}")
-        return eta
+        if sampler == "ancestral":
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta != 0.0:
+                raise ValueError(f"eta: only DDIM has an eta; ancestral sampling got {eta!r}")
+            return 0.0
+        return checks.check_eta(eta)
 
     def _check_sample_index(self, sample_index, batch) -> torch.Tensor:
         """[B] int64 global sample indices (on the engine's device for None and ints)."""
@@ -421,18 +410,7 @@ class SamplingEngine:
                     f"model_kwargs[{name!r}]: expected a leading batch dim of "
                     f"{batch}, got shape {tuple(value.shape)}"
                 )
-        num_classes = getattr(self.model, "num_classes", None)
-        if num_classes is not None:
-            labels = kwargs.get("y")
-            if labels is None:
-                raise ValueError(
-                    f"y: the model is class-conditional ({num_classes} classes); pass labels [B] as y="
-                )
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise ValueError(f"y: expected integer class labels, got dtype {labels.dtype}")
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(f"y: expected labels in [0, {num_classes}), got {lo if lo < 0 else hi}")
+        checks.check_class_labels(self.model, kwargs, batch)
         return kwargs
 
     # -- building a configuration --------------------------------------------------------

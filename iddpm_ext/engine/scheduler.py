@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.checks import check_eta
 from ..errors import UnknownNameError
 from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from ..respace import SpacedDiffusion, space_timesteps
@@ -288,6 +289,7 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"steps_offset: expected an int >= 0, got {steps_offset!r}")
         if sampler not in _SAMPLERS:
             raise UnknownNameError(f"sampler: expected one of {list(_SAMPLERS)}, got {sampler!r}")
+        check_eta(eta)
         T = int(num_train_timesteps)
         betas = _betas(T, beta_start, beta_end, beta_schedule, trained_betas)
         if trained_betas is not None and not isinstance(trained_betas, list):
@@ -528,7 +530,7 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"eta: ancestral sampling has no eta, got {eta}")
             eta = 0.0
         else:
-            eta = self.config.eta if eta is None else float(eta)
+            eta = self.config.eta if eta is None else check_eta(eta)
         if variance_noise is None and generator is not None:
             variance_noise, generator = self._noise_from(generator, sample)
         if self.config.variance_type == "learned" and torch.is_tensor(model_output):

@@ -85,16 +85,19 @@ def p_sample_step(x, model_output, t, table, model_mean_type, model_var_type, cl
 
 def ddim_step(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised=True, eta=0.0,
               noise=None, generator=None, return_pred_xstart=True, sample_index=None):  # fmt: skip
-    """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0: deterministic, no noise used).
+    """DDIM step x_t -> x_{t-1} with stochasticity ``eta`` in [0, 1] (0: deterministic, no
+    noise used; above 1 the update's ε coefficient is not real at some steps: ValueError).
 
     :param sample_index: as :func:`p_sample_step`.
     :return: (x_{t-1}, pred_x0 or None), both in x's dtype.
     """
     args = _args(x, model_output, t, table, model_mean_type, model_var_type, clip_denoised)
     index = _sample_index(sample_index, x)
-    sample, pred = torch.ops.iddpm.ddim_step(
-        *args, float(eta), noise, generator, bool(return_pred_xstart), index
-    )
+    try:
+        eta = float(eta)  # its range, [0, 1], is checked by the op
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"eta: expected a number in [0, 1] (DDIM's η), got {eta!r}") from None
+    sample, pred = torch.ops.iddpm.ddim_step(*args, eta, noise, generator, bool(return_pred_xstart), index)
     return sample, (pred if return_pred_xstart else None)
 
 

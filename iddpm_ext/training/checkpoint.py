@@ -154,6 +154,24 @@ def load_weights(path: str):
     return state, config, metadata
 
 
+def check_step(path: str, metadata: dict, step: int):
+    """CheckpointError when the step stored in a checkpoint file (its metadata's ``step``;
+    reference files store none) is not the step it was taken for: a hand-edited or mixed-up
+    latest.json, or a renamed file."""
+    stored = (metadata or {}).get("step")
+    if stored is None:
+        return
+    try:
+        stored = int(stored)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: its step metadata is not an int ({stored!r})") from None
+    if stored != int(step):
+        raise CheckpointError(
+            f"{path}: holds step {stored}, but is used as step {step} (latest.json or the file name "
+            "says so); refusing to mix the files of different steps"
+        )
+
+
 def load_into(model: torch.nn.Module, state: dict, path: str):
     """Strict load with an error that lists what does not fit."""
     own = model.state_dict()

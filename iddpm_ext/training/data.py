@@ -475,7 +475,11 @@ class BatchStream:
         if self.num_workers > 0 and isinstance(self.source, FolderSource):
             if self._loader_iter is None:
                 self._loader_iter = iter(self._worker_loader(self.position))
-            x, cond = next(self._loader_iter)
+            item = next(self._loader_iter)
+            if isinstance(item, _WorkerFailure):
+                self._loader_iter = None
+                raise item.error  # the worker's own error: one line, as without workers
+            x, cond = item
         else:
             idx, flips = self.batch_indices(self.position)
             x, cond = self._make_batch(self.source.get_batch(idx), idx, flips)
@@ -492,11 +496,36 @@ class BatchStream:
                 pos = start + wid
                 while True:  # worker w makes batches start+w, start+w+nw, ... (in order)
                     idx, flips = stream.batch_indices(pos)
-                    yield stream._make_batch(stream.source.get_batch(idx), idx, flips)
+                    try:
+                        batch = stream._make_batch(stream.source.get_batch(idx), idx, flips)
+                    except (DataError, OSError) as err:  # handed over, not wrapped in a traceback
+                        yield _WorkerFailure(err)
+                        return
+                    yield batch
                     pos += nw
 
         # With an IterableDataset the loader takes one item from each worker in turn, so
         # the batches come out in position order.
         return torch.utils.data.DataLoader(
-            _Batches(), batch_size=None, num_workers=self.num_workers, persistent_workers=False
+            _Batches(),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            worker_init_fn=_ignore_sigint,
         )
+
+
+class _WorkerFailure:
+    """A data error raised in a loader worker, carried to the main process as an item."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _ignore_sigint(worker_id: int):
+    """Loader workers leave Ctrl-C (SIGINT, sent to the whole process group) to the main
+    process, which finishes its step and saves; they end when the main process stops them.
+    (SIGTERM keeps its default: it is how the main process ends them at exit.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -23,15 +23,22 @@ import contextlib
 import json
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
 import torch
 
 from .. import dist_util, logger
+from ..errors import TrainingStopped
 from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
 from .log import MetricsLog
+from .runlock import RunFolderLock
+
+# Signals that stop training gracefully: finish the step, save it, raise TrainingStopped.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -50,6 +57,18 @@ def parse_ema_rates(ema_rate) -> list:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ema_rate: expected rates in [0, 1), got {r}")
     return rates
+
+
+def _control_group(world: int, device: torch.device):
+    """The process group for the per-step stop flag: the default one when it runs on the CPU
+    (gloo), else a gloo group, so agreeing on a stop needs no GPU sync (None: one process)."""
+    if world <= 1:
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    if torch.distributed.is_gloo_available():
+        return torch.distributed.new_group(backend="gloo")  # collective: every rank constructs a loop
+    return torch.distributed.group.WORLD  # then the flag lives on the device
 
 
 class _Autocast:
@@ -76,7 +95,13 @@ class TrainLoop:
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
     (``resume_checkpoint``). Not given (the reference's way): the logger's folder
     (``logger.configure()``, ``$OPENAI_LOGDIR``), else ``runs/train``; a run already there is
-    resumed from its latest step, as the reference's ``find_resume_checkpoint`` hook would."""
+    resumed from its latest step, as the reference's ``find_resume_checkpoint`` hook would.
+
+    The run folder is locked (:mod:`iddpm_ext.training.runlock`) from construction until
+    :meth:`run_loop` returns or :meth:`close` is called: a second run or resume into it
+    raises RunFolderLockedError. During :meth:`run_loop` (main thread), SIGINT and SIGTERM
+    finish the current step, save a checkpoint of it (every rank agreeing on the step) and
+    raise :class:`iddpm_ext.errors.TrainingStopped`; a second signal stops at once."""
 
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval,
                  save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
@@ -94,6 +119,13 @@ class TrainLoop:
         ):
             if int(value) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value}")
+        for name, value, zero in (
+            ("max_steps", max_steps, "no limit"),
+            ("lr_anneal_steps", lr_anneal_steps, "no annealing"),
+            ("keep_checkpoints", keep_checkpoints, "keep all"),
+        ):
+            if int(value) < 0:
+                raise ValueError(f"{name}: expected an int >= 0 (0: {zero}), got {value}")
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -125,6 +157,8 @@ class TrainLoop:
         self.rank, self.world = dist_util.get_rank(), dist_util.get_world_size()
         self.global_batch = batch_size * self.world
         self.step = 0
+        self._stop_signal = 0  # the first stop signal received (0: none)
+        self._stop_group = _control_group(self.world, self.device)
 
         # Randomness: torch (noise, dropout) and the timestep sampler, per rank.
         torch.manual_seed(seed + self.rank)
@@ -135,25 +169,32 @@ class TrainLoop:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
         resume_step = None
-        if find_run and os.path.isdir(out_dir):
-            found = ckpt.read_latest(out_dir)
-            if found is not None:
-                self.log(
-                    f"{out_dir} holds a training run saved at step {found['step']}: resuming it "
-                    "(for a new run, point OPENAI_LOGDIR or out_dir at another folder)"
-                )
-                resume_checkpoint = out_dir
-        if resume_checkpoint:
-            resume_step = self._resume(resume_checkpoint)
-        else:
-            existing = ckpt.read_latest(out_dir) if os.path.isdir(out_dir) else None
-            if existing is not None:
-                raise ckpt.CheckpointError(
-                    f"{out_dir}: already holds a training run (saved step {existing['step']}); continue it "
-                    f"with --resume_checkpoint {out_dir} or choose another --out_dir"
-                )
-            dist_util.broadcast_params(self.params)
-            self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+        self._lock = RunFolderLock(out_dir)
+        self._locked = False
+        self._take_lock()  # before looking at the folder: two runs must not both find it free
+        try:
+            if find_run and os.path.isdir(out_dir):
+                found = ckpt.read_latest(out_dir)
+                if found is not None:
+                    self.log(
+                        f"{out_dir} holds a training run saved at step {found['step']}: resuming it "
+                        "(for a new run, point OPENAI_LOGDIR or out_dir at another folder)"
+                    )
+                    resume_checkpoint = out_dir
+            if resume_checkpoint:
+                resume_step = self._resume(resume_checkpoint)
+            else:
+                existing = ckpt.read_latest(out_dir) if os.path.isdir(out_dir) else None
+                if existing is not None:
+                    raise ckpt.CheckpointError(
+                        f"{out_dir}: already holds a training run (saved step {existing['step']}); continue "
+                        f"it with --resume_checkpoint {out_dir} or choose another --out_dir"
+                    )
+                dist_util.broadcast_params(self.params)
+                self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+        except BaseException:
+            self.close()
+            raise
 
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -185,6 +226,32 @@ class TrainLoop:
         self._reset_accumulators()
 
     # ------------------------------------------------------------------------------
+    # the run-folder lock
+    # ------------------------------------------------------------------------------
+
+    def _take_lock(self):
+        """Lock the run folder (rank 0) and let every rank know: all raise the same
+        RunFolderLockedError when rank 0 could not lock it."""
+        if self._locked:
+            return
+        error = None
+        if dist_util.is_main():
+            try:
+                self._lock.acquire()
+            except (ValueError, OSError) as err:  # RunFolderLockedError, or the folder cannot be made
+                error = err
+        if self.world > 1:
+            error = dist_util.broadcast_object(error)
+        if error is not None:
+            raise error
+        self._locked = True
+
+    def close(self):
+        """Release the run folder's lock (run_loop does it when it returns or raises)."""
+        self._locked = False
+        self._lock.release()
+
+    # ------------------------------------------------------------------------------
     # resume
     # ------------------------------------------------------------------------------
 
@@ -197,7 +264,8 @@ class TrainLoop:
                 f"{path}: resuming step {files['step']} into {self.out_dir}, which already holds later steps "
                 f"(up to {latest['step']}) that would be overwritten; choose another --out_dir"
             )
-        state, config, _ = ckpt.load_weights(files["model"])
+        state, config, meta = ckpt.load_weights(files["model"])
+        ckpt.check_step(files["model"], meta, files["step"])
         if config is not None and self.config:
             ckpt.check_config(files["model"], config, self.config)
         ckpt.load_into(self.model, state, files["model"])
@@ -209,7 +277,8 @@ class TrainLoop:
                 self.log(f"no EMA file for rate {rate} at step {files['step']}: starting it from the model")
                 self.ema_params.append([p.detach().clone() for p in self.params])
                 continue
-            ema_state, _, _ = ckpt.load_weights(ema_path)
+            ema_state, _, ema_meta = ckpt.load_weights(ema_path)
+            ckpt.check_step(ema_path, ema_meta, files["step"])
             names = [n for n, _ in self.model.named_parameters()]
             missing = [n for n in names if n not in ema_state]
             if missing:
@@ -221,7 +290,7 @@ class TrainLoop:
             )
         self.step = files["step"]
         if files["opt"]:
-            self._load_train_state(ckpt.load_train_state(files["opt"]), files["opt"])
+            self._load_train_state(ckpt.load_train_state(files["opt"]), files["opt"], files["step"])
         else:
             self.log(
                 f"no training state (opt{files['step']:06d}.pt) next to {files['model']}: "
@@ -229,12 +298,14 @@ class TrainLoop:
             )
         return self.step
 
-    def _load_train_state(self, state, path):
+    def _load_train_state(self, state, path, step=None):
         if not isinstance(state, dict):
             raise ckpt.CheckpointError(
                 f"{path}: expected a dict of training state, got {type(state).__name__}"
             )
         reference = "optimizer" not in state and "param_groups" in state  # improved-diffusion's opt*.pt
+        if not reference and step is not None:
+            ckpt.check_step(path, {"step": state.get("step")}, step)
         try:
             self.opt.load_state_dict(state if reference else state["optimizer"])
         except (KeyError, ValueError) as err:
@@ -281,6 +352,16 @@ class TrainLoop:
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
     def run_loop(self):
+        """Train until ``max_steps`` / ``lr_anneal_steps`` (or forever), saving every
+        ``save_interval`` steps and at the end. SIGINT / SIGTERM: see the class docstring."""
+        self._take_lock()
+        try:
+            with self._stop_signals():
+                self._run_loop()
+        finally:
+            self.close()
+
+    def _run_loop(self):
         if self._done() and self.step:  # e.g. a finished run started again
             self.log(
                 f"nothing to train: the run is at step {self.step}, where it stops "
@@ -297,8 +378,9 @@ class TrainLoop:
         self._t_log = time.perf_counter()
         last_plot = 0.0
         saved_at = self.step
+        stop = 0
         try:
-            while not self._done():
+            while not stop and not self._done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 if bar is not None:
@@ -313,6 +395,7 @@ class TrainLoop:
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step
+                stop = self._agreed_stop()
             if saved_at != self.step:
                 self.save()
             if self.metrics:
@@ -320,6 +403,58 @@ class TrainLoop:
         finally:
             if bar is not None:
                 bar.close()
+        if stop:
+            raise TrainingStopped(stop, self.step, self.out_dir)
+
+    # ------------------------------------------------------------------------------
+    # graceful stop
+    # ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGINT / SIGTERM set a flag that the loop reads after each step (a second one
+        stops at once); the previous handlers come back afterwards. Main thread only."""
+        self._stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # Signals ignored by whoever started us (a background job's SIGINT) stay ignored.
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+
+        def restore():
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+        def on_signal(signum, frame):
+            if not self._stop_signal:
+                self._stop_signal = signum  # no printing here: the handler may interrupt a print
+                return
+            restore()  # the second signal: stop now (checkpoints are written atomically)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        for s in previous:
+            signal.signal(s, on_signal)
+        try:
+            yield
+        finally:
+            restore()
+
+    def _agreed_stop(self) -> int:
+        """The stop signal every rank agrees on after this step (0: go on): the largest
+        signal number any rank received, so all ranks save the same step and stop."""
+        signum = self._stop_signal
+        if self.world > 1:
+            on_cpu = self._stop_group is not torch.distributed.group.WORLD or self.device.type == "cpu"
+            flag = torch.tensor([signum], dtype=torch.int32, device="cpu" if on_cpu else self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
+            signum = int(flag.item())
+        if signum:
+            name = signal.Signals(signum).name
+            self.log(f"{name}: stopping after step {self.step}, saving a checkpoint (again to stop at once)")
+        return signum
 
     def run_step(self, batch, cond):
         self.forward_backward(batch, cond)

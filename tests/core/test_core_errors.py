@@ -74,7 +74,7 @@ def test_mismatched_noise_and_shapes(d):
         d.p_sample_loop(zeros(6), (2, 3, 4), noise=torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match=r"step_noise: expected shape \(10, 2, 3, 4\)"):
         d.p_sample_loop(zeros(6), (2, 3, 4), step_noise=torch.zeros(9, 2, 3, 4))
-    with pytest.raises(ValueError, match=r"shape: expected a tuple \(N, C, ...\)"):
+    with pytest.raises(ValueError, match=r"shape: expected a tuple \(B, C, \.\.\.\) of positive ints"):
         d.p_sample_loop(zeros(6), torch.Size([2]))
     with pytest.raises(ValueError, match=r"x: expected a tensor \[N, C, ...\], got shape \(4,\)"):
         d.p_sample(zeros(6), torch.zeros(4), torch.tensor([1, 1, 1, 1]))

@@ -173,9 +173,15 @@ def test_error_messages():
         lambda: OPS.p_sample_step(x, mo, t, table, "epsilon", "big", True),
         r"^model_var_type: expected 'fixed_small', 'fixed_large', 'learned' or",
     )
+    for eta in (float("nan"), -0.25, 1.5, float("inf")):
+        _raises(
+            lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=eta),
+            r"^eta: expected a number in \[0, 1\] \(DDIM's eta; above 1 the coefficient "
+            r"sqrt\(1 - abar_prev - sigma\^2\) is not real at some steps\), got " + re.escape(str(eta)),
+        )
     _raises(
-        lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta=float("nan")),
-        r"^eta: expected a finite number, got nan",
+        lambda: ops.ddim_step(x, mo, t, table, "epsilon", "learned_range", eta="a"),
+        r"^eta: expected a number in \[0, 1\] \(DDIM's η\), got 'a'",
     )
     _raises(
         lambda: call(sample_index=torch.tensor([[0, 1]])),
