@@ -124,7 +124,7 @@ def test_engine_and_scheduler_apply_the_same_rule():
             engine.sample((1, 3, 4, 4), sampler="ddim", eta=eta)
         with pytest.raises(ValueError, match=ETA_ERROR):
             IDDPMScheduler(10, beta_schedule="cosine", sampler="ddim", eta=eta)
-    sched = IDDPMScheduler(10, beta_schedule="cosine", sampler="ddim", eta=1.0)
+    sched = IDDPMScheduler(10, beta_schedule="cosine", sampler="ddim", eta=1.0, variance_type="learned_range")
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match=ETA_ERROR):
         sched.step(model(x, None), int(sched.timesteps[0]), x, eta=2.0)
