@@ -169,8 +169,21 @@ def test_a_failed_construction_releases_the_lock(tmp_path):
 # -------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def default_signals():
+    """SIGINT and SIGTERM with Python's default handlers for the test: a test run started as a
+    background job (CI, `cmd &`) inherits SIGINT ignored, and TrainLoop keeps an ignored signal
+    ignored (tested below)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_saves_the_step_reached_and_the_resume_is_exact(tmp_path, signum):
+def test_a_stop_signal_saves_the_step_reached_and_the_resume_is_exact(tmp_path, signum, default_signals):
     before = signal.getsignal(signum)
     full = _loop(tmp_path / "full", max_steps=6)
     full.run_loop()
@@ -188,7 +201,15 @@ def test_a_stop_signal_saves_the_step_reached_and_the_resume_is_exact(tmp_path, 
     assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
 
 
-def test_a_second_signal_stops_at_once(tmp_path):
+def test_an_ignored_sigint_stays_ignored(tmp_path, default_signals):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. `nohup iddpm train ... &`
+    loop = _loop(tmp_path, max_steps=4, signal_at=(2, signal.SIGINT))
+    loop.run_loop()  # the signal is delivered at step 2 and ignored: training goes on
+    assert loop.step == 4 and ckpt.read_latest(str(tmp_path))["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_second_signal_stops_at_once(tmp_path, default_signals):
     before = signal.getsignal(signal.SIGINT)
     loop = _loop(tmp_path, max_steps=1000, save_interval=2, signal_at=(3, signal.SIGINT), times=2)
     with pytest.raises(KeyboardInterrupt) as err:
