@@ -5,6 +5,7 @@ PyTorch and works without the compiled extension; the fused kernels live in
 ``iddpm_ext._C`` and are used when it is built (see :func:`build_info`).
 """
 
+from .core.lazy import lazy_attributes
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule
 from .errors import ExtensionUnavailableError, UnknownNameError
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
@@ -31,20 +32,7 @@ from .version import __version__
 # Imported on first use (PEP 562): the low-latency sampling layer is not needed to import the
 # library, and leaving it out keeps `import iddpm_ext` short.
 _LAZY = {"SamplingEngine": ".engine", "IDDPMScheduler": ".engine", "IDDPMSchedulerOutput": ".engine"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -158,6 +158,27 @@ def host_us(fn, device, warmup: int = 5, iters: int = 20, calls: int = 20) -> fl
     return statistics.median(times)
 
 
+def cuda_events(fn, device=None) -> tuple:
+    """(kernels launched, host-to-device copies) during one call of ``fn()`` on CUDA, as
+    torch.profiler sees them (memsets are not counted as kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    kernels = h2d = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        if "memcpy" in name:
+            h2d += "htod" in name
+        elif "memset" not in name:
+            kernels += 1
+    return kernels, h2d
+
+
 def launches(fn, device) -> dict:
     """What one call of ``fn()`` dispatches: ``ops_per_call``, the torch ops (aten and
     custom) seen by a dispatch-mode counter, and on CUDA ``kernels_per_call`` and
@@ -180,21 +201,7 @@ def launches(fn, device) -> dict:
         out["ops_per_call"] = _Count.n
         device = torch.device(device)
         if device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            torch.cuda.synchronize(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize(device)
-            kernels = h2d = 0
-            for e in prof.events():
-                if e.device_type != torch.autograd.DeviceType.CUDA:
-                    continue
-                name = e.name.lower()
-                if "memcpy" in name:
-                    h2d += "htod" in name
-                elif "memset" not in name:
-                    kernels += 1
+            kernels, h2d = cuda_events(fn, device)
             out.update(kernels_per_call=kernels, h2d_per_call=h2d)
     except Exception as exc:  # noqa: BLE001 - best effort
         out["launches_error"] = f"{type(exc).__name__}: {exc}"[:200]

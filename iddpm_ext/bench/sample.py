@@ -190,22 +190,8 @@ def _model_only_ms(model, x, model_t, device, dtype, iters) -> float:
 
 def _profile_counts(fn, steps) -> dict:
     """Kernels and host-to-device copies per step of one run of ``fn`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = h2d = 0
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = e.name.lower()
-        if "memcpy" in name:
-            h2d += "htod" in name
-        elif "memset" not in name:
-            kernels += 1
+    kernels, h2d = common.cuda_events(fn)
     if kernels == 0:
         return {}
     return {"kernels_per_step": round(kernels / steps, 1), "h2d_per_step": round(h2d / steps, 1)}

@@ -8,20 +8,8 @@
   first use, so that importing the engine does not import diffusers.
 """
 
+from ..core.lazy import lazy_attributes
 from .sampling_engine import SamplingEngine, default_mode, diffusion_signature  # noqa: F401
 
-_LAZY = ("IDDPMScheduler", "IDDPMSchedulerOutput")
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        from . import scheduler
-
-        value = getattr(scheduler, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+_LAZY = {"IDDPMScheduler": ".scheduler", "IDDPMSchedulerOutput": ".scheduler"}
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -7,21 +7,10 @@
   ``pip install diffusers`` (the ``iddpm-ext[diffusers]`` extra).
 """
 
+from ..core.lazy import lazy_attributes
+
 _LAZY = {
     "IDDPMUNet2DModel": ".diffusers_unet",
     "pipeline_from_improved_diffusion": ".diffusers_unet",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ModelMixin  # noqa: E402
 
 from helpers.models import randomize_  # noqa: E402
+from helpers.training import TINY  # noqa: E402
 from iddpm_ext import (  # noqa: E402
     LossType,
     ModelMeanType,
@@ -28,19 +29,10 @@ from iddpm_ext.training.checkpoint import save_weights  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 
-# A tiny improved-diffusion configuration (the reference's flag names).
-FLAGS = dict(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=2,
-    learn_sigma=True,
-    diffusion_steps=100,
-    noise_schedule="cosine",
-    rescale_timesteps=True,
-)
+# A tiny improved-diffusion configuration (the reference's flag names): the tests' tiny UNet
+# on 3 channels, with 100 diffusion steps and rescaled timesteps.
+FLAGS = {k: v for k, v in TINY.items() if k != "image_channels"}
+FLAGS.update(diffusion_steps=100, rescale_timesteps=True)
 
 
 def _reference_model(**overrides):
