@@ -47,3 +47,12 @@ def dim(x: torch.Tensor, name: str, n: int, layout: str):
 def shape(cond, name: str, expected, x: torch.Tensor, why: str = ""):
     """``cond`` (a bool or symbolic bool) or a ValueError naming ``name``."""
     torch._check_value(cond, lambda: f"{name}: expected shape {list(expected)}{why}, got {list(x.shape)}")
+
+
+def eta(value: float):
+    """DDIM's eta in [0, 1] (csrc/ops/step.cpp; NaN fails too)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            "eta: expected a number in [0, 1] (DDIM's eta; above 1 the coefficient "
+            f"sqrt(1 - abar_prev - sigma^2) is not real at some steps), got {value}"
+        )

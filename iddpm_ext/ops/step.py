@@ -25,8 +25,6 @@ would need a host sync).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import checks, loader
@@ -141,8 +139,7 @@ def _fake_checks(x, model_output, t, table, model_mean_type, model_var_type, eta
     (ValueError), for the fake implementations: a meta tensor among real ones is refused here."""
     _type_name(model_mean_type, "model_mean_type", MEAN_TYPES)
     _type_name(model_var_type, "model_var_type", VAR_TYPES)
-    if not math.isfinite(eta):
-        raise ValueError(f"eta: expected a finite number, got {eta}")
+    checks.eta(eta)
     checks.defined(x, "x")
     if x.dim() < 2:
         raise ValueError(f"x: expected a tensor [B, C, ...] with at least 2 dims, got shape {list(x.shape)}")

@@ -126,6 +126,12 @@ def test_all_meta_calls_refuse_what_the_kernels_refuse():
         x = m(2, 3, 4, device="meta")
         OPS.p_sample_step(x, x, m(2, dtype=torch.long, device="meta"), m(10, 5, device="meta"), "epsilon",
                           "fixed_small", True)  # fmt: skip
+    # DDIM's eta outside [0, 1]: the same words from the CPU kernel and from the fake
+    for device in ("cpu", "meta"):
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in _step_args()]
+        for eta in (1.5, -0.25, float("nan")):
+            with pytest.raises(ValueError, match=r"^eta: expected a number in \[0, 1\] \(DDIM's eta"):
+                OPS.ddim_step(*args, eta)
 
 
 def test_fake_tensor_mode_checks_devices():
