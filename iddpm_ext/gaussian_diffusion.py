@@ -567,6 +567,16 @@ class GaussianDiffusion:
         output = torch.where((t == 0), decoder_nll, kl)
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
+    def _noised(self, x_start, t, noise):
+        """The checked (noise, x_t ~ q(x_t | x_0)) of a loss or bound term (noise: fresh N(0, I)
+        when None)."""
+        check_x(x_start, "x_start")
+        self._check_t(t, x_start.shape[0])
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        check_same_shape(noise, "noise", x_start, "x_start")
+        return noise, self._q_sample(x_start, t, noise)
+
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Training losses for one timestep per batch item.
 
@@ -578,12 +588,7 @@ class GaussianDiffusion:
 
         :return: dict with 'loss' ([N]) and 'mse' / 'vb' where they apply.
         """
-        check_x(x_start, "x_start")
-        self._check_t(t, x_start.shape[0])
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        check_same_shape(noise, "noise", x_start, "x_start")
-        x_t = self._q_sample(x_start, t, noise)
+        noise, x_t = self._noised(x_start, t, noise)
 
         terms = {}
         if self.loss_type.is_vb():
@@ -625,12 +630,7 @@ class GaussianDiffusion:
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), at x_t ~ q(x_t | x_0) drawn with ``noise``
         (default: fresh N(0, I)). :meth:`calc_bpd_loop`'s total is the sum of these over every t
         plus :meth:`prior_bpd`; iddpm_ext.evaluation.likelihood estimates it from a few."""
-        check_x(x_start, "x_start")
-        self._check_t(t, x_start.shape[0])
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        check_same_shape(noise, "noise", x_start, "x_start")
-        x_t = self._q_sample(x_start, t, noise)
+        noise, x_t = self._noised(x_start, t, noise)
         model_output = self._run_model(model, x_t, t, model_kwargs)
         return self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised)["output"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_HOST_READ_MAX = 32  # up to this many CPU timesteps are read as Python ints (faster than a reduction)
+# Up to this many CPU values (timesteps, labels) are read as Python ints (faster than a reduction).
+_HOST_READ_MAX = 32
 
 
 def cannot_sync(t: torch.Tensor) -> bool:
@@ -50,13 +51,13 @@ def check_timesteps(t, batch: int, num_timesteps: int, name: str = "t", read_val
         )
     if batch == 0 or not read_values or cannot_sync(t):
         return
-    lo, hi = timestep_range(t)
+    lo, hi = int_range(t)
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: expected timesteps in [0, {num_timesteps}), got {bad}")
 
 
-def timestep_range(t: torch.Tensor) -> tuple:
+def int_range(t: torch.Tensor) -> tuple:
     """(min, max) of the values of a non-empty integer tensor, read on the host: for a few CPU
     values straight from memory (no op), else one reduction and one copy (a sync on CUDA)."""
     if t.is_cpu and t.numel() <= _HOST_READ_MAX:
@@ -154,6 +155,6 @@ def check_class_labels(model, model_kwargs, batch: int):
         raise ValueError(f"y: expected shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
     if cannot_sync(labels):
         return
-    lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+    lo, hi = int_range(labels)
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"y: expected labels in [0, {num_classes}), got {lo if lo < 0 else hi}")

@@ -9,7 +9,7 @@ import torch
 
 from helpers.step_cases import const_model, make_diffusion, make_inputs
 from iddpm_ext import ModelMeanType, ModelVarType
-from iddpm_ext.core.checks import timestep_range
+from iddpm_ext.core.checks import int_range
 
 pytestmark = pytest.mark.kernels
 
@@ -107,8 +107,8 @@ def test_timestep_check_names_the_bad_value_at_any_batch(batch):
         t[batch // 2] = bad
         with pytest.raises(ValueError, match=rf"t: expected timesteps in \[0, 20\), got {bad}$"):
             d.p_sample(const_model(mo), x, t)
-        assert timestep_range(t) == (min(t.tolist()), max(t.tolist()))
-    assert timestep_range(torch.arange(batch, dtype=torch.int32)) == (0, batch - 1)
+        assert int_range(t) == (min(t.tolist()), max(t.tolist()))
+    assert int_range(torch.arange(batch, dtype=torch.int32)) == (0, batch - 1)
 
 
 def test_respaced_model_sees_original_timesteps_once():
