@@ -3,7 +3,8 @@
 Markers (declared in pyproject.toml), skipped here where they cannot run:
 - ``gpu``: needs a CUDA device and iddpm_ext._C built with CUDA (scripts/gpu_check.sh runs them);
 - ``kernels``: needs the compiled kernels iddpm_ext._C (``make build``);
-- ``slow``: the longest tests (about 5 s or more on 2 cores; ``-m "not slow"`` leaves them out).
+- ``slow``: the longest tests (about 5 s or more on 2 cores; ``-m "not slow"`` leaves them out);
+  they run first.
 Shared helpers live in tests/helpers/ (importable as ``helpers``: pyproject's pythonpath).
 """
 
@@ -37,6 +38,10 @@ def pytest_collection_modifyitems(config, items):
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
+    # The slow tests first (a stable sort: the order within each group is kept). With
+    # pytest-xdist the long ones then start early and the short ones fill in around them,
+    # instead of one 30-second test running alone at the end while the other worker idles.
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.fixture(autouse=True)

@@ -98,6 +98,7 @@ def test_presets_are_defaults_that_flags_override():
         assert diffusion.num_timesteps == args.diffusion_steps
 
 
+@pytest.mark.slow
 def test_train_sample_nll_end_to_end(tmp_path, capsys):
     data = write_npz(str(tmp_path / "d.npz"), n=32)
     run = str(tmp_path / "run")
@@ -196,6 +197,7 @@ def test_reference_pt_checkpoint_with_flags(tmp_path):
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 6  # continued from step 5
 
 
+@pytest.mark.slow
 def test_bad_input_errors_are_one_line(tmp_path, capsys):
     # one real process: exit status 2 and one line, no traceback
     missing, out = str(tmp_path / "missing"), str(tmp_path / "o")

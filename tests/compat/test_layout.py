@@ -123,6 +123,7 @@ def test_every_module_imports():
         importlib.import_module(name)
 
 
+@pytest.mark.slow
 def test_import_leaves_the_sampling_engine_and_diffusers_until_first_use():
     import subprocess
     import sys

@@ -281,6 +281,7 @@ def test_graph_mode_build_path_on_cpu(model, monkeypatch, respacing):
     assert "graph_pool_reserved_bytes" in rec
 
 
+@pytest.mark.slow
 def test_compile_mode_matches_eager(cond_model):
     d = diffusion(respacing="6")
     y = torch.tensor([3, 1])

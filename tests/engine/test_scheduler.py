@@ -370,6 +370,7 @@ print(json.dumps(c.timesteps.tolist()))
 """
 
 
+@pytest.mark.slow
 def test_works_without_diffusers():
     """Without diffusers: the same class and API over a stand-in config (from_config of a
     DDPMScheduler-style config with diffusers' bookkeeping keys, save/from_pretrained)."""

@@ -279,6 +279,7 @@ def test_forward_errors():
 # ---------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compile_fullgraph():
     """The forward traces as one graph (no graph breaks). The 'eager' backend checks
     tracing without paying for code generation on CPU."""

@@ -130,6 +130,7 @@ def test_empty_batch():
     assert out.shape == (0, 4, 5) and lse.shape == (0, 2, 5)
 
 
+@pytest.mark.slow
 def test_opcheck_forward_and_backward():
     gen = torch.Generator().manual_seed(8)
     qkv = torch.randn(2, 3 * 2 * 8, 11, dtype=torch.float64, generator=gen, requires_grad=True)

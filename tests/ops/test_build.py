@@ -80,6 +80,7 @@ def test_version_mismatch_message_names_both_versions_and_the_rebuild_command():
     assert "make build" in msg and "pip install --no-build-isolation" in msg
 
 
+@pytest.mark.slow
 def test_missing_module_message(tmp_path):
     # A copy of the Python package without the compiled module: the error says it is not built.
     import shutil

@@ -156,6 +156,7 @@ def test_a_locked_folder_refuses_runs_and_resumes_until_its_holder_dies(tmp_path
         pass
 
 
+@pytest.mark.slow
 def test_a_failed_construction_releases_the_lock(tmp_path):
     _loop(tmp_path, max_steps=1).run_loop()
     with pytest.raises(CheckpointError, match="already holds a training run") as err:
@@ -183,6 +184,7 @@ def default_signals():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_a_stop_signal_saves_the_step_reached_and_the_resume_is_exact(tmp_path, signum, default_signals):
     before = signal.getsignal(signum)
     full = _loop(tmp_path / "full", max_steps=6)

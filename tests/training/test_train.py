@@ -52,6 +52,7 @@ def _losses(out_dir):
     ]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     # loss-second-moment with T=5 warms up after 50 losses (7 steps of 8): the history
     # saved at step 4 decides the timestep distribution after the resume.
@@ -151,6 +152,7 @@ def test_log_records_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_autocast_training_runs(tmp_path, amp):
     loop = _loop(tmp_path, max_steps=3, amp=amp)
     loop.run_loop()
