@@ -22,6 +22,7 @@ Every source gives uint8 [H, W, C] images of the asked size and channel count; t
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 
@@ -283,6 +284,20 @@ def load_cifar10(folder, split, image_size, channels, resize="crop") -> ArraySou
 
 def load_digits(split, image_size, channels) -> ArraySource:
     """scikit-learn's handwritten digits as uint8 [N, size, size, C] with labels 0..9."""
+    images, labels = _digits_arrays(split, image_size)
+    return ArraySource(
+        _to_channels(images[..., None].copy(), channels),
+        labels.copy(),
+        description=f"digits {split} ({len(labels)} images)",
+        class_names=[str(d) for d in range(10)],
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_arrays(split, image_size) -> tuple:
+    """The split's uint8 [N, size, size] images and labels, read-only (made once per process:
+    scikit-learn parses its file on every call, and the demo, reproduce and the tests ask
+    for the same splits many times)."""
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
@@ -300,13 +315,10 @@ def load_digits(split, image_size, channels) -> ArraySource:
         if image_size != 8:
             img = img.resize((image_size, image_size), resample=Image.BILINEAR)
         out[i] = np.asarray(img)
-    images = _to_channels(out[..., None], channels)
-    return ArraySource(
-        images,
-        bunch.target[idx],
-        description=f"digits {split} ({len(idx)} images)",
-        class_names=[str(d) for d in range(10)],
-    )
+    labels = bunch.target[idx]
+    out.flags.writeable = False
+    labels.flags.writeable = False
+    return out, labels
 
 
 def open_source(

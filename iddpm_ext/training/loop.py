@@ -41,6 +41,12 @@ from .runlock import RunFolderLock
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 AMP_MODES = ("none", "bf16", "fp16")
+# loss.png while training runs: first redrawn PLOT_EVERY_S after the loop starts, then again
+# PLOT_EVERY_S (or PLOT_COST_FACTOR times the last drawing's time, if longer) after each
+# drawing, and at the end. A drawing takes about half a second on one CPU core, so the plot
+# costs at most ~2% of the run's time; a run shorter than PLOT_EVERY_S draws it once, at the end.
+PLOT_EVERY_S = 30.0
+PLOT_COST_FACTOR = 50.0
 
 
 def parse_ema_rates(ema_rate) -> list:
@@ -376,7 +382,7 @@ class TrainLoop:
 
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
         self._t_log = time.perf_counter()
-        last_plot = 0.0
+        plot_due = time.perf_counter() + PLOT_EVERY_S
         saved_at = self.step
         stop = 0
         try:
@@ -389,9 +395,11 @@ class TrainLoop:
                     record = self._write_log()
                     if bar is not None and record:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    if self.metrics and time.perf_counter() - last_plot > 5.0:
+                    if self.metrics and time.perf_counter() >= plot_due:
+                        t_plot = time.perf_counter()
                         self.metrics.plot(title=f"training ({self.out_dir})")
-                        last_plot = time.perf_counter()
+                        spent = time.perf_counter() - t_plot
+                        plot_due = time.perf_counter() + max(PLOT_EVERY_S, PLOT_COST_FACTOR * spent)
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step

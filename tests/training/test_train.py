@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -149,6 +150,36 @@ def test_log_records_and_plot(tmp_path):
         "0.9": "ema_0.9_000006.safetensors",
         "0.99": "ema_0.99_000006.safetensors",
     }
+
+
+def test_plot_refresh_schedule(tmp_path, monkeypatch):
+    """loss.png is drawn once, at the end, by a run shorter than PLOT_EVERY_S; with a zero
+    interval and cost factor, after every logged interval and at the end; the interval after
+    a drawing is at least PLOT_COST_FACTOR times the drawing's time. (Intervals far from a
+    run's length: a loaded machine cannot make this flaky.)"""
+    from iddpm_ext.training import loop as loop_mod
+    from iddpm_ext.training.log import MetricsLog
+
+    calls = []
+    monkeypatch.setattr(MetricsLog, "plot", lambda self, title="": calls.append(self.records[-1]["step"]))
+    monkeypatch.setattr(loop_mod, "PLOT_EVERY_S", 1e6)
+    _loop(tmp_path / "a", max_steps=4, log_interval=1, save_interval=100).run_loop()
+    assert calls == [4]
+    calls.clear()
+    monkeypatch.setattr(loop_mod, "PLOT_EVERY_S", 0.0)
+    monkeypatch.setattr(loop_mod, "PLOT_COST_FACTOR", 0.0)
+    _loop(tmp_path / "b", max_steps=4, log_interval=2, save_interval=100).run_loop()
+    assert calls == [2, 4, 4]
+    calls.clear()
+
+    def slow_plot(self, title=""):
+        calls.append(self.records[-1]["step"])
+        time.sleep(0.05)
+
+    monkeypatch.setattr(MetricsLog, "plot", slow_plot)
+    monkeypatch.setattr(loop_mod, "PLOT_COST_FACTOR", 1e4)  # 0.05 s drawing: next one 500 s later
+    _loop(tmp_path / "c", max_steps=4, log_interval=1, save_interval=100).run_loop()
+    assert calls == [1, 4]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
