@@ -41,6 +41,7 @@ def pip_settings(python: str) -> dict:
 def uv_command(python: str, specs: list, settings: dict) -> list:
     cmd = [os.path.join(os.path.dirname(python), "uv"), "pip", "install", "--python", python]
     cmd += ["--index-strategy", "unsafe-best-match"]  # pip's rule: the best version of any index
+    cmd += ["--compile-bytecode"]  # as pip does: else every first import compiles (tests: in parallel)
     for name, flag in (
         ("index-url", "--index-url"),
         ("extra-index-url", "--extra-index-url"),

@@ -71,6 +71,7 @@ def test_uv_with_pips_settings_else_pip(monkeypatch, capsys, codes, installer, u
         words = " ".join(last)
         for flag in (
             "--index-strategy unsafe-best-match",
+            "--compile-bytecode",
             "--extra-index-url file:///opt/a/simple",
             "--extra-index-url file:///opt/b/simple",
             "--find-links /opt/wheels",
