@@ -44,6 +44,9 @@ struct BwdCfg : CtaShape {
   static constexpr int RB = BQ / 16, CS = kWarps / RB, CW = CA / CS;
   static_assert(RB * CS == kWarps && CW % 16 == 0, "dq tiling");
   static_assert(Cp % CA == 0 && CA % 16 == 0, "channel slices");
+  // CTAs per SM the register budget aims at (__launch_bounds__): 3 at Cp = 32 (the fp16/bf16
+  // kernel needs about 170 registers; left alone, ptxas takes a few more and fits only 2).
+  static constexpr int kMinBlocks = Cp == 32 ? 3 : 1;
   // The dk, dv staging tiles [CA, LDK] reuse the two q/dO regions.
   static_assert(CA * LDK <= 2 * Cp * LDQ, "staging space");
 };
@@ -80,7 +83,7 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 
 // Block (bh, key tile, channel slice z): dk, dv, dq over channels [CA·z, CA·z + CA) ∩ [0, C).
 template <class T, int Cp>
-__global__ void __launch_bounds__(CtaShape::kThreads)
+__global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
     attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int C, int T_len,
@@ -120,13 +123,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     }
   };
 
-  if (C < Cp) {  // the free channels of k, v and of both q, dO stages (visible after the barrier)
-    zero_rows<T, BK, LDK, NT>(ks, C, Cp);
-    zero_rows<T, BK, LDK, NT>(vs, C, Cp);
-#pragma unroll
-    for (int b = 0; b < 4; ++b)
-      zero_rows<T, BQ, LDQ, NT>(qs + b * Cp * LDQ, C, Cp);  // q, q, dO, dO
-  }
+  // Channels C..Cp-1 of every tile are zero (load_tile): Sᵀ and dPᵀ are exact; dk, dv and dq
+  // there are never stored.
   load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, TT, j0, T_len, vec);
   load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, TT, j0, T_len, vec);
   load_q_tile(0, 0);

@@ -272,74 +272,41 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-// s[r·LD + c] = g[r·ldg + col0 + c] for r < rows, c < COLS, zero where col0 + c >= T. Rows
-// from `rows` on are not touched (the kernels zero them once where the head dim is below the
-// tile's; see zero_rows). `vec`: 16-byte cp.async (needs g, ldg and col0 aligned to 16 bytes and
-// T a multiple of the chunk, which the launcher checks); otherwise guarded element loads.
-template <class T, int COLS, int LD, int NT>
-__device__ __forceinline__ void load_rows(T* s, int rows, const T* g, int64_t ldg, int col0,
+// s[r·LD + c] = g[r·ldg + col0 + c] for r < rows, c < COLS, and zero for rows r >= rows (the
+// channels C..Cp-1 a head dim C < Cp leaves free in a tile of ROWS = Cp, so that the products
+// over channels see exact zeros there) and where col0 + c >= T. The loop runs over the whole
+// tile (compile-time trip count), so C == Cp only adds an always-true row test. `vec`: 16-byte
+// cp.async (needs g, ldg and col0 aligned to 16 bytes and T a multiple of the chunk, which the
+// launcher checks; its src-size 0 form writes the zeros); otherwise guarded element loads.
+template <class T, int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void load_tile(T* s, int rows, const T* g, int64_t ldg, int col0,
                                           int T_len, bool vec) {
   constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
   static_assert(COLS % E == 0 && LD % E == 0, "tile rows must be whole 16-byte chunks");
   if (vec) {
-    constexpr int CPR = COLS / E;
-    const int total = rows * CPR;
-    for (int idx = threadIdx.x; idx < total; idx += NT) {
+    constexpr int CPR = COLS / E, TOTAL = ROWS * CPR;
+    for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {
       const int r = idx / CPR, c = (idx % CPR) * E;
-      const bool valid = col0 + c < T_len;
+      const bool valid = r < rows && col0 + c < T_len;
       const T* src = valid ? g + r * ldg + col0 + c : g;
       cp_async_16(s + r * LD + c, src, valid);
     }
   } else {
-    const int total = rows * COLS;
-    for (int idx = threadIdx.x; idx < total; idx += NT) {
+    for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
       const int r = idx / COLS, c = idx % COLS;
-      s[r * LD + c] = col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
+      s[r * LD + c] = r < rows && col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
     }
   }
 }
 
-// load_rows of a tile of ROWS rows of which `rows` <= ROWS hold data: the full tile (rows ==
-// ROWS, the head dim equal to the tile width) runs the loop with its compile-time trip count.
-template <class T, int ROWS, int COLS, int LD, int NT>
-__device__ __forceinline__ void load_tile(T* s, int rows, const T* g, int64_t ldg, int col0,
-                                          int T_len, bool vec) {
-  if (rows == ROWS) {
-    load_rows<T, COLS, LD, NT>(s, ROWS, g, ldg, col0, T_len, vec);
-  } else {
-    load_rows<T, COLS, LD, NT>(s, rows, g, ldg, col0, T_len, vec);
-  }
-}
-
-// s[r·LD + c] = 0 for r0 <= r < r1, c < COLS: the channels a head dim C leaves free in a tile
-// of Cp > C rows, zeroed once per CTA (load_tile never writes them) so that the products over
-// channels see exact zeros there.
-template <class T, int COLS, int LD, int NT>
-__device__ __forceinline__ void zero_rows(T* s, int r0, int r1) {
-  const int total = (r1 - r0) * COLS;
-  for (int idx = threadIdx.x; idx < total; idx += NT) {
-    s[(r0 + idx / COLS) * LD + idx % COLS] = Elem<T>::from_f(0.0f);
-  }
-}
-
 // Writes rows r < rows (<= ROWS) of the [ROWS, COLS] smem tile back to g (row stride ldg) where
-// col0 + c < T; rows == ROWS with the compile-time trip count, as load_tile.
-template <class T, int COLS, int LD, int NT>
-__device__ __forceinline__ void store_rows(T* g, int64_t ldg, const T* s, int rows, int col0,
-                                           int T_len) {
-  const int total = rows * COLS;
-  for (int idx = threadIdx.x; idx < total; idx += NT) {
-    const int r = idx / COLS, c = idx % COLS;
-    if (col0 + c < T_len) g[r * ldg + col0 + c] = s[r * LD + c];
-  }
-}
+// col0 + c < T.
 template <class T, int ROWS, int COLS, int LD, int NT>
 __device__ __forceinline__ void store_tile(T* g, int64_t ldg, const T* s, int rows, int col0,
                                            int T_len) {
-  if (rows == ROWS) {
-    store_rows<T, COLS, LD, NT>(g, ldg, s, ROWS, col0, T_len);
-  } else {
-    store_rows<T, COLS, LD, NT>(g, ldg, s, rows, col0, T_len);
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    const int r = idx / COLS, c = idx % COLS;
+    if (r < rows && col0 + c < T_len) g[r * ldg + col0 + c] = s[r * LD + c];
   }
 }
 

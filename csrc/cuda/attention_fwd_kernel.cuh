@@ -60,11 +60,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   const T* vg = kg + C * static_cast<int64_t>(T_len);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  if (C < Cp) {  // the free channels of q and of both k, v stages (visible after the barrier)
-    zero_rows<T, BQ, LDQ, NT>(qs, C, Cp);
-#pragma unroll
-    for (int b = 0; b < 4; ++b) zero_rows<T, BK, LDK, NT>(ks + b * Cp * LDK, C, Cp);  // k, k, v, v
-  }
+  // Channels C..Cp-1 of every tile are zero (load_tile): S = qᵀk is exact, O's are never stored.
   load_tile<T, Cp, BQ, LDQ, NT>(qs, C, qg, T_len, q0, T_len, vec);
   load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, T_len, 0, T_len, vec);
   load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, T_len, 0, T_len, vec);
