@@ -7,9 +7,8 @@
 // queries); warp w owns query rows 16w..16w+15. The q tile is read once into registers as A
 // fragments (ldmatrix.trans straight from the [C, T] layout; at Cp = 256 it stays in shared
 // memory and is read per product); the kernel then streams key/value tiles of BK = 64 (32 at
-// Cp = 256) through a two-stage
-// shared-memory pipeline (cp.async), and per tile:
-//   S  = qᵀk            16×64 per warp, fp32 accumulators in registers
+// Cp = 256) through a two-stage shared-memory pipeline (cp.async), and per tile:
+//   S  = qᵀk            16×BK per warp, fp32 accumulators in registers
 //   s2 = S · scale·log2e, keys ≥ T set to -inf
 //   online softmax       row max over the quad, rescale of l and O by exp2(m_old - m_new)
 //   O += P v            P converted in registers from the S accumulators to A fragments
