@@ -75,8 +75,10 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //      "cuda": the same or None without CUDA},
 //    "attention": {                    qkv_attention, qkv_attention_backward
 //      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
-//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "max_positions": int,
-//               "max_batch_heads": int} or None without CUDA}}
+//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "head_dim_step": int,
+//               "max_head_dim": int, "max_positions": int, "max_batch_heads": int}
+//              or None without CUDA}}
+// (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
 // not listed gets a ValueError from the op. gather_coefs takes a float32 table on every device.
 py::dict capabilities() {
@@ -92,7 +94,9 @@ py::dict capabilities() {
     s["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
     s["min_table_columns"] = iddpm::step::col::kMinColumns;
     a["dtypes"] = dtype_names(iddpm::cuda::kAttentionDtypes);
-    a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims, [](int c) { return py::int_(c); });
+    a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims.v, [](int c) { return py::int_(c); });
+    a["head_dim_step"] = iddpm::cuda::kAttentionHeadDimStep;
+    a["max_head_dim"] = iddpm::cuda::kAttentionMaxHeadDim;
     a["max_positions"] = iddpm::cuda::kAttentionMaxPositions;
     a["max_batch_heads"] = iddpm::cuda::kAttentionMaxBatchHeads;
     step_cuda = s;

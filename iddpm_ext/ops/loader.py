@@ -112,7 +112,8 @@ def capabilities() -> dict:
 
         {"ops": [...], "step": {"cpu": {"dtypes": (...)}, "cuda": ... or None},
          "attention": {"cpu": {"dtypes": (...), "head_dims": "any"},
-                       "cuda": {"dtypes": (...), "head_dims": (32, 64, 128), "max_positions": N} or None}}
+                       "cuda": {"dtypes": (...), "head_dims": (8, 16, ..., 256), "head_dim_step": 8,
+                                "max_head_dim": 256, "max_positions": N, ...} or None}}
 
     Without ``_C``: no ops and None for every device."""
     if _C is None:
