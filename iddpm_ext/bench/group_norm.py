@@ -4,6 +4,9 @@ SiLU, the fused op iddpm::group_norm_act against the reference's eager compositi
 Impls, on the same x [B, C, H, W], weight/bias [C] (fp32) and scale/shift [B, C] (x's dtype):
   eager (reference)   GroupNorm32 (fp32 copy, normalise, cast back), ·(1 + scale) + shift, SiLU
                       (iddpm_ext.ops.group_norm.group_norm_act_reference)
+  torch mixed         bf16/fp16 only: one call of torch's mixed-dtype group_norm (low-precision x,
+                      fp32 weight/bias, no fp32 copy; groupnorm impl "auto" before the fused op),
+                      then the scale-shift and SiLU in x's dtype
   iddpm (fused)       iddpm::group_norm_act (and its backward op)
 Layouts: NCHW and channels-last; passes `fwd` and `fwd+bwd` (torch.autograd.grad w.r.t. x,
 weight, bias, scale, shift). Bytes: the minimum, read x + write out forward, and read x, grad_out
@@ -13,6 +16,7 @@ weight, bias, scale, shift). Bytes: the minimum, read x + write out forward, and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import group_norm as gn
 from . import common
@@ -60,6 +64,8 @@ def run(args) -> list:
             for layout in layouts:
                 x = x0.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x0
                 impls = {"eager (reference)": gn.group_norm_act_reference}
+                if dtype != torch.float32:
+                    impls["torch mixed"] = _torch_mixed
                 if gn.fused_supported(x):
                     impls["iddpm (fused)"] = gn.group_norm_act
                 for pss in passes:
@@ -82,6 +88,12 @@ def run(args) -> list:
                         )
                         records.append(common.emit(args, rec))
     return records
+
+
+def _torch_mixed(x, G, w, b, sc, sh):
+    view = (x.shape[0], x.shape[1], 1, 1)
+    h = F.group_norm(x, G, w.float(), b.float())
+    return F.silu(h * (1 + sc.reshape(view)) + sh.reshape(view))
 
 
 def _make_fn(f, x, w, b, sc, sh, bwd):
