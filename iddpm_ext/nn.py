@@ -1,7 +1,9 @@
 """Small building blocks of the UNet (the reference's ``nn.py`` names).
 
-Everything here is plain PyTorch. Module classes add no parameters beyond the torch
-layers they wrap, so state_dict keys follow the reference's module tree exactly.
+Everything here is plain PyTorch, except that the norm sites may run the fused op
+iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`). Module classes add no
+parameters beyond the torch layers they wrap, so state_dict keys follow the reference's module
+tree exactly.
 """
 
 from __future__ import annotations

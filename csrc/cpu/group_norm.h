@@ -16,7 +16,8 @@ inline constexpr DType kGroupNormDtypes[] = {DType::kFloat32, DType::kFloat64, D
 void group_norm_act_fwd(const GroupNormActFwdParams& p);
 // grad_x, grad_weight, grad_bias, grad_scale, grad_shift from grad_out.
 void group_norm_act_bwd(const GroupNormActBwdParams& p);
-// "avx512", "avx2" or "default": the build the kernels run on this CPU.
+// "avx512", "avx2" or "default": the build the kernels run on this CPU (IDDPM_GN_CPU_ISA=avx2 or
+// default forces a lower one).
 const char* group_norm_isa();
 
 }  // namespace iddpm::cpu

@@ -32,6 +32,7 @@ def _inputs(n=2, seed=1):
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g)
 
 
+@pytest.mark.slow  # two training steps of the tiny UNet (~3-7 s on 2 cores with other jobs)
 @pytest.mark.parametrize("scale_shift, channels_last", [(True, False), (False, True)])
 def test_fp32_outputs_and_gradients_match_torch_groupnorm(scale_shift, channels_last):
     model = _model(use_scale_shift_norm=scale_shift).train()
