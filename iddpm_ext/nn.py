@@ -1,7 +1,9 @@
 """Small building blocks of the UNet (the reference's ``nn.py`` names).
 
-Everything here is plain PyTorch. Module classes add no parameters beyond the torch
-layers they wrap, so state_dict keys follow the reference's module tree exactly.
+Everything here is plain PyTorch, except that the norm sites may run the fused op
+iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`). Module classes add no
+parameters beyond the torch layers they wrap, so state_dict keys follow the reference's module
+tree exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 
 from .losses import mean_flat  # noqa: F401  (re-exported: the reference defines it here too)
+from .ops import group_norm as _group_norm_ops
 
 __all__ = [
     "GroupNorm32",
@@ -27,10 +30,12 @@ __all__ = [
     "conv_nd",
     "linear",
     "mean_flat",
+    "norm_act",
     "normalization",
     "scale_module",
     "timestep_embedding",
     "update_ema",
+    "use_fused_groupnorm",
     "zero_module",
 ]
 
@@ -38,12 +43,18 @@ __all__ = [
 SiLU = nn.SiLU
 
 
-# How GroupNorm32 runs a bf16/fp16 activation (fp32 and float64 ones always take the same path):
+# How GroupNorm32 and the UNet's norm → (scale-shift →) SiLU sites run:
 # "torch": the reference's way, cast the activation to fp32, normalise, cast back (two extra passes
-#   over memory); "auto": on the CPU, one call of torch's mixed-dtype group_norm (the low-precision
-#   activation with fp32 weight and bias, statistics and affine map in fp32, one rounding of the
-#   result: the same numbers as "torch"), elsewhere as "torch". Default from IDDPM_GROUPNORM_IMPL.
-_GROUPNORM_IMPLS = ("auto", "torch")
+#   over memory for bf16/fp16), then scale-shift and SiLU as separate ops in the activation's dtype;
+# "fused": the op iddpm::group_norm_act (iddpm_ext.ops.group_norm): GroupNorm, the scale-shift and
+#   SiLU in one pass in fp32, one rounding (an error if _C has no kernel for the tensor's device);
+# "auto": "fused" where _AUTO_FUSED lists the device and dtype (measured faster: docs/unet.md), else
+#   on the CPU one call of torch's mixed-dtype group_norm for bf16/fp16 (fp32 statistics and affine
+#   map, one rounding: the same numbers as "torch"), else as "torch".
+# Default from IDDPM_GROUPNORM_IMPL.
+_GROUPNORM_IMPLS = ("auto", "torch", "fused")
+# Where "auto" runs the fused op: device type -> dtypes. Not CUDA: its kernel has not run on a card.
+_AUTO_FUSED: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def _groupnorm_impl_from_env() -> str:
@@ -57,7 +68,8 @@ _groupnorm_impl = _groupnorm_impl_from_env()
 
 
 def set_groupnorm_impl(impl: str) -> str:
-    """Choose how GroupNorm32 runs low-precision activations ("auto" or "torch"); returns the previous."""
+    """Choose how GroupNorm32 and the UNet's norm → SiLU sites run ("auto", "torch" or "fused");
+    returns the previous choice."""
     global _groupnorm_impl
     if impl not in _GROUPNORM_IMPLS:
         raise ValueError(f"impl: expected one of {list(_GROUPNORM_IMPLS)}, got {impl!r}")
@@ -87,23 +99,50 @@ class groupnorm_impl:
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def use_fused_groupnorm(x: torch.Tensor) -> bool:
+    """Whether the norm sites run the fused op iddpm::group_norm_act for activation ``x``
+    (see :func:`set_groupnorm_impl`); "fused" with no kernel for x's device is a ValueError."""
+    if _groupnorm_impl == "torch":
+        return False
+    if _groupnorm_impl == "fused":
+        _group_norm_ops.require_kernel(x)
+        return True
+    return x.dtype in _AUTO_FUSED.get(x.device.type, ()) and _group_norm_ops.fused_supported(x)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics and affine map are computed in float32.
 
     The result is cast back to the input's dtype, so a bf16/fp16 activation stays in its
     dtype but is normalised in fp32. Under autocast this still holds: group_norm is never
     autocast to a lower precision, and its inputs here are fp32. The memory format of the
-    input (e.g. channels-last) is kept. See :func:`set_groupnorm_impl` for how a low-precision
-    activation is normalised.
+    input (e.g. channels-last) is kept. See :func:`set_groupnorm_impl` for how it runs.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, ...]
+        if use_fused_groupnorm(x):
+            return norm_act(self, x, silu=False)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         if _groupnorm_impl == "auto" and x.dtype in _LOW_PRECISION and x.device.type == "cpu":
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)  # fp32 inside
         y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return y.to(x.dtype)
+
+
+def norm_act(
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """``act(norm(x)·(1 + scale) + shift)`` by the fused op iddpm::group_norm_act, with
+    ``norm``'s groups, parameters and eps; scale, shift: [N, C] or None; act = SiLU or identity.
+    Computed in fp32 and rounded once to x's dtype (the reference rounds after each step)."""
+    return _group_norm_ops.group_norm_act(
+        x, norm.num_groups, norm.weight, norm.bias, scale, shift, norm.eps, silu
+    )
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

@@ -13,7 +13,8 @@ Fast paths (each switchable off; docs/unet.md has the measurements):
 - :meth:`UNetModel.to_inference` — eval mode, every parameter in one dtype (e.g. bf16: no
   per-call casts of autocast) and, for 2-D models, the channels-last memory format end to end
   (oneDNN's NHWC convolutions on the CPU). Inputs and outputs keep their dtype and layout.
-- GroupNorm of bf16/fp16 activations without fp32 copies (:func:`iddpm_ext.nn.set_groupnorm_impl`).
+- GroupNorm (+ the ResBlock's scale-shift + SiLU) fused into one op, iddpm::group_norm_act, and
+  GroupNorm of bf16/fp16 activations without fp32 copies (:func:`iddpm_ext.nn.set_groupnorm_impl`).
 - fused attention (:func:`iddpm_ext.ops.attention.set_attention_impl`).
 """
 
@@ -33,8 +34,10 @@ from .nn import (
     checkpoint,
     conv_nd,
     linear,
+    norm_act,
     normalization,
     timestep_embedding,
+    use_fused_groupnorm,
     zero_module,
 )
 from .ops.attention import qkv_attention
@@ -199,8 +202,18 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), None, self.use_checkpoint)
 
     def _forward(self, x, emb):
-        h = self.in_layers(x)
+        if use_fused_groupnorm(x):  # norm → SiLU in one op; then the conv
+            h = self.in_layers[2](norm_act(self.in_layers[0], x))
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C'] or [N, 2C']
+        if use_fused_groupnorm(h):  # norm → (scale-shift →) SiLU in one op; then dropout, conv
+            if self.use_scale_shift_norm:
+                scale, shift = torch.chunk(emb_out, 2, dim=1)  # [N, C'] each
+                h = norm_act(self.out_layers[0], h, scale, shift)
+            else:
+                h = norm_act(self.out_layers[0], h + emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2))))
+            return self.skip_connection(x) + self.out_layers[2:](h)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
@@ -496,7 +509,11 @@ class UNetModel(nn.Module):
         out_dtype = self.out[-1].weight.dtype
         if out_dtype == torch.float32:
             out_dtype = x.dtype
-        out = self.out(h.to(out_dtype))
+        h = h.to(out_dtype)
+        if use_fused_groupnorm(h):  # norm → SiLU in one op; then the conv
+            out = self.out[2](norm_act(self.out[0], h))
+        else:
+            out = self.out(h)
         if out_dtype != x.dtype:
             out = out.to(x.dtype)
         return self._layout_like(out, x)
