@@ -141,20 +141,23 @@ def _mkldnn_conv_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def default_conv_prepack(device) -> bool:
-    """Whether ``to_inference`` prepacks the convolutions on ``device`` by default.
+def default_conv_prepack(device) -> bool | str:
+    """What ``to_inference`` sets for prepacked convolutions on ``device`` by default.
 
-    IDDPM_CONV_PREPACK=1/0 forces it on/off (on still needs oneDNN, and only CPU calls use it);
-    unset: on for the CPU when torch has oneDNN (faster there, docs/unet.md), off elsewhere.
+    IDDPM_CONV_PREPACK=1 (fp32 and bf16 calls), =bf16 (bf16 calls only) or =0 (off); unset:
+    "bf16" on the CPU when torch has oneDNN, off elsewhere. bf16 is the default because that is
+    where it wins on this project's CPU (docs/unet.md); fp32 convs measured no faster packed.
     """
     value = os.environ.get("IDDPM_CONV_PREPACK", "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
+    if value == "bf16":
+        return "bf16"
     if value:
-        raise ValueError(f"IDDPM_CONV_PREPACK: expected 1 or 0 (or unset), got {value!r}")
-    return torch.device(device).type == "cpu" and _mkldnn_conv_available()
+        raise ValueError(f"IDDPM_CONV_PREPACK: expected 1, bf16 or 0 (or unset), got {value!r}")
+    return "bf16" if torch.device(device).type == "cpu" and _mkldnn_conv_available() else False
 
 
 def _conv_geometry(conv: nn.Module):
@@ -178,8 +181,9 @@ class _PrepackedForward:
 
     _MAX_ENTRIES = 4  # per module: (dtype, input shape) pairs kept
 
-    def __init__(self, conv: nn.Module):
+    def __init__(self, conv: nn.Module, dtypes=(torch.float32, torch.bfloat16)):
         self.conv = conv  # geometry read lazily: copy/unpickle builds this before conv's attributes
+        self.dtypes = tuple(dtypes)  # the compute dtypes that take the packed path
         self._geometry = False
         self.entries: dict = {}
 
@@ -190,10 +194,10 @@ class _PrepackedForward:
         return self._geometry
 
     def __deepcopy__(self, memo):
-        return _PrepackedForward(copy.deepcopy(self.conv, memo))
+        return _PrepackedForward(copy.deepcopy(self.conv, memo), self.dtypes)
 
     def __reduce__(self):
-        return (_PrepackedForward, (self.conv,))
+        return (_PrepackedForward, (self.conv, self.dtypes))
 
     def clear(self):
         self.entries.clear()
@@ -219,6 +223,8 @@ class _PrepackedForward:
             dtype = x.dtype
             if dtype != conv.weight.dtype:
                 return None  # the plain path raises torch's own dtype-mismatch error
+        if dtype not in self.dtypes:
+            return None
         if dtype == torch.float32:
             return dtype
         if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -271,8 +277,8 @@ class _PrepackedForward:
                 x2, packed, bias, padding, stride, dilation, groups, "none", [], ""
             )
         # The packed op always writes channels-last; give the layout torch's conv would give:
-        # channels-last iff the input or the (2-D) weight is channels-last, else contiguous.
-        if not y.is_contiguous() and not self._channels_last_out(x2):
+        # 2-D: channels-last iff the input or the weight is; 1-D: contiguous [N, C, T].
+        if not y.is_contiguous() and (one_d or not self._channels_last_out(x2)):
             y = y.contiguous()
         y = y.squeeze(2) if one_d else y
         if residual is not None and not fold:
@@ -289,17 +295,21 @@ class _PrepackedForward:
         return self.run(x)
 
 
-def set_conv_prepack(module: nn.Module, enabled: bool) -> nn.Module:
+def set_conv_prepack(module: nn.Module, enabled: bool | str) -> nn.Module:
     """Turn prepacked convolutions on or off for every Conv1d/Conv2d in ``module`` (in place).
 
-    On: each such conv's forward runs oneDNN's packed conv for eval-style CPU calls (see above);
-    off: the module's own forward again and the packed copies are freed. Returns ``module``.
+    True: each such conv's forward runs oneDNN's packed conv for eval-style fp32 and bf16 CPU calls
+    (see above); "bf16": for bf16 calls only (bf16 weights, or fp32 weights under bf16 autocast);
+    False: the module's own forward again, packed copies freed. Returns ``module``.
     """
+    if enabled not in (True, False, "bf16"):
+        raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {enabled!r}")
+    dtypes = (torch.bfloat16,) if enabled == "bf16" else (torch.float32, torch.bfloat16)
     for m in module.modules():
         if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
             continue
         if enabled and _conv_geometry(m) is not None:
-            m.forward = _PrepackedForward(m)  # a fresh one: no stale packed weights
+            m.forward = _PrepackedForward(m, dtypes)  # a fresh one: no stale packed weights
         elif isinstance(m.__dict__.get("forward"), _PrepackedForward):
             del m.forward
     return module

@@ -409,7 +409,7 @@ class UNetModel(nn.Module):
         self,
         dtype: torch.dtype | None = None,
         channels_last: bool | None = None,
-        prepack: bool | None = None,
+        prepack: bool | str | None = None,
     ):
         """Switch to the inference fast paths, in place; returns the model.
 
@@ -418,8 +418,9 @@ class UNetModel(nn.Module):
         autocast casts per call; GroupNorm still normalises in fp32); with ``channels_last``
         (default :func:`default_channels_last` of the parameters' device; 2-D models only)
         stores the convolution weights channels-last and runs the torso in that format; with
-        ``prepack`` (default :func:`iddpm_ext.nn.default_conv_prepack`: on for the CPU) the
-        1-D/2-D convolutions keep oneDNN-packed copies of their weights for no-grad CPU calls
+        ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
+        :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
+        keep oneDNN-packed copies of their weights for no-grad CPU calls
         (:func:`iddpm_ext.nn.set_conv_prepack`). ``forward`` still takes and returns NCHW
         tensors of the caller's dtype. State-dict keys are unchanged;
         ``to_inference(torch.float32, channels_last=False, prepack=False)`` undoes it.
@@ -435,8 +436,8 @@ class UNetModel(nn.Module):
             raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
         if prepack is None:
             prepack = default_conv_prepack(device)
-        if not isinstance(prepack, bool):
-            raise ValueError(f"prepack: expected True, False or None, got {prepack!r}")
+        if prepack not in (True, False, "bf16") or not isinstance(prepack, (bool, str)):
+            raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {prepack!r}")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

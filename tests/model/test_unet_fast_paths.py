@@ -320,19 +320,21 @@ def test_conv_add_folds_the_residual(dims):
 
 def test_prepack_switch_errors_and_default(monkeypatch):
     model = _model()
-    with pytest.raises(ValueError, match="prepack: expected True, False or None, got 'yes'"):
+    with pytest.raises(ValueError, match="prepack: expected True, False, 'bf16' or None, got 'yes'"):
         model.to_inference(prepack="yes")
     monkeypatch.setenv("IDDPM_CONV_PREPACK", "maybe")
-    with pytest.raises(ValueError, match="IDDPM_CONV_PREPACK: expected 1 or 0"):
+    with pytest.raises(ValueError, match="IDDPM_CONV_PREPACK: expected 1, bf16 or 0"):
         inn.default_conv_prepack("cpu")
     monkeypatch.setenv("IDDPM_CONV_PREPACK", "0")
     assert inn.default_conv_prepack("cpu") is False
     assert not any(inn.conv_prepack_enabled(m) for m in copy.deepcopy(model).to_inference().modules())
     monkeypatch.setenv("IDDPM_CONV_PREPACK", "1")
     assert inn.default_conv_prepack("cuda") is True
+    monkeypatch.setenv("IDDPM_CONV_PREPACK", "BF16")
+    assert inn.default_conv_prepack("cuda") == "bf16"
     monkeypatch.delenv("IDDPM_CONV_PREPACK")
     assert inn.default_conv_prepack("cuda") is False
-    assert inn.default_conv_prepack("cpu") is inn._mkldnn_conv_available()
+    assert inn.default_conv_prepack("cpu") == ("bf16" if inn._mkldnn_conv_available() else False)
     model3d = randomize_(UNetModel(**tiny_kwargs(dims=3))).to_inference(channels_last=False, prepack=False)
     packed3d = copy.deepcopy(model3d).to_inference(channels_last=False, prepack=True)
     for m in packed3d.modules():  # 3-D convs keep their own forward; attention's 1-D convs pack
@@ -341,3 +343,17 @@ def test_prepack_switch_errors_and_default(monkeypatch):
     x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert _rel(packed3d(x, torch.tensor([5])), model3d(x, torch.tensor([5]))) <= 1e-5
+
+
+@needs_mkldnn
+def test_prepack_default_packs_bf16_calls_only(monkeypatch):
+    monkeypatch.delenv("IDDPM_CONV_PREPACK", raising=False)
+    model = _model()
+    fast = copy.deepcopy(model).to_inference()  # CPU default: channels-last, prepack "bf16"
+    x, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-5, atol=1e-5)
+        assert _packed_entries(fast) == 0  # fp32 calls take the module's own conv
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x, t)
+    assert _packed_entries(fast) > 0
