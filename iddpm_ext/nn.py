@@ -125,10 +125,11 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
 
 # -- prepacked convolutions (CPU inference) ----------------------------------------------------
 # torch's eager conv on the CPU (oneDNN) reorders the weight into oneDNN's blocked layout on every
-# call and runs small 1x1 convs through a slow im2col path; at batch 2 that is a large share of the
-# UNet's time. A prepacked conv keeps that reordered copy (made once per weight version, dtype and
-# input shape) and calls torch's own packed-conv op, mkldnn::_convolution_pointwise, which torch's
-# inductor uses after freezing. The nn.Conv module, its parameters and state_dict stay as they are;
+# call (under autocast it also casts it first). Measured at batch 2 (docs/unet.md) that matters for
+# bf16 and for small feature maps, not for fp32 convs at 16x16-32x32. A prepacked conv keeps the
+# reordered copy (made once per weight version, dtype and input shape) and calls torch's own
+# packed-conv op, mkldnn::_convolution_pointwise, which torch's inductor uses after freezing. The
+# nn.Conv module, its parameters and state_dict stay as they are;
 # the packed copy lives outside the state_dict and is rebuilt whenever the weight or bias tensor is
 # replaced or changed in place (version counter), the dtype changes (model.to / autocast) or the
 # input shape changes. Only eval-style calls use it: grad mode off, CPU tensors, fp32 or bf16 (also
@@ -266,7 +267,12 @@ class _PrepackedForward:
         packed, bias = self._packed(x2, dtype)
         padding, stride, dilation = self.geometry
         groups = self.conv.groups
-        fold = residual is not None and residual.dtype == dtype and type(residual) is torch.Tensor
+        fold = (
+            residual is not None
+            and type(residual) is torch.Tensor
+            and residual.dtype == dtype
+            and tuple(residual.shape) == self._out_shape(x)
+        )
         if fold:
             other = residual.unsqueeze(2) if one_d else residual
             y = torch.ops.mkldnn._convolution_pointwise.binary(
@@ -284,6 +290,16 @@ class _PrepackedForward:
         if residual is not None and not fold:
             y = residual + y
         return y
+
+    def _out_shape(self, x):
+        conv = self.conv
+        spatial = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride
+            )
+        ]
+        return (x.shape[0], conv.out_channels, *spatial)
 
     def _channels_last_out(self, x2):
         cl = torch.channels_last

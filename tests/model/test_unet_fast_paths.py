@@ -313,6 +313,8 @@ def test_conv_add_folds_the_residual(dims):
         assert torch.equal(inn.conv_add(conv, x, r), expected)  # prepacking off: the plain sum
         inn.set_conv_prepack(conv, True)
         got = inn.conv_add(conv, x, r)
+        bias_row = torch.randn(1, 16, *([1] * dims), generator=g)  # broadcasts: not folded, still right
+        assert _rel(inn.conv_add(conv, x, bias_row), bias_row + conv(x)) <= 1e-6
     assert got.is_contiguous() and _rel(got, expected) <= 1e-6
     inn.set_conv_prepack(conv, False)
     assert "forward" not in conv.__dict__
