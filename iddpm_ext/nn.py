@@ -1,11 +1,14 @@
 """Small building blocks of the UNet (the reference's ``nn.py`` names).
 
-Everything here is plain PyTorch. Module classes add no parameters beyond the torch
-layers they wrap, so state_dict keys follow the reference's module tree exactly.
+Everything here is plain PyTorch, except that the norm sites may run the fused op
+iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`). Module classes add no
+parameters beyond the torch layers they wrap, so state_dict keys follow the reference's module
+tree exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -15,9 +18,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 
 from .losses import mean_flat  # noqa: F401  (re-exported: the reference defines it here too)
+from .ops import group_norm as _group_norm_ops
 
 __all__ = [
     "GroupNorm32",
+    "clear_conv_prepack",
+    "conv_add",
+    "conv_prepack_enabled",
+    "default_conv_prepack",
+    "set_conv_prepack",
     "get_groupnorm_impl",
     "groupnorm_impl",
     "set_groupnorm_impl",
@@ -27,10 +36,12 @@ __all__ = [
     "conv_nd",
     "linear",
     "mean_flat",
+    "norm_act",
     "normalization",
     "scale_module",
     "timestep_embedding",
     "update_ema",
+    "use_fused_groupnorm",
     "zero_module",
 ]
 
@@ -38,12 +49,18 @@ __all__ = [
 SiLU = nn.SiLU
 
 
-# How GroupNorm32 runs a bf16/fp16 activation (fp32 and float64 ones always take the same path):
+# How GroupNorm32 and the UNet's norm → (scale-shift →) SiLU sites run:
 # "torch": the reference's way, cast the activation to fp32, normalise, cast back (two extra passes
-#   over memory); "auto": on the CPU, one call of torch's mixed-dtype group_norm (the low-precision
-#   activation with fp32 weight and bias, statistics and affine map in fp32, one rounding of the
-#   result: the same numbers as "torch"), elsewhere as "torch". Default from IDDPM_GROUPNORM_IMPL.
-_GROUPNORM_IMPLS = ("auto", "torch")
+#   over memory for bf16/fp16), then scale-shift and SiLU as separate ops in the activation's dtype;
+# "fused": the op iddpm::group_norm_act (iddpm_ext.ops.group_norm): GroupNorm, the scale-shift and
+#   SiLU in one pass in fp32, one rounding (an error if _C has no kernel for the tensor's device);
+# "auto": "fused" where _AUTO_FUSED lists the device and dtype (measured faster: docs/unet.md), else
+#   on the CPU one call of torch's mixed-dtype group_norm for bf16/fp16 (fp32 statistics and affine
+#   map, one rounding: the same numbers as "torch"), else as "torch".
+# Default from IDDPM_GROUPNORM_IMPL.
+_GROUPNORM_IMPLS = ("auto", "torch", "fused")
+# Where "auto" runs the fused op: device type -> dtypes. Not CUDA: its kernel has not run on a card.
+_AUTO_FUSED: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def _groupnorm_impl_from_env() -> str:
@@ -57,7 +74,8 @@ _groupnorm_impl = _groupnorm_impl_from_env()
 
 
 def set_groupnorm_impl(impl: str) -> str:
-    """Choose how GroupNorm32 runs low-precision activations ("auto" or "torch"); returns the previous."""
+    """Choose how GroupNorm32 and the UNet's norm → SiLU sites run ("auto", "torch" or "fused");
+    returns the previous choice."""
     global _groupnorm_impl
     if impl not in _GROUPNORM_IMPLS:
         raise ValueError(f"impl: expected one of {list(_GROUPNORM_IMPLS)}, got {impl!r}")
@@ -87,23 +105,50 @@ class groupnorm_impl:
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def use_fused_groupnorm(x: torch.Tensor) -> bool:
+    """Whether the norm sites run the fused op iddpm::group_norm_act for activation ``x``
+    (see :func:`set_groupnorm_impl`); "fused" with no kernel for x's device is a ValueError."""
+    if _groupnorm_impl == "torch":
+        return False
+    if _groupnorm_impl == "fused":
+        _group_norm_ops.require_kernel(x)
+        return True
+    return x.dtype in _AUTO_FUSED.get(x.device.type, ()) and _group_norm_ops.fused_supported(x)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics and affine map are computed in float32.
 
     The result is cast back to the input's dtype, so a bf16/fp16 activation stays in its
     dtype but is normalised in fp32. Under autocast this still holds: group_norm is never
     autocast to a lower precision, and its inputs here are fp32. The memory format of the
-    input (e.g. channels-last) is kept. See :func:`set_groupnorm_impl` for how a low-precision
-    activation is normalised.
+    input (e.g. channels-last) is kept. See :func:`set_groupnorm_impl` for how it runs.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, ...]
+        if use_fused_groupnorm(x):
+            return norm_act(self, x, silu=False)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         if _groupnorm_impl == "auto" and x.dtype in _LOW_PRECISION and x.device.type == "cpu":
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)  # fp32 inside
         y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return y.to(x.dtype)
+
+
+def norm_act(
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """``act(norm(x)·(1 + scale) + shift)`` by the fused op iddpm::group_norm_act, with
+    ``norm``'s groups, parameters and eps; scale, shift: [N, C] or None; act = SiLU or identity.
+    Computed in fp32 and rounded once to x's dtype (the reference rounds after each step)."""
+    return _group_norm_ops.group_norm_act(
+        x, norm.num_groups, norm.weight, norm.bias, scale, shift, norm.eps, silu
+    )
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -115,6 +160,235 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"dims: expected 1, 2 or 3, got {dims!r}")
+
+
+# -- prepacked convolutions (CPU inference) ----------------------------------------------------
+# torch's eager conv on the CPU (oneDNN) reorders the weight into oneDNN's blocked layout on every
+# call (under autocast it also casts it first). Measured at batch 2 (docs/unet.md) that matters for
+# bf16 and for small feature maps, not for fp32 convs at 16x16-32x32. A prepacked conv keeps the
+# reordered copy (made once per weight version, dtype and input shape) and calls torch's own
+# packed-conv op, mkldnn::_convolution_pointwise, which torch's inductor uses after freezing. The
+# nn.Conv module, its parameters and state_dict stay as they are;
+# the packed copy lives outside the state_dict and is rebuilt whenever the weight or bias tensor is
+# replaced or changed in place (version counter), the dtype changes (model.to / autocast) or the
+# input shape changes. Only eval-style calls use it: grad mode off, CPU tensors, fp32 or bf16 (also
+# under CPU autocast to bf16), not while torch.compile traces; anything else runs the module's own
+# forward. In-place writes through ``.data`` bypass the version counter: call
+# ``set_conv_prepack(module, True)`` (or ``to_inference``) again after such a write.
+
+
+def _mkldnn_conv_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def default_conv_prepack(device) -> bool | str:
+    """What ``to_inference`` sets for prepacked convolutions on ``device`` by default.
+
+    IDDPM_CONV_PREPACK=1 (fp32 and bf16 calls), =bf16 (bf16 calls only) or =0 (off); unset:
+    "bf16" on the CPU when torch has oneDNN, off elsewhere. bf16 is the default because that is
+    where it wins on this project's CPU (docs/unet.md); fp32 convs measured no faster packed.
+    """
+    value = os.environ.get("IDDPM_CONV_PREPACK", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value == "bf16":
+        return "bf16"
+    if value:
+        raise ValueError(f"IDDPM_CONV_PREPACK: expected 1, bf16 or 0 (or unset), got {value!r}")
+    return "bf16" if torch.device(device).type == "cpu" and _mkldnn_conv_available() else False
+
+
+def _conv_geometry(conv: nn.Module):
+    """(padding, stride, dilation) as 2-D lists (1-D convs run as [N, C, 1, T]), or None when the
+    conv cannot be prepacked (3-D, string padding, non-zero padding mode)."""
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or isinstance(conv.padding, str):
+        return None
+    if conv.padding_mode != "zeros":
+        return None
+    if isinstance(conv, nn.Conv1d):
+        return [0, conv.padding[0]], [1, conv.stride[0]], [1, conv.dilation[0]]
+    return list(conv.padding), list(conv.stride), list(conv.dilation)
+
+
+class _PrepackedForward:
+    """A conv module's forward that runs oneDNN's packed conv when it can (see above).
+
+    Installed as the module's instance attribute ``forward``; holds the packed weights (never part
+    of the state_dict; dropped on copy and pickling, rebuilt lazily on the next call).
+    """
+
+    _MAX_ENTRIES = 4  # per module: (dtype, input shape) pairs kept
+
+    def __init__(self, conv: nn.Module, dtypes=(torch.float32, torch.bfloat16)):
+        self.conv = conv  # geometry read lazily: copy/unpickle builds this before conv's attributes
+        self.dtypes = tuple(dtypes)  # the compute dtypes that take the packed path
+        self._geometry = False
+        self.entries: dict = {}
+
+    @property
+    def geometry(self):
+        if self._geometry is False:
+            self._geometry = _conv_geometry(self.conv)
+        return self._geometry
+
+    def __deepcopy__(self, memo):
+        return _PrepackedForward(copy.deepcopy(self.conv, memo), self.dtypes)
+
+    def __reduce__(self):
+        return (_PrepackedForward, (self.conv, self.dtypes))
+
+    def clear(self):
+        self.entries.clear()
+
+    def _compute_dtype(self, x):
+        """The dtype the packed conv would run in, or None if this call must take the plain path."""
+        conv = self.conv
+        if (
+            self.geometry is None
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or type(x) is not torch.Tensor
+            or x.device.type != "cpu"
+            or conv.weight.device.type != "cpu"
+            or x.dim() != conv.weight.dim()
+        ):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            if dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+                return None
+        else:
+            dtype = x.dtype
+            if dtype != conv.weight.dtype:
+                return None  # the plain path raises torch's own dtype-mismatch error
+        if dtype not in self.dtypes:
+            return None
+        if dtype == torch.float32:
+            return dtype
+        if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return dtype
+        return None
+
+    def _packed(self, x2, dtype):
+        conv = self.conv
+        w, b = conv.weight, conv.bias
+        stamp = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
+        key = (dtype, tuple(x2.shape))
+        entry = self.entries.get(key)
+        if entry is None or entry[0] != stamp:
+            padding, stride, dilation = self.geometry
+            weight = w.detach().to(dtype)
+            if weight.dim() == 3:
+                weight = weight.unsqueeze(2)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, padding, stride, dilation, conv.groups, list(x2.shape)
+            )
+            bias = None if b is None else b.detach().to(dtype)
+            if len(self.entries) >= self._MAX_ENTRIES:
+                self.entries.clear()
+            # w.detach() keeps the source storage alive, so its address cannot be reused by a new
+            # weight while this entry exists (the stamp compares addresses).
+            entry = (stamp, packed, bias, w.detach())
+            self.entries[key] = entry
+        return entry[1], entry[2]
+
+    def run(self, x, residual=None):
+        """conv(x), or residual + conv(x) (one fused oneDNN call where possible)."""
+        dtype = self._compute_dtype(x)
+        if dtype is None:
+            y = self.conv._conv_forward(x, self.conv.weight, self.conv.bias)
+            return y if residual is None else residual + y
+        one_d = x.dim() == 3
+        x2 = x.to(dtype)
+        x2 = x2.unsqueeze(2) if one_d else x2
+        packed, bias = self._packed(x2, dtype)
+        padding, stride, dilation = self.geometry
+        groups = self.conv.groups
+        fold = (
+            residual is not None
+            and type(residual) is torch.Tensor
+            and residual.dtype == dtype
+            and tuple(residual.shape) == self._out_shape(x)
+        )
+        if fold:
+            other = residual.unsqueeze(2) if one_d else residual
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x2, other, packed, bias, padding, stride, dilation, groups, "add", None, None, [], None
+            )
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise(
+                x2, packed, bias, padding, stride, dilation, groups, "none", [], ""
+            )
+        # The packed op always writes channels-last; give the layout torch's conv would give:
+        # 2-D: channels-last iff the input or the weight is; 1-D: contiguous [N, C, T].
+        if not y.is_contiguous() and (one_d or not self._channels_last_out(x2)):
+            y = y.contiguous()
+        y = y.squeeze(2) if one_d else y
+        if residual is not None and not fold:
+            y = residual + y
+        return y
+
+    def _out_shape(self, x):
+        conv = self.conv
+        spatial = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride
+            )
+        ]
+        return (x.shape[0], conv.out_channels, *spatial)
+
+    def _channels_last_out(self, x2):
+        cl = torch.channels_last
+        w = self.conv.weight
+        x_cl = x2.is_contiguous(memory_format=cl) and not x2.is_contiguous()
+        return x_cl or (w.dim() == 4 and w.is_contiguous(memory_format=cl) and not w.is_contiguous())
+
+    def __call__(self, x):
+        return self.run(x)
+
+
+def set_conv_prepack(module: nn.Module, enabled: bool | str) -> nn.Module:
+    """Turn prepacked convolutions on or off for every Conv1d/Conv2d in ``module`` (in place).
+
+    True: each such conv's forward runs oneDNN's packed conv for eval-style fp32 and bf16 CPU calls
+    (see above); "bf16": for bf16 calls only (bf16 weights, or fp32 weights under bf16 autocast);
+    False: the module's own forward again, packed copies freed. Returns ``module``.
+    """
+    if enabled not in (True, False, "bf16"):
+        raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {enabled!r}")
+    dtypes = (torch.bfloat16,) if enabled == "bf16" else (torch.float32, torch.bfloat16)
+    for m in module.modules():
+        if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            continue
+        if enabled and _conv_geometry(m) is not None:
+            m.forward = _PrepackedForward(m, dtypes)  # a fresh one: no stale packed weights
+        elif isinstance(m.__dict__.get("forward"), _PrepackedForward):
+            del m.forward
+    return module
+
+
+def conv_prepack_enabled(conv: nn.Module) -> bool:
+    """Whether ``conv`` has prepacking on (:func:`set_conv_prepack`)."""
+    return isinstance(conv.__dict__.get("forward"), _PrepackedForward)
+
+
+def clear_conv_prepack(module: nn.Module) -> None:
+    """Free the packed weight copies in ``module`` (they are rebuilt on the next eval-style call)."""
+    for m in module.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, _PrepackedForward):
+            fwd.clear()
+
+
+def conv_add(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + conv(x)``; with prepacking on, the add is folded into the packed conv."""
+    fwd = conv.__dict__.get("forward")
+    if isinstance(fwd, _PrepackedForward) and not conv._forward_hooks and not conv._forward_pre_hooks:
+        return fwd.run(x, residual)
+    return residual + conv(x)
 
 
 def linear(*args, **kwargs) -> nn.Linear:

@@ -13,7 +13,8 @@ Fast paths (each switchable off; docs/unet.md has the measurements):
 - :meth:`UNetModel.to_inference` — eval mode, every parameter in one dtype (e.g. bf16: no
   per-call casts of autocast) and, for 2-D models, the channels-last memory format end to end
   (oneDNN's NHWC convolutions on the CPU). Inputs and outputs keep their dtype and layout.
-- GroupNorm of bf16/fp16 activations without fp32 copies (:func:`iddpm_ext.nn.set_groupnorm_impl`).
+- GroupNorm (+ the ResBlock's scale-shift + SiLU) fused into one op, iddpm::group_norm_act, and
+  GroupNorm of bf16/fp16 activations without fp32 copies (:func:`iddpm_ext.nn.set_groupnorm_impl`).
 - fused attention (:func:`iddpm_ext.ops.attention.set_attention_impl`).
 """
 
@@ -31,10 +32,16 @@ from .nn import (
     SiLU,
     avg_pool_nd,
     checkpoint,
+    clear_conv_prepack,
+    conv_add,
     conv_nd,
+    default_conv_prepack,
     linear,
+    norm_act,
     normalization,
+    set_conv_prepack,
     timestep_embedding,
+    use_fused_groupnorm,
     zero_module,
 )
 from .ops.attention import qkv_attention
@@ -199,8 +206,18 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), None, self.use_checkpoint)
 
     def _forward(self, x, emb):
-        h = self.in_layers(x)
+        if use_fused_groupnorm(x):  # norm → SiLU in one op; then the conv
+            h = self.in_layers[2](norm_act(self.in_layers[0], x))
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C'] or [N, 2C']
+        if use_fused_groupnorm(h):  # norm → (scale-shift →) SiLU in one op; then dropout, conv
+            if self.use_scale_shift_norm:
+                scale, shift = torch.chunk(emb_out, 2, dim=1)  # [N, C'] each
+                h = norm_act(self.out_layers[0], h, scale, shift)
+            else:
+                h = norm_act(self.out_layers[0], h + emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2))))
+            return self.skip_connection(x) + self.out_layers[2:](h)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
@@ -257,8 +274,8 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # [N, C, T]
         qkv = self.qkv(self.norm(x))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)
-        h = self.proj_out(self.attention(qkv))  # [N, C, T]
-        return (x + h).reshape(b, c, *spatial)
+        h = conv_add(self.proj_out, self.attention(qkv), x)  # x + proj_out(attention): [N, C, T]
+        return h.reshape(b, c, *spatial)
 
 
 class UNetModel(nn.Module):
@@ -401,31 +418,53 @@ class UNetModel(nn.Module):
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
             part.apply(convert_module_to_f32)
 
-    def to_inference(self, dtype: torch.dtype | None = None, channels_last: bool | None = None):
+    def to_inference(
+        self,
+        dtype: torch.dtype | None = None,
+        channels_last: bool | None = None,
+        prepack: bool | str | None = None,
+    ):
         """Switch to the inference fast paths, in place; returns the model.
 
         Puts the model in eval mode; with ``dtype`` casts every parameter and buffer to it
         (``torch.bfloat16``: activations stay bf16 from the stem to the output conv, with no
         autocast casts per call; GroupNorm still normalises in fp32); with ``channels_last``
         (default :func:`default_channels_last` of the parameters' device; 2-D models only)
-        stores the convolution weights channels-last and runs the torso in that format.
-        ``forward`` still takes and returns NCHW tensors of the caller's dtype. State-dict
-        keys are unchanged; ``to_inference(torch.float32, channels_last=False)`` undoes it.
+        stores the convolution weights channels-last and runs the torso in that format; with
+        ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
+        :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
+        keep oneDNN-packed copies of their weights for no-grad CPU calls
+        (:func:`iddpm_ext.nn.set_conv_prepack`). ``forward`` still takes and returns NCHW
+        tensors of the caller's dtype. State-dict keys are unchanged;
+        ``to_inference(torch.float32, channels_last=False, prepack=False)`` undoes it.
         """
         if dtype is not None:
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
             self.to(dtype)
+        device = next(self.parameters()).device
         if channels_last is None:
-            channels_last = default_channels_last(next(self.parameters()).device)
+            channels_last = default_channels_last(device)
         if channels_last and self.dims != 2:
             raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+        if prepack is None:
+            prepack = default_conv_prepack(device)
+        if prepack not in (True, False, "bf16") or not isinstance(prepack, (bool, str)):
+            raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {prepack!r}")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         self.channels_last = bool(channels_last)
+        set_conv_prepack(self, prepack)
         return self.eval()
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; entering training mode also frees prepacked conv weights
+        (prepacking stays on and repacks on the next no-grad CPU call)."""
+        if mode:
+            clear_conv_prepack(self)
+        return super().train(mode)
 
     @property
     def inner_dtype(self) -> torch.dtype:
@@ -496,7 +535,11 @@ class UNetModel(nn.Module):
         out_dtype = self.out[-1].weight.dtype
         if out_dtype == torch.float32:
             out_dtype = x.dtype
-        out = self.out(h.to(out_dtype))
+        h = h.to(out_dtype)
+        if use_fused_groupnorm(h):  # norm → SiLU in one op; then the conv
+            out = self.out[2](norm_act(self.out[0], h))
+        else:
+            out = self.out(h)
         if out_dtype != x.dtype:
             out = out.to(x.dtype)
         return self._layout_like(out, x)

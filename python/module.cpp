@@ -12,7 +12,9 @@
 #include "common/step_math.h"  // step::col::kMinColumns
 #include "common/step_params.h"
 #include "cpu/attention.h"
+#include "cpu/group_norm.h"
 #include "cuda/attention.h"
+#include "cuda/group_norm.h"
 
 namespace py = pybind11;
 
@@ -32,8 +34,9 @@ constexpr bool kWithCuda = false;
 
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
-constexpr const char* kOps[] = {"gather_coefs",      "p_sample_step", "ddim_step",
-                                "ddim_reverse_step", "qkv_attention", "qkv_attention_backward"};
+constexpr const char* kOps[] = {
+    "gather_coefs",  "p_sample_step",          "ddim_step",      "ddim_reverse_step",
+    "qkv_attention", "qkv_attention_backward", "group_norm_act", "group_norm_act_backward"};
 
 py::dict build_info() {
   py::dict d;
@@ -75,8 +78,13 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //      "cuda": the same or None without CUDA},
 //    "attention": {                    qkv_attention, qkv_attention_backward
 //      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
-//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "max_positions": int,
-//               "max_batch_heads": int} or None without CUDA}}
+//      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "head_dim_step": int,
+//               "max_head_dim": int, "max_positions": int, "max_batch_heads": int}
+//              or None without CUDA},
+//    "group_norm": {                   group_norm_act, group_norm_act_backward
+//      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
+//      "cuda": {"dtypes": [str, ...]} or None without CUDA}}
+// (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
 // not listed gets a ValueError from the op. gather_coefs takes a float32 table on every device.
 py::dict capabilities() {
@@ -92,14 +100,26 @@ py::dict capabilities() {
     s["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
     s["min_table_columns"] = iddpm::step::col::kMinColumns;
     a["dtypes"] = dtype_names(iddpm::cuda::kAttentionDtypes);
-    a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims, [](int c) { return py::int_(c); });
+    a["head_dims"] = to_list(iddpm::cuda::kAttentionHeadDims.v, [](int c) { return py::int_(c); });
+    a["head_dim_step"] = iddpm::cuda::kAttentionHeadDimStep;
+    a["max_head_dim"] = iddpm::cuda::kAttentionMaxHeadDim;
     a["max_positions"] = iddpm::cuda::kAttentionMaxPositions;
     a["max_batch_heads"] = iddpm::cuda::kAttentionMaxBatchHeads;
     step_cuda = s;
     attention_cuda = a;
   }
 
-  py::dict step, attention, caps;
+  py::dict gn_cpu;
+  gn_cpu["dtypes"] = dtype_names(iddpm::cpu::kGroupNormDtypes);
+  gn_cpu["isa"] = iddpm::cpu::group_norm_isa();
+  py::object gn_cuda = py::none();
+  if (kWithCuda) {
+    py::dict g;
+    g["dtypes"] = dtype_names(iddpm::cuda::kGroupNormDtypes);
+    gn_cuda = g;
+  }
+
+  py::dict step, attention, group_norm, caps;
   step["cpu"] = step_cpu;
   step["cuda"] = step_cuda;
   attention["cpu"] = attention_cpu;
@@ -108,6 +128,9 @@ py::dict capabilities() {
   caps["ops"] = to_list(kOps, [](const char* name) { return py::str(name); });
   caps["step"] = step;
   caps["attention"] = attention;
+  group_norm["cpu"] = gn_cpu;
+  group_norm["cuda"] = gn_cuda;
+  caps["group_norm"] = group_norm;
   return caps;
 }
 

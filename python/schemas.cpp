@@ -1,7 +1,7 @@
 // python/schemas.cpp — the one schema block of the `iddpm` operator namespace.
 // Implementations are registered per dispatch key in csrc/ops/<op>.cpp; fake (meta)
 // implementations and autograd formulas in iddpm_ext/ops/<op>.py (op = gather_coefs, step,
-// attention).
+// attention, group_norm).
 #include <torch/library.h>
 
 TORCH_LIBRARY(iddpm, m) {
@@ -39,4 +39,18 @@ TORCH_LIBRARY(iddpm, m) {
   m.def(
       "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
       "int num_heads) -> Tensor");
+
+  // ---- fused GroupNorm + scale-shift + SiLU (csrc/ops/group_norm.cpp) ----
+  // x: [N, C, *] (NCHW or channels-last); weight, bias: [C]; scale, shift: [N, C] ->
+  // out = act((GN(x)·weight + bias)·(1 + scale) + shift) in x's dtype and memory format,
+  // act = SiLU when silu else identity; mean, rstd: [N, num_groups] (f32, f64 for f64 x) saved
+  // for the backward.
+  m.def(
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, "
+      "Tensor? shift, float eps, bool silu) -> (Tensor out, Tensor mean, Tensor rstd)");
+  // -> (grad_x, grad_weight [C], grad_bias [C], grad_scale [N, C], grad_shift [N, C]).
+  m.def(
+      "group_norm_act_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
+      "int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

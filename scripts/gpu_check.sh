@@ -74,7 +74,7 @@ PYEOF
 # -- GPU tests: the kernels (parity with eager / float64 references, the 2x-of-eager-error rule
 #    for fp16/bf16, in-kernel Philox noise statistics, CUDA-graph capture, one launch per step,
 #    odd T and T = 4096 attention, errors; the op-safety fuzz and head-dim crash regression), then the engine, the UNet and the trainer.
-step tests_kernels 180 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
+step tests_kernels 210 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
   tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py
 step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
   tests/training/test_train_gpu.py
@@ -90,13 +90,14 @@ step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json 
 
 # -- sanitizers over small subsets (the kernels' paths: both step kernels in fp32/fp16, every
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
-#    load paths, partial tiles and both backward tilings).
+#    load paths, partial tiles, both backward tilings and a head dim below its tile width on the
+#    Cp = 256 kernels, C = 192).
 if [ -x "$SANITIZER" ]; then
   step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_step_gpu.py \
     -k "(kernel_paths and (float32-float32 or float16-float16)) or (matches_eager_and_cpu and EPSILON) or philox or argument_errors or out_of_range"
-  step memcheck_attention 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
+  step memcheck_attention 90 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k sanitizer_subset
-  step racecheck_attention 60 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
+  step racecheck_attention 90 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k "sanitizer_subset and not bfloat16"
 else
   log "compute-sanitizer not found: sanitizer steps skipped"

@@ -18,22 +18,46 @@ namespace iddpm::cuda {
 // The dtypes of qkv with a kernel.
 inline constexpr DType kAttentionDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
-// Head dims C with a compiled kernel (attention_fwd.cu and attention_bwd.cu instantiate
-// their kernels for exactly these).
-inline constexpr int kAttentionHeadDims[] = {32, 64, 128};
+// Head dims C with a kernel: every multiple of kAttentionHeadDimStep from it up to
+// kAttentionMaxHeadDim. A head dim runs on the kernel compiled for the smallest tile width
+// Cp >= C of kAttentionTileDims (attention_fwd.cu and attention_bwd.cu instantiate their
+// kernels for exactly these), with channels C..Cp-1 zero-filled in shared memory and never
+// stored; C == Cp takes the kernel's plain path.
+inline constexpr int kAttentionHeadDimStep = 8;
+inline constexpr int kAttentionMaxHeadDim = 256;
+inline constexpr int kAttentionTileDims[] = {32, 64, 128, 256};
+
+inline bool qkv_attention_head_dim_supported(int64_t C) {
+  return C >= kAttentionHeadDimStep && C <= kAttentionMaxHeadDim && C % kAttentionHeadDimStep == 0;
+}
+
+// The tile width Cp a supported head dim C runs on (0 for an unsupported one).
+inline int qkv_attention_tile_dim(int64_t C) {
+  if (!qkv_attention_head_dim_supported(C)) return 0;
+  for (const int cp : kAttentionTileDims) {
+    if (C <= cp) return cp;
+  }
+  return 0;
+}
+
+// Every supported head dim, ascending (what capabilities() lists).
+struct AttentionHeadDimList {
+  int v[kAttentionMaxHeadDim / kAttentionHeadDimStep];
+};
+constexpr AttentionHeadDimList attention_head_dim_list() {
+  AttentionHeadDimList l{};
+  for (int i = 0; i < kAttentionMaxHeadDim / kAttentionHeadDimStep; ++i) {
+    l.v[i] = kAttentionHeadDimStep * (i + 1);
+  }
+  return l;
+}
+inline constexpr AttentionHeadDimList kAttentionHeadDims = attention_head_dim_list();
 
 // At most this many positions T: one CTA per 64 queries along gridDim.y (at most 65535).
 inline constexpr int64_t kAttentionMaxPositions = int64_t{65535} * 64;
 
 // At most this many batch items × heads B·H: one CTA per (item, head) along gridDim.x.
 inline constexpr int64_t kAttentionMaxBatchHeads = int64_t{2147483647};
-
-inline bool qkv_attention_head_dim_supported(int64_t C) {
-  for (const int c : kAttentionHeadDims) {
-    if (C == c) return true;
-  }
-  return false;
-}
 
 // Forward (lse: float32). Returns a cudaError_t value (0 = success) of the launches.
 int qkv_attention_fwd(const attn::AttentionFwdParams& params, cudaStream_t stream);

@@ -12,39 +12,42 @@ namespace {
 
 using namespace attn_kernels;
 
-template <class T, int C>
+// The kernels of tile width Cp for head dim p.s.C <= Cp.
+template <class T, int Cp>
 int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
+  const int C = static_cast<int>(p.s.C);
   const T* dout = static_cast<const T*>(p.grad_out);
   const T* qkv = static_cast<const T*>(p.qkv);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  using Cfg = BwdCfg<T, C>;
+  using Cfg = BwdCfg<T, Cp>;
   const int Ti = static_cast<int>(T_len);
   const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
   // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
   if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
-  auto kernel = attn_bwd_kernel<T, C>;
+  auto kernel = attn_bwd_kernel<T, Cp>;
   cudaError_t err =
       set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
   if (err != cudaSuccess) return static_cast<int>(err);
-  attn_delta_kernel<T, C><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
-      dout, static_cast<const T*>(p.out), p.delta, Ti, tiles);
+  attn_delta_kernel<T><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
+      dout, static_cast<const T*>(p.out), p.delta, C, Ti, tiles);
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(BH),
-                  static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK));
+  // gridDim.z: the channel slices of Cfg::CA (2 for C > 128, else 1).
+  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK),
+                  static_cast<unsigned>((C + Cfg::CA - 1) / Cfg::CA));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum, Ti,
+      qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum, C, Ti,
       attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t n = BH * C * T_len;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 8));
-  attn_dq_kernel<T, C>
-      <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, Ti, attn::softmax_scale<float>(C));
+  attn_dq_kernel<T>
+      <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, C, Ti, attn::softmax_scale<float>(C));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -52,8 +55,8 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
 
 int qkv_attention_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   if (p.s.B * p.s.H == 0 || p.s.T == 0) return 0;
-  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto head_dim) {
-    return launch_bwd<typename decltype(elem)::type, decltype(head_dim)::value>(p, stream);
+  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto tile_dim) {
+    return launch_bwd<typename decltype(elem)::type, decltype(tile_dim)::value>(p, stream);
   });
 }
 

@@ -26,25 +26,35 @@ namespace iddpm::cuda::attn_kernels {
 
 using namespace attn_dev;
 
-template <class T, int C>
+template <class T, int Cp>
 struct BwdCfg : CtaShape {
-  static constexpr int BK = 16 * kWarps;         // keys per CTA
-  static constexpr int BQ = C == 128 ? 32 : 64;  // queries per step (register budget)
+  static constexpr int BK = 16 * kWarps;  // keys per CTA
+  // Queries per step (register budget; at Cp = 256 in fp32 also the shared-memory one).
+  static constexpr int BQ = Cp < 128 ? 64 : (Cp == 256 && sizeof(T) == 4 ? 16 : 32);
+  // Channels of dk, dv, dq a CTA accumulates: all of them up to 128; at Cp = 256 each CTA
+  // takes one half (gridDim.z = 2), recomputing Sᵀ and dPᵀ over all channels (7 products per
+  // (query, key) pair instead of 5, with the register budget of Cp = 128).
+  static constexpr int CA = Cp < 128 ? Cp : 128;
   static constexpr int LDK = BK + kPad<T>, LDQ = BQ + kPad<T>;
-  // k, v: [C, LDK]; q, dO: 2 stages × [C, LDQ]; dSᵀ: [BK, LDQ]; then lse2, D: 2 × [BQ] f32.
-  static constexpr int kElems = 2 * C * LDK + 4 * C * LDQ + BK * LDQ;
+  // k, v: [Cp, LDK]; q, dO: 2 stages × [Cp, LDQ]; dSᵀ: [BK, LDQ]; then lse2, D: 2 × [BQ] f32.
+  static constexpr int kElems = 2 * Cp * LDK + 4 * Cp * LDQ + BK * LDQ;
   static constexpr size_t kSmemBytes = kElems * sizeof(T) + 4 * BQ * sizeof(float);
-  // dq: the BQ × C tile is split over the 4 warps as RB row blocks × CS column blocks.
-  static constexpr int RB = BQ / 16, CS = kWarps / RB, CW = C / CS;
+  static_assert(kSmemBytes <= kMaxSmemBytes, "backward shared memory over the per-block limit");
+  // dq: the BQ × CA tile is split over the 4 warps as RB row blocks × CS column blocks.
+  static constexpr int RB = BQ / 16, CS = kWarps / RB, CW = CA / CS;
   static_assert(RB * CS == kWarps && CW % 16 == 0, "dq tiling");
-  // The dk, dv staging tiles [C, LDK] reuse the two q/dO regions.
-  static_assert(2 * LDQ >= LDK, "staging space");
+  static_assert(Cp % CA == 0 && CA % 16 == 0, "channel slices");
+  // CTAs per SM the register budget aims at (__launch_bounds__): 3 at Cp = 32 (the fp16/bf16
+  // kernel needs about 170 registers; left alone, ptxas takes a few more and fits only 2).
+  static constexpr int kMinBlocks = Cp == 32 ? 3 : 1;
+  // The dk, dv staging tiles [CA, LDK] reuse the two q/dO regions.
+  static_assert(CA * LDK <= 2 * Cp * LDQ, "staging space");
 };
 
 // dout, out: [BH, C, T]; delta: [BH, T]. Block b covers (bh = b / tiles, 128 queries).
-template <class T, int C>
+template <class T>
 __global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
-                                  float* __restrict__ delta, int T_len, int tiles) {
+                                  float* __restrict__ delta, int C, int T_len, int tiles) {
   const int64_t bh = blockIdx.x / tiles;
   const int i = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
   if (i >= T_len) return;
@@ -59,9 +69,9 @@ __global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restric
 }
 
 // grad_qkv q channels = scale · dq_accum. dq_accum: [BH, C, T]; grad_qkv: [BH, 3C, T].
-template <class T, int C>
+template <class T>
 __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ grad_qkv, int64_t BH,
-                               int T_len, float scale) {
+                               int C, int T_len, float scale) {
   const int64_t n = BH * C * static_cast<int64_t>(T_len);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -71,26 +81,29 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
   }
 }
 
-template <class T, int C>
-__global__ void __launch_bounds__(CtaShape::kThreads)
+// Block (bh, key tile, channel slice z): dk, dv, dq over channels [CA·z, CA·z + CA) ∩ [0, C).
+template <class T, int Cp>
+__global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
     attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
-                    T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int T_len, float scale,
-                    float scale_log2, bool vec) {
-  using Cfg = BwdCfg<T, C>;
+                    T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int C, int T_len,
+                    float scale, float scale_log2, bool vec) {
+  using Cfg = BwdCfg<T, Cp>;
   constexpr int BK = Cfg::BK, BQ = Cfg::BQ, LDK = Cfg::LDK, LDQ = Cfg::LDQ, NT = Cfg::kThreads;
-  constexpr int KSTEP_C = C / 16, NTILE_C = C / 8, NTILE_Q = BQ / 8, KSTEP_Q = BQ / 16;
+  constexpr int CA = Cfg::CA;
+  constexpr int KSTEP_C = Cp / 16, NTILE_A = CA / 8, NTILE_Q = BQ / 8, KSTEP_Q = BQ / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* ks = reinterpret_cast<T*>(smem_raw);                    // [C, LDK]
-  T* vs = ks + C * LDK;                                      // [C, LDK]
-  T* qs = vs + C * LDK;                                      // 2 × [C, LDQ]
-  T* dos = qs + 2 * C * LDQ;                                 // 2 × [C, LDQ]
-  T* dss = dos + 2 * C * LDQ;                                // [BK, LDQ]: dSᵀ[j, i]
+  T* ks = reinterpret_cast<T*>(smem_raw);                    // [Cp, LDK]
+  T* vs = ks + Cp * LDK;                                     // [Cp, LDK]
+  T* qs = vs + Cp * LDK;                                     // 2 × [Cp, LDQ]
+  T* dos = qs + 2 * Cp * LDQ;                                // 2 × [Cp, LDQ]
+  T* dss = dos + 2 * Cp * LDQ;                               // [BK, LDQ]: dSᵀ[j, i]
   float* lse2_s = reinterpret_cast<float*>(dss + BK * LDQ);  // 2 × [BQ]
   float* delta_s = lse2_s + 2 * BQ;                          // 2 × [BQ]
 
   const int64_t bh = blockIdx.x;
   const int j0 = blockIdx.y * BK;
+  const int cs0 = Cp == CA ? 0 : blockIdx.z * CA;  // this CTA's channel slice
   const int64_t TT = T_len;
   const T* qg = qkv + bh * 3 * C * TT;
   const T* kg = qg + C * TT;
@@ -101,8 +114,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
   auto load_q_tile = [&](int stage, int i0) {
-    load_tile<T, C, BQ, LDQ, NT>(qs + stage * C * LDQ, qg, TT, i0, T_len, vec);
-    load_tile<T, C, BQ, LDQ, NT>(dos + stage * C * LDQ, dog, TT, i0, T_len, vec);
+    load_tile<T, Cp, BQ, LDQ, NT>(qs + stage * Cp * LDQ, C, qg, TT, i0, T_len, vec);
+    load_tile<T, Cp, BQ, LDQ, NT>(dos + stage * Cp * LDQ, C, dog, TT, i0, T_len, vec);
     for (int i = threadIdx.x; i < BQ; i += NT) {  // padded queries: lse2 = D = 0 (masked anyway)
       const bool valid = i0 + i < T_len;
       lse2_s[stage * BQ + i] = valid ? attn::lse_to_base2(lse_g[i0 + i]) : 0.0f;
@@ -110,13 +123,15 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     }
   };
 
-  load_tile<T, C, BK, LDK, NT>(ks, kg, TT, j0, T_len, vec);
-  load_tile<T, C, BK, LDK, NT>(vs, vg, TT, j0, T_len, vec);
+  // Channels C..Cp-1 of every tile are zero (load_tile): Sᵀ and dPᵀ are exact; dk, dv and dq
+  // there are never stored.
+  load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, TT, j0, T_len, vec);
+  load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, TT, j0, T_len, vec);
   load_q_tile(0, 0);
   cp_async_wait_all();
   __syncthreads();
 
-  float dk[NTILE_C][4], dv[NTILE_C][4];
+  float dk[NTILE_A][4], dv[NTILE_A][4];
   zero_tiles(dk);
   zero_tiles(dv);
 
@@ -124,12 +139,12 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   for (int it = 0; it < n_tiles; ++it) {
     const int buf = it & 1, i0 = it * BQ;
     if (it + 1 < n_tiles) load_q_tile(buf ^ 1, i0 + BQ);
-    const T* qb = qs + buf * C * LDQ;
-    const T* dob = dos + buf * C * LDQ;
+    const T* qb = qs + buf * Cp * LDQ;
+    const T* dob = dos + buf * Cp * LDQ;
     const float* l2b = lse2_s + buf * BQ;
     const float* db = delta_s + buf * BQ;
 
-    // Sᵀ = kᵀq and dPᵀ = vᵀdO for this warp's 16 keys × BQ queries.
+    // Sᵀ = kᵀq and dPᵀ = vᵀdO for this warp's 16 keys × BQ queries (over all Cp channels).
     float st[NTILE_Q][4], dpt[NTILE_Q][4];
     zero_tiles(st);
     zero_tiles(dpt);
@@ -164,24 +179,26 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
             Elem<T>::pack(dpt[n][2 * r], dpt[n][2 * r + 1]);
       }
     }
-    // dvᵀ += Pᵀ dOᵀ and dkᵀ += dSᵀ qᵀ: B[k = query][n = channel] from the [C, BQ] tiles.
+    // dvᵀ += Pᵀ dOᵀ and dkᵀ += dSᵀ qᵀ over the slice's channels: B[k = query][n = channel]
+    // from the [Cp, BQ] tiles.
 #pragma unroll
     for (int ki = 0; ki < KSTEP_Q; ++ki) {
       FragA<T> pa, sa;
       c_to_a(pa, st[2 * ki], st[2 * ki + 1]);
       c_to_a(sa, dpt[2 * ki], dpt[2 * ki + 1]);
 #pragma unroll
-      for (int n = 0; n < NTILE_C; n += 2) {
-        mma_pair<Major::n>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, 8 * n);
-        mma_pair<Major::n>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, 8 * n);
+      for (int n = 0; n < NTILE_A; n += 2) {
+        mma_pair<Major::n>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, cs0 + 8 * n);
+        mma_pair<Major::n>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, cs0 + 8 * n);
       }
     }
     __syncthreads();  // dSᵀ of all 64 keys is in shared memory
 
-    // dqᵀ[i, c] = Σ_j dS[i, j] k[c, j]: warp → query rows 16·(w % RB).., channels CW·(w / RB)..
+    // dqᵀ[i, c] = Σ_j dS[i, j] k[c, j]: warp → query rows 16·(w % RB).., channels
+    // cs0 + CW·(w / RB)..
     {
       constexpr int CW = Cfg::CW, NTILE_W = CW / 8;
-      const int rb = warp % Cfg::RB, c0 = (warp / Cfg::RB) * CW;
+      const int rb = warp % Cfg::RB, c0 = cs0 + (warp / Cfg::RB) * CW;
       float dq[NTILE_W][4];
       zero_tiles(dq);
 #pragma unroll
@@ -199,7 +216,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = i0 + 16 * rb + g + 8 * (e >> 1), c = c0 + 8 * n + 2 * t + (e & 1);
-          if (i < T_len) atomicAdd(dqg + c * TT + i, dq[n][e]);
+          if (i < T_len && c < C) atomicAdd(dqg + c * TT + i, dq[n][e]);
         }
       }
     }
@@ -207,11 +224,12 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     __syncthreads();  // next stage landed; dSᵀ and this stage free for reuse
   }
 
-  // dk (× scale: the logits are scale·qᵀk) and dv, staged as [C, BK] in the q / dO regions.
+  // dk (× scale: the logits are scale·qᵀk) and dv of the slice, staged as [CA, BK] in the
+  // q / dO regions; channels >= C are not stored.
   T* dks = qs;
   T* dvs = dos;
 #pragma unroll
-  for (int n = 0; n < NTILE_C; ++n) {
+  for (int n = 0; n < NTILE_A; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = 8 * n + 2 * t + (e & 1), jl = 16 * warp + g + 8 * (e >> 1);
@@ -220,9 +238,10 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     }
   }
   __syncthreads();
-  T* gk = grad_qkv + bh * 3 * C * TT + C * TT;
-  store_tile<T, C, BK, LDK, NT>(gk, TT, dks, j0, T_len);
-  store_tile<T, C, BK, LDK, NT>(gk + C * TT, TT, dvs, j0, T_len);
+  const int rows = C - cs0 < CA ? C - cs0 : CA;
+  T* gk = grad_qkv + bh * 3 * C * TT + (C + cs0) * TT;
+  store_tile<T, CA, BK, LDK, NT>(gk, TT, dks, rows, j0, T_len);
+  store_tile<T, CA, BK, LDK, NT>(gk + C * TT, TT, dvs, rows, j0, T_len);
 }
 
 }  // namespace iddpm::cuda::attn_kernels

@@ -272,36 +272,41 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-// s[r·LD + c] = g[r·ldg + col0 + c] for r < ROWS, c < COLS, zero where col0 + c >= T.
-// `vec`: 16-byte cp.async (needs g, ldg and col0 aligned to 16 bytes and T a multiple of the
-// chunk, which the launcher checks); otherwise guarded element loads.
+// s[r·LD + c] = g[r·ldg + col0 + c] for r < rows, c < COLS, and zero for rows r >= rows (the
+// channels C..Cp-1 a head dim C < Cp leaves free in a tile of ROWS = Cp, so that the products
+// over channels see exact zeros there) and where col0 + c >= T. The loop runs over the whole
+// tile (compile-time trip count), so C == Cp only adds an always-true row test. `vec`: 16-byte
+// cp.async (needs g, ldg and col0 aligned to 16 bytes and T a multiple of the chunk, which the
+// launcher checks; its src-size 0 form writes the zeros); otherwise guarded element loads.
 template <class T, int ROWS, int COLS, int LD, int NT>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ldg, int col0, int T_len,
-                                          bool vec) {
+__device__ __forceinline__ void load_tile(T* s, int rows, const T* g, int64_t ldg, int col0,
+                                          int T_len, bool vec) {
   constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
   static_assert(COLS % E == 0 && LD % E == 0, "tile rows must be whole 16-byte chunks");
   if (vec) {
     constexpr int CPR = COLS / E, TOTAL = ROWS * CPR;
     for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {
       const int r = idx / CPR, c = (idx % CPR) * E;
-      const bool valid = col0 + c < T_len;
+      const bool valid = r < rows && col0 + c < T_len;
       const T* src = valid ? g + r * ldg + col0 + c : g;
       cp_async_16(s + r * LD + c, src, valid);
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
       const int r = idx / COLS, c = idx % COLS;
-      s[r * LD + c] = col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
+      s[r * LD + c] = r < rows && col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
     }
   }
 }
 
-// Writes the [ROWS, COLS] smem tile back to g (row stride ldg) where col0 + c < T.
+// Writes rows r < rows (<= ROWS) of the [ROWS, COLS] smem tile back to g (row stride ldg) where
+// col0 + c < T.
 template <class T, int ROWS, int COLS, int LD, int NT>
-__device__ __forceinline__ void store_tile(T* g, int64_t ldg, const T* s, int col0, int T_len) {
+__device__ __forceinline__ void store_tile(T* g, int64_t ldg, const T* s, int rows, int col0,
+                                           int T_len) {
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
     const int r = idx / COLS, c = idx % COLS;
-    if (col0 + c < T_len) g[r * ldg + col0 + c] = s[r * LD + c];
+    if (r < rows && col0 + c < T_len) g[r * ldg + col0 + c] = s[r * LD + c];
   }
 }
 
@@ -364,27 +369,39 @@ struct ElemTag {
   using type = T;
 };
 
+// Shared memory a CTA may use: the H100's opt-in limit per block (227 KB); every kernel config
+// asserts its budget against it at compile time. (The A100's is 163 KB: the fp32 kernels at
+// Cp = 128 (forward) and Cp = 256 (both) need more, so they run on sm_90 cards only.)
+inline constexpr size_t kMaxSmemBytes = 227 * 1024;
+
+static_assert(kAttentionTileDims[sizeof(kAttentionTileDims) / sizeof(int) - 1] ==
+                  kAttentionMaxHeadDim,
+              "the widest tile covers the largest head dim");
+
 template <size_t I, class T, class F>
-int with_head_dim(int64_t head_dim, F& f) {
-  if constexpr (I < sizeof(kAttentionHeadDims) / sizeof(kAttentionHeadDims[0])) {
-    constexpr int C = kAttentionHeadDims[I];
-    if (head_dim == C) return f(ElemTag<T>{}, std::integral_constant<int, C>{});
-    return with_head_dim<I + 1, T>(head_dim, f);
+int with_tile_dim(int tile_dim, F& f) {
+  if constexpr (I < sizeof(kAttentionTileDims) / sizeof(kAttentionTileDims[0])) {
+    constexpr int Cp = kAttentionTileDims[I];
+    static_assert(Cp % 32 == 0, "tile widths are whole 32-channel blocks");
+    if (tile_dim == Cp) return f(ElemTag<T>{}, std::integral_constant<int, Cp>{});
+    return with_tile_dim<I + 1, T>(tile_dim, f);
   } else {
     return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
-// Returns f(ElemTag<T>{}, std::integral_constant<int, C>{}) for the element type T of `dtype`
-// (one of kAttentionDtypes) and the head dim C == head_dim (one of kAttentionHeadDims): the
-// launchers instantiate their kernels through this, for exactly those. cudaErrorInvalidValue
-// where no kernel was compiled.
+// Returns f(ElemTag<T>{}, std::integral_constant<int, Cp>{}) for the element type T of `dtype`
+// (one of kAttentionDtypes) and the tile width Cp = qkv_attention_tile_dim(head_dim) (one of
+// kAttentionTileDims): the launchers instantiate their kernels through this, for exactly those.
+// cudaErrorInvalidValue for a dtype or head dim without a kernel (the glue's checks refuse
+// them before this is reached).
 template <class F>
 int with_compiled_kernel(DType dtype, int64_t head_dim, F f) {
+  const int tile_dim = qkv_attention_tile_dim(head_dim);
   switch (dtype) {
-    case DType::kFloat32: return with_head_dim<0, float>(head_dim, f);
-    case DType::kFloat16: return with_head_dim<0, __half>(head_dim, f);
-    case DType::kBFloat16: return with_head_dim<0, __nv_bfloat16>(head_dim, f);
+    case DType::kFloat32: return with_tile_dim<0, float>(tile_dim, f);
+    case DType::kFloat16: return with_tile_dim<0, __half>(tile_dim, f);
+    case DType::kBFloat16: return with_tile_dim<0, __nv_bfloat16>(tile_dim, f);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

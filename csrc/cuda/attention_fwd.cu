@@ -10,11 +10,13 @@ namespace {
 
 using namespace attn_kernels;
 
-template <class T, int C>
+// The kernel of tile width Cp for head dim p.s.C <= Cp.
+template <class T, int Cp>
 int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
-  using Cfg = FwdCfg<T, C>;
-  auto kernel = attn_fwd_kernel<T, C>;
+  const int C = static_cast<int>(p.s.C);
+  using Cfg = FwdCfg<T, Cp>;
+  auto kernel = attn_fwd_kernel<T, Cp>;
   const cudaError_t err =
       set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -23,7 +25,7 @@ int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(BH),
                   static_cast<unsigned>((T_len + Cfg::BQ - 1) / Cfg::BQ));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      static_cast<const T*>(p.qkv), static_cast<T*>(p.out), static_cast<float*>(p.lse),
+      static_cast<const T*>(p.qkv), static_cast<T*>(p.out), static_cast<float*>(p.lse), C,
       static_cast<int>(T_len), attn::logit_scale_log2<float>(C), vec);
   return static_cast<int>(cudaGetLastError());
 }
@@ -32,8 +34,8 @@ int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
 
 int qkv_attention_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   if (p.s.B * p.s.H == 0 || p.s.T == 0) return 0;
-  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto head_dim) {
-    return launch_fwd<typename decltype(elem)::type, decltype(head_dim)::value>(p, stream);
+  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto tile_dim) {
+    return launch_fwd<typename decltype(elem)::type, decltype(tile_dim)::value>(p, stream);
   });
 }
 

@@ -2,11 +2,13 @@
 // torch); launched by attention_fwd.cu, also compiled for the host by the emulation test
 // (tests/ops/cuda_emulation/).
 //
-// One CTA of 4 warps per (b·h, tile of BQ = 64 queries); warp w owns query rows 16w..16w+15.
-// The q tile is read once into registers as A fragments (ldmatrix.trans straight from the
-// [C, T] layout); the kernel then streams key/value tiles of BK = 64 through a two-stage
-// shared-memory pipeline (cp.async), and per tile:
-//   S  = qᵀk            16×64 per warp, fp32 accumulators in registers
+// Compiled per tile width Cp (kAttentionTileDims); the head dim C <= Cp is a run-time argument
+// (channels C..Cp-1 of the tiles are zero). One CTA of 4 warps per (b·h, tile of BQ = 64
+// queries); warp w owns query rows 16w..16w+15. The q tile is read once into registers as A
+// fragments (ldmatrix.trans straight from the [C, T] layout; at Cp = 256 it stays in shared
+// memory and is read per product); the kernel then streams key/value tiles of BK = 64 (32 at
+// Cp = 256) through a two-stage shared-memory pipeline (cp.async), and per tile:
+//   S  = qᵀk            16×BK per warp, fp32 accumulators in registers
 //   s2 = S · scale·log2e, keys ≥ T set to -inf
 //   online softmax       row max over the quad, rescale of l and O by exp2(m_old - m_new)
 //   O += P v            P converted in registers from the S accumulators to A fragments
@@ -21,26 +23,34 @@ namespace iddpm::cuda::attn_kernels {
 
 using namespace attn_dev;
 
-template <class T, int C>
+template <class T, int Cp>
 struct FwdCfg : CtaShape {
-  static constexpr int BQ = 16 * kWarps, BK = 64;
+  // Cp = 256: key tiles of 32 (the S accumulators and the smem stages halve) and q fragments
+  // reloaded from shared memory per product (kept in registers they would take 64 of them,
+  // next to the 128 of the O accumulators).
+  static constexpr int BQ = 16 * kWarps, BK = Cp == 256 ? 32 : 64;
+  static constexpr bool kQInRegs = Cp <= 128;
   static constexpr int LDQ = BQ + kPad<T>, LDK = BK + kPad<T>;
-  static constexpr int kSmemElems = C * LDQ + 4 * C * LDK;  // q, then 2 stages of (k, v)
+  static constexpr int kSmemElems = Cp * LDQ + 4 * Cp * LDK;  // q, then 2 stages of (k, v)
   static constexpr size_t kSmemBytes = kSmemElems * sizeof(T);
+  static_assert(kSmemBytes <= kMaxSmemBytes, "forward shared memory over the per-block limit");
+  static_assert(Cp % 16 == 0 && BK % 16 == 0, "whole 16×16 blocks");
 };
 
-// qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T].
-template <class T, int C>
+// qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T]. C <= Cp:
+// channels C..Cp-1 of the q, k, v tiles are zero (so the products over channels are exact) and
+// those of O are never stored.
+template <class T, int Cp>
 __global__ void __launch_bounds__(CtaShape::kThreads)
-    attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse,
+    attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse, int C,
                     int T_len, float scale_log2, bool vec) {
-  using Cfg = FwdCfg<T, C>;
+  using Cfg = FwdCfg<T, Cp>;
   constexpr int BQ = Cfg::BQ, BK = Cfg::BK, LDQ = Cfg::LDQ, LDK = Cfg::LDK, NT = Cfg::kThreads;
-  constexpr int NTILE_K = BK / 8, KSTEP_C = C / 16, NTILE_C = C / 8;
+  constexpr int NTILE_K = BK / 8, KSTEP_C = Cp / 16, NTILE_C = Cp / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(smem_raw);  // [C, LDQ]
-  T* ks = qs + C * LDQ;                    // 2 × [C, LDK]
-  T* vs = ks + 2 * C * LDK;                // 2 × [C, LDK]
+  T* qs = reinterpret_cast<T*>(smem_raw);  // [Cp, LDQ]
+  T* ks = qs + Cp * LDQ;                   // 2 × [Cp, LDK]
+  T* vs = ks + 2 * Cp * LDK;               // 2 × [Cp, LDK]
 
   const int64_t bh = blockIdx.x;
   const int q0 = blockIdx.y * BQ;
@@ -49,15 +59,18 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   const T* vg = kg + C * static_cast<int64_t>(T_len);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  load_tile<T, C, BQ, LDQ, NT>(qs, qg, T_len, q0, T_len, vec);
-  load_tile<T, C, BK, LDK, NT>(ks, kg, T_len, 0, T_len, vec);
-  load_tile<T, C, BK, LDK, NT>(vs, vg, T_len, 0, T_len, vec);
+  // Channels C..Cp-1 of every tile are zero (load_tile): S = qᵀk is exact, O's are never stored.
+  load_tile<T, Cp, BQ, LDQ, NT>(qs, C, qg, T_len, q0, T_len, vec);
+  load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, T_len, 0, T_len, vec);
+  load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, T_len, 0, T_len, vec);
   cp_async_wait_all();
   __syncthreads();
 
-  FragA<T> qf[KSTEP_C];
+  FragA<T> qf[Cfg::kQInRegs ? KSTEP_C : 1];
+  if constexpr (Cfg::kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < KSTEP_C; ++kk) load_a_kmajor(qf[kk], qs, LDQ, 16 * warp, 16 * kk);
+    for (int kk = 0; kk < KSTEP_C; ++kk) load_a_kmajor(qf[kk], qs, LDQ, 16 * warp, 16 * kk);
+  }
 
   float o[NTILE_C][4];
   zero_tiles(o);
@@ -67,22 +80,32 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   for (int kt = 0; kt < n_tiles; ++kt) {
     const int buf = kt & 1;
     if (kt + 1 < n_tiles) {  // prefetch the next k, v tile into the other stage
-      load_tile<T, C, BK, LDK, NT>(ks + (buf ^ 1) * C * LDK, kg, T_len, (kt + 1) * BK, T_len, vec);
-      load_tile<T, C, BK, LDK, NT>(vs + (buf ^ 1) * C * LDK, vg, T_len, (kt + 1) * BK, T_len, vec);
+      load_tile<T, Cp, BK, LDK, NT>(ks + (buf ^ 1) * Cp * LDK, C, kg, T_len, (kt + 1) * BK, T_len,
+                                    vec);
+      load_tile<T, Cp, BK, LDK, NT>(vs + (buf ^ 1) * Cp * LDK, C, vg, T_len, (kt + 1) * BK, T_len,
+                                    vec);
     }
-    const T* kb = ks + buf * C * LDK;
-    const T* vb = vs + buf * C * LDK;
+    const T* kb = ks + buf * Cp * LDK;
+    const T* vb = vs + buf * Cp * LDK;
 
     float s[NTILE_K][4];
     zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) {
+      if constexpr (Cfg::kQInRegs) {
 #pragma unroll
-      for (int n = 0; n < NTILE_K; n += 2) {
-        mma_pair<Major::k>(s[n], s[n + 1], qf[kk], kb, LDK, 16 * kk, 8 * n);
+        for (int n = 0; n < NTILE_K; n += 2) {
+          mma_pair<Major::k>(s[n], s[n + 1], qf[kk], kb, LDK, 16 * kk, 8 * n);
+        }
+      } else {
+        FragA<T> qa;
+        load_a_kmajor(qa, qs, LDQ, 16 * warp, 16 * kk);
+#pragma unroll
+        for (int n = 0; n < NTILE_K; n += 2) {
+          mma_pair<Major::k>(s[n], s[n + 1], qa, kb, LDK, 16 * kk, 8 * n);
+        }
       }
     }
-
     // Base-2 logits, keys past T masked; row max over the tile (quad reduction).
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -140,7 +163,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     const int i = q0 + 16 * warp + g + 8 * r;
     if (t == 0 && i < T_len) lse[bh * T_len + i] = attn::row_lse(m_row[r], l, Log2{});
   }
-  // Stage O / l as [C, BQ] in the q buffer (free since the fragments were loaded).
+  // Stage O / l as [Cp, BQ] in the q buffer (free: every warp passed the loop's last barrier
+  // after its last read of q).
   T* os = qs;
 #pragma unroll
   for (int n = 0; n < NTILE_C; ++n) {
@@ -151,7 +175,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     }
   }
   __syncthreads();
-  store_tile<T, C, BQ, LDQ, NT>(out + bh * C * static_cast<int64_t>(T_len), T_len, os, q0, T_len);
+  store_tile<T, Cp, BQ, LDQ, NT>(out + bh * C * static_cast<int64_t>(T_len), T_len, os, C, q0,
+                                 T_len);
 }
 
 }  // namespace iddpm::cuda::attn_kernels

@@ -56,10 +56,12 @@ AttentionShape check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   if (qkv.is_cuda()) {
     TORCH_CHECK_VALUE(dtype_in(qkv.scalar_type(), cuda::kAttentionDtypes), "qkv: expected dtype ",
                       dtype_names(cuda::kAttentionDtypes), " on CUDA, got ", qkv.scalar_type());
-    TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(d.C),
-                      "qkv: expected a head dim C = channels / (3·num_heads) of ",
-                      or_list(cuda::kAttentionHeadDims, [](int c) { return std::to_string(c); }),
-                      " on CUDA, got C = ", d.C, " (", width, " channels, ", num_heads, " heads)");
+    TORCH_CHECK_VALUE(
+        cuda::qkv_attention_head_dim_supported(d.C),
+        "qkv: expected a head dim C = channels / (3·num_heads) that is a multiple of ",
+        cuda::kAttentionHeadDimStep, " from ", cuda::kAttentionHeadDimStep, " to ",
+        cuda::kAttentionMaxHeadDim, " on CUDA, got C = ", d.C, " (", width, " channels, ",
+        num_heads, " heads)");
     TORCH_CHECK_VALUE(d.T <= cuda::kAttentionMaxPositions, "qkv: expected at most ",
                       cuda::kAttentionMaxPositions, " positions (dim 2) on CUDA, got ", d.T);
     // One CTA per (batch item, head) along gridDim.x.

@@ -25,12 +25,16 @@ BENCHES = {
         "iddpm_ext.bench.attention",
         "QKV self-attention: fused op vs einsum vs SDPA (iddpm::qkv_attention)",
     ),
+    "group_norm": (
+        "iddpm_ext.bench.group_norm",
+        "GroupNorm + scale-shift + SiLU: fused op vs eager composition (iddpm::group_norm_act)",
+    ),
     "train": (
         "iddpm_ext.bench.train",
         "training step it/s and peak memory (CIFAR-10 config), fused vs einsum",
     ),
 }
-ALIASES = {"gather_coefs": ["gather"]}  # earlier names, still accepted
+ALIASES = {"gather_coefs": ["gather"], "group_norm": ["groupnorm"]}  # earlier names, still accepted
 
 
 def build_parser(prog: str = "iddpm bench") -> argparse.ArgumentParser:

@@ -10,9 +10,13 @@ under ``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16
 activations). Each record has ms, images/s, TFLOP/s (FLOPs counted once with
 ``FlopCounterMode``), % of the card's peak where it is known (GPU only), the speedup over the
 baseline of its dtype (``speedup_min``: the same from the fastest run of each, steadier on a busy
-machine) and ``rel_err``: the relative L2 error of the output against the fp32
-baseline's. ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise,
-attention, other) from one profiled call (torch.profiler, self times).
+machine; on the CPU also ``cpu_ms`` / ``speedup_cpu``: the median process CPU time per call, which
+time spent waiting for a shared core does not inflate) and ``rel_err``: the relative L2 error of the
+output against the fp32 baseline's. On the CPU the rows include ``to_inference(..., prepack=True)``
+(oneDNN-packed conv weights, :func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it,
+and the fp32-weight model with prepacked convs under bf16 autocast. ``--breakdown`` adds each
+variant's time per layer kind (conv, norm, elementwise, attention, other) from one profiled call
+(torch.profiler, self times).
 
 The fwd+bwd and memory sections below are unchanged:
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 
 import torch
 
@@ -291,7 +296,7 @@ def breakdown_ms(fn, device) -> dict:
             us = getattr(ev, "self_device_time_total", 0) or 0
         else:
             us = ev.self_cpu_time_total
-        if ev.key.startswith(("aten::", "iddpm::")):
+        if ev.key.startswith(("aten::", "iddpm::", "mkldnn::")):
             totals[layer_kind(ev.key)] += us / 1e3
     return {k: round(v, 3) for k, v in totals.items()}
 
@@ -314,21 +319,42 @@ def _forward_variants(model, config, device):
         base, base_name, base_attn = copy.deepcopy(model), f"baseline ({_BASELINE_OFF})", "einsum"
     base.eval()
     ours = copy.deepcopy(model).eval()
-    cl = device.type == "cpu"  # channels-last: the default of to_inference on the CPU only
-    fp32_fast = copy.deepcopy(model).to_inference(channels_last=True)
-    bf16_fast = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=cl)
-    bf16_nchw = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=False)
+    cpu = device.type == "cpu"
+    cl = cpu  # channels-last and prepacked convs: the defaults of to_inference on the CPU only
     f32, b16 = torch.float32, torch.bfloat16
     layout = "channels-last" if cl else "NCHW"
-    return [
+    fp32_fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=False)
+    bf16_nchw = copy.deepcopy(model).to_inference(b16, channels_last=False, prepack=False)
+    bf16_fast = copy.deepcopy(model).to_inference(b16, channels_last=cl, prepack=False)
+    variants = [
         (base_name, f32, base, f32, None, base_attn, "torch"),
         ("ours (fused attention)", f32, ours, f32, None, "auto", "auto"),
         ("ours to_inference(channels-last)", f32, fp32_fast, f32, None, "auto", "auto"),
+    ]
+    if cpu:
+        fp32_packed = copy.deepcopy(model).to_inference(channels_last=True, prepack=True)
+        variants.append(
+            ("ours to_inference(channels-last, prepack)", f32, fp32_packed, f32, None, "auto", "auto")
+        )
+    variants += [
         (f"{base_name} + bf16 autocast", b16, base, f32, b16, base_attn, "torch"),
         ("ours + bf16 autocast", b16, ours, f32, b16, "auto", "auto"),
+    ]
+    if cpu:  # fp32 weights under autocast, the convs from bf16 packed copies
+        variants.append(
+            ("ours to_inference(channels-last, prepack) + bf16 autocast", b16, fp32_packed, f32, b16,
+             "auto", "auto")
+        )  # fmt: skip
+    variants += [
         ("ours to_inference(bf16, NCHW)", b16, bf16_nchw, b16, None, "auto", "auto"),
         (f"ours to_inference(bf16, {layout})", b16, bf16_fast, b16, None, "auto", "auto"),
     ]
+    if cpu:
+        bf16_packed = copy.deepcopy(model).to_inference(b16, channels_last=True, prepack=True)
+        variants.append(
+            ("ours to_inference(bf16, channels-last, prepack)", b16, bf16_packed, b16, None, "auto", "auto")
+        )
+    return variants
 
 
 def _forward_call(variant, x, t, device):
@@ -364,18 +390,26 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             for c in calls:
                 c()
         times = [[] for _ in calls]
+        cpu_times = [[] for _ in calls]  # CPU only: process CPU time, steadier on a shared machine
         for _ in range(iters):  # interleaved: one call of each variant per round
             for i, c in enumerate(calls):
+                cpu0 = time.process_time()
                 times[i].append(common.time_ms(c, device, 0, 1, flush_l2=False))
+                cpu_times[i].append((time.process_time() - cpu0) * 1e3)
         ref_out = outs[0]
-        base_ms, base_min = {}, {}
-        for v, ts, out in zip(variants, times, outs):
+        base_ms, base_min, base_cpu = {}, {}, {}
+        for v, ts, cts, out in zip(variants, times, cpu_times, outs):
             impl, dtype = v[0], v[1]
             ms = statistics.median(ts)
             base_ms.setdefault(dtype, ms)  # the first variant of each dtype is its baseline
             base_min.setdefault(dtype, min(ts))
             err = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-30)).item()
             extra = {}
+            if device.type == "cpu":
+                cpu_ms = statistics.median(cts)
+                base_cpu.setdefault(dtype, cpu_ms)
+                extra["cpu_ms"] = round(cpu_ms, 3)
+                extra["speedup_cpu"] = round(base_cpu[dtype] / cpu_ms, 3)
             if breakdown:
                 extra["breakdown_ms"] = breakdown_ms(_forward_call(v, x, t, device), device)
             rec = common.record(
@@ -396,10 +430,12 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             )
             records.append(rec)
             line = (
-                f"fwd B={batch:<4} {rec['dtype']:<9} {impl[:48]:<48} {ms:9.2f} ms "
+                f"fwd B={batch:<4} {rec['dtype']:<9} {impl[:58]:<58} {ms:9.2f} ms "
                 f"{rec['images_per_s']:9.1f} img/s {rec['tflops']:7.3f} TF/s "
                 f"x{rec['speedup']:.2f} (min x{rec['speedup_min']:.2f})  err {err:.2e}"
             )
+            if "speedup_cpu" in extra:
+                line += f"  cpu x{extra['speedup_cpu']:.2f}"
             if "pct_peak" in rec:
                 line += f"  {rec['pct_peak']}% of peak"
             summary.append(line)

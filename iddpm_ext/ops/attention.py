@@ -65,7 +65,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if impl == "fused":
         _require_fused_device(qkv)
         return qkv_attention_fused(qkv, num_heads)
-    if qkv.dtype in _AUTO_DTYPES.get(qkv.device.type, ()) and fused_supported(qkv, num_heads):
+    if _auto_fused(qkv, num_heads):
         return qkv_attention_fused(qkv, num_heads)
     return qkv_attention_reference(qkv, num_heads)
 
@@ -80,6 +80,24 @@ _AUTO_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float16, torch.bfloat16),
 }
+
+
+# The head dims "auto" sends to the fused op, per device (None: every head dim with a kernel).
+# On CUDA the kernels cover every multiple of 8 up to 256 (capabilities' "head_dims"), but by
+# the project's rule a CUDA path is picked by "auto" only once it has run correctly on a card:
+# the tile-width kernels at C = 32, 64, 128 have (H100, 2026-11-27); the head dims below a tile
+# width (zero-filled channels) and the Cp = 256 kernels have run under the CPU emulator only,
+# so "auto" keeps those on einsum until a GPU check passes ("fused" runs them).
+AUTO_HEAD_DIMS = {"cpu": None, "cuda": frozenset({32, 64, 128})}
+
+
+def _auto_fused(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether "auto" runs the fused op for this qkv (device, dtype, head dim)."""
+    kind = qkv.device.type
+    if qkv.dtype not in _AUTO_DTYPES.get(kind, ()) or not fused_supported(qkv, num_heads):
+        return False
+    head_dims = AUTO_HEAD_DIMS.get(kind)
+    return head_dims is None or qkv.shape[1] // (3 * num_heads) in head_dims
 
 
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
@@ -193,11 +211,13 @@ def _fake_dims(qkv, num_heads):
         checks.dtype_in(qkv, "qkv", caps["dtypes"], where)
         C = width // (3 * num_heads)
         if caps["head_dims"] != "any":
+            step, top = caps["head_dim_step"], caps["max_head_dim"]
             torch._check_value(
                 C in caps["head_dims"],
                 lambda: (
-                    f"qkv: expected a head dim C = channels / (3·num_heads) of {list(caps['head_dims'])} "
-                    f"on {kind}, got C = {C} ({width} channels, {num_heads} heads)"
+                    f"qkv: expected a head dim C = channels / (3·num_heads) that is a multiple of "
+                    f"{step} from {step} to {top} on {kind.upper()}, got C = {C} ({width} channels, "
+                    f"{num_heads} heads)"
                 ),
             )
         if "max_positions" in caps:

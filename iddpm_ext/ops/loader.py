@@ -106,17 +106,22 @@ _DTYPES = {
 }
 
 
+_CAPABILITY_OPS = ("step", "attention", "group_norm")
+
+
 def capabilities() -> dict:
     """What the kernels of ``_C`` accept, as ``_C.capabilities()`` reports it from the same
     C++ constants its argument checks use, with dtype names turned into torch dtypes::
 
         {"ops": [...], "step": {"cpu": {"dtypes": (...)}, "cuda": ... or None},
          "attention": {"cpu": {"dtypes": (...), "head_dims": "any"},
-                       "cuda": {"dtypes": (...), "head_dims": (32, 64, 128), "max_positions": N} or None}}
+                       "cuda": {"dtypes": (...), "head_dims": (8, 16, ..., 256), "head_dim_step": 8,
+                                "max_head_dim": 256, "max_positions": N, ...} or None},
+         "group_norm": {"cpu": {"dtypes": (...), "isa": "avx512"}, "cuda": {"dtypes": (...)} or None}}
 
     Without ``_C``: no ops and None for every device."""
     if _C is None:
-        return {"ops": [], "step": {"cpu": None, "cuda": None}, "attention": {"cpu": None, "cuda": None}}
+        return {"ops": [], **{op: {"cpu": None, "cuda": None} for op in _CAPABILITY_OPS}}
     caps = _C.capabilities()
 
     def convert(entry):
@@ -130,5 +135,5 @@ def capabilities() -> dict:
 
     return {
         "ops": list(caps["ops"]),
-        **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in ("step", "attention")},
+        **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in _CAPABILITY_OPS},
     }

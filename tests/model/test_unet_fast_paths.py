@@ -77,8 +77,8 @@ def test_groupnorm_impl_switch_and_errors(monkeypatch):
         assert inn.get_groupnorm_impl() == "torch"
     finally:
         set_groupnorm_impl(previous)
-    with pytest.raises(ValueError, match="impl: expected one of \\['auto', 'torch'\\], got 'fused'"):
-        set_groupnorm_impl("fused")
+    with pytest.raises(ValueError, match="impl: expected one of \\['auto', 'torch', 'fused'\\], got 'fast'"):
+        set_groupnorm_impl("fast")
     monkeypatch.setenv("IDDPM_GROUPNORM_IMPL", "fast")
     with pytest.raises(ValueError, match="IDDPM_GROUPNORM_IMPL: expected one of"):
         inn._groupnorm_impl_from_env()
@@ -128,7 +128,7 @@ def test_to_inference_keeps_state_dict_keys_and_round_trips_strictly():
     assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.bfloat16
     fresh = UNetModel(**tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_heads=2, num_classes=4))
     fresh.load_state_dict(fast.state_dict(), strict=True)  # loads, cast back to the fresh model's fp32
-    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False)
+    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False, prepack=False)
     assert not back.channels_last and back.input_blocks[0][0].weight.is_contiguous()
     x, t = _inputs()
     y = torch.tensor([0, 3])
@@ -187,8 +187,175 @@ def test_seeded_ddim_with_fast_paths_matches_eager_path():
 @pytest.mark.slow
 def test_compile_fullgraph_with_fast_paths():
     torch._dynamo.reset()
-    model = _model().to_inference(torch.bfloat16, channels_last=True)
+    model = _model().to_inference(torch.bfloat16, channels_last=True, prepack=True)
     x, t = _inputs()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
+    # While compiling, prepacked convs trace the module's own conv (compile packs by itself), so
+    # the compiled model computes what the model with prepacking off computes eagerly.
+    plain = copy.deepcopy(model).to_inference(channels_last=True, prepack=False)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, t), model(x, t))
+        torch.testing.assert_close(compiled(x, t), plain(x, t))
+
+
+# ---------------------------------------------------------------------------------
+# Prepacked convolutions (to_inference(prepack=...), iddpm_ext.nn.set_conv_prepack)
+# ---------------------------------------------------------------------------------
+needs_mkldnn = pytest.mark.skipif(not inn._mkldnn_conv_available(), reason="torch built without oneDNN")
+
+
+def _packed_entries(model):
+    """How many packed weight copies the model's convs hold."""
+    return sum(len(m.__dict__["forward"].entries) for m in model.modules() if inn.conv_prepack_enabled(m))
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("dims, channels_last", [(2, False), (2, True), (1, False)])
+def test_prepack_fp32_matches_plain_model(dims, channels_last):
+    model = _model(dims=dims)
+    x, t = _inputs(spatial=(8, 8) if dims == 2 else (8,))
+    plain = copy.deepcopy(model).to_inference(channels_last=channels_last, prepack=False)
+    packed = copy.deepcopy(model).to_inference(channels_last=channels_last, prepack=True)
+    n_convs = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in model.modules())
+    assert sum(inn.conv_prepack_enabled(m) for m in packed.modules()) == n_convs
+    with torch.no_grad():
+        expected, got = plain(x, t), packed(x, t)
+    assert _packed_entries(packed) == n_convs  # the packed path ran for every conv
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert _rel(got, expected) <= 1e-5
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("weights", ["bf16", "autocast"])
+def test_prepack_bf16_within_twice_the_autocast_error(weights):
+    model = _model(seed=2)
+    x, t = _inputs(seed=3)
+    oracle = _all_off(copy.deepcopy(model).double(), x.double(), t)
+    ref_err = _rel(_all_off(model, x, t, autocast_dtype=torch.bfloat16), oracle)
+    if weights == "bf16":
+        fast = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=True, prepack=True)
+        with torch.no_grad():
+            got = fast(x, t)
+    else:  # fp32 weights, bf16 autocast: the convs run from bf16 packed copies
+        fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x, t)
+        assert {e[1].dtype for m in fast.modules() if inn.conv_prepack_enabled(m)
+                for e in m.__dict__["forward"].entries.values()} == {torch.bfloat16}  # fmt: skip
+    assert _packed_entries(fast) > 0
+    err = _rel(got, oracle)
+    assert 0 < ref_err and err <= 2 * ref_err, (err, ref_err)
+
+
+@needs_mkldnn
+def test_prepack_never_uses_stale_weights():
+    model = _model(num_classes=4)
+    keys = list(model.state_dict())
+    fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=True)
+    x, t = _inputs()
+    y = torch.tensor([0, 3])
+    with torch.no_grad():
+        fast(x, t, y)  # packs the first weights
+    assert list(fast.state_dict()) == keys
+    other = _model(seed=5, num_classes=4)
+    fast.load_state_dict(other.state_dict(), strict=True)  # in-place copies: new versions
+    with torch.no_grad():
+        assert _rel(fast(x, t, y), other(x, t, y)) <= 1e-5
+        conv = fast.out[-1]
+        conv.weight.detach().mul_(2)  # an in-place change through detach() is seen too
+        conv.bias = torch.nn.Parameter(torch.zeros_like(conv.bias))  # so is a new tensor
+        other.out[-1].weight.detach().mul_(2)
+        other.out[-1].bias.zero_()
+        assert _rel(fast(x, t, y), other(x, t, y)) <= 1e-5
+        fast.to(torch.float64)  # a dtype the packed op does not run: the module's own conv
+        # (GroupNorm32 normalises in fp32 even here, and the layouts differ: fp32-level agreement)
+        assert _rel(fast(x.double(), t, y), other.double()(x.double(), t, y)) <= 1e-5
+
+
+@needs_mkldnn
+def test_prepack_then_training_backward_copy_and_pickle():
+    import io
+
+    model = _model()
+    fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=True)
+    x, t = _inputs()
+    with torch.no_grad():
+        expected = fast(x, t)
+    twin = copy.deepcopy(fast)  # after a call: the packed copies are dropped, not copied
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for m in (twin, loaded):
+            assert inn.conv_prepack_enabled(m.out[-1])
+            torch.testing.assert_close(m(x, t), expected, rtol=0, atol=0)
+    fast.train()  # frees the packed copies; with grad enabled the module's own conv runs
+    assert _packed_entries(fast) == 0
+    model.train()
+    for m in (fast, model):
+        m.zero_grad()
+        m(x, t).square().mean().backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (fast, model)]
+    assert _rel(*grads) <= 1e-5  # (all together: a conv bias before a GroupNorm has ~0 gradient)
+    fast.to_inference(prepack=False)
+    assert not any(inn.conv_prepack_enabled(m) for m in fast.modules())
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_add_folds_the_residual(dims):
+    g = torch.Generator().manual_seed(0)
+    conv = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, *([6] * dims), generator=g)
+    r = torch.randn(2, 16, *([6] * dims), generator=g)
+    with torch.no_grad():
+        expected = r + conv(x)
+        assert torch.equal(inn.conv_add(conv, x, r), expected)  # prepacking off: the plain sum
+        inn.set_conv_prepack(conv, True)
+        got = inn.conv_add(conv, x, r)
+        bias_row = torch.randn(1, 16, *([1] * dims), generator=g)  # broadcasts: not folded, still right
+        assert _rel(inn.conv_add(conv, x, bias_row), bias_row + conv(x)) <= 1e-6
+    assert got.is_contiguous() and _rel(got, expected) <= 1e-6
+    inn.set_conv_prepack(conv, False)
+    assert "forward" not in conv.__dict__
+
+
+def test_prepack_switch_errors_and_default(monkeypatch):
+    model = _model()
+    with pytest.raises(ValueError, match="prepack: expected True, False, 'bf16' or None, got 'yes'"):
+        model.to_inference(prepack="yes")
+    monkeypatch.setenv("IDDPM_CONV_PREPACK", "maybe")
+    with pytest.raises(ValueError, match="IDDPM_CONV_PREPACK: expected 1, bf16 or 0"):
+        inn.default_conv_prepack("cpu")
+    monkeypatch.setenv("IDDPM_CONV_PREPACK", "0")
+    assert inn.default_conv_prepack("cpu") is False
+    assert not any(inn.conv_prepack_enabled(m) for m in copy.deepcopy(model).to_inference().modules())
+    monkeypatch.setenv("IDDPM_CONV_PREPACK", "1")
+    assert inn.default_conv_prepack("cuda") is True
+    monkeypatch.setenv("IDDPM_CONV_PREPACK", "BF16")
+    assert inn.default_conv_prepack("cuda") == "bf16"
+    monkeypatch.delenv("IDDPM_CONV_PREPACK")
+    assert inn.default_conv_prepack("cuda") is False
+    assert inn.default_conv_prepack("cpu") == ("bf16" if inn._mkldnn_conv_available() else False)
+    model3d = randomize_(UNetModel(**tiny_kwargs(dims=3))).to_inference(channels_last=False, prepack=False)
+    packed3d = copy.deepcopy(model3d).to_inference(channels_last=False, prepack=True)
+    for m in packed3d.modules():  # 3-D convs keep their own forward; attention's 1-D convs pack
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv3d)):
+            assert inn.conv_prepack_enabled(m) == isinstance(m, torch.nn.Conv1d)
+    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(packed3d(x, torch.tensor([5])), model3d(x, torch.tensor([5]))) <= 1e-5
+
+
+@needs_mkldnn
+def test_prepack_default_packs_bf16_calls_only(monkeypatch):
+    monkeypatch.delenv("IDDPM_CONV_PREPACK", raising=False)
+    model = _model()
+    fast = copy.deepcopy(model).to_inference()  # CPU default: channels-last, prepack "bf16"
+    x, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-5, atol=1e-5)
+        assert _packed_entries(fast) == 0  # fp32 calls take the module's own conv
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x, t)
+    assert _packed_entries(fast) > 0

@@ -191,6 +191,32 @@ def test_impl_switch():
         A.set_attention_impl("flash")
 
 
+def test_auto_on_cuda_picks_fused_only_for_card_verified_head_dims(monkeypatch):
+    # CUDA kernels exist for every multiple of 8 up to 256, but "auto" sends only the head dims
+    # that have run on a card (AUTO_HEAD_DIMS: 32, 64, 128) to them; the rest stay on einsum.
+    # CUDA capabilities as _C reports them, so that this runs on CPU-only builds too.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    caps = {
+        "dtypes": (torch.float32, torch.float16, torch.bfloat16),
+        "head_dims": tuple(range(8, 257, 8)),
+        "max_positions": 65535 * 64,
+        "max_batch_heads": 2**31 - 1,
+    }
+    monkeypatch.setitem(A._KERNELS, "cuda", caps)
+    assert A.AUTO_HEAD_DIMS["cuda"] == {32, 64, 128} and A.AUTO_HEAD_DIMS["cpu"] is None
+    with FakeTensorMode():
+        for C in (8, 32, 48, 64, 96, 128, 160, 256, 100):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                qkv = torch.empty(2, 3 * 2 * C, 16, dtype=dtype, device="cuda")
+                assert A.fused_supported(qkv, 2) == (C % 8 == 0)
+                # fp32 stays on einsum on CUDA whatever the head dim (_AUTO_DTYPES).
+                assert A._auto_fused(qkv, 2) == (C in (32, 64, 128) and dtype != torch.float32)
+    # Every head dim on CPU.
+    for C in (5, 96, 300):
+        assert A._auto_fused(torch.zeros(1, 3 * C, 4), 1)
+
+
 @pytest.mark.parametrize(
     "shape, heads, match",
     [

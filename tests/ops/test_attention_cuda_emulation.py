@@ -1,8 +1,9 @@
 """The CUDA attention kernels run on the CPU: tests/ops/cuda_emulation/ compiles
 csrc/cuda/attention_{fwd,bwd}_kernel.cuh with the host compiler on top of a small warp/block
 emulator (mma.sync, ldmatrix, cp.async, shuffles and barriers following the PTX ISA) and checks
-every dtype and head dim against float64 (see the .cpp's header for what it can and cannot
-catch). Needs a C++20 compiler and the CUDA headers (cuda_fp16.h), not a GPU."""
+every dtype and tile width, and head dims below their tile width (zero-filled channels), against
+float64 (see the .cpp's header for what it can and cannot catch). Needs a C++20 compiler and
+the CUDA headers (cuda_fp16.h), not a GPU."""
 
 from __future__ import annotations
 
@@ -50,8 +51,13 @@ def test_cuda_kernels_under_host_emulation(tmp_path):
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all passed" in run.stdout
-    # Every dtype × head dim × load path ran.
+    # Every dtype × tile width (C = Cp) × load path ran, and head dims below their tile width.
     for dtype in ("fp16", "bf16", "fp32"):
-        for c in (32, 64, 128):
+        for c in (32, 64, 128, 256):
             assert f"{dtype} C={c} " in run.stdout
+    for c, cp in ((8, 32), (24, 32), (48, 64), (80, 128), (96, 128), (160, 256), (192, 256)):
+        assert f" C={c} (Cp={cp}) " in run.stdout
+    for dtype in ("fp16", "bf16", "fp32"):
+        assert f"{dtype} C=160 (Cp=256)" in run.stdout or f"{dtype} C=192 (Cp=256)" in run.stdout
     assert "cp.async" in run.stdout and "guarded" in run.stdout and "unaligned" in run.stdout
+    assert "(Cp=256) B=1 H=1 T=80 guarded unaligned" in run.stdout

@@ -59,6 +59,22 @@ def test_forward_backward_two_x_rule(dtype, C, T):
     _check_fwd_bwd(2, 3, C, T, dtype, seed=T + C)
 
 
+# Head dims below a tile width (run on the kernels of Cp = 64, 128 or 256 with zero-filled
+# channels) and Cp = 256 itself (key tiles of 32, two channel slices in the backward). Not yet
+# picked by "auto" (AUTO_HEAD_DIMS) until these pass on a card.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [48, 80, 96, 160, 192, 256])
+@pytest.mark.parametrize("T", [63, 257])
+def test_forward_backward_two_x_rule_padded_head_dims(dtype, C, T):
+    _check_fwd_bwd(2, 2, C, T, dtype, seed=T + C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_imagenet64_head_dim_96(dtype):
+    # The paper's ImageNet-64 model at 16×16: 4 heads of C = 96, T = 256.
+    _check_fwd_bwd(8, 4, 96, 256, dtype, seed=8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_long_sequence_4096(dtype):
     _check_fwd_bwd(1, 2, 64, 4096, dtype, seed=1)
@@ -141,22 +157,42 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(grad_static, grad_e, rtol=1e-3, atol=1e-3)
 
 
+HEAD_DIM_MSG = (
+    "head dim C = channels / \\(3·num_heads\\) that is a multiple of 8 from 8 to 256 on CUDA, got C = "
+)
+
+
 def test_errors():
-    qkv96, _ = _case(1, 2, 96, 16, torch.float16)
-    with pytest.raises(ValueError, match="head dim C = channels / \\(3·num_heads\\) of 32, 64 or 128"):
-        torch.ops.iddpm.qkv_attention(qkv96, 2)
+    # Head dims without a kernel (not a multiple of 8; over 256) raise, also through "fused".
+    for C in (100, 264):
+        bad, _ = _case(1, 2, C, 16, torch.float16)
+        with pytest.raises(ValueError, match=HEAD_DIM_MSG + f"{C} "):
+            torch.ops.iddpm.qkv_attention(bad, 2)
+        assert not A.fused_supported(bad, 2)
+        with A.attention_impl("auto"):
+            assert torch.equal(A.qkv_attention(bad, 2), A.qkv_attention_reference(bad, 2))
+        with A.attention_impl("fused"), pytest.raises(ValueError, match="head dim"):
+            A.qkv_attention(bad, 2)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16 on CUDA, got Double"):
         torch.ops.iddpm.qkv_attention(torch.zeros(1, 6 * 32, 4, device="cuda", dtype=torch.float64), 2)
     qkv, g = _case(1, 2, 32, 16, torch.float16)
     out, lse = A.qkv_attention_with_lse(qkv, 2)
     with pytest.raises(ValueError, match="grad_out: expected a tensor on cuda"):
         torch.ops.iddpm.qkv_attention_backward(g.cpu(), qkv, out, lse, 2)
-    # auto falls back to the reference where the CUDA kernel has no head dim; fused refuses.
-    assert not A.fused_supported(qkv96, 2)
+
+
+def test_auto_keeps_unverified_head_dims_on_einsum():
+    # Head dim 96 has a kernel ("fused" runs it) but has not run on a card yet: "auto" keeps
+    # it on the einsum path (AUTO_HEAD_DIMS); 64 goes to the fused op.
+    qkv96, _ = _case(1, 2, 96, 16, torch.float16)
+    assert A.fused_supported(qkv96, 2)
     with A.attention_impl("auto"):
         assert torch.equal(A.qkv_attention(qkv96, 2), A.qkv_attention_reference(qkv96, 2))
-    with A.attention_impl("fused"), pytest.raises(ValueError, match="head dim"):
-        A.qkv_attention(qkv96, 2)
+    with A.attention_impl("fused"):
+        assert torch.equal(A.qkv_attention(qkv96, 2), A.qkv_attention_fused(qkv96, 2))
+    qkv64, _ = _case(1, 2, 64, 16, torch.float16)
+    with A.attention_impl("auto"):
+        assert torch.equal(A.qkv_attention(qkv64, 2), A.qkv_attention_fused(qkv64, 2))
 
 
 def test_torch_compile_fullgraph_cuda():
@@ -179,11 +215,13 @@ def test_torch_compile_fullgraph_cuda():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("C, T", [(64, 40), (64, 128), (128, 96)])
+@pytest.mark.parametrize("C, T", [(64, 40), (64, 128), (128, 96), (192, 40)])
 def test_sanitizer_subset(dtype, C, T):
     # Small cases for compute-sanitizer (memcheck, racecheck; scripts/gpu_check.sh):
     # T is a multiple of 8, so the cp.async path runs (with a partial tile for 40 and 96, two
     # pipelined tiles for 128); T + 1 runs the guarded element loads. C = 128 has the other
-    # backward tiling (32 queries per step).
+    # backward tiling (32 queries per step). C = 192 runs on the Cp = 256 kernels with 64
+    # zero-filled channels (key tiles of 32, two channel slices in the backward, 16 queries
+    # per step in fp32).
     for t in (T, T + 1):
         _check_fwd_bwd(1, 2, C, t, dtype, seed=t)

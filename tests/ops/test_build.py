@@ -120,19 +120,23 @@ def test_capabilities_match_what_the_ops_accept():
     from iddpm_ext import _C
 
     caps = _C.capabilities()
-    assert set(caps) == {"cuda", "ops", "step", "attention"}
+    assert set(caps) == {"cuda", "ops", "step", "attention", "group_norm"}
     assert caps["cuda"] == iddpm_ext.build_info()["cuda"]
     registered = {
         n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("iddpm::")
     }
     assert set(caps["ops"]) == registered
-    for op in ("step", "attention"):
+    for op in ("step", "attention", "group_norm"):
         assert set(caps[op]) == {"cpu", "cuda"}
         assert (caps[op]["cuda"] is None) == (not caps["cuda"])
     assert caps["attention"]["cpu"]["head_dims"] == "any"
+    assert caps["group_norm"]["cpu"]["isa"] in ("avx512", "avx2", "default")
     if caps["cuda"]:
         cuda = caps["attention"]["cuda"]
         assert cuda["head_dims"] and all(isinstance(c, int) for c in cuda["head_dims"])
+        # Every multiple of the step up to the largest, all listed (the checks' rule).
+        step, top = cuda["head_dim_step"], cuda["max_head_dim"]
+        assert cuda["head_dims"] == list(range(step, top + 1, step)) and top == 256
         assert set(cuda["dtypes"]) <= set(_TORCH_DTYPES) and cuda["max_positions"] > 0
         assert set(caps["step"]["cuda"]["dtypes"]) <= set(_TORCH_DTYPES)
 
@@ -168,9 +172,10 @@ def test_cuda_capabilities_match_what_the_ops_accept():
     from iddpm_ext import _C
 
     cuda = _C.capabilities()["attention"]["cuda"]
-    # Unsupported head dims too: the first H100 run crashed on head dim 96 (issue 13).
+    # Unsupported head dims too: the first H100 run crashed on head dim 96 (issue 13, then
+    # without a kernel).
     for name, dtype in _TORCH_DTYPES.items():
-        for head_dim in (*cuda["head_dims"], 16, 48, 96):
+        for head_dim in (*cuda["head_dims"], 4, 100, 264):
             qkv = torch.randn(1, 3 * head_dim, 64, device="cuda").to(dtype)
             if name in cuda["dtypes"] and head_dim in cuda["head_dims"]:
                 out, _ = torch.ops.iddpm.qkv_attention(qkv, 1)

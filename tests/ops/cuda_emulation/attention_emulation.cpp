@@ -1,9 +1,11 @@
 // tests/ops/cuda_emulation/attention_emulation.cpp — runs the CUDA attention kernels
 // (csrc/cuda/attention_{fwd,bwd}_kernel.cuh, unchanged) on the CPU through warp_emulator.h and
-// checks them against a float64 reference computed here, for fp16, bf16 and fp32 inputs and
-// head dims 32, 64, 128: both global-load paths (cp.async and guarded), partial and pipelined
-// tiles, every output element written (buffers start as NaN), nothing written outside them
-// (guard zones). Built and run by tests/ops/test_attention_cuda_emulation.py. Exit code 0 = pass.
+// checks them against a float64 reference computed here, for fp16, bf16 and fp32 inputs, every
+// tile width Cp (32, 64, 128, 256) at C = Cp and head dims C < Cp on the tile above (48, 80,
+// 96, 160, 192, with channels C..Cp-1 zero-filled and never stored): both global-load paths
+// (cp.async and guarded), partial and pipelined tiles, every output element written (buffers start
+// as NaN), nothing written outside them (guard zones). Built and run by
+// tests/ops/test_attention_cuda_emulation.py. Exit code 0 = pass.
 //
 // What it cannot check: that the hardware's mma.sync / ldmatrix follow the layouts the emulator
 // implements (the PTX ISA's, also written down in attention_common.cuh), timing, and memory
@@ -71,14 +73,16 @@ struct Buf {
 };
 
 // Runs `kernel` (a call of a __global__ function) for every block of `grid` in turn, x outer
-// and y inner, as the GPU would run them in some order.
+// and z inner, as the GPU would run them in some order.
 template <class Kernel>
 void launch(dim3 grid, int threads, size_t smem_bytes, const Kernel& kernel) {
   gridDim = grid;
   for (unsigned x = 0; x < grid.x; ++x) {
     for (unsigned y = 0; y < grid.y; ++y) {
-      blockIdx = make_uint3(x, y, 0);
-      attn_emu::run_block(threads, smem_raw, smem_bytes, kernel);
+      for (unsigned z = 0; z < grid.z; ++z) {
+        blockIdx = make_uint3(x, y, z);
+        attn_emu::run_block(threads, smem_raw, smem_bytes, kernel);
+      }
     }
   }
 }
@@ -141,8 +145,9 @@ void reference(int C, int T, const double* q, const double* k, const double* v, 
   }
 }
 
-template <class T, int C>
-void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
+// Head dim C on the kernels of tile width Cp >= C.
+template <class T, int Cp>
+void run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
               const char* dtype) {
   const int BH = B * H;
   const size_t nqkv = static_cast<size_t>(BH) * 3 * C * T_len, nout = nqkv / 3;
@@ -160,23 +165,24 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
   const float scale = iddpm::attn::softmax_scale<float>(C);
   const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
 
-  // forward
-  using F = FwdCfg<T, C>;
+  // forward (the launchers' grids)
+  using F = FwdCfg<T, Cp>;
   launch(dim3(BH, (T_len + F::BQ - 1) / F::BQ, 1), F::kThreads, F::kSmemBytes, [&] {
-    attn_fwd_kernel<T, C>(qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec);
+    attn_fwd_kernel<T, Cp>(qkv.data(), out.data(), lse.data(), C, T_len, scale_log2, vec);
   });
-  // backward: delta, main, dq
-  using Bw = BwdCfg<T, C>;
+  // backward: delta, main (one CTA per channel slice along z), dq
+  using Bw = BwdCfg<T, Cp>;
   const int d_tiles = (T_len + 127) / 128;
   launch(dim3(BH * d_tiles, 1, 1), 128, 0,
-         [&] { attn_delta_kernel<T, C>(dout.data(), out.data(), delta.data(), T_len, d_tiles); });
-  launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, 1), Bw::kThreads, Bw::kSmemBytes, [&] {
-    attn_bwd_kernel<T, C>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
-                          dq_accum.data(), T_len, scale, scale_log2, vec);
-  });
+         [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
+  launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, (C + Bw::CA - 1) / Bw::CA), Bw::kThreads,
+         Bw::kSmemBytes, [&] {
+           attn_bwd_kernel<T, Cp>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
+                                  dq_accum.data(), C, T_len, scale, scale_log2, vec);
+         });
   // grid-stride kernel: a few blocks cover everything
   launch(dim3(3, 1, 1), 256, 0,
-         [&] { attn_dq_kernel<T, C>(dq_accum.data(), grad.data(), BH, T_len, scale); });
+         [&] { attn_dq_kernel<T>(dq_accum.data(), grad.data(), BH, C, T_len, scale); });
 
   // compare with float64 on the same (rounded) inputs
   const size_t CT = static_cast<size_t>(C) * T_len;
@@ -200,6 +206,7 @@ void run_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_
   for (size_t i = 0; i < nqkv; ++i) g_g[i] = to_f(grad.data()[i]);
 
   const std::string name = std::string(dtype) + " C=" + std::to_string(C) +
+                           (C < Cp ? " (Cp=" + std::to_string(Cp) + ")" : std::string()) +
                            " B=" + std::to_string(B) + " H=" + std::to_string(H) +
                            " T=" + std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
                            (shift ? " unaligned" : "");
@@ -309,22 +316,43 @@ void self_tests() {
 int main() {
   self_tests();
   for (int T_len : {37, 80}) {
-    run_case<__half, 32>(1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
-    run_case<__half, 64>(1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
-    run_case<__half, 128>(1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
-    run_case<__nv_bfloat16, 32>(1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<__nv_bfloat16, 64>(1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<__nv_bfloat16, 128>(1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<float, 32>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
-    run_case<float, 64>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
-    run_case<float, 128>(1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
+    run_case<__half, 32>(32, 1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
+    run_case<__half, 64>(64, 1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
+    run_case<__half, 128>(128, 1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
+    run_case<__nv_bfloat16, 32>(32, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
+    run_case<__nv_bfloat16, 64>(64, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
+    run_case<__nv_bfloat16, 128>(128, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
+    run_case<float, 32>(32, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
+    run_case<float, 64>(64, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
+    run_case<float, 128>(128, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
   }
-  run_case<__half, 64>(2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
-  run_case<float, 32>(1, 1, 136, 0, 2e-5, 1e-4, "fp32");
-  run_case<__nv_bfloat16, 64>(1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
-  run_case<__half, 128>(1, 1, 130, 0, 4e-3, 1e-2, "fp16");        // backward: 5 query tiles of 32
-  run_case<float, 64>(1, 1, 130, 0, 2e-5, 1e-4, "fp32");
-  run_case<__half, 64>(1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
+  run_case<__half, 64>(64, 2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
+  run_case<float, 32>(32, 1, 1, 136, 0, 2e-5, 1e-4, "fp32");
+  run_case<__nv_bfloat16, 64>(64, 1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
+  run_case<__half, 128>(128, 1, 1, 130, 0, 4e-3, 1e-2, "fp16");  // backward: 5 query tiles of 32
+  run_case<float, 64>(64, 1, 1, 130, 0, 2e-5, 1e-4, "fp32");
+  run_case<__half, 64>(64, 1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
+
+  // Head dims below their tile width (zero-filled channels), and Cp = 256 (key tiles of 32, q
+  // read from shared memory, two channel slices in the backward; query tiles of 16 in fp32).
+  // T = 37: one partial tile, guarded loads; T = 80: several tiles, cp.async.
+  run_case<__half, 64>(48, 1, 2, 37, 0, 4e-3, 1e-2, "fp16");
+  run_case<__nv_bfloat16, 128>(80, 1, 1, 80, 0, 3e-2, 6e-2, "bf16");
+  run_case<float, 128>(96, 1, 1, 37, 0, 2e-5, 1e-4, "fp32");
+  run_case<__half, 128>(96, 1, 2, 80, 0, 4e-3, 1e-2, "fp16");
+  run_case<__nv_bfloat16, 32>(24, 1, 1, 37, 0, 3e-2, 6e-2, "bf16");
+  run_case<__half, 32>(8, 1, 1, 37, 0, 4e-3, 1e-2, "fp16");
+  for (int T_len : {37, 80}) {
+    run_case<__half, 256>(256, 1, 1, T_len, 0, 4e-3, 1e-2, "fp16");
+    run_case<__nv_bfloat16, 256>(192, 1, 1, T_len, 0, 3e-2, 6e-2, "bf16");
+    run_case<float, 256>(160, 1, 1, T_len, 0, 2e-5, 1e-4, "fp32");
+  }
+  run_case<__half, 256>(160, 1, 1, 37, 0, 4e-3, 1e-2, "fp16");
+  run_case<float, 256>(256, 1, 1, 37, 0, 2e-5, 1e-4, "fp32");
+  run_case<__nv_bfloat16, 256>(256, 1, 1, 37, 0, 3e-2, 6e-2, "bf16");
+  run_case<float, 64>(48, 1, 1, 80, 0, 2e-5, 1e-4, "fp32");
+  run_case<__half, 256>(192, 1, 1, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage
+  run_case<__nv_bfloat16, 128>(96, 1, 1, 80, 3, 3e-2, 6e-2, "bf16");
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }
