@@ -32,6 +32,18 @@ def _cuda_extra_include_dirs():
     return found
 
 
+def _visible_cuda_archs():
+    """Compute capabilities of the GPUs this process sees ("9.0"), oldest first; none
+    without a GPU (or where CUDA cannot be initialised)."""
+    try:
+        if not torch.cuda.is_available():
+            return []
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # a driver problem: build as if no GPU were visible
+        return []
+    return [f"{major}.{minor}" for major, minor in sorted(caps)]
+
+
 def main():
     out = {
         "TORCH_VERSION": torch.__version__,
@@ -41,6 +53,7 @@ def main():
         "TORCH_CXX11_ABI": str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
         "TORCH_CUDA_EXTRA_INCLUDE_DIRS": "|".join(_cuda_extra_include_dirs()),
         "PYTHON_EXECUTABLE": sys.executable,
+        "VISIBLE_CUDA_ARCHS": "|".join(_visible_cuda_archs()) if torch.version.cuda else "",
     }
     for k, v in out.items():
         print(f"{k}={v}")

@@ -183,3 +183,28 @@ def test_cuda_capabilities_match_what_the_ops_accept():
             else:
                 with pytest.raises(ValueError, match="qkv: expected"):
                     torch.ops.iddpm.qkv_attention(qkv, 1)
+
+
+def test_default_cuda_arch_list_follows_the_visible_gpus(monkeypatch):
+    """cmake/torch_info.py tells CMake the visible GPUs' architectures (the default arch list;
+    none visible, or CUDA failing to initialise: CMakeLists falls back to 9.0+PTX)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_info", os.path.join(REPO, "cmake", "torch_info.py"))
+    info = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    caps = {0: (9, 0), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert info._visible_cuda_archs() == ["8.0", "9.0"]
+
+    def broken(i):
+        raise RuntimeError("driver")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", broken)
+    assert info._visible_cuda_archs() == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert info._visible_cuda_archs() == []
+    text = open(os.path.join(REPO, "CMakeLists.txt")).read()
+    assert 'set(IDDPM_NO_GPU_ARCH_LIST "9.0+PTX")' in text and "elseif(VISIBLE_CUDA_ARCHS)" in text
