@@ -98,13 +98,16 @@ def test_reuse_and_two_jobs_give_the_same_numbers(tiny_run, tmp_path, capsys):
     for name in res["settings"]["runs"]:
         assert again["runs"][name]["nll"]["bpd"] == res["runs"][name]["nll"]["bpd"]
         assert again["runs"][name]["train"]["seconds"] == res["runs"][name]["train"]["seconds"]  # reused
-    par = reproduce.run(out_dir=str(tmp_path / "p"), scale="tiny", jobs=2, threads=1, log=lambda *a: None)
-    for name in res["settings"]["runs"]:
-        assert par["runs"][name]["nll"]["bpd"] == pytest.approx(res["runs"][name]["nll"]["bpd"], rel=1e-5)
-        for k, e in res["runs"][name]["samples"]["by_steps"].items():
-            assert par["runs"][name]["samples"]["by_steps"][k]["fd"] == pytest.approx(
-                e["fd"], rel=1e-4, abs=1e-6
-            )
+    # Two jobs on one run (the other run's numbers do not depend on it): after its training,
+    # its NLL and its sampling run in two worker processes at once, with the same numbers.
+    name = "hybrid_cosine"
+    par = reproduce.run(
+        out_dir=str(tmp_path / "p"), scale="tiny", jobs=2, threads=1, runs=[name], log=lambda *a: None
+    )
+    assert list(par["runs"]) == [name]
+    assert par["runs"][name]["nll"]["bpd"] == pytest.approx(res["runs"][name]["nll"]["bpd"], rel=1e-5)
+    for k, e in res["runs"][name]["samples"]["by_steps"].items():
+        assert par["runs"][name]["samples"]["by_steps"][k]["fd"] == pytest.approx(e["fd"], rel=1e-4, abs=1e-6)
     capsys.readouterr()
 
 

@@ -1,7 +1,9 @@
 // tests/ops/cuda_emulation/warp_emulator.h — a small host emulator of a CUDA thread block, enough
 // to run the attention kernels of csrc/cuda/attention_*_kernel.cuh unchanged on the CPU.
 //
-// Each CUDA thread of a block is a ucontext coroutine. Threads run until they reach a collective
+// Each CUDA thread of a block is a coroutine on its own stack (made with makecontext, entered
+// once with swapcontext, after that switched with _setjmp/_longjmp, which make no signal-mask
+// system call as swapcontext does). Threads run until they reach a collective
 // operation: a block barrier (__syncthreads) or a warp-collective instruction (__shfl_sync, and,
 // through the hooks of attention_common.cuh, mma.sync, ldmatrix). A warp's collective is
 // resolved once all 32 lanes have reached it — from every lane's operands at once, following
@@ -15,6 +17,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <vector_functions.h>
 #include <vector_types.h>
@@ -25,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #define __launch_bounds__(...)
@@ -51,8 +55,10 @@ struct Copy {
 };
 
 struct Lane {
-  ucontext_t ctx;
-  std::vector<char> stack;
+  ucontext_t ctx;  // the first entry
+  jmp_buf resume;  // where the lane continues after a yield
+  bool started = false;
+  char* stack = nullptr;  // from stack_pool(): reused by every block (no page faults per block)
   St st = St::run;
   Op op = Op::none;
   // operands / results of the pending collective
@@ -69,6 +75,7 @@ struct Lane {
 struct Block {
   std::vector<Lane> lanes;
   ucontext_t sched;
+  jmp_buf sched_jb;  // the scheduler, waiting for the running lane to yield
   int cur = 0;
   std::function<void()> body;
   const unsigned char* smem_lo = nullptr;
@@ -90,12 +97,35 @@ inline Lane& me() { return g_block->lanes[g_block->cur]; }
 inline void yield(St st) {
   Lane& l = me();
   l.st = st;
-  swapcontext(&l.ctx, &g_block->sched);
+  if (_setjmp(l.resume) == 0) _longjmp(g_block->sched_jb, 1);
 }
 
 inline void trampoline() {
   g_block->body();
   me().st = St::done;
+  _longjmp(g_block->sched_jb, 1);  // never returns: the scheduler's frame is where it jumps
+}
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+// Thread stacks, allocated once and reused by every block (fresh 256 KB stacks per lane and
+// block made the kernel fault in and zero ~32 MB of pages per block: most of the run time).
+inline char* stack_pool(unsigned i) {
+  static std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() <= i) pool.emplace_back(new char[kStackBytes]);
+  return pool[i].get();
+}
+
+// Runs lane i until it yields or finishes.
+inline void enter(Block& blk, unsigned i) {
+  Lane& l = blk.lanes[i];
+  if (_setjmp(blk.sched_jb) != 0) return;
+  if (!l.started) {
+    l.started = true;
+    swapcontext(&blk.sched, &l.ctx);  // first entry on the lane's own stack
+  } else {
+    _longjmp(l.resume, 1);
+  }
 }
 
 // Global-memory ranges a cp.async may read (registered by the harness).
@@ -270,10 +300,10 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
   std::memset(smem, 0xff, smem_bytes);  // NaN in every float type: uninitialized reads show
   g_block = &blk;
   for (Lane& l : blk.lanes) {
-    l.stack.resize(256 * 1024);
+    l.stack = stack_pool(static_cast<unsigned>(&l - blk.lanes.data()));
     getcontext(&l.ctx);
-    l.ctx.uc_stack.ss_sp = l.stack.data();
-    l.ctx.uc_stack.ss_size = l.stack.size();
+    l.ctx.uc_stack.ss_sp = l.stack;
+    l.ctx.uc_stack.ss_size = kStackBytes;
     l.ctx.uc_link = &blk.sched;
     makecontext(&l.ctx, trampoline, 0);
   }
@@ -283,7 +313,7 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
       if (blk.lanes[i].st != St::run) continue;
       blk.cur = static_cast<int>(i);
       threadIdx = make_uint3(i, 0, 0);
-      swapcontext(&blk.sched, &blk.lanes[i].ctx);
+      enter(blk, i);
     }
     bool progress = false;
     std::vector<unsigned> ready;
