@@ -92,8 +92,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(PY_MODULES)
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $@
 
+# --maxschedchunk 1: each worker takes the next test when it is ready for one, so the slow
+# tests (collected first, tests/conftest.py) spread over the workers instead of one chunk.
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 tests
 
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check .
