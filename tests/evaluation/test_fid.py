@@ -41,6 +41,25 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert np.isfinite(frechet_distance(*feature_statistics(lo), mu2, s2))
 
 
+def test_frechet_distance_from_fewer_samples_than_dimensions():
+    """With the features of (μ1, Σ1) and N ≤ D, the trace comes from an N × N matrix: the same
+    distance as the D × D path (both orders of the two sides), and bad features are an error."""
+    rng = np.random.default_rng(2)
+    for n in (2, 5, 12):
+        x = rng.normal(size=(n, 12)) * rng.uniform(0.1, 3, size=12)
+        y = rng.normal(size=(40, 12)) @ rng.normal(size=(12, 12)) + 0.5
+        mu1, s1 = feature_statistics(x)
+        mu2, s2 = feature_statistics(y)
+        # The D × D path takes square roots of eigenvalues that are zero up to rounding (Σ1 has
+        # rank n - 1): ~1e-8 relative noise, which the N × N path does not have.
+        full = frechet_distance(mu1, s1, mu2, s2)
+        assert frechet_distance(mu1, s1, mu2, s2, features1=x) == pytest.approx(full, rel=1e-6)
+        assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(full, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1, features1=x) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match=r"features1: expected \[N, 12\]"):
+        frechet_distance(mu1, s1, mu2, s2, features1=x[:, :5])
+
+
 def test_frechet_distance_shape_errors():
     with pytest.raises(ValueError, match="mu/sigma: expected matching shapes"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
