@@ -13,47 +13,13 @@
 #include <cstdint>
 
 #include "common/group_norm_math.h"
+#include "cuda/convert.cuh"
 #include "cuda/group_norm.h"
 
 namespace iddpm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <class T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <class T>
-using Acc = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_acc(Acc<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Offset of the i-th element of group g of sample n (i in [0, Cg·S)).
 __device__ __forceinline__ int64_t group_offset(const GroupNormShape& s, int64_t n, int64_t g,

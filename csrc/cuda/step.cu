@@ -18,6 +18,7 @@
 
 #include "common/philox.h"
 #include "common/step_math.h"
+#include "cuda/convert.cuh"
 #include "cuda/step.h"
 
 namespace iddpm::cuda {
@@ -28,25 +29,6 @@ using step::ScalarOps;
 using step::StepParams;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -122,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
     if (p.noise_mode == step::kExplicitNoise) {
       const Pack<xT, VEC> nv = *reinterpret_cast<const Pack<xT, VEC>*>(noise + i0);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = to_f(nv.v[k]);
+      for (int k = 0; k < VEC; ++k) z[k] = to_acc(nv.v[k]);
     } else if (p.noise_mode == step::kPhiloxNoise) {
       // L % VEC == 0 and VEC % 4 == 0 here: the group starts a Philox group of 4. (The
       // sample index is re-read per group, an L1 hit: caching it per item made ptxas spill.)
@@ -137,11 +119,11 @@ __global__ void __launch_bounds__(kThreads) step_vec_kernel(const StepParams p) 
     for (int k = 0; k < VEC; ++k) {
       float x0;
       float s =
-          step::step_element<ScalarOps>(p.cfg, c, to_f(xv.v[k]), to_f(mv.v[k]),
-                                        need_var ? to_f(vv.v[k]) : 0.0f, z[k], has_noise, &x0);
+          step::step_element<ScalarOps>(p.cfg, c, to_acc(xv.v[k]), to_acc(mv.v[k]),
+                                        need_var ? to_acc(vv.v[k]) : 0.0f, z[k], has_noise, &x0);
       if (!valid) s = x0 = nan_f();
-      ov.v[k] = from_f<xT>(s);
-      pv.v[k] = from_f<xT>(x0);
+      ov.v[k] = from_acc<xT>(s);
+      pv.v[k] = from_acc<xT>(x0);
     }
     *reinterpret_cast<Pack<xT, VEC>*>(out + i0) = ov;
     if (pred != nullptr) *reinterpret_cast<Pack<xT, VEC>*>(pred + i0) = pv;
@@ -208,14 +190,14 @@ __global__ void __launch_bounds__(kThreads) step_scalar_kernel(const StepParams 
           mo_off = i + b * L;
         }
       }
-      const float v = need_var ? to_f(mo[mo_off + var_delta]) : 0.0f;
-      const float zi = p.noise_mode == step::kExplicitNoise ? to_f(noise[i]) : zr;
+      const float v = need_var ? to_acc(mo[mo_off + var_delta]) : 0.0f;
+      const float zi = p.noise_mode == step::kExplicitNoise ? to_acc(noise[i]) : zr;
       float x0;
-      float s = step::step_element<ScalarOps>(p.cfg, c, to_f(x[i]), to_f(mo[mo_off]), v, zi,
+      float s = step::step_element<ScalarOps>(p.cfg, c, to_acc(x[i]), to_acc(mo[mo_off]), v, zi,
                                               has_noise, &x0);
       if (!valid) s = x0 = nan_f();
-      out[i] = from_f<xT>(s);
-      if (pred != nullptr) pred[i] = from_f<xT>(x0);
+      out[i] = from_acc<xT>(s);
+      if (pred != nullptr) pred[i] = from_acc<xT>(x0);
     }
   }
 }
