@@ -15,7 +15,7 @@ SHELL := /bin/bash
 PYTHON ?=
 VENV ?= .venv
 BOOTSTRAP_PYTHON ?= python3
-# The CUDA build of torch, so that CUDA sources compile (and run where a GPU exists).
+# The CUDA build of torch, so that CUDA sources compile (where a GPU is visible, or with IDDPM_EXT_CUDA=1).
 TORCH_SPEC ?= torch==2.14.1
 BUILD_DEPS := scikit-build-core pybind11 ninja "cmake>=3.26" numpy
 RUN_DEPS := tqdm pillow safetensors matplotlib

@@ -51,6 +51,7 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["arch_list"] = "";
 #endif
+  d["cuda_reason"] = IDDPM_CUDA_REASON;  // why CUDA was not built ("" when it was)
   d["compiler"] = IDDPM_COMPILER;
   d["build_type"] = IDDPM_BUILD_TYPE;
   d["cxx_standard"] = static_cast<long>(__cplusplus);

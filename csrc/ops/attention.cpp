@@ -10,7 +10,9 @@
 //
 // No layout copies: the kernels read q, k, v as the [C, T] blocks they are in qkv. A
 // non-contiguous argument (not the case for a Conv1d output) is made contiguous once here.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <optional>

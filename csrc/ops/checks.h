@@ -3,7 +3,7 @@
 // in Python (TORCH_CHECK_VALUE).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/safe_numerics.h>
 
 #include <cstddef>

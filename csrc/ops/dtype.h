@@ -2,7 +2,7 @@
 // (common/dtype.h), and dtype checks against the lists of dtypes the kernels accept.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstddef>
 #include <optional>

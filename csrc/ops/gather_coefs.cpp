@@ -4,7 +4,8 @@
 // t:     [B] int64/int32 timesteps on the table's device.
 // out:   [B, K] float32, out[b] = table[t[b]].
 // CPU raises on an out-of-range t; CUDA writes NaN rows instead (no host sync).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "common/gather_coefs_params.h"

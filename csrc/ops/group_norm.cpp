@@ -16,7 +16,9 @@
 //     for one that is None), grad_x in x's dtype and memory format.
 // The math is common/group_norm_math.h; the kernels csrc/cpu/group_norm* and
 // csrc/cuda/group_norm.cu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -25,8 +25,10 @@
 //
 // Bad t: CPU raises ValueError; CUDA cannot without a host sync and writes NaN for that
 // item instead (the Python wrappers validate t where they can).
-#include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -45,9 +45,30 @@ def _load():
             f"Rebuild with: {REBUILD_COMMAND}"
         )
         return
-    _LOAD_ERROR = version_mismatch(mod.build_info()["torch_version"], torch.__version__)
+    info = mod.build_info()
+    _LOAD_ERROR = version_mismatch(info["torch_version"], torch.__version__)
     if _LOAD_ERROR is None:
         _C = mod
+        warn_missing_cuda_kernels(info)
+
+
+def warn_missing_cuda_kernels(info: dict) -> bool:
+    """Warn (once per process) when a GPU is visible but ``_C`` was built without CUDA
+    kernels: by default they are built only where a GPU is visible, so a build made in a
+    container build or on a login node and run on a GPU machine would otherwise fall back to
+    the readable PyTorch paths silently. Returns whether it warned."""
+    if info.get("cuda") or not torch.cuda.is_available():
+        return False
+    import warnings
+
+    reason = info.get("cuda_reason") or "unknown"
+    warnings.warn(
+        f"iddpm_ext._C has no CUDA kernels ({reason}), so CUDA tensors take the readable PyTorch "
+        f"paths. Rebuild on this machine ({REBUILD_COMMAND}) or with IDDPM_EXT_CUDA=1.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def version_mismatch(built: str, running: str) -> str | None:
@@ -82,7 +103,8 @@ def require():
 
 def build_info() -> dict:
     """How iddpm_ext._C was built: version, torch_version, cuda, cuda_version,
-    arch_list, compiler, build_type. Raises ExtensionUnavailableError without _C."""
+    arch_list, cuda_reason (why CUDA was not built; "" when it was), compiler, build_type.
+    Raises ExtensionUnavailableError without _C."""
     return dict(require().build_info())
 
 

@@ -21,8 +21,24 @@ def test_extension_loads_and_reports_build_facts():
     assert info["version"] == iddpm_ext.__version__
     if info["cuda"]:
         assert info["cuda_version"] and info["arch_list"]
+        assert info["cuda_reason"] == ""
     else:
         assert info["cuda_version"] is None
+        assert info["cuda_reason"]  # the build says why it has no CUDA kernels
+
+
+def test_gpu_without_cuda_kernels_warns(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = {"cuda": False, "cuda_reason": "no GPU was visible at build time"}
+    with pytest.warns(RuntimeWarning, match="no GPU was visible at build time.*IDDPM_EXT_CUDA=1"):
+        assert loader.warn_missing_cuda_kernels(info)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not loader.warn_missing_cuda_kernels({"cuda": True, "cuda_reason": ""})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert not loader.warn_missing_cuda_kernels(info)
 
 
 @pytest.mark.skipif(
@@ -208,3 +224,29 @@ def test_default_cuda_arch_list_follows_the_visible_gpus(monkeypatch):
     assert info._visible_cuda_archs() == []
     text = open(os.path.join(REPO, "CMakeLists.txt")).read()
     assert 'set(IDDPM_NO_GPU_ARCH_LIST "9.0+PTX")' in text and "elseif(VISIBLE_CUDA_ARCHS)" in text
+
+
+@pytest.mark.slow
+def test_cuda_is_built_only_where_a_gpu_is_visible(tmp_path):
+    """Configure (no build) with IDDPM_EXT_CUDA unset and no GPU visible: CPU only, and the
+    configure output says why and how to build the CUDA kernels anyway."""
+    import shutil
+
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "IDDPM_EXT_CUDA"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU
+    proc = subprocess.run(
+        [cmake, "-S", REPO, "-B", str(tmp_path), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if torch.version.cuda:
+        expected = "building CPU only (no GPU was visible at build time: IDDPM_EXT_CUDA=1 builds"
+    else:
+        expected = "building CPU only (the installed torch"
+    assert expected in proc.stdout, proc.stdout
