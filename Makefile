@@ -92,10 +92,17 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(PY_MODULES)
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $@
 
-# --maxschedchunk 1: each worker takes the next test when it is ready for one, so the slow
-# tests (collected first, tests/conftest.py) spread over the workers instead of one chunk.
+# The package's bytecode is written once up front (as .venv's packages' is at install): the
+# suite starts ~50 Python processes (CLI runs, torchrun ranks), and where PYTHONDONTWRITEBYTECODE
+# is set each would compile iddpm_ext's sources again. Up-to-date files are skipped.
+BYTECODE = $(PY) -m compileall -q -j 0 iddpm_ext tests/helpers >/dev/null
+
+# --dist loadgroup: tests marked xdist_group("...") (those sharing an expensive module
+# fixture) run on one worker; every other test is handed out on its own, a few at a time, so
+# the slow tests (collected first, tests/conftest.py) spread over the workers.
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 tests
+	@$(BYTECODE)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check .
@@ -108,6 +115,7 @@ format: $(DEPS_STAMP)
 	$(CLANG_FORMAT) -i $(CXX_FILES)
 
 demo: $(BUILD_STAMP)
+	@$(BYTECODE)
 	$(PY) -m iddpm_ext demo
 
 bench: $(BUILD_STAMP)

@@ -8,12 +8,17 @@ MASTER_ADDR, MASTER_PORT; WORLD_SIZE=1 included) and joins that group. Without t
 variables it makes a one-process group (NCCL on CUDA, gloo on CPU) on 127.0.0.1 and a free
 port (a TCP store bound to port 0, so the OS picks it); it does not set the variables, so
 child processes do not mistake themselves for torchrun workers. A second call is a no-op.
+``cleanup()`` ends a one-process group it made; a torchrun group is kept until the process
+exits (torchrun's rendezvous store cannot bring the same ranks together a second time: a
+new ``init_process_group`` after ``destroy_process_group`` waits forever), so several
+commands run in one torchrun process (``iddpm_ext.cli.main`` called in turn) share it.
 The helpers below also work with no group at all (rank 0 of 1), for code that never calls
 ``setup_dist``.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 
@@ -51,6 +56,7 @@ def setup_dist(device: str | None = None) -> torch.device:
     if launched_by_torchrun():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        atexit.register(_destroy)  # kept for the process's life: see the module docstring
     else:
         # port 0: a free port. NCCL on CUDA as the reference's setup_dist (gloo cannot all_gather
         # CUDA tensors, which the reference's image_sample.py does).
@@ -59,7 +65,16 @@ def setup_dist(device: str | None = None) -> torch.device:
         dist.init_process_group(
             backend=backend, store=store, rank=0, world_size=1, device_id=dev if dev.type == "cuda" else None
         )
+        _MADE.append(dist.group.WORLD)
     return dev
+
+
+_MADE = []  # the one-process group setup_dist made, which cleanup() ends
+
+
+def _destroy():
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(device: str | None = None, flag: str = "--device") -> torch.device:
@@ -86,8 +101,12 @@ def resolve_device(device: str | None = None, flag: str = "--device") -> torch.d
 
 
 def cleanup():
-    if is_initialized():
-        dist.destroy_process_group()
+    """End the one-process group ``setup_dist`` made in a plain process (a torchrun group, or
+    one the caller made, is left as it is)."""
+    if _MADE:
+        made = _MADE.pop()
+        if is_initialized() and dist.group.WORLD is made:
+            dist.destroy_process_group()
 
 
 def is_initialized() -> bool:

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
     # The slow tests first (a stable sort: the order within each group is kept). With
-    # pytest-xdist handing out one test at a time (make test: --maxschedchunk 1) the long ones
+    # pytest-xdist handing out a few tests at a time (make test: --dist loadgroup) the long ones
     # start early on both workers and the short ones fill in around them, instead of one
     # 30-second test running alone at the end while the other worker idles.
     items.sort(key=lambda item: "slow" not in item.keywords)

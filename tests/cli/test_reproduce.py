@@ -21,6 +21,10 @@ from iddpm_ext.evaluation.digits_classifier import (
 )
 from iddpm_ext.training.data import open_source
 
+# One pytest-xdist worker runs this module (make test: --dist loadgroup), so its two module
+# fixtures (a tiny reproduction, the digits classifier) are computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("reproduce")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -11,7 +11,9 @@ from iddpm_ext.cli import toy
 @pytest.mark.slow
 def test_toy_demo_short_run(tmp_path):
     lines = []
-    res = toy.run(out_dir=str(tmp_path), train_steps=1500, seed=0, log=lines.append)
+    res = toy.run(
+        out_dir=str(tmp_path), train_steps=1500, seed=0, log=lines.append, num_samples=500, num_held_out=200
+    )
     assert os.path.getsize(tmp_path / "toy_samples.png") > 1000
     saved = json.load(open(tmp_path / "toy_results.json"))
     assert saved["results"]["bits_per_dim"] == res["bits_per_dim"]

@@ -104,6 +104,9 @@ def test_load_npz_images_errors(tmp_path):
         load_npz_images(str(tmp_path / "missing.npz"))
 
 
+# The tests using the session fixture random_inception (an Inception-v3 saved to a file) run on
+# one pytest-xdist worker (make test: --dist loadgroup), so it is built once.
+@pytest.mark.xdist_group("inception")
 def test_inception_weights_file_errors(tmp_path, random_inception):
     with pytest.raises(FileNotFoundError, match="inception: no such file"):
         load_inception(str(tmp_path / "nope.pth"))
@@ -118,6 +121,7 @@ def test_inception_weights_file_errors(tmp_path, random_inception):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inception")
 def test_whole_pipeline_with_a_random_network(tmp_path, random_inception):
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)

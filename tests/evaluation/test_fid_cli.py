@@ -13,6 +13,8 @@ from helpers.training import argv
 from iddpm_ext.cli import app as cli
 from iddpm_ext.evaluation import evaluate
 
+pytestmark = pytest.mark.xdist_group("inception")  # with test_fid.py's users of random_inception
+
 
 @pytest.fixture(scope="module")
 def weights(random_inception):  # tests/conftest.py: a random network saved as a weights file

@@ -19,14 +19,20 @@ pytestmark = pytest.mark.skipif(
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def _end_any_group():
+    dist_util.cleanup()
+    if dist.is_initialized():  # a torchrun-style or caller-made group, which cleanup() keeps
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def no_group(monkeypatch):
     """No process group and no torchrun variables before the test; none left after it."""
-    dist_util.cleanup()
+    _end_any_group()
     for name in TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
     yield
-    dist_util.cleanup()
+    _end_any_group()
 
 
 def test_plain_process_gets_a_one_process_gloo_group(no_group):
@@ -79,6 +85,26 @@ def test_torchrun_variables_with_world_size_one_make_that_group(no_group, monkey
     parts = [torch.zeros(2)]
     dist.all_gather(parts, torch.ones(2))
     assert torch.equal(parts[0], torch.ones(2))
+    # A torchrun group outlives cleanup() (torchrun's store cannot rendezvous the ranks twice):
+    # the next command in this process joins it again.
+    group = dist.group.WORLD
+    dist_util.cleanup()
+    assert dist.is_initialized() and dist.group.WORLD is group
+    dist_util.setup_dist("cpu")
+    assert dist.group.WORLD is group
+
+
+def test_cleanup_ends_only_the_group_setup_dist_made(no_group):
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # the caller's own group
+    group = dist.group.WORLD
+    dist_util.setup_dist("cpu")  # joins it
+    dist_util.cleanup()
+    assert dist.is_initialized() and dist.group.WORLD is group
+    dist.destroy_process_group()
+    dist_util.setup_dist("cpu")  # makes one
+    dist_util.cleanup()
+    assert not dist.is_initialized()
 
 
 def test_helpers_work_without_any_group(no_group):

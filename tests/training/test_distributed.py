@@ -59,32 +59,34 @@ def test_ddp_training_and_sampling_across_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_iddpm_train_and_sample(tmp_path):
+    """``iddpm train``, ``sample`` and ``nll`` on two ranks, in one torchrun launch (each rank
+    runs the three command lines in turn, tests/helpers/cli_sequence.py: a launch costs three
+    Python start-ups); the samples equal a single process's."""
     data = write_npz(str(tmp_path / "d.npz"), n=32)
-    run = str(tmp_path / "run")
-    _torchrun(
+    run, out, nll = (str(tmp_path / name) for name in ("run", "s", "nll"))
+    commands = [
         argv(
-            (
-                "-m iddpm_ext train --data_dir {data_dir} --batch_size 4 --max_steps 2 "
-                "--out_dir {out_dir} --progress False"
-            ),
+            "train --data_dir {data_dir} --batch_size 4 --max_steps 2 --out_dir {out_dir} --progress False",
             data_dir=data,
             out_dir=run,
         )
-        + tiny_flags()
-    )
-    assert json.load(open(os.path.join(run, "latest.json")))["step"] == 2
-    out = str(tmp_path / "s")
-    r = _torchrun(
+        + tiny_flags(),
         argv(
-            (
-                "-m iddpm_ext sample --model_path {model_path} --num_samples 5 "
-                "--batch_size 2 --timestep_respacing 3 --out_dir {out_dir} --progress "
-                "False"
-            ),
+            "sample --model_path {model_path} --num_samples 5 --batch_size 2 --timestep_respacing 3 "
+            "--out_dir {out_dir} --progress False",
             model_path=run,
             out_dir=out,
-        )
-    )
+        ),
+        argv(
+            "nll --model_path {model_path} --data_dir {data_dir} --num_samples 5 --batch_size 2 "
+            "--out_dir {out_dir} --progress False",
+            model_path=run,
+            data_dir=data,
+            out_dir=nll,
+        ),
+    ]
+    r = _torchrun([os.path.join(REPO, "tests", "helpers", "cli_sequence.py"), json.dumps(commands)])
+    assert json.load(open(os.path.join(run, "latest.json")))["step"] == 2
     assert "2 process(es)" in r.stdout
     with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
         two = f["arr_0"]
@@ -104,18 +106,6 @@ def test_torchrun_iddpm_train_and_sample(tmp_path):
     )
     with np.load(os.path.join(one_out, "samples_5x8x8x1.npz")) as f:
         assert np.array_equal(f["arr_0"], two)
-    nll = str(tmp_path / "nll")
-    r = _torchrun(
-        argv(
-            (
-                "-m iddpm_ext nll --model_path {model_path} --data_dir {data_dir} "
-                "--num_samples 5 --batch_size 2 --out_dir {out_dir} --progress False"
-            ),
-            model_path=run,
-            data_dir=data,
-            out_dir=nll,
-        )
-    )
     assert json.loads(r.stdout.strip().splitlines()[-1])["num_images"] == 5
     with np.load(os.path.join(nll, "bpd.npz")) as f:
         assert f["total_bpd"].shape == (5,) and np.isfinite(f["total_bpd"]).all()
