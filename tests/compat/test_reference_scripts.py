@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from helpers import REPO
-from helpers.training import blob_images
+from helpers.training import blob_images, run_group
 from iddpm_ext.training import checkpoint as ckpt
 
 SCRIPTS = os.path.join(REPO, "tests", "compat", "scripts")
@@ -60,7 +60,7 @@ def launch(args, nproc: int, env=None, timeout=300) -> subprocess.CompletedProce
     cmd = [sys.executable]
     if nproc:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    r = run_group([*cmd, *args], full_env, timeout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     assert "Traceback" not in r.stderr, r.stderr[-6000:]
     return r

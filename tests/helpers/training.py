@@ -4,6 +4,7 @@ small data sets, and ``python -m iddpm_ext`` in a subprocess."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -103,3 +104,20 @@ def run_cli(args: list, timeout: float = 240, env=None, cwd=None) -> subprocess.
         env=full_env,
         cwd=cwd,
     )
+
+
+def run_group(cmd: list, env: dict, timeout: float, cwd=None) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own, output captured; on timeout the whole process group
+    is killed (torchrun's ranks and loader workers included, which a plain
+    ``subprocess.run(timeout=...)`` leaves running) and the test fails with the output so far."""
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, stdout=pipe, stderr=pipe, text=True, env=env, cwd=cwd, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {cmd}\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

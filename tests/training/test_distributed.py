@@ -4,7 +4,6 @@ distinct samples equal to a single process's. Each launch takes ~10-20 s."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
-from helpers.training import REPO, argv, main, tiny_config, tiny_flags, write_npz
+from helpers.training import REPO, argv, main, run_group, tiny_config, tiny_flags, write_npz
 from iddpm_ext.cli import generate as S
 from iddpm_ext.script_util import create_model_and_diffusion
 
@@ -29,7 +28,7 @@ def _torchrun(args, timeout=180):
     )
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    r = run_group(cmd, env, timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
 

@@ -15,7 +15,17 @@ import time
 import pytest
 import torch
 
-from helpers.training import REPO, argv, blob_images, main, tiny_config, tiny_flags, train, write_npz
+from helpers.training import (
+    REPO,
+    argv,
+    blob_images,
+    main,
+    run_group,
+    tiny_config,
+    tiny_flags,
+    train,
+    write_npz,
+)
 from iddpm_ext.errors import CheckpointError, RunFolderLockedError, TrainingStopped
 from iddpm_ext.script_util import create_model_and_diffusion
 from iddpm_ext.training import checkpoint as ckpt
@@ -395,7 +405,7 @@ def test_torchrun_ranks_agree_on_the_lock_and_the_stop_step(tmp_path):
             str(tmp_path),
             str(locked),
         ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        r = run_group(cmd, env, 180)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     finally:
         holder.kill()
