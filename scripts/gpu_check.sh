@@ -75,7 +75,8 @@ PYEOF
 #    for fp16/bf16, in-kernel Philox noise statistics, CUDA-graph capture, one launch per step,
 #    odd T and T = 4096 attention, errors; the op-safety fuzz and head-dim crash regression), then the engine, the UNet and the trainer.
 step tests_kernels 210 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
-  tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py
+  tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py \
+  tests/ops/test_group_norm_act_gpu.py
 step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
   tests/training/test_train_gpu.py
 
@@ -91,7 +92,7 @@ step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json 
 # -- sanitizers over small subsets (the kernels' paths: both step kernels in fp32/fp16, every
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
 #    load paths, partial tiles, both backward tilings and a head dim below its tile width on the
-#    Cp = 256 kernels, C = 192).
+#    Cp = 256 kernels, C = 192; the group-norm kernels forward and backward).
 if [ -x "$SANITIZER" ]; then
   step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_step_gpu.py \
     -k "(kernel_paths and (float32-float32 or float16-float16)) or (matches_eager_and_cpu and EPSILON) or philox or argument_errors or out_of_range"
@@ -99,6 +100,8 @@ if [ -x "$SANITIZER" ]; then
     -k sanitizer_subset
   step racecheck_attention 90 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k "sanitizer_subset and not bfloat16"
+  step memcheck_group_norm 45 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x \
+    tests/ops/test_group_norm_act_gpu.py -k "backward_f32 or low_precision"
 else
   log "compute-sanitizer not found: sanitizer steps skipped"
   echo "sanitizers skipped" >>"$OUT/status.txt"
