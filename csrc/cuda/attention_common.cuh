@@ -461,10 +461,14 @@ __device__ __forceinline__ void round_tile(T* s, bool vec) {
     constexpr int E = 16 / sizeof(T);
     if (vec) {
       constexpr int CPR = COLS / E, TOTAL = ROWS * CPR;
-      for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {
-        float* p = s + (idx / CPR) * LD + (idx % CPR) * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) p[e] = tf32_round(p[e]);
+      for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {  // one 16-byte access each way
+        float4* p = reinterpret_cast<float4*>(s + (idx / CPR) * LD + (idx % CPR) * E);
+        float4 v = *p;
+        v.x = tf32_round(v.x);
+        v.y = tf32_round(v.y);
+        v.z = tf32_round(v.z);
+        v.w = tf32_round(v.w);
+        *p = v;
       }
     } else {
       for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {

@@ -60,14 +60,16 @@ def test_cuda_kernels_under_host_emulation(emulation_exe):
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all passed" in run.stdout
-    # Every dtype × tile width (C = Cp) × load path ran, and head dims below their tile width.
-    for dtype in ("fp16", "bf16", "fp32"):
+    # Every dtype × tile width (C = Cp) × load path ran, and head dims below their tile width
+    # (fp32: "fp32" is the fp32-FMA reference kernel, "tf32" / "tf32x3" the GPU's fp32 paths).
+    for dtype in ("fp16", "bf16", "tf32x3"):
         for c in (32, 64, 128, 256):
             assert f"{dtype} C={c} " in run.stdout
     for c, cp in ((8, 32), (24, 32), (48, 64), (80, 128), (96, 128), (160, 256), (192, 256)):
         assert f" C={c} (Cp={cp}) " in run.stdout
-    for dtype in ("fp16", "bf16", "fp32"):
+    for dtype in ("fp16", "bf16", "tf32", "tf32x3"):
         assert f"{dtype} C=160 (Cp=256)" in run.stdout or f"{dtype} C=192 (Cp=256)" in run.stdout
+    assert "tf32 C=32 B=1 H=1 T=136 cp.async" in run.stdout  # TF32 rounding of pipelined stages
     assert "cp.async" in run.stdout and "guarded" in run.stdout and "unaligned" in run.stdout
     assert "(Cp=256) B=1 H=1 T=80 guarded unaligned" in run.stdout
     # fp32 under TF32 and split-TF32 at C = 32, 64, 128 and 96 (below its tile), masked (T = 37)

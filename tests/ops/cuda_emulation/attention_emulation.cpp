@@ -438,10 +438,10 @@ int main(int argc, char** argv) {
     run_case<float, 128>(128, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
   }
   run_case<__half, 64>(64, 2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
-  run_case<float, 32>(32, 1, 1, 136, 0, 2e-5, 1e-4, "fp32");
-  run_case<__nv_bfloat16, 64>(64, 1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
+  run_case<float, 32, Prec::kTf32>(32, 1, 1, 136, 0, 4e-3, 1e-2, "tf32");  // rounds each stage
+  run_case<__nv_bfloat16, 64>(64, 1, 1, 130, 0, 3e-2, 6e-2, "bf16");       // 3 tiles, guarded
   run_case<__half, 128>(128, 1, 1, 130, 0, 4e-3, 1e-2, "fp16");  // backward: 5 query tiles of 32
-  run_case<float, 64>(64, 1, 1, 130, 0, 2e-5, 1e-4, "fp32");
+  run_case<float, 64, Prec::kTf32x3>(64, 1, 1, 130, 0, 2e-5, 1e-4, "tf32x3");
   run_case<__half, 64>(64, 1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
 
   // Head dims below their tile width (zero-filled channels), and Cp = 256 (key tiles of 32, q
@@ -456,10 +456,10 @@ int main(int argc, char** argv) {
   for (int T_len : {37, 80}) {
     run_case<__half, 256>(256, 1, 1, T_len, 0, 4e-3, 1e-2, "fp16");
     run_case<__nv_bfloat16, 256>(192, 1, 1, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<float, 256>(160, 1, 1, T_len, 0, 2e-5, 1e-4, "fp32");
+    run_case<float, 256, Prec::kTf32x3>(160, 1, 1, T_len, 0, 2e-5, 1e-4, "tf32x3");
   }
   run_case<__half, 256>(160, 1, 1, 37, 0, 4e-3, 1e-2, "fp16");
-  run_case<float, 256>(256, 1, 1, 37, 0, 2e-5, 1e-4, "fp32");
+  run_case<float, 256, Prec::kTf32x3>(256, 1, 1, 37, 0, 2e-5, 1e-4, "tf32x3");
   run_case<__nv_bfloat16, 256>(256, 1, 1, 37, 0, 3e-2, 6e-2, "bf16");
   run_case<float, 64>(48, 1, 1, 80, 0, 2e-5, 1e-4, "fp32");
   run_case<__half, 256>(192, 1, 1, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage
