@@ -72,13 +72,14 @@ def test_cuda_kernels_under_host_emulation(emulation_exe):
     assert "tf32 C=32 B=1 H=1 T=136 cp.async" in run.stdout  # TF32 rounding of pipelined stages
     assert "cp.async" in run.stdout and "guarded" in run.stdout and "unaligned" in run.stdout
     assert "(Cp=256) B=1 H=1 T=80 guarded unaligned" in run.stdout
-    # fp32 under TF32 and split-TF32 at C = 32, 64, 128 and 96 (below its tile), masked (T = 37)
-    # and whole (T = 64) tiles, split-TF32 compared with the fp32-FMA kernel.
+    # fp32 under TF32 and split-TF32 at C = 32, 64, 128 and 48, 96 (below their tiles), masked
+    # (T = 37) and whole (T = 64) tiles; split-TF32 compared with the fp32-FMA kernel at Cp = 64.
     assert "tf32 mma error 0.00e+00" in run.stdout
-    for c, t in ((32, 37), (64, 64), (128, 37), (96, 64)):
-        assert f"tf32x3 vs fp32 (kFma) C={c} T={t} " in run.stdout
+    for c, t in ((32, 37), (64, 64), (48, 37), (128, 37), (96, 64)):
         for prec in ("tf32", "tf32x3"):
-            assert f"{prec} C={c} " in run.stdout
+            assert f"{prec} C={c} " in run.stdout and f" B=1 H=2 T={t} " in run.stdout
+    for c, t in ((64, 64), (48, 37)):
+        assert f"tf32x3 vs fp32 (kFma) C={c} T={t} " in run.stdout
     assert "tf32 C=160 (Cp=256)" in run.stdout
 
 
