@@ -87,7 +87,8 @@ def _tf32_reference(x: np.ndarray) -> np.ndarray:
     """fp32 → TF32 by the rule, in float64 arithmetic: round to nearest, ties away from zero, to 10
     mantissa bits (an ulp of 2^(e-10) for |x| in [2^e, 2^(e+1)), e >= -126; fp32's subnormal
     range keeps the ulp of e = -126); inf and NaN unchanged; overflow to ±inf."""
-    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs among the patterns
+        x64 = x.astype(np.float64)
     finite = np.isfinite(x64)
     mag = np.abs(np.where(finite, x64, 0.0))
     _, exp = np.frexp(mag)  # mag = m · 2^exp, m in [0.5, 1)
