@@ -86,13 +86,20 @@ step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/mo
 #    p_sample when IDDPM_REF_PATH names a checkout on the machine) and the kernel rows.
 #    bench sample --quick: 10 steps, B 1 and 16, reference / eager / graph (about 12 runs).
 step bench_step 90 $PY -m iddpm_ext.bench step --device cuda --json "$OUT/bench_step.json"
-step bench_attention 90 $PY -m iddpm_ext.bench attention --device cuda --json "$OUT/bench_attention.json"
+step bench_attention 90 $PY -m iddpm_ext.bench attention --device cuda --dtype float16,bfloat16 \
+  --json "$OUT/bench_attention.json"
+#    bench attention in fp32: TF32 off (ours: split-TF32; einsum: cuBLAS fp32) and on (both on
+#    TF32 tensor cores), at the CIFAR-10 model's 16×16 map, the issue's 32×4×64×1024 and the
+#    FlashAttention paper's point (issue 13's target: fp32 with TF32 >= 2x einsum with TF32).
+step bench_attention_fp32 60 $PY -m iddpm_ext.bench attention --device cuda --dtype float32,float32+tf32 \
+  --cases 64x4x64x256,32x4x64x1024,16x32x64x1024 --json "$OUT/bench_attention_fp32.json"
 step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json "$OUT/bench_sample.json"
 
 # -- sanitizers over small subsets (the kernels' paths: both step kernels in fp32/fp16, every
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
 #    load paths, partial tiles, both backward tilings and a head dim below its tile width on the
-#    Cp = 256 kernels, C = 192; the group-norm kernels forward and backward).
+#    Cp = 256 kernels, C = 192; fp32 in split-TF32 and, sanitizer_subset_tf32, in TF32; the group-norm
+#    kernels forward and backward).
 if [ -x "$SANITIZER" ]; then
   step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_step_gpu.py \
     -k "(kernel_paths and (float32-float32 or float16-float16)) or (matches_eager_and_cpu and EPSILON) or philox or argument_errors or out_of_range"

@@ -27,6 +27,9 @@ struct AttentionFwdParams {
   const void* qkv = nullptr;  // [B, 3·H·C, T]
   void* out = nullptr;        // [B, H·C, T]
   void* lse = nullptr;        // [B, H, T] float32 (float64 for float64 qkv)
+  // CUDA, fp32 only: products on TF32 tensor cores (the caller allows TF32, as
+  // torch.backends.cuda.matmul.allow_tf32); false: split-TF32, accurate to about fp32.
+  bool allow_tf32 = false;
 };
 
 struct AttentionBwdParams {
@@ -40,6 +43,7 @@ struct AttentionBwdParams {
   // CUDA only: workspaces allocated by the caller (any content).
   float* dq_accum = nullptr;  // [B·H, C, T] float32
   float* delta = nullptr;     // [B·H, T] float32
+  bool allow_tf32 = false;    // as AttentionFwdParams::allow_tf32
 };
 
 }  // namespace iddpm::attn

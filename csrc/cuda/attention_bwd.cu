@@ -12,8 +12,12 @@ namespace {
 
 using namespace attn_kernels;
 
-// The kernels of tile width Cp for head dim p.s.C <= Cp.
-template <class T, int Cp>
+// Names one kernel instance for set_smem_limit_once.
+template <class T, int Cp, Prec P>
+struct BwdKernel {};
+
+// The kernels of tile width Cp for head dim p.s.C <= Cp, products under P.
+template <class T, int Cp, Prec P>
 int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
   const int C = static_cast<int>(p.s.C);
@@ -25,9 +29,9 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
   // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
   if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
-  auto kernel = attn_bwd_kernel<T, Cp>;
-  cudaError_t err =
-      set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  auto kernel = attn_bwd_kernel<T, Cp, P>;
+  cudaError_t err = set_smem_limit_once<BwdKernel<T, Cp, P>>(reinterpret_cast<const void*>(kernel),
+                                                             Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -55,8 +59,9 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
 
 int qkv_attention_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   if (p.s.B * p.s.H == 0 || p.s.T == 0) return 0;
-  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto tile_dim) {
-    return launch_bwd<typename decltype(elem)::type, decltype(tile_dim)::value>(p, stream);
+  return with_compiled_kernel(p.dtype, p.s.C, p.allow_tf32, [&](auto elem, auto tile_dim) {
+    using E = decltype(elem);
+    return launch_bwd<typename E::type, decltype(tile_dim)::value, E::prec>(p, stream);
   });
 }
 

@@ -16,6 +16,9 @@
 //     the work at 5 products per (query, key) pair instead of 7; the price is that dq's fp32
 //     sums are not bitwise deterministic from run to run.
 //  3. attn_dq_kernel: grad_q = scale · dq_accum, cast, into grad_qkv's q channels.
+// fp32 products run as TF32 or split-TF32 (P, see attention_common.cuh); under kTf32 the k, v,
+// q, dO tiles are rounded to TF32 in shared memory as they land (round_tile), and Pᵀ, dSᵀ as
+// they become A fragments or go to shared memory.
 // dk (× scale) and dv go straight to grad_qkv's k, v channels through a shared-memory staging
 // tile, so grad_qkv is written exactly once everywhere.
 #pragma once
@@ -82,7 +85,7 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 }
 
 // Block (bh, key tile, channel slice z): dk, dv, dq over channels [CA·z, CA·z + CA) ∩ [0, C).
-template <class T, int Cp>
+template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
 __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
     attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
@@ -123,12 +126,20 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
     }
   };
 
+  auto round_q_tile = [&](int stage) {  // after this thread's cp_async_wait_all (kTf32 only)
+    round_tile<P, T, Cp, BQ, LDQ, NT>(qs + stage * Cp * LDQ, vec);
+    round_tile<P, T, Cp, BQ, LDQ, NT>(dos + stage * Cp * LDQ, vec);
+  };
+
   // Channels C..Cp-1 of every tile are zero (load_tile): Sᵀ and dPᵀ are exact; dk, dv and dq
   // there are never stored.
   load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, TT, j0, T_len, vec);
   load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, TT, j0, T_len, vec);
   load_q_tile(0, 0);
   cp_async_wait_all();
+  round_tile<P, T, Cp, BK, LDK, NT>(ks, vec);
+  round_tile<P, T, Cp, BK, LDK, NT>(vs, vec);
+  round_q_tile(0);
   __syncthreads();
 
   float dk[NTILE_A][4], dv[NTILE_A][4];
@@ -155,8 +166,8 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
       load_a_kmajor(va, vs, LDK, 16 * warp, 16 * kk);
 #pragma unroll
       for (int n = 0; n < NTILE_Q; n += 2) {
-        mma_pair<Major::k>(st[n], st[n + 1], ka, qb, LDQ, 16 * kk, 8 * n);
-        mma_pair<Major::k>(dpt[n], dpt[n + 1], va, dob, LDQ, 16 * kk, 8 * n);
+        mma_pair<Major::k, P>(st[n], st[n + 1], ka, qb, LDQ, 16 * kk, 8 * n);
+        mma_pair<Major::k, P>(dpt[n], dpt[n + 1], va, dob, LDQ, 16 * kk, 8 * n);
       }
     }
     // Pᵀ and dSᵀ in place; zero outside the T × T square. dSᵀ also to shared memory.
@@ -176,7 +187,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
       for (int r = 0; r < 2; ++r) {
         const int jl = 16 * warp + g + 8 * r, il = 8 * n + 2 * t;
         *reinterpret_cast<typename Elem<T>::Pair*>(dss + jl * LDQ + il) =
-            Elem<T>::pack(dpt[n][2 * r], dpt[n][2 * r + 1]);
+            pack_operand<P, T>(dpt[n][2 * r], dpt[n][2 * r + 1]);
       }
     }
     // dvᵀ += Pᵀ dOᵀ and dkᵀ += dSᵀ qᵀ over the slice's channels: B[k = query][n = channel]
@@ -184,12 +195,12 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
 #pragma unroll
     for (int ki = 0; ki < KSTEP_Q; ++ki) {
       FragA<T> pa, sa;
-      c_to_a(pa, st[2 * ki], st[2 * ki + 1]);
-      c_to_a(sa, dpt[2 * ki], dpt[2 * ki + 1]);
+      c_to_a<P>(pa, st[2 * ki], st[2 * ki + 1]);
+      c_to_a<P>(sa, dpt[2 * ki], dpt[2 * ki + 1]);
 #pragma unroll
       for (int n = 0; n < NTILE_A; n += 2) {
-        mma_pair<Major::n>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, cs0 + 8 * n);
-        mma_pair<Major::n>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, cs0 + 8 * n);
+        mma_pair<Major::n, P>(dv[n], dv[n + 1], pa, dob, LDQ, 16 * ki, cs0 + 8 * n);
+        mma_pair<Major::n, P>(dk[n], dk[n + 1], sa, qb, LDQ, 16 * ki, cs0 + 8 * n);
       }
     }
     __syncthreads();  // dSᵀ of all 64 keys is in shared memory
@@ -207,7 +218,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
         load_a_kmajor(a, dss, LDQ, 16 * rb, 16 * kj);
 #pragma unroll
         for (int n = 0; n < NTILE_W; n += 2) {
-          mma_pair<Major::n>(dq[n], dq[n + 1], a, ks, LDK, 16 * kj, c0 + 8 * n);
+          mma_pair<Major::n, P>(dq[n], dq[n + 1], a, ks, LDK, 16 * kj, c0 + 8 * n);
         }
       }
       float* dqg = dq_accum + bh * C * TT;
@@ -221,6 +232,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
       }
     }
     cp_async_wait_all();
+    if (it + 1 < n_tiles) round_q_tile(buf ^ 1);
     __syncthreads();  // next stage landed; dSᵀ and this stage free for reuse
   }
 

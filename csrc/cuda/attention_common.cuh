@@ -1,8 +1,8 @@
 // csrc/cuda/attention_common.cuh — device building blocks of the fused attention kernels
 // (attention_fwd.cu, attention_bwd.cu): warp-level 16×8×16 matrix products on tensor cores
-// (mma.sync, fp16/bf16 in, fp32 accumulate) with an exact fp32 emulation of the same
-// fragment layout (for fp32 inputs), shared-memory fragment loads (ldmatrix) and the
-// global → shared tile copies (cp.async when 16-byte aligned, guarded scalar loads otherwise).
+// (mma.sync, fp16/bf16 in, fp32 accumulate; fp32 inputs as TF32 or split-TF32, see Prec),
+// shared-memory fragment loads (ldmatrix) and the global → shared tile copies (cp.async when
+// 16-byte aligned, guarded scalar loads otherwise).
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .row.col), lane = 4·g + t (g = lane/4,
 // t = lane%4); a "pair" is two consecutive k (A, B) or n (C) elements:
@@ -13,9 +13,18 @@
 // Two C tiles side by side (n = 0..7 and 8..15) are exactly the A fragment of a 16×16 block,
 // which is how P (and dS) go from one product into the next without leaving registers.
 //
+// fp32 inputs keep this k16 layout (a pair = two floats, float2) and run each 16×8×16 product
+// as two m16n8k8 TF32 products (mma.sync ...f32.tf32.tf32.f32), whose fragments are, per lane:
+//   A (16×8): a0 = (m=g, k=t)  a1 = (m=g+8, k=t)  a2 = (m=g, k=t+4)  a3 = (m=g+8, k=t+4)
+//   B (8×8):  b0 = (k=t, n=g)  b1 = (k=t+4, n=g);  C as above.
+// The k16 fragment's lane holds k = 2t, 2t+1 (+8 for the second half) of its rows of A and of
+// its column of B, so half h of the k16 product is the k8 product whose slot t holds k = 8h + 2t
+// and slot t+4 holds k = 8h + 2t + 1: the same permutation of k for A and B, i.e. the same sum,
+// with no data exchanged between lanes (a_regs / b_regs below).
+//
 // With IDDPM_ATTN_HOST_EMULATION defined, the handful of warp-collective instructions below
-// (mma.sync, ldmatrix, cp.async) call into a host emulator instead of inline PTX, which lets
-// tests/ops/cuda_emulation/ run these kernels, unchanged otherwise, on the CPU (see
+// (mma.sync, ldmatrix, cp.async, and cvt.rna.tf32) call into a host emulator instead of inline PTX,
+// which lets tests/ops/cuda_emulation/ run these kernels, unchanged otherwise, on the CPU (see
 // docs/attention.md).
 #pragma once
 
@@ -90,18 +99,56 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 #endif
 
+// ---- how the products run ------------------------------------------------------------------
+// fp16 / bf16: kNative (mma.sync m16n8k16). fp32, chosen by the launcher (the caller's TF32
+// permission, torch.backends.cuda.matmul.allow_tf32), a template parameter of the kernels:
+//  kTf32:   the operands rounded to TF32 (cvt.rna: 10 mantissa bits, ties away from zero) once,
+//           where they enter shared memory or an A fragment (round_tile, c_to_a, pack_operand),
+//           so that the products themselves are plain m16n8k8 TF32 mma.sync;
+//  kTf32x3: split-TF32, an accurate fp32 product: a = a_hi + a_lo with a_hi = tf32(a),
+//           a_lo = tf32(a - a_hi) (a - a_hi is exact), and a·b ≈ a_lo·b_hi + a_hi·b_lo + a_hi·b_hi
+//           (three TF32 products, fp32 accumulation; the dropped a_lo·b_lo and the rounding of
+//           a_lo leave a relative error of about 2^-21 per product, near fp32's 2^-24);
+//  kFma:    the product in fp32 FMAs on the same fragments (mma_f32_shuffle), the fp32 path
+//           before the TF32 ones; not compiled for the GPU any more, the emulation test keeps it
+//           as a second reference for kTf32x3.
+enum class Prec { kNative, kTf32, kTf32x3, kFma };
+
+// fp32 → TF32 (the bits of an fp32 value whose low 13 mantissa bits are zero), round to nearest,
+// ties away from zero (cvt.rna.tf32.f32).
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  return attn_emu::cvt_rna_tf32(x);
+#else
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#endif
+}
+__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(tf32_bits(x)); }
+
+// An fp32 value as it enters an operand under precision P (rounded to TF32 under kTf32).
+template <Prec P>
+__device__ __forceinline__ float operand(float x) {
+  if constexpr (P == Prec::kTf32) {
+    return tf32_round(x);
+  } else {
+    return x;
+  }
+}
+
 // ---- matrix products: c (16×8 f32) += a (16×16) · b (16×8) ------------------------------------
-// fp32: the same product on the same fragment layout, in fp32 FMAs. Each lane gathers row g
-// and g+8 of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them.
-// Not inlined: inlined into every product of the fp32 kernels it made ptxas take minutes
-// (sm_80) for a path that is not the fast one anyway. `static`: one copy per .cu file.
+// kFma: the product in fp32 FMAs on the same fragment layout. Each lane gathers row g and g+8
+// of A and columns 2t, 2t+1 of B one k at a time from the lanes that hold them. Not inlined:
+// inlined into every product of the fp32 kernels it made ptxas take minutes (sm_80).
 #if defined(IDDPM_ATTN_HOST_EMULATION)
 #define IDDPM_ATTN_NOINLINE
 #else
 #define IDDPM_ATTN_NOINLINE __noinline__
 #endif
-static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
-                                                           const FragB<float>& b) {
+template <int = 0>
+__device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const FragA<float>& a,
+                                                    const FragB<float>& b) {
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
@@ -121,17 +168,106 @@ static __device__ IDDPM_ATTN_NOINLINE void mma_f32_shuffle(float (&c)[4], const 
   }
 }
 
-// fp16 and bf16 on tensor cores (mma.sync); fp32 by mma_f32_shuffle.
-template <class T>
+// One m16n8k8 TF32 product (operands: TF32 bits, see the layouts at the top).
+__device__ __forceinline__ void mma_tf32_k8(float (&c)[4], const uint32_t (&a)[4],
+                                            const uint32_t (&b)[2]) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::mma_tf32(c, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// The registers of the two k8 halves of a k16 fp32 fragment (see the top): f maps a value to
+// the TF32 bits that go in.
+template <class F>
+__device__ __forceinline__ void a_regs(uint32_t (&r)[2][4], const FragA<float>& a, F f) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r[h][0] = f(a.x[2 * h].x);
+    r[h][1] = f(a.x[2 * h + 1].x);
+    r[h][2] = f(a.x[2 * h].y);
+    r[h][3] = f(a.x[2 * h + 1].y);
+  }
+}
+template <class F>
+__device__ __forceinline__ void b_regs(uint32_t (&r)[2][2], const FragB<float>& b, F f) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r[h][0] = f(b.x[h].x);
+    r[h][1] = f(b.x[h].y);
+  }
+}
+
+struct AsTf32 {  // kTf32: the operands are TF32 already (rounded where they were made)
+  __device__ __forceinline__ uint32_t operator()(float x) const { return __float_as_uint(x); }
+};
+struct Tf32Hi {
+  __device__ __forceinline__ uint32_t operator()(float x) const { return tf32_bits(x); }
+};
+struct Tf32Lo {
+  __device__ __forceinline__ uint32_t operator()(float x) const {
+    return tf32_bits(x - tf32_round(x));
+  }
+};
+
+// An fp32 A operand in the registers the TF32 products take: hi (and lo under kTf32x3).
+template <Prec P>
+struct Tf32A {
+  uint32_t hi[2][4];
+  uint32_t lo[P == Prec::kTf32x3 ? 2 : 1][4];
+  __device__ __forceinline__ explicit Tf32A(const FragA<float>& a) {
+    if constexpr (P == Prec::kTf32x3) {
+      a_regs(hi, a, Tf32Hi{});
+      a_regs(lo, a, Tf32Lo{});
+    } else {
+      a_regs(hi, a, AsTf32{});
+    }
+  }
+};
+
+// c += a · b for an fp32 B fragment b.
+template <Prec P>
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const Tf32A<P>& a, const FragB<float>& b) {
+  if constexpr (P == Prec::kTf32x3) {
+    uint32_t bh[2][2], bl[2][2];
+    b_regs(bh, b, Tf32Hi{});
+    b_regs(bl, b, Tf32Lo{});
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the small terms first
+      mma_tf32_k8(c, a.lo[h], bh[h]);
+      mma_tf32_k8(c, a.hi[h], bl[h]);
+      mma_tf32_k8(c, a.hi[h], bh[h]);
+    }
+  } else {
+    uint32_t bh[2][2];
+    b_regs(bh, b, AsTf32{});
+#pragma unroll
+    for (int h = 0; h < 2; ++h) mma_tf32_k8(c, a.hi[h], bh[h]);
+  }
+}
+
+// c += a · b: fp16 and bf16 on tensor cores (mma.sync m16n8k16); fp32 under P.
+template <Prec P, class T>
 __device__ __forceinline__ void mma(float (&c)[4], const FragA<T>& a, const FragB<T>& b) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (!Elem<T>::kTensorCore) {
+    static_assert(P != Prec::kNative, "fp32 products run as kTf32, kTf32x3 or kFma");
+    if constexpr (P == Prec::kFma) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
-    attn_emu::mma_f32(c, a.x, b.x);  // one collective step; mma_f32_shuffle is tested on its own
+      attn_emu::mma_f32(c, a.x, b.x);  // one collective step; mma_f32_shuffle is tested on its own
 #else
-    mma_f32_shuffle(c, a, b);
+      mma_f32_shuffle(c, a, b);
 #endif
+    } else {
+      mma_tf32(c, Tf32A<P>(a), b);
+    }
   } else {
+    static_assert(P == Prec::kNative, "fp16 / bf16 products run as kNative");
 #if defined(IDDPM_ATTN_HOST_EMULATION)
     attn_emu::mma_b16(c, a.x, b.x, kBf16);
 #else
@@ -235,23 +371,37 @@ __device__ __forceinline__ void load_b(FragB<T>& b0, FragB<T>& b1, const T* s, i
 }
 
 // Two products sharing A: c0 += a · B[:, n0..n0+7] and c1 += a · B[:, n0+8..n0+15], with B
-// (rows k0..k0+15) read from shared memory as load_b does.
-template <Major kMajor, class T>
+// (rows k0..k0+15) read from shared memory as load_b does. (fp32 under TF32: a's registers, and
+// under kTf32x3 its split, are made once for both.)
+template <Major kMajor, Prec P, class T>
 __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const FragA<T>& a,
                                          const T* s, int ld, int k0, int n0) {
   FragB<T> b0, b1;
   load_b<kMajor>(b0, b1, s, ld, k0, n0);
-  mma(c0, a, b0);
-  mma(c1, a, b1);
+  if constexpr (!Elem<T>::kTensorCore && (P == Prec::kTf32 || P == Prec::kTf32x3)) {
+    const Tf32A<P> at(a);
+    mma_tf32(c0, at, b0);
+    mma_tf32(c1, at, b1);
+  } else {
+    mma<P>(c0, a, b0);
+    mma<P>(c1, a, b1);
+  }
+}
+
+// Two values as a pair of an operand that goes into products under P (rounded to TF32 under
+// kTf32, the only place besides round_tile where fp32 operands are made).
+template <Prec P, class T>
+__device__ __forceinline__ typename Elem<T>::Pair pack_operand(float a, float b) {
+  return Elem<T>::pack(operand<P>(a), operand<P>(b));
 }
 
 // The A fragment of a 16×16 block whose values sit in two adjacent C tiles (see above).
-template <class T>
+template <Prec P, class T>
 __device__ __forceinline__ void c_to_a(FragA<T>& f, const float (&lo)[4], const float (&hi)[4]) {
-  f.x[0] = Elem<T>::pack(lo[0], lo[1]);
-  f.x[1] = Elem<T>::pack(lo[2], lo[3]);
-  f.x[2] = Elem<T>::pack(hi[0], hi[1]);
-  f.x[3] = Elem<T>::pack(hi[2], hi[3]);
+  f.x[0] = pack_operand<P, T>(lo[0], lo[1]);
+  f.x[1] = pack_operand<P, T>(lo[2], lo[3]);
+  f.x[2] = pack_operand<P, T>(hi[0], hi[1]);
+  f.x[3] = pack_operand<P, T>(hi[2], hi[3]);
 }
 
 // ---- global -> shared tiles ------------------------------------------------------------------
@@ -295,6 +445,36 @@ __device__ __forceinline__ void load_tile(T* s, int rows, const T* g, int64_t ld
     for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
       const int r = idx / COLS, c = idx % COLS;
       s[r * LD + c] = r < rows && col0 + c < T_len ? g[r * ldg + col0 + c] : Elem<T>::from_f(0.0f);
+    }
+  }
+}
+
+// Under kTf32 (fp32 tiles), rounds to TF32 the elements of a tile that this thread brought in
+// with load_tile (same arguments and thread mapping), so that every product reads TF32 operands
+// without converting them again. Call it after the thread's cp_async_wait_all and before the
+// barrier that publishes the tile: it touches only this thread's own copies, so it needs no
+// barrier of its own. No-op for every other precision.
+template <Prec P, class T, int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void round_tile(T* s, bool vec) {
+  if constexpr (P == Prec::kTf32) {
+    static_assert(std::is_same_v<T, float>, "TF32 tiles are fp32");
+    constexpr int E = 16 / sizeof(T);
+    if (vec) {
+      constexpr int CPR = COLS / E, TOTAL = ROWS * CPR;
+      for (int idx = threadIdx.x; idx < TOTAL; idx += NT) {  // one 16-byte access each way
+        float4* p = reinterpret_cast<float4*>(s + (idx / CPR) * LD + (idx % CPR) * E);
+        float4 v = *p;
+        v.x = tf32_round(v.x);
+        v.y = tf32_round(v.y);
+        v.z = tf32_round(v.z);
+        v.w = tf32_round(v.w);
+        *p = v;
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+        float& x = s[(idx / COLS) * LD + idx % COLS];
+        x = tf32_round(x);
+      }
     }
   }
 }
@@ -364,9 +544,12 @@ template <class T>
 constexpr int kPad = 16 / sizeof(T) == 8 ? 8 : 4;
 
 // ---- host: the compiled kernel instances -----------------------------------------------------
-template <class T>
+// A kernel instance: element type T and product precision P (kNative for fp16 / bf16; kTf32 or
+// kTf32x3 for fp32).
+template <class T, Prec P>
 struct ElemTag {
   using type = T;
+  static constexpr Prec prec = P;
 };
 
 // Shared memory a CTA may use: the H100's opt-in limit per block (227 KB); every kernel config
@@ -378,30 +561,34 @@ static_assert(kAttentionTileDims[sizeof(kAttentionTileDims) / sizeof(int) - 1] =
                   kAttentionMaxHeadDim,
               "the widest tile covers the largest head dim");
 
-template <size_t I, class T, class F>
+template <size_t I, class Tag, class F>
 int with_tile_dim(int tile_dim, F& f) {
   if constexpr (I < sizeof(kAttentionTileDims) / sizeof(kAttentionTileDims[0])) {
     constexpr int Cp = kAttentionTileDims[I];
     static_assert(Cp % 32 == 0, "tile widths are whole 32-channel blocks");
-    if (tile_dim == Cp) return f(ElemTag<T>{}, std::integral_constant<int, Cp>{});
-    return with_tile_dim<I + 1, T>(tile_dim, f);
+    if (tile_dim == Cp) return f(Tag{}, std::integral_constant<int, Cp>{});
+    return with_tile_dim<I + 1, Tag>(tile_dim, f);
   } else {
     return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
-// Returns f(ElemTag<T>{}, std::integral_constant<int, Cp>{}) for the element type T of `dtype`
-// (one of kAttentionDtypes) and the tile width Cp = qkv_attention_tile_dim(head_dim) (one of
+// Returns f(ElemTag<T, P>{}, std::integral_constant<int, Cp>{}) for the element type T of
+// `dtype` (one of kAttentionDtypes), the precision P of its products (fp32: kTf32 when
+// `allow_tf32`, else kTf32x3) and the tile width Cp = qkv_attention_tile_dim(head_dim) (one of
 // kAttentionTileDims): the launchers instantiate their kernels through this, for exactly those.
 // cudaErrorInvalidValue for a dtype or head dim without a kernel (the glue's checks refuse
 // them before this is reached).
 template <class F>
-int with_compiled_kernel(DType dtype, int64_t head_dim, F f) {
+int with_compiled_kernel(DType dtype, int64_t head_dim, bool allow_tf32, F f) {
   const int tile_dim = qkv_attention_tile_dim(head_dim);
   switch (dtype) {
-    case DType::kFloat32: return with_tile_dim<0, float>(tile_dim, f);
-    case DType::kFloat16: return with_tile_dim<0, __half>(tile_dim, f);
-    case DType::kBFloat16: return with_tile_dim<0, __nv_bfloat16>(tile_dim, f);
+    case DType::kFloat32:
+      return allow_tf32 ? with_tile_dim<0, ElemTag<float, Prec::kTf32>>(tile_dim, f)
+                        : with_tile_dim<0, ElemTag<float, Prec::kTf32x3>>(tile_dim, f);
+    case DType::kFloat16: return with_tile_dim<0, ElemTag<__half, Prec::kNative>>(tile_dim, f);
+    case DType::kBFloat16:
+      return with_tile_dim<0, ElemTag<__nv_bfloat16, Prec::kNative>>(tile_dim, f);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

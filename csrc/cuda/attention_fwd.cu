@@ -10,15 +10,19 @@ namespace {
 
 using namespace attn_kernels;
 
-// The kernel of tile width Cp for head dim p.s.C <= Cp.
-template <class T, int Cp>
+// Names one kernel instance for set_smem_limit_once.
+template <class T, int Cp, Prec P>
+struct FwdKernel {};
+
+// The kernel of tile width Cp for head dim p.s.C <= Cp, products under P.
+template <class T, int Cp, Prec P>
 int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
   const int C = static_cast<int>(p.s.C);
   using Cfg = FwdCfg<T, Cp>;
-  auto kernel = attn_fwd_kernel<T, Cp>;
-  const cudaError_t err =
-      set_smem_limit_once<Cfg>(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  auto kernel = attn_fwd_kernel<T, Cp, P>;
+  const cudaError_t err = set_smem_limit_once<FwdKernel<T, Cp, P>>(
+      reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(p.qkv) % 16 == 0;
@@ -34,8 +38,9 @@ int launch_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
 
 int qkv_attention_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   if (p.s.B * p.s.H == 0 || p.s.T == 0) return 0;
-  return with_compiled_kernel(p.dtype, p.s.C, [&](auto elem, auto tile_dim) {
-    return launch_fwd<typename decltype(elem)::type, decltype(tile_dim)::value>(p, stream);
+  return with_compiled_kernel(p.dtype, p.s.C, p.allow_tf32, [&](auto elem, auto tile_dim) {
+    using E = decltype(elem);
+    return launch_fwd<typename E::type, decltype(tile_dim)::value, E::prec>(p, stream);
   });
 }
 

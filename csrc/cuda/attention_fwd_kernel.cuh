@@ -12,9 +12,11 @@
 //   s2 = S · scale·log2e, keys ≥ T set to -inf
 //   online softmax       row max over the quad, rescale of l and O by exp2(m_old - m_new)
 //   O += P v            P converted in registers from the S accumulators to A fragments
-// At the end O / l is staged through shared memory (as [C, BQ]) and written with coalesced
-// stores along T; lse = (m + log2 l)·ln2 goes to [B, H, T]. Rows ≥ T are computed on zeros and
-// never stored. No T×T matrix exists anywhere.
+// fp32 products run as TF32 or split-TF32 (P, see attention_common.cuh); under kTf32 the q, k,
+// v tiles are rounded to TF32 in shared memory as they land (round_tile) and P as it becomes an
+// A fragment. At the end O / l is staged through shared memory (as [C, BQ]) and written with
+// coalesced stores along T; lse = (m + log2 l)·ln2 goes to [B, H, T]. Rows ≥ T are computed on
+// zeros and never stored. No T×T matrix exists anywhere.
 #pragma once
 
 #include "cuda/attention_common.cuh"
@@ -40,7 +42,7 @@ struct FwdCfg : CtaShape {
 // qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T]. C <= Cp:
 // channels C..Cp-1 of the q, k, v tiles are zero (so the products over channels are exact) and
 // those of O are never stored.
-template <class T, int Cp>
+template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
 __global__ void __launch_bounds__(CtaShape::kThreads)
     attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse, int C,
                     int T_len, float scale_log2, bool vec) {
@@ -64,10 +66,16 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   load_tile<T, Cp, BK, LDK, NT>(ks, C, kg, T_len, 0, T_len, vec);
   load_tile<T, Cp, BK, LDK, NT>(vs, C, vg, T_len, 0, T_len, vec);
   cp_async_wait_all();
+  round_tile<P, T, Cp, BQ, LDQ, NT>(qs, vec);
+  round_tile<P, T, Cp, BK, LDK, NT>(ks, vec);
+  round_tile<P, T, Cp, BK, LDK, NT>(vs, vec);
   __syncthreads();
 
-  FragA<T> qf[Cfg::kQInRegs ? KSTEP_C : 1];
-  if constexpr (Cfg::kQInRegs) {
+  // Split-TF32 at Cp = 128 reads q per product too: with q's fp32 fragments in registers (64)
+  // next to its operand splits ptxas spilled 352 bytes.
+  constexpr bool kQInRegs = Cfg::kQInRegs && !(P == Prec::kTf32x3 && Cp == 128);
+  FragA<T> qf[kQInRegs ? KSTEP_C : 1];
+  if constexpr (kQInRegs) {
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) load_a_kmajor(qf[kk], qs, LDQ, 16 * warp, 16 * kk);
   }
@@ -92,17 +100,17 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
     zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < KSTEP_C; ++kk) {
-      if constexpr (Cfg::kQInRegs) {
+      if constexpr (kQInRegs) {
 #pragma unroll
         for (int n = 0; n < NTILE_K; n += 2) {
-          mma_pair<Major::k>(s[n], s[n + 1], qf[kk], kb, LDK, 16 * kk, 8 * n);
+          mma_pair<Major::k, P>(s[n], s[n + 1], qf[kk], kb, LDK, 16 * kk, 8 * n);
         }
       } else {
         FragA<T> qa;
         load_a_kmajor(qa, qs, LDQ, 16 * warp, 16 * kk);
 #pragma unroll
         for (int n = 0; n < NTILE_K; n += 2) {
-          mma_pair<Major::k>(s[n], s[n + 1], qa, kb, LDK, 16 * kk, 8 * n);
+          mma_pair<Major::k, P>(s[n], s[n + 1], qa, kb, LDK, 16 * kk, 8 * n);
         }
       }
     }
@@ -144,13 +152,17 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
 #pragma unroll
     for (int kj = 0; kj < BK / 16; ++kj) {
       FragA<T> pf;
-      c_to_a(pf, s[2 * kj], s[2 * kj + 1]);
+      c_to_a<P>(pf, s[2 * kj], s[2 * kj + 1]);
 #pragma unroll
       for (int n = 0; n < NTILE_C; n += 2) {
-        mma_pair<Major::n>(o[n], o[n + 1], pf, vb, LDK, 16 * kj, 8 * n);
+        mma_pair<Major::n, P>(o[n], o[n + 1], pf, vb, LDK, 16 * kj, 8 * n);
       }
     }
     cp_async_wait_all();
+    if (kt + 1 < n_tiles) {
+      round_tile<P, T, Cp, BK, LDK, NT>(ks + (buf ^ 1) * Cp * LDK, vec);
+      round_tile<P, T, Cp, BK, LDK, NT>(vs + (buf ^ 1) * Cp * LDK, vec);
+    }
     __syncthreads();
   }
 

@@ -177,11 +177,17 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
 }
 
 #ifdef IDDPM_WITH_CUDA
+// Whether fp32 products may run on TF32 tensor cores: torch's own switch for cuBLAS matmuls
+// (torch.backends.cuda.matmul.allow_tf32, which torch.set_float32_matmul_precision("high" or
+// "medium") turns on), read at each call as cuBLAS does. Otherwise split-TF32 (fp32-accurate).
+bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
+
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const AttentionShape d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
-  const Forward f = forward(d, qkv_in, at::kFloat);
+  Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
+  f.p.allow_tf32 = allow_tf32();
   const int err = cuda::qkv_attention_fwd(f.p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {f.out, f.lse};
@@ -199,6 +205,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   at::Tensor delta = at::empty({d.B * d.H, d.T}, f32);
   b.p.dq_accum = dq_accum.data_ptr<float>();
   b.p.delta = delta.data_ptr<float>();
+  b.p.allow_tf32 = allow_tf32();
   const int err = cuda::qkv_attention_bwd(b.p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return b.grad_qkv;

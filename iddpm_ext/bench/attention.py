@@ -11,6 +11,11 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
+fp32 runs twice on CUDA: dtype `float32` with TF32 off (torch's default,
+torch.backends.cuda.matmul.allow_tf32 = False: cuBLAS in fp32, our fused op in split-TF32) and
+`float32+tf32` with it on (cuBLAS and our fused op on TF32 tensor cores); every row carries
+`tf32` (the setting it ran under), and `speedup` compares with einsum under the same setting.
+
 FLOPs: 4·B·H·T²·C forward, 10·B·H·T²·C backward (the five T×T×C products of the backward,
 FlashAttention's convention), so `tflops` of `fwd+bwd` uses 14·B·H·T²·C. Bytes: the minimum an
 implementation must move, the same for all impls — forward reads qkv and writes out
@@ -44,14 +49,21 @@ CASES = [
     (16, 32, 64, 1024),
 ]
 QUICK_CASES = [(1, 4, 64, 64), (64, 4, 64, 64), (1, 4, 64, 256), (64, 4, 64, 256)]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# --dtype names: (dtype, torch.backends.cuda.matmul.allow_tf32 while it runs).
+_DTYPES = {
+    "float32": (torch.float32, False),
+    "float32+tf32": (torch.float32, True),
+    "float16": (torch.float16, False),
+    "bfloat16": (torch.bfloat16, False),
+}
 
 
 def add_arguments(parser):
     parser.add_argument(
         "--dtype",
         default=None,
-        help="comma-separated dtypes (default: float16,bfloat16,float32 on CUDA, float32 on CPU)",
+        help="comma-separated dtypes: float32 (TF32 off), float32+tf32 (TF32 allowed, CUDA), float16, "
+        "bfloat16 (default: float16,bfloat16,float32,float32+tf32 on CUDA, float32 on CPU)",
     )
     parser.add_argument(
         "--cases", default=None, help="cases as BxHxCxT, comma-separated (default: the standard eight)"
@@ -129,8 +141,10 @@ def run(args) -> list:
     device = torch.device(args.device)
     if args.dtype:
         dtypes = [_pick(_DTYPES, d, "dtype") for d in args.dtype.split(",")]
+    elif device.type == "cuda":
+        dtypes = [_DTYPES[d] for d in ("float16", "bfloat16", "float32", "float32+tf32")]
     else:
-        dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+        dtypes = [_DTYPES["float32"]]
     if args.cases:
         cases = common.parse_shapes(args.cases, "--cases", 4, "64x4x64x256")
     else:
@@ -139,60 +153,85 @@ def run(args) -> list:
     backends = _backends(device)
     peak_flops = common.peak_tensor_flops(device)
     records = []
-    for dtype in dtypes:
-        for B, H, C, T in cases:
-            gen = torch.Generator(device=device).manual_seed(0)
-            qkv = torch.randn(B, 3 * H * C, T, device=device, generator=gen).to(dtype)
-            q, k, v = _split_heads(qkv, H)
-            fused_ok = ops.has_kernel(device) and attn.fused_supported(qkv, H)
-            elems = B * H * C * T * qkv.element_size()
-            for pss in passes:
-                bwd = pss == "fwd+bwd"
-                impls = {"einsum (reference)": lambda x: attn.qkv_attention_reference(x, H)}
-                for name, be in backends.items():
-                    impls[f"sdpa:{name} +copies"] = lambda x, be=be: _sdpa_with_copies(x, H, be)
-                    impls[f"sdpa:{name} kernel"] = ("kernel", be)
-                if fused_ok:
-                    impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
-                flops = (14 if bwd else 4) * B * H * T * T * C
-                moved = (12 if bwd else 4) * elems
-                rows = {}
-                for impl, f in impls.items():
-                    fn = _make_fn(f, qkv, (q, k, v), bwd)
-                    try:
-                        fn()
-                    except RuntimeError:  # backend refuses this case
-                        if "kernel" in impl or "sdpa" in impl:
-                            continue
-                        raise
-                    ms = _timed(fn, device, args)
-                    rec = common.record(
-                        f"qkv_attention {pss}",
-                        impl,
-                        [B, H, C, T],
-                        dtype,
-                        device,
-                        ms,
-                        bytes_moved=moved,
-                        flops=flops,
-                    )
-                    if peak_flops and dtype != torch.float32:
-                        rec["pct_peak_tflops"] = round(100 * rec["tflops"] * 1e12 / peak_flops, 1)
-                    rows[impl] = rec
-                    records.append(common.emit(args, rec))
-                base = rows.get("einsum (reference)")
-                for rec in rows.values():
-                    if base:
-                        rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-                ours = rows.get("iddpm (fused)")
-                if ours:
-                    for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
-                        times = [
-                            r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)
-                        ]
-                        if times:
-                            ours[tag] = round(min(times) / ours["ms"], 2)
-                del rows
+    for dtype, tf32 in dtypes:
+        with _allow_tf32(tf32):
+            records += _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops)
+    return records
+
+
+class _allow_tf32:
+    """torch.backends.cuda.matmul.allow_tf32 = allow inside, restored after."""
+
+    def __init__(self, allow: bool):
+        self.allow = allow
+
+    def __enter__(self):
+        self.previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.allow
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.previous
+        return False
+
+
+def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -> list:
+    """The rows of one dtype (fp32: under one TF32 setting, already applied)."""
+    records = []
+    for B, H, C, T in cases:
+        gen = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(B, 3 * H * C, T, device=device, generator=gen).to(dtype)
+        q, k, v = _split_heads(qkv, H)
+        fused_ok = ops.has_kernel(device) and attn.fused_supported(qkv, H)
+        elems = B * H * C * T * qkv.element_size()
+        for pss in passes:
+            bwd = pss == "fwd+bwd"
+            impls = {"einsum (reference)": lambda x: attn.qkv_attention_reference(x, H)}
+            for name, be in backends.items():
+                impls[f"sdpa:{name} +copies"] = lambda x, be=be: _sdpa_with_copies(x, H, be)
+                impls[f"sdpa:{name} kernel"] = ("kernel", be)
+            if fused_ok:
+                impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
+            flops = (14 if bwd else 4) * B * H * T * T * C
+            moved = (12 if bwd else 4) * elems
+            rows = {}
+            for impl, f in impls.items():
+                fn = _make_fn(f, qkv, (q, k, v), bwd)
+                try:
+                    fn()
+                except RuntimeError:  # backend refuses this case
+                    if "kernel" in impl or "sdpa" in impl:
+                        continue
+                    raise
+                ms = _timed(fn, device, args)
+                rec = common.record(
+                    f"qkv_attention {pss}",
+                    impl,
+                    [B, H, C, T],
+                    dtype,
+                    device,
+                    ms,
+                    bytes_moved=moved,
+                    flops=flops,
+                )
+                if dtype == torch.float32:
+                    rec["tf32"] = tf32
+                    if tf32:
+                        rec["dtype"] = "float32+tf32"
+                if peak_flops and dtype != torch.float32:
+                    rec["pct_peak_tflops"] = round(100 * rec["tflops"] * 1e12 / peak_flops, 1)
+                rows[impl] = rec
+                records.append(common.emit(args, rec))
+            base = rows.get("einsum (reference)")
+            for rec in rows.values():
+                if base:
+                    rec["speedup"] = round(base["ms"] / rec["ms"], 2)
+            ours = rows.get("iddpm (fused)")
+            if ours:
+                for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
+                    times = [r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)]
+                    if times:
+                        ours[tag] = round(min(times) / ours["ms"], 2)
+            del rows
     return records
 
 

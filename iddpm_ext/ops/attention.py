@@ -55,9 +55,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     Under the implementation switch (see :func:`set_attention_impl`): "auto" runs the fused
     op ``iddpm::qkv_attention`` when ``_C`` has a kernel for ``qkv``'s device, dtype and head
     dim and the dtype is one the fused op is preferred for (any on CPU; fp16/bf16 on CUDA,
-    where fp32 stays on cuBLAS: the fused fp32 path has no tensor-core product), and falls
-    back to :func:`qkv_attention_reference` otherwise; "fused" always runs the
-    op (a clear error when it cannot); "einsum" always runs the reference.
+    where fp32 stays on cuBLAS until its tensor-core kernels have run on a card, see
+    ``_AUTO_DTYPES``), and falls back to :func:`qkv_attention_reference` otherwise; "fused"
+    always runs the op (a clear error when it cannot); "einsum" always runs the reference.
+    On CUDA the fused fp32 op follows torch's TF32 switch as cuBLAS does
+    (``torch.backends.cuda.matmul.allow_tf32``, set by
+    ``torch.set_float32_matmul_precision("high")``): TF32 tensor cores when it is on,
+    split-TF32 (three TF32 products, about fp32's accuracy) when it is off.
     """
     impl = _impl
     if impl == "einsum":
@@ -75,7 +79,11 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 # without a graph break).
 _HAS_KERNEL = {"cpu": loader.has_kernel("cpu"), "cuda": loader.has_kernel("cuda")}
 _KERNELS = {device: caps for device, caps in loader.capabilities()["attention"].items() if caps}
-# The dtypes "auto" sends to the fused op (see qkv_attention's docstring).
+# The dtypes "auto" sends to the fused op (see qkv_attention's docstring). fp32 on CUDA runs
+# on TF32 or split-TF32 tensor-core kernels (csrc/cuda/attention_common.cuh) that so far have
+# run only under the CPU emulator: by the project's rule "auto" keeps fp32 on einsum until a
+# GPU check passes and `iddpm bench attention` shows them faster than einsum under the same
+# TF32 setting ("fused" runs them).
 _AUTO_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float16, torch.bfloat16),

@@ -30,6 +30,28 @@ def test_attention_passes_both_gives_forward_and_backward_rows(tmp_path, capsys)
         assert "iddpm (fused)" in impls
 
 
+def test_attention_fp32_rows_under_each_tf32_setting(tmp_path, capsys):
+    # float32 runs with torch's TF32 switch off, float32+tf32 with it on (each row says which);
+    # the switch is restored afterwards.
+    import torch
+
+    out = tmp_path / "a.json"
+    args = argv(
+        (
+            "attention --device cpu --threads 1 --warmup 0 --iters 1 --cases 1x1x8x8 --passes fwd "
+            "--dtype float32,float32+tf32 --json {json}"
+        ),
+        json=str(out),
+    )
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert bench.main(args) == 0
+    capsys.readouterr()
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    recs = json.loads(out.read_text())["records"]
+    seen = {(r["dtype"], r["tf32"]) for r in recs if r["impl"] == "einsum (reference)"}
+    assert seen == {("float32", False), ("float32+tf32", True)}
+
+
 def test_step_sizes_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "s.json"
     args = argv(

@@ -8,6 +8,8 @@ small floor for cases where the eager path is exact (e.g. T = 1).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -193,6 +195,75 @@ def test_auto_keeps_unverified_head_dims_on_einsum():
     qkv64, _ = _case(1, 2, 64, 16, torch.float16)
     with A.attention_impl("auto"):
         assert torch.equal(A.qkv_attention(qkv64, 2), A.qkv_attention_fused(qkv64, 2))
+
+
+@contextlib.contextmanager
+def _allow_tf32(allow: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = allow inside (the switch the fused fp32 kernels
+    follow, as cuBLAS does), restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# fp32 on tensor cores: TF32 when torch allows it, split-TF32 (3 TF32 products, fp32-accurate)
+# otherwise. Each against float64 by the 2x rule with the einsum path under the same setting
+# (cuBLAS follows the same switch), and split-TF32 within fp32 accuracy of float64 besides.
+@pytest.mark.parametrize("allow", [False, True], ids=["split-tf32", "tf32"])
+@pytest.mark.parametrize("C", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("T", [63, 64, 257])
+def test_fp32_tf32_and_split_tf32(allow, C, T):
+    with _allow_tf32(allow):
+        _check_fwd_bwd(2, 2, C, T, torch.float32, seed=T + C)
+        if not allow:
+            qkv, _ = _case(2, 2, C, T, torch.float32, seed=T + C)
+            ref = attention_math_f64(qkv.double(), 2)
+            assert max_err(A.qkv_attention_fused(qkv, 2), ref) <= 2e-6 * (1 + ref.abs().max().item())
+
+
+def test_fp32_follows_torchs_tf32_switch():
+    # The switch reaches the kernel at each call: TF32 is clearly less accurate than split-TF32,
+    # and torch.set_float32_matmul_precision("high") (which allows TF32) gives TF32's result.
+    B, H, C, T = 2, 2, 64, 256
+    qkv, _ = _case(B, H, C, T, torch.float32, seed=9)
+    ref = attention_math_f64(qkv.double(), H)
+    with _allow_tf32(False):
+        split = A.qkv_attention_fused(qkv, H)
+    with _allow_tf32(True):
+        tf32 = A.qkv_attention_fused(qkv, H)
+    assert max_err(split, ref) * 16 < max_err(tf32, ref)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert torch.equal(A.qkv_attention_fused(qkv, H), tf32)
+        torch.set_float32_matmul_precision("highest")
+        assert torch.equal(A.qkv_attention_fused(qkv, H), split)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("C, T", [(64, 40), (128, 96), (192, 40)])
+def test_sanitizer_subset_tf32(C, T):
+    # fp32 under TF32 for compute-sanitizer (scripts/gpu_check.sh): the kTf32 kernels round
+    # their shared-memory tiles in place after each load, on both load paths (T, T + 1).
+    with _allow_tf32(True):
+        for t in (T, T + 1):
+            _check_fwd_bwd(1, 2, C, t, torch.float32, seed=t)
+
+
+def test_auto_keeps_fp32_on_einsum():
+    # The TF32 / split-TF32 kernels have not run on a card yet: "auto" keeps fp32 on einsum
+    # under either setting; "fused" runs them.
+    qkv, _ = _case(1, 2, 64, 16, torch.float32)
+    assert A.fused_supported(qkv, 2)
+    for allow in (False, True):
+        with _allow_tf32(allow), A.attention_impl("auto"):
+            assert torch.equal(A.qkv_attention(qkv, 2), A.qkv_attention_reference(qkv, 2))
+        with _allow_tf32(allow), A.attention_impl("fused"):
+            assert torch.equal(A.qkv_attention(qkv, 2), A.qkv_attention_fused(qkv, 2))
 
 
 def test_torch_compile_fullgraph_cuda():

@@ -4,8 +4,14 @@
 // tile width Cp (32, 64, 128, 256) at C = Cp and head dims C < Cp on the tile above (48, 80,
 // 96, 160, 192, with channels C..Cp-1 zero-filled and never stored): both global-load paths
 // (cp.async and guarded), partial and pipelined tiles, every output element written (buffers start
-// as NaN), nothing written outside them (guard zones). Built and run by
+// as NaN), nothing written outside them (guard zones). fp32 runs under each product precision:
+// "fp32" is kFma (fp32 FMAs, the reference the TF32 paths are also compared with), "tf32" kTf32
+// and "tf32x3" kTf32x3 (split-TF32), the two the GPU launchers compile. Built and run by
 // tests/ops/test_attention_cuda_emulation.py. Exit code 0 = pass.
+//
+// `attention_emulation --tf32-round IN OUT` instead rounds the little-endian fp32 bit patterns
+// of file IN with the kernels' fp32 → TF32 conversion (tf32_bits, here the emulated
+// cvt.rna.tf32.f32) and writes the results to OUT (the test compares them with numpy).
 //
 // What it cannot check: that the hardware's mma.sync / ldmatrix follow the layouts the emulator
 // implements (the PTX ISA's, also written down in attention_common.cuh), timing, and memory
@@ -25,6 +31,7 @@ alignas(16) unsigned char smem_raw[256 * 1024];
 
 using namespace iddpm::cuda::attn_kernels;
 using iddpm::cuda::attn_dev::Elem;
+using iddpm::cuda::attn_dev::Prec;
 
 namespace {
 
@@ -145,10 +152,16 @@ void reference(int C, int T, const double* q, const double* k, const double* v, 
   }
 }
 
-// Head dim C on the kernels of tile width Cp >= C.
-template <class T, int Cp>
-void run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
-              const char* dtype) {
+// What a case computed: out then grad_qkv (as doubles), and its largest relative errors.
+struct Result {
+  std::vector<double> values;
+  double err_fwd = 0, err_bwd = 0;
+};
+
+// Head dim C on the kernels of tile width Cp >= C, products under P.
+template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
+Result run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
+                const char* dtype) {
   const int BH = B * H;
   const size_t nqkv = static_cast<size_t>(BH) * 3 * C * T_len, nout = nqkv / 3;
   std::mt19937 rng(1234 + T_len + C);
@@ -168,7 +181,7 @@ void run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, doub
   // forward (the launchers' grids)
   using F = FwdCfg<T, Cp>;
   launch(dim3(BH, (T_len + F::BQ - 1) / F::BQ, 1), F::kThreads, F::kSmemBytes, [&] {
-    attn_fwd_kernel<T, Cp>(qkv.data(), out.data(), lse.data(), C, T_len, scale_log2, vec);
+    attn_fwd_kernel<T, Cp, P>(qkv.data(), out.data(), lse.data(), C, T_len, scale_log2, vec);
   });
   // backward: delta, main (one CTA per channel slice along z), dq
   using Bw = BwdCfg<T, Cp>;
@@ -177,8 +190,8 @@ void run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, doub
          [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
   launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, (C + Bw::CA - 1) / Bw::CA), Bw::kThreads,
          Bw::kSmemBytes, [&] {
-           attn_bwd_kernel<T, Cp>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
-                                  dq_accum.data(), C, T_len, scale, scale_log2, vec);
+           attn_bwd_kernel<T, Cp, P>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
+                                     dq_accum.data(), C, T_len, scale, scale_log2, vec);
          });
   // grid-stride kernel: a few blocks cover everything
   launch(dim3(3, 1, 1), 256, 0,
@@ -229,6 +242,104 @@ void run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, doub
               e_g[1], e_g[2]);
   expect(e_o <= tol_fwd && e_lse <= tol_fwd, name + ": forward error");
   expect(e_g[0] <= tol_bwd && e_g[1] <= tol_bwd && e_g[2] <= tol_bwd, name + ": backward error");
+  Result r;
+  r.values = g_o;
+  r.values.insert(r.values.end(), g_g.begin(), g_g.end());
+  r.err_fwd = std::max(e_o, e_lse);
+  r.err_bwd = std::max({e_g[0], e_g[1], e_g[2]});
+  return r;
+}
+
+// fp32 attention at head dim C (tile Cp) under TF32 (within fp16-like tolerances of float64)
+// and split-TF32 (within fp32 ones), split-TF32 clearly more accurate than TF32 (so that a
+// swapped or ineffective split shows), and with kWithFma split-TF32 also close to the fp32-FMA
+// kernel (kFma, the fp32 path before TF32; compiled at Cp = 64 only, to keep the build short).
+template <int Cp, bool kWithFma = false>
+void run_fp32_precisions(int C, int T_len) {
+  const Result x1 = run_case<float, Cp, Prec::kTf32>(C, 1, 2, T_len, 0, 4e-3, 1e-2, "tf32");
+  const Result x3 = run_case<float, Cp, Prec::kTf32x3>(C, 1, 2, T_len, 0, 2e-5, 1e-4, "tf32x3");
+  const std::string name = "C=" + std::to_string(C) + " T=" + std::to_string(T_len);
+  expect(x3.err_fwd * 16 < x1.err_fwd && x3.err_bwd * 16 < x1.err_bwd,
+         "tf32x3 not clearly more accurate than tf32 " + name);
+  if constexpr (kWithFma) {
+    const Result fma = run_case<float, Cp, Prec::kFma>(C, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
+    double diff = 0, m = 0;
+    for (size_t i = 0; i < fma.values.size(); ++i) {
+      diff = std::max(diff, std::fabs(fma.values[i] - x3.values[i]));
+      m = std::max(m, std::fabs(fma.values[i]));
+    }
+    std::printf("tf32x3 vs fp32 (kFma) %-12s max rel diff %.2e\n", name.c_str(), diff / m);
+    expect(diff / m <= 2e-5, "tf32x3 vs fp32 kernel " + name);
+  }
+}
+
+// The TF32 product (two m16n8k8 per 16×8×16 fragment product) on values exact in TF32 against
+// a float64 product, and split-TF32 on arbitrary fp32 values.
+void tf32_self_tests() {
+  using namespace iddpm::cuda::attn_dev;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> small(-8, 8);
+  std::normal_distribution<float> normal;
+  float Ai[16][16], Bi[16][8], Af[16][16], Bf[16][8];
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) Ai[m][k] = small(rng) / 4.0f, Af[m][k] = normal(rng);
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 8; ++n) Bi[k][n] = small(rng) / 4.0f, Bf[k][n] = normal(rng);
+  double err_exact = 0, err_split = 0, scale = 0;
+  attn_emu::run_block(32, smem_raw, sizeof(smem_raw), [&] {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    FragA<float> a, af;
+    FragB<float> b, bf;
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
+      a.x[i] = make_float2(Ai[m][k], Ai[m][k + 1]);
+      af.x[i] = make_float2(Af[m][k], Af[m][k + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      b.x[i] = make_float2(Bi[2 * t + 8 * i][g], Bi[2 * t + 8 * i + 1][g]);
+      bf.x[i] = make_float2(Bf[2 * t + 8 * i][g], Bf[2 * t + 8 * i + 1][g]);
+    }
+    float c[4] = {0, 0, 0, 0}, cs[4] = {0, 0, 0, 0};
+    mma<Prec::kTf32>(c, a, b);
+    mma<Prec::kTf32x3>(cs, af, bf);
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i >> 1), n = 2 * t + (i & 1);
+      double ref = 0, ref_f = 0, mag = 0;
+      for (int k = 0; k < 16; ++k) {
+        ref += static_cast<double>(Ai[m][k]) * Bi[k][n];
+        ref_f += static_cast<double>(Af[m][k]) * Bf[k][n];
+        mag += std::fabs(static_cast<double>(Af[m][k]) * Bf[k][n]);
+      }
+      err_exact = std::max(err_exact, std::fabs(ref - c[i]));
+      err_split = std::max(err_split, std::fabs(ref_f - cs[i]));
+      scale = std::max(scale, mag);
+    }
+  });
+  std::printf("self-test: tf32 mma error %.2e (exact operands), tf32x3 error %.2e of sum|ab|\n",
+              err_exact, err_split / scale);
+  expect(err_exact == 0.0, "tf32 mma (exact on these small integers)");
+  expect(err_split / scale <= 2e-6, "tf32x3 mma accuracy");
+}
+
+// --tf32-round IN OUT (see the top).
+int round_file(const char* in, const char* out) {
+  FILE* f = std::fopen(in, "rb");
+  if (!f) return 2;
+  std::vector<uint32_t> v;
+  uint32_t u;
+  while (std::fread(&u, 4, 1, f) == 1) v.push_back(u);
+  std::fclose(f);
+  for (uint32_t& x : v) {
+    float y;
+    std::memcpy(&y, &x, 4);
+    x = iddpm::cuda::attn_dev::tf32_bits(y);
+  }
+  f = std::fopen(out, "wb");
+  if (!f) return 2;
+  const bool ok = std::fwrite(v.data(), 4, v.size(), f) == v.size();
+  std::fclose(f);
+  std::printf("rounded %zu values\n", v.size());
+  return ok ? 0 : 2;
 }
 
 // The fp32 product by lane shuffles (used on the GPU) against a float64 product, and the fp32
@@ -313,8 +424,10 @@ void self_tests() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--tf32-round") return round_file(argv[2], argv[3]);
   self_tests();
+  tf32_self_tests();
   for (int T_len : {37, 80}) {
     run_case<__half, 32>(32, 1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
     run_case<__half, 64>(64, 1, 2, T_len, 0, 4e-3, 1e-2, "fp16");
@@ -322,15 +435,12 @@ int main() {
     run_case<__nv_bfloat16, 32>(32, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
     run_case<__nv_bfloat16, 64>(64, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
     run_case<__nv_bfloat16, 128>(128, 1, 2, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<float, 32>(32, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
-    run_case<float, 64>(64, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
-    run_case<float, 128>(128, 1, 2, T_len, 0, 2e-5, 1e-4, "fp32");
   }
   run_case<__half, 64>(64, 2, 1, 136, 0, 4e-3, 1e-2, "fp16");  // 3 pipelined tiles, cp.async
-  run_case<float, 32>(32, 1, 1, 136, 0, 2e-5, 1e-4, "fp32");
-  run_case<__nv_bfloat16, 64>(64, 1, 1, 130, 0, 3e-2, 6e-2, "bf16");  // 3 tiles, guarded
+  run_case<float, 32, Prec::kTf32>(32, 1, 1, 136, 0, 4e-3, 1e-2, "tf32");  // rounds each stage
+  run_case<__nv_bfloat16, 64>(64, 1, 1, 130, 0, 3e-2, 6e-2, "bf16");       // 3 tiles, guarded
   run_case<__half, 128>(128, 1, 1, 130, 0, 4e-3, 1e-2, "fp16");  // backward: 5 query tiles of 32
-  run_case<float, 64>(64, 1, 1, 130, 0, 2e-5, 1e-4, "fp32");
+  run_case<float, 64, Prec::kTf32x3>(64, 1, 1, 130, 0, 2e-5, 1e-4, "tf32x3");
   run_case<__half, 64>(64, 1, 2, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage: guarded loads
 
   // Head dims below their tile width (zero-filled channels), and Cp = 256 (key tiles of 32, q
@@ -338,21 +448,32 @@ int main() {
   // T = 37: one partial tile, guarded loads; T = 80: several tiles, cp.async.
   run_case<__half, 64>(48, 1, 2, 37, 0, 4e-3, 1e-2, "fp16");
   run_case<__nv_bfloat16, 128>(80, 1, 1, 80, 0, 3e-2, 6e-2, "bf16");
-  run_case<float, 128>(96, 1, 1, 37, 0, 2e-5, 1e-4, "fp32");
   run_case<__half, 128>(96, 1, 2, 80, 0, 4e-3, 1e-2, "fp16");
   run_case<__nv_bfloat16, 32>(24, 1, 1, 37, 0, 3e-2, 6e-2, "bf16");
   run_case<__half, 32>(8, 1, 1, 37, 0, 4e-3, 1e-2, "fp16");
   for (int T_len : {37, 80}) {
     run_case<__half, 256>(256, 1, 1, T_len, 0, 4e-3, 1e-2, "fp16");
     run_case<__nv_bfloat16, 256>(192, 1, 1, T_len, 0, 3e-2, 6e-2, "bf16");
-    run_case<float, 256>(160, 1, 1, T_len, 0, 2e-5, 1e-4, "fp32");
+    run_case<float, 256, Prec::kTf32x3>(160, 1, 1, T_len, 0, 2e-5, 1e-4, "tf32x3");
   }
   run_case<__half, 256>(160, 1, 1, 37, 0, 4e-3, 1e-2, "fp16");
-  run_case<float, 256>(256, 1, 1, 37, 0, 2e-5, 1e-4, "fp32");
+  run_case<float, 256, Prec::kTf32x3>(256, 1, 1, 37, 0, 2e-5, 1e-4, "tf32x3");
   run_case<__nv_bfloat16, 256>(256, 1, 1, 37, 0, 3e-2, 6e-2, "bf16");
-  run_case<float, 64>(48, 1, 1, 80, 0, 2e-5, 1e-4, "fp32");
+  run_case<float, 64, Prec::kTf32>(48, 1, 1, 80, 0, 4e-3, 1e-2, "tf32");
   run_case<__half, 256>(192, 1, 1, 80, 1, 4e-3, 1e-2, "fp16");  // unaligned storage
   run_case<__nv_bfloat16, 128>(96, 1, 1, 80, 3, 3e-2, 6e-2, "bf16");
+  // fp32 under TF32 and split-TF32 (against float64, and at Cp = 64 the fp32-FMA kernel): every
+  // tile width, head dims below their tile width, partial (T = 37: keys and queries masked) and
+  // whole tiles (T = 64), cp.async and guarded loads.
+  run_fp32_precisions<32>(32, 37);
+  run_fp32_precisions<64, true>(64, 64);
+  run_fp32_precisions<64, true>(48, 37);
+  run_fp32_precisions<128>(128, 37);
+  run_fp32_precisions<128>(96, 64);
+  run_case<float, 32, Prec::kTf32>(32, 1, 1, 64, 0, 4e-3, 1e-2, "tf32");
+  run_case<float, 32, Prec::kTf32x3>(24, 1, 1, 64, 1, 2e-5, 1e-4, "tf32x3");  // unaligned
+  run_case<float, 64, Prec::kTf32>(48, 1, 1, 37, 0, 4e-3, 1e-2, "tf32");
+  run_case<float, 256, Prec::kTf32>(160, 1, 1, 37, 0, 4e-3, 1e-2, "tf32");  // q read per product
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }

@@ -9,9 +9,11 @@
 // resolved once all 32 lanes have reached it — from every lane's operands at once, following
 // the fragment layouts of the PTX ISA — and a barrier once every thread of the block is at it.
 // Warps drift apart at random (a ready warp collective is resolved with probability 1/2 per
-// round), so that only __syncthreads keeps warps together, as on the GPU. cp.async copies are
-// queued per thread and performed at that thread's cp.async.wait_all, so a missing wait or
-// barrier shows up as stale data. Shared memory is filled with NaN before each block, and
+// round), so that only __syncthreads keeps warps together, as on the GPU. The TF32 path's
+// cvt.rna.tf32.f32 is emulated bit for bit (cvt_rna_tf32) and its m16n8k8 mma.sync refuses
+// operands that are not TF32 (low 13 mantissa bits set), so an unrounded operand shows. cp.async
+// copies are queued per thread and performed at that thread's cp.async.wait_all, so a missing wait
+// or barrier shows up as stale data. Shared memory is filled with NaN before each block, and
 // ldmatrix / cp.async check alignment and bounds.
 #pragma once
 
@@ -46,7 +48,7 @@ namespace attn_emu {
 }
 
 enum class St { run, wait_warp, wait_block, done };
-enum class Op { none, shfl, ldsm, mma_b16, mma_f32 };
+enum class Op { none, shfl, ldsm, mma_b16, mma_f32, mma_tf32 };
 
 struct Copy {
   void* dst;
@@ -81,6 +83,10 @@ struct Block {
   const unsigned char* smem_lo = nullptr;
   size_t smem_bytes = 0;
 };
+
+// The collectives are called from every product and load of every kernel instance: kept out of
+// line, they keep the test's compile time down (and cost nothing measurable at run time).
+#define IDDPM_EMU_NOINLINE __attribute__((noinline))
 
 inline Block* g_block = nullptr;
 inline uint64_t g_rng = 0x9e3779b97f4a7c15ull;  // xorshift state of the warp scheduling
@@ -141,7 +147,7 @@ inline void check_smem(const void* p, size_t bytes, const char* what) {
 }
 
 // ---- warp collectives, called from kernel code ----------------------------------------------
-inline float shfl(float v, int src) {
+IDDPM_EMU_NOINLINE inline float shfl(float v, int src) {
   Lane& l = me();
   l.op = Op::shfl;
   l.fval = v;
@@ -150,7 +156,7 @@ inline float shfl(float v, int src) {
   return me().fres;
 }
 
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+IDDPM_EMU_NOINLINE inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
   check_smem(p, 16, "ldmatrix row outside the block's dynamic shared memory");
   Lane& l = me();
@@ -161,7 +167,8 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   for (int i = 0; i < 4; ++i) r[i] = me().r[i];
 }
 
-inline void mma_b16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+IDDPM_EMU_NOINLINE inline void mma_b16(float (&c)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[2], bool bf16) {
   Lane& l = me();
   l.op = Op::mma_b16;
   l.flag = bf16;
@@ -172,7 +179,7 @@ inline void mma_b16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   for (int i = 0; i < 4; ++i) c[i] = me().c[i];
 }
 
-inline void mma_f32(float (&c)[4], const float2 (&a)[4], const float2 (&b)[2]) {
+IDDPM_EMU_NOINLINE inline void mma_f32(float (&c)[4], const float2 (&a)[4], const float2 (&b)[2]) {
   Lane& l = me();
   l.op = Op::mma_f32;
   for (int i = 0; i < 4; ++i) l.fa[i] = a[i], l.c[i] = c[i];
@@ -182,7 +189,36 @@ inline void mma_f32(float (&c)[4], const float2 (&a)[4], const float2 (&b)[2]) {
   for (int i = 0; i < 4; ++i) c[i] = me().c[i];
 }
 
-inline void cp_async_16(void* dst, const void* src, bool valid) {
+// fp32 -> TF32 as cvt.rna.tf32.f32 does it: round to nearest with ties away from zero at the
+// 13th mantissa bit (adding half of the dropped part's unit to the magnitude carries into the
+// exponent when it must, up to infinity), then clear the 13 low bits; NaN and infinity as
+// they are.
+inline uint32_t cvt_rna_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf, NaN: kept (no rounding)
+  return (u + 0x1000u) & 0xffffe000u;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: a, b hold TF32 bits.
+IDDPM_EMU_NOINLINE inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                        const uint32_t (&b)[2]) {
+  for (uint32_t x : a) {
+    if (x & 0x1fffu) fail("tf32 mma: an A operand is not TF32 (low 13 bits set)");
+  }
+  for (uint32_t x : b) {
+    if (x & 0x1fffu) fail("tf32 mma: a B operand is not TF32 (low 13 bits set)");
+  }
+  Lane& l = me();
+  l.op = Op::mma_tf32;
+  for (int i = 0; i < 4; ++i) l.a[i] = a[i], l.c[i] = c[i];
+  l.b[0] = b[0];
+  l.b[1] = b[1];
+  yield(St::wait_warp);
+  for (int i = 0; i < 4; ++i) c[i] = me().c[i];
+}
+
+IDDPM_EMU_NOINLINE inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || (valid && reinterpret_cast<uintptr_t>(src) % 16)) {
     fail("cp.async address not 16-byte aligned");
   }
@@ -254,6 +290,32 @@ inline void mma_resolve(Lane* w, bool is_f32, bool bf16) {
   }
 }
 
+// m16n8k8 TF32 (PTX ISA): A a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);
+// B b0 = (k=t, n=g), b1 = (k=t+4, n=g); C as m16n8k16. The products of two TF32 values are exact
+// in double, the sum is rounded once.
+inline void mma_tf32_resolve(Lane* w) {
+  double A[16][8], B[8][8];
+  auto f = [](uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return static_cast<double>(x);
+  };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) A[g + 8 * (i & 1)][t + 4 * (i >> 1)] = f(w[lane].a[i]);
+    for (int i = 0; i < 2; ++i) B[t + 4 * i][g] = f(w[lane].b[i]);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i >> 1), n = 2 * t + (i & 1);
+      double acc = w[lane].c[i];
+      for (int k = 0; k < 8; ++k) acc += A[m][k] * B[k][n];
+      w[lane].c[i] = static_cast<float>(acc);
+    }
+  }
+}
+
 // ldmatrix .x4: lanes 8q..8q+7 give the row addresses of matrix q. Without .trans lane L gets
 // (row L/4, cols 2(L%4), +1) of each matrix; with .trans (rows 2(L%4), +1; col L/4).
 inline void ldsm_resolve(Lane* w) {
@@ -284,6 +346,7 @@ inline void resolve(Lane* w) {
     case Op::ldsm: ldsm_resolve(w); break;
     case Op::mma_b16: mma_resolve(w, false, w[0].flag); break;
     case Op::mma_f32: mma_resolve(w, true, false); break;
+    case Op::mma_tf32: mma_tf32_resolve(w); break;
     default: fail("unknown collective");
   }
   for (int i = 0; i < 32; ++i) w[i].st = St::run, w[i].op = Op::none;
@@ -349,6 +412,16 @@ inline void __syncthreads() { attn_emu::yield(attn_emu::St::wait_block); }
 inline float __shfl_sync(unsigned, float v, int src) { return attn_emu::shfl(v, src); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   return attn_emu::shfl(v, static_cast<int>(threadIdx.x & 31) ^ mask);
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, 4);
+  return u;
 }
 inline float atomicAdd(float* p, float v) {
   const float old = *p;
