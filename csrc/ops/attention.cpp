@@ -25,6 +25,7 @@
 #include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
