@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from .nn import (
     SiLU,
     avg_pool_nd,
+    channels_innermost,
     checkpoint,
     clear_conv_prepack,
+    conv1x1_channels_innermost,
     conv_add,
     conv_nd,
     default_conv_prepack,
@@ -59,6 +61,7 @@ __all__ = [
     "convert_module_to_f16",
     "convert_module_to_f32",
     "default_channels_last",
+    "set_channels_last_attention",
 ]
 
 
@@ -76,6 +79,21 @@ def default_channels_last(device) -> bool:
     if value:
         raise ValueError(f"IDDPM_CHANNELS_LAST: expected 1 or 0 (or unset), got {value!r}")
     return torch.device(device).type == "cpu"
+
+
+# The attention block's channels-last branch (AttentionBlock._forward): on by default.
+_CHANNELS_LAST_ATTENTION = True
+
+
+def set_channels_last_attention(enabled: bool) -> bool:
+    """Let AttentionBlock keep channels-last activations channels-last (True, the default: its
+    qkv comes out [N, T, 3C] in memory and its output stays channels-last) or flatten them
+    through contiguous [N, C, T] tensors as before (False). Returns the previous setting."""
+    global _CHANNELS_LAST_ATTENTION
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
+    previous, _CHANNELS_LAST_ATTENTION = _CHANNELS_LAST_ATTENTION, enabled
+    return previous
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -272,9 +290,17 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x):  # x: [N, C, *spatial]
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)  # [N, C, T]
-        qkv = self.qkv(self.norm(x))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)
-        h = conv_add(self.proj_out, self.attention(qkv), x)  # x + proj_out(attention): [N, C, T]
+        flat = x.reshape(b, c, -1)  # [N, C, T]
+        if _CHANNELS_LAST_ATTENTION and channels_innermost(flat):
+            # Channels-last activations: the norm runs on x in its own layout, and the two 1×1
+            # convs keep channels innermost, so qkv is [N, T, 3C] in memory (what "auto" hands to
+            # SDPA without a copy) and the block's output stays channels-last for the next conv.
+            # Same values as the branch below (the norm over [N, C, *spatial] is that over [N, C, T]).
+            qkv = conv1x1_channels_innermost(self.qkv, self.norm(x).reshape(b, c, -1))
+            h = conv1x1_channels_innermost(self.proj_out, self.attention(qkv), flat)
+            return h.reshape(b, c, *spatial)
+        qkv = self.qkv(self.norm(flat))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)
+        h = conv_add(self.proj_out, self.attention(qkv), flat)  # x + proj_out(attention): [N, C, T]
         return h.reshape(b, c, *spatial)
 
 
