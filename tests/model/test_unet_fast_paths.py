@@ -470,3 +470,53 @@ def test_set_channels_last_attention_errors():
     with pytest.raises(ValueError, match="enabled: expected True or False, got 'yes'"):
         iunet.set_channels_last_attention("yes")
     assert iunet.set_channels_last_attention(True) is True  # the default, unchanged
+
+
+# ---------------------------------------------------------------------------------
+# The ResBlocks' time-embedding projections in one GEMM (to_inference(batch_emb=True))
+# ---------------------------------------------------------------------------------
+def test_batched_emb_matches_per_block_projections_and_tracks_weights():
+    model = _model(num_classes=4)
+    x, t = _inputs()
+    y = torch.tensor([0, 3])
+    fast = copy.deepcopy(model).to_inference(channels_last=False, prepack=False)
+    assert fast.batch_emb
+    linears = [m.emb_layers[1] for m in fast.modules() if isinstance(m, iunet.ResBlock)]
+
+    def unbatched():
+        fast.batch_emb = False
+        try:
+            return fast(x, t, y)
+        finally:
+            fast.batch_emb = True
+
+    with torch.no_grad():
+        got, expected = fast(x, t, y), unbatched()
+        cache = fast._emb_gemm
+        assert cache.key is not None  # the batched GEMM ran
+        assert tuple(cache.weight.shape) == (sum(lin.out_features for lin in linears), linears[0].in_features)
+        assert _rel(got, expected) <= 1e-6
+        # A changed projection (in place, then a new tensor) is seen on the next call.
+        linears[1].weight.mul_(3)
+        got, expected = fast(x, t, y), unbatched()
+        assert _rel(got, expected) <= 1e-6 and _rel(got, model(x, t, y)) > 1e-3
+        linears[2].bias = torch.nn.Parameter(linears[2].bias + 1)
+        assert _rel(fast(x, t, y), unbatched()) <= 1e-6
+    # Copies and pickles start with an empty cache; state-dict keys are unchanged.
+    assert copy.deepcopy(fast)._emb_gemm.key is None
+    assert list(fast.state_dict()) == list(model.state_dict())
+    # With gradients recorded, or a hook on a projection, each block runs its own emb_layers.
+    key = cache.key
+    fast.zero_grad()
+    fast(x, t, y).sum().backward()
+    assert linears[0].weight.grad is not None and cache.key == key
+    calls = []
+    linears[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        assert _rel(fast(x, t, y), unbatched()) <= 1e-6
+    assert calls
+    fast.train()
+    assert cache.key is None  # training frees it
+    with pytest.raises(ValueError, match="batch_emb: expected True or False, got 'yes'"):
+        fast.to_inference(batch_emb="yes")
+    assert not fast.to_inference(batch_emb=False).batch_emb
