@@ -609,8 +609,13 @@ class UNetModel(nn.Module):
         """With ``batch_emb`` on (:meth:`to_inference`) and no gradient recorded: ``emb`` and every
         ResBlock's ``emb_layers(emb)`` (SiLU → Linear, the same input for all) from one SiLU and
         one GEMM over the concatenated weights, instead of one small GEMM per block (each a
-        weight read and a call; ~5% of a bf16 CPU forward of the CIFAR-10 model). Else ``emb``."""
+        weight read and a call; ~5% of a bf16 CPU forward of the CIFAR-10 model). Else ``emb``
+        (also while torch.compile traces and during CUDA graph capture)."""
         if not getattr(self, "batch_emb", False) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return emb
+        if emb.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A captured graph replays without this check: it reads the blocks' own weights, so
+            # that later in-place updates (EMA) are seen, where the concatenated copy would not be.
             return emb
         cache = self._emb_gemm
         if cache.blocks is None:
