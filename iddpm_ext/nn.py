@@ -294,8 +294,11 @@ class _PrepackedForward:
             self.entries[key] = entry
         return entry[1], entry[2]
 
-    def run(self, x, residual=None):
-        """conv(x), or residual + conv(x) (one fused oneDNN call where possible)."""
+    def run(self, x, residual=None, keep_channels_last=False):
+        """conv(x), or residual + conv(x) (one fused oneDNN call where possible).
+
+        ``keep_channels_last``: a 1-D output stays channels-innermost ([N, T, C] in memory, as the
+        packed op writes it) instead of being made a contiguous [N, C, T]."""
         dtype = self._compute_dtype(x)
         if dtype is None:
             y = self.conv._conv_forward(x, self.conv.weight, self.conv.bias)
@@ -323,7 +326,9 @@ class _PrepackedForward:
             )
         # The packed op always writes channels-last; give the layout torch's conv would give:
         # 2-D: channels-last iff the input or the weight is; 1-D: contiguous [N, C, T].
-        if not y.is_contiguous() and (one_d or not self._channels_last_out(x2)):
+        if one_d and keep_channels_last:
+            pass
+        elif not y.is_contiguous() and (one_d or not self._channels_last_out(x2)):
             y = y.contiguous()
         y = y.squeeze(2) if one_d else y
         if residual is not None and not fold:
@@ -389,6 +394,43 @@ def conv_add(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.
     if isinstance(fwd, _PrepackedForward) and not conv._forward_hooks and not conv._forward_pre_hooks:
         return fwd.run(x, residual)
     return residual + conv(x)
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """Whether a [N, C, T] tensor has its channels innermost in memory ([N, T, C], stride 1 on C):
+    what a channels-last [N, C, H, W] activation gives when flattened to [N, C, H·W]."""
+    if x.dim() != 3 or x.shape[1] < 2 or x.shape[2] < 2:
+        return False
+    return x.stride(1) == 1 and x.stride(2) == x.shape[1]
+
+
+def conv1x1_channels_innermost(
+    conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``conv(x)`` (or ``residual + conv(x)``) for a 1×1 ``nn.Conv1d`` and an [N, C, T] ``x`` with
+    channels innermost (:func:`channels_innermost`), the output in that layout too, where torch's
+    conv1d would return a contiguous [N, C', T] (a copy). The packed conv when prepacking is on
+    (residual add fused), else torch's conv2d on the [N, C, 1, T] channels-last view; the module's
+    own forward for anything else (other kernels, hooks, contiguous x). Same values, autograd and
+    autocast as ``conv(x)``."""
+    plain = (
+        not isinstance(conv, nn.Conv1d)
+        or conv.kernel_size != (1,)
+        or conv.stride != (1,)
+        or conv.padding not in ((0,), "valid")
+        or conv.dilation != (1,)
+        or conv._forward_hooks
+        or conv._forward_pre_hooks
+        or not channels_innermost(x)
+    )
+    if plain:
+        return conv(x) if residual is None else residual + conv(x)
+    fwd = conv.__dict__.get("forward")
+    if isinstance(fwd, _PrepackedForward) and fwd._compute_dtype(x) is not None:
+        return fwd.run(x, residual, keep_channels_last=True)
+    weight = conv.weight.unsqueeze(2)  # [C', C/groups, 1, 1]
+    y = F.conv2d(x.unsqueeze(2), weight, conv.bias, 1, 0, 1, conv.groups).squeeze(2)
+    return y if residual is None else residual + y
 
 
 def linear(*args, **kwargs) -> nn.Linear:

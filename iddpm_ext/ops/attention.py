@@ -5,9 +5,11 @@ Layout (the reference's): qkv [B, 3·H·C, T] with, for each head h, channels [3
 q, the next C = k, the next C = v (the reference reshapes to [B·H, 3C, T] and splits).
 Output [B, H·C, T] in qkv's dtype. Logits are scaled by 1/√C; softmax is accumulated in fp32.
 
-- :func:`qkv_attention` — what the UNet calls: the fused op or the einsum path, by the
+- :func:`qkv_attention` — what the UNet calls: the fused op, SDPA or the einsum path, by the
   implementation switch (:func:`set_attention_impl`, :class:`attention_impl`).
 - :func:`qkv_attention_reference` — improved-diffusion's QKVAttention math (readable path).
+- :func:`qkv_attention_sdpa` — torch's scaled_dot_product_attention on q/k/v views of qkv
+  ("auto" picks it for channels-last CPU inputs without autograd).
 - :func:`qkv_attention_fused` / :func:`qkv_attention_with_lse` / :func:`qkv_attention_backward`
   — the ops (csrc/ops/attention.cpp; CPU kernels in csrc/cpu/attention*, CUDA in
   csrc/cuda/attention*). The forward op also returns lse [B, H, T] (float32, float64 for
@@ -24,11 +26,8 @@ import torch
 from . import checks, loader
 
 
-def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The reference's einsum attention (improved-diffusion's QKVAttention), readable path.
-
-    qkv: [B, 3·H·C, T] -> [B, H·C, T].
-    """
+def _check_args(qkv: torch.Tensor, num_heads: int):
+    """The argument checks of the Python paths (einsum, sdpa); returns (B, 3·H·C, T)."""
     if qkv.dim() != 3:
         raise ValueError(f"qkv: expected a 3-D tensor [B, 3·H·C, T], got shape {list(qkv.shape)}")
     if num_heads < 1:
@@ -39,6 +38,15 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
             f"qkv: expected a channel count (dim 1) that is a positive multiple of 3·num_heads = "
             f"{3 * num_heads}, got {width}"
         )
+    return B, width, T
+
+
+def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The reference's einsum attention (improved-diffusion's QKVAttention), readable path.
+
+    qkv: [B, 3·H·C, T] -> [B, H·C, T].
+    """
+    B, width, T = _check_args(qkv, num_heads)
     qkv = qkv.reshape(B * num_heads, width // num_heads, T)
     ch = qkv.shape[1] // 3
     q, k, v = torch.split(qkv, ch, dim=1)
@@ -49,15 +57,34 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return out.reshape(B, -1, T)
 
 
+def qkv_attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The same attention through torch's ``scaled_dot_product_attention``, on views of qkv.
+
+    qkv: [B, 3·H·C, T] -> [B, H·C, T]. Channels split as the reference's (per head: q | k | v),
+    q, k, v are [B, H, T, C] views (no copy), scale 1/√C (the reference's C^-1/4 on q and on k).
+    Fastest where qkv is channels-last in memory ([B, T, 3·H·C], what a 1×1 conv of
+    channels-last activations gives): the views then have contiguous head dims and torch's CPU
+    flash kernel reads them in place; its output, [B, T, H, C] in memory on the CPU, comes back
+    as a [B, H·C, T] view, channels-last again. Differentiable (torch's backward).
+    """
+    B, width, T = _check_args(qkv, num_heads)
+    C = width // (3 * num_heads)
+    heads = qkv.unflatten(1, (num_heads, 3, C)).transpose(-1, -2)  # [B, H, 3, T, C] view
+    out = torch.nn.functional.scaled_dot_product_attention(heads[:, :, 0], heads[:, :, 1], heads[:, :, 2])
+    return out.transpose(-1, -2).flatten(1, 2)  # [B, H, C, T] -> [B, H·C, T] (a view when it can be)
+
+
 def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """QKV attention: [B, 3·H·C, T] -> [B, H·C, T], differentiable w.r.t. qkv.
 
-    Under the implementation switch (see :func:`set_attention_impl`): "auto" runs the fused
-    op ``iddpm::qkv_attention`` when ``_C`` has a kernel for ``qkv``'s device, dtype and head
-    dim and the dtype is one the fused op is preferred for (any on CPU; fp16/bf16 on CUDA,
-    where fp32 stays on cuBLAS until its tensor-core kernels have run on a card, see
-    ``_AUTO_DTYPES``), and falls back to :func:`qkv_attention_reference` otherwise; "fused"
-    always runs the op (a clear error when it cannot); "einsum" always runs the reference.
+    Under the implementation switch (see :func:`set_attention_impl`): "auto" runs
+    :func:`qkv_attention_sdpa` for a channels-last qkv on the CPU in fp32/bf16 when no gradient
+    is being recorded (:func:`_auto_sdpa`); else the fused op ``iddpm::qkv_attention`` when
+    ``_C`` has a kernel for ``qkv``'s device, dtype and head dim and the dtype is one the fused
+    op is preferred for (any on CPU; fp16/bf16 on CUDA, where fp32 stays on cuBLAS until its
+    tensor-core kernels have run on a card, see ``_AUTO_DTYPES``); else
+    :func:`qkv_attention_reference`. "fused" always runs the op (a clear error when it cannot);
+    "einsum" always runs the reference; "sdpa" always runs :func:`qkv_attention_sdpa`.
     On CUDA the fused fp32 op follows torch's TF32 switch as cuBLAS does
     (``torch.backends.cuda.matmul.allow_tf32``, set by
     ``torch.set_float32_matmul_precision("high")``): TF32 tensor cores when it is on,
@@ -69,9 +96,35 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if impl == "fused":
         _require_fused_device(qkv)
         return qkv_attention_fused(qkv, num_heads)
+    if impl == "sdpa":
+        return qkv_attention_sdpa(qkv, num_heads)
+    if _auto_sdpa(qkv, num_heads):
+        return qkv_attention_sdpa(qkv, num_heads)
     if _auto_fused(qkv, num_heads):
         return qkv_attention_fused(qkv, num_heads)
     return qkv_attention_reference(qkv, num_heads)
+
+
+# The dtypes "auto" sends to torch's SDPA on the CPU (fp16 and fp64 stay on the fused op).
+_AUTO_SDPA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _auto_sdpa(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether "auto" runs torch's SDPA: a CPU qkv in fp32/bf16 laid out channels-last
+    ([B, T, 3·H·C] in memory: channel stride 1, position stride 3·H·C), with no gradient being
+    recorded. There SDPA reads the q/k/v views in place where the fused op first copies qkv
+    (measured 2–4× faster at the CIFAR-10 UNet's blocks, docs/attention.md); an NCHW qkv is
+    faster on the fused op, and with autograd the two measured about even (bf16 T = 64: the
+    fused op 2× faster), so training keeps the fused op.
+    """
+    if qkv.device.type != "cpu" or qkv.dtype not in _AUTO_SDPA_DTYPES or qkv.dim() != 3:
+        return False
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return False
+    B, width, T = qkv.shape
+    if num_heads < 1 or width <= 0 or width % (3 * num_heads) != 0 or T < 2:
+        return False
+    return qkv.stride(1) == 1 and qkv.stride(2) == width
 
 
 # What the compiled kernels cover, asked of _C once at import (loader.capabilities), so that
@@ -137,10 +190,11 @@ def _require_fused_device(qkv: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------
-# Which implementation qkv_attention uses: "auto" (the fused op where _C has a kernel
-# for the device, else einsum), "fused" (the op, error if unavailable) or "einsum".
+# Which implementation qkv_attention uses: "auto" (SDPA for a channels-last CPU qkv without
+# autograd, else the fused op where _C has a kernel for the device, else einsum), "fused" (the
+# op, error if unavailable), "einsum" or "sdpa" (torch's scaled_dot_product_attention).
 # ---------------------------------------------------------------------------------
-_IMPLS = ("auto", "fused", "einsum")
+_IMPLS = ("auto", "fused", "einsum", "sdpa")
 _impl = "auto"
 
 

@@ -138,3 +138,40 @@ def test_reference_super_res_and_checkpointing():
     MAX_DIFF["super_res_checkpoint"] = diff
     assert diff <= 1e-4
     _assert_same_gradients(ref, ours, expected, got)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_reference_matches_channels_last_inference_paths():
+    # to_inference(channels_last=True): the attention blocks keep channels-last activations and
+    # "auto" runs torch's SDPA on the [N, T, 3C] qkv. fp32 ≤ 1e-5 relative to the reference;
+    # bf16 (weights, and fp32 weights under autocast) within 2× of the reference's own
+    # bf16-autocast error against its fp32 output.
+    ref_unet, _ = _ref()
+    kw = CONFIGS["class_cond_scale_shift_4_heads"]
+    ref = randomize_(ref_unet.UNetModel(**kw), seed=7).eval()
+    x, t, y = _inputs(kw)
+    with torch.no_grad():
+        expected = ref(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16 = ref(x, t, y)
+    ref_err = _rel(ref_bf16, expected)
+
+    def ours(*args, **kwargs):
+        model = UNetModel(**kw)
+        model.load_state_dict(ref.state_dict(), strict=True)
+        return model.to_inference(*args, **kwargs)
+
+    with torch.no_grad():
+        fp32 = ours(channels_last=True, prepack=True)(x, t, y)
+        bf16 = ours(torch.bfloat16, channels_last=True, prepack=True)(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = ours(channels_last=True, prepack=True)(x, t, y)
+    MAX_DIFF["channels_last_fp32_rel"] = _rel(fp32, expected)
+    print(f"\nchannels-last paths: fp32 rel {_rel(fp32, expected):.3g}; bf16 rel {_rel(bf16, expected):.3g}, "
+          f"autocast {_rel(autocast, expected):.3g}, reference's own bf16 {ref_err:.3g}")  # fmt: skip
+    assert _rel(fp32, expected) <= 1e-5
+    assert 0 < ref_err
+    assert _rel(bf16, expected) <= 2 * ref_err and _rel(autocast, expected) <= 2 * ref_err

@@ -359,3 +359,164 @@ def test_prepack_default_packs_bf16_calls_only(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast(x, t)
     assert _packed_entries(fast) > 0
+
+
+# ---------------------------------------------------------------------------------
+# The attention block with channels-last activations (SDPA on the [N, T, 3C] qkv)
+# ---------------------------------------------------------------------------------
+def _spy_attention(monkeypatch):
+    """Record the layout of every qkv that reaches the attention and whether SDPA ran."""
+    from iddpm_ext.ops import attention as A
+
+    seen = []
+    real_sdpa, real_dispatch = A.qkv_attention_sdpa, iunet.qkv_attention
+
+    def sdpa(qkv, h):
+        seen[-1]["sdpa"] = True
+        return real_sdpa(qkv, h)
+
+    def dispatch(qkv, h):
+        seen.append({"innermost": inn.channels_innermost(qkv), "sdpa": False})
+        return real_dispatch(qkv, h)
+
+    monkeypatch.setattr(A, "qkv_attention_sdpa", sdpa)
+    monkeypatch.setattr(iunet, "qkv_attention", dispatch)
+    return seen
+
+
+def _block_outputs_channels_last(model):
+    """Hooks recording whether each AttentionBlock's output is channels-last."""
+    layouts = []
+    for m in model.modules():
+        if isinstance(m, iunet.AttentionBlock):
+            m.register_forward_hook(
+                lambda _m, _i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+            )
+    return layouts
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_channels_last_attention_runs_sdpa_and_matches_all_off_model_fp32(monkeypatch, prepack):
+    model = _model()
+    x, t = _inputs()
+    expected = _all_off(model, x, t)
+    fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=prepack)
+    seen = _spy_attention(monkeypatch)
+    layouts = _block_outputs_channels_last(fast)
+    with torch.no_grad():
+        got = fast(x, t)
+    assert seen and all(s == {"innermost": True, "sdpa": True} for s in seen), seen
+    assert layouts and all(layouts)
+    assert _rel(got, expected) <= 1e-5
+    # Switched off: the block flattens through contiguous tensors and "auto" runs the fused op.
+    seen.clear()
+    previous = iunet.set_channels_last_attention(False)
+    try:
+        with torch.no_grad():
+            off = fast(x, t)
+    finally:
+        iunet.set_channels_last_attention(previous)
+    assert seen and not any(s["innermost"] or s["sdpa"] for s in seen), seen
+    assert _rel(off, expected) <= 1e-5
+
+
+def test_channels_last_attention_bf16_within_twice_the_autocast_error(monkeypatch):
+    model = _model(seed=2)
+    x, t = _inputs(seed=3)
+    oracle = _all_off(copy.deepcopy(model).double(), x.double(), t)
+    ref_err = _rel(_all_off(model, x, t, autocast_dtype=torch.bfloat16), oracle)
+    seen = _spy_attention(monkeypatch)
+    bf16 = copy.deepcopy(model).to_inference(torch.bfloat16, channels_last=True)
+    fp32 = copy.deepcopy(model).to_inference(channels_last=True)
+    with torch.no_grad():
+        got_bf16 = bf16(x, t)  # bf16 weights
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_autocast = fp32(x, t)  # fp32 weights under autocast
+    assert seen and all(s["sdpa"] for s in seen), seen
+    for got in (got_bf16, got_autocast):
+        err = _rel(got, oracle)
+        assert 0 < ref_err and err <= 2 * ref_err, (err, ref_err)
+
+
+def test_channels_last_attention_training_gradients_match_contiguous_input():
+    # A channels-last input to a training model takes the block's channels-last branch (torch's
+    # conv2d on the [N, C, 1, T] view, the fused attention under autograd); the same gradients
+    # as the contiguous input's path. "sdpa" forced: torch's backward, the same gradients too.
+    model = _model().train()
+    x, t = _inputs()
+    grads = {}
+    for name, inp, impl in [
+        ("contiguous", x, "auto"),
+        ("channels_last", x.contiguous(memory_format=torch.channels_last), "auto"),
+        ("channels_last_sdpa", x.contiguous(memory_format=torch.channels_last), "sdpa"),
+    ]:
+        model.zero_grad()
+        with attention_impl(impl):
+            out = model(inp, t)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads[name] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    out0, g0 = grads["contiguous"]
+    largest = max(b.norm() for b in g0)
+    for name in ("channels_last", "channels_last_sdpa"):
+        out1, g1 = grads[name]
+        assert _rel(out1, out0) <= 1e-5, name
+        for a, b in zip(g1, g0):
+            # ≤ 1e-5 relative; gradients that are zero up to rounding (a conv bias ahead of a
+            # GroupNorm) against the largest gradient instead.
+            assert (a - b).norm() <= 1e-5 * max(b.norm(), 1e-2 * largest), name
+
+
+def test_set_channels_last_attention_errors():
+    with pytest.raises(ValueError, match="enabled: expected True or False, got 'yes'"):
+        iunet.set_channels_last_attention("yes")
+    assert iunet.set_channels_last_attention(True) is True  # the default, unchanged
+
+
+# ---------------------------------------------------------------------------------
+# The ResBlocks' time-embedding projections in one GEMM (to_inference(batch_emb=True))
+# ---------------------------------------------------------------------------------
+def test_batched_emb_matches_per_block_projections_and_tracks_weights():
+    model = _model(num_classes=4)
+    x, t = _inputs()
+    y = torch.tensor([0, 3])
+    fast = copy.deepcopy(model).to_inference(channels_last=False, prepack=False)
+    assert fast.batch_emb
+    linears = [m.emb_layers[1] for m in fast.modules() if isinstance(m, iunet.ResBlock)]
+
+    def unbatched():
+        fast.batch_emb = False
+        try:
+            return fast(x, t, y)
+        finally:
+            fast.batch_emb = True
+
+    with torch.no_grad():
+        got, expected = fast(x, t, y), unbatched()
+        cache = fast._emb_gemm
+        assert cache.key is not None  # the batched GEMM ran
+        assert tuple(cache.weight.shape) == (sum(lin.out_features for lin in linears), linears[0].in_features)
+        assert _rel(got, expected) <= 1e-6
+        # A changed projection (in place, then a new tensor) is seen on the next call.
+        linears[1].weight.mul_(3)
+        got, expected = fast(x, t, y), unbatched()
+        assert _rel(got, expected) <= 1e-6 and _rel(got, model(x, t, y)) > 1e-3
+        linears[2].bias = torch.nn.Parameter(linears[2].bias + 1)
+        assert _rel(fast(x, t, y), unbatched()) <= 1e-6
+    # Copies and pickles start with an empty cache; state-dict keys are unchanged.
+    assert copy.deepcopy(fast)._emb_gemm.key is None
+    assert list(fast.state_dict()) == list(model.state_dict())
+    # With gradients recorded, or a hook on a projection, each block runs its own emb_layers.
+    key = cache.key
+    fast.zero_grad()
+    fast(x, t, y).sum().backward()
+    assert linears[0].weight.grad is not None and cache.key == key
+    calls = []
+    linears[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        assert _rel(fast(x, t, y), unbatched()) <= 1e-6
+    assert calls
+    fast.train()
+    assert cache.key is None  # training frees it
+    with pytest.raises(ValueError, match="batch_emb: expected True or False, got 'yes'"):
+        fast.to_inference(batch_emb="yes")
+    assert not fast.to_inference(batch_emb=False).batch_emb
