@@ -495,7 +495,7 @@ class UNetModel(nn.Module):
         dtype: torch.dtype | None = None,
         channels_last: bool | None = None,
         prepack: bool | str | None = None,
-        batch_emb: bool = True,
+        batch_emb: bool | None = None,
     ):
         """Switch to the inference fast paths, in place; returns the model.
 
@@ -507,14 +507,15 @@ class UNetModel(nn.Module):
         ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
         :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
         keep oneDNN-packed copies of their weights for no-grad CPU calls
-        (:func:`iddpm_ext.nn.set_conv_prepack`); with ``batch_emb`` (default True) no-grad calls
-        compute every ResBlock's time-embedding projection in one GEMM (:meth:`_batched_emb`).
+        (:func:`iddpm_ext.nn.set_conv_prepack`); with ``batch_emb`` no-grad calls compute every
+        ResBlock's time-embedding projection in one GEMM (:meth:`_batched_emb`; True: on every
+        device, False: off, None (default): CPU calls only, as it has not run on a GPU yet).
         ``forward`` still takes and returns NCHW
         tensors of the caller's dtype. State-dict keys are unchanged;
         ``to_inference(torch.float32, channels_last=False, prepack=False, batch_emb=False)`` undoes it.
         """
-        if not isinstance(batch_emb, bool):
-            raise ValueError(f"batch_emb: expected True or False, got {batch_emb!r}")
+        if batch_emb is not None and not isinstance(batch_emb, bool):
+            raise ValueError(f"batch_emb: expected True, False or None, got {batch_emb!r}")
         if dtype is not None:
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -533,7 +534,7 @@ class UNetModel(nn.Module):
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         self.channels_last = bool(channels_last)
-        self.batch_emb = batch_emb
+        self.batch_emb = "cpu" if batch_emb is None else batch_emb
         self._emb_gemm.clear()
         set_conv_prepack(self, prepack)
         return self.eval()
@@ -611,7 +612,10 @@ class UNetModel(nn.Module):
         one GEMM over the concatenated weights, instead of one small GEMM per block (each a
         weight read and a call; ~5% of a bf16 CPU forward of the CIFAR-10 model). Else ``emb``
         (also while torch.compile traces and during CUDA graph capture)."""
-        if not getattr(self, "batch_emb", False) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        mode = getattr(self, "batch_emb", False)  # True, False or "cpu" (to_inference's default)
+        if not mode or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return emb
+        if mode == "cpu" and emb.device.type != "cpu":
             return emb
         if emb.is_cuda and torch.cuda.is_current_stream_capturing():
             # A captured graph replays without this check: it reads the blocks' own weights, so

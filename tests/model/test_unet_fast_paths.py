@@ -480,7 +480,7 @@ def test_batched_emb_matches_per_block_projections_and_tracks_weights():
     x, t = _inputs()
     y = torch.tensor([0, 3])
     fast = copy.deepcopy(model).to_inference(channels_last=False, prepack=False)
-    assert fast.batch_emb
+    assert fast.batch_emb == "cpu"  # the default: CPU calls only until it has run on a GPU
     linears = [m.emb_layers[1] for m in fast.modules() if isinstance(m, iunet.ResBlock)]
 
     def unbatched():
@@ -488,7 +488,7 @@ def test_batched_emb_matches_per_block_projections_and_tracks_weights():
         try:
             return fast(x, t, y)
         finally:
-            fast.batch_emb = True
+            fast.batch_emb = "cpu"
 
     with torch.no_grad():
         got, expected = fast(x, t, y), unbatched()
@@ -517,6 +517,18 @@ def test_batched_emb_matches_per_block_projections_and_tracks_weights():
     assert calls
     fast.train()
     assert cache.key is None  # training frees it
-    with pytest.raises(ValueError, match="batch_emb: expected True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="batch_emb: expected True, False or None, got 'yes'"):
         fast.to_inference(batch_emb="yes")
     assert not fast.to_inference(batch_emb=False).batch_emb
+    assert fast.to_inference(batch_emb=True).batch_emb is True
+
+
+def test_batched_emb_default_leaves_other_devices_alone():
+    """to_inference's default batches the projections for CPU calls only: on another device
+    (here the meta device, standing in for CUDA) each block runs its own emb_layers."""
+    fast = _model().to("meta").to_inference(channels_last=False, prepack=False)
+    emb = torch.zeros(2, fast.time_embed[0].out_features, device="meta")
+    with torch.no_grad():
+        assert fast._batched_emb(emb) is emb
+        fast.batch_emb = True
+        assert fast._batched_emb(emb) is not emb
