@@ -118,6 +118,11 @@ fi
 #    per case; its default 5 + 20 did not finish in 55 s on an H100).
 step bench_unet 60 $PY -m iddpm_ext.bench unet --device cuda --warmup 1 --iters 5 --json "$OUT/bench_unet.json"
 step bench_train 60 $PY -m iddpm_ext.bench train --device cuda --json "$OUT/bench_train.json"
+# -- issue 12's sampling comparison: the forward at B = 1 and 64 with the reference also under
+#    torch.compile(mode="max-autotune") (minutes of autotuning: last, and alone if it must be:
+#    GPU_CHECK_ONLY=bench_unet_compiled GPU_CHECK_BUDGET=420).
+step bench_unet_compiled 240 $PY -m iddpm_ext.bench unet --device cuda --forward-only --batch-sizes 1,64 \
+  --warmup 2 --iters 10 --compile-reference max-autotune --json "$OUT/bench_unet_compiled.json"
 
 log "done in $(($(date +%s) - START))s"
 cat "$OUT/status.txt"

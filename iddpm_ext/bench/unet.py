@@ -16,7 +16,9 @@ output against the fp32 baseline's. On the CPU the rows include ``to_inference(.
 (oneDNN-packed conv weights, :func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it,
 and the fp32-weight model with prepacked convs under bf16 autocast. ``--breakdown`` adds each
 variant's time per layer kind (conv, norm, elementwise, attention, other) from one profiled call
-(torch.profiler, self times).
+(torch.profiler, self times). ``--compile-reference MODE`` adds the baseline under
+``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to each of
+our rows ``speedup_vs_compiled``: the compiled baseline's median over ours.
 
 The fwd+bwd and memory sections below are unchanged:
 
@@ -64,6 +66,8 @@ CONFIGS = {
 }
 # fmt: on
 _AUTO = -1  # "choose by device": see _runs()
+# torch.compile's modes, for --compile-reference.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_arguments(parser):
@@ -95,6 +99,15 @@ def add_arguments(parser):
         "--forward-only",
         action="store_true",
         help="only the forward section (skip fwd+bwd and the training-step memory)",
+    )
+    parser.add_argument(
+        "--compile-reference",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="also time torch.compile(baseline, mode=MODE) in the forward section, fp32 and under "
+        "bf16 autocast (the baseline a user gets in one line; compiling takes minutes): "
+        + ", ".join(COMPILE_MODES),
     )
     # Device-dependent defaults for the shared --warmup/--iters (resolved in _runs).
     parser.set_defaults(warmup=_AUTO, iters=_AUTO)
@@ -301,9 +314,10 @@ def breakdown_ms(fn, device) -> dict:
     return {k: round(v, 3) for k, v in totals.items()}
 
 
-def _forward_variants(model, config, device):
+def _forward_variants(model, config, device, compile_mode=None):
     """[(impl, dtype, module, input dtype, autocast dtype or None, attention impl, groupnorm impl)]:
-    the baseline first for each dtype. Every module has ``model``'s weights."""
+    the baseline first for each dtype, then (with ``compile_mode``) the baseline under
+    ``torch.compile(mode=compile_mode)``. Every module has ``model``'s weights."""
     import copy
 
     from ..nn import groupnorm_impl  # noqa: F401  (the switch the variants set)
@@ -326,8 +340,14 @@ def _forward_variants(model, config, device):
     fp32_fast = copy.deepcopy(model).to_inference(channels_last=True, prepack=False)
     bf16_nchw = copy.deepcopy(model).to_inference(b16, channels_last=False, prepack=False)
     bf16_fast = copy.deepcopy(model).to_inference(b16, channels_last=cl, prepack=False)
+    compiled = []
+    if compile_mode:
+        base_c = torch.compile(base, mode=compile_mode)
+        name_c = f"{base_name} torch.compile({compile_mode})"
+        compiled = [(name_c, f32, base_c, f32, None, base_attn, "torch")]
     variants = [
         (base_name, f32, base, f32, None, base_attn, "torch"),
+        *compiled,
         ("ours (fused attention)", f32, ours, f32, None, "auto", "auto"),
         ("ours to_inference(channels-last)", f32, fp32_fast, f32, None, "auto", "auto"),
     ]
@@ -338,6 +358,7 @@ def _forward_variants(model, config, device):
         )
     variants += [
         (f"{base_name} + bf16 autocast", b16, base, f32, b16, base_attn, "torch"),
+        *[(f"{name} + bf16 autocast", b16, m, f32, b16, a, gn) for name, _, m, _, _, a, gn in compiled],
         ("ours + bf16 autocast", b16, ours, f32, b16, "auto", "auto"),
     ]
     if cpu:  # fp32 weights under autocast, the convs from bf16 packed copies
@@ -375,9 +396,11 @@ def _forward_call(variant, x, t, device):
     return fwd
 
 
-def forward_section(model, config, size, batch_sizes, device, warmup, iters, breakdown, flops_per_image):
+def forward_section(
+    model, config, size, batch_sizes, device, warmup, iters, breakdown, flops_per_image, compile_mode=None
+):
     """The forward records (see the module docstring) and their summary lines."""
-    variants = _forward_variants(model, config, device)
+    variants = _forward_variants(model, config, device, compile_mode)
     n_params = sum(p.numel() for p in model.parameters())
     records, summary = [], []
     for batch in batch_sizes:
@@ -397,7 +420,7 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
                 times[i].append(common.time_ms(c, device, 0, 1, flush_l2=False))
                 cpu_times[i].append((time.process_time() - cpu0) * 1e3)
         ref_out = outs[0]
-        base_ms, base_min, base_cpu = {}, {}, {}
+        base_ms, base_min, base_cpu, compiled_ms = {}, {}, {}, {}
         for v, ts, cts, out in zip(variants, times, cpu_times, outs):
             impl, dtype = v[0], v[1]
             ms = statistics.median(ts)
@@ -405,6 +428,10 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             base_min.setdefault(dtype, min(ts))
             err = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-30)).item()
             extra = {}
+            if "torch.compile(" in impl:
+                compiled_ms[dtype] = ms
+            elif impl.startswith("ours") and dtype in compiled_ms:
+                extra["speedup_vs_compiled"] = round(compiled_ms[dtype] / ms, 3)
             if device.type == "cpu":
                 cpu_ms = statistics.median(cts)
                 base_cpu.setdefault(dtype, cpu_ms)
@@ -436,6 +463,8 @@ def forward_section(model, config, size, batch_sizes, device, warmup, iters, bre
             )
             if "speedup_cpu" in extra:
                 line += f"  cpu x{extra['speedup_cpu']:.2f}"
+            if "speedup_vs_compiled" in extra:
+                line += f"  vs compiled x{extra['speedup_vs_compiled']:.2f}"
             if "pct_peak" in rec:
                 line += f"  {rec['pct_peak']}% of peak"
             summary.append(line)
@@ -474,7 +503,16 @@ def run(args) -> list:
     records, summary = [], []
     try:
         recs, lines = forward_section(
-            fwd_model, config, size, batch_sizes, device, warmup, iters, args.breakdown, flops[False] // batch
+            fwd_model,
+            config,
+            size,
+            batch_sizes,
+            device,
+            warmup,
+            iters,
+            args.breakdown,
+            flops[False] // batch,
+            args.compile_reference,
         )
         records += recs
         summary += lines

@@ -45,6 +45,44 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     assert "fwd B=1" in printed and "conv " in printed
 
 
+@pytest.mark.slow
+def test_compiled_reference_rows(tmp_path, monkeypatch):
+    """--compile-reference MODE: the baseline under torch.compile(mode=MODE) after each dtype's
+    baseline, and our rows' speedup over it. (torch.compile is stood in for by a wrapper that
+    records its arguments: compiling the UNet takes minutes here.)"""
+    import torch
+
+    monkeypatch.delenv("IDDPM_REF_PATH", raising=False)
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "u.json"
+    args = argv(
+        (
+            "unet --device cpu --threads 1 --config tiny --batch-sizes 1 --forward-only "
+            "--warmup 1 --iters 1 --compile-reference max-autotune --json {json}"
+        ),
+        json=str(out),
+    )
+    assert bench.main(args) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert calls == [{"mode": "max-autotune"}]
+    impls = [r["impl"] for r in recs]
+    base = impls[0]
+    assert impls[1] == f"{base} torch.compile(max-autotune)"
+    assert f"{base} torch.compile(max-autotune) + bf16 autocast" in impls
+    for r in recs:
+        ours = r["impl"].startswith("ours")
+        assert ("speedup_vs_compiled" in r) == ours, r["impl"]
+        if ours:
+            assert r["speedup_vs_compiled"] > 0
+    assert recs[1]["rel_err"] == 0  # the stand-in compiles nothing: the baseline's own output
+
+
 @pytest.mark.parametrize(
     "name, kind",
     [
