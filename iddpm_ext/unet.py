@@ -523,21 +523,31 @@ class UNetModel(nn.Module):
         device = next(self.parameters()).device
         if channels_last is None:
             channels_last = default_channels_last(device)
-        if channels_last and self.dims != 2:
-            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
         if prepack is None:
             prepack = default_conv_prepack(device)
         if prepack not in (True, False, "bf16") or not isinstance(prepack, (bool, str)):
             raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {prepack!r}")
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
-        self.channels_last = bool(channels_last)
+        self.set_channels_last(bool(channels_last))
         self.batch_emb = "cpu" if batch_emb is None else batch_emb
         self._emb_gemm.clear()
         set_conv_prepack(self, prepack)
         return self.eval()
+
+    def set_channels_last(self, enabled: bool = True):
+        """Run the torso channels-last (NHWC), in place, for training as for inference: the conv
+        weights are stored channels-last and activations converted once after the stem conv
+        (``forward`` still takes and returns the caller's layout). 2-D models only; returns the
+        model. :meth:`to_inference` calls it; ``iddpm train --channels_last True`` too."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"channels_last: expected True or False, got {enabled!r}")
+        if enabled and self.dims != 2:
+            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self.channels_last = enabled
+        return self
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; entering training mode also frees prepacked conv weights

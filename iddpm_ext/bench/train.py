@@ -4,8 +4,9 @@ One iteration is a full :class:`iddpm_ext.training.loop.TrainLoop` step on a syn
 timestep sampling, ``training_losses`` (L_hybrid: learned σ, cosine schedule), backward,
 gradient norm, AdamW and an EMA update. Cases: fp32 and bf16 autocast, with and without
 ``use_checkpoint``, attention ``auto`` (the fused kernel where the extension has one for
-the device) and ``einsum`` (the reference's math). The baseline for ``speedup`` is
-einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
+the device) and ``einsum`` (the reference's math), and without checkpointing ``auto`` with the
+torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"). The
+baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
 Configurations: ``cifar10`` is improved-diffusion's CIFAR-10 run (--preset cifar10: 128
 channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``tiny`` (CPU default
@@ -47,7 +48,7 @@ def add_arguments(parser):
     parser.set_defaults(warmup=-1, iters=-1)
 
 
-def _loop(config, use_checkpoint, amp, device, batch, out_dir):
+def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=False):
     from ..resample import UniformSampler
     from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from ..training.loop import TrainLoop
@@ -73,6 +74,7 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir):
         config=cfg,
         out_dir=out_dir,
         amp=amp,
+        channels_last=channels_last,
         progress=False,
         log=lambda *a, **k: None,
     )
@@ -93,8 +95,11 @@ def run(args) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         for use_ckpt in (False, True):
             for amp in amps:
-                for impl in ("einsum", "auto"):
-                    loop, x, n_params = _loop(config, use_ckpt, amp, device, batch, tmp)
+                # channels-last (TrainLoop(channels_last=True)) with the fused attention, without
+                # activation checkpointing
+                cases = [("einsum", False), ("auto", False)] + ([] if use_ckpt else [("auto", True)])
+                for impl, cl in cases:
+                    loop, x, n_params = _loop(config, use_ckpt, amp, device, batch, tmp, channels_last=cl)
                     step = functools.partial(loop.run_step, x, {})
                     peak = None
                     with attention_impl(impl):
@@ -109,7 +114,7 @@ def run(args) -> list:
                     dtype = torch.bfloat16 if amp == "bf16" else torch.float32
                     rec = common.record(
                         f"train step {config}" + (" +ckpt" if use_ckpt else ""),
-                        impl,
+                        impl + (" channels-last" if cl else ""),
                         [batch, 3, x.shape[-1], x.shape[-1]],
                         dtype,
                         device,
@@ -117,6 +122,7 @@ def run(args) -> list:
                         it_per_s=round(1000 / ms, 3),
                         images_per_s=round(batch * 1000 / ms, 1),
                         use_checkpoint=use_ckpt,
+                        channels_last=cl,
                         peak_mib=None if peak is None else round(peak, 1),
                         speedup=round(baseline_ms / ms, 3),
                         params=n_params,
@@ -124,10 +130,12 @@ def run(args) -> list:
                     records.append(common.emit(args, rec))
                     mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
                     rows.append(
-                        f"{impl:<7} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
+                        f"{impl + (' NHWC' if cl else ''):<12} {amp:<5} ckpt={str(use_ckpt):<5} "
+                        f"{1000 / ms:8.2f} it/s "
                         f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}"
                     )
-                    del loop, x
+                    loop.close()  # the run folder's lock: the next case's TrainLoop takes it
+                    del loop, x, step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     print(

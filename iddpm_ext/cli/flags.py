@@ -68,6 +68,7 @@ TRAIN_HELP = {
 TRAIN_EXTRA = dict(
     out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
     random_flip=False, resize="crop", num_workers=0, progress=True, threads=0, tensorboard=False,
+    channels_last=False,
 )
 # fmt: on
 TRAIN_EXTRA_HELP = {
@@ -87,6 +88,8 @@ TRAIN_EXTRA_HELP = {
     "threads": "CPU threads for torch (0: torch's default)",
     "tensorboard": "also write the logged values as TensorBoard events to OUT_DIR/tb (needs the "
     "tensorboard package, not installed with iddpm_ext)",
+    "channels_last": "train the UNet's torso in channels-last (NHWC) memory format (checkpoints are "
+    "the same; not yet measured on a GPU)",
 }
 
 # Tables of flags, laid out by hand.

@@ -96,7 +96,8 @@ class TrainLoop:
     the model as ``model.iddpm_config``), ``out_dir``, ``amp``, ``grad_clip``, ``max_steps``,
     ``seed``, ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger
     prints its key tables to stdout), ``log`` (messages; default: ``logger.log`` once the
-    logger is configured, else ``print``).
+    logger is configured, else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
+    :meth:`UNetModel.set_channels_last`; checkpoints are the same either way).
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
     (``resume_checkpoint``). Not given (the reference's way): the logger's folder
@@ -113,9 +114,18 @@ class TrainLoop:
                  save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
                  schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0, config=None, out_dir=None,
                  amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=None,
-                 log=None):  # fmt: skip
+                 log=None, channels_last=False):  # fmt: skip
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last: expected True or False, got {channels_last!r}")
+        if channels_last:
+            if not hasattr(model, "set_channels_last"):
+                raise ValueError(
+                    f"channels_last: expected a model with a channels-last format (UNetModel), "
+                    f"got {type(model).__name__}"
+                )
+            model.set_channels_last(True)  # before the optimizer and EMA copy the parameters
         if use_fp16 and amp == "none":
             amp = "fp16"  # the reference's flag; fp16_scale_growth has no role with GradScaler
         for name, value in (
@@ -148,6 +158,7 @@ class TrainLoop:
         find_run = not out_dir and not resume_checkpoint
         self.out_dir = out_dir = out_dir or logger.get_dir() or "runs/train"
         self.amp = amp
+        self.channels_last = channels_last
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.seed = seed
@@ -473,7 +484,9 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         n_total = batch.shape[0]
         for i in range(0, n_total, self.microbatch):
-            micro = batch[i : i + self.microbatch].to(self.device)  # [m, C, H, W]
+            # [m, C, H, W] as the data gives it, also with channels_last: the model converts its
+            # torso's activations, and the noise drawn like x_start stays the same numbers.
+            micro = batch[i : i + self.microbatch].to(self.device)
             micro_cond = {k: v[i : i + self.microbatch].to(self.device) for k, v in cond.items()}
             last = i + self.microbatch >= n_total
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, rng=self.t_rng)

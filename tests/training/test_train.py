@@ -194,6 +194,43 @@ def test_autocast_training_runs(tmp_path, amp):
         assert loop.scaler.is_enabled() and "loss_scale" in recs[0]
 
 
+def test_channels_last_training_follows_the_nchw_run(tmp_path):
+    """TrainLoop(channels_last=True): the torso runs NHWC; the gradients of a step and the loss
+    curve are those of the NCHW run (same data and noise; convolution rounding only)."""
+    x = torch.from_numpy(blob_images(8, 8, 1)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    runs = {}
+    for cl in (False, True):
+        out = tmp_path / str(cl)
+        loop = _loop(out, max_steps=4, channels_last=cl, config=tiny_config(diffusion_steps=5))
+        convs = [m for m in loop.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert loop.model.channels_last is cl
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs) is cl
+        torch.manual_seed(1)
+        loop.forward_backward(x, {})
+        grads = [p.grad.clone() for p in loop.params]
+        loop.opt.zero_grad(set_to_none=True)
+        loop.run_loop()
+        runs[cl] = (grads, _losses(out))
+    (g0, l0), (g1, l1) = runs[False], runs[True]
+    for a, b in zip(g1, g0):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+    assert len(l0) == len(l1) == 4
+    np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="channels_last: expected True or False, got 'yes'"):
+        _loop(tmp_path / "bad", channels_last="yes")
+
+
+def test_channels_last_needs_a_2d_unet():
+    from iddpm_ext.unet import UNetModel
+
+    model = UNetModel(in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
+                      attention_resolutions=(), dims=1)  # fmt: skip
+    with pytest.raises(ValueError, match="channels_last: only 2-D models have a channels-last format"):
+        model.set_channels_last(True)
+    model.set_channels_last(False)
+    assert model.channels_last is False
+
+
 def test_class_conditional_training(tmp_path):
     cfg = tiny_config(class_cond=True, num_classes=3, diffusion_steps=5)
     loop = _loop(tmp_path, max_steps=2, config=cfg)
