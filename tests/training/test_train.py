@@ -194,6 +194,7 @@ def test_autocast_training_runs(tmp_path, amp):
         assert loop.scaler.is_enabled() and "loss_scale" in recs[0]
 
 
+@pytest.mark.slow  # two 4-step runs and a step of each (~5 s on 2 cores)
 def test_channels_last_training_follows_the_nchw_run(tmp_path):
     """TrainLoop(channels_last=True): the torso runs NHWC; the gradients of a step and the loss
     curve are those of the NCHW run (same data and noise; convolution rounding only)."""
