@@ -74,7 +74,7 @@ PYEOF
 # -- GPU tests: the kernels (parity with eager / float64 references, the 2x-of-eager-error rule
 #    for fp16/bf16, in-kernel Philox noise statistics, CUDA-graph capture, one launch per step,
 #    odd T and T = 4096 attention, errors; the op-safety fuzz and head-dim crash regression), then the engine, the UNet and the trainer.
-step tests_kernels 210 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
+step tests_kernels 240 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_gather_coefs.py \
   tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py \
   tests/ops/test_group_norm_act_gpu.py
 step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
@@ -117,7 +117,7 @@ fi
 # -- model-level benchmarks (unet: the CIFAR-10 model at batch 128, 1 warm-up and 5 timed runs
 #    per case; its default 5 + 20 did not finish in 55 s on an H100).
 step bench_unet 60 $PY -m iddpm_ext.bench unet --device cuda --warmup 1 --iters 5 --json "$OUT/bench_unet.json"
-step bench_train 60 $PY -m iddpm_ext.bench train --device cuda --json "$OUT/bench_train.json"
+step bench_train 75 $PY -m iddpm_ext.bench train --device cuda --json "$OUT/bench_train.json"
 # -- issue 12's sampling comparison: the forward at B = 1 and 64 with the reference also under
 #    torch.compile(mode="max-autotune") (minutes of autotuning: last, and alone if it must be:
 #    GPU_CHECK_ONLY=bench_unet_compiled GPU_CHECK_BUDGET=420).
