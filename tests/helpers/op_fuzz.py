@@ -502,3 +502,73 @@ def _check_step_result(res, d, rule, x, mo, t, clip, eta, noise, ret_pred, base,
         if check:
             want = want.masked_fill(bad, float("nan"))  # CUDA: NaN for an out-of-range t
             close(got, want, x.dtype, f"{op} {name}")
+
+
+# ---- group_norm_act ----
+
+GROUP_NORM_ARGS = ("x", "num_groups", "weight", "bias", "scale", "shift", "eps", "silu")
+_GN_TENSORS = ("x", "weight", "bias", "scale", "shift")
+
+
+def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
+    """iddpm::group_norm_act: x [N, C, *] (0-size and huge-but-empty dims, 1-D to 3-D spatial),
+    group counts (0, negative, non-divisors, extremes), optional weight/bias [C] and
+    scale/shift [N, C] of any dtype or a wrong shape, eps (0, negative, inf, NaN), silu."""
+    from helpers.group_norm import oracle
+
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    N = data.draw(st.sampled_from([0, 1, 2]))
+    C = data.draw(st.sampled_from([1, 2, 4, 6, 8, 32]))
+    spatial = list(data.draw(st.sampled_from([(), (3,), (2, 3), (4, 4), (1, 2, 2)])))
+    if N == 0 and spatial and data.draw(st.booleans()):  # huge but empty
+        spatial[0] = HUGE
+    good_groups = data.draw(st.sampled_from([g for g in (1, 2, 4, 8) if C % g == 0]))
+    groups = choose(data, good_groups, 0, -1, C + 1, 3 if C % 3 else 5, 2**63 - 1, -(2**63))
+    x_shape = choose(data, (N, C, *spatial), (C,), ())
+    dtype = choose(data, data.draw(st.sampled_from(FLOATS)), *DTYPES)
+    x = make(data, x_shape, dtype, gen)
+
+    def param(shape, bad_shapes):
+        if data.draw(st.integers(0, 3)) == 0:
+            return None
+        p_dtype = choose(data, data.draw(st.sampled_from(FLOATS)), torch.int64, torch.bool)
+        return make(data, choose(data, shape, *bad_shapes), p_dtype, gen, layout="contiguous")
+
+    weight = param((C,), [(C + 1,), (C, 1)])
+    bias = param((C,), [(1,), ()])
+    scale = param((N, C), [(N,), (N, C + 1), (N + 1, C)])
+    shift = param((N, C), [(C,), (N, C, 1)])
+    eps = choose(data, data.draw(st.sampled_from([1e-5, 1e-6])), 0.0, -1e-5, math.inf, math.nan)
+    silu = data.draw(st.booleans())
+    tensors = {"x": x, "weight": weight, "bias": bias, "scale": scale, "shift": shift}
+    drawn = draw_devices(data, _GN_TENSORS, base, list(mixes))
+    devices = {n: d for n, d in drawn.items() if tensors[n] is not None}  # the tensors passed
+
+    def call(dev):
+        a = {n: place(t, dev.get(n, base)) for n, t in tensors.items()}
+        return lambda: torch.ops.iddpm.group_norm_act(
+            a["x"], groups, a["weight"], a["bias"], a["scale"], a["shift"], eps, silu
+        )
+
+    res, err = outcome(call(devices), GROUP_NORM_ARGS)
+    if mixed(devices):
+        return assert_mix_refused(err, devices, "group_norm_act")
+    if devices["x"] == "meta":
+        real = outcome(call({n: base for n in devices}), GROUP_NORM_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "group_norm_act", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    out, mean, rstd = res
+    assert x.dim() >= 2 and 1 <= groups and x.shape[1] % groups == 0, (
+        f"accepted groups={groups} for {x.shape}"
+    )
+    assert math.isfinite(eps) and eps > 0, f"accepted eps={eps}"
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert mean.shape == rstd.shape == (x.shape[0], groups)
+    if out.numel() == 0:
+        return
+    ref = oracle(
+        x.cpu(), groups, *(None if t is None else t.cpu() for t in (weight, bias, scale, shift)), eps, silu
+    )
+    close(out, ref, dtype, "group_norm_act out")

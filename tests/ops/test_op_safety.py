@@ -298,5 +298,11 @@ def test_fuzz_qkv_attention_backward(data):
 
 @settings(FUZZ, max_examples=120)
 @given(st.data())
+def test_fuzz_group_norm_act(data):
+    op_fuzz.fuzz_group_norm_act(data)
+
+
+@settings(FUZZ, max_examples=120)
+@given(st.data())
 def test_fuzz_step_ops(data):
     op_fuzz.fuzz_step(data)
