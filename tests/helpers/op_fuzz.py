@@ -510,13 +510,8 @@ GROUP_NORM_ARGS = ("x", "num_groups", "weight", "bias", "scale", "shift", "eps",
 _GN_TENSORS = ("x", "weight", "bias", "scale", "shift")
 
 
-def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
-    """iddpm::group_norm_act: x [N, C, *] (0-size and huge-but-empty dims, 1-D to 3-D spatial),
-    group counts (0, negative, non-divisors, extremes), optional weight/bias [C] and
-    scale/shift [N, C] of any dtype or a wrong shape, eps (0, negative, inf, NaN), silu."""
-    from helpers.group_norm import oracle
-
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+def _group_norm_inputs(data, gen):
+    """(x, num_groups, weight, bias, scale, shift, eps, silu) for group_norm_act, most valid."""
     N = data.draw(st.sampled_from([0, 1, 2]))
     C = data.draw(st.sampled_from([1, 2, 4, 6, 8, 32]))
     spatial = list(data.draw(st.sampled_from([(), (3,), (2, 3), (4, 4), (1, 2, 2)])))
@@ -540,6 +535,17 @@ def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
     shift = param((N, C), [(C,), (N, C, 1)])
     eps = choose(data, data.draw(st.sampled_from([1e-5, 1e-6])), 0.0, -1e-5, math.inf, math.nan)
     silu = data.draw(st.booleans())
+    return x, groups, weight, bias, scale, shift, eps, silu
+
+
+def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
+    """iddpm::group_norm_act: x [N, C, *] (0-size and huge-but-empty dims, 1-D to 3-D spatial),
+    group counts (0, negative, non-divisors, extremes), optional weight/bias [C] and
+    scale/shift [N, C] of any dtype or a wrong shape, eps (0, negative, inf, NaN), silu."""
+    from helpers.group_norm import oracle
+
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x, groups, weight, bias, scale, shift, eps, silu = _group_norm_inputs(data, gen)
     tensors = {"x": x, "weight": weight, "bias": bias, "scale": scale, "shift": shift}
     drawn = draw_devices(data, _GN_TENSORS, base, list(mixes))
     devices = {n: d for n, d in drawn.items() if tensors[n] is not None}  # the tensors passed
@@ -571,4 +577,79 @@ def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
     ref = oracle(
         x.cpu(), groups, *(None if t is None else t.cpu() for t in (weight, bias, scale, shift)), eps, silu
     )
-    close(out, ref, dtype, "group_norm_act out")
+    close(out, ref, x.dtype, "group_norm_act out")
+
+
+GROUP_NORM_BWD_ARGS = (
+    "grad_out",
+    "x",
+    "mean",
+    "rstd",
+    "num_groups",
+    "weight",
+    "bias",
+    "scale",
+    "shift",
+    "silu",
+)
+_GN_BWD_TENSORS = ("grad_out", "x", "mean", "rstd", "weight", "bias", "scale", "shift")
+
+
+def fuzz_group_norm_act_backward(data, base="cpu", mixes=("meta",)):
+    """iddpm::group_norm_act_backward: the forward's inputs as above, the statistics of a valid
+    forward (or of the wrong shape or dtype), grad_out of x's shape and dtype (or not); the
+    gradients against float64 autograd of the oracle."""
+    from helpers.group_norm import oracle
+
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x, groups, weight, bias, scale, shift, _, silu = _group_norm_inputs(data, gen)
+    G = groups if 1 <= groups <= 64 else 1
+    N = x.shape[0] if x.dim() else 0
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat_shape = choose(data, (N, G), (N,), (N, G + 1), (N + 1, G))
+    stat_dtype = choose(data, acc, torch.float16, torch.int64)
+    mean = make(data, stat_shape, stat_dtype, gen, layout="contiguous")
+    rstd = make(data, stat_shape, stat_dtype, gen, layout="contiguous",
+                value_fn=lambda sh: values(sh, stat_dtype, gen).abs() + 0.5 if stat_dtype.is_floating_point
+                else values(sh, stat_dtype, gen))  # fmt: skip
+    real_stats = False
+    try:  # the real statistics where the forward takes these inputs
+        _, m, r = torch.ops.iddpm.group_norm_act(x, groups, weight, bias, scale, shift, 1e-5, silu)
+        if stat_shape == (N, G) and stat_dtype == acc:
+            mean, rstd, real_stats = m, r, True
+    except CLEAN:
+        pass
+    grad_out = make(data, choose(data, tuple(x.shape), (1,), tuple(x.shape) + (1,)),
+                    choose(data, x.dtype, torch.float32, torch.float64), gen)  # fmt: skip
+    tensors = {"grad_out": grad_out, "x": x, "mean": mean, "rstd": rstd, "weight": weight, "bias": bias,
+               "scale": scale, "shift": shift}  # fmt: skip
+    drawn = draw_devices(data, _GN_BWD_TENSORS, base, list(mixes))
+    devices = {n: d for n, d in drawn.items() if tensors[n] is not None}
+
+    def call(dev):
+        a = {n: place(t, dev.get(n, base)) for n, t in tensors.items()}
+        return lambda: torch.ops.iddpm.group_norm_act_backward(
+            a["grad_out"], a["x"], a["mean"], a["rstd"], groups,
+            a["weight"], a["bias"], a["scale"], a["shift"], silu,
+        )  # fmt: skip
+
+    res, err = outcome(call(devices), GROUP_NORM_BWD_ARGS)
+    if mixed(devices):
+        return assert_mix_refused(err, devices, "group_norm_act_backward")
+    if devices["x"] == "meta":
+        real = outcome(call({n: base for n in devices}), GROUP_NORM_BWD_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "group_norm_act_backward", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    assert x.dim() >= 2 and 1 <= groups and x.shape[1] % groups == 0, f"accepted groups={groups}"
+    assert grad_out.shape == x.shape and grad_out.dtype == x.dtype, "accepted a grad_out unlike x"
+    dx = res[0]
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    if x.numel() == 0 or not real_stats:
+        return
+    # The oracle's gradients where the statistics are x's own (else only shapes were checked).
+    xs = [None if t is None else t.cpu().double().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    y = oracle(xs[0], groups, *xs[1:], 1e-5, silu)
+    grads = torch.autograd.grad(y, [t for t in xs if t is not None], grad_out.cpu().double())
+    close(dx, grads[0], x.dtype, "group_norm_act_backward grad_x")

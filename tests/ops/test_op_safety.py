@@ -304,5 +304,11 @@ def test_fuzz_group_norm_act(data):
 
 @settings(FUZZ, max_examples=120)
 @given(st.data())
+def test_fuzz_group_norm_act_backward(data):
+    op_fuzz.fuzz_group_norm_act_backward(data)
+
+
+@settings(FUZZ, max_examples=120)
+@given(st.data())
 def test_fuzz_step_ops(data):
     op_fuzz.fuzz_step(data)

@@ -75,3 +75,9 @@ def test_fuzz_step_ops_cuda(data):
 @given(st.data())
 def test_fuzz_group_norm_act_cuda(data):
     op_fuzz.fuzz_group_norm_act(data, base="cuda", mixes=MIXES)
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.data())
+def test_fuzz_group_norm_act_backward_cuda(data):
+    op_fuzz.fuzz_group_norm_act_backward(data, base="cuda", mixes=MIXES)
