@@ -12,6 +12,8 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
              step) replayed from one CUDA graph per timestep (CUDA only).
   compile    SamplingEngine mode "compile": the step function under torch.compile
              (inductor; ``--compile-mode`` passes a torch.compile mode).
+  compile-graph  SamplingEngine mode "compile-graph": the compiled step captured in one CUDA
+             graph and replayed (CUDA only; with the compile rows, last).
   engine-eager  SamplingEngine mode "eager" (CPU: the engine's step without capture).
 fp32 and bf16 (``torch.autocast``; x and the step stay fp32). Records: ``ms`` = ms per
 step (median run / steps), ``ms_per_run``, ``images_per_s``, ``speedup`` over the reference
@@ -50,7 +52,8 @@ from .step import _reference_style_step
 from .unet import CONFIGS, build_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_ALL_IMPLS = ("reference", "eager", "graph", "compile", "engine-eager")
+_ALL_IMPLS = ("reference", "eager", "graph", "compile", "compile-graph", "engine-eager")
+_COMPILED = ("compile", "compile-graph")  # rows that compile: last, and off with --no-compile
 _AUTO = -1
 
 
@@ -113,7 +116,7 @@ def cases(args, device) -> list:
             for i in ("reference", "eager", "graph")
         ]
         grid += [(250, 1, "bfloat16", i) for i in ("reference", "graph")]
-        grid += [(50, 1, "bfloat16", "compile")]
+        grid += [(50, 1, "bfloat16", "compile"), (50, 1, "bfloat16", "compile-graph")]
     for *_, impl in grid:
         if impl not in _ALL_IMPLS:
             raise SystemExit(f"--impls: unknown impl {impl!r} (expected some of {_ALL_IMPLS})")
@@ -121,10 +124,10 @@ def cases(args, device) -> list:
         if dt not in _DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {dt!r} (expected some of {list(_DTYPES)})")
     if args.no_compile:
-        grid = [c for c in grid if c[3] != "compile"]
+        grid = [c for c in grid if c[3] not in _COMPILED]
     if not cuda:
-        grid = [c for c in grid if c[3] != "graph"]
-    return sorted(grid, key=lambda c: c[3] == "compile")  # stable: compile rows last
+        grid = [c for c in grid if c[3] not in ("graph", "compile-graph")]
+    return sorted(grid, key=lambda c: c[3] in _COMPILED)  # stable: compile rows last
 
 
 def _autocast(device, dtype):
@@ -225,7 +228,7 @@ def run(args) -> list:
     grid = cases(args, device)
     profile_steps = min(c[0] for c in grid) if grid else 0  # launch counts: the shortest runs only
     diffusions = {}
-    engines = {"graph": None, "compile": None, "engine-eager": None}
+    engines = {"graph": None, "compile": None, "compile-graph": None, "engine-eager": None}
     ref_ms, records, notes = {}, [], []
     previous_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
@@ -307,7 +310,12 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
                 return d.p_sample_loop(m, shape, noise=x_T)
 
         return eager
-    mode = {"graph": "graph", "compile": "compile", "engine-eager": "eager"}[impl]
+    mode = {
+        "graph": "graph",
+        "compile": "compile",
+        "compile-graph": "compile-graph",
+        "engine-eager": "eager",
+    }[impl]
     if engines[impl] is None:
         options = {"mode": args.compile_mode} if args.compile_mode else None
         engines[impl] = SamplingEngine(model, d, mode=mode, compile_options=options, device=device)

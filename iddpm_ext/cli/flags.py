@@ -119,7 +119,8 @@ SAMPLE_EXTRA_HELP = {
     "fused": "use the fused sampling-step kernels where they apply (False: eager path; loop engine only)",
     "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
-    "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, eager (the engine's "
+    "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, compile-graph (the "
+    "compiled step captured in a CUDA graph), eager (the engine's "
     "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
     "graph on CUDA, loop elsewhere",
 }
@@ -157,7 +158,7 @@ CHOICES = {
     "amp": ["none", "bf16", "fp16"],
     "resize": ["crop", "none"],
     "split": ["train", "test"],
-    "engine": ["auto", "graph", "compile", "eager", "loop"],
+    "engine": ["auto", "graph", "compile", "compile-graph", "eager", "loop"],
 }
 
 COMMANDS = {

@@ -8,8 +8,9 @@ comes, by ``engine``:
 - ``"loop"``: from the same per-sample generator, drawn in chunks of steps after x_T; the
   steps go through ``diffusion.p_sample`` / ``ddim_sample`` with explicit noise, which run
   the fused step kernels where they apply (``diffusion.use_fused``).
-- ``"graph"`` | ``"compile"`` | ``"eager"``: the :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine`
-  in that mode (one captured/compiled step replayed per timestep) with the fused op's
+- ``"graph"`` | ``"compile"`` | ``"compile-graph"`` | ``"eager"``: the
+  :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine` in that mode (one captured/compiled
+  step replayed per timestep) with the fused op's
   in-kernel Philox noise, numbered per sample (``sample_index`` = the global indices, docs/
   step.md) and keyed by one generator seeded from ``seed`` alone (:func:`step_noise_seed`),
   reset at the start of every batch, so step k of every batch uses the same Philox key and
@@ -33,7 +34,7 @@ from ..training.progress import progress_bar
 from .images import to_uint8
 
 NOISE_CHUNK = 32  # steps of noise drawn at once per sample (loop)
-ENGINES = ("auto", "graph", "compile", "eager", "loop")
+ENGINES = ("auto", "graph", "compile", "compile-graph", "eager", "loop")
 _STEP_NOISE_TAG = 0x5354_4550  # "STEP": keeps the step-noise seed apart from the samples' seeds
 
 
@@ -68,9 +69,9 @@ def resolve_engine(engine, device, diffusion=None) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     device = torch.device(device)
-    if engine == "graph" and device.type != "cuda":
+    if engine in ("graph", "compile-graph") and device.type != "cuda":
         raise ValueError(
-            f"engine: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
+            f"engine: {engine!r} captures CUDA graphs and needs a CUDA device, got {device} "
             "(use eager, compile or loop)"
         )
     if engine != "auto":

@@ -64,7 +64,7 @@ class CUDAGraphBackend:
     def __init__(self, device: torch.device):
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(
-                f"mode: 'graph' captures CUDA graphs and needs a CUDA device, got {device} "
+                f"mode: 'graph' and 'compile-graph' capture CUDA graphs and need a CUDA device, got {device} "
                 "(use mode='eager' or 'compile')"
             )
         self.device = device

@@ -12,12 +12,16 @@ host-to-device copy and no host sync, and the same step can be
   the default on CUDA);
 - ``"compile"``: the step function compiled by ``torch.compile`` (default options: inductor,
   no CUDA graphs, ``dynamic=False``; see docs/sampling_engine.md);
+- ``"compile-graph"``: both — the compiled step (inductor's code, no CUDA graphs of its own)
+  captured once in a CUDA graph and replayed (CUDA only; not yet measured on a card, so never
+  the default);
 - ``"eager"``: the same step function run as it is (the default elsewhere; what the CPU
   tests exercise).
 
 Choose with ``mode=`` or the environment variable IDDPM_EXT_ENGINE_MODE
-(``auto`` | ``graph`` | ``compile`` | ``eager``). Configurations are cached: the first run of a
-configuration builds (and in graph mode captures) it, later runs reuse its buffers.
+(``auto`` | ``graph`` | ``compile`` | ``compile-graph`` | ``eager``). Configurations are
+cached: the first run of a configuration builds (and in graph mode captures) it, later runs
+reuse its buffers.
 
 Noise: a run with ``generator=G`` gives the same samples as
 ``diffusion.p_sample_loop(model, shape, generator=G)`` (``ddim_sample_loop`` for DDIM): x_T
@@ -54,7 +58,8 @@ from .. import ops
 from ..core import checks
 from . import capture
 
-MODES = ("graph", "compile", "eager")
+MODES = ("graph", "compile", "compile-graph", "eager")
+_CAPTURED = ("graph", "compile-graph")  # the modes that replay a captured graph
 SAMPLERS = ("ancestral", "ddim")
 ENV_MODE = "IDDPM_EXT_ENGINE_MODE"
 _AMP_NAMES = {
@@ -176,8 +181,8 @@ class SamplingEngine:
         ``torch.autocast`` in that dtype; x and the step stay float32. Overridable per call.
     :param channels_last: convert the model to channels-last (in place) and keep x in
         channels-last.
-    :param compile_options: keyword arguments of ``torch.compile`` for mode ``"compile"``
-        (default ``{"dynamic": False}``; add ``mode=...`` or ``backend=...``).
+    :param compile_options: keyword arguments of ``torch.compile`` for modes ``"compile"`` and
+        ``"compile-graph"`` (default ``{"dynamic": False}``; add ``mode=...`` or ``backend=...``).
     :param device: where to run (default: the device of the model's parameters).
     """
 
@@ -209,7 +214,7 @@ class SamplingEngine:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES} or 'auto', got {mode!r}")
         self.mode = mode
-        self._backend = capture.graph_backend(self.device) if mode == "graph" else None
+        self._backend = capture.graph_backend(self.device) if mode in _CAPTURED else None
         self.amp = _amp_dtype(amp)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -471,7 +476,11 @@ class SamplingEngine:
             self._warn_recompile_limit()
             with torch.no_grad(), capture.rng_preserved(dev):
                 warm()  # compiles now, not in the first timed run
-        else:
+        else:  # graph / compile-graph: warm up (compiling first), then capture what warm ran
+            if self.mode == "compile-graph":
+                step = torch.compile(step, **self.compile_options)
+                self.stats["compiles"] += 1
+                self._warn_recompile_limit()
             entry.run_step = step
             with torch.no_grad(), capture.rng_preserved(dev):
                 replay, graph, info = self._backend.build(warm, step)

@@ -21,7 +21,8 @@ def test_cuda_grids():
     trimmed = bench_sample.cases(_args([]), cuda)
     assert {(s, b) for s, b, _, i in trimmed if i == "graph"} == {(50, 1), (50, 16), (50, 256), (250, 1)}
     assert {b for s, b, _, i in trimmed if i == "reference" and s == 50} == {1, 16, 256}
-    assert trimmed[-1][3] == "compile" and sum(c[3] == "compile" for c in trimmed) == 1
+    assert [c[3] for c in trimmed[-2:]] == ["compile", "compile-graph"]
+    assert sum(c[3] in ("compile", "compile-graph") for c in trimmed) == 2
     full = bench_sample.cases(_args(["--full"]), cuda)
     assert len(full) == 3 * 2 * 4 * 2
     assert all(c[3] == "compile" for c in full[-12:])  # compile rows last
@@ -29,7 +30,9 @@ def test_cuda_grids():
         _args(["--batches", "2", "--steps", "7", "--impls", "graph", "--dtypes", "bfloat16"]), cuda
     )
     assert picked == [(7, 2, "bfloat16", "graph")]
-    assert all(c[3] != "compile" for c in bench_sample.cases(_args(["--no-compile"]), cuda))
+    assert all(
+        c[3] not in ("compile", "compile-graph") for c in bench_sample.cases(_args(["--no-compile"]), cuda)
+    )
     quick = bench_sample.cases(_args(["--quick"]), cuda)
     assert {(s, b) for s, b, _, _ in quick} == {(10, 1), (10, 16)}
     assert "compile" not in {c[3] for c in quick}

@@ -322,8 +322,9 @@ def test_default_mode_and_environment(monkeypatch, model):
 
 
 def test_mode_errors(model):
-    with pytest.raises(ValueError, match=r"mode: 'graph' captures CUDA graphs"):
-        SamplingEngine(model, diffusion(), mode="graph")
+    for mode in ("graph", "compile-graph"):
+        with pytest.raises(ValueError, match=r"mode: 'graph' and 'compile-graph' capture CUDA graphs"):
+            SamplingEngine(model, diffusion(), mode=mode)
     with pytest.raises(ValueError, match=r"mode: expected one of"):
         SamplingEngine(model, diffusion(), mode="cudagraph")
     with pytest.raises(ValueError, match=r"amp: expected"):
@@ -455,6 +456,26 @@ def test_sample_index_reaches_graph_and_compiled_steps_without_rebuilding(cond_m
     whole_c, splits_c, _ = _split_runs(compiled, d, y=y)
     assert torch.equal(whole_c, ref) and torch.equal(splits_c[2], ref_splits[2])
     assert compiled.stats["compiles"] == 3
+
+
+@pytest.mark.slow  # one torch.compile (aot_eager) of the step
+def test_compile_graph_mode_captures_the_compiled_step(model, monkeypatch):
+    """mode "compile-graph": the step compiled first, then captured (CPU stand-in backend) and
+    replayed; the samples are the eager engine's."""
+    d = diffusion(respacing="4")
+    g = torch.Generator().manual_seed(5)
+    ref = SamplingEngine(model, d, mode="eager").sample(SHAPE, generator=g)
+    with call_graph_backend(monkeypatch) as backends:
+        engine = SamplingEngine(
+            model, d, mode="compile-graph", compile_options={"backend": "aot_eager", "fullgraph": True}
+        )
+        g = torch.Generator().manual_seed(5)
+        out = engine.sample(SHAPE, generator=g)
+        g = torch.Generator().manual_seed(5)
+        again = engine.sample(SHAPE, generator=g)  # replays: no second compile or capture
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert engine.stats["compiles"] == 1 and engine.stats["captures"] == 1
+    assert sum(b.captures for b in backends) == 1
 
 
 def test_callback_sees_every_step(model):
