@@ -123,6 +123,11 @@ step bench_train 75 $PY -m iddpm_ext.bench train --device cuda --json "$OUT/benc
 #    GPU_CHECK_ONLY=bench_unet_compiled GPU_CHECK_BUDGET=420).
 step bench_unet_compiled 240 $PY -m iddpm_ext.bench unet --device cuda --forward-only --batch-sizes 1,64 \
   --warmup 2 --iters 10 --compile-reference max-autotune --json "$OUT/bench_unet_compiled.json"
+# -- issue 12's training comparison: TrainLoop(compile="default") for ours and the reference model
+#    (IDDPM_REF_PATH) eager and compiled, fp32 and bf16 at B = 128 (after the 10 plain cases;
+#    alone: GPU_CHECK_ONLY=bench_train_compiled GPU_CHECK_BUDGET=420).
+step bench_train_compiled 240 $PY -m iddpm_ext.bench train --device cuda --warmup 2 --iters 5 \
+  --compile default --json "$OUT/bench_train_compiled.json"
 
 log "done in $(($(date +%s) - START))s"
 cat "$OUT/status.txt"

@@ -8,6 +8,14 @@ the device) and ``einsum`` (the reference's math), and without checkpointing ``a
 torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
+``--compile MODE`` adds, fp32 and bf16 without checkpointing, our model with the network's
+forward and backward compiled (``TrainLoop(compile=MODE)``, impl "auto compile(MODE)") and,
+when IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
+with the same weights in the same loop, eager ("reference") and compiled ("reference
+compile(MODE)": the baseline a user gets in one line); our rows then carry
+``speedup_vs_compiled_reference`` (issue 12's training target: ≥ 1.3× at B = 128 bf16).
+Compiling takes minutes (inductor), so these cases come last.
+
 Configurations: ``cifar10`` is improved-diffusion's CIFAR-10 run (--preset cifar10: 128
 channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``tiny`` (CPU default
 and --quick) is 32 channels, 1 res block, channel_mult 1,2, attention at 8x8, 16x16 RGB
@@ -23,6 +31,7 @@ import tempfile
 import torch
 
 from ..ops.attention import attention_impl
+from ..training.loop import COMPILE_MODES
 from . import common
 
 # Model configurations, laid out by hand.
@@ -45,10 +54,36 @@ def add_arguments(parser):
         help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)",
     )
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 128 cifar10, 8 tiny)")
+    parser.add_argument(
+        "--compile",
+        choices=[m for m in COMPILE_MODES if m != "none"],
+        default=None,
+        metavar="MODE",
+        help="also time the training step with the network under torch.compile(mode=MODE), ours and "
+        "(with IDDPM_REF_PATH) the reference model: " + ", ".join(m for m in COMPILE_MODES if m != "none"),
+    )
     parser.set_defaults(warmup=-1, iters=-1)
 
 
-def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=False):
+def _reference_model(cfg, ours):
+    """openai/improved-diffusion's UNetModel (IDDPM_REF_PATH) built like ``ours`` from ``cfg``,
+    with its weights; None without IDDPM_REF_PATH."""
+    import inspect
+
+    from ..script_util import _unet_kwargs, create_model
+    from .unet import reference_unet_class
+
+    cls = reference_unet_class()
+    if cls is None:
+        return None
+    args = {k: cfg.get(k, p.default) for k, p in inspect.signature(create_model).parameters.items()}
+    ref = cls(**_unet_kwargs(args, args["image_size"], "image_size", args["image_channels"]))
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref
+
+
+def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=False, compile="none",
+          reference=False):  # fmt: skip
     from ..resample import UniformSampler
     from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from ..training.loop import TrainLoop
@@ -58,6 +93,8 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
     cfg["use_checkpoint"] = use_checkpoint
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**cfg)
+    if reference:
+        model = _reference_model(cfg, model)
     model.to(device)
     loop = TrainLoop(
         model=model,
@@ -75,6 +112,7 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
         out_dir=out_dir,
         amp=amp,
         channels_last=channels_last,
+        compile=compile,
         progress=False,
         log=lambda *a, **k: None,
     )
@@ -82,69 +120,102 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
     return loop, x, sum(p.numel() for p in model.parameters())
 
 
+def _cases(compile_mode, with_reference) -> list:
+    """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model) of each
+    case, in the order they run (the first is the speedup baseline)."""
+    cases = []
+    for use_ckpt in (False, True):
+        for amp in ("none", "bf16"):
+            for impl in ("einsum", "auto"):
+                cases.append((use_ckpt, amp, impl, False, "none", False))
+            if not use_ckpt:  # the torso channels-last, fused attention
+                cases.append((use_ckpt, amp, "auto", True, "none", False))
+    if compile_mode:
+        for amp in ("none", "bf16"):
+            if with_reference:
+                for mode in ("none", compile_mode):
+                    cases.append((False, amp, "auto", False, mode, True))
+            cases.append((False, amp, "auto", False, compile_mode, False))
+    return cases
+
+
+def _impl_name(impl, channels_last, compile_mode, reference) -> str:
+    name = "reference" if reference else impl + (" channels-last" if channels_last else "")
+    return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
+
+
 def run(args) -> list:
+    from .unet import reference_unet_class
+
     device = torch.device(args.device)
     config = args.config or ("cifar10" if device.type == "cuda" and not args.quick else "tiny")
     batch = args.batch or (128 if config == "cifar10" else 8)
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
     iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
-    amps = ["none", "bf16"]
+    cases = _cases(args.compile, args.compile and reference_unet_class() is not None)
     records, rows = [], []
     baseline_ms = None
+    compiled_reference_ms = {}  # amp -> ms of the reference compiled
     with tempfile.TemporaryDirectory() as tmp:
-        for use_ckpt in (False, True):
-            for amp in amps:
-                # channels-last (TrainLoop(channels_last=True)) with the fused attention, without
-                # activation checkpointing
-                cases = [("einsum", False), ("auto", False)] + ([] if use_ckpt else [("auto", True)])
-                for impl, cl in cases:
-                    loop, x, n_params = _loop(config, use_ckpt, amp, device, batch, tmp, channels_last=cl)
-                    step = functools.partial(loop.run_step, x, {})
-                    peak = None
-                    with attention_impl(impl):
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                            torch.cuda.reset_peak_memory_stats(device)
-                        ms = common.time_ms(step, device, warmup, iters, flush_l2=False)
-                        if device.type == "cuda":
-                            peak = torch.cuda.max_memory_allocated(device) / 2**20
-                    if baseline_ms is None:
-                        baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
-                    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-                    rec = common.record(
-                        f"train step {config}" + (" +ckpt" if use_ckpt else ""),
-                        impl + (" channels-last" if cl else ""),
-                        [batch, 3, x.shape[-1], x.shape[-1]],
-                        dtype,
-                        device,
-                        ms,
-                        it_per_s=round(1000 / ms, 3),
-                        images_per_s=round(batch * 1000 / ms, 1),
-                        use_checkpoint=use_ckpt,
-                        channels_last=cl,
-                        peak_mib=None if peak is None else round(peak, 1),
-                        speedup=round(baseline_ms / ms, 3),
-                        params=n_params,
-                    )
-                    records.append(common.emit(args, rec))
-                    mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
-                    rows.append(
-                        f"{impl + (' NHWC' if cl else ''):<12} {amp:<5} ckpt={str(use_ckpt):<5} "
-                        f"{1000 / ms:8.2f} it/s "
-                        f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}"
-                    )
-                    loop.close()  # the run folder's lock: the next case's TrainLoop takes it
-                    del loop, x, step
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        for use_ckpt, amp, impl, cl, comp, ref in cases:
+            loop, x, n_params = _loop(
+                config, use_ckpt, amp, device, batch, tmp, channels_last=cl, compile=comp, reference=ref
+            )
+            step = functools.partial(loop.run_step, x, {})
+            peak = None
+            with attention_impl(impl):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = common.time_ms(step, device, warmup, iters, flush_l2=False)
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) / 2**20
+            if baseline_ms is None:
+                baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
+            extra = {}
+            if ref and comp != "none":
+                compiled_reference_ms[amp] = ms
+            elif not ref and amp in compiled_reference_ms:
+                extra["speedup_vs_compiled_reference"] = round(compiled_reference_ms[amp] / ms, 3)
+            name = _impl_name(impl, cl, comp, ref)
+            rec = common.record(
+                f"train step {config}" + (" +ckpt" if use_ckpt else ""),
+                name,
+                [batch, 3, x.shape[-1], x.shape[-1]],
+                torch.bfloat16 if amp == "bf16" else torch.float32,
+                device,
+                ms,
+                it_per_s=round(1000 / ms, 3),
+                images_per_s=round(batch * 1000 / ms, 1),
+                use_checkpoint=use_ckpt,
+                channels_last=cl,
+                compile=comp,
+                reference=ref,
+                peak_mib=None if peak is None else round(peak, 1),
+                speedup=round(baseline_ms / ms, 3),
+                params=n_params,
+                **extra,
+            )
+            records.append(common.emit(args, rec))
+            mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
+            short = name.replace(" channels-last", " NHWC")
+            rows.append(
+                f"{short:<28} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
+                f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}"
+                + (f"  vs compiled reference x{extra['speedup_vs_compiled_reference']:.2f}" if extra else "")
+            )
+            loop.close()  # the run folder's lock: the next case's TrainLoop takes it
+            del loop, x, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(
         f"\ntrain step {config}: {records[0]['params']:,} parameters, batch {batch}, "
         f"on {common.device_name(device)} (speedup vs einsum/fp32/no checkpointing)"
     )
     for r in rows:
         print("  " + r)
-    best = max(r["speedup"] for r in records if r["impl"] == "auto")
+    best = max(r["speedup"] for r in records if r["impl"].startswith("auto"))
     print(
         f"  best 'auto' case: x{best:.2f} the einsum/fp32 baseline's it/s"
         + (f" (GPU target >= 2x: {'met' if best >= 2 else 'NOT met'})" if device.type == "cuda" else "")

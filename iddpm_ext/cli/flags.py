@@ -68,7 +68,7 @@ TRAIN_HELP = {
 TRAIN_EXTRA = dict(
     out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
     random_flip=False, resize="crop", num_workers=0, progress=True, threads=0, tensorboard=False,
-    channels_last=False,
+    channels_last=False, compile="none",
 )
 # fmt: on
 TRAIN_EXTRA_HELP = {
@@ -89,6 +89,9 @@ TRAIN_EXTRA_HELP = {
     "tensorboard": "also write the logged values as TensorBoard events to OUT_DIR/tb (needs the "
     "tensorboard package, not installed with iddpm_ext)",
     "channels_last": "train the UNet's torso in channels-last (NHWC) memory format (checkpoints are "
+    "the same; not yet measured on a GPU)",
+    "compile": "run the network's forward and backward through torch.compile in this mode (none: "
+    "eager; reduce-overhead adds CUDA graphs; the first steps compile, for minutes; checkpoints are "
     "the same; not yet measured on a GPU)",
 }
 
@@ -159,6 +162,7 @@ CHOICES = {
     "resize": ["crop", "none"],
     "split": ["train", "test"],
     "engine": ["auto", "graph", "compile", "compile-graph", "eager", "loop"],
+    "compile": ["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
 }
 
 COMMANDS = {

@@ -41,6 +41,8 @@ from .runlock import RunFolderLock
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 AMP_MODES = ("none", "bf16", "fp16")
+# TrainLoop(compile=...): "none" or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # loss.png while training runs: first redrawn PLOT_EVERY_S after the loop starts, then again
 # PLOT_EVERY_S (or PLOT_COST_FACTOR times the last drawing's time, if longer) after each
 # drawing, and at the end. A drawing takes about half a second on one CPU core, so the plot
@@ -77,6 +79,26 @@ def _control_group(world: int, device: torch.device):
     return torch.distributed.group.WORLD  # then the flag lives on the device
 
 
+def compile_options(compile) -> dict | None:
+    """``TrainLoop(compile=...)`` as keyword arguments of ``torch.compile`` (None: not compiled).
+
+    ``"none"``/None/False: eager; a mode of COMPILE_MODES; or a dict of ``torch.compile``
+    keyword arguments (e.g. ``{"backend": "aot_eager"}``). Shapes are static unless the dict
+    says otherwise (a training run has one or two batch shapes)."""
+    if compile is None or compile is False or compile == "none":
+        return None
+    if isinstance(compile, str):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile: expected one of {list(COMPILE_MODES)}, got {compile!r}")
+        return {"mode": compile, "dynamic": False}
+    if isinstance(compile, dict):
+        return {"dynamic": False, **compile}
+    raise ValueError(
+        f"compile: expected one of {list(COMPILE_MODES)} or a dict of torch.compile arguments, "
+        f"got {compile!r}"
+    )
+
+
 class _Autocast:
     """Calls ``model`` under autocast and returns float32 outputs, so only the network
     runs in low precision while the diffusion losses stay in fp32."""
@@ -97,7 +119,12 @@ class TrainLoop:
     ``seed``, ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger
     prints its key tables to stdout), ``log`` (messages; default: ``logger.log`` once the
     logger is configured, else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
-    :meth:`UNetModel.set_channels_last`; checkpoints are the same either way).
+    :meth:`UNetModel.set_channels_last`; checkpoints are the same either way), ``compile``
+    (run the network's forward and backward through ``torch.compile``: ``"none"``, a mode of
+    COMPILE_MODES such as ``"max-autotune"`` or ``"reduce-overhead"`` (CUDA graphs), or a
+    dict of ``torch.compile`` arguments; the diffusion losses, optimizer and EMA stay eager;
+    checkpoints and state-dict keys are the same either way; dropout draws its masks from
+    the compiled graph's random stream, so with dropout the numbers differ from an eager run).
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
     (``resume_checkpoint``). Not given (the reference's way): the logger's folder
@@ -114,7 +141,8 @@ class TrainLoop:
                  save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3,
                  schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0, config=None, out_dir=None,
                  amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=None,
-                 log=None, channels_last=False):  # fmt: skip
+                 log=None, channels_last=False, compile="none"):  # fmt: skip
+        compile_kwargs = compile_options(compile)  # a bad value fails before anything is done
         if amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
         if not isinstance(channels_last, bool):
@@ -224,10 +252,14 @@ class TrainLoop:
             )
         else:
             self.ddp_model = model
+        self.compile = compile_kwargs
+        # The network as the losses call it: compiled (its forward and backward), under autocast.
         self.forward_model = self.ddp_model
+        if compile_kwargs is not None:
+            self.forward_model = torch.compile(self.ddp_model, **compile_kwargs)
         if amp != "none":
             self.forward_model = _Autocast(
-                self.ddp_model, self.device.type, torch.bfloat16 if amp == "bf16" else torch.float16
+                self.forward_model, self.device.type, torch.bfloat16 if amp == "bf16" else torch.float16
             )
 
         self.metrics = None
@@ -491,6 +523,8 @@ class TrainLoop:
             last = i + self.microbatch >= n_total
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, rng=self.t_rng)
             sync = contextlib.nullcontext() if (last or self.world == 1) else self.ddp_model.no_sync()
+            if self.compile is not None and self.compile.get("mode") == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
             with sync:
                 losses = self.diffusion.training_losses(self.forward_model, micro, t, model_kwargs=micro_cond)
                 if isinstance(self.schedule_sampler, LossAwareSampler):

@@ -221,6 +221,52 @@ def test_channels_last_training_follows_the_nchw_run(tmp_path):
         _loop(tmp_path / "bad", channels_last="yes")
 
 
+@pytest.mark.slow  # two 2-step runs, one traced by AOTAutograd (~7 s on 2 cores)
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """TrainLoop(compile=...): the network's forward and backward go through torch.compile (here
+    its aot_eager backend: AOTAutograd's joint graph of the model, our fused ops included, without
+    inductor's minutes of codegen); the gradients of a step, the loss curve and the checkpoint's
+    keys are the eager run's (dropout 0: no random stream in the graph)."""
+    x = torch.from_numpy(blob_images(8, 8, 1)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    runs = {}
+    for name, comp in (("eager", "none"), ("compiled", {"backend": "aot_eager"})):
+        out = tmp_path / name
+        torch._dynamo.reset()
+        loop = _loop(out, max_steps=2, compile=comp, config=tiny_config(dropout=0.0, diffusion_steps=5))
+        assert (loop.compile is None) is (name == "eager")
+        torch.manual_seed(1)
+        loop.forward_backward(x, {})
+        grads = [p.grad.clone() for p in loop.params]
+        loop.opt.zero_grad(set_to_none=True)
+        loop.run_loop()
+        weights, _, _ = ckpt.load_weights(str(out / "model000002.safetensors"))
+        runs[name] = (grads, _losses(out), weights)
+    (g0, l0, w0), (g1, l1, w1) = runs["eager"], runs["compiled"]
+    assert all(p.grad is not None for p in loop.params)
+    for a, b in zip(g1, g0):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
+    assert len(l0) == len(l1) == 2
+    np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=1e-4, atol=1e-6)
+    assert sorted(w1) == sorted(w0) and not any(k.startswith("_orig_mod") for k in w1)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_argument_is_checked(tmp_path):
+    from iddpm_ext.cli.flags import CHOICES
+    from iddpm_ext.training.loop import COMPILE_MODES, compile_options
+
+    assert CHOICES["compile"] == list(COMPILE_MODES)  # iddpm train --compile offers exactly these
+    assert compile_options("none") is None and compile_options(None) is None
+    assert compile_options("max-autotune") == {"mode": "max-autotune", "dynamic": False}
+    assert compile_options({"backend": "eager", "dynamic": True}) == {"backend": "eager", "dynamic": True}
+    with pytest.raises(ValueError, match=r"compile: expected one of \['none', 'default'.*got 'fast'"):
+        _loop(tmp_path / "bad", compile="fast")
+    with pytest.raises(ValueError, match="compile: expected .* or a dict of torch.compile arguments, got 3"):
+        _loop(tmp_path / "bad", compile=3)
+    assert not (tmp_path / "bad").exists()  # refused before the run folder was touched
+
+
 def test_channels_last_needs_a_2d_unet():
     from iddpm_ext.unet import UNetModel
 
