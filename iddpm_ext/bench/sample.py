@@ -24,7 +24,11 @@ minus model_ms (what a step costs beyond the model's kernels), and the engine's 
 ``h2d_per_step`` (host-to-device copies) seen by torch.profiler.
 
 Model: the CIFAR-10 configuration (52.5M parameters, 4000-step cosine process, learned σ,
-timesteps rescaled) on CUDA; a small one (image 16, 32 channels, 1 res block) on CPU.
+timesteps rescaled) on CUDA; a small one (image 16, 32 channels, 1 res block) on CPU;
+``--config imagenet64``: the paper's ImageNet-64 UNet (channel_mult 1,2,3,4, 4 heads,
+scale-shift norm; 4000-step cosine process). ``tflops`` (and on a known card ``pct_peak`` of
+its dense bf16 tensor peak) counts the UNet forward's FLOPs (torch's FLOP counter, B = 1,
+einsum attention) × B per step: the model is what a step computes.
 
 Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dtypes`` to pick):
   CUDA default (what scripts/gpu_check.sh runs, trimmed to about a minute on an H100):
@@ -60,7 +64,7 @@ _AUTO = -1
 def add_arguments(parser):
     parser.add_argument(
         "--config",
-        choices=["cifar10", "small"],
+        choices=["cifar10", "imagenet64", "small"],
         default=None,
         help="model (default: cifar10 on CUDA, small on CPU)",
     )
@@ -216,7 +220,7 @@ def _runs(args, device, batch) -> tuple:
 def run(args) -> list:
     device = torch.device(args.device)
     config = args.config or ("cifar10" if device.type == "cuda" else "small")
-    unet_config = "cifar10" if config == "cifar10" else "tiny"
+    unet_config = "tiny" if config == "small" else config
     torch.manual_seed(0)
     model, size = build_model(unet_config, device=device)
     with torch.no_grad():  # a fresh UNet's last conv is zero: give it small weights
@@ -224,7 +228,8 @@ def run(args) -> list:
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     channels = CONFIGS[unet_config]["in_channels"]
-    steps_total = 4000 if config == "cifar10" else 1000
+    steps_total = 1000 if config == "small" else 4000
+    flops_per_image = _forward_flops(model, channels, size, device)
     grid = cases(args, device)
     profile_steps = min(c[0] for c in grid) if grid else 0  # launch counts: the shortest runs only
     diffusions = {}
@@ -285,7 +290,16 @@ def run(args) -> list:
                     extra.update(_profile_counts(fn, S))
                 except Exception as exc:  # noqa: BLE001 - profiling is best effort
                     notes.append(f"profile {impl}: {type(exc).__name__}: {exc}"[:200])
-            rec = common.record(f"sample {config} {S} steps", impl, list(shape), dtype, device, ms, **extra)
+            rec = common.record(
+                f"sample {config} {S} steps",
+                impl,
+                list(shape),
+                dtype,
+                device,
+                ms,
+                flops=flops_per_image * B,
+                **extra,
+            )
             records.append(
                 common.emit(args, rec)
             )  # printed now; with --json, partial results survive a limit
@@ -348,6 +362,14 @@ def _graph_extras(engine, model, d, shape, x_T, device, dtype, ms, iters) -> dic
     return extra
 
 
+def _forward_flops(model, channels, size, device) -> int:
+    """FLOPs of one image's UNet forward (what one sampling step computes, the step op aside)."""
+    from .unet import _count_flops
+
+    x = torch.zeros(1, channels, size, size, device=device)
+    return _count_flops(model, x, torch.zeros(1, device=device), backward=False)
+
+
 def _print_summary(config, n_params, records, engines, notes):
     print(f"\nsample {config}: {n_params:,} parameters; ms = ms per step")
     for r in records:
@@ -355,7 +377,8 @@ def _print_summary(config, n_params, records, engines, notes):
             continue
         line = (
             f"  {r['steps']:>4} steps B={r['shape'][0]:<4} {r['dtype']:<9} {r['impl']:<12}"
-            f" {r['ms']:9.4f} ms/step {r['images_per_s']:10.1f} img/s"
+            f" {r['ms']:9.4f} ms/step {r['images_per_s']:10.1f} img/s {r['tflops']:8.3f} TF/s"
+            + (f" ({r['pct_peak']:.1f}% of peak)" if "pct_peak" in r else "")
         )
         if "speedup" in r:
             line += f"  x{r['speedup']:.2f} vs reference"

@@ -17,10 +17,15 @@ compile(MODE)": the baseline a user gets in one line); our rows then carry
 Compiling takes minutes (inductor), so these cases come last.
 
 Configurations: ``cifar10`` is improved-diffusion's CIFAR-10 run (--preset cifar10: 128
-channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``tiny`` (CPU default
+channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``imagenet64`` the paper's
+ImageNet-64 model (128 channels, channel_mult 1,2,3,4, 3 res blocks, attention at 16 and 8
+with 4 heads, scale-shift norm, T = 4000; batch 32); ``tiny`` (CPU default
 and --quick) is 32 channels, 1 res block, channel_mult 1,2, attention at 8x8, 16x16 RGB
-images, T = 1000, batch 8. Peak memory is torch.cuda.max_memory_allocated over the timed
-steps (parameters, optimizer state and EMA included); not measured on CPU.
+images, T = 1000, batch 8. ``tflops`` (and on a known card ``pct_peak`` of its dense bf16
+tensor peak) counts the network's forward + backward FLOPs (torch's FLOP counter, einsum
+attention) × batch per step; the losses, optimizer and EMA are not counted. Peak memory is
+torch.cuda.max_memory_allocated over the timed steps (parameters, optimizer state and EMA
+included); not measured on CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from . import common
 CONFIGS = {
     "cifar10": dict(image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True, dropout=0.3,
                     diffusion_steps=4000, noise_schedule="cosine"),
+    "imagenet64": dict(image_size=64, num_channels=128, num_res_blocks=3, channel_mult="1,2,3,4",
+                       attention_resolutions="16,8", num_heads=4, use_scale_shift_norm=True,
+                       learn_sigma=True, dropout=0.0, diffusion_steps=4000, noise_schedule="cosine"),
     "tiny": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                  attention_resolutions="8", num_heads=4, learn_sigma=True, diffusion_steps=1000,
                  noise_schedule="cosine"),
@@ -53,7 +61,9 @@ def add_arguments(parser):
         default=None,
         help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)",
     )
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 128 cifar10, 8 tiny)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size (default: 128 cifar10, 32 imagenet64, 8 tiny)"
+    )
     parser.add_argument(
         "--compile",
         choices=[m for m in COMPILE_MODES if m != "none"],
@@ -120,6 +130,14 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
     return loop, x, sum(p.numel() for p in model.parameters())
 
 
+def _step_flops(loop, x) -> int:
+    """FLOPs of the network's forward + backward for the batch ``x`` (one training step's model work)."""
+    from .unet import _count_flops
+
+    t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+    return x.shape[0] * _count_flops(loop.model, x, t, backward=True)
+
+
 def _cases(compile_mode, with_reference) -> list:
     """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model) of each
     case, in the order they run (the first is the speedup baseline)."""
@@ -149,7 +167,7 @@ def run(args) -> list:
 
     device = torch.device(args.device)
     config = args.config or ("cifar10" if device.type == "cuda" and not args.quick else "tiny")
-    batch = args.batch or (128 if config == "cifar10" else 8)
+    batch = args.batch or {"cifar10": 128, "imagenet64": 32}.get(config, 8)
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
     iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
@@ -157,12 +175,15 @@ def run(args) -> list:
     records, rows = [], []
     baseline_ms = None
     compiled_reference_ms = {}  # amp -> ms of the reference compiled
+    flops = None  # per step, counted once (the same network in every case)
     with tempfile.TemporaryDirectory() as tmp:
         for use_ckpt, amp, impl, cl, comp, ref in cases:
             loop, x, n_params = _loop(
                 config, use_ckpt, amp, device, batch, tmp, channels_last=cl, compile=comp, reference=ref
             )
             step = functools.partial(loop.run_step, x, {})
+            if flops is None:
+                flops = _step_flops(loop, x)
             peak = None
             with attention_impl(impl):
                 if device.type == "cuda":
@@ -186,6 +207,8 @@ def run(args) -> list:
                 torch.bfloat16 if amp == "bf16" else torch.float32,
                 device,
                 ms,
+                flops=flops,
+                gflop_per_step=round(flops / 1e9, 4),
                 it_per_s=round(1000 / ms, 3),
                 images_per_s=round(batch * 1000 / ms, 1),
                 use_checkpoint=use_ckpt,
@@ -202,7 +225,8 @@ def run(args) -> list:
             short = name.replace(" channels-last", " NHWC")
             rows.append(
                 f"{short:<28} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
-                f"{batch * 1000 / ms:9.1f} img/s  peak {mem}  x{baseline_ms / ms:.2f}"
+                f"{batch * 1000 / ms:9.1f} img/s {rec['tflops']:8.3f} TF/s  peak {mem}  "
+                f"x{baseline_ms / ms:.2f}"
                 + (f"  vs compiled reference x{extra['speedup_vs_compiled_reference']:.2f}" if extra else "")
             )
             loop.close()  # the run folder's lock: the next case's TrainLoop takes it

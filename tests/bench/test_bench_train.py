@@ -52,6 +52,10 @@ def test_cases_channels_last_and_compiled_rows(tmp_path, monkeypatch):
         ("auto channels-last", "bfloat16", False),
     ]
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in recs)
+    # one network's forward + backward FLOPs per step in every row, and TFLOP/s from them
+    assert len({r["gflop_per_step"] for r in recs}) == 1 and recs[0]["gflop_per_step"] > 1e-3
+    for r in recs:
+        assert r["tflops"] == pytest.approx(r["gflop_per_step"] / r["ms"], abs=1e-3), r
     assert recs[0]["impl"] == "einsum" and recs[0]["speedup"] == 1
     # the compiled section, last: per dtype the reference eager, compiled, then ours compiled
     tail = [(r["impl"], r["dtype"]) for r in recs[10:]]
@@ -68,3 +72,20 @@ def test_cases_channels_last_and_compiled_rows(tmp_path, monkeypatch):
         ours_compiled = r["impl"] == "auto compile(max-autotune)"
         assert ("speedup_vs_compiled_reference" in r) == ours_compiled, r["impl"]
     assert all(r["speedup_vs_compiled_reference"] > 0 for r in recs if "speedup_vs_compiled_reference" in r)
+
+
+def test_imagenet64_config_is_bench_unets_model():
+    """bench train's imagenet64 configuration builds the model bench unet/sample time (the paper's
+    ImageNet-64 UNet): same state-dict keys and shapes."""
+    from iddpm_ext.bench import train as bench_train
+    from iddpm_ext.bench.unet import build_model
+    from iddpm_ext.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    cfg = model_and_diffusion_defaults()
+    cfg.update(bench_train.CONFIGS["imagenet64"])
+    with torch.device("meta"):  # shapes only: no 120M-parameter initialisation
+        ours, _ = create_model_and_diffusion(**cfg)
+        theirs, size = build_model("imagenet64", device="meta")
+    assert size == cfg["image_size"] == 64
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
