@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 
 #include "common/winograd_params.h"
 #include "cpu/winograd.h"
@@ -42,9 +43,13 @@ float* workspace(int64_t n, const at::TensorOptions& options) {
   return buf.data_ptr<float>();
 }
 
+// torch's name of a tensor's dtype ("float64", "int64"), as the Python checks print it.
+std::string torch_name(const at::Tensor& t) { return std::string(c10::getDtypeNames(t.scalar_type()).first); }
+
 void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
-  check_dtype(t, name, at::kFloat);
+  TORCH_CHECK_VALUE(t.is_cpu(), name, ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", torch_name(t));
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
@@ -132,5 +137,14 @@ TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
 }
+
+#ifdef IDDPM_WITH_CUDA
+// No CUDA kernel: the CPU functions' checks refuse CUDA tensors with a clear error (instead of
+// the dispatcher's "could not run with arguments from the CUDA backend").
+TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
+}
+#endif
 
 }  // namespace iddpm::ops
