@@ -224,12 +224,12 @@ def _conv_geometry(conv: nn.Module):
 # per weight version and kept with the packed weights (same cache, same invalidation: address +
 # version counter; freed by train(); not in the state_dict). Modes:
 #   "off": never; "on": every such call; "auto": where it measured faster on this project's CPU at
-#   one thread (docs/unet.md): Cin and Cout >= 16 and H, W >= 4 (it loses for the 3-channel stem
+#   one thread (docs/unet.md): Cin and Cout >= 32 and H, W >= 4 (it loses for the 3-channel stem
 #   conv and at 1×1 maps). Not under autocast (that conv runs in bf16), not while torch.compile
 #   traces. Default from IDDPM_CONV_WINOGRAD=auto/1/0 (unset: auto).
 _WINOGRAD_MODES = ("auto", "on", "off")
 _WINOGRAD_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
-_WINOGRAD_AUTO_MIN_CHANNELS = 16
+_WINOGRAD_AUTO_MIN_CHANNELS = 32
 _WINOGRAD_AUTO_MIN_SIZE = 4
 
 
