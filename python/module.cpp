@@ -36,8 +36,8 @@ constexpr bool kWithCuda = false;
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
 constexpr const char* kOps[] = {
-    "gather_coefs",  "p_sample_step",          "ddim_step",      "ddim_reverse_step",
-    "qkv_attention", "qkv_attention_backward", "group_norm_act", "group_norm_act_backward",
+    "gather_coefs",    "p_sample_step",          "ddim_step",      "ddim_reverse_step",
+    "qkv_attention",   "qkv_attention_backward", "group_norm_act", "group_norm_act_backward",
     "winograd_weight", "conv3x3_winograd"};
 
 py::dict build_info() {

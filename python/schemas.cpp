@@ -59,5 +59,7 @@ TORCH_LIBRARY(iddpm, m) {
   m.def("winograd_weight(Tensor weight) -> Tensor");
   // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]
   // -> conv2d(x, weight, bias, stride 1, padding 1) + residual, [N, Cout, H, W] channels-last.
-  m.def("conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def(
+      "conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias=None, Tensor? residual=None) -> "
+      "Tensor");
 }

@@ -19,9 +19,9 @@
 
 namespace iddpm {
 
-inline constexpr int64_t kWinogradTile = 2;    // output tile edge (F(2×2, 3×3))
-inline constexpr int64_t kWinogradAlpha = 4;   // input tile edge
-inline constexpr int64_t kWinogradPoints = 16; // alpha², the number of GEMMs
+inline constexpr int64_t kWinogradTile = 2;     // output tile edge (F(2×2, 3×3))
+inline constexpr int64_t kWinogradAlpha = 4;    // input tile edge
+inline constexpr int64_t kWinogradPoints = 16;  // alpha², the number of GEMMs
 
 inline int64_t winograd_tiles(int64_t size) { return (size + kWinogradTile - 1) / kWinogradTile; }
 

@@ -79,7 +79,8 @@ void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t st
         for (int s = 0; s < 3; ++s) gg[r][s] = g[r * stride[2] + s * stride[3]];
       double t[4][3];  // G g
       for (int i = 0; i < 4; ++i)
-        for (int s = 0; s < 3; ++s) t[i][s] = G[i][0] * gg[0][s] + G[i][1] * gg[1][s] + G[i][2] * gg[2][s];
+        for (int s = 0; s < 3; ++s)
+          t[i][s] = G[i][0] * gg[0][s] + G[i][1] * gg[1][s] + G[i][2] * gg[2][s];
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
           const double v = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];

@@ -17,8 +17,8 @@ void winograd_output(const WinogradOutputParams& p);
 // U [16, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), computed in
 // float64 and rounded once to float32.
 void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t stride[4], float* u);
-// "avx512", "avx2" or "default": the build the transforms run on this CPU (IDDPM_WINOGRAD_CPU_ISA=avx2
-// or default forces a lower one).
+// "avx512", "avx2" or "default": the build the transforms run on this CPU
+// (IDDPM_WINOGRAD_CPU_ISA=avx2 or default forces a lower one).
 const char* winograd_isa();
 
 }  // namespace iddpm::cpu

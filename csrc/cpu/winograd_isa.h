@@ -6,8 +6,8 @@
 
 namespace iddpm::cpu {
 
-#define IDDPM_WINO_DECLARE_ISA(ns)                         \
-  namespace ns {                                           \
+#define IDDPM_WINO_DECLARE_ISA(ns)                     \
+  namespace ns {                                       \
   void winograd_input(const WinogradInputParams& p);   \
   void winograd_output(const WinogradOutputParams& p); \
   }

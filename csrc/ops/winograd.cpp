@@ -44,12 +44,16 @@ float* workspace(int64_t n, const at::TensorOptions& options) {
 }
 
 // torch's name of a tensor's dtype ("float64", "int64"), as the Python checks print it.
-std::string torch_name(const at::Tensor& t) { return std::string(c10::getDtypeNames(t.scalar_type()).first); }
+std::string torch_name(const at::Tensor& t) {
+  return std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
 
 void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cpu(), name, ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
+  TORCH_CHECK_VALUE(t.is_cpu(), name,
+                    ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
                     t.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", torch_name(t));
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                    torch_name(t));
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
@@ -59,23 +63,26 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   check_cpu_float(weight, "weight");
   const int64_t Cout = weight.size(0), Cin = weight.size(1);
   at::Tensor u = at::empty({kWinogradPoints, Cin, Cout}, weight.options());
-  const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
-  if (u.numel() > 0) cpu::winograd_weight(weight.data_ptr<float>(), Cout, Cin, stride, u.data_ptr<float>());
+  const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
+                             weight.stride(3)};
+  if (u.numel() > 0)
+    cpu::winograd_weight(weight.data_ptr<float>(), Cout, Cin, stride, u.data_ptr<float>());
   return u;
 }
 
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t, const OptTensor& bias,
-                                const OptTensor& residual) {
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
+                                const OptTensor& bias, const OptTensor& residual) {
   check_defined(x_in, "x");
   check_dim(x_in, "x", 4, "[N, Cin, H, W]");
   check_cpu_float(x_in, "x");
   check_defined(weight_t, "weight_t");
   check_cpu_float(weight_t, "weight_t");
   const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  TORCH_CHECK_VALUE(weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
-                    "weight_t: expected shape [16, ", Cin,
-                    ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
-                    shape_str(weight_t));
+  TORCH_CHECK_VALUE(
+      weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
+      "weight_t: expected shape [16, ", Cin,
+      ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
+      shape_str(weight_t));
   const int64_t Cout = weight_t.size(2);
   if (given(bias)) {
     check_cpu_float(*bias, "bias");

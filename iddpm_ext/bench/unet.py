@@ -1,25 +1,25 @@
 """``iddpm bench unet``: UNet forward and forward+backward throughput, ours vs the reference.
 
-Forward (sampling) section, per batch size (``--batch-sizes``) and dtype, the variants are timed
-in interleaved rounds (one call of each per round, median reported), so their ratios are side by
-side even on a busy machine. The baseline ("reference") is openai/improved-diffusion's UNetModel
-loaded from the checkout named by IDDPM_REF_PATH (the folder holding ``improved_diffusion``) with
-our weights; without it, our model with every fast path off (einsum attention, GroupNorm through
-fp32 copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run the baselines
-under ``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and
-activations). Each record has ms, images/s, TFLOP/s (FLOPs counted once with
-``FlopCounterMode``), % of the card's peak where it is known (GPU only), the speedup over the
-baseline of its dtype (``speedup_min``: the same from the fastest run of each, steadier on a busy
-machine; on the CPU also ``cpu_ms`` / ``speedup_cpu``: the median process CPU time per call, which
-time spent waiting for a shared core does not inflate) and ``rel_err``: the relative L2 error of the
-output against the fp32 baseline's. On the CPU the rows include ``to_inference(..., prepack=True)``
-(oneDNN-packed conv weights, :func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it,
-the fp32 one also with its Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the
-other rows run the process-wide mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16 autocast. ``--breakdown`` adds each
-variant's time per layer kind (conv, norm, elementwise, attention, other) from one profiled call
-(torch.profiler, self times). ``--compile-reference MODE`` adds the baseline under
-``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to each of
-our rows ``speedup_vs_compiled``: the compiled baseline's median over ours.
+Forward (sampling) section, per batch size (``--batch-sizes``) and dtype, the variants are timed in
+interleaved rounds (one call of each per round, median reported), so their ratios are side by side
+even on a busy machine. The baseline ("reference") is openai/improved-diffusion's UNetModel loaded
+from the checkout named by IDDPM_REF_PATH (the folder holding ``improved_diffusion``) with our
+weights; without it, our model with every fast path off (einsum attention, GroupNorm through fp32
+copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run the baselines under
+``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and activations).
+Each record has ms, images/s, TFLOP/s (FLOPs counted once with ``FlopCounterMode``), % of the card's
+peak where it is known (GPU only), the speedup over the baseline of its dtype (``speedup_min``: the
+same from the fastest run of each, steadier on a busy machine; on the CPU also ``cpu_ms`` /
+``speedup_cpu``: the median process CPU time per call, which time spent waiting for a shared core
+does not inflate) and ``rel_err``: the relative L2 error of the output against the fp32 baseline's.
+On the CPU the rows include ``to_inference(..., prepack=True)`` (oneDNN-packed conv weights,
+:func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it, the fp32 one also with its
+Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the process-wide
+mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16 autocast.
+``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise, attention, other)
+from one profiled call (torch.profiler, self times). ``--compile-reference MODE`` adds the baseline
+under ``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to
+each of our rows ``speedup_vs_compiled``: the compiled baseline's median over ours.
 
 The fwd+bwd and memory sections below are unchanged:
 
