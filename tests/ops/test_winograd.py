@@ -1,5 +1,5 @@
 """iddpm::conv3x3_winograd / iddpm::winograd_weight: the CPU fp32 Winograd F(2×2, 3×3) conv against
-float64 ``F.conv2d`` (error within 2× of torch's own fp32 conv error, measured per case), odd and
+float64 ``F.conv2d`` (error within 3× of torch's own fp32 NCHW conv error, measured per case), odd and
 tiny shapes, channel counts off the vector width, bias / residual, both input layouts, every
 vector build, several tile blocks, empty tensors, opcheck, argument errors (CPU and meta), a
 clear error on backward."""
@@ -61,16 +61,18 @@ CASES = [
 @pytest.mark.parametrize(
     "bias, residual, cl", [(True, False, True), (False, True, False), (True, True, True)]
 )
-def test_matches_float64_within_twice_torch_fp32_error(N, Cin, Cout, H, W, bias, residual, cl, isa):
+def test_matches_float64_within_3x_torch_fp32_error(N, Cin, Cout, H, W, bias, residual, cl, isa):
     x, w, b, r = _case(N, Cin, Cout, H, W, bias, residual, cl)
     y = conv(x, wweight(w), b, r)
     ref = _oracle(x, w, b, r)
     assert y.shape == (N, Cout, H, W) and y.dtype == torch.float32
     assert y.is_contiguous(memory_format=torch.channels_last)
-    torch_y = F.conv2d(x, w, b, 1, 1) + (0 if r is None else r)
+    # torch's own fp32 error, its more accurate (NCHW) conv (floor: a few float32 ulps of the
+    # output's scale). At the model's shapes Winograd measured 1.4-2x of it (and 0.3-0.4x of the
+    # channels-last conv's error): docs/unet.md.
+    torch_y = F.conv2d(x.contiguous(), w, b, 1, 1) + (0 if r is None else r)
     torch_err = _err(torch_y, ref)
-    # torch's own fp32 error (floor: a few float32 ulps of the output's scale)
-    assert _err(y, ref) <= 2 * max(torch_err, 2e-7), (_err(y, ref), torch_err)
+    assert _err(y, ref) <= 3 * max(torch_err, 2e-7), (_err(y, ref), torch_err)
 
 
 def test_vector_builds_agree_bitwise(monkeypatch):
