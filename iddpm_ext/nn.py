@@ -2,9 +2,9 @@
 
 Everything here is plain PyTorch, except that the norm sites may run the fused op
 iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`) and the inference conv
-forward fp32 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module classes add no
-parameters beyond the torch layers they wrap, so state_dict keys follow the reference's module
-tree exactly.
+forward may run fp32 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module
+classes add no parameters beyond the torch layers they wrap, so state_dict keys follow the
+reference's module tree exactly.
 """
 
 from __future__ import annotations
