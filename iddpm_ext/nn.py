@@ -1,9 +1,10 @@
 """Small building blocks of the UNet (the reference's ``nn.py`` names).
 
 Everything here is plain PyTorch, except that the norm sites may run the fused op
-iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`). Module classes add no
-parameters beyond the torch layers they wrap, so state_dict keys follow the reference's module
-tree exactly.
+iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`) and the inference conv
+forward may run fp32 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module
+classes add no parameters beyond the torch layers they wrap, so state_dict keys follow the
+reference's module tree exactly.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from .losses import mean_flat  # noqa: F401  (re-exported: the reference defines it here too)
 from .ops import group_norm as _group_norm_ops
+from .ops import winograd as _winograd_ops
 
 __all__ = [
     "GroupNorm32",
     "clear_conv_prepack",
     "conv_add",
     "conv_prepack_enabled",
+    "conv_winograd",
     "default_conv_prepack",
     "set_conv_prepack",
+    "set_conv_winograd",
+    "get_conv_winograd",
     "get_groupnorm_impl",
     "groupnorm_impl",
     "set_groupnorm_impl",
@@ -212,6 +217,74 @@ def _conv_geometry(conv: nn.Module):
     return list(conv.padding), list(conv.stride), list(conv.dilation)
 
 
+# -- Winograd 3×3 convolutions (CPU fp32 inference) ----------------------------------------------
+# Inside the inference conv forward (_PrepackedForward below, installed by to_inference /
+# set_conv_prepack), a no-grad CPU float32 call of a 3×3 conv with stride 1, padding 1, dilation 1
+# and one group may run iddpm::conv3x3_winograd (iddpm_ext.ops.winograd: F(2×2, 3×3), 16 instead
+# of 36 multiplies per output tile and channel pair) on a transformed copy of the weight, made once
+# per weight version and kept with the packed weights (same cache, same invalidation: address +
+# version counter; freed by train(); not in the state_dict). Modes:
+#   "off": never; "on": every such call; "auto": where it measured faster on this project's CPU at
+#   one thread (docs/unet.md): Cin and Cout >= 32 and H, W >= 4 (it loses for the 3-channel stem
+#   conv and at 1×1 maps). Not under autocast (that conv runs in bf16), not while torch.compile
+#   traces. Default from IDDPM_CONV_WINOGRAD=auto/1/0 (unset: auto).
+_WINOGRAD_MODES = ("auto", "on", "off")
+_WINOGRAD_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+_WINOGRAD_AUTO_MIN_CHANNELS = 32
+_WINOGRAD_AUTO_MIN_SIZE = 4
+
+
+def _winograd_mode_from_env() -> str:
+    raw = os.environ.get("IDDPM_CONV_WINOGRAD", "auto").strip().lower() or "auto"
+    value = _WINOGRAD_ALIASES.get(raw, raw)
+    if value not in _WINOGRAD_MODES:
+        raise ValueError(f"IDDPM_CONV_WINOGRAD: expected auto, 1 or 0 (or unset), got {raw!r}")
+    return value
+
+
+_conv_winograd = _winograd_mode_from_env()
+
+
+def set_conv_winograd(mode: str | bool) -> str:
+    """Choose when the inference conv forward runs the Winograd 3×3 conv: "auto", "on" (True) or
+    "off" (False); returns the previous mode."""
+    global _conv_winograd
+    value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if value not in _WINOGRAD_MODES:
+        raise ValueError(f"mode: expected 'auto', 'on', 'off', True or False, got {mode!r}")
+    previous, _conv_winograd = _conv_winograd, value
+    return previous
+
+
+def get_conv_winograd() -> str:
+    return _conv_winograd
+
+
+class conv_winograd:
+    """Context manager: ``with conv_winograd("off"): ...``."""
+
+    def __init__(self, mode: str | bool):
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous = set_conv_winograd(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        set_conv_winograd(self.previous)
+        return False
+
+
+_winograd_available = None
+
+
+def _winograd_kernel() -> bool:
+    global _winograd_available
+    if _winograd_available is None:
+        _winograd_available = _winograd_ops.available()
+    return _winograd_available
+
+
 class _PrepackedForward:
     """A conv module's forward that runs oneDNN's packed conv when it can (see above).
 
@@ -271,6 +344,69 @@ class _PrepackedForward:
             return dtype
         return None
 
+    def _winograd_weight(self, x):
+        """The transformed weight when this call runs the Winograd conv (see above), else None."""
+        mode = _conv_winograd
+        if mode == "off":
+            return None
+        conv = self.conv
+        w = conv.weight
+        if (
+            type(x) is not torch.Tensor
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or x.device.type != "cpu"
+            or not isinstance(conv, nn.Conv2d)
+            or conv.kernel_size != (3, 3)
+            or conv.stride != (1, 1)
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+            or self.geometry is None
+            or self.geometry[0] != [1, 1]
+            or w.dtype != torch.float32
+            or w.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu")
+            or not _winograd_kernel()
+        ):
+            return None
+        if mode == "auto":
+            channels = min(conv.in_channels, conv.out_channels)
+            size = min(x.shape[2], x.shape[3])
+            if channels < _WINOGRAD_AUTO_MIN_CHANNELS or size < _WINOGRAD_AUTO_MIN_SIZE:
+                return None
+        if x.shape[1] != conv.in_channels:
+            return None  # the plain path raises torch's own shape error
+        b = conv.bias
+        stamp = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        key = "winograd"
+        entry = self.entries.get(key)
+        if entry is None or entry[0] != stamp:
+            weight_t = _winograd_ops.winograd_weight(w.detach())
+            if len(self.entries) >= self._MAX_ENTRIES:
+                self.entries.clear()
+            bias = None if b is None else b.detach()
+            entry = (stamp, weight_t, bias, w.detach())  # w.detach(): keeps the address taken
+            self.entries[key] = entry
+        return entry[1], entry[2]
+
+    def _run_winograd(self, x, packed, residual):
+        weight_t, bias = packed
+        fold = (
+            residual is not None
+            and type(residual) is torch.Tensor
+            and residual.dtype == torch.float32
+            and residual.device.type == "cpu"
+            and tuple(residual.shape) == self._out_shape(x)
+        )
+        y = _winograd_ops.conv3x3_winograd(x, weight_t, bias, residual if fold else None)
+        if not self._channels_last_out(x):
+            y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
+        if residual is not None and not fold:
+            y = residual + y
+        return y
+
     def _packed(self, x2, dtype):
         conv = self.conv
         w, b = conv.weight, conv.bias
@@ -298,7 +434,11 @@ class _PrepackedForward:
         """conv(x), or residual + conv(x) (one fused oneDNN call where possible).
 
         ``keep_channels_last``: a 1-D output stays channels-innermost ([N, T, C] in memory, as the
-        packed op writes it) instead of being made a contiguous [N, C, T]."""
+        packed op writes it) instead of being made a contiguous [N, C, T]. No-grad fp32 3×3 calls
+        may run the Winograd conv instead (:func:`set_conv_winograd`)."""
+        winograd = self._winograd_weight(x)
+        if winograd is not None:
+            return self._run_winograd(x, winograd, residual)
         dtype = self._compute_dtype(x)
         if dtype is None:
             y = self.conv._conv_forward(x, self.conv.weight, self.conv.bias)

@@ -507,11 +507,12 @@ class UNetModel(nn.Module):
         ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
         :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
         keep oneDNN-packed copies of their weights for no-grad CPU calls
-        (:func:`iddpm_ext.nn.set_conv_prepack`); with ``batch_emb`` no-grad calls compute every
-        ResBlock's time-embedding projection in one GEMM (:meth:`_batched_emb`; True: on every
-        device, False: off, None (default): CPU calls only, as it has not run on a GPU yet).
-        ``forward`` still takes and returns NCHW
-        tensors of the caller's dtype. State-dict keys are unchanged;
+        (:func:`iddpm_ext.nn.set_conv_prepack`; with prepack True or "bf16" no-grad fp32 3×3 convs
+        may run as Winograd convs, :func:`iddpm_ext.nn.set_conv_winograd`); with ``batch_emb``
+        no-grad calls compute every ResBlock's time-embedding projection in one GEMM
+        (:meth:`_batched_emb`; True: on every device, False: off, None (default): CPU calls only,
+        as it has not run on a GPU yet). ``forward`` still takes and returns NCHW tensors of the
+        caller's dtype. State-dict keys are unchanged;
         ``to_inference(torch.float32, channels_last=False, prepack=False, batch_emb=False)`` undoes it.
         """
         if batch_emb is not None and not isinstance(batch_emb, bool):

@@ -13,6 +13,7 @@
 #include "common/step_params.h"
 #include "cpu/attention.h"
 #include "cpu/group_norm.h"
+#include "cpu/winograd.h"
 #include "cuda/attention.h"
 #include "cuda/group_norm.h"
 
@@ -35,8 +36,9 @@ constexpr bool kWithCuda = false;
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
 constexpr const char* kOps[] = {
-    "gather_coefs",  "p_sample_step",          "ddim_step",      "ddim_reverse_step",
-    "qkv_attention", "qkv_attention_backward", "group_norm_act", "group_norm_act_backward"};
+    "gather_coefs",    "p_sample_step",          "ddim_step",      "ddim_reverse_step",
+    "qkv_attention",   "qkv_attention_backward", "group_norm_act", "group_norm_act_backward",
+    "winograd_weight", "conv3x3_winograd"};
 
 py::dict build_info() {
   py::dict d;
@@ -84,7 +86,10 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //              or None without CUDA},
 //    "group_norm": {                   group_norm_act, group_norm_act_backward
 //      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
-//      "cuda": {"dtypes": [str, ...]} or None without CUDA}}
+//      "cuda": {"dtypes": [str, ...]} or None without CUDA},
+//    "winograd": {                     winograd_weight, conv3x3_winograd (float32)
+//      "cpu":  {"dtypes": ["float32"], "isa": str},  isa: the vector build run here
+//      "cuda": None}}
 // (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
 // not listed gets a ValueError from the op. gather_coefs takes a float32 table on every device.
@@ -132,6 +137,14 @@ py::dict capabilities() {
   group_norm["cpu"] = gn_cpu;
   group_norm["cuda"] = gn_cuda;
   caps["group_norm"] = group_norm;
+  py::dict winograd, wino_cpu;
+  py::list wino_dtypes;
+  wino_dtypes.append("float32");
+  wino_cpu["dtypes"] = wino_dtypes;
+  wino_cpu["isa"] = iddpm::cpu::winograd_isa();
+  winograd["cpu"] = wino_cpu;
+  winograd["cuda"] = py::none();
+  caps["winograd"] = winograd;
   return caps;
 }
 

@@ -1,7 +1,7 @@
 // python/schemas.cpp — the one schema block of the `iddpm` operator namespace.
 // Implementations are registered per dispatch key in csrc/ops/<op>.cpp; fake (meta)
 // implementations and autograd formulas in iddpm_ext/ops/<op>.py (op = gather_coefs, step,
-// attention, group_norm).
+// attention, group_norm, winograd).
 #include <torch/library.h>
 
 TORCH_LIBRARY(iddpm, m) {
@@ -53,4 +53,13 @@ TORCH_LIBRARY(iddpm, m) {
       "group_norm_act_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
       "int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- Winograd F(2x2, 3x3) convolution, CPU float32 (csrc/ops/winograd.cpp) ----
+  // weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd takes).
+  m.def("winograd_weight(Tensor weight) -> Tensor");
+  // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]
+  // -> conv2d(x, weight, bias, stride 1, padding 1) + residual, [N, Cout, H, W] channels-last.
+  m.def(
+      "conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias=None, Tensor? residual=None) -> "
+      "Tensor");
 }

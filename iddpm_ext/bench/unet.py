@@ -1,24 +1,25 @@
 """``iddpm bench unet``: UNet forward and forward+backward throughput, ours vs the reference.
 
-Forward (sampling) section, per batch size (``--batch-sizes``) and dtype, the variants are timed
-in interleaved rounds (one call of each per round, median reported), so their ratios are side by
-side even on a busy machine. The baseline ("reference") is openai/improved-diffusion's UNetModel
-loaded from the checkout named by IDDPM_REF_PATH (the folder holding ``improved_diffusion``) with
-our weights; without it, our model with every fast path off (einsum attention, GroupNorm through
-fp32 copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run the baselines
-under ``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and
-activations). Each record has ms, images/s, TFLOP/s (FLOPs counted once with
-``FlopCounterMode``), % of the card's peak where it is known (GPU only), the speedup over the
-baseline of its dtype (``speedup_min``: the same from the fastest run of each, steadier on a busy
-machine; on the CPU also ``cpu_ms`` / ``speedup_cpu``: the median process CPU time per call, which
-time spent waiting for a shared core does not inflate) and ``rel_err``: the relative L2 error of the
-output against the fp32 baseline's. On the CPU the rows include ``to_inference(..., prepack=True)``
-(oneDNN-packed conv weights, :func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it,
-and the fp32-weight model with prepacked convs under bf16 autocast. ``--breakdown`` adds each
-variant's time per layer kind (conv, norm, elementwise, attention, other) from one profiled call
-(torch.profiler, self times). ``--compile-reference MODE`` adds the baseline under
-``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to each of
-our rows ``speedup_vs_compiled``: the compiled baseline's median over ours.
+Forward (sampling) section, per batch size (``--batch-sizes``) and dtype, the variants are timed in
+interleaved rounds (one call of each per round, median reported), so their ratios are side by side
+even on a busy machine. The baseline ("reference") is openai/improved-diffusion's UNetModel loaded
+from the checkout named by IDDPM_REF_PATH (the folder holding ``improved_diffusion``) with our
+weights; without it, our model with every fast path off (einsum attention, GroupNorm through fp32
+copies, NCHW, fp32 weights), and the impl column says which. bf16 rows run the baselines under
+``torch.autocast`` and ours also as ``to_inference(torch.bfloat16)`` (bf16 weights and activations).
+Each record has ms, images/s, TFLOP/s (FLOPs counted once with ``FlopCounterMode``), % of the card's
+peak where it is known (GPU only), the speedup over the baseline of its dtype (``speedup_min``: the
+same from the fastest run of each, steadier on a busy machine; on the CPU also ``cpu_ms`` /
+``speedup_cpu``: the median process CPU time per call, which time spent waiting for a shared core
+does not inflate) and ``rel_err``: the relative L2 error of the output against the fp32 baseline's.
+On the CPU the rows include ``to_inference(..., prepack=True)`` (oneDNN-packed conv weights,
+:func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it, the fp32 one also with its
+Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the process-wide
+mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16 autocast.
+``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise, attention, other)
+from one profiled call (torch.profiler, self times). ``--compile-reference MODE`` adds the baseline
+under ``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to
+each of our rows ``speedup_vs_compiled``: the compiled baseline's median over ours.
 
 The fwd+bwd and memory sections below are unchanged:
 
@@ -315,7 +316,8 @@ def breakdown_ms(fn, device) -> dict:
 
 
 def _forward_variants(model, config, device, compile_mode=None):
-    """[(impl, dtype, module, input dtype, autocast dtype or None, attention impl, groupnorm impl)]:
+    """[(impl, dtype, module, input dtype, autocast dtype or None, attention impl, groupnorm impl[,
+    winograd mode])]:
     the baseline first for each dtype, then (with ``compile_mode``) the baseline under
     ``torch.compile(mode=compile_mode)``. Every module has ``model``'s weights."""
     import copy
@@ -356,6 +358,11 @@ def _forward_variants(model, config, device, compile_mode=None):
         variants.append(
             ("ours to_inference(channels-last, prepack)", f32, fp32_packed, f32, None, "auto", "auto")
         )
+        # The same model with the Winograd 3x3 convs off (iddpm_ext.nn.set_conv_winograd): the A/B.
+        variants.append(
+            ("ours to_inference(channels-last, prepack), winograd off", f32, fp32_packed, f32, None,
+             "auto", "auto", "off")
+        )  # fmt: skip
     variants += [
         (f"{base_name} + bf16 autocast", b16, base, f32, b16, base_attn, "torch"),
         *[(f"{name} + bf16 autocast", b16, m, f32, b16, a, gn) for name, _, m, _, _, a, gn in compiled],
@@ -379,9 +386,12 @@ def _forward_variants(model, config, device, compile_mode=None):
 
 
 def _forward_call(variant, x, t, device):
-    from ..nn import groupnorm_impl
+    import contextlib
 
-    _, _, module, in_dtype, ac_dtype, attn, gn = variant
+    from ..nn import conv_winograd, groupnorm_impl
+
+    _, _, module, in_dtype, ac_dtype, attn, gn = variant[:7]
+    winograd = variant[7] if len(variant) > 7 else None  # None: the process-wide mode
     xin = x.to(in_dtype)
 
     def fwd():
@@ -389,6 +399,7 @@ def _forward_call(variant, x, t, device):
             torch.no_grad(),
             attention_impl(attn),
             groupnorm_impl(gn),
+            conv_winograd(winograd) if winograd is not None else contextlib.nullcontext(),
             _autocast(device, ac_dtype or torch.float32),
         ):
             return module(xin, t)

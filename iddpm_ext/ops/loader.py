@@ -128,7 +128,7 @@ _DTYPES = {
 }
 
 
-_CAPABILITY_OPS = ("step", "attention", "group_norm")
+_CAPABILITY_OPS = ("step", "attention", "group_norm", "winograd")
 
 
 def capabilities() -> dict:
@@ -139,7 +139,8 @@ def capabilities() -> dict:
          "attention": {"cpu": {"dtypes": (...), "head_dims": "any"},
                        "cuda": {"dtypes": (...), "head_dims": (8, 16, ..., 256), "head_dim_step": 8,
                                 "max_head_dim": 256, "max_positions": N, ...} or None},
-         "group_norm": {"cpu": {"dtypes": (...), "isa": "avx512"}, "cuda": {"dtypes": (...)} or None}}
+         "group_norm": {"cpu": {"dtypes": (...), "isa": "avx512"}, "cuda": {"dtypes": (...)} or None},
+         "winograd": {"cpu": {"dtypes": (torch.float32,), "isa": "avx512"}, "cuda": None}}
 
     Without ``_C``: no ops and None for every device."""
     if _C is None:

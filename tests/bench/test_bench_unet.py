@@ -25,23 +25,24 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     assert bench.main(args) == 0
     printed = capsys.readouterr().out
     recs = json.loads(out.read_text())["records"]
-    assert [r["dtype"] for r in recs] == ["float32"] * 4 + ["bfloat16"] * 6
+    assert [r["dtype"] for r in recs] == ["float32"] * 5 + ["bfloat16"] * 6
     assert recs[0]["impl"].startswith("baseline (ours, all fast paths off")
-    assert recs[4]["impl"].endswith("+ bf16 autocast")
+    assert recs[5]["impl"].endswith("+ bf16 autocast")
     assert [r["impl"] for r in recs if "prepack" in r["impl"]] == [
         "ours to_inference(channels-last, prepack)",
+        "ours to_inference(channels-last, prepack), winograd off",
         "ours to_inference(channels-last, prepack) + bf16 autocast",
         "ours to_inference(bf16, channels-last, prepack)",
     ]
-    assert recs[0]["speedup"] == 1 and recs[4]["speedup"] == 1
+    assert recs[0]["speedup"] == 1 and recs[5]["speedup"] == 1
     assert recs[0]["speedup_cpu"] == 1 and all(r["cpu_ms"] > 0 for r in recs)
     for r in recs:
         assert r["op"] == "unet tiny fwd" and r["shape"] == [1, 3, 16, 16]
         assert r["ms"] > 0 and r["tflops"] > 0 and r["images_per_s"] > 0
         assert set(r["breakdown_ms"]) == set(bench_unet.KINDS) and r["breakdown_ms"]["conv"] > 0
     # fp32 fast paths within 1e-5 of the fp32 baseline; bf16 ones a bf16-sized error, not garbage
-    assert recs[0]["rel_err"] == 0 and all(r["rel_err"] <= 1e-5 for r in recs[:4])
-    assert all(0 < r["rel_err"] < 0.1 for r in recs[4:])
+    assert recs[0]["rel_err"] == 0 and all(r["rel_err"] <= 1e-5 for r in recs[:5])
+    assert all(0 < r["rel_err"] < 0.1 for r in recs[5:])
     assert "fwd B=1" in printed and "conv " in printed
 
 

@@ -136,7 +136,7 @@ def test_capabilities_match_what_the_ops_accept():
     from iddpm_ext import _C
 
     caps = _C.capabilities()
-    assert set(caps) == {"cuda", "ops", "step", "attention", "group_norm"}
+    assert set(caps) == {"cuda", "ops", "step", "attention", "group_norm", "winograd"}
     assert caps["cuda"] == iddpm_ext.build_info()["cuda"]
     registered = {
         n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("iddpm::")
@@ -147,6 +147,9 @@ def test_capabilities_match_what_the_ops_accept():
         assert (caps[op]["cuda"] is None) == (not caps["cuda"])
     assert caps["attention"]["cpu"]["head_dims"] == "any"
     assert caps["group_norm"]["cpu"]["isa"] in ("avx512", "avx2", "default")
+    isa = caps["winograd"]["cpu"]["isa"]
+    assert caps["winograd"] == {"cpu": {"dtypes": ["float32"], "isa": isa}, "cuda": None}
+    assert isa in ("avx512", "avx2", "default")
     if caps["cuda"]:
         cuda = caps["attention"]["cuda"]
         assert cuda["head_dims"] and all(isinstance(c, int) for c in cuda["head_dims"])

@@ -1,0 +1,47 @@
+// csrc/common/winograd_params.h — the arguments of the CPU Winograd F(2×2, 3×3) transforms of
+// iddpm::conv3x3_winograd (csrc/ops/winograd.cpp, csrc/cpu/winograd*), as raw pointers.
+//
+// The convolution is 3×3, stride 1, padding 1 (zeros), dilation 1, one group, so the output has
+// the input's H × W. The output is cut into 2×2 tiles, P = N · ceil(H/2) · ceil(W/2) of them
+// (tile p = (n · TH + ty) · TW + tx); tile (ty, tx) reads the 4×4 input patch at rows
+// 2·ty - 1 … 2·ty + 2 and columns 2·tx - 1 … 2·tx + 2 (outside the image: zero).
+//   input transform:  V[k][p][c] = (Bᵀ d B)[i][j], k = 4·i + j, d the patch of channel c
+//   16 GEMMs:         M[k] = V[k] @ U[k]   ([P, Cin] @ [Cin, Cout], U = G g Gᵀ per (ci, co))
+//   output transform: y[2·ty + a][2·tx + b][co] = (Aᵀ M A)[a][b] + bias[co] + residual[...]
+// with Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+//      G  = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]],
+//      Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
+// Activations are channels-last (NHWC) float32; output rows/columns past H/W (odd sizes) are not
+// written.
+#pragma once
+
+#include <cstdint>
+
+namespace iddpm {
+
+inline constexpr int64_t kWinogradTile = 2;     // output tile edge (F(2×2, 3×3))
+inline constexpr int64_t kWinogradAlpha = 4;    // input tile edge
+inline constexpr int64_t kWinogradPoints = 16;  // alpha², the number of GEMMs
+
+inline int64_t winograd_tiles(int64_t size) { return (size + kWinogradTile - 1) / kWinogradTile; }
+
+// The transforms work on the tiles [tile_begin, tile_end) (the op runs blocks of tiles so that
+// V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16
+// matrices is tile t.
+struct WinogradInputParams {
+  const float* x;  // [N, H, W, C] (channels-last)
+  float* v;        // [16, tile_end - tile_begin, C]
+  int64_t N = 0, H = 0, W = 0, C = 0;
+  int64_t tile_begin = 0, tile_end = 0;
+};
+
+struct WinogradOutputParams {
+  const float* m;         // [16, tile_end - tile_begin, C]
+  const float* bias;      // [C] or nullptr
+  const float* residual;  // [N, H, W, C] or nullptr (added to the output)
+  float* y;               // [N, H, W, C]
+  int64_t N = 0, H = 0, W = 0, C = 0;
+  int64_t tile_begin = 0, tile_end = 0;
+};
+
+}  // namespace iddpm

@@ -1,0 +1,24 @@
+// csrc/cpu/winograd.h — CPU kernels of iddpm::conv3x3_winograd and iddpm::winograd_weight over
+// raw pointers (common/winograd_params.h; no tensor types here). The transforms pick the
+// vector-ISA build of csrc/cpu/winograd_kernel.inc the CPU runs (avx512, avx2 or the baseline);
+// the GEMMs between them are the op glue's (csrc/ops/winograd.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "common/winograd_params.h"
+
+namespace iddpm::cpu {
+
+// V from x (input transform).
+void winograd_input(const WinogradInputParams& p);
+// y from M (output transform, + bias, + residual).
+void winograd_output(const WinogradOutputParams& p);
+// U [16, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), computed in
+// float64 and rounded once to float32.
+void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t stride[4], float* u);
+// "avx512", "avx2" or "default": the build the transforms run on this CPU
+// (IDDPM_WINOGRAD_CPU_ISA=avx2 or default forces a lower one).
+const char* winograd_isa();
+
+}  // namespace iddpm::cpu

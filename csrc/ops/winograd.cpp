@@ -1,0 +1,157 @@
+// csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) convolution:
+//
+//   iddpm::winograd_weight(Tensor weight) -> Tensor
+//     weight: [Cout, Cin, 3, 3] float32 (any strides) -> U [16, Cin, Cout] float32 (G g Gᵀ per
+//     (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made once per
+//     weight.
+//   iddpm::conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual) -> Tensor
+//     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] float32 (any
+//     layout; channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout],
+//     residual [N, Cout, H, W] float32. y: [N, Cout, H, W] float32, channels-last.
+// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (at::bmm, MKL on torch's CPU builds), output
+// transform (common/winograd_params.h has the math; the transforms are csrc/cpu/winograd*). CPU
+// only.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+
+#include "common/winograd_params.h"
+#include "cpu/winograd.h"
+#include "ops/checks.h"
+
+namespace iddpm::ops {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+constexpr int64_t kBlockBytes = int64_t(8) << 20;
+constexpr int64_t kMinBlockTiles = 64;
+
+// A float buffer of at least n elements owned by the calling thread, kept (and grown) between
+// calls; never shared between threads, so concurrent calls from different threads are safe.
+float* workspace(int64_t n, const at::TensorOptions& options) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, options);
+  return buf.data_ptr<float>();
+}
+
+// torch's name of a tensor's dtype ("float64", "int64"), as the Python checks print it.
+std::string torch_name(const at::Tensor& t) {
+  return std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cpu(), name,
+                    ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                    torch_name(t));
+}
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
+  check_defined(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+                    "weight: expected shape [Cout, Cin, 3, 3], got ", shape_str(weight));
+  check_cpu_float(weight, "weight");
+  const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  at::Tensor u = at::empty({kWinogradPoints, Cin, Cout}, weight.options());
+  const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
+                             weight.stride(3)};
+  if (u.numel() > 0)
+    cpu::winograd_weight(weight.data_ptr<float>(), Cout, Cin, stride, u.data_ptr<float>());
+  return u;
+}
+
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
+                                const OptTensor& bias, const OptTensor& residual) {
+  check_defined(x_in, "x");
+  check_dim(x_in, "x", 4, "[N, Cin, H, W]");
+  check_cpu_float(x_in, "x");
+  check_defined(weight_t, "weight_t");
+  check_cpu_float(weight_t, "weight_t");
+  const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK_VALUE(
+      weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
+      "weight_t: expected shape [16, ", Cin,
+      ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
+      shape_str(weight_t));
+  const int64_t Cout = weight_t.size(2);
+  if (given(bias)) {
+    check_cpu_float(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Cout, "bias: expected shape [", Cout,
+                      "] ([Cout] of weight_t), got ", shape_str(*bias));
+  }
+  if (given(residual)) {
+    check_cpu_float(*residual, "residual");
+    TORCH_CHECK_VALUE(residual->dim() == 4 && residual->size(0) == N && residual->size(1) == Cout &&
+                          residual->size(2) == H && residual->size(3) == W,
+                      "residual: expected shape [", N, ", ", Cout, ", ", H, ", ", W,
+                      "] (that of the output), got ", shape_str(*residual));
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor y = at::empty({N, Cout, H, W}, x_in.options(), cl);
+  if (y.numel() == 0) return y;
+  const at::Tensor x = x_in.contiguous(cl);
+  const at::Tensor u = weight_t.contiguous();
+  const at::Tensor b = given(bias) ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = given(residual) ? residual->contiguous(cl) : at::Tensor();
+  const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
+  // Blocks of tiles whose V and M together take about kBlockBytes (at least kMinBlockTiles
+  // tiles: the GEMMs need rows), in a per-thread workspace kept between calls (fresh multi-MB
+  // buffers cost page faults on every call).
+  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and M per tile
+  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
+  float* ws = workspace(block * per_tile, x.options());
+  const float* xp = x.data_ptr<float>();
+  for (int64_t t0 = 0; t0 < P; t0 += block) {
+    const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;
+    float* vp = ws;
+    float* mp = ws + kWinogradPoints * rows * Cin;
+    at::Tensor v = at::from_blob(vp, {kWinogradPoints, rows, Cin}, x.options());
+    at::Tensor m = at::from_blob(mp, {kWinogradPoints, rows, Cout}, x.options());
+    if (Cin > 0) {
+      WinogradInputParams in;
+      in.x = xp;
+      in.v = vp;
+      in.N = N, in.H = H, in.W = W, in.C = Cin;
+      in.tile_begin = t0, in.tile_end = t1;
+      cpu::winograd_input(in);
+    }
+    at::bmm_out(m, v, u);  // Cin = 0: zeros
+    WinogradOutputParams out;
+    out.m = mp;
+    out.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+    out.residual = r.defined() ? r.data_ptr<float>() : nullptr;
+    out.y = y.data_ptr<float>();
+    out.N = N, out.H = H, out.W = W, out.C = Cout;
+    out.tile_begin = t0, out.tile_end = t1;
+    cpu::winograd_output(out);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
+}
+
+#ifdef IDDPM_WITH_CUDA
+// No CUDA kernel: the CPU functions' checks refuse CUDA tensors with a clear error (instead of
+// the dispatcher's "could not run with arguments from the CUDA backend").
+TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
+}
+#endif
+
+}  // namespace iddpm::ops

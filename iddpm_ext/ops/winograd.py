@@ -1,0 +1,121 @@
+"""iddpm::conv3x3_winograd — a CPU float32 3×3 convolution (stride 1, padding 1, dilation 1, one
+group) by Winograd's F(2×2, 3×3) (csrc/ops/winograd.cpp; transforms csrc/cpu/winograd*).
+
+The output is cut into 2×2 tiles; each tile's 4×4 input patch d and each 3×3 filter g are
+transformed (``Bᵀ d B``, ``G g Gᵀ``), multiplied pointwise over the 16 points (16 GEMMs
+[tiles, Cin] @ [Cin, Cout]) and transformed back (``Aᵀ M A``): 16 multiplies per output tile and
+channel pair instead of 36. The transform matrices hold 0, ±1 and ±½, so the result is as accurate
+as a direct fp32 convolution (tests/ops/test_winograd.py measures both against float64).
+
+- :func:`winograd_weight` — the transformed weight [16, Cin, Cout] of a [Cout, Cin, 3, 3] weight
+  (computed in float64, rounded once), made once per weight (``iddpm_ext.nn`` caches it).
+- :func:`conv3x3_winograd` — ``conv2d(x, weight, bias, 1, 1) + residual`` from that weight;
+  x [N, Cin, H, W] (channels-last is read in place), output channels-last.
+- :func:`available` — whether ``_C`` has the kernel (CPU, float32).
+
+Inference only: the op has no autograd formula (differentiating through it raises).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks, loader
+
+
+def available() -> bool:
+    """True when ``_C`` is loaded and has the CPU Winograd kernel."""
+    return loader.available() and loader.capabilities()["winograd"]["cpu"] is not None
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[Cout, Cin, 3, 3] float32 CPU weight -> [16, Cin, Cout] (``G g Gᵀ`` per filter)."""
+    loader.require()
+    return torch.ops.iddpm.winograd_weight(weight)
+
+
+def conv3x3_winograd(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)``, channels-last output.
+
+    x: [N, Cin, H, W] float32 CPU; weight_t: :func:`winograd_weight` of the [Cout, Cin, 3, 3]
+    weight; bias: [Cout] or None; residual: [N, Cout, H, W] or None (added to the output)."""
+    loader.require()
+    return torch.ops.iddpm.conv3x3_winograd(x, weight_t, bias, residual)
+
+
+# ---------------------------------------------------------------------------------
+# fake (meta) implementations: csrc/ops/winograd.cpp's checks, in their order and words
+# ---------------------------------------------------------------------------------
+
+
+def _name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_float(t, name, ref=None, ref_name=""):
+    checks.defined(t, name)
+    if ref is not None:
+        checks.same_device(t, name, ref, ref_name)
+    if t.device.type not in ("cpu", "meta"):
+        raise ValueError(
+            f"{name}: expected a CPU tensor (the op has a CPU kernel only), got one on {t.device}"
+        )
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {_name(t.dtype)}")
+
+
+if loader.available():
+
+    @torch.library.register_fake("iddpm::winograd_weight")
+    def _winograd_weight_fake(weight):
+        checks.defined(weight, "weight")
+        torch._check_value(
+            weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+            lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
+        )
+        _check_float(weight, "weight")
+        return weight.new_empty((16, weight.shape[1], weight.shape[0]))
+
+    @torch.library.register_fake("iddpm::conv3x3_winograd")
+    def _conv3x3_winograd_fake(x, weight_t, bias=None, residual=None):
+        checks.defined(x, "x")
+        checks.dim(x, "x", 4, "[N, Cin, H, W]")
+        _check_float(x, "x")
+        _check_float(weight_t, "weight_t", x, "x")
+        N, Cin, H, W = x.shape
+        torch._check_value(
+            weight_t.dim() == 3 and weight_t.shape[0] == 16 and weight_t.shape[1] == Cin,
+            lambda: (
+                f"weight_t: expected shape [16, {Cin}, Cout] (winograd_weight of a [Cout, Cin, 3, 3] "
+                f"weight, Cin = dim 1 of x), got {list(weight_t.shape)}"
+            ),
+        )
+        Cout = weight_t.shape[2]
+        if bias is not None:
+            _check_float(bias, "bias", x, "x")
+            cond = bias.dim() == 1 and bias.shape[0] == Cout
+            checks.shape(cond, "bias", (Cout,), bias, " ([Cout] of weight_t)")
+        if residual is not None:
+            _check_float(residual, "residual", x, "x")
+            checks.shape(
+                residual.dim() == 4 and tuple(residual.shape) == (N, Cout, H, W),
+                "residual",
+                (N, Cout, H, W),
+                residual,
+                " (that of the output)",
+            )
+        return x.new_empty((N, Cout, H, W)).contiguous(memory_format=torch.channels_last)
+
+    def _no_backward(ctx, grad):
+        raise RuntimeError(
+            "iddpm::conv3x3_winograd / winograd_weight have no gradient (inference only): "
+            "differentiate through F.conv2d instead (iddpm_ext.nn runs them for no-grad calls only)"
+        )
+
+    torch.library.register_autograd("iddpm::conv3x3_winograd", _no_backward)
+    torch.library.register_autograd("iddpm::winograd_weight", _no_backward)
