@@ -158,5 +158,6 @@ def capabilities() -> dict:
 
     return {
         "ops": list(caps["ops"]),
-        **{op: {dev: convert(caps[op][dev]) for dev in ("cpu", "cuda")} for op in _CAPABILITY_OPS},
+        # (an op a stale _C predates: no kernel on either device, rather than a KeyError)
+        **{op: {d: convert(caps.get(op, {}).get(d)) for d in ("cpu", "cuda")} for op in _CAPABILITY_OPS},
     }
