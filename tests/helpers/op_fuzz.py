@@ -653,3 +653,108 @@ def fuzz_group_norm_act_backward(data, base="cpu", mixes=("meta",)):
     y = oracle(xs[0], groups, *xs[1:], 1e-5, silu)
     grads = torch.autograd.grad(y, [t for t in xs if t is not None], grad_out.cpu().double())
     close(dx, grads[0], x.dtype, "group_norm_act_backward grad_x")
+
+
+# ---- Winograd 3×3 convolution ----
+
+WINOGRAD_ARGS = ("x", "weight", "weight_t", "bias", "residual")
+_WINOGRAD_TENSORS = ("x", "weight_t", "bias", "residual")
+
+
+def _dims(data, sizes):
+    return tuple(data.draw(st.sampled_from(s)) for s in sizes)
+
+
+def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
+    """iddpm::winograd_weight: weight [Cout, Cin, 3, 3] (0-size and huge-but-empty dims, other
+    kernel sizes and ranks, any dtype and layout) against G g Gᵀ in float64."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    cout, cin = _dims(data, ([0, 1, 5, 16], [0, 1, 3, 17]))
+    if 0 in (cout, cin) and data.draw(st.booleans()):
+        cout, cin = (HUGE, cin) if cout == 0 and cin else (cout, HUGE) if cin == 0 and cout else (cout, cin)
+    shape = choose(data, (cout, cin, 3, 3), (cout, cin, 3), (cout, cin, 5, 5), (cout, cin, 3, 1), (3, 3))
+    dtype = choose(data, torch.float32, *[d for d in DTYPES if d != torch.float32])
+    weight = make(data, shape, dtype, gen)
+    device = data.draw(st.sampled_from([base, *mixes]))
+    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device)), ("weight",))
+    if device == "meta":
+        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base)), ("weight",))
+        check_meta_agrees((res, err), real, lambda e: False, "winograd_weight", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4 and weight.dtype == torch.float32
+    assert res.shape == (16, weight.shape[1], weight.shape[0]) and res.dtype == torch.float32
+    assert res.device.type == "cpu", f"winograd_weight ran on {res.device} (it has a CPU kernel only)"
+    if res.numel() == 0:
+        return
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    ref = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g).reshape(16, *res.shape[1:])
+    close(res, ref, torch.float32, "winograd_weight")
+
+
+def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
+    """iddpm::conv3x3_winograd: x [N, Cin, H, W] (0-size, huge-but-empty, odd and 1-pixel maps,
+    any layout and dtype), weight_t = winograd_weight(w) or of a wrong shape or dtype, optional
+    bias [Cout] and residual [N, Cout, H, W] (or wrong); against float64 conv2d(x, w, bias,
+    padding=1) + residual."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    N, cin, cout, H, W = _dims(data, ([0, 1, 2], [0, 1, 3, 16], [0, 1, 4, 17], [0, 1, 2, 5], [1, 3, 4]))
+    if data.draw(st.integers(0, 9)) == 0:  # huge-but-empty: a huge dim next to an empty one
+        N, H = (0, HUGE) if data.draw(st.booleans()) else (N, 0)
+        cout = HUGE if H == 0 and data.draw(st.booleans()) else cout
+    x_shape = choose(data, (N, cin, H, W), (N, cin, H), (cin, H, W, N, 1))
+    x = make(data, x_shape, choose(data, torch.float32, torch.float64, torch.float16, torch.int64), gen)
+    w = values((cout, cin, 3, 3), torch.float32, gen) if cout * cin <= 10**5 else None
+    if w is not None and data.draw(st.integers(0, 9)):
+        weight_t = torch.ops.iddpm.winograd_weight(w)
+    else:
+        wt_shape = choose(data, (16, cin, cout), (9, cin, cout), (16, cin + 1, cout), (16, cin))
+        weight_t = make(data, wt_shape, choose(data, torch.float32, torch.float64), gen, layout="contiguous")
+        w = None  # no oracle for a drawn weight_t
+    bias = None
+    if data.draw(st.booleans()):
+        bias = make(
+            data,
+            choose(data, (cout,), (cout + 1,), (1, cout)),
+            choose(data, torch.float32, torch.bfloat16),
+            gen,
+        )
+    residual = None
+    if data.draw(st.booleans()):
+        r_shape = choose(data, (N, cout, H, W), (N, cout, H, W + 1), (N, cout, H))
+        residual = make(data, r_shape, choose(data, torch.float32, torch.float64), gen)
+    tensors = {"x": x, "weight_t": weight_t, "bias": bias, "residual": residual}
+    drawn = draw_devices(data, _WINOGRAD_TENSORS, base, list(mixes))
+    devices = {n: d for n, d in drawn.items() if tensors[n] is not None}
+
+    def call(dev):
+        a = {n: place(t, dev.get(n, base)) for n, t in tensors.items()}
+        return lambda: torch.ops.iddpm.conv3x3_winograd(a["x"], a["weight_t"], a["bias"], a["residual"])
+
+    res, err = outcome(call(devices), WINOGRAD_ARGS)
+    if mixed(devices):
+        return assert_mix_refused(err, devices, "conv3x3_winograd")
+    if devices["x"] == "meta":
+        real = outcome(call({n: base for n in devices}), WINOGRAD_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "conv3x3_winograd", strict=base == "cpu")
+        return
+    if err is not None:
+        return
+    assert x.dim() == 4 and x.dtype == torch.float32, f"accepted x {x.dtype} {tuple(x.shape)}"
+    assert res.device.type == "cpu", f"conv3x3_winograd ran on {res.device} (it has a CPU kernel only)"
+    assert weight_t.dtype == torch.float32 and tuple(weight_t.shape[:2]) == (16, x.shape[1])
+    assert res.shape == (x.shape[0], weight_t.shape[2], *x.shape[2:]) and res.dtype == torch.float32
+    if res.numel() == 0 or w is None:
+        return
+    if x.shape[1] == 0:  # an empty sum (torch's conv2d returns a 0-channel tensor there)
+        ref = torch.zeros(res.shape, dtype=torch.float64) + (
+            0 if bias is None else bias.double()[:, None, None]
+        )
+    else:
+        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
+    if residual is not None:
+        ref = ref + residual.double()
+    close(res, ref, torch.float32, "conv3x3_winograd")

@@ -312,3 +312,15 @@ def test_fuzz_group_norm_act_backward(data):
 @given(st.data())
 def test_fuzz_step_ops(data):
     op_fuzz.fuzz_step(data)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_winograd_weight(data):
+    op_fuzz.fuzz_winograd_weight(data)
+
+
+@settings(FUZZ, max_examples=120)
+@given(st.data())
+def test_fuzz_conv3x3_winograd(data):
+    op_fuzz.fuzz_conv3x3_winograd(data)

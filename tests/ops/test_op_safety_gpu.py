@@ -81,3 +81,15 @@ def test_fuzz_group_norm_act_cuda(data):
 @given(st.data())
 def test_fuzz_group_norm_act_backward_cuda(data):
     op_fuzz.fuzz_group_norm_act_backward(data, base="cuda", mixes=MIXES)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_winograd_weight_cuda(data):  # a CPU-only op: CUDA arguments get a clean error
+    op_fuzz.fuzz_winograd_weight(data, base="cuda", mixes=MIXES)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_conv3x3_winograd_cuda(data):
+    op_fuzz.fuzz_conv3x3_winograd(data, base="cuda", mixes=MIXES)
