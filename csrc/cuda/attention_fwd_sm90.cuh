@@ -198,8 +198,7 @@ __device__ __forceinline__ void wgmma_ss_n128_tt(float (&d)[64], uint64_t da, ui
 // d (64 × N, this thread's N/2 floats) += A · B with A (64 × 16) in registers (a[4], the
 // m64nNk16 A fragment) and B (16 × N) in shared memory, K-major: O += P·vᵀ.
 template <int N, bool kBf16>
-__device__ __forceinline__ void wgmma_rs_k(float (&d)[N / 2], const uint32_t (&a)[4],
-                                           uint64_t db) {
+__device__ __forceinline__ void wgmma_rs_k(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
   attn_emu::wgmma(N, kBf16, d, 0, a, db, true, false, false);
 #else
@@ -269,8 +268,8 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
   // Align the tiles to 1024 bytes of the shared window (the swizzle pattern's period).
   unsigned char* base = smem_raw + ((1024 - (shared_addr(smem_raw) & 1023)) & 1023);
   unsigned char* qs = base;
-  unsigned char* ks = qs + Cfg::kQBytes;               // stage s at ks + s·kKVBytes
-  unsigned char* vs = ks + kStages * Cfg::kKVBytes;    // stage s at vs + s·kKVBytes
+  unsigned char* ks = qs + Cfg::kQBytes;             // stage s at ks + s·kKVBytes
+  unsigned char* vs = ks + kStages * Cfg::kKVBytes;  // stage s at vs + s·kKVBytes
   const uint32_t bar0 = shared_addr(base + Cfg::kBarOffset);
   auto full = [&](int s) { return bar0 + 8u * s; };
   auto empty = [&](int s) { return bar0 + 8u * (kStages + s); };
@@ -378,7 +377,8 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
       for (int r = 0; r < 4; ++r) {
         pa[r] = Elem<T>::pack(sacc[8 * kj + 2 * r], sacc[8 * kj + 2 * r + 1]);
       }
-      wgmma_rs_k<C, kBf16>(o, pa, sw128_desc(v_addr + (kj >> 2) * kBlock + (kj & 3) * 32, 16, 1024));
+      wgmma_rs_k<C, kBf16>(o, pa,
+                           sw128_desc(v_addr + (kj >> 2) * kBlock + (kj & 3) * 32, 16, 1024));
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -399,7 +399,8 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
   for (int n = 0; n < NO; ++n) {
     const int c = 8 * (n >> 2) + 2 * t + (n & 1);
     const int i = q0 + 64 * cw + 16 * warp + g + 8 * ((n >> 1) & 1);
-    if (i < T_len) og[c * static_cast<int64_t>(T_len) + i] = Elem<T>::from_f(o[n] * inv_l[(n >> 1) & 1]);
+    if (i < T_len)
+      og[c * static_cast<int64_t>(T_len) + i] = Elem<T>::from_f(o[n] * inv_l[(n >> 1) & 1]);
   }
 #endif
 }

@@ -105,17 +105,40 @@ void check_canonical_layouts() {
   const Example ex[] = {
       {"K none tf32", false, 0, 4, 64 * 4, 32 * 4, {{8, 2}, {4, 32}}, {{4, 4}, {1, 64}}, 16},
       {"K 32B tf32", false, 3, 4, 16, 64 * 4, {{8, 2}, {8, 64}}, {{4, 4}, {1, 4}}, 8},
-      {"MN none bf16", true, 0, 2, 128 * 2, 64 * 2, {{8, 1, 2}, {1, 8, 64}}, {{8, 2}, {8, 128}}, 16},
-      {"MN 32B bf16", true, 3, 2, 128 * 2, 256 * 2, {{8, 2, 2}, {1, 8, 128}}, {{8, 2}, {16, 256}},
+      {"MN none bf16",
+       true,
+       0,
+       2,
+       128 * 2,
+       64 * 2,
+       {{8, 1, 2}, {1, 8, 64}},
+       {{8, 2}, {8, 128}},
        16},
-      {"MN 64B bf16", true, 2, 2, 256 * 2, 512 * 2, {{8, 4, 2}, {1, 8, 256}}, {{8, 2}, {32, 512}},
+      {"MN 32B bf16",
+       true,
+       3,
+       2,
+       128 * 2,
+       256 * 2,
+       {{8, 2, 2}, {1, 8, 128}},
+       {{8, 2}, {16, 256}},
+       16},
+      {"MN 64B bf16",
+       true,
+       2,
+       2,
+       256 * 2,
+       512 * 2,
+       {{8, 4, 2}, {1, 8, 256}},
+       {{8, 2}, {32, 512}},
        16},
   };
   for (const Example& e : ex) {
     bool ok = true;
     for (int mn = 0; mn < e.mn.extent(); ++mn) {
       for (int k = 0; k < std::min(e.k.extent(), e.k_limit); ++k) {
-        const uint32_t got = attn_emu::canonical_offset(e.mn_major, e.code, e.eb, e.lbo, e.sbo, mn, k);
+        const uint32_t got =
+            attn_emu::canonical_offset(e.mn_major, e.code, e.eb, e.lbo, e.sbo, mn, k);
         ok = ok && got == static_cast<uint32_t>((e.mn.eval(mn) + e.k.eval(k)) * e.eb);
       }
     }
@@ -192,7 +215,8 @@ void check_wgmma() {
       // V (16 keys × 64 channels) K-major at 8192: row n (channel) holds keys 16..31 of a
       // 64-key row (bytes 32..63), the 16-byte chunks swizzled by n % 8.
       for (int n = 0; n < 64; ++n)
-        for (int k = 0; k < 16; ++k) put(8192 + n * 128 + ((2 * (k + 16)) ^ ((n % 8) << 4)), V[k][n]);
+        for (int k = 0; k < 16; ++k)
+          put(8192 + n * 128 + ((2 * (k + 16)) ^ ((n % 8) << 4)), V[k][n]);
     }
     __syncthreads();
     using namespace iddpm::cuda::attn_sm90;
@@ -313,7 +337,8 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
       double mx = -INFINITY;
       for (int j = 0; j < T_len; ++j) {
         double s = 0;
-        for (int c = 0; c < C; ++c) s += double(Elem<T>::to_f(q[c * T_len + i])) * Elem<T>::to_f(k[c * T_len + j]);
+        for (int c = 0; c < C; ++c)
+          s += double(Elem<T>::to_f(q[c * T_len + i])) * Elem<T>::to_f(k[c * T_len + j]);
         p[j] = s * scale;
         mx = std::max(mx, p[j]);
       }
@@ -362,7 +387,7 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 64>(1, 1, 200, 0, 3e-2, "bf16");
   run_case<__nv_bfloat16, 64>(2, 2, 128, 0, 3e-2, "bf16");  // whole tile
   run_case<__half, 128>(1, 1, 128, 3, 4e-3, "fp16");        // unaligned storage: guarded
-  run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16");  // 8 tiles: 4 rounds of each stage
+  run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16");        // 8 tiles: 4 rounds of each stage
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }

@@ -121,8 +121,8 @@ struct Sm90Lane {
 };
 
 struct Sm90Group {
-  std::vector<WgOp> open;                      // issued, not committed
-  std::deque<std::vector<WgOp>> committed;     // oldest first
+  std::vector<WgOp> open;                   // issued, not committed
+  std::deque<std::vector<WgOp>> committed;  // oldest first
 };
 
 inline std::vector<Sm90Lane> g_sm90_lanes;
@@ -169,9 +169,8 @@ inline float b16_value(const unsigned char* p, bool bf16) {
 
 // Element (mn, k) of a descriptor operand.
 inline double desc_elem(const SmemDesc& s, bool mn_major, bool bf16, int mn, int k) {
-  const uint32_t a = swizzle_addr(s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo,
-                                                             mn, k),
-                                  s.swizzle);
+  const uint32_t a = swizzle_addr(
+      s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo, mn, k), s.swizzle);
   return b16_value(smem_at(a, 2, "wgmma operand outside the block's shared memory"), bf16);
 }
 

@@ -446,7 +446,8 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
       for (Lane& l : blk.lanes) l.st = St::run;
       progress = true;
     }
-    if (!progress && !skipped) fail("deadlock: a warp collective or barrier that not all threads reach");
+    if (!progress && !skipped)
+      fail("deadlock: a warp collective or barrier that not all threads reach");
     force = !progress;
   }
   for (const Lane& l : blk.lanes) {

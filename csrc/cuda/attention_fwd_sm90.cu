@@ -1,0 +1,53 @@
+// csrc/cuda/attention_fwd_sm90.cu — launcher of the Hopper (sm_90a) attention forward
+// (attention_fwd_sm90.cuh, where the algorithm is described). CUDA C++17, no torch. Built only
+// when the arch list has 9.0 / 9.0a, and then only for sm_90a (CMakeLists.txt: its own target,
+// -gencode arch=compute_90a,code=sm_90a), which defines IDDPM_WITH_SM90 for the glue. Never the
+// default: csrc/ops/attention.cpp runs it only when asked for (IDDPM_ATTENTION_SM90=1) on a
+// compute-capability 9.x device, for the dtypes and head dims below.
+#include <cuda_runtime.h>
+
+#include "cuda/attention.h"
+#include "cuda/attention_fwd_sm90.cuh"
+
+namespace iddpm::cuda {
+namespace {
+
+using namespace attn_sm90;
+
+template <class T, int C>
+struct Sm90Kernel {};
+
+template <class T, int C>
+int launch_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
+  using Cfg = Sm90FwdCfg<T, C>;
+  const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
+  auto kernel = attn_fwd_sm90_kernel<T, C>;
+  const cudaError_t err = attn_dev::set_smem_limit_once<Sm90Kernel<T, C>>(
+      reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(p.qkv) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(BH),
+                  static_cast<unsigned>((T_len + Cfg::BQ - 1) / Cfg::BQ));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      static_cast<const T*>(p.qkv), static_cast<T*>(p.out), static_cast<float*>(p.lse),
+      static_cast<int>(T_len), attn::logit_scale_log2<float>(static_cast<int>(p.s.C)), vec);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <class T>
+int launch_dim(const attn::AttentionFwdParams& p, cudaStream_t stream) {
+  if (p.s.C == 64) return launch_fwd_sm90<T, 64>(p, stream);
+  if (p.s.C == 128) return launch_fwd_sm90<T, 128>(p, stream);
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+int qkv_attention_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
+  if (p.s.B * p.s.H == 0 || p.s.T == 0) return 0;
+  if (!qkv_attention_sm90_supported(p.dtype, p.s.C)) return static_cast<int>(cudaErrorInvalidValue);
+  return p.dtype == DType::kFloat16 ? launch_dim<__half>(p, stream)
+                                    : launch_dim<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace iddpm::cuda
