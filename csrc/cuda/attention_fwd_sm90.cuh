@@ -12,13 +12,17 @@
 //
 // CTA: 3 warpgroups (384 threads) per (b·h, tile of BQ = 128 queries).
 //  * Warpgroup 0, the producer: copies the q tile once, then key/value tiles of BK = 128
-//    positions into kStages = 2 stages, with 16-byte cp.async (when T % 8 == 0 and qkv is
-//    16-byte aligned; zero-filled past T) or guarded element loads, straight from the [C, T]
-//    layout into 128-byte-swizzled [C rows × 64 positions] blocks (below). Each producer thread
-//    waits for its own copies, fences them into the async proxy (fence.proxy.async, wgmma reads
-//    shared memory through it) and arrives on the stage's `full` mbarrier (count 128); it
-//    refills a stage after the consumers' arrivals on its `empty` mbarrier (count 256).
-//    (No TMA: see docs/attention.md for why not yet.)
+//    positions into kStages = 2 stages, straight from the [C, T] layout into 128-byte-swizzled
+//    [C rows × 64 positions] blocks (below); it refills a stage after the consumers' arrivals on
+//    its `empty` mbarrier (count 256). Two ways, chosen by the launcher:
+//    - TMA (T % 8 == 0, qkv 16-byte aligned): one thread issues cp.async.bulk.tensor.2d boxes of
+//      [C × 64] through a tensor map over qkv as [B·3·H·C, T] with the 128-byte swizzle (zeros
+//      past T), after an arrive.expect_tx of the stage's bytes on its `full` mbarrier (count 1;
+//      q rides on stage 0's first phase);
+//    - otherwise every producer thread copies with 16-byte cp.async or guarded element loads,
+//      writing the same swizzled layout, waits for its own copies, fences them into the async
+//      proxy (fence.proxy.async: wgmma reads shared memory through it) and arrives on `full`
+//      (count 128).
 //  * Warpgroups 1, 2, the consumers: warpgroup 1 + w owns queries 64w..64w+63 of the tile. Per
 //    key tile: S = qᵀk (64 × 128 per warpgroup, fp32) by C/16 wgmma m64n128k16 with A = q
 //    (M-major, imm-trans-a = 1) and B = k (N-major, imm-trans-b = 1) from shared memory; the
@@ -39,9 +43,46 @@
 
 #include "cuda/attention_common.cuh"
 
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
+#include <cuda.h>  // CUtensorMap, the type only: the driver is reached through the runtime
+#endif
+
 namespace iddpm::cuda::attn_sm90 {
 
 using namespace attn_dev;
+
+// The TMA descriptor of qkv seen as a 2-D tensor [rows = B·3·H·C, T] (T innermost), boxes of
+// [C rows × 64 positions] with the 128-byte swizzle: built on the host by the launcher
+// (cuTensorMapEncodeTiled) or, under emulation, by the emulator from the same parameters.
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+using TmaMap = attn_emu::TensorMap2D;
+#else
+using TmaMap = CUtensorMap;
+#endif
+
+struct TmaParams {
+  uint64_t dim[2];   // {T, rows}
+  uint64_t stride1;  // bytes from one row to the next
+  uint32_t box[2];   // {64, C}
+};
+
+// The TMA path: T % 8 == 0 (rows a multiple of 16 bytes apart), qkv 16-byte aligned, and row /
+// position coordinates within int32. Otherwise the producer copies with cp.async / loads.
+inline bool tma_usable(const void* qkv, int64_t rows, int64_t T_len) {
+  return T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
+         rows < (int64_t{1} << 31) && T_len < (int64_t{1} << 31);
+}
+
+template <int C>
+inline TmaParams tma_params(int64_t rows, int64_t T_len) {
+  TmaParams p;
+  p.dim[0] = static_cast<uint64_t>(T_len);
+  p.dim[1] = static_cast<uint64_t>(rows);
+  p.stride1 = static_cast<uint64_t>(T_len) * 2;
+  p.box[0] = 64;
+  p.box[1] = C;
+  return p;
+}
 
 template <class T, int C>
 struct Sm90FwdCfg {
@@ -73,6 +114,33 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   attn_emu::mbar_init(bar, count);
 #else
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+
+// mbarrier.arrive.expect_tx: `bytes` more transaction bytes for the current phase, then arrive.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::mbar_arrive(bar, bytes);
+#else
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.release.cta.shared::cta.b64 st, [%0], "
+      "%1;\n}\n" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+#endif
+}
+
+// One TMA box (positions c0.., rows c1..) into shared memory at dst, completing its bytes on bar.
+__device__ __forceinline__ void tma_copy_2d(uint32_t dst, const TmaMap* map, int c0, int c1,
+                                            uint32_t bar) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::tma_load_2d(dst, map, c0, c1, bar);
+#else
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
 #endif
 }
 
@@ -257,8 +325,9 @@ __device__ __forceinline__ void load_block_sw128(unsigned char* s, const T* g, i
 // qkv: [BH, 3C, T]; out: [BH, C, T]; lse: [BH, T]. Dynamic shared memory: Cfg::kSmemBytes.
 template <class T, int C>
 __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
-    attn_fwd_sm90_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse,
-                         int T_len, float scale_log2, bool vec) {
+    attn_fwd_sm90_kernel(const __grid_constant__ TmaMap tmap, const T* __restrict__ qkv,
+                         T* __restrict__ out, float* __restrict__ lse, int T_len, float scale_log2,
+                         bool vec, bool tma) {
 #if defined(IDDPM_ATTN_HOST_EMULATION) || \
     (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
   using Cfg = Sm90FwdCfg<T, C>;
@@ -285,7 +354,7 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 128);
+      mbar_init(full(s), tma ? 1 : 128);  // TMA: one arrival (with its bytes); else every copier
       mbar_init(empty(s), 128 * Cfg::kConsumers);
     }
   }
@@ -293,6 +362,29 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
 
   if (wg == 0) {  // ---- producer --------------------------------------------------------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tma) {  // one thread issues every copy; the mbarriers count their bytes
+      if (tid == 0) {
+        const int row_q = static_cast<int>(bh * 3 * C), row_k = row_q + C, row_v = row_q + 2 * C;
+        for (int kt = 0; kt < n_tiles; ++kt) {
+          const int s = kt % kStages;
+          mbar_wait(empty(s), ((kt / kStages) & 1) ^ 1);  // as below
+          mbar_arrive_expect_tx(full(s), 2 * Cfg::kKVBytes + (kt == 0 ? Cfg::kQBytes : 0));
+          if (kt == 0) {  // q rides on the first stage's barrier
+            for (int b = 0; b < Cfg::BQ / 64; ++b) {
+              tma_copy_2d(shared_addr(qs + b * kBlock), &tmap, q0 + 64 * b, row_q, full(0));
+            }
+          }
+          for (int b = 0; b < BK / 64; ++b) {
+            const int p0 = kt * BK + 64 * b;
+            tma_copy_2d(shared_addr(ks + s * Cfg::kKVBytes + b * kBlock), &tmap, p0, row_k,
+                        full(s));
+            tma_copy_2d(shared_addr(vs + s * Cfg::kKVBytes + b * kBlock), &tmap, p0, row_v,
+                        full(s));
+          }
+        }
+      }
+      return;
+    }
     for (int b = 0; b < Cfg::BQ / 64; ++b) {
       load_block_sw128<T, C>(qs + b * kBlock, qg, T_len, q0 + 64 * b, T_len, vec, tid);
     }

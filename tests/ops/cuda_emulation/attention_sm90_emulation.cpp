@@ -9,9 +9,10 @@
 //  * single wgmma products on shared memory filled by hand in the layouts the kernel's
 //    producer writes (M- / N-major with imm-trans = 1, K-major with a start inside the 128-byte
 //    row, A from registers), exact on small integers.
-// Then the kernel: fp16 / bf16, C = 64 / 128, T masked (37: guarded loads; 200: cp.async) and
-// whole (128, 1024: several rounds of both stages), B, H > 1, unaligned storage. Built and run by
-// tests/ops/test_attention_sm90_emulation.py. Exit code 0 = pass.
+// Then the kernel: fp16 / bf16, C = 64 / 128, T masked (37: guarded loads; 200: TMA and
+// cp.async) and whole (128, 384, 1024: several rounds of both stages), B, H > 1, unaligned
+// storage; the TMA producer, and the cp.async / guarded one the launcher takes otherwise. Built and
+// run by tests/ops/test_attention_sm90_emulation.py. Exit code 0 = pass.
 //
 // `attention_sm90_emulation --refuse WHAT` runs one misuse the emulator must refuse (exit 3 with
 // its message): base-offset, no-fence, unwaited, no-proxy-fence.
@@ -32,6 +33,10 @@ alignas(1024) unsigned char smem_raw[256 * 1024];
 
 using iddpm::cuda::attn_dev::Elem;
 using iddpm::cuda::attn_sm90::smem_raw;
+using iddpm::cuda::attn_sm90::tma_params;
+using iddpm::cuda::attn_sm90::tma_usable;
+using iddpm::cuda::attn_sm90::TmaMap;
+using iddpm::cuda::attn_sm90::TmaParams;
 
 namespace {
 
@@ -301,8 +306,10 @@ struct Buf {
   }
 };
 
+// want_tma: the TMA producer where the launcher would take it (tma_usable), else cp.async /
+// guarded loads as the launcher picks them.
 template <class T, int C>
-void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dtype) {
+void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dtype, bool want_tma) {
   using namespace iddpm::cuda::attn_sm90;
   using Cfg = Sm90FwdCfg<T, C>;
   const int BH = B * H;
@@ -314,13 +321,21 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
   for (size_t i = 0; i < nqkv; ++i) qkv.data()[i] = Elem<T>::from_f(normal(rng));
   attn_emu::g_global = {{qkv.data(), nqkv * sizeof(T)}};
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0;
+  const int64_t rows = static_cast<int64_t>(BH) * 3 * C;
+  const bool tma = want_tma && tma_usable(qkv.data(), rows, T_len);
+  TmaMap map{};
+  if (tma) {
+    const TmaParams tp = tma_params<C>(rows, T_len);
+    map = attn_emu::encode_tensor_map_2d(qkv.data(), tp.dim, tp.stride1, tp.box, true);
+  }
   const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
   gridDim = dim3(BH, (T_len + Cfg::BQ - 1) / Cfg::BQ, 1);
   for (unsigned x = 0; x < gridDim.x; ++x) {
     for (unsigned y = 0; y < gridDim.y; ++y) {
       blockIdx = make_uint3(x, y, 0);
       attn_emu::run_block(Cfg::kThreads, smem_raw, Cfg::kSmemBytes, [&] {
-        attn_fwd_sm90_kernel<T, C>(qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec);
+        attn_fwd_sm90_kernel<T, C>(map, qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec,
+                                   tma);
       });
     }
   }
@@ -361,7 +376,10 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
   }
   const std::string name = std::string("sm90 ") + dtype + " C=" + std::to_string(C) +
                            " B=" + std::to_string(B) + " H=" + std::to_string(H) +
-                           " T=" + std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
+                           " T=" + std::to_string(T_len) +
+                           (tma   ? " tma"
+                            : vec ? " cp.async"
+                                  : " guarded") +
                            (shift ? " unaligned" : "");
   const double r_o = e_o / (1e-30 + m_o), r_l = e_l / (1e-30 + m_l);
   std::printf("%-46s out %.2e lse %.2e\n", name.c_str(), r_o, r_l);
@@ -381,13 +399,16 @@ int main(int argc, char** argv) {
   check_mbarrier();
   check_wgmma();
   // The sm_80 kernel's tolerances (attention_emulation.cpp): fp16 4e-3, bf16 3e-2.
-  run_case<__half, 64>(1, 2, 37, 0, 4e-3, "fp16");  // one partial tile, guarded loads
-  run_case<__nv_bfloat16, 128>(2, 1, 37, 0, 3e-2, "bf16");
-  run_case<__half, 128>(1, 1, 200, 0, 4e-3, "fp16");  // 2 tiles, the second partial, cp.async
-  run_case<__nv_bfloat16, 64>(1, 1, 200, 0, 3e-2, "bf16");
-  run_case<__nv_bfloat16, 64>(2, 2, 128, 0, 3e-2, "bf16");  // whole tile
-  run_case<__half, 128>(1, 1, 128, 3, 4e-3, "fp16");        // unaligned storage: guarded
-  run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16");        // 8 tiles: 4 rounds of each stage
+  run_case<__half, 64>(1, 2, 37, 0, 4e-3, "fp16", true);  // one partial tile: guarded loads
+  run_case<__nv_bfloat16, 128>(2, 1, 37, 0, 3e-2, "bf16", true);
+  // 2 tiles, the second partial (zeros past T): TMA and cp.async
+  run_case<__half, 128>(1, 1, 200, 0, 4e-3, "fp16", true);
+  run_case<__half, 128>(1, 1, 200, 0, 4e-3, "fp16", false);
+  run_case<__nv_bfloat16, 64>(1, 1, 200, 0, 3e-2, "bf16", true);
+  run_case<__nv_bfloat16, 64>(2, 2, 128, 0, 3e-2, "bf16", true);  // whole tile
+  run_case<__half, 128>(1, 1, 128, 3, 4e-3, "fp16", true);        // unaligned storage: guarded
+  run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16", true);        // 8 tiles: 4 rounds of each stage
+  run_case<__nv_bfloat16, 64>(1, 1, 384, 0, 3e-2, "bf16", false);  // 3 tiles, cp.async
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }

@@ -41,9 +41,20 @@
 //    Uninitialized barriers, misaligned ones and arrivals beyond the count are refused.
 //  * fence.proxy.async: a thread whose cp.async data landed (cp.async.wait_all) must execute it
 //    before it arrives on an mbarrier (the data are read by wgmma, through the async proxy).
+//  * mbarrier transaction counts (9.7.13.15): arrive.expect_tx adds to the tx-count, a bulk copy's
+//    complete_tx subtracts its bytes; a phase completes when arrivals and tx-count are both 0.
+//  * TMA (cp.async.bulk.tensor.2d ... mbarrier::complete_tx::bytes, 9.7.9.25.5, with the tensor
+//    map as cuTensorMapEncodeTiled documents it): a copy lands some scheduler rounds after it
+//    was issued (at random), writing the box row after row (inner dimension first) into shared
+//    memory through the 128-byte swizzle of the address when the map has it, zeros for
+//    coordinates outside the tensor, then completes the whole box's bytes on its mbarrier.
+//    The map's documented constraints (alignment, strides, box sizes) are checked.
+//    At the end of a block every mbarrier must be between phases with a tx-count of 0 (so that
+//    expect_tx and the bytes of the copies must agree).
 //  * setmaxnreg: a no-op (register allocation is not modelled).
-// Refused (not implemented): TMA / cp.async.bulk, mbarrier transaction counts (expect_tx),
-// wgmma shapes other than m64nNk16 with f16 / bf16 inputs and f32 accumulators, scale-a/b = -1,
+// Refused (not implemented): other TMA modes (im2col, multicast, ranks other than 2, swizzles
+// other than 128 B with a 128-byte inner box, non-16-bit elements), plain cp.async.bulk, wgmma
+// shapes other than m64nNk16 with f16 / bf16 inputs and f32 accumulators, scale-a/b = -1,
 // sparse wgmma, clusters.
 #pragma once
 
@@ -101,6 +112,24 @@ inline uint32_t canonical_offset(bool mn_major, int code, int eb, uint32_t lbo, 
 // ---- per-block state ------------------------------------------------------------------------
 struct Mbar {
   uint32_t expected = 0, pending = 0, phase = 0;
+  int64_t tx = 0;  // transaction bytes expected and not yet completed
+};
+
+// A rank-2 TMA tensor map: the arguments cuTensorMapEncodeTiled takes (16-bit elements,
+// interleave none, swizzle none or 128 B, zero fill out of bounds), checked as its
+// documentation requires (encode_tensor_map_2d).
+struct TensorMap2D {
+  const void* base = nullptr;
+  uint64_t dim[2] = {};     // dim[0] innermost
+  uint64_t stride1 = 0;     // bytes between consecutive indices of dim 1
+  uint32_t box[2] = {};     // box[0] innermost
+  bool swizzle128 = false;  // CU_TENSOR_MAP_SWIZZLE_128B (else NONE)
+};
+
+struct BulkCopy {
+  uint32_t dst, bar;
+  TensorMap2D map;  // a copy: the issuing thread may exit before the copy lands
+  int32_t c0, c1;
 };
 
 struct WgOp {
@@ -128,6 +157,7 @@ struct Sm90Group {
 inline std::vector<Sm90Lane> g_sm90_lanes;
 inline std::vector<Sm90Group> g_sm90_groups;
 inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
+inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
 
 // The shared window: addresses are offsets from the block's dynamic shared memory (whose base
 // the harness aligns to 1024 bytes, as the kernel's own alignment step assumes on the GPU).
@@ -144,6 +174,7 @@ inline void sm90_block_start(unsigned threads) {
   g_sm90_lanes.assign(threads, Sm90Lane{});
   g_sm90_groups.assign(threads / 128, Sm90Group{});
   g_mbars.clear();
+  g_bulk.clear();
   g_random_delays = true;
 }
 
@@ -151,12 +182,21 @@ inline void sm90_block_end() {
   for (const Sm90Group& g : g_sm90_groups) {
     if (!g.open.empty() || !g.committed.empty()) fail("wgmma never waited for (wait_group)");
   }
+  if (!g_bulk.empty()) fail("TMA copy still in flight at the block's end");
+  for (const auto& [a, b] : g_mbars) {  // every barrier between phases, no bytes outstanding
+    if (b.tx != 0)
+      fail("mbarrier: transaction bytes left over at the block's end (expect_tx != copies)");
+    if (b.pending != b.expected) fail("mbarrier: a phase left incomplete at the block's end");
+  }
 }
+
+inline bool sm90_async(bool all);
 
 struct Sm90Install {
   Sm90Install() {
     g_block_start_hook = sm90_block_start;
     g_block_end_hook = sm90_block_end;
+    g_async_hook = sm90_async;
   }
 };
 
@@ -321,17 +361,108 @@ IDDPM_EMU_NOINLINE inline void mbar_init(uint32_t a, uint32_t count) {
   ++g_events;
 }
 
-IDDPM_EMU_NOINLINE inline void mbar_arrive(uint32_t a) {
+// The current phase completes once every expected arrival is in and no transaction bytes are
+// outstanding: phase + 1, pending = expected, tx = 0.
+inline void mbar_maybe_complete(Mbar& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.expected;
+  }
+}
+
+// mbarrier.arrive (with .expect_tx: tx-count += tx first).
+IDDPM_EMU_NOINLINE inline void mbar_arrive(uint32_t a, uint32_t tx = 0) {
   if (me().unfenced_copies) {
     fail("mbarrier.arrive after cp.async data landed without fence.proxy.async");
   }
   Mbar& b = mbar_at(a, true);
   if (b.pending == 0) fail("mbarrier: more arrivals than its count");
-  if (--b.pending == 0) {
-    ++b.phase;
-    b.pending = b.expected;
-  }
+  b.tx += tx;
+  if (b.tx > (1 << 20) - 1) fail("mbarrier: tx-count out of range");
+  --b.pending;
+  mbar_maybe_complete(b);
   ++g_events;
+}
+
+// cuTensorMapEncodeTiled's documented requirements, for the case emulated here.
+inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[2],
+                                        uint64_t stride1, const uint32_t (&box)[2],
+                                        bool swizzle128) {
+  if (reinterpret_cast<uintptr_t>(base) % 16)
+    fail("tensor map: global address not 16-byte aligned");
+  if (stride1 % 16 || stride1 >= (1ull << 40)) fail("tensor map: stride not a multiple of 16");
+  for (int i = 0; i < 2; ++i) {
+    if (dim[i] == 0 || dim[i] > (1ull << 32)) fail("tensor map: dim out of range");
+    if (box[i] == 0 || box[i] > 256) fail("tensor map: box dim out of range");
+  }
+  if ((box[0] * 2) % 16) fail("tensor map: inner box not a multiple of 16 bytes");
+  if (swizzle128 && box[0] * 2 != 128) {
+    fail("tensor map: 128 B swizzle with an inner box other than 128 bytes is not emulated");
+  }
+  TensorMap2D m;
+  m.base = base;
+  m.dim[0] = dim[0];
+  m.dim[1] = dim[1];
+  m.stride1 = stride1;
+  m.box[0] = box[0];
+  m.box[1] = box[1];
+  m.swizzle128 = swizzle128;
+  return m;
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [dst],
+// [map, {c0, c1}], [bar]: queued; it lands some rounds later (sm90_async), writing the box
+// row after row (box[0] elements of 2 bytes each, row r at dst + r·box[0]·2, through the
+// 128-byte swizzle of the shared address when the map has it), zeros where a coordinate is out of
+// the tensor, then completes box bytes of transactions on bar.
+IDDPM_EMU_NOINLINE inline void tma_load_2d(uint32_t dst, const TensorMap2D* m, int32_t c0,
+                                           int32_t c1, uint32_t bar) {
+  if (dst % (m->swizzle128 ? 1024 : 128)) fail("TMA destination misaligned");
+  smem_at(dst, static_cast<size_t>(m->box[0]) * m->box[1] * 2, "TMA box outside shared memory");
+  mbar_at(bar, true);
+  g_bulk.push_back({dst, bar, *m, c0, c1});
+}
+
+inline void run_bulk(const BulkCopy& c) {
+  const TensorMap2D& m = c.map;
+  for (uint32_t r = 0; r < m.box[1]; ++r) {
+    for (uint32_t e = 0; e < m.box[0]; ++e) {
+      const int64_t x = static_cast<int64_t>(c.c0) + e, y = static_cast<int64_t>(c.c1) + r;
+      uint16_t v = 0;
+      if (x >= 0 && y >= 0 && static_cast<uint64_t>(x) < m.dim[0] &&
+          static_cast<uint64_t>(y) < m.dim[1]) {
+        const auto* src = static_cast<const unsigned char*>(m.base) + y * m.stride1 + x * 2;
+        bool inside = false;
+        for (const Range& g : g_global) {
+          const auto* lo = static_cast<const unsigned char*>(g.lo);
+          inside = inside || (src >= lo && src + 2 <= lo + g.bytes);
+        }
+        if (!inside) fail("TMA reads outside every input buffer");
+        std::memcpy(&v, src, 2);
+      }
+      uint32_t a = c.dst + (r * m.box[0] + e) * 2;
+      if (m.swizzle128) a = swizzle_addr(a, 1);
+      std::memcpy(const_cast<unsigned char*>(smem_at(a, 2, "TMA write")), &v, 2);
+    }
+  }
+  Mbar& b = mbar_at(c.bar, true);
+  b.tx -= static_cast<int64_t>(m.box[0]) * m.box[1] * 2;
+  mbar_maybe_complete(b);
+  ++g_events;
+}
+
+// Lands each TMA copy in flight with probability 1/4 per round (all of them when `all`).
+inline bool sm90_async(bool all) {
+  for (size_t i = 0; i < g_bulk.size();) {
+    if (all || (coin() && coin())) {
+      const BulkCopy c = g_bulk[i];
+      g_bulk.erase(g_bulk.begin() + static_cast<std::ptrdiff_t>(i));
+      run_bulk(c);
+    } else {
+      ++i;
+    }
+  }
+  return !g_bulk.empty();
 }
 
 IDDPM_EMU_NOINLINE inline bool mbar_try_wait_parity(uint32_t a, uint32_t parity) {

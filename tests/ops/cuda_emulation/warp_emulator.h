@@ -101,6 +101,9 @@ inline void (*g_block_end_hook)() = nullptr;
 // sm90_emulator.h: let runnable warps and ready warpgroup collectives wait a round at random
 // (as warp collectives always do), so that producer and consumer warps drift apart.
 inline bool g_random_delays = false;
+// sm90_emulator.h: asynchronous copies in flight (TMA), advanced once per scheduler round (all of
+// them when `all`); returns whether any are still in flight.
+inline bool (*g_async_hook)(bool all) = nullptr;
 // Counts state changes (a thread reaching anything but a spin, an mbarrier arrival): a round of
 // the scheduler in which only spinning threads ran and this did not move is a deadlock.
 inline uint64_t g_events = 0;
@@ -413,6 +416,7 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
       threadIdx = make_uint3(i, 0, 0);
       enter(blk, i);
     }
+    if (g_async_hook && g_async_hook(force)) skipped = true;  // copies still in flight
     bool progress = false;
     std::vector<unsigned> ready;
     for (unsigned w = 0; w < threads / 32; ++w) {
