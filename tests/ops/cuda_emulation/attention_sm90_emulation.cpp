@@ -345,28 +345,35 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
   bool finite = true;
   std::vector<double> p(T_len);
   for (int bh = 0; bh < BH; ++bh) {
-    const T* q = qkv.data() + bh * 3 * CT;
-    const T* k = q + CT;
-    const T* v = k + CT;
+    // q, k as [position][channel], v as [channel][position], in double (converted once)
+    const T* base = qkv.data() + bh * 3 * CT;
+    std::vector<double> q(CT), k(CT), v(CT);
+    for (int c = 0; c < C; ++c) {
+      for (int t = 0; t < T_len; ++t) {
+        q[t * C + c] = Elem<T>::to_f(base[c * T_len + t]);
+        k[t * C + c] = Elem<T>::to_f(base[CT + c * T_len + t]);
+        v[c * T_len + t] = Elem<T>::to_f(base[2 * CT + c * T_len + t]);
+      }
+    }
     for (int i = 0; i < T_len; ++i) {
       double mx = -INFINITY;
       for (int j = 0; j < T_len; ++j) {
         double s = 0;
-        for (int c = 0; c < C; ++c)
-          s += double(Elem<T>::to_f(q[c * T_len + i])) * Elem<T>::to_f(k[c * T_len + j]);
+        for (int c = 0; c < C; ++c) s += q[i * C + c] * k[j * C + c];
         p[j] = s * scale;
         mx = std::max(mx, p[j]);
       }
       double sum = 0;
       for (int j = 0; j < T_len; ++j) sum += std::exp(p[j] - mx);
       const double l = mx + std::log(sum);
+      for (int j = 0; j < T_len; ++j) p[j] = std::exp(p[j] - l);  // the softmax row
       const double got_l = lse.data()[bh * T_len + i];
       finite = finite && std::isfinite(got_l);
       m_l = std::max(m_l, std::fabs(l));
       e_l = std::max(e_l, std::fabs(l - got_l));
       for (int c = 0; c < C; ++c) {
         double acc = 0;
-        for (int j = 0; j < T_len; ++j) acc += std::exp(p[j] - l) * Elem<T>::to_f(v[c * T_len + j]);
+        for (int j = 0; j < T_len; ++j) acc += p[j] * v[c * T_len + j];
         const double got = Elem<T>::to_f(out.data()[bh * CT + c * T_len + i]);
         finite = finite && std::isfinite(got);
         m_o = std::max(m_o, std::fabs(acc));
