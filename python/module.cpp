@@ -53,6 +53,11 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["arch_list"] = "";
 #endif
+#ifdef IDDPM_WITH_SM90
+  d["attention_sm90"] = true;  // the Hopper attention forward (sm_90a) is compiled in
+#else
+  d["attention_sm90"] = false;
+#endif
   d["cuda_reason"] = IDDPM_CUDA_REASON;  // why CUDA was not built ("" when it was)
   d["compiler"] = IDDPM_COMPILER;
   d["build_type"] = IDDPM_BUILD_TYPE;

@@ -93,6 +93,12 @@ step bench_attention 90 $PY -m iddpm_ext.bench attention --device cuda --dtype f
 #    FlashAttention paper's point (issue 13's target: fp32 with TF32 >= 2x einsum with TF32).
 step bench_attention_fp32 60 $PY -m iddpm_ext.bench attention --device cuda --dtype float32,float32+tf32 \
   --cases 64x4x64x256,32x4x64x1024,16x32x64x1024 --json "$OUT/bench_attention_fp32.json"
+#    the Hopper (sm_90a) attention forward (issue 13 item 4; never run on a card before): its GPU
+#    test (against float64 and the sm_80 forward, that it runs only when asked), then bench rows
+#    at the issue's shapes, "iddpm (fused, sm90)" beside "iddpm (fused)" and SDPA / cuDNN.
+step tests_sm90 60 "${PYTEST[@]}" -v tests/ops/test_attention_sm90_gpu.py
+step bench_attention_sm90 60 $PY -m iddpm_ext.bench attention --device cuda --dtype float16 --passes fwd \
+  --cases 16x32x64x1024,16x32x64x4096,16x16x128x1024,16x16x128x4096 --json "$OUT/bench_attention_sm90.json"
 step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json "$OUT/bench_sample.json"
 
 # -- sanitizers over small subsets (the kernels' paths: both step kernels in fp32/fp16, every

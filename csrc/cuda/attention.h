@@ -62,6 +62,14 @@ inline constexpr int64_t kAttentionMaxBatchHeads = int64_t{2147483647};
 // Forward (lse: float32). Returns a cudaError_t value (0 = success) of the launches.
 int qkv_attention_fwd(const attn::AttentionFwdParams& params, cudaStream_t stream);
 
+// The Hopper (sm_90a) forward (attention_fwd_sm90.cu; built only for sm_90a, see
+// IDDPM_WITH_SM90, never run on a card yet, never the default): fp16 / bf16, head dims 64 and
+// 128, the same outputs as qkv_attention_fwd (so the backward takes its lse).
+inline bool qkv_attention_sm90_supported(DType dtype, int64_t C) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && (C == 64 || C == 128);
+}
+int qkv_attention_fwd_sm90(const attn::AttentionFwdParams& params, cudaStream_t stream);
+
 // Backward, with the workspaces params.dq_accum and params.delta (lse: float32). Returns a
 // cudaError_t value (0 = success) of the launches.
 int qkv_attention_bwd(const attn::AttentionBwdParams& params, cudaStream_t stream);

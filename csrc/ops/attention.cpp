@@ -29,6 +29,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <cstdlib>
+#include <cstring>
 #endif
 
 namespace iddpm::ops {
@@ -183,13 +187,38 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
 // "medium") turns on), read at each call as cuBLAS does. Otherwise split-TF32 (fp32-accurate).
 bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
+#ifdef IDDPM_WITH_SM90
+// Whether the forward runs the Hopper (sm_90a) kernel instead of the sm_80 one: only when it
+// was built (IDDPM_WITH_SM90: an arch list with 9.0), asked for with IDDPM_ATTENTION_SM90=1
+// (read at each call; never the default: it has not run on a card yet), on a device of compute
+// capability 9.x, for a dtype and head dim it has (fp16 / bf16, C = 64 / 128). Same outputs
+// either way.
+bool use_sm90_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
+  const char* want = std::getenv("IDDPM_ATTENTION_SM90");
+  if (want == nullptr || std::strcmp(want, "1") != 0) return false;
+  if (!cuda::qkv_attention_sm90_supported(p.dtype, p.s.C)) return false;
+  return at::cuda::getDeviceProperties(qkv.device().index())->major == 9;
+}
+#endif
+
+// The forward kernel for p: the sm_90a one where use_sm90_forward says so, else the sm_80 one.
+int run_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#ifdef IDDPM_WITH_SM90
+  if (use_sm90_forward(p, qkv)) return cuda::qkv_attention_fwd_sm90(p, stream);
+#else
+  (void)qkv;
+#endif
+  return cuda::qkv_attention_fwd(p, stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const AttentionShape d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
   f.p.allow_tf32 = allow_tf32();
-  const int err = cuda::qkv_attention_fwd(f.p, c10::cuda::getCurrentCUDAStream());
+  const int err = run_forward(f.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {f.out, f.lse};
 }

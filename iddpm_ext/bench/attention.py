@@ -8,6 +8,8 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
                             output [B, H, T, C] back into [B, H·C, T]
   sdpa:<backend> kernel     the same backend on pre-arranged contiguous q, k, v (kernel only)
   iddpm (fused)             iddpm::qkv_attention (and its backward op), no copies
+  iddpm (fused, sm90)       the same op with its sm_90a forward (IDDPM_ATTENTION_SM90=1; only on
+                            CUDA with a compute-capability 9.x card and that kernel built)
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
@@ -191,6 +193,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                 impls[f"sdpa:{name} kernel"] = ("kernel", be)
             if fused_ok:
                 impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
+            if attn.sm90_supported(qkv, H):  # the sm_90a forward: CUDA, built, cc 9.x only
+                impls["iddpm (fused, sm90)"] = lambda x: attn.qkv_attention_fused_sm90(x, H)
             flops = (14 if bwd else 4) * B * H * T * T * C
             moved = (12 if bwd else 4) * elems
             rows = {}

@@ -244,6 +244,71 @@ def qkv_attention_with_lse(qkv: torch.Tensor, num_heads: int):
     return torch.ops.iddpm.qkv_attention(qkv, num_heads)
 
 
+# ---------------------------------------------------------------------------------
+# The Hopper (sm_90a) forward kernel (csrc/cuda/attention_fwd_sm90.cu, issue 13 item 4): built
+# only for sm_90a, NEVER RUN ON A CARD YET, so never picked by "auto" or "fused". The CUDA op
+# runs it instead of the sm_80 forward only while the environment variable
+# IDDPM_ATTENTION_SM90=1 is set (read by the op at each call), on a compute-capability 9.x
+# device, for fp16 / bf16 and head dims 64 and 128 (else the sm_80 forward runs). Same outputs
+# (out, lse), so the backward is the usual one. See docs/attention.md.
+# ---------------------------------------------------------------------------------
+SM90_ENV = "IDDPM_ATTENTION_SM90"
+SM90_DTYPES = (torch.float16, torch.bfloat16)
+SM90_HEAD_DIMS = (64, 128)
+
+
+def sm90_built() -> bool:
+    """Whether ``_C`` has the sm_90a attention forward compiled in (build_info()["attention_sm90"])."""
+    return loader.available() and bool(loader.build_info().get("attention_sm90", False))
+
+
+def sm90_supported(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether IDDPM_ATTENTION_SM90=1 would run the sm_90a forward for this qkv: built, a CUDA
+    tensor on a compute-capability 9.x device, fp16 / bf16, head dim 64 or 128, and a qkv the
+    fused op takes."""
+    if qkv.device.type != "cuda" or qkv.dtype not in SM90_DTYPES or not sm90_built():
+        return False
+    if not fused_supported(qkv, num_heads):
+        return False
+    if qkv.shape[1] // (3 * num_heads) not in SM90_HEAD_DIMS:
+        return False
+    return torch.cuda.get_device_capability(qkv.device)[0] == 9
+
+
+class attention_sm90:
+    """Context manager: the CUDA forward op runs the sm_90a kernel where it can inside
+    (sets IDDPM_ATTENTION_SM90=1, restores the previous value after)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        import os
+
+        self.previous = os.environ.get(SM90_ENV)
+        if self.enabled:
+            os.environ[SM90_ENV] = "1"
+        else:
+            os.environ.pop(SM90_ENV, None)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.previous is None:
+            os.environ.pop(SM90_ENV, None)
+        else:
+            os.environ[SM90_ENV] = self.previous
+        return False
+
+
+def qkv_attention_fused_sm90(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The fused op with the sm_90a forward asked for (:class:`attention_sm90`); where that kernel
+    does not apply (:func:`sm90_supported`) the op runs its sm_80 forward, as without it."""
+    with attention_sm90():
+        return qkv_attention_fused(qkv, num_heads)
+
+
 def qkv_attention_backward(grad_out, qkv, out, lse, num_heads: int) -> torch.Tensor:
     """The raw backward op: grad_qkv [B, 3·H·C, T] in qkv's layout."""
     loader.require()

@@ -103,7 +103,8 @@ def require():
 
 def build_info() -> dict:
     """How iddpm_ext._C was built: version, torch_version, cuda, cuda_version,
-    arch_list, cuda_reason (why CUDA was not built; "" when it was), compiler, build_type.
+    arch_list, cuda_reason (why CUDA was not built; "" when it was), compiler, build_type,
+    attention_sm90 (the Hopper attention forward compiled in: only for an arch list with 9.0).
     Raises ExtensionUnavailableError without _C."""
     return dict(require().build_info())
 

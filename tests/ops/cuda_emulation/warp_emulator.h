@@ -44,10 +44,13 @@ namespace attn_emu {
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emulator: %s (block %u,%u thread %u)\n", what, blockIdx.x, blockIdx.y,
                threadIdx.x);
-  std::exit(3);
+  std::fflush(stdout);
+  std::_Exit(3);  // not exit(): it may run on a thread's stack, which static destructors free
 }
 
-enum class St { run, wait_warp, wait_block, done };
+// wait_wg: at a warpgroup collective (sm90_emulator.h: wgmma and its fence / commit / wait);
+// spin: polling a condition (an mbarrier's phase), runnable again next round.
+enum class St { run, wait_warp, wait_block, done, wait_wg, spin };
 enum class Op { none, shfl, ldsm, mma_b16, mma_f32, mma_tf32 };
 
 struct Copy {
@@ -72,6 +75,7 @@ struct Lane {
   float2 fa[4] = {}, fb[2] = {};
   float c[4] = {};
   std::vector<Copy> pending;
+  bool unfenced_copies = false;  // cp.async data landed since this thread's last fence.proxy.async
 };
 
 struct Block {
@@ -89,6 +93,20 @@ struct Block {
 #define IDDPM_EMU_NOINLINE __attribute__((noinline))
 
 inline Block* g_block = nullptr;
+// Hooks of sm90_emulator.h: warpgroup collectives (all 128 threads of warpgroup `wg` at
+// St::wait_wg), and per-block set-up / final checks. Null without it.
+inline void (*g_wg_resolve)(unsigned wg) = nullptr;
+inline void (*g_block_start_hook)(unsigned threads) = nullptr;
+inline void (*g_block_end_hook)() = nullptr;
+// sm90_emulator.h: let runnable warps and ready warpgroup collectives wait a round at random
+// (as warp collectives always do), so that producer and consumer warps drift apart.
+inline bool g_random_delays = false;
+// sm90_emulator.h: asynchronous copies in flight (TMA), advanced once per scheduler round (all of
+// them when `all`); returns whether any are still in flight.
+inline bool (*g_async_hook)(bool all) = nullptr;
+// Counts state changes (a thread reaching anything but a spin, an mbarrier arrival): a round of
+// the scheduler in which only spinning threads ran and this did not move is a deadlock.
+inline uint64_t g_events = 0;
 inline uint64_t g_rng = 0x9e3779b97f4a7c15ull;  // xorshift state of the warp scheduling
 
 inline bool coin() {
@@ -103,12 +121,14 @@ inline Lane& me() { return g_block->lanes[g_block->cur]; }
 inline void yield(St st) {
   Lane& l = me();
   l.st = st;
+  if (st != St::spin) ++g_events;
   if (_setjmp(l.resume) == 0) _longjmp(g_block->sched_jb, 1);
 }
 
 inline void trampoline() {
   g_block->body();
   me().st = St::done;
+  ++g_events;
   _longjmp(g_block->sched_jb, 1);  // never returns: the scheduler's frame is where it jumps
 }
 
@@ -236,6 +256,11 @@ IDDPM_EMU_NOINLINE inline void cp_async_16(void* dst, const void* src, bool vali
 }
 
 inline void cp_async_wait_all() {
+  if (!me().pending.empty()) me().unfenced_copies = true;
+  if (g_random_delays && !me().pending.empty()) {  // memory latency: 0..47 rounds, at random
+    coin();
+    for (uint64_t i = 0, n = g_rng % 48; i < n; ++i) yield(St::run);
+  }
   for (const Copy& c : me().pending) {
     if (c.valid) {
       std::memcpy(c.dst, c.src, 16);
@@ -362,6 +387,7 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
   blk.smem_bytes = smem_bytes;
   std::memset(smem, 0xff, smem_bytes);  // NaN in every float type: uninitialized reads show
   g_block = &blk;
+  if (g_block_start_hook) g_block_start_hook(threads);
   for (Lane& l : blk.lanes) {
     l.stack = stack_pool(static_cast<unsigned>(&l - blk.lanes.data()));
     getcontext(&l.ctx);
@@ -371,13 +397,26 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
     makecontext(&l.ctx, trampoline, 0);
   }
   blockDim = dim3(threads, 1, 1);
+  bool force = true;  // run everything this round (the first, and after one without progress)
+  std::vector<char> skip(threads / 32, 0);
   for (;;) {
+    const uint64_t events0 = g_events;
+    bool skipped = false;
+    for (Lane& l : blk.lanes) {
+      if (l.st == St::spin) l.st = St::run;
+    }
+    for (char& s : skip) s = g_random_delays && !force && coin();
     for (unsigned i = 0; i < threads; ++i) {
       if (blk.lanes[i].st != St::run) continue;
+      if (skip[i / 32]) {
+        skipped = true;
+        continue;
+      }
       blk.cur = static_cast<int>(i);
       threadIdx = make_uint3(i, 0, 0);
       enter(blk, i);
     }
+    if (g_async_hook && g_async_hook(force)) skipped = true;  // copies still in flight
     bool progress = false;
     std::vector<unsigned> ready;
     for (unsigned w = 0; w < threads / 32; ++w) {
@@ -389,6 +428,20 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
     for (unsigned w : ready) {  // at least one, the others at random: warps drift apart
       if (!progress || coin()) resolve(&blk.lanes[32 * w]), progress = true;
     }
+    for (unsigned wg = 0; wg < threads / 128; ++wg) {  // warpgroup collectives (sm90)
+      bool all = true;
+      for (unsigned i = 0; i < 128; ++i) all = all && blk.lanes[128 * wg + i].st == St::wait_wg;
+      if (!all) continue;
+      if (g_random_delays && !force && coin()) {
+        skipped = true;
+        continue;
+      }
+      if (!g_wg_resolve) fail("warpgroup collective without sm90_emulator.h");
+      g_wg_resolve(wg);
+      for (unsigned i = 0; i < 128; ++i) blk.lanes[128 * wg + i].st = St::run;
+      progress = true;
+    }
+    progress = progress || g_events != events0;
     unsigned done = 0, at_barrier = 0;
     for (const Lane& l : blk.lanes) done += l.st == St::done, at_barrier += l.st == St::wait_block;
     if (done == threads) break;
@@ -397,11 +450,14 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
       for (Lane& l : blk.lanes) l.st = St::run;
       progress = true;
     }
-    if (!progress) fail("deadlock: a warp collective or barrier that not all threads reach");
+    if (!progress && !skipped)
+      fail("deadlock: a warp collective or barrier that not all threads reach");
+    force = !progress;
   }
   for (const Lane& l : blk.lanes) {
     if (!l.pending.empty()) fail("cp.async never waited for");
   }
+  if (g_block_end_hook) g_block_end_hook();
   g_block = nullptr;
 }
 

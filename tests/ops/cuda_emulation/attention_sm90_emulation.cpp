@@ -1,0 +1,421 @@
+// tests/ops/cuda_emulation/attention_sm90_emulation.cpp — runs the Hopper forward kernel
+// (csrc/cuda/attention_fwd_sm90.cuh, unchanged) on the CPU through sm90_emulator.h and checks
+// it against float64, after unit checks of the emulator itself against the PTX ISA:
+//  * the swizzle patterns (hand-written rows of the 128 B table, 64 B / 32 B addresses);
+//  * the canonical layouts against the ISA's worked examples (9.7.15.5.1.2.1.3), each evaluated
+//    here from its CuTe shape : stride by a small independent evaluator;
+//  * descriptor decoding (the examples' LBO / SBO encodings);
+//  * mbarrier phases and parity waits;
+//  * single wgmma products on shared memory filled by hand in the layouts the kernel's
+//    producer writes (M- / N-major with imm-trans = 1, K-major with a start inside the 128-byte
+//    row, A from registers), exact on small integers.
+// Then the kernel: fp16 / bf16, C = 64 / 128, T masked (37: guarded loads; 200: TMA and
+// cp.async) and whole (128, 384, 1024: several rounds of both stages), B, H > 1, unaligned
+// storage; the TMA producer, and the cp.async / guarded one the launcher takes otherwise. Built and
+// run by tests/ops/test_attention_sm90_emulation.py. Exit code 0 = pass.
+//
+// `attention_sm90_emulation --refuse WHAT` runs one misuse the emulator must refuse (exit 3 with
+// its message): base-offset, no-fence, unwaited, no-proxy-fence.
+//
+// What it cannot check: that the hardware follows the ISA as read here (layouts, descriptor
+// fields, the proxy rules), register allocation (setmaxnreg), timing, and anything between CTAs.
+#include "sm90_emulator.h"  // first: the emulation hooks and CUDA built-ins
+
+#include <algorithm>
+#include <random>
+#include <string>
+
+#include "cuda/attention_fwd_sm90.cuh"
+
+namespace iddpm::cuda::attn_sm90 {
+alignas(1024) unsigned char smem_raw[256 * 1024];
+}
+
+using iddpm::cuda::attn_dev::Elem;
+using iddpm::cuda::attn_sm90::smem_raw;
+using iddpm::cuda::attn_sm90::tma_params;
+using iddpm::cuda::attn_sm90::tma_usable;
+using iddpm::cuda::attn_sm90::TmaMap;
+using iddpm::cuda::attn_sm90::TmaParams;
+
+namespace {
+
+int g_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    std::printf("FAIL %s\n", what.c_str());
+    ++g_failures;
+  }
+}
+
+// ---- emulator unit checks ---------------------------------------------------------------------
+void check_swizzle() {
+  using attn_emu::swizzle_addr;
+  // 128 B: 16-byte chunk c of row r (128-byte rows) lands at chunk c ^ (r % 8). Rows written out.
+  const int rows[4][8] = {{0, 1, 2, 3, 4, 5, 6, 7},
+                          {1, 0, 3, 2, 5, 4, 7, 6},
+                          {5, 4, 7, 6, 1, 0, 3, 2},
+                          {7, 6, 5, 4, 3, 2, 1, 0}};
+  const int row_of[4] = {0, 1, 5, 7};
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) {
+    for (int c = 0; c < 8; ++c) {
+      for (int rep : {0, 1024, 4096}) {  // the pattern repeats every 1024 bytes
+        const uint32_t a = rep + row_of[i] * 128 + c * 16;
+        ok = ok && swizzle_addr(a + 6, 1) == rep + row_of[i] * 128 + rows[i][c] * 16 + 6u;
+      }
+    }
+  }
+  // 64 B: bits 4-5 ^= bits 7-8 (repeat 512); 32 B: bit 4 ^= bit 7 (repeat 256); none: identity.
+  ok = ok && swizzle_addr(0x80, 2) == 0x90 && swizzle_addr(0x180, 2) == 0x1B0 &&
+       swizzle_addr(0x230, 2) == 0x230 && swizzle_addr(0x1F0, 2) == 0x1C0;
+  ok = ok && swizzle_addr(0x80, 3) == 0x90 && swizzle_addr(0x90, 3) == 0x80 &&
+       swizzle_addr(0x100, 3) == 0x100 && swizzle_addr(0x1B0, 3) == 0x1A0;
+  ok = ok && swizzle_addr(0x3F0, 0) == 0x3F0;
+  std::printf("unit: swizzle patterns %s\n", ok ? "ok" : "WRONG");
+  expect(ok, "swizzle patterns");
+}
+
+// A CuTe layout of two top-level modes, each a list of (size, stride), evaluated at (mn, k):
+// the index along a mode is split colexicographically (first sub-mode fastest).
+struct Mode {
+  std::vector<int> size, stride;
+  int eval(int x) const {
+    int off = 0;
+    for (size_t i = 0; i < size.size(); ++i) {
+      off += (x % size[i]) * stride[i];
+      x /= size[i];
+    }
+    return off;
+  }
+  int extent() const {
+    int n = 1;
+    for (int s : size) n *= s;
+    return n;
+  }
+};
+
+// The ISA's examples (9.7.15.5.1.2.1.3): exact layout, element size, swizzle code, LBO / SBO in
+// bytes; canonical_offset (bytes) / element size must equal the exact layout's offset.
+void check_canonical_layouts() {
+  struct Example {
+    const char* name;
+    bool mn_major;
+    int code, eb;
+    uint32_t lbo, sbo;
+    Mode mn, k;
+    int k_limit;  // K-major swizzled: one instruction's K (the 32-byte span it reads)
+  };
+  const Example ex[] = {
+      {"K none tf32", false, 0, 4, 64 * 4, 32 * 4, {{8, 2}, {4, 32}}, {{4, 4}, {1, 64}}, 16},
+      {"K 32B tf32", false, 3, 4, 16, 64 * 4, {{8, 2}, {8, 64}}, {{4, 4}, {1, 4}}, 8},
+      {"MN none bf16",
+       true,
+       0,
+       2,
+       128 * 2,
+       64 * 2,
+       {{8, 1, 2}, {1, 8, 64}},
+       {{8, 2}, {8, 128}},
+       16},
+      {"MN 32B bf16",
+       true,
+       3,
+       2,
+       128 * 2,
+       256 * 2,
+       {{8, 2, 2}, {1, 8, 128}},
+       {{8, 2}, {16, 256}},
+       16},
+      {"MN 64B bf16",
+       true,
+       2,
+       2,
+       256 * 2,
+       512 * 2,
+       {{8, 4, 2}, {1, 8, 256}},
+       {{8, 2}, {32, 512}},
+       16},
+  };
+  for (const Example& e : ex) {
+    bool ok = true;
+    for (int mn = 0; mn < e.mn.extent(); ++mn) {
+      for (int k = 0; k < std::min(e.k.extent(), e.k_limit); ++k) {
+        const uint32_t got =
+            attn_emu::canonical_offset(e.mn_major, e.code, e.eb, e.lbo, e.sbo, mn, k);
+        ok = ok && got == static_cast<uint32_t>((e.mn.eval(mn) + e.k.eval(k)) * e.eb);
+      }
+    }
+    std::printf("unit: canonical layout %-13s %s\n", e.name, ok ? "ok" : "WRONG");
+    expect(ok, std::string("canonical layout ") + e.name);
+  }
+}
+
+void check_descriptor() {
+  // The first example's encodings (LBO 16, SBO 8), a start address, 128 B swizzle.
+  const uint64_t d = (0x2400ull >> 4) | (16ull << 16) | (8ull << 32) | (1ull << 62);
+  const attn_emu::SmemDesc s = attn_emu::decode_desc(d);
+  const bool ok = s.start == 0x2400 && s.lbo == 256 && s.sbo == 128 && s.base_offset == 0 &&
+                  s.swizzle == 1 && attn_emu::swizzle_width(s.swizzle) == 8;
+  // The kernel's own encoder gives the same fields.
+  const uint64_t k = iddpm::cuda::attn_sm90::sw128_desc(0x2400, 256, 128);
+  std::printf("unit: descriptor fields %s\n", ok && k == d ? "ok" : "WRONG");
+  expect(ok && k == d, "descriptor decoding");
+}
+
+void check_mbarrier() {
+  bool ok = true;
+  attn_emu::run_block(128, smem_raw, sizeof(smem_raw), [&] {
+    const uint32_t bar = attn_emu::smem_offset(smem_raw + 64);
+    if (threadIdx.x == 0) {
+      attn_emu::mbar_init(bar, 2);
+      ok = ok && !attn_emu::mbar_try_wait_parity(bar, 0) && attn_emu::mbar_try_wait_parity(bar, 1);
+      attn_emu::mbar_arrive(bar);
+      ok = ok && !attn_emu::mbar_try_wait_parity(bar, 0);
+      attn_emu::mbar_arrive(bar);  // phase 0 completes
+      ok = ok && attn_emu::mbar_try_wait_parity(bar, 0) && !attn_emu::mbar_try_wait_parity(bar, 1);
+      attn_emu::mbar_arrive(bar);
+      attn_emu::mbar_arrive(bar);  // phase 1 completes
+      ok = ok && attn_emu::mbar_try_wait_parity(bar, 1) && !attn_emu::mbar_try_wait_parity(bar, 0);
+    }
+    __syncthreads();
+    // 127 threads wait for phase 2, which thread 5 completes with two arrivals later on.
+    if (threadIdx.x == 5) {
+      attn_emu::mbar_arrive(bar);
+      attn_emu::mbar_arrive(bar);
+    } else if (threadIdx.x != 0) {
+      attn_emu::mbar_wait_parity(bar, 0);
+    }
+  });
+  std::printf("unit: mbarrier phases %s\n", ok ? "ok" : "WRONG");
+  expect(ok, "mbarrier phases");
+}
+
+// Two wgmma products on hand-filled shared memory (small integers: exact in fp32).
+void check_wgmma() {
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> small(-6, 6);
+  static float A[64][16], B[16][128], V[16][64];
+  for (auto& r : A)
+    for (float& x : r) x = static_cast<float>(small(rng));
+  for (auto& r : B)
+    for (float& x : r) x = static_cast<float>(small(rng));
+  for (auto& r : V)
+    for (float& x : r) x = static_cast<float>(small(rng));
+  auto put = [](uint32_t byte, float x) {
+    const __half h = __float2half_rn(x);
+    std::memcpy(smem_raw + byte, &h, 2);
+  };
+  double err_ss = 0, err_rs = 0;
+  attn_emu::run_block(128, smem_raw, sizeof(smem_raw), [&] {
+    if (threadIdx.x == 0) {
+      // A (64 × 16) M-major: row k holds m = 0..63 (128 bytes), chunk swizzled by k % 8.
+      for (int k = 0; k < 16; ++k)
+        for (int m = 0; m < 64; ++m) put(k * 128 + ((2 * m) ^ ((k % 8) << 4)), A[m][k]);
+      // B (16 × 128) N-major at 4096: blocks of 64 n 2048 bytes apart, row k of each 128 bytes.
+      for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 128; ++n)
+          put(4096 + (n / 64) * 2048 + k * 128 + ((2 * (n % 64)) ^ ((k % 8) << 4)), B[k][n]);
+      // V (16 keys × 64 channels) K-major at 8192: row n (channel) holds keys 16..31 of a
+      // 64-key row (bytes 32..63), the 16-byte chunks swizzled by n % 8.
+      for (int n = 0; n < 64; ++n)
+        for (int k = 0; k < 16; ++k)
+          put(8192 + n * 128 + ((2 * (k + 16)) ^ ((n % 8) << 4)), V[k][n]);
+    }
+    __syncthreads();
+    using namespace iddpm::cuda::attn_sm90;
+    const int w = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    float d[64], o[32];
+    for (float& x : d) x = 1.0f;  // overwritten: scale-d = 0
+    for (float& x : o) x = 0.5f;  // accumulated onto
+    uint32_t a[4];
+    for (int i = 0; i < 4; ++i) {
+      const int m = 16 * w + g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
+      a[i] = Elem<__half>::pack(A[m][k], A[m][k + 1]);
+    }
+    wgmma_fence();
+    wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), false);
+    wgmma_rs_k<64, false>(o, a, sw128_desc(8192 + 32, 16, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int j = 0; j < 64; ++j) {
+      const int m = 16 * w + g + 8 * ((j % 4) >> 1), n = 8 * (j / 4) + 2 * t + (j & 1);
+      double ref = 0;
+      for (int k = 0; k < 16; ++k) ref += static_cast<double>(A[m][k]) * B[k][n];
+      err_ss = std::max(err_ss, std::fabs(ref - d[j]));
+      if (j < 32) {
+        double r2 = 0.5;
+        for (int k = 0; k < 16; ++k) r2 += static_cast<double>(A[m][k]) * V[k][n];
+        err_rs = std::max(err_rs, std::fabs(r2 - o[j]));
+      }
+    }
+  });
+  std::printf("unit: wgmma ss (M/N-major) error %.1f, rs (K-major) error %.1f\n", err_ss, err_rs);
+  expect(err_ss == 0 && err_rs == 0, "wgmma products on hand-written layouts");
+}
+
+// ---- misuse the emulator must refuse (exit 3) ---------------------------------------------------
+int refuse(const std::string& what) {
+  using namespace iddpm::cuda::attn_sm90;
+  attn_emu::run_block(128, smem_raw, sizeof(smem_raw), [&] {
+    float d[64] = {};
+    if (what == "base-offset") {
+      wgmma_fence();
+      wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024) | (1ull << 49),
+                              sw128_desc(4096, 2048, 1024), false);
+      wgmma_commit();
+      wgmma_wait<0>();
+    } else if (what == "no-fence") {
+      wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), false);
+    } else if (what == "unwaited") {
+      wgmma_fence();
+      wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), false);
+      wgmma_commit();
+    } else if (what == "no-proxy-fence") {
+      static __half src[8];
+      attn_emu::g_global = {{src, sizeof(src)}};
+      const uint32_t bar = attn_emu::smem_offset(smem_raw + 65536);
+      if (threadIdx.x == 0) attn_emu::mbar_init(bar, 128);
+      __syncthreads();
+      iddpm::cuda::attn_dev::cp_async_16(smem_raw + 16 * threadIdx.x, src, true);
+      iddpm::cuda::attn_dev::cp_async_wait_all();
+      attn_emu::mbar_arrive(bar);
+    }
+  });
+  std::printf("not refused: %s\n", what.c_str());
+  return 0;
+}
+
+// ---- the kernel -------------------------------------------------------------------------------
+template <class T>
+struct Buf {
+  static constexpr size_t G = 64;
+  std::vector<T> v;
+  size_t n, shift;
+  Buf(size_t n_, size_t shift_ = 0) : v(n_ + 2 * G + shift_), n(n_), shift(shift_) {
+    std::fill(v.begin(), v.end(), Elem<T>::from_f(NAN));
+  }
+  T* data() { return v.data() + G + shift; }
+  bool guards_intact() const {
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (i >= G + shift && i < G + shift + n) continue;
+      if (!std::isnan(Elem<T>::to_f(v[i]))) return false;
+    }
+    return true;
+  }
+};
+
+// want_tma: the TMA producer where the launcher would take it (tma_usable), else cp.async /
+// guarded loads as the launcher picks them.
+template <class T, int C>
+void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dtype, bool want_tma) {
+  using namespace iddpm::cuda::attn_sm90;
+  using Cfg = Sm90FwdCfg<T, C>;
+  const int BH = B * H;
+  const size_t CT = static_cast<size_t>(C) * T_len, nqkv = BH * 3 * CT, nout = BH * CT;
+  std::mt19937 rng(99 + T_len + C);
+  std::normal_distribution<float> normal;
+  Buf<T> qkv(nqkv, shift), out(nout);
+  Buf<float> lse(static_cast<size_t>(BH) * T_len);
+  for (size_t i = 0; i < nqkv; ++i) qkv.data()[i] = Elem<T>::from_f(normal(rng));
+  attn_emu::g_global = {{qkv.data(), nqkv * sizeof(T)}};
+  const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0;
+  const int64_t rows = static_cast<int64_t>(BH) * 3 * C;
+  const bool tma = want_tma && tma_usable(qkv.data(), rows, T_len);
+  TmaMap map{};
+  if (tma) {
+    const TmaParams tp = tma_params<C>(rows, T_len);
+    map = attn_emu::encode_tensor_map_2d(qkv.data(), tp.dim, tp.stride1, tp.box, true);
+  }
+  const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
+  gridDim = dim3(BH, (T_len + Cfg::BQ - 1) / Cfg::BQ, 1);
+  for (unsigned x = 0; x < gridDim.x; ++x) {
+    for (unsigned y = 0; y < gridDim.y; ++y) {
+      blockIdx = make_uint3(x, y, 0);
+      attn_emu::run_block(Cfg::kThreads, smem_raw, Cfg::kSmemBytes, [&] {
+        attn_fwd_sm90_kernel<T, C>(map, qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec,
+                                   tma);
+      });
+    }
+  }
+  // float64 on the same rounded inputs
+  const double scale = 1.0 / std::sqrt(static_cast<double>(C));
+  double m_o = 0, e_o = 0, m_l = 0, e_l = 0;
+  bool finite = true;
+  std::vector<double> p(T_len);
+  for (int bh = 0; bh < BH; ++bh) {
+    // q, k as [position][channel], v as [channel][position], in double (converted once)
+    const T* base = qkv.data() + bh * 3 * CT;
+    std::vector<double> q(CT), k(CT), v(CT);
+    for (int c = 0; c < C; ++c) {
+      for (int t = 0; t < T_len; ++t) {
+        q[t * C + c] = Elem<T>::to_f(base[c * T_len + t]);
+        k[t * C + c] = Elem<T>::to_f(base[CT + c * T_len + t]);
+        v[c * T_len + t] = Elem<T>::to_f(base[2 * CT + c * T_len + t]);
+      }
+    }
+    for (int i = 0; i < T_len; ++i) {
+      double mx = -INFINITY;
+      for (int j = 0; j < T_len; ++j) {
+        double s = 0;
+        for (int c = 0; c < C; ++c) s += q[i * C + c] * k[j * C + c];
+        p[j] = s * scale;
+        mx = std::max(mx, p[j]);
+      }
+      double sum = 0;
+      for (int j = 0; j < T_len; ++j) sum += std::exp(p[j] - mx);
+      const double l = mx + std::log(sum);
+      for (int j = 0; j < T_len; ++j) p[j] = std::exp(p[j] - l);  // the softmax row
+      const double got_l = lse.data()[bh * T_len + i];
+      finite = finite && std::isfinite(got_l);
+      m_l = std::max(m_l, std::fabs(l));
+      e_l = std::max(e_l, std::fabs(l - got_l));
+      for (int c = 0; c < C; ++c) {
+        double acc = 0;
+        for (int j = 0; j < T_len; ++j) acc += p[j] * v[c * T_len + j];
+        const double got = Elem<T>::to_f(out.data()[bh * CT + c * T_len + i]);
+        finite = finite && std::isfinite(got);
+        m_o = std::max(m_o, std::fabs(acc));
+        e_o = std::max(e_o, std::fabs(acc - got));
+      }
+    }
+  }
+  const std::string name = std::string("sm90 ") + dtype + " C=" + std::to_string(C) +
+                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                           " T=" + std::to_string(T_len) +
+                           (tma   ? " tma"
+                            : vec ? " cp.async"
+                                  : " guarded") +
+                           (shift ? " unaligned" : "");
+  const double r_o = e_o / (1e-30 + m_o), r_l = e_l / (1e-30 + m_l);
+  std::printf("%-46s out %.2e lse %.2e\n", name.c_str(), r_o, r_l);
+  expect(finite, name + ": unwritten output");
+  expect(qkv.guards_intact() && out.guards_intact() && lse.guards_intact(),
+         name + ": write outside a buffer");
+  expect(r_o <= tol && r_l <= tol, name + ": forward error");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--refuse") return refuse(argv[2]);
+  check_swizzle();
+  check_canonical_layouts();
+  check_descriptor();
+  check_mbarrier();
+  check_wgmma();
+  // The sm_80 kernel's tolerances (attention_emulation.cpp): fp16 4e-3, bf16 3e-2.
+  run_case<__half, 64>(1, 2, 37, 0, 4e-3, "fp16", true);  // one partial tile: guarded loads
+  run_case<__nv_bfloat16, 128>(2, 1, 37, 0, 3e-2, "bf16", true);
+  // 2 tiles, the second partial (zeros past T): TMA and cp.async
+  run_case<__half, 128>(1, 1, 200, 0, 4e-3, "fp16", true);
+  run_case<__half, 128>(1, 1, 200, 0, 4e-3, "fp16", false);
+  run_case<__nv_bfloat16, 64>(1, 1, 200, 0, 3e-2, "bf16", true);
+  run_case<__nv_bfloat16, 64>(2, 2, 128, 0, 3e-2, "bf16", true);  // whole tile
+  run_case<__half, 128>(1, 1, 128, 3, 4e-3, "fp16", true);        // unaligned storage: guarded
+  run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16", true);        // 8 tiles: 4 rounds of each stage
+  run_case<__nv_bfloat16, 64>(1, 1, 384, 0, 3e-2, "bf16", false);  // 3 tiles, cp.async
+  std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
+  return g_failures ? 1 : 0;
+}

@@ -1,0 +1,481 @@
+// tests/ops/cuda_emulation/sm90_emulator.h — the Hopper (sm_90a) instructions of
+// csrc/cuda/attention_fwd_sm90.cuh on top of warp_emulator.h: warpgroup MMA (wgmma.mma_async
+// with shared-memory matrix descriptors, A from shared memory or registers), its fence /
+// commit_group / wait_group, mbarrier (init, arrive, try_wait.parity), fence.proxy.async and
+// setmaxnreg. Written from the PTX ISA (sections 9.7.15 "Asynchronous warpgroup level matrix
+// instructions" and 9.7.13.15 "mbarrier"), not from the kernel: the unit checks in
+// attention_sm90_emulation.cpp compare these functions with the ISA's own worked examples.
+//
+// What is modelled, and how:
+//  * Matrix descriptor (9.7.15.5.1.2.2): bits 0-13 start address, 16-29 leading dimension byte
+//    offset (LBO), 32-45 stride dimension byte offset (SBO), each encoded as (x & 0x3FFFF) >> 4;
+//    49-51 base offset; 62-63 swizzle (0 none, 1 128 B, 2 64 B, 3 32 B). A base offset other than
+//    0 is refused (the kernel keeps every swizzle pattern 1024-byte aligned, where the ISA says
+//    it is 0), as are the bits the ISA leaves unused when set.
+//  * Canonical layouts (9.7.15.5.1.2.1.3), in elements, T = 16 / sizeof(element), W = swizzle
+//    bytes / 16:  MN-major, swizzled   ((T,W,m),(8,k)) : ((1,T,LBO),(W·T,SBO))
+//                 MN-major, none       ((T,1,m),(8,k)) : ((1,T,SBO),(T,LBO))
+//                 K-major,  swizzled   ((8,m),(T,2k))  : ((W·T,SBO),(1,T))
+//                 K-major,  none       ((8,m),(T,2k))  : ((T,SBO),(1,LBO))
+//    then Swizzle<log2 W, 4, 3> on the byte address: bits [4, 4 + log2 W) ^= bits [7, 7 + log2 W)
+//    (16-byte chunks permuted by bits 7.. of the address). The unit is the byte address: the
+//    pattern then repeats every 2^(7 + log2 W) = 1024 / 512 / 256 bytes for 128 / 64 / 32 B, the
+//    boundaries of the ISA's base-offset table (in 2-byte elements it would repeat at twice that).
+//    The swizzle is applied to the whole shared-window address (start + offset), which is what
+//    base offset 0 means: patterns that start on their repeat boundary.
+//  * imm-trans-a / imm-trans-b (9.7.15.5.1.2): 0 = K-major, 1 = M- / N-major; 16-bit types only.
+//  * Fragments (9.7.15.5.1.1.1, Figures 148 / 149): per warp w of the warpgroup, rows 16w..16w+15;
+//    A in registers: a{2i, 2i+1} = register i = (row g + 8·(i&1), cols 2t + 8·(i>>1) + {0, 1});
+//    D (f32): d[4j + i] = (row g + 8·(i>>1), col 8j + 2t + (i&1)), g = lane/4, t = lane%4.
+//  * Asynchrony: a wgmma only records its operands at issue (A registers read then, shared
+//    memory not); the products run when a wgmma.wait_group retires their group, reading shared
+//    memory and the accumulator registers then and writing D then. So reading D before the wait,
+//    or overwriting a tile before the wait that retires its readers, gives wrong results.
+//    Each instruction's sum (16 products + D) is formed in double and rounded to fp32 once. A
+//    wgmma issued without a wgmma.fence since the thread's last wait_group (or the start) is
+//    refused (the ISA requires the fence before wgmma touches registers written in between).
+//  * mbarrier (9.7.13.15): init(count) sets expected = pending = count, phase 0; arrive
+//    decrements pending, completing the phase (phase + 1, pending = expected) at 0 while no
+//    transaction count is outstanding; try_wait.parity(P) is true iff the current phase's
+//    parity differs from P (so P = 1 passes on a fresh barrier). Waiters spin (other threads run).
+//    Uninitialized barriers, misaligned ones and arrivals beyond the count are refused.
+//  * fence.proxy.async: a thread whose cp.async data landed (cp.async.wait_all) must execute it
+//    before it arrives on an mbarrier (the data are read by wgmma, through the async proxy).
+//  * mbarrier transaction counts (9.7.13.15): arrive.expect_tx adds to the tx-count, a bulk copy's
+//    complete_tx subtracts its bytes; a phase completes when arrivals and tx-count are both 0.
+//  * TMA (cp.async.bulk.tensor.2d ... mbarrier::complete_tx::bytes, 9.7.9.25.5, with the tensor
+//    map as cuTensorMapEncodeTiled documents it): a copy lands some scheduler rounds after it
+//    was issued (at random), writing the box row after row (inner dimension first) into shared
+//    memory through the 128-byte swizzle of the address when the map has it, zeros for
+//    coordinates outside the tensor, then completes the whole box's bytes on its mbarrier.
+//    The map's documented constraints (alignment, strides, box sizes) are checked.
+//    At the end of a block every mbarrier must be between phases with a tx-count of 0 (so that
+//    expect_tx and the bytes of the copies must agree).
+//  * setmaxnreg: a no-op (register allocation is not modelled).
+// Refused (not implemented): other TMA modes (im2col, multicast, ranks other than 2, swizzles
+// other than 128 B with a 128-byte inner box, non-16-bit elements), plain cp.async.bulk, wgmma
+// shapes other than m64nNk16 with f16 / bf16 inputs and f32 accumulators, scale-a/b = -1,
+// sparse wgmma, clusters.
+#pragma once
+
+#include "warp_emulator.h"
+
+#include <deque>
+#include <map>
+
+namespace attn_emu {
+
+// ---- descriptors and layouts (pure functions, unit-tested against the ISA's examples) --------
+struct SmemDesc {
+  uint32_t start, lbo, sbo;  // bytes
+  int base_offset, swizzle;  // swizzle: 0 none, 1 128 B, 2 64 B, 3 32 B (the descriptor's code)
+};
+
+inline SmemDesc decode_desc(uint64_t d) {
+  if (d & ((3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3FFull << 52))) {
+    fail("wgmma descriptor: reserved bits set");
+  }
+  SmemDesc s;
+  s.start = static_cast<uint32_t>(d & 0x3FFF) << 4;
+  s.lbo = static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4;
+  s.sbo = static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4;
+  s.base_offset = static_cast<int>((d >> 49) & 7);
+  s.swizzle = static_cast<int>((d >> 62) & 3);
+  return s;
+}
+
+// 16-byte chunks per swizzle row (W): 8, 4, 2 for 128, 64, 32 B; 1 without swizzle.
+inline int swizzle_width(int code) { return code == 1 ? 8 : code == 2 ? 4 : code == 3 ? 2 : 1; }
+
+// Swizzle<log2 W, 4, 3> on a byte address.
+inline uint32_t swizzle_addr(uint32_t a, int code) {
+  const int w = swizzle_width(code);
+  return a ^ (((a >> 7) & static_cast<uint32_t>(w - 1)) << 4);
+}
+
+// Byte offset (before the swizzle) of element (mn, k) of an operand in the canonical layout of
+// `mn_major`, swizzle `code`, element size `eb`, strides lbo / sbo (bytes).
+inline uint32_t canonical_offset(bool mn_major, int code, int eb, uint32_t lbo, uint32_t sbo,
+                                 int mn, int k) {
+  const int T = 16 / eb, W = swizzle_width(code);
+  if (mn_major) {
+    const int e = mn % T, c = (mn / T) % W, mi = mn / (T * W), r = k % 8, ki = k / 8;
+    if (code == 0) return (e + r * T) * eb + mi * sbo + ki * lbo;
+    return (e + c * T + r * W * T) * eb + mi * lbo + ki * sbo;
+  }
+  const int r = mn % 8, mi = mn / 8, e = k % T, kc = k / T;
+  if (code == 0) return (r * T + e) * eb + mi * sbo + kc * lbo;
+  if (kc >= W) fail("wgmma: K-major operand wider than its swizzle row");
+  return (r * W * T + e + kc * T) * eb + mi * sbo;
+}
+
+// ---- per-block state ------------------------------------------------------------------------
+struct Mbar {
+  uint32_t expected = 0, pending = 0, phase = 0;
+  int64_t tx = 0;  // transaction bytes expected and not yet completed
+};
+
+// A rank-2 TMA tensor map: the arguments cuTensorMapEncodeTiled takes (16-bit elements,
+// interleave none, swizzle none or 128 B, zero fill out of bounds), checked as its
+// documentation requires (encode_tensor_map_2d).
+struct TensorMap2D {
+  const void* base = nullptr;
+  uint64_t dim[2] = {};     // dim[0] innermost
+  uint64_t stride1 = 0;     // bytes between consecutive indices of dim 1
+  uint32_t box[2] = {};     // box[0] innermost
+  bool swizzle128 = false;  // CU_TENSOR_MAP_SWIZZLE_128B (else NONE)
+};
+
+struct BulkCopy {
+  uint32_t dst, bar;
+  TensorMap2D map;  // a copy: the issuing thread may exit before the copy lands
+  int32_t c0, c1;
+};
+
+struct WgOp {
+  int n = 0;  // N of m64nNk16
+  bool bf16 = false, a_in_regs = false, trans_a = false, trans_b = false, scale_d = true;
+  uint64_t desc_a = 0, desc_b = 0;
+  uint32_t a_regs[128][4] = {};
+  float* d[128] = {};  // each thread's accumulator registers (N/2 floats)
+};
+
+enum class WgKind { none, fence, mma, commit, wait };
+
+struct Sm90Lane {
+  WgKind kind = WgKind::none;
+  WgOp op;  // the operands of a pending mma
+  int wait_n = 0;
+  bool need_fence = true;
+};
+
+struct Sm90Group {
+  std::vector<WgOp> open;                   // issued, not committed
+  std::deque<std::vector<WgOp>> committed;  // oldest first
+};
+
+inline std::vector<Sm90Lane> g_sm90_lanes;
+inline std::vector<Sm90Group> g_sm90_groups;
+inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
+inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
+
+// The shared window: addresses are offsets from the block's dynamic shared memory (whose base
+// the harness aligns to 1024 bytes, as the kernel's own alignment step assumes on the GPU).
+inline uint32_t smem_offset(const void* p) {
+  check_smem(p, 1, "shared address outside the block's dynamic shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g_block->smem_lo);
+}
+inline const unsigned char* smem_at(uint32_t a, size_t bytes, const char* what) {
+  if (a + bytes > g_block->smem_bytes) fail(what);
+  return g_block->smem_lo + a;
+}
+
+inline void sm90_block_start(unsigned threads) {
+  g_sm90_lanes.assign(threads, Sm90Lane{});
+  g_sm90_groups.assign(threads / 128, Sm90Group{});
+  g_mbars.clear();
+  g_bulk.clear();
+  g_random_delays = true;
+}
+
+inline void sm90_block_end() {
+  for (const Sm90Group& g : g_sm90_groups) {
+    if (!g.open.empty() || !g.committed.empty()) fail("wgmma never waited for (wait_group)");
+  }
+  if (!g_bulk.empty()) fail("TMA copy still in flight at the block's end");
+  for (const auto& [a, b] : g_mbars) {  // every barrier between phases, no bytes outstanding
+    if (b.tx != 0)
+      fail("mbarrier: transaction bytes left over at the block's end (expect_tx != copies)");
+    if (b.pending != b.expected) fail("mbarrier: a phase left incomplete at the block's end");
+  }
+}
+
+inline bool sm90_async(bool all);
+
+struct Sm90Install {
+  Sm90Install() {
+    g_block_start_hook = sm90_block_start;
+    g_block_end_hook = sm90_block_end;
+    g_async_hook = sm90_async;
+  }
+};
+
+// ---- the products --------------------------------------------------------------------------
+inline float b16_value(const unsigned char* p, bool bf16) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return b16_to_f(h, bf16);
+}
+
+// Element (mn, k) of a descriptor operand.
+inline double desc_elem(const SmemDesc& s, bool mn_major, bool bf16, int mn, int k) {
+  const uint32_t a = swizzle_addr(
+      s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo, mn, k), s.swizzle);
+  return b16_value(smem_at(a, 2, "wgmma operand outside the block's shared memory"), bf16);
+}
+
+inline void check_desc(const SmemDesc& s) {
+  if (s.base_offset != 0) fail("wgmma descriptor: base offset != 0 is not emulated");
+  if (s.start % 16) fail("wgmma descriptor: start address not 16-byte aligned");
+}
+
+inline void run_wgmma(const WgOp& op) {
+  double A[64][16], B[16][256];
+  const SmemDesc db = decode_desc(op.desc_b);
+  check_desc(db);
+  if (op.a_in_regs) {
+    for (int th = 0; th < 128; ++th) {
+      const int w = th / 32, g = (th % 32) / 4, t = th % 4;
+      for (int i = 0; i < 4; ++i) {
+        for (int h = 0; h < 2; ++h) {
+          const uint16_t x = static_cast<uint16_t>(op.a_regs[th][i] >> (16 * h));
+          A[16 * w + g + 8 * (i & 1)][2 * t + 8 * (i >> 1) + h] = b16_to_f(x, op.bf16);
+        }
+      }
+    }
+  } else {
+    const SmemDesc da = decode_desc(op.desc_a);
+    check_desc(da);
+    for (int m = 0; m < 64; ++m) {
+      for (int k = 0; k < 16; ++k) A[m][k] = desc_elem(da, op.trans_a, op.bf16, m, k);
+    }
+  }
+  for (int k = 0; k < 16; ++k) {
+    for (int n = 0; n < op.n; ++n) B[k][n] = desc_elem(db, op.trans_b, op.bf16, n, k);
+  }
+  for (int th = 0; th < 128; ++th) {
+    const int w = th / 32, g = (th % 32) / 4, t = th % 4;
+    for (int j = 0; j < op.n / 2; ++j) {
+      const int m = 16 * w + g + 8 * ((j % 4) >> 1), n = 8 * (j / 4) + 2 * t + (j & 1);
+      double acc = op.scale_d ? op.d[th][j] : 0.0;
+      for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+      op.d[th][j] = static_cast<float>(acc);
+    }
+  }
+}
+
+inline void sm90_wg_resolve(unsigned wg) {
+  Sm90Lane* l = &g_sm90_lanes[128 * wg];
+  Sm90Group& grp = g_sm90_groups[wg];
+  const WgKind kind = l[0].kind;
+  for (int i = 0; i < 128; ++i) {
+    if (l[i].kind != kind) fail("threads of a warpgroup at different wgmma instructions");
+  }
+  switch (kind) {
+    case WgKind::fence:
+      for (int i = 0; i < 128; ++i) l[i].need_fence = false;
+      break;
+    case WgKind::mma: {
+      WgOp op = l[0].op;
+      for (int i = 0; i < 128; ++i) {
+        const WgOp& o = l[i].op;
+        if (l[i].need_fence) fail("wgmma.mma_async without wgmma.fence since the last wait");
+        if (o.n != op.n || o.bf16 != op.bf16 || o.a_in_regs != op.a_in_regs ||
+            o.trans_a != op.trans_a || o.trans_b != op.trans_b || o.scale_d != op.scale_d ||
+            o.desc_b != op.desc_b || (!op.a_in_regs && o.desc_a != op.desc_a)) {
+          fail("wgmma: threads of the warpgroup disagree on the instruction or its descriptors");
+        }
+        for (int r = 0; r < 4; ++r) op.a_regs[i][r] = o.a_regs[0][r];
+        op.d[i] = o.d[0];
+      }
+      grp.open.push_back(op);
+      break;
+    }
+    case WgKind::commit:
+      grp.committed.push_back(std::move(grp.open));
+      grp.open.clear();
+      break;
+    case WgKind::wait: {
+      const int n = l[0].wait_n;
+      for (int i = 0; i < 128; ++i) {
+        if (l[i].wait_n != n) fail("wgmma.wait_group: threads disagree on N");
+      }
+      while (static_cast<int>(grp.committed.size()) > n) {
+        for (const WgOp& op : grp.committed.front()) run_wgmma(op);
+        grp.committed.pop_front();
+      }
+      for (int i = 0; i < 128; ++i) l[i].need_fence = true;
+      break;
+    }
+    default: fail("unknown warpgroup collective");
+  }
+  for (int i = 0; i < 128; ++i) l[i].kind = WgKind::none;
+}
+
+inline Sm90Lane& me90() {
+  if (g_sm90_lanes.size() != g_block->lanes.size()) fail("sm90 emulator not installed");
+  return g_sm90_lanes[g_block->cur];
+}
+
+inline void wg_collective(WgKind k) {
+  if (g_block->lanes.size() % 128) fail("warpgroup instruction in a block of partial warpgroups");
+  g_wg_resolve = sm90_wg_resolve;
+  me90().kind = k;
+  yield(St::wait_wg);
+}
+
+// ---- the hooks the kernel calls ---------------------------------------------------------------
+IDDPM_EMU_NOINLINE inline void wgmma_fence() { wg_collective(WgKind::fence); }
+IDDPM_EMU_NOINLINE inline void wgmma_commit() { wg_collective(WgKind::commit); }
+IDDPM_EMU_NOINLINE inline void wgmma_wait(int n) {
+  me90().wait_n = n;
+  wg_collective(WgKind::wait);
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: A from a descriptor (a_regs null) or
+// registers, B from a descriptor; d: this thread's N/2 accumulators.
+IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a,
+                                     const uint32_t* a_regs, uint64_t desc_b, bool scale_d,
+                                     bool trans_a, bool trans_b) {
+  if (n < 8 || n > 256 || n % 8) fail("wgmma: N not a multiple of 8 in [8, 256]");
+  WgOp& op = me90().op;
+  op.n = n;
+  op.bf16 = bf16;
+  op.a_in_regs = a_regs != nullptr;
+  op.trans_a = trans_a;
+  op.trans_b = trans_b;
+  op.scale_d = scale_d;
+  op.desc_a = desc_a;
+  op.desc_b = desc_b;
+  for (int r = 0; r < 4; ++r) op.a_regs[0][r] = a_regs ? a_regs[r] : 0;
+  op.d[0] = d;
+  wg_collective(WgKind::mma);
+}
+
+inline Mbar& mbar_at(uint32_t a, bool must_be_init) {
+  if (a % 8) fail("mbarrier not 8-byte aligned");
+  smem_at(a, 8, "mbarrier outside the block's shared memory");
+  auto it = g_mbars.find(a);
+  if (it == g_mbars.end()) {
+    if (must_be_init) fail("mbarrier used before mbarrier.init");
+    it = g_mbars.emplace(a, Mbar{}).first;
+  }
+  return it->second;
+}
+
+IDDPM_EMU_NOINLINE inline void mbar_init(uint32_t a, uint32_t count) {
+  if (count < 1 || count > (1u << 20) - 1) fail("mbarrier.init: count out of range");
+  Mbar& b = mbar_at(a, false);
+  b.expected = b.pending = count;
+  b.phase = 0;
+  ++g_events;
+}
+
+// The current phase completes once every expected arrival is in and no transaction bytes are
+// outstanding: phase + 1, pending = expected, tx = 0.
+inline void mbar_maybe_complete(Mbar& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.expected;
+  }
+}
+
+// mbarrier.arrive (with .expect_tx: tx-count += tx first).
+IDDPM_EMU_NOINLINE inline void mbar_arrive(uint32_t a, uint32_t tx = 0) {
+  if (me().unfenced_copies) {
+    fail("mbarrier.arrive after cp.async data landed without fence.proxy.async");
+  }
+  Mbar& b = mbar_at(a, true);
+  if (b.pending == 0) fail("mbarrier: more arrivals than its count");
+  b.tx += tx;
+  if (b.tx > (1 << 20) - 1) fail("mbarrier: tx-count out of range");
+  --b.pending;
+  mbar_maybe_complete(b);
+  ++g_events;
+}
+
+// cuTensorMapEncodeTiled's documented requirements, for the case emulated here.
+inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[2],
+                                        uint64_t stride1, const uint32_t (&box)[2],
+                                        bool swizzle128) {
+  if (reinterpret_cast<uintptr_t>(base) % 16)
+    fail("tensor map: global address not 16-byte aligned");
+  if (stride1 % 16 || stride1 >= (1ull << 40)) fail("tensor map: stride not a multiple of 16");
+  for (int i = 0; i < 2; ++i) {
+    if (dim[i] == 0 || dim[i] > (1ull << 32)) fail("tensor map: dim out of range");
+    if (box[i] == 0 || box[i] > 256) fail("tensor map: box dim out of range");
+  }
+  if ((box[0] * 2) % 16) fail("tensor map: inner box not a multiple of 16 bytes");
+  if (swizzle128 && box[0] * 2 != 128) {
+    fail("tensor map: 128 B swizzle with an inner box other than 128 bytes is not emulated");
+  }
+  TensorMap2D m;
+  m.base = base;
+  m.dim[0] = dim[0];
+  m.dim[1] = dim[1];
+  m.stride1 = stride1;
+  m.box[0] = box[0];
+  m.box[1] = box[1];
+  m.swizzle128 = swizzle128;
+  return m;
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [dst],
+// [map, {c0, c1}], [bar]: queued; it lands some rounds later (sm90_async), writing the box
+// row after row (box[0] elements of 2 bytes each, row r at dst + r·box[0]·2, through the
+// 128-byte swizzle of the shared address when the map has it), zeros where a coordinate is out of
+// the tensor, then completes box bytes of transactions on bar.
+IDDPM_EMU_NOINLINE inline void tma_load_2d(uint32_t dst, const TensorMap2D* m, int32_t c0,
+                                           int32_t c1, uint32_t bar) {
+  if (dst % (m->swizzle128 ? 1024 : 128)) fail("TMA destination misaligned");
+  smem_at(dst, static_cast<size_t>(m->box[0]) * m->box[1] * 2, "TMA box outside shared memory");
+  mbar_at(bar, true);
+  g_bulk.push_back({dst, bar, *m, c0, c1});
+}
+
+inline void run_bulk(const BulkCopy& c) {
+  const TensorMap2D& m = c.map;
+  for (uint32_t r = 0; r < m.box[1]; ++r) {
+    for (uint32_t e = 0; e < m.box[0]; ++e) {
+      const int64_t x = static_cast<int64_t>(c.c0) + e, y = static_cast<int64_t>(c.c1) + r;
+      uint16_t v = 0;
+      if (x >= 0 && y >= 0 && static_cast<uint64_t>(x) < m.dim[0] &&
+          static_cast<uint64_t>(y) < m.dim[1]) {
+        const auto* src = static_cast<const unsigned char*>(m.base) + y * m.stride1 + x * 2;
+        bool inside = false;
+        for (const Range& g : g_global) {
+          const auto* lo = static_cast<const unsigned char*>(g.lo);
+          inside = inside || (src >= lo && src + 2 <= lo + g.bytes);
+        }
+        if (!inside) fail("TMA reads outside every input buffer");
+        std::memcpy(&v, src, 2);
+      }
+      uint32_t a = c.dst + (r * m.box[0] + e) * 2;
+      if (m.swizzle128) a = swizzle_addr(a, 1);
+      std::memcpy(const_cast<unsigned char*>(smem_at(a, 2, "TMA write")), &v, 2);
+    }
+  }
+  Mbar& b = mbar_at(c.bar, true);
+  b.tx -= static_cast<int64_t>(m.box[0]) * m.box[1] * 2;
+  mbar_maybe_complete(b);
+  ++g_events;
+}
+
+// Lands each TMA copy in flight with probability 1/4 per round (all of them when `all`).
+inline bool sm90_async(bool all) {
+  for (size_t i = 0; i < g_bulk.size();) {
+    if (all || (coin() && coin())) {
+      const BulkCopy c = g_bulk[i];
+      g_bulk.erase(g_bulk.begin() + static_cast<std::ptrdiff_t>(i));
+      run_bulk(c);
+    } else {
+      ++i;
+    }
+  }
+  return !g_bulk.empty();
+}
+
+IDDPM_EMU_NOINLINE inline bool mbar_try_wait_parity(uint32_t a, uint32_t parity) {
+  return (mbar_at(a, true).phase & 1) != (parity & 1);
+}
+
+// Spins (letting every other thread run) until the phase of `parity` has completed.
+IDDPM_EMU_NOINLINE inline void mbar_wait_parity(uint32_t a, uint32_t parity) {
+  while (!mbar_try_wait_parity(a, parity)) yield(St::spin);
+}
+
+IDDPM_EMU_NOINLINE inline void fence_proxy_async() { me().unfenced_copies = false; }
+
+inline const Sm90Install g_sm90_install{};
+
+}  // namespace attn_emu

@@ -1,0 +1,82 @@
+"""The Hopper (sm_90a) attention forward on a card (run by scripts/gpu_check.sh): against float64
+under the project's low-precision rule (at most twice the eager einsum's error), against the sm_80
+forward of the same op, its lse, that it is the kernel that ran (profiler) only when asked for,
+and a backward through its lse. Skipped without CUDA, without the sm90 build, or off a
+compute-capability 9.x card. The kernel has never run on a card before this check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
+from iddpm_ext.ops import attention as A
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not A.sm90_built() or torch.cuda.get_device_capability()[0] != 9,
+        reason="needs a compute-capability 9.x card and the sm_90a attention forward built",
+    ),
+]
+
+
+def _qkv(B, H, C, T, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(B, 3 * H * C, T, device="cuda", generator=gen).to(dtype)
+
+
+def _kernel_names(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [64, 128])
+@pytest.mark.parametrize("T", [37, 256, 1024, 4096])
+def test_sm90_forward_against_float64_and_sm80(dtype, C, T):
+    B, H = (2, 3) if T <= 1024 else (1, 2)
+    qkv = _qkv(B, H, C, T, dtype, seed=T + C)
+    assert A.sm90_supported(qkv, H)
+    with A.attention_sm90():
+        out, lse = A.qkv_attention_with_lse(qkv, H)
+    out80, lse80 = A.qkv_attention_with_lse(qkv, H)  # without the switch: the sm_80 forward
+    ref = attention_math_f64(qkv, H)
+    eager = A.qkv_attention_reference(qkv, H)
+    what = f"sm90 B={B} H={H} C={C} T={T} {dtype}"
+    floor = 1e-5 * (1.0 + ref.abs().max().item())
+    check_two_x_rule(out, eager, ref, what, floor)
+    e80 = max_err(out80, ref)
+    assert max_err(out, out80) <= 2 * e80 + floor, what + ": far from the sm_80 forward"
+    assert max_err(lse, lse80) <= 1e-4 * (1.0 + lse80.abs().max().item()), what + ": lse"
+
+
+def test_sm90_kernel_runs_only_when_asked():
+    qkv = _qkv(2, 2, 64, 512, torch.float16, seed=1)
+    with A.attention_sm90():
+        asked = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
+    default = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
+    assert any("attn_fwd_sm90_kernel" in k for k in asked), sorted(asked)
+    assert not any("attn_fwd_sm90_kernel" in k for k in default), sorted(default)
+    # a head dim it lacks: the sm_80 forward runs even when asked
+    q96 = _qkv(1, 2, 96, 256, torch.float16, seed=2)
+    with A.attention_sm90():
+        other = _kernel_names(lambda: A.qkv_attention_fused(q96, 2))
+    assert not any("attn_fwd_sm90_kernel" in k for k in other), sorted(other)
+
+
+def test_sm90_forward_feeds_the_backward():
+    B, H, C, T = 2, 2, 128, 300
+    qkv = _qkv(B, H, C, T, torch.bfloat16, seed=3)
+    g = torch.randn(B, H * C, T, device="cuda", dtype=torch.bfloat16)
+    x = qkv.clone().requires_grad_()
+    with A.attention_sm90():
+        out = A.qkv_attention_fused(x, H)
+    (grad,) = torch.autograd.grad(out, x, g)
+    x80 = qkv.clone().requires_grad_()
+    (grad80,) = torch.autograd.grad(A.qkv_attention_fused(x80, H), x80, g)
+    xr = qkv.double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(attention_math_f64(xr, H), xr, g.double())
+    assert max_err(grad, grad_ref) <= 2 * max_err(grad80, grad_ref) + 1e-4
