@@ -298,6 +298,7 @@ def run(args) -> list:
                 device,
                 ms,
                 flops=flops_per_image * B,
+                gflop_per_step=round(flops_per_image * B / 1e9, 4),
                 **extra,
             )
             records.append(
