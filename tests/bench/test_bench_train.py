@@ -36,8 +36,19 @@ def test_cases_channels_last_and_compiled_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setenv("IDDPM_REF_PATH", str(_fake_reference_checkout(tmp_path / "ref")))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delitem(sys.modules, "improved_diffusion", raising=False)
-    monkeypatch.delitem(sys.modules, "improved_diffusion.unet", raising=False)
+    # The fake package must not outlive the test (a real checkout may be imported later in this
+    # process): sys.modules' improved_diffusion entries are put back as they were.
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "improved_diffusion"}
+    for k in saved:
+        monkeypatch.delitem(sys.modules, k)
+    try:
+        _run_and_check(tmp_path, calls)
+    finally:
+        for k in [k for k in sys.modules if k.split(".")[0] == "improved_diffusion"]:
+            del sys.modules[k]  # then monkeypatch puts the saved ones back
+
+
+def _run_and_check(tmp_path, calls):
     out = tmp_path / "t.json"
     args = argv(
         "train --device cpu --threads 1 --quick --warmup 0 --iters 1 --compile max-autotune --json {json}",
