@@ -104,8 +104,10 @@ step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json 
 # -- sanitizers over small subsets (the kernels' paths: both step kernels in fp32/fp16, every
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
 #    load paths, partial tiles, both backward tilings and a head dim below its tile width on the
-#    Cp = 256 kernels, C = 192; fp32 in split-TF32 and, sanitizer_subset_tf32, in TF32; the group-norm
-#    kernels forward and backward).
+#    Cp = 256 kernels, C = 192; fp32 in split-TF32 and, sanitizer_subset_tf32, in TF32; the sm_90a
+#    forward's guarded, TMA and unaligned cp.async paths (never run on a card before: racecheck sees
+#    shared-memory hazards of the mbarrier protocol, not of the TMA/wgmma async proxy); the
+#    group-norm kernels forward and backward).
 if [ -x "$SANITIZER" ]; then
   step memcheck_step 60 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x tests/ops/test_step_gpu.py \
     -k "(kernel_paths and (float32-float32 or float16-float16)) or (matches_eager_and_cpu and EPSILON) or philox or argument_errors or out_of_range"
@@ -113,6 +115,10 @@ if [ -x "$SANITIZER" ]; then
     -k sanitizer_subset
   step racecheck_attention 90 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x tests/ops/test_attention_gpu.py \
     -k "sanitizer_subset and not bfloat16"
+  step memcheck_sm90 45 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x \
+    tests/ops/test_attention_sm90_gpu.py -k sanitizer_subset
+  step racecheck_sm90 60 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x \
+    tests/ops/test_attention_sm90_gpu.py -k sanitizer_subset
   step memcheck_group_norm 45 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x \
     tests/ops/test_group_norm_act_gpu.py -k "backward_f32 or low_precision"
 else

@@ -80,3 +80,26 @@ def test_sm90_forward_feeds_the_backward():
     xr = qkv.double().requires_grad_()
     (grad_ref,) = torch.autograd.grad(attention_math_f64(xr, H), xr, g.double())
     assert max_err(grad, grad_ref) <= 2 * max_err(grad80, grad_ref) + 1e-4
+
+
+@pytest.mark.parametrize(
+    "C, T, offset",
+    [(64, 37, 0), (128, 256, 0), (64, 256, 1)],
+    ids=["C64-T37-guarded", "C128-T256-tma", "C64-T256-unaligned"],
+)
+def test_sm90_sanitizer_subset(C, T, offset):
+    """Small calls of the sm90 forward for compute-sanitizer (gpu_check's memcheck_sm90 and
+    racecheck_sm90 steps): the guarded cp.async loads (T = 37), the TMA path (T = 256, aligned) and
+    the cp.async path on storage that is not 16-byte aligned (a view one element in); each against
+    the sm_80 forward."""
+    B, H = 1, 2
+    n = B * 3 * H * C * T
+    storage = _qkv(1, 1, 1, n + offset, torch.float16, seed=C + T).flatten()  # 3·(n + offset) values
+    qkv = storage[offset : offset + n].view(B, 3 * H * C, T)  # contiguous; offset 1: 2 bytes in
+    assert (qkv.data_ptr() % 16 == 0) is (offset == 0)
+    with A.attention_sm90():
+        out, lse = A.qkv_attention_with_lse(qkv, H)
+    out80, lse80 = A.qkv_attention_with_lse(qkv, H)
+    torch.cuda.synchronize()
+    assert max_err(out, out80) <= 2e-3 * (1.0 + out80.abs().max().item())
+    assert max_err(lse, lse80) <= 1e-4 * (1.0 + lse80.abs().max().item())
