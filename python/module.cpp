@@ -155,10 +155,20 @@ py::dict capabilities() {
 
 }  // namespace
 
+namespace iddpm::ops {
+bool attention_sm90_enabled();          // csrc/ops/attention.cpp
+bool set_attention_sm90(bool enabled);  // returns the previous value
+}  // namespace iddpm::ops
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "iddpm_ext compiled kernels (torch ops live under torch.ops.iddpm)";
   m.def("build_info", &build_info, "Facts about how this extension was built.");
   m.def("capabilities", &capabilities,
         "What the compiled kernels accept: ops, dtypes and head dims per device (a plain dict).");
+  m.def("attention_sm90_enabled", &iddpm::ops::attention_sm90_enabled,
+        "Whether the CUDA attention forward runs its sm_90a kernel where it can (process-wide).");
+  m.def("set_attention_sm90", &iddpm::ops::set_attention_sm90, py::arg("enabled"),
+        "Switch the sm_90a attention forward on or off for the whole process; returns the "
+        "previous value (initially: IDDPM_ATTENTION_SM90=1 in the environment at first use).");
   m.attr("__version__") = IDDPM_VERSION;
 }

@@ -357,6 +357,9 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
       mbar_init(full(s), tma ? 1 : 128);  // TMA: one arrival (with its bytes); else every copier
       mbar_init(empty(s), 128 * Cfg::kConsumers);
     }
+    // The initialised barriers made visible to the async proxy, whose TMA complete_tx updates
+    // them (the CUDA programming guide's TMA example and CUTLASS's fence_barrier_init do this).
+    fence_proxy_async();
   }
   __syncthreads();  // the initialized barriers, before any thread uses them
 

@@ -15,6 +15,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -31,11 +34,28 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <ATen/cuda/CUDAContext.h>
-#include <cstdlib>
-#include <cstring>
 #endif
 
 namespace iddpm::ops {
+
+// The switch of the sm_90a forward (see use_sm90_forward): process-wide, initialised once from
+// IDDPM_ATTENTION_SM90=1 in the environment, then set through set_attention_sm90 (Python:
+// iddpm_ext.ops.attention.attention_sm90). An atomic, not the environment read at each call:
+// getenv in an op that runs without the GIL races with os.environ writes (setenv) elsewhere.
+namespace {
+std::atomic<int>& sm90_flag() {
+  static std::atomic<int> flag{[] {
+    const char* want = std::getenv("IDDPM_ATTENTION_SM90");
+    return want != nullptr && std::strcmp(want, "1") == 0 ? 1 : 0;
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool attention_sm90_enabled() { return sm90_flag().load(std::memory_order_relaxed) != 0; }
+
+bool set_attention_sm90(bool enabled) { return sm90_flag().exchange(enabled ? 1 : 0) != 0; }
+
 namespace {
 
 using attn::AttentionShape;
@@ -189,15 +209,15 @@ bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
 #ifdef IDDPM_WITH_SM90
 // Whether the forward runs the Hopper (sm_90a) kernel instead of the sm_80 one: only when it
-// was built (IDDPM_WITH_SM90: an arch list with 9.0), asked for with IDDPM_ATTENTION_SM90=1
-// (read at each call; never the default: it has not run on a card yet), on a device of compute
-// capability 9.x, for a dtype and head dim it has (fp16 / bf16, C = 64 / 128). Same outputs
-// either way.
+// was built (IDDPM_WITH_SM90: an arch list with 9.0), asked for (attention_sm90_enabled(): never
+// the default, it has not run on a card yet), on a device of compute capability 9.0 exactly (an
+// sm_90a cubin loads nowhere else), for a dtype and head dim it has (fp16 / bf16, C = 64 / 128).
+// Same outputs either way.
 bool use_sm90_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
-  const char* want = std::getenv("IDDPM_ATTENTION_SM90");
-  if (want == nullptr || std::strcmp(want, "1") != 0) return false;
+  if (!attention_sm90_enabled()) return false;
   if (!cuda::qkv_attention_sm90_supported(p.dtype, p.s.C)) return false;
-  return at::cuda::getDeviceProperties(qkv.device().index())->major == 9;
+  const auto* prop = at::cuda::getDeviceProperties(qkv.device().index());
+  return prop->major == 9 && prop->minor == 0;
 }
 #endif
 

@@ -35,12 +35,15 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 constexpr int64_t kBlockBytes = int64_t(8) << 20;
 constexpr int64_t kMinBlockTiles = 64;
 
-// A float buffer of at least n elements owned by the calling thread, kept (and grown) between
-// calls; never shared between threads, so concurrent calls from different threads are safe.
-float* workspace(int64_t n, const at::TensorOptions& options) {
+// A workspace of n floats (never shared between threads, so concurrent calls from different
+// threads are safe): the calling thread's kept buffer (grown as needed, up to
+// 2·kBlockBytes: ~8 MB normally), or a buffer of this call alone for the rare wider convolution
+// (kMinBlockTiles tiles of thousands of channels), so no thread keeps more than 16 MB for good.
+at::Tensor workspace(int64_t n, const at::TensorOptions& options) {
+  if (4 * n > 2 * kBlockBytes) return at::empty({n}, options);
   thread_local at::Tensor buf;
   if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, options);
-  return buf.data_ptr<float>();
+  return buf;
 }
 
 // torch's name of a tensor's dtype ("float64", "int64"), as the Python checks print it.
@@ -109,7 +112,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   // buffers cost page faults on every call).
   const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and M per tile
   const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
-  float* ws = workspace(block * per_tile, x.options());
+  const at::Tensor ws_buf = workspace(block * per_tile, x.options());  // held for the call
+  float* ws = ws_buf.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   for (int64_t t0 = 0; t0 < P; t0 += block) {
     const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;

@@ -247,10 +247,10 @@ def qkv_attention_with_lse(qkv: torch.Tensor, num_heads: int):
 # ---------------------------------------------------------------------------------
 # The Hopper (sm_90a) forward kernel (csrc/cuda/attention_fwd_sm90.cu, issue 13 item 4): built
 # only for sm_90a, NEVER RUN ON A CARD YET, so never picked by "auto" or "fused". The CUDA op
-# runs it instead of the sm_80 forward only while the environment variable
-# IDDPM_ATTENTION_SM90=1 is set (read by the op at each call), on a compute-capability 9.x
-# device, for fp16 / bf16 and head dims 64 and 128 (else the sm_80 forward runs). Same outputs
-# (out, lse), so the backward is the usual one. See docs/attention.md.
+# runs it instead of the sm_80 forward only while its process-wide switch is on
+# (:class:`attention_sm90`, or IDDPM_ATTENTION_SM90=1 in the environment at start-up), on a
+# compute-capability 9.0 device, for fp16 / bf16 and head dims 64 and 128 (else the sm_80
+# forward runs). Same outputs (out, lse), so the backward is the usual one. See docs/attention.md.
 # ---------------------------------------------------------------------------------
 SM90_ENV = "IDDPM_ATTENTION_SM90"
 SM90_DTYPES = (torch.float16, torch.bfloat16)
@@ -263,42 +263,39 @@ def sm90_built() -> bool:
 
 
 def sm90_supported(qkv: torch.Tensor, num_heads: int) -> bool:
-    """Whether IDDPM_ATTENTION_SM90=1 would run the sm_90a forward for this qkv: built, a CUDA
-    tensor on a compute-capability 9.x device, fp16 / bf16, head dim 64 or 128, and a qkv the
-    fused op takes."""
+    """Whether the switch (:class:`attention_sm90`) would run the sm_90a forward for this qkv:
+    built, a CUDA tensor on a compute-capability 9.0 device, fp16 / bf16, head dim 64 or 128, and
+    a qkv the fused op takes."""
     if qkv.device.type != "cuda" or qkv.dtype not in SM90_DTYPES or not sm90_built():
         return False
     if not fused_supported(qkv, num_heads):
         return False
     if qkv.shape[1] // (3 * num_heads) not in SM90_HEAD_DIMS:
         return False
-    return torch.cuda.get_device_capability(qkv.device)[0] == 9
+    return torch.cuda.get_device_capability(qkv.device) == (9, 0)  # an sm_90a cubin loads only there
+
+
+def sm90_enabled() -> bool:
+    """Whether the sm_90a forward's process-wide switch is on (False without ``_C``)."""
+    return loader.available() and bool(loader._C.attention_sm90_enabled())
 
 
 class attention_sm90:
-    """Context manager: the CUDA forward op runs the sm_90a kernel where it can inside
-    (sets IDDPM_ATTENTION_SM90=1, restores the previous value after)."""
+    """Context manager: the CUDA forward op runs the sm_90a kernel where it can inside, and the
+    switch goes back to its previous value after. The switch is process-wide (every thread's
+    calls follow it), initially on when IDDPM_ATTENTION_SM90=1 was in the environment when the
+    op first ran; no effect without ``_C``."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+        self.enabled = bool(enabled)
 
     def __enter__(self):
-        import os
-
-        self.previous = os.environ.get(SM90_ENV)
-        if self.enabled:
-            os.environ[SM90_ENV] = "1"
-        else:
-            os.environ.pop(SM90_ENV, None)
+        self.previous = loader._C.set_attention_sm90(self.enabled) if loader.available() else None
         return self
 
     def __exit__(self, *exc):
-        import os
-
-        if self.previous is None:
-            os.environ.pop(SM90_ENV, None)
-        else:
-            os.environ[SM90_ENV] = self.previous
+        if self.previous is not None:
+            loader._C.set_attention_sm90(self.previous)
         return False
 
 

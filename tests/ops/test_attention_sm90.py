@@ -1,7 +1,8 @@
 """The switch and build facts of the Hopper (sm_90a) attention forward, on any machine: it is
-reported by build_info(), never chosen for CPU tensors, and its switch (IDDPM_ATTENTION_SM90)
-is set and restored by attention_sm90. Its numerics are tested under the CPU emulator
-(test_attention_sm90_emulation.py) and on a card (test_attention_sm90_gpu.py)."""
+reported by build_info(), never chosen for CPU tensors, and its process-wide switch (initially
+IDDPM_ATTENTION_SM90=1 from the environment) is set and restored by attention_sm90. Its numerics
+are tested under the CPU emulator (test_attention_sm90_emulation.py) and on a card
+(test_attention_sm90_gpu.py)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,40 @@ def test_sm90_never_for_cpu_or_other_dtypes():
     assert not A.sm90_supported(qkv.float(), 2)
 
 
-def test_attention_sm90_sets_and_restores_the_switch(monkeypatch):
-    monkeypatch.delenv(A.SM90_ENV, raising=False)
+def test_attention_sm90_sets_and_restores_the_switch():
+    start = A.sm90_enabled()
     with A.attention_sm90():
-        assert os.environ[A.SM90_ENV] == "1"
+        assert A.sm90_enabled() is True
         with A.attention_sm90(False):
-            assert A.SM90_ENV not in os.environ
-        assert os.environ[A.SM90_ENV] == "1"
-    assert A.SM90_ENV not in os.environ
-    monkeypatch.setenv(A.SM90_ENV, "0")
-    with A.attention_sm90():
-        assert os.environ[A.SM90_ENV] == "1"
-    assert os.environ[A.SM90_ENV] == "0"
+            assert A.sm90_enabled() is False
+        assert A.sm90_enabled() is True
+    assert A.sm90_enabled() is start
+    with A.attention_sm90(False):
+        assert A.sm90_enabled() is False
+        with A.attention_sm90():
+            assert A.sm90_enabled() is True
+    assert A.sm90_enabled() is start
+
+
+def test_the_switch_starts_from_the_environment(tmp_path):
+    """IDDPM_ATTENTION_SM90=1 in the environment turns the switch on in a new process; os.environ
+    writes afterwards change nothing (the op no longer reads the environment at each call)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from iddpm_ext.ops import attention as A; a = A.sm90_enabled(); "
+        "os.environ['IDDPM_ATTENTION_SM90'] = '0' if a else '1'; print(a, A.sm90_enabled())"
+    )
+    for env_value, expected in (("1", "True True"), ("0", "False False"), (None, "False False")):
+        env = {k: v for k, v in os.environ.items() if k != A.SM90_ENV}
+        if env_value is not None:
+            env[A.SM90_ENV] = env_value
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == expected.split(), (env_value, out.stdout)
 
 
 def test_the_switch_changes_nothing_on_cpu():
