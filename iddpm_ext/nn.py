@@ -384,8 +384,8 @@ class _PrepackedForward:
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
             weight_t = _winograd_ops.winograd_weight(w.detach())
-            if len(self.entries) >= self._MAX_ENTRIES:
-                self.entries.clear()
+            if key not in self.entries and len(self.entries) >= self._MAX_ENTRIES:
+                self.entries.clear()  # (a stale entry of this key is replaced, the others kept)
             bias = None if b is None else b.detach()
             entry = (stamp, weight_t, bias, w.detach())  # w.detach(): keeps the address taken
             self.entries[key] = entry
