@@ -9,49 +9,18 @@ without one. Needs a C++20 compiler and the CUDA headers, not a GPU."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import platform
-import shutil
 import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SRC = pathlib.Path(__file__).resolve().parent / "cuda_emulation" / "attention_sm90_emulation.cpp"
-
-
-def _cuda_include():
-    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if base and (pathlib.Path(base) / "include" / "cuda_fp16.h").exists():
-            return pathlib.Path(base) / "include"
-    return None
+from helpers.emulation import build_emulator
 
 
 @pytest.fixture(scope="module")
 def sm90_exe(tmp_path_factory):
-    inc = _cuda_include()
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if inc is None or cxx is None or platform.system() != "Linux":
-        pytest.skip("needs the CUDA headers (cuda_fp16.h), a C++ compiler and Linux (ucontext)")
     exe = tmp_path_factory.mktemp("emulation_sm90") / "attention_sm90_emulation"
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-Og",
-        "-Wno-unknown-pragmas",
-        "-Wno-class-memaccess",
-        "-Wno-attributes",  # __grid_constant__ on the host
-        "-U_FORTIFY_SOURCE",  # its longjmp check refuses the jumps between coroutine stacks
-        f"-I{ROOT / 'csrc'}",
-        f"-I{inc}",
-        str(SRC),
-        "-o",
-        str(exe),
-    ]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return exe
+    # -Wno-attributes: __grid_constant__ on the host
+    return build_emulator("attention_sm90_emulation.cpp", exe, extra_flags=("-Wno-attributes",))
 
 
 @pytest.mark.slow
