@@ -40,6 +40,12 @@ std::string dtype_names(const DType (&dtypes)[N]) {
   return or_list(dtypes, [](DType d) { return std::string(dtype_name(d)); });
 }
 
+// torch's Python name of a tensor's dtype ("float32", "int64"), as the fake implementations' checks
+// print it.
+inline std::string torch_dtype_name(const at::Tensor& t) {
+  return std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
+
 // The DType of a tensor whose dtype the caller has checked against a kernel's list.
 inline DType dtype_of(const at::Tensor& x) {
   const std::optional<DType> d = to_dtype(x.scalar_type());

@@ -57,12 +57,6 @@ at::MemoryFormat format_of(const at::Tensor& x) {
 
 bool is_float(at::ScalarType t) { return to_dtype(t).has_value(); }
 
-// torch's name of a tensor's dtype ("float32"), as the Python checks print it.
-std::string torch_name(const at::Tensor& t) {
-  const std::optional<DType> d = to_dtype(t.scalar_type());
-  return d ? dtype_name(*d) : c10::toString(t.scalar_type());
-}
-
 // Checks x, num_groups and eps; returns the shape (dtype, N, C, S, G, layout).
 GroupNormShape check_x(const at::Tensor& x, int64_t num_groups) {
   check_defined(x, "x");
@@ -199,7 +193,7 @@ Backward prepare_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
   TORCH_CHECK_VALUE(grad_out.sizes() == x_in.sizes(), "grad_out: expected shape ", shape_str(x_in),
                     " (that of x), got ", shape_str(grad_out));
   TORCH_CHECK_VALUE(grad_out.scalar_type() == x_in.scalar_type(), "grad_out: expected dtype ",
-                    dtype_name(dtype_of(x_in)), " (that of x), got ", torch_name(grad_out));
+                    dtype_name(dtype_of(x_in)), " (that of x), got ", torch_dtype_name(grad_out));
   check_stat(mean, "mean", x_in, num_groups);
   check_stat(rstd, "rstd", x_in, num_groups);
   const at::ScalarType acc = acc_type(x_in);

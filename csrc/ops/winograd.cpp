@@ -24,6 +24,7 @@
 #include "common/winograd_params.h"
 #include "cpu/winograd.h"
 #include "ops/checks.h"
+#include "ops/dtype.h"
 
 namespace iddpm::ops {
 namespace {
@@ -46,17 +47,12 @@ at::Tensor workspace(int64_t n, const at::TensorOptions& options) {
   return buf;
 }
 
-// torch's name of a tensor's dtype ("float64", "int64"), as the Python checks print it.
-std::string torch_name(const at::Tensor& t) {
-  return std::string(c10::getDtypeNames(t.scalar_type()).first);
-}
-
 void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cpu(), name,
                     ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
                     t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
-                    torch_name(t));
+                    torch_dtype_name(t));
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {

@@ -365,10 +365,10 @@ def _graph_extras(engine, model, d, shape, x_T, device, dtype, ms, iters) -> dic
 
 def _forward_flops(model, channels, size, device) -> int:
     """FLOPs of one image's UNet forward (what one sampling step computes, the step op aside)."""
-    from .unet import _count_flops
+    from .unet import count_flops
 
     x = torch.zeros(1, channels, size, size, device=device)
-    return _count_flops(model, x, torch.zeros(1, device=device), backward=False)
+    return count_flops(model, x, torch.zeros(1, device=device), backward=False)
 
 
 def _print_summary(config, n_params, records, engines, notes):

@@ -36,8 +36,8 @@ import tempfile
 import torch
 
 from ..ops.attention import attention_impl
-from ..training.loop import COMPILE_MODES
 from . import common
+from .unet import COMPILE_MODES
 
 # Model configurations, laid out by hand.
 # fmt: off
@@ -66,11 +66,11 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--compile",
-        choices=[m for m in COMPILE_MODES if m != "none"],
+        choices=COMPILE_MODES,
         default=None,
         metavar="MODE",
         help="also time the training step with the network under torch.compile(mode=MODE), ours and "
-        "(with IDDPM_REF_PATH) the reference model: " + ", ".join(m for m in COMPILE_MODES if m != "none"),
+        "(with IDDPM_REF_PATH) the reference model: " + ", ".join(COMPILE_MODES),
     )
     parser.set_defaults(warmup=-1, iters=-1)
 
@@ -132,10 +132,10 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
 
 def _step_flops(loop, x) -> int:
     """FLOPs of the network's forward + backward for the batch ``x`` (one training step's model work)."""
-    from .unet import _count_flops
+    from .unet import count_flops
 
     t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
-    return x.shape[0] * _count_flops(loop.model, x, t, backward=True)
+    return x.shape[0] * count_flops(loop.model, x, t, backward=True)
 
 
 def _cases(compile_mode, with_reference) -> list:

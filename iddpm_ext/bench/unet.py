@@ -47,6 +47,7 @@ import time
 import torch
 
 from ..ops.attention import attention_impl
+from ..training.loop import COMPILE_MODES as _TRAIN_COMPILE_MODES
 from ..unet import AttentionBlock, ResBlock, UNetModel
 from . import common
 
@@ -67,8 +68,8 @@ CONFIGS = {
 }
 # fmt: on
 _AUTO = -1  # "choose by device": see _runs()
-# torch.compile's modes, for --compile-reference.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes, for --compile-reference (and bench train --compile): TrainLoop's, less "none".
+COMPILE_MODES = tuple(m for m in _TRAIN_COMPILE_MODES if m != "none")
 
 
 def add_arguments(parser):
@@ -181,7 +182,7 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _count_flops(model, x, t, backward: bool) -> int:
+def count_flops(model, x, t, backward: bool) -> int:
     """FLOPs of one image (einsum attention, so the attention matmuls are counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -503,7 +504,7 @@ def run(args) -> list:
     x = torch.randn(batch, model.in_channels, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     shape = [batch, model.in_channels, size, size]
-    flops = {bwd: batch * _count_flops(model, x, t, bwd) for bwd in (False, True)}
+    flops = {bwd: batch * count_flops(model, x, t, bwd) for bwd in (False, True)}
 
     fwd_model, _ = build_model(config, device=device)
     fwd_model.load_state_dict(model.state_dict())

@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the prefix ("float32"), as the C++ checks print it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def defined(x, name: str):
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
@@ -30,7 +35,7 @@ def same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
 
 def dtype_in(x: torch.Tensor, name: str, dtypes, where: str = ""):
     if x.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        names = ", ".join(dtype_name(d) for d in dtypes)
         raise ValueError(f"{name}: expected dtype {names}{where}, got {x.dtype}")
 
 

@@ -99,10 +99,6 @@ def require_kernel(x: torch.Tensor):
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -178,7 +174,8 @@ if loader.available():
         checks.shape(grad_out.shape == x.shape, "grad_out", x.shape, grad_out, " (that of x)")
         if grad_out.dtype != x.dtype:
             raise ValueError(
-                f"grad_out: expected dtype {_name(x.dtype)} (that of x), got {_name(grad_out.dtype)}"
+                f"grad_out: expected dtype {checks.dtype_name(x.dtype)} (that of x), "
+                f"got {checks.dtype_name(grad_out.dtype)}"
             )
         N, C = x.shape[0], x.shape[1]
         for t, name in ((mean, "mean"), (rstd, "rstd")):

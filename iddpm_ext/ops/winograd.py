@@ -53,10 +53,6 @@ def conv3x3_winograd(
 # ---------------------------------------------------------------------------------
 
 
-def _name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
 def _check_float(t, name, ref=None, ref_name=""):
     checks.defined(t, name)
     if ref is not None:
@@ -66,7 +62,7 @@ def _check_float(t, name, ref=None, ref_name=""):
             f"{name}: expected a CPU tensor (the op has a CPU kernel only), got one on {t.device}"
         )
     if t.dtype != torch.float32:
-        raise ValueError(f"{name}: expected dtype float32, got {_name(t.dtype)}")
+        raise ValueError(f"{name}: expected dtype float32, got {checks.dtype_name(t.dtype)}")
 
 
 if loader.available():
