@@ -463,16 +463,21 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
 
-    // O += P·vᵀ: keys 16kj.. are bytes 32(kj % 4).. of the rows of block kj / 4.
+    // O += P·vᵀ: keys 16kj.. are bytes 32(kj % 4).. of the rows of block kj / 4. Every A
+    // fragment of P is packed before the fence: a register written between two wgmmas of one
+    // batch makes ptxas serialise them (it injects a warpgroup.arrive before each, C7519).
+    uint32_t pa[BK / 16][4];
+#pragma unroll
+    for (int kj = 0; kj < BK / 16; ++kj) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[kj][r] = Elem<T>::pack(sacc[8 * kj + 2 * r], sacc[8 * kj + 2 * r + 1]);
+      }
+    }
     wgmma_fence();
 #pragma unroll
     for (int kj = 0; kj < BK / 16; ++kj) {
-      uint32_t pa[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[r] = Elem<T>::pack(sacc[8 * kj + 2 * r], sacc[8 * kj + 2 * r + 1]);
-      }
-      wgmma_rs_k<C, kBf16>(o, pa,
+      wgmma_rs_k<C, kBf16>(o, pa[kj],
                            sw128_desc(v_addr + (kj >> 2) * kBlock + (kj & 3) * 32, 16, 1024));
     }
     wgmma_commit();
