@@ -256,8 +256,10 @@ Grads group_norm_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
     const at::Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& scale, const OptTensor& shift, double eps, bool silu) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // Every check first (prepare_forward), then the device: a guard made from an x that another
+  // argument's device sent here, on the CPU, would fail without naming the argument.
   Forward f = prepare_forward(x, num_groups, weight, bias, scale, shift, eps, silu);
+  const c10::cuda::CUDAGuard guard(x.device());
   const int err = cuda::group_norm_act_fwd(f.p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {f.y, f.mean, f.rstd};
@@ -268,9 +270,9 @@ Grads group_norm_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    int64_t num_groups, const OptTensor& weight,
                                    const OptTensor& bias, const OptTensor& scale,
                                    const OptTensor& shift, bool silu) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  Backward b =
+  Backward b =  // every check first, as in the forward
       prepare_backward(grad_out, x, mean, rstd, num_groups, weight, bias, scale, shift, silu);
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = b.p.s.N, C = b.p.s.C, G = b.p.s.G;
   b.work = at::empty({2 * N * C + 2 * N * G}, b.gw.options());
   b.p.work = b.work.data_ptr();

@@ -10,10 +10,18 @@ message names one of the op's arguments. A crash kills the test process, which f
 An all-meta call (the tracing of torch.compile) must agree with the same call on the real
 device: the same output shapes, dtypes and strides where the kernel returns, an error where it
 refuses (except for what only the data can tell, t out of range).
+
+``base=FAKE_CUDA`` (inside :func:`on_fake_cuda`) runs the same draws against the ops' CUDA
+kernels on a machine without a GPU: the tensors are FakeTensors that say they are on CUDA (no
+data), the calls go to the CUDA kernels (FakeTensor's Python dispatch keys excluded), and a call
+that gets past every check of a kernel comes back as :data:`PASSED` (its first use of the device
+fails here). So CI checks that the CUDA kernels' checks refuse what they must, name the
+argument, agree with the fakes, and never crash, before anything reaches a device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -43,12 +51,66 @@ STEP_ARGS = ("x", "model_output", "t", "table", "noise", "sample_index", "genera
              "model_mean_type", "model_var_type", "eta")  # fmt: skip
 
 
+# ---- the CUDA kernels without a GPU ----
+
+FAKE_CUDA = "fake-cuda"  # a device for place(): a FakeTensor on cuda (metadata only)
+
+
+class _Passed:
+    def __repr__(self):
+        return "PASSED"
+
+
+# What outcome() gives, inside on_fake_cuda(), for a call that got past every check of the
+# op's CUDA kernel and failed only at its first use of the device.
+PASSED = _Passed()
+_FAKE = {"mode": None, "on": False}
+
+
+def _fake_mode():
+    if _FAKE["mode"] is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        _FAKE["mode"] = FakeTensorMode(allow_non_fake_inputs=True)
+    return _FAKE["mode"]
+
+
+@contextlib.contextmanager
+def on_fake_cuda():
+    """Within: outcome() calls the ops with FakeTensor's Python dispatch keys excluded, so
+    FAKE_CUDA tensors reach the ops' CUDA kernels (and real CPU tensors beside them too)."""
+    assert not torch.cuda.is_available(), "FAKE_CUDA tensors hold no data: a real device would read it"
+    _FAKE["on"] = True
+    try:
+        yield
+    finally:
+        _FAKE["on"] = False
+
+
+def _needs_the_device(err) -> bool:
+    """Whether ``err`` is the CUDA runtime's failure on a machine without a GPU (the first
+    allocation or stream use past the checks), not a check of the op."""
+    if isinstance(err, (ValueError, TypeError, NotImplementedError)):
+        return False
+    return type(err).__name__ == "AcceleratorError" or bool(
+        re.search(r"CUDA driver|NVIDIA driver|no CUDA GPUs|CUDA-capable device|^CUDA error", str(err))
+    )
+
+
 def outcome(call, names):
     """(result, None), or (None, error) for a clean exception naming one of ``names``; any
-    other exception propagates (and fails the test)."""
+    other exception propagates (and fails the test). Inside on_fake_cuda(), (PASSED, None)
+    for a call that failed only where the device was needed."""
     try:
-        return call(), None
+        if not _FAKE["on"]:
+            return call(), None
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
+        keys = keys | torch._C.DispatchKeySet(torch._C.DispatchKey.PythonTLSSnapshot)
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            return call(), None
     except CLEAN as e:
+        if _FAKE["on"] and _needs_the_device(e):
+            return PASSED, None
         msg = str(e)
         # "name: expected ..." (the ops' checks) or "argument 'name'" (torch's schema checks).
         assert any(re.search(rf"(?<![\w.]){re.escape(n)}(:|')", msg) for n in names), (
@@ -110,8 +172,15 @@ def relayout(data, src):
 
 
 def place(x, device):
-    """``x`` on ``device``, its strides kept where possible (meta: always)."""
-    if not isinstance(x, torch.Tensor) or x.device == torch.device(device):
+    """``x`` on ``device``, its strides kept where possible (meta, FAKE_CUDA: always)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if device == FAKE_CUDA:  # made without dispatch: place() may run inside outcome()'s guard
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        elem = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="meta")
+        return FakeTensor(_fake_mode(), elem, torch.device("cuda", 0))
+    if x.device == torch.device(device):
         return x
     if torch.device(device).type == "meta":
         return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="meta")
@@ -173,6 +242,8 @@ def check_meta_agrees(meta, real, data_dependent, what, strict):
     (m_res, m_err), (r_res, r_err) = meta, real
     if r_err is None:
         assert m_err is None, f"{what}: the fake refuses what the kernel accepts: {m_err}"
+        if r_res is PASSED:  # the CUDA kernel's checks passed; it returned nothing
+            return
         same_meta(
             m_res if isinstance(m_res, tuple) else (m_res,),
             r_res if isinstance(r_res, tuple) else (r_res,),
@@ -188,6 +259,17 @@ def mixed(devices):
 
 def assert_mix_refused(err, devices, what):
     assert err is not None, f"{what}: tensors on {sorted(set(devices.values()))} were accepted"
+
+
+def check_cuda_within_cpu(cuda, cpu_call, names, data_dependent, what):
+    """FAKE_CUDA: the CUDA kernel accepts only what the CPU kernel accepts, given the same
+    arguments on the CPU (the CUDA kernels' limits are narrower, never wider: dtypes, head
+    dims), except refusals that only the data can tell (t out of range: NaN on CUDA)."""
+    if cuda[1] is None:
+        cpu_err = outcome(cpu_call, names)[1]
+        assert cpu_err is None or data_dependent(cpu_err), (
+            f"{what}: the CUDA kernel accepts what the CPU kernel refuses: {cpu_err}"
+        )
 
 
 # ---- gather_coefs ----
@@ -226,6 +308,9 @@ def fuzz_gather_coefs(data, base="cpu", mixes=("meta",)):
         real = outcome(call({"table": place(table, base), "t": place(t, base)}), GATHER_ARGS)
         check_meta_agrees((res, err), real, _bad_timestep, "gather_coefs", strict=base == "cpu")
         return
+    if base == FAKE_CUDA:
+        return check_cuda_within_cpu((res, err), call({"table": table, "t": t}), GATHER_ARGS, _bad_timestep,
+                                     "gather_coefs")  # fmt: skip
     if err is not None:
         return
     # The oracle: table[t] row by row; an out-of-range t gives NaN on CUDA (CPU raises).
@@ -245,7 +330,8 @@ def _bad_timestep(err):
 
 
 def _heads(data):
-    return data.draw(st.one_of(st.integers(-1, 3), st.sampled_from(EXTREME_HEADS)))
+    """1 to 3 heads 9 times in 10, else -1 or an extreme (0, negative, near 2^63)."""
+    return choose(data, data.draw(st.integers(1, 3)), -1, *EXTREME_HEADS)
 
 
 def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
@@ -253,7 +339,8 @@ def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
     heads = _heads(data)
     h = heads if 1 <= heads <= 3 else 2
     B = data.draw(st.sampled_from([0, 1, 2]))
-    C = data.draw(st.sampled_from([1, 2, 3, 4, 8, 32, 96]))
+    # CUDA: head dims that are multiples of 8 up to 256 have kernels; 4, 12, 264 do not.
+    C = data.draw(st.sampled_from([1, 2, 3, 4, 8, 32, 96] if base == "cpu" else [4, 8, 12, 32, 96, 264]))
     T = data.draw(st.sampled_from([0, 1, 2, 5, 9]))
     width = choose(data, 3 * h * C, 0, 3 * h * C + 1, 6, 7)
     shape = [B, width, T]
@@ -269,11 +356,23 @@ def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
     def call(q):
         return lambda: torch.ops.iddpm.qkv_attention(q, heads)
 
-    res, err = outcome(call(place(qkv, device)), ATTENTION_ARGS)
+    placed = place(qkv, device)
+    res, err = outcome(call(placed), ATTENTION_ARGS)
     if device == "meta":
         real = outcome(call(place(qkv, base)), ATTENTION_ARGS)
         check_meta_agrees((res, err), real, lambda e: False, "qkv_attention", strict=base == "cpu")
         return
+    if base == FAKE_CUDA:
+        # The Python side's view of the CUDA kernel's limits ("auto" and "fused" go by it) is the
+        # kernel's own: it takes exactly what fused_supported says it has a kernel for.
+        from iddpm_ext.ops.attention import fused_supported
+
+        supported = placed.dim() == 3 and fused_supported(placed, heads)
+        assert (err is None) == supported, (
+            f"qkv_attention on CUDA {'refused' if err else 'accepted'} {tuple(qkv.shape)} {dtype} "
+            f"heads={heads} where fused_supported says {supported}: {err}"
+        )
+        return check_cuda_within_cpu((res, err), call(qkv), ATTENTION_ARGS, lambda e: False, "qkv_attention")
     if err is not None:
         return
     out, lse = res
@@ -305,9 +404,10 @@ def fuzz_qkv_attention_backward(data, base="cpu", mixes=("meta",)):
     B, T = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 6))
     C = data.draw(st.sampled_from([1, 3, 32] if base == "cpu" else [32, 64]))
     dtype = data.draw(st.sampled_from(FLOATS if base == "cpu" else FLOATS[:3]))
-    qkv = make(data, (B, 3 * heads * C, T), dtype, gen).to(base)
+    dev = "cpu" if base == FAKE_CUDA else base  # where the forward and the drawn tensors are made
+    qkv = make(data, (B, 3 * heads * C, T), dtype, gen).to(dev)
     out, lse = torch.ops.iddpm.qkv_attention(qkv, heads)
-    grad_out = make(data, tuple(out.shape), dtype, gen).to(base)
+    grad_out = make(data, tuple(out.shape), dtype, gen).to(dev)
     args = {"grad_out": grad_out, "qkv": qkv, "out": out, "lse": lse}
     change = data.draw(st.sampled_from(["none"] * 4 + ["shape", "dtype", "layout", "heads"]))
     target = data.draw(st.sampled_from(sorted(args)))
@@ -317,7 +417,7 @@ def fuzz_qkv_attention_backward(data, base="cpu", mixes=("meta",)):
         i = data.draw(st.integers(0, len(s) - 1))
         s[i] = data.draw(st.sampled_from([0, s[i] + 1, HUGE if 0 in s[:i] + s[i + 1 :] else 1]))
         s = data.draw(st.sampled_from([s, s[:2], s + [1]]))
-        args[target] = make(data, s, args[target].dtype, gen).to(base)
+        args[target] = make(data, s, args[target].dtype, gen).to(dev)
     elif change == "dtype":
         new_dtype = data.draw(st.sampled_from(DTYPES))
         change = "none" if new_dtype == args[target].dtype else change
@@ -346,6 +446,9 @@ def fuzz_qkv_attention_backward(data, base="cpu", mixes=("meta",)):
     assert change in ("none", "layout") or (change == "heads" and n_heads == heads), (
         f"accepted a changed {change}"
     )
+    if base == FAKE_CUDA:
+        return check_cuda_within_cpu((res, err), call(args), ATTENTION_ARGS, lambda e: False,
+                                     "qkv_attention_backward")  # fmt: skip
     assert res.shape == qkv.shape and res.dtype == dtype
     if res.numel() == 0:
         return
@@ -439,7 +542,8 @@ def fuzz_step(data, base="cpu", mixes=("meta",)):
         sample_index = make(data, choose(data, (B,), (B + 1,)), si_dtype, gen)
     generator = data.draw(st.sampled_from([None, None, "base", "cpu"]))
     if generator is not None:
-        generator = torch.Generator(device=base if generator == "base" else "cpu").manual_seed(3)
+        on_base = generator == "base" and base != FAKE_CUDA  # no CUDA generator without a GPU
+        generator = torch.Generator(device=base if on_base else "cpu").manual_seed(3)
     clip = data.draw(st.booleans())
     eta = choose(data, data.draw(st.sampled_from([0.0, 0.3, 1.0])), -0.5, 1.5, float("nan"), float("inf"))
     mean_name = choose(data, mean, "bogus")
@@ -475,6 +579,8 @@ def fuzz_step(data, base="cpu", mixes=("meta",)):
         strict = base == "cpu" and generator is None
         check_meta_agrees((res, err), real, _bad_timestep, op, strict=strict)
         return
+    if base == FAKE_CUDA:
+        return check_cuda_within_cpu((res, err), call(tensors), STEP_ARGS, _bad_timestep, op)
     if err is not None:
         return
     _check_step_result(res, d, rule, x, mo, t, clip, eta, noise, ret_pred, base, op)
@@ -565,11 +671,14 @@ def fuzz_group_norm_act(data, base="cpu", mixes=("meta",)):
         return
     if err is not None:
         return
-    out, mean, rstd = res
     assert x.dim() >= 2 and 1 <= groups and x.shape[1] % groups == 0, (
         f"accepted groups={groups} for {x.shape}"
     )
     assert math.isfinite(eps) and eps > 0, f"accepted eps={eps}"
+    if base == FAKE_CUDA:
+        return check_cuda_within_cpu((res, err), call({n: "cpu" for n in devices}), GROUP_NORM_ARGS,
+                                     lambda e: False, "group_norm_act")  # fmt: skip
+    out, mean, rstd = res
     assert out.shape == x.shape and out.dtype == x.dtype
     assert mean.shape == rstd.shape == (x.shape[0], groups)
     if out.numel() == 0:
@@ -644,6 +753,9 @@ def fuzz_group_norm_act_backward(data, base="cpu", mixes=("meta",)):
         return
     assert x.dim() >= 2 and 1 <= groups and x.shape[1] % groups == 0, f"accepted groups={groups}"
     assert grad_out.shape == x.shape and grad_out.dtype == x.dtype, "accepted a grad_out unlike x"
+    if base == FAKE_CUDA:
+        return check_cuda_within_cpu((res, err), call({n: "cpu" for n in devices}), GROUP_NORM_BWD_ARGS,
+                                     lambda e: False, "group_norm_act_backward")  # fmt: skip
     dx = res[0]
     assert dx.shape == x.shape and dx.dtype == x.dtype
     if x.numel() == 0 or not real_stats:
@@ -681,6 +793,7 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
         real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base)), ("weight",))
         check_meta_agrees((res, err), real, lambda e: False, "winograd_weight", strict=base == "cpu")
         return
+    assert device != FAKE_CUDA or err is not None, "winograd_weight accepted a CUDA weight (CPU kernel only)"
     if err is not None:
         return
     assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4 and weight.dtype == torch.float32
@@ -741,6 +854,7 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
         real = outcome(call({n: base for n in devices}), WINOGRAD_ARGS)
         check_meta_agrees((res, err), real, lambda e: False, "conv3x3_winograd", strict=base == "cpu")
         return
+    assert FAKE_CUDA not in devices.values() or err is not None, "conv3x3_winograd accepted CUDA tensors"
     if err is not None:
         return
     assert x.dim() == 4 and x.dtype == torch.float32, f"accepted x {x.dtype} {tuple(x.shape)}"

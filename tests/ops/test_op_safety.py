@@ -200,9 +200,12 @@ def _cuda_entry(op, *args):
     return op.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
 
 
+# FakeTensors hold no data: on a machine with a GPU, a call past the checks would launch a kernel
+# on null pointers (test_op_safety_gpu.py is the twin there).
 needs_cuda_entry = pytest.mark.skipif(
-    not torch._C._dispatch_has_kernel_for_dispatch_key("iddpm::qkv_attention", "CUDA"),
-    reason="iddpm_ext._C built without CUDA",
+    not torch._C._dispatch_has_kernel_for_dispatch_key("iddpm::qkv_attention", "CUDA")
+    or torch.cuda.is_available(),
+    reason="iddpm_ext._C built without CUDA, or a GPU is visible",
 )
 
 
@@ -324,3 +327,111 @@ def test_fuzz_winograd_weight(data):
 @given(st.data())
 def test_fuzz_conv3x3_winograd(data):
     op_fuzz.fuzz_conv3x3_winograd(data)
+
+
+# ---- hypothesis: every op's CUDA kernel, reached without a GPU ----
+# The same draws as above against the CUDA kernels (op_fuzz.FAKE_CUDA, with CPU tensors mixed
+# in): each call is refused with an error naming an argument, or passes every check and fails
+# only where the device is needed; never a crash. The CUDA kernel accepts only what the CPU
+# kernel accepts, the fake accepts what the CUDA kernel accepts, and the CUDA attention takes
+# exactly what fused_supported says.
+
+
+def _on_cuda_entry(fuzz, data):
+    with op_fuzz.on_fake_cuda():
+        fuzz(data, base=op_fuzz.FAKE_CUDA, mixes=("cpu",))
+
+
+@needs_cuda_entry
+@FUZZ
+@given(st.data())
+def test_fuzz_gather_coefs_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_gather_coefs, data)
+
+
+@needs_cuda_entry
+@settings(FUZZ, max_examples=120)
+@given(st.data())
+def test_fuzz_qkv_attention_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_qkv_attention, data)
+
+
+@needs_cuda_entry
+@FUZZ
+@given(st.data())
+def test_fuzz_qkv_attention_backward_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_qkv_attention_backward, data)
+
+
+@needs_cuda_entry
+@settings(FUZZ, max_examples=120)
+@given(st.data())
+def test_fuzz_step_ops_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_step, data)
+
+
+@needs_cuda_entry
+@FUZZ
+@given(st.data())
+def test_fuzz_group_norm_act_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_group_norm_act, data)
+
+
+@needs_cuda_entry
+@FUZZ
+@given(st.data())
+def test_fuzz_group_norm_act_backward_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_group_norm_act_backward, data)
+
+
+@needs_cuda_entry
+@FUZZ
+@given(st.data())
+def test_fuzz_winograd_cuda_entry(data):
+    _on_cuda_entry(op_fuzz.fuzz_winograd_weight, data)
+    _on_cuda_entry(op_fuzz.fuzz_conv3x3_winograd, data)
+
+
+def _valid_cuda_calls():
+    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=40)
+    table = d.coef_table("cpu")
+    x, mo, t = torch.randn(2, 3, 4, 4), torch.rand(2, 6, 4, 4), torch.tensor([1, 30])
+    qkv, g = torch.randn(2, 6 * 64, 16).half(), torch.randn(2, 128, 16).half()
+    out, lse = OPS.qkv_attention(qkv, 2)
+    xg = torch.randn(2, 32, 4, 4)
+    _, mean, rstd = OPS.group_norm_act(xg, 8, None, None, None, None, 1e-5, True)
+    step = (x, mo, t, table, "epsilon", "learned_range", True)
+    return {
+        "gather_coefs": (OPS.gather_coefs, (table, t)),
+        "p_sample_step": (OPS.p_sample_step, (*step, None, None, True, None)),
+        "ddim_step": (OPS.ddim_step, (*step, 0.5, torch.randn(2, 3, 4, 4), None, True, None)),
+        "ddim_reverse_step": (OPS.ddim_reverse_step, (*step, True)),
+        "qkv_attention": (OPS.qkv_attention, (qkv, 2)),
+        "qkv_attention_backward": (OPS.qkv_attention_backward, (g, qkv, out, lse, 2)),
+        "group_norm_act": (OPS.group_norm_act, (xg, 8, None, None, None, None, 1e-5, True)),
+        "group_norm_act_backward": (
+            OPS.group_norm_act_backward,
+            (xg, xg, mean, rstd, 8, None, None, None, None, True),
+        ),
+    }
+
+
+@needs_cuda_entry
+@pytest.mark.parametrize("name", sorted(_valid_cuda_calls()))
+def test_cuda_entry_valid_calls_pass_every_check(name):
+    # What the fuzz tests above count as "got past the checks" does happen: valid arguments on
+    # FAKE_CUDA reach the device (and fail only there), the same arguments on the CPU run.
+    op, args = _valid_cuda_calls()[name]
+    op(*args)
+    with op_fuzz.on_fake_cuda():
+        res, err = op_fuzz.outcome(lambda: op(*(op_fuzz.place(a, op_fuzz.FAKE_CUDA) for a in args)), (name,))
+        assert (res, err) == (op_fuzz.PASSED, None)
+        # A tensor argument left on the CPU is refused, naming it.
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if len(tensors) < 2:
+            return
+        mixed = [op_fuzz.place(a, op_fuzz.FAKE_CUDA) for a in args]
+        mixed[tensors[-1]] = args[tensors[-1]]
+        res, err = op_fuzz.outcome(lambda: op(*mixed), op_fuzz.STEP_ARGS + op_fuzz.ATTENTION_ARGS
+                                   + op_fuzz.GROUP_NORM_BWD_ARGS + op_fuzz.GATHER_ARGS)  # fmt: skip
+        assert err is not None and res is None
