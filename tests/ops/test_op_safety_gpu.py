@@ -38,17 +38,18 @@ print("ok")
 
 def _native_backtrace(code: str) -> str:
     """The native stack of a child that died of a signal, from cuda-gdb (the GPU image has it and
-    no gdb; it also debugs host code): where the first H100 run's segfault was is still unknown."""
-    gdb = shutil.which("cuda-gdb")
+    no gdb; it also debugs host code) or gdb: where the first H100 run's segfault was is still
+    unknown."""
+    gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
     if gdb is None:
-        return "(no cuda-gdb on PATH for a native backtrace)"
+        return "(no cuda-gdb or gdb on PATH for a native backtrace)"
     cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
            "--args", sys.executable, "-c", code]  # fmt: skip
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        return "(cuda-gdb timed out)"
-    return "cuda-gdb:\n" + run.stdout[-6000:] + run.stderr[-1000:]
+        return f"({gdb} timed out)"
+    return f"{gdb}:\n" + run.stdout[-6000:] + run.stderr[-1000:]
 
 
 def test_unsupported_head_dims_raise_not_crash():
