@@ -17,6 +17,15 @@
 # always run), e.g. to finish what a first run skipped:
 #     GPU_CHECK_ONLY="memcheck_step memcheck_attention racecheck_attention bench_unet bench_train" \
 #         bash scripts/gpu_check.sh
+# All steps add up to far more than one lease (15 minutes of device time per task, all calls
+# together): GPU_CHECK_PLAN names the steps an open issue needs, in one run that fits the budget:
+#     GPU_CHECK_PLAN=issue13  attention: its GPU tests and op-safety fuzz (the head-dim crash),
+#                             the sm_90a tests, the attention benchmarks, the sanitizers on attention
+#     GPU_CHECK_PLAN=issue12  the UNet: model tests, bench sample / unet / train, then the
+#                             compiled-reference comparisons (these two may need a run of their own)
+# The reference model for the benchmarks' side-by-side rows: IDDPM_REF_PATH, else .ref/ in the
+# tree when it holds improved_diffusion/ (ignored by git; device tool: carry [".ref"]), e.g.
+#     git -C <mirror of openai/improved-diffusion> archive HEAD improved_diffusion | tar -x -C .ref
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu_check}"
@@ -25,7 +34,18 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-450}"
 DEADLINE=$((START + BUDGET))
-ONLY=" ${GPU_CHECK_ONLY:-} "
+case "${GPU_CHECK_PLAN:-}" in
+  "") ;;
+  issue13) GPU_CHECK_ONLY="tests_kernels tests_sm90 bench_attention bench_attention_fp32 bench_attention_sm90
+    memcheck_attention racecheck_attention memcheck_sm90 racecheck_sm90" ;;
+  issue12) GPU_CHECK_ONLY="tests_models bench_sample bench_unet bench_train bench_unet_compiled
+    bench_train_compiled" ;;
+  *) echo "GPU_CHECK_PLAN: expected issue12 or issue13, got ${GPU_CHECK_PLAN}" >&2; exit 2 ;;
+esac
+ONLY=" $(echo ${GPU_CHECK_ONLY:-}) "
+if [ -z "${IDDPM_REF_PATH:-}" ] && [ -d .ref/improved_diffusion ]; then
+  export IDDPM_REF_PATH="$PWD/.ref"
+fi
 
 log() { echo "[gpu_check +$(($(date +%s) - START))s] $*" | tee -a "$OUT/summary.txt"; }
 
