@@ -15,6 +15,7 @@ import torch
 
 from .. import dist_util, logger
 from ..core.checks import check_eta
+from ..core.precision import amp_dtype, with_amp
 from ..errors import TrainingStopped
 from ..io import check_writable_dir
 from ..script_util import create_model_and_diffusion
@@ -167,6 +168,20 @@ def cmd_train(args, explicit: set) -> dict:
 # -------------------------------------------------------------------------------------
 
 
+def _for_inference(model, inference: bool):
+    """Eval mode, and with ``--inference`` the UNet's inference fast paths (to_inference)."""
+    model.eval()
+    if inference:
+        if not hasattr(model, "to_inference"):
+            raise ValueError(f"inference: {type(model).__name__} has no inference fast paths (to_inference)")
+        model.to_inference()
+
+
+def _precision_note(args) -> str:
+    notes = ([f"amp {args.amp}"] if args.amp != "none" else []) + (["to_inference"] if args.inference else [])
+    return "".join(f", {n}" for n in notes)
+
+
 def cmd_sample(args, explicit: set) -> dict:
     from . import generate as S
     from . import images
@@ -178,12 +193,13 @@ def cmd_sample(args, explicit: set) -> dict:
             f"num_samples, batch_size: expected positive ints, got {args.num_samples}, {args.batch_size}"
         )
     check_eta(args.eta)
+    amp_dtype(args.amp)
     _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
     model, diffusion = build(config, device)
     ckpt.load_into(model, state, path)
-    model.eval()
+    _for_inference(model, args.inference)
     if hasattr(diffusion, "use_fused"):
         diffusion.use_fused = bool(args.fused)
     c, h = config["image_channels"], config["image_size"]
@@ -193,12 +209,12 @@ def cmd_sample(args, explicit: set) -> dict:
     if dist_util.is_main() and not args.overwrite:
         images.check_outputs_free([npz, png, traj])
     steps = diffusion.num_timesteps
-    sampler = S.Sampler(args.engine, model, diffusion, device)  # resolved once for the command
+    sampler = S.Sampler(args.engine, model, diffusion, device, args.amp)  # resolved once for the command
     engine = sampler.name
     _say(
         f"sampling {args.num_samples} images from {path} "
-        f"({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, {steps} steps, engine {engine}, "
-        f"{dist_util.get_world_size()} process(es) on {device})"
+        f"({'DDIM η=' + str(args.eta) if args.use_ddim else 'ancestral'}, {steps} steps, engine {engine}"
+        f"{_precision_note(args)}, {dist_util.get_world_size()} process(es) on {device})"
     )
     res = S.generate(
         model,
@@ -256,6 +272,7 @@ def cmd_nll(args, explicit: set) -> dict:
         raise ValueError(
             f"num_samples, batch_size: expected positive ints, got {args.num_samples}, {args.batch_size}"
         )
+    amp_dtype(args.amp)
     _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
     path, state, config = resolve_model(args.model_path, args, explicit)
@@ -274,15 +291,16 @@ def cmd_nll(args, explicit: set) -> dict:
         check_outputs_free(outputs.values())
     model, diffusion = build(config, device)
     ckpt.load_into(model, state, path)
-    model.eval()
+    _for_inference(model, args.inference)
     n = min(args.num_samples, len(source))
     _say(
         f"bits/dim of {n} images of {source.description} with {path}: the full "
-        f"{diffusion.num_timesteps}-step bound, {dist_util.get_world_size()} process(es) on {device}"
+        f"{diffusion.num_timesteps}-step bound{_precision_note(args)}, {dist_util.get_world_size()} "
+        f"process(es) on {device}"
     )
     t0 = time.perf_counter()
     res = bits_per_dim(
-        model,
+        with_amp(model, args.amp, device),
         diffusion,
         source,
         n,

@@ -109,7 +109,8 @@ SAMPLE_HELP = {
 # Tables of flags, laid out by hand.
 # fmt: off
 SAMPLE_EXTRA = dict(eta=0.0, seed=0, out_dir="runs/samples", device="", label=-1, trajectory=0,
-                    overwrite=False, fused=True, progress=True, threads=0, engine="auto")
+                    overwrite=False, fused=True, progress=True, threads=0, engine="auto", amp="none",
+                    inference=False)
 # fmt: on
 SAMPLE_EXTRA_HELP = {
     "eta": "DDIM η, in [0, 1] (0: deterministic; 1: noise of the posterior's variance β̃_t)",
@@ -120,6 +121,11 @@ SAMPLE_EXTRA_HELP = {
     "trajectory": "also write trajectory.png with this many steps of the first 8 samples (0: off)",
     "overwrite": "replace existing output files",
     "fused": "use the fused sampling-step kernels where they apply (False: eager path; loop engine only)",
+    "amp": "run the network under autocast in this precision: none, bf16 or fp16 (the sampling steps "
+    "stay float32; samples differ from float32 ones at the precision's rounding)",
+    "inference": "switch the UNet to its inference fast paths first (UNetModel.to_inference: on the CPU "
+    "channels-last, packed and Winograd convolutions, batched time embeddings; samples differ from "
+    "the plain path at float rounding)",
     "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
     "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, compile-graph (the "
@@ -142,7 +148,7 @@ NLL_HELP = {
 # Tables of flags, laid out by hand.
 # fmt: off
 NLL_EXTRA = dict(split="train", seed=0, out_dir="runs/nll", device="", overwrite=False, resize="crop",
-                 progress=True, threads=0)
+                 progress=True, threads=0, amp="none", inference=False)
 # fmt: on
 NLL_EXTRA_HELP = {
     "split": "train or test (CIFAR-10 and digits have a test split; folders and .npz: everything)",
@@ -153,6 +159,10 @@ NLL_EXTRA_HELP = {
     "resize": TRAIN_EXTRA_HELP["resize"],
     "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
+    "amp": "run the network under autocast in this precision: none, bf16 or fp16 (the bound's terms "
+    "stay float32)",
+    "inference": "switch the UNet to its inference fast paths first (UNetModel.to_inference; terms "
+    "differ from the plain path at float rounding)",
 }
 
 CHOICES = {

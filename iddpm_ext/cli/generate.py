@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import dist_util
+from ..core.precision import amp_dtype, with_amp
 from ..training.progress import progress_bar
 from .images import to_uint8
 
@@ -86,19 +87,24 @@ class Sampler:
     """The sampler of a command, resolved once: ``name`` in ("loop", "graph", "compile",
     "eager") and, for the engine modes, one :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine`
     (``engine``) reused across batches (one configuration per batch size: a short last
-    batch builds, and in graph mode captures, a second one)."""
+    batch builds, and in graph mode captures, a second one). ``amp`` (none, bf16, fp16): the
+    network runs under autocast in that precision, the steps stay float32."""
 
-    def __init__(self, engine, model, diffusion, device):
+    def __init__(self, engine, model, diffusion, device, amp="none"):
+        amp_dtype(amp)  # checked first
         self.name = resolve_engine(engine, device, diffusion)
+        self.amp = amp
         self.engine = None
         if self.name != "loop":
             from ..engine import SamplingEngine
 
-            self.engine = SamplingEngine(model, diffusion, mode=self.name, device=device)
+            self.engine = SamplingEngine(
+                model, diffusion, mode=self.name, device=device, amp=None if amp == "none" else amp
+            )
 
 
-def _sampler(engine, model, diffusion, device) -> Sampler:
-    return engine if isinstance(engine, Sampler) else Sampler(engine, model, diffusion, device)
+def _sampler(engine, model, diffusion, device, amp="none") -> Sampler:
+    return engine if isinstance(engine, Sampler) else Sampler(engine, model, diffusion, device, amp)
 
 
 def model_num_classes(model) -> int | None:
@@ -130,7 +136,8 @@ def _kept_steps(T: int, trajectory_steps: int) -> set:
 
 @torch.no_grad()
 def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, eta=0.0, clip_denoised=True,
-                 label=None, device="cpu", trajectory_steps=0, engine="loop", on_step=None):  # fmt: skip
+                 label=None, device="cpu", trajectory_steps=0, engine="loop", on_step=None,
+                 amp="none"):  # fmt: skip
     """Samples for global ``indices``: (x0 float [B, C, H, W], labels [B] or None, frames).
 
     ``shape``: (C, H, W). ``label``: None = random classes (class-conditional models),
@@ -138,14 +145,16 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     spaced steps (frames: list of (t, [B, C, H, W] on CPU)). ``engine``: one of ENGINES, or
     a :class:`Sampler` (reused across batches by :func:`generate`; see the module docstring).
     ``on_step``: called with no arguments after each denoising step (progress bars).
+    ``amp``: none, bf16 or fp16, the network's autocast precision (a :class:`Sampler` brings its own).
     """
     device = torch.device(device)
-    sampler = _sampler(engine, model, diffusion, device)
+    sampler = _sampler(engine, model, diffusion, device, amp)
     gens = _generators(seed, indices, device)
     labels, x = _labels_and_x_T(model, gens, indices, shape, label, device)
     keep = _kept_steps(diffusion.num_timesteps, trajectory_steps)
     if sampler.engine is None:
-        return _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep, on_step)
+        net = with_amp(model, sampler.amp, device)
+        return _loop(net, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep, on_step)
     frames = []
 
     def after_step(t_int, x_t):
@@ -224,11 +233,12 @@ def _loop(model, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep,
 
 def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use_ddim=False, eta=0.0,
              clip_denoised=True, label=None, device="cpu", trajectory_steps=0, trajectory_samples=8,
-             progress=False, log=print, engine="loop"):  # fmt: skip
+             progress=False, log=print, engine="loop", amp="none"):  # fmt: skip
     """``num_samples`` samples split over the processes (rank r makes a contiguous block of
     global indices, :func:`rank_indices`), gathered on every rank in index order.
 
     ``engine``: one of ENGINES (module docstring), resolved here once, or a :class:`Sampler`.
+    ``amp``: none, bf16 or fp16, the network's autocast precision (a :class:`Sampler` brings its own).
     ``progress``: a tqdm bar on stderr (main process only) ticking once per denoising step of
     every batch, with its rate and the time left.
 
@@ -241,7 +251,7 @@ def generate(model, diffusion, num_samples, shape, *, batch_size=16, seed=0, use
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     mine = dist_util.rank_indices(num_samples, rank, world)
     counts = dist_util.rank_counts(num_samples, world)
-    sampler = _sampler(engine, model, diffusion, device)
+    sampler = _sampler(engine, model, diffusion, device, amp)
     images, labels, trajectory = [], [], []
     starts = range(0, len(mine), batch_size)
     bar = progress_bar(progress, len(starts) * diffusion.num_timesteps, "sample", "step")

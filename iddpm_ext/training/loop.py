@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import dist_util, logger
+from ..core.precision import AMP_MODES, AutocastModel, amp_dtype
 from ..errors import TrainingStopped
 from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
@@ -40,7 +41,6 @@ from .runlock import RunFolderLock
 # Signals that stop training gracefully: finish the step, save it, raise TrainingStopped.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-AMP_MODES = ("none", "bf16", "fp16")
 # TrainLoop(compile=...): "none" or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # loss.png while training runs: first redrawn PLOT_EVERY_S after the loop starts, then again
@@ -97,19 +97,6 @@ def compile_options(compile) -> dict | None:
         f"compile: expected one of {list(COMPILE_MODES)} or a dict of torch.compile arguments, "
         f"got {compile!r}"
     )
-
-
-class _Autocast:
-    """Calls ``model`` under autocast and returns float32 outputs, so only the network
-    runs in low precision while the diffusion losses stay in fp32."""
-
-    def __init__(self, model, device_type, dtype):  # fmt: skip
-        self.model, self.device_type, self.dtype = model, device_type, dtype
-
-    def __call__(self, *args, **kwargs):
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.model(*args, **kwargs)
-        return out.float()
 
 
 class TrainLoop:
@@ -258,9 +245,7 @@ class TrainLoop:
         if compile_kwargs is not None:
             self.forward_model = torch.compile(self.ddp_model, **compile_kwargs)
         if amp != "none":
-            self.forward_model = _Autocast(
-                self.forward_model, self.device.type, torch.bfloat16 if amp == "bf16" else torch.float16
-            )
+            self.forward_model = AutocastModel(self.forward_model, self.device.type, amp_dtype(amp))
 
         self.metrics = None
         if dist_util.is_main():

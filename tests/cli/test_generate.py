@@ -1,5 +1,6 @@
 """Sampling: per-sample seeds (independent of batch size), DDIM, class labels, output files."""
 
+import json
 import os
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
-from helpers.training import main, tiny_config
+from helpers.training import main, tiny_config, write_npz
 from iddpm_ext import dist_util
 from iddpm_ext.cli import generate as S
 from iddpm_ext.cli import images
@@ -247,3 +248,98 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
         == 2
     )
     assert "engine: 'graph'" in capsys.readouterr().err
+
+
+def _autocast_seen(model):
+    """Records, per forward call, the CPU autocast dtype in effect (None: autocast off)."""
+    seen = []
+
+    def hook(module, args):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append(torch.get_autocast_dtype("cpu") if on else None)
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("engine", ["loop", "eager"])
+def test_amp_runs_the_network_under_autocast(engine):
+    model, diffusion = _model(timestep_respacing="4")
+    seen = _autocast_seen(model)
+    kw = dict(seed=4, use_ddim=True, eta=0.0, engine=engine)
+    plain = S.sample_batch(model, diffusion, [0, 1, 2], (1, 8, 8), **kw)[0]
+    assert seen and set(seen) == {None}
+    seen.clear()
+    low = S.sample_batch(model, diffusion, [0, 1, 2], (1, 8, 8), amp="bf16", **kw)[0]
+    assert seen and set(seen) == {torch.bfloat16}  # every network call, and only those
+    assert low.dtype == torch.float32 and low.shape == plain.shape
+    assert bool(low.isfinite().all()) and float(low.abs().max()) <= 1.0  # x_0 clipped as in fp32
+    assert not torch.equal(low, plain)
+    # amp="none" is the default path, bit for bit.
+    assert torch.equal(S.sample_batch(model, diffusion, [0, 1, 2], (1, 8, 8), amp="none", **kw)[0], plain)
+    with pytest.raises(ValueError, match=r"amp: expected one of \['none', 'bf16', 'fp16'\], got 'fp8'"):
+        S.sample_batch(model, diffusion, [0], (1, 8, 8), amp="fp8", **kw)
+
+
+def test_autocast_model_wrapper():
+    from iddpm_ext.core.precision import AutocastModel, with_amp
+
+    model, _ = _model(class_cond=True, num_classes=3)
+    assert with_amp(model, "none", "cpu") is model
+    wrapped = with_amp(model, "bf16", "cpu")
+    assert isinstance(wrapped, AutocastModel) and wrapped.num_classes == 3  # attributes fall through
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        out, ref = wrapped(x, t, y=torch.tensor([0, 2])), model(x, t, y=torch.tensor([0, 2]))
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 0.05, err  # bf16 rounding, not garbage
+
+
+@pytest.mark.kernels
+def test_cli_sample_and_nll_amp_and_inference_flags(tmp_path, capsys):
+    import copy
+
+    from iddpm_ext.training import checkpoint as ckpt
+
+    cfg = tiny_config(timestep_respacing="")
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**tiny_config(timestep_respacing="4"))
+    randomize_(model)
+    weights = str(tmp_path / "m.safetensors")
+    ckpt.save_weights(weights, model.state_dict(), cfg)
+    out = str(tmp_path / "s")
+    rc = main(
+        "sample --model_path {m} --num_samples 3 --batch_size 2 --timestep_respacing 4 --out_dir {out} "
+        "--progress False --amp bf16 --inference True",
+        m=weights,
+        out=out,
+    )
+    assert rc == 0
+    assert "engine loop, amp bf16, to_inference," in capsys.readouterr().out
+    with np.load(os.path.join(out, "samples_3x8x8x1.npz")) as f:
+        got = f["arr_0"]
+    # The same as the library: the model switched to its inference paths, sampled under bf16.
+    fast = copy.deepcopy(model).eval().to_inference()
+    want = S.generate(fast, diffusion, 3, (1, 8, 8), batch_size=2, amp="bf16")["images"]
+    assert np.array_equal(got, want)
+    # nll: the bound with and without the flags, close (bf16 network, float32 terms).
+    data = write_npz(str(tmp_path / "d.npz"), n=4)
+    bpd = {}
+    for name, flags in (("plain", ""), ("fast", "--amp bf16 --inference True")):
+        rc = main(
+            "nll --model_path {m} --data_dir {data} --num_samples 4 --batch_size 4 --out_dir {out} "
+            "--progress False " + flags,
+            m=weights,
+            data=data,
+            out=str(tmp_path / f"nll_{name}"),
+        )
+        assert rc == 0
+        printed = capsys.readouterr().out
+        assert ("amp bf16, to_inference" in printed) == (name == "fast")
+        bpd[name] = json.loads(printed.strip().splitlines()[-1])["bits_per_dim"]
+    assert bpd["fast"] != bpd["plain"] and bpd["fast"] == pytest.approx(bpd["plain"], rel=0.05)
+    with pytest.raises(SystemExit):  # argparse refuses it, naming the choices
+        main("sample --model_path {m} --amp fp8 --out_dir {out}", m=weights, out=out)
+    assert "argument --amp: invalid choice: 'fp8'" in capsys.readouterr().err
