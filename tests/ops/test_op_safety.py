@@ -337,59 +337,25 @@ def test_fuzz_conv3x3_winograd(data):
 # exactly what fused_supported says.
 
 
-def _on_cuda_entry(fuzz, data):
+CUDA_ENTRY_FUZZ = (
+    "gather_coefs",
+    "qkv_attention",
+    "qkv_attention_backward",
+    "step",
+    "group_norm_act",
+    "group_norm_act_backward",
+    "winograd_weight",
+    "conv3x3_winograd",
+)
+
+
+@needs_cuda_entry
+@pytest.mark.parametrize("op", CUDA_ENTRY_FUZZ)
+@settings(FUZZ, max_examples=80)
+@given(st.data())
+def test_fuzz_cuda_entry(op, data):
     with op_fuzz.on_fake_cuda():
-        fuzz(data, base=op_fuzz.FAKE_CUDA, mixes=("cpu",))
-
-
-@needs_cuda_entry
-@FUZZ
-@given(st.data())
-def test_fuzz_gather_coefs_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_gather_coefs, data)
-
-
-@needs_cuda_entry
-@settings(FUZZ, max_examples=120)
-@given(st.data())
-def test_fuzz_qkv_attention_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_qkv_attention, data)
-
-
-@needs_cuda_entry
-@FUZZ
-@given(st.data())
-def test_fuzz_qkv_attention_backward_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_qkv_attention_backward, data)
-
-
-@needs_cuda_entry
-@settings(FUZZ, max_examples=120)
-@given(st.data())
-def test_fuzz_step_ops_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_step, data)
-
-
-@needs_cuda_entry
-@FUZZ
-@given(st.data())
-def test_fuzz_group_norm_act_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_group_norm_act, data)
-
-
-@needs_cuda_entry
-@FUZZ
-@given(st.data())
-def test_fuzz_group_norm_act_backward_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_group_norm_act_backward, data)
-
-
-@needs_cuda_entry
-@FUZZ
-@given(st.data())
-def test_fuzz_winograd_cuda_entry(data):
-    _on_cuda_entry(op_fuzz.fuzz_winograd_weight, data)
-    _on_cuda_entry(op_fuzz.fuzz_conv3x3_winograd, data)
+        getattr(op_fuzz, f"fuzz_{op}")(data, base=op_fuzz.FAKE_CUDA, mixes=("cpu",))
 
 
 def _valid_cuda_calls():
