@@ -158,6 +158,7 @@ py::dict capabilities() {
 namespace iddpm::ops {
 bool attention_sm90_enabled();          // csrc/ops/attention.cpp
 bool set_attention_sm90(bool enabled);  // returns the previous value
+int64_t attention_kernel_arch(int64_t device_index);
 }  // namespace iddpm::ops
 
 PYBIND11_MODULE(_C, m) {
@@ -170,5 +171,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_attention_sm90", &iddpm::ops::set_attention_sm90, py::arg("enabled"),
         "Switch the sm_90a attention forward on or off for the whole process; returns the "
         "previous value (initially: IDDPM_ATTENTION_SM90=1 in the environment at first use).");
+  m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
+        "The architecture (10·major + minor) the CUDA attention's code on this device was built "
+        "for; the fused CUDA attention needs 80 or more (0: built without CUDA).");
   m.attr("__version__") = IDDPM_VERSION;
 }

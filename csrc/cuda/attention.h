@@ -62,6 +62,13 @@ inline constexpr int64_t kAttentionMaxBatchHeads = int64_t{2147483647};
 // Forward (lse: float32). Returns a cudaError_t value (0 = success) of the launches.
 int qkv_attention_fwd(const attn::AttentionFwdParams& params, cudaStream_t stream);
 
+// The virtual architecture (10·major + minor, e.g. 80, 90) that the sm_80 kernels' code running
+// on the current device was compiled for (its PTX version: a cubin's own, or the PTX the driver
+// compiled for this device), or -(cudaError_t) if that cannot be read (no kernel image for this
+// device). Below kAttentionMinArch the kernels' bodies are empty (they trap): do not launch.
+int qkv_attention_kernel_arch();
+inline constexpr int kAttentionMinArch = 80;
+
 // The Hopper (sm_90a) forward (attention_fwd_sm90.cu; built only for sm_90a, see
 // IDDPM_WITH_SM90, never run on a card yet, never the default): fp16 / bf16, head dims 64 and
 // 128, the same outputs as qkv_attention_fwd (so the backward takes its lse).

@@ -91,6 +91,7 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ grad_qkv, float* __restrict__ dq_accum, int C, int T_len,
                     float scale, float scale_log2, bool vec) {
+#if IDDPM_ATTN_SM80_CODE
   using Cfg = BwdCfg<T, Cp>;
   constexpr int BK = Cfg::BK, BQ = Cfg::BQ, LDK = Cfg::LDK, LDQ = Cfg::LDQ, NT = Cfg::kThreads;
   constexpr int CA = Cfg::CA;
@@ -254,6 +255,9 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
   T* gk = grad_qkv + bh * 3 * C * TT + (C + cs0) * TT;
   store_tile<T, CA, BK, LDK, NT>(gk, TT, dks, rows, j0, T_len);
   store_tile<T, CA, BK, LDK, NT>(gk + C * TT, TT, dvs, rows, j0, T_len);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // as attn_fwd_kernel
+#endif
 }
 
 }  // namespace iddpm::cuda::attn_kernels

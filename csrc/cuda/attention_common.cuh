@@ -38,6 +38,16 @@
 #include <type_traits>
 
 #include "common/attention_math.h"
+
+// Whether the sm_80 kernels' bodies are compiled in this pass: under host emulation, and on the
+// device for sm_80 and newer (cp.async, bf16 and TF32 mma.sync). A build whose arch list has
+// 7.5 (Turing: T4) gets kernels that trap for it; the launchers never start them there
+// (qkv_attention_kernel_arch, which the torch glue checks), so "auto" attention uses einsum.
+#if defined(IDDPM_ATTN_HOST_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define IDDPM_ATTN_SM80_CODE 1
+#else
+#define IDDPM_ATTN_SM80_CODE 0
+#endif
 #include "common/dtype.h"
 #include "cuda/attention.h"
 

@@ -44,4 +44,11 @@ int qkv_attention_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   });
 }
 
+int qkv_attention_kernel_arch() {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(
+      &attr, reinterpret_cast<const void*>(attn_fwd_kernel<__half, 64, Prec::kNative>));
+  return err == cudaSuccess ? attr.ptxVersion : -static_cast<int>(err);
+}
+
 }  // namespace iddpm::cuda

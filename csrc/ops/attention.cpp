@@ -30,6 +30,7 @@
 #ifdef IDDPM_WITH_CUDA
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -55,6 +56,31 @@ std::atomic<int>& sm90_flag() {
 bool attention_sm90_enabled() { return sm90_flag().load(std::memory_order_relaxed) != 0; }
 
 bool set_attention_sm90(bool enabled) { return sm90_flag().exchange(enabled ? 1 : 0) != 0; }
+
+#ifdef IDDPM_WITH_CUDA
+namespace {
+// cuda::qkv_attention_kernel_arch on the current device, a read error raised as CUDA's.
+int kernel_arch() {
+  const int arch = cuda::qkv_attention_kernel_arch();
+  if (arch < 0) C10_CUDA_CHECK(static_cast<cudaError_t>(-arch));
+  return arch;
+}
+}  // namespace
+#endif
+
+int64_t attention_kernel_arch(int64_t device_index) {
+#ifdef IDDPM_WITH_CUDA
+  const int count = c10::cuda::device_count();  // a DeviceIndex (int8): printed as an int
+  TORCH_CHECK_VALUE(device_index >= 0 && device_index < count,
+                    "device_index: expected a CUDA device index in [0, ", count, "), got ",
+                    device_index);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  return kernel_arch();
+#else
+  (void)device_index;
+  return 0;
+#endif
+}
 
 namespace {
 
@@ -232,9 +258,27 @@ int run_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
   return cuda::qkv_attention_fwd(p, stream);
 }
 
+// The sm_80 kernels' code on qkv's device (the current one) was built for sm_80 or newer: a
+// build whose arch list reaches this card only through 7.5 (Turing, or 7.5+PTX) has kernels
+// that trap. After every argument check, under qkv's device guard.
+void check_kernel_arch(const at::Tensor& qkv) {
+  const int arch = kernel_arch();
+  if (arch >= cuda::kAttentionMinArch) return;
+  const auto* prop = at::cuda::getDeviceProperties(qkv.device().index());
+  TORCH_CHECK_VALUE(false,
+                    "qkv: the fused CUDA attention needs code built for compute capability 8.0 or "
+                    "newer (cp.async, bf16 and TF32 tensor cores); ",
+                    qkv.device(), " (", prop->name, ", compute capability ", prop->major, ".",
+                    prop->minor, ") runs iddpm_ext's attention built for ", arch / 10, ".",
+                    arch % 10,
+                    " (a card of 8.0 or newer needs TORCH_CUDA_ARCH_LIST to name it); "
+                    "attention_impl(\"auto\") uses einsum there");
+}
+
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const AttentionShape d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
+  check_kernel_arch(qkv_in);
   Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
   f.p.allow_tf32 = allow_tf32();
@@ -248,6 +292,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
                                        int64_t num_heads) {
   const AttentionShape d = check_backward(grad_out_in, qkv_in, out_in, lse_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
+  check_kernel_arch(qkv_in);
   Backward b = backward(d, grad_out_in, qkv_in, out_in, lse_in);
   if (b.grad_qkv.numel() == 0) return b.grad_qkv;
   const auto f32 = b.qkv.options().dtype(at::kFloat);

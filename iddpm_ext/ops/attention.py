@@ -161,8 +161,36 @@ def _auto_fused(qkv: torch.Tensor, num_heads: int) -> bool:
     return head_dims is None or qkv.shape[1] // (3 * num_heads) in head_dims
 
 
+# The CUDA kernels need code built for compute capability 8.0 or newer (cp.async, bf16 and TF32
+# mma); a build whose arch list reaches a card only through 7.5 (Turing: T4) has kernels that
+# trap there, and the op refuses them. Per device index: the architecture of that code, asked of
+# _C once (-1: no kernel image for the device).
+CUDA_MIN_ARCH = 80
+_CUDA_KERNEL_ARCH: dict[int, int] = {}
+
+
+def _cuda_kernel_arch_ok(index: int) -> bool:
+    """Whether CUDA device ``index`` runs the kernels' code built for 8.0 or newer."""
+    if not torch.cuda.is_available():  # no device (FakeTensors in CI): nothing would launch
+        return True
+    return _cuda_kernel_arch(index) >= CUDA_MIN_ARCH
+
+
+# A constant for torch.compile (asked of _C outside the graph, once per device and process).
+@torch.compiler.assume_constant_result
+def _cuda_kernel_arch(index: int) -> int:
+    if index not in _CUDA_KERNEL_ARCH:
+        query = getattr(loader._C, "attention_kernel_arch", None)  # a _C older than the query: trust it
+        try:
+            _CUDA_KERNEL_ARCH[index] = CUDA_MIN_ARCH if query is None else int(query(index))
+        except RuntimeError:  # no kernel image for this device
+            _CUDA_KERNEL_ARCH[index] = -1
+    return _CUDA_KERNEL_ARCH[index]
+
+
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
-    """True when the fused op has a kernel for this qkv (device, dtype, head dim, length)."""
+    """True when the fused op has a kernel for this qkv (device, dtype, head dim, length; on
+    CUDA, code built for the card's architecture, 8.0 or newer)."""
     caps = _KERNELS.get(qkv.device.type)
     if caps is None or qkv.dtype not in caps["dtypes"]:
         return False
@@ -173,7 +201,9 @@ def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
         return False
     if qkv.shape[0] * num_heads > caps.get("max_batch_heads", qkv.shape[0] * num_heads):
         return False
-    return head_dim >= 1 and qkv.shape[2] <= caps.get("max_positions", qkv.shape[2])
+    if head_dim < 1 or qkv.shape[2] > caps.get("max_positions", qkv.shape[2]):
+        return False
+    return qkv.device.type != "cuda" or _cuda_kernel_arch_ok(qkv.device.index or 0)
 
 
 def _require_fused_device(qkv: torch.Tensor):

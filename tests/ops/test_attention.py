@@ -217,6 +217,54 @@ def test_auto_on_cuda_picks_fused_only_for_card_verified_head_dims(monkeypatch):
         assert A._auto_fused(torch.zeros(1, 3 * C, 4), 1)
 
 
+def test_auto_on_cuda_skips_fused_where_its_code_predates_sm80(monkeypatch):
+    # A build whose arch list reaches a card only through 7.5 (Turing: T4) has attention kernels
+    # that trap there: fused_supported is False for that device (so "auto" uses einsum) and the
+    # op refuses it. The device's answer (_C.attention_kernel_arch) asked once per device and
+    # process, faked here (no GPU).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from iddpm_ext.ops import loader
+
+    caps = {
+        "dtypes": (torch.float16,),
+        "head_dims": (64,),
+        "max_positions": 2**22,
+        "max_batch_heads": 2**31 - 1,
+    }
+    monkeypatch.setitem(A._KERNELS, "cuda", caps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    class FakeC:
+        def attention_kernel_arch(self, index):
+            asked.append(index)
+            if index == 2:
+                raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+            return {0: 75, 1: 90}[index]
+
+    monkeypatch.setattr(loader, "_C", FakeC())
+    monkeypatch.setattr(A, "_CUDA_KERNEL_ARCH", {})
+    with FakeTensorMode():
+        on = {i: torch.empty(1, 3 * 2 * 64, 8, dtype=torch.float16, device=f"cuda:{i}") for i in range(3)}
+    for _ in range(2):
+        assert not A.fused_supported(on[0], 2) and not A._auto_fused(on[0], 2)  # 7.5 code
+        assert A.fused_supported(on[1], 2) and A._auto_fused(on[1], 2)  # 9.0 code
+        assert not A.fused_supported(on[2], 2)  # no code for the device at all
+    assert asked == [0, 1, 2]  # once per device
+    # torch.compile (fullgraph) takes the answer as a constant instead of breaking the graph
+    # (dynamo asks torch.cuda.is_available itself: the real one again).
+    monkeypatch.undo()
+    monkeypatch.setattr(loader, "_C", FakeC())
+    monkeypatch.setattr(A, "_CUDA_KERNEL_ARCH", {})
+
+    def pick(x):
+        return x + 1 if A._cuda_kernel_arch(x.device.index or 0) >= A.CUDA_MIN_ARCH else x - 1
+
+    assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2)), -torch.ones(2))
+    assert asked == [0, 1, 2, 0]
+
+
 @pytest.mark.parametrize(
     "shape, heads, match",
     [
