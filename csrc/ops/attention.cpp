@@ -15,6 +15,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -59,10 +60,18 @@ bool set_attention_sm90(bool enabled) { return sm90_flag().exchange(enabled ? 1 
 
 #ifdef IDDPM_WITH_CUDA
 namespace {
-// cuda::qkv_attention_kernel_arch on the current device, a read error raised as CUDA's.
+// cuda::qkv_attention_kernel_arch on the current device, a read error raised as CUDA's; read
+// once per device (the first call of the op there, never inside a graph capture that is not
+// preceded by one) and kept, as each call of the op asks.
 int kernel_arch() {
-  const int arch = cuda::qkv_attention_kernel_arch();
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int>, kDevices> known{};  // 0: not read yet
+  const int device = c10::cuda::current_device();
+  int arch = device >= 0 && device < kDevices ? known[device].load(std::memory_order_relaxed) : 0;
+  if (arch > 0) return arch;
+  arch = cuda::qkv_attention_kernel_arch();
   if (arch < 0) C10_CUDA_CHECK(static_cast<cudaError_t>(-arch));
+  if (device >= 0 && device < kDevices) known[device].store(arch, std::memory_order_relaxed);
   return arch;
 }
 }  // namespace
