@@ -164,6 +164,19 @@ HEAD_DIM_MSG = (
 )
 
 
+def test_kernel_arch_of_this_card():
+    # What the op checks before launching (Turing-built code traps): on this card the build's
+    # own code, for its compute capability (the check builds for exactly this card's arch).
+    from iddpm_ext.ops import loader
+
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = loader._C.attention_kernel_arch(0)
+    assert arch >= A.CUDA_MIN_ARCH and arch <= 10 * major + minor, arch
+    assert A._cuda_kernel_arch_ok(0)
+    with pytest.raises(ValueError, match=r"device_index: expected a CUDA device index in \[0, "):
+        loader._C.attention_kernel_arch(torch.cuda.device_count())
+
+
 def test_errors():
     # Head dims without a kernel (not a multiple of 8; over 256) raise, also through "fused".
     for C in (100, 264):
