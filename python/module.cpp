@@ -159,6 +159,7 @@ namespace iddpm::ops {
 bool attention_sm90_enabled();          // csrc/ops/attention.cpp
 bool set_attention_sm90(bool enabled);  // returns the previous value
 int64_t attention_kernel_arch(int64_t device_index);
+int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backward);
 }  // namespace iddpm::ops
 
 PYBIND11_MODULE(_C, m) {
@@ -174,5 +175,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
         "The architecture (10·major + minor) the CUDA attention's code on this device was built "
         "for; the fused CUDA attention needs 80 or more (0: built without CUDA).");
+  m.def("attention_smem_bytes", &iddpm::ops::attention_smem_bytes, py::arg("element_size"),
+        py::arg("head_dim"), py::arg("backward"),
+        "Shared memory per block (bytes) the CUDA attention forward or backward kernel needs for "
+        "this element size (2: fp16/bf16, 4: fp32) and head dim (0: built without CUDA).");
   m.attr("__version__") = IDDPM_VERSION;
 }

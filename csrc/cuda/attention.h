@@ -69,6 +69,13 @@ int qkv_attention_fwd(const attn::AttentionFwdParams& params, cudaStream_t strea
 int qkv_attention_kernel_arch();
 inline constexpr int kAttentionMinArch = 80;
 
+// Dynamic shared memory per block (bytes) of the sm_80 forward / backward kernel for this dtype
+// and head dim C (its tile width's config), to hold against the device's opt-in limit: the
+// kernels are sized for the H100's 227 KB; the A100's 163 KB is short for fp32 at tile width 128
+// (forward) and 256, the 99 KB of sm_86 / sm_89 cards for tile width 256. C must be supported.
+int qkv_attention_fwd_smem_bytes(DType dtype, int64_t C);
+int qkv_attention_bwd_smem_bytes(DType dtype, int64_t C);
+
 // The Hopper (sm_90a) forward (attention_fwd_sm90.cu; built only for sm_90a, see
 // IDDPM_WITH_SM90, never run on a card yet, never the default): fp16 / bf16, head dims 64 and
 // 128, the same outputs as qkv_attention_fwd (so the backward takes its lse).

@@ -65,4 +65,11 @@ int qkv_attention_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   });
 }
 
+int qkv_attention_bwd_smem_bytes(DType dtype, int64_t C) {
+  return with_compiled_kernel(dtype, C, true, [](auto elem, auto tile_dim) {
+    return static_cast<int>(
+        BwdCfg<typename decltype(elem)::type, decltype(tile_dim)::value>::kSmemBytes);
+  });
+}
+
 }  // namespace iddpm::cuda

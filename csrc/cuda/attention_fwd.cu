@@ -44,6 +44,13 @@ int qkv_attention_fwd(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   });
 }
 
+int qkv_attention_fwd_smem_bytes(DType dtype, int64_t C) {
+  return with_compiled_kernel(dtype, C, true, [](auto elem, auto tile_dim) {
+    return static_cast<int>(
+        FwdCfg<typename decltype(elem)::type, decltype(tile_dim)::value>::kSmemBytes);
+  });
+}
+
 int qkv_attention_kernel_arch() {
   cudaFuncAttributes attr{};
   const cudaError_t err = cudaFuncGetAttributes(

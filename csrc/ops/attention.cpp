@@ -77,6 +77,24 @@ int kernel_arch() {
 }  // namespace
 #endif
 
+int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backward) {
+#ifdef IDDPM_WITH_CUDA
+  TORCH_CHECK_VALUE(element_size == 2 || element_size == 4,
+                    "element_size: expected 2 (float16, bfloat16) or 4 (float32), got ",
+                    element_size);
+  TORCH_CHECK_VALUE(cuda::qkv_attention_head_dim_supported(head_dim),
+                    "head_dim: expected a multiple of ", cuda::kAttentionHeadDimStep, " from ",
+                    cuda::kAttentionHeadDimStep, " to ", cuda::kAttentionMaxHeadDim, ", got ",
+                    head_dim);
+  const DType dtype = element_size == 4 ? DType::kFloat32 : DType::kFloat16;
+  return backward ? cuda::qkv_attention_bwd_smem_bytes(dtype, head_dim)
+                  : cuda::qkv_attention_fwd_smem_bytes(dtype, head_dim);
+#else
+  (void)element_size, (void)head_dim, (void)backward;
+  return 0;
+#endif
+}
+
 int64_t attention_kernel_arch(int64_t device_index) {
 #ifdef IDDPM_WITH_CUDA
   const int count = c10::cuda::device_count();  // a DeviceIndex (int8): printed as an int
@@ -284,10 +302,27 @@ void check_kernel_arch(const at::Tensor& qkv) {
                     "attention_impl(\"auto\") uses einsum there");
 }
 
+// The kernel's shared memory for this dtype and head dim fits the device's opt-in limit per
+// block (the kernels are sized for the H100; see qkv_attention_fwd_smem_bytes). After the
+// argument checks, under qkv's device guard.
+void check_shared_memory(const at::Tensor& qkv, const AttentionShape& d, bool backward) {
+  const DType dtype = dtype_of(qkv);
+  const int64_t need = backward ? cuda::qkv_attention_bwd_smem_bytes(dtype, d.C)
+                                : cuda::qkv_attention_fwd_smem_bytes(dtype, d.C);
+  const auto* prop = at::cuda::getDeviceProperties(qkv.device().index());
+  const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  TORCH_CHECK_VALUE(need <= limit, "qkv: the fused CUDA attention ",
+                    backward ? "backward" : "forward", " for head dim C = ", d.C, " in ",
+                    qkv.scalar_type(), " needs ", need, " bytes of shared memory per block; ",
+                    qkv.device(), " (", prop->name, ") allows ", limit,
+                    " (attention_impl(\"auto\") uses einsum there)");
+}
+
 std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const AttentionShape d = check_qkv(qkv_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   check_kernel_arch(qkv_in);
+  check_shared_memory(qkv_in, d, false);
   Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
   f.p.allow_tf32 = allow_tf32();
@@ -302,6 +337,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   const AttentionShape d = check_backward(grad_out_in, qkv_in, out_in, lse_in, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   check_kernel_arch(qkv_in);
+  check_shared_memory(qkv_in, d, true);
   Backward b = backward(d, grad_out_in, qkv_in, out_in, lse_in);
   if (b.grad_qkv.numel() == 0) return b.grad_qkv;
   const auto f32 = b.qkv.options().dtype(at::kFloat);

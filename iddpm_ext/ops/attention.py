@@ -161,36 +161,51 @@ def _auto_fused(qkv: torch.Tensor, num_heads: int) -> bool:
     return head_dims is None or qkv.shape[1] // (3 * num_heads) in head_dims
 
 
-# The CUDA kernels need code built for compute capability 8.0 or newer (cp.async, bf16 and TF32
-# mma); a build whose arch list reaches a card only through 7.5 (Turing: T4) has kernels that
-# trap there, and the op refuses them. Per device index: the architecture of that code, asked of
-# _C once (-1: no kernel image for the device).
+# What a CUDA device can run, beyond the dtypes and head dims compiled in: code built for compute
+# capability 8.0 or newer (cp.async, bf16 and TF32 mma; a build whose arch list reaches a card
+# only through 7.5, e.g. a T4, has kernels that trap there), and the kernel's shared memory per
+# block within the device's opt-in limit (the kernels are sized for the H100's 227 KB: an A100
+# has 163 KB, sm_86 / sm_89 cards 99 KB, too little for some tile widths). The CUDA ops refuse
+# the rest with a ValueError saying which; "auto" takes einsum there. Asked of _C once per
+# (device, element size, head dim) and process.
 CUDA_MIN_ARCH = 80
-_CUDA_KERNEL_ARCH: dict[int, int] = {}
+_CUDA_RUNS: dict[tuple[int, int, int], bool] = {}
 
 
-def _cuda_kernel_arch_ok(index: int) -> bool:
-    """Whether CUDA device ``index`` runs the kernels' code built for 8.0 or newer."""
+def _cuda_device_runs(index: int, element_size: int, head_dim: int) -> bool:
+    """Whether CUDA device ``index`` runs the fused kernels for this element size and head dim."""
     if not torch.cuda.is_available():  # no device (FakeTensors in CI): nothing would launch
         return True
-    return _cuda_kernel_arch(index) >= CUDA_MIN_ARCH
+    return _cuda_device_runs_cached(index, element_size, head_dim)
 
 
-# A constant for torch.compile (asked of _C outside the graph, once per device and process).
+# A constant for torch.compile (asked outside the graph, once per key and process).
 @torch.compiler.assume_constant_result
-def _cuda_kernel_arch(index: int) -> int:
-    if index not in _CUDA_KERNEL_ARCH:
-        query = getattr(loader._C, "attention_kernel_arch", None)  # a _C older than the query: trust it
-        try:
-            _CUDA_KERNEL_ARCH[index] = CUDA_MIN_ARCH if query is None else int(query(index))
-        except RuntimeError:  # no kernel image for this device
-            _CUDA_KERNEL_ARCH[index] = -1
-    return _CUDA_KERNEL_ARCH[index]
+def _cuda_device_runs_cached(index: int, element_size: int, head_dim: int) -> bool:
+    key = (index, element_size, head_dim)
+    if key not in _CUDA_RUNS:
+        _CUDA_RUNS[key] = _ask_cuda_device(index, element_size, head_dim)
+    return _CUDA_RUNS[key]
+
+
+def _ask_cuda_device(index: int, element_size: int, head_dim: int) -> bool:
+    C = loader._C
+    if not hasattr(C, "attention_smem_bytes"):  # a _C older than these queries: trust it
+        return True
+    try:
+        if C.attention_kernel_arch(index) < CUDA_MIN_ARCH:
+            return False
+    except RuntimeError:  # no kernel image for this device
+        return False
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return all(
+        C.attention_smem_bytes(element_size, head_dim, backward) <= limit for backward in (False, True)
+    )
 
 
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
-    """True when the fused op has a kernel for this qkv (device, dtype, head dim, length; on
-    CUDA, code built for the card's architecture, 8.0 or newer)."""
+    """True when the fused op has a kernel for this qkv (device, dtype, head dim, length) that
+    the device runs (CUDA: code built for 8.0 or newer, shared memory within the card's limit)."""
     caps = _KERNELS.get(qkv.device.type)
     if caps is None or qkv.dtype not in caps["dtypes"]:
         return False
@@ -203,7 +218,9 @@ def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
         return False
     if head_dim < 1 or qkv.shape[2] > caps.get("max_positions", qkv.shape[2]):
         return False
-    return qkv.device.type != "cuda" or _cuda_kernel_arch_ok(qkv.device.index or 0)
+    if qkv.device.type != "cuda":
+        return True
+    return _cuda_device_runs(qkv.device.index or 0, qkv.element_size(), head_dim)
 
 
 def _require_fused_device(qkv: torch.Tensor):

@@ -217,52 +217,69 @@ def test_auto_on_cuda_picks_fused_only_for_card_verified_head_dims(monkeypatch):
         assert A._auto_fused(torch.zeros(1, 3 * C, 4), 1)
 
 
-def test_auto_on_cuda_skips_fused_where_its_code_predates_sm80(monkeypatch):
-    # A build whose arch list reaches a card only through 7.5 (Turing: T4) has attention kernels
-    # that trap there: fused_supported is False for that device (so "auto" uses einsum) and the
-    # op refuses it. The device's answer (_C.attention_kernel_arch) asked once per device and
-    # process, faked here (no GPU).
+def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
+    # fused_supported on CUDA also asks the device: code built for 8.0 or newer (a build that
+    # reaches the card only through 7.5, e.g. a T4, has kernels that trap there) and the
+    # kernel's shared memory within the card's opt-in limit (the kernels are sized for the
+    # H100's 227 KB). Where not, it is False, so "auto" uses einsum (the op refuses it). The
+    # device's answers are faked (no GPU): device 0 runs 7.5 code, device 1 is an sm_86-like
+    # card (99 KB), device 2 an H100-like one, device 3 has no kernel image at all.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from iddpm_ext.ops import loader
 
     caps = {
         "dtypes": (torch.float16,),
-        "head_dims": (64,),
+        "head_dims": (64, 256),
         "max_positions": 2**22,
-        "max_batch_heads": 2**31 - 1,
+        "max_batch_heads": 2**31,
     }
     monkeypatch.setitem(A._KERNELS, "cuda", caps)
+    monkeypatch.setattr(A, "AUTO_HEAD_DIMS", {**A.AUTO_HEAD_DIMS, "cuda": {64, 256}})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    limits = {0: 64 * 1024, 1: 99 * 1024, 2: 227 * 1024}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"shared_memory_per_block_optin": limits[i]}))  # fmt: skip
+    real = loader._C
     asked = []
 
     class FakeC:
         def attention_kernel_arch(self, index):
             asked.append(index)
-            if index == 2:
+            if index == 3:
                 raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-            return {0: 75, 1: 90}[index]
+            return {0: 75, 1: 86, 2: 90}[index]
+
+        def attention_smem_bytes(self, element_size, head_dim, backward):
+            if real.build_info()["cuda"]:  # the kernels' own sizes, where _C has them
+                return real.attention_smem_bytes(element_size, head_dim, backward)
+            return {(64, False): 46080, (64, True): 65536, (256, False): 118784, (256, True): 161280}[
+                head_dim, backward
+            ]
 
     monkeypatch.setattr(loader, "_C", FakeC())
-    monkeypatch.setattr(A, "_CUDA_KERNEL_ARCH", {})
+    monkeypatch.setattr(A, "_CUDA_RUNS", {})
     with FakeTensorMode():
-        on = {i: torch.empty(1, 3 * 2 * 64, 8, dtype=torch.float16, device=f"cuda:{i}") for i in range(3)}
+        qkv = {(i, c): torch.empty(1, 3 * 2 * c, 8, dtype=torch.float16, device=f"cuda:{i}")
+               for i in range(4) for c in (64, 256)}  # fmt: skip
+    runs = {(0, 64): False, (0, 256): False, (1, 64): True, (1, 256): False, (2, 64): True, (2, 256): True,
+            (3, 64): False, (3, 256): False}  # fmt: skip
     for _ in range(2):
-        assert not A.fused_supported(on[0], 2) and not A._auto_fused(on[0], 2)  # 7.5 code
-        assert A.fused_supported(on[1], 2) and A._auto_fused(on[1], 2)  # 9.0 code
-        assert not A.fused_supported(on[2], 2)  # no code for the device at all
-    assert asked == [0, 1, 2]  # once per device
+        for key, want in runs.items():
+            assert A.fused_supported(qkv[key], 2) == want, key
+            assert A._auto_fused(qkv[key], 2) == want, key
+    assert sorted(asked) == [0, 0, 1, 1, 2, 2, 3, 3]  # once per (device, element size, head dim)
     # torch.compile (fullgraph) takes the answer as a constant instead of breaking the graph
     # (dynamo asks torch.cuda.is_available itself: the real one again).
     monkeypatch.undo()
     monkeypatch.setattr(loader, "_C", FakeC())
-    monkeypatch.setattr(A, "_CUDA_KERNEL_ARCH", {})
+    monkeypatch.setattr(A, "_CUDA_RUNS", {})
 
     def pick(x):
-        return x + 1 if A._cuda_kernel_arch(x.device.index or 0) >= A.CUDA_MIN_ARCH else x - 1
+        return x + 1 if A._cuda_device_runs_cached(x.device.index or 0, 2, 64) else x - 1
 
     assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2)), -torch.ones(2))
-    assert asked == [0, 1, 2, 0]
+    assert asked[-1] == 0
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,11 @@ def test_kernel_arch_of_this_card():
     major, minor = torch.cuda.get_device_capability(0)
     arch = loader._C.attention_kernel_arch(0)
     assert arch >= A.CUDA_MIN_ARCH and arch <= 10 * major + minor, arch
-    assert A._cuda_kernel_arch_ok(0)
+    assert A._cuda_device_runs(0, 2, 64)  # the head dims "auto" uses fit every card of 8.0+
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    for head_dim in (64, 128, 256):
+        need = max(loader._C.attention_smem_bytes(4, head_dim, b) for b in (False, True))
+        assert A._cuda_device_runs(0, 4, head_dim) == (need <= limit)
     with pytest.raises(ValueError, match=r"device_index: expected a CUDA device index in \[0, "):
         loader._C.attention_kernel_arch(torch.cuda.device_count())
 
