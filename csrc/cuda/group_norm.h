@@ -13,6 +13,8 @@ namespace iddpm::cuda {
 // The dtypes of x the CUDA kernels accept.
 inline constexpr DType kGroupNormDtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16,
                                              DType::kBFloat16};
+// At most this many batch items × groups N·G: one block per (item, group) along gridDim.x.
+inline constexpr int64_t kGroupNormMaxItemGroups = int64_t{2147483647};
 
 // Each returns a cudaError_t value (0 = success) of its launches. The backward needs p.work:
 // 2·N·C + 2·N·G elements of the accumulation type.

@@ -74,6 +74,12 @@ GroupNormShape check_x(const at::Tensor& x, int64_t num_groups) {
   TORCH_CHECK_VALUE(num_groups >= 1 && C % num_groups == 0,
                     "num_groups: expected a positive divisor of the channel count C = ", C,
                     " (dim 1 of x, shape ", shape_str(x), "), got ", num_groups);
+  if (x.is_cuda()) {
+    const std::optional<int64_t> ng = checked_mul(x.size(0), num_groups);
+    TORCH_CHECK_VALUE(ng && *ng <= cuda::kGroupNormMaxItemGroups, "num_groups: expected at most ",
+                      cuda::kGroupNormMaxItemGroups, " batch items × groups on CUDA, got ",
+                      x.size(0), " × ", num_groups, " (x of shape ", shape_str(x), ")");
+  }
   GroupNormShape s;
   s.dtype = dtype_of(x);
   s.N = x.size(0);

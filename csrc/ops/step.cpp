@@ -266,6 +266,11 @@ void check_generator_device(const std::optional<at::Generator>& gen, const at::T
   TORCH_CHECK_VALUE(gen->device().type() == x.device().type(), "generator: expected a ",
                     c10::DeviceTypeName(x.device().type(), /*lower_case=*/true),
                     " generator (x is on ", x.device(), "), got one on ", gen->device());
+  // CUDA generators are per device: another device's seed and offset (in graph capture, its
+  // device pointers) are not x's.
+  TORCH_CHECK_VALUE(!x.is_cuda() || gen->device().index() == x.device().index(),
+                    "generator: expected a generator of x's device ", x.device(), ", got one on ",
+                    gen->device());
 }
 
 void run_cpu(Prepared& r, const std::optional<at::Generator>& generator) {

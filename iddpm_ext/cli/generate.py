@@ -104,7 +104,11 @@ class Sampler:
 
 
 def _sampler(engine, model, diffusion, device, amp="none") -> Sampler:
-    return engine if isinstance(engine, Sampler) else Sampler(engine, model, diffusion, device, amp)
+    if not isinstance(engine, Sampler):
+        return Sampler(engine, model, diffusion, device, amp)
+    if amp not in ("none", engine.amp):
+        raise ValueError(f"amp: expected the Sampler's own amp {engine.amp!r} (or none), got {amp!r}")
+    return engine
 
 
 def model_num_classes(model) -> int | None:

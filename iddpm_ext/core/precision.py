@@ -30,7 +30,9 @@ class AutocastModel:
         return out.float()
 
     def __getattr__(self, name):
-        if name in ("model", "device_type", "dtype"):  # not yet set (copy, pickle)
+        # Not the wrapper's own fields (not yet set while copy / pickle rebuild it) nor dunders
+        # (on Python 3.10 object has no __getstate__: the model's would be taken).
+        if name.startswith("__") or name in ("model", "device_type", "dtype"):
             raise AttributeError(name)
         return getattr(self.model, name)
 

@@ -195,7 +195,9 @@ def _ask_cuda_device(index: int, element_size: int, head_dim: int) -> bool:
     try:
         if C.attention_kernel_arch(index) < CUDA_MIN_ARCH:
             return False
-    except RuntimeError:  # no kernel image for this device
+    except RuntimeError as e:  # no kernel image for this device: a lasting answer; else raise
+        if "no kernel image" not in str(e):
+            raise
         return False
     limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
     return all(

@@ -295,6 +295,25 @@ def test_autocast_model_wrapper():
     assert out.dtype == torch.float32 and out.shape == ref.shape
     err = float((out - ref).abs().max() / ref.abs().max())
     assert 0 < err < 0.05, err  # bf16 rounding, not garbage
+    import copy
+    import pickle
+
+    for twin in (copy.copy(wrapped), copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert isinstance(twin, AutocastModel) and twin.dtype == torch.bfloat16 and twin.device_type == "cpu"
+        assert isinstance(twin.model, type(model)) and twin.num_classes == 3
+    with pytest.raises(AttributeError):
+        wrapped.__no_such_dunder__  # noqa: B018
+
+
+def test_a_sampler_keeps_its_own_amp():
+    model, diffusion = _model(timestep_respacing="2")
+    sampler = S.Sampler("loop", model, diffusion, "cpu", "bf16")
+    x = S.sample_batch(model, diffusion, [0], (1, 8, 8), engine=sampler, amp="bf16")[0]
+    assert torch.equal(x, S.sample_batch(model, diffusion, [0], (1, 8, 8), engine=sampler)[0])
+    with pytest.raises(
+        ValueError, match=r"amp: expected the Sampler's own amp 'bf16' \(or none\), got 'fp16'"
+    ):
+        S.sample_batch(model, diffusion, [0], (1, 8, 8), engine=sampler, amp="fp16")
 
 
 @pytest.mark.kernels

@@ -48,12 +48,20 @@ def test_test_files_named_by_the_script_exist():
     assert not missing, missing
 
 
-def test_unknown_plan_is_refused_before_touching_a_device(tmp_path):
-    env = {**os.environ, "GPU_CHECK_PLAN": "issue99", "OUT": str(tmp_path), "PYTHON": "false"}
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"GPU_CHECK_PLAN": "issue99"}, "GPU_CHECK_PLAN: expected issue12 or issue13, got issue99"),
+        ({"GPU_CHECK_PLAN": "issue13", "GPU_CHECK_ONLY": "bench_step"},
+         "GPU_CHECK_PLAN and GPU_CHECK_ONLY: expected one of them, got both"),
+    ],
+)  # fmt: skip
+def test_bad_plan_is_refused_before_anything_else(tmp_path, env, message):
+    out = tmp_path / "out"
+    env = {**os.environ, **env, "OUT": str(out), "PYTHON": "false"}
     run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2
-    assert "GPU_CHECK_PLAN: expected issue12 or issue13, got issue99" in run.stderr
-    assert not (tmp_path / "status.txt").exists()
+    assert run.returncode == 2 and message in run.stderr
+    assert not out.exists()  # nothing written, no device asked
 
 
 def _selections() -> list[tuple[str, str]]:

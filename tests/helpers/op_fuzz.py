@@ -93,7 +93,7 @@ def _needs_the_device(err) -> bool:
     if isinstance(err, (ValueError, TypeError, NotImplementedError)):
         return False
     return type(err).__name__ == "AcceleratorError" or bool(
-        re.search(r"CUDA driver|NVIDIA driver|no CUDA GPUs|CUDA-capable device|^CUDA error", str(err))
+        re.search(r"(?i)cuda driver|nvidia driver|no cuda gpus|cuda-capable device|^cuda error", str(err))
     )
 
 

@@ -248,6 +248,8 @@ def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
             asked.append(index)
             if index == 3:
                 raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+            if index == 4:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return {0: 75, 1: 86, 2: 90}[index]
 
         def attention_smem_bytes(self, element_size, head_dim, backward):
@@ -269,6 +271,13 @@ def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
             assert A.fused_supported(qkv[key], 2) == want, key
             assert A._auto_fused(qkv[key], 2) == want, key
     assert sorted(asked) == [0, 0, 1, 1, 2, 2, 3, 3]  # once per (device, element size, head dim)
+    # Any other CUDA error is not an answer about the device: raised, not kept.
+    with FakeTensorMode():
+        on_4 = torch.empty(1, 3 * 2 * 64, 8, dtype=torch.float16, device="cuda:4")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            A.fused_supported(on_4, 2)
+    assert (4, 2, 64) not in A._CUDA_RUNS
     # torch.compile (fullgraph) takes the answer as a constant instead of breaking the graph
     # (dynamo asks torch.cuda.is_available itself: the real one again).
     monkeypatch.undo()

@@ -401,3 +401,54 @@ def test_cuda_entry_valid_calls_pass_every_check(name):
         res, err = op_fuzz.outcome(lambda: op(*mixed), op_fuzz.STEP_ARGS + op_fuzz.ATTENTION_ARGS
                                    + op_fuzz.GROUP_NORM_BWD_ARGS + op_fuzz.GATHER_ARGS)  # fmt: skip
         assert err is not None and res is None
+
+
+@needs_cuda_entry
+def test_cuda_entry_fuzz_gets_past_the_checks(monkeypatch):
+    # test_fuzz_cuda_entry would pass vacuously if its checks refused everything: with the same
+    # settings, every op with a CUDA kernel has draws that pass all of its checks (PASSED).
+    import collections
+
+    passed = collections.Counter()
+    real_outcome = op_fuzz.outcome
+
+    def counting(call, names):
+        res = real_outcome(call, names)
+        passed[current[0]] += res[0] is op_fuzz.PASSED
+        return res
+
+    monkeypatch.setattr(op_fuzz, "outcome", counting)
+    current = [None]
+    for op in [o for o in CUDA_ENTRY_FUZZ if "winograd" not in o]:  # those have CPU kernels only
+        current[0] = op
+
+        @settings(FUZZ, max_examples=80)
+        @given(st.data())
+        def run(data):
+            with op_fuzz.on_fake_cuda():
+                getattr(op_fuzz, f"fuzz_{current[0]}")(data, base=op_fuzz.FAKE_CUDA, mixes=("cpu",))
+
+        run()
+        assert passed[op] > 0, f"no draw of {op} got past the CUDA kernel's checks"
+
+
+@needs_cuda_entry
+def test_cuda_group_norm_refuses_more_item_groups_than_its_grid():
+    # One block per (item, group) along gridDim.x (at most 2^31 - 1): beyond, a clean error
+    # naming num_groups (empty x; the statistics [N, G] are never allocated: there is no device).
+    ok = op_fuzz.place(torch.empty(2**30, 2, 0), op_fuzz.FAKE_CUDA)
+    big = op_fuzz.place(torch.empty(2**31, 2, 0), op_fuzz.FAKE_CUDA)
+    names = op_fuzz.GROUP_NORM_ARGS
+    with op_fuzz.on_fake_cuda():
+        for x, groups, refused in ((ok, 1, False), (ok, 2, True), (big, 1, True), (big, 2**62, False)):
+            res, err = op_fuzz.outcome(
+                lambda: OPS.group_norm_act(x, groups, None, None, None, None, 1e-5, True), names
+            )
+            if groups == 2**62:  # not a divisor of 2: refused before, by the divisor check
+                assert "positive divisor" in str(err)
+                continue
+            assert (err is not None) == refused, (x.shape, groups, err)
+            if refused:
+                assert str(err).startswith(
+                    "num_groups: expected at most 2147483647 batch items × groups on CUDA"
+                )

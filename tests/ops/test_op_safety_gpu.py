@@ -44,9 +44,9 @@ def _native_backtrace(code: str) -> str:
     if gdb is None:
         return "(no cuda-gdb or gdb on PATH for a native backtrace)"
     cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
-           "--args", sys.executable, "-c", code]  # fmt: skip
-    try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           "-ex", "thread apply all bt 30", "--args", sys.executable, "-c", code]  # fmt: skip
+    try:  # well inside the gpu_check step's own limit
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
         return f"({gdb} timed out)"
     return f"{gdb}:\n" + run.stdout[-6000:] + run.stderr[-1000:]
