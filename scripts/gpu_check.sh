@@ -94,9 +94,11 @@ log "card arch $ARCH, budget ${BUDGET}s"
 step install 240 $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
 $PY - >"$OUT/env.json" 2>>"$OUT/summary.txt" <<'PYEOF'
 import json, torch, iddpm_ext
+from iddpm_ext.ops.attention import cuda_device_support
 print(json.dumps({
     "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
     "cudnn": torch.backends.cudnn.version(), "build": iddpm_ext.build_info(),
+    "fused_attention": cuda_device_support(0),
 }, indent=1))
 PYEOF
 

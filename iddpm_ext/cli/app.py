@@ -43,8 +43,25 @@ def _cmd_info(args) -> int:
         info["build"] = _ops.build_info()
     else:
         info["build_error"] = _ops.load_error()
+    if torch.cuda.is_available():
+        info["gpus"] = [_gpu_info(i, _ops.available()) for i in range(torch.cuda.device_count())]
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _gpu_info(index: int, built: bool) -> dict:
+    """A visible GPU: name, compute capability, shared memory per block, and what the fused
+    attention runs there (when _C is built)."""
+    import torch
+
+    p = torch.cuda.get_device_properties(index)
+    gpu = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+           "shared_memory_per_block_optin": getattr(p, "shared_memory_per_block_optin", None)}  # fmt: skip
+    if built:
+        from ..ops.attention import cuda_device_support
+
+        gpu["fused_attention"] = cuda_device_support(index)
+    return gpu
 
 
 def _cmd_demo(args) -> int:

@@ -205,6 +205,28 @@ def _ask_cuda_device(index: int, element_size: int, head_dim: int) -> bool:
     )
 
 
+def cuda_device_support(index: int) -> dict:
+    """What the fused CUDA attention runs on CUDA device ``index`` (``iddpm info``): the
+    architecture its code there was built for ("kernel_arch", None with "error" where the build
+    has no code for the card) and, per element type, the head dims whose forward and backward
+    both run there (none below compute capability 8.0; fewer where shared memory is short)."""
+    caps = _KERNELS.get("cuda")
+    if caps is None:
+        return {"kernel_arch": None, "error": "iddpm_ext._C has no CUDA attention kernels"}
+    try:
+        arch = int(loader._C.attention_kernel_arch(index))
+    except RuntimeError as e:
+        return {"kernel_arch": None, "error": str(e).splitlines()[0]}
+    sizes = {"float16/bfloat16": 2, "float32": 4}
+    return {
+        "kernel_arch": arch,
+        "head_dims": {
+            name: [c for c in caps["head_dims"] if _cuda_device_runs(index, size, c)]
+            for name, size in sizes.items()
+        },
+    }
+
+
 def fused_supported(qkv: torch.Tensor, num_heads: int) -> bool:
     """True when the fused op has a kernel for this qkv (device, dtype, head dim, length) that
     the device runs (CUDA: code built for 8.0 or newer, shared memory within the card's limit)."""

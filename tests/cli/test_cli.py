@@ -235,3 +235,49 @@ def test_bad_input_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_info_reports_the_build_and_what_each_gpu_runs(monkeypatch, capsys):
+    from helpers.cuda_fake import FakeCudaC
+    from iddpm_ext.ops import attention as A
+    from iddpm_ext.ops import loader
+
+    assert main("info") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and ("build" in info) != ("build_error" in info)
+    assert ("gpus" in info) == torch.cuda.is_available()
+    if not loader.available():
+        return
+    # Two made-up cards: an sm_86-like one (99 KB of shared memory per block) and a T4 that a
+    # 7.5 build reaches. The kernels' sizes are the H100-sized configs' (helpers.cuda_fake).
+    cards = [("RTX-like", 8, 6, 99 * 1024), ("T4-like", 7, 5, 64 * 1024)]
+    props = [
+        type("P", (), dict(name=n, major=a, minor=b, shared_memory_per_block_optin=m)) for n, a, b, m in cards
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    monkeypatch.setattr(loader, "_C", FakeCudaC(loader._C, {0: 86, 1: 75}))
+    monkeypatch.setattr(A, "_CUDA_RUNS", {})
+    caps = {
+        "dtypes": (torch.float16,),
+        "head_dims": (64, 128, 256),
+        "max_positions": 2**22,
+        "max_batch_heads": 2**31,
+    }
+    monkeypatch.setitem(A._KERNELS, "cuda", caps)
+    assert main("info") == 0
+    gpus = json.loads(capsys.readouterr().out)["gpus"]
+    assert [(g["name"], g["capability"], g["shared_memory_per_block_optin"]) for g in gpus] == [
+        ("RTX-like", "8.6", 99 * 1024),
+        ("T4-like", "7.5", 64 * 1024),
+    ]
+    # fp16/bf16 up to tile width 128 (90 / 81 KB), fp32 not even at 64 (its backward: 120 KB).
+    assert gpus[0]["fused_attention"] == {
+        "kernel_arch": 86,
+        "head_dims": {"float16/bfloat16": [64, 128], "float32": []},
+    }
+    assert gpus[1]["fused_attention"] == {
+        "kernel_arch": 75,
+        "head_dims": {"float16/bfloat16": [], "float32": []},
+    }

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.cuda_fake import FakeCudaC
 from helpers.oracles import attention_math_f64, check_two_x_rule, max_err
 from iddpm_ext.ops import attention as A
 
@@ -240,26 +241,10 @@ def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
     limits = {0: 64 * 1024, 1: 99 * 1024, 2: 227 * 1024}
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: type("P", (), {"shared_memory_per_block_optin": limits[i]}))  # fmt: skip
-    real = loader._C
-    asked = []
-
-    class FakeC:
-        def attention_kernel_arch(self, index):
-            asked.append(index)
-            if index == 3:
-                raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-            if index == 4:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return {0: 75, 1: 86, 2: 90}[index]
-
-        def attention_smem_bytes(self, element_size, head_dim, backward):
-            if real.build_info()["cuda"]:  # the kernels' own sizes, where _C has them
-                return real.attention_smem_bytes(element_size, head_dim, backward)
-            return {(64, False): 46080, (64, True): 65536, (256, False): 118784, (256, True): 161280}[
-                head_dim, backward
-            ]
-
-    monkeypatch.setattr(loader, "_C", FakeC())
+    no_image = RuntimeError("CUDA error: no kernel image is available for execution on the device")
+    illegal = RuntimeError("CUDA error: an illegal memory access was encountered")
+    fake = FakeCudaC(loader._C, {0: 75, 1: 86, 2: 90, 3: no_image, 4: illegal})
+    monkeypatch.setattr(loader, "_C", fake)
     monkeypatch.setattr(A, "_CUDA_RUNS", {})
     with FakeTensorMode():
         qkv = {(i, c): torch.empty(1, 3 * 2 * c, 8, dtype=torch.float16, device=f"cuda:{i}")
@@ -270,7 +255,7 @@ def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
         for key, want in runs.items():
             assert A.fused_supported(qkv[key], 2) == want, key
             assert A._auto_fused(qkv[key], 2) == want, key
-    assert sorted(asked) == [0, 0, 1, 1, 2, 2, 3, 3]  # once per (device, element size, head dim)
+    assert sorted(fake.asked) == [0, 0, 1, 1, 2, 2, 3, 3]  # once per (device, element size, head dim)
     # Any other CUDA error is not an answer about the device: raised, not kept.
     with FakeTensorMode():
         on_4 = torch.empty(1, 3 * 2 * 64, 8, dtype=torch.float16, device="cuda:4")
@@ -281,14 +266,14 @@ def test_auto_on_cuda_skips_fused_where_the_card_cannot_run_it(monkeypatch):
     # torch.compile (fullgraph) takes the answer as a constant instead of breaking the graph
     # (dynamo asks torch.cuda.is_available itself: the real one again).
     monkeypatch.undo()
-    monkeypatch.setattr(loader, "_C", FakeC())
+    monkeypatch.setattr(loader, "_C", fake)
     monkeypatch.setattr(A, "_CUDA_RUNS", {})
 
     def pick(x):
         return x + 1 if A._cuda_device_runs_cached(x.device.index or 0, 2, 64) else x - 1
 
     assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2)), -torch.ones(2))
-    assert asked[-1] == 0
+    assert fake.asked[-1] == 0
 
 
 @pytest.mark.parametrize(
