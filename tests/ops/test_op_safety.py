@@ -452,3 +452,20 @@ def test_cuda_group_norm_refuses_more_item_groups_than_its_grid():
                 assert str(err).startswith(
                     "num_groups: expected at most 2147483647 batch items × groups on CUDA"
                 )
+
+
+@needs_cuda_entry
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_cuda_entry_refusal_through_the_autograd_kernel(requires_grad):
+    # The first H100 run's crash path without a GPU: torch.ops.iddpm.qkv_attention called as a
+    # user would (through the Python autograd kernel that register_autograd installs, which
+    # redispatches to the CUDA kernel), the CUDA kernel's check raising; a clean ValueError.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    elem = torch.empty(1, 6 * 100, 16, dtype=torch.float16, device="meta")
+    qkv = FakeTensor(op_fuzz._fake_mode(), elem, torch.device("cuda", 0))
+    qkv.requires_grad_(requires_grad)
+    with op_fuzz.on_fake_cuda():
+        assert torch._C._dispatch_keys(qkv).has(torch._C.DispatchKey.AutogradCUDA)
+        with pytest.raises(ValueError, match=HEAD_DIM_MSG + "100 "):
+            OPS.qkv_attention(qkv, 2)
