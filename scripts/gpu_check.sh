@@ -28,6 +28,9 @@
 # The reference model for the benchmarks' side-by-side rows: IDDPM_REF_PATH, else .ref/ in the
 # tree when it holds improved_diffusion/ (ignored by git; device tool: carry [".ref"]), e.g.
 #     git -C <mirror of openai/improved-diffusion> archive HEAD improved_diffusion | tar -x -C .ref
+# Through the device tool (a few files come back: tar the logs), e.g.
+#     OUT=/tmp/gc GPU_CHECK_PLAN=issue13 bash scripts/gpu_check.sh; tar -czf $OUT/gpu_check.tgz -C /tmp/gc .;
+#     cp /tmp/gc/status.txt /tmp/gc/summary.txt /tmp/gc/*.json $OUT/
 set -u
 cd "$(dirname "$0")/.."
 case "${GPU_CHECK_PLAN:-}" in
