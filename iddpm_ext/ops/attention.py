@@ -199,7 +199,9 @@ def _ask_cuda_device(index: int, element_size: int, head_dim: int) -> bool:
         if "no kernel image" not in str(e):
             raise
         return False
-    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if limit is None:  # an older torch: the op's own check (its ValueError) is the answer
+        return True
     return all(
         C.attention_smem_bytes(element_size, head_dim, backward) <= limit for backward in (False, True)
     )
