@@ -8,6 +8,9 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
              randn_like, separate elementwise ops: 8 host-to-device copies per step.
   eager      our loop, ``GaussianDiffusion.p_sample_loop``: device tables, the fused step
              (one kernel), the attention op where it has a kernel.
+  inference  the same loop on a copy of the model switched by ``to_inference()`` (what
+             ``iddpm sample --inference [--amp bf16]`` runs; on the CPU: channels-last, packed
+             and Winograd convolutions, batched time embeddings).
   graph      :class:`iddpm_ext.engine.SamplingEngine` mode "graph": the whole step (UNet + fused
              step) replayed from one CUDA graph per timestep (CUDA only).
   compile    SamplingEngine mode "compile": the step function under torch.compile
@@ -36,13 +39,14 @@ Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dt
     250 steps, B = 1: reference and graph in bf16; compile: 50 steps, B = 1, bf16 (last).
   CUDA --quick: 10 steps, B in {1, 16}: reference, eager, graph in fp32 and bf16 (no compile).
   CUDA --full: B in {1, 16, 256} x {50, 250} steps x all four impls x {fp32, bf16}.
-  CPU: B in {1, 4}, 10 steps, reference / eager / engine-eager (compile with --compile: its
+  CPU: B in {1, 4}, 10 steps, reference / eager / inference / engine-eager (compile with --compile: its
     inductor build takes about a minute per configuration on 2 cores); --quick: B = 1, 5 steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 
 import torch
@@ -56,7 +60,7 @@ from .step import _reference_style_step
 from .unet import CONFIGS, build_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_ALL_IMPLS = ("reference", "eager", "graph", "compile", "compile-graph", "engine-eager")
+_ALL_IMPLS = ("reference", "eager", "inference", "graph", "compile", "compile-graph", "engine-eager")
 _COMPILED = ("compile", "compile-graph")  # rows that compile: last, and off with --no-compile
 _AUTO = -1
 
@@ -99,7 +103,9 @@ def cases(args, device) -> list:
             impls = ["reference", "eager", "graph", "compile"]
         else:
             batches, steps = ([1], [5]) if args.quick else ([1, 4], [10])
-            impls = ["reference", "eager", "engine-eager"] + (["compile"] if args.compile else [])
+            impls = ["reference", "eager", "inference", "engine-eager"] + (
+                ["compile"] if args.compile else []
+            )
         batches = _csv(args.batches, int) if args.batches else batches
         steps = _csv(args.steps, int) if args.steps else steps
         impls = _csv(args.impls) if args.impls else impls
@@ -315,10 +321,11 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
     amp = None if dtype == torch.float32 else dtype
     if impl == "reference":
         return lambda: reference_loop(d, model, x_T, device, dtype)
-    if impl == "eager":
+    if impl in ("eager", "inference"):
         if not ops.has_kernel(device):
             return None
-        m = model if amp is None else _Autocast(model, device, dtype)
+        m = copy.deepcopy(model).to_inference() if impl == "inference" else model
+        m = m if amp is None else _Autocast(m, device, dtype)
 
         def eager():
             with attention_impl("auto"):

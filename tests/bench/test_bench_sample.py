@@ -59,7 +59,7 @@ def test_quick_cpu_run_writes_records(tmp_path):
         torch.set_num_threads(previous)
     data = json.loads(path.read_text())
     records = data["records"]
-    assert {r["impl"] for r in records} == {"reference", "eager", "engine-eager"}
+    assert {r["impl"] for r in records} == {"reference", "eager", "inference", "engine-eager"}
     for r in records:
         assert r["steps"] == 2 and r["ms"] > 0 and r["images_per_s"] > 0
         assert r["ms_per_run"] == pytest.approx(2 * r["ms"], rel=1e-3)
