@@ -74,6 +74,12 @@ int kernel_arch() {
   if (device >= 0 && device < kDevices) known[device].store(arch, std::memory_order_relaxed);
   return arch;
 }
+
+// Shared memory per block of the forward or backward kernel for dtype and a supported head dim C.
+int64_t smem_bytes(DType dtype, int64_t C, bool backward) {
+  return backward ? cuda::qkv_attention_bwd_smem_bytes(dtype, C)
+                  : cuda::qkv_attention_fwd_smem_bytes(dtype, C);
+}
 }  // namespace
 #endif
 
@@ -86,9 +92,7 @@ int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backwa
                     "head_dim: expected a multiple of ", cuda::kAttentionHeadDimStep, " from ",
                     cuda::kAttentionHeadDimStep, " to ", cuda::kAttentionMaxHeadDim, ", got ",
                     head_dim);
-  const DType dtype = element_size == 4 ? DType::kFloat32 : DType::kFloat16;
-  return backward ? cuda::qkv_attention_bwd_smem_bytes(dtype, head_dim)
-                  : cuda::qkv_attention_fwd_smem_bytes(dtype, head_dim);
+  return smem_bytes(element_size == 4 ? DType::kFloat32 : DType::kFloat16, head_dim, backward);
 #else
   (void)element_size, (void)head_dim, (void)backward;
   return 0;
@@ -306,9 +310,7 @@ void check_kernel_arch(const at::Tensor& qkv) {
 // block (the kernels are sized for the H100; see qkv_attention_fwd_smem_bytes). After the
 // argument checks, under qkv's device guard.
 void check_shared_memory(const at::Tensor& qkv, const AttentionShape& d, bool backward) {
-  const DType dtype = dtype_of(qkv);
-  const int64_t need = backward ? cuda::qkv_attention_bwd_smem_bytes(dtype, d.C)
-                                : cuda::qkv_attention_fwd_smem_bytes(dtype, d.C);
+  const int64_t need = smem_bytes(dtype_of(qkv), d.C, backward);
   const auto* prop = at::cuda::getDeviceProperties(qkv.device().index());
   const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   TORCH_CHECK_VALUE(need <= limit, "qkv: the fused CUDA attention ",

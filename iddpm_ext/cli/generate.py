@@ -98,9 +98,7 @@ class Sampler:
         if self.name != "loop":
             from ..engine import SamplingEngine
 
-            self.engine = SamplingEngine(
-                model, diffusion, mode=self.name, device=device, amp=None if amp == "none" else amp
-            )
+            self.engine = SamplingEngine(model, diffusion, mode=self.name, device=device, amp=amp)
 
 
 def _sampler(engine, model, diffusion, device, amp="none") -> Sampler:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import dist_util, logger
-from ..core.precision import AMP_MODES, AutocastModel, amp_dtype
+from ..core.precision import amp_dtype, with_amp
 from ..errors import TrainingStopped
 from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
@@ -130,8 +130,7 @@ class TrainLoop:
                  amp="none", grad_clip=0.0, max_steps=0, seed=0, keep_checkpoints=0, progress=None,
                  log=None, channels_last=False, compile="none"):  # fmt: skip
         compile_kwargs = compile_options(compile)  # a bad value fails before anything is done
-        if amp not in AMP_MODES:
-            raise ValueError(f"amp: expected one of {list(AMP_MODES)}, got {amp!r}")
+        amp_dtype(amp)  # a bad value fails here too
         if not isinstance(channels_last, bool):
             raise ValueError(f"channels_last: expected True or False, got {channels_last!r}")
         if channels_last:
@@ -244,8 +243,7 @@ class TrainLoop:
         self.forward_model = self.ddp_model
         if compile_kwargs is not None:
             self.forward_model = torch.compile(self.ddp_model, **compile_kwargs)
-        if amp != "none":
-            self.forward_model = AutocastModel(self.forward_model, self.device.type, amp_dtype(amp))
+        self.forward_model = with_amp(self.forward_model, amp, self.device)
 
         self.metrics = None
         if dist_util.is_main():
