@@ -2,16 +2,22 @@
 training scripts call it, over this library's data sources (docs/training.md, "Data").
 
 ``data_dir`` may be anything ``iddpm train --data_dir`` takes: an image folder (recursive
-jpg/jpeg/png, class = file-name prefix before the first ``_``), a ``.npz`` (uint8 NHWC
+jpg/jpeg/png/gif, class = file-name prefix before the first ``_``), a ``.npz`` (uint8 NHWC
 ``arr_0``, labels ``arr_1``), a CIFAR-10 python-batches folder, or ``digits``.
 """
 
 from __future__ import annotations
 
-from . import dist_util
-from .training.data import BatchStream, DataError, list_image_files, open_source
+import numpy as np
+import torch
 
-__all__ = ["load_data", "list_image_files"]
+from . import dist_util
+from .training.data import BatchStream, DataError, list_image_files, load_image, open_source
+
+__all__ = ["load_data", "list_image_files", "ImageDataset"]
+
+# The reference's private name, which scripts built on it import.
+_list_image_files_recursively = list_image_files
 
 
 def load_data(
@@ -47,3 +53,27 @@ def load_data(
         random_flip=random_flip,
         class_cond=class_cond,
     )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The reference's map-style dataset over image files, for code that builds its own
+    ``DataLoader``: item ``i`` is (float32 [3, resolution, resolution] in [-1, 1],
+    ``{"y": int64 array}`` when ``classes`` is given else ``{}``); this process's shard is
+    ``image_paths[shard::num_shards]``. Pixels as ``load_data``'s (box halving, bicubic,
+    centre crop, RGB)."""
+
+    def __init__(self, resolution, image_paths, classes=None, shard=0, num_shards=1):
+        super().__init__()
+        self.resolution = resolution
+        self.local_images = image_paths[shard:][::num_shards]
+        self.local_classes = None if classes is None else classes[shard:][::num_shards]
+
+    def __len__(self):
+        return len(self.local_images)
+
+    def __getitem__(self, idx):
+        arr = load_image(self.local_images[idx], self.resolution, 3).astype(np.float32) / 127.5 - 1
+        out_dict = {}
+        if self.local_classes is not None:
+            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
+        return np.transpose(arr, [2, 0, 1]), out_dict

@@ -19,10 +19,12 @@ dumps its per-interval means (already averaged over processes) here as well as i
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 
 from .errors import MissingDependencyError
@@ -39,6 +41,10 @@ __all__ = [
     "logkvs",
     "dumpkvs",
     "getkvs",
+    "record_tabular",
+    "dump_tabular",
+    "profile_kv",
+    "profile",
     "log",
     "debug",
     "info",
@@ -312,6 +318,38 @@ def logkvs(d):
 
 def dumpkvs():
     return get_current().dumpkvs()
+
+
+# The reference's older names for logkv / dumpkvs.
+record_tabular = logkv
+dump_tabular = dumpkvs
+
+
+@contextmanager
+def profile_kv(scopename):
+    """Adds the wall time spent in the ``with`` block to the key ``wait_<scopename>`` of the
+    current logger (summed until the next ``dumpkvs``), as the reference's."""
+    key = "wait_" + scopename
+    start = time.time()
+    try:
+        yield
+    finally:
+        kvs = get_current().name2val
+        kvs[key] = kvs.get(key, 0.0) + time.time() - start
+
+
+def profile(n):
+    """A decorator that times every call of the function with ``profile_kv(n)``."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return timed
+
+    return decorate
 
 
 def getkvs():

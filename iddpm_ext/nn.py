@@ -651,3 +651,14 @@ def checkpoint(func, inputs, params=None, flag: bool = True):
     if flag and torch.is_grad_enabled():
         return torch_checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+class CheckpointFunction:
+    """The reference's checkpointing Function, for code that calls
+    ``CheckpointFunction.apply(func, len(inputs), *inputs, *params)`` itself: the same as
+    ``checkpoint(func, inputs, params)`` (recomputed in backward, through torch's
+    non-reentrant checkpoint)."""
+
+    @staticmethod
+    def apply(run_function, length, *args):
+        return checkpoint(run_function, tuple(args[:length]), tuple(args[length:]), True)

@@ -10,7 +10,7 @@ Sources (``open_source(spec, ...)``):
   (the format ``iddpm sample`` writes).
 * a CIFAR-10 "python version" folder as downloaded (``cifar-10-batches-py`` with
   ``data_batch_1..5`` = ``train`` and ``test_batch`` = ``test``), or its parent folder.
-* any other folder: images found recursively (.jpg, .jpeg, .png), sorted by path; the
+* any other folder: images found recursively (.jpg, .jpeg, .png, .gif), in the reference's order; the
   class of a file is its name's prefix before the first ``_`` (as improved-diffusion).
   Each image is resized as the reference does (halve with a box filter while the short
   side is ≥ 2× the size, bicubic to make the short side the size, centre crop) —
@@ -31,7 +31,7 @@ import torch
 
 from ..errors import DataError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif")  # the reference's set (first frame of a GIF)
 DIGITS_TEST = 297  # held-out digits (of 1797)
 RESIZE_MODES = ("crop", "none")
 
@@ -74,22 +74,30 @@ def resize_center_crop(img, size: int):
 
 
 def load_image(path: str, size: int, channels: int, resize: str = "crop") -> np.ndarray:
-    """One image file -> uint8 [size, size, channels]; DataError naming the file on failure."""
+    """One image file -> uint8 [size, size, channels]; DataError naming the file on failure.
+
+    In the reference's order: the image is scaled and cropped in its own mode (a palette or
+    bilevel image with PIL's nearest-neighbour rule, RGBA with premultiplied alpha) and
+    converted to RGB (or L) afterwards, so the pixels equal the reference's ``ImageDataset``'s.
+    """
     Image = _pil()
+    mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("RGB" if channels == 3 else "L")
+            if resize == "none":
+                if img.size != (size, size):
+                    raise DataError(
+                        f"{path}: expected a {size}x{size} image (resize='none'), got "
+                        f"{img.size[0]}x{img.size[1]}; images of mixed sizes need resize='crop'"
+                    )
+            else:
+                img = resize_center_crop(img, size)
+            img = img.convert(mode)
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types; all mean "unreadable"
         raise DataError(f"{path}: cannot read this image ({type(err).__name__}: {err})") from None
-    if resize == "none":
-        if img.size != (size, size):
-            raise DataError(
-                f"{path}: expected a {size}x{size} image (resize='none'), got "
-                f"{img.size[0]}x{img.size[1]}; images of mixed sizes need resize='crop'"
-            )
-    else:
-        img = resize_center_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
     return arr.reshape(size, size, channels)
 
@@ -169,13 +177,16 @@ class FolderSource(ImageSource):
 
 
 def list_image_files(data_dir: str) -> list:
-    """Image files under ``data_dir`` (recursive, sorted by path)."""
+    """Image files under ``data_dir``, in the reference's order: each folder's entries sorted
+    by name, a subfolder's files where its name sorts (depth first); an entry is an image
+    when its extension (after the last ".") is jpg, jpeg, png or gif, in any case."""
     found = []
-    for root, dirs, files in os.walk(data_dir):
-        dirs.sort()
-        for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                found.append(os.path.join(root, name))
+    for name in sorted(os.listdir(data_dir)):
+        path = os.path.join(data_dir, name)
+        if os.path.isdir(path):
+            found.extend(list_image_files(path))
+        elif "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_EXTS:
+            found.append(path)
     return found
 
 

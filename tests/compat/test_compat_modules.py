@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.training import blob_images, tiny_config, write_npz
+from helpers.training import blob_images, mixed_mode_image_folder, tiny_config, write_npz
 from iddpm_ext import fp16_util, logger, train_util
 from iddpm_ext.image_datasets import load_data
 from iddpm_ext.training.data import DataError
@@ -25,7 +25,8 @@ REFERENCE_NAMES = {
                  "LossSecondMomentResampler"],
     "losses": ["normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood"],
     "nn": ["SiLU", "GroupNorm32", "conv_nd", "linear", "avg_pool_nd", "update_ema", "zero_module",
-           "scale_module", "mean_flat", "normalization", "timestep_embedding", "checkpoint"],
+           "scale_module", "mean_flat", "normalization", "timestep_embedding", "checkpoint",
+           "CheckpointFunction"],
     "unet": ["UNetModel", "SuperResModel", "AttentionBlock", "ResBlock", "QKVAttention", "Upsample",
              "Downsample", "TimestepBlock", "TimestepEmbedSequential"],
     "script_util": ["model_and_diffusion_defaults", "create_model_and_diffusion", "create_model",
@@ -36,8 +37,9 @@ REFERENCE_NAMES = {
     "fp16_util": ["convert_module_to_f16", "convert_module_to_f32", "make_master_params",
                   "model_grads_to_master_grads", "master_params_to_model_params", "unflatten_master_params",
                   "zero_grad"],
-    "image_datasets": ["load_data"],
-    "logger": ["configure", "log", "logkv", "logkv_mean", "dumpkvs", "get_dir", "reset"],
+    "image_datasets": ["load_data", "ImageDataset", "_list_image_files_recursively"],
+    "logger": ["configure", "log", "logkv", "logkv_mean", "dumpkvs", "get_dir", "reset", "record_tabular",
+               "dump_tabular", "profile_kv", "profile"],
     "train_util": ["TrainLoop", "parse_resume_step_from_filename", "get_blob_logdir",
                    "find_resume_checkpoint", "find_ema_checkpoint", "log_loss_dict"],
 }
@@ -84,6 +86,51 @@ def test_load_data_from_an_image_folder(image_folder):
     assert torch.equal(next(again)[0], x)
     for _ in range(5):  # endless: 12 images = 3 batches per pass
         next(data)
+
+
+def test_image_files_in_the_reference_order(tmp_path):
+    from iddpm_ext.image_datasets import _list_image_files_recursively
+
+    root = mixed_mode_image_folder(tmp_path / "imgs")
+    rel = [os.path.relpath(p, root) for p in _list_image_files_recursively(str(root))]
+    # each folder's entries sorted by name, subfolders where they sort; .gif counts
+    assert rel == ["a_0.png", "b_sub/d_2.png", "b_sub/inner/a_3.png", "b_sub/z_6.JPEG", "c_1.png",
+                   "e_4.jpg", "f_5.gif", "g_7.png"]  # fmt: skip
+
+
+def test_images_are_scaled_in_their_own_mode_then_converted(tmp_path):
+    """The reference scales a palette / RGBA / LA image as it is and converts to RGB after;
+    converting first gives other pixels (up to ~160 levels here)."""
+    from PIL import Image
+
+    from iddpm_ext.training.data import load_image, resize_center_crop
+
+    root = mixed_mode_image_folder(tmp_path / "imgs")
+    for name in ("c_1.png", "b_sub/d_2.png", "g_7.png", "f_5.gif"):
+        with Image.open(root / name) as im:
+            im.load()
+            scaled_first = np.asarray(resize_center_crop(im, 16).convert("RGB"))
+            converted_first = np.asarray(resize_center_crop(im.convert("RGB"), 16))
+        got = load_image(str(root / name), 16, 3)
+        assert np.array_equal(got, scaled_first), name
+        assert not np.array_equal(got, converted_first), name  # the case is one where order matters
+
+
+def test_image_dataset_matches_load_data(tmp_path):
+    from iddpm_ext.image_datasets import ImageDataset, _list_image_files_recursively
+
+    root = str(mixed_mode_image_folder(tmp_path / "imgs"))
+    files = _list_image_files_recursively(root)
+    x, cond = next(load_data(data_dir=root, batch_size=8, image_size=16, class_cond=True, deterministic=True))
+    ds = ImageDataset(16, files, classes=cond["y"].tolist())
+    assert len(ds) == 8
+    for i in range(8):
+        arr, out = ds[i]
+        assert arr.dtype == np.float32 and arr.shape == (3, 16, 16)
+        assert np.array_equal(arr, x[i].numpy()) and out["y"].dtype == np.int64 and out["y"] == cond["y"][i]
+    shard = ImageDataset(16, files, shard=1, num_shards=3)  # the reference's image_paths[shard::num_shards]
+    assert shard.local_images == files[1::3] and len(shard) == 3 and ds[4][0].shape == shard[1][0].shape
+    assert np.array_equal(shard[1][0], ds[4][0]) and shard[1][1] == {}
 
 
 def test_load_data_unconditional_shuffled_and_other_sources(tmp_path):
@@ -193,6 +240,25 @@ def test_logger_formats_and_means(tmp_path, capsys):
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     with open(os.path.join(d, "log.txt")) as f:
         assert "hello 3" in f.read()
+
+
+def test_logger_reference_aliases_and_profiling(tmp_path, monkeypatch):
+    times = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])
+    monkeypatch.setattr(logger.time, "time", lambda: next(times))
+
+    @logger.profile("work")
+    def work(a, b=1):
+        return a + b
+
+    with logger.scoped_configure(dir=str(tmp_path / "logs"), format_strs=[]):
+        logger.record_tabular("step", 7)
+        with logger.profile_kv("io"):
+            pass
+        assert work(2, b=3) == 5 and work.__name__ == "work"
+        assert logger.dump_tabular() == {"step": 7, "wait_io": 0.5, "wait_work": 0.25}
+        with logger.profile_kv("io"):
+            pass
+        assert logger.getkvs() == {"wait_io": 1.0}  # summed afresh after each dump
 
 
 def test_logger_continues_a_folders_files(tmp_path):

@@ -121,3 +121,28 @@ def run_group(cmd: list, env: dict, timeout: float, cwd=None) -> subprocess.Comp
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s: {cmd}\n{out[-3000:]}\n{err[-5000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def mixed_mode_image_folder(root):
+    """Images in PIL modes the reference scales before converting (palette, RGBA, LA, L, a GIF),
+    with files and subfolders interleaved by name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+
+    def rgb(h, w):
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    (root / "b_sub" / "inner").mkdir(parents=True)
+    Image.fromarray(rgb(40, 50)).save(root / "a_0.png")
+    Image.fromarray(rgb(37, 29)).convert("P", palette=Image.ADAPTIVE).save(root / "c_1.png")
+    rgba = np.concatenate([rgb(33, 45), rng.integers(0, 256, (33, 45, 1), dtype=np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(root / "b_sub" / "d_2.png")
+    Image.fromarray(rgb(64, 64)[..., 0]).save(root / "b_sub" / "inner" / "a_3.png")
+    Image.fromarray(rgb(20, 30)).save(root / "e_4.jpg")
+    Image.fromarray(rgb(20, 30)).convert("P").save(root / "f_5.gif")
+    Image.fromarray(rgb(30, 20)).save(root / "b_sub" / "z_6.JPEG")
+    la = np.stack([rgb(25, 25)[..., 0], rng.integers(0, 256, (25, 25), dtype=np.uint8)], -1)
+    Image.fromarray(la, "LA").save(root / "g_7.png")
+    (root / "notes.txt").write_text("not an image")
+    return root

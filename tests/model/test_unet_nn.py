@@ -148,6 +148,28 @@ def test_checkpoint_helper_same_values_and_grads():
         torch.testing.assert_close(inn.checkpoint(f, (x,), None, True), ref_out.detach())
 
 
+def test_checkpoint_function_reference_call_form():
+    """CheckpointFunction.apply(func, n, *inputs, *params), as the reference's code calls it:
+    the same values and gradients, and func runs again in backward (it was checkpointed)."""
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    calls = []
+
+    def f(a):
+        calls.append(1)
+        return torch.tanh(lin(a)).sum(0)
+
+    out = inn.CheckpointFunction.apply(f, 1, x, *lin.parameters())
+    assert len(calls) == 1
+    gx, gw = torch.autograd.grad(out.sum(), (x, lin.weight))
+    assert len(calls) == 2  # recomputed for the backward
+    ref = f(x)
+    torch.testing.assert_close(out, ref)
+    ref_gx, ref_gw = torch.autograd.grad(ref.sum(), (x, lin.weight))
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gw, ref_gw)
+
+
 def test_mean_flat_reexported():
     torch.testing.assert_close(inn.mean_flat(torch.arange(6.0).reshape(2, 3)), torch.tensor([1.0, 4.0]))
 
