@@ -20,6 +20,20 @@ class UnknownNameError(ValueError, NotImplementedError):
     """
 
 
+class ArgumentError(ValueError, AssertionError):
+    """A bad argument where openai/improved-diffusion checks with ``assert`` (betas, tensor
+    shapes, timesteps, model output channels, class labels, DDIM's reverse η).
+
+    A ValueError, and also an AssertionError so that code and tests written against the
+    reference (which raises AssertionError there) keep working.
+    """
+
+
+class TimestepRangeError(ArgumentError, IndexError):
+    """A timestep outside [0, num_timesteps): an ArgumentError, and also an IndexError, which
+    the reference raises there (its table lookup runs off the end)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: says which file and why."""
 

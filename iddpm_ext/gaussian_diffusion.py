@@ -40,6 +40,7 @@ from .core.checks import (
 )
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule  # noqa: F401  (the reference's names)
 from .core.tables import StepCoefs, schedule_arrays, stack_coef_table, step_coefs
+from .errors import ArgumentError
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 
@@ -408,7 +409,7 @@ class GaussianDiffusion:
         check_x(x)
         self._check_t(t, x.shape[0])
         if kind == "ddim_reverse" and eta != 0.0:
-            raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
+            raise ArgumentError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
         if kind == "ddim":
             eta = check_eta(eta)
         return self._step(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator,
@@ -470,7 +471,7 @@ class GaussianDiffusion:
                             eta=0.0):  # fmt: skip
         """Deterministic DDIM step from x_t to x_{t+1} (the reverse ODE); eta must be 0."""
         if eta != 0.0:
-            raise ValueError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
+            raise ArgumentError(f"eta: the reverse DDIM ODE is deterministic, expected 0.0, got {eta}")
         model_output = self._checked_model_output(model, x, t, model_kwargs)
         return self._step("ddim_reverse", model_output, x, t, clip_denoised, denoised_fn)
 

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import ArgumentError
+
 
 def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over all non-batch dimensions: [N, ...] -> [N]."""
@@ -24,7 +26,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """
     tensor = next((o for o in (mean1, logvar1, mean2, logvar2) if isinstance(o, torch.Tensor)), None)
     if tensor is None:
-        raise ValueError("normal_kl: expected at least one argument to be a torch.Tensor, got none")
+        raise ArgumentError("normal_kl: expected at least one argument to be a torch.Tensor, got none")
     logvar1, logvar2 = [
         x if isinstance(x, torch.Tensor) else torch.tensor(x).to(tensor) for x in (logvar1, logvar2)
     ]
@@ -45,7 +47,7 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales) -> torch.Tensor
     x > 0.999). Probabilities are clamped at 1e-12 before the log. Returns nats, x's shape.
     """
     if not (x.shape == means.shape == log_scales.shape):
-        raise ValueError(
+        raise ArgumentError(
             "discretized_gaussian_log_likelihood: expected x, means and log_scales of one shape, "
             f"got {tuple(x.shape)}, {tuple(means.shape)}, {tuple(log_scales.shape)}"
         )

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ArgumentError
 from .nn import (
     SiLU,
     avg_pool_nd,
@@ -570,31 +571,31 @@ class UNetModel(nn.Module):
     def _check_inputs(self, x, timesteps, y):
         """Validate the inputs; returns timesteps as [N] (a scalar or [1] is broadcast)."""
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise ArgumentError(
                 f"x: expected [N, {self.in_channels}, {', '.join(['...'] * self.dims)}] "
                 f"(dims={self.dims}), got shape {tuple(x.shape)}"
             )
         factor = 2 ** (len(self.channel_mult) - 1)
         resampled = x.shape[2:] if self.dims != 3 else x.shape[3:]
         if any(s % factor for s in resampled):
-            raise ValueError(
+            raise ArgumentError(
                 f"x: spatial size {tuple(x.shape[2:])} must be divisible by {factor} "
                 f"({len(self.channel_mult) - 1} downsamplings)"
             )
         n = x.shape[0]
         if not isinstance(timesteps, torch.Tensor):
-            raise ValueError(f"timesteps: expected a tensor [N], got {type(timesteps).__name__}")
+            raise ArgumentError(f"timesteps: expected a tensor [N], got {type(timesteps).__name__}")
         if timesteps.dim() == 0 or tuple(timesteps.shape) == (1,):
             timesteps = timesteps.reshape(1).expand(n)
         if tuple(timesteps.shape) != (n,):
-            raise ValueError(f"timesteps: expected shape ({n},), got {tuple(timesteps.shape)}")
+            raise ArgumentError(f"timesteps: expected shape ({n},), got {tuple(timesteps.shape)}")
         if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
+            raise ArgumentError(
                 "y: must be given if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes}), got {'a tensor' if y is not None else 'None'}"
             )
         if y is not None and tuple(y.shape) != (n,):
-            raise ValueError(f"y: expected class labels of shape ({n},), got {tuple(y.shape)}")
+            raise ArgumentError(f"y: expected class labels of shape ({n},), got {tuple(y.shape)}")
         return timesteps
 
     def _embed(self, timesteps, y):  # -> emb: [N, 4·model_channels]

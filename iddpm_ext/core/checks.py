@@ -1,12 +1,16 @@
 """Argument checks of the diffusion's public methods.
 
-Every failure is a ValueError naming the argument, what was expected and what came.
+Every failure is an ArgumentError naming the argument, what was expected and what came: a
+ValueError, and an AssertionError as the reference's asserts (a timestep out of range also an
+IndexError, as the reference's table lookup).
 Shapes: x [N, C, ...]; t [N] integer timesteps; model output [N, C, ...] or [N, 2C, ...].
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import ArgumentError, TimestepRangeError
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Up to this many CPU values (timesteps, labels) are read as Python ints (faster than a reduction).
@@ -23,16 +27,16 @@ def cannot_sync(t: torch.Tensor) -> bool:
 
 def check_x(x, name: str = "x"):
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor [N, C, ...], got {type(x).__name__}")
+        raise ArgumentError(f"{name}: expected a tensor [N, C, ...], got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"{name}: expected a tensor [N, C, ...], got shape {tuple(x.shape)}")
+        raise ArgumentError(f"{name}: expected a tensor [N, C, ...], got shape {tuple(x.shape)}")
 
 
 def check_same_shape(tensor, name: str, ref: torch.Tensor, ref_name: str):
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+        raise ArgumentError(f"{name}: expected a tensor, got {type(tensor).__name__}")
     if tensor.shape != ref.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(tensor.shape)}"
         )
 
@@ -42,11 +46,11 @@ def check_timesteps(t, batch: int, num_timesteps: int, name: str = "t", read_val
     checked to lie in [0, num_timesteps) (a host read: a sync on CUDA, skipped during graph
     capture and compilation)."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected an integer tensor of shape ({batch},), got {type(t).__name__}")
+        raise ArgumentError(f"{name}: expected an integer tensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype not in INT_DTYPES:
-        raise ValueError(f"{name}: expected an integer tensor (e.g. int64), got dtype {t.dtype}")
+        raise ArgumentError(f"{name}: expected an integer tensor (e.g. int64), got dtype {t.dtype}")
     if tuple(t.shape) != (batch,):
-        raise ValueError(
+        raise ArgumentError(
             f"{name}: expected shape ({batch},) (one timestep per batch item), got {tuple(t.shape)}"
         )
     if batch == 0 or not read_values or cannot_sync(t):
@@ -54,7 +58,7 @@ def check_timesteps(t, batch: int, num_timesteps: int, name: str = "t", read_val
     lo, hi = int_range(t)
     if lo < 0 or hi >= num_timesteps:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{name}: expected timesteps in [0, {num_timesteps}), got {bad}")
+        raise TimestepRangeError(f"{name}: expected timesteps in [0, {num_timesteps}), got {bad}")
 
 
 def int_range(t: torch.Tensor) -> tuple:
@@ -88,7 +92,7 @@ def check_model_output(model_output, x: torch.Tensor, learned: bool, var_type):
         if learned
         else f"{channels} channels for {var_type_name}"
     )
-    raise ValueError(f"model_output: expected shape {expected} ({why}), got {got}")
+    raise ArgumentError(f"model_output: expected shape {expected} ({why}), got {got}")
 
 
 # The DDIM η rule. σ_t = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev) and the update's ε
@@ -108,10 +112,10 @@ def check_eta(eta, name: str = "eta") -> float:
         except (TypeError, ValueError, RuntimeError):
             value = None
     if value is None:
-        raise ValueError(f"{name}: expected a number in [0, 1] (DDIM's η), got {eta!r}")
+        raise ArgumentError(f"{name}: expected a number in [0, 1] (DDIM's η), got {eta!r}")
     lo, hi = ETA_RANGE
     if not lo <= value <= hi:  # NaN fails too
-        raise ValueError(
+        raise ArgumentError(
             f"{name}: expected a number in [0, 1] (DDIM's η; above 1 the coefficient "
             f"√(1 − ᾱ_prev − σ²) is not real at some steps), got {value}"
         )
@@ -127,7 +131,7 @@ def check_sample_shape(shape) -> tuple:
         except (TypeError, ValueError):
             ok = False
     if not ok or min(shape) < 1:
-        raise ValueError(f"shape: expected a tuple (B, C, ...) of positive ints, got {shape!r}")
+        raise ArgumentError(f"shape: expected a tuple (B, C, ...) of positive ints, got {shape!r}")
     return shape
 
 
@@ -146,15 +150,17 @@ def check_class_labels(model, model_kwargs, batch: int):
         return
     labels = (model_kwargs or {}).get("y")
     if labels is None:
-        raise ValueError(f"y: the model is class-conditional ({num_classes} classes); pass labels [B] as y=")
+        raise ArgumentError(
+            f"y: the model is class-conditional ({num_classes} classes); pass labels [B] as y="
+        )
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"y: expected a tensor of integer class labels, got {type(labels).__name__}")
+        raise ArgumentError(f"y: expected a tensor of integer class labels, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"y: expected integer class labels, got dtype {labels.dtype}")
+        raise ArgumentError(f"y: expected integer class labels, got dtype {labels.dtype}")
     if tuple(labels.shape) != (batch,):
-        raise ValueError(f"y: expected shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
+        raise ArgumentError(f"y: expected shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
     if cannot_sync(labels):
         return
     lo, hi = int_range(labels)
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"y: expected labels in [0, {num_classes}), got {lo if lo < 0 else hi}")
+        raise ArgumentError(f"y: expected labels in [0, {num_classes}), got {lo if lo < 0 else hi}")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..errors import ArgumentError
 
 # Column order of the [T, K] coefficient table. Append only: kernels index by position.
 COEF_NAMES = (
@@ -40,19 +41,19 @@ COEF_INDEX = {name: i for i, name in enumerate(COEF_NAMES)}
 
 
 def check_betas(betas) -> np.ndarray:
-    """betas as a float64 [T] array with 0 < β <= 1, or a ValueError saying what is wrong."""
+    """betas as a float64 [T] array with 0 < β <= 1, or an ArgumentError saying what is wrong."""
     try:
         arr = np.array(betas, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
+        raise ArgumentError(
             f"betas: expected a 1-D array of floats, got {type(betas).__name__} ({exc})"
         ) from None
     if arr.ndim != 1 or arr.shape[0] < 1:
-        raise ValueError(f"betas: expected a non-empty 1-D array, got shape {arr.shape}")
+        raise ArgumentError(f"betas: expected a non-empty 1-D array, got shape {arr.shape}")
     bad = ~(np.isfinite(arr) & (arr > 0) & (arr <= 1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"betas: expected every value in (0, 1], got betas[{i}] = {arr[i]!r}")
+        raise ArgumentError(f"betas: expected every value in (0, 1], got betas[{i}] = {arr[i]!r}")
     return arr
 
 

@@ -129,3 +129,35 @@ def test_one_step_process_works():
     terms = d.training_losses(zeros(2), x0, torch.tensor([0, 0]))
     assert torch.isfinite(terms["loss"]).all()
     assert torch.isfinite(d.calc_bpd_loop(zeros(2), x0)["total_bpd"]).all()
+
+
+def test_bad_arguments_are_also_assertion_errors_as_in_the_reference(d):
+    """Where openai/improved-diffusion checks with assert, the error is also an AssertionError
+    (and a timestep out of range also the IndexError its table lookup raises), so code and
+    tests written against it keep working; each is still a ValueError naming the argument."""
+    from iddpm_ext import UNetModel, losses
+    from iddpm_ext.errors import ArgumentError, TimestepRangeError
+
+    x, t = torch.zeros(2, 3, 4, 4), torch.tensor([1, 2])
+    cases = {
+        "betas": lambda: create_gaussian_diffusion(steps=10),  # linear at 10 steps: beta > 1
+        "t": lambda: d.p_mean_variance(zeros(6), x, torch.tensor([1])),
+        "model_output": lambda: d.training_losses(zeros(3), x, t),
+        "noise": lambda: d.q_sample(x, t, noise=torch.zeros(2, 3, 4, 5)),
+        "x_t": lambda: d.q_posterior_mean_variance(x, torch.zeros(2, 3, 4, 5), t),
+        "eta": lambda: d.ddim_reverse_sample(zeros(6), x, t, eta=0.5),
+        "discretized_gaussian_log_likelihood": lambda: losses.discretized_gaussian_log_likelihood(
+            x, means=x[:1], log_scales=x
+        ),
+        "normal_kl": lambda: losses.normal_kl(0.0, 0.0, 0.0, 0.0),
+    }
+    model = UNetModel(3, 32, 3, 1, (2,), channel_mult=(1, 2))
+    cases["y"] = lambda: model(x, t, y=torch.tensor([0, 1]))
+    for name, call in cases.items():
+        with pytest.raises(AssertionError) as info:
+            call()
+        assert isinstance(info.value, ArgumentError) and isinstance(info.value, ValueError), name
+        assert name in str(info.value), (name, str(info.value))
+    with pytest.raises(IndexError) as info:
+        d.q_sample(x, torch.tensor([1, 10]))
+    assert isinstance(info.value, TimestepRangeError) and isinstance(info.value, AssertionError)
