@@ -630,8 +630,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if timesteps.dim() != 1:
         raise ValueError(f"timesteps: expected a 1-D tensor [N], got shape {tuple(timesteps.shape)}")
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)  # [half]
+    # In the reference's order, -log(P)·i first, then / half, so the float32 rounding (and the
+    # embedding, bit for bit on the CPU) is the same for every dim, not only powers of two.
+    i = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * i / half)  # [half]
     args = timesteps[:, None].float() * freqs[None]  # [N, half]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

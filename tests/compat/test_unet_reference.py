@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
+from iddpm_ext import nn as inn
 from iddpm_ext import script_util
 from iddpm_ext.unet import SuperResModel, UNetModel
 
@@ -100,6 +101,14 @@ def test_reference_checkpoint_loads_and_matches(name):
     assert diff <= 1e-4
 
     _assert_same_gradients(ref, ours, expected, got)
+
+
+def test_reference_timestep_embedding_bit_for_bit():
+    _ref()  # puts the checkout on sys.path
+    ref_nn = importlib.import_module("improved_diffusion.nn")
+    t = torch.cat([torch.arange(1000).float(), torch.rand(50) * 1000])  # rescaled (fractional) too
+    for dim in (7, 32, 96, 128, 129, 160, 192, 384):
+        assert torch.equal(inn.timestep_embedding(t, dim), ref_nn.timestep_embedding(t, dim)), dim
 
 
 def test_reference_create_model_cifar10_and_feature_vectors():

@@ -40,6 +40,20 @@ def test_timestep_embedding_closed_form(dim):
     np.testing.assert_allclose(emb.numpy(), _embedding_closed_form(t, dim), atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dim", [7, 96, 160, 192])
+def test_timestep_embedding_rounds_in_the_reference_order(dim):
+    """Frequencies exp(-(ln P · i) / half) in float32, multiplied out in that order (the
+    reference's): bit for bit, also where half is not a power of two (i / half first, as
+    before, differed by up to 6e-5 at dims 96-192)."""
+    t = torch.arange(1000)
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    got = inn.timestep_embedding(t, dim)
+    assert torch.equal(got[:, : 2 * half], expected)
+
+
 def test_timestep_embedding_layout():
     emb = inn.timestep_embedding(torch.tensor([3, 0]), 9, max_period=100)
     torch.testing.assert_close(emb[0, 0], torch.cos(torch.tensor(3.0)))  # f_0 = 1, cos first
