@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from . import logger
-from .training.loop import TrainLoop
+from .training.loop import TrainLoop, blob_logdir
 
 __all__ = [
     "TrainLoop",
@@ -34,8 +34,9 @@ def parse_resume_step_from_filename(filename) -> int:
 
 
 def get_blob_logdir():
-    """Where the reference's trainer saves checkpoints: the logger's folder."""
-    return logger.get_dir()
+    """Where the reference's trainer saves checkpoints: ``$DIFFUSION_BLOB_LOGDIR`` when set,
+    else the logger's folder."""
+    return blob_logdir()
 
 
 def find_resume_checkpoint():

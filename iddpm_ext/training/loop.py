@@ -51,6 +51,18 @@ PLOT_EVERY_S = 30.0
 PLOT_COST_FACTOR = 50.0
 
 
+def blob_logdir():
+    """Where the reference's trainer saves: ``$DIFFUSION_BLOB_LOGDIR`` when set, else the
+    logger's folder (None when the logger is not configured)."""
+    return os.environ.get("DIFFUSION_BLOB_LOGDIR") or logger.get_dir()
+
+
+def training_test_mode() -> bool:
+    """The reference's hook for integration tests: with ``$DIFFUSION_TRAINING_TEST`` set (to
+    anything non-empty), ``run_loop`` returns after its first checkpoint."""
+    return bool(os.environ.get("DIFFUSION_TRAINING_TEST", ""))
+
+
 def parse_ema_rates(ema_rate) -> list:
     if isinstance(ema_rate, (int, float)):
         rates = [float(ema_rate)]
@@ -114,9 +126,17 @@ class TrainLoop:
     the compiled graph's random stream, so with dropout the numbers differ from an eager run).
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
-    (``resume_checkpoint``). Not given (the reference's way): the logger's folder
-    (``logger.configure()``, ``$OPENAI_LOGDIR``), else ``runs/train``; a run already there is
-    resumed from its latest step, as the reference's ``find_resume_checkpoint`` hook would.
+    (``resume_checkpoint``). Not given (the reference's way): ``$DIFFUSION_BLOB_LOGDIR``, else
+    the logger's folder (``logger.configure()``, ``$OPENAI_LOGDIR``), else ``runs/train``; a run
+    already there is resumed from its latest step, as the reference's ``find_resume_checkpoint``
+    hook would. With ``$DIFFUSION_TRAINING_TEST`` set, :meth:`run_loop` returns after its first
+    checkpoint (the reference's hook for integration tests).
+
+    Steps count updates done: the checkpoints of step N (``model%06d``) hold the weights after N
+    updates (the reference numbers from 0: its ``model000000.pt`` is after one update).
+    The reference's attributes ``ema_rate`` (the rates as floats), ``resume_checkpoint``,
+    ``resume_step`` (the step a resumed run started from, else 0; ``step`` counts on from it),
+    ``use_fp16`` and ``fp16_scale_growth`` are kept as given.
 
     The run folder is locked (:mod:`iddpm_ext.training.runlock`) from construction until
     :meth:`run_loop` returns or :meth:`close` is called: a second run or resume into it
@@ -163,6 +183,9 @@ class TrainLoop:
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
         self.ema_rates = parse_ema_rates(ema_rate)
+        self.ema_rate = list(self.ema_rates)  # the reference's name
+        self.resume_checkpoint = resume_checkpoint
+        self.use_fp16, self.fp16_scale_growth = use_fp16, fp16_scale_growth
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
@@ -170,7 +193,7 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.config = dict(config or getattr(model, "iddpm_config", None) or {})
         find_run = not out_dir and not resume_checkpoint
-        self.out_dir = out_dir = out_dir or logger.get_dir() or "runs/train"
+        self.out_dir = out_dir = out_dir or blob_logdir() or "runs/train"
         self.amp = amp
         self.channels_last = channels_last
         self.grad_clip = grad_clip
@@ -245,6 +268,7 @@ class TrainLoop:
             self.forward_model = torch.compile(self.ddp_model, **compile_kwargs)
         self.forward_model = with_amp(self.forward_model, amp, self.device)
 
+        self.resume_step = resume_step or 0
         self.metrics = None
         if dist_util.is_main():
             os.makedirs(out_dir, exist_ok=True)
@@ -429,6 +453,8 @@ class TrainLoop:
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step
+                    if training_test_mode():  # same env on every rank: all stop here
+                        break
                 stop = self._agreed_stop()
             if saved_at != self.step:
                 self.save()

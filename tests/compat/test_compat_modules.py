@@ -326,6 +326,44 @@ def test_log_loss_dict_quartiles(tmp_path):
     assert kvs["loss_q3"] == pytest.approx(5.0)
 
 
+def test_reference_training_hooks_and_attributes(tmp_path, monkeypatch):
+    """$DIFFUSION_BLOB_LOGDIR (where the reference's trainer saves) and $DIFFUSION_TRAINING_TEST
+    (its integration-test hook: run_loop returns after the first checkpoint), and the
+    reference's TrainLoop attributes."""
+    from iddpm_ext.resample import create_named_schedule_sampler
+    from iddpm_ext.script_util import create_model_and_diffusion
+
+    blob = str(tmp_path / "blob")
+    monkeypatch.setenv("DIFFUSION_BLOB_LOGDIR", blob)
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")
+    assert train_util.get_blob_logdir() == blob
+    model, diffusion = create_model_and_diffusion(**tiny_config())
+    npz = write_npz(str(tmp_path / "d.npz"), n=8)
+    data = load_data(data_dir=npz, batch_size=2, image_size=8, image_channels=1)
+    with logger.scoped_configure(dir=str(tmp_path / "logs"), format_strs=[]):
+        loop = train_util.TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=-1,
+                                    lr=1e-3, ema_rate="0.9,0.99", log_interval=1, save_interval=3,
+                                    resume_checkpoint="", use_fp16=False, fp16_scale_growth=1e-3,
+                                    schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
+                                    weight_decay=0.0, lr_anneal_steps=0,  # no end: the hook stops it
+                                    max_steps=20, progress=False, log=lambda *a: None)  # fmt: skip
+    assert loop.out_dir == blob
+    assert loop.ema_rate == [0.9, 0.99] and loop.resume_checkpoint == "" and loop.resume_step == 0
+    assert loop.use_fp16 is False and loop.fp16_scale_growth == 1e-3
+    loop.run_loop()
+    assert loop.step == 3  # stopped at its first checkpoint, not at max_steps
+    names = sorted(os.listdir(blob))
+    assert [n for n in names if n.startswith("model")] == ["model000003.safetensors"]
+    monkeypatch.delenv("DIFFUSION_TRAINING_TEST")
+    again = train_util.TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=-1,
+                                 lr=1e-3, ema_rate="0.9,0.99", log_interval=1, save_interval=3,
+                                 resume_checkpoint=blob, lr_anneal_steps=0, max_steps=4, progress=False,
+                                 log=lambda *a: None)  # fmt: skip
+    assert again.resume_step == 3 and again.step == 3
+    again.run_loop()
+    assert again.step == 4  # without the hook: on to max_steps
+
+
 def test_reference_style_training_script(tmp_path):
     """The reference's image_train.py body with only the import prefix changed."""
     from iddpm_ext import dist_util
