@@ -25,6 +25,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import CheckpointError
+
 # What torch.distributed.run sets for every worker (and what init_method="env://" reads).
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -199,17 +201,27 @@ def dev() -> torch.device:
     return _local_gpu() if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_state_dict(path, map_location=None, **kwargs):
-    """The state dict in ``path``: a reference ``.pt`` (read with ``weights_only=True``) or this
-    library's ``.safetensors``; a clear error for a missing, corrupt or non-weights file.
-    ``map_location`` (a device) moves the tensors there; other torch.load keywords are not used."""
+def load_state_dict(path, **kwargs):
+    """What ``torch.load(path, **kwargs)`` returns, as the reference's: a model, EMA or
+    optimizer ``.pt`` file (torch's default ``weights_only=True``: tensors, containers and
+    numbers only) in the type torch gives (an OrderedDict for a model's state dict); this
+    library's ``.safetensors`` weights as a dict of tensors, moved to ``map_location``. A
+    missing file raises CheckpointNotFoundError (a FileNotFoundError too); a corrupt one, or
+    one that torch refuses to load, a CheckpointError naming the file and why."""
     from .training import checkpoint
 
-    del kwargs
-    state, _, _ = checkpoint.load_weights(str(path))
-    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        state = {k: v.to(map_location) for k, v in state.items()}
-    return state
+    path = str(path)
+    checkpoint.check_exists(path)
+    if path.endswith(".safetensors"):
+        state, _, _ = checkpoint.load_weights(path)
+        where = kwargs.get("map_location")
+        if where is not None and not callable(where) and not isinstance(where, dict):
+            state = {k: v.to(where) for k, v in state.items()}
+        return state
+    try:
+        return torch.load(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle refused, ...
+        raise CheckpointError(f"{path}: cannot load this file ({type(err).__name__}: {err})") from None
 
 
 def sync_params(params):

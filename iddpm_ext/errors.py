@@ -38,6 +38,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: says which file and why."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file that does not exist: a CheckpointError, and also the
+    FileNotFoundError that torch.load (and so the reference) raises there."""
+
+
 class DataError(ValueError):
     """A data set that cannot be used: says which file or folder, and why."""
 

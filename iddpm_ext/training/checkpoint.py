@@ -29,7 +29,7 @@ import re
 import torch
 
 from .. import script_util
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..io import atomic_write, atomic_write_bytes, remove_stale_temporaries  # noqa: F401
 
 FORMAT = "iddpm_ext"
@@ -121,10 +121,14 @@ def save_weights(path: str, state_dict: dict, config: dict, **meta):
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def check_exists(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
+
+
 def load_weights(path: str):
     """(state_dict, config or None, metadata) from a .safetensors or a reference .pt file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    check_exists(path)
     if path.endswith(".pt") or path.endswith(".pth"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,7 @@
 """The reference's module names (improved_diffusion.X -> iddpm_ext.X) and the helpers its
 scripts import from them: image_datasets.load_data, fp16_util, logger, train_util."""
 
+import collections
 import importlib
 import json
 import os
@@ -401,5 +402,20 @@ def test_reference_style_training_script(tmp_path):
     assert all(torch.equal(again[k], v) for k, v in state.items())
     assert dist_util.dev().type in ("cpu", "cuda")
     dist_util.sync_params(model.parameters())  # one process: nothing to do, no error
-    with pytest.raises(Exception, match="no such checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):  # as torch.load's
         dist_util.load_state_dict(str(tmp_path / "missing.pt"))
+    # what torch.load returns, as the reference's: a state dict as its OrderedDict, and the
+    # optimizer file the reference's TrainLoop writes (opt*.pt: the bare optimizer state)
+    torch.save(model.state_dict(), tmp_path / "model000002.pt")
+    assert isinstance(dist_util.load_state_dict(str(tmp_path / "model000002.pt")), collections.OrderedDict)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.zeros(1, cfg["image_channels"], cfg["image_size"], cfg["image_size"])
+    model(x, torch.tensor([1])).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt000002.pt")
+    loaded = dist_util.load_state_dict(str(tmp_path / "opt000002.pt"), map_location="cpu")
+    assert set(loaded) == {"state", "param_groups"} and loaded["param_groups"][0]["lr"] == 1e-3
+    torch.optim.AdamW(model.parameters(), lr=1.0).load_state_dict(loaded)
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.pt: cannot load this file"):
+        dist_util.load_state_dict(str(tmp_path / "junk.pt"))
