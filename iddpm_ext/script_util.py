@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import warnings
 
 from . import gaussian_diffusion as gd
 from .core.schedules import get_named_beta_schedule
@@ -218,9 +219,16 @@ def _attention_ds(attention_resolutions, image_size):
     else:
         resolutions = [int(r) for r in attention_resolutions]
     for res in resolutions:
-        if res < 1 or image_size % res:
-            raise ValueError(
-                f"attention_resolutions: each resolution must divide the image size {image_size}, got {res}"
+        if res < 1:
+            raise ValueError(f"attention_resolutions: expected positive feature-map sizes, got {res}")
+        if image_size % res:  # the reference takes image_size // res all the same; so do we
+            ds = image_size // res
+            side = image_size // ds
+            where = f"at {side}x{side} if the model gets there" if ds & (ds - 1) == 0 else "nowhere"
+            warnings.warn(
+                f"attention_resolutions: {res} does not divide the image size {image_size}; as the "
+                f"reference, it means downsample rate {image_size} // {res} = {ds}: attention {where}",
+                stacklevel=3,
             )
     return tuple(image_size // res for res in resolutions)
 

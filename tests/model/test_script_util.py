@@ -97,8 +97,12 @@ def test_channel_mult_override_and_unsupported_size():
 def test_attention_resolutions_and_num_classes():
     model = script_util.create_model(**_small(attention_resolutions=(32, 4)))
     assert model.attention_resolutions == (1, 8)
-    with pytest.raises(ValueError, match="attention_resolutions"):
-        script_util.create_model(**_small(attention_resolutions="16,12"))
+    # a size that does not divide the image size: image_size // res, as the reference, with a warning
+    with pytest.warns(UserWarning, match=r"12 does not divide the image size 32.* 32 // 12 = 2"):
+        model = script_util.create_model(**_small(attention_resolutions="16,12"))
+    assert model.attention_resolutions == (2, 2)
+    with pytest.raises(ValueError, match="attention_resolutions: expected positive"):
+        script_util.create_model(**_small(attention_resolutions="16,0"))
     with pytest.raises(ValueError, match="attention_resolutions"):
         script_util.create_model(**_small(attention_resolutions="sixteen"))
     model = script_util.create_model(**_small(class_cond=True))
