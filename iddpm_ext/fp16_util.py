@@ -42,7 +42,8 @@ def model_grads_to_master_grads(model_params, master_params):
 
 
 def unflatten_master_params(model_params, master_params):
-    """Views of the master parameter shaped like each model parameter (float32)."""
+    """Views of the master parameter shaped like each model parameter (float32), as a tuple
+    (the reference's type)."""
     flat = master_params[0].detach()
     out, offset = [], 0
     for p in model_params:
@@ -51,7 +52,7 @@ def unflatten_master_params(model_params, master_params):
         offset += n
     if offset != flat.numel():
         raise ValueError(f"master_params: {flat.numel()} values for model parameters of {offset} values")
-    return out
+    return tuple(out)
 
 
 def master_params_to_model_params(model_params, master_params):

@@ -175,7 +175,9 @@ def test_master_params_round_trip_and_gradients():
     master = fp16_util.make_master_params(params)
     assert len(master) == 1 and master[0].dtype == torch.float32 and master[0].requires_grad
     assert master[0].numel() == sum(p.numel() for p in params)
-    for p, m in zip(params, fp16_util.unflatten_master_params(params, master)):
+    views = fp16_util.unflatten_master_params(params, master)
+    assert isinstance(views, tuple) and len(views) == len(params)  # the reference's type
+    for p, m in zip(params, views):
         assert m.shape == p.shape and torch.equal(m, p.detach())
     x = torch.randn(2, 2, 5, 5)
     model(x).sum().backward()
