@@ -148,9 +148,13 @@ def sr_create_model_and_diffusion(
     use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
     channel_mult="", num_classes=NUM_CLASSES,
 ):  # fmt: skip
-    """(SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
-    args = locals()
-    return _call(sr_create_model, args), _call(create_gaussian_diffusion, args, steps="diffusion_steps")
+    """(SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling. The
+    arguments are recorded on the model as ``model.iddpm_config``, which the trainer stores
+    in every checkpoint (as for :func:`create_model_and_diffusion`)."""
+    args = dict(locals())
+    model = _call(sr_create_model, args)
+    model.iddpm_config = args
+    return model, _call(create_gaussian_diffusion, args, steps="diffusion_steps")
 
 
 def sr_create_model(

@@ -203,3 +203,46 @@ def test_the_reference_scripts_with_the_prefix_changed(tmp_path, nproc):
     args = [scripts["image_nll"], "--model_path", weights, "--data_dir", data, "--num_samples", "4"]
     launch([*args, "--batch_size", "2", *MODEL_FLAGS], nproc, env={"OPENAI_LOGDIR": str(out / "nll")})
     check_nll_folder(str(out / "nll"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE_DIR, reason="IDDPM_REF_PATH: a checkout of openai/improved-diffusion")
+def test_the_reference_super_res_scripts_with_the_prefix_changed(tmp_path):
+    """super_res_train.py (images downsampled with F.interpolate(mode="area") as low_res) and
+    super_res_sample.py (base samples from an .npz) with the import prefix changed. They
+    import blobfile themselves (not a dependency of ours): a local-file stand-in is put on
+    their path."""
+    from PIL import Image
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "blobfile.py").write_text("BlobFile = open\n")
+    paths = {}
+    for name in ("super_res_train", "super_res_sample"):
+        text = open(os.path.join(REFERENCE_DIR, "scripts", f"{name}.py")).read()
+        paths[name] = str(tmp_path / f"{name}.py")
+        with open(paths[name], "w") as f:
+            f.write(text.replace("improved_diffusion", "iddpm_ext"))
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # larger than large_size: box-halved, bicubic, cropped as the reference
+        Image.fromarray(rng.integers(0, 256, (70, 80, 3), dtype=np.uint8)).save(data / f"c{i % 2}_{i}.png")
+    flags = ("--large_size 64 --small_size 32 --num_channels 32 --num_res_blocks 1 --num_heads 1 "
+             "--learn_sigma True --diffusion_steps 10 --noise_schedule cosine "
+             "--attention_resolutions 8").split()  # fmt: skip
+    env = {"PYTHONPATH": str(stubs) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "out"
+    launch([paths["super_res_train"], "--data_dir", str(data), "--batch_size", "2", "--lr_anneal_steps", "2",
+            "--log_interval", "1", *flags], 0, env={**env, "OPENAI_LOGDIR": str(out / "train")})  # fmt: skip
+    weights = out / "train" / "model000002.safetensors"
+    _, config, _ = ckpt.load_weights(str(weights))
+    assert config["large_size"] == 64 and config["small_size"] == 32
+    base = tmp_path / "base.npz"
+    np.savez(base, rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    launch([paths["super_res_sample"], "--model_path", str(weights), "--base_samples", str(base),
+            "--num_samples", "3", "--batch_size", "2", "--timestep_respacing", "5", *flags], 0,
+           env={**env, "OPENAI_LOGDIR": str(out / "sample")})  # fmt: skip
+    with np.load(out / "sample" / "samples_3x64x64x3.npz") as f:
+        assert f.files == ["arr_0"] and f["arr_0"].shape == (3, 64, 64, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].min() < f["arr_0"].max()

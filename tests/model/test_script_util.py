@@ -120,6 +120,7 @@ def test_super_resolution_constructors():
     assert "sigma_small" not in d  # the reference's SR constructor has no sigma_small
     d.update(large_size=64, small_size=32, num_channels=32, num_res_blocks=1, diffusion_steps=100)
     model, diffusion = script_util.sr_create_model_and_diffusion(**d)
+    assert model.iddpm_config == d  # recorded for the trainer's checkpoints
     assert isinstance(model, SuperResModel) and model.in_channels == 6
     assert model.channel_mult == (1, 2, 3, 4) and diffusion.num_timesteps == 100
     out = model(torch.randn(1, 3, 64, 64), torch.tensor([3]), low_res=torch.randn(1, 3, 32, 32))
