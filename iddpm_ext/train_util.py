@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 from . import logger
-from .training.loop import TrainLoop, blob_logdir
+from .training.loop import TrainLoop
+from .training.options import blob_logdir
 
 __all__ = [
     "TrainLoop",

@@ -36,47 +36,18 @@ from ..errors import TrainingStopped
 from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
 from .log import MetricsLog
+from .options import COMPILE_MODES, blob_logdir, compile_options, parse_ema_rates, training_test_mode  # noqa: F401
 from .runlock import RunFolderLock
 
 # Signals that stop training gracefully: finish the step, save it, raise TrainingStopped.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-# TrainLoop(compile=...): "none" or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # loss.png while training runs: first redrawn PLOT_EVERY_S after the loop starts, then again
 # PLOT_EVERY_S (or PLOT_COST_FACTOR times the last drawing's time, if longer) after each
 # drawing, and at the end. A drawing takes about half a second on one CPU core, so the plot
 # costs at most ~2% of the run's time; a run shorter than PLOT_EVERY_S draws it once, at the end.
 PLOT_EVERY_S = 30.0
 PLOT_COST_FACTOR = 50.0
-
-
-def blob_logdir():
-    """Where the reference's trainer saves: ``$DIFFUSION_BLOB_LOGDIR`` when set, else the
-    logger's folder (None when the logger is not configured)."""
-    return os.environ.get("DIFFUSION_BLOB_LOGDIR") or logger.get_dir()
-
-
-def training_test_mode() -> bool:
-    """The reference's hook for integration tests: with ``$DIFFUSION_TRAINING_TEST`` set (to
-    anything non-empty), ``run_loop`` returns after its first checkpoint."""
-    return bool(os.environ.get("DIFFUSION_TRAINING_TEST", ""))
-
-
-def parse_ema_rates(ema_rate) -> list:
-    if isinstance(ema_rate, (int, float)):
-        rates = [float(ema_rate)]
-    else:
-        try:
-            rates = [float(x) for x in str(ema_rate).split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"ema_rate: expected comma-separated floats like '0.9999', got {ema_rate!r}"
-            ) from None
-    for r in rates:
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"ema_rate: expected rates in [0, 1), got {r}")
-    return rates
 
 
 def _control_group(world: int, device: torch.device):
@@ -89,26 +60,6 @@ def _control_group(world: int, device: torch.device):
     if torch.distributed.is_gloo_available():
         return torch.distributed.new_group(backend="gloo")  # collective: every rank constructs a loop
     return torch.distributed.group.WORLD  # then the flag lives on the device
-
-
-def compile_options(compile) -> dict | None:
-    """``TrainLoop(compile=...)`` as keyword arguments of ``torch.compile`` (None: not compiled).
-
-    ``"none"``/None/False: eager; a mode of COMPILE_MODES; or a dict of ``torch.compile``
-    keyword arguments (e.g. ``{"backend": "aot_eager"}``). Shapes are static unless the dict
-    says otherwise (a training run has one or two batch shapes)."""
-    if compile is None or compile is False or compile == "none":
-        return None
-    if isinstance(compile, str):
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile: expected one of {list(COMPILE_MODES)}, got {compile!r}")
-        return {"mode": compile, "dynamic": False}
-    if isinstance(compile, dict):
-        return {"dynamic": False, **compile}
-    raise ValueError(
-        f"compile: expected one of {list(COMPILE_MODES)} or a dict of torch.compile arguments, "
-        f"got {compile!r}"
-    )
 
 
 class TrainLoop:
