@@ -121,20 +121,22 @@ IDDPM_HD ItemCoefs item_coefs(const float* row, int64_t tt, const StepConfig& cf
       c.noise_scale = M::mul(c.mask, M::exp(M::mul(0.5f, log_var)));
     }
   } else if (cfg.rule == kDdim) {
-    // In float64 from the table's float32 values: 1 − ᾱ_prev − σ² cancels badly for η near 1
-    // and large (respaced) jumps, where float32 loses most digits.
-    const double ab = row[col::kAlphasCumprod];
-    const double abp = row[col::kAlphasCumprodPrev];
-    const double sigma = static_cast<double>(cfg.eta) * std::sqrt((1.0 - abp) / (1.0 - ab)) *
-                         std::sqrt(1.0 - ab / abp);
-    const double rest = (1.0 - abp) - sigma * sigma;
-    c.ddim_a = static_cast<float>(std::sqrt(abp));
-    c.ddim_b = static_cast<float>(std::sqrt(rest > 0.0 ? rest : 0.0));
-    c.noise_scale = M::mul(c.mask, static_cast<float>(sigma));
-  } else {  // kDdimReverse
-    const double abn = row[col::kAlphasCumprodNext];
-    c.ddim_a = static_cast<float>(std::sqrt(abn));
-    c.ddim_b = static_cast<float>(std::sqrt(1.0 - abn));
+    // In float32, in the reference's order of operations (ddim_sample), so the step is its
+    // step bit for bit: σ = η·sqrt((1 − ᾱ_prev)/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ_prev),
+    // b = sqrt((1 − ᾱ_prev) − σ²). Where rounding makes (1 − ᾱ_prev) − σ² negative (η near 1),
+    // the reference's sqrt gives NaN; 0 here.
+    const float ab = row[col::kAlphasCumprod];
+    const float abp = row[col::kAlphasCumprodPrev];
+    const float sigma = M::mul(M::mul(cfg.eta, M::sqrt(M::div(M::sub(1.0f, abp), M::sub(1.0f, ab)))),
+                               M::sqrt(M::sub(1.0f, M::div(ab, abp))));
+    const float rest = M::sub(M::sub(1.0f, abp), M::mul(sigma, sigma));
+    c.ddim_a = M::sqrt(abp);
+    c.ddim_b = M::sqrt(rest > 0.0f ? rest : 0.0f);
+    c.noise_scale = M::mul(c.mask, sigma);
+  } else {  // kDdimReverse, as the reference's ddim_reverse_sample, in float32
+    const float abn = row[col::kAlphasCumprodNext];
+    c.ddim_a = M::sqrt(abn);
+    c.ddim_b = M::sqrt(M::sub(1.0f, abn));
   }
   return c;
 }

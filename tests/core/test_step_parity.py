@@ -2,6 +2,7 @@
 respaced schedules, t = 0 / T-1 / mixed, clipping, low precision, layouts, spatial ranks,
 and the sampling loops with the fused ops on and off."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,3 +296,49 @@ def test_fused_errors_match_the_eager_messages():
             d.ddim_sample(const_model(mo), x, t, noise=noise[:1])
         with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 100\)"):
             d.p_sample(const_model(mo), x, torch.tensor([3, 100]), noise=noise)
+
+
+def _ddim_float32_in_reference_order(d, rule, x, mo, t, clip, eta, noise):
+    """The reference's ddim_sample / ddim_reverse_sample in numpy float32, one rounding per
+    operation, in its order, with correctly rounded square roots (what the kernel computes)."""
+    import numpy as np
+
+    f = np.float32
+
+    def col(name):  # the reference's _extract_into_tensor: float64 table -> float32, per item
+        return np.asarray(getattr(d, name), dtype=np.float64)[t.numpy()].astype(f)[:, None, None, None]
+
+    x, eps_out = x.numpy(), mo[:, : x.shape[1]].numpy()
+    sr, srm1 = col("sqrt_recip_alphas_cumprod"), col("sqrt_recipm1_alphas_cumprod")
+    x0 = sr * x - srm1 * eps_out
+    if clip:
+        x0 = np.clip(x0, f(-1), f(1))
+    eps = (sr * x - x0) / srm1
+    if rule == "reverse":
+        abn = col("alphas_cumprod_next")
+        return x0 * np.sqrt(abn) + np.sqrt(f(1) - abn) * eps
+    ab, abp = col("alphas_cumprod"), col("alphas_cumprod_prev")
+    sigma = f(eta) * np.sqrt((f(1) - abp) / (f(1) - ab)) * np.sqrt(f(1) - ab / abp)
+    mean = x0 * np.sqrt(abp) + np.sqrt(np.maximum((f(1) - abp) - sigma * sigma, f(0))) * eps
+    mask = (t.numpy() != 0).astype(f)[:, None, None, None]
+    return mean + (mask * sigma) * noise.numpy()
+
+
+@pytest.mark.parametrize("schedule,respacing", [("linear", None), ("cosine", None), ("cosine", "ddim50")])
+@pytest.mark.parametrize("rule,eta", [("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("reverse", 0.0)])
+def test_fused_ddim_factors_are_float32_in_the_reference_order(schedule, respacing, rule, eta):
+    """σ, √ᾱ_prev, √((1 − ᾱ_prev) − σ²), √ᾱ_next, √(1 − ᾱ_next) in float32, as the reference
+    computes them (not in float64, which differed by up to 4e-6 per step): bit for bit
+    against that arithmetic in numpy at every timestep."""
+    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE, steps=1000, schedule=schedule,
+                       respacing=respacing)  # fmt: skip
+    T = d.num_timesteps
+    x, mo, noise = make_inputs(d, (T, 2, 3, 3), seed=11)
+    t = torch.arange(T)
+    for clip in (True, False):
+        got = run_step(d, rule, x, mo, t, clip, eta, noise if rule == "ddim" else None, fused=True)["sample"]
+        want = _ddim_float32_in_reference_order(d, rule, x, mo, t, clip, eta, noise)
+        assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want), (
+            clip,
+            max_err(got, torch.from_numpy(want)),
+        )
