@@ -171,14 +171,33 @@ class SpacedDiffusion(GaussianDiffusion):
 
 
 class _WrappedModel:
-    """Calls the model with original-process timesteps (rescaled when asked)."""
+    """Calls the model with original-process timesteps (rescaled when asked).
 
-    def __init__(self, model, diffusion: SpacedDiffusion):
+    ``_WrappedModel(model, diffusion)``, or the reference's
+    ``_WrappedModel(model, timestep_map, rescale_timesteps, original_num_steps)``."""
+
+    def __init__(self, model, diffusion, rescale_timesteps=None, original_num_steps=None):
         self.model = model
-        self.diffusion = diffusion
-        self.timestep_map = diffusion.timestep_map
-        self.rescale_timesteps = diffusion.rescale_timesteps
-        self.original_num_steps = diffusion.original_num_steps
+        if isinstance(diffusion, SpacedDiffusion):
+            self.diffusion = diffusion
+            self.timestep_map = diffusion.timestep_map
+            self.rescale_timesteps = diffusion.rescale_timesteps
+            self.original_num_steps = diffusion.original_num_steps
+        else:  # the reference's arguments
+            if rescale_timesteps is None or original_num_steps is None:
+                raise ValueError(
+                    "_WrappedModel: expected (model, diffusion) or (model, timestep_map, "
+                    "rescale_timesteps, original_num_steps)"
+                )
+            self.diffusion = None
+            self.timestep_map = list(diffusion)
+            self.rescale_timesteps = rescale_timesteps
+            self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        return self.model(x, self.diffusion.model_timesteps(ts), **kwargs)
+        if self.diffusion is not None:
+            return self.model(x, self.diffusion.model_timesteps(ts), **kwargs)
+        new_ts = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, new_ts, **kwargs)

@@ -128,6 +128,25 @@ def test_model_sees_original_timesteps_rescaled_when_asked():
     assert torch.allclose(seen[-1], torch.tensor([0.0, 990.0]))
 
 
+def test_wrapped_model_takes_both_argument_forms():
+    """respace._WrappedModel(model, diffusion), or the reference's (model, timestep_map,
+    rescale_timesteps, original_num_steps): the model sees the same timesteps either way."""
+    from iddpm_ext.respace import _WrappedModel
+
+    def model(x, t):
+        return t
+
+    t = torch.tensor([0, 3, 9])
+    for rescale in (False, True):
+        d = create_gaussian_diffusion(steps=100, timestep_respacing="10", rescale_timesteps=rescale)
+        ours = _WrappedModel(model, d)(None, t)
+        theirs = _WrappedModel(model, d.timestep_map, rescale, d.original_num_steps)(None, t)
+        assert torch.equal(ours, theirs) and ours.dtype == (torch.float32 if rescale else torch.int64)
+        assert ours.tolist() == ([0.0, 330.0, 990.0] if rescale else [0, 33, 99])
+    with pytest.raises(ValueError, match="_WrappedModel: expected"):
+        _WrappedModel(model, [0, 1])
+
+
 def test_spaced_diffusion_argument_errors():
     betas = get_named_beta_schedule("cosine", 10)
     kw = dict(
