@@ -415,6 +415,17 @@ class GaussianDiffusion:
         return self._step(kind, model_output, x, t, clip_denoised, denoised_fn, eta, noise, generator,
                           sample_index, fused, pred_xstart)  # fmt: skip
 
+    def _half_output_math(self, kind, model_output) -> bool:
+        """True where the reference does part of the step in a float16 / bfloat16 model
+        output's own precision, which the fused op (float32 throughout) does not: a learned
+        variance's (v + 1) / 2 or exp(0.5·v) in an ancestral step, and a START_X model's x_0
+        (returned in the model's dtype). The default path is then the eager one, as the
+        reference; ``fused=True`` still runs the op."""
+        if model_output.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        return (kind == "ancestral" and learned) or self.model_mean_type == ModelMeanType.START_X
+
     def _step(self, kind, model_output, x, t, clip_denoised, denoised_fn=None, eta=0.0, noise=None,
               generator=None, sample_index=None, fused=None, pred_xstart=True):  # fmt: skip
         """:meth:`step` after the checks of x and t."""
@@ -423,7 +434,12 @@ class GaussianDiffusion:
         self._check_model_output(model_output, x)
         blocker = sampling.fused_blocker(x, model_output, t, denoised_fn, noise)
         if fused is None:
-            fused = self.use_fused and blocker is None and isinstance(eta, (int, float))
+            fused = (
+                self.use_fused
+                and blocker is None
+                and isinstance(eta, (int, float))
+                and not self._half_output_math(kind, model_output)
+            )
         elif fused and blocker is not None:
             raise ValueError(f"fused: the fused step cannot run here: {blocker}")
         if fused:

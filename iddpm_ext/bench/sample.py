@@ -52,6 +52,7 @@ import itertools
 import torch
 
 from .. import ops
+from ..core.precision import AutocastModel
 from ..engine import SamplingEngine
 from ..ops.attention import attention_impl
 from ..script_util import create_gaussian_diffusion
@@ -144,16 +145,6 @@ def _autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
-class _Autocast(torch.nn.Module):
-    def __init__(self, model, device, dtype):
-        super().__init__()
-        self.model, self.device, self.dtype = model, device, dtype
-
-    def forward(self, x, t, **kwargs):
-        with _autocast(self.device, self.dtype):
-            return self.model(x, t, **kwargs)
 
 
 def reference_loop(d, model, x_T, device, dtype):
@@ -325,7 +316,10 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
         if not ops.has_kernel(device):
             return None
         m = copy.deepcopy(model).to_inference() if impl == "inference" else model
-        m = m if amp is None else _Autocast(m, device, dtype)
+        # as `iddpm sample --amp`: the network under autocast, its output read in float32 by the
+        # fused steps (a bf16 output as such would take the reference's bf16 variance arithmetic,
+        # eagerly: docs/step.md)
+        m = m if amp is None else AutocastModel(m, device.type, dtype)
 
         def eager():
             with attention_impl("auto"):

@@ -342,3 +342,23 @@ def test_fused_ddim_factors_are_float32_in_the_reference_order(schedule, respaci
             clip,
             max_err(got, torch.from_numpy(want)),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_output_takes_the_reference_arithmetic(dtype):
+    """A model returning float16/bfloat16 (autocast): the reference computes a learned
+    variance's (v + 1) / 2 in that precision and returns a START_X model's x_0 in it; by
+    default the step then runs eagerly (the reference's bits), while fused=True still runs
+    the float32 op (which differs: the case matters)."""
+    t = torch.tensor([3, 50, 99])
+    d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
+    x, mo, noise = make_inputs(d, (3, 2, 4, 4), seed=5, mo_dtype=dtype)
+    auto = d.p_sample(const_model(mo), x, t, noise=noise)["sample"]
+    eager = run_step(d, "ancestral", x, mo, t, True, 0.0, noise, fused=False)["sample"]
+    forced = d.step("ancestral", mo, x, t, noise=noise, fused=True)["sample"]
+    assert torch.equal(auto, eager) and not torch.equal(forced, eager)
+    d = make_diffusion(ModelMeanType.START_X, ModelVarType.FIXED_SMALL)
+    x, mo, noise = make_inputs(d, (3, 2, 4, 4), seed=5, mo_dtype=dtype)
+    model = const_model(mo)
+    for out in (d.p_sample(model, x, t, noise=noise), d.ddim_sample(model, x, t, noise=noise)):
+        assert out["pred_xstart"].dtype == dtype and out["sample"].dtype == torch.float32
