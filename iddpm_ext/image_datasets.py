@@ -38,7 +38,9 @@ def load_data(
     own shard, whole batches only, shuffled unless ``deterministic``. Additions (keyword
     only, defaults = the reference's behaviour): ``image_channels`` (1 or 3), ``random_flip``,
     ``seed`` of the shuffle order. The iterator has ``state_dict`` / ``load_state_dict`` for
-    exact resumption.
+    exact resumption. At each epoch start it draws from torch's global generator what the
+    reference's DataLoader draws (one int64, two when shuffling), so a seeded script gets the
+    reference's noise afterwards.
     """
     if not data_dir:
         raise DataError("data_dir: unspecified data directory (a folder, a .npz file, or 'digits')")
@@ -52,6 +54,7 @@ def load_data(
         shuffle=not deterministic,
         random_flip=random_flip,
         class_cond=class_cond,
+        loader_rng_draws=True,
     )
 
 

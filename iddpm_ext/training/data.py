@@ -407,6 +407,7 @@ class BatchStream:
         random_flip: bool = False,
         class_cond: bool = False,
         num_workers: int = 0,
+        loader_rng_draws: bool = False,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size: expected a positive int, got {batch_size}")
@@ -420,6 +421,11 @@ class BatchStream:
         self.random_flip = random_flip
         self.class_cond = class_cond
         self.num_workers = num_workers
+        # The reference's load_data is a torch DataLoader: each epoch's iterator draws one int64
+        # from torch's global generator (its base seed), and a shuffling sampler one more. With
+        # loader_rng_draws the stream draws the same at each epoch start, so later draws (the
+        # training noise) are those of a seeded script run with the reference.
+        self.loader_rng_draws = (2 if shuffle else 1) if loader_rng_draws else 0
         self.per_rank = len(source) // world
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
@@ -495,6 +501,9 @@ class BatchStream:
         return self
 
     def __next__(self):
+        if self.loader_rng_draws and self.position % self.batches_per_epoch == 0:
+            for _ in range(self.loader_rng_draws):
+                torch.empty((), dtype=torch.int64).random_()
         if self.num_workers > 0 and isinstance(self.source, FolderSource):
             if self._loader_iter is None:
                 self._loader_iter = iter(self._worker_loader(self.position))

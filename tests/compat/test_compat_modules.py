@@ -134,6 +134,25 @@ def test_image_dataset_matches_load_data(tmp_path):
     assert np.array_equal(shard[1][0], ds[4][0]) and shard[1][1] == {}
 
 
+@pytest.mark.parametrize("deterministic,per_epoch", [(True, 1), (False, 2)])
+def test_load_data_draws_from_torch_like_the_reference_dataloader(tmp_path, deterministic, per_epoch):
+    """The reference's load_data is a DataLoader: each epoch's iterator draws an int64 base seed
+    from torch's global generator (a shuffling sampler one more), so a seeded script's later
+    draws depend on them. Ours draws the same at each epoch start (2 batches per epoch here)."""
+    path = write_npz(str(tmp_path / "d.npz"), n=8)
+    for batches in range(1, 5):
+        kw = dict(batch_size=4, image_size=8, image_channels=1, deterministic=deterministic)
+        data = load_data(data_dir=path, **kw)
+        torch.manual_seed(0)
+        for _ in range(batches):
+            next(data)
+        got = torch.rand(3)
+        torch.manual_seed(0)
+        for _ in range((batches + 1) // 2 * per_epoch):  # epochs started × draws per epoch
+            torch.empty((), dtype=torch.int64).random_()
+        assert torch.equal(got, torch.rand(3)), batches
+
+
 def test_load_data_unconditional_shuffled_and_other_sources(tmp_path):
     path = write_npz(str(tmp_path / "d.npz"), n=16)
     x, cond = next(load_data(data_dir=path, batch_size=8, image_size=8, image_channels=1))
