@@ -127,8 +127,9 @@ IDDPM_HD ItemCoefs item_coefs(const float* row, int64_t tt, const StepConfig& cf
     // the reference's sqrt gives NaN; 0 here.
     const float ab = row[col::kAlphasCumprod];
     const float abp = row[col::kAlphasCumprodPrev];
-    const float sigma = M::mul(M::mul(cfg.eta, M::sqrt(M::div(M::sub(1.0f, abp), M::sub(1.0f, ab)))),
-                               M::sqrt(M::sub(1.0f, M::div(ab, abp))));
+    const float sigma =
+        M::mul(M::mul(cfg.eta, M::sqrt(M::div(M::sub(1.0f, abp), M::sub(1.0f, ab)))),
+               M::sqrt(M::sub(1.0f, M::div(ab, abp))));
     const float rest = M::sub(M::sub(1.0f, abp), M::mul(sigma, sigma));
     c.ddim_a = M::sqrt(abp);
     c.ddim_b = M::sqrt(rest > 0.0f ? rest : 0.0f);
