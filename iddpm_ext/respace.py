@@ -159,15 +159,21 @@ class SpacedDiffusion(GaussianDiffusion):
         """The original process's timesteps of respaced timesteps ``t`` (scaled to [0, 1000)
         with ``rescale_timesteps``): what the model is given."""
         m = self._timestep_map_tensor(t.device, t.dtype)
-        # take == m[t] for a 1-D m (negative t counts from the end as well), with less overhead
-        new_ts = torch.take(m, t) if t.dtype == torch.int64 else m[t]
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return new_ts
+        return map_timesteps(m, t, self.rescale_timesteps, self.original_num_steps)
 
     def _scale_timesteps(self, t):
         # Scaling is done by the wrapped model.
         return t
+
+
+def map_timesteps(timestep_map: torch.Tensor, t: torch.Tensor, rescale: bool, original_num_steps: int):
+    """timestep_map[t] (on t's device, in t's dtype), scaled to [0, 1000) as float32 when
+    ``rescale``: the timesteps a respaced process's model is given."""
+    # take == m[t] for a 1-D m (negative t counts from the end as well), with less overhead
+    new_ts = torch.take(timestep_map, t) if t.dtype == torch.int64 else timestep_map[t]
+    if rescale:
+        new_ts = new_ts.float() * (1000.0 / original_num_steps)
+    return new_ts
 
 
 class _WrappedModel:
@@ -195,9 +201,8 @@ class _WrappedModel:
             self.original_num_steps = original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        if self.diffusion is not None:
-            return self.model(x, self.diffusion.model_timesteps(ts), **kwargs)
-        new_ts = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return self.model(x, new_ts, **kwargs)
+        if self.diffusion is not None:  # its map tensor, cached per device and dtype
+            m = self.diffusion._timestep_map_tensor(ts.device, ts.dtype)
+        else:
+            m = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        return self.model(x, map_timesteps(m, ts, self.rescale_timesteps, self.original_num_steps), **kwargs)

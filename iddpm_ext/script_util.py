@@ -226,9 +226,9 @@ def _attention_ds(attention_resolutions, image_size):
         if res < 1:
             raise ValueError(f"attention_resolutions: expected positive feature-map sizes, got {res}")
         if image_size % res:  # the reference takes image_size // res all the same; so do we
-            ds = image_size // res
-            side = image_size // ds
-            where = f"at {side}x{side} if the model gets there" if ds & (ds - 1) == 0 else "nowhere"
+            ds = image_size // res  # 0 for res > image_size: no level has it
+            side = image_size // ds if ds else 0
+            where = f"at {side}x{side} if the model gets there" if ds and ds & (ds - 1) == 0 else "nowhere"
             warnings.warn(
                 f"attention_resolutions: {res} does not divide the image size {image_size}; as the "
                 f"reference, it means downsample rate {image_size} // {res} = {ds}: attention {where}",

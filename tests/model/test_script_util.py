@@ -101,6 +101,8 @@ def test_attention_resolutions_and_num_classes():
     with pytest.warns(UserWarning, match=r"12 does not divide the image size 32.* 32 // 12 = 2"):
         model = script_util.create_model(**_small(attention_resolutions="16,12"))
     assert model.attention_resolutions == (2, 2)
+    with pytest.warns(UserWarning, match=r"64 does not divide the image size 32.* = 0: attention nowhere"):
+        assert script_util.create_model(**_small(attention_resolutions="64")).attention_resolutions == (0,)
     with pytest.raises(ValueError, match="attention_resolutions: expected positive"):
         script_util.create_model(**_small(attention_resolutions="16,0"))
     with pytest.raises(ValueError, match="attention_resolutions"):
