@@ -13,6 +13,7 @@
 #include "common/step_params.h"
 #include "cpu/attention.h"
 #include "cpu/group_norm.h"
+#include "cpu/torch_vml.h"
 #include "cpu/winograd.h"
 #include "cuda/attention.h"
 #include "cuda/group_norm.h"
@@ -82,7 +83,9 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //    "ops": [str, ...],                the torch.ops.iddpm op names
 //    "step": {                         p_sample_step, ddim_step, ddim_reverse_step
 //      "cpu":  {"dtypes": [str, ...],    of x (and noise, outputs) and model_output
-//               "min_table_columns": int},  K of the [T, K] coefficient table, at least
+//               "min_table_columns": int,   K of the [T, K] coefficient table, at least
+//               "torch_exp_sqrt": bool},    exp and sqrt are torch's own (oneMKL VML found):
+//                                           the step is then the eager path's bit for bit
 //      "cuda": the same or None without CUDA},
 //    "attention": {                    qkv_attention, qkv_attention_backward
 //      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
@@ -102,6 +105,7 @@ py::dict capabilities() {
   py::dict step_cpu, attention_cpu;
   step_cpu["dtypes"] = dtype_names(iddpm::step::kStepDtypes);
   step_cpu["min_table_columns"] = iddpm::step::col::kMinColumns;
+  step_cpu["torch_exp_sqrt"] = iddpm::cpu::vml::available();
   attention_cpu["dtypes"] = dtype_names(iddpm::cpu::kAttentionDtypes);
   attention_cpu["head_dims"] = "any";
 

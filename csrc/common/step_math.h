@@ -4,7 +4,8 @@
 //
 // Every formula repeats the eager path of iddpm_ext/gaussian_diffusion.py operation by
 // operation (same operands, same order, each product and sum rounded to float32 on its own),
-// so the fused CPU result equals the eager one up to the last bit of exp():
+// so the fused result equals the eager one up to the last bits of exp() and sqrt() (on the
+// CPU, with torch's own exp and sqrt, exactly; see `M` below):
 //   pred_x0  ε: sqrt_recip_ac·x − sqrt_recipm1_ac·ε    x_prev: rc1·x_prev − (c2/c1)·x
 //            x0: model output; then clamp to [−1, 1] when clip_denoised
 //   ancestral: mean = coef1·x0 + coef2·x (model output itself for x_prev)
@@ -15,11 +16,12 @@
 //              x_{t-1} = x0·sqrt(ᾱ_prev) + sqrt(1−ᾱ_prev−σ²)·ε + (mask·σ)·z
 //   reverse:   x_{t+1} = x0·sqrt(ᾱ_next) + sqrt(1−ᾱ_next)·ε
 // with mask = 0 where t = 0 (no noise in the last step). The per-item DDIM factors (σ and the
-// square roots) are computed in float64 from the float32 table and rounded once: the eager
-// path's float32 1 − ᾱ_prev − σ² cancels catastrophically for η ≈ 1 with large jumps.
+// square roots) are computed in float32 in the reference's order of operations, like the rest.
 //
 // `M` supplies the arithmetic: M::mul/add/sub/div round each operation separately
-// (on CUDA through __fmul_rn etc., so nvcc does not contract them into FMAs).
+// (on CUDA through __fmul_rn etc., so nvcc does not contract them into FMAs); M::exp and
+// M::sqrt are the device's, or on the CPU torch's own (csrc/cpu/torch_vml.h), which makes the
+// fused CPU step the eager one bit for bit where torch evaluates them with oneMKL.
 #pragma once
 
 #include <cmath>
@@ -98,9 +100,10 @@ struct ItemCoefs {
   float ddim_b;       // DDIM: sqrt(1 − ᾱ_prev − σ²); reverse: sqrt(1 − ᾱ_next)
 };
 
-// row: the K coefficients of timestep tt (tt already known to be in range).
+// row: the K coefficients of timestep tt (tt already known to be in range). M: scalar
+// arithmetic as ScalarOps (the CPU passes one with torch's exp and sqrt).
+template <class M = ScalarOps>
 IDDPM_HD ItemCoefs item_coefs(const float* row, int64_t tt, const StepConfig& cfg) {
-  using M = ScalarOps;
   ItemCoefs c;
   c.sr = row[col::kSqrtRecipAlphasCumprod];
   c.srm1 = row[col::kSqrtRecipm1AlphasCumprod];
@@ -156,25 +159,34 @@ IDDPM_STEP_INLINE V pred_xstart(const StepConfig& cfg, const ItemCoefs& c, V x, 
   return cfg.clip ? M::clamp_unit(x0) : x0;
 }
 
-// The factor that multiplies the noise in an ancestral step: mask·exp(0.5·log σ²).
+// Learned variance types: 0.5·log σ² from the model's variance output v, whose exp is σ.
 template <class M, class V>
-IDDPM_STEP_INLINE V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs& c, V v) {
-  if (cfg.var_type == kLearned) {
-    return M::mul(M::splat(c.mask), M::exp(M::mul(M::splat(0.5f), v)));
-  }
+IDDPM_STEP_INLINE V learned_half_log_variance(const StepConfig& cfg, const ItemCoefs& c, V v) {
   if (cfg.var_type == kLearnedRange) {
     const V frac = M::div(M::add(v, M::splat(1.0f)), M::splat(2.0f));
     const V log_var = M::add(M::mul(frac, M::splat(c.max_log)),
                              M::mul(M::sub(M::splat(1.0f), frac), M::splat(c.min_log)));
-    return M::mul(M::splat(c.mask), M::exp(M::mul(M::splat(0.5f), log_var)));
+    return M::mul(M::splat(0.5f), log_var);
+  }
+  return M::mul(M::splat(0.5f), v);  // kLearned: v is log σ²
+}
+
+// The factor that multiplies the noise in an ancestral step: mask·exp(0.5·log σ²).
+// kSigmaGiven: for the learned types v already holds σ = exp(learned_half_log_variance(v))
+// (the CPU kernel evaluates those exps a chunk at a time with torch's exp).
+template <class M, bool kSigmaGiven, class V>
+IDDPM_STEP_INLINE V ancestral_noise_scale(const StepConfig& cfg, const ItemCoefs& c, V v) {
+  if (cfg.var_type == kLearned || cfg.var_type == kLearnedRange) {
+    const V sigma = kSigmaGiven ? v : M::exp(learned_half_log_variance<M>(cfg, c, v));
+    return M::mul(M::splat(c.mask), sigma);
   }
   return M::splat(c.noise_scale);
 }
 
 // One element of a step. x: x_t; mo: model output (mean channel); v: its variance
-// channel (learned types); z: N(0, 1) noise (ignored when has_noise is false).
-// Returns the new sample; *x0_out receives pred_x0.
-template <class M, class V>
+// channel (learned types; σ itself when kSigmaGiven); z: N(0, 1) noise (ignored when
+// has_noise is false). Returns the new sample; *x0_out receives pred_x0.
+template <class M, bool kSigmaGiven = false, class V>
 IDDPM_STEP_INLINE V step_element(const StepConfig& cfg, const ItemCoefs& c, V x, V mo, V v, V z,
                                  bool has_noise, V* x0_out) {
   const V x0 = pred_xstart<M>(cfg, c, x, mo);
@@ -183,7 +195,7 @@ IDDPM_STEP_INLINE V step_element(const StepConfig& cfg, const ItemCoefs& c, V x,
     const V mean = cfg.mean_type == kPreviousX
                        ? mo
                        : M::add(M::mul(M::splat(c.c1), x0), M::mul(M::splat(c.c2), x));
-    return M::add(mean, M::mul(ancestral_noise_scale<M>(cfg, c, v), z));
+    return M::add(mean, M::mul(ancestral_noise_scale<M, kSigmaGiven>(cfg, c, v), z));
   }
   // DDIM (either direction): ε re-derived from the clipped x0.
   const V eps = M::div(M::sub(M::mul(M::splat(c.sr), x), x0), M::splat(c.srm1));

@@ -40,7 +40,8 @@ using step::ItemCoefs;
 using step::StepParams;
 
 // The portable kernel (any x86-64 or other CPU): scalar float math, one element at a time,
-// in units of (item, chunk of kChunk elements) as the at::vec kernel.
+// in units of (item, chunk of kChunk elements) as the at::vec kernel; exp by torch's own
+// (one call per element: this path is the fallback for CPUs without AVX2).
 template <typename xT, typename moT>
 void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
   constexpr int64_t kChunk = 1024;  // a multiple of 4
@@ -77,7 +78,7 @@ void run_scalar(const StepParams& p, const std::vector<ItemCoefs>& coefs) {
         const float zi = p.noise_mode == step::kExplicitNoise ? static_cast<float>(noise[k])
                                                               : (has_noise ? z[k] : 0.0f);
         float x0;
-        const float sample = step::step_element<step::ScalarOps>(
+        const float sample = step::step_element<detail::TorchScalarOps>(
             p.cfg, coefs[b], static_cast<float>(x[k]), static_cast<float>(mo_item[mo_off]), v, zi,
             has_noise, &x0);
         out[k] = static_cast<xT>(sample);
@@ -106,7 +107,7 @@ int64_t item_coefs_or_bad(const StepParams& p, std::vector<ItemCoefs>* coefs) {
   coefs->resize(p.B);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t tt = static_cast<int64_t>(t[b]);
-    (*coefs)[b] = step::item_coefs(p.table + tt * p.K, tt, p.cfg);
+    (*coefs)[b] = step::item_coefs<detail::TorchScalarOps>(p.table + tt * p.K, tt, p.cfg);
   }
   return -1;
 }

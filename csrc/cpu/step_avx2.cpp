@@ -9,7 +9,9 @@
 // Work is split into units of (batch item, chunk of up to kChunk elements of that item in
 // memory order) spread over threads with at::parallel_for. A unit converts its inputs to
 // float32 buffers (float32 inputs are read in place), evaluates common/step_math.h on
-// Vectorized<float> (exp by SLEEF, as torch's own exp), and converts the results to x's dtype.
+// Vectorized<float>, and converts the results to x's dtype. A learned variance's σ = exp(·) is
+// evaluated a chunk at a time with torch's own exp (csrc/cpu/torch_vml.h; SLEEF's where torch
+// has no MKL), so the step has the eager path's bits.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -19,6 +21,7 @@
 #include <type_traits>
 
 #include "common/philox.h"  // before the target pragma: its inline functions stay baseline
+#include "cpu/torch_vml.h"  // (the same)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
 #define IDDPM_STEP_HAVE_AVX2 1
@@ -190,7 +193,30 @@ class StepKernel {
     }
 
     const ItemCoefs& c = coefs_[b];
-    const StepConfig& cfg = p_.cfg;
+    if (need_var && vml::available()) {
+      // σ for the whole chunk first: 0.5·log σ² into vbuf, then torch's exp over it.
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+        const Vec vv = cnt == Vec::size() ? Vec::loadu(vs + i) : Vec::loadu(vs + i, cnt);
+        step::learned_half_log_variance<VecOps>(p_.cfg, c, vv).store(vbuf + i, cnt);
+      }
+      vml::exp(vbuf, vbuf, n);
+      elements<true>(c, n, xs, ms, vbuf, zs, need_var, has_noise, os, pred ? ps : nullptr);
+    } else {
+      elements<false>(c, n, xs, ms, vs, zs, need_var, has_noise, os, pred ? ps : nullptr);
+    }
+    if constexpr (!std::is_same_v<xT, float>) {
+      at::vec::convert(os, out, n);
+      if (pred) at::vec::convert(ps, pred, n);
+    }
+  }
+
+ private:
+  // The step on n float32 elements (vs: σ itself when kSigmaGiven); results into os, and
+  // pred_x0 into ps unless it is null.
+  template <bool kSigmaGiven>
+  void elements(const ItemCoefs& c, int64_t n, const float* xs, const float* ms, const float* vs,
+                const float* zs, bool need_var, bool has_noise, float* os, float* ps) const {
     const Vec zero(0.0f);
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
@@ -200,17 +226,13 @@ class StepKernel {
       const Vec vv = !need_var ? zero : (full ? Vec::loadu(vs + i) : Vec::loadu(vs + i, cnt));
       const Vec zv = !has_noise ? zero : (full ? Vec::loadu(zs + i) : Vec::loadu(zs + i, cnt));
       Vec x0;
-      const Vec sample = step::step_element<VecOps>(cfg, c, xv, mv, vv, zv, has_noise, &x0);
+      const Vec sample =
+          step::step_element<VecOps, kSigmaGiven>(p_.cfg, c, xv, mv, vv, zv, has_noise, &x0);
       sample.store(os + i, cnt);
-      if (pred) x0.store(ps + i, cnt);
-    }
-    if constexpr (!std::is_same_v<xT, float>) {
-      at::vec::convert(os, out, n);
-      if (pred) at::vec::convert(ps, pred, n);
+      if (ps) x0.store(ps + i, cnt);
     }
   }
 
- private:
   const StepParams& p_;
   const ItemCoefs* coefs_;
 };

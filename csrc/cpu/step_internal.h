@@ -7,8 +7,16 @@
 
 #include "common/step_math.h"
 #include "common/step_params.h"
+#include "cpu/torch_vml.h"
 
 namespace iddpm::cpu::detail {
+
+// common/step_math.h's scalar arithmetic with torch's own float32 exp and sqrt, so that the
+// per-item factors (and the scalar kernel's elements) are those of the eager path's torch ops.
+struct TorchScalarOps : step::ScalarOps {
+  static float exp(float a) { return vml::exp(a); }
+  static float sqrt(float a) { return vml::sqrt(a); }
+};
 
 // Philox normals of Philox elements [first, first + n) (common/step_params.h
 // noise_element) into out[0, n).

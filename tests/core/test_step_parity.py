@@ -2,6 +2,8 @@
 respaced schedules, t = 0 / T-1 / mixed, clipping, low precision, layouts, spatial ranks,
 and the sampling loops with the fused ops on and off."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,11 @@ pytestmark = pytest.mark.kernels
 MEANS = list(ModelMeanType)
 VARS = list(ModelVarType)
 T_MIXED = torch.tensor([0, 1, 57, 99])  # t = 0, 1, a middle step and T-1 in one batch
+# The CPU step's exp and sqrt are torch's own (oneMKL VML): fused = eager bit for bit.
+TORCH_EXP_SQRT = bool(ops.loader.capabilities()["step"]["cpu"].get("torch_exp_sqrt"))
+needs_torch_exp_sqrt = pytest.mark.skipif(
+    not TORCH_EXP_SQRT, reason="this torch has no oneMKL VML: the step's exp is not torch's own"
+)
 
 
 @pytest.fixture
@@ -240,6 +247,8 @@ def test_loops_fused_on_and_off_agree(loop, eta, var_type):
     d.use_fused = True
     fused = getattr(d, loop)(model, shape, **kwargs)
     assert_parity(fused, eager, rel=1e-4)
+    if TORCH_EXP_SQRT:  # the same exp and sqrt: the same bits, step after step
+        assert torch.equal(fused, eager), max_err(fused, eager)
     progressive = loop.replace("_loop", "_loop_progressive")
     outs = list(getattr(d, progressive)(model, shape, **kwargs))
     assert len(outs) == d.num_timesteps
@@ -300,10 +309,13 @@ def test_fused_errors_match_the_eager_messages():
 
 def _ddim_float32_in_reference_order(d, rule, x, mo, t, clip, eta, noise):
     """The reference's ddim_sample / ddim_reverse_sample in numpy float32, one rounding per
-    operation, in its order, with correctly rounded square roots (what the kernel computes)."""
-    import numpy as np
-
+    operation, in its order, with torch's own float32 square root (what the kernel computes:
+    oneMKL's where torch uses it, which is not always correctly rounded, else a correctly
+    rounded one, as numpy's)."""
     f = np.float32
+
+    def sqrt(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=f)).sqrt().numpy()
 
     def col(name):  # the reference's _extract_into_tensor: float64 table -> float32, per item
         return np.asarray(getattr(d, name), dtype=np.float64)[t.numpy()].astype(f)[:, None, None, None]
@@ -316,10 +328,10 @@ def _ddim_float32_in_reference_order(d, rule, x, mo, t, clip, eta, noise):
     eps = (sr * x - x0) / srm1
     if rule == "reverse":
         abn = col("alphas_cumprod_next")
-        return x0 * np.sqrt(abn) + np.sqrt(f(1) - abn) * eps
+        return x0 * sqrt(abn) + sqrt(f(1) - abn) * eps
     ab, abp = col("alphas_cumprod"), col("alphas_cumprod_prev")
-    sigma = f(eta) * np.sqrt((f(1) - abp) / (f(1) - ab)) * np.sqrt(f(1) - ab / abp)
-    mean = x0 * np.sqrt(abp) + np.sqrt(np.maximum((f(1) - abp) - sigma * sigma, f(0))) * eps
+    sigma = f(eta) * sqrt((f(1) - abp) / (f(1) - ab)) * sqrt(f(1) - ab / abp)
+    mean = x0 * sqrt(abp) + sqrt(np.maximum((f(1) - abp) - sigma * sigma, f(0))) * eps
     mask = (t.numpy() != 0).astype(f)[:, None, None, None]
     return mean + (mask * sigma) * noise.numpy()
 
@@ -342,6 +354,34 @@ def test_fused_ddim_factors_are_float32_in_the_reference_order(schedule, respaci
             clip,
             max_err(got, torch.from_numpy(want)),
         )
+
+
+@needs_torch_exp_sqrt
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("respacing", [None, "ddim10"])
+@pytest.mark.parametrize("var_type", VARS, ids=lambda v: v.name)
+@pytest.mark.parametrize("mean_type", MEANS, ids=lambda m: m.name)
+def test_fused_cpu_step_is_the_eager_step_bit_for_bit(mean_type, var_type, respacing, x_dtype, op_calls):
+    """With torch's own exp and sqrt (oneMKL's, not always correctly rounded), the fused CPU
+    step is the eager path (and so the reference) bit for bit: every rule, learned variances
+    included (SLEEF's exp differed by up to 4e-7 there), each timestep, both layouts."""
+    d = make_diffusion(mean_type, var_type, steps=1000, schedule="cosine", respacing=respacing)
+    T = d.num_timesteps
+    x, mo, noise = make_inputs(d, (T, 3, 4, 4), seed=7, x_dtype=x_dtype)
+    t = torch.arange(T).flip(0)
+    CL = torch.channels_last
+    rules = [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("reverse", 0.0)]
+    for (rule, eta), clip, layout in itertools.product(rules, (True, False), ("nchw", "nhwc")):
+        xs, ms = (x, mo) if layout == "nchw" else (x.to(memory_format=CL), mo.to(memory_format=CL))
+        z = noise if rule != "reverse" else None
+        n_before = len(op_calls)
+        fused = run_step(d, rule, xs, ms, t, clip, eta, z, fused=True)
+        assert len(op_calls) == n_before + 1, "the fused op was not used"
+        eager = run_step(d, rule, xs, ms, t, clip, eta, z, fused=False)
+        for key in ("sample", "pred_xstart"):
+            assert fused[key].dtype == eager[key].dtype, (rule, key)
+            assert torch.equal(fused[key], eager[key]), (rule, eta, clip, layout, key,
+                                                         max_err(fused[key], eager[key]))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,0 +1,44 @@
+// csrc/cpu/torch_vml.cpp — see torch_vml.h.
+#include "cpu/torch_vml.h"
+
+#include <cmath>
+
+// oneMKL's VML entry points with 64-bit integer arguments (Fortran calling convention: every
+// argument by address), as exported by libtorch_cpu where torch links MKL. Weak: null where the
+// library has none, and the fallbacks run.
+extern "C" {
+void VMSEXP_64_(const int64_t* n, const float* a, float* r, const int64_t* mode)
+    __attribute__((weak));
+void VMSSQRT_64_(const int64_t* n, const float* a, float* r, const int64_t* mode)
+    __attribute__((weak));
+}
+
+namespace iddpm::cpu::vml {
+namespace {
+
+// The mode torch passes (ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+constexpr int64_t kTorchMode = 0x2 | 0x140000 | 0x100;
+
+}  // namespace
+
+bool available() { return VMSEXP_64_ != nullptr && VMSSQRT_64_ != nullptr; }
+
+void exp(const float* in, float* out, int64_t n) {
+  if (n <= 0) return;
+  if (available()) {
+    VMSEXP_64_(&n, in, out, &kTorchMode);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
+}
+
+void sqrt(const float* in, float* out, int64_t n) {
+  if (n <= 0) return;
+  if (available()) {
+    VMSSQRT_64_(&n, in, out, &kTorchMode);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = std::sqrt(in[i]);
+}
+
+}  // namespace iddpm::cpu::vml
