@@ -8,7 +8,8 @@ needs the optional ``tensorboard`` package; the x axis is the dumped ``step`` wh
 one, else the dump count). ``configure()`` without a ``dir`` uses ``$OPENAI_LOGDIR`` or a
 fresh folder under the system temp dir, and ``$OPENAI_LOG_FORMAT`` (default
 ``stdout,log,csv``) on rank 0; other ranks write only ``log{suffix}.txt`` with their rank in
-the suffix. Differences: a folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are
+the suffix. As in the reference, the first logging call (or ``get_dir()``) before any
+``configure()`` configures that default logger, and ``reset()`` returns to it. Differences: a folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are
 continued by a later ``configure()`` (the reference starts them afresh), so rerunning a
 training script into its folder keeps the history; ``logkv_mean`` values are averaged per
 process (the reference also averages them over MPI ranks at ``dumpkvs``). ``TrainLoop``
@@ -34,6 +35,7 @@ DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
 __all__ = [
     "configure",
+    "is_configured",
     "reset",
     "scoped_configure",
     "logkv",
@@ -277,17 +279,32 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
 
 
 def get_current() -> Logger:
-    global _current, _default
-    if _current is None:  # before configure(): print to stdout only, as the reference does
-        _default = _current = Logger(None, [_Table(sys.stdout, owns=False)])
+    """The current logger. Before any ``configure()``, the first call configures the default
+    one as the reference does: ``configure()`` with no arguments (``$OPENAI_LOGDIR`` or a new
+    folder under the system temp dir, ``$OPENAI_LOG_FORMAT``), which ``reset()`` returns to."""
+    global _default
+    if _current is None:
+        configure()
+        _default = _current
     return _current
 
 
+def is_configured() -> bool:
+    """True once ``configure()`` ran or a logging call made the default logger (the library
+    asks this where it logs only into a logger the user set up)."""
+    return _current is not None
+
+
 def reset():
+    """Back to the default logger (closing the current one), as the reference's; where none
+    was made yet, the next logging call makes it."""
     global _current
-    if _current is not None and _current is not _default:
-        _current.close()
-    _current = None
+    if _current is not _default:
+        if _current is not None:
+            _current.close()
+        _current = _default
+        if _current is not None:
+            _current.log("Reset logger")
 
 
 @contextmanager

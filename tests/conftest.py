@@ -55,6 +55,18 @@ def _keep_torch_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _forget_the_logger():
+    """iddpm_ext.logger's current and default loggers (the default one is made by the first
+    logging call before any configure(), as the reference's) do not outlive a test."""
+    yield
+    from iddpm_ext import logger
+
+    for made in {id(x): x for x in (logger._current, logger._default) if x is not None}.values():
+        made.close()
+    logger._current = logger._default = None
+
+
 @pytest.fixture(scope="session")
 def random_inception(tmp_path_factory):
     """An FID Inception-v3 with random weights (BN statistics spread so that features differ

@@ -68,7 +68,7 @@ class TrainLoop:
     the model as ``model.iddpm_config``), ``out_dir``, ``amp``, ``grad_clip``, ``max_steps``,
     ``seed``, ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger
     prints its key tables to stdout), ``log`` (messages; default: ``logger.log`` once the
-    logger is configured, else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
+    logger is configured (or ``out_dir`` was not given), else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
     :meth:`UNetModel.set_channels_last`; checkpoints are the same either way), ``compile``
     (run the network's forward and backward through ``torch.compile``: ``"none"``, a mode of
     COMPILE_MODES such as ``"max-autotune"`` or ``"reduce-overhead"`` (CUDA graphs), or a
@@ -78,8 +78,9 @@ class TrainLoop:
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
     (``resume_checkpoint``). Not given (the reference's way): ``$DIFFUSION_BLOB_LOGDIR``, else
-    the logger's folder (``logger.configure()``, ``$OPENAI_LOGDIR``), else ``runs/train``; a run
-    already there is resumed from its latest step, as the reference's ``find_resume_checkpoint``
+    the logger's folder: the configured one, else the default logger's, which the reference's
+    logger makes on first use (``$OPENAI_LOGDIR``, else a new ``openai-<time>`` folder under the
+    system temp dir) and the trainer then logs into as well; a run already there is resumed from its latest step, as the reference's ``find_resume_checkpoint``
     hook would. With ``$DIFFUSION_TRAINING_TEST`` set, :meth:`run_loop` returns after its first
     checkpoint (the reference's hook for integration tests).
 
@@ -144,7 +145,7 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.config = dict(config or getattr(model, "iddpm_config", None) or {})
         find_run = not out_dir and not resume_checkpoint
-        self.out_dir = out_dir = out_dir or blob_logdir() or "runs/train"
+        self.out_dir = out_dir = out_dir or blob_logdir()
         self.amp = amp
         self.channels_last = channels_last
         self.grad_clip = grad_clip
@@ -152,7 +153,7 @@ class TrainLoop:
         self.seed = seed
         self.keep_checkpoints = keep_checkpoints
         if log is None:
-            log = logger.log if logger.get_dir() is not None else print
+            log = logger.log if logger.is_configured() else print
         self.log = log if dist_util.is_main() else (lambda *a, **k: None)
         if progress is None:
             progress = not logger.prints_table()
@@ -580,7 +581,7 @@ class TrainLoop:
         if self.scaler.is_enabled():
             record["loss_scale"] = self.scaler.get_scale()
         self.metrics.append(record)
-        if logger.get_dir() is not None:  # configured: the reference's key-value log too
+        if logger.is_configured():  # the reference's key-value log too
             logger.logkvs(record)
             logger.dumpkvs()
         return record

@@ -13,7 +13,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 
 def blob_logdir():
     """Where the reference's trainer saves: ``$DIFFUSION_BLOB_LOGDIR`` when set, else the
-    logger's folder (None when the logger is not configured)."""
+    logger's folder (the default logger's, made now, when none was configured)."""
     return os.environ.get("DIFFUSION_BLOB_LOGDIR") or logger.get_dir()
 
 

@@ -91,6 +91,47 @@ def test_without_a_configured_logger_only_jsonl(tmp_path, capsys):
     ]
 
 
+def test_first_logging_call_configures_the_default_logger(tmp_path, monkeypatch, capsys):
+    """As the reference's logger: before any configure(), the first call configures the default
+    logger ($OPENAI_LOGDIR, else a new openai-<time> folder in the temp dir; stdout, log.txt and
+    progress.csv), and reset() returns to it."""
+    monkeypatch.delenv("OPENAI_LOG_FORMAT", raising=False)
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "env"))
+    assert not logger.is_configured()
+    logger.logkv("loss", 0.5)
+    assert logger.is_configured() and logger.get_dir() == str(tmp_path / "env")
+    logger.dumpkvs()
+    assert csv_rows(tmp_path / "env" / "progress.csv") == [{"loss": "0.5"}]
+    out = capsys.readouterr().out
+    assert f"Logging to {tmp_path / 'env'}" in out and "| loss" in out
+    default = logger.get_current()
+    logger.configure(dir=str(tmp_path / "other"), format_strs=["log"])
+    logger.reset()
+    assert logger.get_current() is default
+    assert "Reset logger" in open(tmp_path / "env" / "log.txt").read()
+
+    logger._current = logger._default = None  # a fresh process without $OPENAI_LOGDIR
+    monkeypatch.delenv("OPENAI_LOGDIR")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    made = logger.get_dir()
+    assert os.path.dirname(made) == str(tmp_path / "tmp") and os.path.basename(made).startswith("openai-")
+    assert sorted(os.listdir(made)) == ["log.txt", "progress.csv"]
+
+
+def test_reference_style_run_without_a_configured_logger(tmp_path, monkeypatch, capsys):
+    """The reference's TrainLoop without logger.configure() saves into the default logger's
+    folder ($OPENAI_LOGDIR here) and logs its key values there; so does ours."""
+    monkeypatch.delenv("OPENAI_LOG_FORMAT", raising=False)
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "env"))
+    loop = reference_loop(1)
+    assert loop.out_dir == str(tmp_path / "env") and logger.is_configured()
+    loop.run_loop()
+    assert ckpt.read_latest(str(tmp_path / "env"))["step"] == 1
+    assert [int(r["step"]) for r in csv_rows(tmp_path / "env" / "progress.csv")] == [1]
+    assert capsys.readouterr().out.count("| loss ") == 1
+
+
 def test_reference_style_run_started_again_resumes(tmp_path, capsys):
     run = str(tmp_path / "run")
     logger.configure(dir=run, format_strs=["log", "csv"])
@@ -165,7 +206,7 @@ def test_iddpm_train_log_files_and_openai_logdir(tmp_path, monkeypatch, capsys):
     assert [int(r["step"]) for r in rows] == [1, 2] and float(rows[0]["loss"]) > 0
     assert open(env_dir / "log.txt").read().count("| loss ") == 2
     assert capsys.readouterr().out.count("| loss ") == 2  # --progress False: the tables on stdout
-    assert logger.get_dir() is None  # the command's logger is gone afterwards
+    assert not logger.is_configured()  # the command's logger is gone afterwards
     explicit = tmp_path / "explicit"
     assert main([*base, "--max_steps", "1", "--out_dir", str(explicit), *tiny_flags()]) == 0  # --out_dir wins
     assert ckpt.read_latest(str(explicit))["step"] == 1 and ckpt.read_latest(str(env_dir))["step"] == 2
