@@ -9,12 +9,13 @@ one, else the dump count). ``configure()`` without a ``dir`` uses ``$OPENAI_LOGD
 fresh folder under the system temp dir, and ``$OPENAI_LOG_FORMAT`` (default
 ``stdout,log,csv``) on rank 0; other ranks write only ``log{suffix}.txt`` with their rank in
 the suffix. As in the reference, the first logging call (or ``get_dir()``) before any
-``configure()`` configures that default logger, and ``reset()`` returns to it. Differences: a folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are
-continued by a later ``configure()`` (the reference starts them afresh), so rerunning a
-training script into its folder keeps the history; ``logkv_mean`` values are averaged per
-process (the reference also averages them over MPI ranks at ``dumpkvs``). ``TrainLoop``
-dumps its per-interval means (already averaged over processes) here as well as into its
-``progress.jsonl`` (docs/training.md).
+``configure()`` configures that default logger, and ``reset()`` returns to it. Differences: a
+folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are continued by a later
+``configure()`` (the reference starts them afresh), so rerunning a training script into its
+folder keeps the history; ``logkv_mean`` values are averaged per process (the reference also
+averages them over MPI ranks at ``dumpkvs``). ``TrainLoop`` dumps its per-interval means
+(already averaged over processes) here as well as into its ``progress.jsonl``
+(docs/training.md).
 """
 
 from __future__ import annotations

@@ -63,26 +63,26 @@ def _control_group(world: int, device: torch.device):
 
 
 class TrainLoop:
-    """improved-diffusion's TrainLoop (same keyword arguments), plus ours: ``config`` (stored
-    in every checkpoint; default: the arguments ``create_model_and_diffusion`` recorded on
-    the model as ``model.iddpm_config``), ``out_dir``, ``amp``, ``grad_clip``, ``max_steps``,
-    ``seed``, ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger
-    prints its key tables to stdout), ``log`` (messages; default: ``logger.log`` once the
-    logger is configured (or ``out_dir`` was not given), else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
-    :meth:`UNetModel.set_channels_last`; checkpoints are the same either way), ``compile``
-    (run the network's forward and backward through ``torch.compile``: ``"none"``, a mode of
-    COMPILE_MODES such as ``"max-autotune"`` or ``"reduce-overhead"`` (CUDA graphs), or a
-    dict of ``torch.compile`` arguments; the diffusion losses, optimizer and EMA stay eager;
-    checkpoints and state-dict keys are the same either way; dropout draws its masks from
-    the compiled graph's random stream, so with dropout the numbers differ from an eager run).
+    """improved-diffusion's TrainLoop (same keyword arguments), plus ours: ``config`` (stored in every
+    checkpoint; default: the arguments ``create_model_and_diffusion`` recorded on the model as
+    ``model.iddpm_config``), ``out_dir``, ``amp``, ``grad_clip``, ``max_steps``, ``seed``,
+    ``keep_checkpoints``, ``progress`` (a progress bar; default: unless the logger prints its key
+    tables to stdout), ``log`` (messages; default: ``logger.log`` once the logger is configured (or
+    ``out_dir`` was not given), else ``print``), ``channels_last`` (train the UNet's torso in NHWC:
+    :meth:`UNetModel.set_channels_last`; checkpoints are the same either way), ``compile`` (run the
+    network's forward and backward through ``torch.compile``: ``"none"``, a mode of COMPILE_MODES such
+    as ``"max-autotune"`` or ``"reduce-overhead"`` (CUDA graphs), or a dict of ``torch.compile``
+    arguments; the diffusion losses, optimizer and EMA stay eager; checkpoints and state-dict keys are
+    the same either way; dropout draws its masks from the compiled graph's random stream, so with
+    dropout the numbers differ from an eager run).
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
-    (``resume_checkpoint``). Not given (the reference's way): ``$DIFFUSION_BLOB_LOGDIR``, else
-    the logger's folder: the configured one, else the default logger's, which the reference's
-    logger makes on first use (``$OPENAI_LOGDIR``, else a new ``openai-<time>`` folder under the
-    system temp dir) and the trainer then logs into as well; a run already there is resumed from its latest step, as the reference's ``find_resume_checkpoint``
-    hook would. With ``$DIFFUSION_TRAINING_TEST`` set, :meth:`run_loop` returns after its first
-    checkpoint (the reference's hook for integration tests).
+    (``resume_checkpoint``). Not given (the reference's way): ``$DIFFUSION_BLOB_LOGDIR``, else the
+    logger's folder: the configured one, else the default logger's, which the reference's logger makes
+    on first use (``$OPENAI_LOGDIR``, else a new ``openai-<time>`` folder under the system temp dir)
+    and the trainer then logs into as well; a run already there is resumed from its latest step, as
+    the reference's ``find_resume_checkpoint`` hook would. With ``$DIFFUSION_TRAINING_TEST`` set,
+    :meth:`run_loop` returns after its first checkpoint (the reference's hook for integration tests).
 
     Steps count updates done: the checkpoints of step N (``model%06d``) hold the weights after N
     updates (the reference numbers from 0: its ``model000000.pt`` is after one update).
