@@ -408,6 +408,8 @@ class TrainLoop:
                     if training_test_mode():  # same env on every rank: all stop here
                         break
                 stop = self._agreed_stop()
+            if self._acc["steps"]:  # the steps since the last record (every rank: a collective)
+                self._write_log()
             if saved_at != self.step:
                 self.save()
             if self.metrics:

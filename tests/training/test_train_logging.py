@@ -132,6 +132,26 @@ def test_reference_style_run_without_a_configured_logger(tmp_path, monkeypatch, 
     assert capsys.readouterr().out.count("| loss ") == 1
 
 
+def test_the_last_partial_interval_is_logged(tmp_path):
+    """A run that ends between two log intervals records its last steps too (means over the
+    steps since the previous record), so a run shorter than log_interval has its progress.jsonl,
+    progress.csv row and loss.png."""
+    data = write_npz(str(tmp_path / "d.npz"), n=16)
+    out = tmp_path / "run"
+    args = ["train", "--data_dir", data, "--batch_size", "4", "--max_steps", "5", "--log_interval", "3"]
+    assert main([*args, "--out_dir", str(out), "--progress", "False", *tiny_flags()]) == 0
+    records = read_jsonl(str(out / "progress.jsonl"))
+    assert [r["step"] for r in records] == [3, 5] and records[1]["loss"] > 0
+    assert [int(r["step"]) for r in csv_rows(out / "progress.csv")] == [3, 5]
+    assert os.path.getsize(out / "loss.png") > 0
+    short = tmp_path / "short"
+    assert (
+        main([*args, "--max_steps", "2", "--out_dir", str(short), "--progress", "False", *tiny_flags()]) == 0
+    )
+    assert [r["step"] for r in read_jsonl(str(short / "progress.jsonl"))] == [2]
+    assert os.path.exists(short / "loss.png")
+
+
 def test_reference_style_run_started_again_resumes(tmp_path, capsys):
     run = str(tmp_path / "run")
     logger.configure(dir=run, format_strs=["log", "csv"])
