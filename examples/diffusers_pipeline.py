@@ -3,7 +3,7 @@ checkpoint: the small digits model shipped with iddpm_ext, loaded into IDDPMUNet
 UNet as a diffusers model) and stepped by IDDPMScheduler (our fused step as a diffusers
 scheduler). Then the pipeline is saved and loaded back with diffusers' own calls.
 
-    pip install "iddpm-ext[diffusers]"        # or: pip install diffusers
+    pip install --no-build-isolation -e ".[diffusers]"   # in a clone; or: pip install diffusers
     python examples/diffusers_pipeline.py --steps 50 --out out/diffusers_example
 
 Runs on the CPU in seconds (16x16 digits, 1.1 M parameters). Writes samples.png and the saved
