@@ -2,7 +2,6 @@
 ends with the same loss history although each saw different (and differently sized) batches."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,15 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    # A file rendezvous: no TCP port to pick (a port found free can be taken by another test
+    # process before the workers bind it).
+    store = "file://" + os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         from iddpm_ext import LossSecondMomentResampler, create_gaussian_diffusion
 
@@ -39,7 +34,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_histories_identical_across_ranks(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     h0, h1 = np.load(tmp_path / "hist0.npy"), np.load(tmp_path / "hist1.npy")
     assert np.array_equal(h0, h1)
     assert np.array_equal(np.load(tmp_path / "counts0.npy"), np.load(tmp_path / "counts1.npy"))
