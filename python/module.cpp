@@ -86,7 +86,7 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //               "min_table_columns": int,   K of the [T, K] coefficient table, at least
 //               "torch_exp_sqrt": bool},    exp and sqrt are torch's own (oneMKL VML found):
 //                                           the step is then the eager path's bit for bit
-//      "cuda": the same or None without CUDA},
+//      "cuda": {"dtypes", "min_table_columns"} as on the CPU, or None without CUDA},
 //    "attention": {                    qkv_attention, qkv_attention_backward
 //      "cpu":  {"dtypes": [str, ...], "head_dims": "any"},
 //      "cuda": {"dtypes": [str, ...], "head_dims": [int, ...], "head_dim_step": int,

@@ -60,11 +60,9 @@ def _forget_the_logger():
     """iddpm_ext.logger's current and default loggers (the default one is made by the first
     logging call before any configure(), as the reference's) do not outlive a test."""
     yield
-    from iddpm_ext import logger
+    from helpers.training import forget_logger
 
-    for made in {id(x): x for x in (logger._current, logger._default) if x is not None}.values():
-        made.close()
-    logger._current = logger._default = None
+    forget_logger()
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,16 @@ def mixed_mode_image_folder(root):
     Image.fromarray(la, "LA").save(root / "g_7.png")
     (root / "notes.txt").write_text("not an image")
     return root
+
+
+def forget_logger():
+    """Close iddpm_ext.logger's current and default loggers and drop them: the logger's state
+    in a fresh process (the next logging call configures the default one again)."""
+    from iddpm_ext import logger
+
+    current, default = logger._current, logger._default
+    if current is not None:
+        current.close()
+    if default is not None and default is not current:
+        default.close()
+    logger._current = logger._default = None

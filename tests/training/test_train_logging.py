@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from helpers.training import blob_images, tiny_config, tiny_flags, write_npz
+from helpers.training import blob_images, forget_logger, tiny_config, tiny_flags, write_npz
 from iddpm_ext import logger
 from iddpm_ext.cli import main
 from iddpm_ext.errors import CheckpointError, MissingDependencyError
@@ -110,7 +110,7 @@ def test_first_logging_call_configures_the_default_logger(tmp_path, monkeypatch,
     assert logger.get_current() is default
     assert "Reset logger" in open(tmp_path / "env" / "log.txt").read()
 
-    logger._current = logger._default = None  # a fresh process without $OPENAI_LOGDIR
+    forget_logger()  # a fresh process without $OPENAI_LOGDIR
     monkeypatch.delenv("OPENAI_LOGDIR")
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
