@@ -34,6 +34,10 @@ CASES = [
     ((2, 32, 300), 8, False),  # 1-D, S = 300: chunks and a tail per row
     ((1, 16, 3, 4, 5), 4, False),  # 3-D
     ((2, 8, 1, 1), 8, False),  # one element per group
+    # channels-last sums kept in registers, up to 8 vectors of channels per sweep (4 in the
+    # backward): C = 328 is several sweeps and a part vector (fp32 lanes: 16 AVX-512, 8 AVX2)
+    ((2, 328, 3, 2), 8, True),
+    ((3, 24, 4, 4), 24, True),  # one channel per group, one vector and a half
 ]
 
 
@@ -57,9 +61,10 @@ def test_forward_f32_matches_float64(shape, G, cl, silu, params, film, isa):
 
 
 def test_forward_f64_exact_and_large_mean():
-    x, G, w, b, sc, sh = make((2, 32, 6, 6), 8, dtype=torch.float64, channels_last=True)
-    out = GN.group_norm_act(x, G, w, b, sc, sh, 1e-6, True)
-    torch.testing.assert_close(out, oracle(x, G, w, b, sc, sh, 1e-6), rtol=1e-12, atol=1e-12)
+    for shape in ((2, 32, 6, 6), (2, 200, 3, 3)):  # C = 200: float64 sweeps of 64 and a part
+        x, G, w, b, sc, sh = make(shape, 8, dtype=torch.float64, channels_last=True)
+        out = GN.group_norm_act(x, G, w, b, sc, sh, 1e-6, True)
+        torch.testing.assert_close(out, oracle(x, G, w, b, sc, sh, 1e-6), rtol=1e-12, atol=1e-12)
     # A large mean next to a small spread: the two-pass variance keeps fp32 accurate.
     x, G, w, b, sc, sh = make((2, 32, 8, 8), 8, offset=1000.0)
     x = (x - 1000.0) * 1e-2 + 1000.0
@@ -91,7 +96,7 @@ def test_low_precision_two_x_rule(dtype, cl, isa):
         check_two_x_rule(a, e, r, f"grad {name} {dtype}")
 
 
-@pytest.mark.parametrize("shape, G, cl", CASES[:5])
+@pytest.mark.parametrize("shape, G, cl", CASES[:5] + CASES[6:])
 def test_backward_f32_matches_float64(shape, G, cl, isa):
     x, G, w, b, sc, sh = make(shape, G, channels_last=cl, seed=4)
     xs = [t.detach().requires_grad_() for t in (x, w, b, sc, sh)]
@@ -113,6 +118,7 @@ def test_backward_f32_matches_float64(shape, G, cl, isa):
         ((2, 6, 5), 3, False, False, True, True),
         ((1, 4, 2, 2, 2), 2, False, True, False, False),
         ((2, 8, 3, 2), 2, True, False, False, False),
+        ((1, 76, 2, 1), 4, True, True, True, True),  # float64 sweeps: 32 / 64 channels and a part
     ],
 )
 def test_gradcheck_f64(shape, G, cl, params, film, silu):
