@@ -41,7 +41,7 @@ struct GroupNormActBwdParams {
   const void *mean = nullptr, *rstd = nullptr;        // [N, G] acc, from the forward
   void *grad_weight = nullptr, *grad_bias = nullptr;  // [C] acc, written
   void *grad_scale = nullptr, *grad_shift = nullptr;  // [N, C] acc, written
-  void* work = nullptr;  // CUDA only: [N, G, 2] acc scratch (per-group sums of the backward)
+  void* work = nullptr;  // CUDA only: 2·N·C + 2·N·G acc of scratch (the backward's sums)
 };
 
 }  // namespace iddpm

@@ -469,6 +469,19 @@ inline float __shfl_sync(unsigned, float v, int src) { return attn_emu::shfl(v, 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   return attn_emu::shfl(v, static_cast<int>(threadIdx.x & 31) ^ mask);
 }
+// A double as two 32-bit halves, each through the float shuffle (bit patterns kept).
+inline double __shfl_xor_sync(unsigned m, double v, int mask) {
+  uint32_t h[2];
+  std::memcpy(h, &v, 8);
+  for (uint32_t& w : h) {
+    float f;
+    std::memcpy(&f, &w, 4);
+    f = __shfl_xor_sync(m, f, mask);
+    std::memcpy(&w, &f, 4);
+  }
+  std::memcpy(&v, h, 8);
+  return v;
+}
 inline float __uint_as_float(unsigned u) {
   float x;
   std::memcpy(&x, &u, 4);

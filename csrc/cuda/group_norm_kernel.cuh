@@ -1,0 +1,217 @@
+// csrc/cuda/group_norm_kernel.cuh — the CUDA kernels of iddpm::group_norm_act and its backward
+// (device code only; csrc/cuda/group_norm.cu launches them). One kernel per pass, templated on
+// the dtype of x only:
+//   forward:  stats (one block per (n, g), two-pass mean / variance), apply (elementwise);
+//   backward: per-channel sums (one block per (n, g)), grad_x (elementwise), grad_weight /
+//             grad_bias (one thread per channel, summing over n).
+// The per-element math is common/group_norm_math.h, shared with the CPU kernel. Also compiled by
+// the host compiler over tests/ops/cuda_emulation/warp_emulator.h (group_norm_emulation.cpp),
+// which runs these kernels block by block on the CPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/group_norm_math.h"
+#include "common/group_norm_params.h"
+#include "cuda/convert.cuh"
+
+namespace iddpm::cuda::gn_kernels {
+
+constexpr int kThreads = 256;
+
+// Offset of the i-th element of group g of sample n (i in [0, Cg·S)).
+__device__ __forceinline__ int64_t group_offset(const GroupNormShape& s, int64_t n, int64_t g,
+                                                int64_t i) {
+  const int64_t Cg = s.C / s.G;
+  if (!s.channels_last) return (n * s.C + g * Cg) * s.S + i;
+  return (n * s.S + i / Cg) * s.C + g * Cg + i % Cg;
+}
+
+// (n, c) of the element at offset i.
+__device__ __forceinline__ void nc_of(const GroupNormShape& s, int64_t i, int64_t& n, int64_t& c) {
+  if (!s.channels_last) {
+    const int64_t r = i / s.S;
+    n = r / s.C;
+    c = r % s.C;
+  } else {
+    c = i % s.C;
+    n = i / (s.S * s.C);
+  }
+}
+
+// The block's sum of v, returned to every thread (blockDim.x == kThreads).
+template <class A>
+__device__ A block_sum(A v) {
+  __shared__ A shared[kThreads / 32 + 1];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // the previous call's readers are done with `shared`
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    A t = lane < kThreads / 32 ? shared[lane] : A(0);
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) shared[kThreads / 32] = t;
+  }
+  __syncthreads();
+  return shared[kThreads / 32];
+}
+
+template <class A>
+__device__ __forceinline__ A sigmoid(A h) {
+  return A(1) / (A(1) + exp(-h));
+}
+
+template <class A>
+__device__ __forceinline__ A param(const void* p, int64_t i, A absent) {
+  return p ? static_cast<const A*>(p)[i] : absent;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) stats_kernel(const GroupNormActFwdParams p) {
+  using A = Acc<T>;
+  const GroupNormShape& s = p.s;
+  const int64_t n = blockIdx.x / s.G, g = blockIdx.x % s.G;
+  const int64_t M = (s.C / s.G) * s.S;
+  const T* x = static_cast<const T*>(p.x);
+  A t = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) t += to_acc(x[group_offset(s, n, g, i)]);
+  const A mu = M > 0 ? block_sum(t) / static_cast<A>(M) : A(0);
+  t = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const A d = to_acc(x[group_offset(s, n, g, i)]) - mu;
+    t += d * d;
+  }
+  const A var = M > 0 ? block_sum(t) / static_cast<A>(M) : A(0);
+  if (threadIdx.x == 0) {
+    static_cast<A*>(p.mean)[blockIdx.x] = mu;
+    static_cast<A*>(p.rstd)[blockIdx.x] = gn::rstd_of(var, static_cast<A>(p.eps));
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const GroupNormActFwdParams p) {
+  using A = Acc<T>;
+  const GroupNormShape& s = p.s;
+  const int64_t total = s.N * s.C * s.S, Cg = s.C / s.G;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(kThreads) * gridDim.x) {
+    int64_t n, c;
+    nc_of(s, i, n, c);
+    const int64_t ng = n * s.G + c / Cg, nc = n * s.C + c;
+    A alpha, beta;
+    gn::affine(rstd[ng], param<A>(p.weight, c, A(1)), param<A>(p.bias, c, A(0)),
+               param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
+    A h = (to_acc(x[i]) - mean[ng]) * alpha + beta;
+    if (s.silu) h = gn::silu(h, sigmoid(h));
+    y[i] = from_acc<T>(h);
+  }
+}
+
+// dh of one element, xc = x - mean.
+template <class A>
+__device__ __forceinline__ A grad_h(A xc, A dy, A alpha, A beta, bool silu) {
+  if (!silu) return dy;
+  const A h = xc * alpha + beta;
+  return gn::silu_grad(dy, h, sigmoid(h), A(1));
+}
+
+// Per (n, g) block: A = Σ dh, B = Σ dh·xhat per channel (work[0, NC), work[NC, 2NC)), grad_shift,
+// grad_scale, and the group's s1, s2 (work[2NC + 2(n·G + g) + {0, 1}]).
+template <class T>
+__global__ void __launch_bounds__(kThreads) channel_sums_kernel(const GroupNormActBwdParams p) {
+  using A = Acc<T>;
+  const GroupNormShape& s = p.s;
+  const int64_t n = blockIdx.x / s.G, g = blockIdx.x % s.G, Cg = s.C / s.G;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.grad_out);
+  const A mean = static_cast<const A*>(p.mean)[blockIdx.x];
+  const A rstd = static_cast<const A*>(p.rstd)[blockIdx.x];
+  A* work = static_cast<A*>(p.work);
+  const int64_t NC = s.N * s.C;
+  A s1 = 0, s2 = 0;
+  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+    const int64_t nc = n * s.C + c;
+    const A w = param<A>(p.weight, c, A(1)), b = param<A>(p.bias, c, A(0));
+    const A f = A(1) + param<A>(p.scale, nc, A(0));
+    A alpha, beta;
+    gn::affine(rstd, w, b, param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
+    A ta = 0, tb = 0;
+    for (int64_t q = threadIdx.x; q < s.S; q += kThreads) {
+      const int64_t off = s.channels_last ? (n * s.S + q) * s.C + c : nc * s.S + q;
+      const A xc = to_acc(x[off]) - mean;
+      const A dh = grad_h(xc, to_acc(dy[off]), alpha, beta, s.silu);
+      ta += dh;
+      tb += dh * xc * rstd;
+    }
+    ta = block_sum(ta);
+    tb = block_sum(tb);
+    if (threadIdx.x == 0) {
+      work[nc] = ta;
+      work[NC + nc] = tb;
+      static_cast<A*>(p.grad_shift)[nc] = ta;
+      static_cast<A*>(p.grad_scale)[nc] = w * tb + b * ta;
+    }
+    s1 += w * f * ta;
+    s2 += w * f * tb;
+  }
+  if (threadIdx.x == 0) {
+    work[2 * NC + 2 * blockIdx.x] = s1;
+    work[2 * NC + 2 * blockIdx.x + 1] = s2;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdParams p) {
+  using A = Acc<T>;
+  const GroupNormShape& s = p.s;
+  const int64_t total = s.N * s.C * s.S, Cg = s.C / s.G, NC = s.N * s.C;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.grad_out);
+  T* dx = static_cast<T*>(p.grad_x);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  const A* work = static_cast<const A*>(p.work);
+  const A inv_m = A(1) / static_cast<A>(Cg * s.S);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(kThreads) * gridDim.x) {
+    int64_t n, c;
+    nc_of(s, i, n, c);
+    const int64_t ng = n * s.G + c / Cg, nc = n * s.C + c;
+    const A w = param<A>(p.weight, c, A(1)), sc = param<A>(p.scale, nc, A(0));
+    A alpha, beta, cp, cq, cr;
+    gn::affine(rstd[ng], w, param<A>(p.bias, c, A(0)), sc, param<A>(p.shift, nc, A(0)), alpha,
+               beta);
+    gn::dx_coefs(rstd[ng], w * (A(1) + sc), work[2 * NC + 2 * ng], work[2 * NC + 2 * ng + 1], inv_m,
+                 cp, cq, cr);
+    const A xc = to_acc(x[i]) - mean[ng];
+    dx[i] = from_acc<T>(grad_h(xc, to_acc(dy[i]), alpha, beta, s.silu) * cp + xc * cq + cr);
+  }
+}
+
+template <class A>
+__global__ void __launch_bounds__(kThreads) param_grads_kernel(const GroupNormActBwdParams p) {
+  const GroupNormShape& s = p.s;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (c >= s.C) return;
+  const A* work = static_cast<const A*>(p.work);
+  const int64_t NC = s.N * s.C;
+  A gw = 0, gb = 0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t nc = n * s.C + c;
+    const A f = A(1) + param<A>(p.scale, nc, A(0));
+    gb += f * work[nc];
+    gw += f * work[NC + nc];
+  }
+  static_cast<A*>(p.grad_weight)[c] = gw;
+  static_cast<A*>(p.grad_bias)[c] = gb;
+}
+
+}  // namespace iddpm::cuda::gn_kernels
