@@ -22,24 +22,57 @@ namespace iddpm::cuda::gn_kernels {
 
 constexpr int kThreads = 256;
 
-// Offset of the i-th element of group g of sample n (i in [0, Cg·S)).
-__device__ __forceinline__ int64_t group_offset(const GroupNormShape& s, int64_t n, int64_t g,
-                                                int64_t i) {
-  const int64_t Cg = s.C / s.G;
-  if (!s.channels_last) return (n * s.C + g * Cg) * s.S + i;
-  return (n * s.S + i / Cg) * s.C + g * Cg + i % Cg;
+// The digits (hi, mid, lo) of a flat offset in an array of shape [*, R1, R0], advanced by a
+// fixed stride with additions only: the loops below divide once per thread, not per element
+// (64-bit integer division is a long instruction sequence on the GPU). Each digit of the
+// stride is below its radix, so a digit carries at most once per step.
+struct Digits {
+  int64_t hi, mid, lo;
+  __device__ Digits(int64_t i, int64_t R1, int64_t R0)
+      : hi(i / R0 / R1), mid(i / R0 % R1), lo(i % R0) {}
+  __device__ void advance(const Digits& step, int64_t R1, int64_t R0) {
+    lo += step.lo;
+    if (lo >= R0) lo -= R0, ++mid;
+    mid += step.mid;
+    if (mid >= R1) mid -= R1, ++hi;
+    hi += step.hi;
+  }
+};
+
+// The elements of the sample-major array x ([N, C, S] or, channels-last, [N, S, C]): calls
+// f(i, n, c) for each flat offset i of this thread's grid-stride loop, i < N·C·S.
+template <class F>
+__device__ __forceinline__ void for_each_element(const GroupNormShape& s, F&& f) {
+  const int64_t total = s.N * s.C * s.S;
+  const int64_t R0 = s.channels_last ? s.C : s.S, R1 = s.channels_last ? s.S : s.C;
+  const int64_t stride = static_cast<int64_t>(kThreads) * gridDim.x;
+  int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (i >= total) return;
+  Digits d(i, R1, R0);
+  const Digits step(stride, R1, R0);
+  for (; i < total; i += stride, d.advance(step, R1, R0)) {
+    f(i, d.hi, s.channels_last ? d.lo : d.mid);
+  }
 }
 
-// (n, c) of the element at offset i.
-__device__ __forceinline__ void nc_of(const GroupNormShape& s, int64_t i, int64_t& n, int64_t& c) {
-  if (!s.channels_last) {
-    const int64_t r = i / s.S;
-    n = r / s.C;
-    c = r % s.C;
-  } else {
-    c = i % s.C;
-    n = i / (s.S * s.C);
+// Calls f(offset) for the elements of group g of sample n that thread threadIdx.x takes (every
+// kThreads-th of the group's Cg·S elements, in memory order).
+template <class F>
+__device__ __forceinline__ void for_each_in_group(const GroupNormShape& s, int64_t n, int64_t g,
+                                                  F&& f) {
+  const int64_t Cg = s.C / s.G, M = Cg * s.S;
+  if (!s.channels_last) {  // the group is Cg·S contiguous elements
+    const int64_t base = (n * s.C + g * Cg) * s.S;
+    for (int64_t i = threadIdx.x; i < M; i += kThreads) f(base + i);
+    return;
   }
+  // channels-last: element i of the group is (position i / Cg, channel g·Cg + i % Cg)
+  int64_t i = threadIdx.x;
+  if (i >= M) return;
+  Digits d(i, s.S, Cg);
+  const Digits step(kThreads, s.S, Cg);
+  const int64_t base = n * s.S * s.C + g * Cg;
+  for (; i < M; i += kThreads, d.advance(step, s.S, Cg)) f(base + d.mid * s.C + d.lo);
 }
 
 // The block's sum of v, returned to every thread (blockDim.x == kThreads).
@@ -78,13 +111,13 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const GroupNormActFwdPa
   const int64_t M = (s.C / s.G) * s.S;
   const T* x = static_cast<const T*>(p.x);
   A t = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) t += to_acc(x[group_offset(s, n, g, i)]);
+  for_each_in_group(s, n, g, [&](int64_t off) { t += to_acc(x[off]); });
   const A mu = M > 0 ? block_sum(t) / static_cast<A>(M) : A(0);
   t = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const A d = to_acc(x[group_offset(s, n, g, i)]) - mu;
+  for_each_in_group(s, n, g, [&](int64_t off) {
+    const A d = to_acc(x[off]) - mu;
     t += d * d;
-  }
+  });
   const A var = M > 0 ? block_sum(t) / static_cast<A>(M) : A(0);
   if (threadIdx.x == 0) {
     static_cast<A*>(p.mean)[blockIdx.x] = mu;
@@ -96,23 +129,20 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) apply_kernel(const GroupNormActFwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int64_t total = s.N * s.C * s.S, Cg = s.C / s.G;
+  const int Cg = static_cast<int>(s.C / s.G);  // C < 2^31: the group of c in 32 bits
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const A* mean = static_cast<const A*>(p.mean);
   const A* rstd = static_cast<const A*>(p.rstd);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(kThreads) * gridDim.x) {
-    int64_t n, c;
-    nc_of(s, i, n, c);
-    const int64_t ng = n * s.G + c / Cg, nc = n * s.C + c;
+  for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
+    const int64_t ng = n * s.G + static_cast<int>(c) / Cg, nc = n * s.C + c;
     A alpha, beta;
     gn::affine(rstd[ng], param<A>(p.weight, c, A(1)), param<A>(p.bias, c, A(0)),
                param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
     A h = (to_acc(x[i]) - mean[ng]) * alpha + beta;
     if (s.silu) h = gn::silu(h, sigmoid(h));
     y[i] = from_acc<T>(h);
-  }
+  });
 }
 
 // dh of one element, xc = x - mean.
@@ -172,7 +202,8 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int64_t total = s.N * s.C * s.S, Cg = s.C / s.G, NC = s.N * s.C;
+  const int Cg = static_cast<int>(s.C / s.G);  // C < 2^31: the group of c in 32 bits
+  const int64_t NC = s.N * s.C;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_out);
   T* dx = static_cast<T*>(p.grad_x);
@@ -180,11 +211,8 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdP
   const A* rstd = static_cast<const A*>(p.rstd);
   const A* work = static_cast<const A*>(p.work);
   const A inv_m = A(1) / static_cast<A>(Cg * s.S);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(kThreads) * gridDim.x) {
-    int64_t n, c;
-    nc_of(s, i, n, c);
-    const int64_t ng = n * s.G + c / Cg, nc = n * s.C + c;
+  for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
+    const int64_t ng = n * s.G + static_cast<int>(c) / Cg, nc = n * s.C + c;
     const A w = param<A>(p.weight, c, A(1)), sc = param<A>(p.scale, nc, A(0));
     A alpha, beta, cp, cq, cr;
     gn::affine(rstd[ng], w, param<A>(p.bias, c, A(0)), sc, param<A>(p.shift, nc, A(0)), alpha,
@@ -193,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdP
                  cp, cq, cr);
     const A xc = to_acc(x[i]) - mean[ng];
     dx[i] = from_acc<T>(grad_h(xc, to_acc(dy[i]), alpha, beta, s.silu) * cp + xc * cq + cr);
-  }
+  });
 }
 
 template <class A>

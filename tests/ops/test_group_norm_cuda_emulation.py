@@ -96,6 +96,9 @@ CASES = [
     ((2, 32, 5, 7), 8, True, BIG_GRID),
     ((2, 64, 300), 4, False, 3),  # groups of 4800 (each thread several) and grid-stride loops
     ((2, 24, 9, 9), 6, True, 3),
+    ((2, 40, 5, 5), 8, True, 3),  # grid stride 768 = 19·40 + 8: every digit of the offset carries
+    ((3, 8, 50), 4, False, 3),  # stride 768 > C·S = 400: a new sample every step
+    ((1, 24, 10, 10), 8, True, BIG_GRID),  # group statistics: 300 = 100 positions × 3 channels
     ((3, 48, 4, 4), 48, True, BIG_GRID),  # one channel per group
     ((1, 8, 1, 1), 2, False, BIG_GRID),  # 4 elements per group
 ]
