@@ -155,6 +155,13 @@ __device__ __forceinline__ A grad_h(A xc, A dy, A alpha, A beta, bool silu) {
 
 // Per (n, g) block: A = Σ dh, B = Σ dh·xhat per channel (work[0, NC), work[NC, 2NC)), grad_shift,
 // grad_scale, and the group's s1, s2 (work[2NC + 2(n·G + g) + {0, 1}]).
+//
+// NCHW: a channel's S elements are contiguous; the block sums one channel after another.
+// Channels-last with Cg <= kThreads: a row holds the group's Cg channels side by side, so the
+// first (kThreads / Cg)·Cg threads each keep one channel, k = threadIdx.x % Cg, and take every
+// (kThreads / Cg)-th row (the warps read whole runs of Cg channels, as the statistics do); the
+// per-channel totals are then summed over those threads from shared memory, in thread order.
+// (Wider groups take the NCHW loop with the channels-last offsets.)
 template <class T>
 __global__ void __launch_bounds__(kThreads) channel_sums_kernel(const GroupNormActBwdParams p) {
   using A = Acc<T>;
@@ -166,31 +173,58 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(const GroupNormA
   const A rstd = static_cast<const A*>(p.rstd)[blockIdx.x];
   A* work = static_cast<A*>(p.work);
   const int64_t NC = s.N * s.C;
-  A s1 = 0, s2 = 0;
-  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+  // Channel c's coefficients and its dh sums over the rows q = q0, q0 + dq, … < S.
+  const auto channel_sums = [&](int64_t c, int64_t q0, int64_t dq, A& ta, A& tb) {
     const int64_t nc = n * s.C + c;
-    const A w = param<A>(p.weight, c, A(1)), b = param<A>(p.bias, c, A(0));
-    const A f = A(1) + param<A>(p.scale, nc, A(0));
     A alpha, beta;
-    gn::affine(rstd, w, b, param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
-    A ta = 0, tb = 0;
-    for (int64_t q = threadIdx.x; q < s.S; q += kThreads) {
+    gn::affine(rstd, param<A>(p.weight, c, A(1)), param<A>(p.bias, c, A(0)),
+               param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
+    ta = 0, tb = 0;
+    for (int64_t q = q0; q < s.S; q += dq) {
       const int64_t off = s.channels_last ? (n * s.S + q) * s.C + c : nc * s.S + q;
       const A xc = to_acc(x[off]) - mean;
       const A dh = grad_h(xc, to_acc(dy[off]), alpha, beta, s.silu);
       ta += dh;
       tb += dh * xc * rstd;
     }
-    ta = block_sum(ta);
-    tb = block_sum(tb);
-    if (threadIdx.x == 0) {
-      work[nc] = ta;
-      work[NC + nc] = tb;
-      static_cast<A*>(p.grad_shift)[nc] = ta;
-      static_cast<A*>(p.grad_scale)[nc] = w * tb + b * ta;
-    }
+  };
+  // Channel c's results; its terms of the group's s1, s2 are added to them.
+  const auto store = [&](int64_t c, A ta, A tb, A& s1, A& s2) {
+    const int64_t nc = n * s.C + c;
+    const A w = param<A>(p.weight, c, A(1)), b = param<A>(p.bias, c, A(0));
+    const A f = A(1) + param<A>(p.scale, nc, A(0));
+    work[nc] = ta;
+    work[NC + nc] = tb;
+    static_cast<A*>(p.grad_shift)[nc] = ta;
+    static_cast<A*>(p.grad_scale)[nc] = w * tb + b * ta;
     s1 += w * f * ta;
     s2 += w * f * tb;
+  };
+  A s1 = 0, s2 = 0;
+  if (s.channels_last && Cg <= kThreads) {
+    __shared__ A red_a[kThreads], red_b[kThreads];
+    const int per_row = kThreads / static_cast<int>(Cg);  // threads per channel
+    const int t = threadIdx.x, k = t % static_cast<int>(Cg);
+    A ta = 0, tb = 0;
+    if (t < per_row * Cg) channel_sums(g * Cg + k, t / static_cast<int>(Cg), per_row, ta, tb);
+    red_a[t] = ta;
+    red_b[t] = tb;
+    __syncthreads();
+    if (t == 0) {
+      for (int64_t j = 0; j < Cg; ++j) {
+        A a = 0, bsum = 0;
+        for (int r = 0; r < per_row; ++r) a += red_a[j + r * Cg], bsum += red_b[j + r * Cg];
+        store(g * Cg + j, a, bsum, s1, s2);
+      }
+    }
+  } else {
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      A ta, tb;
+      channel_sums(c, threadIdx.x, kThreads, ta, tb);
+      ta = block_sum(ta);
+      tb = block_sum(tb);
+      if (threadIdx.x == 0) store(c, ta, tb, s1, s2);
+    }
   }
   if (threadIdx.x == 0) {
     work[2 * NC + 2 * blockIdx.x] = s1;

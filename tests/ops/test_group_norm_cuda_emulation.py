@@ -100,6 +100,7 @@ CASES = [
     ((3, 8, 50), 4, False, 3),  # stride 768 > C·S = 400: a new sample every step
     ((1, 24, 10, 10), 8, True, BIG_GRID),  # group statistics: 300 = 100 positions × 3 channels
     ((3, 48, 4, 4), 48, True, BIG_GRID),  # one channel per group
+    ((1, 520, 2, 2), 2, True, BIG_GRID),  # 260 channels per group: the backward's wide-group loop
     ((1, 8, 1, 1), 2, False, BIG_GRID),  # 4 elements per group
 ]
 
