@@ -30,6 +30,7 @@ CASES = [
     ((2, 8, 1, 1), 8, False),  # one element per group
     ((4, 256, 32, 32), 32, True),  # the CIFAR-10 UNet's widest norm, channels-last
     ((4, 256, 32, 32), 32, False),
+    ((1, 520, 2, 2), 2, True),  # 260 channels per group: the channels-last backward's wide-group loop
 ]
 
 
