@@ -23,7 +23,8 @@
 # rest as skipped; a second run with GPU_CHECK_ONLY (status.txt lists them) finishes them:
 #     GPU_CHECK_PLAN=issue13  attention: its GPU tests and op-safety fuzz (the head-dim crash),
 #                             the sm_90a tests, the attention benchmarks, the sanitizers on attention
-#     GPU_CHECK_PLAN=issue12  the UNet: model tests, bench sample / unet / train, then the
+#     GPU_CHECK_PLAN=issue12  the UNet: model tests, bench sample, the fused GroupNorm's bench and
+#                             its tests under memcheck, bench unet / train, then the
 #                             compiled-reference comparisons (these two may need a run of their own)
 # The reference model for the benchmarks' side-by-side rows: IDDPM_REF_PATH, else .ref/ in the
 # tree when it holds improved_diffusion/ (ignored by git; device tool: carry [".ref"]), e.g.
@@ -42,8 +43,8 @@ case "${GPU_CHECK_PLAN:-}" in
     fi ;;&
   issue13) GPU_CHECK_ONLY="tests_kernels tests_sm90 bench_attention bench_attention_fp32 bench_attention_sm90
     memcheck_attention racecheck_attention memcheck_sm90 racecheck_sm90" ;;
-  issue12) GPU_CHECK_ONLY="tests_models bench_sample bench_group_norm bench_unet bench_train
-    bench_unet_compiled bench_train_compiled" ;;
+  issue12) GPU_CHECK_ONLY="tests_models bench_sample bench_group_norm memcheck_group_norm bench_unet
+    bench_train bench_unet_compiled bench_train_compiled" ;;
   *) echo "GPU_CHECK_PLAN: expected issue12 or issue13, got ${GPU_CHECK_PLAN}" >&2; exit 2 ;;
 esac
 # The step names, one space around each ("  ": every step); split without globbing.
@@ -159,6 +160,8 @@ if [ -x "$SANITIZER" ]; then
     tests/ops/test_attention_sm90_gpu.py -k sanitizer_subset
   step memcheck_group_norm 45 "${SANITIZE[@]}" --tool memcheck "${PYTEST[@]}" -q -x \
     tests/ops/test_group_norm_act_gpu.py -k "backward_f32 or low_precision"
+  step racecheck_group_norm 45 "${SANITIZE[@]}" --tool racecheck "${PYTEST[@]}" -q -x \
+    tests/ops/test_group_norm_act_gpu.py -k "backward_f32"
 else
   log "compute-sanitizer not found: sanitizer steps skipped"
   echo "sanitizers skipped" >>"$OUT/status.txt"

@@ -23,9 +23,9 @@ namespace iddpm::cuda::gn_kernels {
 constexpr int kThreads = 256;
 
 // The digits (hi, mid, lo) of a flat offset in an array of shape [*, R1, R0], advanced by a
-// fixed stride with additions only: the loops below divide once per thread, not per element
-// (64-bit integer division is a long instruction sequence on the GPU). Each digit of the
-// stride is below its radix, so a digit carries at most once per step.
+// fixed stride with additions only (64-bit integer division is a long instruction sequence on
+// the GPU): a few divisions per thread, none per element. Each digit of the stride is below its
+// radix, so a digit carries at most once per step.
 struct Digits {
   int64_t hi, mid, lo;
   __device__ Digits(int64_t i, int64_t R1, int64_t R0)
@@ -73,6 +73,13 @@ __device__ __forceinline__ void for_each_in_group(const GroupNormShape& s, int64
   const Digits step(kThreads, s.S, Cg);
   const int64_t base = n * s.S * s.C + g * Cg;
   for (; i < M; i += kThreads, d.advance(step, s.S, Cg)) f(base + d.mid * s.C + d.lo);
+}
+
+// The group of channel c (Cg channels each): a 32-bit division where the channels fit in 32
+// bits (every model's case; the condition is the same for the whole grid), else a 64-bit one.
+__device__ __forceinline__ int64_t group_of(int64_t c, int64_t Cg, bool narrow) {
+  return narrow ? static_cast<int64_t>(static_cast<uint32_t>(c) / static_cast<uint32_t>(Cg))
+                : c / Cg;
 }
 
 // The block's sum of v, returned to every thread (blockDim.x == kThreads).
@@ -129,13 +136,14 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) apply_kernel(const GroupNormActFwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int Cg = static_cast<int>(s.C / s.G);  // C < 2^31: the group of c in 32 bits
+  const int64_t Cg = s.C / s.G;
+  const bool narrow = s.C <= int64_t{UINT32_MAX};
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const A* mean = static_cast<const A*>(p.mean);
   const A* rstd = static_cast<const A*>(p.rstd);
   for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
-    const int64_t ng = n * s.G + static_cast<int>(c) / Cg, nc = n * s.C + c;
+    const int64_t ng = n * s.G + group_of(c, Cg, narrow), nc = n * s.C + c;
     A alpha, beta;
     gn::affine(rstd[ng], param<A>(p.weight, c, A(1)), param<A>(p.bias, c, A(0)),
                param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
@@ -157,7 +165,7 @@ __device__ __forceinline__ A grad_h(A xc, A dy, A alpha, A beta, bool silu) {
 // grad_scale, and the group's s1, s2 (work[2NC + 2(n·G + g) + {0, 1}]).
 //
 // NCHW: a channel's S elements are contiguous; the block sums one channel after another.
-// Channels-last with Cg <= kThreads: a row holds the group's Cg channels side by side, so the
+// Channels-last with 0 < Cg <= kThreads: a row holds the group's Cg channels side by side, so the
 // first (kThreads / Cg)·Cg threads each keep one channel, k = threadIdx.x % Cg, and take every
 // (kThreads / Cg)-th row (the warps read whole runs of Cg channels, as the statistics do); the
 // per-channel totals are then summed over those threads from shared memory, in thread order.
@@ -201,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(const GroupNormA
     s2 += w * f * tb;
   };
   A s1 = 0, s2 = 0;
-  if (s.channels_last && Cg <= kThreads) {
+  if (s.channels_last && Cg > 0 && Cg <= kThreads) {
     __shared__ A red_a[kThreads], red_b[kThreads];
     const int per_row = kThreads / static_cast<int>(Cg);  // threads per channel
     const int t = threadIdx.x, k = t % static_cast<int>(Cg);
@@ -236,7 +244,8 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int Cg = static_cast<int>(s.C / s.G);  // C < 2^31: the group of c in 32 bits
+  const int64_t Cg = s.C / s.G;
+  const bool narrow = s.C <= int64_t{UINT32_MAX};
   const int64_t NC = s.N * s.C;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_out);
@@ -246,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdP
   const A* work = static_cast<const A*>(p.work);
   const A inv_m = A(1) / static_cast<A>(Cg * s.S);
   for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
-    const int64_t ng = n * s.G + static_cast<int>(c) / Cg, nc = n * s.C + c;
+    const int64_t ng = n * s.G + group_of(c, Cg, narrow), nc = n * s.C + c;
     const A w = param<A>(p.weight, c, A(1)), sc = param<A>(p.scale, nc, A(0));
     A alpha, beta, cp, cq, cr;
     gn::affine(rstd[ng], w, param<A>(p.bias, c, A(0)), sc, param<A>(p.shift, nc, A(0)), alpha,

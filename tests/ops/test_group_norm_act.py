@@ -35,9 +35,11 @@ CASES = [
     ((1, 16, 3, 4, 5), 4, False),  # 3-D
     ((2, 8, 1, 1), 8, False),  # one element per group
     # channels-last sums kept in registers, up to 8 vectors of channels per sweep (4 in the
-    # backward): C = 328 is several sweeps and a part vector (fp32 lanes: 16 AVX-512, 8 AVX2)
+    # backward; fp32 lanes: 16 AVX-512, 8 AVX2 and baseline): C = 328 is several sweeps (and a
+    # part vector with AVX-512), C = 44 a part vector with every build
     ((2, 328, 3, 2), 8, True),
-    ((3, 24, 4, 4), 24, True),  # one channel per group, one vector and a half
+    ((3, 24, 4, 4), 24, True),  # one channel per group, one vector and a half (AVX-512)
+    ((2, 44, 3, 3), 4, True),
 ]
 
 
@@ -61,8 +63,10 @@ def test_forward_f32_matches_float64(shape, G, cl, silu, params, film, isa):
 
 
 def test_forward_f64_exact_and_large_mean():
-    for shape in ((2, 32, 6, 6), (2, 200, 3, 3)):  # C = 200: float64 sweeps of 64 and a part
-        x, G, w, b, sc, sh = make(shape, 8, dtype=torch.float64, channels_last=True)
+    # C = 200: float64 sweeps of 64 channels (AVX-512) and a part; C = 74: a part vector with
+    # every build (float64 lanes: 8 AVX-512, 4 AVX2 and baseline)
+    for shape, G in (((2, 32, 6, 6), 8), ((2, 200, 3, 3), 8), ((2, 74, 3, 3), 2)):
+        x, G, w, b, sc, sh = make(shape, G, dtype=torch.float64, channels_last=True)
         out = GN.group_norm_act(x, G, w, b, sc, sh, 1e-6, True)
         torch.testing.assert_close(out, oracle(x, G, w, b, sc, sh, 1e-6), rtol=1e-12, atol=1e-12)
     # A large mean next to a small spread: the two-pass variance keeps fp32 accurate.
@@ -119,6 +123,7 @@ def test_backward_f32_matches_float64(shape, G, cl, isa):
         ((1, 4, 2, 2, 2), 2, False, True, False, False),
         ((2, 8, 3, 2), 2, True, False, False, False),
         ((1, 76, 2, 1), 4, True, True, True, True),  # float64 sweeps: 32 / 64 channels and a part
+        ((1, 74, 2, 1), 2, True, True, True, True),  # a float64 part vector with every build
     ],
 )
 def test_gradcheck_f64(shape, G, cl, params, film, silu):

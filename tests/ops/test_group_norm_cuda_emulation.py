@@ -3,10 +3,10 @@ group_norm_emulation.cpp compiles csrc/cuda/group_norm_kernel.cuh with the host 
 warp/block emulator (shuffles and barriers of the block sums; every block of the grid in turn)
 and runs the forward and backward kernels on cases written here. Their outputs are checked like
 the CPU kernel's (tests/ops/test_group_norm_act.py): against a float64 oracle (fp32 ≤ 1e-5 of the
-output's scale, float64 to 1e-12), fp16/bf16 within 2× of the reference composition's error, and
-every output element written (the emulator's buffers start as NaN). Needs a C++20 compiler and
-the CUDA headers, not a GPU; the GPU check runs the same kernels on a card
-(tests/ops/test_group_norm_act_gpu.py)."""
+output's scale; float64 outputs to 1e-12, gradients to 1e-10), fp16/bf16 within 2× of the
+reference composition's error, and every output element written (the emulator's buffers start
+as NaN). Needs a C++20 compiler and the CUDA headers, not a GPU; the GPU check runs the same
+kernels on a card (tests/ops/test_group_norm_act_gpu.py)."""
 
 from __future__ import annotations
 
@@ -173,6 +173,12 @@ def test_cuda_kernels_empty_positions_and_items(emulator, tmp_path):
     torch.testing.assert_close(out[2], rstd.double())
     for t in out[4:]:
         assert torch.equal(t, torch.zeros_like(t))
+    # No channels, channels-last: nothing to read; finite statistics.
+    x, G, w, b, sc, sh = make((1, 0, 2, 2), 1, channels_last=True)
+    out = run_emulated(emulator, tmp_path, x, torch.zeros(x.shape), G, w, b, sc, sh, 1e-5, True, True)
+    _, mean, rstd = torch.ops.iddpm.group_norm_act(x, G, w, b, sc, sh, 1e-5, True)
+    torch.testing.assert_close(out[1], mean.double())
+    torch.testing.assert_close(out[2], rstd.double())
     # No items: the parameter gradients are zeros.
     x, G, w, b, sc, sh = make((0, 8, 3), 2)
     out = run_emulated(emulator, tmp_path, x, torch.zeros(x.shape), G, w, b, sc, sh, 1e-5, True, False)

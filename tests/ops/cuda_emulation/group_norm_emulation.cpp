@@ -16,7 +16,9 @@
 // shows. The elementwise kernels run with min(blocks needed, cap) blocks: a small cap exercises
 // their grid-stride loops. `__shared__` is `static` here: one array per kernel instantiation,
 // which the emulated threads of a block share, as a CTA shares its shared memory (blocks run one
-// after another).
+// after another). Unlike the emulator's dynamic shared memory these arrays are not refilled with
+// NaN per block: a slot a block reads without writing holds the last block's value (0 at first),
+// so such a bug would show only as wrong sums, not as NaN.
 //
 // What it cannot check: timing, memory hazards between blocks that run at once on a GPU (none of
 // these kernels shares memory across blocks: each writes its own slots), and the hardware's
