@@ -39,8 +39,16 @@ struct Digits {
   }
 };
 
+// The group of channel c (Cg channels each): a 32-bit division where the channels fit in 32
+// bits (every model's case; the condition is the same for the whole grid), else a 64-bit one.
+__device__ __forceinline__ int64_t group_of(int64_t c, int64_t Cg, bool narrow) {
+  return narrow ? static_cast<int64_t>(static_cast<uint32_t>(c) / static_cast<uint32_t>(Cg))
+                : c / Cg;
+}
+
 // The elements of the sample-major array x ([N, C, S] or, channels-last, [N, S, C]): calls
-// f(i, n, c) for each flat offset i of this thread's grid-stride loop, i < N·C·S.
+// f(i, c, nc, ng) for each flat offset i of this thread's grid-stride loop, i < N·C·S, with its
+// channel c, nc = n·C + c and ng = n·G + (c's group) for its sample n.
 template <class F>
 __device__ __forceinline__ void for_each_element(const GroupNormShape& s, F&& f) {
   const int64_t total = s.N * s.C * s.S;
@@ -50,8 +58,11 @@ __device__ __forceinline__ void for_each_element(const GroupNormShape& s, F&& f)
   if (i >= total) return;
   Digits d(i, R1, R0);
   const Digits step(stride, R1, R0);
+  const int64_t Cg = s.C / s.G;
+  const bool narrow = s.C <= int64_t{UINT32_MAX};
   for (; i < total; i += stride, d.advance(step, R1, R0)) {
-    f(i, d.hi, s.channels_last ? d.lo : d.mid);
+    const int64_t n = d.hi, c = s.channels_last ? d.lo : d.mid;
+    f(i, c, n * s.C + c, n * s.G + group_of(c, Cg, narrow));
   }
 }
 
@@ -73,13 +84,6 @@ __device__ __forceinline__ void for_each_in_group(const GroupNormShape& s, int64
   const Digits step(kThreads, s.S, Cg);
   const int64_t base = n * s.S * s.C + g * Cg;
   for (; i < M; i += kThreads, d.advance(step, s.S, Cg)) f(base + d.mid * s.C + d.lo);
-}
-
-// The group of channel c (Cg channels each): a 32-bit division where the channels fit in 32
-// bits (every model's case; the condition is the same for the whole grid), else a 64-bit one.
-__device__ __forceinline__ int64_t group_of(int64_t c, int64_t Cg, bool narrow) {
-  return narrow ? static_cast<int64_t>(static_cast<uint32_t>(c) / static_cast<uint32_t>(Cg))
-                : c / Cg;
 }
 
 // The block's sum of v, returned to every thread (blockDim.x == kThreads).
@@ -136,14 +140,11 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) apply_kernel(const GroupNormActFwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int64_t Cg = s.C / s.G;
-  const bool narrow = s.C <= int64_t{UINT32_MAX};
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const A* mean = static_cast<const A*>(p.mean);
   const A* rstd = static_cast<const A*>(p.rstd);
-  for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
-    const int64_t ng = n * s.G + group_of(c, Cg, narrow), nc = n * s.C + c;
+  for_each_element(s, [&](int64_t i, int64_t c, int64_t nc, int64_t ng) {
     A alpha, beta;
     gn::affine(rstd[ng], param<A>(p.weight, c, A(1)), param<A>(p.bias, c, A(0)),
                param<A>(p.scale, nc, A(0)), param<A>(p.shift, nc, A(0)), alpha, beta);
@@ -244,9 +245,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdParams p) {
   using A = Acc<T>;
   const GroupNormShape& s = p.s;
-  const int64_t Cg = s.C / s.G;
-  const bool narrow = s.C <= int64_t{UINT32_MAX};
-  const int64_t NC = s.N * s.C;
+  const int64_t Cg = s.C / s.G, NC = s.N * s.C;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_out);
   T* dx = static_cast<T*>(p.grad_x);
@@ -254,8 +253,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(const GroupNormActBwdP
   const A* rstd = static_cast<const A*>(p.rstd);
   const A* work = static_cast<const A*>(p.work);
   const A inv_m = A(1) / static_cast<A>(Cg * s.S);
-  for_each_element(s, [&](int64_t i, int64_t n, int64_t c) {
-    const int64_t ng = n * s.G + group_of(c, Cg, narrow), nc = n * s.C + c;
+  for_each_element(s, [&](int64_t i, int64_t c, int64_t nc, int64_t ng) {
     const A w = param<A>(p.weight, c, A(1)), sc = param<A>(p.scale, nc, A(0));
     A alpha, beta, cp, cq, cr;
     gn::affine(rstd[ng], w, param<A>(p.bias, c, A(0)), sc, param<A>(p.shift, nc, A(0)), alpha,
