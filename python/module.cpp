@@ -55,7 +55,7 @@ py::dict build_info() {
   d["arch_list"] = "";
 #endif
 #ifdef IDDPM_WITH_SM90
-  d["attention_sm90"] = true;  // the Hopper attention forward (sm_90a) is compiled in
+  d["attention_sm90"] = true;  // the Hopper attention kernels (sm_90a) are compiled in
 #else
   d["attention_sm90"] = false;
 #endif
@@ -172,9 +172,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("capabilities", &capabilities,
         "What the compiled kernels accept: ops, dtypes and head dims per device (a plain dict).");
   m.def("attention_sm90_enabled", &iddpm::ops::attention_sm90_enabled,
-        "Whether the CUDA attention forward runs its sm_90a kernel where it can (process-wide).");
+        "Whether the CUDA attention ops run their sm_90a kernels (forward and backward) where they "
+        "can (process-wide).");
   m.def("set_attention_sm90", &iddpm::ops::set_attention_sm90, py::arg("enabled"),
-        "Switch the sm_90a attention forward on or off for the whole process; returns the "
+        "Switch the sm_90a attention kernels on or off for the whole process; returns the "
         "previous value (initially: IDDPM_ATTENTION_SM90=1 in the environment at first use).");
   m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
         "The architecture (10·major + minor) the CUDA attention's code on this device was built "

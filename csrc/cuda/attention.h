@@ -76,13 +76,15 @@ inline constexpr int kAttentionMinArch = 80;
 int qkv_attention_fwd_smem_bytes(DType dtype, int64_t C);
 int qkv_attention_bwd_smem_bytes(DType dtype, int64_t C);
 
-// The Hopper (sm_90a) forward (attention_fwd_sm90.cu; built only for sm_90a, see
-// IDDPM_WITH_SM90, never run on a card yet, never the default): fp16 / bf16, head dims 64 and
-// 128, the same outputs as qkv_attention_fwd (so the backward takes its lse).
+// The Hopper (sm_90a) forward and backward (attention_fwd_sm90.cu, attention_bwd_sm90.cu; built
+// only for sm_90a, see IDDPM_WITH_SM90, never run on a card yet, never the default): fp16 / bf16,
+// head dims 64 and 128, the same outputs as qkv_attention_fwd / qkv_attention_bwd (so either
+// backward takes either forward's lse), the same workspaces.
 inline bool qkv_attention_sm90_supported(DType dtype, int64_t C) {
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && (C == 64 || C == 128);
 }
 int qkv_attention_fwd_sm90(const attn::AttentionFwdParams& params, cudaStream_t stream);
+int qkv_attention_bwd_sm90(const attn::AttentionBwdParams& params, cudaStream_t stream);
 
 // Backward, with the workspaces params.dq_accum and params.delta (lse: float32). Returns a
 // cudaError_t value (0 = success) of the launches.

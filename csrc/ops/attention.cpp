@@ -40,7 +40,7 @@
 
 namespace iddpm::ops {
 
-// The switch of the sm_90a forward (see use_sm90_forward): process-wide, initialised once from
+// The switch of the sm_90a kernels (see use_sm90): process-wide, initialised once from
 // IDDPM_ATTENTION_SM90=1 in the environment, then set through set_attention_sm90 (Python:
 // iddpm_ext.ops.attention.attention_sm90). An atomic, not the environment read at each call:
 // getenv in an op that runs without the GIL races with os.environ writes (setenv) elsewhere.
@@ -265,28 +265,39 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
 bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
 #ifdef IDDPM_WITH_SM90
-// Whether the forward runs the Hopper (sm_90a) kernel instead of the sm_80 one: only when it
-// was built (IDDPM_WITH_SM90: an arch list with 9.0), asked for (attention_sm90_enabled(): never
-// the default, it has not run on a card yet), on a device of compute capability 9.0 exactly (an
-// sm_90a cubin loads nowhere else), for a dtype and head dim it has (fp16 / bf16, C = 64 / 128).
-// Same outputs either way.
-bool use_sm90_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
+// Whether the op runs the Hopper (sm_90a) kernels instead of the sm_80 ones (forward and
+// backward alike): only when they were built (IDDPM_WITH_SM90: an arch list with 9.0), asked for
+// (attention_sm90_enabled(): never the default, they have not run on a card yet), on a device of
+// compute capability 9.0 exactly (an sm_90a cubin loads nowhere else), for a dtype and head dim
+// they have (fp16 / bf16, C = 64 / 128). Same outputs either way.
+bool use_sm90(DType dtype, int64_t C, const at::Tensor& qkv) {
   if (!attention_sm90_enabled()) return false;
-  if (!cuda::qkv_attention_sm90_supported(p.dtype, p.s.C)) return false;
+  if (!cuda::qkv_attention_sm90_supported(dtype, C)) return false;
   const auto* prop = at::cuda::getDeviceProperties(qkv.device().index());
   return prop->major == 9 && prop->minor == 0;
 }
 #endif
 
-// The forward kernel for p: the sm_90a one where use_sm90_forward says so, else the sm_80 one.
+// The forward kernel for p: the sm_90a one where use_sm90 says so, else the sm_80 one.
 int run_forward(const attn::AttentionFwdParams& p, const at::Tensor& qkv) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 #ifdef IDDPM_WITH_SM90
-  if (use_sm90_forward(p, qkv)) return cuda::qkv_attention_fwd_sm90(p, stream);
+  if (use_sm90(p.dtype, p.s.C, qkv)) return cuda::qkv_attention_fwd_sm90(p, stream);
 #else
   (void)qkv;
 #endif
   return cuda::qkv_attention_fwd(p, stream);
+}
+
+// The backward kernels for p: the sm_90a ones where use_sm90 says so, else the sm_80 ones.
+int run_backward(const attn::AttentionBwdParams& p, const at::Tensor& qkv) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#ifdef IDDPM_WITH_SM90
+  if (use_sm90(p.dtype, p.s.C, qkv)) return cuda::qkv_attention_bwd_sm90(p, stream);
+#else
+  (void)qkv;
+#endif
+  return cuda::qkv_attention_bwd(p, stream);
 }
 
 // The sm_80 kernels' code on qkv's device (the current one) was built for sm_80 or newer: a
@@ -348,7 +359,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   b.p.dq_accum = dq_accum.data_ptr<float>();
   b.p.delta = delta.data_ptr<float>();
   b.p.allow_tf32 = allow_tf32();
-  const int err = cuda::qkv_attention_bwd(b.p, c10::cuda::getCurrentCUDAStream());
+  const int err = run_backward(b.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return b.grad_qkv;
 }

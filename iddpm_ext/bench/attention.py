@@ -8,8 +8,9 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
                             output [B, H, T, C] back into [B, H·C, T]
   sdpa:<backend> kernel     the same backend on pre-arranged contiguous q, k, v (kernel only)
   iddpm (fused)             iddpm::qkv_attention (and its backward op), no copies
-  iddpm (fused, sm90)       the same op with its sm_90a forward (IDDPM_ATTENTION_SM90=1; only on
-                            CUDA with a compute-capability 9.x card and that kernel built)
+  iddpm (fused, sm90)       the same op with its sm_90a kernels (IDDPM_ATTENTION_SM90=1; forward,
+                            and in `fwd+bwd` the backward too; only on CUDA with a
+                            compute-capability 9.0 card and those kernels built)
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
@@ -193,13 +194,15 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                 impls[f"sdpa:{name} kernel"] = ("kernel", be)
             if fused_ok:
                 impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
-            if attn.sm90_supported(qkv, H):  # the sm_90a forward: CUDA, built, cc 9.x only
-                impls["iddpm (fused, sm90)"] = lambda x: attn.qkv_attention_fused_sm90(x, H)
+            if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
+                impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             flops = (14 if bwd else 4) * B * H * T * T * C
             moved = (12 if bwd else 4) * elems
             rows = {}
             for impl, f in impls.items():
                 fn = _make_fn(f, qkv, (q, k, v), bwd)
+                if impl == SM90_ROW:  # forward and backward under the switch
+                    fn = _under_sm90(fn)
                 try:
                     fn()
                 except RuntimeError:  # backend refuses this case
@@ -229,14 +232,28 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             for rec in rows.values():
                 if base:
                     rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-            ours = rows.get("iddpm (fused)")
-            if ours:
+            for ours in (rows.get("iddpm (fused)"), rows.get(SM90_ROW)):
+                if not ours:
+                    continue
                 for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
                     times = [r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)]
                     if times:
                         ours[tag] = round(min(times) / ours["ms"], 2)
             del rows
     return records
+
+
+SM90_ROW = "iddpm (fused, sm90)"
+
+
+def _under_sm90(fn):
+    """fn run with the sm_90a kernels' switch on (attn.attention_sm90), backward included."""
+
+    def run():
+        with attn.attention_sm90():
+            return fn()
+
+    return run
 
 
 def _make_fn(f, qkv, qkv_split, bwd):

@@ -318,12 +318,13 @@ def qkv_attention_with_lse(qkv: torch.Tensor, num_heads: int):
 
 
 # ---------------------------------------------------------------------------------
-# The Hopper (sm_90a) forward kernel (csrc/cuda/attention_fwd_sm90.cu, issue 13 item 4): built
-# only for sm_90a, NEVER RUN ON A CARD YET, so never picked by "auto" or "fused". The CUDA op
-# runs it instead of the sm_80 forward only while its process-wide switch is on
+# The Hopper (sm_90a) kernels (csrc/cuda/attention_{fwd,bwd}_sm90.cu, issue 13 item 4): built
+# only for sm_90a, NEVER RUN ON A CARD YET, so never picked by "auto" or "fused". The CUDA ops
+# run them instead of the sm_80 forward and backward only while their process-wide switch is on
 # (:class:`attention_sm90`, or IDDPM_ATTENTION_SM90=1 in the environment at start-up), on a
-# compute-capability 9.0 device, for fp16 / bf16 and head dims 64 and 128 (else the sm_80
-# forward runs). Same outputs (out, lse), so the backward is the usual one. See docs/attention.md.
+# compute-capability 9.0 device, for fp16 / bf16 and head dims 64 and 128 (else the sm_80 kernels
+# run). Same outputs (out, lse; grad_qkv), so either backward takes either forward's lse. See
+# docs/attention.md.
 # ---------------------------------------------------------------------------------
 SM90_ENV = "IDDPM_ATTENTION_SM90"
 SM90_DTYPES = (torch.float16, torch.bfloat16)
@@ -331,12 +332,12 @@ SM90_HEAD_DIMS = (64, 128)
 
 
 def sm90_built() -> bool:
-    """Whether ``_C`` has the sm_90a attention forward compiled in (build_info()["attention_sm90"])."""
+    """Whether ``_C`` has the sm_90a attention kernels compiled in (build_info()["attention_sm90"])."""
     return loader.available() and bool(loader.build_info().get("attention_sm90", False))
 
 
 def sm90_supported(qkv: torch.Tensor, num_heads: int) -> bool:
-    """Whether the switch (:class:`attention_sm90`) would run the sm_90a forward for this qkv:
+    """Whether the switch (:class:`attention_sm90`) would run the sm_90a kernels for this qkv:
     built, a CUDA tensor on a compute-capability 9.0 device, fp16 / bf16, head dim 64 or 128, and
     a qkv the fused op takes."""
     if qkv.device.type != "cuda" or qkv.dtype not in SM90_DTYPES or not sm90_built():
@@ -349,15 +350,15 @@ def sm90_supported(qkv: torch.Tensor, num_heads: int) -> bool:
 
 
 def sm90_enabled() -> bool:
-    """Whether the sm_90a forward's process-wide switch is on (False without ``_C``)."""
+    """Whether the sm_90a kernels' process-wide switch is on (False without ``_C``)."""
     return loader.available() and bool(loader._C.attention_sm90_enabled())
 
 
 class attention_sm90:
-    """Context manager: the CUDA forward op runs the sm_90a kernel where it can inside, and the
-    switch goes back to its previous value after. The switch is process-wide (every thread's
-    calls follow it), initially on when IDDPM_ATTENTION_SM90=1 was in the environment when the
-    op first ran; no effect without ``_C``."""
+    """Context manager: the CUDA attention ops (forward and backward) run their sm_90a kernels
+    where they can inside, and the switch goes back to its previous value after. The switch is
+    process-wide (every thread's calls follow it), initially on when IDDPM_ATTENTION_SM90=1 was in
+    the environment when the op first ran; no effect without ``_C``."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
@@ -373,8 +374,9 @@ class attention_sm90:
 
 
 def qkv_attention_fused_sm90(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The fused op with the sm_90a forward asked for (:class:`attention_sm90`); where that kernel
-    does not apply (:func:`sm90_supported`) the op runs its sm_80 forward, as without it."""
+    """The fused op with the sm_90a kernels asked for (:class:`attention_sm90`), for its forward
+    and, when autograd runs the backward inside the same switch, its backward; where they do not
+    apply (:func:`sm90_supported`) the op runs its sm_80 kernels, as without it."""
     with attention_sm90():
         return qkv_attention_fused(qkv, num_heads)
 

@@ -1,11 +1,12 @@
-"""The Hopper (sm_90a) attention forward run on the CPU: tests/ops/cuda_emulation/ compiles
-csrc/cuda/attention_fwd_sm90.cuh with the host compiler on top of sm90_emulator.h (wgmma with
-shared-memory descriptors and 128-byte swizzle, its fence / commit / wait, mbarriers with
+"""The Hopper (sm_90a) attention forward and backward run on the CPU: tests/ops/cuda_emulation/
+compiles csrc/cuda/attention_{fwd,bwd}_sm90.cuh with the host compiler on top of sm90_emulator.h
+(wgmma with shared-memory descriptors and 128-byte swizzle, its fence / commit / wait, mbarriers with
 transaction counts, TMA tensor copies, fence.proxy.async, written from the PTX ISA) and checks the
 emulator against the ISA's worked examples and hand-written layouts, then the kernel against
 float64 (fp16 / bf16, head dims 64 and 128, masked and whole key tiles, the TMA and the cp.async /
-guarded producers). The kernel has not run on a card yet: this is all the checking it gets
-without one. Needs a C++20 compiler and the CUDA headers, not a GPU."""
+guarded producers; the backward's dq, dk, dv after the sm_90a forward). The kernels have not run
+on a card yet: this is all the checking they get without one. Needs a C++20 compiler and the CUDA
+headers, not a GPU."""
 
 from __future__ import annotations
 
@@ -50,6 +51,22 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
     assert "C=128 B=1 H=1 T=200 tma" in run.stdout and "C=128 B=1 H=1 T=200 cp.async" in run.stdout
     assert "T=1024 tma" in run.stdout and "T=384 cp.async" in run.stdout
     assert "guarded unaligned" in run.stdout
+    # The backward after the sm_90a forward: both dtypes and head dims, one partial key tile
+    # (T = 37), two key tiles and several query tiles over both stages (T = 200, 256, 320), the
+    # TMA, cp.async and guarded producers, unaligned storage.
+    for dtype in ("fp16", "bf16"):
+        for c in (64, 128):
+            assert f"sm90 bwd {dtype} C={c} " in run.stdout
+    bwd_lines = [line for line in run.stdout.splitlines() if line.startswith("sm90 bwd")]
+    for case in (
+        "T=37 guarded",
+        "C=128 B=1 H=1 T=200 tma",
+        "C=128 B=1 H=1 T=200 cp.async",
+        "B=2 H=2 T=256 tma",
+        "T=320 cp.async",
+        "T=128 guarded unaligned",
+    ):
+        assert any(case in line for line in bwd_lines), case
 
 
 @pytest.mark.slow

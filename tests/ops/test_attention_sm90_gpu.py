@@ -1,8 +1,11 @@
-"""The Hopper (sm_90a) attention forward on a card (run by scripts/gpu_check.sh): against float64
-under the project's low-precision rule (at most twice the eager einsum's error), against the sm_80
-forward of the same op, its lse, that it is the kernel that ran (profiler) only when asked for,
-and a backward through its lse. Skipped without CUDA, without the sm90 build, or off a
-compute-capability 9.x card. The kernel has never run on a card before this check."""
+"""The Hopper (sm_90a) attention kernels on a card (run by scripts/gpu_check.sh). Forward: against
+float64 under the project's low-precision rule (at most twice the eager einsum's error), against
+the sm_80 forward of the same op, its lse, that it is the kernel that ran (profiler) only when
+asked for, and the sm_80 backward through its lse. Backward: dq, dk, dv against float64 under the
+same rule (eager = autograd through the einsum in that dtype) and against the sm_80 backward, the
+sm_90a backward through the sm_80 forward's lse, that its kernel ran only when asked for. Skipped
+without CUDA, without the sm90 build, or off a compute-capability 9.x card. The kernels have never
+run on a card before this check."""
 
 from __future__ import annotations
 
@@ -82,24 +85,82 @@ def test_sm90_forward_feeds_the_backward():
     assert max_err(grad, grad_ref) <= 2 * max_err(grad80, grad_ref) + 1e-4
 
 
+def _grads(fn, qkv, g):
+    """grad_qkv of fn at (a copy of) qkv for the output gradient g."""
+    x = qkv.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(x), x, g)
+    return grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [64, 128])
+@pytest.mark.parametrize("T", [37, 200, 1024])
+def test_sm90_backward_against_float64_and_sm80(dtype, C, T):
+    B, H = (2, 2) if T <= 256 else (1, 2)
+    qkv = _qkv(B, H, C, T, dtype, seed=7 * T + C)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    g = torch.randn(B, H * C, T, device="cuda", generator=gen).to(dtype)
+    with A.attention_sm90():  # forward and backward on the sm_90a kernels
+        grad = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
+    grad80 = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
+    eager = _grads(lambda x: A.qkv_attention_reference(x, H), qkv, g)
+    ref = _grads(lambda x: attention_math_f64(x, H), qkv.double(), g.double())
+    what = f"sm90 backward B={B} H={H} C={C} T={T} {dtype}"
+    for part, name in enumerate(("dq", "dk", "dv")):  # each gradient on its own scale
+        sl = lambda t: t.reshape(B, H, 3, C, T)[:, :, part]  # noqa: E731
+        floor = 1e-5 * (1.0 + sl(ref).abs().max().item())
+        check_two_x_rule(sl(grad), sl(eager), sl(ref), f"{what} {name}", floor)
+        e80 = max_err(sl(grad80), sl(ref))
+        assert max_err(sl(grad), sl(grad80)) <= 2 * e80 + floor, f"{what} {name}: far from sm_80"
+
+
+def test_sm90_backward_through_the_sm80_forward():
+    B, H, C, T = 1, 2, 64, 300
+    qkv = _qkv(B, H, C, T, torch.float16, seed=11)
+    g = torch.randn(B, H * C, T, device="cuda", dtype=torch.float16)
+    out, lse = A.qkv_attention_with_lse(qkv, H)  # the sm_80 forward
+    with A.attention_sm90():
+        grad = A.qkv_attention_backward(g, qkv, out, lse, H)
+    grad80 = A.qkv_attention_backward(g, qkv, out, lse, H)
+    ref = _grads(lambda x: attention_math_f64(x, H), qkv.double(), g.double())
+    assert max_err(grad, ref) <= 2 * max_err(grad80, ref) + 1e-4
+
+
+def test_sm90_backward_kernel_runs_only_when_asked():
+    qkv = _qkv(1, 2, 128, 256, torch.bfloat16, seed=5)
+    g = torch.randn(1, 2 * 128, 256, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: _grads(lambda x: A.qkv_attention_fused(x, 2), qkv, g)  # noqa: E731
+    with A.attention_sm90():
+        asked = _kernel_names(fn)
+    default = _kernel_names(fn)
+    assert any("attn_bwd_sm90_kernel" in k for k in asked), sorted(asked)
+    assert not any("attn_bwd_kernel" in k and "sm90" not in k for k in asked), sorted(asked)
+    assert not any("attn_bwd_sm90_kernel" in k for k in default), sorted(default)
+
+
 @pytest.mark.parametrize(
     "C, T, offset",
     [(64, 37, 0), (128, 256, 0), (64, 256, 1)],
     ids=["C64-T37-guarded", "C128-T256-tma", "C64-T256-unaligned"],
 )
 def test_sm90_sanitizer_subset(C, T, offset):
-    """Small calls of the sm90 forward for compute-sanitizer (gpu_check's memcheck_sm90 and
-    racecheck_sm90 steps): the guarded cp.async loads (T = 37), the TMA path (T = 256, aligned) and
-    the cp.async path on storage that is not 16-byte aligned (a view one element in); each against
-    the sm_80 forward."""
+    """Small calls of the sm90 forward and backward for compute-sanitizer (gpu_check's
+    memcheck_sm90 and racecheck_sm90 steps): the guarded cp.async loads (T = 37), the TMA path
+    (T = 256, aligned) and the cp.async path on storage that is not 16-byte aligned (a view one
+    element in; the backward's grad_out is aligned there, so its producer takes the guarded loads
+    for qkv's sake); each against the sm_80 kernels."""
     B, H = 1, 2
     n = B * 3 * H * C * T
     storage = _qkv(1, 1, 1, n + offset, torch.float16, seed=C + T).flatten()  # 3·(n + offset) values
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)  # contiguous; offset 1: 2 bytes in
     assert (qkv.data_ptr() % 16 == 0) is (offset == 0)
+    g = _qkv(1, 1, 1, B * H * C * T, torch.float16, seed=T).view(B, H * C, T)
     with A.attention_sm90():
         out, lse = A.qkv_attention_with_lse(qkv, H)
+        grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)
+    grad80 = A.qkv_attention_backward(g, qkv, out80, lse80, H)
     torch.cuda.synchronize()
     assert max_err(out, out80) <= 2e-3 * (1.0 + out80.abs().max().item())
     assert max_err(lse, lse80) <= 1e-4 * (1.0 + lse80.abs().max().item())
+    assert max_err(grad, grad80) <= 4e-3 * (1.0 + grad80.abs().max().item())

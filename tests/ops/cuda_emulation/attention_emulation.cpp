@@ -22,6 +22,7 @@
 #include <random>
 #include <string>
 
+#include "attention_reference.h"
 #include "cuda/attention_bwd_kernel.cuh"
 #include "cuda/attention_fwd_kernel.cuh"
 
@@ -90,64 +91,6 @@ void launch(dim3 grid, int threads, size_t smem_bytes, const Kernel& kernel) {
         blockIdx = make_uint3(x, y, z);
         attn_emu::run_block(threads, smem_raw, smem_bytes, kernel);
       }
-    }
-  }
-}
-
-double max_rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
-  double m = 0, e = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    m = std::max(m, std::fabs(ref[i]));
-    e = std::max(e, std::fabs(ref[i] - got[i]));
-  }
-  return e / (1e-30 + m);
-}
-
-// float64 reference for one (b·h): q, k, v, dO: [C, T] -> o [C, T], lse [T], dq, dk, dv [C, T].
-void reference(int C, int T, const double* q, const double* k, const double* v, const double* dout,
-               double* o, double* lse, double* dq, double* dk, double* dv) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(C));
-  std::vector<double> p(static_cast<size_t>(T) * T), dp(static_cast<size_t>(T) * T);
-  for (int i = 0; i < T; ++i) {
-    double mx = -INFINITY;
-    for (int j = 0; j < T; ++j) {
-      double s = 0;
-      for (int c = 0; c < C; ++c) s += q[c * T + i] * k[c * T + j];
-      p[i * T + j] = s * scale;
-      mx = std::max(mx, s * scale);
-    }
-    double sum = 0;
-    for (int j = 0; j < T; ++j) sum += std::exp(p[i * T + j] - mx);
-    lse[i] = mx + std::log(sum);
-    for (int j = 0; j < T; ++j) p[i * T + j] = std::exp(p[i * T + j] - lse[i]);
-  }
-  for (int c = 0; c < C; ++c) {
-    for (int i = 0; i < T; ++i) {
-      double acc = 0;
-      for (int j = 0; j < T; ++j) acc += p[i * T + j] * v[c * T + j];
-      o[c * T + i] = acc;
-    }
-  }
-  for (int i = 0; i < T; ++i) {
-    double d = 0;
-    for (int c = 0; c < C; ++c) d += dout[c * T + i] * o[c * T + i];
-    for (int j = 0; j < T; ++j) {
-      double s = 0;
-      for (int c = 0; c < C; ++c) s += dout[c * T + i] * v[c * T + j];
-      dp[i * T + j] = p[i * T + j] * (s - d);  // dS
-    }
-  }
-  for (int c = 0; c < C; ++c) {
-    for (int x = 0; x < T; ++x) {
-      double aq = 0, ak = 0, av = 0;
-      for (int y = 0; y < T; ++y) {
-        aq += dp[x * T + y] * k[c * T + y];
-        ak += dp[y * T + x] * q[c * T + y];
-        av += p[y * T + x] * dout[c * T + y];
-      }
-      dq[c * T + x] = scale * aq;
-      dk[c * T + x] = scale * ak;
-      dv[c * T + x] = av;
     }
   }
 }

@@ -25,6 +25,9 @@
 #include <random>
 #include <string>
 
+#include "attention_reference.h"
+#include "cuda/attention_bwd_kernel.cuh"
+#include "cuda/attention_bwd_sm90.cuh"
 #include "cuda/attention_fwd_sm90.cuh"
 
 namespace iddpm::cuda::attn_sm90 {
@@ -396,6 +399,116 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
   expect(r_o <= tol && r_l <= tol, name + ": forward error");
 }
 
+// Runs `kernel` for every block of `grid` (x outer), as the GPU would in some order.
+template <class Kernel>
+void launch(dim3 grid, int threads, size_t smem_bytes, const Kernel& kernel) {
+  gridDim = grid;
+  for (unsigned x = 0; x < grid.x; ++x) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      blockIdx = make_uint3(x, y, 0);
+      attn_emu::run_block(threads, smem_raw, smem_bytes, kernel);
+    }
+  }
+}
+
+// The backward as attention_bwd_sm90.cu launches it: the sm_90a forward for out and lse, the
+// delta kernel, the sm_90a backward kernel (TMA or cp.async / guarded producer), the dq kernel;
+// every gradient against float64 on the same rounded inputs.
+template <class T, int C>
+void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
+                  const char* dtype, bool want_tma) {
+  using namespace iddpm::cuda::attn_sm90;
+  using iddpm::cuda::attn_kernels::attn_delta_kernel;
+  using iddpm::cuda::attn_kernels::attn_dq_kernel;
+  using F = Sm90FwdCfg<T, C>;
+  using Bw = Sm90BwdCfg<T, C>;
+  const int BH = B * H;
+  const size_t CT = static_cast<size_t>(C) * T_len, nqkv = BH * 3 * CT, nout = BH * CT;
+  std::mt19937 rng(7 + T_len + C);
+  std::normal_distribution<float> normal;
+  Buf<T> qkv(nqkv, shift), dout(nout, shift), out(nout), grad(nqkv);
+  Buf<float> lse(static_cast<size_t>(BH) * T_len), delta(static_cast<size_t>(BH) * T_len);
+  std::vector<float> dq_accum(nout, 0.0f);  // the launcher's memset
+  for (size_t i = 0; i < nqkv; ++i) qkv.data()[i] = Elem<T>::from_f(normal(rng));
+  for (size_t i = 0; i < nout; ++i) dout.data()[i] = Elem<T>::from_f(normal(rng));
+  attn_emu::g_global = {{qkv.data(), nqkv * sizeof(T)}, {dout.data(), nout * sizeof(T)}};
+  const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dout.data()) % 16 == 0;
+  const int64_t rows = static_cast<int64_t>(BH) * 3 * C;
+  const bool tma = want_tma && tma_usable(qkv.data(), rows, T_len) &&
+                   tma_usable(dout.data(), static_cast<int64_t>(BH) * C, T_len);
+  TmaMap map_qkv{}, map_do{};
+  if (tma) {
+    const TmaParams tq = tma_params<C>(rows, T_len), td = tma_params<C>(BH * C, T_len);
+    map_qkv = attn_emu::encode_tensor_map_2d(qkv.data(), tq.dim, tq.stride1, tq.box, true);
+    map_do = attn_emu::encode_tensor_map_2d(dout.data(), td.dim, td.stride1, td.box, true);
+  }
+  const float scale = iddpm::attn::softmax_scale<float>(C);
+  const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
+  launch(dim3(BH, (T_len + F::BQ - 1) / F::BQ), F::kThreads, F::kSmemBytes, [&] {
+    attn_fwd_sm90_kernel<T, C>(map_qkv, qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec,
+                               tma);
+  });
+  const int d_tiles = (T_len + 127) / 128;
+  launch(dim3(BH * d_tiles, 1), 128, 0,
+         [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
+  launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK), Bw::kThreads, Bw::kSmemBytes, [&] {
+    attn_bwd_sm90_kernel<T, C>(map_qkv, map_do, qkv.data(), dout.data(), lse.data(), delta.data(),
+                               grad.data(), dq_accum.data(), T_len, scale, scale_log2, vec, tma);
+  });
+  launch(dim3(3, 1), 256, 0,
+         [&] { attn_dq_kernel<T>(dq_accum.data(), grad.data(), BH, C, T_len, scale); });
+
+  std::vector<double> r_o(nout), r_lse(static_cast<size_t>(BH) * T_len), r_g(nqkv), g_o(nout),
+      g_lse(r_lse.size()), g_g(nqkv);
+  for (int bh = 0; bh < BH; ++bh) {
+    std::vector<double> q(CT), k(CT), v(CT), d(CT);
+    const T* base = qkv.data() + bh * 3 * CT;
+    for (size_t i = 0; i < CT; ++i) {
+      q[i] = Elem<T>::to_f(base[i]);
+      k[i] = Elem<T>::to_f(base[CT + i]);
+      v[i] = Elem<T>::to_f(base[2 * CT + i]);
+      d[i] = Elem<T>::to_f(dout.data()[bh * CT + i]);
+    }
+    double* gq = r_g.data() + bh * 3 * CT;
+    reference(C, T_len, q.data(), k.data(), v.data(), d.data(), r_o.data() + bh * CT,
+              r_lse.data() + bh * T_len, gq, gq + CT, gq + 2 * CT);
+  }
+  bool finite = true;
+  for (size_t i = 0; i < nout; ++i) g_o[i] = Elem<T>::to_f(out.data()[i]);
+  for (size_t i = 0; i < r_lse.size(); ++i) g_lse[i] = lse.data()[i];
+  for (size_t i = 0; i < nqkv; ++i) {
+    g_g[i] = Elem<T>::to_f(grad.data()[i]);
+    finite = finite && std::isfinite(g_g[i]);
+  }
+  const std::string name = std::string("sm90 bwd ") + dtype + " C=" + std::to_string(C) +
+                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                           " T=" + std::to_string(T_len) +
+                           (tma   ? " tma"
+                            : vec ? " cp.async"
+                                  : " guarded") +
+                           (shift ? " unaligned" : "");
+  double e_g[3];
+  for (int part = 0; part < 3; ++part) {  // dq, dk, dv separately
+    std::vector<double> a, b;
+    for (int bh = 0; bh < BH; ++bh) {
+      const size_t off = bh * 3 * CT + part * CT;
+      a.insert(a.end(), r_g.begin() + off, r_g.begin() + off + CT);
+      b.insert(b.end(), g_g.begin() + off, g_g.begin() + off + CT);
+    }
+    e_g[part] = max_rel_err(a, b);
+  }
+  const double e_o = max_rel_err(r_o, g_o), e_l = max_rel_err(r_lse, g_lse);
+  std::printf("%-46s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_l, e_g[0],
+              e_g[1], e_g[2]);
+  expect(finite, name + ": unwritten gradient");
+  expect(qkv.guards_intact() && dout.guards_intact() && grad.guards_intact() &&
+             lse.guards_intact() && delta.guards_intact(),
+         name + ": write outside a buffer");
+  expect(e_o <= tol_fwd && e_l <= tol_fwd, name + ": forward error");
+  expect(e_g[0] <= tol_bwd && e_g[1] <= tol_bwd && e_g[2] <= tol_bwd, name + ": backward error");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -416,6 +529,17 @@ int main(int argc, char** argv) {
   run_case<__half, 128>(1, 1, 128, 3, 4e-3, "fp16", true);        // unaligned storage: guarded
   run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16", true);        // 8 tiles: 4 rounds of each stage
   run_case<__nv_bfloat16, 64>(1, 1, 384, 0, 3e-2, "bf16", false);  // 3 tiles, cp.async
+  // The backward (after the sm_90a forward), the sm_80 kernels' tolerances (fp16 4e-3 / 1e-2,
+  // bf16 3e-2 / 6e-2): one partial key tile with guarded loads (T = 37; the second consumer's
+  // keys all past T), two key tiles with a partial second and several query tiles over both
+  // stages (T = 200: TMA and cp.async), whole tiles (T = 256, B = H = 2), unaligned storage.
+  run_bwd_case<__half, 64>(1, 2, 37, 0, 4e-3, 1e-2, "fp16", true);
+  run_bwd_case<__nv_bfloat16, 128>(1, 1, 37, 0, 3e-2, 6e-2, "bf16", true);
+  run_bwd_case<__half, 128>(1, 1, 200, 0, 4e-3, 1e-2, "fp16", true);
+  run_bwd_case<__half, 128>(1, 1, 200, 0, 4e-3, 1e-2, "fp16", false);
+  run_bwd_case<__nv_bfloat16, 64>(2, 2, 256, 0, 3e-2, 6e-2, "bf16", true);
+  run_bwd_case<__half, 64>(1, 1, 320, 0, 4e-3, 1e-2, "fp16", false);  // 5 query tiles, cp.async
+  run_bwd_case<__half, 64>(1, 1, 128, 3, 4e-3, 1e-2, "fp16", true);   // unaligned: guarded
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }
