@@ -128,12 +128,14 @@ step bench_attention 90 $PY -m iddpm_ext.bench attention --device cuda --dtype f
 #    FlashAttention paper's point (issue 13's target: fp32 with TF32 >= 2x einsum with TF32).
 step bench_attention_fp32 60 $PY -m iddpm_ext.bench attention --device cuda --dtype float32,float32+tf32 \
   --cases 64x4x64x256,32x4x64x1024,16x32x64x1024 --json "$OUT/bench_attention_fp32.json"
-#    the Hopper (sm_90a) attention forward (issue 13 item 4; never run on a card before): its GPU
-#    test (against float64 and the sm_80 forward, that it runs only when asked), then bench rows
-#    at the issue's shapes, "iddpm (fused, sm90)" beside "iddpm (fused)" and SDPA / cuDNN.
-step tests_sm90 60 "${PYTEST[@]}" -v tests/ops/test_attention_sm90_gpu.py
-step bench_attention_sm90 60 $PY -m iddpm_ext.bench attention --device cuda --dtype float16 --passes fwd \
-  --cases 16x32x64x1024,16x32x64x4096,16x16x128x1024,16x16x128x4096 --json "$OUT/bench_attention_sm90.json"
+#    the Hopper (sm_90a) attention forward and backward (issue 13 item 4; never run on a card
+#    before): their GPU tests (against float64 and the sm_80 kernels, that they run only when
+#    asked), then bench rows at the issue's shapes, "iddpm (fused, sm90)" beside "iddpm (fused)"
+#    and SDPA / cuDNN, forward and forward+backward (the issue's >= 300 and >= 200 TFLOP/s).
+step tests_sm90 90 "${PYTEST[@]}" -v tests/ops/test_attention_sm90_gpu.py
+step bench_attention_sm90 90 $PY -m iddpm_ext.bench attention --device cuda --dtype float16 \
+  --passes fwd,fwd+bwd --cases 16x32x64x1024,16x32x64x4096,16x16x128x1024,16x16x128x4096 \
+  --json "$OUT/bench_attention_sm90.json"
 step bench_sample 60 $PY -m iddpm_ext.bench sample --device cuda --quick --json "$OUT/bench_sample.json"
 #    the fused GroupNorm + scale-shift + SiLU on CUDA (never timed on a card; "auto" picks it only
 #    on the CPU until this shows it beats torch's group_norm + scale-shift + SiLU there).
@@ -144,7 +146,7 @@ step bench_group_norm 45 $PY -m iddpm_ext.bench group_norm --device cuda --warmu
 #    rule and variance type, in-kernel noise, bad arguments, out-of-range t; attention's two
 #    load paths, partial tiles, both backward tilings and a head dim below its tile width on the
 #    Cp = 256 kernels, C = 192; fp32 in split-TF32 and, sanitizer_subset_tf32, in TF32; the sm_90a
-#    forward's guarded, TMA and unaligned cp.async paths (never run on a card before: racecheck sees
+#    forward's and backward's guarded, TMA and unaligned cp.async paths (never run on a card before: racecheck sees
 #    shared-memory hazards of the mbarrier protocol, not of the TMA/wgmma async proxy); the
 #    group-norm kernels forward and backward).
 if [ -x "$SANITIZER" ]; then
