@@ -234,8 +234,8 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kr = 16 * warp + g + 8 * h;
-        *reinterpret_cast<uint32_t*>(ds_tile + kr * 128 + ((j ^ (kr & 7)) << 4) + 4 * t) =
-            sa[j >> 1][2 * (j & 1) + h];
+        st_shared_b32(ds_tile + kr * 128 + ((j ^ (kr & 7)) << 4) + 4 * t,
+                      sa[j >> 1][2 * (j & 1) + h]);
       }
     }
     fence_proxy_async();  // the stores, visible to wgmma's reads (async proxy)

@@ -138,6 +138,16 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// A 4-byte generic store to shared memory that a wgmma will read as an operand (after this
+// thread's fence.proxy.async and a barrier); under emulation, recorded as unfenced until then.
+__device__ __forceinline__ void st_shared_b32(void* p, uint32_t v) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::st_shared(p, &v, 4);
+#else
+  *static_cast<uint32_t*>(p) = v;
+#endif
+}
+
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
 #if !defined(IDDPM_ATTN_HOST_EMULATION)

@@ -77,6 +77,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         ("no-fence", "without wgmma.fence"),
         ("unwaited", "wgmma never waited for"),
         ("no-proxy-fence", "without fence.proxy.async"),
+        ("no-store-fence", "has not executed fence.proxy.async"),
     ],
 )
 def test_sm90_emulator_refuses_misuse(sm90_exe, misuse, message):

@@ -15,7 +15,7 @@
 // run by tests/ops/test_attention_sm90_emulation.py. Exit code 0 = pass.
 //
 // `attention_sm90_emulation --refuse WHAT` runs one misuse the emulator must refuse (exit 3 with
-// its message): base-offset, no-fence, unwaited, no-proxy-fence.
+// its message): base-offset, no-fence, unwaited, no-proxy-fence, no-store-fence.
 //
 // What it cannot check: that the hardware follows the ISA as read here (layouts, descriptor
 // fields, the proxy rules), register allocation (setmaxnreg), timing, and anything between CTAs.
@@ -284,6 +284,14 @@ int refuse(const std::string& what) {
       iddpm::cuda::attn_dev::cp_async_16(smem_raw + 16 * threadIdx.x, src, true);
       iddpm::cuda::attn_dev::cp_async_wait_all();
       attn_emu::mbar_arrive(bar);
+    } else if (what == "no-store-fence") {  // dSᵀ-like stores read by wgmma without the fence
+      const uint32_t v = 0x3C003C00u;       // two fp16 ones
+      for (int i = 0; i < 4; ++i) st_shared_b32(smem_raw + 4096 + 16 * threadIdx.x + 4 * i, v);
+      __syncthreads();
+      wgmma_fence();
+      wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), false);
+      wgmma_commit();
+      wgmma_wait<0>();
     }
   });
   std::printf("not refused: %s\n", what.c_str());

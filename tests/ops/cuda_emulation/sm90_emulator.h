@@ -40,7 +40,10 @@
 //    parity differs from P (so P = 1 passes on a fresh barrier). Waiters spin (other threads run).
 //    Uninitialized barriers, misaligned ones and arrivals beyond the count are refused.
 //  * fence.proxy.async: a thread whose cp.async data landed (cp.async.wait_all) must execute it
-//    before it arrives on an mbarrier (the data are read by wgmma, through the async proxy).
+//    before it arrives on an mbarrier (the data are read by wgmma, through the async proxy). A
+//    thread's generic stores to shared memory made through st_shared (the kernels' hook for the
+//    stores a wgmma later reads) are unfenced until that thread executes it: a wgmma that reads a
+//    byte still unfenced by its writer is refused.
 //  * mbarrier transaction counts (9.7.13.15): arrive.expect_tx adds to the tx-count, a bulk copy's
 //    complete_tx subtracts its bytes; a phase completes when arrivals and tx-count are both 0.
 //  * TMA (cp.async.bulk.tensor.2d ... mbarrier::complete_tx::bytes, 9.7.9.25.5, with the tensor
@@ -147,6 +150,7 @@ struct Sm90Lane {
   WgOp op;  // the operands of a pending mma
   int wait_n = 0;
   bool need_fence = true;
+  std::vector<uint32_t> unfenced;  // shared bytes this thread stored (st_shared), not yet fenced
 };
 
 struct Sm90Group {
@@ -158,6 +162,7 @@ inline std::vector<Sm90Lane> g_sm90_lanes;
 inline std::vector<Sm90Group> g_sm90_groups;
 inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
 inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
+inline std::vector<uint8_t> g_unfenced;   // per shared byte: stored by st_shared, not yet fenced
 
 // The shared window: addresses are offsets from the block's dynamic shared memory (whose base
 // the harness aligns to 1024 bytes, as the kernel's own alignment step assumes on the GPU).
@@ -175,6 +180,7 @@ inline void sm90_block_start(unsigned threads) {
   g_sm90_groups.assign(threads / 128, Sm90Group{});
   g_mbars.clear();
   g_bulk.clear();
+  g_unfenced.assign(g_block->smem_bytes, 0);
   g_random_delays = true;
 }
 
@@ -211,7 +217,11 @@ inline float b16_value(const unsigned char* p, bool bf16) {
 inline double desc_elem(const SmemDesc& s, bool mn_major, bool bf16, int mn, int k) {
   const uint32_t a = swizzle_addr(
       s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo, mn, k), s.swizzle);
-  return b16_value(smem_at(a, 2, "wgmma operand outside the block's shared memory"), bf16);
+  const unsigned char* p = smem_at(a, 2, "wgmma operand outside the block's shared memory");
+  if (g_unfenced[a] || g_unfenced[a + 1]) {
+    fail("wgmma reads shared memory stored by a thread that has not executed fence.proxy.async");
+  }
+  return b16_value(p, bf16);
 }
 
 inline void check_desc(const SmemDesc& s) {
@@ -474,7 +484,23 @@ IDDPM_EMU_NOINLINE inline void mbar_wait_parity(uint32_t a, uint32_t parity) {
   while (!mbar_try_wait_parity(a, parity)) yield(St::spin);
 }
 
-IDDPM_EMU_NOINLINE inline void fence_proxy_async() { me().unfenced_copies = false; }
+IDDPM_EMU_NOINLINE inline void fence_proxy_async() {
+  me().unfenced_copies = false;
+  for (uint32_t a : me90().unfenced) g_unfenced[a] = 0;
+  me90().unfenced.clear();
+}
+
+// A generic store of `bytes` bytes to shared memory that a wgmma will read (st.shared): the
+// bytes stay unfenced until this thread's next fence.proxy.async.
+IDDPM_EMU_NOINLINE inline void st_shared(void* p, const void* src, size_t bytes) {
+  check_smem(p, bytes, "st.shared outside the block's shared memory");
+  std::memcpy(p, src, bytes);
+  const uint32_t a = smem_offset(p);
+  for (size_t i = 0; i < bytes; ++i) {
+    g_unfenced[a + i] = 1;
+    me90().unfenced.push_back(static_cast<uint32_t>(a + i));
+  }
+}
 
 inline const Sm90Install g_sm90_install{};
 
