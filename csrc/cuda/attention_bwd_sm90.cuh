@@ -31,7 +31,7 @@
 //        proxy, and an arrival on its `ds` mbarrier (count 128);
 //      dvᵀ += Pᵀ·dOᵀ and dkᵀ += dSᵀ·qᵀ by 4 + 4 wgmma m64nCk16 with A from registers (the
 //        accumulator layout is the A fragment layout) and B = the dO or q block (K-major: queries
-//        along K), left running while
+//        along K), waited for before
 //      the wait on `ds` (all 128 threads' dSᵀ stored), then dqᵀ (C × 64) = k·dSᵀ per 64 channels
 //        by 4 wgmma m64n64k16, A = the k block (K-major: keys along K, channels along M), B = the
 //        dSᵀ block (N-major); after the wait for every product, dqᵀ goes to dq_accum with
@@ -60,9 +60,8 @@ struct Sm90BwdCfg {
   static constexpr int kBarOffset = kRowStatsOffset + kStages * 2 * BQ * 4;
   static constexpr size_t kSmemBytes = 1024 + kBarOffset + 8 * (2 * kStages + kConsumers);
   static_assert(kSmemBytes <= kMaxSmemBytes, "sm_90a backward shared memory over the limit");
-  // setmaxnreg (384 threads). ptxas (13.0): C = 64 without spills at 40 / 232; C = 128 spills
-  // 32 bytes at 24 / 240 (40 at 40 / 232: dkᵀ, dvᵀ are 128 registers, Sᵀ, dPᵀ 64 more).
-  static constexpr int kProducerRegs = C == 64 ? 40 : 24, kConsumerRegs = C == 64 ? 232 : 240;
+  // setmaxnreg (384 threads); ptxas (13.0) reports no spills at C = 64 and 128.
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "register file");
 };
 
@@ -255,6 +254,10 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
 
     // dqᵀ[c, i] = Σ_keys k[c, key] dSᵀ[key, i], 64 channels at a time: keys 16kj.. are bytes
     // 32kj.. of the k block's rows and rows 16kj.. (2048 bytes each step) of the dSᵀ block.
+    // The dv, dk products retire first: their A fragments (P, dS: 32 registers) stay allocated
+    // until then, and beside dkᵀ, dvᵀ and dq's accumulators they made ptxas spill at C = 128
+    // (the tensor cores run one warpgroup's products in order either way).
+    wgmma_wait<0>();
     mbar_wait(ds_bar(cw), it & 1);
 #pragma unroll
     for (int mb = 0; mb < C / 64; ++mb) {
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
                                    sw128_desc(ds_addr + kj * 2048, Cfg::kDsBytes, 1024), kj > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();  // also retires the dv, dk products (groups complete in order)
+      wgmma_wait<0>();
       if (mb == 0) mbar_arrive(empty(s));  // this thread's readers of stage s have retired
 #pragma unroll
       for (int n = 0; n < 32; ++n) {
