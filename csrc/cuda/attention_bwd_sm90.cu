@@ -36,6 +36,9 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   cudaError_t err = attn_dev::set_smem_limit_once<Sm90BwdKernel<T, C>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
+  err = check_register_budget<Sm90BwdKernel<T, C>>(
+      reinterpret_cast<const void*>(kernel), Cfg::kThreads, Cfg::kProducerRegs, Cfg::kConsumerRegs);
+  if (err != cudaSuccess) return static_cast<int>(err);
   // TMA where both qkv and dout allow it (tma_usable); a map that cannot be made is an error,
   // not a silent fallback (this path is opt-in and unproven: a failure must show).
   const int64_t rows = BH * 3 * C;

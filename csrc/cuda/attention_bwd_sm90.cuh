@@ -25,10 +25,10 @@
 //    of k and v) and keeps dkᵀ, dvᵀ (64 × C, fp32) in registers. Per query tile:
 //      Sᵀ, dPᵀ (64 × 64) by 2·C/16 wgmma m64n64k16, A = k or v block (M-major: keys along M),
 //        B = the q or dO block (N-major: queries along N);
-//      Pᵀ, dSᵀ on the accumulators (lse·log2e and D of this thread's 16 query columns read
-//        from global memory before the wait for the stage);
-//      dSᵀ stored to this warpgroup's [64 keys, 64 queries] swizzled block, fenced into the async
-//        proxy, and an arrival on its `ds` mbarrier (count 128);
+//      Pᵀ, dSᵀ on the accumulators (lse·log2e and D of the tile's queries from the stage's row
+//        statistics, which the producer stores beside q and dO);
+//      dSᵀ stored to one of this warpgroup's two [64 keys, 64 queries] swizzled blocks (by tile
+//        parity), fenced into the async proxy, and an arrival on its `ds` mbarrier (count 128);
 //      dvᵀ += Pᵀ·dOᵀ and dkᵀ += dSᵀ·qᵀ by 4 + 4 wgmma m64nCk16 with A from registers (the
 //        accumulator layout is the A fragment layout) and B = the dO or q block (K-major: queries
 //        along K), waited for before
@@ -51,12 +51,12 @@ struct Sm90BwdCfg {
   static constexpr int kBlockBytes = C * 128;               // a [C, 64] block
   static constexpr int kKVBytes = (BK / 64) * kBlockBytes;  // the k (or v) tile
   static constexpr int kStageBytes = 2 * kBlockBytes;       // one query tile's q and dO
-  static constexpr int kDsBytes = 64 * 128;                 // a consumer's dSᵀ [64, 64]
-  // k, v, kStages × (q, dO), kConsumers × dSᵀ, kStages × (lse·log2e, D) [BQ] f32, then the
-  // mbarriers (full[kStages], empty[kStages], ds[kConsumers]); 1024 bytes of slack to align the
-  // tiles to the swizzle.
+  static constexpr int kDsBytes = 64 * 128;                 // a dSᵀ block [64 keys, 64 queries]
+  // k, v, kStages × (q, dO), kConsumers × 2 dSᵀ blocks, kStages × (lse·log2e, D) [BQ] f32, then
+  // the mbarriers (full[kStages], empty[kStages], ds[kConsumers]); 1024 bytes of slack to align
+  // the tiles to the swizzle.
   static constexpr int kRowStatsOffset =
-      2 * kKVBytes + kStages * kStageBytes + kConsumers * kDsBytes;
+      2 * kKVBytes + kStages * kStageBytes + kConsumers * 2 * kDsBytes;
   static constexpr int kBarOffset = kRowStatsOffset + kStages * 2 * BQ * 4;
   static constexpr size_t kSmemBytes = 1024 + kBarOffset + 8 * (2 * kStages + kConsumers);
   static_assert(kSmemBytes <= kMaxSmemBytes, "sm_90a backward shared memory over the limit");
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   unsigned char* ks = base;                              // block b at ks + b·kBlock
   unsigned char* vs = ks + Cfg::kKVBytes;                // block b at vs + b·kBlock
   unsigned char* qs = vs + Cfg::kKVBytes;                // stage s: q, then dO
-  unsigned char* dss = qs + kStages * Cfg::kStageBytes;  // consumer w at dss + w·kDsBytes
+  unsigned char* dss = qs + kStages * Cfg::kStageBytes;  // consumer w: dss + 2w·kDsBytes, +1
   // stage s: lse·log2e of its queries at rows + 2·BQ·s, D at rows + 2·BQ·s + BQ
   float* rows = reinterpret_cast<float*>(base + Cfg::kRowStatsOffset);
   const uint32_t bar0 = shared_addr(base + Cfg::kBarOffset);
@@ -177,8 +177,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   const bool key_ok[2] = {key0 < T_len, key0 + 8 < T_len};
   const uint32_t k_addr = shared_addr(ks + cw * kBlock);
   const uint32_t v_addr = shared_addr(vs + cw * kBlock);
-  unsigned char* ds_tile = dss + cw * Cfg::kDsBytes;
-  const uint32_t ds_addr = shared_addr(ds_tile);
+  unsigned char* ds_tiles = dss + 2 * cw * Cfg::kDsBytes;
   float* dqg = dq_accum + bh * CT;
 
   for (int it = 0; it < n_tiles; ++it) {
@@ -225,9 +224,15 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
         sa[kj][r] = Elem<T>::pack(dpt[8 * kj + 2 * r], dpt[8 * kj + 2 * r + 1]);
       }
     }
-    // dSᵀ to this warpgroup's block: key row kr = 16·warp + g + 8h, the pair of queries 8j + 2t
-    // at byte 4t of 16-byte chunk j, swizzled to chunk j ^ (kr % 8). The previous tile's dq
-    // products, the last readers of the block, retired at its final wait.
+    // dSᵀ to this warpgroup's block of this tile's parity: key row kr = 16·warp + g + 8h, the
+    // pair of queries 8j + 2t at byte 4t of 16-byte chunk j, swizzled to chunk j ^ (kr % 8). The
+    // block's last readers, the dq products of tile it - 2, have retired in every warp of the
+    // warpgroup: each warp waited for them before its arrival on `ds` for tile it - 1, which this
+    // thread's wait on `ds` then saw complete. (One block would rest on a warp's wait_group
+    // implying the other warps' reads of a shared operand are done, which the PTX ISA does not
+    // promise.)
+    unsigned char* ds_tile = ds_tiles + (it & 1) * Cfg::kDsBytes;
+    const uint32_t ds_addr = shared_addr(ds_tile);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll

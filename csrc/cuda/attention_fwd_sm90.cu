@@ -23,8 +23,11 @@ int launch_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   using Cfg = Sm90FwdCfg<T, C>;
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
   auto kernel = attn_fwd_sm90_kernel<T, C>;
-  const cudaError_t err = attn_dev::set_smem_limit_once<Sm90Kernel<T, C>>(
+  cudaError_t err = attn_dev::set_smem_limit_once<Sm90Kernel<T, C>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  err = check_register_budget<Sm90Kernel<T, C>>(
+      reinterpret_cast<const void*>(kernel), Cfg::kThreads, Cfg::kProducerRegs, Cfg::kConsumerRegs);
   if (err != cudaSuccess) return static_cast<int>(err);
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(p.qkv) % 16 == 0;
   // TMA where it applies (tma_usable); a map that cannot be made is an error, not a silent

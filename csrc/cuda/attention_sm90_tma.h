@@ -1,8 +1,9 @@
-// csrc/cuda/attention_sm90_tma.h — host side of the Hopper attention kernels' TMA copies: the
-// tensor map of a [rows, T] tensor of 16-bit elements (qkv as [B·3·H·C, T], dout as
-// [B·H·C, T]) for boxes of [C × 64] positions with the 128-byte swizzle and zeros past T, made
-// with cuTensorMapEncodeTiled reached through the runtime's driver entry point (libcuda is not
-// linked). Included by the sm_90a launchers only (attention_fwd_sm90.cu, attention_bwd_sm90.cu).
+// csrc/cuda/attention_sm90_tma.h — host side of the Hopper attention launchers: the tensor map
+// of a [rows, T] tensor of 16-bit elements (qkv as [B·3·H·C, T], dout as [B·H·C, T]) for boxes
+// of [C × 64] positions with the 128-byte swizzle and zeros past T, made with
+// cuTensorMapEncodeTiled reached through the runtime's driver entry point (libcuda is not
+// linked), and the check of a kernel's setmaxnreg budget. Included by the sm_90a launchers only
+// (attention_fwd_sm90.cu, attention_bwd_sm90.cu).
 #pragma once
 
 #include <cuda.h>
@@ -11,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "cuda/attention_sm90_common.cuh"
@@ -48,6 +50,32 @@ bool make_tma_map(CUtensorMap* map, const void* data, int64_t rows, int64_t T_le
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The kernel (one producer warpgroup going down to producer_regs registers per thread, the other
+// threads - 128 going up to consumer_regs) was compiled with a per-thread register count that
+// lets the producer's release cover the consumers' requests: setmaxnreg.inc waits until the CTA's
+// pool has the registers, so a build whose count differs (ptxas gives 168 under the launch bound
+// of 384 threads) would hang instead of failing. Asked of the runtime once per kernel (Tag).
+template <class Tag>
+cudaError_t check_register_budget(const void* kernel, int threads, int producer_regs,
+                                  int consumer_regs) {
+  static std::atomic<int> known{0};  // 0: not asked yet, else the cudaError_t + 1
+  int k = known.load(std::memory_order_relaxed);
+  if (k == 0) {
+    cudaFuncAttributes a{};
+    cudaError_t err = cudaFuncGetAttributes(&a, kernel);
+    if (err == cudaSuccess) {
+      const int64_t regs = a.numRegs;
+      const bool fits =
+          regs >= producer_regs && regs <= consumer_regs &&
+          regs * threads >= int64_t{128} * producer_regs + int64_t{threads - 128} * consumer_regs;
+      err = fits ? cudaSuccess : cudaErrorInvalidConfiguration;
+    }
+    k = static_cast<int>(err) + 1;
+    known.store(k, std::memory_order_relaxed);
+  }
+  return static_cast<cudaError_t>(k - 1);
 }
 
 }  // namespace iddpm::cuda::attn_sm90
