@@ -34,8 +34,9 @@
 //        along K), waited for before
 //      the wait on `ds` (all 128 threads' dSᵀ stored), then dqᵀ (C × 64) = k·dSᵀ per 64 channels
 //        by 4 wgmma m64n64k16, A = the k block (K-major: keys along K, channels along M), B = the
-//        dSᵀ block (N-major); after the wait for every product, dqᵀ goes to dq_accum with
-//        atomicAdd and the stage is released on `empty`.
+//        dSᵀ block (N-major), after the stage's release on `empty` (its last readers, the dv and
+//        dk products, have retired); after the wait for them, dqᵀ goes to dq_accum with
+//        atomicAdd.
 //    At the end dk·scale and dv are stored from the accumulators (keys < T).
 #pragma once
 
@@ -263,6 +264,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
     // until then, and beside dkᵀ, dvᵀ and dq's accumulators they made ptxas spill at C = 128
     // (the tensor cores run one warpgroup's products in order either way).
     wgmma_wait<0>();
+    mbar_arrive(empty(s));  // this thread's readers of stage s (Sᵀ, dPᵀ, dv, dk) have retired
     mbar_wait(ds_bar(cw), it & 1);
 #pragma unroll
     for (int mb = 0; mb < C / 64; ++mb) {
@@ -275,7 +277,6 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
       }
       wgmma_commit();
       wgmma_wait<0>();
-      if (mb == 0) mbar_arrive(empty(s));  // this thread's readers of stage s have retired
 #pragma unroll
       for (int n = 0; n < 32; ++n) {
         const int c = 64 * mb + 16 * warp + g + 8 * ((n >> 1) & 1);

@@ -27,10 +27,17 @@
 //  * Fragments (9.7.15.5.1.1.1, Figures 148 / 149): per warp w of the warpgroup, rows 16w..16w+15;
 //    A in registers: a{2i, 2i+1} = register i = (row g + 8·(i&1), cols 2t + 8·(i>>1) + {0, 1});
 //    D (f32): d[4j + i] = (row g + 8·(i>>1), col 8j + 2t + (i&1)), g = lane/4, t = lane%4.
-//  * Asynchrony: a wgmma only records its operands at issue (A registers read then, shared
-//    memory not); the products run when a wgmma.wait_group retires their group, reading shared
-//    memory and the accumulator registers then and writing D then. So reading D before the wait,
+//  * Asynchrony: every thread issues its part of a wgmma, commits and waits on its own (fence,
+//    commit_group and wait_group are per thread here, not warpgroup barriers: the warps of a
+//    warpgroup drift apart between them as on the GPU, where .sync.aligned aligns a warp). A
+//    wgmma records its operands at issue (A registers read then); once all 128 threads have
+//    issued it, it runs some scheduler rounds later, at random (in issue order within the
+//    warpgroup), reading shared memory and the accumulators then and writing D then; a
+//    wait_group spins until the instructions it retires have run. So reading D before the wait,
 //    or overwriting a tile before the wait that retires its readers, gives wrong results.
+//    The shared-memory operands are also read when the first thread issues the instruction and
+//    must be unchanged when it runs: a write between the two (e.g. another warp's stores that
+//    no barrier ordered before the first warp's issue) is refused.
 //    Each instruction's sum (16 products + D) is formed in double and rounded to fp32 once. A
 //    wgmma issued without a wgmma.fence since the thread's last wait_group (or the start) is
 //    refused (the ISA requires the fence before wgmma touches registers written in between).
@@ -143,19 +150,24 @@ struct WgOp {
   float* d[128] = {};  // each thread's accumulator registers (N/2 floats)
 };
 
-enum class WgKind { none, fence, mma, commit, wait };
+// One wgmma of a warpgroup, as its threads issue their parts.
+struct PendingOp {
+  WgOp op;
+  int parts = 0;                  // threads that have issued it
+  std::vector<uint16_t> operand;  // its shared-memory operands at the first thread's issue
+};
 
 struct Sm90Lane {
-  WgKind kind = WgKind::none;
-  WgOp op;  // the operands of a pending mma
-  int wait_n = 0;
+  uint64_t issued = 0;          // wgmmas this thread has issued
+  uint64_t committed = 0;       // of which committed (closed into groups)
+  std::deque<uint64_t> groups;  // committed groups not yet retired: each one's end (exclusive)
   bool need_fence = true;
   std::vector<uint32_t> unfenced;  // shared bytes this thread stored (st_shared), not yet fenced
 };
 
 struct Sm90Group {
-  std::vector<WgOp> open;                   // issued, not committed
-  std::deque<std::vector<WgOp>> committed;  // oldest first
+  std::deque<PendingOp> ops;  // by issue order; ops[i] is the warpgroup's wgmma number base + i
+  uint64_t base = 0;
 };
 
 inline std::vector<Sm90Lane> g_sm90_lanes;
@@ -186,7 +198,10 @@ inline void sm90_block_start(unsigned threads) {
 
 inline void sm90_block_end() {
   for (const Sm90Group& g : g_sm90_groups) {
-    if (!g.open.empty() || !g.committed.empty()) fail("wgmma never waited for (wait_group)");
+    if (!g.ops.empty()) fail("wgmma never waited for (wait_group)");
+  }
+  for (const Sm90Lane& l : g_sm90_lanes) {
+    if (l.issued != l.committed || !l.groups.empty()) fail("wgmma never waited for (wait_group)");
   }
   if (!g_bulk.empty()) fail("TMA copy still in flight at the block's end");
   for (const auto& [a, b] : g_mbars) {  // every barrier between phases, no bytes outstanding
@@ -229,10 +244,41 @@ inline void check_desc(const SmemDesc& s) {
   if (s.start % 16) fail("wgmma descriptor: start address not 16-byte aligned");
 }
 
-inline void run_wgmma(const WgOp& op) {
-  double A[64][16], B[16][256];
+// The bit patterns of a wgmma's shared-memory operands (A when it is a descriptor, then B), in a
+// fixed order: what the first thread's issue saw, compared when the instruction runs.
+inline std::vector<uint16_t> operand_bits(const WgOp& op) {
+  std::vector<uint16_t> bits;
+  auto take = [&](const SmemDesc& s, bool mn_major, int mn, int k) {
+    const uint32_t a = swizzle_addr(
+        s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo, mn, k), s.swizzle);
+    uint16_t h;
+    std::memcpy(&h, smem_at(a, 2, "wgmma operand outside the block's shared memory"), 2);
+    bits.push_back(h);
+  };
   const SmemDesc db = decode_desc(op.desc_b);
   check_desc(db);
+  if (!op.a_in_regs) {
+    const SmemDesc da = decode_desc(op.desc_a);
+    check_desc(da);
+    for (int m = 0; m < 64; ++m) {
+      for (int k = 0; k < 16; ++k) take(da, op.trans_a, m, k);
+    }
+  }
+  for (int k = 0; k < 16; ++k) {
+    for (int n = 0; n < op.n; ++n) take(db, op.trans_b, n, k);
+  }
+  return bits;
+}
+
+inline void run_wgmma(const PendingOp& pending) {
+  const WgOp& op = pending.op;
+  if (operand_bits(op) != pending.operand) {
+    fail(
+        "wgmma: a shared-memory operand changed between the first thread's issue and the "
+        "product (writes not ordered before the wgmma by a barrier?)");
+  }
+  double A[64][16], B[16][256];
+  const SmemDesc db = decode_desc(op.desc_b);
   if (op.a_in_regs) {
     for (int th = 0; th < 128; ++th) {
       const int w = th / 32, g = (th % 32) / 4, t = th % 4;
@@ -245,7 +291,6 @@ inline void run_wgmma(const WgOp& op) {
     }
   } else {
     const SmemDesc da = decode_desc(op.desc_a);
-    check_desc(da);
     for (int m = 0; m < 64; ++m) {
       for (int k = 0; k < 16; ++k) A[m][k] = desc_elem(da, op.trans_a, op.bf16, m, k);
     }
@@ -264,92 +309,86 @@ inline void run_wgmma(const WgOp& op) {
   }
 }
 
-inline void sm90_wg_resolve(unsigned wg) {
-  Sm90Lane* l = &g_sm90_lanes[128 * wg];
-  Sm90Group& grp = g_sm90_groups[wg];
-  const WgKind kind = l[0].kind;
-  for (int i = 0; i < 128; ++i) {
-    if (l[i].kind != kind) fail("threads of a warpgroup at different wgmma instructions");
-  }
-  switch (kind) {
-    case WgKind::fence:
-      for (int i = 0; i < 128; ++i) l[i].need_fence = false;
-      break;
-    case WgKind::mma: {
-      WgOp op = l[0].op;
-      for (int i = 0; i < 128; ++i) {
-        const WgOp& o = l[i].op;
-        if (l[i].need_fence) fail("wgmma.mma_async without wgmma.fence since the last wait");
-        if (o.n != op.n || o.bf16 != op.bf16 || o.a_in_regs != op.a_in_regs ||
-            o.trans_a != op.trans_a || o.trans_b != op.trans_b || o.scale_d != op.scale_d ||
-            o.desc_b != op.desc_b || (!op.a_in_regs && o.desc_a != op.desc_a)) {
-          fail("wgmma: threads of the warpgroup disagree on the instruction or its descriptors");
-        }
-        for (int r = 0; r < 4; ++r) op.a_regs[i][r] = o.a_regs[0][r];
-        op.d[i] = o.d[0];
-      }
-      grp.open.push_back(op);
-      break;
-    }
-    case WgKind::commit:
-      grp.committed.push_back(std::move(grp.open));
-      grp.open.clear();
-      break;
-    case WgKind::wait: {
-      const int n = l[0].wait_n;
-      for (int i = 0; i < 128; ++i) {
-        if (l[i].wait_n != n) fail("wgmma.wait_group: threads disagree on N");
-      }
-      while (static_cast<int>(grp.committed.size()) > n) {
-        for (const WgOp& op : grp.committed.front()) run_wgmma(op);
-        grp.committed.pop_front();
-      }
-      for (int i = 0; i < 128; ++i) l[i].need_fence = true;
-      break;
-    }
-    default: fail("unknown warpgroup collective");
-  }
-  for (int i = 0; i < 128; ++i) l[i].kind = WgKind::none;
-}
-
 inline Sm90Lane& me90() {
   if (g_sm90_lanes.size() != g_block->lanes.size()) fail("sm90 emulator not installed");
   return g_sm90_lanes[g_block->cur];
 }
 
-inline void wg_collective(WgKind k) {
+inline Sm90Group& my_group() {
   if (g_block->lanes.size() % 128) fail("warpgroup instruction in a block of partial warpgroups");
-  g_wg_resolve = sm90_wg_resolve;
-  me90().kind = k;
-  yield(St::wait_wg);
+  return g_sm90_groups[g_block->cur / 128];
 }
 
 // ---- the hooks the kernel calls ---------------------------------------------------------------
-IDDPM_EMU_NOINLINE inline void wgmma_fence() { wg_collective(WgKind::fence); }
-IDDPM_EMU_NOINLINE inline void wgmma_commit() { wg_collective(WgKind::commit); }
-IDDPM_EMU_NOINLINE inline void wgmma_wait(int n) {
-  me90().wait_n = n;
-  wg_collective(WgKind::wait);
+// wgmma.fence, per thread: later wgmmas may touch registers written before it.
+IDDPM_EMU_NOINLINE inline void wgmma_fence() {
+  my_group();
+  me90().need_fence = false;
+  yield(St::run);
 }
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: A from a descriptor (a_regs null) or
-// registers, B from a descriptor; d: this thread's N/2 accumulators.
+// wgmma.commit_group, per thread: the thread's wgmmas issued since its last commit form a group.
+IDDPM_EMU_NOINLINE inline void wgmma_commit() {
+  Sm90Lane& l = me90();
+  my_group();
+  if (l.issued != l.committed) l.groups.push_back(l.issued);  // an empty group retires at once
+  l.committed = l.issued;
+  yield(St::run);
+}
+
+// wgmma.wait_group N, per thread: all but the newest N of the thread's committed groups retire;
+// this thread spins until their instructions have run (sm90_async runs them).
+IDDPM_EMU_NOINLINE inline void wgmma_wait(int n) {
+  Sm90Group& grp = my_group();
+  while (static_cast<int>(me90().groups.size()) > n) {
+    const uint64_t end = me90().groups.front();
+    while (grp.base < end) yield(St::spin);  // ops before `end` not all run yet
+    me90().groups.pop_front();
+  }
+  me90().need_fence = true;
+  ++g_events;
+  yield(St::run);
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}, this thread's part: A from a descriptor
+// (a_regs null) or registers, B from a descriptor; d: this thread's N/2 accumulators.
 IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a,
                                      const uint32_t* a_regs, uint64_t desc_b, bool scale_d,
                                      bool trans_a, bool trans_b) {
   if (n < 8 || n > 256 || n % 8) fail("wgmma: N not a multiple of 8 in [8, 256]");
-  WgOp& op = me90().op;
-  op.n = n;
-  op.bf16 = bf16;
-  op.a_in_regs = a_regs != nullptr;
-  op.trans_a = trans_a;
-  op.trans_b = trans_b;
-  op.scale_d = scale_d;
-  op.desc_a = desc_a;
-  op.desc_b = desc_b;
-  for (int r = 0; r < 4; ++r) op.a_regs[0][r] = a_regs ? a_regs[r] : 0;
-  op.d[0] = d;
-  wg_collective(WgKind::mma);
+  Sm90Group& grp = my_group();
+  Sm90Lane& l = me90();
+  if (l.need_fence) fail("wgmma.mma_async without wgmma.fence since the last wait");
+  const uint64_t seq = l.issued++;
+  if (seq < grp.base) fail("wgmma: issue order lost");
+  while (grp.ops.size() <= seq - grp.base) grp.ops.emplace_back();
+  PendingOp& o = grp.ops[seq - grp.base];
+  WgOp mine;
+  mine.n = n;
+  mine.bf16 = bf16;
+  mine.a_in_regs = a_regs != nullptr;
+  mine.trans_a = trans_a;
+  mine.trans_b = trans_b;
+  mine.scale_d = scale_d;
+  mine.desc_a = desc_a;
+  mine.desc_b = desc_b;
+  if (o.parts == 0) {  // the first thread to issue it: the instruction and its operands as seen now
+    o.op = mine;
+    o.operand = operand_bits(mine);
+  } else {
+    const WgOp& op = o.op;
+    if (mine.n != op.n || mine.bf16 != op.bf16 || mine.a_in_regs != op.a_in_regs ||
+        mine.trans_a != op.trans_a || mine.trans_b != op.trans_b || mine.scale_d != op.scale_d ||
+        mine.desc_b != op.desc_b || (!op.a_in_regs && mine.desc_a != op.desc_a)) {
+      fail("wgmma: threads of the warpgroup disagree on the instruction or its descriptors");
+    }
+  }
+  const int th = g_block->cur % 128;
+  for (int r = 0; r < 4; ++r) o.op.a_regs[th][r] = a_regs ? a_regs[r] : 0;
+  o.op.d[th] = d;
+  ++o.parts;
+  ++g_events;
+  yield(St::run);
 }
 
 inline Mbar& mbar_at(uint32_t a, bool must_be_init) {
@@ -461,8 +500,29 @@ inline void run_bulk(const BulkCopy& c) {
   ++g_events;
 }
 
-// Lands each TMA copy in flight with probability 1/4 per round (all of them when `all`).
+// Runs each warpgroup's oldest wgmma whose 128 parts are all issued with probability 1/4 per
+// round (every such one when `all`), in issue order; returns whether any such one is left.
+inline bool run_ready_wgmmas(bool all) {
+  bool left = false;
+  for (Sm90Group& grp : g_sm90_groups) {
+    while (!grp.ops.empty() && grp.ops.front().parts == 128) {
+      if (!all && !(coin() && coin())) {
+        left = true;
+        break;
+      }
+      run_wgmma(grp.ops.front());
+      grp.ops.pop_front();  // every thread has issued it: no one looks it up again
+      ++grp.base;
+      ++g_events;
+    }
+  }
+  return left;
+}
+
+// Lands each TMA copy in flight with probability 1/4 per round (all of them when `all`), and
+// runs the ready wgmmas likewise.
 inline bool sm90_async(bool all) {
+  const bool wgmma_left = run_ready_wgmmas(all);
   for (size_t i = 0; i < g_bulk.size();) {
     if (all || (coin() && coin())) {
       const BulkCopy c = g_bulk[i];
@@ -472,7 +532,7 @@ inline bool sm90_async(bool all) {
       ++i;
     }
   }
-  return !g_bulk.empty();
+  return wgmma_left || !g_bulk.empty();
 }
 
 IDDPM_EMU_NOINLINE inline bool mbar_try_wait_parity(uint32_t a, uint32_t parity) {

@@ -399,13 +399,30 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
   blockDim = dim3(threads, 1, 1);
   bool force = true;  // run everything this round (the first, and after one without progress)
   std::vector<char> skip(threads / 32, 0);
+  std::vector<int> stall(threads / 32, 0);  // rounds a warp still sits out (random delays)
   for (;;) {
     const uint64_t events0 = g_events;
     bool skipped = false;
     for (Lane& l : blk.lanes) {
       if (l.st == St::spin) l.st = St::run;
     }
-    for (char& s : skip) s = g_random_delays && !force && coin();
+    // Random delays: a warp sits out a round with probability 1/2, and one round in 16 it starts
+    // a stall of 8 to 39 rounds, so that warps drift many instructions apart (a barrier the
+    // kernel lacks shows).
+    for (size_t w = 0; w < skip.size(); ++w) {
+      if (!g_random_delays || force) {
+        skip[w] = 0;
+        stall[w] = 0;
+      } else if (stall[w] > 0) {
+        skip[w] = 1;
+        --stall[w];
+      } else {
+        skip[w] = coin();
+        if (coin() && coin() && coin() && coin()) {
+          stall[w] = 8 + (coin() | coin() << 1 | coin() << 2 | coin() << 3 | coin() << 4);
+        }
+      }
+    }
     for (unsigned i = 0; i < threads; ++i) {
       if (blk.lanes[i].st != St::run) continue;
       if (skip[i / 32]) {
