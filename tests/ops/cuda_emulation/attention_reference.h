@@ -66,3 +66,18 @@ inline void reference(int C, int T, const double* q, const double* k, const doub
     }
   }
 }
+
+// The largest relative error of each of dq, dk, dv (grad_qkv [BH, 3, C·T] as doubles) over all
+// (b·h), against the reference's.
+inline void grad_part_errors(const std::vector<double>& ref, const std::vector<double>& got, int BH,
+                             size_t CT, double (&err)[3]) {
+  for (int part = 0; part < 3; ++part) {
+    std::vector<double> a, b;
+    for (int bh = 0; bh < BH; ++bh) {
+      const size_t off = bh * 3 * CT + part * CT;
+      a.insert(a.end(), ref.begin() + off, ref.begin() + off + CT);
+      b.insert(b.end(), got.begin() + off, got.begin() + off + CT);
+    }
+    err[part] = max_rel_err(a, b);
+  }
+}

@@ -317,6 +317,17 @@ struct Buf {
   }
 };
 
+// A case's line: its kernel, dtype, shape and which producer path it took.
+std::string case_name(const char* what, const char* dtype, int C, int B, int H, int T_len, bool tma,
+                      bool vec, size_t shift) {
+  return std::string(what) + dtype + " C=" + std::to_string(C) + " B=" + std::to_string(B) +
+         " H=" + std::to_string(H) + " T=" + std::to_string(T_len) +
+         (tma   ? " tma"
+          : vec ? " cp.async"
+                : " guarded") +
+         (shift ? " unaligned" : "");
+}
+
 // want_tma: the TMA producer where the launcher would take it (tma_usable), else cp.async /
 // guarded loads as the launcher picks them.
 template <class T, int C>
@@ -392,13 +403,7 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
       }
     }
   }
-  const std::string name = std::string("sm90 ") + dtype + " C=" + std::to_string(C) +
-                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
-                           " T=" + std::to_string(T_len) +
-                           (tma   ? " tma"
-                            : vec ? " cp.async"
-                                  : " guarded") +
-                           (shift ? " unaligned" : "");
+  const std::string name = case_name("sm90 ", dtype, C, B, H, T_len, tma, vec, shift);
   const double r_o = e_o / (1e-30 + m_o), r_l = e_l / (1e-30 + m_l);
   std::printf("%-46s out %.2e lse %.2e\n", name.c_str(), r_o, r_l);
   expect(finite, name + ": unwritten output");
@@ -489,23 +494,9 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
     g_g[i] = Elem<T>::to_f(grad.data()[i]);
     finite = finite && std::isfinite(g_g[i]);
   }
-  const std::string name = std::string("sm90 bwd ") + dtype + " C=" + std::to_string(C) +
-                           " B=" + std::to_string(B) + " H=" + std::to_string(H) +
-                           " T=" + std::to_string(T_len) +
-                           (tma   ? " tma"
-                            : vec ? " cp.async"
-                                  : " guarded") +
-                           (shift ? " unaligned" : "");
-  double e_g[3];
-  for (int part = 0; part < 3; ++part) {  // dq, dk, dv separately
-    std::vector<double> a, b;
-    for (int bh = 0; bh < BH; ++bh) {
-      const size_t off = bh * 3 * CT + part * CT;
-      a.insert(a.end(), r_g.begin() + off, r_g.begin() + off + CT);
-      b.insert(b.end(), g_g.begin() + off, g_g.begin() + off + CT);
-    }
-    e_g[part] = max_rel_err(a, b);
-  }
+  const std::string name = case_name("sm90 bwd ", dtype, C, B, H, T_len, tma, vec, shift);
+  double e_g[3];  // dq, dk, dv separately
+  grad_part_errors(r_g, g_g, BH, CT, e_g);
   const double e_o = max_rel_err(r_o, g_o), e_l = max_rel_err(r_lse, g_lse);
   std::printf("%-46s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", name.c_str(), e_o, e_l, e_g[0],
               e_g[1], e_g[2]);
