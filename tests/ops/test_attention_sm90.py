@@ -1,5 +1,5 @@
-"""The switch and build facts of the Hopper (sm_90a) attention forward, on any machine: it is
-reported by build_info(), never chosen for CPU tensors, and its process-wide switch (initially
+"""The switch and build facts of the Hopper (sm_90a) attention kernels, on any machine: they are
+reported by build_info(), never chosen for CPU tensors, and their process-wide switch (initially
 IDDPM_ATTENTION_SM90=1 from the environment) is set and restored by attention_sm90. Its numerics
 are tested under the CPU emulator (test_attention_sm90_emulation.py) and on a card
 (test_attention_sm90_gpu.py)."""
@@ -73,3 +73,12 @@ def test_the_switch_changes_nothing_on_cpu():
     out = A.qkv_attention_fused(qkv, 2)
     with A.attention_sm90():
         assert torch.equal(A.qkv_attention_fused_sm90(qkv, 2), out)
+
+
+def test_the_switch_changes_nothing_on_cpu_backward():
+    qkv = torch.randn(1, 3 * 2 * 64, 40, dtype=torch.float16)
+    g = torch.randn(1, 2 * 64, 40, dtype=torch.float16)
+    out, lse = A.qkv_attention_with_lse(qkv, 2)
+    grad = A.qkv_attention_backward(g, qkv, out, lse, 2)
+    with A.attention_sm90():
+        assert torch.equal(A.qkv_attention_backward(g, qkv, out, lse, 2), grad)
