@@ -54,8 +54,8 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return static_cast<int>(err);
   attn_kernels::attn_delta_kernel<T><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
       dout, static_cast<const T*>(p.out), p.delta, C, Ti, tiles);
-  const dim3 grid(static_cast<unsigned>(BH),
-                  static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK));
+  // gridDim.x = B·H · key tiles <= 2^31 - 1 (fewer than the delta kernel's blocks, checked above)
+  const dim3 grid(static_cast<unsigned>(BH * ((T_len + Cfg::BK - 1) / Cfg::BK)));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       map_qkv, map_do, qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum,
       Ti, attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec, tma);

@@ -96,8 +96,11 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   auto empty = [&](int s) { return bar0 + 8u * (kStages + s); };
   auto ds_bar = [&](int w) { return bar0 + 8u * (2 * kStages + w); };
 
-  const int64_t bh = blockIdx.x;
-  const int j0 = blockIdx.y * Cfg::BK;
+  // One CTA per (b·h, key tile), the key tiles of a head adjacent in launch order, so that the
+  // CTAs running together share their head's q and dO in L2 (FlashAttention's order).
+  const int k_tiles = (T_len + Cfg::BK - 1) / Cfg::BK;
+  const int64_t bh = blockIdx.x / k_tiles;
+  const int j0 = static_cast<int>(blockIdx.x % k_tiles) * Cfg::BK;
   const int64_t CT = static_cast<int64_t>(C) * T_len;
   const T* qg = qkv + bh * 3 * CT;
   const T* kg = qg + CT;

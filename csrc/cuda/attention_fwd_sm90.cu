@@ -38,8 +38,10 @@ int launch_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   if (tma && !make_tma_map<T, C>(&map, p.qkv, rows, T_len)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const dim3 grid(static_cast<unsigned>(BH),
-                  static_cast<unsigned>((T_len + Cfg::BQ - 1) / Cfg::BQ));
+  // gridDim.x = B·H · query tiles <= 2^31 - 1
+  const int64_t q_tiles = (T_len + Cfg::BQ - 1) / Cfg::BQ;
+  if (BH > int64_t{2147483647} / q_tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 grid(static_cast<unsigned>(BH * q_tiles));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       map, static_cast<const T*>(p.qkv), static_cast<T*>(p.out), static_cast<float*>(p.lse),
       static_cast<int>(T_len), attn::logit_scale_log2<float>(C), vec, tma);

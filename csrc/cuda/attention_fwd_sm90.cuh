@@ -84,8 +84,11 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
   auto full = [&](int s) { return bar0 + 8u * s; };
   auto empty = [&](int s) { return bar0 + 8u * (kStages + s); };
 
-  const int64_t bh = blockIdx.x;
-  const int q0 = blockIdx.y * Cfg::BQ;
+  // One CTA per (b·h, query tile), the query tiles of a head adjacent in launch order, so that
+  // the CTAs running together share their head's k and v in L2 (FlashAttention's order).
+  const int q_tiles = (T_len + Cfg::BQ - 1) / Cfg::BQ;
+  const int64_t bh = blockIdx.x / q_tiles;
+  const int q0 = static_cast<int>(blockIdx.x % q_tiles) * Cfg::BQ;
   const int64_t CT = static_cast<int64_t>(C) * T_len;
   const T* qg = qkv + bh * 3 * CT;
   const T* kg = qg + CT;

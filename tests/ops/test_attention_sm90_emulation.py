@@ -50,6 +50,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
     assert "B=1 H=2 T=37 guarded" in run.stdout and "B=2 H=2 T=128 tma" in run.stdout
     assert "C=128 B=1 H=1 T=200 tma" in run.stdout and "C=128 B=1 H=1 T=200 cp.async" in run.stdout
     assert "T=1024 tma" in run.stdout and "T=384 cp.async" in run.stdout
+    assert "sm90 fp16 C=64 B=1 H=2 T=300 guarded" in run.stdout  # heads × query tiles in the grid
     assert "guarded unaligned" in run.stdout
     # The backward after the sm_90a forward: both dtypes and head dims, one partial key tile
     # (T = 37), two key tiles and several query tiles over both stages (T = 200, 256, 320), the
