@@ -30,6 +30,10 @@ struct AttentionFwdParams {
   // CUDA, fp32 only: products on TF32 tensor cores (the caller allows TF32, as
   // torch.backends.cuda.matmul.allow_tf32); false: split-TF32, accurate to about fp32.
   bool allow_tf32 = false;
+  // CUDA, sm_80 kernels: launch a head's tiles adjacent (grid [tiles, B·H], FlashAttention's
+  // order, for L2 reuse of its k, v) instead of the heads adjacent (grid [B·H, tiles]). Same
+  // results either way (each CTA computes the same tile); opt-in until timed on a card.
+  bool tile_major = false;
 };
 
 struct AttentionBwdParams {
@@ -44,6 +48,7 @@ struct AttentionBwdParams {
   float* dq_accum = nullptr;  // [B·H, C, T] float32
   float* delta = nullptr;     // [B·H, T] float32
   bool allow_tf32 = false;    // as AttentionFwdParams::allow_tf32
+  bool tile_major = false;    // as AttentionFwdParams::tile_major (key tiles)
 };
 
 }  // namespace iddpm::attn

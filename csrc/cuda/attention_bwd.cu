@@ -13,12 +13,13 @@ namespace {
 using namespace attn_kernels;
 
 // Names one kernel instance for set_smem_limit_once.
-template <class T, int Cp, Prec P>
+template <class T, int Cp, Prec P, bool kTileMajor>
 struct BwdKernel {};
 
-// The kernels of tile width Cp for head dim p.s.C <= Cp, products under P.
-template <class T, int Cp, Prec P>
-int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
+// The kernels of tile width Cp for head dim p.s.C <= Cp, products under P, the main one on the
+// grid [B·H, key tiles, slices] or, kTileMajor, [key tiles, B·H, slices].
+template <class T, int Cp, Prec P, bool kTileMajor>
+int launch_bwd_grid(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
   const int C = static_cast<int>(p.s.C);
   const T* dout = static_cast<const T*>(p.grad_out);
@@ -29,9 +30,9 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
   // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
   if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
-  auto kernel = attn_bwd_kernel<T, Cp, P>;
-  cudaError_t err = set_smem_limit_once<BwdKernel<T, Cp, P>>(reinterpret_cast<const void*>(kernel),
-                                                             Cfg::kSmemBytes);
+  auto kernel = attn_bwd_kernel<T, Cp, P, kTileMajor>;
+  cudaError_t err = set_smem_limit_once<BwdKernel<T, Cp, P, kTileMajor>>(
+      reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -41,8 +42,10 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
   // gridDim.z: the channel slices of Cfg::CA (2 for C > 128, else 1).
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK),
-                  static_cast<unsigned>((C + Cfg::CA - 1) / Cfg::CA));
+  const auto tiles_k = static_cast<unsigned>((T_len + Cfg::BK - 1) / Cfg::BK);
+  const auto slices = static_cast<unsigned>((C + Cfg::CA - 1) / Cfg::CA);
+  const dim3 grid = kTileMajor ? dim3(tiles_k, static_cast<unsigned>(BH), slices)
+                               : dim3(static_cast<unsigned>(BH), tiles_k, slices);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum, C, Ti,
       attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec);
@@ -53,6 +56,15 @@ int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   attn_dq_kernel<T>
       <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, C, Ti, attn::softmax_scale<float>(C));
   return static_cast<int>(cudaGetLastError());
+}
+
+// p.tile_major: as launch_fwd (attention_fwd.cu), fp16 / bf16 only.
+template <class T, int Cp, Prec P>
+int launch_bwd(const attn::AttentionBwdParams& p, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (p.tile_major && p.s.B * p.s.H <= 65535) return launch_bwd_grid<T, Cp, P, true>(p, stream);
+  }
+  return launch_bwd_grid<T, Cp, P, false>(p, stream);
 }
 
 }  // namespace

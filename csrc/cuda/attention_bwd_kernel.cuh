@@ -85,7 +85,8 @@ __global__ void attn_dq_kernel(const float* __restrict__ dq, T* __restrict__ gra
 }
 
 // Block (bh, key tile, channel slice z): dk, dv, dq over channels [CA·z, CA·z + CA) ∩ [0, C).
-template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
+template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma,
+          bool kTileMajor = false>
 __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
     attn_bwd_kernel(const T* __restrict__ qkv, const T* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
@@ -105,8 +106,9 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
   float* lse2_s = reinterpret_cast<float*>(dss + BK * LDQ);  // 2 × [BQ]
   float* delta_s = lse2_s + 2 * BQ;                          // 2 × [BQ]
 
-  const int64_t bh = blockIdx.x;
-  const int j0 = blockIdx.y * BK;
+  // grid [B·H, key tiles, slices], or with kTileMajor [key tiles, B·H, slices]
+  const int64_t bh = kTileMajor ? blockIdx.y : blockIdx.x;
+  const int j0 = (kTileMajor ? blockIdx.x : blockIdx.y) * BK;
   const int cs0 = Cp == CA ? 0 : blockIdx.z * CA;  // this CTA's channel slice
   const int64_t TT = T_len;
   const T* qg = qkv + bh * 3 * C * TT;

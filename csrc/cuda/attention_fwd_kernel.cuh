@@ -42,7 +42,8 @@ struct FwdCfg : CtaShape {
 // qkv: [BH, 3C, T] (per head q | k | v, each [C, T]); out: [BH, C, T]; lse: [BH, T]. C <= Cp:
 // channels C..Cp-1 of the q, k, v tiles are zero (so the products over channels are exact) and
 // those of O are never stored.
-template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
+template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma,
+          bool kTileMajor = false>
 __global__ void __launch_bounds__(CtaShape::kThreads)
     attn_fwd_kernel(const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse, int C,
                     int T_len, float scale_log2, bool vec) {
@@ -55,8 +56,10 @@ __global__ void __launch_bounds__(CtaShape::kThreads)
   T* ks = qs + Cp * LDQ;                   // 2 × [Cp, LDK]
   T* vs = ks + 2 * Cp * LDK;               // 2 × [Cp, LDK]
 
-  const int64_t bh = blockIdx.x;
-  const int q0 = blockIdx.y * BQ;
+  // grid [B·H, query tiles], or with kTileMajor [query tiles, B·H] (a head's tiles adjacent in
+  // launch order; its own instance, so the default kernel's code is what it was)
+  const int64_t bh = kTileMajor ? blockIdx.y : blockIdx.x;
+  const int q0 = (kTileMajor ? blockIdx.x : blockIdx.y) * BQ;
   const T* qg = qkv + bh * 3 * C * static_cast<int64_t>(T_len);
   const T* kg = qg + C * static_cast<int64_t>(T_len);
   const T* vg = kg + C * static_cast<int64_t>(T_len);

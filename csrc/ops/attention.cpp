@@ -40,16 +40,25 @@
 
 namespace iddpm::ops {
 
-// The switch of the sm_90a kernels (see use_sm90): process-wide, initialised once from
-// IDDPM_ATTENTION_SM90=1 in the environment, then set through set_attention_sm90 (Python:
-// iddpm_ext.ops.attention.attention_sm90). An atomic, not the environment read at each call:
-// getenv in an op that runs without the GIL races with os.environ writes (setenv) elsewhere.
+// The opt-in switches of the CUDA attention, process-wide, each initialised once from its
+// variable =1 in the environment, then set through set_attention_* (Python:
+// iddpm_ext.ops.attention.attention_sm90 / attention_tile_major). Atomics, not the environment
+// read at each call: getenv in an op that runs without the GIL races with os.environ writes
+// (setenv) elsewhere.
+//   IDDPM_ATTENTION_SM90: the sm_90a kernels (see use_sm90);
+//   IDDPM_ATTENTION_TILE_MAJOR: the sm_80 kernels launched with a head's tiles adjacent
+//     (AttentionFwdParams::tile_major).
 namespace {
+int env_switch(const char* name) {
+  const char* want = std::getenv(name);
+  return want != nullptr && std::strcmp(want, "1") == 0 ? 1 : 0;
+}
 std::atomic<int>& sm90_flag() {
-  static std::atomic<int> flag{[] {
-    const char* want = std::getenv("IDDPM_ATTENTION_SM90");
-    return want != nullptr && std::strcmp(want, "1") == 0 ? 1 : 0;
-  }()};
+  static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_SM90")};
+  return flag;
+}
+std::atomic<int>& tile_major_flag() {
+  static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_TILE_MAJOR")};
   return flag;
 }
 }  // namespace
@@ -57,6 +66,14 @@ std::atomic<int>& sm90_flag() {
 bool attention_sm90_enabled() { return sm90_flag().load(std::memory_order_relaxed) != 0; }
 
 bool set_attention_sm90(bool enabled) { return sm90_flag().exchange(enabled ? 1 : 0) != 0; }
+
+bool attention_tile_major_enabled() {
+  return tile_major_flag().load(std::memory_order_relaxed) != 0;
+}
+
+bool set_attention_tile_major(bool enabled) {
+  return tile_major_flag().exchange(enabled ? 1 : 0) != 0;
+}
 
 #ifdef IDDPM_WITH_CUDA
 namespace {
@@ -339,6 +356,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, 
   Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
   f.p.allow_tf32 = allow_tf32();
+  f.p.tile_major = attention_tile_major_enabled();
   const int err = run_forward(f.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {f.out, f.lse};
@@ -359,6 +377,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   b.p.dq_accum = dq_accum.data_ptr<float>();
   b.p.delta = delta.data_ptr<float>();
   b.p.allow_tf32 = allow_tf32();
+  b.p.tile_major = attention_tile_major_enabled();
   const int err = run_backward(b.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return b.grad_qkv;

@@ -8,6 +8,9 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
                             output [B, H, T, C] back into [B, H·C, T]
   sdpa:<backend> kernel     the same backend on pre-arranged contiguous q, k, v (kernel only)
   iddpm (fused)             iddpm::qkv_attention (and its backward op), no copies
+  iddpm (fused, tile-major) the same op with its sm_80 kernels launched tile-major
+                            (IDDPM_ATTENTION_TILE_MAJOR=1: a head's tiles adjacent in the grid;
+                            CUDA only)
   iddpm (fused, sm90)       the same op with its sm_90a kernels (IDDPM_ATTENTION_SM90=1; forward,
                             and in `fwd+bwd` the backward too; only on CUDA with a
                             compute-capability 9.0 card and those kernels built)
@@ -194,6 +197,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                 impls[f"sdpa:{name} kernel"] = ("kernel", be)
             if fused_ok:
                 impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
+                if qkv.is_cuda:
+                    impls[TILE_MAJOR_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
                 impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             flops = (14 if bwd else 4) * B * H * T * T * C
@@ -201,8 +206,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             rows = {}
             for impl, f in impls.items():
                 fn = _make_fn(f, qkv, (q, k, v), bwd)
-                if impl == SM90_ROW:  # forward and backward under the switch
-                    fn = _under_sm90(fn)
+                if impl in SWITCHES:  # forward and backward under the row's switch
+                    fn = _under(SWITCHES[impl], fn)
                 try:
                     fn()
                 except RuntimeError:  # backend refuses this case
@@ -232,7 +237,7 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             for rec in rows.values():
                 if base:
                     rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-            for ours in (rows.get("iddpm (fused)"), rows.get(SM90_ROW)):
+            for ours in (rows.get("iddpm (fused)"), rows.get(TILE_MAJOR_ROW), rows.get(SM90_ROW)):
                 if not ours:
                     continue
                 for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
@@ -244,13 +249,17 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
 
 
 SM90_ROW = "iddpm (fused, sm90)"
+TILE_MAJOR_ROW = "iddpm (fused, tile-major)"
+# The rows that run the fused op under one of its opt-in switches.
+SWITCHES = {SM90_ROW: attn.attention_sm90, TILE_MAJOR_ROW: attn.attention_tile_major}
 
 
-def _under_sm90(fn):
-    """fn run with the sm_90a kernels' switch on (attn.attention_sm90), backward included."""
+def _under(switch, fn):
+    """fn run with the switch (a context manager of iddpm_ext.ops.attention) on, backward
+    included."""
 
     def run():
-        with attn.attention_sm90():
+        with switch():
             return fn()
 
     return run

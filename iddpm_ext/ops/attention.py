@@ -354,23 +354,57 @@ def sm90_enabled() -> bool:
     return loader.available() and bool(loader._C.attention_sm90_enabled())
 
 
-class attention_sm90:
-    """Context manager: the CUDA attention ops (forward and backward) run their sm_90a kernels
-    where they can inside, and the switch goes back to its previous value after. The switch is
-    process-wide (every thread's calls follow it), initially on when IDDPM_ATTENTION_SM90=1 was in
-    the environment when the op first ran; no effect without ``_C``."""
+class _process_switch:
+    """Context manager over one of ``_C``'s process-wide switches (its setter, named by
+    ``_setter``, returns the previous value): set on entry, restored on exit; no effect without
+    ``_C``."""
+
+    _setter = ""
 
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
 
     def __enter__(self):
-        self.previous = loader._C.set_attention_sm90(self.enabled) if loader.available() else None
+        self.previous = getattr(loader._C, self._setter)(self.enabled) if loader.available() else None
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
-            loader._C.set_attention_sm90(self.previous)
+            getattr(loader._C, self._setter)(self.previous)
         return False
+
+
+class attention_sm90(_process_switch):
+    """Context manager: the CUDA attention ops (forward and backward) run their sm_90a kernels
+    where they can inside, and the switch goes back to its previous value after. The switch is
+    process-wide (every thread's calls follow it), initially on when IDDPM_ATTENTION_SM90=1 was in
+    the environment when the op first ran; no effect without ``_C``."""
+
+    _setter = "set_attention_sm90"
+
+
+# ---------------------------------------------------------------------------------
+# The launch order of the sm_80 CUDA kernels: by default the grid is [B·H, tiles] (the heads of
+# one tile adjacent in launch order); with the switch on, [tiles, B·H] (a head's tiles adjacent,
+# FlashAttention's order: the CTAs that run together share their head's k, v or q, dO in L2).
+# Same results; opt-in until `iddpm bench attention` has timed it on a card (row
+# "iddpm (fused, tile-major)"). IDDPM_ATTENTION_TILE_MAJOR=1 in the environment at start-up, or
+# :class:`attention_tile_major`.
+# ---------------------------------------------------------------------------------
+TILE_MAJOR_ENV = "IDDPM_ATTENTION_TILE_MAJOR"
+
+
+def tile_major_enabled() -> bool:
+    """Whether the sm_80 kernels' tile-major launch order is on (False without ``_C``)."""
+    return loader.available() and bool(loader._C.attention_tile_major_enabled())
+
+
+class attention_tile_major(_process_switch):
+    """Context manager: the CUDA attention ops launch their sm_80 kernels tile-major inside, and
+    the switch goes back to its previous value after (process-wide, like :class:`attention_sm90`;
+    initially on when IDDPM_ATTENTION_TILE_MAJOR=1 was in the environment)."""
+
+    _setter = "set_attention_tile_major"
 
 
 def qkv_attention_fused_sm90(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The switch and build facts of the Hopper (sm_90a) attention kernels, on any machine: they are
-reported by build_info(), never chosen for CPU tensors, and their process-wide switch (initially
-IDDPM_ATTENTION_SM90=1 from the environment) is set and restored by attention_sm90. Its numerics
-are tested under the CPU emulator (test_attention_sm90_emulation.py) and on a card
-(test_attention_sm90_gpu.py)."""
+"""The switches and build facts of the opt-in CUDA attention paths, on any machine. The Hopper
+(sm_90a) kernels: reported by build_info(), never chosen for CPU tensors, their process-wide switch
+(initially IDDPM_ATTENTION_SM90=1 from the environment) set and restored by attention_sm90; their
+numerics are tested under the CPU emulator (test_attention_sm90_emulation.py) and on a card
+(test_attention_sm90_gpu.py). The sm_80 kernels' tile-major launch order: its switch
+(attention_tile_major) is its own and changes nothing on the CPU; on a card,
+test_attention_gpu.py."""
 
 from __future__ import annotations
 
@@ -82,3 +84,23 @@ def test_the_switch_changes_nothing_on_cpu_backward():
     grad = A.qkv_attention_backward(g, qkv, out, lse, 2)
     with A.attention_sm90():
         assert torch.equal(A.qkv_attention_backward(g, qkv, out, lse, 2), grad)
+
+
+def test_attention_tile_major_sets_and_restores_the_switch():
+    start, sm90 = A.tile_major_enabled(), A.sm90_enabled()
+    with A.attention_tile_major():
+        assert A.tile_major_enabled() is True
+        assert A.sm90_enabled() is sm90  # each switch is its own
+        with A.attention_tile_major(False):
+            assert A.tile_major_enabled() is False
+        assert A.tile_major_enabled() is True
+    with A.attention_sm90(not sm90):
+        assert A.tile_major_enabled() is start
+    assert A.tile_major_enabled() is start and A.sm90_enabled() is sm90
+
+
+def test_tile_major_changes_nothing_on_cpu():
+    qkv = torch.randn(1, 3 * 2 * 32, 40)
+    out = A.qkv_attention_fused(qkv, 2)
+    with A.attention_tile_major():
+        assert torch.equal(A.qkv_attention_fused(qkv, 2), out)

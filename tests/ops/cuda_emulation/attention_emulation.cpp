@@ -101,6 +101,15 @@ struct Result {
   double err_fwd = 0, err_bwd = 0;
 };
 
+// The launch order of the next cases: false, the launchers' default grid [B·H, tiles]; true,
+// their tile-major grid [tiles, B·H] (IDDPM_ATTENTION_TILE_MAJOR; fp16 / bf16 only).
+bool g_tile_major = false;
+
+// dim3 of the launchers' grid for `tiles` tiles per (b·h) and `z` channel slices.
+dim3 launcher_grid(int BH, int tiles, int z) {
+  return g_tile_major ? dim3(tiles, BH, z) : dim3(BH, tiles, z);
+}
+
 // Head dim C on the kernels of tile width Cp >= C, products under P.
 template <class T, int Cp, Prec P = Elem<T>::kTensorCore ? Prec::kNative : Prec::kFma>
 Result run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
@@ -121,20 +130,27 @@ Result run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, do
   const float scale = iddpm::attn::softmax_scale<float>(C);
   const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
 
-  // forward (the launchers' grids)
+  // forward (the launchers' grids and kernel instances: tile-major ones for fp16 / bf16 only)
   using F = FwdCfg<T, Cp>;
-  launch(dim3(BH, (T_len + F::BQ - 1) / F::BQ, 1), F::kThreads, F::kSmemBytes, [&] {
-    attn_fwd_kernel<T, Cp, P>(qkv.data(), out.data(), lse.data(), C, T_len, scale_log2, vec);
-  });
-  // backward: delta, main (one CTA per channel slice along z), dq
   using Bw = BwdCfg<T, Cp>;
+  auto fwd = attn_fwd_kernel<T, Cp, P, false>;
+  auto bwd = attn_bwd_kernel<T, Cp, P, false>;
+  if constexpr (sizeof(T) == 2) {
+    if (g_tile_major) {
+      fwd = attn_fwd_kernel<T, Cp, P, true>;
+      bwd = attn_bwd_kernel<T, Cp, P, true>;
+    }
+  }
+  launch(launcher_grid(BH, (T_len + F::BQ - 1) / F::BQ, 1), F::kThreads, F::kSmemBytes,
+         [&] { fwd(qkv.data(), out.data(), lse.data(), C, T_len, scale_log2, vec); });
+  // backward: delta, main (one CTA per channel slice along z), dq
   const int d_tiles = (T_len + 127) / 128;
   launch(dim3(BH * d_tiles, 1, 1), 128, 0,
          [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
-  launch(dim3(BH, (T_len + Bw::BK - 1) / Bw::BK, (C + Bw::CA - 1) / Bw::CA), Bw::kThreads,
+  launch(launcher_grid(BH, (T_len + Bw::BK - 1) / Bw::BK, (C + Bw::CA - 1) / Bw::CA), Bw::kThreads,
          Bw::kSmemBytes, [&] {
-           attn_bwd_kernel<T, Cp, P>(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(),
-                                     dq_accum.data(), C, T_len, scale, scale_log2, vec);
+           bwd(qkv.data(), dout.data(), lse.data(), delta.data(), grad.data(), dq_accum.data(), C,
+               T_len, scale, scale_log2, vec);
          });
   // grid-stride kernel: a few blocks cover everything
   launch(dim3(3, 1, 1), 256, 0,
@@ -165,7 +181,7 @@ Result run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, do
                            (C < Cp ? " (Cp=" + std::to_string(Cp) + ")" : std::string()) +
                            " B=" + std::to_string(B) + " H=" + std::to_string(H) +
                            " T=" + std::to_string(T_len) + (vec ? " cp.async" : " guarded") +
-                           (shift ? " unaligned" : "");
+                           (shift ? " unaligned" : "") + (g_tile_major ? " tile-major" : "");
   expect(out.all_finite() && lse.all_finite() && grad.all_finite(), name + ": unwritten output");
   expect(qkv.guards_intact() && out.guards_intact() && grad.guards_intact() &&
              lse.guards_intact() && delta.guards_intact(),
@@ -206,6 +222,34 @@ void run_fp32_precisions(int C, int T_len) {
     std::printf("tf32x3 vs fp32 (kFma) %-12s max rel diff %.2e\n", name.c_str(), diff / m);
     expect(diff / m <= 2e-5, "tf32x3 vs fp32 kernel " + name);
   }
+}
+
+// The tile-major launch order (grid [tiles, B·H]) against the default one on the same inputs:
+// the forward and dk, dv bit for bit (each CTA computes its own tile either way), dq within
+// rounding (its atomic sums run in another order), both against float64 as usual.
+template <class T, int Cp>
+void run_tile_major(int C, int B, int H, int T_len, double tol_fwd, double tol_bwd,
+                    const char* dtype) {
+  g_tile_major = false;
+  const Result a = run_case<T, Cp>(C, B, H, T_len, 0, tol_fwd, tol_bwd, dtype);
+  g_tile_major = true;
+  const Result b = run_case<T, Cp>(C, B, H, T_len, 0, tol_fwd, tol_bwd, dtype);
+  g_tile_major = false;
+  const size_t CT = static_cast<size_t>(C) * T_len, nout = static_cast<size_t>(B) * H * CT;
+  bool same = a.values.size() == b.values.size();
+  double dq_diff = 0, dq_max = 0;
+  for (size_t i = 0; same && i < a.values.size(); ++i) {
+    const bool is_dq = i >= nout && (i - nout) % (3 * CT) < CT;
+    if (is_dq) {
+      dq_diff = std::max(dq_diff, std::fabs(a.values[i] - b.values[i]));
+      dq_max = std::max(dq_max, std::fabs(a.values[i]));
+    } else {
+      same = a.values[i] == b.values[i];
+    }
+  }
+  std::printf("tile-major vs default %s C=%d B=%d H=%d T=%d: out, dk, dv %s, dq %.2e\n", dtype, C,
+              B, H, T_len, same ? "identical" : "DIFFER", dq_diff / (1e-30 + dq_max));
+  expect(same && dq_diff <= tol_bwd * dq_max, "tile-major launch order changes the results");
 }
 
 // The TF32 product (two m16n8k8 per 16×8×16 fragment product) on values exact in TF32 against
@@ -400,6 +444,9 @@ int main(int argc, char** argv) {
   // fp32 under TF32 and split-TF32 (against float64, and at Cp = 64 the fp32-FMA kernel): every
   // tile width, head dims below their tile width, partial (T = 37: keys and queries masked) and
   // whole tiles (T = 64), cp.async and guarded loads.
+  // The tile-major launch order: several heads and tiles, and Cp = 256's two channel slices.
+  run_tile_major<__half, 64>(64, 2, 2, 200, 4e-3, 1e-2, "fp16");
+  run_tile_major<__nv_bfloat16, 256>(160, 1, 2, 80, 3e-2, 6e-2, "bf16");
   run_fp32_precisions<32>(32, 37);
   run_fp32_precisions<64, true>(64, 64);
   run_fp32_precisions<64, true>(48, 37);
