@@ -196,8 +196,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                 impls[f"sdpa:{name} +copies"] = lambda x, be=be: _sdpa_with_copies(x, H, be)
                 impls[f"sdpa:{name} kernel"] = ("kernel", be)
             if fused_ok:
-                impls["iddpm (fused)"] = lambda x: attn.qkv_attention_fused(x, H)
-                if qkv.is_cuda:
+                impls[FUSED_ROW] = lambda x: attn.qkv_attention_fused(x, H)
+                if qkv.is_cuda and dtype in (torch.float16, torch.bfloat16):  # fp32: default grid
                     impls[TILE_MAJOR_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
                 impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
@@ -237,7 +237,7 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             for rec in rows.values():
                 if base:
                     rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-            for ours in (rows.get("iddpm (fused)"), rows.get(TILE_MAJOR_ROW), rows.get(SM90_ROW)):
+            for ours in (rows.get(FUSED_ROW), rows.get(TILE_MAJOR_ROW), rows.get(SM90_ROW)):
                 if not ours:
                     continue
                 for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
@@ -248,18 +248,22 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
     return records
 
 
+FUSED_ROW = "iddpm (fused)"
 SM90_ROW = "iddpm (fused, sm90)"
 TILE_MAJOR_ROW = "iddpm (fused, tile-major)"
-# The rows that run the fused op under one of its opt-in switches.
-SWITCHES = {SM90_ROW: attn.attention_sm90, TILE_MAJOR_ROW: attn.attention_tile_major}
+# The fused op's rows and the settings of its opt-in switches each runs under (sm90, tile-major),
+# set for every call so that an IDDPM_ATTENTION_* variable in the environment cannot make two
+# rows the same.
+SWITCHES = {FUSED_ROW: (False, False), TILE_MAJOR_ROW: (False, True), SM90_ROW: (True, False)}
 
 
-def _under(switch, fn):
-    """fn run with the switch (a context manager of iddpm_ext.ops.attention) on, backward
+def _under(settings, fn):
+    """fn run with the fused op's switches set to `settings` (sm90, tile-major), backward
     included."""
+    sm90, tile_major = settings
 
     def run():
-        with switch():
+        with attn.attention_sm90(sm90), attn.attention_tile_major(tile_major):
             return fn()
 
     return run

@@ -150,13 +150,14 @@ def test_tile_major_launch_order_same_results(dtype, C):
         (grad,) = torch.autograd.grad(out, x, g)
         return out, grad.reshape(B, H, 3, C, T)
 
-    out, grad = run()
-    with A.attention_tile_major():
-        assert A.tile_major_enabled()
-        out_t, grad_t = run()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
+    with A.attention_sm90(False):  # the sm_80 kernels, whatever IDDPM_ATTENTION_SM90 says
+        out, grad = run()
+        with A.attention_tile_major():
+            assert A.tile_major_enabled()
+            out_t, grad_t = run()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
     # the tile-major instances ran (the kernels' last template argument, kTileMajor = true)
     names = [e.key for e in prof.key_averages() if "attn_" in e.key]
     for kernel in ("attn_fwd_kernel", "attn_bwd_kernel"):
@@ -344,3 +345,11 @@ def test_sanitizer_subset(dtype, C, T):
     # per step in fp32).
     for t in (T, T + 1):
         _check_fwd_bwd(1, 2, C, t, dtype, seed=t)
+
+
+@pytest.mark.parametrize("C, T", [(64, 136), (192, 40)])
+def test_sanitizer_subset_tile_major(C, T):
+    """The tile-major kernel instances (attention_tile_major) under the sanitizers too: several
+    tiles of two heads, and the Cp = 256 backward's channel slices along gridDim.z."""
+    with A.attention_sm90(False), A.attention_tile_major():
+        _check_fwd_bwd(1, 2, C, T, torch.float16, seed=T)

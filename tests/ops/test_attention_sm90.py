@@ -70,6 +70,24 @@ def test_the_switch_starts_from_the_environment(tmp_path):
         assert out.stdout.split()[-2:] == expected.split(), (env_value, out.stdout)
 
 
+def test_the_tile_major_switch_starts_from_the_environment():
+    """IDDPM_ATTENTION_TILE_MAJOR=1 in the environment turns that switch on in a new process (and
+    only that one)."""
+    import subprocess
+    import sys
+
+    code = "from iddpm_ext.ops import attention as A; print(A.tile_major_enabled(), A.sm90_enabled())"
+    for env_value, expected in (("1", "True False"), ("0", "False False"), (None, "False False")):
+        env = {k: v for k, v in os.environ.items() if k not in (A.SM90_ENV, A.TILE_MAJOR_ENV)}
+        if env_value is not None:
+            env[A.TILE_MAJOR_ENV] = env_value
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == expected.split(), (env_value, out.stdout)
+
+
 def test_the_switch_changes_nothing_on_cpu():
     qkv = torch.randn(1, 3 * 2 * 64, 40, dtype=torch.float16)
     out = A.qkv_attention_fused(qkv, 2)

@@ -444,9 +444,10 @@ int main(int argc, char** argv) {
   // fp32 under TF32 and split-TF32 (against float64, and at Cp = 64 the fp32-FMA kernel): every
   // tile width, head dims below their tile width, partial (T = 37: keys and queries masked) and
   // whole tiles (T = 64), cp.async and guarded loads.
-  // The tile-major launch order: several heads and tiles, and Cp = 256's two channel slices.
-  run_tile_major<__half, 64>(64, 2, 2, 200, 4e-3, 1e-2, "fp16");
-  run_tile_major<__nv_bfloat16, 256>(160, 1, 2, 80, 3e-2, 6e-2, "bf16");
+  // The tile-major launch order: several heads and tiles, and Cp = 256's two channel slices;
+  // B·H differs from the tile count, so a kernel reading the wrong grid dimension is caught.
+  run_tile_major<__half, 64>(64, 2, 3, 200, 4e-3, 1e-2, "fp16");
+  run_tile_major<__nv_bfloat16, 256>(160, 1, 3, 80, 3e-2, 6e-2, "bf16");
   run_fp32_precisions<32>(32, 37);
   run_fp32_precisions<64, true>(64, 64);
   run_fp32_precisions<64, true>(48, 37);

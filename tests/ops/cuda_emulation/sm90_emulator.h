@@ -30,11 +30,14 @@
 //  * Asynchrony: every thread issues its part of a wgmma, commits and waits on its own (fence,
 //    commit_group and wait_group are per thread here, not warpgroup barriers: the warps of a
 //    warpgroup drift apart between them as on the GPU, where .sync.aligned aligns a warp). A
-//    wgmma records its operands at issue (A registers read then); once all 128 threads have
-//    issued it, it runs some scheduler rounds later, at random (in issue order within the
-//    warpgroup), reading shared memory and the accumulators then and writing D then; a
-//    wait_group spins until the instructions it retires have run. So reading D before the wait,
-//    or overwriting a tile before the wait that retires its readers, gives wrong results.
+//    wgmma records its operands at issue (A registers read then); a warp's part of it (its 16
+//    rows of D) runs some scheduler rounds after that warp's 32 threads have issued it, at
+//    random (in issue order per warp), reading shared memory and the accumulators then and
+//    writing D then; a thread's wait_group spins until its warp's parts of the instructions it
+//    retires have run. The warps of a warpgroup are thus never ordered by each other's wgmmas
+//    (the ISA's .sync.aligned is per warp): shared memory one warp writes and another's wgmma
+//    reads needs a barrier. Reading D before the wait, or overwriting a tile before the wait
+//    that retires its readers, gives wrong results.
 //    The shared-memory operands are also read when the first thread issues the instruction and
 //    must be unchanged when it runs: a write between the two (e.g. another warp's stores that
 //    no barrier ordered before the first warp's issue) is refused.
@@ -154,6 +157,8 @@ struct WgOp {
 struct PendingOp {
   WgOp op;
   int parts = 0;                  // threads that have issued it
+  int wparts[4] = {};             // per warp of the warpgroup
+  bool wdone[4] = {};             // the warp's part has run
   std::vector<uint16_t> operand;  // its shared-memory operands at the first thread's issue
 };
 
@@ -168,6 +173,7 @@ struct Sm90Lane {
 struct Sm90Group {
   std::deque<PendingOp> ops;  // by issue order; ops[i] is the warpgroup's wgmma number base + i
   uint64_t base = 0;
+  uint64_t wbase[4] = {};  // per warp: the number of the first wgmma whose part has not run
 };
 
 inline std::vector<Sm90Lane> g_sm90_lanes;
@@ -253,6 +259,9 @@ inline std::vector<uint16_t> operand_bits(const WgOp& op) {
         s.start + canonical_offset(mn_major, s.swizzle, 2, s.lbo, s.sbo, mn, k), s.swizzle);
     uint16_t h;
     std::memcpy(&h, smem_at(a, 2, "wgmma operand outside the block's shared memory"), 2);
+    if (g_unfenced[a] || g_unfenced[a + 1]) {  // at the first issue, too: fences come before it
+      fail("wgmma reads shared memory stored by a thread that has not executed fence.proxy.async");
+    }
     bits.push_back(h);
   };
   const SmemDesc db = decode_desc(op.desc_b);
@@ -270,7 +279,7 @@ inline std::vector<uint16_t> operand_bits(const WgOp& op) {
   return bits;
 }
 
-inline void run_wgmma(const PendingOp& pending) {
+inline void run_wgmma(const PendingOp& pending, int only_w) {
   const WgOp& op = pending.op;
   if (operand_bits(op) != pending.operand) {
     fail(
@@ -298,7 +307,7 @@ inline void run_wgmma(const PendingOp& pending) {
   for (int k = 0; k < 16; ++k) {
     for (int n = 0; n < op.n; ++n) B[k][n] = desc_elem(db, op.trans_b, op.bf16, n, k);
   }
-  for (int th = 0; th < 128; ++th) {
+  for (int th = 32 * only_w; th < 32 * only_w + 32; ++th) {
     const int w = th / 32, g = (th % 32) / 4, t = th % 4;
     for (int j = 0; j < op.n / 2; ++j) {
       const int m = 16 * w + g + 8 * ((j % 4) >> 1), n = 8 * (j / 4) + 2 * t + (j & 1);
@@ -337,12 +346,13 @@ IDDPM_EMU_NOINLINE inline void wgmma_commit() {
 }
 
 // wgmma.wait_group N, per thread: all but the newest N of the thread's committed groups retire;
-// this thread spins until their instructions have run (sm90_async runs them).
+// this thread spins until its warp's parts of their instructions have run (sm90_async runs
+// them).
 IDDPM_EMU_NOINLINE inline void wgmma_wait(int n) {
   Sm90Group& grp = my_group();
   while (static_cast<int>(me90().groups.size()) > n) {
     const uint64_t end = me90().groups.front();
-    while (grp.base < end) yield(St::spin);  // ops before `end` not all run yet
+    while (grp.wbase[(g_block->cur % 128) / 32] < end) yield(St::spin);  // parts not all run
     me90().groups.pop_front();
   }
   me90().need_fence = true;
@@ -387,6 +397,7 @@ IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a
   for (int r = 0; r < 4; ++r) o.op.a_regs[th][r] = a_regs ? a_regs[r] : 0;
   o.op.d[th] = d;
   ++o.parts;
+  ++o.wparts[th / 32];
   ++g_events;
   yield(St::run);
 }
@@ -500,20 +511,30 @@ inline void run_bulk(const BulkCopy& c) {
   ++g_events;
 }
 
-// Runs each warpgroup's oldest wgmma whose 128 parts are all issued with probability 1/4 per
-// round (every such one when `all`), in issue order; returns whether any such one is left.
+// Runs each warp's part of its oldest wgmma whose 32 threads have all issued it, with
+// probability 1/4 per round (every such part when `all`), in issue order per warp; a wgmma
+// whose four parts have run is dropped. Returns whether any part ready to run is left.
 inline bool run_ready_wgmmas(bool all) {
   bool left = false;
   for (Sm90Group& grp : g_sm90_groups) {
-    while (!grp.ops.empty() && grp.ops.front().parts == 128) {
-      if (!all && !(coin() && coin())) {
-        left = true;
-        break;
+    for (int w = 0; w < 4; ++w) {
+      for (;;) {
+        const uint64_t idx = grp.wbase[w] - grp.base;
+        if (idx >= grp.ops.size() || grp.ops[idx].wparts[w] != 32) break;
+        if (!all && !(coin() && coin())) {
+          left = true;
+          break;
+        }
+        run_wgmma(grp.ops[idx], w);
+        grp.ops[idx].wdone[w] = true;
+        ++grp.wbase[w];
+        ++g_events;
       }
-      run_wgmma(grp.ops.front());
-      grp.ops.pop_front();  // every thread has issued it: no one looks it up again
+    }
+    while (!grp.ops.empty() && grp.ops.front().wdone[0] && grp.ops.front().wdone[1] &&
+           grp.ops.front().wdone[2] && grp.ops.front().wdone[3]) {
+      grp.ops.pop_front();
       ++grp.base;
-      ++g_events;
     }
   }
   return left;

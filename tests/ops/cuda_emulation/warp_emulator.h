@@ -48,9 +48,9 @@ namespace attn_emu {
   std::_Exit(3);  // not exit(): it may run on a thread's stack, which static destructors free
 }
 
-// wait_wg: at a warpgroup collective (sm90_emulator.h: wgmma and its fence / commit / wait);
-// spin: polling a condition (an mbarrier's phase), runnable again next round.
-enum class St { run, wait_warp, wait_block, done, wait_wg, spin };
+// spin: polling a condition (an mbarrier's phase, a wgmma's completion), runnable again next
+// round.
+enum class St { run, wait_warp, wait_block, done, spin };
 enum class Op { none, shfl, ldsm, mma_b16, mma_f32, mma_tf32 };
 
 struct Copy {
@@ -93,13 +93,11 @@ struct Block {
 #define IDDPM_EMU_NOINLINE __attribute__((noinline))
 
 inline Block* g_block = nullptr;
-// Hooks of sm90_emulator.h: warpgroup collectives (all 128 threads of warpgroup `wg` at
-// St::wait_wg), and per-block set-up / final checks. Null without it.
-inline void (*g_wg_resolve)(unsigned wg) = nullptr;
+// Hooks of sm90_emulator.h: per-block set-up / final checks. Null without it.
 inline void (*g_block_start_hook)(unsigned threads) = nullptr;
 inline void (*g_block_end_hook)() = nullptr;
-// sm90_emulator.h: let runnable warps and ready warpgroup collectives wait a round at random
-// (as warp collectives always do), so that producer and consumer warps drift apart.
+// sm90_emulator.h: let runnable warps wait rounds at random (as warp collectives always do), so
+// that producer and consumer warps drift apart.
 inline bool g_random_delays = false;
 // sm90_emulator.h: asynchronous copies in flight (TMA), advanced once per scheduler round (all of
 // them when `all`); returns whether any are still in flight.
@@ -444,19 +442,6 @@ inline void run_block(unsigned threads, unsigned char* smem, size_t smem_bytes,
     }
     for (unsigned w : ready) {  // at least one, the others at random: warps drift apart
       if (!progress || coin()) resolve(&blk.lanes[32 * w]), progress = true;
-    }
-    for (unsigned wg = 0; wg < threads / 128; ++wg) {  // warpgroup collectives (sm90)
-      bool all = true;
-      for (unsigned i = 0; i < 128; ++i) all = all && blk.lanes[128 * wg + i].st == St::wait_wg;
-      if (!all) continue;
-      if (g_random_delays && !force && coin()) {
-        skipped = true;
-        continue;
-      }
-      if (!g_wg_resolve) fail("warpgroup collective without sm90_emulator.h");
-      g_wg_resolve(wg);
-      for (unsigned i = 0; i < 128; ++i) blk.lanes[128 * wg + i].st = St::run;
-      progress = true;
     }
     progress = progress || g_events != events0;
     unsigned done = 0, at_barrier = 0;
