@@ -49,43 +49,37 @@ def test_attention_sm90_sets_and_restores_the_switch():
     assert A.sm90_enabled() is start
 
 
-def test_the_switch_starts_from_the_environment(tmp_path):
-    """IDDPM_ATTENTION_SM90=1 in the environment turns the switch on in a new process; os.environ
-    writes afterwards change nothing (the op no longer reads the environment at each call)."""
+def _switch_values_in_a_new_process(code: str, var: str, value):
+    """The last two words `code` prints in a new Python process whose environment has `var` =
+    `value` (None: unset) and neither switch variable otherwise."""
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k not in (A.SM90_ENV, A.TILE_MAJOR_ENV)}
+    if value is not None:
+        env[var] = value
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-2:]
+
+
+def test_the_switch_starts_from_the_environment():
+    """IDDPM_ATTENTION_SM90=1 in the environment turns the switch on in a new process; os.environ
+    writes afterwards change nothing (the op no longer reads the environment at each call)."""
     code = (
         "import os; from iddpm_ext.ops import attention as A; a = A.sm90_enabled(); "
         "os.environ['IDDPM_ATTENTION_SM90'] = '0' if a else '1'; print(a, A.sm90_enabled())"
     )
-    for env_value, expected in (("1", "True True"), ("0", "False False"), (None, "False False")):
-        env = {k: v for k, v in os.environ.items() if k != A.SM90_ENV}
-        if env_value is not None:
-            env[A.SM90_ENV] = env_value
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split()[-2:] == expected.split(), (env_value, out.stdout)
+    for value, expected in (("1", "True True"), ("0", "False False"), (None, "False False")):
+        assert _switch_values_in_a_new_process(code, A.SM90_ENV, value) == expected.split(), value
 
 
 def test_the_tile_major_switch_starts_from_the_environment():
     """IDDPM_ATTENTION_TILE_MAJOR=1 in the environment turns that switch on in a new process (and
     only that one)."""
-    import subprocess
-    import sys
-
     code = "from iddpm_ext.ops import attention as A; print(A.tile_major_enabled(), A.sm90_enabled())"
-    for env_value, expected in (("1", "True False"), ("0", "False False"), (None, "False False")):
-        env = {k: v for k, v in os.environ.items() if k not in (A.SM90_ENV, A.TILE_MAJOR_ENV)}
-        if env_value is not None:
-            env[A.TILE_MAJOR_ENV] = env_value
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split()[-2:] == expected.split(), (env_value, out.stdout)
+    for value, expected in (("1", "True False"), ("0", "False False"), (None, "False False")):
+        assert _switch_values_in_a_new_process(code, A.TILE_MAJOR_ENV, value) == expected.split(), value
 
 
 def test_the_switch_changes_nothing_on_cpu():
