@@ -2,8 +2,6 @@
 // (attention_bwd_kernel.cuh, where the algorithm is described). CUDA C++17, no torch.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "cuda/attention.h"
 #include "cuda/attention_bwd_kernel.cuh"
 
@@ -27,17 +25,11 @@ int launch_bwd_grid(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
   using Cfg = BwdCfg<T, Cp>;
   const int Ti = static_cast<int>(T_len);
-  const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
-  // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
-  if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto kernel = attn_bwd_kernel<T, Cp, P, kTileMajor>;
   cudaError_t err = set_smem_limit_once<BwdKernel<T, Cp, P, kTileMajor>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
-  err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  attn_delta_kernel<T><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
-      dout, static_cast<const T*>(p.out), p.delta, C, Ti, tiles);
+  if (const int e = launch_bwd_prologue<T>(p, stream)) return e;
   constexpr int E = 16 / sizeof(T);
   const bool vec = T_len % E == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
@@ -51,11 +43,7 @@ int launch_bwd_grid(const attn::AttentionBwdParams& p, cudaStream_t stream) {
       attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int64_t n = BH * C * T_len;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 8));
-  attn_dq_kernel<T>
-      <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, C, Ti, attn::softmax_scale<float>(C));
-  return static_cast<int>(cudaGetLastError());
+  return launch_bwd_epilogue<T>(p, stream);
 }
 
 // p.tile_major: as launch_fwd (attention_fwd.cu), fp16 / bf16 only.

@@ -25,6 +25,12 @@
 
 #include "cuda/attention_common.cuh"
 
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
+#include <algorithm>
+
+#include "common/attention_params.h"
+#endif
+
 namespace iddpm::cuda::attn_kernels {
 
 using namespace attn_dev;
@@ -261,5 +267,39 @@ __global__ void __launch_bounds__(CtaShape::kThreads, BwdCfg<T, Cp>::kMinBlocks)
   __trap();  // as attn_fwd_kernel
 #endif
 }
+
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
+// Host side, shared by the sm_80 and the sm_90a backward launchers (attention_bwd.cu,
+// attention_bwd_sm90.cu): what runs before and after their main kernel. Each returns a
+// cudaError_t value.
+
+// Zeroes dq_accum and computes D (attn_delta_kernel, one block per (b·h, 128 queries)).
+template <class T>
+int launch_bwd_prologue(const attn::AttentionBwdParams& p, cudaStream_t stream) {
+  const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
+  const int tiles = static_cast<int>((T_len + 127) / 128);
+  // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
+  if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const cudaError_t err =
+      cudaMemsetAsync(p.dq_accum, 0, BH * p.s.C * T_len * sizeof(float), stream);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  attn_delta_kernel<T><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
+      static_cast<const T*>(p.grad_out), static_cast<const T*>(p.out), p.delta,
+      static_cast<int>(p.s.C), static_cast<int>(T_len), tiles);
+  return 0;
+}
+
+// grad_qkv's q channels from dq_accum (attn_dq_kernel, grid-stride).
+template <class T>
+int launch_bwd_epilogue(const attn::AttentionBwdParams& p, cudaStream_t stream) {
+  const int64_t BH = p.s.B * p.s.H, n = BH * p.s.C * p.s.T;
+  const int C = static_cast<int>(p.s.C);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 8));
+  attn_dq_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.grad_qkv), BH, C,
+                                                static_cast<int>(p.s.T),
+                                                attn::softmax_scale<float>(C));
+  return static_cast<int>(cudaGetLastError());
+}
+#endif
 
 }  // namespace iddpm::cuda::attn_kernels

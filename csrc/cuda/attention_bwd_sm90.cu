@@ -6,8 +6,6 @@
 // device, for fp16 / bf16 and head dims 64 and 128.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "cuda/attention.h"
 #include "cuda/attention_bwd_kernel.cuh"
 #include "cuda/attention_bwd_sm90.cuh"
@@ -29,9 +27,6 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const T* dout = static_cast<const T*>(p.grad_out);
   const T* qkv = static_cast<const T*>(p.qkv);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  const int tiles = static_cast<int>((T_len + 127) / 128);  // of the delta kernel
-  // gridDim.x <= 2^31 - 1 (the glue keeps B·H within it; B·H·tiles needs far more memory).
-  if (BH > int64_t{2147483647} / tiles) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto kernel = attn_bwd_sm90_kernel<T, C>;
   cudaError_t err = attn_dev::set_smem_limit_once<Sm90BwdKernel<T, C>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
@@ -50,22 +45,16 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   }
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
-  err = cudaMemsetAsync(p.dq_accum, 0, BH * C * T_len * sizeof(float), stream);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  attn_kernels::attn_delta_kernel<T><<<static_cast<unsigned>(BH * tiles), 128, 0, stream>>>(
-      dout, static_cast<const T*>(p.out), p.delta, C, Ti, tiles);
-  // gridDim.x = B·H · key tiles <= 2^31 - 1 (fewer than the delta kernel's blocks, checked above)
+  if (const int e = attn_kernels::launch_bwd_prologue<T>(p, stream)) return e;
+  // gridDim.x = B·H · key tiles <= 2^31 - 1 (fewer than the delta kernel's blocks, which the
+  // prologue checked)
   const dim3 grid(static_cast<unsigned>(BH * ((T_len + Cfg::BK - 1) / Cfg::BK)));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       map_qkv, map_do, qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum,
       Ti, attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec, tma);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int64_t n = BH * C * T_len;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 8));
-  attn_kernels::attn_dq_kernel<T>
-      <<<blocks, 256, 0, stream>>>(p.dq_accum, grad_qkv, BH, C, Ti, attn::softmax_scale<float>(C));
-  return static_cast<int>(cudaGetLastError());
+  return attn_kernels::launch_bwd_epilogue<T>(p, stream);
 }
 
 template <class T>
