@@ -164,6 +164,8 @@ bool attention_sm90_enabled();          // csrc/ops/attention.cpp
 bool set_attention_sm90(bool enabled);  // returns the previous value
 bool attention_tile_major_enabled();
 bool set_attention_tile_major(bool enabled);  // returns the previous value
+bool attention_sm90_pipelined_enabled();
+bool set_attention_sm90_pipelined(bool enabled);  // returns the previous value
 int64_t attention_kernel_arch(int64_t device_index);
 int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backward);
 }  // namespace iddpm::ops
@@ -186,6 +188,14 @@ PYBIND11_MODULE(_C, m) {
         "Switch the tile-major launch order of the CUDA attention's sm_80 kernels on or off for "
         "the whole process; returns the previous value (initially: IDDPM_ATTENTION_TILE_MAJOR=1 "
         "in the environment at first use).");
+  m.def("attention_sm90_pipelined_enabled", &iddpm::ops::attention_sm90_pipelined_enabled,
+        "Whether the sm_90a attention forward, where it runs, uses its pipelined consumers "
+        "(process-wide).");
+  m.def("set_attention_sm90_pipelined", &iddpm::ops::set_attention_sm90_pipelined,
+        py::arg("enabled"),
+        "Switch the sm_90a attention forward's pipelined consumers on or off for the whole "
+        "process; returns the previous value (initially: IDDPM_ATTENTION_SM90_PIPELINED=1 in the "
+        "environment at first use).");
   m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
         "The architecture (10·major + minor) the CUDA attention's code on this device was built "
         "for; the fused CUDA attention needs 80 or more (0: built without CUDA).");

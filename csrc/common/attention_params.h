@@ -34,6 +34,10 @@ struct AttentionFwdParams {
   // order, for L2 reuse of its k, v) instead of the heads adjacent (grid [B·H, tiles]). Same
   // results either way (each CTA computes the same tile); opt-in until timed on a card.
   bool tile_major = false;
+  // CUDA, sm_90a forward (when it runs): the pipelined consumers (a batch's S with the previous
+  // tile's P·vᵀ in flight during the softmax, the two consumer warpgroups taking turns; more
+  // stages) instead of the plain ones. Same math; opt-in until timed on a card.
+  bool sm90_pipelined = false;
 };
 
 struct AttentionBwdParams {

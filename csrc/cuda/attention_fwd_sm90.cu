@@ -15,18 +15,19 @@ namespace {
 
 using namespace attn_sm90;
 
-template <class T, int C>
+template <class T, int C, bool kPipe>
 struct Sm90Kernel {};
 
-template <class T, int C>
+// kPipe: the pipelined consumers (AttentionFwdParams::sm90_pipelined).
+template <class T, int C, bool kPipe>
 int launch_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
-  using Cfg = Sm90FwdCfg<T, C>;
+  using Cfg = Sm90FwdCfg<T, C, kPipe>;
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
-  auto kernel = attn_fwd_sm90_kernel<T, C>;
-  cudaError_t err = attn_dev::set_smem_limit_once<Sm90Kernel<T, C>>(
+  auto kernel = attn_fwd_sm90_kernel<T, C, kPipe>;
+  cudaError_t err = attn_dev::set_smem_limit_once<Sm90Kernel<T, C, kPipe>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
-  err = check_register_budget<Sm90Kernel<T, C>>(
+  err = check_register_budget<Sm90Kernel<T, C, kPipe>>(
       reinterpret_cast<const void*>(kernel), Cfg::kThreads, Cfg::kProducerRegs, Cfg::kConsumerRegs);
   if (err != cudaSuccess) return static_cast<int>(err);
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(p.qkv) % 16 == 0;
@@ -48,10 +49,16 @@ int launch_fwd_sm90(const attn::AttentionFwdParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <class T, int C>
+int launch_variant(const attn::AttentionFwdParams& p, cudaStream_t stream) {
+  return p.sm90_pipelined ? launch_fwd_sm90<T, C, true>(p, stream)
+                          : launch_fwd_sm90<T, C, false>(p, stream);
+}
+
 template <class T>
 int launch_dim(const attn::AttentionFwdParams& p, cudaStream_t stream) {
-  if (p.s.C == 64) return launch_fwd_sm90<T, 64>(p, stream);
-  if (p.s.C == 128) return launch_fwd_sm90<T, 128>(p, stream);
+  if (p.s.C == 64) return launch_variant<T, 64>(p, stream);
+  if (p.s.C == 128) return launch_variant<T, 128>(p, stream);
   return static_cast<int>(cudaErrorInvalidValue);
 }
 

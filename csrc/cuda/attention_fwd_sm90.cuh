@@ -47,10 +47,13 @@ namespace iddpm::cuda::attn_sm90 {
 
 using namespace attn_dev;
 
-template <class T, int C>
+// kPipe: the pipelined consumers (below); they release a stage one key tile later, so they get
+// more stages (as many as fit: 4 at C = 64, 3 at C = 128).
+template <class T, int C, bool kPipe = false>
 struct Sm90FwdCfg {
   static_assert(C == 64 || C == 128, "the sm_90a forward covers head dims 64 and 128");
-  static constexpr int kConsumers = 2, BQ = 64 * kConsumers, BK = 128, kStages = 2;
+  static constexpr int kConsumers = 2, BQ = 64 * kConsumers, BK = 128;
+  static constexpr int kStages = !kPipe ? 2 : C == 64 ? 4 : 3;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockBytes = C * 128;  // a [C, 64] block
   static constexpr int kQBytes = (BQ / 64) * kBlockBytes, kKVBytes = (BK / 64) * kBlockBytes;
@@ -63,15 +66,84 @@ struct Sm90FwdCfg {
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "register file");
 };
 
+// The consumers' steps on one key tile (both loops below use them).
+
+// Issues S = qᵀk for this warpgroup's 64 queries and the 128 keys at k_addr (no fence, commit
+// or wait): channels 16kk.. are rows 16kk.. of every block, 2048 bytes per step.
+template <int C, bool kBf16>
+__device__ __forceinline__ void issue_s(float (&sacc)[64], uint32_t q_addr, uint32_t k_addr) {
+  constexpr int kBlock = C * 128;
+#pragma unroll
+  for (int kk = 0; kk < C / 16; ++kk) {
+    wgmma_ss_n128_tt<kBf16>(sacc, sw128_desc(q_addr + kk * 2048, kBlock, 1024),
+                            sw128_desc(k_addr + kk * 2048, kBlock, 1024), kk > 0);
+  }
+}
+
+// Issues O += P·vᵀ for the P fragments pa and the 128 keys at v_addr (no fence, commit or
+// wait): keys 16kj.. are bytes 32(kj % 4).. of the rows of block kj / 4.
+template <int C, bool kBf16>
+__device__ __forceinline__ void issue_pv(float (&o)[C / 2], const uint32_t (&pa)[8][4],
+                                         uint32_t v_addr) {
+  constexpr int kBlock = C * 128;
+#pragma unroll
+  for (int kj = 0; kj < 8; ++kj) {
+    wgmma_rs_k<C, kBf16>(o, pa[kj],
+                         sw128_desc(v_addr + (kj >> 2) * kBlock + (kj & 3) * 32, 16, 1024));
+  }
+}
+
+// The online softmax of key tile kt on the S accumulators (base-2 logits, keys past T masked;
+// as attn_fwd_kernel): sacc becomes P (relative to the new row maxima), m_row and l_row are
+// updated, alpha gets the factor by which O must be rescaled.
+__device__ __forceinline__ void softmax_tile(float (&sacc)[64], int kt, int T_len, float scale_log2,
+                                             int t, float (&m_row)[2], float (&l_row)[2],
+                                             float (&alpha)[2]) {
+  constexpr int NS = 64, BK = 128;
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const int j = kt * BK + 8 * (i >> 2) + 2 * t + (i & 1);
+    const float v = j < T_len ? sacc[i] * scale_log2 : -INFINITY;
+    sacc[i] = v;
+    mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], v);
+  }
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m_row[r] = attn::online_max_update(m_row[r], quad_max(mx[r]), &alpha[r], Max{}, Exp2{});
+  }
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const float p = attn::online_prob(sacc[i], m_row[(i >> 1) & 1], Exp2{});
+    sacc[i] = p;
+    sum[(i >> 1) & 1] += p;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l_row[r] = attn::online_sum_update(l_row[r], alpha[r], sum[r]);
+}
+
+// P (fp32 accumulators) packed into the A fragments of O += P·vᵀ.
+template <class T>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[8][4], const float (&sacc)[64]) {
+#pragma unroll
+  for (int kj = 0; kj < 8; ++kj) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      pa[kj][r] = Elem<T>::pack(sacc[8 * kj + 2 * r], sacc[8 * kj + 2 * r + 1]);
+    }
+  }
+}
+
 // qkv: [BH, 3C, T]; out: [BH, C, T]; lse: [BH, T]. Dynamic shared memory: Cfg::kSmemBytes.
-template <class T, int C>
-__global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
+template <class T, int C, bool kPipe = false>
+__global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ TmaMap tmap, const T* __restrict__ qkv,
                          T* __restrict__ out, float* __restrict__ lse, int T_len, float scale_log2,
                          bool vec, bool tma) {
 #if defined(IDDPM_ATTN_HOST_EMULATION) || \
     (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
-  using Cfg = Sm90FwdCfg<T, C>;
+  using Cfg = Sm90FwdCfg<T, C, kPipe>;
   constexpr int BK = Cfg::BK, kStages = Cfg::kStages, kBlock = Cfg::kBlockBytes;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -165,68 +237,74 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C>::kThreads, 1)
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g, g + 8
 
   const uint32_t q_addr = shared_addr(qs + cw * kBlock);
-  for (int kt = 0; kt < n_tiles; ++kt) {
-    const int s = kt % kStages;
-    mbar_wait(full(s), (kt / kStages) & 1);
-    const uint32_t k_addr = shared_addr(ks + s * Cfg::kKVBytes);
-    const uint32_t v_addr = shared_addr(vs + s * Cfg::kKVBytes);
-
-    // S = qᵀk: channels 16kk.. are rows 16kk.. of every block, 2048 bytes per step.
-    float sacc[NS];
+  auto k_at = [&](int kt) { return shared_addr(ks + (kt % kStages) * Cfg::kKVBytes); };
+  auto v_at = [&](int kt) { return shared_addr(vs + (kt % kStages) * Cfg::kKVBytes); };
+  float sacc[NS], alpha[2];
+  uint32_t pa[BK / 16][4];
+  if constexpr (!kPipe) {
+    for (int kt = 0; kt < n_tiles; ++kt) {
+      const int s = kt % kStages;
+      mbar_wait(full(s), (kt / kStages) & 1);
+      wgmma_fence();
+      issue_s<C, kBf16>(sacc, q_addr, k_at(kt));
+      wgmma_commit();
+      wgmma_wait<0>();
+      softmax_tile(sacc, kt, T_len, scale_log2, t, m_row, l_row, alpha);
+#pragma unroll
+      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+      // Every A fragment of P is packed before the fence: a register written between two
+      // wgmmas of one batch makes ptxas serialise them (it injects a warpgroup.arrive before
+      // each, C7519).
+      pack_p<T>(pa, sacc);
+      wgmma_fence();
+      issue_pv<C, kBf16>(o, pa, v_at(kt));
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(empty(s));  // this thread's products that read stage s have retired
+    }
+  } else {
+    // Pipelined (FlashAttention-3's two overlaps): each batch issues S for key tile kt and
+    // O += P·vᵀ for tile kt - 1 together, then the softmax of tile kt runs while the P·vᵀ
+    // products are still on the tensor cores (wait_group 1 retires S only); and the two
+    // consumer warpgroups take turns issuing their batches (named barriers 1 and 2, 256
+    // threads: a warpgroup waits on its own, then arrives on the other's), so one warpgroup's
+    // softmax runs while the other's products do. A stage is released once the P·vᵀ that reads
+    // its v has retired, one tile later than above.
+    const int my_turn = 1 + cw, other_turn = 2 - cw;
+    if (cw == 1) named_bar_arrive(1, 256);  // warpgroup 1 (cw = 0) takes the first turn
+    mbar_wait(full(0), 0);
+    named_bar_sync(my_turn, 256);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < C / 16; ++kk) {
-      wgmma_ss_n128_tt<kBf16>(sacc, sw128_desc(q_addr + kk * 2048, kBlock, 1024),
-                              sw128_desc(k_addr + kk * 2048, kBlock, 1024), kk > 0);
-    }
+    issue_s<C, kBf16>(sacc, q_addr, k_at(0));
     wgmma_commit();
+    named_bar_arrive(other_turn, 256);
     wgmma_wait<0>();
-
-    // Base-2 logits, keys past T masked; online softmax as attn_fwd_kernel.
-    float mx[2] = {-INFINITY, -INFINITY};
+    softmax_tile(sacc, 0, T_len, scale_log2, t, m_row, l_row, alpha);  // O is still 0
+    pack_p<T>(pa, sacc);
+    for (int kt = 1; kt < n_tiles; ++kt) {
+      mbar_wait(full(kt % kStages), (kt / kStages) & 1);
+      named_bar_sync(my_turn, 256);
+      wgmma_fence();
+      issue_s<C, kBf16>(sacc, q_addr, k_at(kt));
+      wgmma_commit();
+      issue_pv<C, kBf16>(o, pa, v_at(kt - 1));
+      wgmma_commit();
+      named_bar_arrive(other_turn, 256);
+      wgmma_wait<1>();  // S of tile kt; O and pa stay untouched until the next wait
+      softmax_tile(sacc, kt, T_len, scale_log2, t, m_row, l_row, alpha);
+      wgmma_wait<0>();
+      mbar_arrive(empty((kt - 1) % kStages));  // tile kt - 1's products have retired
 #pragma unroll
-    for (int i = 0; i < NS; ++i) {
-      const int j = kt * BK + 8 * (i >> 2) + 2 * t + (i & 1);
-      const float v = j < T_len ? sacc[i] * scale_log2 : -INFINITY;
-      sacc[i] = v;
-      mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], v);
+      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+      pack_p<T>(pa, sacc);
     }
-    float alpha[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      m_row[r] = attn::online_max_update(m_row[r], quad_max(mx[r]), &alpha[r], Max{}, Exp2{});
-    }
-#pragma unroll
-    for (int i = 0; i < NS; ++i) {
-      const float p = attn::online_prob(sacc[i], m_row[(i >> 1) & 1], Exp2{});
-      sacc[i] = p;
-      sum[(i >> 1) & 1] += p;
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l_row[r] = attn::online_sum_update(l_row[r], alpha[r], sum[r]);
-#pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
-
-    // O += P·vᵀ: keys 16kj.. are bytes 32(kj % 4).. of the rows of block kj / 4. Every A
-    // fragment of P is packed before the fence: a register written between two wgmmas of one
-    // batch makes ptxas serialise them (it injects a warpgroup.arrive before each, C7519).
-    uint32_t pa[BK / 16][4];
-#pragma unroll
-    for (int kj = 0; kj < BK / 16; ++kj) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[kj][r] = Elem<T>::pack(sacc[8 * kj + 2 * r], sacc[8 * kj + 2 * r + 1]);
-      }
-    }
+    named_bar_sync(my_turn, 256);
     wgmma_fence();
-#pragma unroll
-    for (int kj = 0; kj < BK / 16; ++kj) {
-      wgmma_rs_k<C, kBf16>(o, pa[kj],
-                           sw128_desc(v_addr + (kj >> 2) * kBlock + (kj & 3) * 32, 16, 1024));
-    }
+    issue_pv<C, kBf16>(o, pa, v_at(n_tiles - 1));
     wgmma_commit();
+    named_bar_arrive(other_turn, 256);
     wgmma_wait<0>();
-    mbar_arrive(empty(s));  // this thread's products that read stage s have retired
+    mbar_arrive(empty((n_tiles - 1) % kStages));
   }
 
   // l is a per-thread partial sum over its columns: complete it over the quad.

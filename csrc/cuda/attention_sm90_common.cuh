@@ -161,6 +161,24 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 }
 
+// Named barrier `id` (1..15; 0 is __syncthreads's) over n threads (a multiple of 32, every
+// thread of a warp executing it): bar.sync arrives and waits for the barrier's completion,
+// bar.arrive arrives without waiting (PTX ISA 9.7.13.1).
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::named_bar_sync(id, n);
+#else
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+#endif
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::named_bar_arrive(id, n);
+#else
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+#endif
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
   attn_emu::wgmma_fence();

@@ -47,7 +47,9 @@ namespace iddpm::ops {
 // (setenv) elsewhere.
 //   IDDPM_ATTENTION_SM90: the sm_90a kernels (see use_sm90);
 //   IDDPM_ATTENTION_TILE_MAJOR: the sm_80 kernels launched with a head's tiles adjacent
-//     (AttentionFwdParams::tile_major).
+//     (AttentionFwdParams::tile_major);
+//   IDDPM_ATTENTION_SM90_PIPELINED: the sm_90a forward's pipelined consumers, where the sm_90a
+//     forward runs (AttentionFwdParams::sm90_pipelined).
 namespace {
 int env_switch(const char* name) {
   const char* want = std::getenv(name);
@@ -59,6 +61,10 @@ std::atomic<int>& sm90_flag() {
 }
 std::atomic<int>& tile_major_flag() {
   static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_TILE_MAJOR")};
+  return flag;
+}
+std::atomic<int>& sm90_pipelined_flag() {
+  static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_SM90_PIPELINED")};
   return flag;
 }
 }  // namespace
@@ -73,6 +79,14 @@ bool attention_tile_major_enabled() {
 
 bool set_attention_tile_major(bool enabled) {
   return tile_major_flag().exchange(enabled ? 1 : 0) != 0;
+}
+
+bool attention_sm90_pipelined_enabled() {
+  return sm90_pipelined_flag().load(std::memory_order_relaxed) != 0;
+}
+
+bool set_attention_sm90_pipelined(bool enabled) {
+  return sm90_pipelined_flag().exchange(enabled ? 1 : 0) != 0;
 }
 
 #ifdef IDDPM_WITH_CUDA
@@ -357,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, 
   if (f.out.numel() == 0) return {f.out, f.lse};
   f.p.allow_tf32 = allow_tf32();
   f.p.tile_major = attention_tile_major_enabled();
+  f.p.sm90_pipelined = attention_sm90_pipelined_enabled();
   const int err = run_forward(f.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return {f.out, f.lse};

@@ -14,6 +14,9 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
   iddpm (fused, sm90)       the same op with its sm_90a kernels (IDDPM_ATTENTION_SM90=1; forward,
                             and in `fwd+bwd` the backward too; only on CUDA with a
                             compute-capability 9.0 card and those kernels built)
+  iddpm (fused, sm90 pipelined)  the same with the sm_90a forward's pipelined consumers
+                            (IDDPM_ATTENTION_SM90_PIPELINED=1 as well; the backward as in the
+                            row above)
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
@@ -201,6 +204,7 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                     impls[TILE_MAJOR_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
                 impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
+                impls[SM90_PIPELINED_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             flops = (14 if bwd else 4) * B * H * T * T * C
             moved = (12 if bwd else 4) * elems
             rows = {}
@@ -237,7 +241,7 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             for rec in rows.values():
                 if base:
                     rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-            for ours in (rows.get(FUSED_ROW), rows.get(TILE_MAJOR_ROW), rows.get(SM90_ROW)):
+            for ours in (rows.get(name) for name in SWITCHES):
                 if not ours:
                     continue
                 for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
@@ -250,20 +254,30 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
 
 FUSED_ROW = "iddpm (fused)"
 SM90_ROW = "iddpm (fused, sm90)"
+SM90_PIPELINED_ROW = "iddpm (fused, sm90 pipelined)"
 TILE_MAJOR_ROW = "iddpm (fused, tile-major)"
-# The fused op's rows and the settings of its opt-in switches each runs under (sm90, tile-major),
-# set for every call so that an IDDPM_ATTENTION_* variable in the environment cannot make two
-# rows the same.
-SWITCHES = {FUSED_ROW: (False, False), TILE_MAJOR_ROW: (False, True), SM90_ROW: (True, False)}
+# The fused op's rows and the settings of its opt-in switches each runs under (sm90, tile-major,
+# sm90 pipelined), set for every call so that an IDDPM_ATTENTION_* variable in the environment
+# cannot make two rows the same.
+SWITCHES = {
+    FUSED_ROW: (False, False, False),
+    TILE_MAJOR_ROW: (False, True, False),
+    SM90_ROW: (True, False, False),
+    SM90_PIPELINED_ROW: (True, False, True),
+}
 
 
 def _under(settings, fn):
-    """fn run with the fused op's switches set to `settings` (sm90, tile-major), backward
-    included."""
-    sm90, tile_major = settings
+    """fn run with the fused op's switches set to `settings` (sm90, tile-major, sm90 pipelined),
+    backward included."""
+    sm90, tile_major, pipelined = settings
 
     def run():
-        with attn.attention_sm90(sm90), attn.attention_tile_major(tile_major):
+        with (
+            attn.attention_sm90(sm90),
+            attn.attention_tile_major(tile_major),
+            attn.attention_sm90_pipelined(pipelined),
+        ):
             return fn()
 
     return run

@@ -407,6 +407,32 @@ class attention_tile_major(_process_switch):
     _setter = "set_attention_tile_major"
 
 
+# ---------------------------------------------------------------------------------
+# The sm_90a forward's two consumer loops (csrc/cuda/attention_fwd_sm90.cuh; both never run on
+# a card): plain (the default: each key tile's S, softmax and P·vᵀ in turn) or pipelined
+# (FlashAttention-3's overlaps: S of tile kt issued with P·vᵀ of tile kt - 1, the softmax while
+# the latter runs, the two consumer warpgroups taking turns; 4 / 3 stages). Same results to
+# rounding; applies only where the sm_90a forward runs (:class:`attention_sm90`). Opt-in until
+# `iddpm bench attention` has timed both on a card (row "iddpm (fused, sm90 pipelined)").
+# IDDPM_ATTENTION_SM90_PIPELINED=1 in the environment at start-up, or
+# :class:`attention_sm90_pipelined`.
+# ---------------------------------------------------------------------------------
+SM90_PIPELINED_ENV = "IDDPM_ATTENTION_SM90_PIPELINED"
+
+
+def sm90_pipelined_enabled() -> bool:
+    """Whether the sm_90a forward's pipelined consumers are switched on (False without ``_C``)."""
+    return loader.available() and bool(loader._C.attention_sm90_pipelined_enabled())
+
+
+class attention_sm90_pipelined(_process_switch):
+    """Context manager: where the sm_90a forward runs (:class:`attention_sm90`), it runs its
+    pipelined consumers inside; the switch goes back to its previous value after (process-wide;
+    initially on when IDDPM_ATTENTION_SM90_PIPELINED=1 was in the environment)."""
+
+    _setter = "set_attention_sm90_pipelined"
+
+
 def qkv_attention_fused_sm90(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The fused op with the sm_90a kernels asked for (:class:`attention_sm90`), for its forward
     and, when autograd runs the backward inside the same switch, its backward; where they do not

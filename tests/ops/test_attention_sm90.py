@@ -4,7 +4,8 @@
 numerics are tested under the CPU emulator (test_attention_sm90_emulation.py) and on a card
 (test_attention_sm90_gpu.py). The sm_80 kernels' tile-major launch order: its switch
 (attention_tile_major) is its own and changes nothing on the CPU; on a card,
-test_attention_gpu.py."""
+test_attention_gpu.py. The sm_90a forward's pipelined consumers: their switch
+(attention_sm90_pipelined) likewise; numerics under the emulator and on a card."""
 
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ def test_attention_sm90_sets_and_restores_the_switch():
 
 def _switch_values_in_a_new_process(code: str, var: str, value):
     """The last two words `code` prints in a new Python process whose environment has `var` =
-    `value` (None: unset) and neither switch variable otherwise."""
+    `value` (None: unset) and no other switch variable."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in (A.SM90_ENV, A.TILE_MAJOR_ENV)}
+    switches = (A.SM90_ENV, A.TILE_MAJOR_ENV, A.SM90_PIPELINED_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in switches}
     if value is not None:
         env[var] = value
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -80,6 +82,34 @@ def test_the_tile_major_switch_starts_from_the_environment():
     code = "from iddpm_ext.ops import attention as A; print(A.tile_major_enabled(), A.sm90_enabled())"
     for value, expected in (("1", "True False"), ("0", "False False"), (None, "False False")):
         assert _switch_values_in_a_new_process(code, A.TILE_MAJOR_ENV, value) == expected.split(), value
+
+
+def test_the_pipelined_switch_starts_from_the_environment():
+    """IDDPM_ATTENTION_SM90_PIPELINED=1 turns that switch on in a new process, and not the sm_90a
+    switch itself."""
+    code = "from iddpm_ext.ops import attention as A; print(A.sm90_pipelined_enabled(), A.sm90_enabled())"
+    for value, expected in (("1", "True False"), ("0", "False False"), (None, "False False")):
+        assert _switch_values_in_a_new_process(code, A.SM90_PIPELINED_ENV, value) == expected.split(), value
+
+
+def test_attention_sm90_pipelined_sets_and_restores_the_switch():
+    start, sm90, tile = A.sm90_pipelined_enabled(), A.sm90_enabled(), A.tile_major_enabled()
+    with A.attention_sm90_pipelined():
+        assert A.sm90_pipelined_enabled() is True
+        assert A.sm90_enabled() is sm90 and A.tile_major_enabled() is tile  # each switch is its own
+        with A.attention_sm90_pipelined(False):
+            assert A.sm90_pipelined_enabled() is False
+        assert A.sm90_pipelined_enabled() is True
+    with A.attention_sm90(not sm90):
+        assert A.sm90_pipelined_enabled() is start
+    assert A.sm90_pipelined_enabled() is start
+
+
+def test_the_pipelined_switch_changes_nothing_on_cpu():
+    qkv = torch.randn(1, 3 * 2 * 64, 40, dtype=torch.bfloat16)
+    out = A.qkv_attention_fused(qkv, 2)
+    with A.attention_sm90(), A.attention_sm90_pipelined():
+        assert torch.equal(A.qkv_attention_fused_sm90(qkv, 2), out)
 
 
 def test_the_switch_changes_nothing_on_cpu():

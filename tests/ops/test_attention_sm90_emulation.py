@@ -4,7 +4,8 @@ compiles csrc/cuda/attention_{fwd,bwd}_sm90.cuh with the host compiler on top of
 transaction counts, TMA tensor copies, fence.proxy.async, written from the PTX ISA) and checks the
 emulator against the ISA's worked examples and hand-written layouts, then the kernel against
 float64 (fp16 / bf16, head dims 64 and 128, masked and whole key tiles, the TMA and the cp.async /
-guarded producers; the backward's dq, dk, dv after the sm_90a forward). The kernels have not run
+guarded producers; the forward's plain and pipelined consumers; the backward's dq, dk, dv after the
+sm_90a forward). The kernels have not run
 on a card yet: this is all the checking they get without one. Needs a C++20 compiler and the CUDA
 headers, not a GPU."""
 
@@ -38,6 +39,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
     assert "unit: descriptor fields ok" in run.stdout
     assert "unit: mbarrier phases ok" in run.stdout
     assert "unit: wgmma ss (M/N-major) error 0.0, rs (K-major) error 0.0" in run.stdout
+    assert "unit: named barriers (ping-pong order) ok" in run.stdout
     # The kernel: both dtypes and head dims, masked (37, 200) and whole (128, 1024) key tiles,
     # B, H > 1, cp.async and guarded loads, unaligned storage.
     for dtype in ("fp16", "bf16"):
@@ -52,6 +54,21 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
     assert "T=1024 tma" in run.stdout and "T=384 cp.async" in run.stdout
     assert "sm90 fp16 C=64 B=1 H=2 T=300 guarded" in run.stdout  # heads × query tiles in the grid
     assert "guarded unaligned" in run.stdout
+    # The pipelined consumers: both dtypes and head dims, one tile, two, and more tiles than
+    # stages (several rounds of each stage), both producers, unaligned storage.
+    piped = [line for line in run.stdout.splitlines() if line.startswith("sm90 pipelined")]
+    for dtype in ("fp16", "bf16"):
+        for c in (64, 128):
+            assert any(f"{dtype} C={c} " in line for line in piped), (dtype, c)
+    for case in (
+        "T=37 guarded",
+        "T=640 tma",
+        "C=128 B=1 H=1 T=512 cp.async",
+        "T=2048 tma",
+        "T=1536 cp.async",
+        "guarded unaligned",
+    ):
+        assert any(case in line for line in piped), case
     # The backward after the sm_90a forward: both dtypes and head dims, one partial key tile
     # (T = 37), two key tiles and several query tiles over both stages (T = 200, 256, 320), the
     # TMA, cp.async and guarded producers, unaligned storage.
@@ -79,6 +96,9 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         ("unwaited", "wgmma never waited for"),
         ("no-proxy-fence", "without fence.proxy.async"),
         ("no-store-fence", "has not executed fence.proxy.async"),
+        ("acc-in-flight", "accumulator registers written while a wgmma on them was in flight"),
+        ("a-regs-in-flight", "A registers written while the wgmma reading them was in flight"),
+        ("pingpong-no-start", "deadlock"),
     ],
 )
 def test_sm90_emulator_refuses_misuse(sm90_exe, misuse, message):

@@ -3,11 +3,15 @@ float64 under the project's low-precision rule (at most twice the eager einsum's
 the sm_80 forward of the same op, its lse, that it is the kernel that ran (profiler) only when
 asked for, and the sm_80 backward through its lse. Backward: dq, dk, dv against float64 under the
 same rule (eager = autograd through the einsum in that dtype) and against the sm_80 backward, the
-sm_90a backward through the sm_80 forward's lse, that its kernel ran only when asked for. Skipped
+sm_90a backward through the sm_80 forward's lse, that its kernel ran only when asked for. The
+forward's pipelined consumers (attention_sm90_pipelined) get the forward, profiler, sanitizer and
+random-shape tests too; every test pins that switch. Skipped
 without CUDA, without the sm90 build, or off a compute-capability 9.x card. The kernels have never
 run on a card before this check."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -38,19 +42,27 @@ def _kernel_names(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
+@contextlib.contextmanager
+def _sm90(pipelined: bool = False):
+    """The sm_90a kernels switched on, the forward's consumer loop pinned (plain or pipelined)."""
+    with A.attention_sm90(), A.attention_sm90_pipelined(pipelined):
+        yield
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("C", [64, 128])
 @pytest.mark.parametrize("T", [37, 256, 1024, 4096])
-def test_sm90_forward_against_float64_and_sm80(dtype, C, T):
+def test_sm90_forward_against_float64_and_sm80(dtype, C, T, pipelined):
     B, H = (2, 3) if T <= 1024 else (1, 2)
     qkv = _qkv(B, H, C, T, dtype, seed=T + C)
     assert A.sm90_supported(qkv, H)
-    with A.attention_sm90():
+    with _sm90(pipelined):
         out, lse = A.qkv_attention_with_lse(qkv, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)  # without the switch: the sm_80 forward
     ref = attention_math_f64(qkv, H)
     eager = A.qkv_attention_reference(qkv, H)
-    what = f"sm90 B={B} H={H} C={C} T={T} {dtype}"
+    what = f"sm90{' pipelined' if pipelined else ''} B={B} H={H} C={C} T={T} {dtype}"
     floor = 1e-5 * (1.0 + ref.abs().max().item())
     check_two_x_rule(out, eager, ref, what, floor)
     e80 = max_err(out80, ref)
@@ -60,16 +72,33 @@ def test_sm90_forward_against_float64_and_sm80(dtype, C, T):
 
 def test_sm90_kernel_runs_only_when_asked():
     qkv = _qkv(2, 2, 64, 512, torch.float16, seed=1)
-    with A.attention_sm90():
+    with _sm90():
         asked = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
     default = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
     assert any("attn_fwd_sm90_kernel" in k for k in asked), sorted(asked)
     assert not any("attn_fwd_sm90_kernel" in k for k in default), sorted(default)
     # a head dim it lacks: the sm_80 forward runs even when asked
     q96 = _qkv(1, 2, 96, 256, torch.float16, seed=2)
-    with A.attention_sm90():
+    with _sm90():
         other = _kernel_names(lambda: A.qkv_attention_fused(q96, 2))
     assert not any("attn_fwd_sm90_kernel" in k for k in other), sorted(other)
+
+
+def test_sm90_pipelined_kernel_runs_only_when_asked():
+    """The pipelined instances (template flag true) run under both switches, the plain ones under
+    the sm90 switch alone; the pipelined switch alone changes nothing (the sm_80 forward)."""
+    qkv = _qkv(2, 2, 128, 512, torch.bfloat16, seed=3)
+    with _sm90(True):
+        piped = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
+    with _sm90(False):
+        plain = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
+    with A.attention_sm90(False), A.attention_sm90_pipelined():
+        alone = _kernel_names(lambda: A.qkv_attention_fused(qkv, 2))
+    fwd = [k for k in piped if "attn_fwd_sm90_kernel" in k]
+    assert fwd and all("true>" in k for k in fwd), sorted(piped)
+    fwd = [k for k in plain if "attn_fwd_sm90_kernel" in k]
+    assert fwd and all("false>" in k for k in fwd), sorted(plain)
+    assert not any("sm90" in k for k in alone), sorted(alone)
 
 
 def test_sm90_forward_feeds_the_backward():
@@ -77,7 +106,7 @@ def test_sm90_forward_feeds_the_backward():
     qkv = _qkv(B, H, C, T, torch.bfloat16, seed=3)
     g = torch.randn(B, H * C, T, device="cuda", dtype=torch.bfloat16)
     x = qkv.clone().requires_grad_()
-    with A.attention_sm90():
+    with _sm90():
         out = A.qkv_attention_fused(x, H)
     (grad,) = torch.autograd.grad(out, x, g)
     x80 = qkv.clone().requires_grad_()
@@ -102,7 +131,7 @@ def test_sm90_backward_against_float64_and_sm80(dtype, C, T):
     qkv = _qkv(B, H, C, T, dtype, seed=7 * T + C)
     gen = torch.Generator(device="cuda").manual_seed(T)
     g = torch.randn(B, H * C, T, device="cuda", generator=gen).to(dtype)
-    with A.attention_sm90():  # forward and backward on the sm_90a kernels
+    with _sm90():  # forward and backward on the sm_90a kernels
         grad = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     grad80 = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     eager = _grads(lambda x: A.qkv_attention_reference(x, H), qkv, g)
@@ -123,7 +152,7 @@ def test_sm90_backward_many_ctas_and_query_tiles():
     B, H, C, T = 4, 16, 64, 2048
     qkv = _qkv(B, H, C, T, torch.float16, seed=13)
     g = torch.randn(B, H * C, T, device="cuda", dtype=torch.float16)
-    with A.attention_sm90():
+    with _sm90():
         grad = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     grad80 = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     assert torch.isfinite(grad).all()
@@ -138,7 +167,7 @@ def test_sm90_backward_through_the_sm80_forward():
     qkv = _qkv(B, H, C, T, torch.float16, seed=11)
     g = torch.randn(B, H * C, T, device="cuda", dtype=torch.float16)
     out, lse = A.qkv_attention_with_lse(qkv, H)  # the sm_80 forward
-    with A.attention_sm90():
+    with _sm90():
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     grad80 = A.qkv_attention_backward(g, qkv, out, lse, H)
     ref = _grads(lambda x: attention_math_f64(x, H), qkv.double(), g.double())
@@ -149,7 +178,7 @@ def test_sm90_backward_kernel_runs_only_when_asked():
     qkv = _qkv(1, 2, 128, 256, torch.bfloat16, seed=5)
     g = torch.randn(1, 2 * 128, 256, device="cuda", dtype=torch.bfloat16)
     fn = lambda: _grads(lambda x: A.qkv_attention_fused(x, 2), qkv, g)  # noqa: E731
-    with A.attention_sm90():
+    with _sm90():
         asked = _kernel_names(fn)
     default = _kernel_names(fn)
     assert any("attn_bwd_sm90_kernel" in k for k in asked), sorted(asked)
@@ -158,23 +187,30 @@ def test_sm90_backward_kernel_runs_only_when_asked():
 
 
 @pytest.mark.parametrize(
-    "C, T, offset",
-    [(64, 37, 0), (128, 256, 0), (64, 256, 1)],
-    ids=["C64-T37-guarded", "C128-T256-tma", "C64-T256-unaligned"],
+    "C, T, offset, pipelined",
+    [(64, 37, 0, False), (128, 256, 0, False), (64, 256, 1, False), (64, 640, 0, True), (128, 200, 1, True)],
+    ids=[
+        "C64-T37-guarded",
+        "C128-T256-tma",
+        "C64-T256-unaligned",
+        "pipelined-C64-T640-tma",
+        "pipelined-C128-T200-unaligned",
+    ],
 )
-def test_sm90_sanitizer_subset(C, T, offset):
+def test_sm90_sanitizer_subset(C, T, offset, pipelined):
     """Small calls of the sm90 forward and backward for compute-sanitizer (gpu_check's
     memcheck_sm90 and racecheck_sm90 steps): the guarded cp.async loads (T = 37), the TMA path
     (T = 256, aligned) and the cp.async path on storage that is not 16-byte aligned (a view one
     element in; the backward's grad_out is aligned there, so its producer takes the guarded loads
-    for qkv's sake); each against the sm_80 kernels."""
+    for qkv's sake); the pipelined forward over more tiles than stages and unaligned; each against
+    the sm_80 kernels."""
     B, H = 1, 2
     n = B * 3 * H * C * T
     storage = _qkv(1, 1, 1, n + offset, torch.float16, seed=C + T).flatten()  # 3·(n + offset) values
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)  # contiguous; offset 1: 2 bytes in
     assert (qkv.data_ptr() % 16 == 0) is (offset == 0)
     g = _qkv(1, 1, 1, B * H * C * T, torch.float16, seed=T).view(B, H * C, T)
-    with A.attention_sm90():
+    with _sm90(pipelined):
         out, lse = A.qkv_attention_with_lse(qkv, H)
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)
@@ -193,8 +229,9 @@ def test_sm90_sanitizer_subset(C, T, offset):
     T=st.integers(1, 700),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     offset=st.sampled_from([0, 1]),
+    pipelined=st.booleans(),
 )
-def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset):
+def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset, pipelined):
     """Random valid calls of both sm_90a kernels (any T from 1, aligned or not: every producer
     path and masking case) against the sm_80 kernels of the same op, forward and backward: no
     crash, no hang, the same results within rounding."""
@@ -202,7 +239,7 @@ def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset):
     storage = _qkv(1, 1, 1, n + offset, dtype, seed=T).flatten()
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)
     g = torch.randn(B, H * C, T, device="cuda", dtype=dtype)
-    with A.attention_sm90():
+    with _sm90(pipelined):
         out, lse = A.qkv_attention_with_lse(qkv, H)
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)

@@ -15,7 +15,8 @@
 // run by tests/ops/test_attention_sm90_emulation.py. Exit code 0 = pass.
 //
 // `attention_sm90_emulation --refuse WHAT` runs one misuse the emulator must refuse (exit 3 with
-// its message): base-offset, no-fence, unwaited, no-proxy-fence, no-store-fence.
+// its message): base-offset, no-fence, unwaited, no-proxy-fence, no-store-fence, acc-in-flight,
+// a-regs-in-flight, pingpong-no-start.
 //
 // What it cannot check: that the hardware follows the ISA as read here (layouts, descriptor
 // fields, the proxy rules), register allocation (setmaxnreg), timing, and anything between CTAs.
@@ -258,10 +259,31 @@ void check_wgmma() {
   expect(err_ss == 0 && err_rs == 0, "wgmma products on hand-written layouts");
 }
 
+// Two warpgroups taking turns through two named barriers (the pipelined forward's ping-pong):
+// every thread logs its warpgroup inside its turn; the log must alternate in runs of 128.
+void check_named_barriers() {
+  std::vector<int> log;
+  attn_emu::run_block(256, smem_raw, sizeof(smem_raw), [&] {
+    using namespace iddpm::cuda::attn_sm90;
+    const int wg = threadIdx.x / 128;
+    if (wg == 1) named_bar_arrive(1, 256);  // warpgroup 0 goes first
+    for (int turn = 0; turn < 5; ++turn) {
+      named_bar_sync(1 + wg, 256);
+      log.push_back(wg);
+      named_bar_arrive(2 - wg, 256);
+    }
+  });
+  bool ok = log.size() == 10 * 128;
+  for (size_t i = 0; ok && i < log.size(); ++i) ok = log[i] == static_cast<int>((i / 128) % 2);
+  std::printf("unit: named barriers (ping-pong order) %s\n", ok ? "ok" : "WRONG");
+  expect(ok, "named barriers");
+}
+
 // ---- misuse the emulator must refuse (exit 3) ---------------------------------------------------
 int refuse(const std::string& what) {
   using namespace iddpm::cuda::attn_sm90;
-  attn_emu::run_block(128, smem_raw, sizeof(smem_raw), [&] {
+  const unsigned threads = what == "pingpong-no-start" ? 256 : 128;
+  attn_emu::run_block(threads, smem_raw, sizeof(smem_raw), [&] {
     float d[64] = {};
     if (what == "base-offset") {
       wgmma_fence();
@@ -284,6 +306,31 @@ int refuse(const std::string& what) {
       iddpm::cuda::attn_dev::cp_async_16(smem_raw + 16 * threadIdx.x, src, true);
       iddpm::cuda::attn_dev::cp_async_wait_all();
       attn_emu::mbar_arrive(bar);
+    } else if (what == "acc-in-flight") {  // accumulators written before the wait
+      // A chain of products on them, as the kernels issue (some still in flight at the write).
+      wgmma_fence();
+      for (int i = 0; i < 8; ++i) {
+        wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), i > 0);
+      }
+      wgmma_commit();
+      d[5] = 2.0f;
+      wgmma_wait<0>();
+    } else if (what == "a-regs-in-flight") {  // register A rewritten before the wait
+      uint32_t a[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};
+      float o[32] = {};
+      wgmma_fence();
+      for (int i = 0; i < 8; ++i) wgmma_rs_k<64, false>(o, a, sw128_desc(8192, 16, 1024));
+      wgmma_commit();
+      a[2] = 0;
+      wgmma_wait<0>();
+    } else if (what == "pingpong-no-start") {  // nobody arrives first: both wait forever
+      if (threadIdx.x < 128) {
+        named_bar_sync(1, 256);
+        named_bar_arrive(2, 256);
+      } else {
+        named_bar_sync(2, 256);
+        named_bar_arrive(1, 256);
+      }
     } else if (what == "no-store-fence") {  // dSᵀ-like stores read by wgmma without the fence
       const uint32_t v = 0x3C003C00u;       // two fp16 ones
       for (int i = 0; i < 4; ++i) st_shared_b32(smem_raw + 4096 + 16 * threadIdx.x + 4 * i, v);
@@ -330,10 +377,10 @@ std::string case_name(const char* what, const char* dtype, int C, int B, int H, 
 
 // want_tma: the TMA producer where the launcher would take it (tma_usable), else cp.async /
 // guarded loads as the launcher picks them.
-template <class T, int C>
+template <class T, int C, bool kPipe = false>
 void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dtype, bool want_tma) {
   using namespace iddpm::cuda::attn_sm90;
-  using Cfg = Sm90FwdCfg<T, C>;
+  using Cfg = Sm90FwdCfg<T, C, kPipe>;
   const int BH = B * H;
   const size_t CT = static_cast<size_t>(C) * T_len, nqkv = BH * 3 * CT, nout = BH * CT;
   std::mt19937 rng(99 + T_len + C);
@@ -355,8 +402,8 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
   for (unsigned x = 0; x < gridDim.x; ++x) {
     blockIdx = make_uint3(x, 0, 0);
     attn_emu::run_block(Cfg::kThreads, smem_raw, Cfg::kSmemBytes, [&] {
-      attn_fwd_sm90_kernel<T, C>(map, qkv.data(), out.data(), lse.data(), T_len, scale_log2, vec,
-                                 tma);
+      attn_fwd_sm90_kernel<T, C, kPipe>(map, qkv.data(), out.data(), lse.data(), T_len, scale_log2,
+                                        vec, tma);
     });
   }
   // float64 on the same rounded inputs
@@ -401,7 +448,8 @@ void run_case(int B, int H, int T_len, size_t shift, double tol, const char* dty
       }
     }
   }
-  const std::string name = case_name("sm90 ", dtype, C, B, H, T_len, tma, vec, shift);
+  const std::string name =
+      case_name(kPipe ? "sm90 pipelined " : "sm90 ", dtype, C, B, H, T_len, tma, vec, shift);
   const double r_o = e_o / (1e-30 + m_o), r_l = e_l / (1e-30 + m_l);
   std::printf("%-46s out %.2e lse %.2e\n", name.c_str(), r_o, r_l);
   expect(finite, name + ": unwritten output");
@@ -515,6 +563,7 @@ int main(int argc, char** argv) {
   check_descriptor();
   check_mbarrier();
   check_wgmma();
+  check_named_barriers();
   // The sm_80 kernel's tolerances (attention_emulation.cpp): fp16 4e-3, bf16 3e-2.
   run_case<__half, 64>(1, 2, 37, 0, 4e-3, "fp16", true);  // one partial tile: guarded loads
   run_case<__nv_bfloat16, 128>(2, 1, 37, 0, 3e-2, "bf16", true);
@@ -527,6 +576,19 @@ int main(int argc, char** argv) {
   run_case<__half, 64>(1, 1, 1024, 0, 4e-3, "fp16", true);        // 8 tiles: 4 rounds of each stage
   run_case<__nv_bfloat16, 64>(1, 1, 384, 0, 3e-2, "bf16", false);  // 3 tiles, cp.async
   run_case<__half, 64>(1, 2, 300, 0, 4e-3, "fp16", false);  // 2 heads × 3 query tiles (the grid)
+  // The pipelined consumers (S of tile kt with P·vᵀ of tile kt - 1, the two warpgroups taking
+  // turns; 4 / 3 stages): one tile (T = 37, 128), two (200), more tiles than stages (T = 640 at
+  // C = 64: 5 tiles over 4 stages; 512 at C = 128: 4 over 3), both producers, unaligned storage.
+  run_case<__half, 64, true>(1, 2, 37, 0, 4e-3, "fp16", true);
+  run_case<__nv_bfloat16, 128, true>(2, 1, 37, 0, 3e-2, "bf16", true);
+  run_case<__half, 128, true>(1, 1, 200, 0, 4e-3, "fp16", true);
+  run_case<__nv_bfloat16, 64, true>(2, 2, 128, 0, 3e-2, "bf16", true);
+  run_case<__half, 64, true>(1, 1, 640, 0, 4e-3, "fp16", true);
+  run_case<__nv_bfloat16, 128, true>(1, 1, 512, 0, 3e-2, "bf16", false);
+  run_case<__half, 128, true>(1, 2, 300, 3, 4e-3, "fp16", true);  // unaligned: guarded
+  run_case<__nv_bfloat16, 64, true>(1, 1, 1024, 0, 3e-2, "bf16", false);
+  run_case<__half, 64, true>(1, 1, 2048, 0, 4e-3, "fp16", true);  // 16 tiles: 4 rounds of 4 stages
+  run_case<__half, 128, true>(1, 1, 1536, 0, 4e-3, "fp16", false);  // 12 tiles: 4 rounds of 3
   // The backward (after the sm_90a forward), the sm_80 kernels' tolerances (fp16 4e-3 / 1e-2,
   // bf16 3e-2 / 6e-2): one partial key tile with guarded loads (T = 37; the second consumer's
   // keys all past T), two key tiles with a partial second and several query tiles over both

@@ -1,10 +1,11 @@
 // tests/ops/cuda_emulation/sm90_emulator.h — the Hopper (sm_90a) instructions of
 // csrc/cuda/attention_fwd_sm90.cuh on top of warp_emulator.h: warpgroup MMA (wgmma.mma_async
 // with shared-memory matrix descriptors, A from shared memory or registers), its fence /
-// commit_group / wait_group, mbarrier (init, arrive, try_wait.parity), fence.proxy.async and
-// setmaxnreg. Written from the PTX ISA (sections 9.7.15 "Asynchronous warpgroup level matrix
-// instructions" and 9.7.13.15 "mbarrier"), not from the kernel: the unit checks in
-// attention_sm90_emulation.cpp compare these functions with the ISA's own worked examples.
+// commit_group / wait_group, mbarrier (init, arrive, try_wait.parity), named barriers
+// (bar.sync / bar.arrive), fence.proxy.async and setmaxnreg. Written from the PTX ISA
+// (sections 9.7.15 "Asynchronous warpgroup level matrix instructions" and 9.7.13.15 "mbarrier"),
+// not from the kernel: the unit checks in attention_sm90_emulation.cpp compare these functions with
+// the ISA's own worked examples.
 //
 // What is modelled, and how:
 //  * Matrix descriptor (9.7.15.5.1.2.2): bits 0-13 start address, 16-29 leading dimension byte
@@ -32,7 +33,8 @@
 //    warpgroup drift apart between them as on the GPU, where .sync.aligned aligns a warp). A
 //    wgmma records its operands at issue (A registers read then); a warp's part of it (its 16
 //    rows of D) runs some scheduler rounds after that warp's 32 threads have issued it, at
-//    random (in issue order per warp), reading shared memory and the accumulators then and
+//    random (in issue order per warp; for half the instructions only once a thread of the warp
+//    waits for it in wait_group), reading shared memory and the accumulators then and
 //    writing D then; a thread's wait_group spins until its warp's parts of the instructions it
 //    retires have run. The warps of a warpgroup are thus never ordered by each other's wgmmas
 //    (the ISA's .sync.aligned is per warp): shared memory one warp writes and another's wgmma
@@ -41,6 +43,10 @@
 //    The shared-memory operands are also read when the first thread issues the instruction and
 //    must be unchanged when it runs: a write between the two (e.g. another warp's stores that
 //    no barrier ordered before the first warp's issue) is refused.
+//    A thread's A registers (register-A form) must be unchanged from its issue until its
+//    warp's part runs, and its accumulator registers must hold, when the part runs, what the
+//    previous in-flight wgmma on them wrote (or their value at issue): a write to either while
+//    the instruction is in flight (before the wait_group that retires it) is refused.
 //    Each instruction's sum (16 products + D) is formed in double and rounded to fp32 once. A
 //    wgmma issued without a wgmma.fence since the thread's last wait_group (or the start) is
 //    refused (the ISA requires the fence before wgmma touches registers written in between).
@@ -150,7 +156,8 @@ struct WgOp {
   bool bf16 = false, a_in_regs = false, trans_a = false, trans_b = false, scale_d = true;
   uint64_t desc_a = 0, desc_b = 0;
   uint32_t a_regs[128][4] = {};
-  float* d[128] = {};  // each thread's accumulator registers (N/2 floats)
+  const uint32_t* a_src[128] = {};  // each thread's A registers (a_in_regs), checked unchanged
+  float* d[128] = {};               // each thread's accumulator registers (N/2 floats)
 };
 
 // One wgmma of a warpgroup, as its threads issue their parts.
@@ -159,12 +166,21 @@ struct PendingOp {
   int parts = 0;                  // threads that have issued it
   int wparts[4] = {};             // per warp of the warpgroup
   bool wdone[4] = {};             // the warp's part has run
+  bool lazy = false;              // runs only once a thread of the warp waits for it (at random)
   std::vector<uint16_t> operand;  // its shared-memory operands at the first thread's issue
 };
 
+// A thread's accumulator registers while wgmmas on them are in flight: the bits they must hold
+// when the next of those runs (as issued, then as the last one to run wrote them).
+struct DShadow {
+  int in_flight = 0;
+  std::vector<uint32_t> bits;
+};
+
 struct Sm90Lane {
-  uint64_t issued = 0;          // wgmmas this thread has issued
-  uint64_t committed = 0;       // of which committed (closed into groups)
+  std::map<const float*, DShadow> dshadow;  // by accumulator array
+  uint64_t issued = 0;                      // wgmmas this thread has issued
+  uint64_t committed = 0;                   // of which committed (closed into groups)
   std::deque<uint64_t> groups;  // committed groups not yet retired: each one's end (exclusive)
   bool need_fence = true;
   std::vector<uint32_t> unfenced;  // shared bytes this thread stored (st_shared), not yet fenced
@@ -174,6 +190,7 @@ struct Sm90Group {
   std::deque<PendingOp> ops;  // by issue order; ops[i] is the warpgroup's wgmma number base + i
   uint64_t base = 0;
   uint64_t wbase[4] = {};  // per warp: the number of the first wgmma whose part has not run
+  int waiting[4] = {};     // per warp: threads spinning in wait_group
 };
 
 inline std::vector<Sm90Lane> g_sm90_lanes;
@@ -181,6 +198,13 @@ inline std::vector<Sm90Group> g_sm90_groups;
 inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
 inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
 inline std::vector<uint8_t> g_unfenced;   // per shared byte: stored by st_shared, not yet fenced
+// Named barriers (bar.sync / bar.arrive with an id of 1..15): threads expected, arrived so far,
+// completions.
+struct NamedBar {
+  int expected = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+inline NamedBar g_named[16];
 
 // The shared window: addresses are offsets from the block's dynamic shared memory (whose base
 // the harness aligns to 1024 bytes, as the kernel's own alignment step assumes on the GPU).
@@ -199,6 +223,7 @@ inline void sm90_block_start(unsigned threads) {
   g_mbars.clear();
   g_bulk.clear();
   g_unfenced.assign(g_block->smem_bytes, 0);
+  for (NamedBar& b : g_named) b = NamedBar{};
   g_random_delays = true;
 }
 
@@ -279,12 +304,24 @@ inline std::vector<uint16_t> operand_bits(const WgOp& op) {
   return bits;
 }
 
-inline void run_wgmma(const PendingOp& pending, int only_w) {
+// The part of warp only_w of warpgroup wg.
+inline void run_wgmma(const PendingOp& pending, int wg, int only_w) {
   const WgOp& op = pending.op;
   if (operand_bits(op) != pending.operand) {
     fail(
         "wgmma: a shared-memory operand changed between the first thread's issue and the "
         "product (writes not ordered before the wgmma by a barrier?)");
+  }
+  // The registers of the warp's threads must be as the ISA leaves them to the instruction until
+  // it retires: A as issued, D as the previous in-flight wgmma on them left it (or as issued).
+  for (int th = 32 * only_w; th < 32 * only_w + 32; ++th) {
+    if (op.a_in_regs && std::memcmp(op.a_src[th], op.a_regs[th], 16) != 0) {
+      fail("wgmma: A registers written while the wgmma reading them was in flight");
+    }
+    DShadow& sh = g_sm90_lanes[128 * wg + th].dshadow[op.d[th]];
+    if (std::memcmp(sh.bits.data(), op.d[th], 2 * op.n) != 0) {
+      fail("wgmma: accumulator registers written while a wgmma on them was in flight");
+    }
   }
   double A[64][16], B[16][256];
   const SmemDesc db = decode_desc(op.desc_b);
@@ -314,6 +351,13 @@ inline void run_wgmma(const PendingOp& pending, int only_w) {
       double acc = op.scale_d ? op.d[th][j] : 0.0;
       for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
       op.d[th][j] = static_cast<float>(acc);
+    }
+    auto& shadows = g_sm90_lanes[128 * wg + th].dshadow;
+    DShadow& sh = shadows[op.d[th]];
+    if (--sh.in_flight == 0) {
+      shadows.erase(op.d[th]);
+    } else {
+      std::memcpy(sh.bits.data(), op.d[th], 2 * op.n);
     }
   }
 }
@@ -352,7 +396,10 @@ IDDPM_EMU_NOINLINE inline void wgmma_wait(int n) {
   Sm90Group& grp = my_group();
   while (static_cast<int>(me90().groups.size()) > n) {
     const uint64_t end = me90().groups.front();
-    while (grp.wbase[(g_block->cur % 128) / 32] < end) yield(St::spin);  // parts not all run
+    const int w = (g_block->cur % 128) / 32;
+    ++grp.waiting[w];
+    while (grp.wbase[w] < end) yield(St::spin);  // parts not all run
+    --grp.waiting[w];
     me90().groups.pop_front();
   }
   me90().need_fence = true;
@@ -383,6 +430,7 @@ IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a
   mine.desc_a = desc_a;
   mine.desc_b = desc_b;
   if (o.parts == 0) {  // the first thread to issue it: the instruction and its operands as seen now
+    o.lazy = coin();
     o.op = mine;
     o.operand = operand_bits(mine);
   } else {
@@ -395,7 +443,12 @@ IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a
   }
   const int th = g_block->cur % 128;
   for (int r = 0; r < 4; ++r) o.op.a_regs[th][r] = a_regs ? a_regs[r] : 0;
+  o.op.a_src[th] = a_regs;
   o.op.d[th] = d;
+  DShadow& sh = l.dshadow[d];
+  if (sh.in_flight++ == 0)
+    sh.bits.assign(reinterpret_cast<const uint32_t*>(d),
+                   reinterpret_cast<const uint32_t*>(d) + n / 2);
   ++o.parts;
   ++o.wparts[th / 32];
   ++g_events;
@@ -513,19 +566,26 @@ inline void run_bulk(const BulkCopy& c) {
 
 // Runs each warp's part of its oldest wgmma whose 32 threads have all issued it, with
 // probability 1/4 per round (every such part when `all`), in issue order per warp; a wgmma
-// whose four parts have run is dropped. Returns whether any part ready to run is left.
+// whose four parts have run is dropped. Half the wgmmas (at random) are lazy: a part of one runs
+// only while a thread of its warp spins in wait_group, with probability 1/8 per round, so that
+// products stay in flight long after their issue (as slow tensor cores would keep them) and a
+// tile released or rewritten before the wait that retires its readers shows. Returns whether any
+// part ready to run is left.
 inline bool run_ready_wgmmas(bool all) {
   bool left = false;
-  for (Sm90Group& grp : g_sm90_groups) {
+  for (size_t wg = 0; wg < g_sm90_groups.size(); ++wg) {
+    Sm90Group& grp = g_sm90_groups[wg];
     for (int w = 0; w < 4; ++w) {
       for (;;) {
         const uint64_t idx = grp.wbase[w] - grp.base;
         if (idx >= grp.ops.size() || grp.ops[idx].wparts[w] != 32) break;
-        if (!all && !(coin() && coin())) {
+        const bool may =
+            grp.ops[idx].lazy ? grp.waiting[w] > 0 && coin() && coin() && coin() : coin() && coin();
+        if (!all && !may) {
           left = true;
           break;
         }
-        run_wgmma(grp.ops[idx], w);
+        run_wgmma(grp.ops[idx], static_cast<int>(wg), w);
         grp.ops[idx].wdone[w] = true;
         ++grp.wbase[w];
         ++g_events;
@@ -581,6 +641,40 @@ IDDPM_EMU_NOINLINE inline void st_shared(void* p, const void* src, size_t bytes)
     g_unfenced[a + i] = 1;
     me90().unfenced.push_back(static_cast<uint32_t>(a + i));
   }
+}
+
+// Named barriers (bar.sync / bar.arrive id, n; PTX ISA 9.7.13.1): an arrival counts one thread
+// (a warp's 32 threads arrive together on the GPU, which per-thread counting matches when every
+// thread of a warp executes it); the barrier completes when n threads have arrived, releasing
+// the threads waiting in bar.sync, and starts over. Arrivals left over at the block's end are
+// allowed (a ping-pong's last bar.arrive has no partner).
+inline uint64_t named_bar_arrival(int id, int n) {
+  if (id < 1 || id > 15) fail("named barrier id out of range (1..15; 0 is __syncthreads's)");
+  if (n <= 0 || n % 32 || n > static_cast<int>(g_block->lanes.size())) {
+    fail("named barrier: thread count not a multiple of 32 within the block");
+  }
+  NamedBar& b = g_named[id];
+  if (b.arrived > 0 && b.expected != n) fail("named barrier: threads disagree on its count");
+  b.expected = n;
+  const uint64_t gen = b.generation;
+  if (++b.arrived == n) {
+    b.arrived = 0;
+    ++b.generation;
+  }
+  ++g_events;
+  return gen;
+}
+
+IDDPM_EMU_NOINLINE inline void named_bar_sync(int id, int n) {
+  const uint64_t gen = named_bar_arrival(id, n);
+  while (g_named[id].generation == gen) yield(St::spin);
+  ++g_events;
+  yield(St::run);
+}
+
+IDDPM_EMU_NOINLINE inline void named_bar_arrive(int id, int n) {
+  named_bar_arrival(id, n);
+  yield(St::run);
 }
 
 inline const Sm90Install g_sm90_install{};
