@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
                                 sw128_desc(do_addr + kk * 2048, kBlock, 1024), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait_on<0>(st, dpt);
 
     // Pᵀ and dSᵀ in place: element n is (key row g + 8·((n >> 1) & 1), query column
     // il = 8·(n >> 2) + 2t + (n & 1)); zero outside the T × T square.
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
     mbar_arrive(ds_bar(cw));
 
     // dvᵀ += Pᵀ dOᵀ, dkᵀ += dSᵀ qᵀ: queries 16kj.. are bytes 32kj.. of the block's rows.
-    wgmma_fence();
+    wgmma_fence_on(dv, dk, pa, sa);
 #pragma unroll
     for (int kj = 0; kj < 4; ++kj) {
       wgmma_rs_k<C, kBf16>(dv, pa[kj], sw128_desc(do_addr + kj * 32, 16, 1024));
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
     // The dv, dk products retire first: their A fragments (P, dS: 32 registers) stay allocated
     // until then, and beside dkᵀ, dvᵀ and dq's accumulators they made ptxas spill at C = 128
     // (the tensor cores run one warpgroup's products in order either way).
-    wgmma_wait<0>();
+    wgmma_wait_on<0>(dv, dk, pa, sa);
     mbar_arrive(empty(s));  // this thread's readers of stage s (Sᵀ, dPᵀ, dv, dk) have retired
     mbar_wait(ds_bar(cw), it & 1);
 #pragma unroll
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
                                    sw128_desc(ds_addr + kj * 2048, Cfg::kDsBytes, 1024), kj > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait_on<0>(dq);
 #pragma unroll
       for (int n = 0; n < 32; ++n) {
         const int c = 64 * mb + 16 * warp + g + 8 * ((n >> 1) & 1);

@@ -12,7 +12,8 @@
 //
 // CTA: 3 warpgroups (384 threads) per (b·h, tile of BQ = 128 queries).
 //  * Warpgroup 0, the producer: copies the q tile once, then key/value tiles of BK = 128
-//    positions into kStages = 2 stages, straight from the [C, T] layout into 128-byte-swizzled
+//    positions into kStages stages (2; pipelined: 6 at C = 64, 3 at C = 128), straight from the
+//    [C, T] layout into 128-byte-swizzled
 //    [C rows × 64 positions] blocks (below); it refills a stage after the consumers' arrivals on
 //    its `empty` mbarrier (count 256). Two ways, chosen by the launcher:
 //    - TMA (T % 8 == 0, qkv 16-byte aligned): one thread issues cp.async.bulk.tensor.2d boxes of
@@ -30,7 +31,9 @@
 //    quad reductions); O += P·vᵀ by 8 wgmma m64nCk16 with A = P from registers (the S
 //    accumulator layout is the A fragment layout, as with mma.sync) and B = v (K-major, the
 //    keys contiguous), then an arrival on the stage's `empty` barrier once the products that
-//    read it have retired (wgmma.wait_group 0).
+//    read it have retired (wgmma.wait_group 0). The pipelined consumers (kPipe) run the same
+//    steps in another order: S of tile kt issued with P·vᵀ of tile kt - 1, the softmax of tile
+//    kt while the latter is in flight, the two warpgroups taking turns (see the loop below).
 //
 // Shared-memory tiles: a [C, 64]-position block of q, k or v is C rows of 128 bytes, the 16-byte
 // chunk ch of row r stored at chunk ch ^ (r % 8) (the 128-byte swizzle), every block 1024-byte
@@ -48,12 +51,12 @@ namespace iddpm::cuda::attn_sm90 {
 using namespace attn_dev;
 
 // kPipe: the pipelined consumers (below); they release a stage one key tile later, so they get
-// more stages (as many as fit: 4 at C = 64, 3 at C = 128).
+// more stages (6 at C = 64: 209 KB of shared memory; 3 at C = 128: 225 KB, as many as fit).
 template <class T, int C, bool kPipe = false>
 struct Sm90FwdCfg {
   static_assert(C == 64 || C == 128, "the sm_90a forward covers head dims 64 and 128");
   static constexpr int kConsumers = 2, BQ = 64 * kConsumers, BK = 128;
-  static constexpr int kStages = !kPipe ? 2 : C == 64 ? 4 : 3;
+  static constexpr int kStages = !kPipe ? 2 : C == 64 ? 6 : 3;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockBytes = C * 128;  // a [C, 64] block
   static constexpr int kQBytes = (BQ / 64) * kBlockBytes, kKVBytes = (BK / 64) * kBlockBytes;
@@ -248,7 +251,7 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
       wgmma_fence();
       issue_s<C, kBf16>(sacc, q_addr, k_at(kt));
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait_on<0>(sacc);
       softmax_tile(sacc, kt, T_len, scale_log2, t, m_row, l_row, alpha);
 #pragma unroll
       for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
@@ -256,10 +259,10 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
       // wgmmas of one batch makes ptxas serialise them (it injects a warpgroup.arrive before
       // each, C7519).
       pack_p<T>(pa, sacc);
-      wgmma_fence();
+      wgmma_fence_on(o, pa);
       issue_pv<C, kBf16>(o, pa, v_at(kt));
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait_on<0>(o, pa);
       mbar_arrive(empty(s));  // this thread's products that read stage s have retired
     }
   } else {
@@ -278,32 +281,32 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
     issue_s<C, kBf16>(sacc, q_addr, k_at(0));
     wgmma_commit();
     named_bar_arrive(other_turn, 256);
-    wgmma_wait<0>();
+    wgmma_wait_on<0>(sacc);
     softmax_tile(sacc, 0, T_len, scale_log2, t, m_row, l_row, alpha);  // O is still 0
     pack_p<T>(pa, sacc);
     for (int kt = 1; kt < n_tiles; ++kt) {
       mbar_wait(full(kt % kStages), (kt / kStages) & 1);
       named_bar_sync(my_turn, 256);
-      wgmma_fence();
+      wgmma_fence_on(o, pa);
       issue_s<C, kBf16>(sacc, q_addr, k_at(kt));
       wgmma_commit();
       issue_pv<C, kBf16>(o, pa, v_at(kt - 1));
       wgmma_commit();
       named_bar_arrive(other_turn, 256);
-      wgmma_wait<1>();  // S of tile kt; O and pa stay untouched until the next wait
+      wgmma_wait_on<1>(sacc);  // S of tile kt; O and pa stay untouched until the next wait
       softmax_tile(sacc, kt, T_len, scale_log2, t, m_row, l_row, alpha);
-      wgmma_wait<0>();
+      wgmma_wait_on<0>(o, pa);
       mbar_arrive(empty((kt - 1) % kStages));  // tile kt - 1's products have retired
 #pragma unroll
       for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
       pack_p<T>(pa, sacc);
     }
     named_bar_sync(my_turn, 256);
-    wgmma_fence();
+    wgmma_fence_on(o, pa);
     issue_pv<C, kBf16>(o, pa, v_at(n_tiles - 1));
     wgmma_commit();
     named_bar_arrive(other_turn, 256);
-    wgmma_wait<0>();
+    wgmma_wait_on<0>(o, pa);
     mbar_arrive(empty((n_tiles - 1) % kStages));
   }
 

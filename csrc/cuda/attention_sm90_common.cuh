@@ -202,6 +202,42 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
+// Pins register values at this point of the instruction stream (as CUTLASS's
+// warpgroup_fence_operand): what computes them stays before it, what reads them after it. The
+// wgmma fence and wait asm statements name no registers, so without this the compiler may move
+// an access of a wgmma's accumulators or A fragments across them. No-op under emulation (which
+// runs in source order).
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[N][4]) {
+#if !defined(IDDPM_ATTN_HOST_EMULATION)
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+#endif
+}
+
+// wgmma.fence with the registers the next wgmmas access (accumulators, A fragments) pinned
+// before it; wgmma.wait_group N with the registers of the groups it retires pinned after it.
+template <class... Regs>
+__device__ __forceinline__ void wgmma_fence_on(Regs&... regs) {
+  (reg_fence(regs), ...);
+  wgmma_fence();
+}
+template <int N, class... Regs>
+__device__ __forceinline__ void wgmma_wait_on(Regs&... regs) {
+  wgmma_wait<N>();
+  (reg_fence(regs), ...);
+}
+
 // A shared-memory matrix descriptor, 128-byte swizzle, base offset 0 (PTX ISA 9.7.15.5.1.2.2).
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t start, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((start & 0x3FFFF) >> 4) |

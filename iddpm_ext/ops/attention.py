@@ -411,7 +411,7 @@ class attention_tile_major(_process_switch):
 # The sm_90a forward's two consumer loops (csrc/cuda/attention_fwd_sm90.cuh; both never run on
 # a card): plain (the default: each key tile's S, softmax and P·vᵀ in turn) or pipelined
 # (FlashAttention-3's overlaps: S of tile kt issued with P·vᵀ of tile kt - 1, the softmax while
-# the latter runs, the two consumer warpgroups taking turns; 4 / 3 stages). Same results to
+# the latter runs, the two consumer warpgroups taking turns; 6 / 3 stages). Same results to
 # rounding; applies only where the sm_90a forward runs (:class:`attention_sm90`). Opt-in until
 # `iddpm bench attention` has timed both on a card (row "iddpm (fused, sm90 pipelined)").
 # IDDPM_ATTENTION_SM90_PIPELINED=1 in the environment at start-up, or
