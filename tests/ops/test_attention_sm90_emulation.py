@@ -98,6 +98,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         ("no-store-fence", "has not executed fence.proxy.async"),
         ("acc-in-flight", "accumulator registers written while a wgmma on them was in flight"),
         ("a-regs-in-flight", "A registers written while the wgmma reading them was in flight"),
+        ("write-after-fence", "registers written between wgmma.fence and a wgmma that accesses them"),
         ("pingpong-no-start", "deadlock"),
     ],
 )

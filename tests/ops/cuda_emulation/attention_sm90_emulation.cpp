@@ -16,7 +16,7 @@
 //
 // `attention_sm90_emulation --refuse WHAT` runs one misuse the emulator must refuse (exit 3 with
 // its message): base-offset, no-fence, unwaited, no-proxy-fence, no-store-fence, acc-in-flight,
-// a-regs-in-flight, pingpong-no-start.
+// a-regs-in-flight, write-after-fence, pingpong-no-start.
 //
 // What it cannot check: that the hardware follows the ISA as read here (layouts, descriptor
 // fields, the proxy rules), register allocation (setmaxnreg), timing, and anything between CTAs.
@@ -323,6 +323,14 @@ int refuse(const std::string& what) {
       wgmma_commit();
       a[2] = 0;
       wgmma_wait<0>();
+    } else if (what == "write-after-fence") {  // accumulators written after the batch's fence
+      for (int round = 0; round < 2; ++round) {
+        wgmma_fence();
+        if (round == 1) d[3] = 1.0f;
+        wgmma_ss_n128_tt<false>(d, sw128_desc(0, 2048, 1024), sw128_desc(4096, 2048, 1024), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+      }
     } else if (what == "pingpong-no-start") {  // nobody arrives first: both wait forever
       if (threadIdx.x < 128) {
         named_bar_sync(1, 256);

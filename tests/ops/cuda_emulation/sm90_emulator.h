@@ -47,6 +47,10 @@
 //    warp's part runs, and its accumulator registers must hold, when the part runs, what the
 //    previous in-flight wgmma on them wrote (or their value at issue): a write to either while
 //    the instruction is in flight (before the wait_group that retires it) is refused.
+//    Register arrays given to earlier wgmmas are recorded at each wgmma.fence: one written since
+//    (other than by the products) is refused when the first wgmma of the batch accesses it (the
+//    ISA's rule: wgmma.fence between a thread's register accesses and a wgmma that accesses the
+//    same registers).
 //    Each instruction's sum (16 products + D) is formed in double and rounded to fp32 once. A
 //    wgmma issued without a wgmma.fence since the thread's last wait_group (or the start) is
 //    refused (the ISA requires the fence before wgmma touches registers written in between).
@@ -179,8 +183,13 @@ struct DShadow {
 
 struct Sm90Lane {
   std::map<const float*, DShadow> dshadow;  // by accumulator array
-  uint64_t issued = 0;                      // wgmmas this thread has issued
-  uint64_t committed = 0;                   // of which committed (closed into groups)
+  // The register arrays this thread has given wgmmas (accumulators, A fragments: bytes), and
+  // their bits at its last wgmma.fence, kept (updated by the products' own writes) until the
+  // first wgmma of that fence's batch that accesses them.
+  std::map<const void*, size_t> operands;
+  std::map<const void*, std::vector<unsigned char>> at_fence;
+  uint64_t issued = 0;          // wgmmas this thread has issued
+  uint64_t committed = 0;       // of which committed (closed into groups)
   std::deque<uint64_t> groups;  // committed groups not yet retired: each one's end (exclusive)
   bool need_fence = true;
   std::vector<uint32_t> unfenced;  // shared bytes this thread stored (st_shared), not yet fenced
@@ -352,6 +361,10 @@ inline void run_wgmma(const PendingOp& pending, int wg, int only_w) {
       for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
       op.d[th][j] = static_cast<float>(acc);
     }
+    auto& fenced = g_sm90_lanes[128 * wg + th].at_fence;
+    if (auto it = fenced.find(op.d[th]); it != fenced.end() && it->second.size() == 2u * op.n) {
+      std::memcpy(it->second.data(), op.d[th], 2 * op.n);
+    }
     auto& shadows = g_sm90_lanes[128 * wg + th].dshadow;
     DShadow& sh = shadows[op.d[th]];
     if (--sh.in_flight == 0) {
@@ -376,8 +389,29 @@ inline Sm90Group& my_group() {
 // wgmma.fence, per thread: later wgmmas may touch registers written before it.
 IDDPM_EMU_NOINLINE inline void wgmma_fence() {
   my_group();
-  me90().need_fence = false;
+  Sm90Lane& l = me90();
+  l.need_fence = false;
+  l.at_fence.clear();
+  for (const auto& [p, bytes] : l.operands) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    l.at_fence[p].assign(b, b + bytes);
+  }
   yield(St::run);
+}
+
+// The ISA's rule for wgmma.fence: a thread's register accesses must be fenced from a later wgmma
+// that accesses the same registers. An operand array written since the fence (other than by the
+// products) is refused at the first wgmma of the batch that accesses it (later ones in the batch
+// are covered by the in-flight checks).
+inline void check_since_fence(Sm90Lane& l, const void* p, size_t bytes) {
+  auto it = l.at_fence.find(p);
+  if (it != l.at_fence.end()) {
+    if (it->second.size() != bytes || std::memcmp(it->second.data(), p, bytes) != 0) {
+      fail("wgmma: registers written between wgmma.fence and a wgmma that accesses them");
+    }
+    l.at_fence.erase(it);
+  }
+  l.operands[p] = bytes;
 }
 
 // wgmma.commit_group, per thread: the thread's wgmmas issued since its last commit form a group.
@@ -445,6 +479,8 @@ IDDPM_EMU_NOINLINE inline void wgmma(int n, bool bf16, float* d, uint64_t desc_a
   for (int r = 0; r < 4; ++r) o.op.a_regs[th][r] = a_regs ? a_regs[r] : 0;
   o.op.a_src[th] = a_regs;
   o.op.d[th] = d;
+  check_since_fence(l, d, 2 * n);
+  if (a_regs) check_since_fence(l, a_regs, 16);
   DShadow& sh = l.dshadow[d];
   if (sh.in_flight++ == 0)
     sh.bits.assign(reinterpret_cast<const uint32_t*>(d),
