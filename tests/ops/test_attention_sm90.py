@@ -146,3 +146,29 @@ def test_tile_major_changes_nothing_on_cpu():
     out = A.qkv_attention_fused(qkv, 2)
     with A.attention_tile_major():
         assert torch.equal(A.qkv_attention_fused(qkv, 2), out)
+
+
+def test_bench_rows_pin_every_switch():
+    """`iddpm bench attention` runs each fused row under its own settings of the three switches
+    (sm90, tile-major, sm90 pipelined), whatever they were before, and restores them after."""
+    from iddpm_ext.bench import attention as bench
+
+    def state():
+        return A.sm90_enabled(), A.tile_major_enabled(), A.sm90_pipelined_enabled()
+
+    expected = {
+        bench.FUSED_ROW: (False, False, False),
+        bench.TILE_MAJOR_ROW: (False, True, False),
+        bench.SM90_ROW: (True, False, False),
+        bench.SM90_PIPELINED_ROW: (True, False, True),
+    }
+    assert set(bench.SWITCHES) == set(expected)
+    for before in ((False, False, False), (True, True, True)):
+        with (
+            A.attention_sm90(before[0]),
+            A.attention_tile_major(before[1]),
+            A.attention_sm90_pipelined(before[2]),
+        ):
+            for row, want in expected.items():
+                assert bench._under(bench.SWITCHES[row], state)() == want, (row, before)
+                assert state() == before
