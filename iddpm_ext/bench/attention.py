@@ -31,7 +31,9 @@ implementation must move, the same for all impls — forward reads qkv and write
 (4·B·H·C·T elements), the backward reads qkv, out and grad_out and writes grad_qkv (8 more).
 `pct_peak` is of HBM bandwidth, `pct_peak_tflops` of the card's dense fp16/bf16 tensor peak.
 `speedup` is against the einsum reference; our rows also carry `vs_sdpa_copies` (the best SDPA
-backend with its copies over ours) and `vs_sdpa_kernel` (the best kernel-only SDPA over ours).
+backend with its copies over ours) and `vs_sdpa_kernel` (the best kernel-only SDPA over ours);
+the opt-in variants `vs_fused` (the default fused row over theirs) and the pipelined row
+`vs_sm90` (the plain sm90 row over it): above 1, the variant is faster.
 """
 
 from __future__ import annotations
@@ -248,8 +250,23 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                     times = [r["ms"] for i, r in rows.items() if i.startswith("sdpa") and i.endswith(suffix)]
                     if times:
                         ours[tag] = round(min(times) / ours["ms"], 2)
+            variant_ratios(rows)
             del rows
     return records
+
+
+def variant_ratios(rows: dict) -> None:
+    """The opt-in variants against what they would replace, in place (> 1: the variant is
+    faster): `vs_fused` on the tile-major and sm90 rows (the default fused row's time over
+    theirs), `vs_sm90` on the pipelined row (the plain sm90 row's time over its own)."""
+    for name, ref, tag in (
+        (TILE_MAJOR_ROW, FUSED_ROW, "vs_fused"),
+        (SM90_ROW, FUSED_ROW, "vs_fused"),
+        (SM90_PIPELINED_ROW, FUSED_ROW, "vs_fused"),
+        (SM90_PIPELINED_ROW, SM90_ROW, "vs_sm90"),
+    ):
+        if name in rows and ref in rows:
+            rows[name][tag] = round(rows[ref]["ms"] / rows[name]["ms"], 2)
 
 
 FUSED_ROW = "iddpm (fused)"

@@ -172,3 +172,24 @@ def test_bench_rows_pin_every_switch():
             for row, want in expected.items():
                 assert bench._under(bench.SWITCHES[row], state)() == want, (row, before)
                 assert state() == before
+
+
+def test_bench_variant_ratios():
+    from iddpm_ext.bench import attention as bench
+
+    rows = {
+        bench.FUSED_ROW: {"ms": 2.0},
+        bench.TILE_MAJOR_ROW: {"ms": 1.6},
+        bench.SM90_ROW: {"ms": 1.0},
+        bench.SM90_PIPELINED_ROW: {"ms": 0.8},
+        "einsum (reference)": {"ms": 9.0},
+    }
+    bench.variant_ratios(rows)
+    assert rows[bench.TILE_MAJOR_ROW]["vs_fused"] == 1.25
+    assert rows[bench.SM90_ROW]["vs_fused"] == 2.0
+    assert rows[bench.SM90_PIPELINED_ROW]["vs_fused"] == 2.5
+    assert rows[bench.SM90_PIPELINED_ROW]["vs_sm90"] == 1.25
+    assert "vs_fused" not in rows[bench.FUSED_ROW] and "vs_fused" not in rows["einsum (reference)"]
+    only_fused = {bench.FUSED_ROW: {"ms": 2.0}}  # the CPU: no variants, nothing added
+    bench.variant_ratios(only_fused)
+    assert only_fused == {bench.FUSED_ROW: {"ms": 2.0}}
