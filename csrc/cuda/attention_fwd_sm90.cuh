@@ -13,9 +13,9 @@
 // CTA: 3 warpgroups (384 threads) per (b·h, tile of BQ = 128 queries).
 //  * Warpgroup 0, the producer: copies the q tile once, then key/value tiles of BK = 128
 //    positions into kStages stages (2; pipelined: 6 at C = 64, 3 at C = 128), straight from the
-//    [C, T] layout into 128-byte-swizzled
-//    [C rows × 64 positions] blocks (below); it refills a stage after the consumers' arrivals on
-//    its `empty` mbarrier (count 256). Two ways, chosen by the launcher:
+//    [C, T] layout into 128-byte-swizzled [C rows × 64 positions] blocks (below); it refills a
+//    stage after the consumers' arrivals on its `empty` mbarrier (count 256). Two ways, chosen
+//    by the launcher:
 //    - TMA (T % 8 == 0, qkv 16-byte aligned): one thread issues cp.async.bulk.tensor.2d boxes of
 //      [C × 64] through a tensor map over qkv as [B·3·H·C, T] with the 128-byte swizzle (zeros
 //      past T), after an arrive.expect_tx of the stage's bytes on its `full` mbarrier (count 1;
