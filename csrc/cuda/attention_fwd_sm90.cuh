@@ -51,7 +51,7 @@ namespace iddpm::cuda::attn_sm90 {
 using namespace attn_dev;
 
 // kPipe: the pipelined consumers (below); they release a stage one key tile later, so they get
-// more stages (6 at C = 64: 209 KB of shared memory; 3 at C = 128: 225 KB, as many as fit).
+// more stages (6 at C = 64: 210 KB of shared memory; 3 at C = 128: 226 KB, as many as fit).
 template <class T, int C, bool kPipe = false>
 struct Sm90FwdCfg {
   static_assert(C == 64 || C == 128, "the sm_90a forward covers head dims 64 and 128");
@@ -60,10 +60,12 @@ struct Sm90FwdCfg {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockBytes = C * 128;  // a [C, 64] block
   static constexpr int kQBytes = (BQ / 64) * kBlockBytes, kKVBytes = (BK / 64) * kBlockBytes;
-  // q, kStages × (k, v), then the mbarriers (full[kStages], empty[kStages]); 1024 bytes
-  // of slack to align the tiles to the swizzle pattern.
+  // q, kStages × (k, v), then the mbarriers (full[kStages], empty[kStages]), then (pipelined)
+  // one float per consumer thread that nothing reads (the softmax's anchor store, below); 1024
+  // bytes of slack to align the tiles to the swizzle pattern.
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr size_t kSmemBytes = 1024 + kBarOffset + 8 * 2 * kStages;
+  static constexpr int kAnchorOffset = kBarOffset + 8 * 2 * kStages;
+  static constexpr size_t kSmemBytes = 1024 + kAnchorOffset + (kPipe ? 4 * 128 * kConsumers : 0);
   static_assert(kSmemBytes <= kMaxSmemBytes, "sm_90a forward shared memory over the limit");
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // setmaxnreg (384 threads)
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "register file");
@@ -273,6 +275,8 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
     // threads: a warpgroup waits on its own, then arrives on the other's), so one warpgroup's
     // softmax runs while the other's products do. A stage is released once the P·vᵀ that reads
     // its v has retired, one tile later than above.
+    volatile float* anchor =
+        reinterpret_cast<volatile float*>(base + Cfg::kAnchorOffset) + 128 * cw;
     const int my_turn = 1 + cw, other_turn = 2 - cw;
     if (cw == 1) named_bar_arrive(1, 256);  // warpgroup 1 (cw = 0) takes the first turn
     mbar_wait(full(0), 0);
@@ -295,6 +299,11 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
       named_bar_arrive(other_turn, 256);
       wgmma_wait_on<1>(sacc);  // S of tile kt; O and pa stay untouched until the next wait
       softmax_tile(sacc, kt, T_len, scale_log2, t, m_row, l_row, alpha);
+      // The anchor: a shared-memory store of a value that needs every exponential of the
+      // softmax (the row sums), before the wait. Without it ptxas 13.0 put the wait about 140
+      // instructions into the softmax, before its shuffles and exponentials, so that nothing
+      // overlapped P·vᵀ; a store stays ahead of the wait, and the softmax with it (SASS).
+      anchor[tid] = l_row[0] + l_row[1];
       wgmma_wait_on<0>(o, pa);
       mbar_arrive(empty((kt - 1) % kStages));  // tile kt - 1's products have retired
 #pragma unroll

@@ -4,7 +4,10 @@ exactly the 168 registers per thread that their `setmaxnreg` split assumes (the 
 this again on the card, where another count would hang), no spills, and no "Potential Performance
 Loss" message (C75xx: ptxas serialising wgmma because a register of an in-flight product is
 touched, or injecting a warpgroup.arrive). ptxas prints those as `info`, not as warnings, so a
-build stays green without this test. See docs/attention.md, "Hopper kernels"."""
+build stays green without this test. And, where a cuobjdump is at hand (the CUDA toolkit's, or
+the one the triton wheel ships), that the pipelined forward's softmax sits between its two wgmma
+waits in the machine code (its exponentials overlap the P·vᵀ products). See docs/attention.md,
+"Hopper kernels"."""
 
 from __future__ import annotations
 
@@ -31,7 +34,23 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
+def _cuobjdump():
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (pathlib.Path(base) / "bin" / "cuobjdump").exists():
+            return str(pathlib.Path(base) / "bin" / "cuobjdump")
+    try:
+        import triton
+
+        shipped = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if shipped.exists():
+            return str(shipped)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
 def _ptxas_report(source: str, tmp_path) -> str:
+    """ptxas's -v report of `source` compiled for sm_90a into tmp_path / kernel.o."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc")
@@ -83,3 +102,32 @@ def test_sm90_kernels_registers_spills_and_no_serialisation(source, tmp_path):
         assert "0 bytes spill stores, 0 bytes spill loads" in lines, (name, lines)
         assert "0 bytes stack frame" in lines, (name, lines)
     assert not re.search(r"C75\d\d", report), [line for line in report.splitlines() if "C75" in line]
+
+
+@pytest.mark.slow
+def test_pipelined_softmax_between_the_waits(tmp_path):
+    """In every pipelined forward instance, the machine code between `wgmma.wait_group 1` (S
+    retired) and `wgmma.wait_group 0` (P·vᵀ retired) holds the softmax: its 66 exponentials
+    (MUFU.EX2: 64 probabilities, 2 rescale factors) and its 4 shuffles. ptxas 13.0 put the second
+    wait before all of them until the kernel's anchor store (docs/attention.md)."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("needs cuobjdump")
+    _ptxas_report("attention_fwd_sm90.cu", tmp_path)
+    sass = subprocess.run(
+        [tool, "-sass", str(tmp_path / "kernel.o")], capture_output=True, text=True, timeout=300
+    )
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    functions = re.split(r"Function : ", sass.stdout)[1:]
+    pipelined = [
+        f for f in functions if "attn_fwd_sm90_kernel" in f.split("\n")[0] and "Lb1E" in f.split("\n")[0]
+    ]
+    assert len(pipelined) == 4, [f.split("\n")[0] for f in functions]
+    for f in pipelined:
+        ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", f)
+        first = next(i for i, op in enumerate(ops) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in op)
+        second = next(i for i, op in enumerate(ops) if i > first and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in op)
+        between = ops[first + 1 : second]
+        ex2 = sum(op.lstrip("@!P0123456789T ").startswith("MUFU.EX2") for op in between)
+        shfl = sum("SHFL.BFLY" in op for op in between)
+        assert ex2 >= 64 and shfl >= 4, (f.split("\n")[0], ex2, shfl, len(between))
