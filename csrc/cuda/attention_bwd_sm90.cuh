@@ -161,9 +161,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
       } else {
         load_block_sw128<T, C>(st, qg, T_len, i0, T_len, vec, tid);
         load_block_sw128<T, C>(st + kBlock, dog, T_len, i0, T_len, vec, tid);
-        cp_async_wait_all();
-        fence_proxy_async();
-        mbar_arrive(full(s));
+        arrive_after_copies(full(s));
       }
     }
     return;

@@ -225,9 +225,7 @@ __global__ void __launch_bounds__(Sm90FwdCfg<T, C, kPipe>::kThreads, 1)
         load_block_sw128<T, C>(vs + s * Cfg::kKVBytes + b * kBlock, vg, T_len, kt * BK + 64 * b,
                                T_len, vec, tid);
       }
-      cp_async_wait_all();
-      fence_proxy_async();
-      mbar_arrive(full(s));
+      arrive_after_copies(full(s));
     }
     return;
   }

@@ -138,6 +138,14 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// A producer thread's hand-over of a stage it filled with cp.async: its copies land, are made
+// visible to the async proxy (wgmma's reads), then it arrives on the stage's `full` barrier.
+__device__ __forceinline__ void arrive_after_copies(uint32_t full_bar) {
+  cp_async_wait_all();
+  fence_proxy_async();
+  mbar_arrive(full_bar);
+}
+
 // A 4-byte generic store to shared memory that a wgmma will read as an operand (after this
 // thread's fence.proxy.async and a barrier); under emulation, recorded as unfenced until then.
 __device__ __forceinline__ void st_shared_b32(void* p, uint32_t v) {

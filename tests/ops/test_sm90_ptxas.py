@@ -49,8 +49,21 @@ def _cuobjdump():
     return shutil.which("cuobjdump")
 
 
-def _ptxas_report(source: str, tmp_path) -> str:
-    """ptxas's -v report of `source` compiled for sm_90a into tmp_path / kernel.o."""
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """compiled(source) -> (ptxas's -v report, the object file): each source compiled for sm_90a
+    once per test process."""
+    done = {}
+
+    def get(source: str):
+        if source not in done:
+            done[source] = _compile(source, tmp_path_factory.mktemp("sm90") / "kernel.o")
+        return done[source]
+
+    return get
+
+
+def _compile(source: str, obj: pathlib.Path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc")
@@ -67,13 +80,13 @@ def _ptxas_report(source: str, tmp_path) -> str:
         "-c",
         str(ROOT / "csrc" / "cuda" / source),
         "-o",
-        str(tmp_path / "kernel.o"),
+        str(obj),
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "sm_90a" in run.stderr and "not defined" in run.stderr:
         pytest.skip("this nvcc cannot compile for sm_90a")
     assert run.returncode == 0, run.stderr[-4000:]
-    return run.stdout + run.stderr
+    return run.stdout + run.stderr, obj
 
 
 def _entries(report: str) -> dict[str, str]:
@@ -91,8 +104,8 @@ def _entries(report: str) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", sorted(KERNELS))
-def test_sm90_kernels_registers_spills_and_no_serialisation(source, tmp_path):
-    report = _ptxas_report(source, tmp_path)
+def test_sm90_kernels_registers_spills_and_no_serialisation(source, compiled):
+    report, _ = compiled(source)
     kernel, instances = KERNELS[source]
     entries = {k: v for k, v in _entries(report).items() if kernel in k}
     assert len(entries) == instances, sorted(entries)
@@ -105,7 +118,7 @@ def test_sm90_kernels_registers_spills_and_no_serialisation(source, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipelined_softmax_between_the_waits(tmp_path):
+def test_pipelined_softmax_between_the_waits(compiled):
     """In every pipelined forward instance, the machine code between `wgmma.wait_group 1` (S
     retired) and `wgmma.wait_group 0` (P·vᵀ retired) holds the softmax: its 66 exponentials
     (MUFU.EX2: 64 probabilities, 2 rescale factors) and its 4 shuffles. ptxas 13.0 put the second
@@ -113,10 +126,8 @@ def test_pipelined_softmax_between_the_waits(tmp_path):
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("needs cuobjdump")
-    _ptxas_report("attention_fwd_sm90.cu", tmp_path)
-    sass = subprocess.run(
-        [tool, "-sass", str(tmp_path / "kernel.o")], capture_output=True, text=True, timeout=300
-    )
+    _, obj = compiled("attention_fwd_sm90.cu")
+    sass = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr[-2000:]
     functions = re.split(r"Function : ", sass.stdout)[1:]
     pipelined = [

@@ -160,19 +160,8 @@ Result run_case(int C, int B, int H, int T_len, size_t shift, double tol_fwd, do
   const size_t CT = static_cast<size_t>(C) * T_len;
   std::vector<double> r_o(nout), r_lse(static_cast<size_t>(BH) * T_len), r_g(nqkv), g_o(nout),
       g_lse(r_lse.size()), g_g(nqkv);
-  for (int bh = 0; bh < BH; ++bh) {
-    std::vector<double> q(CT), k(CT), v(CT), d(CT);
-    const T* base = qkv.data() + bh * 3 * CT;
-    for (size_t i = 0; i < CT; ++i) {
-      q[i] = to_f(base[i]);
-      k[i] = to_f(base[CT + i]);
-      v[i] = to_f(base[2 * CT + i]);
-      d[i] = to_f(dout.data()[bh * CT + i]);
-    }
-    double* gq = r_g.data() + bh * 3 * CT;
-    reference(C, T_len, q.data(), k.data(), v.data(), d.data(), r_o.data() + bh * CT,
-              r_lse.data() + bh * T_len, gq, gq + CT, gq + 2 * CT);
-  }
+  reference_heads(
+      BH, C, T_len, qkv.data(), dout.data(), [](T x) { return to_f(x); }, r_o, r_lse, r_g);
   for (size_t i = 0; i < nout; ++i) g_o[i] = to_f(out.data()[i]);
   for (size_t i = 0; i < r_lse.size(); ++i) g_lse[i] = lse.data()[i];
   for (size_t i = 0; i < nqkv; ++i) g_g[i] = to_f(grad.data()[i]);

@@ -67,6 +67,28 @@ inline void reference(int C, int T, const double* q, const double* k, const doub
   }
 }
 
+// The reference of every (b·h) of qkv [BH, 3C, T] and dout [BH, C, T] (elements converted by
+// to_f): r_o [BH, C, T], r_lse [BH, T], r_g [BH, 3C, T] (sized by the caller).
+template <class T, class ToF>
+void reference_heads(int BH, int C, int T_len, const T* qkv, const T* dout, ToF to_f,
+                     std::vector<double>& r_o, std::vector<double>& r_lse,
+                     std::vector<double>& r_g) {
+  const size_t CT = static_cast<size_t>(C) * T_len;
+  std::vector<double> q(CT), k(CT), v(CT), d(CT);
+  for (int bh = 0; bh < BH; ++bh) {
+    const T* base = qkv + bh * 3 * CT;
+    for (size_t i = 0; i < CT; ++i) {
+      q[i] = to_f(base[i]);
+      k[i] = to_f(base[CT + i]);
+      v[i] = to_f(base[2 * CT + i]);
+      d[i] = to_f(dout[bh * CT + i]);
+    }
+    double* gq = r_g.data() + bh * 3 * CT;
+    reference(C, T_len, q.data(), k.data(), v.data(), d.data(), r_o.data() + bh * CT,
+              r_lse.data() + bh * T_len, gq, gq + CT, gq + 2 * CT);
+  }
+}
+
 // The largest relative error of each of dq, dk, dv (grad_qkv [BH, 3, C·T] as doubles) over all
 // (b·h), against the reference's.
 inline void grad_part_errors(const std::vector<double>& ref, const std::vector<double>& got, int BH,
