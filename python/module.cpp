@@ -166,6 +166,8 @@ bool attention_tile_major_enabled();
 bool set_attention_tile_major(bool enabled);  // returns the previous value
 bool attention_sm90_pipelined_enabled();
 bool set_attention_sm90_pipelined(bool enabled);  // returns the previous value
+bool attention_sm90_bulk_dq_enabled();
+bool set_attention_sm90_bulk_dq(bool enabled);  // returns the previous value
 int64_t attention_kernel_arch(int64_t device_index);
 int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backward);
 }  // namespace iddpm::ops
@@ -195,6 +197,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("enabled"),
         "Switch the sm_90a attention forward's pipelined consumers on or off for the whole "
         "process; returns the previous value (initially: IDDPM_ATTENTION_SM90_PIPELINED=1 in the "
+        "environment at first use).");
+  m.def("attention_sm90_bulk_dq_enabled", &iddpm::ops::attention_sm90_bulk_dq_enabled,
+        "Whether the sm_90a attention backward, where it runs, adds dq by TMA bulk reductions "
+        "instead of atomics (process-wide).");
+  m.def("set_attention_sm90_bulk_dq", &iddpm::ops::set_attention_sm90_bulk_dq, py::arg("enabled"),
+        "Switch the sm_90a attention backward's bulk dq reductions on or off for the whole "
+        "process; returns the previous value (initially: IDDPM_ATTENTION_SM90_BULK_DQ=1 in the "
         "environment at first use).");
   m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
         "The architecture (10·major + minor) the CUDA attention's code on this device was built "

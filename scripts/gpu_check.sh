@@ -130,10 +130,11 @@ step bench_attention_fp32 60 $PY -m iddpm_ext.bench attention --device cuda --dt
   --cases 64x4x64x256,32x4x64x1024,16x32x64x1024 --json "$OUT/bench_attention_fp32.json"
 #    the Hopper (sm_90a) attention forward and backward (issue 13 item 4; never run on a card
 #    before): their GPU tests (against float64 and the sm_80 kernels, that they run only when
-#    asked; the forward's plain and pipelined consumers), then bench rows at the issue's shapes,
-#    "iddpm (fused, sm90)" and "iddpm (fused, sm90 pipelined)" beside "iddpm (fused)" and SDPA /
-#    cuDNN, forward and forward+backward (the issue's >= 300 and >= 200 TFLOP/s).
-step tests_sm90 90 "${PYTEST[@]}" -v tests/ops/test_attention_sm90_gpu.py
+#    asked; the forward's plain and pipelined consumers, the backward's atomic and bulk dq), then
+#    bench rows at the issue's shapes, "iddpm (fused, sm90)", "iddpm (fused, sm90 pipelined)" and
+#    (fwd+bwd) "iddpm (fused, sm90 bulk dq)" beside "iddpm (fused)" and SDPA / cuDNN, forward and
+#    forward+backward (the issue's >= 300 and >= 200 TFLOP/s).
+step tests_sm90 120 "${PYTEST[@]}" -v tests/ops/test_attention_sm90_gpu.py
 step bench_attention_sm90 90 $PY -m iddpm_ext.bench attention --device cuda --dtype float16 \
   --passes fwd,fwd+bwd --cases 16x32x64x1024,16x32x64x4096,16x16x128x1024,16x16x128x4096 \
   --json "$OUT/bench_attention_sm90.json"

@@ -53,6 +53,10 @@ struct AttentionBwdParams {
   float* delta = nullptr;     // [B·H, T] float32
   bool allow_tf32 = false;    // as AttentionFwdParams::allow_tf32
   bool tile_major = false;    // as AttentionFwdParams::tile_major (key tiles)
+  // CUDA, sm_90a backward (when it runs): dq added to dq_accum by TMA bulk reductions from
+  // shared memory (where T % 4 == 0) instead of per-element atomics. Same sums up to their
+  // order; opt-in until timed on a card.
+  bool sm90_bulk_dq = false;
 };
 
 }  // namespace iddpm::attn

@@ -16,10 +16,11 @@ namespace {
 
 using namespace attn_sm90;
 
-template <class T, int C>
+template <class T, int C, bool kBulkDq>
 struct Sm90BwdKernel {};
 
-template <class T, int C>
+// kBulkDq: dq by TMA bulk reductions (AttentionBwdParams::sm90_bulk_dq where dq_accum allows it).
+template <class T, int C, bool kBulkDq>
 int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   using Cfg = Sm90BwdCfg<T, C>;
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
@@ -27,11 +28,11 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   const T* dout = static_cast<const T*>(p.grad_out);
   const T* qkv = static_cast<const T*>(p.qkv);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  auto kernel = attn_bwd_sm90_kernel<T, C>;
-  cudaError_t err = attn_dev::set_smem_limit_once<Sm90BwdKernel<T, C>>(
+  auto kernel = attn_bwd_sm90_kernel<T, C, kBulkDq>;
+  cudaError_t err = attn_dev::set_smem_limit_once<Sm90BwdKernel<T, C, kBulkDq>>(
       reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   if (err != cudaSuccess) return static_cast<int>(err);
-  err = check_register_budget<Sm90BwdKernel<T, C>>(
+  err = check_register_budget<Sm90BwdKernel<T, C, kBulkDq>>(
       reinterpret_cast<const void*>(kernel), Cfg::kThreads, Cfg::kProducerRegs, Cfg::kConsumerRegs);
   if (err != cudaSuccess) return static_cast<int>(err);
   // TMA where both qkv and dout allow it (tma_usable); a map that cannot be made is an error,
@@ -43,6 +44,10 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
                make_tma_map<T, C>(&map_do, dout, BH * C, T_len))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
+  CUtensorMap map_dq{};
+  if (kBulkDq && !make_tma_map_dq(&map_dq, p.dq_accum, BH * C, T_len)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0;
   if (const int e = attn_kernels::launch_bwd_prologue<T>(p, stream)) return e;
@@ -50,17 +55,24 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   // prologue checked)
   const dim3 grid(static_cast<unsigned>(BH * ((T_len + Cfg::BK - 1) / Cfg::BK)));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      map_qkv, map_do, qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv, p.dq_accum,
-      Ti, attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec, tma);
+      map_qkv, map_do, map_dq, qkv, dout, static_cast<const float*>(p.lse), p.delta, grad_qkv,
+      p.dq_accum, Ti, attn::softmax_scale<float>(C), attn::logit_scale_log2<float>(C), vec, tma);
   err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   return attn_kernels::launch_bwd_epilogue<T>(p, stream);
 }
 
+template <class T, int C>
+int launch_bulk(const attn::AttentionBwdParams& p, cudaStream_t stream) {
+  // Bulk dq where asked for and dq_accum's rows allow the reductions' tensor map, else atomics.
+  const bool bulk = p.sm90_bulk_dq && bulk_dq_usable(p.dq_accum, p.s.B * p.s.H * C, p.s.T);
+  return bulk ? launch_bwd_sm90<T, C, true>(p, stream) : launch_bwd_sm90<T, C, false>(p, stream);
+}
+
 template <class T>
 int launch_dim(const attn::AttentionBwdParams& p, cudaStream_t stream) {
-  if (p.s.C == 64) return launch_bwd_sm90<T, 64>(p, stream);
-  if (p.s.C == 128) return launch_bwd_sm90<T, 128>(p, stream);
+  if (p.s.C == 64) return launch_bulk<T, 64>(p, stream);
+  if (p.s.C == 128) return launch_bulk<T, 128>(p, stream);
   return static_cast<int>(cudaErrorInvalidValue);
 }
 

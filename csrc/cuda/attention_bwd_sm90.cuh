@@ -36,7 +36,10 @@
 //        by 4 wgmma m64n64k16, A = the k block (K-major: keys along K, channels along M), B = the
 //        dSᵀ block (N-major), after the stage's release on `empty` (its last readers, the dv and
 //        dk products, have retired); after the wait for them, dqᵀ goes to dq_accum with
-//        atomicAdd.
+//        atomicAdd, or (kBulkDq) into one of the warpgroup's two [64 channels × 64 queries] fp32
+//        buffers in shared memory and from there by two TMA bulk reductions (add) of
+//        [64 × 32] boxes issued by one thread, FlashAttention-3's way: whole 128-byte rows
+//        reach L2 instead of 8-byte pieces of 32 scattered atomics per thread.
 //    At the end dk·scale and dv are stored from the accumulators (keys < T).
 #pragma once
 
@@ -53,11 +56,12 @@ struct Sm90BwdCfg {
   static constexpr int kKVBytes = (BK / 64) * kBlockBytes;  // the k (or v) tile
   static constexpr int kStageBytes = 2 * kBlockBytes;       // one query tile's q and dO
   static constexpr int kDsBytes = 64 * 128;                 // a dSᵀ block [64 keys, 64 queries]
-  // k, v, kStages × (q, dO), kConsumers × 2 dSᵀ blocks, kStages × (lse·log2e, D) [BQ] f32, then
-  // the mbarriers (full[kStages], empty[kStages], ds[kConsumers]); 1024 bytes of slack to align
-  // the tiles to the swizzle.
-  static constexpr int kRowStatsOffset =
-      2 * kKVBytes + kStages * kStageBytes + kConsumers * 2 * kDsBytes;
+  static constexpr int kDqBytes = 64 * 64 * 4;  // a dqᵀ buffer: [64 channels, 64 queries] f32
+  // k, v, kStages × (q, dO), kConsumers × 2 dSᵀ blocks, kConsumers × 2 dqᵀ buffers (bulk dq),
+  // kStages × (lse·log2e, D) [BQ] f32, then the mbarriers (full[kStages], empty[kStages],
+  // ds[kConsumers]); 1024 bytes of slack to align the tiles to the swizzle.
+  static constexpr int kDqOffset = 2 * kKVBytes + kStages * kStageBytes + kConsumers * 2 * kDsBytes;
+  static constexpr int kRowStatsOffset = kDqOffset + kConsumers * 2 * kDqBytes;
   static constexpr int kBarOffset = kRowStatsOffset + kStages * 2 * BQ * 4;
   static constexpr size_t kSmemBytes = 1024 + kBarOffset + 8 * (2 * kStages + kConsumers);
   static_assert(kSmemBytes <= kMaxSmemBytes, "sm_90a backward shared memory over the limit");
@@ -67,12 +71,15 @@ struct Sm90BwdCfg {
 };
 
 // qkv: [BH, 3C, T]; dout: [BH, C, T]; lse, delta: [BH, T]; grad_qkv: [BH, 3C, T] (its k and v
-// channels written here); dq_accum: [BH, C, T] fp32, zeroed, accumulated here. Dynamic shared
-// memory: Cfg::kSmemBytes.
-template <class T, int C>
+// channels written here); dq_accum: [BH, C, T] fp32, zeroed, accumulated here: with kBulkDq by
+// TMA reductions through tmap_dq (tma_params_dq; unused otherwise), else with atomics (separate
+// instances: the two ways in one kernel made ptxas spill at C = 128). Dynamic shared memory:
+// Cfg::kSmemBytes.
+template <class T, int C, bool kBulkDq = false>
 __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
     attn_bwd_sm90_kernel(const __grid_constant__ TmaMap tmap_qkv,
-                         const __grid_constant__ TmaMap tmap_do, const T* __restrict__ qkv,
+                         const __grid_constant__ TmaMap tmap_do,
+                         const __grid_constant__ TmaMap tmap_dq, const T* __restrict__ qkv,
                          const T* __restrict__ dout, const float* __restrict__ lse,
                          const float* __restrict__ delta, T* __restrict__ grad_qkv,
                          float* __restrict__ dq_accum, int T_len, float scale, float scale_log2,
@@ -89,6 +96,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   unsigned char* vs = ks + Cfg::kKVBytes;                // block b at vs + b·kBlock
   unsigned char* qs = vs + Cfg::kKVBytes;                // stage s: q, then dO
   unsigned char* dss = qs + kStages * Cfg::kStageBytes;  // consumer w: dss + 2w·kDsBytes, +1
+  unsigned char* dqs = base + Cfg::kDqOffset;            // consumer w: dqs + 2w·kDqBytes, +1
   // stage s: lse·log2e of its queries at rows + 2·BQ·s, D at rows + 2·BQ·s + BQ
   float* rows = reinterpret_cast<float*>(base + Cfg::kRowStatsOffset);
   const uint32_t bar0 = shared_addr(base + Cfg::kBarOffset);
@@ -181,6 +189,11 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   const uint32_t v_addr = shared_addr(vs + cw * kBlock);
   unsigned char* ds_tiles = dss + 2 * cw * Cfg::kDsBytes;
   float* dqg = dq_accum + bh * CT;
+  // Bulk dq: this warpgroup's two dqᵀ buffers, this thread's byte in them (channel row
+  // 16·warp + g, query pair 8(t & 1) bytes into its chunk) and its swizzle key.
+  const uint32_t dq_addr = shared_addr(dqs + 2 * cw * Cfg::kDqBytes);
+  const uint32_t dq_lane = (16 * warp + g) * 128 + 8 * (t & 1);
+  const int dq_key = g ^ (t >> 1);
 
   for (int it = 0; it < n_tiles; ++it) {
     const int s = it % kStages, i0 = it * BQ;
@@ -278,14 +291,45 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
       }
       wgmma_commit();
       wgmma_wait_on<0>(dq);
+      if constexpr (kBulkDq) {
+        // dqᵀ into this warpgroup's buffer of this chunk's parity, as two TMA boxes of [64
+        // channels × 32 queries] in the 128-byte swizzle: query pair il, il + 1 of channel row r
+        // at byte 4·(il % 4) of 16-byte chunk (il % 32) / 4, swizzled to chunk ^ (r % 8) (two
+        // wavefronts per warp store, the least for 256 bytes). The buffer's last reader, the
+        // reduction of chunk - 2, finished reading before the barrier of chunk - 1 (its issuer
+        // waited); this chunk's reduction is issued once every thread's stores are fenced
+        // (barrier), and waited for (.read) before the next chunk's barrier.
+        // (r % 8 = g, and chunk (il % 32) / 4 = 2·(n / 4 % 4) + t / 2, so the swizzled chunk is
+        // 2·(n / 4 % 4) ^ (g ^ t / 2).)
+        const int chunk = it * (C / 64) + mb;
+        const uint32_t buf = dq_addr + (chunk & 1) * Cfg::kDqBytes;
 #pragma unroll
-      for (int n = 0; n < 32; ++n) {
-        const int c = 64 * mb + 16 * warp + g + 8 * ((n >> 1) & 1);
-        const int i = i0 + 8 * (n >> 2) + 2 * t + (n & 1);
-        if (i < T_len) atomicAdd(dqg + c * static_cast<int64_t>(T_len) + i, dq[n]);
+        for (int n = 0; n < 32; n += 2) {
+          st_shared_f32x2(buf + dq_lane + (n >> 4) * 8192 + ((n >> 1) & 1) * 1024 +
+                              ((2 * ((n >> 2) & 3) ^ dq_key) << 4),
+                          dq[n], dq[n + 1]);
+        }
+        fence_proxy_async();  // the stores, visible to the reduction's reads (async proxy)
+        if (tid == 0) bulk_wait_read<0>();  // chunk - 1's reduction has read its buffer
+        named_bar_sync(1 + cw, 128);
+        if (tid == 0) {
+          const int row = static_cast<int>(bh * C) + 64 * mb;
+          tma_reduce_add_2d(&tmap_dq, i0, row, buf);
+          tma_reduce_add_2d(&tmap_dq, i0 + 32, row, buf + 8192);
+          bulk_commit();
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < 32; ++n) {
+          const int c = 64 * mb + 16 * warp + g + 8 * ((n >> 1) & 1);
+          const int i = i0 + 8 * (n >> 2) + 2 * t + (n & 1);
+          if (i < T_len) atomicAdd(dqg + c * static_cast<int64_t>(T_len) + i, dq[n]);
+        }
       }
     }
   }
+  // The last reductions read shared memory and write dq_accum: done before the block ends.
+  if (kBulkDq && tid == 0) bulk_wait<0>();
 
   // dk (× scale: the logits are scale·qᵀk) and dv into grad_qkv's k, v channels: element n is
   // (key row g + 8·((n >> 1) & 1), channel 8·(n >> 2) + 2t + (n & 1)).

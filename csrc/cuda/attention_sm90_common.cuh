@@ -60,6 +60,25 @@ inline TmaParams tma_params(int64_t rows, int64_t T_len) {
   return p;
 }
 
+// The backward's bulk dq (AttentionBwdParams::sm90_bulk_dq): dq_accum, fp32 [BH·C rows, T], as
+// the destination of TMA reductions of boxes of [64 channel rows × 32 positions] (128 bytes: the
+// 128-byte swizzle, as the loads). Usable when its rows are a multiple of 16 bytes apart
+// (T % 4 == 0), it is 16-byte aligned and the coordinates fit in int32; otherwise atomics.
+inline bool bulk_dq_usable(const float* dq_accum, int64_t rows, int64_t T_len) {
+  return T_len % 4 == 0 && reinterpret_cast<uintptr_t>(dq_accum) % 16 == 0 &&
+         rows < (int64_t{1} << 31) && T_len < (int64_t{1} << 31);
+}
+
+inline TmaParams tma_params_dq(int64_t rows, int64_t T_len) {
+  TmaParams p;
+  p.dim[0] = static_cast<uint64_t>(T_len);
+  p.dim[1] = static_cast<uint64_t>(rows);
+  p.stride1 = static_cast<uint64_t>(T_len) * 4;
+  p.box[0] = 32;
+  p.box[1] = 64;
+  return p;
+}
+
 // ---- sm_90a instructions (inline PTX; host emulator hooks under IDDPM_ATTN_HOST_EMULATION) ----
 __device__ __forceinline__ uint32_t shared_addr(const void* p) {
 #if defined(IDDPM_ATTN_HOST_EMULATION)
@@ -153,6 +172,68 @@ __device__ __forceinline__ void st_shared_b32(void* p, uint32_t v) {
   attn_emu::st_shared(p, &v, 4);
 #else
   *static_cast<uint32_t*>(p) = v;
+#endif
+}
+
+// An 8-byte generic store of two floats to shared memory (shared-window address a, 8-byte
+// aligned) that a bulk reduction will read (after this thread's fence.proxy.async and a
+// barrier); under emulation, recorded as unfenced.
+__device__ __forceinline__ void st_shared_f32x2(uint32_t a, float x, float y) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  const float v[2] = {x, y};
+  attn_emu::st_shared(const_cast<unsigned char*>(attn_emu::smem_at(a, 8,
+                                                                   "st.shared outside the "
+                                                                   "block's shared memory")),
+                      v, 8);
+#else
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(x), "f"(y) : "memory");
+#endif
+}
+
+// cp.reduce.async.bulk.tensor.2d ... .add: adds the box at src (shared memory, laid out as a TMA
+// load of the map would write it, 128-byte swizzle included) into the map's fp32 tensor at
+// (positions c0.., rows c1..); elements outside the tensor are skipped. Joins this thread's
+// next bulk async-group (bulk_commit).
+__device__ __forceinline__ void tma_reduce_add_2d(const TmaMap* map, int c0, int c1, uint32_t src) {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::tma_reduce_add_2d(src, map, c0, c1);
+#else
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], "
+      "[%3];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(src)
+      : "memory");
+#endif
+}
+
+// cp.async.bulk.commit_group: this thread's bulk operations since its last commit form a group.
+__device__ __forceinline__ void bulk_commit() {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::bulk_commit();
+#else
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+
+// cp.async.bulk.wait_group.read N: all but this thread's newest N bulk groups have finished
+// reading their shared-memory sources (which may then be overwritten).
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::bulk_wait(N);
+#else
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// cp.async.bulk.wait_group N: all but this thread's newest N bulk groups have completed (their
+// writes to global memory done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+#if defined(IDDPM_ATTN_HOST_EMULATION)
+  attn_emu::bulk_wait(N);
+#else
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

@@ -49,7 +49,9 @@ namespace iddpm::ops {
 //   IDDPM_ATTENTION_TILE_MAJOR: the sm_80 kernels launched with a head's tiles adjacent
 //     (AttentionFwdParams::tile_major);
 //   IDDPM_ATTENTION_SM90_PIPELINED: the sm_90a forward's pipelined consumers, where the sm_90a
-//     forward runs (AttentionFwdParams::sm90_pipelined).
+//     forward runs (AttentionFwdParams::sm90_pipelined);
+//   IDDPM_ATTENTION_SM90_BULK_DQ: the sm_90a backward's dq by TMA bulk reductions, where the
+//     sm_90a backward runs (AttentionBwdParams::sm90_bulk_dq).
 namespace {
 int env_switch(const char* name) {
   const char* want = std::getenv(name);
@@ -65,6 +67,10 @@ std::atomic<int>& tile_major_flag() {
 }
 std::atomic<int>& sm90_pipelined_flag() {
   static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_SM90_PIPELINED")};
+  return flag;
+}
+std::atomic<int>& sm90_bulk_dq_flag() {
+  static std::atomic<int> flag{env_switch("IDDPM_ATTENTION_SM90_BULK_DQ")};
   return flag;
 }
 }  // namespace
@@ -87,6 +93,14 @@ bool attention_sm90_pipelined_enabled() {
 
 bool set_attention_sm90_pipelined(bool enabled) {
   return sm90_pipelined_flag().exchange(enabled ? 1 : 0) != 0;
+}
+
+bool attention_sm90_bulk_dq_enabled() {
+  return sm90_bulk_dq_flag().load(std::memory_order_relaxed) != 0;
+}
+
+bool set_attention_sm90_bulk_dq(bool enabled) {
+  return sm90_bulk_dq_flag().exchange(enabled ? 1 : 0) != 0;
 }
 
 #ifdef IDDPM_WITH_CUDA
@@ -393,6 +407,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   b.p.delta = delta.data_ptr<float>();
   b.p.allow_tf32 = allow_tf32();
   b.p.tile_major = attention_tile_major_enabled();
+  b.p.sm90_bulk_dq = attention_sm90_bulk_dq_enabled();
   const int err = run_backward(b.p, qkv_in);
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   return b.grad_qkv;

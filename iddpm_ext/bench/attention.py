@@ -17,6 +17,8 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
   iddpm (fused, sm90 pipelined)  the same with the sm_90a forward's pipelined consumers
                             (IDDPM_ATTENTION_SM90_PIPELINED=1 as well; the backward as in the
                             row above)
+  iddpm (fused, sm90 bulk dq)  `fwd+bwd` only: the sm90 row with the sm_90a backward adding dq
+                            by TMA bulk reductions (IDDPM_ATTENTION_SM90_BULK_DQ=1 as well)
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
@@ -32,8 +34,8 @@ implementation must move, the same for all impls — forward reads qkv and write
 `pct_peak` is of HBM bandwidth, `pct_peak_tflops` of the card's dense fp16/bf16 tensor peak.
 `speedup` is against the einsum reference; our rows also carry `vs_sdpa_copies` (the best SDPA
 backend with its copies over ours) and `vs_sdpa_kernel` (the best kernel-only SDPA over ours);
-the opt-in variants `vs_fused` (the default fused row over theirs) and the pipelined row
-`vs_sm90` (the plain sm90 row over it): above 1, the variant is faster.
+the opt-in variants `vs_fused` (the default fused row over theirs) and the pipelined and bulk-dq
+rows `vs_sm90` (the plain sm90 row over them): above 1, the variant is faster.
 """
 
 from __future__ import annotations
@@ -207,6 +209,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
                 impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
                 impls[SM90_PIPELINED_ROW] = lambda x: attn.qkv_attention_fused(x, H)
+                if bwd:  # the variant is the backward's; its forward is the sm90 row's
+                    impls[SM90_BULK_DQ_ROW] = lambda x: attn.qkv_attention_fused(x, H)
             flops = (14 if bwd else 4) * B * H * T * T * C
             moved = (12 if bwd else 4) * elems
             rows = {}
@@ -258,12 +262,15 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
 def variant_ratios(rows: dict) -> None:
     """The opt-in variants against what they would replace, in place (> 1: the variant is
     faster): `vs_fused` on the tile-major and sm90 rows (the default fused row's time over
-    theirs), `vs_sm90` on the pipelined row (the plain sm90 row's time over its own)."""
+    theirs), `vs_sm90` on the pipelined and bulk-dq rows (the plain sm90 row's time over
+    theirs)."""
     for name, ref, tag in (
         (TILE_MAJOR_ROW, FUSED_ROW, "vs_fused"),
         (SM90_ROW, FUSED_ROW, "vs_fused"),
         (SM90_PIPELINED_ROW, FUSED_ROW, "vs_fused"),
         (SM90_PIPELINED_ROW, SM90_ROW, "vs_sm90"),
+        (SM90_BULK_DQ_ROW, FUSED_ROW, "vs_fused"),
+        (SM90_BULK_DQ_ROW, SM90_ROW, "vs_sm90"),
     ):
         if name in rows and ref in rows:
             rows[name][tag] = round(rows[ref]["ms"] / rows[name]["ms"], 2)
@@ -272,28 +279,31 @@ def variant_ratios(rows: dict) -> None:
 FUSED_ROW = "iddpm (fused)"
 SM90_ROW = "iddpm (fused, sm90)"
 SM90_PIPELINED_ROW = "iddpm (fused, sm90 pipelined)"
+SM90_BULK_DQ_ROW = "iddpm (fused, sm90 bulk dq)"
 TILE_MAJOR_ROW = "iddpm (fused, tile-major)"
 # The fused op's rows and the settings of its opt-in switches each runs under (sm90, tile-major,
-# sm90 pipelined), set for every call so that an IDDPM_ATTENTION_* variable in the environment
-# cannot make two rows the same.
+# sm90 pipelined, sm90 bulk dq), set for every call so that an IDDPM_ATTENTION_* variable in the
+# environment cannot make two rows the same.
 SWITCHES = {
-    FUSED_ROW: (False, False, False),
-    TILE_MAJOR_ROW: (False, True, False),
-    SM90_ROW: (True, False, False),
-    SM90_PIPELINED_ROW: (True, False, True),
+    FUSED_ROW: (False, False, False, False),
+    TILE_MAJOR_ROW: (False, True, False, False),
+    SM90_ROW: (True, False, False, False),
+    SM90_PIPELINED_ROW: (True, False, True, False),
+    SM90_BULK_DQ_ROW: (True, False, False, True),
 }
 
 
 def _under(settings, fn):
-    """fn run with the fused op's switches set to `settings` (sm90, tile-major, sm90 pipelined),
-    backward included."""
-    sm90, tile_major, pipelined = settings
+    """fn run with the fused op's switches set to `settings` (sm90, tile-major, sm90 pipelined,
+    sm90 bulk dq), backward included."""
+    sm90, tile_major, pipelined, bulk_dq = settings
 
     def run():
         with (
             attn.attention_sm90(sm90),
             attn.attention_tile_major(tile_major),
             attn.attention_sm90_pipelined(pipelined),
+            attn.attention_sm90_bulk_dq(bulk_dq),
         ):
             return fn()
 

@@ -433,6 +433,34 @@ class attention_sm90_pipelined(_process_switch):
     _setter = "set_attention_sm90_pipelined"
 
 
+# ---------------------------------------------------------------------------------
+# How the sm_90a backward (csrc/cuda/attention_bwd_sm90.cuh; never run on a card) adds each query
+# tile's dq into its fp32 accumulator: by per-element atomics (the default, as the sm_80
+# backward) or, with this switch, through shared memory and TMA bulk reductions
+# (cp.reduce.async.bulk.tensor ... add: two boxes of [64 channels × 32 queries] per warpgroup and
+# 64 channels, FlashAttention-3's way), where T % 4 == 0 (else atomics). Same sums up to their
+# order; applies only where the sm_90a backward runs (:class:`attention_sm90`). Opt-in until
+# `iddpm bench attention` has timed both on a card (row "iddpm (fused, sm90 bulk dq)").
+# IDDPM_ATTENTION_SM90_BULK_DQ=1 in the environment at start-up, or
+# :class:`attention_sm90_bulk_dq`.
+# ---------------------------------------------------------------------------------
+SM90_BULK_DQ_ENV = "IDDPM_ATTENTION_SM90_BULK_DQ"
+
+
+def sm90_bulk_dq_enabled() -> bool:
+    """Whether the sm_90a backward's bulk dq reductions are switched on (False without ``_C``)."""
+    return loader.available() and bool(loader._C.attention_sm90_bulk_dq_enabled())
+
+
+class attention_sm90_bulk_dq(_process_switch):
+    """Context manager: where the sm_90a backward runs (:class:`attention_sm90`), it adds dq by
+    TMA bulk reductions inside (where T % 4 == 0); the switch goes back to its previous value
+    after (process-wide; initially on when IDDPM_ATTENTION_SM90_BULK_DQ=1 was in the
+    environment)."""
+
+    _setter = "set_attention_sm90_bulk_dq"
+
+
 def qkv_attention_fused_sm90(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The fused op with the sm_90a kernels asked for (:class:`attention_sm90`), for its forward
     and, when autograd runs the backward inside the same switch, its backward; where they do not

@@ -5,7 +5,8 @@ numerics are tested under the CPU emulator (test_attention_sm90_emulation.py) an
 (test_attention_sm90_gpu.py). The sm_80 kernels' tile-major launch order: its switch
 (attention_tile_major) is its own and changes nothing on the CPU; on a card,
 test_attention_gpu.py. The sm_90a forward's pipelined consumers: their switch
-(attention_sm90_pipelined) likewise; numerics under the emulator and on a card."""
+(attention_sm90_pipelined) likewise, and the sm_90a backward's bulk dq reductions
+(attention_sm90_bulk_dq); numerics under the emulator and on a card."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _switch_values_in_a_new_process(code: str, var: str, value):
     import subprocess
     import sys
 
-    switches = (A.SM90_ENV, A.TILE_MAJOR_ENV, A.SM90_PIPELINED_ENV)
+    switches = (A.SM90_ENV, A.TILE_MAJOR_ENV, A.SM90_PIPELINED_ENV, A.SM90_BULK_DQ_ENV)
     env = {k: v for k, v in os.environ.items() if k not in switches}
     if value is not None:
         env[var] = value
@@ -112,6 +113,40 @@ def test_the_pipelined_switch_changes_nothing_on_cpu():
         assert torch.equal(A.qkv_attention_fused_sm90(qkv, 2), out)
 
 
+def test_the_bulk_dq_switch_starts_from_the_environment():
+    """IDDPM_ATTENTION_SM90_BULK_DQ=1 turns that switch on in a new process, and neither the sm_90a
+    switch nor the pipelined one."""
+    code = (
+        "from iddpm_ext.ops import attention as A; "
+        "print(A.sm90_pipelined_enabled() or A.sm90_enabled(), A.sm90_bulk_dq_enabled())"
+    )
+    for value, expected in (("1", "False True"), ("0", "False False"), (None, "False False")):
+        assert _switch_values_in_a_new_process(code, A.SM90_BULK_DQ_ENV, value) == expected.split(), value
+
+
+def test_attention_sm90_bulk_dq_sets_and_restores_the_switch():
+    start = A.sm90_bulk_dq_enabled()
+    others = A.sm90_enabled(), A.tile_major_enabled(), A.sm90_pipelined_enabled()
+    with A.attention_sm90_bulk_dq():
+        assert A.sm90_bulk_dq_enabled() is True
+        assert (A.sm90_enabled(), A.tile_major_enabled(), A.sm90_pipelined_enabled()) == others
+        with A.attention_sm90_bulk_dq(False):
+            assert A.sm90_bulk_dq_enabled() is False
+        assert A.sm90_bulk_dq_enabled() is True
+    with A.attention_sm90(not others[0]), A.attention_sm90_pipelined(not others[2]):
+        assert A.sm90_bulk_dq_enabled() is start
+    assert A.sm90_bulk_dq_enabled() is start
+
+
+def test_the_bulk_dq_switch_changes_nothing_on_cpu():
+    qkv = torch.randn(1, 3 * 2 * 64, 40, dtype=torch.bfloat16)
+    g = torch.randn(1, 2 * 64, 40, dtype=torch.bfloat16)
+    out, lse = A.qkv_attention_with_lse(qkv, 2)
+    grad = A.qkv_attention_backward(g, qkv, out, lse, 2)
+    with A.attention_sm90(), A.attention_sm90_bulk_dq():
+        assert torch.equal(A.qkv_attention_backward(g, qkv, out, lse, 2), grad)
+
+
 def test_the_switch_changes_nothing_on_cpu():
     qkv = torch.randn(1, 3 * 2 * 64, 40, dtype=torch.float16)
     out = A.qkv_attention_fused(qkv, 2)
@@ -149,25 +184,28 @@ def test_tile_major_changes_nothing_on_cpu():
 
 
 def test_bench_rows_pin_every_switch():
-    """`iddpm bench attention` runs each fused row under its own settings of the three switches
-    (sm90, tile-major, sm90 pipelined), whatever they were before, and restores them after."""
+    """`iddpm bench attention` runs each fused row under its own settings of the four switches
+    (sm90, tile-major, sm90 pipelined, sm90 bulk dq), whatever they were before, and restores them
+    after."""
     from iddpm_ext.bench import attention as bench
 
     def state():
-        return A.sm90_enabled(), A.tile_major_enabled(), A.sm90_pipelined_enabled()
+        return A.sm90_enabled(), A.tile_major_enabled(), A.sm90_pipelined_enabled(), A.sm90_bulk_dq_enabled()
 
     expected = {
-        bench.FUSED_ROW: (False, False, False),
-        bench.TILE_MAJOR_ROW: (False, True, False),
-        bench.SM90_ROW: (True, False, False),
-        bench.SM90_PIPELINED_ROW: (True, False, True),
+        bench.FUSED_ROW: (False, False, False, False),
+        bench.TILE_MAJOR_ROW: (False, True, False, False),
+        bench.SM90_ROW: (True, False, False, False),
+        bench.SM90_PIPELINED_ROW: (True, False, True, False),
+        bench.SM90_BULK_DQ_ROW: (True, False, False, True),
     }
     assert set(bench.SWITCHES) == set(expected)
-    for before in ((False, False, False), (True, True, True)):
+    for before in ((False, False, False, False), (True, True, True, True)):
         with (
             A.attention_sm90(before[0]),
             A.attention_tile_major(before[1]),
             A.attention_sm90_pipelined(before[2]),
+            A.attention_sm90_bulk_dq(before[3]),
         ):
             for row, want in expected.items():
                 assert bench._under(bench.SWITCHES[row], state)() == want, (row, before)
@@ -182,6 +220,7 @@ def test_bench_variant_ratios():
         bench.TILE_MAJOR_ROW: {"ms": 1.6},
         bench.SM90_ROW: {"ms": 1.0},
         bench.SM90_PIPELINED_ROW: {"ms": 0.8},
+        bench.SM90_BULK_DQ_ROW: {"ms": 0.5},
         "einsum (reference)": {"ms": 9.0},
     }
     bench.variant_ratios(rows)
@@ -189,6 +228,7 @@ def test_bench_variant_ratios():
     assert rows[bench.SM90_ROW]["vs_fused"] == 2.0
     assert rows[bench.SM90_PIPELINED_ROW]["vs_fused"] == 2.5
     assert rows[bench.SM90_PIPELINED_ROW]["vs_sm90"] == 1.25
+    assert rows[bench.SM90_BULK_DQ_ROW]["vs_fused"] == 4.0 and rows[bench.SM90_BULK_DQ_ROW]["vs_sm90"] == 2.0
     assert "vs_fused" not in rows[bench.FUSED_ROW] and "vs_fused" not in rows["einsum (reference)"]
     only_fused = {bench.FUSED_ROW: {"ms": 2.0}}  # the CPU: no variants, nothing added
     bench.variant_ratios(only_fused)

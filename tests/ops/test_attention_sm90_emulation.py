@@ -40,6 +40,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
     assert "unit: mbarrier phases ok" in run.stdout
     assert "unit: wgmma ss (M/N-major) error 0.0, rs (K-major) error 0.0" in run.stdout
     assert "unit: named barriers (ping-pong order) ok" in run.stdout
+    assert "unit: TMA reduction (swizzled box, bounds) ok" in run.stdout
     # The kernel: both dtypes and head dims, masked (37, 200) and whole (128, 1024) key tiles,
     # B, H > 1, cp.async and guarded loads, unaligned storage.
     for dtype in ("fp16", "bf16"):
@@ -85,6 +86,20 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         "T=128 guarded unaligned",
     ):
         assert any(case in line for line in bwd_lines), case
+    # dq by TMA reductions (bulk dq): both dtypes and head dims, partial query and key tiles
+    # (T = 200, 132), several heads, buffers reused (T = 320, 384), both producers, unaligned qkv;
+    # T = 37 (T % 4 != 0) takes the atomics.
+    bulk = [line for line in bwd_lines if line.startswith("sm90 bwd bulk-dq")]
+    for case in (
+        "fp16 C=64 B=1 H=1 T=200 tma",
+        "bf16 C=64 B=2 H=2 T=256 tma",
+        "fp16 C=64 B=1 H=1 T=320 cp.async",
+        "fp16 C=128 B=1 H=1 T=200 tma",
+        "bf16 C=128 B=1 H=2 T=384 cp.async",
+        "fp16 C=128 B=1 H=1 T=132 guarded unaligned",
+    ):
+        assert any(case in line for line in bulk), case
+    assert not any(" T=37 " in line for line in bulk)
 
 
 @pytest.mark.slow
@@ -100,6 +115,9 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         ("a-regs-in-flight", "A registers written while the wgmma reading them was in flight"),
         ("write-after-fence", "registers written between wgmma.fence and a wgmma that accesses them"),
         ("pingpong-no-start", "deadlock"),
+        ("reduce-unfenced", "TMA reduction reads shared memory stored by a thread that has not"),
+        ("reduce-overwritten", "its shared-memory source changed between the issue and the read"),
+        ("reduce-unwaited", "TMA reduction still in flight at the block's end"),
     ],
 )
 def test_sm90_emulator_refuses_misuse(sm90_exe, misuse, message):

@@ -5,7 +5,8 @@ asked for, and the sm_80 backward through its lse. Backward: dq, dk, dv against 
 same rule (eager = autograd through the einsum in that dtype) and against the sm_80 backward, the
 sm_90a backward through the sm_80 forward's lse, that its kernel ran only when asked for. The
 forward's pipelined consumers (attention_sm90_pipelined) get the forward, profiler, sanitizer and
-random-shape tests too; every test pins that switch. Skipped
+random-shape tests too, and the backward's bulk dq reductions (attention_sm90_bulk_dq) the
+backward, profiler, sanitizer and random-shape tests; every test pins both switches. Skipped
 without CUDA, without the sm90 build, or off a compute-capability 9.x card. The kernels have never
 run on a card before this check."""
 
@@ -43,9 +44,10 @@ def _kernel_names(fn) -> set[str]:
 
 
 @contextlib.contextmanager
-def _sm90(pipelined: bool = False):
-    """The sm_90a kernels switched on, the forward's consumer loop pinned (plain or pipelined)."""
-    with A.attention_sm90(), A.attention_sm90_pipelined(pipelined):
+def _sm90(pipelined: bool = False, bulk_dq: bool = False):
+    """The sm_90a kernels switched on, the forward's consumer loop pinned (plain or pipelined) and
+    the backward's dq path (atomics or bulk reductions)."""
+    with A.attention_sm90(), A.attention_sm90_pipelined(pipelined), A.attention_sm90_bulk_dq(bulk_dq):
         yield
 
 
@@ -123,20 +125,21 @@ def _grads(fn, qkv, g):
     return grad
 
 
+@pytest.mark.parametrize("bulk_dq", [False, True], ids=["atomic-dq", "bulk-dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("C", [64, 128])
 @pytest.mark.parametrize("T", [8, 37, 200, 1024])
-def test_sm90_backward_against_float64_and_sm80(dtype, C, T):
+def test_sm90_backward_against_float64_and_sm80(dtype, C, T, bulk_dq):
     B, H = (2, 2) if T <= 256 else (1, 2)
     qkv = _qkv(B, H, C, T, dtype, seed=7 * T + C)
     gen = torch.Generator(device="cuda").manual_seed(T)
     g = torch.randn(B, H * C, T, device="cuda", generator=gen).to(dtype)
-    with _sm90():  # forward and backward on the sm_90a kernels
+    with _sm90(bulk_dq=bulk_dq):  # forward and backward on the sm_90a kernels
         grad = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     grad80 = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     eager = _grads(lambda x: A.qkv_attention_reference(x, H), qkv, g)
     ref = _grads(lambda x: attention_math_f64(x, H), qkv.double(), g.double())
-    what = f"sm90 backward B={B} H={H} C={C} T={T} {dtype}"
+    what = f"sm90 backward{' bulk-dq' if bulk_dq else ''} B={B} H={H} C={C} T={T} {dtype}"
     for part, name in enumerate(("dq", "dk", "dv")):  # each gradient on its own scale
         sl = lambda t: t.reshape(B, H, 3, C, T)[:, :, part]  # noqa: E731
         floor = 1e-5 * (1.0 + sl(ref).abs().max().item())
@@ -145,14 +148,15 @@ def test_sm90_backward_against_float64_and_sm80(dtype, C, T):
         assert max_err(sl(grad), sl(grad80)) <= 2 * e80 + floor, f"{what} {name}: far from sm_80"
 
 
-def test_sm90_backward_many_ctas_and_query_tiles():
+@pytest.mark.parametrize("bulk_dq", [False, True], ids=["atomic-dq", "bulk-dq"])
+def test_sm90_backward_many_ctas_and_query_tiles(bulk_dq):
     """More CTAs than the card runs at once (B·H = 64, 16 key tiles each) and 32 query tiles per
-    CTA (16 rounds of each stage): the timing a small case cannot show, against the sm_80
-    backward (float64 at this size would take gigabytes)."""
+    CTA (16 rounds of each stage; bulk dq: 16 rounds of each dq buffer): the timing a small case
+    cannot show, against the sm_80 backward (float64 at this size would take gigabytes)."""
     B, H, C, T = 4, 16, 64, 2048
     qkv = _qkv(B, H, C, T, torch.float16, seed=13)
     g = torch.randn(B, H * C, T, device="cuda", dtype=torch.float16)
-    with _sm90():
+    with _sm90(bulk_dq=bulk_dq):
         grad = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     grad80 = _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g)
     assert torch.isfinite(grad).all()
@@ -186,31 +190,70 @@ def test_sm90_backward_kernel_runs_only_when_asked():
     assert not any("attn_bwd_sm90_kernel" in k for k in default), sorted(default)
 
 
+def test_sm90_bulk_dq_kernel_runs_only_when_asked():
+    """The bulk-dq backward instances (template flag true) run under both switches where
+    T % 4 == 0; at T % 4 != 0 the atomic ones run even when asked; the bulk switch alone changes
+    nothing (the sm_80 backward)."""
+    H = 2
+
+    def bwd_kernels(T, **switches):
+        qkv = _qkv(1, H, 64, T, torch.float16, seed=T)
+        g = torch.randn(1, H * 64, T, device="cuda", dtype=torch.float16)
+        with contextlib.ExitStack() as stack:
+            if switches:
+                stack.enter_context(_sm90(**switches))
+            else:
+                stack.enter_context(A.attention_sm90(False))
+                stack.enter_context(A.attention_sm90_bulk_dq())
+            names = _kernel_names(lambda: _grads(lambda x: A.qkv_attention_fused(x, H), qkv, g))
+        return [k for k in names if "attn_bwd" in k]
+
+    bulk = [k for k in bwd_kernels(256, bulk_dq=True) if "sm90" in k]
+    assert bulk and all("true>" in k for k in bulk), bulk
+    atomic = [k for k in bwd_kernels(256, bulk_dq=False) if "sm90" in k]
+    assert atomic and all("false>" in k for k in atomic), atomic
+    odd = [k for k in bwd_kernels(250, bulk_dq=True) if "sm90" in k]
+    assert odd and all("false>" in k for k in odd), odd
+    alone = bwd_kernels(256)
+    assert alone and not any("sm90" in k for k in alone), alone
+
+
 @pytest.mark.parametrize(
-    "C, T, offset, pipelined",
-    [(64, 37, 0, False), (128, 256, 0, False), (64, 256, 1, False), (64, 640, 0, True), (128, 200, 1, True)],
+    "C, T, offset, pipelined, bulk_dq",
+    [
+        (64, 37, 0, False, False),
+        (128, 256, 0, False, False),
+        (64, 256, 1, False, False),
+        (64, 640, 0, True, False),
+        (128, 200, 1, True, False),
+        (64, 320, 0, False, True),
+        (128, 200, 1, False, True),
+    ],
     ids=[
         "C64-T37-guarded",
         "C128-T256-tma",
         "C64-T256-unaligned",
         "pipelined-C64-T640-tma",
         "pipelined-C128-T200-unaligned",
+        "bulk-dq-C64-T320-tma",
+        "bulk-dq-C128-T200-unaligned",
     ],
 )
-def test_sm90_sanitizer_subset(C, T, offset, pipelined):
+def test_sm90_sanitizer_subset(C, T, offset, pipelined, bulk_dq):
     """Small calls of the sm90 forward and backward for compute-sanitizer (gpu_check's
     memcheck_sm90 and racecheck_sm90 steps): the guarded cp.async loads (T = 37), the TMA path
     (T = 256, aligned) and the cp.async path on storage that is not 16-byte aligned (a view one
     element in; the backward's grad_out is aligned there, so its producer takes the guarded loads
     for qkv's sake); the pipelined forward over more tiles than stages and unaligned; each against
-    the sm_80 kernels."""
+    the sm_80 kernels; the backward's bulk dq reductions over several query tiles (both dq
+    buffers reused), aligned and not."""
     B, H = 1, 2
     n = B * 3 * H * C * T
     storage = _qkv(1, 1, 1, n + offset, torch.float16, seed=C + T).flatten()  # 3·(n + offset) values
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)  # contiguous; offset 1: 2 bytes in
     assert (qkv.data_ptr() % 16 == 0) is (offset == 0)
     g = _qkv(1, 1, 1, B * H * C * T, torch.float16, seed=T).view(B, H * C, T)
-    with _sm90(pipelined):
+    with _sm90(pipelined, bulk_dq):
         out, lse = A.qkv_attention_with_lse(qkv, H)
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)
@@ -230,8 +273,9 @@ def test_sm90_sanitizer_subset(C, T, offset, pipelined):
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     offset=st.sampled_from([0, 1]),
     pipelined=st.booleans(),
+    bulk_dq=st.booleans(),
 )
-def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset, pipelined):
+def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset, pipelined, bulk_dq):
     """Random valid calls of both sm_90a kernels (any T from 1, aligned or not: every producer
     path and masking case) against the sm_80 kernels of the same op, forward and backward: no
     crash, no hang, the same results within rounding."""
@@ -239,7 +283,7 @@ def test_sm90_random_shapes_match_sm80(B, H, C, T, dtype, offset, pipelined):
     storage = _qkv(1, 1, 1, n + offset, dtype, seed=T).flatten()
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)
     g = torch.randn(B, H * C, T, device="cuda", dtype=dtype)
-    with _sm90(pipelined):
+    with _sm90(pipelined, bulk_dq):
         out, lse = A.qkv_attention_with_lse(qkv, H)
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)
     out80, lse80 = A.qkv_attention_with_lse(qkv, H)

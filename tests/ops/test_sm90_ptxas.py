@@ -22,7 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNELS = {
     "attention_fwd_sm90.cu": ("attn_fwd_sm90_kernel", 8),  # fp16/bf16 × C 64/128 × plain/pipelined
-    "attention_bwd_sm90.cu": ("attn_bwd_sm90_kernel", 4),  # fp16/bf16 × C 64/128
+    "attention_bwd_sm90.cu": ("attn_bwd_sm90_kernel", 8),  # fp16/bf16 × C 64/128 × atomic/bulk dq
 }
 REGISTERS = 168  # 65536 / 384 threads, rounded down to ptxas's granule of 8
 

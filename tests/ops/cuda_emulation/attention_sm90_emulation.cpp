@@ -279,6 +279,47 @@ void check_named_barriers() {
   expect(ok, "named barriers");
 }
 
+// A TMA reduction of one [64 rows × 32 fp32] box, written into shared memory by hand through the
+// 128-byte swizzle (16-byte chunk p / 4 of row r at chunk (p / 4) ^ (r % 8)), into a [70, 40]
+// tensor at (positions 20.., rows 10..): elements past position 39 or row 69 are skipped, the
+// others added, the rest of the tensor untouched.
+void check_tma_reduce() {
+  using namespace iddpm::cuda::attn_sm90;
+  constexpr int kT = 40, kRows = 70, c0 = 20, c1 = 10;
+  std::vector<float> g(kRows * kT);
+  for (int i = 0; i < kRows * kT; ++i) g[i] = static_cast<float>(i);
+  auto value = [](int r, int p) { return 0.25f * static_cast<float>(r) + 100.0f * p; };
+  attn_emu::g_global = {{g.data(), g.size() * sizeof(float)}};
+  const uint64_t dim[2] = {kT, kRows};
+  const uint32_t box[2] = {32, 64};
+  const TmaMap map = attn_emu::encode_tensor_map_2d(g.data(), dim, kT * 4, box, true, 4);
+  attn_emu::run_block(128, smem_raw, sizeof(smem_raw), [&] {
+    const int tid = threadIdx.x;
+    for (int idx = tid; idx < 64 * 16; idx += 128) {  // (row, pair of positions)
+      const int r = idx / 16, p = 2 * (idx % 16);
+      const uint32_t a = r * 128 + (((p / 4) ^ (r % 8)) << 4) + 4 * (p % 4);
+      st_shared_f32x2(a, value(r, p), value(r, p + 1));
+    }
+    fence_proxy_async();
+    __syncthreads();
+    if (tid == 0) {
+      tma_reduce_add_2d(&map, c0, c1, 0);
+      bulk_commit();
+      bulk_wait<0>();
+    }
+  });
+  bool ok = true;
+  for (int y = 0; y < kRows; ++y) {
+    for (int x = 0; x < kT; ++x) {
+      const bool in_box = x >= c0 && x < c0 + 32 && y >= c1 && y < c1 + 64;
+      const float want = static_cast<float>(y * kT + x) + (in_box ? value(y - c1, x - c0) : 0.0f);
+      ok = ok && g[y * kT + x] == want;
+    }
+  }
+  std::printf("unit: TMA reduction (swizzled box, bounds) %s\n", ok ? "ok" : "WRONG");
+  expect(ok, "TMA reduction");
+}
+
 // ---- misuse the emulator must refuse (exit 3) ---------------------------------------------------
 int refuse(const std::string& what) {
   using namespace iddpm::cuda::attn_sm90;
@@ -338,6 +379,27 @@ int refuse(const std::string& what) {
       } else {
         named_bar_sync(2, 256);
         named_bar_arrive(1, 256);
+      }
+    } else if (what.rfind("reduce-", 0) == 0) {  // TMA reductions of 8 boxes from 8 buffers
+      static float dst[64 * 32];
+      attn_emu::g_global = {{dst, sizeof(dst)}};
+      const uint64_t dim[2] = {32, 64};
+      const uint32_t box[2] = {32, 64};
+      const TmaMap map = attn_emu::encode_tensor_map_2d(dst, dim, 128, box, true, 4);
+      for (int b = 0; b < 8; ++b) {
+        for (int i = 0; i < 16; ++i)
+          st_shared_f32x2(8192 * b + 64 * threadIdx.x + 4 * i, 1.0f, 2.0f);
+      }
+      if (what != "reduce-unfenced") fence_proxy_async();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int b = 0; b < 8; ++b) tma_reduce_add_2d(&map, 0, 0, 8192 * b);
+        bulk_commit();
+        if (what == "reduce-overwritten") {  // the sources rewritten before the wait
+          for (int b = 0; b < 8; ++b) st_shared_f32x2(8192 * b, 3.0f, 4.0f);
+          fence_proxy_async();
+        }
+        if (what != "reduce-unwaited") bulk_wait_read<0>();
       }
     } else if (what == "no-store-fence") {  // dSᵀ-like stores read by wgmma without the fence
       const uint32_t v = 0x3C003C00u;       // two fp16 ones
@@ -479,11 +541,12 @@ void launch(dim3 grid, int threads, size_t smem_bytes, const Kernel& kernel) {
 }
 
 // The backward as attention_bwd_sm90.cu launches it: the sm_90a forward for out and lse, the
-// delta kernel, the sm_90a backward kernel (TMA or cp.async / guarded producer), the dq kernel;
-// every gradient against float64 on the same rounded inputs.
+// delta kernel, the sm_90a backward kernel (TMA or cp.async / guarded producer; dq by atomics or,
+// with want_bulk where the launcher would take it, by TMA reductions), the dq kernel; every
+// gradient against float64 on the same rounded inputs.
 template <class T, int C>
 void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double tol_bwd,
-                  const char* dtype, bool want_tma) {
+                  const char* dtype, bool want_tma, bool want_bulk = false) {
   using namespace iddpm::cuda::attn_sm90;
   using iddpm::cuda::attn_kernels::attn_delta_kernel;
   using iddpm::cuda::attn_kernels::attn_dq_kernel;
@@ -495,10 +558,13 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
   std::normal_distribution<float> normal;
   Buf<T> qkv(nqkv, shift), dout(nout, shift), out(nout), grad(nqkv);
   Buf<float> lse(static_cast<size_t>(BH) * T_len), delta(static_cast<size_t>(BH) * T_len);
-  std::vector<float> dq_accum(nout, 0.0f);  // the launcher's memset
+  Buf<float> dq_accum(nout);
+  std::fill(dq_accum.data(), dq_accum.data() + nout, 0.0f);  // the launcher's memset
   for (size_t i = 0; i < nqkv; ++i) qkv.data()[i] = Elem<T>::from_f(normal(rng));
   for (size_t i = 0; i < nout; ++i) dout.data()[i] = Elem<T>::from_f(normal(rng));
-  attn_emu::g_global = {{qkv.data(), nqkv * sizeof(T)}, {dout.data(), nout * sizeof(T)}};
+  attn_emu::g_global = {{qkv.data(), nqkv * sizeof(T)},
+                        {dout.data(), nout * sizeof(T)},
+                        {dq_accum.data(), nout * sizeof(float)}};
   const bool vec = T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dout.data()) % 16 == 0;
   const int64_t rows = static_cast<int64_t>(BH) * 3 * C;
@@ -510,6 +576,13 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
     map_qkv = attn_emu::encode_tensor_map_2d(qkv.data(), tq.dim, tq.stride1, tq.box, true);
     map_do = attn_emu::encode_tensor_map_2d(dout.data(), td.dim, td.stride1, td.box, true);
   }
+  const int64_t dq_rows = static_cast<int64_t>(BH) * C;
+  const bool bulk = want_bulk && bulk_dq_usable(dq_accum.data(), dq_rows, T_len);
+  TmaMap map_dq{};
+  if (bulk) {
+    const TmaParams tp = tma_params_dq(dq_rows, T_len);
+    map_dq = attn_emu::encode_tensor_map_2d(dq_accum.data(), tp.dim, tp.stride1, tp.box, true, 4);
+  }
   const float scale = iddpm::attn::softmax_scale<float>(C);
   const float scale_log2 = iddpm::attn::logit_scale_log2<float>(C);
   launch(dim3(BH * ((T_len + F::BQ - 1) / F::BQ), 1), F::kThreads, F::kSmemBytes, [&] {
@@ -520,8 +593,15 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
   launch(dim3(BH * d_tiles, 1), 128, 0,
          [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
   launch(dim3(BH * ((T_len + Bw::BK - 1) / Bw::BK), 1), Bw::kThreads, Bw::kSmemBytes, [&] {
-    attn_bwd_sm90_kernel<T, C>(map_qkv, map_do, qkv.data(), dout.data(), lse.data(), delta.data(),
-                               grad.data(), dq_accum.data(), T_len, scale, scale_log2, vec, tma);
+    if (bulk) {
+      attn_bwd_sm90_kernel<T, C, true>(map_qkv, map_do, map_dq, qkv.data(), dout.data(), lse.data(),
+                                       delta.data(), grad.data(), dq_accum.data(), T_len, scale,
+                                       scale_log2, vec, tma);
+    } else {
+      attn_bwd_sm90_kernel<T, C, false>(map_qkv, map_do, map_dq, qkv.data(), dout.data(),
+                                        lse.data(), delta.data(), grad.data(), dq_accum.data(),
+                                        T_len, scale, scale_log2, vec, tma);
+    }
   });
   launch(dim3(3, 1), 256, 0,
          [&] { attn_dq_kernel<T>(dq_accum.data(), grad.data(), BH, C, T_len, scale); });
@@ -537,7 +617,8 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
     g_g[i] = Elem<T>::to_f(grad.data()[i]);
     finite = finite && std::isfinite(g_g[i]);
   }
-  const std::string name = case_name("sm90 bwd ", dtype, C, B, H, T_len, tma, vec, shift);
+  const std::string name =
+      case_name(bulk ? "sm90 bwd bulk-dq " : "sm90 bwd ", dtype, C, B, H, T_len, tma, vec, shift);
   double e_g[3];  // dq, dk, dv separately
   grad_part_errors(r_g, g_g, BH, CT, e_g);
   const double e_o = max_rel_err(r_o, g_o), e_l = max_rel_err(r_lse, g_lse);
@@ -545,7 +626,7 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
               e_g[1], e_g[2]);
   expect(finite, name + ": unwritten gradient");
   expect(qkv.guards_intact() && dout.guards_intact() && grad.guards_intact() &&
-             lse.guards_intact() && delta.guards_intact(),
+             lse.guards_intact() && delta.guards_intact() && dq_accum.guards_intact(),
          name + ": write outside a buffer");
   expect(e_o <= tol_fwd && e_l <= tol_fwd, name + ": forward error");
   expect(e_g[0] <= tol_bwd && e_g[1] <= tol_bwd && e_g[2] <= tol_bwd, name + ": backward error");
@@ -561,6 +642,7 @@ int main(int argc, char** argv) {
   check_mbarrier();
   check_wgmma();
   check_named_barriers();
+  check_tma_reduce();
   // The sm_80 kernel's tolerances (attention_emulation.cpp): fp16 4e-3, bf16 3e-2.
   run_case<__half, 64>(1, 2, 37, 0, 4e-3, "fp16", true);  // one partial tile: guarded loads
   run_case<__nv_bfloat16, 128>(2, 1, 37, 0, 3e-2, "bf16", true);
@@ -598,6 +680,17 @@ int main(int argc, char** argv) {
   run_bwd_case<__nv_bfloat16, 64>(2, 2, 256, 0, 3e-2, 6e-2, "bf16", true);
   run_bwd_case<__half, 64>(1, 1, 320, 0, 4e-3, 1e-2, "fp16", false);  // 5 query tiles, cp.async
   run_bwd_case<__half, 64>(1, 1, 128, 3, 4e-3, 1e-2, "fp16", true);   // unaligned: guarded
+  // dq by TMA reductions (bulk dq): a partial second query tile and key tile (T = 200: the
+  // boxes' positions past T skipped), whole tiles over B = H = 2 (the rows of other heads), five
+  // query tiles (buffers reused twice) with cp.async, C = 128 (two chunks per tile), unaligned
+  // qkv; T = 37 (T % 4 != 0) takes the atomics.
+  run_bwd_case<__half, 64>(1, 1, 200, 0, 4e-3, 1e-2, "fp16", true, true);
+  run_bwd_case<__nv_bfloat16, 64>(2, 2, 256, 0, 3e-2, 6e-2, "bf16", true, true);
+  run_bwd_case<__half, 64>(1, 1, 320, 0, 4e-3, 1e-2, "fp16", false, true);
+  run_bwd_case<__half, 128>(1, 1, 200, 0, 4e-3, 1e-2, "fp16", true, true);
+  run_bwd_case<__nv_bfloat16, 128>(1, 2, 384, 0, 3e-2, 6e-2, "bf16", false, true);
+  run_bwd_case<__half, 128>(1, 1, 132, 3, 4e-3, 1e-2, "fp16", true, true);  // unaligned qkv
+  run_bwd_case<__half, 64>(1, 2, 37, 0, 4e-3, 1e-2, "fp16", true, true);    // atomics
   std::printf(g_failures ? "%d FAILURES\n" : "all passed\n", g_failures);
   return g_failures ? 1 : 0;
 }

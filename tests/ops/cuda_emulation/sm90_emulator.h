@@ -74,15 +74,27 @@
 //    The map's documented constraints (alignment, strides, box sizes) are checked.
 //    At the end of a block every mbarrier must be between phases with a tx-count of 0 (so that
 //    expect_tx and the bytes of the copies must agree).
+//  * TMA reductions (cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group, with
+//    cp.async.bulk.commit_group / wait_group{.read}, 9.7.9.25.5 / 9.7.9.25.6): at issue the box's
+//    shared-memory source must be fenced into the async proxy (no byte stored through st_shared
+//    by a thread that has not executed fence.proxy.async since) and is recorded; the reduction
+//    runs some rounds later (at random; for half of them only while the issuing thread waits
+//    in wait_group), reading the source through the map's swizzle, which must be unchanged since
+//    the issue (else refused: overwritten before the wait that retires the read), and adding
+//    each fp32 element inside the tensor to global memory (elements outside are skipped). A
+//    thread's wait_group N spins until all but its newest N committed groups have run; a
+//    reduction left in flight or uncommitted at the block's end is refused.
 //  * setmaxnreg: a no-op (register allocation is not modelled).
 // Refused (not implemented): other TMA modes (im2col, multicast, ranks other than 2, swizzles
-// other than 128 B with a 128-byte inner box, non-16-bit elements), plain cp.async.bulk, wgmma
+// other than 128 B with a 128-byte inner box, loads of other than 16-bit elements, reductions
+// other than fp32 add), plain cp.async.bulk, wgmma
 // shapes other than m64nNk16 with f16 / bf16 inputs and f32 accumulators, scale-a/b = -1,
 // sparse wgmma, clusters.
 #pragma once
 
 #include "warp_emulator.h"
 
+#include <algorithm>
 #include <deque>
 #include <map>
 
@@ -147,12 +159,25 @@ struct TensorMap2D {
   uint64_t stride1 = 0;     // bytes between consecutive indices of dim 1
   uint32_t box[2] = {};     // box[0] innermost
   bool swizzle128 = false;  // CU_TENSOR_MAP_SWIZZLE_128B (else NONE)
+  uint32_t elem = 2;        // bytes per element: 2 (FLOAT16 / BFLOAT16) or 4 (FLOAT32)
 };
 
 struct BulkCopy {
   uint32_t dst, bar;
   TensorMap2D map;  // a copy: the issuing thread may exit before the copy lands
   int32_t c0, c1;
+};
+
+// A TMA reduction in flight: its source box as the issue saw it, the issuing thread and the
+// number of the reduction among that thread's.
+struct BulkReduce {
+  uint32_t src;
+  TensorMap2D map;
+  int32_t c0, c1;
+  int lane;
+  uint64_t seq;
+  bool lazy;
+  std::vector<unsigned char> source;
 };
 
 struct WgOp {
@@ -193,6 +218,10 @@ struct Sm90Lane {
   std::deque<uint64_t> groups;  // committed groups not yet retired: each one's end (exclusive)
   bool need_fence = true;
   std::vector<uint32_t> unfenced;  // shared bytes this thread stored (st_shared), not yet fenced
+  // TMA reductions: issued, of which committed, and the committed groups not yet waited for.
+  uint64_t bulk_issued = 0, bulk_committed = 0;
+  std::deque<uint64_t> bulk_groups;
+  bool bulk_waiting = false;  // spinning in cp.async.bulk.wait_group
 };
 
 struct Sm90Group {
@@ -206,6 +235,7 @@ inline std::vector<Sm90Lane> g_sm90_lanes;
 inline std::vector<Sm90Group> g_sm90_groups;
 inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
 inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
+inline std::vector<BulkReduce> g_reduce;  // TMA reductions in flight
 inline std::vector<uint8_t> g_unfenced;   // per shared byte: stored by st_shared, not yet fenced
 // Named barriers (bar.sync / bar.arrive with an id of 1..15): threads expected, arrived so far,
 // completions.
@@ -231,6 +261,7 @@ inline void sm90_block_start(unsigned threads) {
   g_sm90_groups.assign(threads / 128, Sm90Group{});
   g_mbars.clear();
   g_bulk.clear();
+  g_reduce.clear();
   g_unfenced.assign(g_block->smem_bytes, 0);
   for (NamedBar& b : g_named) b = NamedBar{};
   g_random_delays = true;
@@ -244,6 +275,12 @@ inline void sm90_block_end() {
     if (l.issued != l.committed || !l.groups.empty()) fail("wgmma never waited for (wait_group)");
   }
   if (!g_bulk.empty()) fail("TMA copy still in flight at the block's end");
+  for (const Sm90Lane& l : g_sm90_lanes) {
+    if (l.bulk_issued != l.bulk_committed) fail("TMA reduction never committed (commit_group)");
+  }
+  if (!g_reduce.empty()) {
+    fail("TMA reduction still in flight at the block's end (no cp.async.bulk.wait_group)");
+  }
   for (const auto& [a, b] : g_mbars) {  // every barrier between phases, no bytes outstanding
     if (b.tx != 0)
       fail("mbarrier: transaction bytes left over at the block's end (expect_tx != copies)");
@@ -535,8 +572,9 @@ IDDPM_EMU_NOINLINE inline void mbar_arrive(uint32_t a, uint32_t tx = 0) {
 
 // cuTensorMapEncodeTiled's documented requirements, for the case emulated here.
 inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[2],
-                                        uint64_t stride1, const uint32_t (&box)[2],
-                                        bool swizzle128) {
+                                        uint64_t stride1, const uint32_t (&box)[2], bool swizzle128,
+                                        uint32_t elem = 2) {
+  if (elem != 2 && elem != 4) fail("tensor map: element size other than 2 or 4 bytes");
   if (reinterpret_cast<uintptr_t>(base) % 16)
     fail("tensor map: global address not 16-byte aligned");
   if (stride1 % 16 || stride1 >= (1ull << 40)) fail("tensor map: stride not a multiple of 16");
@@ -544,8 +582,8 @@ inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[
     if (dim[i] == 0 || dim[i] > (1ull << 32)) fail("tensor map: dim out of range");
     if (box[i] == 0 || box[i] > 256) fail("tensor map: box dim out of range");
   }
-  if ((box[0] * 2) % 16) fail("tensor map: inner box not a multiple of 16 bytes");
-  if (swizzle128 && box[0] * 2 != 128) {
+  if ((box[0] * elem) % 16) fail("tensor map: inner box not a multiple of 16 bytes");
+  if (swizzle128 && box[0] * elem != 128) {
     fail("tensor map: 128 B swizzle with an inner box other than 128 bytes is not emulated");
   }
   TensorMap2D m;
@@ -556,6 +594,7 @@ inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[
   m.box[0] = box[0];
   m.box[1] = box[1];
   m.swizzle128 = swizzle128;
+  m.elem = elem;
   return m;
 }
 
@@ -566,6 +605,7 @@ inline TensorMap2D encode_tensor_map_2d(const void* base, const uint64_t (&dim)[
 // the tensor, then completes box bytes of transactions on bar.
 IDDPM_EMU_NOINLINE inline void tma_load_2d(uint32_t dst, const TensorMap2D* m, int32_t c0,
                                            int32_t c1, uint32_t bar) {
+  if (m->elem != 2) fail("TMA load: only 16-bit elements are emulated");
   if (dst % (m->swizzle128 ? 1024 : 128)) fail("TMA destination misaligned");
   smem_at(dst, static_cast<size_t>(m->box[0]) * m->box[1] * 2, "TMA box outside shared memory");
   mbar_at(bar, true);
@@ -598,6 +638,106 @@ inline void run_bulk(const BulkCopy& c) {
   b.tx -= static_cast<int64_t>(m.box[0]) * m.box[1] * 2;
   mbar_maybe_complete(b);
   ++g_events;
+}
+
+// Shared-window address of element (row r, element e) of a box at src (through the swizzle).
+inline uint32_t box_addr(uint32_t src, const TensorMap2D& m, uint32_t r, uint32_t e) {
+  const uint32_t a = src + (r * m.box[0] + e) * m.elem;
+  return m.swizzle128 ? swizzle_addr(a, 1) : a;
+}
+
+// The box's shared-memory source, byte by byte in box order; refused where a byte was stored
+// through st_shared by a thread that has not fenced it into the async proxy.
+inline std::vector<unsigned char> reduce_source(uint32_t src, const TensorMap2D& m) {
+  std::vector<unsigned char> bytes;
+  for (uint32_t r = 0; r < m.box[1]; ++r) {
+    for (uint32_t e = 0; e < m.box[0]; ++e) {
+      const uint32_t a = box_addr(src, m, r, e);
+      const unsigned char* p = smem_at(a, m.elem, "TMA reduction source outside shared memory");
+      for (uint32_t i = 0; i < m.elem; ++i) {
+        if (g_unfenced[a + i]) {
+          fail(
+              "TMA reduction reads shared memory stored by a thread that has not executed "
+              "fence.proxy.async");
+        }
+        bytes.push_back(p[i]);
+      }
+    }
+  }
+  return bytes;
+}
+
+// cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [map, {c0, c1}], [src]
+// (fp32 elements): queued; it runs later (sm90_async).
+IDDPM_EMU_NOINLINE inline void tma_reduce_add_2d(uint32_t src, const TensorMap2D* m, int32_t c0,
+                                                 int32_t c1) {
+  if (m->elem != 4) fail("TMA reduction: only fp32 add is emulated");
+  if (src % (m->swizzle128 ? 1024 : 128)) fail("TMA reduction source misaligned");
+  Sm90Lane& l = me90();
+  g_reduce.push_back(
+      {src, *m, c0, c1, g_block->cur, l.bulk_issued++, coin(), reduce_source(src, *m)});
+  ++g_events;
+  yield(St::run);
+}
+
+inline void run_reduce(const BulkReduce& op) {
+  const TensorMap2D& m = op.map;
+  if (reduce_source(op.src, m) != op.source) {
+    fail(
+        "TMA reduction: its shared-memory source changed between the issue and the read "
+        "(overwritten before cp.async.bulk.wait_group.read retired it?)");
+  }
+  for (uint32_t r = 0; r < m.box[1]; ++r) {
+    for (uint32_t e = 0; e < m.box[0]; ++e) {
+      const int64_t x = static_cast<int64_t>(op.c0) + e, y = static_cast<int64_t>(op.c1) + r;
+      if (x < 0 || y < 0 || static_cast<uint64_t>(x) >= m.dim[0] ||
+          static_cast<uint64_t>(y) >= m.dim[1]) {
+        continue;  // outside the tensor: skipped
+      }
+      auto* dst = static_cast<unsigned char*>(const_cast<void*>(m.base)) + y * m.stride1 + x * 4;
+      bool inside = false;
+      for (const Range& g : g_global) {
+        const auto* lo = static_cast<const unsigned char*>(g.lo);
+        inside = inside || (dst >= lo && dst + 4 <= lo + g.bytes);
+      }
+      if (!inside) fail("TMA reduction writes outside every registered buffer");
+      float v, acc;
+      std::memcpy(&v, smem_at(box_addr(op.src, m, r, e), 4, "TMA reduction source"), 4);
+      std::memcpy(&acc, dst, 4);
+      acc += v;
+      std::memcpy(dst, &acc, 4);
+    }
+  }
+  ++g_events;
+}
+
+// cp.async.bulk.commit_group, per thread.
+IDDPM_EMU_NOINLINE inline void bulk_commit() {
+  Sm90Lane& l = me90();
+  if (l.bulk_issued != l.bulk_committed) l.bulk_groups.push_back(l.bulk_issued);
+  l.bulk_committed = l.bulk_issued;
+  yield(St::run);
+}
+
+// cp.async.bulk.wait_group{.read} N, per thread: spins until all but its newest N committed
+// groups have run (reads and writes happen together here).
+IDDPM_EMU_NOINLINE inline void bulk_wait(int n) {
+  const int me_id = g_block->cur;
+  while (static_cast<int>(me90().bulk_groups.size()) > n) {
+    const uint64_t end = me90().bulk_groups.front();
+    auto pending = [&] {
+      for (const BulkReduce& op : g_reduce) {
+        if (op.lane == me_id && op.seq < end) return true;
+      }
+      return false;
+    };
+    me90().bulk_waiting = true;
+    while (pending()) yield(St::spin);
+    me90().bulk_waiting = false;
+    me90().bulk_groups.pop_front();
+  }
+  ++g_events;
+  yield(St::run);
 }
 
 // Runs each warp's part of its oldest wgmma whose 32 threads have all issued it, with
@@ -649,7 +789,29 @@ inline bool sm90_async(bool all) {
       ++i;
     }
   }
-  return wgmma_left || !g_bulk.empty();
+  // TMA reductions: each runs with probability 1/4 per round once committed (a lazy one only
+  // while its thread waits for it), in issue order per thread. A round that must make progress
+  // (`all`) runs only those some thread waits for: nothing else needs them, and draining every
+  // reduction whenever all threads spin would hide a source overwritten before its wait.
+  std::vector<int> blocked;  // threads whose older reduction has not run this round
+  for (size_t i = 0; i < g_reduce.size();) {
+    const BulkReduce& op = g_reduce[i];
+    const Sm90Lane& l = g_sm90_lanes[op.lane];
+    const bool committed = op.seq < l.bulk_committed;
+    const bool earlier_waits = std::find(blocked.begin(), blocked.end(), op.lane) != blocked.end();
+    const bool may = op.lazy ? l.bulk_waiting && coin() : coin() && coin();
+    if (committed && !earlier_waits && ((all && l.bulk_waiting) || may)) {
+      const BulkReduce done = op;
+      g_reduce.erase(g_reduce.begin() + static_cast<std::ptrdiff_t>(i));
+      run_reduce(done);
+    } else {
+      blocked.push_back(op.lane);
+      ++i;
+    }
+  }
+  bool awaited = false;  // reductions nobody waits for cannot unblock a deadlocked round
+  for (const BulkReduce& op : g_reduce) awaited = awaited || g_sm90_lanes[op.lane].bulk_waiting;
+  return wgmma_left || !g_bulk.empty() || awaited;
 }
 
 IDDPM_EMU_NOINLINE inline bool mbar_try_wait_parity(uint32_t a, uint32_t parity) {
