@@ -22,7 +22,7 @@ struct Sm90BwdKernel {};
 // kBulkDq: dq by TMA bulk reductions (AttentionBwdParams::sm90_bulk_dq where dq_accum allows it).
 template <class T, int C, bool kBulkDq>
 int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
-  using Cfg = Sm90BwdCfg<T, C>;
+  using Cfg = Sm90BwdCfg<T, C, kBulkDq>;
   const int64_t BH = p.s.B * p.s.H, T_len = p.s.T;
   const int Ti = static_cast<int>(T_len);
   const T* dout = static_cast<const T*>(p.grad_out);

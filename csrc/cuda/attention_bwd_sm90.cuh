@@ -47,7 +47,7 @@
 
 namespace iddpm::cuda::attn_sm90 {
 
-template <class T, int C>
+template <class T, int C, bool kBulkDq = false>
 struct Sm90BwdCfg {
   static_assert(C == 64 || C == 128, "the sm_90a backward covers head dims 64 and 128");
   static constexpr int kConsumers = 2, BK = 64 * kConsumers, BQ = 64, kStages = 2;
@@ -57,11 +57,11 @@ struct Sm90BwdCfg {
   static constexpr int kStageBytes = 2 * kBlockBytes;       // one query tile's q and dO
   static constexpr int kDsBytes = 64 * 128;                 // a dSᵀ block [64 keys, 64 queries]
   static constexpr int kDqBytes = 64 * 64 * 4;  // a dqᵀ buffer: [64 channels, 64 queries] f32
-  // k, v, kStages × (q, dO), kConsumers × 2 dSᵀ blocks, kConsumers × 2 dqᵀ buffers (bulk dq),
-  // kStages × (lse·log2e, D) [BQ] f32, then the mbarriers (full[kStages], empty[kStages],
-  // ds[kConsumers]); 1024 bytes of slack to align the tiles to the swizzle.
+  // k, v, kStages × (q, dO), kConsumers × 2 dSᵀ blocks, with kBulkDq kConsumers × 2 dqᵀ
+  // buffers, kStages × (lse·log2e, D) [BQ] f32, then the mbarriers (full[kStages],
+  // empty[kStages], ds[kConsumers]); 1024 bytes of slack to align the tiles to the swizzle.
   static constexpr int kDqOffset = 2 * kKVBytes + kStages * kStageBytes + kConsumers * 2 * kDsBytes;
-  static constexpr int kRowStatsOffset = kDqOffset + kConsumers * 2 * kDqBytes;
+  static constexpr int kRowStatsOffset = kDqOffset + (kBulkDq ? kConsumers * 2 * kDqBytes : 0);
   static constexpr int kBarOffset = kRowStatsOffset + kStages * 2 * BQ * 4;
   static constexpr size_t kSmemBytes = 1024 + kBarOffset + 8 * (2 * kStages + kConsumers);
   static_assert(kSmemBytes <= kMaxSmemBytes, "sm_90a backward shared memory over the limit");
@@ -76,7 +76,7 @@ struct Sm90BwdCfg {
 // instances: the two ways in one kernel made ptxas spill at C = 128). Dynamic shared memory:
 // Cfg::kSmemBytes.
 template <class T, int C, bool kBulkDq = false>
-__global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
+__global__ void __launch_bounds__(Sm90BwdCfg<T, C, kBulkDq>::kThreads, 1)
     attn_bwd_sm90_kernel(const __grid_constant__ TmaMap tmap_qkv,
                          const __grid_constant__ TmaMap tmap_do,
                          const __grid_constant__ TmaMap tmap_dq, const T* __restrict__ qkv,
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
                          bool vec, bool tma) {
 #if defined(IDDPM_ATTN_HOST_EMULATION) || \
     (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
-  using Cfg = Sm90BwdCfg<T, C>;
+  using Cfg = Sm90BwdCfg<T, C, kBulkDq>;
   constexpr int BQ = Cfg::BQ, kStages = Cfg::kStages, kBlock = Cfg::kBlockBytes;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   unsigned char* vs = ks + Cfg::kKVBytes;                // block b at vs + b·kBlock
   unsigned char* qs = vs + Cfg::kKVBytes;                // stage s: q, then dO
   unsigned char* dss = qs + kStages * Cfg::kStageBytes;  // consumer w: dss + 2w·kDsBytes, +1
-  unsigned char* dqs = base + Cfg::kDqOffset;            // consumer w: dqs + 2w·kDqBytes, +1
+  // kBulkDq: consumer w's dqᵀ buffers at kDqOffset + 2w·kDqBytes, + kDqBytes
   // stage s: lse·log2e of its queries at rows + 2·BQ·s, D at rows + 2·BQ·s + BQ
   float* rows = reinterpret_cast<float*>(base + Cfg::kRowStatsOffset);
   const uint32_t bar0 = shared_addr(base + Cfg::kBarOffset);
@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(Sm90BwdCfg<T, C>::kThreads, 1)
   float* dqg = dq_accum + bh * CT;
   // Bulk dq: this warpgroup's two dqᵀ buffers, this thread's byte in them (channel row
   // 16·warp + g, query pair 8(t & 1) bytes into its chunk) and its swizzle key.
-  const uint32_t dq_addr = shared_addr(dqs + 2 * cw * Cfg::kDqBytes);
+  const uint32_t dq_addr =
+      kBulkDq ? shared_addr(base + Cfg::kDqOffset + 2 * cw * Cfg::kDqBytes) : 0;
   const uint32_t dq_lane = (16 * warp + g) * 128 + 8 * (t & 1);
   const int dq_key = g ^ (t >> 1);
 

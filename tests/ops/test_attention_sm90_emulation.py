@@ -116,7 +116,7 @@ def test_sm90_forward_under_host_emulation(sm90_exe):
         ("write-after-fence", "registers written between wgmma.fence and a wgmma that accesses them"),
         ("pingpong-no-start", "deadlock"),
         ("reduce-unfenced", "TMA reduction reads shared memory stored by a thread that has not"),
-        ("reduce-overwritten", "its shared-memory source changed between the issue and the read"),
+        ("reduce-overwritten", "st.shared to the source of a TMA reduction that its issuing thread"),
         ("reduce-unwaited", "TMA reduction still in flight at the block's end"),
     ],
 )

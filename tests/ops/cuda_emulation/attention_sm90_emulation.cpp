@@ -551,7 +551,8 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
   using iddpm::cuda::attn_kernels::attn_delta_kernel;
   using iddpm::cuda::attn_kernels::attn_dq_kernel;
   using F = Sm90FwdCfg<T, C>;
-  using Bw = Sm90BwdCfg<T, C>;
+  using Bw = Sm90BwdCfg<T, C, false>;
+  using BwBulk = Sm90BwdCfg<T, C, true>;
   const int BH = B * H;
   const size_t CT = static_cast<size_t>(C) * T_len, nqkv = BH * 3 * CT, nout = BH * CT;
   std::mt19937 rng(7 + T_len + C);
@@ -592,7 +593,8 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
   const int d_tiles = (T_len + 127) / 128;
   launch(dim3(BH * d_tiles, 1), 128, 0,
          [&] { attn_delta_kernel<T>(dout.data(), out.data(), delta.data(), C, T_len, d_tiles); });
-  launch(dim3(BH * ((T_len + Bw::BK - 1) / Bw::BK), 1), Bw::kThreads, Bw::kSmemBytes, [&] {
+  const size_t bwd_smem = bulk ? BwBulk::kSmemBytes : Bw::kSmemBytes;
+  launch(dim3(BH * ((T_len + Bw::BK - 1) / Bw::BK), 1), Bw::kThreads, bwd_smem, [&] {
     if (bulk) {
       attn_bwd_sm90_kernel<T, C, true>(map_qkv, map_do, map_dq, qkv.data(), dout.data(), lse.data(),
                                        delta.data(), grad.data(), dq_accum.data(), T_len, scale,

@@ -82,8 +82,13 @@
 //    in wait_group), reading the source through the map's swizzle, which must be unchanged since
 //    the issue (else refused: overwritten before the wait that retires the read), and adding
 //    each fp32 element inside the tensor to global memory (elements outside are skipped). A
-//    thread's wait_group N spins until all but its newest N committed groups have run; a
-//    reduction left in flight or uncommitted at the block's end is refused.
+//    thread's wait_group N spins until all but its newest N committed groups have run, and only
+//    then retires them: from the issue to that retirement their source bytes are busy, and a
+//    st_shared to a busy byte is refused even when the reduction has already run (whether it
+//    has is timing, which the ISA leaves open; equal values written over it would not show as a
+//    change). A reduction left in flight, unretired or uncommitted at the block's end is
+//    refused. (Not modelled: the order between a retiring wait and another thread's store,
+//    which needs a barrier after the wait; the kernel's barrier sits there.)
 //  * setmaxnreg: a no-op (register allocation is not modelled).
 // Refused (not implemented): other TMA modes (im2col, multicast, ranks other than 2, swizzles
 // other than 128 B with a 128-byte inner box, loads of other than 16-bit elements, reductions
@@ -178,6 +183,7 @@ struct BulkReduce {
   uint64_t seq;
   bool lazy;
   std::vector<unsigned char> source;
+  bool done = false;  // has read its source and added (kept until its issuer's wait retires it)
 };
 
 struct WgOp {
@@ -235,8 +241,11 @@ inline std::vector<Sm90Lane> g_sm90_lanes;
 inline std::vector<Sm90Group> g_sm90_groups;
 inline std::map<uint32_t, Mbar> g_mbars;  // by shared-window address
 inline std::vector<BulkCopy> g_bulk;      // TMA copies in flight
-inline std::vector<BulkReduce> g_reduce;  // TMA reductions in flight
-inline std::vector<uint8_t> g_unfenced;   // per shared byte: stored by st_shared, not yet fenced
+inline std::vector<BulkReduce> g_reduce;  // TMA reductions issued, not yet retired by a wait
+// Per shared byte: TMA reductions whose source holds it, issued and not yet retired by their
+// issuing thread's cp.async.bulk.wait_group{.read} (a generic store to it is refused).
+inline std::vector<uint16_t> g_reduce_busy;
+inline std::vector<uint8_t> g_unfenced;  // per shared byte: stored by st_shared, not yet fenced
 // Named barriers (bar.sync / bar.arrive with an id of 1..15): threads expected, arrived so far,
 // completions.
 struct NamedBar {
@@ -262,6 +271,7 @@ inline void sm90_block_start(unsigned threads) {
   g_mbars.clear();
   g_bulk.clear();
   g_reduce.clear();
+  g_reduce_busy.assign(g_block->smem_bytes, 0);
   g_unfenced.assign(g_block->smem_bytes, 0);
   for (NamedBar& b : g_named) b = NamedBar{};
   g_random_delays = true;
@@ -278,7 +288,7 @@ inline void sm90_block_end() {
   for (const Sm90Lane& l : g_sm90_lanes) {
     if (l.bulk_issued != l.bulk_committed) fail("TMA reduction never committed (commit_group)");
   }
-  if (!g_reduce.empty()) {
+  if (!g_reduce.empty()) {  // in flight, or run but never retired by a wait
     fail("TMA reduction still in flight at the block's end (no cp.async.bulk.wait_group)");
   }
   for (const auto& [a, b] : g_mbars) {  // every barrier between phases, no bytes outstanding
@@ -667,6 +677,17 @@ inline std::vector<unsigned char> reduce_source(uint32_t src, const TensorMap2D&
   return bytes;
 }
 
+// Counts a reduction's source bytes busy (+1 at its issue) or free again (-1 when its issuing
+// thread's wait retires it).
+inline void mark_reduce_source(const BulkReduce& op, int delta) {
+  for (uint32_t r = 0; r < op.map.box[1]; ++r) {
+    for (uint32_t e = 0; e < op.map.box[0]; ++e) {
+      const uint32_t a = box_addr(op.src, op.map, r, e);
+      for (uint32_t i = 0; i < op.map.elem; ++i) g_reduce_busy[a + i] += delta;
+    }
+  }
+}
+
 // cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [map, {c0, c1}], [src]
 // (fp32 elements): queued; it runs later (sm90_async).
 IDDPM_EMU_NOINLINE inline void tma_reduce_add_2d(uint32_t src, const TensorMap2D* m, int32_t c0,
@@ -676,6 +697,7 @@ IDDPM_EMU_NOINLINE inline void tma_reduce_add_2d(uint32_t src, const TensorMap2D
   Sm90Lane& l = me90();
   g_reduce.push_back(
       {src, *m, c0, c1, g_block->cur, l.bulk_issued++, coin(), reduce_source(src, *m)});
+  mark_reduce_source(g_reduce.back(), 1);
   ++g_events;
   yield(St::run);
 }
@@ -727,7 +749,7 @@ IDDPM_EMU_NOINLINE inline void bulk_wait(int n) {
     const uint64_t end = me90().bulk_groups.front();
     auto pending = [&] {
       for (const BulkReduce& op : g_reduce) {
-        if (op.lane == me_id && op.seq < end) return true;
+        if (op.lane == me_id && op.seq < end && !op.done) return true;
       }
       return false;
     };
@@ -735,6 +757,14 @@ IDDPM_EMU_NOINLINE inline void bulk_wait(int n) {
     while (pending()) yield(St::spin);
     me90().bulk_waiting = false;
     me90().bulk_groups.pop_front();
+    for (size_t i = 0; i < g_reduce.size();) {  // retired: their sources may be written again
+      if (g_reduce[i].lane == me_id && g_reduce[i].seq < end) {
+        mark_reduce_source(g_reduce[i], -1);
+        g_reduce.erase(g_reduce.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
+      }
+    }
   }
   ++g_events;
   yield(St::run);
@@ -794,23 +824,23 @@ inline bool sm90_async(bool all) {
   // (`all`) runs only those some thread waits for: nothing else needs them, and draining every
   // reduction whenever all threads spin would hide a source overwritten before its wait.
   std::vector<int> blocked;  // threads whose older reduction has not run this round
-  for (size_t i = 0; i < g_reduce.size();) {
-    const BulkReduce& op = g_reduce[i];
+  for (BulkReduce& op : g_reduce) {
+    if (op.done) continue;
     const Sm90Lane& l = g_sm90_lanes[op.lane];
     const bool committed = op.seq < l.bulk_committed;
     const bool earlier_waits = std::find(blocked.begin(), blocked.end(), op.lane) != blocked.end();
     const bool may = op.lazy ? l.bulk_waiting && coin() : coin() && coin();
     if (committed && !earlier_waits && ((all && l.bulk_waiting) || may)) {
-      const BulkReduce done = op;
-      g_reduce.erase(g_reduce.begin() + static_cast<std::ptrdiff_t>(i));
-      run_reduce(done);
+      run_reduce(op);
+      op.done = true;
     } else {
       blocked.push_back(op.lane);
-      ++i;
     }
   }
   bool awaited = false;  // reductions nobody waits for cannot unblock a deadlocked round
-  for (const BulkReduce& op : g_reduce) awaited = awaited || g_sm90_lanes[op.lane].bulk_waiting;
+  for (const BulkReduce& op : g_reduce) {
+    awaited = awaited || (!op.done && g_sm90_lanes[op.lane].bulk_waiting);
+  }
   return wgmma_left || !g_bulk.empty() || awaited;
 }
 
@@ -833,8 +863,15 @@ IDDPM_EMU_NOINLINE inline void fence_proxy_async() {
 // bytes stay unfenced until this thread's next fence.proxy.async.
 IDDPM_EMU_NOINLINE inline void st_shared(void* p, const void* src, size_t bytes) {
   check_smem(p, bytes, "st.shared outside the block's shared memory");
-  std::memcpy(p, src, bytes);
   const uint32_t a = smem_offset(p);
+  for (size_t i = 0; i < bytes; ++i) {
+    if (g_reduce_busy[a + i]) {
+      fail(
+          "st.shared to the source of a TMA reduction that its issuing thread has not retired "
+          "(cp.async.bulk.wait_group.read) yet");
+    }
+  }
+  std::memcpy(p, src, bytes);
   for (size_t i = 0; i < bytes; ++i) {
     g_unfenced[a + i] = 1;
     me90().unfenced.push_back(static_cast<uint32_t>(a + i));
