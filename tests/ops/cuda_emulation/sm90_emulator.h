@@ -1,8 +1,9 @@
 // tests/ops/cuda_emulation/sm90_emulator.h — the Hopper (sm_90a) instructions of
-// csrc/cuda/attention_fwd_sm90.cuh on top of warp_emulator.h: warpgroup MMA (wgmma.mma_async
+// csrc/cuda/attention_{fwd,bwd}_sm90.cuh on top of warp_emulator.h: warpgroup MMA (wgmma.mma_async
 // with shared-memory matrix descriptors, A from shared memory or registers), its fence /
 // commit_group / wait_group, mbarrier (init, arrive, try_wait.parity), named barriers
-// (bar.sync / bar.arrive), fence.proxy.async and setmaxnreg. Written from the PTX ISA
+// (bar.sync / bar.arrive), TMA loads and reductions with their bulk groups, fence.proxy.async
+// and setmaxnreg. Written from the PTX ISA
 // (sections 9.7.15 "Asynchronous warpgroup level matrix instructions" and 9.7.13.15 "mbarrier"),
 // not from the kernel: the unit checks in attention_sm90_emulation.cpp compare these functions with
 // the ISA's own worked examples.
