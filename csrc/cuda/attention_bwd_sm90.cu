@@ -65,7 +65,7 @@ int launch_bwd_sm90(const attn::AttentionBwdParams& p, cudaStream_t stream) {
 template <class T, int C>
 int launch_bulk(const attn::AttentionBwdParams& p, cudaStream_t stream) {
   // Bulk dq where asked for and dq_accum's rows allow the reductions' tensor map, else atomics.
-  const bool bulk = p.sm90_bulk_dq && bulk_dq_usable(p.dq_accum, p.s.B * p.s.H * C, p.s.T);
+  const bool bulk = p.sm90_bulk_dq && tma_usable(p.dq_accum, p.s.B * p.s.H * C, p.s.T, 4);
   return bulk ? launch_bwd_sm90<T, C, true>(p, stream) : launch_bwd_sm90<T, C, false>(p, stream);
 }
 

@@ -39,44 +39,41 @@ using TmaMap = CUtensorMap;
 struct TmaParams {
   uint64_t dim[2];   // {T, rows}
   uint64_t stride1;  // bytes from one row to the next
-  uint32_t box[2];   // {64, C}
+  uint32_t box[2];   // {positions, rows}
 };
 
-// The TMA path: T % 8 == 0 (rows a multiple of 16 bytes apart), qkv 16-byte aligned, and row /
-// position coordinates within int32. Otherwise the producer copies with cp.async / loads.
-inline bool tma_usable(const void* qkv, int64_t rows, int64_t T_len) {
-  return T_len % 8 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
+// A tensor map over `data` as [rows, T] with elements of elem_bytes: its rows must be a multiple
+// of 16 bytes apart (T % 8 == 0 for 16-bit elements, T % 4 == 0 for fp32), data 16-byte aligned,
+// and row / position coordinates within int32. Otherwise the kernels take their other path
+// (the producer: cp.async / loads; the backward's dq: atomics).
+inline bool tma_usable(const void* data, int64_t rows, int64_t T_len, int elem_bytes = 2) {
+  return (T_len * elem_bytes) % 16 == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0 &&
          rows < (int64_t{1} << 31) && T_len < (int64_t{1} << 31);
 }
 
-template <int C>
-inline TmaParams tma_params(int64_t rows, int64_t T_len) {
+// [rows, T] of elem_bytes elements in boxes of [box_rows × box_positions].
+inline TmaParams tma_params_2d(int64_t rows, int64_t T_len, int elem_bytes, uint32_t box_positions,
+                               uint32_t box_rows) {
   TmaParams p;
   p.dim[0] = static_cast<uint64_t>(T_len);
   p.dim[1] = static_cast<uint64_t>(rows);
-  p.stride1 = static_cast<uint64_t>(T_len) * 2;
-  p.box[0] = 64;
-  p.box[1] = C;
+  p.stride1 = static_cast<uint64_t>(T_len) * elem_bytes;
+  p.box[0] = box_positions;
+  p.box[1] = box_rows;
   return p;
+}
+
+// qkv / dO (16-bit): boxes of [C × 64] (128 bytes per row: the 128-byte swizzle).
+template <int C>
+inline TmaParams tma_params(int64_t rows, int64_t T_len) {
+  return tma_params_2d(rows, T_len, 2, 64, C);
 }
 
 // The backward's bulk dq (AttentionBwdParams::sm90_bulk_dq): dq_accum, fp32 [BH·C rows, T], as
-// the destination of TMA reductions of boxes of [64 channel rows × 32 positions] (128 bytes: the
-// 128-byte swizzle, as the loads). Usable when its rows are a multiple of 16 bytes apart
-// (T % 4 == 0), it is 16-byte aligned and the coordinates fit in int32; otherwise atomics.
-inline bool bulk_dq_usable(const float* dq_accum, int64_t rows, int64_t T_len) {
-  return T_len % 4 == 0 && reinterpret_cast<uintptr_t>(dq_accum) % 16 == 0 &&
-         rows < (int64_t{1} << 31) && T_len < (int64_t{1} << 31);
-}
-
+// the destination of TMA reductions of boxes of [64 channel rows × 32 positions] (128 bytes, as
+// the loads), where tma_usable(dq_accum, rows, T, 4); otherwise atomics.
 inline TmaParams tma_params_dq(int64_t rows, int64_t T_len) {
-  TmaParams p;
-  p.dim[0] = static_cast<uint64_t>(T_len);
-  p.dim[1] = static_cast<uint64_t>(rows);
-  p.stride1 = static_cast<uint64_t>(T_len) * 4;
-  p.box[0] = 32;
-  p.box[1] = 64;
-  return p;
+  return tma_params_2d(rows, T_len, 4, 32, 64);
 }
 
 // ---- sm_90a instructions (inline PTX; host emulator hooks under IDDPM_ATTN_HOST_EMULATION) ----

@@ -578,7 +578,7 @@ void run_bwd_case(int B, int H, int T_len, size_t shift, double tol_fwd, double 
     map_do = attn_emu::encode_tensor_map_2d(dout.data(), td.dim, td.stride1, td.box, true);
   }
   const int64_t dq_rows = static_cast<int64_t>(BH) * C;
-  const bool bulk = want_bulk && bulk_dq_usable(dq_accum.data(), dq_rows, T_len);
+  const bool bulk = want_bulk && tma_usable(dq_accum.data(), dq_rows, T_len, 4);
   TmaMap map_dq{};
   if (bulk) {
     const TmaParams tp = tma_params_dq(dq_rows, T_len);

@@ -632,12 +632,7 @@ inline void run_bulk(const BulkCopy& c) {
       if (x >= 0 && y >= 0 && static_cast<uint64_t>(x) < m.dim[0] &&
           static_cast<uint64_t>(y) < m.dim[1]) {
         const auto* src = static_cast<const unsigned char*>(m.base) + y * m.stride1 + x * 2;
-        bool inside = false;
-        for (const Range& g : g_global) {
-          const auto* lo = static_cast<const unsigned char*>(g.lo);
-          inside = inside || (src >= lo && src + 2 <= lo + g.bytes);
-        }
-        if (!inside) fail("TMA reads outside every input buffer");
+        if (!inside_global(src, 2)) fail("TMA reads outside every input buffer");
         std::memcpy(&v, src, 2);
       }
       uint32_t a = c.dst + (r * m.box[0] + e) * 2;
@@ -718,12 +713,7 @@ inline void run_reduce(const BulkReduce& op) {
         continue;  // outside the tensor: skipped
       }
       auto* dst = static_cast<unsigned char*>(const_cast<void*>(m.base)) + y * m.stride1 + x * 4;
-      bool inside = false;
-      for (const Range& g : g_global) {
-        const auto* lo = static_cast<const unsigned char*>(g.lo);
-        inside = inside || (dst >= lo && dst + 4 <= lo + g.bytes);
-      }
-      if (!inside) fail("TMA reduction writes outside every registered buffer");
+      if (!inside_global(dst, 4)) fail("TMA reduction writes outside every registered buffer");
       float v, acc;
       std::memcpy(&v, smem_at(box_addr(op.src, m, r, e), 4, "TMA reduction source"), 4);
       std::memcpy(&acc, dst, 4);

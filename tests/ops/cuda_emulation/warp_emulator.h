@@ -152,12 +152,23 @@ inline void enter(Block& blk, unsigned i) {
   }
 }
 
-// Global-memory ranges a cp.async may read (registered by the harness).
+// Global-memory ranges cp.async and TMA copies may read and TMA reductions write (registered by
+// the harness).
 struct Range {
   const void* lo;
   size_t bytes;
 };
 inline std::vector<Range> g_global;
+
+// Whether [p, p + bytes) lies inside one of the registered global ranges.
+inline bool inside_global(const void* p, size_t bytes) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  for (const Range& r : g_global) {
+    const auto* lo = static_cast<const unsigned char*>(r.lo);
+    if (q >= lo && q + bytes <= lo + r.bytes) return true;
+  }
+  return false;
+}
 
 inline void check_smem(const void* p, size_t bytes, const char* what) {
   const auto* q = static_cast<const unsigned char*>(p);
@@ -242,13 +253,7 @@ IDDPM_EMU_NOINLINE inline void cp_async_16(void* dst, const void* src, bool vali
   }
   check_smem(dst, 16, "cp.async destination outside dynamic shared memory");
   if (valid) {
-    bool inside = false;
-    for (const Range& r : g_global) {
-      const auto* lo = static_cast<const unsigned char*>(r.lo);
-      const auto* s = static_cast<const unsigned char*>(src);
-      inside = inside || (s >= lo && s + 16 <= lo + r.bytes);
-    }
-    if (!inside) fail("cp.async reads outside every input buffer");
+    if (!inside_global(src, 16)) fail("cp.async reads outside every input buffer");
   }
   me().pending.push_back({dst, src, valid});
 }
