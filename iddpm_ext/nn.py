@@ -2,7 +2,7 @@
 
 Everything here is plain PyTorch, except that the norm sites may run the fused op
 iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`) and the inference conv
-forward may run fp32 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module
+forward may run fp32 and bf16 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module
 classes add no parameters beyond the torch layers they wrap, so state_dict keys follow the
 reference's module tree exactly.
 """
@@ -217,28 +217,34 @@ def _conv_geometry(conv: nn.Module):
     return list(conv.padding), list(conv.stride), list(conv.dilation)
 
 
-# -- Winograd 3×3 convolutions (CPU fp32 inference) ----------------------------------------------
+# -- Winograd 3×3 convolutions (CPU fp32 and bf16 inference) -------------------------------------
 # Inside the inference conv forward (_PrepackedForward below, installed by to_inference /
-# set_conv_prepack), a no-grad CPU float32 call of a 3×3 conv with stride 1, padding 1, dilation 1
-# and one group may run iddpm::conv3x3_winograd (iddpm_ext.ops.winograd: F(2×2, 3×3), 16 instead
-# of 36 multiplies per output tile and channel pair) on a transformed copy of the weight, made once
-# per weight version and kept with the packed weights (same cache, same invalidation: address +
-# version counter; freed by train(); not in the state_dict). Modes:
-#   "off": never; "on": every such call; "auto": where it measured faster on this project's CPU at
-#   one thread (docs/unet.md): Cin and Cout >= 32 and H, W >= 4 (it loses for the 3-channel stem
-#   conv and at 1×1 maps). Not under autocast (that conv runs in bf16), not while torch.compile
-#   traces. Default from IDDPM_CONV_WINOGRAD=auto/1/0 (unset: auto).
-_WINOGRAD_MODES = ("auto", "on", "off")
+# set_conv_prepack), a no-grad CPU float32 or bfloat16 call of a 3×3 conv with stride 1, padding 1,
+# dilation 1 and one group may run iddpm::conv3x3_winograd (iddpm_ext.ops.winograd: F(2×2, 3×3),
+# 16 instead of 36 multiplies per output tile and channel pair) on a transformed copy of the weight,
+# made once per weight version and compute dtype and kept with the packed weights (same cache,
+# same invalidation: address + version counter; freed by train(); not in the state_dict). The
+# compute dtype is torch's: the input's (= the weight's) dtype, or bf16 under CPU bf16 autocast
+# (weight, bias and input cast to bf16 as autocast's conv does). Modes:
+#   "off": never; "on": every such call; "auto": where it measured faster on this project's CPUs at
+#   one thread (docs/unet.md): float32 with Cin and Cout >= 32 and H, W >= 4 (it loses for the
+#   3-channel stem conv and at 1×1 maps); bfloat16 with Cin and Cout >= 32 and H, W >= 8 (0.85× at
+#   4×4) on CPUs without AMX (measured 1.4–1.7× oneDNN's packed bf16 conv on an AVX-512-BF16 CPU;
+#   with AMX tiles oneDNN's bf16 GEMMs and convs change and the comparison has not been made);
+#   "fp32": the float32 rules of "auto", never bf16 (bf16 Winograd rounds the transformed input,
+#   weight and products to bf16: ~2× a direct bf16 conv's error, docs/unet.md). Not while
+#   torch.compile traces. Default from IDDPM_CONV_WINOGRAD=auto/fp32/1/0 (unset: auto).
+_WINOGRAD_MODES = ("auto", "fp32", "on", "off")
 _WINOGRAD_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 _WINOGRAD_AUTO_MIN_CHANNELS = 32
-_WINOGRAD_AUTO_MIN_SIZE = 4
+_WINOGRAD_AUTO_MIN_SIZE = {torch.float32: 4, torch.bfloat16: 8}
 
 
 def _winograd_mode_from_env() -> str:
     raw = os.environ.get("IDDPM_CONV_WINOGRAD", "auto").strip().lower() or "auto"
     value = _WINOGRAD_ALIASES.get(raw, raw)
     if value not in _WINOGRAD_MODES:
-        raise ValueError(f"IDDPM_CONV_WINOGRAD: expected auto, 1 or 0 (or unset), got {raw!r}")
+        raise ValueError(f"IDDPM_CONV_WINOGRAD: expected auto, fp32, 1 or 0 (or unset), got {raw!r}")
     return value
 
 
@@ -246,12 +252,13 @@ _conv_winograd = _winograd_mode_from_env()
 
 
 def set_conv_winograd(mode: str | bool) -> str:
-    """Choose when the inference conv forward runs the Winograd 3×3 conv: "auto", "on" (True) or
-    "off" (False); returns the previous mode."""
+    """Choose when the inference conv forward runs the Winograd 3×3 conv: "auto", "fp32" (the
+    float32 calls "auto" takes, no bf16), "on" (True) or "off" (False); returns the previous
+    mode."""
     global _conv_winograd
     value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if value not in _WINOGRAD_MODES:
-        raise ValueError(f"mode: expected 'auto', 'on', 'off', True or False, got {mode!r}")
+        raise ValueError(f"mode: expected 'auto', 'fp32', 'on', 'off', True or False, got {mode!r}")
     previous, _conv_winograd = _conv_winograd, value
     return previous
 
@@ -276,6 +283,7 @@ class conv_winograd:
 
 
 _winograd_available = None
+_cpu_has_amx = None
 
 
 def _winograd_kernel() -> bool:
@@ -283,6 +291,15 @@ def _winograd_kernel() -> bool:
     if _winograd_available is None:
         _winograd_available = _winograd_ops.available()
     return _winograd_available
+
+
+def _amx() -> bool:
+    """Whether this CPU has AMX tiles (asked once; torch's private probe, False where it is absent)."""
+    global _cpu_has_amx
+    if _cpu_has_amx is None:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        _cpu_has_amx = bool(probe()) if probe is not None else False
+    return _cpu_has_amx
 
 
 class _PrepackedForward:
@@ -344,8 +361,8 @@ class _PrepackedForward:
             return dtype
         return None
 
-    def _winograd_weight(self, x):
-        """The transformed weight when this call runs the Winograd conv (see above), else None."""
+    def _winograd_dtype(self, x):
+        """The dtype this call runs the Winograd conv in (see above), or None for the other paths."""
         mode = _conv_winograd
         if mode == "off":
             return None
@@ -353,7 +370,6 @@ class _PrepackedForward:
         w = conv.weight
         if (
             type(x) is not torch.Tensor
-            or x.dtype != torch.float32
             or x.dim() != 4
             or x.device.type != "cpu"
             or not isinstance(conv, nn.Conv2d)
@@ -363,45 +379,66 @@ class _PrepackedForward:
             or conv.groups != 1
             or self.geometry is None
             or self.geometry[0] != [1, 1]
-            or w.dtype != torch.float32
             or w.device.type != "cpu"
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu")
             or not _winograd_kernel()
         ):
             return None
-        if mode == "auto":
+        if torch.is_autocast_enabled("cpu"):
+            # autocast's conv: bf16 from fp32 or bf16 input and weight; other dtypes as torch runs them
+            dtype = torch.get_autocast_dtype("cpu")
+            if (
+                dtype != torch.bfloat16
+                or x.dtype not in (torch.float32, torch.bfloat16)
+                or w.dtype not in (torch.float32, torch.bfloat16)
+            ):
+                return None
+        else:
+            dtype = x.dtype
+            if dtype not in (torch.float32, torch.bfloat16) or w.dtype != dtype:
+                return None  # (a mismatch: the plain path raises torch's own error)
+        if dtype == torch.bfloat16 and mode == "fp32":
+            return None
+        if mode in ("auto", "fp32"):
+            if dtype == torch.bfloat16 and _amx():
+                return None
             channels = min(conv.in_channels, conv.out_channels)
             size = min(x.shape[2], x.shape[3])
-            if channels < _WINOGRAD_AUTO_MIN_CHANNELS or size < _WINOGRAD_AUTO_MIN_SIZE:
+            if channels < _WINOGRAD_AUTO_MIN_CHANNELS or size < _WINOGRAD_AUTO_MIN_SIZE[dtype]:
                 return None
         if x.shape[1] != conv.in_channels:
             return None  # the plain path raises torch's own shape error
-        b = conv.bias
-        stamp = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
-        key = "winograd"
+        return dtype
+
+    def _winograd_weight(self, dtype):
+        """(transformed weight, bias) in ``dtype``, made once per weight version (cached)."""
+        conv = self.conv
+        w, b = conv.weight, conv.bias
+        stamp = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
+        key = ("winograd", dtype)
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
-            weight_t = _winograd_ops.winograd_weight(w.detach())
+            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype))
             if key not in self.entries and len(self.entries) >= self._MAX_ENTRIES:
                 self.entries.clear()  # (a stale entry of this key is replaced, the others kept)
-            bias = None if b is None else b.detach()
+            bias = None if b is None else b.detach().to(dtype)
             entry = (stamp, weight_t, bias, w.detach())  # w.detach(): keeps the address taken
             self.entries[key] = entry
         return entry[1], entry[2]
 
-    def _run_winograd(self, x, packed, residual):
-        weight_t, bias = packed
+    def _run_winograd(self, x, dtype, residual):
+        weight_t, bias = self._winograd_weight(dtype)
+        x2 = x.to(dtype)
         fold = (
             residual is not None
             and type(residual) is torch.Tensor
-            and residual.dtype == torch.float32
+            and residual.dtype == dtype
             and residual.device.type == "cpu"
             and tuple(residual.shape) == self._out_shape(x)
         )
-        y = _winograd_ops.conv3x3_winograd(x, weight_t, bias, residual if fold else None)
-        if not self._channels_last_out(x):
+        y = _winograd_ops.conv3x3_winograd(x2, weight_t, bias, residual if fold else None)
+        if not self._channels_last_out(x2):
             y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
         if residual is not None and not fold:
             y = residual + y
@@ -436,7 +473,7 @@ class _PrepackedForward:
         ``keep_channels_last``: a 1-D output stays channels-innermost ([N, T, C] in memory, as the
         packed op writes it) instead of being made a contiguous [N, C, T]. No-grad fp32 3×3 calls
         may run the Winograd conv instead (:func:`set_conv_winograd`)."""
-        winograd = self._winograd_weight(x)
+        winograd = self._winograd_dtype(x)
         if winograd is not None:
             return self._run_winograd(x, winograd, residual)
         dtype = self._compute_dtype(x)

@@ -95,8 +95,8 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //    "group_norm": {                   group_norm_act, group_norm_act_backward
 //      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
 //      "cuda": {"dtypes": [str, ...]} or None without CUDA},
-//    "winograd": {                     winograd_weight, conv3x3_winograd (float32)
-//      "cpu":  {"dtypes": ["float32"], "isa": str},  isa: the vector build run here
+//    "winograd": {                     winograd_weight, conv3x3_winograd
+//      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
 //      "cuda": None}}
 // (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
@@ -147,9 +147,7 @@ py::dict capabilities() {
   group_norm["cuda"] = gn_cuda;
   caps["group_norm"] = group_norm;
   py::dict winograd, wino_cpu;
-  py::list wino_dtypes;
-  wino_dtypes.append("float32");
-  wino_cpu["dtypes"] = wino_dtypes;
+  wino_cpu["dtypes"] = dtype_names(iddpm::cpu::kWinogradDtypes);
   wino_cpu["isa"] = iddpm::cpu::winograd_isa();
   winograd["cpu"] = wino_cpu;
   winograd["cuda"] = py::none();

@@ -54,7 +54,7 @@ TORCH_LIBRARY(iddpm, m) {
       "int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ---- Winograd F(2x2, 3x3) convolution, CPU float32 (csrc/ops/winograd.cpp) ----
+  // ---- Winograd F(2x2, 3x3) convolution, CPU float32 / bfloat16 (csrc/ops/winograd.cpp) ----
   // weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd takes).
   m.def("winograd_weight(Tensor weight) -> Tensor");
   // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]

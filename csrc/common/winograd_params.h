@@ -11,11 +11,15 @@
 // with Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 //      G  = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]],
 //      Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
-// Activations are channels-last (NHWC) float32; output rows/columns past H/W (odd sizes) are not
-// written.
+// Activations are channels-last (NHWC); output rows/columns past H/W (odd sizes) are not written.
+// Every array of one call has the same element type, `dtype`: float32, or bfloat16 (then the
+// transforms compute in float32 from the bf16 values and round V and y once each to bf16; the
+// GEMMs' M is bf16 as at::bmm writes it).
 #pragma once
 
 #include <cstdint>
+
+#include "common/dtype.h"
 
 namespace iddpm {
 
@@ -29,17 +33,19 @@ inline int64_t winograd_tiles(int64_t size) { return (size + kWinogradTile - 1) 
 // V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16
 // matrices is tile t.
 struct WinogradInputParams {
-  const float* x;  // [N, H, W, C] (channels-last)
-  float* v;        // [16, tile_end - tile_begin, C]
+  DType dtype = DType::kFloat32;  // of x and v
+  const void* x;                  // [N, H, W, C] (channels-last)
+  void* v;                        // [16, tile_end - tile_begin, C]
   int64_t N = 0, H = 0, W = 0, C = 0;
   int64_t tile_begin = 0, tile_end = 0;
 };
 
 struct WinogradOutputParams {
-  const float* m;         // [16, tile_end - tile_begin, C]
-  const float* bias;      // [C] or nullptr
-  const float* residual;  // [N, H, W, C] or nullptr (added to the output)
-  float* y;               // [N, H, W, C]
+  DType dtype = DType::kFloat32;  // of m, bias, residual and y
+  const void* m;                  // [16, tile_end - tile_begin, C]
+  const void* bias;               // [C] or nullptr
+  const void* residual;           // [N, H, W, C] or nullptr (added to the output)
+  void* y;                        // [N, H, W, C]
   int64_t N = 0, H = 0, W = 0, C = 0;
   int64_t tile_begin = 0, tile_end = 0;
 };

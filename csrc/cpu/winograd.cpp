@@ -2,6 +2,13 @@
 // transform (once per weight, not vectorised).
 #include "cpu/winograd.h"
 
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 #include "cpu/isa_select.h"
 #include "cpu/winograd_isa.h"
 
@@ -32,16 +39,36 @@ void winograd_output(const WinogradOutputParams& p) {
   wino_default::winograd_output(p);
 }
 
-void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t stride[4], float* u) {
+namespace {
+
+// v rounded once (to nearest, ties to even) to bfloat16. Rounding to float first and then to bf16
+// could round twice (a sum of up to 9 products of bf16 weights and 0, ±½, ±¼ may need more than
+// float's 24 bits); rounding to float toward zero with the last bit set when inexact ("round to
+// odd", 24 ≥ 8 + 2 bits) and then to bf16 to nearest gives the correctly rounded result.
+c10::BFloat16 round_to_bf16(double v) {
+  float f = static_cast<float>(v);
+  if (std::isfinite(f) && static_cast<double>(f) != v) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.f);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= 1u;
+    std::memcpy(&f, &bits, sizeof bits);
+  }
+  return c10::BFloat16(f);  // round to nearest even
+}
+
+template <class T>
+void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4], T* u) {
   // G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]
   static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   const int64_t kstride = Cin * Cout;
   for (int64_t co = 0; co < Cout; ++co) {
     for (int64_t ci = 0; ci < Cin; ++ci) {
-      const float* g = w + co * stride[0] + ci * stride[1];
+      const T* g = w + co * stride[0] + ci * stride[1];
       double gg[3][3];
       for (int r = 0; r < 3; ++r)
-        for (int s = 0; s < 3; ++s) gg[r][s] = g[r * stride[2] + s * stride[3]];
+        for (int s = 0; s < 3; ++s)
+          gg[r][s] = static_cast<double>(g[r * stride[2] + s * stride[3]]);
       double t[4][3];  // G g
       for (int i = 0; i < 4; ++i)
         for (int s = 0; s < 3; ++s)
@@ -49,10 +76,25 @@ void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t st
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
           const double v = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
-          u[(4 * i + j) * kstride + ci * Cout + co] = static_cast<float>(v);
+          if constexpr (std::is_same_v<T, float>) {
+            u[(4 * i + j) * kstride + ci * Cout + co] = static_cast<float>(v);
+          } else {
+            u[(4 * i + j) * kstride + ci * Cout + co] = round_to_bf16(v);
+          }
         }
     }
   }
+}
+
+}  // namespace
+
+void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
+                     void* u) {
+  if (dtype == DType::kBFloat16) {
+    return weight_impl(static_cast<const c10::BFloat16*>(w), Cout, Cin, stride,
+                       static_cast<c10::BFloat16*>(u));
+  }
+  weight_impl(static_cast<const float*>(w), Cout, Cin, stride, static_cast<float*>(u));
 }
 
 }  // namespace iddpm::cpu

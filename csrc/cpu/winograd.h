@@ -14,9 +14,13 @@ namespace iddpm::cpu {
 void winograd_input(const WinogradInputParams& p);
 // y from M (output transform, + bias, + residual).
 void winograd_output(const WinogradOutputParams& p);
-// U [16, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), computed in
-// float64 and rounded once to float32.
-void winograd_weight(const float* w, int64_t Cout, int64_t Cin, const int64_t stride[4], float* u);
+// The dtypes the transforms and the weight transform take (one for all arrays of a call).
+inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
+
+// U [16, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), both of
+// `dtype` (float32 or bfloat16), computed in float64 and rounded once to dtype.
+void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
+                     void* u);
 // "avx512", "avx2" or "default": the build the transforms run on this CPU
 // (IDDPM_WINOGRAD_CPU_ISA=avx2 or default forces a lower one).
 const char* winograd_isa();

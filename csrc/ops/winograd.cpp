@@ -1,16 +1,18 @@
 // csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) convolution:
 //
 //   iddpm::winograd_weight(Tensor weight) -> Tensor
-//     weight: [Cout, Cin, 3, 3] float32 (any strides) -> U [16, Cin, Cout] float32 (G g Gᵀ per
-//     (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made once per
-//     weight.
+//     weight: [Cout, Cin, 3, 3] float32 or bfloat16 (any strides) -> U [16, Cin, Cout] of its dtype
+//     (G g Gᵀ per (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made
+//     once per weight.
 //   iddpm::conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual) -> Tensor
-//     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] float32 (any
-//     layout; channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout],
-//     residual [N, Cout, H, W] float32. y: [N, Cout, H, W] float32, channels-last.
-// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (at::bmm, MKL on torch's CPU builds), output
-// transform (common/winograd_params.h has the math; the transforms are csrc/cpu/winograd*). CPU
-// only.
+//     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] (any layout;
+//     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
+//     [N, Cout, H, W], all float32 or all bfloat16. y: [N, Cout, H, W] of that dtype,
+//     channels-last.
+// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (at::bmm: MKL for float32, oneDNN for bf16 on
+// torch's CPU builds), output transform (common/winograd_params.h has the math; the transforms
+// are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded once from float32
+// arithmetic). CPU only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -36,36 +38,45 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 constexpr int64_t kBlockBytes = int64_t(8) << 20;
 constexpr int64_t kMinBlockTiles = 64;
 
-// A workspace of n floats (never shared between threads, so concurrent calls from different
+// A workspace of `bytes` bytes (never shared between threads, so concurrent calls from different
 // threads are safe): the calling thread's kept buffer (grown as needed, up to
 // 2·kBlockBytes: ~8 MB normally), or a buffer of this call alone for the rare wider convolution
 // (kMinBlockTiles tiles of thousands of channels), so no thread keeps more than 16 MB for good.
-at::Tensor workspace(int64_t n, const at::TensorOptions& options) {
-  if (4 * n > 2 * kBlockBytes) return at::empty({n}, options);
+at::Tensor workspace(int64_t bytes, const at::TensorOptions& options) {
+  const auto opts = options.dtype(at::kByte);
+  if (bytes > 2 * kBlockBytes) return at::empty({bytes}, opts);
   thread_local at::Tensor buf;
-  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, options);
+  if (!buf.defined() || buf.numel() < bytes) buf = at::empty({bytes}, opts);
   return buf;
 }
 
-void check_cpu_float(const at::Tensor& t, const char* name) {
+void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cpu(), name,
                     ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
                     t.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
-                    torch_dtype_name(t));
+  TORCH_CHECK_VALUE(dtype_in(t.scalar_type(), cpu::kWinogradDtypes), name, ": expected dtype ",
+                    dtype_names(cpu::kWinogradDtypes), ", got ", torch_dtype_name(t));
+}
+
+// t (checked by check_cpu) has the dtype of `ref`.
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
+                    torch_dtype_name(ref), " (that of ", ref_name, "), got ", torch_dtype_name(t));
 }
 
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   check_defined(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
                     "weight: expected shape [Cout, Cin, 3, 3], got ", shape_str(weight));
-  check_cpu_float(weight, "weight");
+  check_cpu(weight, "weight");
   const int64_t Cout = weight.size(0), Cin = weight.size(1);
   at::Tensor u = at::empty({kWinogradPoints, Cin, Cout}, weight.options());
   const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
                              weight.stride(3)};
   if (u.numel() > 0)
-    cpu::winograd_weight(weight.data_ptr<float>(), Cout, Cin, stride, u.data_ptr<float>());
+    cpu::winograd_weight(weight.const_data_ptr(), dtype_of(weight), Cout, Cin, stride,
+                         u.mutable_data_ptr());
   return u;
 }
 
@@ -73,9 +84,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
                                 const OptTensor& bias, const OptTensor& residual) {
   check_defined(x_in, "x");
   check_dim(x_in, "x", 4, "[N, Cin, H, W]");
-  check_cpu_float(x_in, "x");
+  check_cpu(x_in, "x");
   check_defined(weight_t, "weight_t");
-  check_cpu_float(weight_t, "weight_t");
+  check_cpu(weight_t, "weight_t");
+  check_same_dtype(weight_t, "weight_t", x_in, "x");
   const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   TORCH_CHECK_VALUE(
       weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
@@ -84,12 +96,14 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
       shape_str(weight_t));
   const int64_t Cout = weight_t.size(2);
   if (given(bias)) {
-    check_cpu_float(*bias, "bias");
+    check_cpu(*bias, "bias");
+    check_same_dtype(*bias, "bias", x_in, "x");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Cout, "bias: expected shape [", Cout,
                       "] ([Cout] of weight_t), got ", shape_str(*bias));
   }
   if (given(residual)) {
-    check_cpu_float(*residual, "residual");
+    check_cpu(*residual, "residual");
+    check_same_dtype(*residual, "residual", x_in, "x");
     TORCH_CHECK_VALUE(residual->dim() == 4 && residual->size(0) == N && residual->size(1) == Cout &&
                           residual->size(2) == H && residual->size(3) == W,
                       "residual: expected shape [", N, ", ", Cout, ", ", H, ", ", W,
@@ -106,19 +120,22 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   // Blocks of tiles whose V and M together take about kBlockBytes (at least kMinBlockTiles
   // tiles: the GEMMs need rows), in a per-thread workspace kept between calls (fresh multi-MB
   // buffers cost page faults on every call).
-  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and M per tile
-  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
-  const at::Tensor ws_buf = workspace(block * per_tile, x.options());  // held for the call
-  float* ws = ws_buf.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  const DType dtype = dtype_of(x);
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // elements of V and M per tile
+  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (esize * per_tile)));
+  const at::Tensor ws_buf = workspace(block * per_tile * esize, x.options());  // held for the call
+  char* ws = static_cast<char*>(ws_buf.mutable_data_ptr());
+  const void* xp = x.const_data_ptr();
   for (int64_t t0 = 0; t0 < P; t0 += block) {
     const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;
-    float* vp = ws;
-    float* mp = ws + kWinogradPoints * rows * Cin;
+    void* vp = ws;
+    void* mp = ws + kWinogradPoints * rows * Cin * esize;
     at::Tensor v = at::from_blob(vp, {kWinogradPoints, rows, Cin}, x.options());
     at::Tensor m = at::from_blob(mp, {kWinogradPoints, rows, Cout}, x.options());
     if (Cin > 0) {
       WinogradInputParams in;
+      in.dtype = dtype;
       in.x = xp;
       in.v = vp;
       in.N = N, in.H = H, in.W = W, in.C = Cin;
@@ -127,10 +144,11 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     }
     at::bmm_out(m, v, u);  // Cin = 0: zeros
     WinogradOutputParams out;
+    out.dtype = dtype;
     out.m = mp;
-    out.bias = b.defined() ? b.data_ptr<float>() : nullptr;
-    out.residual = r.defined() ? r.data_ptr<float>() : nullptr;
-    out.y = y.data_ptr<float>();
+    out.bias = b.defined() ? b.const_data_ptr() : nullptr;
+    out.residual = r.defined() ? r.const_data_ptr() : nullptr;
+    out.y = y.mutable_data_ptr();
     out.N = N, out.H = H, out.W = W, out.C = Cout;
     out.tile_begin = t0, out.tile_end = t1;
     cpu::winograd_output(out);

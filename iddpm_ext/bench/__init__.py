@@ -29,6 +29,10 @@ BENCHES = {
         "iddpm_ext.bench.group_norm",
         "GroupNorm + scale-shift + SiLU: fused op vs eager composition (iddpm::group_norm_act)",
     ),
+    "conv": (
+        "iddpm_ext.bench.conv",
+        "3x3 convs at the UNet's shapes (CPU): Winograd op vs oneDNN (iddpm::conv3x3_winograd)",
+    ),
     "train": (
         "iddpm_ext.bench.train",
         "training step it/s and peak memory (CIFAR-10 config), fused vs einsum",

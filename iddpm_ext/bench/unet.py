@@ -13,9 +13,10 @@ same from the fastest run of each, steadier on a busy machine; on the CPU also `
 ``speedup_cpu``: the median process CPU time per call, which time spent waiting for a shared core
 does not inflate) and ``rel_err``: the relative L2 error of the output against the fp32 baseline's.
 On the CPU the rows include ``to_inference(..., prepack=True)`` (oneDNN-packed conv weights,
-:func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it, the fp32 one also with its
-Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the process-wide
-mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16 autocast.
+:func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it, the fp32 and the bf16 one also
+with their Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the
+process-wide mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16
+autocast.
 ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise, attention, other)
 from one profiled call (torch.profiler, self times). ``--compile-reference MODE`` adds the baseline
 under ``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to
@@ -294,8 +295,25 @@ def layer_kind(op_name: str) -> str:
     return "elementwise" if name in _ELEMENTWISE else "other"
 
 
+_OPS = ("aten::", "iddpm::", "mkldnn::")
+
+
+def _event_kind(ev) -> str:
+    """An op's kind is that of its outermost enclosing op with a kind other than "other" (itself if
+    none): the GEMMs inside iddpm::conv3x3_winograd count as conv, inside SDPA as attention, the
+    copies inside iddpm::group_norm_act as norm."""
+    kind, node = "other", ev
+    while node is not None:
+        if node.name.startswith(_OPS):
+            k = layer_kind(node.name)
+            kind = k if k != "other" else kind
+        node = node.cpu_parent
+    return kind
+
+
 def breakdown_ms(fn, device) -> dict:
-    """Milliseconds of ``fn()`` per layer kind: the ops' self times from one profiled call."""
+    """Milliseconds of ``fn()`` per layer kind: the ops' self times from one profiled call, each
+    counted for the kind of its outermost op with one (:func:`_event_kind`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -306,13 +324,13 @@ def breakdown_ms(fn, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     totals = dict.fromkeys(KINDS, 0.0)
-    for ev in prof.key_averages():
+    for ev in prof.events():
         if device.type == "cuda":
             us = getattr(ev, "self_device_time_total", 0) or 0
         else:
             us = ev.self_cpu_time_total
-        if ev.key.startswith(("aten::", "iddpm::", "mkldnn::")):
-            totals[layer_kind(ev.key)] += us / 1e3
+        if ev.name.startswith(_OPS):
+            totals[_event_kind(ev)] += us / 1e3
     return {k: round(v, 3) for k, v in totals.items()}
 
 
@@ -383,6 +401,11 @@ def _forward_variants(model, config, device, compile_mode=None):
         variants.append(
             ("ours to_inference(bf16, channels-last, prepack)", b16, bf16_packed, b16, None, "auto", "auto")
         )
+        # Its A/B: the bf16 Winograd 3x3 convs off (oneDNN's packed bf16 convs instead).
+        variants.append(
+            ("ours to_inference(bf16, channels-last, prepack), winograd off", b16, bf16_packed, b16, None,
+             "auto", "auto", "off")
+        )  # fmt: skip
     return variants
 
 

@@ -1,17 +1,20 @@
-"""iddpm::conv3x3_winograd — a CPU float32 3×3 convolution (stride 1, padding 1, dilation 1, one
+"""iddpm::conv3x3_winograd — a CPU float32 / bfloat16 3×3 convolution (stride 1, padding 1, dilation 1, one
 group) by Winograd's F(2×2, 3×3) (csrc/ops/winograd.cpp; transforms csrc/cpu/winograd*).
 
 The output is cut into 2×2 tiles; each tile's 4×4 input patch d and each 3×3 filter g are
 transformed (``Bᵀ d B``, ``G g Gᵀ``), multiplied pointwise over the 16 points (16 GEMMs
 [tiles, Cin] @ [Cin, Cout]) and transformed back (``Aᵀ M A``): 16 multiplies per output tile and
-channel pair instead of 36. The transform matrices hold 0, ±1 and ±½, so the result is as accurate
-as a direct fp32 convolution (tests/ops/test_winograd.py measures both against float64).
+channel pair instead of 36. The transform matrices hold 0, ±1 and ±½, so in float32 the result is
+as accurate as a direct fp32 convolution (tests/ops/test_winograd.py measures both against
+float64). In bfloat16 the transformed input and weight and the GEMMs' products are rounded to bf16
+(float32 arithmetic in between): about 1.5–2.5× the error of torch's direct bf16 convolution
+(which rounds only its output), within the UNet's bf16 error budget (docs/unet.md).
 
 - :func:`winograd_weight` — the transformed weight [16, Cin, Cout] of a [Cout, Cin, 3, 3] weight
   (computed in float64, rounded once), made once per weight (``iddpm_ext.nn`` caches it).
 - :func:`conv3x3_winograd` — ``conv2d(x, weight, bias, 1, 1) + residual`` from that weight;
   x [N, Cin, H, W] (channels-last is read in place), output channels-last.
-- :func:`available` — whether ``_C`` has the kernel (CPU, float32).
+- :func:`available` — whether ``_C`` has the kernel (CPU, float32 and bfloat16).
 
 Inference only: the op has no autograd formula (differentiating through it raises).
 """
@@ -29,7 +32,8 @@ def available() -> bool:
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[Cout, Cin, 3, 3] float32 CPU weight -> [16, Cin, Cout] (``G g Gᵀ`` per filter)."""
+    """[Cout, Cin, 3, 3] float32 or bfloat16 CPU weight -> [16, Cin, Cout] of its dtype (``G g Gᵀ``
+    per filter, computed in float64 and rounded once)."""
     loader.require()
     return torch.ops.iddpm.winograd_weight(weight)
 
@@ -42,8 +46,9 @@ def conv3x3_winograd(
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)``, channels-last output.
 
-    x: [N, Cin, H, W] float32 CPU; weight_t: :func:`winograd_weight` of the [Cout, Cin, 3, 3]
-    weight; bias: [Cout] or None; residual: [N, Cout, H, W] or None (added to the output)."""
+    x: [N, Cin, H, W] CPU, float32 or bfloat16; weight_t: :func:`winograd_weight` of the
+    [Cout, Cin, 3, 3] weight; bias: [Cout] or None; residual: [N, Cout, H, W] or None (added to the
+    output); all of x's dtype, as is the output."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd(x, weight_t, bias, residual)
 
@@ -53,7 +58,10 @@ def conv3x3_winograd(
 # ---------------------------------------------------------------------------------
 
 
-def _check_float(t, name, ref=None, ref_name=""):
+DTYPES = (torch.float32, torch.bfloat16)  # csrc/cpu/winograd.h's kWinogradDtypes
+
+
+def _check_tensor(t, name, ref=None, ref_name=""):
     checks.defined(t, name)
     if ref is not None:
         checks.same_device(t, name, ref, ref_name)
@@ -61,8 +69,13 @@ def _check_float(t, name, ref=None, ref_name=""):
         raise ValueError(
             f"{name}: expected a CPU tensor (the op has a CPU kernel only), got one on {t.device}"
         )
-    if t.dtype != torch.float32:
-        raise ValueError(f"{name}: expected dtype float32, got {checks.dtype_name(t.dtype)}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {checks.dtype_name(t.dtype)}")
+    if ref is not None and t.dtype != ref.dtype:
+        raise ValueError(
+            f"{name}: expected dtype {checks.dtype_name(ref.dtype)} (that of {ref_name}), "
+            f"got {checks.dtype_name(t.dtype)}"
+        )
 
 
 if loader.available():
@@ -74,15 +87,15 @@ if loader.available():
             weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
             lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
         )
-        _check_float(weight, "weight")
+        _check_tensor(weight, "weight")
         return weight.new_empty((16, weight.shape[1], weight.shape[0]))
 
     @torch.library.register_fake("iddpm::conv3x3_winograd")
     def _conv3x3_winograd_fake(x, weight_t, bias=None, residual=None):
         checks.defined(x, "x")
         checks.dim(x, "x", 4, "[N, Cin, H, W]")
-        _check_float(x, "x")
-        _check_float(weight_t, "weight_t", x, "x")
+        _check_tensor(x, "x")
+        _check_tensor(weight_t, "weight_t", x, "x")
         N, Cin, H, W = x.shape
         torch._check_value(
             weight_t.dim() == 3 and weight_t.shape[0] == 16 and weight_t.shape[1] == Cin,
@@ -93,11 +106,11 @@ if loader.available():
         )
         Cout = weight_t.shape[2]
         if bias is not None:
-            _check_float(bias, "bias", x, "x")
+            _check_tensor(bias, "bias", x, "x")
             cond = bias.dim() == 1 and bias.shape[0] == Cout
             checks.shape(cond, "bias", (Cout,), bias, " ([Cout] of weight_t)")
         if residual is not None:
-            _check_float(residual, "residual", x, "x")
+            _check_tensor(residual, "residual", x, "x")
             checks.shape(
                 residual.dim() == 4 and tuple(residual.shape) == (N, Cout, H, W),
                 "residual",

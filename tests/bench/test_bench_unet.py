@@ -25,7 +25,7 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     assert bench.main(args) == 0
     printed = capsys.readouterr().out
     recs = json.loads(out.read_text())["records"]
-    assert [r["dtype"] for r in recs] == ["float32"] * 5 + ["bfloat16"] * 6
+    assert [r["dtype"] for r in recs] == ["float32"] * 5 + ["bfloat16"] * 7
     assert recs[0]["impl"].startswith("baseline (ours, all fast paths off")
     assert recs[5]["impl"].endswith("+ bf16 autocast")
     assert [r["impl"] for r in recs if "prepack" in r["impl"]] == [
@@ -33,6 +33,7 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
         "ours to_inference(channels-last, prepack), winograd off",
         "ours to_inference(channels-last, prepack) + bf16 autocast",
         "ours to_inference(bf16, channels-last, prepack)",
+        "ours to_inference(bf16, channels-last, prepack), winograd off",
     ]
     assert recs[0]["speedup"] == 1 and recs[5]["speedup"] == 1
     assert recs[0]["speedup_cpu"] == 1 and all(r["cpu_ms"] > 0 for r in recs)
@@ -104,6 +105,34 @@ def test_compiled_reference_rows(tmp_path, monkeypatch):
 )
 def test_layer_kind(name, kind):
     assert bench_unet.layer_kind(name) == kind
+
+
+@pytest.mark.kernels
+def test_breakdown_counts_nested_ops_for_their_outermost_kind():
+    """The GEMMs (aten::bmm) inside the Winograd conv are conv time, those of einsum attention
+    attention time; a linear layer's addmm stays "other"."""
+    import torch
+
+    x = torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    u = torch.ops.iddpm.winograd_weight(torch.randn(64, 64, 3, 3))
+    q, k = torch.randn(2, 32, 64), torch.randn(2, 32, 64)
+    a, b = torch.randn(4, 8), torch.randn(8, 8)
+
+    def conv():
+        for _ in range(3):
+            torch.ops.iddpm.conv3x3_winograd(x, u)
+
+    def attention():
+        torch.einsum("bct,bcs->bts", q, k).softmax(-1)
+
+    def linear():
+        torch.nn.functional.linear(a, b)
+
+    cpu = torch.device("cpu")
+    got = {name: bench_unet.breakdown_ms(fn, cpu) for name, fn in
+           [("conv", conv), ("attention", attention), ("other", linear)]}  # fmt: skip
+    for name, totals in got.items():
+        assert totals[name] > 0 and all(v == 0 for k, v in totals.items() if k != name), (name, totals)
 
 
 @pytest.mark.parametrize(

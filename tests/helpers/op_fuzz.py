@@ -40,6 +40,7 @@ DTYPES = FLOATS + [torch.int32, torch.int64, torch.bool, torch.complex64]
 EXTREME_HEADS = [0, -1, -(2**63), 2**62, (2**64 + 2) // 3, 2**63 - 1]
 HUGE = 2**40  # a dim that only exists next to a 0-size one
 LAYOUTS = ["contiguous", "strided", "transposed", "expanded"]
+WINOGRAD_DTYPES = (torch.float32, torch.bfloat16)  # what conv3x3_winograd / winograd_weight take
 # Tolerances against the float64 oracles, relative to max(1, |reference|): the output's
 # rounding and the float32 arithmetic, generously (precision is tested elsewhere; this catches
 # garbage).
@@ -785,7 +786,8 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     if 0 in (cout, cin) and data.draw(st.booleans()):
         cout, cin = (HUGE, cin) if cout == 0 and cin else (cout, HUGE) if cin == 0 and cout else (cout, cin)
     shape = choose(data, (cout, cin, 3, 3), (cout, cin, 3), (cout, cin, 5, 5), (cout, cin, 3, 1), (3, 3))
-    dtype = choose(data, torch.float32, *[d for d in DTYPES if d != torch.float32])
+    good = data.draw(st.sampled_from(WINOGRAD_DTYPES))
+    dtype = choose(data, good, *[d for d in DTYPES if d not in WINOGRAD_DTYPES])
     weight = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from([base, *mixes]))
     res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device)), ("weight",))
@@ -796,14 +798,15 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     assert device != FAKE_CUDA or err is not None, "winograd_weight accepted a CUDA weight (CPU kernel only)"
     if err is not None:
         return
-    assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4 and weight.dtype == torch.float32
-    assert res.shape == (16, weight.shape[1], weight.shape[0]) and res.dtype == torch.float32
+    assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4
+    assert weight.dtype in WINOGRAD_DTYPES, f"winograd_weight accepted {weight.dtype}"
+    assert res.shape == (16, weight.shape[1], weight.shape[0]) and res.dtype == weight.dtype
     assert res.device.type == "cpu", f"winograd_weight ran on {res.device} (it has a CPU kernel only)"
     if res.numel() == 0:
         return
     g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
     ref = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g).reshape(16, *res.shape[1:])
-    close(res, ref, torch.float32, "winograd_weight")
+    close(res, ref, weight.dtype, "winograd_weight")
 
 
 def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
@@ -819,26 +822,32 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
         N, H = (0, HUGE) if data.draw(st.booleans()) else (N, 0)
         cout = HUGE if H == 0 and data.draw(st.booleans()) else cout
     x_shape = choose(data, (N, cin, H, W), (N, cin, H), (cin, H, W, N, 1))
-    x = make(data, x_shape, choose(data, torch.float32, torch.float64, torch.float16, torch.int64), gen)
-    w = values((cout, cin, 3, 3), torch.float32, gen) if cout * cin <= 10**5 else None
+    x_dtype = choose(
+        data, data.draw(st.sampled_from(WINOGRAD_DTYPES)), torch.float64, torch.float16, torch.int64
+    )
+    x = make(data, x_shape, x_dtype, gen)
+    # the weight in x's dtype where the op takes it (most draws), else float32 (a mismatch)
+    w_dtype = x_dtype if x_dtype == torch.bfloat16 and data.draw(st.integers(0, 4)) else torch.float32
+    w = values((cout, cin, 3, 3), w_dtype, gen) if cout * cin <= 10**5 else None
     if w is not None and data.draw(st.integers(0, 9)):
         weight_t = torch.ops.iddpm.winograd_weight(w)
     else:
         wt_shape = choose(data, (16, cin, cout), (9, cin, cout), (16, cin + 1, cout), (16, cin))
-        weight_t = make(data, wt_shape, choose(data, torch.float32, torch.float64), gen, layout="contiguous")
+        wt_dtype = choose(data, torch.float32, torch.bfloat16, torch.float64)
+        weight_t = make(data, wt_shape, wt_dtype, gen, layout="contiguous")
         w = None  # no oracle for a drawn weight_t
     bias = None
     if data.draw(st.booleans()):
         bias = make(
             data,
             choose(data, (cout,), (cout + 1,), (1, cout)),
-            choose(data, torch.float32, torch.bfloat16),
+            choose(data, x_dtype, torch.float32, torch.bfloat16),
             gen,
         )
     residual = None
     if data.draw(st.booleans()):
         r_shape = choose(data, (N, cout, H, W), (N, cout, H, W + 1), (N, cout, H))
-        residual = make(data, r_shape, choose(data, torch.float32, torch.float64), gen)
+        residual = make(data, r_shape, choose(data, x_dtype, torch.float32, torch.float64), gen)
     tensors = {"x": x, "weight_t": weight_t, "bias": bias, "residual": residual}
     drawn = draw_devices(data, _WINOGRAD_TENSORS, base, list(mixes))
     devices = {n: d for n, d in drawn.items() if tensors[n] is not None}
@@ -857,10 +866,12 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     assert FAKE_CUDA not in devices.values() or err is not None, "conv3x3_winograd accepted CUDA tensors"
     if err is not None:
         return
-    assert x.dim() == 4 and x.dtype == torch.float32, f"accepted x {x.dtype} {tuple(x.shape)}"
+    assert x.dim() == 4 and x.dtype in WINOGRAD_DTYPES, f"accepted x {x.dtype} {tuple(x.shape)}"
+    for name, t in (("bias", bias), ("residual", residual)):
+        assert t is None or t.dtype == x.dtype, f"accepted {name} {t.dtype} with x {x.dtype}"
     assert res.device.type == "cpu", f"conv3x3_winograd ran on {res.device} (it has a CPU kernel only)"
-    assert weight_t.dtype == torch.float32 and tuple(weight_t.shape[:2]) == (16, x.shape[1])
-    assert res.shape == (x.shape[0], weight_t.shape[2], *x.shape[2:]) and res.dtype == torch.float32
+    assert weight_t.dtype == x.dtype and tuple(weight_t.shape[:2]) == (16, x.shape[1])
+    assert res.shape == (x.shape[0], weight_t.shape[2], *x.shape[2:]) and res.dtype == x.dtype
     if res.numel() == 0 or w is None:
         return
     if x.shape[1] == 0:  # an empty sum (torch's conv2d returns a 0-channel tensor there)
@@ -871,4 +882,4 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
         ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
     if residual is not None:
         ref = ref + residual.double()
-    close(res, ref, torch.float32, "conv3x3_winograd")
+    close(res, ref, x.dtype, "conv3x3_winograd")

@@ -206,7 +206,7 @@ needs_mkldnn = pytest.mark.skipif(not inn._mkldnn_conv_available(), reason="torc
 def _packed_entries(model, winograd=False):
     """How many packed weight copies (``winograd``: Winograd-transformed copies) the convs hold."""
     return sum(
-        (key == "winograd") == winograd
+        (key[0] == "winograd") == winograd
         for m in model.modules()
         if inn.conv_prepack_enabled(m)
         for key in m.__dict__["forward"].entries

@@ -1,8 +1,10 @@
 """The Winograd 3×3 conv in the inference conv forward (iddpm_ext.nn.set_conv_winograd): the UNet
-with it matches the reference's computation (fp32 ≤ 1e-5 relative), which convs "auto" / "on" /
-"off" run it for, the calls that never take it (grad, autocast, float64, prepack off), the
-transformed-weight cache (in-place changes, new tensors, load_state_dict, train()), the fused
-residual add, the output layout, and the switch's errors and environment variable."""
+with it matches the reference's computation (fp32 ≤ 1e-5 relative; bf16 weights and bf16 autocast
+within 2× of the reference's own bf16-autocast error), which convs "auto" / "fp32" / "on" / "off"
+run it for and in which dtype (bf16 "auto": maps ≥ 8, CPUs without AMX), the calls that never take
+it (grad, float64, prepack off), the transformed-weight cache (in-place changes, new tensors,
+load_state_dict, train(), one entry per compute dtype), the fused residual add, the output layout,
+and the switch's errors and environment variable."""
 
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ def _all_off(model, x, t):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records (Cin, Cout, H, W, residual given) of each Winograd conv call."""
+    """Records (Cin, Cout, H, W, residual given, dtype) of each Winograd conv call."""
     calls = []
     real = wops.conv3x3_winograd
 
     def wrapped(x, weight_t, bias=None, residual=None):
-        calls.append((x.shape[1], weight_t.shape[2], x.shape[2], x.shape[3], residual is not None))
+        assert weight_t.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+        calls.append((x.shape[1], weight_t.shape[2], x.shape[2], x.shape[3], residual is not None, x.dtype))
         return real(x, weight_t, bias, residual)
 
     monkeypatch.setattr(wops, "conv3x3_winograd", wrapped)
@@ -102,18 +105,85 @@ def test_auto_skips_small_channel_counts_and_maps(spy):
     assert len(spy) < len(convs) - 2
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_auto_takes_maps_of_8_and_more_on_cpus_without_amx(spy, monkeypatch, amx):
+    monkeypatch.setattr(inn, "_cpu_has_amx", amx)
+    fast = _model().to_inference(torch.bfloat16)
+    convs = _convs_3x3_s1(fast)
+    with torch.no_grad(), inn.conv_winograd("auto"):
+        fast(*_inputs(spatial=(16, 16)))  # 16×16 and 8×8 maps: every ≥ 32-channel conv
+        n_16 = len(spy)
+        fast(*_inputs(spatial=(8, 8)))  # 8×8 and 4×4 maps: the 4×4 level is skipped
+    if amx:  # not measured against oneDNN's AMX bf16 convs: the direct conv
+        assert spy == []
+        return
+    assert n_16 == len(convs) - 2 and all(c[5] == torch.bfloat16 for c in spy)
+    assert all(min(c[0], c[1]) >= 32 and min(c[2], c[3]) >= 8 for c in spy)
+    assert n_16 < len(spy) < 2 * n_16
+    spy.clear()
+    with torch.no_grad(), inn.conv_winograd("fp32"):  # "fp32": no bf16 call ...
+        fast(*_inputs(spatial=(16, 16)))
+        assert spy == []
+        _model().to_inference()(*_inputs(spatial=(16, 16)))  # ... the fp32 ones as "auto"
+    assert len(spy) == len(convs) - 2 and all(c[5] == torch.float32 for c in spy)
+
+
+def _bf16_error_budget(model, x, t):
+    """(the fp32 reference computation, 2 × the reference computation's own bf16-autocast error)."""
+    expected = _all_off(model, x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16 = _all_off(model, x, t)
+    return expected, 2 * _rel(ref_bf16, expected)
+
+
+def test_bf16_weights_on_matches_the_reference_within_2x_its_bf16_error(spy):
+    model = _model()
+    x, t = _inputs(spatial=(16, 16))
+    expected, budget = _bf16_error_budget(model, x, t)
+    fast = copy.deepcopy(model).to_inference(torch.bfloat16)
+    with torch.no_grad(), inn.conv_winograd("on"):
+        got = fast(x, t)
+    assert len(spy) == len(_convs_3x3_s1(model)) and all(c[5] == torch.bfloat16 for c in spy)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert _rel(got, expected) <= budget, (_rel(got, expected), budget)
+    with torch.no_grad(), inn.conv_winograd("off"):
+        direct = fast(x, t)
+    assert not torch.equal(direct, got) and _rel(direct, expected) <= budget
+
+
+def test_bf16_autocast_runs_it_in_bf16(spy):
+    """Under CPU bf16 autocast (fp32 weights) the conv is bf16 as autocast's: weight, bias and input
+    cast to bf16, a bf16 result."""
+    model = _model()
+    x, t = _inputs(spatial=(16, 16))
+    expected, budget = _bf16_error_budget(model, x, t)
+    fast = copy.deepcopy(model).to_inference()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), inn.conv_winograd("on"):
+        got = fast(x, t)
+        conv = _convs_3x3_s1(fast)[1]
+        h = torch.randn(2, conv.in_channels, 8, 8)
+        y = conv(h)
+        plain = F.conv2d(h, conv.weight, conv.bias, 1, 1)  # autocast's bf16 conv
+    assert len(spy) == len(_convs_3x3_s1(model)) + 1 and all(c[5] == torch.bfloat16 for c in spy)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    assert _rel(y, plain) <= 1e-2
+    assert _rel(got, expected) <= budget, (_rel(got, expected), budget)
+
+
 def test_calls_that_never_take_it(spy):
     model = _model()
     x, t = _inputs()
     fast = copy.deepcopy(model).to_inference()
     with inn.conv_winograd("on"):
         fast(x, t)  # grad enabled
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            fast(x, t)  # the conv runs in bf16
+        copy.deepcopy(model).to_inference(torch.bfloat16)(x, t)
         with torch.no_grad():
             copy.deepcopy(model).to_inference(prepack=False)(x, t)  # the modules' own forward
+            copy.deepcopy(model).to_inference(torch.bfloat16, prepack=False)(x, t)
             fast64 = copy.deepcopy(fast).double()
             fast64(x.double(), t)
+            with torch.autocast("cpu", dtype=torch.float16):
+                fast(x, t)  # a CPU fp16 autocast: torch's conv
     assert spy == []
 
 
@@ -129,7 +199,7 @@ def test_weight_cache_follows_changes():
             got = conv(x)
             expected = F.conv2d(x, conv.weight, conv.bias, 1, 1)
         assert _rel(got, expected) <= 1e-6
-        return fwd.entries["winograd"][1]
+        return fwd.entries[("winograd", torch.float32)][1]
 
     with inn.conv_winograd("on"):
         first = check()
@@ -143,20 +213,29 @@ def test_weight_cache_follows_changes():
         other = torch.nn.Conv2d(16, 24, 3, padding=1)
         conv.load_state_dict(other.state_dict())
         check()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="should be the same"):
+            conv(x.bfloat16())  # fp32 weights, bf16 input: torch's own dtype error, no entry
+    assert list(fwd.entries) == [("winograd", torch.float32)]
+    with inn.conv_winograd("on"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)  # a second compute dtype: its own entry next to the first
+    assert set(fwd.entries) == {("winograd", torch.float32), ("winograd", torch.bfloat16)}
+    assert fwd.entries[("winograd", torch.bfloat16)][1].dtype == torch.bfloat16
+    with inn.conv_winograd("on"):
         inn.clear_conv_prepack(conv)  # what UNetModel.train() calls
         assert fwd.entries == {}
         check()
-    assert "winograd" not in conv.state_dict() and list(conv.state_dict()) == ["weight", "bias"]
+    assert list(conv.state_dict()) == ["weight", "bias"]
 
 
 def test_train_frees_the_transformed_weights():
     fast = _model().to_inference()
     with torch.no_grad(), inn.conv_winograd("on"):
         fast(*_inputs())
-    holders = [m for m in fast.modules() if "winograd" in getattr(m.__dict__.get("forward"), "entries", {})]
+    key = ("winograd", torch.float32)
+    holders = [m for m in fast.modules() if key in getattr(m.__dict__.get("forward"), "entries", {})]
     assert holders
     fast.train()
-    assert all("winograd" not in m.__dict__["forward"].entries for m in holders)
+    assert all(key not in m.__dict__["forward"].entries for m in holders)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -174,7 +253,7 @@ def test_conv_add_folds_the_residual_and_keeps_torchs_layout(channels_last):
             y = conv(x)
             row = torch.randn(1, 16, 1, 1, generator=g)  # broadcasts: added after, still right
             assert _rel(inn.conv_add(conv, x, row), row + F.conv2d(x, conv.weight, conv.bias, 1, 1)) <= 1e-6
-    assert "winograd" in conv.__dict__["forward"].entries
+    assert ("winograd", torch.float32) in conv.__dict__["forward"].entries
     assert _rel(got, expected) <= 1e-6
     assert y.is_contiguous(memory_format=fmt)  # as torch's conv lays it out
 
@@ -187,17 +266,26 @@ def test_switch_errors_and_environment(monkeypatch):
         with inn.conv_winograd(False):
             assert inn.get_conv_winograd() == "off"
         assert inn.get_conv_winograd() == "on"
-        with pytest.raises(ValueError, match="mode: expected 'auto', 'on', 'off', True or False, got 'fast'"):
+        with pytest.raises(
+            ValueError, match="mode: expected 'auto', 'fp32', 'on', 'off', True or False, got 'fast'"
+        ):
             inn.set_conv_winograd("fast")
     finally:
         inn.set_conv_winograd(previous)
-    for raw, mode in [("0", "off"), ("1", "on"), ("AUTO", "auto"), ("", "auto"), ("off", "off")]:
+    for raw, mode in [
+        ("0", "off"),
+        ("1", "on"),
+        ("AUTO", "auto"),
+        ("", "auto"),
+        ("off", "off"),
+        ("fp32", "fp32"),
+    ]:
         monkeypatch.setenv("IDDPM_CONV_WINOGRAD", raw)
         assert inn._winograd_mode_from_env() == mode
     monkeypatch.delenv("IDDPM_CONV_WINOGRAD")
     assert inn._winograd_mode_from_env() == "auto"
     monkeypatch.setenv("IDDPM_CONV_WINOGRAD", "maybe")
     with pytest.raises(
-        ValueError, match="IDDPM_CONV_WINOGRAD: expected auto, 1 or 0 \\(or unset\\), got 'maybe'"
+        ValueError, match="IDDPM_CONV_WINOGRAD: expected auto, fp32, 1 or 0 \\(or unset\\), got 'maybe'"
     ):
         inn._winograd_mode_from_env()

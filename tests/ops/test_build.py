@@ -154,7 +154,7 @@ def test_capabilities_match_what_the_ops_accept():
     assert caps["step"]["cpu"]["torch_exp_sqrt"] is mkl_x86
     assert caps["group_norm"]["cpu"]["isa"] in ("avx512", "avx2", "default")
     isa = caps["winograd"]["cpu"]["isa"]
-    assert caps["winograd"] == {"cpu": {"dtypes": ["float32"], "isa": isa}, "cuda": None}
+    assert caps["winograd"] == {"cpu": {"dtypes": ["float32", "bfloat16"], "isa": isa}, "cuda": None}
     assert isa in ("avx512", "avx2", "default")
     if caps["cuda"]:
         cuda = caps["attention"]["cuda"]

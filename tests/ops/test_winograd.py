@@ -1,10 +1,13 @@
-"""iddpm::conv3x3_winograd / iddpm::winograd_weight: the CPU fp32 Winograd F(2×2, 3×3) conv against
-float64 ``F.conv2d`` (error within 3× of torch's own fp32 NCHW conv error, measured per case), odd and
-tiny shapes, channel counts off the vector width, bias / residual, both input layouts, every
-vector build, several tile blocks, empty tensors, opcheck, argument errors (CPU and meta), a
-clear error on backward."""
+"""iddpm::conv3x3_winograd / iddpm::winograd_weight: the CPU Winograd F(2×2, 3×3) conv against
+float64 ``F.conv2d`` — fp32 within 3× of torch's own fp32 NCHW conv error, bf16 within 4× of
+torch's bf16 conv error and exact where every rounding is (small integers) — odd and tiny shapes,
+channel counts off the vector width, bias / residual, both input layouts, every vector build
+(bit-identical), several tile blocks, the bf16 weight transform rounded once, empty tensors,
+opcheck, argument errors (CPU and meta), a clear error on backward."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -75,15 +78,75 @@ def test_matches_float64_within_3x_torch_fp32_error(N, Cin, Cout, H, W, bias, re
     assert _err(y, ref) <= 3 * max(torch_err, 2e-7), (_err(y, ref), torch_err)
 
 
-def test_vector_builds_agree_bitwise(monkeypatch):
-    """The transforms are elementwise over channels: every ISA build gives the same bits."""
-    x, w, b, r = _case(2, 40, 24, 6, 5, residual=True)
+def _bf16(*tensors):
+    return [None if t is None else t.bfloat16() for t in tensors]
+
+
+@pytest.mark.parametrize("N, Cin, Cout, H, W", CASES)
+@pytest.mark.parametrize(
+    "bias, residual, cl", [(True, False, True), (False, True, False), (True, True, True)]
+)
+def test_bf16_matches_float64_within_4x_torch_bf16_error(N, Cin, Cout, H, W, bias, residual, cl, isa):
+    x, w, b, r = _bf16(*_case(N, Cin, Cout, H, W, bias, residual, cl))
+    y = conv(x, wweight(w), b, r)
+    ref = _oracle(x, w, b, r)  # float64 of the bf16 values
+    assert y.shape == (N, Cout, H, W) and y.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # torch's direct bf16 conv rounds only its output (and the residual add); Winograd also rounds
+    # the transformed input and weight and the GEMMs' products to bf16: 0.9-2.7x of it over these
+    # cases (floor: half a bf16 ulp of the output's scale).
+    torch_y = F.conv2d(x, w, b, 1, 1) + (0 if r is None else r)
+    torch_err = _err(torch_y, ref)
+    assert _err(y, ref) <= 4 * max(torch_err, 2.0**-9), (_err(y, ref), torch_err)
+
+
+def _int_case(N, Cin, Cout, H, W, seed=0, residual=True):
+    """bf16 values on which every rounding of the bf16 path is exact: x and w in {-1, 0, 1}, w
+    nonzero for input channels 0 and Cin - 1 only (V: sums of 4 entries; U: quarters up to 9/4;
+    M: at most 2 · 4 · 9/4 in steps of 1/4, all exact in bf16's 8 bits), integer bias and
+    residual. The result is the exact convolution."""
+    g = torch.Generator().manual_seed(seed)
+    x = (
+        torch.randint(-1, 2, (N, Cin, H, W), generator=g)
+        .float()
+        .contiguous(memory_format=torch.channels_last)
+    )
+    w = torch.zeros(Cout, Cin, 3, 3)
+    for c in {0, Cin - 1}:
+        w[:, c] = torch.randint(-1, 2, (Cout, 3, 3), generator=g).float()
+    b = torch.randint(-4, 5, (Cout,), generator=g).float()
+    r = torch.randint(-4, 5, (N, Cout, H, W), generator=g).float() if residual else None
+    return x, w, b, r
+
+
+@pytest.mark.parametrize(
+    "N, Cin, Cout, H, W",
+    [(2, 19, 33, 7, 9), (1, 2, 5, 1, 1), (3, 37, 17, 2, 3), (1, 64, 40, 16, 1), (2, 1, 3, 4, 4)],
+)
+def test_bf16_exact_where_every_rounding_is(N, Cin, Cout, H, W, isa):
+    """Exactness pins the bf16 path's indexing and transforms (vector tails of both channel loops,
+    odd maps, 1×1 maps, bias, residual) to the bit, independently of any error bound."""
+    x, w, b, r = _int_case(N, Cin, Cout, H, W)
+    expected = _oracle(x, w, b, r)
+    assert expected.abs().max() <= 256  # integers exact in bf16
+    y = conv(*_bf16(x, wweight(w.bfloat16()), b, r))
+    assert y.dtype == torch.bfloat16 and torch.equal(y.double(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_builds_agree_bitwise(monkeypatch, dtype):
+    """The transforms are elementwise over channels: every ISA build gives the same bits (bf16:
+    the same rounding, NaN included)."""
+    x, w, b, r = (t.to(dtype) for t in _case(2, 40, 24, 6, 5, residual=True))
+    x[1, 7, 2, 3] = float("nan")
     u = wweight(w)
     outs = []
     for name in ("avx512", "avx2", "default"):
         monkeypatch.setenv("IDDPM_WINOGRAD_CPU_ISA", name)
         outs.append(conv(x, u, b, r))
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert outs[0].isnan().any()
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # NaN != NaN: compare the bits
+    assert all(torch.equal(outs[0].view(bits), o.view(bits)) for o in outs[1:])
 
 
 def test_several_tile_blocks_match_torch():
@@ -92,6 +155,14 @@ def test_several_tile_blocks_match_torch():
     y = conv(x, wweight(w), b, r)
     expected = F.conv2d(x, w, b, 1, 1) + r
     assert ((y - expected).norm() / expected.norm()).item() <= 1e-6
+
+
+def test_bf16_several_tile_blocks_exact():
+    """bf16 blocks hold twice the tiles (256 at 512 + 512 channels): 2 × 12 × 12 = 288 tiles run as
+    two blocks, exactly (the small-integer case)."""
+    x, w, b, r = _int_case(2, 512, 512, 23, 24, seed=3)
+    y = conv(*_bf16(x, wweight(w.bfloat16()), b, r))
+    assert torch.equal(y.double(), _oracle(x, w, b, r))
 
 
 def test_weight_transform_matches_float64_formula():
@@ -108,6 +179,31 @@ def test_weight_transform_matches_float64_formula():
     assert not wt.is_contiguous() and torch.equal(wweight(wt), u)
 
 
+def _bf16_nearest(v: float) -> float:
+    """v rounded once to bf16 (to nearest, ties to even): the oracle of the weight transform
+    (torch's float64 -> bf16 conversion rounds through float32, twice)."""
+    if v == 0 or not math.isfinite(v):
+        return v
+    m, e = math.frexp(v)  # v = m · 2^e, 0.5 <= |m| < 1; bf16 keeps 8 significant bits
+    return math.ldexp(round(m * 256) / 256, e)  # m · 256 is exact; round() ties to even
+
+
+def test_bf16_weight_transform_rounds_once():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 3, 3, 3, generator=g).bfloat16()
+    # U[1][0] = (g00 + g10 + g20) / 2 = (1 + 2^-8 + 2^-30) / 2: rounded once it is above the bf16
+    # tie (0.5 · (1 + 2^-7)); rounded through float32 it would be the tie itself, then 0.5.
+    w[0, 0, :, 0] = torch.tensor([1.0, 2.0**-8, 2.0**-30], dtype=torch.bfloat16)
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    exact = torch.einsum("ir,ocrs,js->ijco", G, w.double(), G).reshape(16, 3, 5)
+    u = wweight(w)
+    assert u.shape == (16, 3, 5) and u.dtype == torch.bfloat16
+    expected = torch.tensor([_bf16_nearest(v) for v in exact.flatten().tolist()], dtype=torch.float64)
+    assert torch.equal(u.double().flatten(), expected)
+    assert u[4, 0, 0].item() == 0.5 * (1 + 2.0**-7)
+    assert torch.equal(wweight(w.contiguous(memory_format=torch.channels_last)), u)
+
+
 def test_empty_tensors():
     x, w, b, r = _case(0, 8, 4, 5, 5, residual=True)
     assert conv(x, wweight(w), b, r).shape == (0, 4, 5, 5)
@@ -116,8 +212,9 @@ def test_empty_tensors():
     torch.testing.assert_close(y, r + b.view(1, -1, 1, 1), rtol=0, atol=0)
 
 
-def test_opcheck():
-    x, w, b, r = _case(2, 8, 12, 5, 6, residual=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    x, w, b, r = (t.to(dtype) for t in _case(2, 8, 12, 5, 6, residual=True))
     torch.library.opcheck(wweight.default, (w,))
     u = wweight(w)
     torch.library.opcheck(conv.default, (x, u, b, r))
@@ -137,12 +234,27 @@ def _args():
 
 BAD = [
     (dict(x=torch.zeros(2, 4, 5)), r"x: expected a 4-D tensor \[N, Cin, H, W\], got shape \[2, 4, 5\]"),
-    (dict(x=torch.zeros(2, 4, 5, 5, dtype=torch.float64)), "x: expected dtype float32, got float64"),
+    (
+        dict(x=torch.zeros(2, 4, 5, 5, dtype=torch.float64)),
+        "x: expected dtype float32 or bfloat16, got float64",
+    ),
     (dict(weight_t=torch.zeros(9, 4, 6)), r"weight_t: expected shape \[16, 4, Cout\] .*got \[9, 4, 6\]"),
     (dict(weight_t=torch.zeros(16, 3, 6)), r"weight_t: expected shape \[16, 4, Cout\]"),
-    (dict(weight_t=torch.zeros(16, 4, 6).half()), "weight_t: expected dtype float32, got float16"),
+    (
+        dict(weight_t=torch.zeros(16, 4, 6).half()),
+        "weight_t: expected dtype float32 or bfloat16, got float16",
+    ),
+    (
+        dict(weight_t=torch.zeros(16, 4, 6).bfloat16()),
+        r"weight_t: expected dtype float32 \(that of x\), got bfloat16",
+    ),
     (dict(bias=torch.zeros(5)), r"bias: expected shape \[6\] \(\[Cout\] of weight_t\), got \[5\]"),
-    (dict(bias=torch.zeros(6, dtype=torch.int64)), "bias: expected dtype float32, got int64"),
+    (dict(bias=torch.zeros(6, dtype=torch.int64)), "bias: expected dtype float32 or bfloat16, got int64"),
+    (dict(bias=torch.zeros(6).bfloat16()), r"bias: expected dtype float32 \(that of x\), got bfloat16"),
+    (
+        dict(residual=torch.zeros(2, 6, 5, 5).bfloat16()),
+        r"residual: expected dtype float32 \(that of x\), got bfloat16",
+    ),
     (
         dict(residual=torch.zeros(2, 6, 5, 4)),
         r"residual: expected shape \[2, 6, 5, 5\] \(that of the output\), got \[2, 6, 5, 4\]",
@@ -164,7 +276,7 @@ def test_weight_errors_and_mixed_devices():
         bad_shape = r"weight: expected shape \[Cout, Cin, 3, 3\], got \[4, 4, 5, 5\]"
         with pytest.raises(ValueError, match=bad_shape):
             wweight(torch.zeros(4, 4, 5, 5, device=device))
-        with pytest.raises(ValueError, match="weight: expected dtype float32, got float64"):
+        with pytest.raises(ValueError, match="weight: expected dtype float32 or bfloat16, got float64"):
             wweight(torch.zeros(4, 4, 3, 3, dtype=torch.float64, device=device))
     args = _args()
     args["bias"] = args["bias"].to("meta")  # meta mixed with CPU reaches the fake: refused

@@ -1,0 +1,132 @@
+"""``iddpm bench conv``: the CPU 3×3 convolutions of the UNet, iddpm::conv3x3_winograd against
+torch's own convolutions, one conv at a time at the CIFAR-10 UNet's shapes.
+
+Impls, on the same channels-last x [B, Cin, H, W], weight [Cout, Cin, 3, 3] and bias [Cout], in
+float32 and bfloat16 (all in that dtype; no autocast):
+  torch conv          F.conv2d (channels-last: oneDNN, the weight reordered on every call)
+  packed (oneDNN)     mkldnn::_convolution_pointwise on a weight reordered once
+                      (what iddpm_ext.nn's prepacked inference convs run)
+  iddpm (winograd)    iddpm::conv3x3_winograd on a weight transformed once (F(2×2, 3×3))
+Per record: ms, TFLOP/s of the direct convolution's 2·B·H·W·Cin·Cout·9 FLOPs (the Winograd conv
+does 4/9 of the multiplies, so its figure is an effective rate), ``speedup`` over torch conv,
+``vs_packed`` (packed ms over this row's), ``err`` (max error against float64 on the same inputs,
+relative to the output's max) and ``per_forward`` (how many convs of this shape one forward of the
+CIFAR-10 UNet runs; 0: not in the model). After each dtype one ``conv3x3 per forward`` record per
+impl sums the model's convs weighted by that count: the time the UNet spends in them (with
+``--quick``, in those of the quick cases).
+CPU only (the op has no CUDA kernel): on another device it prints a line and times nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import winograd
+from . import common
+
+# (B, Cin, Cout, H, W, convs per CIFAR-10 UNet forward): its 3×3 stride-1 convs at B = 2, then
+# shapes it does not run (tiny maps, few channels), where "auto" leaves them to oneDNN
+CASES = [
+    (2, 128, 128, 32, 32, 10), (2, 256, 128, 32, 32, 3), (2, 384, 128, 32, 32, 1), (2, 256, 256, 32, 32, 1),
+    (2, 256, 256, 16, 16, 10), (2, 512, 256, 16, 16, 3), (2, 384, 256, 16, 16, 1), (2, 128, 256, 16, 16, 1),
+    (2, 256, 256, 8, 8, 11), (2, 512, 256, 8, 8, 4), (2, 256, 256, 4, 4, 14), (2, 512, 256, 4, 4, 4),
+    (2, 3, 128, 32, 32, 1), (2, 128, 6, 32, 32, 1),
+    (2, 256, 256, 2, 2, 0), (2, 64, 64, 32, 32, 0), (2, 16, 16, 32, 32, 0),
+]  # fmt: skip
+QUICK_CASES = [(2, 128, 128, 32, 32, 10), (2, 256, 256, 8, 8, 11)]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLS = ("torch conv", "packed (oneDNN)", "iddpm (winograd)")
+
+
+def add_arguments(parser):
+    parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument(
+        "--cases", default=None, help="cases as BxCinxCoutxHxW, comma-separated (default: the UNet's)"
+    )
+
+
+def _dtypes(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in _DTYPES:
+            raise common.BenchArgumentError(f"--dtype: expected names from {list(_DTYPES)}, got {name!r}")
+    return [_DTYPES[n] for n in names]
+
+
+def _impls(x, w, b):
+    """{impl: fn} for one case (the weights prepared once, outside the timed calls)."""
+    one = [1, 1]
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, one, one, one, 1, list(x.shape))
+    weight_t = winograd.winograd_weight(w)
+    return {
+        "torch conv": lambda: F.conv2d(x, w, b, 1, 1),
+        "packed (oneDNN)": lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, b, one, one, one, 1, "none", [], ""
+        ),
+        "iddpm (winograd)": lambda: winograd.conv3x3_winograd(x, weight_t, b),
+    }
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        print(f"iddpm bench conv: the Winograd conv is a CPU op; nothing to time on {device.type}")
+        return []
+    if not winograd.available():
+        print("iddpm bench conv: iddpm_ext._C has no Winograd kernel (not built); nothing to time")
+        return []
+    dtypes = _dtypes(args.dtype)
+    if args.cases:
+        cases = [(*c, 0) for c in common.parse_shapes(args.cases, "--cases", 5, "2x128x128x32x32")]
+    else:
+        cases = QUICK_CASES if args.quick else CASES
+    records = []
+    for dtype in dtypes:
+        totals = dict.fromkeys(IMPLS, 0.0)
+        for B, cin, cout, H, W, count in cases:
+            gen = torch.Generator().manual_seed(0)
+            cl = torch.channels_last
+            x = torch.randn(B, cin, H, W, generator=gen).to(dtype).contiguous(memory_format=cl)
+            w = (torch.randn(cout, cin, 3, 3, generator=gen) / (9 * cin) ** 0.5).to(dtype)
+            w = w.contiguous(memory_format=cl)
+            b = torch.randn(cout, generator=gen).to(dtype)
+            ref = F.conv2d(x.double(), w.double(), b.double(), 1, 1)
+            scale = max(ref.abs().max().item(), 1e-30)
+            flops = 2 * B * H * W * cin * cout * 9
+            times = {}
+            with torch.no_grad():
+                for impl, fn in _impls(x, w, b).items():
+                    times[impl] = common.time_ms(fn, device, args.warmup, args.iters)
+                    err = (fn().double() - ref).abs().max().item() / scale
+                    totals[impl] += times[impl] * count
+                    rec = common.record(
+                        "conv3x3",
+                        impl,
+                        [B, cin, cout, H, W],
+                        dtype,
+                        device,
+                        times[impl],
+                        flops=flops,
+                        speedup=round(times["torch conv"] / times[impl], 2),
+                        vs_packed=round(times["packed (oneDNN)"] / times[impl], 2)
+                        if impl != IMPLS[0]
+                        else None,
+                        err=float(f"{err:.3g}"),
+                        per_forward=count,
+                    )
+                    records.append(common.emit(args, rec))
+        if any(c[-1] for c in cases):
+            for impl in IMPLS:
+                rec = common.record(
+                    "conv3x3 per forward",
+                    impl,
+                    "cifar10" if cases == CASES else "cifar10 (these cases)",
+                    dtype,
+                    device,
+                    totals[impl],
+                    speedup=round(totals["torch conv"] / totals[impl], 2),
+                    vs_packed=round(totals["packed (oneDNN)"] / totals[impl], 2),
+                )
+                records.append(common.emit(args, rec))
+    return records

@@ -1,0 +1,56 @@
+"""``iddpm bench conv``: one row per impl × dtype × case with its error against float64, the
+per-forward sums weighted by the model's conv counts, a one-line error for a bad --dtype, and
+nothing timed off the CPU."""
+
+import json
+
+import pytest
+
+from helpers.training import argv
+from iddpm_ext import bench
+from iddpm_ext.bench import conv as bench_conv
+
+pytestmark = pytest.mark.kernels
+
+
+def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_conv, "CASES", [(2, 32, 40, 8, 8, 3), (1, 16, 16, 5, 7, 0)])
+    out = tmp_path / "c.json"
+    words = argv("conv --device cpu --threads 1 --warmup 0 --iters 1 --json {json}", json=str(out))
+    assert bench.main(words) == 0
+    recs = json.loads(out.read_text())["records"]
+    per_case = [r for r in recs if r["op"] == "conv3x3"]
+    assert [(r["dtype"], r["impl"], r["shape"]) for r in per_case] == [
+        (d, impl, shape)
+        for d in ("float32", "bfloat16")
+        for shape in ([2, 32, 40, 8, 8], [1, 16, 16, 5, 7])
+        for impl in bench_conv.IMPLS
+    ]
+    for r in per_case:
+        assert r["ms"] > 0 and r["tflops"] >= 0 and r["per_forward"] in (3, 0)
+        assert r["err"] <= (1e-5 if r["dtype"] == "float32" else 2e-2), r
+        assert (r["vs_packed"] is None) == (r["impl"] == "torch conv")
+    sums = [r for r in recs if r["op"] == "conv3x3 per forward"]
+    assert [(r["dtype"], r["impl"]) for r in sums] == [
+        (d, impl) for d in ("float32", "bfloat16") for impl in bench_conv.IMPLS
+    ]
+    for s in sums:  # 3 × the first case's time (the second is not in the model)
+        first = next(
+            r for r in per_case if (r["dtype"], r["impl"], r["per_forward"]) == (s["dtype"], s["impl"], 3)
+        )
+        assert s["ms"] == pytest.approx(3 * first["ms"], rel=1e-3)
+        assert s["shape"] == "cifar10"
+    assert "iddpm bench conv" in capsys.readouterr().out
+
+
+def test_bad_dtype_is_one_line_error(capsys):
+    assert bench.main(["conv", "--device", "cpu", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype: expected names from ['float32', 'bfloat16'], got 'float16'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_other_devices_time_nothing(capsys):
+    args = bench.build_parser().parse_args(["conv", "--device", "cuda"])
+    assert bench_conv.run(args) == []
+    assert "CPU op; nothing to time on cuda" in capsys.readouterr().out
