@@ -471,8 +471,8 @@ class _PrepackedForward:
         """conv(x), or residual + conv(x) (one fused oneDNN call where possible).
 
         ``keep_channels_last``: a 1-D output stays channels-innermost ([N, T, C] in memory, as the
-        packed op writes it) instead of being made a contiguous [N, C, T]. No-grad fp32 3×3 calls
-        may run the Winograd conv instead (:func:`set_conv_winograd`)."""
+        packed op writes it) instead of being made a contiguous [N, C, T]. No-grad fp32 and bf16
+        3×3 calls may run the Winograd conv instead (:func:`set_conv_winograd`)."""
         winograd = self._winograd_dtype(x)
         if winograd is not None:
             return self._run_winograd(x, winograd, residual)

@@ -508,9 +508,10 @@ class UNetModel(nn.Module):
         ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
         :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
         keep oneDNN-packed copies of their weights for no-grad CPU calls
-        (:func:`iddpm_ext.nn.set_conv_prepack`; with prepack True or "bf16" no-grad fp32 3×3 convs
-        run as Winograd convs by default, :func:`iddpm_ext.nn.set_conv_winograd`, so the CPU fp32
-        default is affected too: ~1e-7 from torch's conv, cached transformed weights); with ``batch_emb``
+        (:func:`iddpm_ext.nn.set_conv_prepack`; with prepack True or "bf16" no-grad fp32 3×3 convs,
+        and bf16 ones on CPUs without AMX, run as Winograd convs by default,
+        :func:`iddpm_ext.nn.set_conv_winograd`, so the CPU fp32 default is affected too: ~1e-7 from
+        torch's conv, cached transformed weights; bf16: about one more bf16 rounding); with ``batch_emb``
         no-grad calls compute every ResBlock's time-embedding projection in one GEMM
         (:meth:`_batched_emb`; True: on every device, False: off, None (default): CPU calls only,
         as it has not run on a GPU yet). ``forward`` still takes and returns NCHW tensors of the
