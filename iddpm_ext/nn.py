@@ -351,7 +351,7 @@ class _PrepackedForward:
                 return None
         else:
             dtype = x.dtype
-            if dtype != conv.weight.dtype:
+            if dtype != conv.weight.dtype or (conv.bias is not None and conv.bias.dtype != dtype):
                 return None  # the plain path raises torch's own dtype-mismatch error
         if dtype not in self.dtypes:
             return None
@@ -396,7 +396,12 @@ class _PrepackedForward:
                 return None
         else:
             dtype = x.dtype
-            if dtype not in (torch.float32, torch.bfloat16) or w.dtype != dtype:
+            b = conv.bias
+            if (
+                dtype not in (torch.float32, torch.bfloat16)
+                or w.dtype != dtype
+                or (b is not None and b.dtype != dtype)
+            ):
                 return None  # (a mismatch: the plain path raises torch's own error)
         if dtype == torch.bfloat16 and mode == "fp32":
             return None

@@ -44,7 +44,8 @@ namespace {
 // v rounded once (to nearest, ties to even) to bfloat16. Rounding to float first and then to bf16
 // could round twice (a sum of up to 9 products of bf16 weights and 0, ±½, ±¼ may need more than
 // float's 24 bits); rounding to float toward zero with the last bit set when inexact ("round to
-// odd", 24 ≥ 8 + 2 bits) and then to bf16 to nearest gives the correctly rounded result.
+// odd", 24 ≥ 8 + 2 bits) and then to bf16 to nearest gives the correctly rounded result. (The
+// float64 sum G g Gᵀ itself is exact unless one filter's weights span more than ~2^45.)
 c10::BFloat16 round_to_bf16(double v) {
   float f = static_cast<float>(v);
   if (std::isfinite(f) && static_cast<double>(f) != v) {

@@ -5,7 +5,8 @@ Impls, on the same channels-last x [B, Cin, H, W], weight [Cout, Cin, 3, 3] and 
 float32 and bfloat16 (all in that dtype; no autocast):
   torch conv          F.conv2d (channels-last: oneDNN, the weight reordered on every call)
   packed (oneDNN)     mkldnn::_convolution_pointwise on a weight reordered once
-                      (what iddpm_ext.nn's prepacked inference convs run)
+                      (what iddpm_ext.nn's prepacked inference convs run; absent where oneDNN
+                      has no such conv for the dtype, e.g. bf16 without AVX-512)
   iddpm (winograd)    iddpm::conv3x3_winograd on a weight transformed once (F(2×2, 3×3))
 Per record: ms, TFLOP/s of the direct convolution's 2·B·H·W·Cin·Cout·9 FLOPs (the Winograd conv
 does 4/9 of the multiplies, so its figure is an effective rate), ``speedup`` over torch conv,
@@ -54,18 +55,31 @@ def _dtypes(text):
     return [_DTYPES[n] for n in names]
 
 
+def _packed_available(dtype) -> bool:
+    """Whether oneDNN's packed conv runs here in ``dtype`` (bf16 needs AVX-512 BW or newer)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _impls(x, w, b):
-    """{impl: fn} for one case (the weights prepared once, outside the timed calls)."""
+    """{impl: fn} for one case (the weights prepared once, outside the timed calls); without
+    oneDNN's packed conv for this dtype, no packed row."""
     one = [1, 1]
-    packed = torch.ops.mkldnn._reorder_convolution_weight(w, one, one, one, 1, list(x.shape))
     weight_t = winograd.winograd_weight(w)
-    return {
-        "torch conv": lambda: F.conv2d(x, w, b, 1, 1),
-        "packed (oneDNN)": lambda: torch.ops.mkldnn._convolution_pointwise(
+    impls = {"torch conv": lambda: F.conv2d(x, w, b, 1, 1)}
+    if _packed_available(x.dtype):
+        packed = torch.ops.mkldnn._reorder_convolution_weight(w, one, one, one, 1, list(x.shape))
+        impls["packed (oneDNN)"] = lambda: torch.ops.mkldnn._convolution_pointwise(
             x, packed, b, one, one, one, 1, "none", [], ""
-        ),
-        "iddpm (winograd)": lambda: winograd.conv3x3_winograd(x, weight_t, b),
-    }
+        )
+    impls["iddpm (winograd)"] = lambda: winograd.conv3x3_winograd(x, weight_t, b)
+    return impls
+
+
+def _vs_packed(times, impl):
+    packed = times.get(IMPLS[1])
+    return None if packed is None or impl == IMPLS[0] else round(packed / times[impl], 2)
 
 
 def run(args) -> list:
@@ -109,24 +123,23 @@ def run(args) -> list:
                         times[impl],
                         flops=flops,
                         speedup=round(times["torch conv"] / times[impl], 2),
-                        vs_packed=round(times["packed (oneDNN)"] / times[impl], 2)
-                        if impl != IMPLS[0]
-                        else None,
+                        vs_packed=_vs_packed(times, impl),
                         err=float(f"{err:.3g}"),
                         per_forward=count,
                     )
                     records.append(common.emit(args, rec))
         if any(c[-1] for c in cases):
-            for impl in IMPLS:
+            timed = {impl: t for impl, t in totals.items() if t > 0}
+            for impl, total in timed.items():
                 rec = common.record(
                     "conv3x3 per forward",
                     impl,
                     "cifar10" if cases == CASES else "cifar10 (these cases)",
                     dtype,
                     device,
-                    totals[impl],
-                    speedup=round(totals["torch conv"] / totals[impl], 2),
-                    vs_packed=round(totals["packed (oneDNN)"] / totals[impl], 2),
+                    total,
+                    speedup=round(timed["torch conv"] / total, 2),
+                    vs_packed=_vs_packed(timed, impl),
                 )
                 records.append(common.emit(args, rec))
     return records

@@ -7,8 +7,9 @@ transformed (``Bᵀ d B``, ``G g Gᵀ``), multiplied pointwise over the 16 point
 channel pair instead of 36. The transform matrices hold 0, ±1 and ±½, so in float32 the result is
 as accurate as a direct fp32 convolution (tests/ops/test_winograd.py measures both against
 float64). In bfloat16 the transformed input and weight and the GEMMs' products are rounded to bf16
-(float32 arithmetic in between): about 1.5–2.5× the error of torch's direct bf16 convolution
-(which rounds only its output), within the UNet's bf16 error budget (docs/unet.md).
+(float32 arithmetic in between): 0.9–2.7× the max error of torch's direct bf16 convolution (which
+rounds only its output) over the tests' cases, 1.4–2.5× at the UNet's shapes, within the UNet's
+bf16 error budget (docs/unet.md).
 
 - :func:`winograd_weight` — the transformed weight [16, Cin, Cout] of a [Cout, Cin, 3, 3] weight
   (computed in float64, rounded once), made once per weight (``iddpm_ext.nn`` caches it).

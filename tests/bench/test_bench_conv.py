@@ -5,6 +5,7 @@ nothing timed off the CPU."""
 import json
 
 import pytest
+import torch
 
 from helpers.training import argv
 from iddpm_ext import bench
@@ -41,6 +42,21 @@ def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
         assert s["ms"] == pytest.approx(3 * first["ms"], rel=1e-3)
         assert s["shape"] == "cifar10"
     assert "iddpm bench conv" in capsys.readouterr().out
+
+
+def test_without_onednn_bf16_no_packed_row(monkeypatch):
+    monkeypatch.setattr(bench_conv, "CASES", [(1, 16, 16, 4, 4, 2)])
+    monkeypatch.setattr(bench_conv, "_packed_available", lambda dtype: dtype != torch.bfloat16)
+    args = bench.build_parser().parse_args(["conv", "--device", "cpu", "--warmup", "0", "--iters", "1"])
+    recs = bench_conv.run(args)
+    bf16 = [(r["op"], r["impl"], r["vs_packed"]) for r in recs if r["dtype"] == "bfloat16"]
+    assert bf16 == [
+        ("conv3x3", "torch conv", None),
+        ("conv3x3", "iddpm (winograd)", None),
+        ("conv3x3 per forward", "torch conv", None),
+        ("conv3x3 per forward", "iddpm (winograd)", None),
+    ]
+    assert sum(r["impl"] == "packed (oneDNN)" for r in recs) == 2  # the fp32 rows keep it
 
 
 def test_bad_dtype_is_one_line_error(capsys):

@@ -170,6 +170,23 @@ def test_bf16_autocast_runs_it_in_bf16(spy):
     assert _rel(got, expected) <= budget, (_rel(got, expected), budget)
 
 
+@pytest.mark.parametrize("winograd", ["on", "off"])
+def test_dtype_mismatches_get_torchs_own_error(winograd):
+    """Outside autocast a bf16 weight with an fp32 bias (or fp32 input) is torch's error, not a
+    silent cast: neither the Winograd nor the packed path takes such a call."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16)
+    conv.bias.data = conv.bias.data.float()
+    inn.set_conv_prepack(conv, True)
+    x = torch.randn(1, 32, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad(), inn.conv_winograd(winograd):
+        with pytest.raises(RuntimeError, match="should be the same"):
+            conv(x)
+        conv.bias.data = conv.bias.data.bfloat16()
+        with pytest.raises(RuntimeError, match="should be the same"):
+            conv(x.float())
+        assert conv(x).dtype == torch.bfloat16  # (the matching call runs)
+
+
 def test_calls_that_never_take_it(spy):
     model = _model()
     x, t = _inputs()
