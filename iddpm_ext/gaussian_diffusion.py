@@ -39,7 +39,7 @@ from .core.checks import (
     check_x,
 )
 from .core.schedules import betas_for_alpha_bar, get_named_beta_schedule  # noqa: F401  (the reference's names)
-from .core.tables import StepCoefs, schedule_arrays, stack_coef_table, step_coefs
+from .core.tables import StepCoefs, cached, schedule_arrays, stack_coef_table, step_coefs
 from .errors import ArgumentError
 from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
@@ -145,15 +145,19 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------
 
     def coef_table(self, device) -> torch.Tensor:
-        """The [T, K] float32 coefficient table on ``device`` (made once per device;
-        column names in :data:`iddpm_ext.core.tables.COEF_NAMES`)."""
+        """The [T, K] float32 coefficient table on ``device`` (made once per device, not while
+        torch.compile / torch.export traces: :func:`iddpm_ext.core.tables.cached`; column
+        names in :data:`iddpm_ext.core.tables.COEF_NAMES`)."""
         table = self._coef_tables.get(device)  # keyed by what callers pass: x.device per step
         if table is None:
             dev = torch.device(device)
-            table = self._coef_tables.get(dev)
-            if table is None:
-                table = torch.from_numpy(self._coef_table_f64).to(torch.float32).to(dev)
-            self._coef_tables[dev] = self._coef_tables[device] = table
+            table = cached(
+                self._coef_tables,
+                dev,
+                lambda: torch.from_numpy(self._coef_table_f64).to(torch.float32).to(dev),
+            )
+            if dev in self._coef_tables:
+                self._coef_tables[device] = table
         return table
 
     def _op_types(self) -> tuple:

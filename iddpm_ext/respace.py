@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .core.tables import cached
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -136,13 +137,10 @@ class SpacedDiffusion(GaussianDiffusion):
         self._map_tensors: dict[tuple, torch.Tensor] = {}
 
     def _timestep_map_tensor(self, device, dtype) -> torch.Tensor:
-        """timestep_map on ``device`` (made once per device and dtype; keyed by t.device)."""
-        key = (device, dtype)
-        m = self._map_tensors.get(key)
-        if m is None:
-            m = torch.tensor(self.timestep_map, device=device, dtype=dtype)
-            self._map_tensors[key] = m
-        return m
+        """timestep_map on ``device`` (made once per device and dtype, keyed by t.device; not kept
+        while torch.compile / torch.export traces: :func:`iddpm_ext.core.tables.cached`)."""
+        make = lambda: torch.tensor(self.timestep_map, device=device, dtype=dtype)  # noqa: E731
+        return cached(self._map_tensors, (device, dtype), make)
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):

@@ -35,6 +35,7 @@ import os
 import torch
 
 from .. import ops
+from .tables import cached
 
 KINDS = ("ancestral", "ddim", "ddim_reverse")
 # x and model-output dtypes the fused step kernels take (asked of _C; the CPU and CUDA lists agree).
@@ -174,8 +175,8 @@ def eager_strides(cache: dict, eager_update, kind, x, model_output, noise, clip_
         bool(clip_denoised),
         float(eta),
     )
-    if key not in cache:
 
+    def strides():
         def meta(v):
             return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
 
@@ -184,8 +185,9 @@ def eager_strides(cache: dict, eager_update, kind, x, model_output, noise, clip_
         tm = torch.zeros(x.shape[0], dtype=torch.long, device="meta")
         with torch.no_grad():
             out = eager_update(mm, xm, tm, nm)
-        cache[key] = (out["sample"].stride(), out["pred_xstart"].stride())
-    return cache[key]
+        return out["sample"].stride(), out["pred_xstart"].stride()
+
+    return cached(cache, key, strides)
 
 
 def relayout(v, strides):

@@ -40,6 +40,19 @@ COEF_NAMES = (
 COEF_INDEX = {name: i for i, name in enumerate(COEF_NAMES)}
 
 
+def cached(cache: dict, key, make):
+    """``cache[key]``, made by ``make()`` on first use and kept — except while torch.compile or
+    torch.export traces: a value made then is a tracing object (a FakeTensor under export,
+    symbolic sizes), which later eager calls must not read, so it is returned without being
+    kept (a value cached before tracing is used as a constant)."""
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if not torch.compiler.is_compiling():
+            cache[key] = value
+    return value
+
+
 def check_betas(betas) -> np.ndarray:
     """betas as a float64 [T] array with 0 < β <= 1, or an ArgumentError saying what is wrong."""
     try:
