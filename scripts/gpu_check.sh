@@ -113,7 +113,7 @@ step tests_kernels 240 "${PYTEST[@]}" -v tests/ops/test_build.py tests/ops/test_
   tests/ops/test_step_gpu.py tests/ops/test_attention_gpu.py tests/ops/test_op_safety_gpu.py \
   tests/ops/test_group_norm_act_gpu.py
 step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/model/test_unet_gpu.py \
-  tests/training/test_train_gpu.py
+  tests/training/test_train_gpu.py tests/model/test_unet_export.py
 
 # -- benchmarks of the kernels and the sampling loop (JSON under $OUT, rewritten after every case,
 #    so a step cut by its limit keeps what it measured; each case is also a line in its .log).

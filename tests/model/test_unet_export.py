@@ -17,15 +17,19 @@ from iddpm_ext.unet import UNetModel
 pytestmark = pytest.mark.kernels
 
 
-def _model():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _model(device="cpu"):
     kw = tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_classes=3)
-    return randomize_(UNetModel(**kw), 0).eval()
+    return randomize_(UNetModel(**kw), 0).eval().to(device)
 
 
-def _inputs(n, seed=0):
+def _inputs(n, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 16, 16, generator=g)
-    return x, torch.randint(0, 10, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    args = (x, torch.randint(0, 10, (n,), generator=g), torch.randint(0, 3, (n,), generator=g))
+    return tuple(a.to(device) for a in args)
 
 
 class DenoisingStep(torch.nn.Module):
@@ -54,15 +58,16 @@ def _export(module, args):
         return torch.export.export(module, args, dynamic_shapes=shapes)
 
 
-def test_unet_exports_with_the_fused_ops_and_a_dynamic_batch(tmp_path):
-    model = _model()
-    ep = _export(model, _inputs(2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_unet_exports_with_the_fused_ops_and_a_dynamic_batch(tmp_path, device):
+    model = _model(device)
+    ep = _export(model, _inputs(2, device=device))
     assert _iddpm_ops(ep) == {"iddpm.qkv_attention.default", "iddpm.group_norm_act.default"}
     path = tmp_path / "unet.pt2"
     torch.export.save(ep, str(path))
     loaded = torch.export.load(str(path))
     for n in (2, 5):  # the traced batch and another
-        args = _inputs(n, seed=n)
+        args = _inputs(n, seed=n, device=device)
         with torch.no_grad(), attention_impl("fused"), groupnorm_impl("fused"):
             expected = model(*args)
         for prog in (ep, loaded):
@@ -70,9 +75,10 @@ def test_unet_exports_with_the_fused_ops_and_a_dynamic_batch(tmp_path):
                 torch.testing.assert_close(prog.module()(*args), expected, rtol=0, atol=0)
 
 
-def test_denoising_step_exports_with_the_fused_step_op():
-    step = DenoisingStep(_model())
-    x, t, y = _inputs(3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_denoising_step_exports_with_the_fused_step_op(device):
+    step = DenoisingStep(_model(device))
+    x, t, y = _inputs(3, device=device)
     noise = torch.randn_like(x)
     ep = _export(step, (x, t, y, noise))
     assert "iddpm.p_sample_step.default" in _iddpm_ops(ep)
