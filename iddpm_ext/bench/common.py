@@ -284,6 +284,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> dict:
+    """What decides which CPU kernels run (and how fast): torch's vector capability ("AVX512",
+    "AVX2", ...) and whether the CPU has AVX-512-BF16 and AMX tiles (torch's probes; None where
+    a probe is missing). The same VM name has been hosts with and without AMX."""
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    out = {"capability": torch.backends.cpu.get_cpu_capability()}
+    for key, name in probes.items():
+        probe = getattr(torch.cpu, name, None)
+        try:
+            out[key] = bool(probe()) if probe is not None else None
+        except Exception:  # noqa: BLE001 - a fact, best effort
+            out[key] = None
+    return out
+
+
 def environment() -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -293,6 +308,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

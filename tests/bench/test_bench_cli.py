@@ -1,5 +1,6 @@
 """``iddpm bench`` argument handling: the attention benchmark's --passes (``both`` = fwd and
-fwd+bwd), shapes given on the command line, and bad values as one error line (exit 2)."""
+fwd+bwd), shapes given on the command line, bad values as one error line (exit 2), and the CPU
+features in the JSON environment."""
 
 import json
 
@@ -82,3 +83,16 @@ def test_bad_values_are_one_error_line(args, message, capsys):
     out, err = capsys.readouterr()
     assert message in err and "Traceback" not in out + err
     assert err.startswith("iddpm bench: error:")
+
+
+def test_json_environment_names_the_cpu_features(tmp_path):
+    """Each JSON says which vector ISA torch runs and whether the CPU has AVX-512-BF16 and AMX:
+    the same VM has been hosts with and without them, and the CPU kernels' speeds depend on it."""
+    import torch
+
+    out = tmp_path / "g.json"
+    assert bench.main(argv("gather --device cpu --quick --json {json}", json=str(out))) == 0
+    feats = json.loads(out.read_text())["environment"]["cpu_features"]
+    assert feats["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(feats) == {"capability", "avx512_bf16", "amx"}
+    assert all(feats[k] in (True, False, None) for k in ("avx512_bf16", "amx"))
