@@ -9,17 +9,21 @@
 //     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
 //     [N, Cout, H, W], all float32 or all bfloat16. y: [N, Cout, H, W] of that dtype,
 //     channels-last.
-// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (at::bmm: MKL for float32, oneDNN for bf16 on
-// torch's CPU builds), output transform (common/winograd_params.h has the math; the transforms
-// are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded once from float32
-// arithmetic). CPU only.
+// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: oneDNN's brgemm micro-kernel where
+// it runs, else at::bmm; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
+// the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
+// once from float32 arithmetic). CPU only.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -48,6 +52,72 @@ at::Tensor workspace(int64_t bytes, const at::TensorOptions& options) {
   thread_local at::Tensor buf;
   if (!buf.defined() || buf.numel() < bytes) buf = at::empty({bytes}, opts);
   return buf;
+}
+
+// ---- the 16 GEMMs M[k] = V[k] @ U[k] ([rows, Cin] @ [Cin, Cout], row-major, k = 0..15) ----
+// float32: oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm, which torch's CPU
+// flash attention also runs) on blocks of kGemmRows x kGemmCols, parallel over (k, row block):
+// 1.2-2x at::bmm's MKL sgemm at these shapes on an AMD EPYC (MKL takes slower code paths on
+// non-Intel CPUs). Where the micro-kernel is not available (torch built without oneDNN's ukernel
+// API, a CPU it does not support: asked once with a 1x1x1 product) and for bf16 (its micro-kernel
+// wants a VNNI-packed U): at::bmm. IDDPM_WINOGRAD_GEMM=bmm forces at::bmm, =brgemm the micro-kernel
+// (an error where it is not available); unset or auto: as above.
+constexpr int64_t kGemmRows = 64;
+constexpr int64_t kGemmCols = 64;
+
+bool brgemm_available() {
+  static const bool ok = [] {
+    try {
+      const float a = 1.f, b = 2.f;
+      float c = 0.f;
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// "bmm", "brgemm" or "auto" from IDDPM_WINOGRAD_GEMM (read per call: tests switch it).
+std::string gemm_mode() {
+  const char* v = std::getenv("IDDPM_WINOGRAD_GEMM");
+  const std::string mode = (v == nullptr || *v == '\0') ? "auto" : v;
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "bmm" || mode == "brgemm",
+                    "IDDPM_WINOGRAD_GEMM: expected auto, bmm or brgemm (or unset), got '", mode,
+                    "'");
+  return mode;
+}
+
+// True when the float32 GEMMs of this call run on the micro-kernel.
+bool use_brgemm(at::ScalarType dtype) {
+  const std::string mode = gemm_mode();
+  if (mode == "bmm" || dtype != at::kFloat) return false;
+  const bool ok = brgemm_available();
+  TORCH_CHECK_VALUE(ok || mode != "brgemm",
+                    "IDDPM_WINOGRAD_GEMM=brgemm: oneDNN's brgemm micro-kernel is not available in "
+                    "this torch build or on this CPU (unset it to use at::bmm)");
+  return ok;
+}
+
+void gemms_brgemm(const float* v, const float* u, float* m, int64_t rows, int64_t Cin,
+                  int64_t Cout) {
+  const int64_t row_blocks = (rows + kGemmRows - 1) / kGemmRows;
+  at::parallel_for(0, kWinogradPoints * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = i / row_blocks, r0 = (i % row_blocks) * kGemmRows;
+      const int64_t mr = std::min(kGemmRows, rows - r0);
+      const float* a = v + (k * rows + r0) * Cin;
+      const float* b = u + k * Cin * Cout;
+      float* c = m + (k * rows + r0) * Cout;
+      for (int64_t n0 = 0; n0 < Cout; n0 += kGemmCols) {
+        const int64_t nc = std::min(kGemmCols, Cout - n0);
+        at::native::cpublas::brgemm(mr, nc, Cin, Cin, Cout, Cout, false, a, b + n0, c + n0, false);
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -121,6 +191,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   // tiles: the GEMMs need rows), in a per-thread workspace kept between calls (fresh multi-MB
   // buffers cost page faults on every call).
   const DType dtype = dtype_of(x);
+  const bool brgemm = use_brgemm(x.scalar_type());
   const int64_t esize = static_cast<int64_t>(x.element_size());
   const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // elements of V and M per tile
   const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (esize * per_tile)));
@@ -142,7 +213,12 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
       in.tile_begin = t0, in.tile_end = t1;
       cpu::winograd_input(in);
     }
-    at::bmm_out(m, v, u);  // Cin = 0: zeros
+    if (brgemm && Cin > 0) {
+      gemms_brgemm(static_cast<const float*>(vp), u.const_data_ptr<float>(),
+                   static_cast<float*>(mp), rows, Cin, Cout);
+    } else {
+      at::bmm_out(m, v, u);  // Cin = 0: zeros
+    }
     WinogradOutputParams out;
     out.dtype = dtype;
     out.m = mp;

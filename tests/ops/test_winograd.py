@@ -60,11 +60,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["auto", "bmm"])
+def gemm(request, monkeypatch):
+    """Runs a test with each float32 GEMM engine: "auto" (oneDNN's brgemm micro-kernel where it
+    runs) and at::bmm."""
+    monkeypatch.setenv("IDDPM_WINOGRAD_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("N, Cin, Cout, H, W", CASES)
 @pytest.mark.parametrize(
     "bias, residual, cl", [(True, False, True), (False, True, False), (True, True, True)]
 )
-def test_matches_float64_within_3x_torch_fp32_error(N, Cin, Cout, H, W, bias, residual, cl, isa):
+def test_matches_float64_within_3x_torch_fp32_error(N, Cin, Cout, H, W, bias, residual, cl, isa, gemm):
     x, w, b, r = _case(N, Cin, Cout, H, W, bias, residual, cl)
     y = conv(x, wweight(w), b, r)
     ref = _oracle(x, w, b, r)
@@ -154,8 +162,9 @@ def test_vector_builds_agree_bitwise(monkeypatch, dtype):
             assert set(o.view(torch.int16)[o.isnan()].tolist()) == {0x7FC0}
 
 
-def test_several_tile_blocks_match_torch():
-    """512 + 512 channels: blocks of 128 tiles, so 2 × 9 × 9 = 162 tiles run as two blocks."""
+def test_several_tile_blocks_match_torch(gemm):
+    """512 + 512 channels: blocks of 128 tiles, so 2 × 9 × 9 = 162 tiles run as two blocks (and,
+    with the brgemm GEMMs, row blocks of 64 with a tail, column blocks of 64)."""
     x, w, b, r = _case(2, 512, 512, 17, 17, residual=True, seed=3)
     y = conv(x, wweight(w), b, r)
     expected = F.conv2d(x, w, b, 1, 1) + r
@@ -207,6 +216,25 @@ def test_bf16_weight_transform_rounds_once():
     assert torch.equal(u.double().flatten(), expected)
     assert u[4, 0, 0].item() == 0.5 * (1 + 2.0**-7)
     assert torch.equal(wweight(w.contiguous(memory_format=torch.channels_last)), u)
+
+
+def test_gemm_switch(monkeypatch):
+    """IDDPM_WINOGRAD_GEMM picks the float32 GEMM engine; both give the float64 oracle's result
+    within fp32 error (channel counts off the 64-column blocks); a bad value is a clear error."""
+    x, w, b, r = _case(2, 70, 67, 9, 11, residual=True, seed=5)
+    ref = _oracle(x, w, b, r)
+    u = wweight(w)
+    for mode in ("bmm", "brgemm", "auto"):
+        monkeypatch.setenv("IDDPM_WINOGRAD_GEMM", mode)
+        try:
+            y = conv(x, u, b, r)
+        except ValueError as e:  # a torch build or CPU without the micro-kernel: said so
+            assert mode == "brgemm" and "not available" in str(e)
+            continue
+        assert _err(y, ref) <= 1e-5, mode
+    monkeypatch.setenv("IDDPM_WINOGRAD_GEMM", "mkl")
+    with pytest.raises(ValueError, match="IDDPM_WINOGRAD_GEMM: expected auto, bmm or brgemm"):
+        conv(x, u, b, r)
 
 
 def test_empty_tensors():
