@@ -145,9 +145,9 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------
 
     def coef_table(self, device) -> torch.Tensor:
-        """The [T, K] float32 coefficient table on ``device`` (made once per device, not while
-        torch.compile / torch.export traces: :func:`iddpm_ext.core.tables.cached`; column
-        names in :data:`iddpm_ext.core.tables.COEF_NAMES`)."""
+        """The [T, K] float32 coefficient table on ``device`` (made once per device, not kept
+        while torch.export traces: :func:`iddpm_ext.core.tables.cached`; column names in
+        :data:`iddpm_ext.core.tables.COEF_NAMES`)."""
         table = self._coef_tables.get(device)  # keyed by what callers pass: x.device per step
         if table is None:
             dev = torch.device(device)

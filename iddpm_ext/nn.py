@@ -230,7 +230,7 @@ def _conv_geometry(conv: nn.Module):
 #   one thread (docs/unet.md): float32 with Cin and Cout >= 32 and H, W >= 4 (it loses for the
 #   3-channel stem conv and at 1×1 maps); bfloat16 with Cin and Cout >= 32, H, W >= 2 and at least
 #   16 output tiles (N · ⌈H/2⌉ · ⌈W/2⌉: the GEMMs' rows; 0.64× / 0.81× oneDNN at 4 / 8 tiles, 1.0–1.3×
-#   at 16, 1.2–1.7× from 32) on CPUs without AMX (measured 1.4–1.7× oneDNN's packed bf16 conv at the
+#   at 16, 1.2–1.6× from 32) on CPUs without AMX (measured 1.4–1.7× oneDNN's packed bf16 conv at the
 #   model's shapes on an AVX-512-BF16 CPU; with AMX tiles oneDNN's bf16 GEMMs and convs change and
 #   the comparison has not been made);
 #   "fp32": the float32 rules of "auto", never bf16 (bf16 Winograd rounds the transformed input,

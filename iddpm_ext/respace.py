@@ -138,7 +138,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def _timestep_map_tensor(self, device, dtype) -> torch.Tensor:
         """timestep_map on ``device`` (made once per device and dtype, keyed by t.device; not kept
-        while torch.compile / torch.export traces: :func:`iddpm_ext.core.tables.cached`)."""
+        while torch.export traces: :func:`iddpm_ext.core.tables.cached`)."""
         make = lambda: torch.tensor(self.timestep_map, device=device, dtype=dtype)  # noqa: E731
         return cached(self._map_tensors, (device, dtype), make)
 

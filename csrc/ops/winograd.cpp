@@ -9,8 +9,8 @@
 //     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
 //     [N, Cout, H, W], all float32 or all bfloat16. y: [N, Cout, H, W] of that dtype,
 //     channels-last.
-// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: oneDNN's brgemm micro-kernel where
-// it runs, else at::bmm; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
+// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
+// where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
 // the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
 // once from float32 arithmetic). CPU only.
 #include <ATen/Parallel.h>
@@ -55,50 +55,26 @@ at::Tensor workspace(int64_t bytes, const at::TensorOptions& options) {
 }
 
 // ---- the 16 GEMMs M[k] = V[k] @ U[k] ([rows, Cin] @ [Cin, Cout], row-major, k = 0..15) ----
-// float32: oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm, which torch's CPU
-// flash attention also runs) on blocks of kGemmRows x kGemmCols, parallel over (k, row block):
-// 1.2-2x at::bmm's MKL sgemm at these shapes on an AMD EPYC (MKL takes slower code paths on
-// non-Intel CPUs). Where the micro-kernel is not available (torch built without oneDNN's ukernel
-// API, a CPU it does not support: asked once with a 1x1x1 product) and for bf16 (its micro-kernel
-// wants a VNNI-packed U): at::bmm. IDDPM_WINOGRAD_GEMM=bmm forces at::bmm, =brgemm the micro-kernel
-// (an error where it is not available); unset or auto: as above.
+// float32: torch's batch-reduce GEMM entry point at::native::cpublas::brgemm (oneDNN's
+// micro-kernel, which torch's CPU flash attention also runs, where torch has it and the CPU
+// supports it; else torch runs its own sgemm on the block) on blocks of kGemmRows x kGemmCols,
+// parallel over (k, row block): 1.2-2x at::bmm's MKL sgemm at these shapes on an AMD EPYC with the
+// micro-kernel (MKL takes slower code paths on non-Intel CPUs); with oneDNN off, as fast as at::bmm
+// (a reviewer's measurement). bf16: at::bmm (the bf16 micro-kernel wants a VNNI-packed U, and where
+// it is refused brgemm has no fallback). IDDPM_WINOGRAD_GEMM=bmm forces at::bmm; unset, auto or
+// brgemm: as above.
 constexpr int64_t kGemmRows = 64;
 constexpr int64_t kGemmCols = 64;
 
-bool brgemm_available() {
-  static const bool ok = [] {
-    try {
-      const float a = 1.f, b = 2.f;
-      float c = 0.f;
-      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c == 2.f;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
-  return ok;
-}
-
-// "bmm", "brgemm" or "auto" from IDDPM_WINOGRAD_GEMM (read per call: tests switch it).
-std::string gemm_mode() {
+// True when the float32 GEMMs of this call go through cpublas::brgemm (IDDPM_WINOGRAD_GEMM, read
+// per call: tests switch it).
+bool use_brgemm(at::ScalarType dtype) {
   const char* v = std::getenv("IDDPM_WINOGRAD_GEMM");
   const std::string mode = (v == nullptr || *v == '\0') ? "auto" : v;
   TORCH_CHECK_VALUE(mode == "auto" || mode == "bmm" || mode == "brgemm",
                     "IDDPM_WINOGRAD_GEMM: expected auto, bmm or brgemm (or unset), got '", mode,
                     "'");
-  return mode;
-}
-
-// True when the float32 GEMMs of this call run on the micro-kernel.
-bool use_brgemm(at::ScalarType dtype) {
-  const std::string mode = gemm_mode();
-  if (mode == "bmm" || dtype != at::kFloat) return false;
-  const bool ok = brgemm_available();
-  TORCH_CHECK_VALUE(ok || mode != "brgemm",
-                    "IDDPM_WINOGRAD_GEMM=brgemm: oneDNN's brgemm micro-kernel is not available in "
-                    "this torch build or on this CPU (unset it to use at::bmm)");
-  return ok;
+  return mode != "bmm" && dtype == at::kFloat;
 }
 
 void gemms_brgemm(const float* v, const float* u, float* m, int64_t rows, int64_t Cin,

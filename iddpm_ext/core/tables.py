@@ -41,14 +41,16 @@ COEF_INDEX = {name: i for i, name in enumerate(COEF_NAMES)}
 
 
 def cached(cache: dict, key, make):
-    """``cache[key]``, made by ``make()`` on first use and kept — except while torch.compile or
-    torch.export traces: a value made then is a tracing object (a FakeTensor under export,
-    symbolic sizes), which later eager calls must not read, so it is returned without being
-    kept (a value cached before tracing is used as a constant)."""
+    """``cache[key]``, made by ``make()`` on first use and kept — except while torch.export
+    traces: a value made then is a FakeTensor, which later eager calls must not read, so it is
+    returned without being kept (a value cached before is used as a constant). Under
+    torch.compile (dynamo) the store is kept: dynamo replays it after the graph with the real
+    value, and the table is then a constant of later compiled calls instead of being rebuilt
+    (a host-to-device copy per call) in every one."""
     value = cache.get(key)
     if value is None:
         value = make()
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_exporting():
             cache[key] = value
     return value
 

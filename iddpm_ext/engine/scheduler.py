@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 from ..core.checks import check_eta
+from ..core.tables import cached
 from ..errors import UnknownNameError
 from ..gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from ..respace import SpacedDiffusion, space_timesteps
@@ -501,10 +502,8 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
         """Indices of original timesteps looked up on the device (searchsorted in the sorted
         timestep map; no host sync, so values outside ``timesteps`` go undetected)."""
         ts = timestep.reshape(-1).to(device=device, dtype=torch.long)
-        key = str(device)
-        if key not in self._map_on:
-            self._map_on[key] = torch.tensor(self.process.timestep_map, dtype=torch.long, device=device)
-        return torch.searchsorted(self._map_on[key], ts)
+        make = lambda: torch.tensor(self.process.timestep_map, dtype=torch.long, device=device)  # noqa: E731
+        return torch.searchsorted(cached(self._map_on, str(device), make), ts)
 
     # -- the step ------------------------------------------------------------------------
     def step(

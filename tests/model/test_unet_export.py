@@ -105,3 +105,47 @@ def test_aot_inductor_package_runs_the_step(tmp_path):
         with torch.no_grad(), attention_impl("fused"), groupnorm_impl("fused"):
             expected = step(x, t, y, noise)
         torch.testing.assert_close(runner(x, t, y, noise), expected, rtol=1e-5, atol=1e-5)
+
+
+def _real_tensors(cache: dict) -> bool:
+    return bool(cache) and all(type(v) is torch.Tensor for v in cache.values())
+
+
+def test_scheduler_device_lookup_keeps_no_tracing_tensor():
+    """IDDPMScheduler's on-device timestep map (what a CUDA timestep looks up) is not kept while
+    torch.export traces: the eager lookup after an export reads a real tensor."""
+    from iddpm_ext.engine.scheduler import IDDPMScheduler
+
+    sched = IDDPMScheduler.from_improved_diffusion(diffusion_steps=1000, noise_schedule="cosine")
+    sched.set_timesteps(10)
+
+    class Lookup(torch.nn.Module):
+        def forward(self, t):
+            return sched._device_index(t, t.device)
+
+    t = sched.timesteps[:3].clone()
+    expected = torch.tensor([sched._index[int(v)] for v in t])
+    with torch.no_grad():
+        ep = torch.export.export(Lookup(), (t,))
+    assert sched._map_on == {}  # made while tracing: not kept
+    torch.testing.assert_close(sched._device_index(t, t.device), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ep.module()(t), expected, rtol=0, atol=0)
+    assert _real_tensors(sched._map_on)
+
+
+def test_torch_compile_keeps_the_tables_it_makes():
+    """Under torch.compile (dynamo) the diffusion's tables made during tracing are kept — as real
+    tensors (dynamo replays the store) — so later compiled calls read a constant instead of
+    rebuilding the table (a host-to-device copy per step on CUDA)."""
+    torch._dynamo.reset()
+    step = DenoisingStep(_model())
+    d = step.diffusion
+    x, t, y = _inputs(2)
+    noise = torch.randn_like(x)
+    compiled = torch.compile(step, backend="eager")
+    d._coef_tables.clear()
+    d._map_tensors.clear()
+    with torch.no_grad():
+        got = compiled(x, t, y, noise)
+        assert _real_tensors(d._coef_tables) and _real_tensors(d._map_tensors)
+        torch.testing.assert_close(got, step(x, t, y, noise), rtol=0, atol=0)
