@@ -79,3 +79,21 @@ def test_sampling_engine(run_dir, monkeypatch):
     )
     assert res["mode"] == "eager" and res["engine_seconds"] > 0 and res["loop_seconds"] > 0
     assert res["max_abs_diff"] < 1e-4  # the same generator: the loop's samples
+
+
+@pytest.mark.kernels
+def test_export(run_dir, tmp_path, monkeypatch):
+    """One denoising step exported with torch.export, saved and loaded back, runs the whole
+    sampling loop to the library's p_sample_loop result on the same noise (AOTInductor is the same
+    program compiled: tests/model/test_unet_export.py)."""
+    out = str(tmp_path / "step.pt2")
+    res = _main(
+        "export",
+        monkeypatch,
+        "--model_path {run} --out {out} --timestep_respacing 4 --num_samples 2",
+        run=run_dir,
+        out=out,
+    )
+    assert res["steps"] == 4 and os.path.getsize(out) > 1000
+    assert res["moved"] > 0.1  # the loop changed x (not a comparison of x_T with itself) ...
+    assert res["exported_max_abs_diff"] < 1e-5  # ... and the exported step did the same
