@@ -335,8 +335,11 @@ class _PrepackedForward:
     def clear(self):
         self.entries.clear()
 
-    def _compute_dtype(self, x):
-        """The dtype the packed conv would run in, or None if this call must take the plain path."""
+    def _torch_dtype(self, x):
+        """The dtype torch's conv computes this call in, or None where only the plain path may run:
+        grad recorded, tracing, not a plain CPU tensor, unprepackable geometry; under CPU autocast
+        bf16 for fp32 / bf16 input (other autocast dtypes as torch runs them); else x's dtype where
+        weight and bias have it (a mismatch is torch's own error, raised by the plain path)."""
         conv = self.conv
         if (
             self.geometry is None
@@ -350,13 +353,17 @@ class _PrepackedForward:
             return None
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
-            if dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
-                return None
-        else:
-            dtype = x.dtype
-            if dtype != conv.weight.dtype or (conv.bias is not None and conv.bias.dtype != dtype):
-                return None  # the plain path raises torch's own dtype-mismatch error
-        if dtype not in self.dtypes:
+            ok = dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            return dtype if ok else None
+        b = conv.bias
+        if conv.weight.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+            return None
+        return x.dtype
+
+    def _compute_dtype(self, x):
+        """The dtype the packed conv would run in, or None if this call must take the plain path."""
+        dtype = self._torch_dtype(x)
+        if dtype is None or dtype not in self.dtypes:
             return None
         if dtype == torch.float32:
             return dtype
@@ -370,42 +377,22 @@ class _PrepackedForward:
         if mode == "off":
             return None
         conv = self.conv
-        w = conv.weight
         if (
-            type(x) is not torch.Tensor
-            or x.dim() != 4
-            or x.device.type != "cpu"
-            or not isinstance(conv, nn.Conv2d)
+            not isinstance(conv, nn.Conv2d)
             or conv.kernel_size != (3, 3)
             or conv.stride != (1, 1)
             or conv.dilation != (1, 1)
             or conv.groups != 1
-            or self.geometry is None
-            or self.geometry[0] != [1, 1]
-            or w.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
             or not _winograd_kernel()
         ):
             return None
-        if torch.is_autocast_enabled("cpu"):
-            # autocast's conv: bf16 from fp32 or bf16 input and weight; other dtypes as torch runs them
-            dtype = torch.get_autocast_dtype("cpu")
-            if (
-                dtype != torch.bfloat16
-                or x.dtype not in (torch.float32, torch.bfloat16)
-                or w.dtype not in (torch.float32, torch.bfloat16)
-            ):
-                return None
-        else:
-            dtype = x.dtype
-            b = conv.bias
-            if (
-                dtype not in (torch.float32, torch.bfloat16)
-                or w.dtype != dtype
-                or (b is not None and b.dtype != dtype)
-            ):
-                return None  # (a mismatch: the plain path raises torch's own error)
+        dtype = self._torch_dtype(x)
+        if (
+            dtype not in (torch.float32, torch.bfloat16)
+            or self.geometry[0] != [1, 1]
+            or conv.weight.dtype not in (torch.float32, torch.bfloat16)  # (autocast casts others)
+        ):
+            return None
         if dtype == torch.bfloat16 and mode == "fp32":
             return None
         if mode in ("auto", "fp32"):

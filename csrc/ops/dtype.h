@@ -46,6 +46,13 @@ inline std::string torch_dtype_name(const at::Tensor& t) {
   return std::string(c10::getDtypeNames(t.scalar_type()).first);
 }
 
+// t has the dtype of `ref`: "<name>: expected dtype float32 (that of x), got bfloat16".
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                             const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
+                    torch_dtype_name(ref), " (that of ", ref_name, "), got ", torch_dtype_name(t));
+}
+
 // The DType of a tensor whose dtype the caller has checked against a kernel's list.
 inline DType dtype_of(const at::Tensor& x) {
   const std::optional<DType> d = to_dtype(x.scalar_type());

@@ -198,8 +198,7 @@ Backward prepare_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
   check_same_device(grad_out, "grad_out", x_in, "x");
   TORCH_CHECK_VALUE(grad_out.sizes() == x_in.sizes(), "grad_out: expected shape ", shape_str(x_in),
                     " (that of x), got ", shape_str(grad_out));
-  TORCH_CHECK_VALUE(grad_out.scalar_type() == x_in.scalar_type(), "grad_out: expected dtype ",
-                    dtype_name(dtype_of(x_in)), " (that of x), got ", torch_dtype_name(grad_out));
+  check_same_dtype(grad_out, "grad_out", x_in, "x");
   check_stat(mean, "mean", x_in, num_groups);
   check_stat(rstd, "rstd", x_in, num_groups);
   const at::ScalarType acc = acc_type(x_in);

@@ -104,13 +104,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
                     dtype_names(cpu::kWinogradDtypes), ", got ", torch_dtype_name(t));
 }
 
-// t (checked by check_cpu) has the dtype of `ref`.
-void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
-                    torch_dtype_name(ref), " (that of ", ref_name, "), got ", torch_dtype_name(t));
-}
-
 at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
   check_defined(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,

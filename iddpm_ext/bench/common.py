@@ -48,6 +48,16 @@ def parse_shapes(text: str, flag: str, dims: int, example: str) -> list:
     return shapes
 
 
+def parse_names(text: str, allowed, flag: str) -> list:
+    """``"a,b"`` -> ["a", "b"], each one of ``allowed``, else a :class:`BenchArgumentError`
+    naming ``--flag``."""
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    for t in out:
+        if t not in allowed:
+            raise BenchArgumentError(f"--{flag}: expected names from {list(allowed)}, got {t!r}")
+    return out
+
+
 def setup(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

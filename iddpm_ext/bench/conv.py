@@ -47,14 +47,6 @@ def add_arguments(parser):
     )
 
 
-def _dtypes(text):
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    for name in names:
-        if name not in _DTYPES:
-            raise common.BenchArgumentError(f"--dtype: expected names from {list(_DTYPES)}, got {name!r}")
-    return [_DTYPES[n] for n in names]
-
-
 def _packed_available(dtype) -> bool:
     """Whether oneDNN's packed conv runs here in ``dtype`` (bf16 needs AVX-512 BW or newer)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
@@ -90,7 +82,7 @@ def run(args) -> list:
     if not winograd.available():
         print("iddpm bench conv: iddpm_ext._C has no Winograd kernel (not built); nothing to time")
         return []
-    dtypes = _dtypes(args.dtype)
+    dtypes = [_DTYPES[n] for n in common.parse_names(args.dtype, _DTYPES, "dtype")]
     if args.cases:
         cases = [(*c, 0) for c in common.parse_shapes(args.cases, "--cases", 5, "2x128x128x32x32")]
     else:

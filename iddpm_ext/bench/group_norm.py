@@ -35,19 +35,11 @@ def add_arguments(parser):
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
 
 
-def _names(text, allowed, flag):
-    out = [t.strip() for t in text.split(",") if t.strip()]
-    for t in out:
-        if t not in allowed:
-            raise common.BenchArgumentError(f"--{flag}: expected names from {list(allowed)}, got {t!r}")
-    return out
-
-
 def run(args) -> list:
     device = torch.device(args.device)
-    dtypes = [_DTYPES[d] for d in _names(args.dtype, _DTYPES, "dtype")]
-    layouts = _names(args.layouts, _LAYOUTS, "layouts")
-    passes = _names(args.passes.replace("both", "fwd,fwd+bwd"), ("fwd", "fwd+bwd"), "passes")
+    dtypes = [_DTYPES[d] for d in common.parse_names(args.dtype, _DTYPES, "dtype")]
+    layouts = common.parse_names(args.layouts, _LAYOUTS, "layouts")
+    passes = common.parse_names(args.passes.replace("both", "fwd,fwd+bwd"), ("fwd", "fwd+bwd"), "passes")
     if args.cases:
         cases = common.parse_shapes(args.cases, "--cases", 4, "2x128x32x32")
     else:
