@@ -530,6 +530,34 @@ def test_batched_emb_matches_per_block_projections_and_tracks_weights():
     assert fast.to_inference(batch_emb=True).batch_emb is True
 
 
+def test_batched_emb_under_autocast_casts_the_weight_once():
+    """Under CPU bf16 autocast the concatenated fp32 weight is cast once and kept (autocast
+    would cast it on every call); the result is the per-block projections' under autocast, and
+    a changed projection drops the cast copy with the rest."""
+    fast = _model().to_inference(channels_last=False, prepack=False)
+    linears = [m.emb_layers[1] for m in fast.modules() if isinstance(m, iunet.ResBlock)]
+    emb = torch.randn(2, linears[0].in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batched = fast._batched_emb(emb)
+        cache = fast._emb_gemm
+        weight, bias = cache.cast[torch.bfloat16]
+        assert weight.dtype == bias.dtype == torch.bfloat16 and cache.weight.dtype == torch.float32
+        for block in cache.blocks:
+            got, expected = batched.outs[id(block)], block.emb_layers(emb)
+            assert got.dtype == expected.dtype == torch.bfloat16
+            assert torch.equal(got, expected)
+        fast._batched_emb(emb)
+        assert cache.cast[torch.bfloat16][0] is weight  # kept, not cast again
+        linears[0].weight.add_(1)
+    # (a new autocast region: autocast's own cache keeps its cast of the old parameter)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = fast._batched_emb(emb)
+        assert cache.cast[torch.bfloat16][0] is not weight
+        assert torch.equal(after.outs[id(cache.blocks[0])], cache.blocks[0].emb_layers(emb))
+    with torch.no_grad():  # outside autocast the fp32 weight itself
+        assert fast._batched_emb(emb).outs[id(cache.blocks[1])].dtype == torch.float32
+
+
 def test_batched_emb_default_leaves_other_devices_alone():
     """to_inference's default batches the projections for CPU calls only: on another device
     (here the meta device, standing in for CUDA) each block runs its own emb_layers."""
