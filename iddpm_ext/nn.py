@@ -20,6 +20,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from .losses import mean_flat  # noqa: F401  (re-exported: the reference defines it here too)
 from .ops import group_norm as _group_norm_ops
+from .ops import loader as _loader
 from .ops import winograd as _winograd_ops
 
 __all__ = [
@@ -286,7 +287,6 @@ class conv_winograd:
 
 
 _winograd_available = None
-_cpu_has_amx = None
 
 
 def _winograd_kernel() -> bool:
@@ -297,12 +297,7 @@ def _winograd_kernel() -> bool:
 
 
 def _amx() -> bool:
-    """Whether this CPU has AMX tiles (asked once; torch's private probe, False where it is absent)."""
-    global _cpu_has_amx
-    if _cpu_has_amx is None:
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        _cpu_has_amx = bool(probe()) if probe is not None else False
-    return _cpu_has_amx
+    return _loader.cpu_has_amx()
 
 
 class _PrepackedForward:

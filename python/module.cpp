@@ -37,9 +37,9 @@ constexpr bool kWithCuda = false;
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
 constexpr const char* kOps[] = {
-    "gather_coefs",    "p_sample_step",          "ddim_step",      "ddim_reverse_step",
-    "qkv_attention",   "qkv_attention_backward", "group_norm_act", "group_norm_act_backward",
-    "winograd_weight", "conv3x3_winograd"};
+    "gather_coefs",    "p_sample_step",          "ddim_step",         "ddim_reverse_step",
+    "qkv_attention",   "qkv_attention_backward", "group_norm_act",    "group_norm_act_backward",
+    "winograd_weight", "conv3x3_winograd",       "qkv_attention_bf16"};
 
 py::dict build_info() {
   py::dict d;
@@ -97,6 +97,10 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //      "cuda": {"dtypes": [str, ...]} or None without CUDA},
 //    "winograd": {                     winograd_weight, conv3x3_winograd
 //      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
+//      "cuda": None},
+//    "attention_bf16": {               qkv_attention_bf16
+//      "cpu":  {"dtypes": ["bfloat16"], "head_dims": "any", "isa": str},   isa: the build run
+//              here at import ("avx512_bf16": AVX512-BF16 products; else emulated)
 //      "cuda": None}}
 // (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim
@@ -152,6 +156,13 @@ py::dict capabilities() {
   winograd["cpu"] = wino_cpu;
   winograd["cuda"] = py::none();
   caps["winograd"] = winograd;
+  py::dict attention_bf16, abf_cpu;
+  abf_cpu["dtypes"] = dtype_names(iddpm::cpu::kAttentionBf16Dtypes);
+  abf_cpu["head_dims"] = "any";
+  abf_cpu["isa"] = iddpm::cpu::qkv_attention_bf16_isa();
+  attention_bf16["cpu"] = abf_cpu;
+  attention_bf16["cuda"] = py::none();
+  caps["attention_bf16"] = attention_bf16;
   return caps;
 }
 

@@ -24,4 +24,14 @@ void qkv_attention_bwd(const attn::AttentionBwdParams& params);
 // "generic". The environment variable IDDPM_ATTN_CPU_ISA (same names) forces a lower one.
 const char* qkv_attention_isa();
 
+// The bf16 inference forward (iddpm::qkv_attention_bf16; layouts in common/attention_params.h):
+// out = softmax(qᵀk / sqrt(C)) applied to v, bf16 pair dot products into float32, probabilities
+// and out rounded once each to bf16. No lse.
+inline constexpr DType kAttentionBf16Dtypes[] = {DType::kBFloat16};
+void qkv_attention_bf16_fwd(const attn::AttentionBf16Params& params);
+
+// Its build run here: "avx512_bf16" (AVX512-BF16 products), "avx512", "avx2" or "generic" (the
+// same sums in float32 multiply-adds); IDDPM_ATTN_CPU_ISA=avx512/avx2/generic forces a lower one.
+const char* qkv_attention_bf16_isa();
+
 }  // namespace iddpm::cpu

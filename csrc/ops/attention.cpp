@@ -8,6 +8,11 @@
 //   iddpm::qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse,
 //                                 int num_heads) -> Tensor grad_qkv   [B, 3·H·C, T]
 //
+//   iddpm::qkv_attention_bf16(Tensor qkv, int num_heads) -> Tensor out
+//     CPU, bf16, inference (no lse, no backward): out as qkv_attention's, computed with bf16
+//     pair dot products (AVX512-BF16 where the CPU has it); qkv read token-major (channel
+//     stride 1, what a 1×1 conv of channels-last activations gives) in place, out token-major.
+//
 // No layout copies: the kernels read q, k, v as the [C, T] blocks they are in qkv. A
 // non-contiguous argument (not the case for a Conv1d output) is made contiguous once here.
 #include <ATen/core/Tensor.h>
@@ -303,6 +308,34 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
   return b.grad_qkv;
 }
 
+// The bf16 inference forward: qkv read token-major (channel stride 1) in place, else from one
+// token-major copy; out [B, H·C, T] token-major (strides T·H·C, 1, H·C), as torch's SDPA gives it
+// for such a qkv on the CPU.
+at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
+  check_defined(qkv_in, "qkv");
+  TORCH_CHECK_VALUE(
+      qkv_in.is_cpu(),
+      "qkv: expected a CPU tensor (qkv_attention_bf16 has a CPU kernel only), got one on ",
+      qkv_in.device());
+  TORCH_CHECK_VALUE(qkv_in.scalar_type() == at::kBFloat16,
+                    "qkv: expected dtype bfloat16 (qkv_attention_bf16 is the bf16 kernel), got ",
+                    torch_dtype_name(qkv_in));
+  const AttentionShape d = check_qkv(qkv_in, num_heads);
+  const at::Tensor qkv =
+      qkv_in.stride(1) == 1 ? qkv_in : qkv_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const at::Tensor out = at::empty({d.B, d.T, d.H * d.C}, qkv.options()).transpose(1, 2);
+  attn::AttentionBf16Params p;
+  p.s = d;
+  p.qkv = qkv.data_ptr();
+  p.qkv_sb = qkv.stride(0);
+  p.qkv_st = qkv.stride(2);
+  p.out = out.data_ptr();
+  p.out_sb = out.stride(0);
+  p.out_st = out.stride(2);
+  cpu::qkv_attention_bf16_fwd(p);
+  return out;
+}
+
 #ifdef IDDPM_WITH_CUDA
 // Whether fp32 products may run on TF32 tensor cores: torch's own switch for cuBLAS matmuls
 // (torch.backends.cuda.matmul.allow_tf32, which torch.set_float32_matmul_precision("high" or
@@ -419,12 +452,14 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
 TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
   m.impl("qkv_attention", &qkv_attention_cpu);
   m.impl("qkv_attention_backward", &qkv_attention_backward_cpu);
+  m.impl("qkv_attention_bf16", &qkv_attention_bf16_cpu);
 }
 
 #ifdef IDDPM_WITH_CUDA
 TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
   m.impl("qkv_attention", &qkv_attention_cuda);
   m.impl("qkv_attention_backward", &qkv_attention_backward_cuda);
+  m.impl("qkv_attention_bf16", &qkv_attention_bf16_cpu);  // refuses a CUDA qkv by name
 }
 #endif
 

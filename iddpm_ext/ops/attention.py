@@ -10,6 +10,10 @@ Output [B, H·C, T] in qkv's dtype. Logits are scaled by 1/√C; softmax is accu
 - :func:`qkv_attention_reference` — improved-diffusion's QKVAttention math (readable path).
 - :func:`qkv_attention_sdpa` — torch's scaled_dot_product_attention on q/k/v views of qkv
   ("auto" picks it for channels-last CPU inputs without autograd).
+- :func:`qkv_attention_bf16` — the op iddpm::qkv_attention_bf16: CPU, bf16, inference only, its
+  products bf16 pair dot products (AVX512-BF16 where the CPU has it), reading a channels-last
+  qkv in place ("auto" picks it for bf16 CPU inputs without autograd on CPUs with AVX512-BF16
+  and without AMX).
 - :func:`qkv_attention_fused` / :func:`qkv_attention_with_lse` / :func:`qkv_attention_backward`
   — the ops (csrc/ops/attention.cpp; CPU kernels in csrc/cpu/attention*, CUDA in
   csrc/cuda/attention*). The forward op also returns lse [B, H, T] (float32, float64 for
@@ -83,8 +87,11 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     ``_C`` has a kernel for ``qkv``'s device, dtype and head dim and the dtype is one the fused
     op is preferred for (any on CPU; fp16/bf16 on CUDA, where fp32 stays on cuBLAS until its
     tensor-core kernels have run on a card, see ``_AUTO_DTYPES``); else
-    :func:`qkv_attention_reference`. "fused" always runs the op (a clear error when it cannot);
-    "einsum" always runs the reference; "sdpa" always runs :func:`qkv_attention_sdpa`.
+    :func:`qkv_attention_reference`; before all of these, a bf16 CPU qkv without autograd runs
+    :func:`qkv_attention_bf16` on CPUs with AVX512-BF16 and without AMX (:func:`_auto_bf16`).
+    "fused" always runs the op (a clear error when it cannot); "einsum" always runs the
+    reference; "sdpa" always runs :func:`qkv_attention_sdpa`; "bf16" always runs
+    :func:`qkv_attention_bf16` (bf16 CPU qkv only, without gradient).
     On CUDA the fused fp32 op follows torch's TF32 switch as cuBLAS does
     (``torch.backends.cuda.matmul.allow_tf32``, set by
     ``torch.set_float32_matmul_precision("high")``): TF32 tensor cores when it is on,
@@ -98,11 +105,61 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         return qkv_attention_fused(qkv, num_heads)
     if impl == "sdpa":
         return qkv_attention_sdpa(qkv, num_heads)
+    if impl == "bf16":
+        return qkv_attention_bf16(qkv, num_heads)
+    if _auto_bf16(qkv, num_heads):
+        return qkv_attention_bf16(qkv, num_heads)
     if _auto_sdpa(qkv, num_heads):
         return qkv_attention_sdpa(qkv, num_heads)
     if _auto_fused(qkv, num_heads):
         return qkv_attention_fused(qkv, num_heads)
     return qkv_attention_reference(qkv, num_heads)
+
+
+def qkv_attention_bf16(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The CPU bf16 inference attention (op ``iddpm::qkv_attention_bf16``): [B, 3·H·C, T] bf16
+    -> [B, H·C, T] bf16, the same math as :func:`qkv_attention_reference`.
+
+    q·k and p·v are bf16 pair dot products accumulated in float32 (AVX512-BF16's VDPBF16PS where
+    the CPU has it, else the same sums in float32 multiply-adds; :func:`bf16_isa`), the softmax
+    online in float32; the probabilities and the output are each rounded once to bf16 (torch's
+    CPU SDPA rounds the same two; the reference's einsum under autocast also rounds the logits).
+    qkv is read token-major — channel stride 1, what a 1×1 conv of channels-last activations
+    gives — in place (another layout is copied once); the output is token-major too (strides
+    T·H·C, 1, H·C), as SDPA returns it. Inference only: no gradient (differentiating raises).
+    """
+    loader.require()
+    return torch.ops.iddpm.qkv_attention_bf16(qkv, num_heads)
+
+
+def bf16_isa() -> str | None:
+    """The build of :func:`qkv_attention_bf16` this process runs: "avx512_bf16" (AVX512-BF16
+    products), "avx512", "avx2" or "generic" (the same sums in float32 multiply-adds); None
+    without ``_C``."""
+    caps = loader.capabilities()["attention_bf16"]["cpu"]
+    return None if caps is None else caps["isa"]
+
+
+def _auto_bf16_cpu() -> bool:
+    """Whether "auto" runs qkv_attention_bf16 for bf16 CPU inputs without autograd on this CPU:
+    where its products are AVX512-BF16 instructions and the CPU has no AMX (measured 1.9x SDPA
+    at the CIFAR-10 UNet's T = 256 blocks on an AMD EPYC Zen 4, docs/attention.md; with AMX,
+    torch's SDPA runs on AMX tiles and the two have not been compared)."""
+    return bf16_isa() == "avx512_bf16" and not loader.cpu_has_amx()
+
+
+_AUTO_BF16 = _auto_bf16_cpu()  # asked once, at import
+
+
+def _auto_bf16(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether "auto" runs :func:`qkv_attention_bf16`: a bf16 CPU qkv of a valid shape with no
+    gradient being recorded, on a CPU where it is the fast path (``_AUTO_BF16``)."""
+    if not _AUTO_BF16 or qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.dim() != 3:
+        return False
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return False
+    width = qkv.shape[1]
+    return num_heads >= 1 and width > 0 and width % (3 * num_heads) == 0
 
 
 # The dtypes "auto" sends to torch's SDPA on the CPU (fp16 and fp64 stay on the fused op).
@@ -263,11 +320,12 @@ def _require_fused_device(qkv: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------
-# Which implementation qkv_attention uses: "auto" (SDPA for a channels-last CPU qkv without
-# autograd, else the fused op where _C has a kernel for the device, else einsum), "fused" (the
-# op, error if unavailable), "einsum" or "sdpa" (torch's scaled_dot_product_attention).
+# Which implementation qkv_attention uses: "auto" (the bf16 CPU kernel or SDPA for CPU inputs
+# without autograd as _auto_bf16 / _auto_sdpa say, else the fused op where _C has a kernel for
+# the device, else einsum), "fused" (the op, error if unavailable), "einsum", "sdpa" (torch's
+# scaled_dot_product_attention) or "bf16" (iddpm::qkv_attention_bf16).
 # ---------------------------------------------------------------------------------
-_IMPLS = ("auto", "fused", "einsum", "sdpa")
+_IMPLS = ("auto", "fused", "einsum", "sdpa", "bf16")
 _impl = "auto"
 
 
@@ -572,3 +630,29 @@ if loader.available():
         return grad_qkv, None
 
     torch.library.register_autograd("iddpm::qkv_attention", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("iddpm::qkv_attention_bf16")
+    def _qkv_attention_bf16_fake(qkv, num_heads):
+        # csrc/ops/attention.cpp's qkv_attention_bf16_cpu checks, in their order.
+        checks.defined(qkv, "qkv")
+        if qkv.device.type not in ("cpu", "meta"):
+            raise ValueError(
+                "qkv: expected a CPU tensor (qkv_attention_bf16 has a CPU kernel only), "
+                f"got one on {qkv.device}"
+            )
+        if qkv.dtype != torch.bfloat16:
+            raise ValueError(
+                f"qkv: expected dtype bfloat16 (qkv_attention_bf16 is the bf16 kernel), "
+                f"got {checks.dtype_name(qkv.dtype)}"
+            )
+        B, hc, T = _fake_dims(qkv, num_heads)
+        return qkv.new_empty_strided((B, hc, T), (T * hc, 1, hc))
+
+    def _bf16_no_backward(ctx, grad):
+        raise RuntimeError(
+            "iddpm::qkv_attention_bf16 has no gradient (inference only): differentiate through "
+            "qkv_attention_fused or qkv_attention_sdpa instead (qkv_attention's 'auto' runs it "
+            "for inputs without autograd only)"
+        )
+
+    torch.library.register_autograd("iddpm::qkv_attention_bf16", _bf16_no_backward)

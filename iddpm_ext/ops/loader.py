@@ -121,6 +121,20 @@ def has_kernel(device: torch.device | str) -> bool:
     return False
 
 
+_cpu_has_amx = None
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (asked once; torch's private probe, False where it is
+    absent). Where it has them, torch's own bf16 kernels (oneDNN convs, CPU flash attention) run on
+    them, and "auto" keeps bf16 convs and attention on torch's."""
+    global _cpu_has_amx
+    if _cpu_has_amx is None:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        _cpu_has_amx = bool(probe()) if probe is not None else False
+    return _cpu_has_amx
+
+
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -129,7 +143,7 @@ _DTYPES = {
 }
 
 
-_CAPABILITY_OPS = ("step", "attention", "group_norm", "winograd")
+_CAPABILITY_OPS = ("step", "attention", "group_norm", "winograd", "attention_bf16")
 
 
 def capabilities() -> dict:
@@ -141,7 +155,9 @@ def capabilities() -> dict:
                        "cuda": {"dtypes": (...), "head_dims": (8, 16, ..., 256), "head_dim_step": 8,
                                 "max_head_dim": 256, "max_positions": N, ...} or None},
          "group_norm": {"cpu": {"dtypes": (...), "isa": "avx512"}, "cuda": {"dtypes": (...)} or None},
-         "winograd": {"cpu": {"dtypes": (torch.float32, torch.bfloat16), "isa": "avx512"}, "cuda": None}}
+         "winograd": {"cpu": {"dtypes": (torch.float32, torch.bfloat16), "isa": "avx512"}, "cuda": None},
+         "attention_bf16": {"cpu": {"dtypes": (torch.bfloat16,), "head_dims": "any",
+                                    "isa": "avx512_bf16"}, "cuda": None}}
 
     Without ``_C``: no ops and None for every device."""
     if _C is None:

@@ -390,6 +390,48 @@ def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
     close(lse, _lse64(q64, heads), torch.float32 if dtype != torch.float64 else dtype, "qkv_attention lse")
 
 
+def fuzz_qkv_attention_bf16(data, base="cpu", mixes=("meta",)):
+    """The bf16 inference attention (CPU only): bf16 qkv 9 times in 10, every layout (the
+    "transposed" one is token-major, read in place), odd head dims, empty and huge-but-empty
+    shapes, extreme head counts; on meta, the fake's shapes, strides and refusals."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    heads = _heads(data)
+    h = heads if 1 <= heads <= 3 else 2
+    B = data.draw(st.sampled_from([0, 1, 2]))
+    C = data.draw(st.sampled_from([1, 2, 3, 5, 8, 32, 96]))
+    T = data.draw(st.sampled_from([0, 1, 2, 5, 9, 70]))
+    width = choose(data, 3 * h * C, 0, 3 * h * C + 1, 6, 7)
+    shape = [B, width, T]
+    if B == 0 and data.draw(st.booleans()):  # huge but empty
+        shape[data.draw(st.sampled_from([1, 2]))] = 3 * HUGE
+    elif T == 0 and data.draw(st.booleans()):
+        shape[0] = HUGE
+    shape = choose(data, tuple(shape), tuple(shape[:2]), (2, 6, 2, 1))
+    dtype = choose(data, torch.bfloat16, *DTYPES)
+    qkv = make(data, shape, dtype, gen)
+    device = data.draw(st.sampled_from(["cpu"] * 4 + ["meta"]))
+
+    def call(q):
+        return lambda: torch.ops.iddpm.qkv_attention_bf16(q, heads)
+
+    res, err = outcome(call(place(qkv, device)), ATTENTION_ARGS)
+    if device == "meta":
+        real = outcome(call(qkv), ATTENTION_ARGS)
+        check_meta_agrees((res, err), real, lambda e: False, "qkv_attention_bf16", strict=True)
+        return
+    if err is not None:
+        return
+    Bq, width_q, Tq = qkv.shape
+    assert dtype == torch.bfloat16 and heads >= 1 and width_q % (3 * heads) == 0, (
+        f"accepted {dtype} heads={heads} for width {width_q}"
+    )
+    assert res.shape == (Bq, width_q // 3, Tq) and res.dtype == dtype
+    if res.numel() == 0:
+        return
+    assert res.stride() == (Tq * width_q // 3, 1, width_q // 3)
+    close(res, attention_math_f64(qkv.double(), heads), dtype, "qkv_attention_bf16 out")
+
+
 def _lse64(qkv, heads):
     B, width, T = qkv.shape
     C = width // (3 * heads)

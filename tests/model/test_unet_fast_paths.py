@@ -372,21 +372,27 @@ def test_prepack_default_packs_bf16_calls_only(monkeypatch):
 # The attention block with channels-last activations (SDPA on the [N, T, 3C] qkv)
 # ---------------------------------------------------------------------------------
 def _spy_attention(monkeypatch):
-    """Record the layout of every qkv that reaches the attention and whether SDPA ran."""
+    """Record the layout of every qkv that reaches the attention and whether SDPA or the bf16
+    kernel ran."""
     from iddpm_ext.ops import attention as A
 
     seen = []
-    real_sdpa, real_dispatch = A.qkv_attention_sdpa, iunet.qkv_attention
+    real_sdpa, real_bf16, real_dispatch = A.qkv_attention_sdpa, A.qkv_attention_bf16, iunet.qkv_attention
 
     def sdpa(qkv, h):
         seen[-1]["sdpa"] = True
         return real_sdpa(qkv, h)
 
+    def bf16(qkv, h):
+        seen[-1]["bf16"] = True
+        return real_bf16(qkv, h)
+
     def dispatch(qkv, h):
-        seen.append({"innermost": inn.channels_innermost(qkv), "sdpa": False})
+        seen.append({"innermost": inn.channels_innermost(qkv), "sdpa": False, "bf16": False})
         return real_dispatch(qkv, h)
 
     monkeypatch.setattr(A, "qkv_attention_sdpa", sdpa)
+    monkeypatch.setattr(A, "qkv_attention_bf16", bf16)
     monkeypatch.setattr(iunet, "qkv_attention", dispatch)
     return seen
 
@@ -412,7 +418,7 @@ def test_channels_last_attention_runs_sdpa_and_matches_all_off_model_fp32(monkey
     layouts = _block_outputs_channels_last(fast)
     with torch.no_grad():
         got = fast(x, t)
-    assert seen and all(s == {"innermost": True, "sdpa": True} for s in seen), seen
+    assert seen and all(s == {"innermost": True, "sdpa": True, "bf16": False} for s in seen), seen
     assert layouts and all(layouts)
     assert _rel(got, expected) <= 1e-5
     # Switched off: the block flattens through contiguous tensors and "auto" runs the fused op.
@@ -427,7 +433,13 @@ def test_channels_last_attention_runs_sdpa_and_matches_all_off_model_fp32(monkey
     assert _rel(off, expected) <= 1e-5
 
 
-def test_channels_last_attention_bf16_within_twice_the_autocast_error(monkeypatch):
+@pytest.mark.parametrize("bf16_kernel", [False, True])
+def test_channels_last_attention_bf16_within_twice_the_autocast_error(monkeypatch, bf16_kernel):
+    """bf16 inference channels-last: the attention runs SDPA, or the bf16 kernel where "auto"
+    takes it (forced both ways here: on a CPU without AVX512-BF16 its emulated build runs)."""
+    from iddpm_ext.ops import attention as A
+
+    monkeypatch.setattr(A, "_AUTO_BF16", bf16_kernel)
     model = _model(seed=2)
     x, t = _inputs(seed=3)
     oracle = _all_off(copy.deepcopy(model).double(), x.double(), t)
@@ -439,7 +451,8 @@ def test_channels_last_attention_bf16_within_twice_the_autocast_error(monkeypatc
         got_bf16 = bf16(x, t)  # bf16 weights
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got_autocast = fp32(x, t)  # fp32 weights under autocast
-    assert seen and all(s["sdpa"] for s in seen), seen
+    path = "bf16" if bf16_kernel else "sdpa"
+    assert seen and all(s[path] and s["innermost"] for s in seen), seen
     for got in (got_bf16, got_autocast):
         err = _rel(got, oracle)
         assert 0 < ref_err and err <= 2 * ref_err, (err, ref_err)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from helpers.models import randomize_, tiny_kwargs
 from iddpm_ext import nn as inn
 from iddpm_ext.nn import groupnorm_impl
+from iddpm_ext.ops import loader
 from iddpm_ext.ops import winograd as wops
 from iddpm_ext.ops.attention import attention_impl
 from iddpm_ext.unet import ResBlock, UNetModel
@@ -107,7 +108,7 @@ def test_auto_skips_small_channel_counts_and_maps(spy):
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_bf16_auto_takes_16_tiles_and_more_on_cpus_without_amx(spy, monkeypatch, amx):
-    monkeypatch.setattr(inn, "_cpu_has_amx", amx)
+    monkeypatch.setattr(loader, "_cpu_has_amx", amx)
     fast = _model().to_inference(torch.bfloat16)
     convs = _convs_3x3_s1(fast)
     with torch.no_grad(), inn.conv_winograd("auto"):

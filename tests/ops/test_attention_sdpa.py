@@ -111,7 +111,8 @@ def test_sdpa_switch_and_errors(monkeypatch):
         assert len(calls) == 1  # the switch-off: neither ran SDPA
         A.qkv_attention(inner, 2)  # "auto" does
         assert len(calls) == 2
-    with pytest.raises(ValueError, match=r"impl: expected one of \['auto', 'fused', 'einsum', 'sdpa'\]"):
+    expected = r"impl: expected one of \['auto', 'fused', 'einsum', 'sdpa', 'bf16'\]"
+    with pytest.raises(ValueError, match=expected):
         A.set_attention_impl("flash")
     with pytest.raises(ValueError, match="qkv: expected a 3-D tensor"):
         A.qkv_attention_sdpa(torch.zeros(48, 20), 2)

@@ -138,7 +138,7 @@ def test_capabilities_match_what_the_ops_accept():
     from iddpm_ext import _C
 
     caps = _C.capabilities()
-    assert set(caps) == {"cuda", "ops", "step", "attention", "group_norm", "winograd"}
+    assert set(caps) == {"cuda", "ops", "step", "attention", "group_norm", "winograd", "attention_bf16"}
     assert caps["cuda"] == iddpm_ext.build_info()["cuda"]
     registered = {
         n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("iddpm::")
@@ -156,6 +156,18 @@ def test_capabilities_match_what_the_ops_accept():
     isa = caps["winograd"]["cpu"]["isa"]
     assert caps["winograd"] == {"cpu": {"dtypes": ["float32", "bfloat16"], "isa": isa}, "cuda": None}
     assert isa in ("avx512", "avx2", "default")
+    bf16 = caps["attention_bf16"]
+    assert (
+        bf16["cuda"] is None and bf16["cpu"]["dtypes"] == ["bfloat16"] and bf16["cpu"]["head_dims"] == "any"
+    )
+    assert bf16["cpu"]["isa"] in ("avx512_bf16", "avx512", "avx2", "generic")
+    for name, dtype in _TORCH_DTYPES.items():  # the listed dtype runs, every other is a ValueError
+        qkv = torch.randn(1, 3 * 2 * 5, 7).to(dtype)
+        if name in bf16["cpu"]["dtypes"]:
+            assert torch.ops.iddpm.qkv_attention_bf16(qkv, 2).dtype == dtype
+        else:
+            with pytest.raises(ValueError, match="qkv: expected dtype bfloat16"):
+                torch.ops.iddpm.qkv_attention_bf16(qkv, 2)
     if caps["cuda"]:
         cuda = caps["attention"]["cuda"]
         assert cuda["head_dims"] and all(isinstance(c, int) for c in cuda["head_dims"])

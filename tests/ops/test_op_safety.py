@@ -295,6 +295,12 @@ def test_fuzz_qkv_attention(data):
 
 @FUZZ
 @given(st.data())
+def test_fuzz_qkv_attention_bf16(data):
+    op_fuzz.fuzz_qkv_attention_bf16(data)
+
+
+@FUZZ
+@given(st.data())
 def test_fuzz_qkv_attention_backward(data):
     op_fuzz.fuzz_qkv_attention_backward(data)
 
