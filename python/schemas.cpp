@@ -39,8 +39,9 @@ TORCH_LIBRARY(iddpm, m) {
   m.def(
       "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
       "int num_heads) -> Tensor");
-  // CPU bf16 inference forward: qkv [B, 3·H·C, T] bf16 (token-major, channel stride 1, is read in
-  // place) -> out [B, H·C, T] bf16, token-major (strides T·H·C, 1, H·C). No lse, no backward.
+  // CPU bf16 inference forward: qkv [B, 3·H·C, T] bf16 (any strides; token-major, channel stride
+  // 1, is read in place) -> out [B, H·C, T] bf16, token-major (strides T·H·C, 1, H·C). No lse, no
+  // backward.
   m.def("qkv_attention_bf16(Tensor qkv, int num_heads) -> Tensor");
 
   // ---- fused GroupNorm + scale-shift + SiLU (csrc/ops/group_norm.cpp) ----

@@ -59,16 +59,16 @@ struct AttentionBwdParams {
   bool sm90_bulk_dq = false;
 };
 
-// The bf16 inference forward (iddpm::qkv_attention_bf16, CPU): q, k, v and out read and written
-// token-major, channel stride 1 — the layout a 1×1 conv of channels-last activations gives, read
-// in place. No lse (no backward).
-//   qkv: element (b, ch, t) of [B, 3·H·C, T] at qkv[b·qkv_sb + t·qkv_st + ch], bf16; head h owns
-//        channels [3Ch, 3Ch + 3C): q | k | v, as above.
+// The bf16 inference forward (iddpm::qkv_attention_bf16, CPU): qkv at any strides (fastest
+// token-major, channel stride 1: the layout a 1×1 conv of channels-last activations gives, read in
+// place), out written token-major. No lse (no backward).
+//   qkv: element (b, ch, t) of [B, 3·H·C, T] at qkv[b·qkv_sb + ch·qkv_sc + t·qkv_st], bf16; head h
+//        owns channels [3Ch, 3Ch + 3C): q | k | v, as above.
 //   out: element (b, h·C + c, t) of [B, H·C, T] at out[b·out_sb + t·out_st + h·C + c], bf16.
 struct AttentionBf16Params {
   AttentionShape s;
   const void* qkv = nullptr;
-  int64_t qkv_sb = 0, qkv_st = 0;  // in elements
+  int64_t qkv_sb = 0, qkv_sc = 0, qkv_st = 0;  // in elements
   void* out = nullptr;
   int64_t out_sb = 0, out_st = 0;  // in elements
 };

@@ -10,8 +10,9 @@
 //
 //   iddpm::qkv_attention_bf16(Tensor qkv, int num_heads) -> Tensor out
 //     CPU, bf16, inference (no lse, no backward): out as qkv_attention's, computed with bf16
-//     pair dot products (AVX512-BF16 where the CPU has it); qkv read token-major (channel
-//     stride 1, what a 1×1 conv of channels-last activations gives) in place, out token-major.
+//     pair dot products (AVX512-BF16 where the CPU has it); qkv at any strides (read in
+//     place where token-major, channel stride 1: what a 1×1 conv of channels-last activations
+//     gives), out token-major.
 //
 // No layout copies: the kernels read q, k, v as the [C, T] blocks they are in qkv. A
 // non-contiguous argument (not the case for a Conv1d output) is made contiguous once here.
@@ -308,9 +309,9 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
   return b.grad_qkv;
 }
 
-// The bf16 inference forward: qkv read token-major (channel stride 1) in place, else from one
-// token-major copy; out [B, H·C, T] token-major (strides T·H·C, 1, H·C), as torch's SDPA gives it
-// for such a qkv on the CPU.
+// The bf16 inference forward: qkv read at its strides (in place where token-major, channel stride
+// 1; else the kernel copies k and v per head and q per block); out [B, H·C, T] token-major
+// (strides T·H·C, 1, H·C), as torch's SDPA gives it for such a qkv on the CPU.
 at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
   check_defined(qkv_in, "qkv");
   TORCH_CHECK_VALUE(
@@ -321,13 +322,13 @@ at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
                     "qkv: expected dtype bfloat16 (qkv_attention_bf16 is the bf16 kernel), got ",
                     torch_dtype_name(qkv_in));
   const AttentionShape d = check_qkv(qkv_in, num_heads);
-  const at::Tensor qkv =
-      qkv_in.stride(1) == 1 ? qkv_in : qkv_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const at::Tensor& qkv = qkv_in;
   const at::Tensor out = at::empty({d.B, d.T, d.H * d.C}, qkv.options()).transpose(1, 2);
   attn::AttentionBf16Params p;
   p.s = d;
   p.qkv = qkv.data_ptr();
   p.qkv_sb = qkv.stride(0);
+  p.qkv_sc = qkv.stride(1);
   p.qkv_st = qkv.stride(2);
   p.out = out.data_ptr();
   p.out_sb = out.stride(0);

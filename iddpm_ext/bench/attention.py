@@ -19,6 +19,13 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
                             row above)
   iddpm (fused, sm90 bulk dq)  `fwd+bwd` only: the sm90 row with the sm_90a backward adding dq
                             by TMA bulk reductions (IDDPM_ATTENTION_SM90_BULK_DQ=1 as well)
+  iddpm (bf16 kernel)       CPU bf16 `fwd` only: iddpm::qkv_attention_bf16 (inference; its copy
+                            of qkv into the token-major layout included)
+  iddpm (bf16 kernel, channels-last qkv)  the same on a token-major qkv ([B, T, 3·H·C] in
+                            memory, what the UNet's channels-last inference path gives), in place
+  sdpa (channels-last qkv)  CPU bf16 `fwd` only: qkv_attention_sdpa on that token-major qkv (the
+                            views SDPA reads in place; "auto"'s choice there before the bf16
+                            kernel); the channels-last bf16 row carries `vs_sdpa_cl` (its time over ours)
 Passes: `fwd` and `fwd+bwd` (backward through torch.autograd.grad w.r.t. the input).
 Backends that refuse a case (e.g. cuDNN on fp32) are skipped for it.
 
@@ -206,6 +213,11 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                 impls[FUSED_ROW] = lambda x: attn.qkv_attention_fused(x, H)
                 if qkv.is_cuda and dtype in (torch.float16, torch.bfloat16):  # fp32: default grid
                     impls[TILE_MAJOR_ROW] = lambda x: attn.qkv_attention_fused(x, H)
+            if not bwd and qkv.device.type == "cpu" and dtype == torch.bfloat16 and attn.bf16_isa():
+                tokens = qkv.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, 3·H·C] in memory
+                impls[BF16_ROW] = lambda x: attn.qkv_attention_bf16(x, H)
+                impls[BF16_CL_ROW] = lambda x, tm=tokens: attn.qkv_attention_bf16(tm, H)
+                impls[SDPA_CL_ROW] = lambda x, tm=tokens: attn.qkv_attention_sdpa(tm, H)
             if attn.sm90_supported(qkv, H):  # the sm_90a kernels: CUDA, built, cc 9.0 only
                 impls[SM90_ROW] = lambda x: attn.qkv_attention_fused(x, H)
                 impls[SM90_PIPELINED_ROW] = lambda x: attn.qkv_attention_fused(x, H)
@@ -247,7 +259,7 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
             for rec in rows.values():
                 if base:
                     rec["speedup"] = round(base["ms"] / rec["ms"], 2)
-            for ours in (rows.get(name) for name in SWITCHES):
+            for ours in (rows.get(name) for name in (*SWITCHES, BF16_ROW, BF16_CL_ROW)):
                 if not ours:
                     continue
                 for tag, suffix in (("vs_sdpa_copies", "+copies"), ("vs_sdpa_kernel", "kernel")):
@@ -255,6 +267,8 @@ def _run_dtype(args, device, dtype, tf32, cases, passes, backends, peak_flops) -
                     if times:
                         ours[tag] = round(min(times) / ours["ms"], 2)
             variant_ratios(rows)
+            if BF16_CL_ROW in rows and SDPA_CL_ROW in rows:
+                rows[BF16_CL_ROW]["vs_sdpa_cl"] = round(rows[SDPA_CL_ROW]["ms"] / rows[BF16_CL_ROW]["ms"], 2)
             del rows
     return records
 
@@ -281,6 +295,9 @@ SM90_ROW = "iddpm (fused, sm90)"
 SM90_PIPELINED_ROW = "iddpm (fused, sm90 pipelined)"
 SM90_BULK_DQ_ROW = "iddpm (fused, sm90 bulk dq)"
 TILE_MAJOR_ROW = "iddpm (fused, tile-major)"
+BF16_ROW = "iddpm (bf16 kernel)"
+BF16_CL_ROW = "iddpm (bf16 kernel, channels-last qkv)"
+SDPA_CL_ROW = "sdpa (channels-last qkv)"
 # The fused op's rows and the settings of its opt-in switches each runs under (sm90, tile-major,
 # sm90 pipelined, sm90 bulk dq), set for every call so that an IDDPM_ATTENTION_* variable in the
 # environment cannot make two rows the same.

@@ -124,8 +124,9 @@ def qkv_attention_bf16(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     the CPU has it, else the same sums in float32 multiply-adds; :func:`bf16_isa`), the softmax
     online in float32; the probabilities and the output are each rounded once to bf16 (torch's
     CPU SDPA rounds the same two; the reference's einsum under autocast also rounds the logits).
-    qkv is read token-major — channel stride 1, what a 1×1 conv of channels-last activations
-    gives — in place (another layout is copied once); the output is token-major too (strides
+    qkv is read at its strides, fastest token-major — channel stride 1, what a 1×1 conv of
+    channels-last activations gives — in place (for another layout the kernel copies k and v
+    once per head and q per block of queries); the output is token-major (strides
     T·H·C, 1, H·C), as SDPA returns it. Inference only: no gradient (differentiating raises).
     """
     loader.require()
