@@ -128,7 +128,7 @@ def test_to_inference_keeps_state_dict_keys_and_round_trips_strictly():
     assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.bfloat16
     fresh = UNetModel(**tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_heads=2, num_classes=4))
     fresh.load_state_dict(fast.state_dict(), strict=True)  # loads, cast back to the fresh model's fp32
-    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False, prepack=False)
+    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False, prepack=False, batch_emb=False)
     assert not back.channels_last and back.input_blocks[0][0].weight.is_contiguous()
     x, t = _inputs()
     y = torch.tensor([0, 3])
@@ -514,6 +514,8 @@ def test_batched_emb_matches_per_block_projections_and_tracks_weights():
         got, expected = fast(x, t, y), unbatched()
         cache = fast._emb_gemm
         assert cache.key is not None  # the batched GEMM ran
+        # fp32 on the CPU: through oneDNN's packed linear where torch has it
+        assert (cache.cast[torch.float32][2] is not None) == iunet._mkldnn_linear_available()
         assert tuple(cache.weight.shape) == (sum(lin.out_features for lin in linears), linears[0].in_features)
         assert _rel(got, expected) <= 1e-6
         # A changed projection (in place, then a new tensor) is seen on the next call.
@@ -553,8 +555,14 @@ def test_batched_emb_under_autocast_casts_the_weight_once():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         batched = fast._batched_emb(emb)
         cache = fast._emb_gemm
-        weight, bias = cache.cast[torch.bfloat16]
+        weight, bias, packed = cache.cast[torch.bfloat16]
         assert weight.dtype == bias.dtype == torch.bfloat16 and cache.weight.dtype == torch.float32
+        # oneDNN's packed linear where it runs bf16 (the GEMM torch's F.linear ran slowly)
+        assert (packed is not None) == (
+            torch.backends.mkldnn.is_available()
+            and iunet._mkldnn_linear_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
         for block in cache.blocks:
             got, expected = batched.outs[id(block)], block.emb_layers(emb)
             assert got.dtype == expected.dtype == torch.bfloat16
