@@ -128,7 +128,9 @@ def test_to_inference_keeps_state_dict_keys_and_round_trips_strictly():
     assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.bfloat16
     fresh = UNetModel(**tiny_kwargs(out_channels=6, use_scale_shift_norm=True, num_heads=2, num_classes=4))
     fresh.load_state_dict(fast.state_dict(), strict=True)  # loads, cast back to the fresh model's fp32
-    back = copy.deepcopy(fast).to_inference(torch.float32, channels_last=False, prepack=False, batch_emb=False)
+    back = copy.deepcopy(fast).to_inference(
+        torch.float32, channels_last=False, prepack=False, batch_emb=False
+    )
     assert not back.channels_last and back.input_blocks[0][0].weight.is_contiguous()
     x, t = _inputs()
     y = torch.tensor([0, 3])
