@@ -335,21 +335,28 @@ def _heads(data):
     return choose(data, data.draw(st.integers(1, 3)), -1, *EXTREME_HEADS)
 
 
-def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    heads = _heads(data)
+def _qkv_shape(data, heads, head_dims, lengths):
+    """A qkv shape [B, 3·H·C, T] for ``heads`` (H = 2 where heads is extreme), C and T drawn from
+    the lists; 1 in 10 a bad channel count, some huge-but-empty, some not 3-D."""
     h = heads if 1 <= heads <= 3 else 2
     B = data.draw(st.sampled_from([0, 1, 2]))
-    # CUDA: head dims that are multiples of 8 up to 256 have kernels; 4, 12, 264 do not.
-    C = data.draw(st.sampled_from([1, 2, 3, 4, 8, 32, 96] if base == "cpu" else [4, 8, 12, 32, 96, 264]))
-    T = data.draw(st.sampled_from([0, 1, 2, 5, 9]))
+    C = data.draw(st.sampled_from(head_dims))
+    T = data.draw(st.sampled_from(lengths))
     width = choose(data, 3 * h * C, 0, 3 * h * C + 1, 6, 7)
     shape = [B, width, T]
     if B == 0 and data.draw(st.booleans()):  # huge but empty
         shape[data.draw(st.sampled_from([1, 2]))] = 3 * HUGE
     elif T == 0 and data.draw(st.booleans()):
         shape[0] = HUGE
-    shape = choose(data, tuple(shape), tuple(shape[:2]), (2, 6, 2, 1))
+    return choose(data, tuple(shape), tuple(shape[:2]), (2, 6, 2, 1))
+
+
+def fuzz_qkv_attention(data, base="cpu", mixes=("meta",)):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    heads = _heads(data)
+    # CUDA: head dims that are multiples of 8 up to 256 have kernels; 4, 12, 264 do not.
+    head_dims = [1, 2, 3, 4, 8, 32, 96] if base == "cpu" else [4, 8, 12, 32, 96, 264]
+    shape = _qkv_shape(data, heads, head_dims, [0, 1, 2, 5, 9])
     dtype = choose(data, data.draw(st.sampled_from(FLOATS)), *DTYPES)
     qkv = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from([base] * 4 + ["meta"]))
@@ -396,17 +403,7 @@ def fuzz_qkv_attention_bf16(data, base="cpu", mixes=("meta",)):
     shapes, extreme head counts; on meta, the fake's shapes, strides and refusals."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     heads = _heads(data)
-    h = heads if 1 <= heads <= 3 else 2
-    B = data.draw(st.sampled_from([0, 1, 2]))
-    C = data.draw(st.sampled_from([1, 2, 3, 5, 8, 32, 96]))
-    T = data.draw(st.sampled_from([0, 1, 2, 5, 9, 70]))
-    width = choose(data, 3 * h * C, 0, 3 * h * C + 1, 6, 7)
-    shape = [B, width, T]
-    if B == 0 and data.draw(st.booleans()):  # huge but empty
-        shape[data.draw(st.sampled_from([1, 2]))] = 3 * HUGE
-    elif T == 0 and data.draw(st.booleans()):
-        shape[0] = HUGE
-    shape = choose(data, tuple(shape), tuple(shape[:2]), (2, 6, 2, 1))
+    shape = _qkv_shape(data, heads, [1, 2, 3, 5, 8, 32, 96], [0, 1, 2, 5, 9, 70])
     dtype = choose(data, torch.bfloat16, *DTYPES)
     qkv = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from(["cpu"] * 4 + ["meta"]))
