@@ -73,6 +73,22 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True):
     atomic_write(path, lambda f: f.write(data), overwrite)
 
 
+_VANISHED_RETRIES = 5  # a folder removed under us by a concurrent check: make it again
+
+
+def makedirs_and(folder: str, action):
+    """``os.makedirs(folder, exist_ok=True)``, then ``action()``; again (a few times) when
+    ``action`` finds the folder gone: a concurrent :func:`check_writable_dir` that created it
+    removes it again when it finds it empty."""
+    for attempt in range(_VANISHED_RETRIES):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            return action()
+        except FileNotFoundError:
+            if attempt + 1 == _VANISHED_RETRIES:
+                raise
+
+
 def check_writable_dir(folder: str, flag: str = "out_dir") -> str:
     """Probe that files can be written in ``folder`` before any work whose results go there:
     create it (and missing parents), write and remove a probe file, then remove the folders
@@ -87,8 +103,10 @@ def check_writable_dir(folder: str, flag: str = "out_dir") -> str:
             break
         path = parent
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        # (two runs started together into one new folder: the other's check may remove it)
+        fd, probe = makedirs_and(
+            folder, lambda: tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        )
         os.close(fd)
         os.unlink(probe)
     except OSError as err:

@@ -21,6 +21,7 @@ import os
 import threading
 
 from ..errors import RunFolderLockedError
+from ..io import makedirs_and
 
 LOCK_NAME = ".lock"
 
@@ -54,11 +55,13 @@ class RunFolderLock:
         naming the folder and the holder's pid. Never waits."""
         if self._fd is not None:
             return self
-        os.makedirs(self.folder, exist_ok=True)
         with _HELD_GUARD:
             if self.path in _HELD:
                 raise RunFolderLockedError(self._busy_message(str(os.getpid()), same_process=True))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # (made again if another process's out_dir check removes the new, empty folder)
+            fd = makedirs_and(
+                self.folder, lambda: os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            )
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:

@@ -60,6 +60,35 @@ def test_the_out_dir_probe_leaves_nothing(tmp_path):
     assert check_writable_dir(str(out)) == str(out) and os.listdir(out) == []
 
 
+def test_the_out_dir_probe_survives_a_concurrent_check_removing_the_new_folder(tmp_path, monkeypatch):
+    """Two runs started together into one new folder: the other's check made it and removed it
+    again (empty) between our makedirs and our probe; ours makes it again (CI saw the loser of
+    test_two_runs_into_one_folder_then_sigterm fail with 'cannot write' instead of 'in use')."""
+    import shutil
+    import tempfile
+
+    from iddpm_ext import io as iio
+
+    out = tmp_path / "shared"
+    real, calls = tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the concurrent check's rmdir lands here
+            shutil.rmtree(out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert iio.check_writable_dir(str(out)) == str(out) and len(calls) == 2
+    assert not out.exists()  # and it still leaves nothing behind
+
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(FileNotFoundError):  # a folder that keeps vanishing: the error, not a loop
+        iio.makedirs_and(str(out), gone)
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta", "cuda:99", "cpu:0:1", "cuda"])
 def test_bad_devices_are_one_line_naming_the_flag(tmp_path, capsys, device):
     if device == "cuda" and torch.cuda.is_available():
