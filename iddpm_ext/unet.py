@@ -706,7 +706,12 @@ class UNetModel(nn.Module):
             cache.cast[dtype] = _emb_gemm_weights(cache.weight.to(dtype), cache.bias.to(dtype))
         weight, bias, packed = cache.cast[dtype]
         act = act.to(dtype) if dtype != cache.weight.dtype else act
-        if packed is not None and act.dtype == weight.dtype and act.dim() == 2:
+        if (
+            packed is not None
+            and torch.backends.mkldnn.enabled
+            and act.dtype == weight.dtype
+            and act.dim() == 2
+        ):
             out = torch.ops.mkldnn._linear_pointwise(act, packed, bias, "none", [], "")
         else:
             out = F.linear(act, weight, bias)

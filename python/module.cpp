@@ -100,7 +100,8 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //      "cuda": None},
 //    "attention_bf16": {               qkv_attention_bf16
 //      "cpu":  {"dtypes": ["bfloat16"], "head_dims": "any", "isa": str},   isa: the build run
-//              here at import ("avx512_bf16": AVX512-BF16 products; else emulated)
+//              here when asked ("avx512_bf16": AVX512-BF16 products; else emulated; the
+//              environment's IDDPM_ATTN_CPU_ISA is read per call)
 //      "cuda": None}}
 // (CUDA head dims: every multiple of head_dim_step up to max_head_dim, all listed.)
 // dtypes are torch's names ("float32", "float64", "float16", "bfloat16"); a dtype or head dim

@@ -19,8 +19,8 @@ Impls, side by side on the same qkv [B, 3·H·C, T] (the model's layout):
                             row above)
   iddpm (fused, sm90 bulk dq)  `fwd+bwd` only: the sm90 row with the sm_90a backward adding dq
                             by TMA bulk reductions (IDDPM_ATTENTION_SM90_BULK_DQ=1 as well)
-  iddpm (bf16 kernel)       CPU bf16 `fwd` only: iddpm::qkv_attention_bf16 (inference; its copy
-                            of qkv into the token-major layout included)
+  iddpm (bf16 kernel)       CPU bf16 `fwd` only: iddpm::qkv_attention_bf16 (inference) on the
+                            model's NCHW qkv, read at its strides (k copied per head)
   iddpm (bf16 kernel, channels-last qkv)  the same on a token-major qkv ([B, T, 3·H·C] in
                             memory, what the UNet's channels-last inference path gives), in place
   sdpa (channels-last qkv)  CPU bf16 `fwd` only: qkv_attention_sdpa on that token-major qkv (the

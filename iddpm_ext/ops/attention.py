@@ -125,8 +125,9 @@ def qkv_attention_bf16(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     online in float32; the probabilities and the output are each rounded once to bf16 (torch's
     CPU SDPA rounds the same two; the reference's einsum under autocast also rounds the logits).
     qkv is read at its strides, fastest token-major — channel stride 1, what a 1×1 conv of
-    channels-last activations gives — in place (for another layout the kernel copies k and v
-    once per head and q per block of queries); the output is token-major (strides
+    channels-last activations gives — with k in place (for another layout or an odd head dim
+    the kernel copies k; v is packed per head and query chunk, q per block of queries); the
+    output is token-major (strides
     T·H·C, 1, H·C), as SDPA returns it. Inference only: no gradient (differentiating raises).
     """
     loader.require()
@@ -647,7 +648,8 @@ if loader.available():
                 f"got {checks.dtype_name(qkv.dtype)}"
             )
         B, hc, T = _fake_dims(qkv, num_heads)
-        return qkv.new_empty_strided((B, hc, T), (T * hc, 1, hc))
+        # at::empty({B, T, H·C}).transpose(1, 2): a 0-size T counts as 1 in the batch stride
+        return qkv.new_empty_strided((B, hc, T), (max(T, 1) * hc, 1, hc))
 
     def _bf16_no_backward(ctx, grad):
         raise RuntimeError(

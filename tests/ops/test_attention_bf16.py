@@ -19,8 +19,17 @@ pytestmark = pytest.mark.kernels
 OP = torch.ops.iddpm.qkv_attention_bf16
 
 # (B, H, C, T): one key, odd head dims (a zero channel is appended), odd T (a lone key in the
-# last pair), T past one key block (128) and one query block (64), the UNet's head dims.
-SHAPES = [(2, 3, 16, 37), (1, 4, 64, 64), (2, 2, 32, 257), (1, 1, 5, 1), (3, 1, 7, 130), (1, 2, 128, 96)]
+# last pair), T past one key block (128) and one query block (64), the UNet's head dims, a head
+# dim past 256 (the output block's buffer larger than the logits').
+SHAPES = [
+    (2, 3, 16, 37),
+    (1, 4, 64, 64),
+    (2, 2, 32, 257),
+    (1, 1, 5, 1),
+    (3, 1, 7, 130),
+    (1, 2, 128, 96),
+    (1, 1, 300, 70),
+]
 
 
 @pytest.fixture(params=["native", "avx512", "avx2", "generic"])
@@ -128,6 +137,33 @@ def test_layouts_give_the_same_bits_and_a_token_major_output(shape):
     assert torch.equal(OP(view.transpose(1, 2), H), out)
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+def test_zero_strides(dim, isa):
+    """A qkv broadcast along the channels (stride 0: every channel equal) or the positions
+    (every token equal) is read as it is."""
+    g = torch.Generator().manual_seed(13)
+    if dim == 1:
+        qkv = torch.randn(2, 1, 9, generator=g).to(torch.bfloat16).expand(2, 3 * 2 * 8, 9)
+    else:
+        qkv = torch.randn(2, 3 * 2 * 8, 1, generator=g).to(torch.bfloat16).expand(2, 3 * 2 * 8, 9)
+    assert qkv.stride(dim) == 0
+    out = OP(qkv, 2)
+    check_two_x_rule(
+        out, A.qkv_attention_reference(qkv, 2), attention_math_f64(qkv.double(), 2), "zero", 1e-6
+    )
+    assert torch.equal(out, OP(qkv.contiguous(), 2))
+
+
+def test_fake_strides_match_the_kernel_at_every_size():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for shape in [(2, 24, 5), (2, 24, 0), (0, 24, 5), (1, 24, 1)]:
+        real = OP(torch.zeros(shape, dtype=torch.bfloat16), 2)
+        with FakeTensorMode():
+            fake = OP(torch.zeros(shape, dtype=torch.bfloat16), 2)
+        assert (tuple(fake.shape), fake.stride()) == (tuple(real.shape), real.stride()), shape
+
+
 def test_heads_are_independent_and_in_the_reference_order():
     qkv = _qkv(1, 2, 8, 12, seed=4)
     changed = qkv.clone()
@@ -205,7 +241,8 @@ def test_torch_compile_fullgraph():
         assert torch.equal(compiled(qkv), 2 * OP(qkv, 2))
 
 
-def test_capabilities_and_isa():
+def test_capabilities_and_isa(monkeypatch):
+    monkeypatch.delenv("IDDPM_ATTN_CPU_ISA", raising=False)
     assert A.bf16_isa() in ("avx512_bf16", "avx512", "avx2", "generic")
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     if probe is not None and probe():
