@@ -154,6 +154,21 @@ def test_zero_strides(dim, isa):
     assert torch.equal(out, OP(qkv.contiguous(), 2))
 
 
+@pytest.mark.parametrize("layout", ["tokens", "nct"])
+def test_threads_split_a_head_into_query_chunks_with_the_same_bits(layout):
+    """With fewer heads than threads a head's query blocks are split over threads (each chunk
+    packs k and v again): the same bits as one thread."""
+    qkv = _qkv(1, 1, 24, 300, layout=layout, seed=14)  # 5 query blocks
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OP(qkv, 1)
+        torch.set_num_threads(4)
+        assert torch.equal(OP(qkv, 1), one)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_fake_strides_match_the_kernel_at_every_size():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
