@@ -46,9 +46,9 @@ Isa best_isa() {
 #endif
 }
 
-// The largest thread count to give one call: split each (batch, head) into chunks of query
-// blocks only when there are fewer heads than threads (each chunk packs k and v of its head
-// again, which is cheap next to the products).
+// How many chunks of query blocks each (batch, head) is split into: more than one only when
+// there are fewer heads than threads (each chunk packs k and v of its head again, which is cheap
+// next to the products).
 int64_t query_chunks(int64_t BH, int64_t T, int64_t block) {
   const int64_t nqb = (T + block - 1) / block;
   const int64_t threads = at::get_num_threads();

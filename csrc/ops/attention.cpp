@@ -312,17 +312,13 @@ at::Tensor qkv_attention_backward_cpu(const at::Tensor& grad_out_in, const at::T
 // The bf16 inference forward: qkv read at its strides (in place where token-major, channel stride
 // 1; else the kernel copies k and v per head and q per block); out [B, H·C, T] token-major
 // (strides T·H·C, 1, H·C), as torch's SDPA gives it for such a qkv on the CPU.
-at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
-  check_defined(qkv_in, "qkv");
-  TORCH_CHECK_VALUE(
-      qkv_in.is_cpu(),
-      "qkv: expected a CPU tensor (qkv_attention_bf16 has a CPU kernel only), got one on ",
-      qkv_in.device());
-  TORCH_CHECK_VALUE(qkv_in.scalar_type() == at::kBFloat16,
+at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv, int64_t num_heads) {
+  check_defined(qkv, "qkv");
+  check_cpu_only(qkv, "qkv", "qkv_attention_bf16");
+  TORCH_CHECK_VALUE(qkv.scalar_type() == at::kBFloat16,
                     "qkv: expected dtype bfloat16 (qkv_attention_bf16 is the bf16 kernel), got ",
-                    torch_dtype_name(qkv_in));
-  const AttentionShape d = check_qkv(qkv_in, num_heads);
-  const at::Tensor& qkv = qkv_in;
+                    torch_dtype_name(qkv));
+  const AttentionShape d = check_qkv(qkv, num_heads);
   const at::Tensor out = at::empty({d.B, d.T, d.H * d.C}, qkv.options()).transpose(1, 2);
   attn::AttentionBf16Params p;
   p.s = d;

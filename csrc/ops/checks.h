@@ -68,6 +68,12 @@ inline std::string product_str(int64_t k, int64_t n) {
   return p ? std::to_string(*p) : std::to_string(k) + "·" + std::to_string(n);
 }
 
+// x is a CPU tensor: "<name>: expected a CPU tensor (<op> has a CPU kernel only), got one on ...".
+inline void check_cpu_only(const at::Tensor& x, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(x.is_cpu(), name, ": expected a CPU tensor (", op,
+                    " has a CPU kernel only), got one on ", x.device());
+}
+
 inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
                               const char* ref_name) {
   TORCH_CHECK_VALUE(x.device() == ref.device(), name, ": expected a tensor on ", ref.device(),

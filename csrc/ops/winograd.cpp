@@ -97,9 +97,7 @@ void gemms_brgemm(const float* v, const float* u, float* m, int64_t rows, int64_
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cpu(), name,
-                    ": expected a CPU tensor (the op has a CPU kernel only), got one on ",
-                    t.device());
+  check_cpu_only(t, name, "the op");
   TORCH_CHECK_VALUE(dtype_in(t.scalar_type(), cpu::kWinogradDtypes), name, ": expected dtype ",
                     dtype_names(cpu::kWinogradDtypes), ", got ", torch_dtype_name(t));
 }

@@ -160,7 +160,11 @@ def _auto_bf16(qkv: torch.Tensor, num_heads: int) -> bool:
         return False
     if torch.is_grad_enabled() and qkv.requires_grad:
         return False
-    width = qkv.shape[1]
+    return _heads_split(qkv.shape[1], num_heads)
+
+
+def _heads_split(width: int, num_heads: int) -> bool:
+    """Whether ``width`` channels split into q, k, v of ``num_heads`` heads (else the op's error)."""
     return num_heads >= 1 and width > 0 and width % (3 * num_heads) == 0
 
 
@@ -181,7 +185,7 @@ def _auto_sdpa(qkv: torch.Tensor, num_heads: int) -> bool:
     if torch.is_grad_enabled() and qkv.requires_grad:
         return False
     B, width, T = qkv.shape
-    if num_heads < 1 or width <= 0 or width % (3 * num_heads) != 0 or T < 2:
+    if not _heads_split(width, num_heads) or T < 2:
         return False
     return qkv.stride(1) == 1 and qkv.stride(2) == width
 
@@ -637,11 +641,7 @@ if loader.available():
     def _qkv_attention_bf16_fake(qkv, num_heads):
         # csrc/ops/attention.cpp's qkv_attention_bf16_cpu checks, in their order.
         checks.defined(qkv, "qkv")
-        if qkv.device.type not in ("cpu", "meta"):
-            raise ValueError(
-                "qkv: expected a CPU tensor (qkv_attention_bf16 has a CPU kernel only), "
-                f"got one on {qkv.device}"
-            )
+        checks.cpu_only(qkv, "qkv", "qkv_attention_bf16")
         if qkv.dtype != torch.bfloat16:
             raise ValueError(
                 f"qkv: expected dtype bfloat16 (qkv_attention_bf16 is the bf16 kernel), "

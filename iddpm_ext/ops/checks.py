@@ -33,6 +33,12 @@ def same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
         )
 
 
+def cpu_only(x: torch.Tensor, name: str, op: str = "the op"):
+    """x on the CPU (or meta, which stands for any device): csrc/ops/checks.h's check_cpu_only."""
+    if x.device.type not in ("cpu", "meta"):
+        raise ValueError(f"{name}: expected a CPU tensor ({op} has a CPU kernel only), got one on {x.device}")
+
+
 def dtype_in(x: torch.Tensor, name: str, dtypes, where: str = ""):
     if x.dtype not in dtypes:
         names = ", ".join(dtype_name(d) for d in dtypes)

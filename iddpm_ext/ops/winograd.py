@@ -66,10 +66,7 @@ def _check_tensor(t, name, ref=None, ref_name=""):
     checks.defined(t, name)
     if ref is not None:
         checks.same_device(t, name, ref, ref_name)
-    if t.device.type not in ("cpu", "meta"):
-        raise ValueError(
-            f"{name}: expected a CPU tensor (the op has a CPU kernel only), got one on {t.device}"
-        )
+    checks.cpu_only(t, name)
     if t.dtype not in DTYPES:
         raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {checks.dtype_name(t.dtype)}")
     if ref is not None and t.dtype != ref.dtype:
