@@ -20,6 +20,7 @@ Fast paths (each switchable off; docs/unet.md has the measurements):
 
 from __future__ import annotations
 
+import math
 import os
 from abc import abstractmethod
 
@@ -366,13 +367,14 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x):  # x: [N, C, *spatial]
         b, c, *spatial = x.shape
-        flat = x.reshape(b, c, -1)  # [N, C, T]
+        t = math.prod(spatial)  # not -1: a batch of 0 images has no size to infer it from
+        flat = x.reshape(b, c, t)  # [N, C, T]
         if _CHANNELS_LAST_ATTENTION and channels_innermost(flat):
             # Channels-last activations: the norm runs on x in its own layout, and the two 1×1
             # convs keep channels innermost, so qkv is [N, T, 3C] in memory (what "auto" hands to
             # SDPA without a copy) and the block's output stays channels-last for the next conv.
             # Same values as the branch below (the norm over [N, C, *spatial] is that over [N, C, T]).
-            qkv = conv1x1_channels_innermost(self.qkv, self.norm(x).reshape(b, c, -1))
+            qkv = conv1x1_channels_innermost(self.qkv, self.norm(x).reshape(b, c, t))
             h = conv1x1_channels_innermost(self.proj_out, self.attention(qkv), flat)
             return h.reshape(b, c, *spatial)
         qkv = self.qkv(self.norm(flat))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)

@@ -73,6 +73,32 @@ def test_batch_items_are_independent():
     torch.testing.assert_close(full[1:2], one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["train", "eval", "inference", "inference_bf16", "channels_last_train"])
+def test_empty_batch(path):
+    # A batch of 0 images gives an empty output of the right shape on every path (the
+    # attention block's flatten once inferred T from -1, which an empty tensor cannot give).
+    model = randomize_(UNetModel(**tiny_kwargs(out_channels=6, num_classes=4)))
+    dtype = torch.float32
+    if path == "eval":
+        model.eval()
+    elif path == "inference":
+        model.to_inference()
+    elif path == "inference_bf16":
+        model.to_inference(torch.bfloat16)
+        dtype = torch.bfloat16
+    elif path == "channels_last_train":
+        model.set_channels_last(True)
+    x = torch.randn(0, 3, 16, 16, dtype=dtype, requires_grad=path.endswith("train"))
+    t = torch.zeros(0, dtype=torch.long)
+    with torch.set_grad_enabled(path.endswith("train")):
+        out = model(x, t, y=torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 6, 16, 16) and out.dtype == dtype
+    if path.endswith("train"):
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is not None for p in model.parameters())
+
+
 def test_resample_layers_shapes():
     x = torch.randn(1, 32, 2, 8, 8)
     assert Downsample(32, True, dims=3)(x).shape == (1, 32, 2, 4, 4)
