@@ -218,10 +218,10 @@ def launches(fn, device) -> dict:
     return out
 
 
-def reference_package():
-    """openai/improved-diffusion's ``improved_diffusion`` package from a local checkout named by
-    IDDPM_REF_PATH (the folder holding the package, as tests/compat uses it), or None when the
-    variable is unset. Never part of this project: benchmarks only compare against it."""
+def reference_module(name: str):
+    """The module ``improved_diffusion.<name>`` of openai/improved-diffusion from a local checkout
+    named by IDDPM_REF_PATH (the folder holding the package, as tests/compat uses it), or None
+    when the variable is unset. Never part of this project: benchmarks only compare against it."""
     import importlib
     import sys
 
@@ -235,7 +235,12 @@ def reference_package():
         )
     if path not in sys.path:
         sys.path.insert(0, path)
-    return importlib.import_module("improved_diffusion.gaussian_diffusion")
+    return importlib.import_module(f"improved_diffusion.{name}")
+
+
+def reference_package():
+    """The reference's ``gaussian_diffusion`` module (IDDPM_REF_PATH), or None."""
+    return reference_module("gaussian_diffusion")
 
 
 def emit(args, rec: dict) -> dict:

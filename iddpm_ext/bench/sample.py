@@ -6,6 +6,11 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
              (host-to-device copies), the model with einsum attention, every coefficient taken
              from a float64 numpy array with ``_extract_into_tensor`` (a copy each), noise from
              randn_like, separate elementwise ops: 8 host-to-device copies per step.
+  reference-code  openai/improved-diffusion's own code, when IDDPM_REF_PATH names a checkout of it:
+             its ``create_gaussian_diffusion`` (the same respaced process) and its
+             ``p_sample_loop`` on its own UNetModel holding our model's weights (bf16: under
+             autocast, the output read as float32). In the default grids wherever "reference"
+             is; ``speedup_vs_ref_code`` = its ms per step / the row's.
   eager      our loop, ``GaussianDiffusion.p_sample_loop``: device tables, the fused step
              (one kernel), the attention op where it has a kernel.
   inference  the same loop on a copy of the model switched by ``to_inference()`` (what
@@ -20,7 +25,8 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
   engine-eager  SamplingEngine mode "eager" (CPU: the engine's step without capture).
 fp32 and bf16 (``torch.autocast``; x and the step stay fp32). Records: ``ms`` = ms per
 step (median run / steps), ``ms_per_run``, ``images_per_s``, ``speedup`` over the reference
-loop in the same dtype and ``speedup_vs_ref_fp32``; on CUDA graph rows also ``model_ms``
+loop in the same dtype and ``speedup_vs_ref_fp32`` (with a checkout, ``speedup_vs_ref_code``);
+on CUDA graph rows also ``model_ms``
 (the UNet forward alone, replayed from its own CUDA graph) and ``overhead_us`` = ms per step
 minus model_ms (what a step costs beyond the model's kernels), and the engine's memory
 (static buffers + graph pool). With profiling (CUDA, B = 1, fp32): ``kernels_per_step`` and
@@ -61,7 +67,16 @@ from .step import _reference_style_step
 from .unet import CONFIGS, build_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_ALL_IMPLS = ("reference", "eager", "inference", "graph", "compile", "compile-graph", "engine-eager")
+_ALL_IMPLS = (
+    "reference",
+    "reference-code",
+    "eager",
+    "inference",
+    "graph",
+    "compile",
+    "compile-graph",
+    "engine-eager",
+)
 _COMPILED = ("compile", "compile-graph")  # rows that compile: last, and off with --no-compile
 _AUTO = -1
 
@@ -134,6 +149,18 @@ def cases(args, device) -> list:
     for _, _, dt, _ in grid:
         if dt not in _DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {dt!r} (expected some of {list(_DTYPES)})")
+    has_checkout = common.reference_module("script_util") is not None
+    if "reference-code" in {c[3] for c in grid} and not has_checkout:
+        raise SystemExit(
+            "--impls: reference-code runs openai/improved-diffusion's own code: set IDDPM_REF_PATH "
+            "to a checkout of it (the folder holding improved_diffusion/)"
+        )
+    if has_checkout and not args.impls:  # the reference's own loop beside each reference row
+        grid = [
+            c
+            for case in grid
+            for c in ([case, (*case[:3], "reference-code")] if case[3] == "reference" else [case])
+        ]
     if args.no_compile:
         grid = [c for c in grid if c[3] not in _COMPILED]
     if not cuda:
@@ -164,6 +191,33 @@ def reference_loop(d, model, x_T, device, dtype):
             noise = torch.randn_like(img)
             img = _reference_style_step(d, out.float(), img, t, True, noise)
     return img
+
+
+class _ReferenceCode:
+    """openai/improved-diffusion's own sampling code (IDDPM_REF_PATH): its UNetModel with the
+    bench model's weights (built once) and its respaced diffusion per step count."""
+
+    def __init__(self, model, config):
+        from .unet import reference_model
+
+        self.model = reference_model(model, config)
+        self.script_util = common.reference_module("script_util")
+        self.diffusions = {}
+
+    def loop(self, d, x_T, device, dtype):
+        S = d.num_timesteps
+        if S not in self.diffusions:
+            self.diffusions[S] = self.script_util.create_gaussian_diffusion(
+                steps=d.original_num_steps,
+                learn_sigma=True,
+                noise_schedule="cosine",
+                rescale_timesteps=True,
+                timestep_respacing=str(S),
+            )
+        ref_d = self.diffusions[S]
+        model = self.model if dtype == torch.float32 else AutocastModel(self.model, device.type, dtype)
+        shape = tuple(x_T.shape)
+        return lambda: ref_d.p_sample_loop(model, shape, noise=x_T, device=device, progress=False)
 
 
 def _model_only_ms(model, x, model_t, device, dtype, iters) -> float:
@@ -231,7 +285,8 @@ def run(args) -> list:
     profile_steps = min(c[0] for c in grid) if grid else 0  # launch counts: the shortest runs only
     diffusions = {}
     engines = {"graph": None, "compile": None, "compile-graph": None, "engine-eager": None}
-    ref_ms, records, notes = {}, [], []
+    ref_ms, ref_code_ms, records, notes = {}, {}, [], []
+    ref_code = None
     previous_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -248,7 +303,11 @@ def run(args) -> list:
                 )
             shape = (B, channels, size, size)
             x_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(1))
-            fn = _impl_fn(impl, engines, model, d, x_T, device, dtype, args)
+            if impl == "reference-code":
+                ref_code = ref_code or _ReferenceCode(model, unet_config)
+                fn = ref_code.loop(d, x_T, device, dtype)
+            else:
+                fn = _impl_fn(impl, engines, model, d, x_T, device, dtype, args)
             if fn is None:
                 continue
             warmup, iters = _runs(args, device, B)
@@ -264,6 +323,8 @@ def run(args) -> list:
             ms = run_ms / S
             if impl == "reference":
                 ref_ms[(S, B, dt_name)] = ms
+            if impl == "reference-code":
+                ref_code_ms[(S, B, dt_name)] = ms
             extra = {
                 "steps": S,
                 "ms_per_run": round(run_ms, 3),
@@ -273,6 +334,8 @@ def run(args) -> list:
             for key, name in (((S, B, dt_name), "speedup"), ((S, B, "float32"), "speedup_vs_ref_fp32")):
                 if key in ref_ms:
                     extra[name] = round(ref_ms[key] / ms, 3)
+            if (S, B, dt_name) in ref_code_ms:
+                extra["speedup_vs_ref_code"] = round(ref_code_ms[(S, B, dt_name)] / ms, 3)
             if device.type == "cuda" and impl == "graph":
                 extra.update(_graph_extras(engines["graph"], model, d, shape, x_T, device, dtype, ms, iters))
             if (
@@ -386,6 +449,8 @@ def _print_summary(config, n_params, records, engines, notes):
             line += f"  x{r['speedup']:.2f} vs reference"
         if "speedup_vs_ref_fp32" in r and r["dtype"] != "float32":
             line += f" (x{r['speedup_vs_ref_fp32']:.2f} vs reference fp32)"
+        if "speedup_vs_ref_code" in r and r["impl"] != "reference-code":
+            line += f"  x{r['speedup_vs_ref_code']:.2f} vs reference-code"
         if "overhead_us" in r:
             line += f"  model {r['model_ms']:.4f} ms, overhead {r['overhead_us']:.1f} us/step"
         if "kernels_per_step" in r:

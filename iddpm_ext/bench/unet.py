@@ -252,21 +252,21 @@ def randomize_zero_layers_(model: torch.nn.Module, std: float = 0.02) -> torch.n
 
 def reference_unet_class():
     """openai/improved-diffusion's UNetModel from the checkout named by IDDPM_REF_PATH, or None."""
-    import importlib
-    import os
-    import sys
+    module = common.reference_module("unet")
+    return None if module is None else module.UNetModel
 
-    path = os.environ.get("IDDPM_REF_PATH")
-    if not path:
+
+def reference_model(model: UNetModel, config: str):
+    """The reference's UNetModel built as ``CONFIGS[config]`` on ``model``'s device, with
+    ``model``'s weights (strict load), in eval mode; None without IDDPM_REF_PATH."""
+    cls = reference_unet_class()
+    if cls is None:
         return None
-    if not os.path.isdir(os.path.join(path, "improved_diffusion")):
-        raise common.BenchArgumentError(
-            f"IDDPM_REF_PATH: expected a checkout of openai/improved-diffusion (a folder holding "
-            f"improved_diffusion/), got {path!r}"
-        )
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module("improved_diffusion.unet").UNetModel
+    kwargs = dict(CONFIGS[config])
+    kwargs.pop("image_size")
+    ref = cls(**kwargs).to(next(model.parameters()).device)
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.eval()
 
 
 _BASELINE_OFF = "ours, all fast paths off: einsum attention, torch GroupNorm, NCHW, fp32 weights"
@@ -343,12 +343,8 @@ def _forward_variants(model, config, device, compile_mode=None):
 
     from ..nn import groupnorm_impl  # noqa: F401  (the switch the variants set)
 
-    ref_cls = reference_unet_class()
-    kwargs = dict(CONFIGS[config])
-    kwargs.pop("image_size")
-    if ref_cls is not None:
-        base = ref_cls(**kwargs).to(device)
-        base.load_state_dict(model.state_dict(), strict=True)
+    base = reference_model(model, config)
+    if base is not None:
         base_name, base_attn = "reference (openai/improved-diffusion)", "auto"
     else:
         base, base_name, base_attn = copy.deepcopy(model), f"baseline ({_BASELINE_OFF})", "einsum"
