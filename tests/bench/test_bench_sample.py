@@ -51,8 +51,8 @@ def test_cpu_grid_has_no_graph_rows():
     assert "compile" in {c[3] for c in bench_sample.cases(_args(["--compile"]), cpu)}
 
 
-def test_quick_cpu_run_writes_records(tmp_path, monkeypatch):
-    monkeypatch.delenv("IDDPM_REF_PATH", raising=False)  # no reference-code rows
+def _quick_cpu_run(tmp_path):
+    """A quick two-step CPU run of the bench at one thread; the JSON file's path."""
     path = tmp_path / "bench_sample.json"
     argv = ["sample", "--device", "cpu", "--quick", "--threads", "1", "--steps", "2", "--json", str(path)]
     previous = torch.get_num_threads()
@@ -60,6 +60,12 @@ def test_quick_cpu_run_writes_records(tmp_path, monkeypatch):
         assert bench.main(argv) == 0
     finally:
         torch.set_num_threads(previous)
+    return path
+
+
+def test_quick_cpu_run_writes_records(tmp_path, monkeypatch):
+    monkeypatch.delenv("IDDPM_REF_PATH", raising=False)  # no reference-code rows
+    path = _quick_cpu_run(tmp_path)
     data = json.loads(path.read_text())
     records = data["records"]
     assert {r["impl"] for r in records} == {"reference", "eager", "inference", "engine-eager"}
@@ -147,13 +153,7 @@ def test_reference_code_needs_a_checkout(monkeypatch):
 
 
 def test_quick_cpu_run_with_reference_code_rows(tmp_path, fake_checkout):
-    path = tmp_path / "bench_sample.json"
-    argv = ["sample", "--device", "cpu", "--quick", "--threads", "1", "--steps", "2", "--json", str(path)]
-    previous = torch.get_num_threads()
-    try:
-        assert bench.main(argv) == 0
-    finally:
-        torch.set_num_threads(previous)
+    path = _quick_cpu_run(tmp_path)
     records = json.loads(path.read_text())["records"]
     assert [r["impl"] for r in records if r["dtype"] == "float32"] == [
         "reference",
