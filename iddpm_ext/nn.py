@@ -576,6 +576,19 @@ def channels_innermost(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.stride(2) == x.shape[1]
 
 
+def canonical_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a 4-D channels-last tensor whose size-1 dimensions carry strides other
+    than the canonical (H·W·C, 1, W·C, C) the same elements viewed with those: a view of an
+    [1, C, T] tensor as [1, C, H, W] gets batch stride C, and ``torch.cat`` then reads it as NCHW
+    (its output, and every conv after it, left channels-last). Addresses are unchanged: a
+    size-1 dimension's stride is never used."""
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    _, c, h, w = t.shape
+    want = (h * w * c, 1, w * c, c)
+    return t if t.stride() == want else t.as_strided(t.shape, want, t.storage_offset())
+
+
 def conv1x1_channels_innermost(
     conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:

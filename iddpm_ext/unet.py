@@ -33,6 +33,7 @@ from .errors import ArgumentError
 from .nn import (
     SiLU,
     avg_pool_nd,
+    canonical_channels_last,
     channels_innermost,
     checkpoint,
     clear_conv_prepack,
@@ -376,7 +377,7 @@ class AttentionBlock(nn.Module):
             # Same values as the branch below (the norm over [N, C, *spatial] is that over [N, C, T]).
             qkv = conv1x1_channels_innermost(self.qkv, self.norm(x).reshape(b, c, t))
             h = conv1x1_channels_innermost(self.proj_out, self.attention(qkv), flat)
-            return h.reshape(b, c, *spatial)
+            return canonical_channels_last(h.reshape(b, c, *spatial))  # N = 1: see its doc
         qkv = self.qkv(self.norm(flat))  # [N, 3C, T], per head h: q|k|v at [3hC/H, 3(h+1)C/H)
         h = conv_add(self.proj_out, self.attention(qkv), flat)  # x + proj_out(attention): [N, C, T]
         return h.reshape(b, c, *spatial)

@@ -488,6 +488,41 @@ def test_channels_last_attention_training_gradients_match_contiguous_input():
             assert (a - b).norm() <= 1e-5 * max(b.norm(), 1e-2 * largest), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_stays_channels_last_at_batch_one(dtype):
+    # At N = 1 the attention block's [1, C, T] -> [1, C, H, W] view had batch stride C, torch.cat
+    # then wrote the skip concatenation NCHW and every later conv of the level copied it back.
+    model = _model(seed=4)
+    x, t = _inputs(n=1, seed=5)
+    expected = _all_off(model, x, t)
+    fast = copy.deepcopy(model).to_inference(dtype, channels_last=True)
+    strides = []
+
+    def note(_m, inputs):
+        a = inputs[0]
+        n, c, h, w = a.shape
+        strides.append((type(_m).__name__, a.stride(), (h * w * c, 1, w * c, c)))
+
+    for m in fast.modules():
+        if isinstance(m, (iunet.ResBlock, iunet.AttentionBlock, iunet.Upsample)):
+            m.register_forward_pre_hook(note)
+    with torch.no_grad():
+        got = fast(x, t)
+    assert len(strides) > 5 and all(s == want for _, s, want in strides), strides
+    assert _rel(got, expected) <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_canonical_channels_last():
+    y = torch.randn(1, 6, 12).transpose(1, 2).contiguous().transpose(1, 2)  # [1, C, T], C innermost
+    v = y.reshape(1, 6, 3, 4)
+    assert v.is_contiguous(memory_format=torch.channels_last) and v.stride() != (72, 1, 24, 6)
+    c = inn.canonical_channels_last(v)
+    assert c.stride() == (72, 1, 24, 6) and c.data_ptr() == v.data_ptr() and torch.equal(c, v)
+    assert torch.cat([c, c], 1).is_contiguous(memory_format=torch.channels_last)
+    for t in (c, torch.randn(2, 3, 4, 5), torch.randn(1, 6, 12)):  # canonical, NCHW, 3-D: as they are
+        assert inn.canonical_channels_last(t) is t
+
+
 def test_set_channels_last_attention_errors():
     with pytest.raises(ValueError, match="enabled: expected True or False, got 'yes'"):
         iunet.set_channels_last_attention("yes")
