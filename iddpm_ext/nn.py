@@ -230,10 +230,12 @@ def _conv_geometry(conv: nn.Module):
 #   "off": never; "on": every such call; "auto": where it measured faster on this project's CPUs at
 #   one thread (docs/unet.md): float32 with Cin and Cout >= 32 and H, W >= 4 (it loses for the
 #   3-channel stem conv and at 1×1 maps); bfloat16 with Cin and Cout >= 32, H, W >= 2 and at least
-#   16 output tiles (N · ⌈H/2⌉ · ⌈W/2⌉: the GEMMs' rows; 0.64× / 0.81× oneDNN at 4 / 8 tiles, 1.0–1.3×
-#   at 16, 1.2–1.6× from 32) on CPUs without AMX (measured 1.4–1.7× oneDNN's packed bf16 conv at the
-#   model's shapes on an AVX-512-BF16 CPU; with AMX tiles oneDNN's bf16 GEMMs and convs change and
-#   the comparison has not been made);
+#   32 output tiles (N · ⌈H/2⌉ · ⌈W/2⌉: the GEMMs' rows; alone 0.64× / 0.81× oneDNN at 4 / 8 tiles,
+#   1.0–1.3× at 16, 1.2–1.6× from 32; inside the CIFAR-10 model, where the transformed weight, 16/9
+#   of the weight's bytes, comes from memory, the 16-tile convs lost: the forward 3–4% slower at
+#   B = 1 and 4 than with them on oneDNN, equal at 32 tiles) on CPUs without AMX (measured
+#   1.4–1.7× oneDNN's packed bf16 conv at the model's shapes on an AVX-512-BF16 CPU; with AMX
+#   tiles oneDNN's bf16 GEMMs and convs change and the comparison has not been made);
 #   "fp32": the float32 rules of "auto", never bf16 (bf16 Winograd rounds the transformed input,
 #   weight and products to bf16: ~2× a direct bf16 conv's error, docs/unet.md). Not while
 #   torch.compile traces. Default from IDDPM_CONV_WINOGRAD=auto/fp32/1/0 (unset: auto).
@@ -241,7 +243,7 @@ _WINOGRAD_MODES = ("auto", "fp32", "on", "off")
 _WINOGRAD_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 _WINOGRAD_AUTO_MIN_CHANNELS = 32
 _WINOGRAD_AUTO_MIN_SIZE = {torch.float32: 4, torch.bfloat16: 2}  # min(H, W)
-_WINOGRAD_AUTO_MIN_TILES = {torch.float32: 1, torch.bfloat16: 16}  # N · ⌈H/2⌉ · ⌈W/2⌉
+_WINOGRAD_AUTO_MIN_TILES = {torch.float32: 1, torch.bfloat16: 32}  # N · ⌈H/2⌉ · ⌈W/2⌉
 
 
 def _winograd_mode_from_env() -> str:

@@ -107,7 +107,7 @@ def test_auto_skips_small_channel_counts_and_maps(spy):
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_bf16_auto_takes_16_tiles_and_more_on_cpus_without_amx(spy, monkeypatch, amx):
+def test_bf16_auto_takes_32_tiles_and_more_on_cpus_without_amx(spy, monkeypatch, amx):
     monkeypatch.setattr(loader, "_cpu_has_amx", amx)
     fast = _model().to_inference(torch.bfloat16)
     convs = _convs_3x3_s1(fast)
@@ -116,16 +116,18 @@ def test_bf16_auto_takes_16_tiles_and_more_on_cpus_without_amx(spy, monkeypatch,
         n_16 = len(spy)
         fast(*_inputs(spatial=(8, 8)))  # 8×8 (32 tiles) and 4×4 maps (B = 2: 8 tiles, skipped)
         n_8 = len(spy) - n_16
-        fast(*_inputs(n=4, spatial=(8, 8)))  # B = 4: the 4×4 maps have 16 tiles, taken
+        fast(*_inputs(n=4, spatial=(8, 8)))  # B = 4: the 4×4 maps have 16 tiles, skipped
         n_8_b4 = len(spy) - n_16 - n_8
+        fast(*_inputs(n=8, spatial=(8, 8)))  # B = 8: 32 tiles, taken
+        n_8_b8 = len(spy) - n_16 - n_8 - n_8_b4
     if amx:  # not measured against oneDNN's AMX bf16 convs: the direct conv
         assert spy == []
         return
     assert n_16 == len(convs) - 2 and all(c[5] == torch.bfloat16 for c in spy)
     assert all(min(c[0], c[1]) >= 32 for c in spy)
-    assert 0 < n_8 < n_16 == n_8_b4
-    assert all(min(c[2], c[3]) >= 8 for c in spy[n_16 : n_16 + n_8])
-    assert any(c[2] == 4 for c in spy[n_16 + n_8 :])
+    assert 0 < n_8 == n_8_b4 < n_16 == n_8_b8
+    assert all(min(c[2], c[3]) >= 8 for c in spy[n_16 : n_16 + n_8 + n_8_b4])
+    assert any(c[2] == 4 for c in spy[n_16 + n_8 + n_8_b4 :])
     spy.clear()
     with torch.no_grad(), inn.conv_winograd("fp32"):  # "fp32": no bf16 call ...
         fast(*_inputs(spatial=(16, 16)))
