@@ -119,7 +119,8 @@ step tests_models 150 "${PYTEST[@]}" -v tests/engine/test_engine_gpu.py tests/mo
 #    so a step cut by its limit keeps what it measured; each case is also a line in its .log).
 #    bench step: per-call rows (host us, kernels per call; against improved-diffusion's own
 #    p_sample when IDDPM_REF_PATH names a checkout on the machine) and the kernel rows.
-#    bench sample --quick: 10 steps, B 1 and 16, reference / eager / graph (about 12 runs).
+#    bench sample --quick: 10 steps, B 1 and 16, reference / eager / graph (about 12 runs; with a
+#    checkout also reference-code: the reference's own p_sample_loop, 4 more runs).
 step bench_step 90 $PY -m iddpm_ext.bench step --device cuda --json "$OUT/bench_step.json"
 step bench_attention 90 $PY -m iddpm_ext.bench attention --device cuda --dtype float16,bfloat16 \
   --json "$OUT/bench_attention.json"
