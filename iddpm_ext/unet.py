@@ -537,8 +537,9 @@ class UNetModel(nn.Module):
         Puts the model in eval mode; with ``dtype`` casts every parameter and buffer to it
         (``torch.bfloat16``: activations stay bf16 from the stem to the output conv, with no
         autocast casts per call; GroupNorm still normalises in fp32); with ``channels_last``
-        (default :func:`default_channels_last` of the parameters' device; 2-D models only)
-        stores the convolution weights channels-last and runs the torso in that format; with
+        (default: :func:`default_channels_last` of the parameters' device for 2-D models, off for
+        1-D and 3-D ones, which have no such format: True is an error there) stores the
+        convolution weights channels-last and runs the torso in that format; with
         ``prepack`` (True: fp32 and bf16 calls, "bf16": bf16 calls only, False: off; default
         :func:`iddpm_ext.nn.default_conv_prepack`: "bf16" on the CPU) the 1-D/2-D convolutions
         keep oneDNN-packed copies of their weights for no-grad CPU calls
@@ -551,20 +552,23 @@ class UNetModel(nn.Module):
         as it has not run on a GPU yet). ``forward`` still takes and returns NCHW tensors of the
         caller's dtype. State-dict keys are unchanged;
         ``to_inference(torch.float32, channels_last=False, prepack=False, batch_emb=False)`` undoes it.
+        Every argument is checked before anything changes: a refused call leaves the model as it was.
         """
         if batch_emb is not None and not isinstance(batch_emb, bool):
             raise ValueError(f"batch_emb: expected True, False or None, got {batch_emb!r}")
-        if dtype is not None:
-            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-            self.to(dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         device = next(self.parameters()).device
-        if channels_last is None:
-            channels_last = default_channels_last(device)
+        if channels_last is None:  # the device's default; 1-D and 3-D models have no such format
+            channels_last = default_channels_last(device) and self.dims == 2
+        elif channels_last and self.dims != 2:
+            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
         if prepack is None:
             prepack = default_conv_prepack(device)
         if prepack not in (True, False, "bf16") or not isinstance(prepack, (bool, str)):
             raise ValueError(f"prepack: expected True, False, 'bf16' or None, got {prepack!r}")
+        if dtype is not None:  # after every check: a refused call leaves the model as it was
+            self.to(dtype)
         self.set_channels_last(bool(channels_last))
         self.batch_emb = "cpu" if batch_emb is None else batch_emb
         self._emb_gemm.clear()

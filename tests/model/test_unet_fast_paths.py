@@ -158,7 +158,13 @@ def test_channels_last_keeps_the_callers_layout_and_feature_vectors():
 def test_to_inference_errors_and_default(monkeypatch):
     model = UNetModel(**tiny_kwargs(dims=1))
     with pytest.raises(ValueError, match="channels_last: only 2-D models .* dims=1"):
-        model.to_inference(channels_last=True)
+        model.to_inference(torch.bfloat16, channels_last=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # refused: nothing changed
+    assert model.training
+    for name, bad in (("prepack", dict(prepack="yes")), ("batch_emb", dict(batch_emb=1))):
+        with pytest.raises(ValueError, match=f"^{name}: expected"):
+            model.to_inference(torch.bfloat16, **bad)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="dtype: expected a floating torch.dtype or None, got torch.int32"):
         model.to_inference(torch.int32)
     monkeypatch.setenv("IDDPM_CHANNELS_LAST", "0")
@@ -171,6 +177,23 @@ def test_to_inference_errors_and_default(monkeypatch):
     monkeypatch.delenv("IDDPM_CHANNELS_LAST")
     assert iunet.default_channels_last("cpu") is True
     assert iunet.default_channels_last("cuda") is False
+
+
+@pytest.mark.parametrize("dims, spatial", [(1, (16,)), (3, (3, 8, 8))])
+def test_to_inference_defaults_on_1d_and_3d_models(dims, spatial):
+    # The CPU's channels-last default applies to 2-D models; the others keep their format
+    # (to_inference() once raised "only 2-D models have a channels-last format" for them).
+    model = _model(seed=6, dims=dims)
+    x, t = _inputs(spatial=spatial, seed=7)
+    expected = _all_off(model, x, t)
+    fast = copy.deepcopy(model).to_inference()
+    assert fast.channels_last is False and not fast.training
+    with torch.no_grad():
+        got = fast(x, t)
+    assert _rel(got, expected) <= 1e-5
+    bf16 = copy.deepcopy(model).to_inference(torch.bfloat16)
+    with torch.no_grad():
+        assert _rel(bf16(x.bfloat16(), t).float(), expected) <= 3e-2
 
 
 @pytest.mark.slow
