@@ -179,6 +179,15 @@ class GaussianDiffusion:
     def _check_t(self, t, batch: int, name: str = "t"):
         check_timesteps(t, batch, self.num_timesteps, name, read_values=self.check_timesteps)
 
+    def _forward_t(self, t, batch: int):
+        """t for the forward-process methods (q_mean_variance, q_sample, q_posterior_mean_variance),
+        checked: as the reference's ``_extract_into_tensor`` there, one timestep (shape () or
+        (1,)) also serves the whole batch."""
+        if isinstance(t, torch.Tensor) and t.dim() <= 1 and t.numel() == 1 and batch != 1:
+            t = t.reshape(1).expand(batch)
+        self._check_t(t, batch)
+        return t
+
     @property
     def _learned_variance(self) -> bool:
         var_type = self.model_var_type
@@ -194,7 +203,7 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start, t):
         """q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I): (mean, variance, log_variance), x_start's shape."""
         check_x(x_start, "x_start")
-        self._check_t(t, x_start.shape[0])
+        t = self._forward_t(t, x_start.shape[0])
         c = self._coefs(t, x_start.dim())
         mean = c.sqrt_alphas_cumprod * x_start
         variance = c.one_minus_alphas_cumprod.expand(x_start.shape)
@@ -204,7 +213,7 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """Sample x_t ~ q(x_t | x_0) = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
         check_x(x_start, "x_start")
-        self._check_t(t, x_start.shape[0])
+        t = self._forward_t(t, x_start.shape[0])
         if noise is None:
             noise = torch.randn_like(x_start)
         check_same_shape(noise, "noise", x_start, "x_start")
@@ -220,7 +229,7 @@ class GaussianDiffusion:
         log_variance_clipped), each of x_t's shape."""
         check_x(x_t, "x_t")
         check_same_shape(x_start, "x_start", x_t, "x_t")
-        self._check_t(t, x_t.shape[0])
+        t = self._forward_t(t, x_t.shape[0])
         return self._q_posterior(x_start, x_t, self._coefs(t, x_t.dim()))
 
     @staticmethod

@@ -313,3 +313,33 @@ def test_create_model_and_diffusion_matches_the_reference(overrides):
         assert getattr(a, "name", a) == getattr(b, "name", b), attr
     np.testing.assert_array_equal(dr.betas, do.betas)
     assert list(dr.timestep_map) == list(do.timestep_map)
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.tensor(3),
+        torch.tensor([3]),
+        torch.tensor([1, 5, 9], dtype=torch.int32),
+        torch.tensor([1, 5, 10]),
+    ],
+)
+def test_forward_process_timestep_forms_match_the_reference(t):
+    """One timestep for the whole batch (shape () or (1,)) and int32 timesteps, as the reference
+    takes them in the forward-process methods; out of range: both raise."""
+    rg, rr = _ref("gaussian_diffusion"), _ref("respace")
+    made = [
+        lib.SpacedDiffusion(use_timesteps=OR.space_timesteps(50, "10"),
+                            betas=gd.get_named_beta_schedule("cosine", 50),
+                            model_mean_type=gd.ModelMeanType.EPSILON,
+                            model_var_type=gd.ModelVarType.LEARNED_RANGE,
+                            loss_type=gd.LossType.MSE, rescale_timesteps=True)
+        for lib, gd in ((rr, rg), (OR, OG))
+    ]  # fmt: skip
+    dr, do = made
+    g = torch.Generator().manual_seed(0)
+    x0, xt, noise = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    _compare("q_sample", lambda: dr.q_sample(x0, t, noise), lambda: do.q_sample(x0, t, noise))
+    _compare("q_mean_variance", lambda: dr.q_mean_variance(x0, t), lambda: do.q_mean_variance(x0, t))
+    _compare("q_posterior_mean_variance", lambda: dr.q_posterior_mean_variance(x0, xt, t),
+             lambda: do.q_posterior_mean_variance(x0, xt, t))  # fmt: skip

@@ -47,14 +47,34 @@ def test_model_output_with_wrong_channel_count(d):
 )
 def test_bad_timesteps(d, t, match):
     x = torch.zeros(2, 3, 4)
+    one = isinstance(t, torch.Tensor) and t.dim() <= 1 and t.numel() == 1  # q_sample broadcasts it
     for call in (
         lambda: d.p_sample(zeros(6), x, t),
-        lambda: d.q_sample(x, t),
+        *(() if one else (lambda: d.q_sample(x, t),)),
         lambda: d.training_losses(zeros(6), x, t),
         lambda: d.p_mean_variance(zeros(6), x, t),
     ):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize("t", [torch.tensor(3), torch.tensor([3])])
+def test_forward_process_takes_one_timestep_for_the_batch(d, t):
+    # As the reference's _extract_into_tensor: q_mean_variance, q_sample and
+    # q_posterior_mean_variance broadcast a single timestep over the batch (the reverse process,
+    # which hands t to the model, wants one per item).
+    g = torch.Generator().manual_seed(0)
+    x0, xt, noise = (torch.randn(3, 2, 4, generator=g) for _ in range(3))
+    full = torch.tensor([3, 3, 3])
+    torch.testing.assert_close(d.q_sample(x0, t, noise), d.q_sample(x0, full, noise), rtol=0, atol=0)
+    for a, b in zip(d.q_mean_variance(x0, t), d.q_mean_variance(x0, full)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(d.q_posterior_mean_variance(x0, xt, t), d.q_posterior_mean_variance(x0, xt, full)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 10\), got 10"):
+        d.q_sample(x0, t + 7)
+    with pytest.raises(ValueError, match=r"t: expected shape \(3,\)"):
+        d.p_sample(zeros(6), x0, t)
 
 
 def test_mismatched_noise_and_shapes(d):
