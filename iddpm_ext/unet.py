@@ -561,8 +561,8 @@ class UNetModel(nn.Module):
         device = next(self.parameters()).device
         if channels_last is None:  # the device's default; 1-D and 3-D models have no such format
             channels_last = default_channels_last(device) and self.dims == 2
-        elif channels_last and self.dims != 2:
-            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+        else:
+            self._check_channels_last(channels_last)
         if prepack is None:
             prepack = default_conv_prepack(device)
         if prepack not in (True, False, "bf16") or not isinstance(prepack, (bool, str)):
@@ -575,6 +575,10 @@ class UNetModel(nn.Module):
         set_conv_prepack(self, prepack)
         return self.eval()
 
+    def _check_channels_last(self, enabled):
+        if enabled and self.dims != 2:
+            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+
     def set_channels_last(self, enabled: bool = True):
         """Run the torso channels-last (NHWC), in place, for training as for inference: the conv
         weights are stored channels-last and activations converted once after the stem conv
@@ -582,8 +586,7 @@ class UNetModel(nn.Module):
         model. :meth:`to_inference` calls it; ``iddpm train --channels_last True`` too."""
         if not isinstance(enabled, bool):
             raise ValueError(f"channels_last: expected True or False, got {enabled!r}")
-        if enabled and self.dims != 2:
-            raise ValueError(f"channels_last: only 2-D models have a channels-last format, dims={self.dims}")
+        self._check_channels_last(enabled)
         fmt = torch.channels_last if enabled else torch.contiguous_format
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -238,11 +238,6 @@ def reference_module(name: str):
     return importlib.import_module(f"improved_diffusion.{name}")
 
 
-def reference_package():
-    """The reference's ``gaussian_diffusion`` module (IDDPM_REF_PATH), or None."""
-    return reference_module("gaussian_diffusion")
-
-
 def emit(args, rec: dict) -> dict:
     """Print one record as a line now (flushed, so a run cut short still shows its cases)
     and, with --json, rewrite the JSON file with every record so far; returns ``rec``."""

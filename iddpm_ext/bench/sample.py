@@ -77,6 +77,8 @@ _ALL_IMPLS = (
     "compile-graph",
     "engine-eager",
 )
+# The process every impl samples (ours and, for reference-code, the reference's own factory).
+_PROCESS = dict(learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
 _COMPILED = ("compile", "compile-graph")  # rows that compile: last, and off with --no-compile
 _AUTO = -1
 
@@ -208,11 +210,7 @@ class _ReferenceCode:
         S = d.num_timesteps
         if S not in self.diffusions:
             self.diffusions[S] = self.script_util.create_gaussian_diffusion(
-                steps=d.original_num_steps,
-                learn_sigma=True,
-                noise_schedule="cosine",
-                rescale_timesteps=True,
-                timestep_respacing=str(S),
+                steps=d.original_num_steps, timestep_respacing=str(S), **_PROCESS
             )
         ref_d = self.diffusions[S]
         model = self.model if dtype == torch.float32 else AutocastModel(self.model, device.type, dtype)
@@ -295,11 +293,7 @@ def run(args) -> list:
             d = diffusions.get(S)
             if d is None:
                 d = diffusions[S] = create_gaussian_diffusion(
-                    steps=steps_total,
-                    learn_sigma=True,
-                    noise_schedule="cosine",
-                    rescale_timesteps=True,
-                    timestep_respacing=str(S),
+                    steps=steps_total, timestep_respacing=str(S), **_PROCESS
                 )
             shape = (B, channels, size, size)
             x_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(1))

@@ -233,7 +233,7 @@ def run(args) -> list:
     can_compile = not args.no_compile and not args.quick
     ddim = args.rule == "ddim"
     op_name = "ddim_step" if ddim else "p_sample_step"
-    ref_d = _reference_diffusion(common.reference_package(), d)
+    ref_d = _reference_diffusion(common.reference_module("gaussian_diffusion"), d)
     records = []
     call_cases = cases if args.sizes else [CALL_CASE] + [c for c in cases if c[0] <= 16 and not args.quick]
     for shape in call_cases:
