@@ -32,6 +32,7 @@ __all__ = [
     "default_conv_prepack",
     "set_conv_prepack",
     "set_conv_winograd",
+    "set_conv_winograd_packed",
     "get_conv_winograd",
     "get_groupnorm_impl",
     "groupnorm_impl",
@@ -288,6 +289,29 @@ class conv_winograd:
         return False
 
 
+# bf16 Winograd convs run on the packed weight (iddpm_ext.ops.winograd.packable: a CPU with
+# AVX512-BF16, even Cin, Cout a multiple of 32; VDPBF16PS GEMMs per L2-sized block of tiles, the
+# products kept in float32: faster and slightly more accurate than the plain weight's at::bmm path,
+# docs/unet.md) unless IDDPM_WINOGRAD_PACKED=0 or set_conv_winograd_packed(False).
+_winograd_packed = os.environ.get("IDDPM_WINOGRAD_PACKED", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
+def set_conv_winograd_packed(enabled: bool) -> bool:
+    """Let bf16 Winograd convs use the packed weight where the CPU runs it (True, the default) or
+    not (False); returns the previous setting. Cached weights of the other form are remade on their
+    next call."""
+    global _winograd_packed
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled: expected True or False, got {enabled!r}")
+    previous, _winograd_packed = _winograd_packed, enabled
+    return previous
+
+
 _winograd_available = None
 
 
@@ -413,10 +437,11 @@ class _PrepackedForward:
         conv = self.conv
         w, b = conv.weight, conv.bias
         stamp = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
-        key = ("winograd", dtype)
+        packed = dtype == torch.bfloat16 and _winograd_packed and _winograd_ops.packable(w, dtype)
+        key = ("winograd", dtype, "packed") if packed else ("winograd", dtype)
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
-            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype))
+            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype), packed)
             if key not in self.entries and len(self.entries) >= self._MAX_ENTRIES:
                 self.entries.clear()  # (a stale entry of this key is replaced, the others kept)
             bias = None if b is None else b.detach().to(dtype)

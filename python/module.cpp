@@ -96,7 +96,8 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
 //      "cuda": {"dtypes": [str, ...]} or None without CUDA},
 //    "winograd": {                     winograd_weight, conv3x3_winograd
-//      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
+//      "cpu":  {"dtypes": [str, ...], "isa": str, "packed": bool},   isa: the vector build run
+//              here; packed: the packed bf16 weight runs here (AVX512-BF16)
 //      "cuda": None},
 //    "attention_bf16": {               qkv_attention_bf16
 //      "cpu":  {"dtypes": ["bfloat16"], "head_dims": "any", "isa": str},   isa: the build run
@@ -154,6 +155,7 @@ py::dict capabilities() {
   py::dict winograd, wino_cpu;
   wino_cpu["dtypes"] = dtype_names(iddpm::cpu::kWinogradDtypes);
   wino_cpu["isa"] = iddpm::cpu::winograd_isa();
+  wino_cpu["packed"] = iddpm::cpu::winograd_packed_supported();
   winograd["cpu"] = wino_cpu;
   winograd["cuda"] = py::none();
   caps["winograd"] = winograd;

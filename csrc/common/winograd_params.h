@@ -50,4 +50,20 @@ struct WinogradOutputParams {
   int64_t tile_begin = 0, tile_end = 0;
 };
 
+// The bf16 convolution on a packed transformed weight (csrc/cpu/winograd_packed.cpp, CPUs with
+// AVX512-BF16): U packed as pairs of adjacent input channels for VDPBF16PS,
+//   u_packed[k][nb][p][2·j + h] = U[k][2·p + h][32·nb + j]   ([16, Cout/32, Cin/2, 64] bf16),
+// Cin even and Cout a multiple of 32. Per block of tiles, V (bf16, the input transform above) and
+// M (float32, not rounded) stay in the caller's scratch; the output transform reads M in float32
+// and rounds y once to bf16.
+inline constexpr int64_t kWinogradPackCols = 32;  // output channels per packed column block
+
+struct WinogradPackedParams {
+  const void* u_packed;  // [16, Cout/32, Cin/2, 64] bf16
+  const void* bias;      // [Cout] bf16 or nullptr
+  const void* residual;  // [N, H, W, Cout] bf16 or nullptr
+  void* y;               // [N, H, W, Cout] bf16
+  int64_t N = 0, H = 0, W = 0, Cin = 0, Cout = 0;
+};
+
 }  // namespace iddpm

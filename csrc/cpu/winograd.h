@@ -21,6 +21,17 @@ inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
 // `dtype` (float32 or bfloat16), computed in float64 and rounded once to dtype.
 void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
                      void* u);
+// True when this CPU runs the packed bf16 convolution (AVX512-BF16 with AVX-512 F/BW/VL/DQ).
+bool winograd_packed_supported();
+// u_packed (common/winograd_params.h) from U [16, Cin, Cout] bf16 (raw bits), Cin even, Cout a
+// multiple of kWinogradPackCols.
+void winograd_pack_bf16(const uint16_t* u, int64_t Cin, int64_t Cout, uint16_t* u_packed);
+// Tiles [t0, t1) of the packed bf16 convolution from their V ([16, t1 - t0, Cin] bf16, the
+// input transform of that block): the 16 GEMMs into m ([16, t1 - t0, 32] float32 scratch), one
+// column block of 32 output channels at a time, each followed by its output transform into y.
+// Only where winograd_packed_supported().
+void winograd_packed_block(const WinogradPackedParams& p, int64_t t0, int64_t t1, const uint16_t* v,
+                           float* m);
 // "avx512", "avx2" or "default": the build the transforms run on this CPU
 // (IDDPM_WINOGRAD_CPU_ISA=avx2 or default forces a lower one).
 const char* winograd_isa();

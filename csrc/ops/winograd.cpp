@@ -1,14 +1,17 @@
 // csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) convolution:
 //
-//   iddpm::winograd_weight(Tensor weight) -> Tensor
+//   iddpm::winograd_weight(Tensor weight, bool packed=False) -> Tensor
 //     weight: [Cout, Cin, 3, 3] float32 or bfloat16 (any strides) -> U [16, Cin, Cout] of its dtype
 //     (G g Gᵀ per (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made
-//     once per weight.
+//     once per weight. packed (bf16, Cin even, Cout a multiple of 32, a CPU with AVX512-BF16): U
+//     packed for the VDPBF16PS GEMMs, [16, Cout/32, Cin/2, 64] (common/winograd_params.h).
 //   iddpm::conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual) -> Tensor
 //     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] (any layout;
 //     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
 //     [N, Cout, H, W], all float32 or all bfloat16. y: [N, Cout, H, W] of that dtype,
-//     channels-last.
+//     channels-last. A packed weight_t runs the bf16 GEMMs and output transform of
+//     csrc/cpu/winograd_packed.cpp per block of tiles whose V stays in the L2 cache (M in float32,
+//     not rounded to bf16).
 // Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
 // where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
 // the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
@@ -102,19 +105,82 @@ void check_cpu(const at::Tensor& t, const char* name) {
                     dtype_names(cpu::kWinogradDtypes), ", got ", torch_dtype_name(t));
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
+// The packed form's requirements on a weight of Cin inputs and Cout outputs (and the CPU).
+void check_packable(const at::Tensor& weight, int64_t Cin, int64_t Cout, const char* name) {
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kBFloat16, name,
+                    ": the packed form is bf16 only, got ", torch_dtype_name(weight));
+  TORCH_CHECK_VALUE(Cin > 0 && Cin % 2 == 0 && Cout > 0 && Cout % kWinogradPackCols == 0, name,
+                    ": the packed form needs an even Cin and a Cout that is a multiple of ",
+                    kWinogradPackCols, ", got Cin = ", Cin, ", Cout = ", Cout);
+  TORCH_CHECK_VALUE(cpu::winograd_packed_supported(), name,
+                    ": the packed form needs a CPU with AVX512-BF16 (this one has none; "
+                    "capabilities()['winograd']['cpu']['packed'] is False)");
+}
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed) {
   check_defined(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
                     "weight: expected shape [Cout, Cin, 3, 3], got ", shape_str(weight));
   check_cpu(weight, "weight");
   const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  if (packed) check_packable(weight, Cin, Cout, "weight");
   at::Tensor u = at::empty({kWinogradPoints, Cin, Cout}, weight.options());
   const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
                              weight.stride(3)};
   if (u.numel() > 0)
     cpu::winograd_weight(weight.const_data_ptr(), dtype_of(weight), Cout, Cin, stride,
                          u.mutable_data_ptr());
-  return u;
+  if (!packed) return u;
+  at::Tensor up =
+      at::empty({kWinogradPoints, Cout / kWinogradPackCols, Cin / 2, 2 * kWinogradPackCols},
+                weight.options());
+  cpu::winograd_pack_bf16(static_cast<const uint16_t*>(u.const_data_ptr()), Cin, Cout,
+                          static_cast<uint16_t*>(up.mutable_data_ptr()));
+  return up;
+}
+
+// Rows (tiles) per block of the packed path: V of the block ~384 KB (L2-resident with a column
+// block's packed U and the float32 M), a multiple of the 12-row micro-tile.
+int64_t packed_block_rows(int64_t Cin) {
+  const int64_t rows = (int64_t(384) << 10) / (2 * kWinogradPoints * Cin);
+  return std::max<int64_t>(12, std::min<int64_t>(240, rows / 12 * 12));
+}
+
+// y = conv(x) + bias (+ r) from the packed weight u (checked by the caller).
+void conv_packed(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, const at::Tensor& r,
+                 at::Tensor& y) {
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = y.size(1);
+  const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
+  // Blocks of at most the L2-sized row count, as many as a multiple of the thread count, of
+  // equal size (and so a balanced split between the threads).
+  const int64_t threads = at::get_num_threads(), cap = packed_block_rows(Cin);
+  const int64_t want = ((P + cap - 1) / cap + threads - 1) / threads * threads;
+  const int64_t block = std::max<int64_t>(1, (P + want - 1) / want);
+  const int64_t nblocks = (P + block - 1) / block;
+  WinogradPackedParams pp;
+  pp.u_packed = u.const_data_ptr();
+  pp.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  pp.residual = r.defined() ? r.const_data_ptr() : nullptr;
+  pp.y = y.mutable_data_ptr();
+  pp.N = N, pp.H = H, pp.W = W, pp.Cin = Cin, pp.Cout = Cout;
+  const int64_t v_bytes = kWinogradPoints * block * Cin * 2;
+  const int64_t m_bytes = kWinogradPoints * block * kWinogradPackCols * 4;
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor ws_buf = workspace(v_bytes + m_bytes, x.options());  // this thread's
+    char* ws = static_cast<char*>(ws_buf.mutable_data_ptr());
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * block, t1 = std::min(P, t0 + block);
+      WinogradInputParams in;
+      in.dtype = DType::kBFloat16;
+      in.x = x.const_data_ptr();
+      in.v = ws;
+      in.N = N, in.H = H, in.W = W, in.C = Cin;
+      in.tile_begin = t0, in.tile_end = t1;
+      cpu::winograd_input(in);  // (its parallel_for runs inline inside this one)
+      cpu::winograd_packed_block(pp, t0, t1, reinterpret_cast<const uint16_t*>(ws),
+                                 reinterpret_cast<float*>(ws + v_bytes));
+    }
+  });
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
@@ -126,12 +192,22 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   check_cpu(weight_t, "weight_t");
   check_same_dtype(weight_t, "weight_t", x_in, "x");
   const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  TORCH_CHECK_VALUE(
-      weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
-      "weight_t: expected shape [16, ", Cin,
-      ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
-      shape_str(weight_t));
-  const int64_t Cout = weight_t.size(2);
+  const bool packed = weight_t.dim() == 4;
+  if (packed) {
+    TORCH_CHECK_VALUE(weight_t.size(0) == kWinogradPoints && weight_t.size(2) * 2 == Cin &&
+                          weight_t.size(3) == 2 * kWinogradPackCols,
+                      "weight_t: expected shape [16, Cout/32, ", Cin / 2, ", 64] (winograd_weight(",
+                      "weight, packed=True) of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x = ",
+                      Cin, ") or [16, ", Cin, ", Cout], got ", shape_str(weight_t));
+    check_packable(weight_t, Cin, weight_t.size(1) * kWinogradPackCols, "weight_t");
+  } else {
+    TORCH_CHECK_VALUE(
+        weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
+        "weight_t: expected shape [16, ", Cin,
+        ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
+        shape_str(weight_t));
+  }
+  const int64_t Cout = packed ? weight_t.size(1) * kWinogradPackCols : weight_t.size(2);
   if (given(bias)) {
     check_cpu(*bias, "bias");
     check_same_dtype(*bias, "bias", x_in, "x");
@@ -153,6 +229,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const at::Tensor u = weight_t.contiguous();
   const at::Tensor b = given(bias) ? bias->contiguous() : at::Tensor();
   const at::Tensor r = given(residual) ? residual->contiguous(cl) : at::Tensor();
+  if (packed) {
+    conv_packed(x, u, b, r, y);
+    return y;
+  }
   const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
   // Blocks of tiles whose V and M together take about kBlockBytes (at least kMinBlockTiles
   // tiles: the GEMMs need rows), in a per-thread workspace kept between calls (fresh multi-MB

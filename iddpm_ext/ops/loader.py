@@ -155,7 +155,8 @@ def capabilities() -> dict:
                        "cuda": {"dtypes": (...), "head_dims": (8, 16, ..., 256), "head_dim_step": 8,
                                 "max_head_dim": 256, "max_positions": N, ...} or None},
          "group_norm": {"cpu": {"dtypes": (...), "isa": "avx512"}, "cuda": {"dtypes": (...)} or None},
-         "winograd": {"cpu": {"dtypes": (torch.float32, torch.bfloat16), "isa": "avx512"}, "cuda": None},
+         "winograd": {"cpu": {"dtypes": (torch.float32, torch.bfloat16), "isa": "avx512",
+                              "packed": True}, "cuda": None},
          "attention_bf16": {"cpu": {"dtypes": (torch.bfloat16,), "head_dims": "any",
                                     "isa": "avx512_bf16"}, "cuda": None}}
 

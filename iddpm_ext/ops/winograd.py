@@ -12,7 +12,12 @@ rounds only its output) over the tests' cases, 1.4–2.5× at the UNet's shapes,
 bf16 error budget (docs/unet.md).
 
 - :func:`winograd_weight` — the transformed weight [16, Cin, Cout] of a [Cout, Cin, 3, 3] weight
-  (computed in float64, rounded once), made once per weight (``iddpm_ext.nn`` caches it).
+  (computed in float64, rounded once), made once per weight (``iddpm_ext.nn`` caches it); with
+  ``packed=True`` (bf16, even Cin, Cout a multiple of 32, a CPU with AVX512-BF16:
+  :func:`packed_available`) packed as [16, Cout/32, Cin/2, 64] for the VDPBF16PS GEMMs of
+  csrc/cpu/winograd_packed.cpp, which run per block of tiles whose transformed input stays in
+  the L2 cache and keep the GEMMs' products in float32 (not rounded to bf16) for the output
+  transform.
 - :func:`conv3x3_winograd` — ``conv2d(x, weight, bias, 1, 1) + residual`` from that weight;
   x [N, Cin, H, W] (channels-last is read in place), output channels-last.
 - :func:`available` — whether ``_C`` has the kernel (CPU, float32 and bfloat16).
@@ -32,11 +37,31 @@ def available() -> bool:
     return loader.available() and loader.capabilities()["winograd"]["cpu"] is not None
 
 
-def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+def packed_available() -> bool:
+    """True when this CPU runs the packed bf16 weight (``winograd_weight(w, packed=True)``)."""
+    return available() and bool(loader.capabilities()["winograd"]["cpu"].get("packed"))
+
+
+def packable(weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """True when ``winograd_weight(weight.to(dtype), packed=True)`` takes this [Cout, Cin, 3, 3]
+    weight here (dtype: the weight's own by default)."""
+    cout, cin = weight.shape[0], weight.shape[1]
+    return (
+        (dtype or weight.dtype) == torch.bfloat16
+        and cin > 0
+        and cin % 2 == 0
+        and cout > 0
+        and cout % PACK_COLS == 0
+        and packed_available()
+    )
+
+
+def winograd_weight(weight: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """[Cout, Cin, 3, 3] float32 or bfloat16 CPU weight -> [16, Cin, Cout] of its dtype (``G g Gᵀ``
-    per filter, computed in float64 and rounded once)."""
+    per filter, computed in float64 and rounded once); ``packed``: bf16 only, [16, Cout/32, Cin/2,
+    64] (:func:`packable`)."""
     loader.require()
-    return torch.ops.iddpm.winograd_weight(weight)
+    return torch.ops.iddpm.winograd_weight(weight, packed)
 
 
 def conv3x3_winograd(
@@ -48,8 +73,8 @@ def conv3x3_winograd(
     """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)``, channels-last output.
 
     x: [N, Cin, H, W] CPU, float32 or bfloat16; weight_t: :func:`winograd_weight` of the
-    [Cout, Cin, 3, 3] weight; bias: [Cout] or None; residual: [N, Cout, H, W] or None (added to the
-    output); all of x's dtype, as is the output."""
+    [Cout, Cin, 3, 3] weight (plain, or packed for bf16); bias: [Cout] or None; residual:
+    [N, Cout, H, W] or None (added to the output); all of x's dtype, as is the output."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd(x, weight_t, bias, residual)
 
@@ -60,6 +85,22 @@ def conv3x3_winograd(
 
 
 DTYPES = (torch.float32, torch.bfloat16)  # csrc/cpu/winograd.h's kWinogradDtypes
+PACK_COLS = 32  # common/winograd_params.h's kWinogradPackCols
+
+
+def _check_packable(t, cin, cout, name):
+    if t.dtype != torch.bfloat16:
+        raise ValueError(f"{name}: the packed form is bf16 only, got {checks.dtype_name(t.dtype)}")
+    if not (cin > 0 and cin % 2 == 0 and cout > 0 and cout % PACK_COLS == 0):
+        raise ValueError(
+            f"{name}: the packed form needs an even Cin and a Cout that is a multiple of {PACK_COLS}, "
+            f"got Cin = {cin}, Cout = {cout}"
+        )
+    if not packed_available():
+        raise ValueError(
+            f"{name}: the packed form needs a CPU with AVX512-BF16 (this one has none; "
+            "capabilities()['winograd']['cpu']['packed'] is False)"
+        )
 
 
 def _check_tensor(t, name, ref=None, ref_name=""):
@@ -79,14 +120,18 @@ def _check_tensor(t, name, ref=None, ref_name=""):
 if loader.available():
 
     @torch.library.register_fake("iddpm::winograd_weight")
-    def _winograd_weight_fake(weight):
+    def _winograd_weight_fake(weight, packed=False):
         checks.defined(weight, "weight")
         torch._check_value(
             weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
             lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
         )
         _check_tensor(weight, "weight")
-        return weight.new_empty((16, weight.shape[1], weight.shape[0]))
+        cout, cin = weight.shape[0], weight.shape[1]
+        if packed:
+            _check_packable(weight, cin, cout, "weight")
+            return weight.new_empty((16, cout // PACK_COLS, cin // 2, 2 * PACK_COLS))
+        return weight.new_empty((16, cin, cout))
 
     @torch.library.register_fake("iddpm::conv3x3_winograd")
     def _conv3x3_winograd_fake(x, weight_t, bias=None, residual=None):
@@ -95,14 +140,28 @@ if loader.available():
         _check_tensor(x, "x")
         _check_tensor(weight_t, "weight_t", x, "x")
         N, Cin, H, W = x.shape
-        torch._check_value(
-            weight_t.dim() == 3 and weight_t.shape[0] == 16 and weight_t.shape[1] == Cin,
-            lambda: (
-                f"weight_t: expected shape [16, {Cin}, Cout] (winograd_weight of a [Cout, Cin, 3, 3] "
-                f"weight, Cin = dim 1 of x), got {list(weight_t.shape)}"
-            ),
-        )
-        Cout = weight_t.shape[2]
+        if weight_t.dim() == 4:
+            torch._check_value(
+                weight_t.shape[0] == 16
+                and weight_t.shape[2] * 2 == Cin
+                and weight_t.shape[3] == 2 * PACK_COLS,
+                lambda: (
+                    f"weight_t: expected shape [16, Cout/32, {Cin // 2}, 64] (winograd_weight(weight, "
+                    f"packed=True) of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x = {Cin}) or "
+                    f"[16, {Cin}, Cout], got {list(weight_t.shape)}"
+                ),
+            )
+            Cout = weight_t.shape[1] * PACK_COLS
+            _check_packable(weight_t, Cin, Cout, "weight_t")
+        else:
+            torch._check_value(
+                weight_t.dim() == 3 and weight_t.shape[0] == 16 and weight_t.shape[1] == Cin,
+                lambda: (
+                    f"weight_t: expected shape [16, {Cin}, Cout] (winograd_weight of a [Cout, Cin, 3, 3] "
+                    f"weight, Cin = dim 1 of x), got {list(weight_t.shape)}"
+                ),
+            )
+            Cout = weight_t.shape[2]
         if bias is not None:
             _check_tensor(bias, "bias", x, "x")
             cond = bias.dim() == 1 and bias.shape[0] == Cout

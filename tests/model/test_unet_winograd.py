@@ -57,7 +57,8 @@ def spy(monkeypatch):
 
     def wrapped(x, weight_t, bias=None, residual=None):
         assert weight_t.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-        calls.append((x.shape[1], weight_t.shape[2], x.shape[2], x.shape[3], residual is not None, x.dtype))
+        cout = weight_t.shape[1] * wops.PACK_COLS if weight_t.dim() == 4 else weight_t.shape[2]  # packed: 4-D
+        calls.append((x.shape[1], cout, x.shape[2], x.shape[3], residual is not None, x.dtype))
         return real(x, weight_t, bias, residual)
 
     monkeypatch.setattr(wops, "conv3x3_winograd", wrapped)

@@ -153,10 +153,15 @@ def test_capabilities_match_what_the_ops_accept():
     mkl_x86 = torch.backends.mkl.is_available() and platform.machine() == "x86_64" and sys.platform == "linux"
     assert caps["step"]["cpu"]["torch_exp_sqrt"] is mkl_x86
     assert caps["group_norm"]["cpu"]["isa"] in ("avx512", "avx2", "default")
-    isa = caps["winograd"]["cpu"]["isa"]
-    assert caps["winograd"] == {"cpu": {"dtypes": ["float32", "bfloat16"], "isa": isa}, "cuda": None}
-    assert isa in ("avx512", "avx2", "default")
+    isa, packed = caps["winograd"]["cpu"]["isa"], caps["winograd"]["cpu"]["packed"]
+    assert caps["winograd"] == {
+        "cpu": {"dtypes": ["float32", "bfloat16"], "isa": isa, "packed": packed},
+        "cuda": None,
+    }
+    assert isa in ("avx512", "avx2", "default") and isinstance(packed, bool)
     bf16 = caps["attention_bf16"]
+    if "IDDPM_ATTN_CPU_ISA" not in os.environ:  # both need AVX512-BF16 (and AVX-512 F/BW)
+        assert packed == (bf16["cpu"]["isa"] == "avx512_bf16")
     assert (
         bf16["cuda"] is None and bf16["cpu"]["dtypes"] == ["bfloat16"] and bf16["cpu"]["head_dims"] == "any"
     )
