@@ -10,12 +10,21 @@ import torch
 from helpers.training import argv
 from iddpm_ext import bench
 from iddpm_ext.bench import conv as bench_conv
+from iddpm_ext.ops import winograd
+
+PACKED = winograd.packed_available()  # the packed bf16 row: AVX512-BF16 CPUs, packable shapes
+
+
+def _impls(dtype, shape):
+    packable = dtype == "bfloat16" and PACKED and shape[1] % 2 == 0 and shape[2] % 32 == 0
+    return [i for i in bench_conv.IMPLS if packable or i != "iddpm (winograd, packed)"]
+
 
 pytestmark = pytest.mark.kernels
 
 
 def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench_conv, "CASES", [(2, 32, 40, 8, 8, 3), (1, 16, 16, 5, 7, 0)])
+    monkeypatch.setattr(bench_conv, "CASES", [(2, 32, 64, 8, 8, 3), (1, 16, 16, 5, 7, 0)])
     out = tmp_path / "c.json"
     words = argv("conv --device cpu --threads 1 --warmup 0 --iters 1 --json {json}", json=str(out))
     assert bench.main(words) == 0
@@ -24,8 +33,8 @@ def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
     assert [(r["dtype"], r["impl"], r["shape"]) for r in per_case] == [
         (d, impl, shape)
         for d in ("float32", "bfloat16")
-        for shape in ([2, 32, 40, 8, 8], [1, 16, 16, 5, 7])
-        for impl in bench_conv.IMPLS
+        for shape in ([2, 32, 64, 8, 8], [1, 16, 16, 5, 7])
+        for impl in _impls(d, shape)
     ]
     for r in per_case:
         assert r["ms"] > 0 and r["tflops"] >= 0 and r["per_forward"] in (3, 0)
@@ -33,7 +42,7 @@ def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
         assert (r["vs_packed"] is None) == (r["impl"] == "torch conv")
     sums = [r for r in recs if r["op"] == "conv3x3 per forward"]
     assert [(r["dtype"], r["impl"]) for r in sums] == [
-        (d, impl) for d in ("float32", "bfloat16") for impl in bench_conv.IMPLS
+        (d, impl) for d in ("float32", "bfloat16") for impl in _impls(d, [2, 32, 64, 8, 8])
     ]
     for s in sums:  # 3 × the first case's time (the second is not in the model)
         first = next(
@@ -55,8 +64,24 @@ def test_without_onednn_bf16_no_packed_row(monkeypatch):
         ("conv3x3", "iddpm (winograd)", None),
         ("conv3x3 per forward", "torch conv", None),
         ("conv3x3 per forward", "iddpm (winograd)", None),
-    ]
+    ] + ([("conv3x3 per forward", "iddpm (winograd, packed)", None)] if PACKED else [])
     assert sum(r["impl"] == "packed (oneDNN)" for r in recs) == 2  # the fp32 rows keep it
+
+
+@pytest.mark.skipif(not PACKED, reason="this CPU has no AVX512-BF16: no packed rows")
+def test_packed_sum_takes_the_plain_time_where_it_does_not_pack(monkeypatch):
+    monkeypatch.setattr(bench_conv, "CASES", [(1, 16, 32, 4, 4, 2), (1, 16, 24, 4, 4, 3)])
+    args = bench.build_parser().parse_args(
+        ["conv", "--device", "cpu", "--dtype", "bfloat16", "--warmup", "0", "--iters", "1"]
+    )
+    recs = bench_conv.run(args)
+    ms = {(r["impl"], tuple(r["shape"])): r["ms"] for r in recs if r["op"] == "conv3x3"}
+    assert ("iddpm (winograd, packed)", (1, 16, 24, 4, 4)) not in ms  # Cout 24: not packable
+    total = next(r["ms"] for r in recs if r["impl"] == "iddpm (winograd, packed)" and r["op"] != "conv3x3")
+    expected = (
+        2 * ms["iddpm (winograd, packed)", (1, 16, 32, 4, 4)] + 3 * ms["iddpm (winograd)", (1, 16, 24, 4, 4)]
+    )
+    assert total == pytest.approx(expected, rel=1e-3)
 
 
 def test_bad_dtype_is_one_line_error(capsys):
