@@ -33,6 +33,7 @@ __all__ = [
     "set_conv_prepack",
     "set_conv_winograd",
     "set_conv_winograd_packed",
+    "conv_winograd_packed",
     "get_conv_winograd",
     "get_groupnorm_impl",
     "groupnorm_impl",
@@ -310,6 +311,21 @@ def set_conv_winograd_packed(enabled: bool) -> bool:
         raise ValueError(f"enabled: expected True or False, got {enabled!r}")
     previous, _winograd_packed = _winograd_packed, enabled
     return previous
+
+
+class conv_winograd_packed:
+    """Context manager: ``with conv_winograd_packed(False): ...``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.previous = set_conv_winograd_packed(self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        set_conv_winograd_packed(self.previous)
+        return False
 
 
 _winograd_available = None

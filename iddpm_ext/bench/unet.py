@@ -15,8 +15,10 @@ does not inflate) and ``rel_err``: the relative L2 error of the output against t
 On the CPU the rows include ``to_inference(..., prepack=True)`` (oneDNN-packed conv weights,
 :func:`iddpm_ext.nn.set_conv_prepack`) next to the same without it, the fp32 and the bf16 one also
 with their Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the
-process-wide mode, IDDPM_CONV_WINOGRAD), and the fp32-weight model with prepacked convs under bf16
-autocast.
+process-wide mode, IDDPM_CONV_WINOGRAD), the bf16 one on CPUs with AVX512-BF16 also with its
+Winograd convs on the plain instead of the packed weight
+(:func:`iddpm_ext.nn.set_conv_winograd_packed`), and the fp32-weight model with prepacked convs
+under bf16 autocast.
 ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise, attention, other)
 from one profiled call (torch.profiler, self times). ``--compile-reference MODE`` adds the baseline
 under ``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to
@@ -48,6 +50,7 @@ import time
 import torch
 
 from ..ops.attention import attention_impl
+from ..ops.winograd import packed_available
 from ..training.loop import COMPILE_MODES as _TRAIN_COMPILE_MODES
 from ..unet import AttentionBlock, ResBlock, UNetModel
 from . import common
@@ -402,16 +405,27 @@ def _forward_variants(model, config, device, compile_mode=None):
             ("ours to_inference(bf16, channels-last, prepack), winograd off", b16, bf16_packed, b16, None,
              "auto", "auto", "off")
         )  # fmt: skip
+        if packed_available():  # and the Winograd convs on the plain weight (at::bmm GEMMs)
+            variants.append(
+                ("ours to_inference(bf16, channels-last, prepack), winograd unpacked", b16, bf16_packed,
+                 b16, None, "auto", "auto", "unpacked")
+            )  # fmt: skip
     return variants
 
 
 def _forward_call(variant, x, t, device):
     import contextlib
 
-    from ..nn import conv_winograd, groupnorm_impl
+    from ..nn import conv_winograd, conv_winograd_packed, groupnorm_impl
 
     _, _, module, in_dtype, ac_dtype, attn, gn = variant[:7]
     winograd = variant[7] if len(variant) > 7 else None  # None: the process-wide mode
+    if winograd == "unpacked":  # the process-wide mode on the plain weight
+        switch = conv_winograd_packed(False)
+    elif winograd is not None:
+        switch = conv_winograd(winograd)
+    else:
+        switch = contextlib.nullcontext()
     xin = x.to(in_dtype)
 
     def fwd():
@@ -419,7 +433,7 @@ def _forward_call(variant, x, t, device):
             torch.no_grad(),
             attention_impl(attn),
             groupnorm_impl(gn),
-            conv_winograd(winograd) if winograd is not None else contextlib.nullcontext(),
+            switch,
             _autocast(device, ac_dtype or torch.float32),
         ):
             return module(xin, t)
