@@ -27,6 +27,8 @@ Inference only: the op has no autograd formula (differentiating through it raise
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import checks, loader
@@ -37,8 +39,10 @@ def available() -> bool:
     return loader.available() and loader.capabilities()["winograd"]["cpu"] is not None
 
 
+@functools.cache
 def packed_available() -> bool:
-    """True when this CPU runs the packed bf16 weight (``winograd_weight(w, packed=True)``)."""
+    """True when this CPU runs the packed bf16 weight (``winograd_weight(w, packed=True)``);
+    asked once (``iddpm_ext.nn`` asks per conv call)."""
     return available() and bool(loader.capabilities()["winograd"]["cpu"].get("packed"))
 
 
