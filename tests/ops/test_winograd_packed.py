@@ -199,3 +199,20 @@ def test_nn_uses_the_packed_weight_and_can_switch_it_off():
         assert _err(y, ref) <= 2e-2
     with pytest.raises(ValueError, match="enabled: expected True or False"):
         N.set_conv_winograd_packed("yes")
+
+
+@needs_packed
+def test_same_bits_for_any_blocking_and_thread_count():
+    """Each tile's sums run in the same order however the tiles are cut into blocks (one block per
+    thread or L2-sized ones): 1, 2 and 3 threads give the same bits."""
+    x, w, b, r = _bf16(*_case(3, 64, 64, 13, 11, residual=True, seed=4))
+    up = wweight(w, True)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(conv(x, up, b, r))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(outs[0].view(torch.int16), o.view(torch.int16)) for o in outs[1:])
