@@ -9,6 +9,7 @@ reference's module tree exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -313,19 +314,14 @@ def set_conv_winograd_packed(enabled: bool) -> bool:
     return previous
 
 
-class conv_winograd_packed:
-    """Context manager: ``with conv_winograd_packed(False): ...``."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.previous = set_conv_winograd_packed(self.enabled)
-        return self
-
-    def __exit__(self, *exc):
-        set_conv_winograd_packed(self.previous)
-        return False
+@contextlib.contextmanager
+def conv_winograd_packed(enabled: bool):
+    """Context manager: ``with conv_winograd_packed(False): ...`` (one use per call)."""
+    previous = set_conv_winograd_packed(enabled)
+    try:
+        yield
+    finally:
+        set_conv_winograd_packed(previous)
 
 
 _winograd_available = None

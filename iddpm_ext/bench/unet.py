@@ -421,11 +421,11 @@ def _forward_call(variant, x, t, device):
     _, _, module, in_dtype, ac_dtype, attn, gn = variant[:7]
     winograd = variant[7] if len(variant) > 7 else None  # None: the process-wide mode
     if winograd == "unpacked":  # the process-wide mode on the plain weight
-        switch = conv_winograd_packed(False)
+        switch = lambda: conv_winograd_packed(False)  # noqa: E731
     elif winograd is not None:
-        switch = conv_winograd(winograd)
+        switch = lambda: conv_winograd(winograd)  # noqa: E731
     else:
-        switch = contextlib.nullcontext()
+        switch = contextlib.nullcontext
     xin = x.to(in_dtype)
 
     def fwd():
@@ -433,7 +433,7 @@ def _forward_call(variant, x, t, device):
             torch.no_grad(),
             attention_impl(attn),
             groupnorm_impl(gn),
-            switch,
+            switch(),
             _autocast(device, ac_dtype or torch.float32),
         ):
             return module(xin, t)

@@ -216,3 +216,16 @@ def test_same_bits_for_any_blocking_and_thread_count():
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(outs[0].view(torch.int16), o.view(torch.int16)) for o in outs[1:])
+
+
+def test_switch_context_restores_the_setting():
+    previous = N.set_conv_winograd_packed(True)
+    try:
+        with N.conv_winograd_packed(False):
+            assert N.set_conv_winograd_packed(False) is False  # (the setting inside)
+        assert N.set_conv_winograd_packed(True) is True
+        with pytest.raises(RuntimeError, match="boom"), N.conv_winograd_packed(False):
+            raise RuntimeError("boom")
+        assert N.set_conv_winograd_packed(True) is True
+    finally:
+        N.set_conv_winograd_packed(previous)
