@@ -229,3 +229,10 @@ def test_switch_context_restores_the_setting():
         assert N.set_conv_winograd_packed(True) is True
     finally:
         N.set_conv_winograd_packed(previous)
+
+
+@needs_packed
+def test_empty_batch():
+    x, w, b, r = _bf16(*_case(0, 8, 32, 5, 5, residual=True))
+    y = conv(x, wweight(w, True), b, r)
+    assert y.shape == (0, 32, 5, 5) and y.dtype == torch.bfloat16
