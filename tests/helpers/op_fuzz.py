@@ -41,6 +41,28 @@ EXTREME_HEADS = [0, -1, -(2**63), 2**62, (2**64 + 2) // 3, 2**63 - 1]
 HUGE = 2**40  # a dim that only exists next to a 0-size one
 LAYOUTS = ["contiguous", "strided", "transposed", "expanded"]
 WINOGRAD_DTYPES = (torch.float32, torch.bfloat16)  # what conv3x3_winograd / winograd_weight take
+
+
+def _packable(cin, cout, dtype):
+    """Whether winograd_weight(w, packed=True) takes a [cout, cin, 3, 3] weight of dtype here."""
+    from iddpm_ext.ops import winograd
+
+    return (
+        dtype == torch.bfloat16
+        and cin > 0
+        and cin % 2 == 0
+        and cout > 0
+        and cout % 32 == 0
+        and (winograd.packed_available())
+    )
+
+
+def _unpack(up, cin):
+    """The plain [16, Cin, Cout] weight of a packed [16, Cout/32, Cin/2, 64] one."""
+    nb = up.shape[1]
+    return up.reshape(16, nb, cin // 2, 32, 2).permute(0, 2, 4, 1, 3).reshape(16, cin, nb * 32)
+
+
 # Tolerances against the float64 oracles, relative to max(1, |reference|): the output's
 # rounding and the float32 arithmetic, generously (precision is tested elsewhere; this catches
 # garbage).
@@ -822,9 +844,10 @@ def _dims(data, sizes):
 
 def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     """iddpm::winograd_weight: weight [Cout, Cin, 3, 3] (0-size and huge-but-empty dims, other
-    kernel sizes and ranks, any dtype and layout) against G g Gᵀ in float64."""
+    kernel sizes and ranks, any dtype and layout), plain or packed, against G g Gᵀ in float64."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    cout, cin = _dims(data, ([0, 1, 5, 16], [0, 1, 3, 17]))
+    cout, cin = _dims(data, ([0, 1, 5, 16, 32], [0, 1, 2, 3, 17]))
+    packed = data.draw(st.booleans())
     if 0 in (cout, cin) and data.draw(st.booleans()):
         cout, cin = (HUGE, cin) if cout == 0 and cin else (cout, HUGE) if cin == 0 and cout else (cout, cin)
     shape = choose(data, (cout, cin, 3, 3), (cout, cin, 3), (cout, cin, 5, 5), (cout, cin, 3, 1), (3, 3))
@@ -832,9 +855,9 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     dtype = choose(data, good, *[d for d in DTYPES if d not in WINOGRAD_DTYPES])
     weight = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from([base, *mixes]))
-    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device)), ("weight",))
+    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device), packed), ("weight",))
     if device == "meta":
-        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base)), ("weight",))
+        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base), packed), ("weight",))
         check_meta_agrees((res, err), real, lambda e: False, "winograd_weight", strict=base == "cpu")
         return
     assert device != FAKE_CUDA or err is not None, "winograd_weight accepted a CUDA weight (CPU kernel only)"
@@ -842,6 +865,10 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
         return
     assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4
     assert weight.dtype in WINOGRAD_DTYPES, f"winograd_weight accepted {weight.dtype}"
+    if packed:
+        assert _packable(weight.shape[1], weight.shape[0], weight.dtype), f"packed {tuple(weight.shape)}"
+        assert res.shape == (16, weight.shape[0] // 32, weight.shape[1] // 2, 64)
+        res = _unpack(res, weight.shape[1])
     assert res.shape == (16, weight.shape[1], weight.shape[0]) and res.dtype == weight.dtype
     assert res.device.type == "cpu", f"winograd_weight ran on {res.device} (it has a CPU kernel only)"
     if res.numel() == 0:
@@ -859,7 +886,7 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    N, cin, cout, H, W = _dims(data, ([0, 1, 2], [0, 1, 3, 16], [0, 1, 4, 17], [0, 1, 2, 5], [1, 3, 4]))
+    N, cin, cout, H, W = _dims(data, ([0, 1, 2], [0, 1, 3, 16], [0, 1, 4, 17, 32], [0, 1, 2, 5], [1, 3, 4]))
     if data.draw(st.integers(0, 9)) == 0:  # huge-but-empty: a huge dim next to an empty one
         N, H = (0, HUGE) if data.draw(st.booleans()) else (N, 0)
         cout = HUGE if H == 0 and data.draw(st.booleans()) else cout
@@ -872,9 +899,13 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     w_dtype = x_dtype if x_dtype == torch.bfloat16 and data.draw(st.integers(0, 4)) else torch.float32
     w = values((cout, cin, 3, 3), w_dtype, gen) if cout * cin <= 10**5 else None
     if w is not None and data.draw(st.integers(0, 9)):
-        weight_t = torch.ops.iddpm.winograd_weight(w)
+        packed = _packable(cin, cout, w.dtype) and data.draw(st.booleans())
+        weight_t = torch.ops.iddpm.winograd_weight(w, packed)
     else:
-        wt_shape = choose(data, (16, cin, cout), (9, cin, cout), (16, cin + 1, cout), (16, cin))
+        wt_shape = choose(
+            data, (16, cin, cout), (9, cin, cout), (16, cin + 1, cout), (16, cin), (16, 1, cin // 2, 64),
+            (16, 1, cin // 2 + 1, 64), (16, 1, cin // 2, 32),
+        )  # fmt: skip
         wt_dtype = choose(data, torch.float32, torch.bfloat16, torch.float64)
         weight_t = make(data, wt_shape, wt_dtype, gen, layout="contiguous")
         w = None  # no oracle for a drawn weight_t
@@ -912,8 +943,15 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     for name, t in (("bias", bias), ("residual", residual)):
         assert t is None or t.dtype == x.dtype, f"accepted {name} {t.dtype} with x {x.dtype}"
     assert res.device.type == "cpu", f"conv3x3_winograd ran on {res.device} (it has a CPU kernel only)"
-    assert weight_t.dtype == x.dtype and tuple(weight_t.shape[:2]) == (16, x.shape[1])
-    assert res.shape == (x.shape[0], weight_t.shape[2], *x.shape[2:]) and res.dtype == x.dtype
+    assert weight_t.dtype == x.dtype
+    if weight_t.dim() == 4:  # packed: [16, Cout/32, Cin/2, 64]
+        assert _packable(x.shape[1], weight_t.shape[1] * 32, x.dtype), f"packed {tuple(weight_t.shape)}"
+        assert tuple(weight_t.shape) == (16, weight_t.shape[1], x.shape[1] // 2, 64)
+        out_channels = weight_t.shape[1] * 32
+    else:
+        assert tuple(weight_t.shape[:2]) == (16, x.shape[1])
+        out_channels = weight_t.shape[2]
+    assert res.shape == (x.shape[0], out_channels, *x.shape[2:]) and res.dtype == x.dtype
     if res.numel() == 0 or w is None:
         return
     if x.shape[1] == 0:  # an empty sum (torch's conv2d returns a 0-channel tensor there)
