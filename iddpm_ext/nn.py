@@ -305,8 +305,8 @@ _winograd_packed = os.environ.get("IDDPM_WINOGRAD_PACKED", "1").strip().lower() 
 
 def set_conv_winograd_packed(enabled: bool) -> bool:
     """Let bf16 Winograd convs use the packed weight where the CPU runs it (True, the default) or
-    not (False); returns the previous setting. Cached weights of the other form are remade on their
-    next call."""
+    not (False); returns the previous setting. The two forms are cached under separate keys, so
+    switching back and forth transforms each weight once per form."""
     global _winograd_packed
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled: expected True or False, got {enabled!r}")

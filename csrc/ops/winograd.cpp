@@ -139,8 +139,9 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed) {
   return up;
 }
 
-// Rows (tiles) per block of the packed path: V of the block ~384 KB (L2-resident with a column
-// block's packed U and the float32 M), a multiple of the 12-row micro-tile.
+// The most rows (tiles) per block of the packed path: V of the block ~384 KB (L2-resident with a
+// column block's packed U and the float32 M), a multiple of the 12-row micro-tile (conv_packed
+// then splits the tiles into equal blocks of at most this many).
 int64_t packed_block_rows(int64_t Cin) {
   const int64_t rows = (int64_t(384) << 10) / (2 * kWinogradPoints * Cin);
   return std::max<int64_t>(12, std::min<int64_t>(240, rows / 12 * 12));

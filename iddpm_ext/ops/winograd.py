@@ -46,18 +46,28 @@ def packed_available() -> bool:
     return available() and bool(loader.capabilities()["winograd"]["cpu"].get("packed"))
 
 
+def packed_refusal(dtype: torch.dtype, cin: int, cout: int) -> str | None:
+    """Why ``winograd_weight(w, packed=True)`` refuses a [cout, cin, 3, 3] weight of ``dtype`` here
+    (csrc/ops/winograd.cpp's check_packable, in its order and words), or None where it takes it."""
+    if dtype != torch.bfloat16:
+        return f"the packed form is bf16 only, got {checks.dtype_name(dtype)}"
+    if not (cin > 0 and cin % 2 == 0 and cout > 0 and cout % PACK_COLS == 0):
+        return (
+            f"the packed form needs an even Cin and a Cout that is a multiple of {PACK_COLS}, "
+            f"got Cin = {cin}, Cout = {cout}"
+        )
+    if not packed_available():
+        return (
+            "the packed form needs a CPU with AVX512-BF16 (this one has none; "
+            "capabilities()['winograd']['cpu']['packed'] is False)"
+        )
+    return None
+
+
 def packable(weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """True when ``winograd_weight(weight.to(dtype), packed=True)`` takes this [Cout, Cin, 3, 3]
     weight here (dtype: the weight's own by default)."""
-    cout, cin = weight.shape[0], weight.shape[1]
-    return (
-        (dtype or weight.dtype) == torch.bfloat16
-        and cin > 0
-        and cin % 2 == 0
-        and cout > 0
-        and cout % PACK_COLS == 0
-        and packed_available()
-    )
+    return packed_refusal(dtype or weight.dtype, weight.shape[1], weight.shape[0]) is None
 
 
 def winograd_weight(weight: torch.Tensor, packed: bool = False) -> torch.Tensor:
@@ -93,18 +103,9 @@ PACK_COLS = 32  # common/winograd_params.h's kWinogradPackCols
 
 
 def _check_packable(t, cin, cout, name):
-    if t.dtype != torch.bfloat16:
-        raise ValueError(f"{name}: the packed form is bf16 only, got {checks.dtype_name(t.dtype)}")
-    if not (cin > 0 and cin % 2 == 0 and cout > 0 and cout % PACK_COLS == 0):
-        raise ValueError(
-            f"{name}: the packed form needs an even Cin and a Cout that is a multiple of {PACK_COLS}, "
-            f"got Cin = {cin}, Cout = {cout}"
-        )
-    if not packed_available():
-        raise ValueError(
-            f"{name}: the packed form needs a CPU with AVX512-BF16 (this one has none; "
-            "capabilities()['winograd']['cpu']['packed'] is False)"
-        )
+    refusal = packed_refusal(t.dtype, cin, cout)
+    if refusal is not None:
+        raise ValueError(f"{name}: {refusal}")
 
 
 def _check_tensor(t, name, ref=None, ref_name=""):

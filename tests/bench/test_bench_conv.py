@@ -16,7 +16,7 @@ PACKED = winograd.packed_available()  # the packed bf16 row: AVX512-BF16 CPUs, p
 
 
 def _impls(dtype, shape):
-    packable = dtype == "bfloat16" and PACKED and shape[1] % 2 == 0 and shape[2] % 32 == 0
+    packable = winograd.packed_refusal(getattr(torch, dtype), shape[1], shape[2]) is None
     return [i for i in bench_conv.IMPLS if packable or i != "iddpm (winograd, packed)"]
 
 

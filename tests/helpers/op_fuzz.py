@@ -47,14 +47,7 @@ def _packable(cin, cout, dtype):
     """Whether winograd_weight(w, packed=True) takes a [cout, cin, 3, 3] weight of dtype here."""
     from iddpm_ext.ops import winograd
 
-    return (
-        dtype == torch.bfloat16
-        and cin > 0
-        and cin % 2 == 0
-        and cout > 0
-        and cout % 32 == 0
-        and (winograd.packed_available())
-    )
+    return winograd.packed_refusal(dtype, cin, cout) is None
 
 
 def _unpack(up, cin):
