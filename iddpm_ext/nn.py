@@ -295,12 +295,15 @@ class conv_winograd:
 # AVX512-BF16, even Cin, Cout a multiple of 32; VDPBF16PS GEMMs per L2-sized block of tiles, the
 # products kept in float32: faster and slightly more accurate than the plain weight's at::bmm path,
 # docs/unet.md) unless IDDPM_WINOGRAD_PACKED=0 or set_conv_winograd_packed(False).
-_winograd_packed = os.environ.get("IDDPM_WINOGRAD_PACKED", "1").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
+def _winograd_packed_from_env() -> bool:
+    raw = os.environ.get("IDDPM_WINOGRAD_PACKED", "1").strip().lower() or "1"
+    value = raw if raw in ("on", "off") else _WINOGRAD_ALIASES.get(raw)
+    if value is None:
+        raise ValueError(f"IDDPM_WINOGRAD_PACKED: expected 1 or 0 (or unset), got {raw!r}")
+    return value == "on"
+
+
+_winograd_packed = _winograd_packed_from_env()
 
 
 def set_conv_winograd_packed(enabled: bool) -> bool:

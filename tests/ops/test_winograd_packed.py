@@ -236,3 +236,24 @@ def test_empty_batch():
     x, w, b, r = _bf16(*_case(0, 8, 32, 5, 5, residual=True))
     y = conv(x, wweight(w, True), b, r)
     assert y.shape == (0, 32, 5, 5) and y.dtype == torch.bfloat16
+
+
+def test_environment_variable(monkeypatch):
+    """IDDPM_WINOGRAD_PACKED: 1/0 and the other switches' aliases; a typo is a clear error."""
+    for raw, expected in (
+        ("0", False),
+        ("off", False),
+        ("false", False),
+        ("1", True),
+        ("yes", True),
+        ("", True),
+    ):
+        monkeypatch.setenv("IDDPM_WINOGRAD_PACKED", raw)
+        assert N._winograd_packed_from_env() is expected, raw  # noqa: SLF001
+    monkeypatch.delenv("IDDPM_WINOGRAD_PACKED")
+    assert N._winograd_packed_from_env() is True  # noqa: SLF001
+    monkeypatch.setenv("IDDPM_WINOGRAD_PACKED", "maybe")
+    with pytest.raises(
+        ValueError, match="IDDPM_WINOGRAD_PACKED: expected 1 or 0 \\(or unset\\), got 'maybe'"
+    ):
+        N._winograd_packed_from_env()  # noqa: SLF001
