@@ -17,12 +17,16 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
              ``iddpm sample --inference [--amp bf16]`` runs; on the CPU: channels-last, packed
              and Winograd convolutions, batched time embeddings).
   graph      :class:`iddpm_ext.engine.SamplingEngine` mode "graph": the whole step (UNet + fused
-             step) replayed from one CUDA graph per timestep (CUDA only).
+             step) replayed from one CUDA graph per timestep (on the CPU from one op graph,
+             iddpm_ext.engine.op_graph: the step's op calls without the Python around them).
   compile    SamplingEngine mode "compile": the step function under torch.compile
              (inductor; ``--compile-mode`` passes a torch.compile mode).
   compile-graph  SamplingEngine mode "compile-graph": the compiled step captured in one CUDA
              graph and replayed (CUDA only; with the compile rows, last).
   engine-eager  SamplingEngine mode "eager" (CPU: the engine's step without capture).
+  inference-graph  SamplingEngine mode "graph" on a copy of the model switched by
+             ``to_inference()`` (the CPU's fastest sampler: ``iddpm sample --inference --engine
+             graph``).
 fp32 and bf16 (``torch.autocast``; x and the step stay fp32). Records: ``ms`` = ms per
 step (median run / steps), ``ms_per_run``, ``images_per_s``, ``speedup`` over the reference
 loop in the same dtype and ``speedup_vs_ref_fp32`` (with a checkout, ``speedup_vs_ref_code``);
@@ -45,7 +49,8 @@ Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dt
     250 steps, B = 1: reference and graph in bf16; compile: 50 steps, B = 1, bf16 (last).
   CUDA --quick: 10 steps, B in {1, 16}: reference, eager, graph in fp32 and bf16 (no compile).
   CUDA --full: B in {1, 16, 256} x {50, 250} steps x all four impls x {fp32, bf16}.
-  CPU: B in {1, 4}, 10 steps, reference / eager / inference / engine-eager (compile with --compile: its
+  CPU: B in {1, 4}, 10 steps, reference / eager / inference / engine-eager / inference-graph
+    (compile with --compile: its
     inductor build takes about a minute per configuration on 2 cores); --quick: B = 1, 5 steps.
 """
 
@@ -76,6 +81,7 @@ _ALL_IMPLS = (
     "compile",
     "compile-graph",
     "engine-eager",
+    "inference-graph",
 )
 # The process every impl samples (ours and, for reference-code, the reference's own factory).
 _PROCESS = dict(learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
@@ -121,7 +127,7 @@ def cases(args, device) -> list:
             impls = ["reference", "eager", "graph", "compile"]
         else:
             batches, steps = ([1], [5]) if args.quick else ([1, 4], [10])
-            impls = ["reference", "eager", "inference", "engine-eager"] + (
+            impls = ["reference", "eager", "inference", "engine-eager", "inference-graph"] + (
                 ["compile"] if args.compile else []
             )
         batches = _csv(args.batches, int) if args.batches else batches
@@ -165,8 +171,8 @@ def cases(args, device) -> list:
         ]
     if args.no_compile:
         grid = [c for c in grid if c[3] not in _COMPILED]
-    if not cuda:
-        grid = [c for c in grid if c[3] not in ("graph", "compile-graph")]
+    if not cuda:  # (on the CPU "graph" is an op graph)
+        grid = [c for c in grid if c[3] != "compile-graph"]
     return sorted(grid, key=lambda c: c[3] in _COMPILED)  # stable: compile rows last
 
 
@@ -282,7 +288,7 @@ def run(args) -> list:
     grid = cases(args, device)
     profile_steps = min(c[0] for c in grid) if grid else 0  # launch counts: the shortest runs only
     diffusions = {}
-    engines = {"graph": None, "compile": None, "compile-graph": None, "engine-eager": None}
+    engines = dict.fromkeys(("graph", "compile", "compile-graph", "engine-eager", "inference-graph"))
     ref_ms, ref_code_ms, records, notes = {}, {}, [], []
     ref_code = None
     previous_benchmark = torch.backends.cudnn.benchmark
@@ -388,10 +394,12 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
         "compile": "compile",
         "compile-graph": "compile-graph",
         "engine-eager": "eager",
+        "inference-graph": "graph",
     }[impl]
     if engines[impl] is None:
         options = {"mode": args.compile_mode} if args.compile_mode else None
-        engines[impl] = SamplingEngine(model, d, mode=mode, compile_options=options, device=device)
+        m = copy.deepcopy(model).to_inference() if impl == "inference-graph" else model
+        engines[impl] = SamplingEngine(m, d, mode=mode, compile_options=options, device=device)
     engine = engines[impl]
 
     def sample():

@@ -17,8 +17,10 @@ On the CPU the rows include ``to_inference(..., prepack=True)`` (oneDNN-packed c
 with their Winograd 3x3 convs off (:func:`iddpm_ext.nn.set_conv_winograd`; the other rows run the
 process-wide mode, IDDPM_CONV_WINOGRAD), the bf16 one on CPUs with AVX512-BF16 also with its
 Winograd convs on the plain instead of the packed weight
-(:func:`iddpm_ext.nn.set_conv_winograd_packed`), and the fp32-weight model with prepacked convs
-under bf16 autocast.
+(:func:`iddpm_ext.nn.set_conv_winograd_packed`), the fp32-weight model with prepacked convs
+under bf16 autocast, and the prepacked fp32 (also under bf16 autocast) and bf16 models' forwards
+replayed from op graphs (``op graph`` rows: :func:`iddpm_ext.engine.capture_forward`, captured
+in the untimed first call).
 ``--breakdown`` adds each variant's time per layer kind (conv, norm, elementwise, attention, other)
 from one profiled call (torch.profiler, self times). ``--compile-reference MODE`` adds the baseline
 under ``torch.compile(mode=MODE)`` after each dtype's baseline (fp32, and bf16 autocast), and to
@@ -49,6 +51,7 @@ import time
 
 import torch
 
+from ..engine.op_graph import capture_forward
 from ..ops.attention import attention_impl
 from ..ops.winograd import packed_available
 from ..training.loop import COMPILE_MODES as _TRAIN_COMPILE_MODES
@@ -381,6 +384,11 @@ def _forward_variants(model, config, device, compile_mode=None):
             ("ours to_inference(channels-last, prepack), winograd off", f32, fp32_packed, f32, None,
              "auto", "auto", "off")
         )  # fmt: skip
+        # Its forward replayed from op graphs (iddpm_ext.engine.capture_forward; captured in the
+        # first call, which is not timed).
+        fp32_graph = capture_forward(fp32_packed)
+        variants.append(("ours to_inference(channels-last, prepack), op graph", f32, fp32_graph, f32, None,
+                         "auto", "auto"))  # fmt: skip
     variants += [
         (f"{base_name} + bf16 autocast", b16, base, f32, b16, base_attn, "torch"),
         *[(f"{name} + bf16 autocast", b16, m, f32, b16, a, gn) for name, _, m, _, _, a, gn in compiled],
@@ -391,6 +399,10 @@ def _forward_variants(model, config, device, compile_mode=None):
             ("ours to_inference(channels-last, prepack) + bf16 autocast", b16, fp32_packed, f32, b16,
              "auto", "auto")
         )  # fmt: skip
+        variants.append(
+            ("ours to_inference(channels-last, prepack) + bf16 autocast, op graph", b16, fp32_graph, f32,
+             b16, "auto", "auto")
+        )  # fmt: skip
     variants += [
         ("ours to_inference(bf16, NCHW)", b16, bf16_nchw, b16, None, "auto", "auto"),
         (f"ours to_inference(bf16, {layout})", b16, bf16_fast, b16, None, "auto", "auto"),
@@ -400,6 +412,10 @@ def _forward_variants(model, config, device, compile_mode=None):
         variants.append(
             ("ours to_inference(bf16, channels-last, prepack)", b16, bf16_packed, b16, None, "auto", "auto")
         )
+        variants.append(
+            ("ours to_inference(bf16, channels-last, prepack), op graph", b16, capture_forward(bf16_packed),
+             b16, None, "auto", "auto")
+        )  # fmt: skip
         # Its A/B: the bf16 Winograd 3x3 convs off (oneDNN's packed bf16 convs instead).
         variants.append(
             ("ours to_inference(bf16, channels-last, prepack), winograd off", b16, bf16_packed, b16, None,

@@ -128,8 +128,8 @@ SAMPLE_EXTRA_HELP = {
     "the plain path at float rounding)",
     "progress": PROGRESS_HELP,
     "threads": TRAIN_EXTRA_HELP["threads"],
-    "engine": "sampler: graph (one CUDA-graph step replayed per timestep), compile, compile-graph (the "
-    "compiled step captured in a CUDA graph), eager (the engine's "
+    "engine": "sampler: graph (one captured step replayed per timestep: a CUDA graph, on the CPU an op "
+    "graph), compile, compile-graph (the compiled step captured in a CUDA graph), eager (the engine's "
     "step with in-kernel per-sample noise), loop (per-sample generator noise), or auto: "
     "graph on CUDA, loop elsewhere",
 }

@@ -10,7 +10,7 @@ comes, by ``engine``:
   the fused step kernels where they apply (``diffusion.use_fused``).
 - ``"graph"`` | ``"compile"`` | ``"compile-graph"`` | ``"eager"``: the
   :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine` in that mode (one captured/compiled
-  step replayed per timestep) with the fused op's
+  step replayed per timestep; ``"graph"`` on the CPU is an op graph) with the fused op's
   in-kernel Philox noise, numbered per sample (``sample_index`` = the global indices, docs/
   step.md) and keyed by one generator seeded from ``seed`` alone (:func:`step_noise_seed`),
   reset at the start of every batch, so step k of every batch uses the same Philox key and
@@ -70,10 +70,10 @@ def resolve_engine(engine, device, diffusion=None) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     device = torch.device(device)
-    if engine in ("graph", "compile-graph") and device.type != "cuda":
+    if engine == "compile-graph" and device.type != "cuda":
         raise ValueError(
             f"engine: {engine!r} captures CUDA graphs and needs a CUDA device, got {device} "
-            "(use eager, compile or loop)"
+            "(use graph, eager, compile or loop)"
         )
     if engine != "auto":
         return engine

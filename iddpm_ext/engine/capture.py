@@ -1,6 +1,7 @@
-"""What the sampling engine needs of the device: CUDA graph capture of a step function
-(:class:`CUDAGraphBackend`, the one part that cannot run without a GPU; tests substitute a
-CPU stand-in through :func:`graph_backend`), and the device's default generator, into which a
+"""What the sampling engine needs of the device: graph capture of a step function
+(:class:`CUDAGraphBackend` on CUDA, the one part that cannot run without a GPU; on the CPU
+op graphs, :mod:`.op_graph`; tests may substitute a stand-in through
+:func:`graph_backend`), and the device's default generator, into which a
 user generator's state is moved for a run (:func:`generator_as_default`) and whose state
 warm-up and capture must not move (:func:`rng_preserved`)."""
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from .op_graph import OpGraphBackend
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -94,5 +97,8 @@ class CUDAGraphBackend:
 
 
 def graph_backend(device: torch.device):
-    """The capture backend for ``device`` (tests substitute one that runs on CPU)."""
+    """The capture backend for ``device``: CUDA graphs on CUDA, op graphs on the CPU
+    (:class:`iddpm_ext.engine.op_graph.OpGraphBackend`; tests may substitute a stand-in)."""
+    if device.type == "cpu":
+        return OpGraphBackend(device)
     return CUDAGraphBackend(device)

@@ -8,8 +8,10 @@ the kernel, its result copied back into the static x, and a device step counter 
 The timestep of step i is read on the device (``t_rows[counter]``), so a step has no
 host-to-device copy and no host sync, and the same step can be
 
-- ``"graph"``: captured once in a CUDA graph and replayed for every timestep (CUDA only;
-  the default on CUDA);
+- ``"graph"``: captured once in a CUDA graph and replayed for every timestep (the default on
+  CUDA); on the CPU captured as an op graph (:mod:`.op_graph`: the step's operator calls
+  recorded once by make_fx and replayed without the Python around them; a configuration is
+  captured again when the model's parameters change in place);
 - ``"compile"``: the step function compiled by ``torch.compile`` (default options: inductor,
   no CUDA graphs, ``dynamic=False``; see docs/sampling_engine.md);
 - ``"compile-graph"``: both — the compiled step (inductor's code, no CUDA graphs of its own)
@@ -150,6 +152,7 @@ class _Entry:
     kwargs: dict  # name -> static tensor (class labels y, ...)
     run_step: object = None  # what a step calls: the step function, its compiled form, or replay
     graph: object = None
+    versions: tuple | None = None  # CPU op graph: the watched tensors' versions at capture
     memory: dict = field(default_factory=dict)
     runs: int = 0
 
@@ -175,8 +178,8 @@ class SamplingEngine:
     :param model: the denoiser, ``model(x, timesteps, **model_kwargs)``, in eval mode.
     :param diffusion: the default diffusion (a GaussianDiffusion or SpacedDiffusion); each
         call may pass another (e.g. another respacing).
-    :param mode: ``"graph"`` (CUDA only), ``"compile"``, ``"eager"`` or None/``"auto"``
-        (:func:`default_mode`).
+    :param mode: ``"graph"`` (a CUDA graph; on the CPU an op graph), ``"compile"``,
+        ``"compile-graph"`` (CUDA only), ``"eager"`` or None/``"auto"`` (:func:`default_mode`).
     :param amp: None (fp32), ``"bf16"`` or ``"fp16"``: the model runs under
         ``torch.autocast`` in that dtype; x and the step stay float32. Overridable per call.
     :param channels_last: convert the model to channels-last (in place) and keep x in
@@ -215,6 +218,16 @@ class SamplingEngine:
             raise ValueError(f"mode: expected one of {MODES} or 'auto', got {mode!r}")
         self.mode = mode
         self._backend = capture.graph_backend(self.device) if mode in _CAPTURED else None
+        if mode == "compile-graph" and isinstance(self._backend, capture.OpGraphBackend):
+            raise ValueError(
+                "mode: 'compile-graph' captures the compiled step in a CUDA graph and needs a CUDA device, "
+                f"got {self.device} (on the CPU: mode='graph', an op graph, or 'compile')"
+            )
+        # A CPU op graph keeps what the capture derived from the weights (prepacked, Winograd):
+        # a configuration is captured again when a parameter or buffer changed in place.
+        self._watch = ()
+        if isinstance(self._backend, capture.OpGraphBackend) and isinstance(model, torch.nn.Module):
+            self._watch = tuple(model.parameters()) + tuple(model.buffers())
         self.amp = _amp_dtype(amp)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -422,10 +435,15 @@ class SamplingEngine:
     def _entry(self, d, shape, sampler, eta, clip, kwargs, amp_dtype) -> _Entry:
         key = self.config_key(d, shape, sampler, eta, clip, kwargs, amp_dtype)
         entry = self._entries.get(key)
+        if entry is not None and entry.versions is not None and entry.versions != self._versions():
+            entry = None  # weights changed since the op graph was captured
         if entry is None:
             entry = self._build(key, d, shape, sampler, eta, clip, kwargs, amp_dtype)
             self._entries[key] = entry
         return entry
+
+    def _versions(self) -> tuple:
+        return tuple(t._version for t in self._watch)
 
     def _build(self, key, d, shape, sampler, eta, clip, kwargs, amp_dtype) -> _Entry:
         dev = self.device
@@ -485,6 +503,8 @@ class SamplingEngine:
             with torch.no_grad(), capture.rng_preserved(dev):
                 replay, graph, info = self._backend.build(warm, step)
             entry.run_step, entry.graph = replay, graph
+            if self._watch:
+                entry.versions = self._versions()
             entry.memory.update(info)
             self.stats["captures"] += 1
         return entry

@@ -42,10 +42,10 @@ def test_cuda_grids(monkeypatch):
         bench_sample.cases(_args(["--impls", "tensorrt"]), cuda)
 
 
-def test_cpu_grid_has_no_graph_rows():
+def test_cpu_grid_has_op_graph_rows_and_no_cuda_graph_ones():
     cpu = torch.device("cpu")
-    grid = bench_sample.cases(_args(["--impls", "reference,graph,engine-eager"]), cpu)
-    assert {c[3] for c in grid} == {"reference", "engine-eager"}
+    grid = bench_sample.cases(_args(["--impls", "reference,graph,compile-graph,engine-eager"]), cpu)
+    assert {c[3] for c in grid} == {"reference", "graph", "engine-eager"}  # graph: the CPU's op graph
     quick = bench_sample.cases(_args(["--quick"]), cpu)
     assert {(s, b) for s, b, _, _ in quick} == {(5, 1)}
     assert "compile" in {c[3] for c in bench_sample.cases(_args(["--compile"]), cpu)}
@@ -68,7 +68,13 @@ def test_quick_cpu_run_writes_records(tmp_path, monkeypatch):
     path = _quick_cpu_run(tmp_path)
     data = json.loads(path.read_text())
     records = data["records"]
-    assert {r["impl"] for r in records} == {"reference", "eager", "inference", "engine-eager"}
+    assert {r["impl"] for r in records} == {
+        "reference",
+        "eager",
+        "inference",
+        "engine-eager",
+        "inference-graph",
+    }
     for r in records:
         assert r["steps"] == 2 and r["ms"] > 0 and r["images_per_s"] > 0
         assert r["ms_per_run"] == pytest.approx(2 * r["ms"], rel=1e-3)
@@ -161,6 +167,7 @@ def test_quick_cpu_run_with_reference_code_rows(tmp_path, fake_checkout):
         "eager",
         "inference",
         "engine-eager",
+        "inference-graph",
     ]
     code = {r["dtype"]: r["ms"] for r in records if r["impl"] == "reference-code"}
     assert set(code) == {"float32", "bfloat16"}

@@ -27,17 +27,24 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     recs = json.loads(out.read_text())["records"]
     packed = packed_available()  # then a bf16 row with the Winograd convs on the plain weight
-    assert [r["dtype"] for r in recs] == ["float32"] * 5 + ["bfloat16"] * (8 if packed else 7)
+    assert [r["dtype"] for r in recs] == ["float32"] * 6 + ["bfloat16"] * (10 if packed else 9)
     assert recs[0]["impl"].startswith("baseline (ours, all fast paths off")
-    assert recs[5]["impl"].endswith("+ bf16 autocast")
+    assert recs[6]["impl"].endswith("+ bf16 autocast")
     assert [r["impl"] for r in recs if "prepack" in r["impl"]] == [
         "ours to_inference(channels-last, prepack)",
         "ours to_inference(channels-last, prepack), winograd off",
+        "ours to_inference(channels-last, prepack), op graph",
         "ours to_inference(channels-last, prepack) + bf16 autocast",
+        "ours to_inference(channels-last, prepack) + bf16 autocast, op graph",
         "ours to_inference(bf16, channels-last, prepack)",
+        "ours to_inference(bf16, channels-last, prepack), op graph",
         "ours to_inference(bf16, channels-last, prepack), winograd off",
     ] + (["ours to_inference(bf16, channels-last, prepack), winograd unpacked"] if packed else [])
-    assert recs[0]["speedup"] == 1 and recs[5]["speedup"] == 1
+    by_impl = {(r["impl"], r["dtype"]): r for r in recs}
+    for (impl, dtype), r in by_impl.items():  # a replayed forward gives the eager forward's bits
+        if impl.endswith(", op graph"):
+            assert r["rel_err"] == by_impl[(impl[: -len(", op graph")], dtype)]["rel_err"]
+    assert recs[0]["speedup"] == 1 and recs[6]["speedup"] == 1
     assert recs[0]["speedup_cpu"] == 1 and all(r["cpu_ms"] > 0 for r in recs)
     for r in recs:
         assert r["op"] == "unet tiny fwd" and r["shape"] == [1, 3, 16, 16]

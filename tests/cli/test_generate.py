@@ -200,8 +200,9 @@ def test_engine_choice():
     assert S.resolve_engine("auto", "cuda", diffusion) == ("graph" if cuda_ok else "loop")
     diffusion.use_fused = False
     assert S.resolve_engine("auto", "cuda", diffusion) == "loop"
-    with pytest.raises(ValueError, match=r"engine: 'graph' captures CUDA graphs and needs a CUDA device"):
-        S.resolve_engine("graph", "cpu", diffusion)
+    assert S.resolve_engine("graph", "cpu", diffusion) == "graph"  # an op graph on the CPU
+    with pytest.raises(ValueError, match=r"^engine: 'compile-graph' captures CUDA graphs and needs a CUDA"):
+        S.resolve_engine("compile-graph", "cpu", diffusion)
     with pytest.raises(ValueError, match=r"engine: expected one of auto, graph"):
         S.resolve_engine("fast", "cpu", diffusion)
     assert S.step_noise_seed(0) != S.step_noise_seed(1)
@@ -220,7 +221,7 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
     weights = str(tmp_path / "m.safetensors")
     ckpt.save_weights(weights, model.state_dict(), cfg)
     images = {}
-    for engine, bs in (("eager", 2), ("eager", 3), ("loop", 3)):
+    for engine, bs in (("eager", 2), ("eager", 3), ("graph", 2), ("loop", 3)):
         out = str(tmp_path / f"{engine}{bs}")
         rc = main(
             (
@@ -238,16 +239,17 @@ def test_cli_sample_engine_flag(tmp_path, capsys):
         with np.load(os.path.join(out, "samples_5x8x8x1.npz")) as f:
             images[engine, bs] = f["arr_0"]
     assert np.array_equal(images["eager", 2], images["eager", 3])
+    assert np.array_equal(images["graph", 2], images["eager", 2])  # the CPU's op graph: the same bits
     assert not np.array_equal(images["eager", 3], images["loop", 3])
     assert (
         main(
-            ("sample --model_path {model_path} --engine graph --device cpu --out_dir {out_dir}"),
+            ("sample --model_path {model_path} --engine compile-graph --device cpu --out_dir {out_dir}"),
             model_path=weights,
             out_dir=str(tmp_path / "g"),
         )
         == 2
     )
-    assert "engine: 'graph'" in capsys.readouterr().err
+    assert "engine: 'compile-graph' captures CUDA graphs" in capsys.readouterr().err
 
 
 def _autocast_seen(model):

@@ -15,7 +15,8 @@ from helpers.engine_cases import (
     reference_loop,
     tiny_model,
 )
-from iddpm_ext.engine import SamplingEngine, default_mode, diffusion_signature
+from iddpm_ext.engine import SamplingEngine, capture, default_mode, diffusion_signature
+from iddpm_ext.engine.op_graph import OpGraphBackend
 
 pytestmark = pytest.mark.kernels
 
@@ -320,15 +321,21 @@ def test_default_mode_and_environment(monkeypatch, model):
     monkeypatch.setenv(engine_mod.ENV_MODE, "fast")
     with pytest.raises(ValueError, match=engine_mod.ENV_MODE):
         default_mode("cpu")
-    monkeypatch.setenv(engine_mod.ENV_MODE, "graph")
-    with pytest.raises(ValueError, match=r"mode: 'graph' .*CUDA"):
+    monkeypatch.setenv(engine_mod.ENV_MODE, "graph")  # on the CPU: an op graph
+    engine = SamplingEngine(model, diffusion())
+    assert engine.mode == "graph" and isinstance(engine._backend, OpGraphBackend)
+    monkeypatch.setenv(engine_mod.ENV_MODE, "compile-graph")
+    with pytest.raises(ValueError, match=r"^mode: 'compile-graph' .*needs a CUDA device, got cpu"):
         SamplingEngine(model, diffusion())
 
 
 def test_mode_errors(model):
-    for mode in ("graph", "compile-graph"):
-        with pytest.raises(ValueError, match=r"mode: 'graph' and 'compile-graph' capture CUDA graphs"):
-            SamplingEngine(model, diffusion(), mode=mode)
+    with pytest.raises(ValueError, match=r"^mode: 'compile-graph' captures the compiled step in a CUDA"):
+        SamplingEngine(model, diffusion(), mode="compile-graph")
+    with pytest.raises(ValueError, match=r"^mode: 'graph' and 'compile-graph' capture CUDA graphs"):
+        capture.CUDAGraphBackend(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^device: op graphs are the CPU's capture, got meta"):
+        OpGraphBackend(torch.device("meta"))
     with pytest.raises(ValueError, match=r"mode: expected one of"):
         SamplingEngine(model, diffusion(), mode="cudagraph")
     with pytest.raises(ValueError, match=r"amp: expected"):
