@@ -10,7 +10,9 @@ so a replay gives the eager call's bits. On the CIFAR-10 UNet on one CPU thread 
 ~8 ms of a forward (docs/sampling_engine.md, "Op graphs").
 
 Like a CUDA graph, an op graph is what ran once: the decisions of that call (shapes, dtypes,
-layouts, autocast, the library's switches: Winograd, attention impl, …) are baked in.
+layouts, autocast, the library's switches: Winograd, attention impl, …) are baked in, and
+Python that is not an operator call (module hooks, counters, prints) runs in the warm-up and
+the capture only, not in replays.
 
 - :class:`OpGraph` — ``fn(*args)`` for one argument signature. Tensors the function reads
   that are not arguments (parameters, static buffers) are kept by reference: in-place updates

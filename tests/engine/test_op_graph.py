@@ -123,6 +123,24 @@ def test_calls_that_cannot_replay_run_the_model(model):
     assert cf.stats["captures"] == 1
 
 
+def test_inference_mode_and_hooks(model):
+    """Captured and replayed under inference_mode as under no_grad; module hooks (Python) run in
+    the warm-up and the capture only, not in replays (documented)."""
+    m = copy.deepcopy(model)
+    calls = []
+    m.input_blocks[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    cf = capture_forward(m)
+    x, t = _inputs()
+    with torch.inference_mode():
+        outs = [cf(x, t) for _ in range(3)]
+    with torch.no_grad():
+        want = m(x, t)
+        outs.append(cf(x, t))
+    assert all(torch.equal(o, want) for o in outs)
+    assert cf.stats == {"captures": 1, "replays": 3, "eager": 0}
+    assert len(calls) == 3  # warm-up, capture, and the eager call above
+
+
 def test_capture_failure_warns_and_runs_the_model(model, monkeypatch):
     def fail(fn, args):
         raise RuntimeError("cannot record this")
@@ -196,6 +214,16 @@ def test_engine_graph_mode_matches_the_library_loop_and_autocast(model):
         engine = SamplingEngine(fast, d, mode=mode, amp="bf16")
         outs.append(engine.sample(SHAPE, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_engine_graph_mode_under_inference_mode(model):
+    d = diffusion(respacing="4")
+    want = SamplingEngine(model, d, mode="eager").sample(SHAPE, generator=torch.Generator().manual_seed(0))
+    engine = SamplingEngine(model, d, mode="graph")
+    with torch.inference_mode():  # captured (buffers made as normal tensors) and replayed there
+        outs = [engine.sample(SHAPE, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    outs.append(engine.sample(SHAPE, generator=torch.Generator().manual_seed(0)))  # and outside it
+    assert all(torch.equal(o, want) for o in outs) and engine.stats["captures"] == 1
 
 
 def test_engine_graph_mode_captures_again_after_a_weight_change():
