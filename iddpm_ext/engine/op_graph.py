@@ -37,11 +37,24 @@ import torch
 __all__ = ["OpGraph", "CapturedForward", "capture_forward", "OpGraphBackend"]
 
 
+def _one_fake_mode():
+    """A context in which make_fx's real-mode tracing finds one FakeTensorMode for the metadata
+    it records per output (else it builds a new mode, with a stack trace, per output: 2.7 s
+    instead of 1.0 s for the CIFAR-10 UNet); a null context where torch lacks the API."""
+    try:
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+    except (ImportError, AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 def _trace(fn, args):
     """The GraphModule of ``fn(*args)`` (its op calls, recorded while it runs for real)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch.no_grad():
+    with torch.no_grad(), _one_fake_mode():
         return make_fx(fn, tracing_mode="real")(*args)
 
 
