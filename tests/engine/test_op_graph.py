@@ -81,6 +81,22 @@ def test_captured_forward_under_autocast_and_with_class_labels():
         assert torch.equal(cf(x, t, y=y), plain)
 
 
+def test_plain_value_arguments_are_part_of_the_signature(model):
+    class Scaled(torch.nn.Module):
+        def forward(self, x, t, scale=1.0, shift=None):
+            out = x * scale + t.view(-1, 1, 1, 1)
+            return out if shift is None else out + shift
+
+    cf = capture_forward(Scaled())
+    x, t = _inputs()
+    with torch.no_grad():
+        for scale, shift in ((2.0, None), (3.0, None), (2.0, None), (2.0, x)):
+            want = x * scale + t.view(-1, 1, 1, 1) + (0 if shift is None else shift)
+            assert torch.equal(cf(x, t, scale=scale, shift=shift), want)
+    assert cf.stats == {"captures": 3, "replays": 1, "eager": 0}
+    _check_replays(model, capture_forward(model), x, t, y=None)  # None as a keyword value
+
+
 def test_one_graph_per_signature_least_recently_used_dropped(model):
     cf = capture_forward(copy.deepcopy(model), max_graphs=2)
     with torch.no_grad():
