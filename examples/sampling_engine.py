@@ -1,6 +1,7 @@
 """The low-latency sampling engine: one whole denoising step (the UNet and the fused step with
 in-kernel noise) on static buffers, captured in a CUDA graph on a GPU and replayed for every
-timestep (mode "eager" or "compile" elsewhere), compared here with the library's loop.
+timestep (on the CPU: "eager" by default, or "graph", an op graph: the step's operator calls
+replayed without the Python around them), compared here with the library's loop.
 
     python examples/sampling_engine.py --model_path runs/example --num_samples 16
 
@@ -26,7 +27,11 @@ def main(argv=None) -> dict:
     p.add_argument("--model_path", required=True)
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--timestep_respacing", default="50")
-    p.add_argument("--mode", default="", help="graph, compile or eager (default: graph on CUDA, else eager)")
+    p.add_argument(
+        "--mode",
+        default="",
+        help="graph (CPU: op graph), compile or eager (default: graph on CUDA, else eager)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

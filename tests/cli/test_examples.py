@@ -79,6 +79,13 @@ def test_sampling_engine(run_dir, monkeypatch):
     )
     assert res["mode"] == "eager" and res["engine_seconds"] > 0 and res["loop_seconds"] > 0
     assert res["max_abs_diff"] < 1e-4  # the same generator: the loop's samples
+    res = _main(  # the CPU's op graph
+        "sampling_engine",
+        monkeypatch,
+        "--model_path {run} --num_samples 2 --timestep_respacing 3 --mode graph",
+        run=run_dir,
+    )
+    assert res["mode"] == "graph" and res["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.kernels
