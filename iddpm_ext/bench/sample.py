@@ -24,6 +24,8 @@ Impls (ancestral sampling, respaced process, same x_T for every run):
   compile-graph  SamplingEngine mode "compile-graph": the compiled step captured in one CUDA
              graph and replayed (CUDA only; with the compile rows, last).
   engine-eager  SamplingEngine mode "eager" (CPU: the engine's step without capture).
+  inference-capture  the ``inference`` loop with the network replayed from op graphs
+             (``iddpm sample --inference --capture True``; CPU only): the same samples.
   inference-graph  SamplingEngine mode "graph" on a copy of the model switched by
              ``to_inference()`` (the CPU's fastest sampler: ``iddpm sample --inference --engine
              graph``).
@@ -49,7 +51,8 @@ Case grids (``--full`` for the whole CUDA grid; ``--batches/--steps/--impls/--dt
     250 steps, B = 1: reference and graph in bf16; compile: 50 steps, B = 1, bf16 (last).
   CUDA --quick: 10 steps, B in {1, 16}: reference, eager, graph in fp32 and bf16 (no compile).
   CUDA --full: B in {1, 16, 256} x {50, 250} steps x all four impls x {fp32, bf16}.
-  CPU: B in {1, 4}, 10 steps, reference / eager / inference / engine-eager / inference-graph
+  CPU: B in {1, 4}, 10 steps, reference / eager / inference / inference-capture / engine-eager /
+    inference-graph
     (compile with --compile: its
     inductor build takes about a minute per configuration on 2 cores); --quick: B = 1, 5 steps.
 """
@@ -64,7 +67,7 @@ import torch
 
 from .. import ops
 from ..core.precision import AutocastModel
-from ..engine import SamplingEngine
+from ..engine import SamplingEngine, capture_forward
 from ..ops.attention import attention_impl
 from ..script_util import create_gaussian_diffusion
 from . import common
@@ -82,6 +85,7 @@ _ALL_IMPLS = (
     "compile-graph",
     "engine-eager",
     "inference-graph",
+    "inference-capture",
 )
 # The process every impl samples (ours and, for reference-code, the reference's own factory).
 _PROCESS = dict(learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
@@ -127,9 +131,14 @@ def cases(args, device) -> list:
             impls = ["reference", "eager", "graph", "compile"]
         else:
             batches, steps = ([1], [5]) if args.quick else ([1, 4], [10])
-            impls = ["reference", "eager", "inference", "engine-eager", "inference-graph"] + (
-                ["compile"] if args.compile else []
-            )
+            impls = [
+                "reference",
+                "eager",
+                "inference",
+                "inference-capture",
+                "engine-eager",
+                "inference-graph",
+            ] + (["compile"] if args.compile else [])
         batches = _csv(args.batches, int) if args.batches else batches
         steps = _csv(args.steps, int) if args.steps else steps
         impls = _csv(args.impls) if args.impls else impls
@@ -375,10 +384,14 @@ def _impl_fn(impl, engines, model, d, x_T, device, dtype, args):
     amp = None if dtype == torch.float32 else dtype
     if impl == "reference":
         return lambda: reference_loop(d, model, x_T, device, dtype)
-    if impl in ("eager", "inference"):
+    if impl in ("eager", "inference", "inference-capture"):
         if not ops.has_kernel(device):
             return None
-        m = copy.deepcopy(model).to_inference() if impl == "inference" else model
+        m = copy.deepcopy(model).to_inference() if impl != "eager" else model
+        if impl == "inference-capture":
+            if device.type != "cpu":
+                return None
+            m = capture_forward(m)
         # as `iddpm sample --amp`: the network under autocast, its output read in float32 by the
         # fused steps (a bf16 output as such would take the reference's bf16 variance arithmetic,
         # eagerly: docs/step.md)

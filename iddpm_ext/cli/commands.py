@@ -179,6 +179,7 @@ def _for_inference(model, inference: bool):
 
 def _precision_note(args) -> str:
     notes = ([f"amp {args.amp}"] if args.amp != "none" else []) + (["to_inference"] if args.inference else [])
+    notes += ["op-graph capture"] if getattr(args, "capture", False) else []
     return "".join(f", {n}" for n in notes)
 
 
@@ -209,7 +210,7 @@ def cmd_sample(args, explicit: set) -> dict:
     if dist_util.is_main() and not args.overwrite:
         images.check_outputs_free([npz, png, traj])
     steps = diffusion.num_timesteps
-    sampler = S.Sampler(args.engine, model, diffusion, device, args.amp)  # resolved once for the command
+    sampler = S.Sampler(args.engine, model, diffusion, device, args.amp, args.capture)  # resolved once
     engine = sampler.name
     _say(
         f"sampling {args.num_samples} images from {path} "

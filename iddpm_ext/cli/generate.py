@@ -88,13 +88,25 @@ class Sampler:
     "eager") and, for the engine modes, one :class:`~iddpm_ext.engine.sampling_engine.SamplingEngine`
     (``engine``) reused across batches (one configuration per batch size: a short last
     batch builds, and in graph mode captures, a second one). ``amp`` (none, bf16, fp16): the
-    network runs under autocast in that precision, the steps stay float32."""
+    network runs under autocast in that precision, the steps stay float32. ``capture`` (loop on
+    the CPU): the network's forward replayed from op graphs (:func:`iddpm_ext.engine.capture_forward`,
+    one per batch shape, kept across batches as ``net``): the same samples, less Python per step."""
 
-    def __init__(self, engine, model, diffusion, device, amp="none"):
+    def __init__(self, engine, model, diffusion, device, amp="none", capture=False):
         amp_dtype(amp)  # checked first
         self.name = resolve_engine(engine, device, diffusion)
         self.amp = amp
         self.engine = None
+        self.net = None  # the loop's network when captured
+        if capture:
+            if self.name != "loop" or torch.device(device).type != "cpu":
+                raise ValueError(
+                    f"capture: op graphs serve the loop sampler on the CPU, got engine {self.name!r} on "
+                    f"{torch.device(device)} (the engine's own capture is --engine graph)"
+                )
+            from ..engine import capture_forward
+
+            self.net = with_amp(capture_forward(model), amp, device)
         if self.name != "loop":
             from ..engine import SamplingEngine
 
@@ -155,7 +167,7 @@ def sample_batch(model, diffusion, indices, shape, *, seed=0, use_ddim=False, et
     labels, x = _labels_and_x_T(model, gens, indices, shape, label, device)
     keep = _kept_steps(diffusion.num_timesteps, trajectory_steps)
     if sampler.engine is None:
-        net = with_amp(model, sampler.amp, device)
+        net = sampler.net if sampler.net is not None else with_amp(model, sampler.amp, device)
         return _loop(net, diffusion, gens, x, labels, use_ddim, eta, clip_denoised, keep, on_step)
     frames = []
 

@@ -72,6 +72,7 @@ def test_quick_cpu_run_writes_records(tmp_path, monkeypatch):
         "reference",
         "eager",
         "inference",
+        "inference-capture",
         "engine-eager",
         "inference-graph",
     }
@@ -166,6 +167,7 @@ def test_quick_cpu_run_with_reference_code_rows(tmp_path, fake_checkout):
         "reference-code",
         "eager",
         "inference",
+        "inference-capture",
         "engine-eager",
         "inference-graph",
     ]

@@ -319,6 +319,27 @@ def test_a_sampler_keeps_its_own_amp():
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_captured_loop_gives_the_same_samples(amp):
+    """--capture: the loop's network replayed from op graphs (one per batch shape, kept across
+    batches): the same images as the plain loop, on the plain and the to_inference model."""
+    import copy
+
+    model, diffusion = _model(timestep_respacing="4")
+    for m in (model, copy.deepcopy(model).to_inference()):
+        sampler = S.Sampler("loop", m, diffusion, "cpu", amp, capture=True)
+        got = S.generate(m, diffusion, 5, (1, 8, 8), batch_size=2, engine=sampler)["images"]
+        want = S.generate(m, diffusion, 5, (1, 8, 8), batch_size=2, amp=amp)["images"]
+        assert np.array_equal(got, want)
+        stats = sampler.net.model.stats if amp != "none" else sampler.net.stats
+        # batches of 2, 2, 1 x 4 steps: two signatures captured, the other calls replayed
+        assert stats == {"captures": 2, "replays": 10, "eager": 0}
+    for engine, device in (("eager", "cpu"), ("loop", "meta")):
+        with pytest.raises(ValueError, match=r"^capture: op graphs serve the loop sampler on the CPU, got "):
+            S.Sampler(engine, model, diffusion, device, capture=True)
+
+
+@pytest.mark.kernels
 def test_cli_sample_and_nll_amp_and_inference_flags(tmp_path, capsys):
     import copy
 
@@ -345,6 +366,15 @@ def test_cli_sample_and_nll_amp_and_inference_flags(tmp_path, capsys):
     fast = copy.deepcopy(model).eval().to_inference()
     want = S.generate(fast, diffusion, 3, (1, 8, 8), batch_size=2, amp="bf16")["images"]
     assert np.array_equal(got, want)
+    rc = main(  # and replayed from op graphs: the same images
+        "sample --model_path {m} --num_samples 3 --batch_size 2 --timestep_respacing 4 --out_dir {out} "
+        "--progress False --amp bf16 --inference True --capture True --overwrite True",
+        m=weights,
+        out=out,
+    )
+    assert rc == 0 and "to_inference, op-graph capture," in capsys.readouterr().out
+    with np.load(os.path.join(out, "samples_3x8x8x1.npz")) as f:
+        assert np.array_equal(f["arr_0"], want)
     # nll: the bound with and without the flags, close (bf16 network, float32 terms).
     data = write_npz(str(tmp_path / "d.npz"), n=4)
     bpd = {}
