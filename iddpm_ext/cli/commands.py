@@ -276,6 +276,8 @@ def cmd_nll(args, explicit: set) -> dict:
     amp_dtype(args.amp)
     _check_out_dir(args.out_dir)
     device = dist_util.setup_dist(args.device or None)
+    if args.capture and torch.device(device).type != "cpu":
+        raise ValueError(f"capture: op graphs replay CPU calls, got device {device}")
     path, state, config = resolve_model(args.model_path, args, explicit)
     source = open_source(
         args.data_dir,
@@ -300,6 +302,10 @@ def cmd_nll(args, explicit: set) -> dict:
         f"process(es) on {device}"
     )
     t0 = time.perf_counter()
+    if args.capture:
+        from ..engine import capture_forward
+
+        model = capture_forward(model)  # one op graph per batch shape
     res = bits_per_dim(
         with_amp(model, args.amp, device),
         diffusion,

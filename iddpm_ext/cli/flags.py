@@ -152,7 +152,7 @@ NLL_HELP = {
 # Tables of flags, laid out by hand.
 # fmt: off
 NLL_EXTRA = dict(split="train", seed=0, out_dir="runs/nll", device="", overwrite=False, resize="crop",
-                 progress=True, threads=0, amp="none", inference=False)
+                 progress=True, threads=0, amp="none", inference=False, capture=False)
 # fmt: on
 NLL_EXTRA_HELP = {
     "split": "train or test (CIFAR-10 and digits have a test split; folders and .npz: everything)",
@@ -167,6 +167,9 @@ NLL_EXTRA_HELP = {
     "stay float32)",
     "inference": "switch the UNet to its inference fast paths first (UNetModel.to_inference; terms "
     "differ from the plain path at float rounding)",
+    "capture": "CPU: replay the network from op graphs (iddpm_ext.engine.capture_forward: its operator "
+    "calls recorded once per batch shape, then run without the Python around them; the bound calls "
+    "it T times per batch): the same terms",
 }
 
 CHOICES = {

@@ -378,7 +378,11 @@ def test_cli_sample_and_nll_amp_and_inference_flags(tmp_path, capsys):
     # nll: the bound with and without the flags, close (bf16 network, float32 terms).
     data = write_npz(str(tmp_path / "d.npz"), n=4)
     bpd = {}
-    for name, flags in (("plain", ""), ("fast", "--amp bf16 --inference True")):
+    for name, flags in (
+        ("plain", ""),
+        ("fast", "--amp bf16 --inference True"),
+        ("captured", "--amp bf16 --inference True --capture True"),
+    ):
         rc = main(
             "nll --model_path {m} --data_dir {data} --num_samples 4 --batch_size 4 --out_dir {out} "
             "--progress False " + flags,
@@ -388,9 +392,11 @@ def test_cli_sample_and_nll_amp_and_inference_flags(tmp_path, capsys):
         )
         assert rc == 0
         printed = capsys.readouterr().out
-        assert ("amp bf16, to_inference" in printed) == (name == "fast")
+        assert ("amp bf16, to_inference" in printed) == (name != "plain")
+        assert ("op-graph capture" in printed) == (name == "captured")
         bpd[name] = json.loads(printed.strip().splitlines()[-1])["bits_per_dim"]
     assert bpd["fast"] != bpd["plain"] and bpd["fast"] == pytest.approx(bpd["plain"], rel=0.05)
+    assert bpd["captured"] == bpd["fast"]  # op graphs: the same network outputs, the same bound
     with pytest.raises(SystemExit):  # argparse refuses it, naming the choices
         main("sample --model_path {m} --amp fp8 --out_dir {out}", m=weights, out=out)
     assert "argument --amp: invalid choice: 'fp8'" in capsys.readouterr().err
