@@ -7,7 +7,7 @@ per-call decisions (``iddpm_ext.nn``'s dtype / layout / Winograd checks, cache l
 Python autograd layer of the custom ops and torch's autograd dispatch (a replay runs below
 autograd, without grad). The kernels, their arguments and their order are the eager call's,
 so a replay gives the eager call's bits. On the CIFAR-10 UNet on one CPU thread this Python is
-~8 ms of a forward (docs/sampling_engine.md, "Op graphs").
+11–29 ms of an 82–310 ms forward (docs/sampling_engine.md, "Op graphs").
 
 Like a CUDA graph, an op graph is what ran once: the decisions of that call (shapes, dtypes,
 layouts, autocast, the library's switches: Winograd, attention impl, …) are baked in, and
@@ -35,6 +35,21 @@ from collections import OrderedDict
 import torch
 
 __all__ = ["OpGraph", "CapturedForward", "capture_forward", "OpGraphBackend"]
+
+_PLAIN = (int, float, bool, str, type(None))  # argument values a graph is keyed by as they are
+
+
+def watched(model) -> tuple:
+    """The tensors whose in-place changes invalidate ``model``'s op graphs: its parameters and
+    buffers (none for a model that is not an ``nn.Module``)."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple(model.parameters()) + tuple(model.buffers())
+
+
+def versions(tensors) -> tuple:
+    """The version counters of ``tensors`` (they move on every in-place change)."""
+    return tuple(t._version for t in tensors)
 
 
 def _one_fake_mode():
@@ -92,33 +107,29 @@ class OpGraph:
         self._versions = None
         self.captures = 0
 
-    def _stamp(self):
-        return tuple(t._version for t in self.watch)
-
     def capture(self, *args):
         """Warm up, then capture ``fn(*args)``."""
         self.graph = None
         with torch.no_grad():
             self.fn(*args)  # warm-up: caches (packed weights, batched embeddings) made here
-        self._versions = self._stamp()
+        self._versions = versions(self.watch)
         self.graph = _trace(self.fn, args)
         self.captures += 1
 
     def __call__(self, *args):
-        if self.graph is None or self._stamp() != self._versions:
+        if self.graph is None or versions(self.watch) != self._versions:
             self.capture(*args)
         with _replay_context(self.device_type):
             return self.graph(*args)
 
 
 def _meta(v):
-    """What a captured call's argument must match: tensor shape, strides, dtype, device;
-    other values by equality."""
+    """What a captured call's argument (a plain tensor or a ``_PLAIN`` value, as
+    :meth:`CapturedForward._replayable` admits) must match: tensor shape, strides, dtype,
+    device; other values by equality."""
     if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad)
-    if isinstance(v, (int, float, bool, str, type(None))):
-        return ("value", type(v), v)
-    raise TypeError(f"op graphs take tensors and plain values as arguments, got {type(v).__name__}")
+        return ("tensor", tuple(v.shape), v.stride(), v.dtype, v.device)
+    return ("value", type(v), v)
 
 
 class CapturedForward:
@@ -142,13 +153,13 @@ class CapturedForward:
             raise ValueError(f"max_graphs: expected a positive count, got {max_graphs!r}")
         self.model = model
         self.max_graphs = int(max_graphs)
-        self._watch = tuple(model.parameters()) + tuple(model.buffers())
+        self._watch = watched(model)
         self._graphs: OrderedDict = OrderedDict()
         self.stats = {"captures": 0, "replays": 0, "eager": 0}
 
     def clear(self):
         self._graphs.clear()
-        self._watch = tuple(self.model.parameters()) + tuple(self.model.buffers())
+        self._watch = watched(self.model)
 
     def _replayable(self, args, kwargs) -> bool:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -159,7 +170,7 @@ class CapturedForward:
             if isinstance(v, torch.Tensor):
                 if type(v) is not torch.Tensor or v.device.type != "cpu" or v.requires_grad:
                     return False
-            elif not isinstance(v, (int, float, bool, str, type(None))):
+            elif not isinstance(v, _PLAIN):
                 return False
         return True
 

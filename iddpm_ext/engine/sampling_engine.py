@@ -58,7 +58,7 @@ import torch
 
 from .. import ops
 from ..core import checks
-from . import capture
+from . import capture, op_graph
 
 MODES = ("graph", "compile", "compile-graph", "eager")
 _CAPTURED = ("graph", "compile-graph")  # the modes that replay a captured graph
@@ -225,9 +225,7 @@ class SamplingEngine:
             )
         # A CPU op graph keeps what the capture derived from the weights (prepacked, Winograd):
         # a configuration is captured again when a parameter or buffer changed in place.
-        self._watch = ()
-        if isinstance(self._backend, capture.OpGraphBackend) and isinstance(model, torch.nn.Module):
-            self._watch = tuple(model.parameters()) + tuple(model.buffers())
+        self._watch = op_graph.watched(model) if isinstance(self._backend, capture.OpGraphBackend) else ()
         self.amp = _amp_dtype(amp)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -435,15 +433,16 @@ class SamplingEngine:
     def _entry(self, d, shape, sampler, eta, clip, kwargs, amp_dtype) -> _Entry:
         key = self.config_key(d, shape, sampler, eta, clip, kwargs, amp_dtype)
         entry = self._entries.get(key)
-        if entry is not None and entry.versions is not None and entry.versions != self._versions():
+        if (
+            entry is not None
+            and entry.versions is not None
+            and entry.versions != op_graph.versions(self._watch)
+        ):
             entry = None  # weights changed since the op graph was captured
         if entry is None:
             entry = self._build(key, d, shape, sampler, eta, clip, kwargs, amp_dtype)
             self._entries[key] = entry
         return entry
-
-    def _versions(self) -> tuple:
-        return tuple(t._version for t in self._watch)
 
     def _build(self, key, d, shape, sampler, eta, clip, kwargs, amp_dtype) -> _Entry:
         dev = self.device
@@ -504,7 +503,7 @@ class SamplingEngine:
                 replay, graph, info = self._backend.build(warm, step)
             entry.run_step, entry.graph = replay, graph
             if self._watch:
-                entry.versions = self._versions()
+                entry.versions = op_graph.versions(self._watch)
             entry.memory.update(info)
             self.stats["captures"] += 1
         return entry
