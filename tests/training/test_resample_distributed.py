@@ -28,6 +28,10 @@ def _worker(rank, world, out_dir):
             s.update_with_local_losses(ts, losses)
         np.save(os.path.join(out_dir, f"hist{rank}.npy"), s._loss_history)
         np.save(os.path.join(out_dir, f"counts{rank}.npy"), s._loss_counts)
+        # Both ranks past their last collective before either tears gloo down: without it a rank
+        # could exit while its peer's last all_gather was still on the wire (seen here as a
+        # SIGABRT, "terminate called without an active exception", about one run in three).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
