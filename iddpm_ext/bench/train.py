@@ -8,22 +8,32 @@ the device) and ``einsum`` (the reference's math), and without checkpointing ``a
 torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
+When IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
+with the same weights runs in the same loop, fp32 and bf16 without checkpointing (impl
+"reference"), after our cases; our rows without checkpointing then carry
+``speedup_vs_reference`` (the reference's ms of the same precision / ours).
 ``--compile MODE`` adds, fp32 and bf16 without checkpointing, our model with the network's
 forward and backward compiled (``TrainLoop(compile=MODE)``, impl "auto compile(MODE)") and,
-when IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
-with the same weights in the same loop, eager ("reference") and compiled ("reference
-compile(MODE)": the baseline a user gets in one line); our rows then carry
-``speedup_vs_compiled_reference`` (issue 12's training target: ≥ 1.3× at B = 128 bf16).
-Compiling takes minutes (inductor), so these cases come last.
+with IDDPM_REF_PATH, the reference model compiled ("reference compile(MODE)": the baseline a
+user gets in one line); our rows then carry ``speedup_vs_compiled_reference`` (issue 12's
+training target: ≥ 1.3× at B = 128 bf16). Compiling takes minutes (inductor), so these cases
+come last.
+
+``--breakdown`` adds each case's time per kind of work, from the torch profiler over one more
+step: conv, norm, elementwise, attention (the ops' kinds as ``iddpm bench unet --breakdown``
+counts them, forward and backward), optimizer (everything inside AdamW's step and zero_grad, the
+gradient norm and the EMA update) and other (the losses' arithmetic, linear layers, ...).
 
 Configurations: ``cifar10`` is improved-diffusion's CIFAR-10 run (--preset cifar10: 128
 channels, 3 res blocks, dropout 0.3, T = 4000; batch 128 on CUDA); ``imagenet64`` the paper's
 ImageNet-64 model (128 channels, channel_mult 1,2,3,4, 3 res blocks, attention at 16 and 8
-with 4 heads, scale-shift norm, T = 4000; batch 32); ``tiny`` (CPU default
-and --quick) is 32 channels, 1 res block, channel_mult 1,2, attention at 8x8, 16x16 RGB
-images, T = 1000, batch 8. ``tflops`` (and on a known card ``pct_peak`` of its dense bf16
-tensor peak) counts the network's forward + backward FLOPs (torch's FLOP counter, einsum
-attention) × batch per step; the losses, optimizer and EMA are not counted. Peak memory is
+with 4 heads, scale-shift norm, T = 4000; batch 32); ``digits`` is ``--preset digits`` (the
+model ``iddpm train`` trains on a CPU for the demo: 1.08 M parameters, 16x16 grayscale, dropout
+0.1, T = 1000; batch 64); ``tiny`` (CPU default and --quick) is 32 channels, 1 res block,
+channel_mult 1,2, attention at 8x8, 16x16 RGB images, T = 1000, batch 8. ``tflops`` (and on a
+known card ``pct_peak`` of its dense bf16 tensor peak) counts the network's forward + backward
+FLOPs (torch's FLOP counter, einsum attention) × batch per step; the losses, optimizer and EMA
+are not counted. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (parameters, optimizer state and EMA
 included); not measured on CPU.
 """
@@ -35,9 +45,10 @@ import tempfile
 
 import torch
 
+from ..cli.presets import PRESETS
 from ..ops.attention import attention_impl
 from . import common
-from .unet import COMPILE_MODES
+from .unet import COMPILE_MODES, KINDS, breakdown_ms
 
 # Model configurations, laid out by hand.
 # fmt: off
@@ -50,8 +61,13 @@ CONFIGS = {
     "tiny": dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                  attention_resolutions="8", num_heads=4, learn_sigma=True, diffusion_steps=1000,
                  noise_schedule="cosine"),
+    "digits": {k: v for k, v in PRESETS["digits"]["common"].items() if k != "data_dir"},
 }
+BATCH = {"cifar10": 128, "imagenet64": 32, "digits": PRESETS["digits"]["train"]["batch_size"], "tiny": 8}
 # fmt: on
+# --breakdown's kinds: the UNet's layer kinds, then the optimizer's share of a training step.
+TRAIN_KINDS = KINDS[:-1] + ("optimizer", "other")
+_OPTIMIZER_SCOPES = ("Optimizer.step", "Optimizer.zero_grad", "iddpm.grad_norm", "iddpm.ema")
 
 
 def add_arguments(parser):
@@ -62,7 +78,15 @@ def add_arguments(parser):
         help="model configuration (default: cifar10 on CUDA, tiny on CPU or with --quick)",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="batch size (default: 128 cifar10, 32 imagenet64, 8 tiny)"
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size (default: " + ", ".join(f"{b} {c}" for c, b in BATCH.items()) + ")",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="each case's time per kind of work (" + ", ".join(TRAIN_KINDS) + "), profiled over one step",
     )
     parser.add_argument(
         "--compile",
@@ -126,7 +150,8 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
         progress=False,
         log=lambda *a, **k: None,
     )
-    x = torch.rand(batch, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    size, channels = cfg["image_size"], cfg["image_channels"]
+    x = torch.rand(batch, channels, size, size, device=device) * 2 - 1
     return loop, x, sum(p.numel() for p in model.parameters())
 
 
@@ -148,13 +173,27 @@ def _cases(compile_mode, with_reference) -> list:
                 cases.append((use_ckpt, amp, impl, False, "none", False))
             if not use_ckpt:  # the torso channels-last, fused attention
                 cases.append((use_ckpt, amp, "auto", True, "none", False))
+    if with_reference:  # the reference model eager, in the same loop
+        cases += [(False, amp, "auto", False, "none", True) for amp in ("none", "bf16")]
     if compile_mode:
         for amp in ("none", "bf16"):
             if with_reference:
-                for mode in ("none", compile_mode):
-                    cases.append((False, amp, "auto", False, mode, True))
+                cases.append((False, amp, "auto", False, compile_mode, True))
             cases.append((False, amp, "auto", False, compile_mode, False))
     return cases
+
+
+def _step_kind(ev) -> str:
+    """--breakdown's kind of a profiled op: "optimizer" inside AdamW's step / zero_grad or the
+    loop's gradient norm and EMA update (their record_function scopes), else its layer kind."""
+    from .unet import _event_kind
+
+    node = ev.cpu_parent
+    while node is not None:
+        if node.name.startswith(_OPTIMIZER_SCOPES):
+            return "optimizer"
+        node = node.cpu_parent
+    return _event_kind(ev)
 
 
 def _impl_name(impl, channels_last, compile_mode, reference) -> str:
@@ -167,14 +206,14 @@ def run(args) -> list:
 
     device = torch.device(args.device)
     config = args.config or ("cifar10" if device.type == "cuda" and not args.quick else "tiny")
-    batch = args.batch or {"cifar10": 128, "imagenet64": 32}.get(config, 8)
+    batch = args.batch or BATCH[config]
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
     iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
-    cases = _cases(args.compile, args.compile and reference_unet_class() is not None)
+    cases = _cases(args.compile, reference_unet_class() is not None)
     records, rows = [], []
     baseline_ms = None
-    compiled_reference_ms = {}  # amp -> ms of the reference compiled
+    reference_ms, compiled_reference_ms = {}, {}  # amp -> ms of the reference eager / compiled
     flops = None  # per step, counted once (the same network in every case)
     with tempfile.TemporaryDirectory() as tmp:
         for use_ckpt, amp, impl, cl, comp, ref in cases:
@@ -192,18 +231,22 @@ def run(args) -> list:
                 ms = common.time_ms(step, device, warmup, iters, flush_l2=False)
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
+            if args.breakdown:
+                with attention_impl(impl):
+                    extra = {"breakdown_ms": breakdown_ms(step, device, _step_kind, TRAIN_KINDS)}
+            else:
+                extra = {}
             if baseline_ms is None:
                 baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
-            extra = {}
-            if ref and comp != "none":
-                compiled_reference_ms[amp] = ms
-            elif not ref and amp in compiled_reference_ms:
+            if ref:
+                (reference_ms if comp == "none" else compiled_reference_ms)[amp] = ms
+            elif amp in compiled_reference_ms:
                 extra["speedup_vs_compiled_reference"] = round(compiled_reference_ms[amp] / ms, 3)
             name = _impl_name(impl, cl, comp, ref)
             rec = common.record(
                 f"train step {config}" + (" +ckpt" if use_ckpt else ""),
                 name,
-                [batch, 3, x.shape[-1], x.shape[-1]],
+                list(x.shape),
                 torch.bfloat16 if amp == "bf16" else torch.float32,
                 device,
                 ms,
@@ -224,10 +267,12 @@ def run(args) -> list:
             mem = f"{peak:8.0f} MiB" if peak is not None else "     n/a"
             short = name.replace(" channels-last", " NHWC")
             rows.append(
-                f"{short:<28} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
-                f"{batch * 1000 / ms:9.1f} img/s {rec['tflops']:8.3f} TF/s  peak {mem}  "
-                f"x{baseline_ms / ms:.2f}"
-                + (f"  vs compiled reference x{extra['speedup_vs_compiled_reference']:.2f}" if extra else "")
+                (
+                    rec,
+                    f"{short:<28} {amp:<5} ckpt={str(use_ckpt):<5} {1000 / ms:8.2f} it/s "
+                    f"{batch * 1000 / ms:9.1f} img/s {rec['tflops']:8.3f} TF/s  peak {mem}  "
+                    f"x{baseline_ms / ms:.2f}",
+                )
             )
             loop.close()  # the run folder's lock: the next case's TrainLoop takes it
             del loop, x, step
@@ -237,8 +282,18 @@ def run(args) -> list:
         f"\ntrain step {config}: {records[0]['params']:,} parameters, batch {batch}, "
         f"on {common.device_name(device)} (speedup vs einsum/fp32/no checkpointing)"
     )
-    for r in rows:
-        print("  " + r)
+    for rec, line in rows:
+        # ours without checkpointing against the reference eager in the same precision (it ran later)
+        ref_ms = reference_ms.get("bf16" if rec["dtype"] == "bfloat16" else "none")
+        eager_ours = not rec["reference"] and not rec["use_checkpoint"] and rec["compile"] == "none"
+        if ref_ms is not None and eager_ours:
+            rec["speedup_vs_reference"] = round(ref_ms / rec["ms"], 3)
+            line += f"  vs reference x{rec['speedup_vs_reference']:.2f}"
+        if "speedup_vs_compiled_reference" in rec:
+            line += f"  vs compiled reference x{rec['speedup_vs_compiled_reference']:.2f}"
+        print("  " + line)
+        if "breakdown_ms" in rec:
+            print("      " + ", ".join(f"{k} {rec['breakdown_ms'][k]:.1f}" for k in TRAIN_KINDS) + " ms")
     best = max(r["speedup"] for r in records if r["impl"].startswith("auto"))
     print(
         f"  best 'auto' case: x{best:.2f} the einsum/fp32 baseline's it/s"

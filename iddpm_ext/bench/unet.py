@@ -317,9 +317,10 @@ def _event_kind(ev) -> str:
     return kind
 
 
-def breakdown_ms(fn, device) -> dict:
+def breakdown_ms(fn, device, kind_of=_event_kind, kinds=KINDS) -> dict:
     """Milliseconds of ``fn()`` per layer kind: the ops' self times from one profiled call, each
-    counted for the kind of its outermost op with one (:func:`_event_kind`)."""
+    counted for the kind ``kind_of(event)`` gives it (default: that of its outermost op with one,
+    :func:`_event_kind`), one of ``kinds``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -329,14 +330,14 @@ def breakdown_ms(fn, device) -> dict:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    totals = dict.fromkeys(KINDS, 0.0)
+    totals = dict.fromkeys(kinds, 0.0)
     for ev in prof.events():
         if device.type == "cuda":
             us = getattr(ev, "self_device_time_total", 0) or 0
         else:
             us = ev.self_cpu_time_total
         if ev.name.startswith(_OPS):
-            totals[_event_kind(ev)] += us / 1e3
+            totals[kind_of(ev)] += us / 1e3
     return {k: round(v, 3) for k, v in totals.items()}
 
 

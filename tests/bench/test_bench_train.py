@@ -1,6 +1,7 @@
 """``iddpm bench train`` on the CPU: every case runs (each TrainLoop releases its run folder
-for the next), with the channels-last rows next to the NCHW ones, and with ``--compile MODE``
-the compiled rows (ours, and the reference model eager and compiled when IDDPM_REF_PATH is set)."""
+for the next), with the channels-last rows next to the NCHW ones, the reference model eager when
+IDDPM_REF_PATH is set, and with ``--compile MODE`` the compiled rows (ours, and the reference
+model compiled); ``--breakdown``'s kinds; the digits configuration."""
 
 import json
 
@@ -57,6 +58,7 @@ def _run_and_check(tmp_path, calls):
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
     assert len(recs) == 16
+    assert all(r["shape"] == [8, 3, 16, 16] for r in recs)
     cl = [r for r in recs if r["channels_last"]]
     assert [(r["impl"], r["dtype"], r["use_checkpoint"]) for r in cl] == [
         ("auto channels-last", "float32", False),
@@ -68,15 +70,23 @@ def _run_and_check(tmp_path, calls):
     for r in recs:
         assert r["tflops"] == pytest.approx(r["gflop_per_step"] / r["ms"], abs=1e-3), r
     assert recs[0]["impl"] == "einsum" and recs[0]["speedup"] == 1
-    # the compiled section, last: per dtype the reference eager, compiled, then ours compiled
+    # the reference eager (fp32, bf16), then the compiled section: per dtype the reference
+    # compiled, then ours compiled
     tail = [(r["impl"], r["dtype"]) for r in recs[10:]]
-    assert tail == [
+    assert tail == [("reference", "float32"), ("reference", "bfloat16")] + [
         (name, dtype)
         for dtype in ("float32", "bfloat16")
-        for name in ("reference", "reference compile(max-autotune)", "auto compile(max-autotune)")
+        for name in ("reference compile(max-autotune)", "auto compile(max-autotune)")
     ]
-    assert [r["reference"] for r in recs[10:]] == [True, True, False] * 2
+    assert [r["reference"] for r in recs[10:]] == [True, True] + [True, False] * 2
     assert all(not r["reference"] and r["compile"] == "none" for r in recs[:10])
+    # ours eager without checkpointing against the reference eager of the same precision
+    ref_ms = {r["dtype"]: r["ms"] for r in recs[10:12]}
+    for r in recs:
+        eager_ours = not r["reference"] and not r["use_checkpoint"] and r["compile"] == "none"
+        assert ("speedup_vs_reference" in r) == eager_ours, r["impl"]
+        if eager_ours:
+            assert r["speedup_vs_reference"] == pytest.approx(ref_ms[r["dtype"]] / r["ms"], abs=1e-3)
     # the reference's and ours, fp32 and bf16 (the fake reference class is ours, hence one module)
     assert calls == [("iddpm_ext.unet", {"mode": "max-autotune", "dynamic": False})] * 4
     for r in recs:
@@ -100,3 +110,50 @@ def test_imagenet64_config_is_bench_unets_model():
     assert size == cfg["image_size"] == 64
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+
+
+def test_digits_config_and_breakdown(tmp_path, monkeypatch):
+    """--config digits is --preset digits' model (1 channel, batch 64 by default; --batch 4 here);
+    --breakdown gives every case its time per kind, which together are about the step's time
+    (profiled over one more step: a loose bound, the profiler's own cost and the VM's noise)."""
+    from iddpm_ext.bench import train as bench_train
+    from iddpm_ext.cli.presets import PRESETS
+
+    monkeypatch.delenv("IDDPM_REF_PATH", raising=False)
+    model_flags = {k: v for k, v in PRESETS["digits"]["common"].items() if k != "data_dir"}
+    assert bench_train.CONFIGS["digits"] == model_flags and bench_train.BATCH["digits"] == 64
+    out = tmp_path / "t.json"
+    args = argv(
+        "train --device cpu --threads 1 --config digits --batch 4 --warmup 1 --iters 1 --breakdown "
+        "--json {json}",
+        json=str(out),
+    )
+    assert bench.main(args) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert len(recs) == 10 and not any(r["reference"] for r in recs)
+    assert all(r["op"].startswith("train step digits") and r["shape"] == [4, 1, 16, 16] for r in recs)
+    assert 1.0e6 < recs[0]["params"] < 1.2e6  # "1.08 M parameters"
+    for r in recs:
+        parts = r["breakdown_ms"]
+        assert list(parts) == list(bench_train.TRAIN_KINDS)
+        assert parts["conv"] > 0 and parts["optimizer"] > 0 and parts["norm"] > 0, r["impl"]
+        assert 0.1 * r["ms"] < sum(parts.values()) < 3 * r["ms"], (r["impl"], parts, r["ms"])
+        assert "speedup_vs_reference" not in r
+
+
+def test_step_kind_optimizer_scopes():
+    """Ops inside AdamW's step or the loop's gradient-norm / EMA scopes count as "optimizer";
+    others keep their layer kind."""
+    from iddpm_ext.bench.train import _step_kind
+
+    class Ev:
+        def __init__(self, name, parent=None):
+            self.name, self.cpu_parent = name, parent
+
+    step = Ev("Optimizer.step#AdamW.step")
+    assert _step_kind(Ev("aten::add_", Ev("aten::_foreach_add_", step))) == "optimizer"
+    assert _step_kind(Ev("aten::lerp_", Ev("iddpm.ema"))) == "optimizer"
+    assert _step_kind(Ev("aten::linalg_vector_norm", Ev("iddpm.grad_norm"))) == "optimizer"
+    assert _step_kind(Ev("aten::convolution_backward", Ev("autograd::engine"))) == "conv"
+    assert _step_kind(Ev("aten::add_", Ev("aten::dropout"))) == "elementwise"
+    assert _step_kind(Ev("aten::addmm")) == "other"
