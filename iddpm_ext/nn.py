@@ -2,7 +2,8 @@
 
 Everything here is plain PyTorch, except that the norm sites may run the fused op
 iddpm::group_norm_act (:func:`norm_act`, :func:`set_groupnorm_impl`) and the inference conv
-forward may run fp32 and bf16 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`). Module
+forward may run fp32 and bf16 3×3 convs as iddpm::conv3x3_winograd (:func:`set_conv_winograd`), as may
+the training forward and backward of a :class:`Conv2d` (:func:`set_conv_winograd_train`). Module
 classes add no parameters beyond the torch layers they wrap, so state_dict keys follow the
 reference's module tree exactly.
 """
@@ -25,6 +26,7 @@ from .ops import loader as _loader
 from .ops import winograd as _winograd_ops
 
 __all__ = [
+    "Conv2d",
     "GroupNorm32",
     "clear_conv_prepack",
     "conv_add",
@@ -35,7 +37,10 @@ __all__ = [
     "set_conv_winograd",
     "set_conv_winograd_packed",
     "conv_winograd_packed",
+    "conv_winograd_train",
     "get_conv_winograd",
+    "get_conv_winograd_train",
+    "set_conv_winograd_train",
     "get_groupnorm_impl",
     "groupnorm_impl",
     "set_groupnorm_impl",
@@ -161,11 +166,11 @@ def norm_act(
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """A 1-D, 2-D or 3-D convolution (``nn.Conv{dims}d``)."""
+    """A 1-D, 2-D or 3-D convolution (``nn.Conv{dims}d``; 2-D: :class:`Conv2d`, an ``nn.Conv2d``)."""
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
+        return Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"dims: expected 1, 2 or 3, got {dims!r}")
@@ -560,13 +565,151 @@ class _PrepackedForward:
         return (x.shape[0], conv.out_channels, *spatial)
 
     def _channels_last_out(self, x2):
-        cl = torch.channels_last
-        w = self.conv.weight
-        x_cl = x2.is_contiguous(memory_format=cl) and not x2.is_contiguous()
-        return x_cl or (w.dim() == 4 and w.is_contiguous(memory_format=cl) and not w.is_contiguous())
+        return _torch_conv_channels_last(x2, self.conv.weight)
 
     def __call__(self, x):
         return self.run(x)
+
+
+def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's 2-D conv of ``x`` and ``weight`` gives a channels-last output: iff either is
+    channels-last (and not also contiguous, as tensors with size-1 dimensions can be)."""
+    cl = torch.channels_last
+    x_cl = x.is_contiguous(memory_format=cl) and not x.is_contiguous()
+    return x_cl or (
+        weight.dim() == 4 and weight.is_contiguous(memory_format=cl) and not weight.is_contiguous()
+    )
+
+
+# -- Winograd 3×3 convolutions in training (CPU) ------------------------------------------------
+# With grad recorded, a CPU call of a Conv2d below (conv_nd's 2-D conv: the UNet's) with a 3×3
+# kernel, stride 1, padding 1, dilation 1, one group and zero padding may run
+# iddpm_ext.ops.winograd.conv3x3_winograd_train: the forward and the input gradient as Winograd
+# F(2×2, 3×3) convolutions on weights transformed afresh each call (they change every step), the
+# weight and bias gradients as torch computes them. The compute dtype is torch's (the input's = the
+# weight's, or bf16 under CPU bf16 autocast, casting as autocast's conv does); the output has the
+# layout torch's conv gives; conv_add folds the residual into the kernel. Modes:
+#   "off": never;
+#   "auto": float32 calls on channels-last input (TrainLoop(channels_last=True), --channels_last)
+#   with Cin and Cout >= 32 and H, W >= 4 (the inference rule's float32 bounds): as accurate as the
+#   direct conv (tests/ops/test_winograd_train.py) and measured faster in every such case here
+#   (iddpm bench train, one thread: the whole training step 1.08x at --config digits, 1.15-1.17x
+#   for the CIFAR-10 model at batch 8; docs/training.md); on NCHW input the layout copies ate the
+#   gain for the digits model (0.93x), so NCHW calls are left to torch;
+#   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
+#   weight and products: about 2× a direct bf16 conv's error in the forward and the input
+#   gradient; measured 1.03-1.11x for the step).
+# Not while torch.compile traces. Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
+_WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
+
+
+def _winograd_train_mode_from_env() -> str:
+    raw = os.environ.get("IDDPM_CONV_WINOGRAD_TRAIN", "auto").strip().lower() or "auto"
+    value = _WINOGRAD_ALIASES.get(raw, raw)
+    if value not in _WINOGRAD_TRAIN_MODES:
+        raise ValueError(f"IDDPM_CONV_WINOGRAD_TRAIN: expected auto, 1 or 0 (or unset), got {raw!r}")
+    return value
+
+
+_conv_winograd_train = _winograd_train_mode_from_env()
+
+
+def set_conv_winograd_train(mode: str | bool) -> str:
+    """Set how training calls of :class:`Conv2d` run 3×3 convs ("auto", "on", "off"; True / False
+    for on / off); returns the previous mode."""
+    global _conv_winograd_train
+    value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if value not in _WINOGRAD_TRAIN_MODES:
+        raise ValueError(f"mode: expected one of {_WINOGRAD_TRAIN_MODES} or a bool, got {mode!r}")
+    previous, _conv_winograd_train = _conv_winograd_train, value
+    return previous
+
+
+def get_conv_winograd_train() -> str:
+    return _conv_winograd_train
+
+
+@contextlib.contextmanager
+def conv_winograd_train(mode: str | bool):
+    """Context manager: ``with conv_winograd_train("auto"): loss.backward()`` etc."""
+    previous = set_conv_winograd_train(mode)
+    try:
+        yield
+    finally:
+        set_conv_winograd_train(previous)
+
+
+def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
+    """The dtype a training call ``conv(x)`` runs the Winograd conv in (see above), or None."""
+    mode = _conv_winograd_train
+    if mode == "off" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    w, b = conv.weight, conv.bias
+    if (
+        type(x) is not torch.Tensor
+        or x.device.type != "cpu"
+        or w.device.type != "cpu"
+        or x.dim() != 4
+        or x.shape[1] != conv.in_channels
+        or conv.kernel_size != (3, 3)
+        or conv.stride != (1, 1)
+        or conv.padding != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or not _winograd_kernel()
+    ):
+        return None
+    floats = (torch.float32, torch.bfloat16)
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16 or x.dtype not in floats or w.dtype not in floats:
+            return None
+    else:
+        dtype = x.dtype
+        if dtype not in floats or w.dtype != dtype or (b is not None and b.dtype != dtype):
+            return None
+    if mode == "auto" and (
+        dtype != torch.float32
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or x.is_contiguous()
+        or min(conv.in_channels, conv.out_channels) < _WINOGRAD_AUTO_MIN_CHANNELS
+        or min(x.shape[2], x.shape[3]) < _WINOGRAD_AUTO_MIN_SIZE[torch.float32]
+    ):
+        return None
+    return dtype
+
+
+def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, residual=None) -> torch.Tensor:
+    """``conv(x)`` (or ``residual + conv(x)``) by conv3x3_winograd_train in ``dtype``."""
+    x2 = x.to(dtype)
+    weight = conv.weight.to(dtype)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    fold = (
+        residual is not None
+        and type(residual) is torch.Tensor
+        and residual.dtype == dtype
+        and residual.device.type == "cpu"
+        and tuple(residual.shape) == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
+    )
+    y = _winograd_ops.conv3x3_winograd_train(x2, weight, bias, residual if fold else None)
+    if not _torch_conv_channels_last(x2, conv.weight):
+        y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
+    if residual is not None and not fold:
+        y = residual + y
+    return y
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose training calls may run the Winograd conv (:func:`set_conv_winograd_train`:
+    by default fp32 channels-last calls): the same parameters, state_dict and results up to float
+    rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _winograd_train_dtype(self, x) if _conv_winograd_train != "off" else None
+        if dtype is None:
+            return super().forward(x)
+        return _run_winograd_train(self, x, dtype)
 
 
 def set_conv_prepack(module: nn.Module, enabled: bool | str) -> nn.Module:
@@ -603,10 +746,16 @@ def clear_conv_prepack(module: nn.Module) -> None:
 
 
 def conv_add(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + conv(x)``; with prepacking on, the add is folded into the packed conv."""
+    """``residual + conv(x)``; with prepacking on (or a training call that runs the Winograd conv,
+    :func:`set_conv_winograd_train`), the add is folded into the conv."""
+    hooked = conv._forward_hooks or conv._forward_pre_hooks
     fwd = conv.__dict__.get("forward")
-    if isinstance(fwd, _PrepackedForward) and not conv._forward_hooks and not conv._forward_pre_hooks:
+    if isinstance(fwd, _PrepackedForward) and not hooked:
         return fwd.run(x, residual)
+    if isinstance(conv, Conv2d) and fwd is None and not hooked and _conv_winograd_train != "off":
+        dtype = _winograd_train_dtype(conv, x)
+        if dtype is not None:
+            return _run_winograd_train(conv, x, dtype, residual)
     return residual + conv(x)
 
 

@@ -5,7 +5,10 @@ timestep sampling, ``training_losses`` (L_hybrid: learned σ, cosine schedule), 
 gradient norm, AdamW and an EMA update. Cases: fp32 and bf16 autocast, with and without
 ``use_checkpoint``, attention ``auto`` (the fused kernel where the extension has one for
 the device) and ``einsum`` (the reference's math), and without checkpointing ``auto`` with the
-torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"). The
+torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"); on the CPU
+also both of those with every 3×3 stride-1 conv's forward and input gradient by Winograd
+(``iddpm_ext.nn.conv_winograd_train("on")``, impl "... winograd"; the other rows run with it
+"off"; the default "auto" takes the fp32 channels-last calls with 32 or more channels). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
 When IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
@@ -46,6 +49,7 @@ import tempfile
 import torch
 
 from ..cli.presets import PRESETS
+from ..nn import conv_winograd_train
 from ..ops.attention import attention_impl
 from . import common
 from .unet import COMPILE_MODES, KINDS, breakdown_ms
@@ -163,23 +167,25 @@ def _step_flops(loop, x) -> int:
     return x.shape[0] * count_flops(loop.model, x, t, backward=True)
 
 
-def _cases(compile_mode, with_reference) -> list:
-    """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model) of each
-    case, in the order they run (the first is the speedup baseline)."""
+def _cases(compile_mode, with_reference, cpu=False) -> list:
+    """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model, Winograd
+    training convs) of each case, in the order they run (the first is the speedup baseline)."""
     cases = []
     for use_ckpt in (False, True):
         for amp in ("none", "bf16"):
             for impl in ("einsum", "auto"):
-                cases.append((use_ckpt, amp, impl, False, "none", False))
+                cases.append((use_ckpt, amp, impl, False, "none", False, False))
             if not use_ckpt:  # the torso channels-last, fused attention
-                cases.append((use_ckpt, amp, "auto", True, "none", False))
+                cases.append((use_ckpt, amp, "auto", True, "none", False, False))
+            if not use_ckpt and cpu:  # the 3×3 convs by Winograd, NCHW and channels-last
+                cases += [(use_ckpt, amp, "auto", cl, "none", False, True) for cl in (False, True)]
     if with_reference:  # the reference model eager, in the same loop
-        cases += [(False, amp, "auto", False, "none", True) for amp in ("none", "bf16")]
+        cases += [(False, amp, "auto", False, "none", True, False) for amp in ("none", "bf16")]
     if compile_mode:
         for amp in ("none", "bf16"):
             if with_reference:
-                cases.append((False, amp, "auto", False, compile_mode, True))
-            cases.append((False, amp, "auto", False, compile_mode, False))
+                cases.append((False, amp, "auto", False, compile_mode, True, False))
+            cases.append((False, amp, "auto", False, compile_mode, False, False))
     return cases
 
 
@@ -196,8 +202,9 @@ def _step_kind(ev) -> str:
     return _event_kind(ev)
 
 
-def _impl_name(impl, channels_last, compile_mode, reference) -> str:
+def _impl_name(impl, channels_last, compile_mode, reference, winograd=False) -> str:
     name = "reference" if reference else impl + (" channels-last" if channels_last else "")
+    name += " winograd" if winograd else ""  # (conv_winograd_train("on"))
     return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
 
 
@@ -210,13 +217,13 @@ def run(args) -> list:
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
     iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
-    cases = _cases(args.compile, reference_unet_class() is not None)
+    cases = _cases(args.compile, reference_unet_class() is not None, cpu=device.type == "cpu")
     records, rows = [], []
     baseline_ms = None
     reference_ms, compiled_reference_ms = {}, {}  # amp -> ms of the reference eager / compiled
     flops = None  # per step, counted once (the same network in every case)
     with tempfile.TemporaryDirectory() as tmp:
-        for use_ckpt, amp, impl, cl, comp, ref in cases:
+        for use_ckpt, amp, impl, cl, comp, ref, wino in cases:
             loop, x, n_params = _loop(
                 config, use_ckpt, amp, device, batch, tmp, channels_last=cl, compile=comp, reference=ref
             )
@@ -224,7 +231,7 @@ def run(args) -> list:
             if flops is None:
                 flops = _step_flops(loop, x)
             peak = None
-            with attention_impl(impl):
+            with attention_impl(impl), conv_winograd_train("on" if wino else "off"):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -232,7 +239,7 @@ def run(args) -> list:
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
             if args.breakdown:
-                with attention_impl(impl):
+                with attention_impl(impl), conv_winograd_train("on" if wino else "off"):
                     extra = {"breakdown_ms": breakdown_ms(step, device, _step_kind, TRAIN_KINDS)}
             else:
                 extra = {}
@@ -242,7 +249,7 @@ def run(args) -> list:
                 (reference_ms if comp == "none" else compiled_reference_ms)[amp] = ms
             elif amp in compiled_reference_ms:
                 extra["speedup_vs_compiled_reference"] = round(compiled_reference_ms[amp] / ms, 3)
-            name = _impl_name(impl, cl, comp, ref)
+            name = _impl_name(impl, cl, comp, ref, wino)
             rec = common.record(
                 f"train step {config}" + (" +ckpt" if use_ckpt else ""),
                 name,
@@ -256,6 +263,7 @@ def run(args) -> list:
                 images_per_s=round(batch * 1000 / ms, 1),
                 use_checkpoint=use_ckpt,
                 channels_last=cl,
+                conv_winograd_train=wino,
                 compile=comp,
                 reference=ref,
                 peak_mib=None if peak is None else round(peak, 1),

@@ -21,8 +21,14 @@ bf16 error budget (docs/unet.md).
 - :func:`conv3x3_winograd` — ``conv2d(x, weight, bias, 1, 1) + residual`` from that weight;
   x [N, Cin, H, W] (channels-last is read in place), output channels-last.
 - :func:`available` — whether ``_C`` has the kernel (CPU, float32 and bfloat16).
+- :func:`conv3x3_winograd_train` — the same convolution from the [Cout, Cin, 3, 3] weight itself,
+  with gradients (training): the forward and the input gradient (a 3×3 convolution of grad_out
+  with the flipped, channel-transposed filter) run the Winograd kernel on weights transformed
+  afresh each call (one small GEMM each, in float32); the weight and bias gradients are torch's
+  own (``aten::convolution_backward``, oneDNN on the CPU).
 
-Inference only: the op has no autograd formula (differentiating through it raises).
+The ops themselves have no autograd formula (differentiating through them raises); gradients
+come only through :func:`conv3x3_winograd_train`.
 """
 
 from __future__ import annotations
@@ -76,6 +82,94 @@ def winograd_weight(weight: torch.Tensor, packed: bool = False) -> torch.Tensor:
     64] (:func:`packable`)."""
     loader.require()
     return torch.ops.iddpm.winograd_weight(weight, packed)
+
+
+# G of F(2×2, 3×3) (the transform csrc/cpu/winograd* applies in float64): the transformed filter is
+# G g Gᵀ, point (i, j) = row 4i + j of kron(G, G) @ the 9 taps (row-major).
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G·J = P·G, where J reverses the 3 taps and P swaps rows 0 and 3 of G: the transform of the flipped
+# filter is the filter's own with its points (i, j) moved to (p(i), p(j)).
+_FLIP_POINT = (3, 1, 2, 0)
+
+
+@functools.cache
+def _transform_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, K_flipped): [16, 9] float32 matrices taking a filter's 9 taps to its 16 transformed points,
+    and to those of the filter flipped in both spatial dimensions."""
+    g = torch.tensor(_G, dtype=torch.float32)
+    k = torch.kron(g, g)
+    flipped = [4 * _FLIP_POINT[i] + _FLIP_POINT[j] for i in range(4) for j in range(4)]
+    return k, k[flipped].contiguous()
+
+
+def _train_weight(weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool) -> torch.Tensor:
+    """The transformed weight of a [Cout, Cin, 3, 3] weight in ``dtype`` (computed in float32): [16,
+    Cin, Cout] for the forward; for the input gradient, that of the flipped filter with Cin and Cout
+    exchanged, [16, Cout, Cin] (conv2d(grad_out, weight.flip(2, 3).transpose(0, 1), padding=1))."""
+    k, k_flipped = _transform_rows()
+    cout, cin = weight.shape[0], weight.shape[1]
+    w = weight.detach().to(torch.float32)
+    if for_input_grad:
+        t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(16, cout, cin)
+    else:
+        t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(16, cin, cout)
+    return t.to(dtype)
+
+
+class _Conv3x3WinogradTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.iddpm.conv3x3_winograd(x, _train_weight(weight, x.dtype, False), bias, residual)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.ops.iddpm.conv3x3_winograd(grad_out, _train_weight(weight, grad_out.dtype, True))
+            if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+                grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
+        if need_w or need_b:
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [False, need_w, need_b and ctx.has_bias],
+            )  # fmt: skip
+        return grad_x, grad_w, grad_b, grad_out if need_r else None
+
+
+def conv3x3_winograd_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)`` with gradients for every
+    argument, channels-last output (the kernel's).
+
+    x: [N, Cin, H, W] CPU float32 or bfloat16; weight: [Cout, Cin, 3, 3]; bias: [Cout] or None;
+    residual: [N, Cout, H, W] or None; all of x's dtype. In float32 the forward and the input
+    gradient are as accurate as a direct convolution; in bfloat16 they round the transformed
+    input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above)."""
+    loader.require()
+    checks.defined(x, "x")
+    checks.defined(weight, "weight")
+    torch._check_value(
+        weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+        lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
+    )
+    _check_tensor(weight, "weight", x, "x")
+    torch._check_value(
+        x.dim() == 4 and x.shape[1] == weight.shape[1],
+        lambda: (
+            f"x: expected shape [N, {weight.shape[1]}, H, W] (Cin = dim 1 of weight), got {list(x.shape)}"
+        ),
+    )
+    return _Conv3x3WinogradTrain.apply(x, weight, bias, residual)
 
 
 def conv3x3_winograd(

@@ -1,0 +1,286 @@
+"""Winograd 3×3 convolutions in training: ``iddpm_ext.ops.winograd.conv3x3_winograd_train`` (the
+forward and the input gradient by the Winograd kernel on weights transformed each call, the weight
+and bias gradients by torch) against float64 ``F.conv2d`` and its gradients — fp32 within 3× of
+torch's own fp32 error, bf16 within 4× of torch's bf16 error — every argument's gradient (and only
+those asked for), layouts, argument errors; then ``iddpm_ext.nn.Conv2d`` / ``conv_add`` under
+``set_conv_winograd_train`` (which calls take the path in each mode, residual folding, hooks,
+no_grad), and the UNet's training step with it against the plain step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iddpm_ext import nn as inn
+from iddpm_ext.ops import winograd as WG
+
+pytestmark = [
+    pytest.mark.kernels,
+    pytest.mark.skipif(not WG.available(), reason="needs iddpm_ext._C with the CPU Winograd kernel"),
+]
+
+CL = torch.channels_last
+
+CASES = [
+    # N, Cin, Cout, H, W
+    (2, 32, 48, 8, 8),
+    (2, 16, 16, 7, 9),  # odd H and W
+    (1, 5, 7, 1, 1),  # 1×1 map, channels off the vector width
+    (3, 19, 33, 3, 5),
+    (2, 64, 24, 16, 1),  # one column
+]
+
+
+def _case(N, Cin, Cout, H, W, bias=True, residual=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(Cout, Cin, 3, 3, generator=g, dtype=torch.float64) / (9 * Cin) ** 0.5
+    b = torch.randn(Cout, generator=g, dtype=torch.float64) if bias else None
+    r = torch.randn(N, Cout, H, W, generator=g, dtype=torch.float64) if residual else None
+    gy = torch.randn(N, Cout, H, W, generator=g, dtype=torch.float64)
+    return x, w, b, r, gy
+
+
+def _torch_conv(x, w, b, r):
+    y = F.conv2d(x, w, b, 1, 1)
+    return y if r is None else r + y
+
+
+def _grads(fn, x, w, b, r, gy, dtype, layout):
+    """fn's output and the gradients of x, w, b, r (None where absent) for inputs cast to dtype."""
+    x = x.to(dtype, copy=True).contiguous(memory_format=layout).requires_grad_()
+    leaves = [x] + [None if t is None else t.to(dtype, copy=True).requires_grad_() for t in (w, b, r)]
+    y = fn(*leaves)
+    y.backward(gy.to(y.dtype))
+    return [y.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item() / ref.abs().max().item()
+
+
+@pytest.mark.parametrize("N, Cin, Cout, H, W", CASES)
+@pytest.mark.parametrize(
+    "bias, residual, layout", [(True, False, CL), (False, True, torch.contiguous_format)]
+)
+@pytest.mark.parametrize("dtype, factor, floor", [(torch.float32, 3, 2e-7), (torch.bfloat16, 4, 2.0**-9)])
+def test_output_and_every_gradient_match_float64(
+    N, Cin, Cout, H, W, bias, residual, layout, dtype, factor, floor
+):
+    """Output, grad x, grad w, grad b and grad residual against float64 autograd of F.conv2d,
+    within ``factor``× torch's own error in ``dtype`` (bf16: the Winograd forward and input
+    gradient round the transformed operands, measured ~2× torch's error)."""
+    x, w, b, r, gy = _case(N, Cin, Cout, H, W, bias, residual)
+    ref = _grads(_torch_conv, x, w, b, r, gy, torch.float64, layout)
+    ours = _grads(WG.conv3x3_winograd_train, x, w, b, r, gy, dtype, layout)
+    theirs = _grads(_torch_conv, x, w, b, r, gy, dtype, layout)
+    names = ("out", "grad x", "grad weight", "grad bias", "grad residual")
+    for name, o, t, e in zip(names, ours, theirs, ref):
+        assert (o is None) == (e is None), name
+        if e is None:
+            continue
+        assert o.dtype == dtype and o.shape == e.shape, name
+        assert _err(o, e) <= factor * max(_err(t, e), floor), (name, _err(o, e), _err(t, e))
+    # the output channels-last (the kernel's layout); grad x in x's own layout
+    assert ours[0].is_contiguous(memory_format=CL)
+    assert ours[1].is_contiguous(memory_format=layout)
+
+
+def test_transformed_weights_match_the_kernels_and_the_flipped_filter():
+    """The float32 training transform equals the op's float64 one (to float32 rounding); the
+    input-gradient transform is the op's transform of weight.flip(2, 3).transpose(0, 1)."""
+    w = torch.randn(24, 40, 3, 3)
+    fwd = WG._train_weight(w, torch.float32, for_input_grad=False)
+    bwd = WG._train_weight(w, torch.float32, for_input_grad=True)
+    torch.testing.assert_close(fwd, WG.winograd_weight(w), rtol=0, atol=1e-6)
+    flipped = w.flip(2, 3).transpose(0, 1).contiguous()
+    torch.testing.assert_close(bwd, WG.winograd_weight(flipped), rtol=0, atol=1e-6)
+    assert fwd.shape == (16, 40, 24) and bwd.shape == (16, 24, 40)
+
+
+def test_only_requested_gradients_and_no_double_backward():
+    x, w, b, _, gy = _case(2, 8, 8, 5, 5)
+    x, w, b, gy = x.float(), w.float().requires_grad_(), b.float(), gy.float()
+    y = WG.conv3x3_winograd_train(x, w, b)  # only the weight needs a gradient
+    y.backward(gy)
+    ref_w = torch.ops.aten.convolution_backward(
+        gy, x, w.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    torch.testing.assert_close(w.grad, ref_w, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(WG.conv3x3_winograd_train(xg, w, b), xg, gy, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|double|once_differentiable|does not require grad"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x, w: (x, w[:, :, :2]), r"weight: expected shape \[Cout, Cin, 3, 3\]"),
+        (lambda x, w: (x, w.double()), "weight: expected dtype float32"),
+        (lambda x, w: (x[:, :3], w), r"x: expected shape \[N, 4, H, W\]"),
+        (lambda x, w: (x.double(), w.double()), "weight: expected dtype float32 or bfloat16"),
+        (lambda x, w: (None, w), "x"),
+    ],
+)
+def test_errors_name_the_argument(make, match):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    a, b = make(x, w)
+    with pytest.raises(ValueError, match=match):
+        WG.conv3x3_winograd_train(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# iddpm_ext.nn.Conv2d and conv_add under set_conv_winograd_train
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of conv3x3_winograd_train made through iddpm_ext.nn."""
+    seen = []
+    real = WG.conv3x3_winograd_train
+
+    def counting(*args):
+        seen.append(args[0].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(WG, "conv3x3_winograd_train", counting)
+    return seen
+
+
+def _conv(cin=32, cout=32, **kw):
+    torch.manual_seed(0)
+    return inn.conv_nd(2, cin, cout, 3, padding=1, **kw)
+
+
+def test_conv_nd_is_a_plain_conv2d_with_the_same_state_dict():
+    conv = _conv()
+    assert isinstance(conv, torch.nn.Conv2d) and type(conv) is inn.Conv2d
+    assert list(conv.state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize(
+    "mode, layout, amp, expected",
+    [
+        ("off", CL, False, 0),
+        ("auto", CL, False, 1),  # fp32 channels-last: the default rule
+        ("auto", torch.contiguous_format, False, 0),  # NCHW: left to torch
+        ("auto", CL, True, 0),  # bf16 autocast: only with "on"
+        ("on", torch.contiguous_format, False, 1),
+        ("on", CL, True, 1),
+    ],
+)
+def test_which_calls_take_the_winograd_path(mode, layout, amp, expected, calls):
+    conv = _conv()
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=layout).requires_grad_()
+    with inn.conv_winograd_train(mode), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        y = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, 1, 1)  # autocast casts as it does for conv
+    assert len(calls) == expected
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    # torch's layout: channels-last out for channels-last input, NCHW for NCHW
+    assert y.is_contiguous(memory_format=layout)
+    tol = 3e-2 if amp else 2e-5
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    if expected == 0:
+        assert torch.equal(y, ref)  # torch's own conv, bit for bit
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda: (torch.no_grad(), _conv(), torch.randn(2, 32, 8, 8)),  # no grad: inference rules
+        lambda: (torch.enable_grad(), _conv(16, 32), torch.randn(2, 16, 8, 8)),  # Cin < 32
+        lambda: (torch.enable_grad(), _conv(), torch.randn(2, 32, 3, 3)),  # 3×3 map
+        lambda: (torch.enable_grad(), _conv(stride=2), torch.randn(2, 32, 8, 8)),  # strided
+    ],
+)
+def test_auto_leaves_other_calls_to_torch(setup, calls):
+    ctx, conv, x = setup()
+    x = x.contiguous(memory_format=CL)
+    with ctx, inn.conv_winograd_train("auto"):
+        y = conv(x)
+    assert not calls and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, conv.stride, 1))
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_conv_add_folds_the_residual_with_its_gradient(layout, calls):
+    conv = _conv()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, 6, 6, generator=g).contiguous(memory_format=layout).requires_grad_()
+    r = torch.randn(2, 32, 6, 6, generator=g).contiguous(memory_format=layout).requires_grad_()
+    with inn.conv_winograd_train("on"):
+        y = inn.conv_add(conv, x, r)
+    assert len(calls) == 1 and y.is_contiguous(memory_format=layout)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    xr, rr = x.detach().requires_grad_(), r.detach().requires_grad_()
+    ref = rr + F.conv2d(xr, conv.weight, conv.bias, 1, 1)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5)
+    assert torch.equal(r.grad, gy)  # the residual's gradient passes through unchanged
+    torch.testing.assert_close(x.grad, xr.grad, rtol=2e-5, atol=2e-5)
+
+
+def test_hooks_run_and_skip_the_fold(calls):
+    conv = _conv()
+    seen = []
+    conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(1, 32, 4, 4).contiguous(memory_format=CL).requires_grad_()
+    with inn.conv_winograd_train("auto"):
+        inn.conv_add(conv, x, torch.zeros(1, 32, 4, 4))
+    assert seen == [(1, 32, 4, 4)] and len(calls) == 1  # through conv(x): hook, then Winograd
+
+
+def test_mode_switch_and_env(monkeypatch):
+    previous = inn.set_conv_winograd_train(False)
+    try:
+        assert inn.get_conv_winograd_train() == "off"
+        assert inn.set_conv_winograd_train(True) == "off" and inn.get_conv_winograd_train() == "on"
+        with pytest.raises(ValueError, match=r"mode: expected one of \('auto', 'on', 'off'\)"):
+            inn.set_conv_winograd_train("fp32")
+    finally:
+        inn.set_conv_winograd_train(previous)
+    for raw, mode in (("", "auto"), ("0", "off"), ("yes", "on"), ("AUTO", "auto")):
+        monkeypatch.setenv("IDDPM_CONV_WINOGRAD_TRAIN", raw)
+        assert inn._winograd_train_mode_from_env() == mode
+    monkeypatch.setenv("IDDPM_CONV_WINOGRAD_TRAIN", "fast")
+    with pytest.raises(ValueError, match="IDDPM_CONV_WINOGRAD_TRAIN: expected auto, 1 or 0"):
+        inn._winograd_train_mode_from_env()
+
+
+# ------------------------------------------------------------------------------------------
+# the UNet's training step
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_unet_training_steps_match_the_plain_path(tmp_path, calls):
+    """A channels-last fp32 TrainLoop (the default "auto" takes its 32-channel convs) against the
+    same run with the path off: the losses of 4 steps and the final parameters agree to float32
+    rounding accumulated over the steps."""
+    from iddpm_ext.bench.train import _loop
+
+    def run(mode):
+        torch.manual_seed(0)
+        x = torch.rand(4, 3, 16, 16) * 2 - 1
+        with inn.conv_winograd_train(mode):
+            loop, _, _ = _loop("tiny", False, "none", torch.device("cpu"), 4, str(tmp_path / mode), True)
+            losses = []
+            for _ in range(4):
+                loop.run_step(x, {})
+                losses.append(loop._acc["sums"]["loss"].item())
+            params = [p.detach().clone() for p in loop.params]
+            loop.close()
+        return losses, params
+
+    on_losses, on_params = run("auto")
+    assert len(calls) > 0
+    n = len(calls)
+    off_losses, off_params = run("off")
+    assert len(calls) == n  # nothing more with the path off
+    torch.testing.assert_close(torch.tensor(on_losses), torch.tensor(off_losses), rtol=1e-4, atol=1e-6)
+    for a, b in zip(on_params, off_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
