@@ -592,13 +592,13 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 #   "off": never;
 #   "auto": float32 calls on channels-last input (TrainLoop(channels_last=True), --channels_last)
 #   with Cin and Cout >= 32 and H, W >= 4 (the inference rule's float32 bounds): as accurate as the
-#   direct conv (tests/ops/test_winograd_train.py) and measured faster in every such case here
-#   (iddpm bench train, one thread: the whole training step 1.08x at --config digits, 1.15-1.17x
-#   for the CIFAR-10 model at batch 8; docs/training.md); on NCHW input the layout copies ate the
-#   gain for the digits model (0.93x), so NCHW calls are left to torch;
+#   direct conv (tests/ops/test_winograd_train.py) and measured faster here (iddpm bench train,
+#   one thread: the whole channels-last training step 1.07x at --config digits, batch 64, 1.14x
+#   for the CIFAR-10 model at batch 8; docs/training.md); on NCHW input the layout copies ate
+#   the gain for the digits model (0.98x), so NCHW calls are left to torch;
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input
-#   gradient; measured 1.03-1.11x for the step).
+#   gradient; the channels-last bf16 step measured 1.03x / 1.07x for those two models).
 # Not while torch.compile traces. Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
 _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 
