@@ -130,7 +130,8 @@ def test_digits_config_and_breakdown(tmp_path, monkeypatch):
 
     monkeypatch.delenv("IDDPM_REF_PATH", raising=False)
     model_flags = {k: v for k, v in PRESETS["digits"]["common"].items() if k != "data_dir"}
-    assert bench_train.CONFIGS["digits"] == model_flags and bench_train.BATCH["digits"] == 64
+    assert bench_train.CONFIGS["digits"] == model_flags
+    assert bench_train.BATCH["digits"] == PRESETS["digits"]["train"]["batch_size"] == 64
     out = tmp_path / "t.json"
     args = argv(
         "train --device cpu --threads 1 --config digits --batch 4 --warmup 1 --iters 1 --breakdown "
