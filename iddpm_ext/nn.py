@@ -254,12 +254,26 @@ _WINOGRAD_AUTO_MIN_SIZE = {torch.float32: 4, torch.bfloat16: 2}  # min(H, W)
 _WINOGRAD_AUTO_MIN_TILES = {torch.float32: 1, torch.bfloat16: 32}  # N · ⌈H/2⌉ · ⌈W/2⌉
 
 
-def _winograd_mode_from_env() -> str:
-    raw = os.environ.get("IDDPM_CONV_WINOGRAD", "auto").strip().lower() or "auto"
+def _env_mode(variable: str, modes: tuple, expected: str) -> str:
+    """A Winograd mode from the environment variable (unset or empty: "auto"; 1/0 and the like for
+    on/off), or a ValueError naming the variable."""
+    raw = os.environ.get(variable, "auto").strip().lower() or "auto"
     value = _WINOGRAD_ALIASES.get(raw, raw)
-    if value not in _WINOGRAD_MODES:
-        raise ValueError(f"IDDPM_CONV_WINOGRAD: expected auto, fp32, 1 or 0 (or unset), got {raw!r}")
+    if value not in modes:
+        raise ValueError(f"{variable}: expected {expected} (or unset), got {raw!r}")
     return value
+
+
+def _checked_mode(mode: str | bool, modes: tuple) -> str:
+    """``mode`` (True / False: "on" / "off") if it is one of ``modes``, else a ValueError."""
+    value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if value not in modes:
+        raise ValueError(f"mode: expected {', '.join(repr(m) for m in modes)}, True or False, got {mode!r}")
+    return value
+
+
+def _winograd_mode_from_env() -> str:
+    return _env_mode("IDDPM_CONV_WINOGRAD", _WINOGRAD_MODES, "auto, fp32, 1 or 0")
 
 
 _conv_winograd = _winograd_mode_from_env()
@@ -270,10 +284,7 @@ def set_conv_winograd(mode: str | bool) -> str:
     float32 calls "auto" takes, no bf16), "on" (True) or "off" (False); returns the previous
     mode."""
     global _conv_winograd
-    value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
-    if value not in _WINOGRAD_MODES:
-        raise ValueError(f"mode: expected 'auto', 'fp32', 'on', 'off', True or False, got {mode!r}")
-    previous, _conv_winograd = _conv_winograd, value
+    previous, _conv_winograd = _conv_winograd, _checked_mode(mode, _WINOGRAD_MODES)
     return previous
 
 
@@ -604,11 +615,7 @@ _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 
 
 def _winograd_train_mode_from_env() -> str:
-    raw = os.environ.get("IDDPM_CONV_WINOGRAD_TRAIN", "auto").strip().lower() or "auto"
-    value = _WINOGRAD_ALIASES.get(raw, raw)
-    if value not in _WINOGRAD_TRAIN_MODES:
-        raise ValueError(f"IDDPM_CONV_WINOGRAD_TRAIN: expected auto, 1 or 0 (or unset), got {raw!r}")
-    return value
+    return _env_mode("IDDPM_CONV_WINOGRAD_TRAIN", _WINOGRAD_TRAIN_MODES, "auto, 1 or 0")
 
 
 _conv_winograd_train = _winograd_train_mode_from_env()
@@ -618,10 +625,7 @@ def set_conv_winograd_train(mode: str | bool) -> str:
     """Set how training calls of :class:`Conv2d` run 3×3 convs ("auto", "on", "off"; True / False
     for on / off); returns the previous mode."""
     global _conv_winograd_train
-    value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
-    if value not in _WINOGRAD_TRAIN_MODES:
-        raise ValueError(f"mode: expected one of {_WINOGRAD_TRAIN_MODES} or a bool, got {mode!r}")
-    previous, _conv_winograd_train = _conv_winograd_train, value
+    previous, _conv_winograd_train = _conv_winograd_train, _checked_mode(mode, _WINOGRAD_TRAIN_MODES)
     return previous
 
 
