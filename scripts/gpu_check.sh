@@ -175,14 +175,16 @@ fi
 # -- model-level benchmarks (unet: the CIFAR-10 model at batch 128, 1 warm-up and 5 timed runs
 #    per case; its default 5 + 20 did not finish in 55 s on an H100).
 step bench_unet 60 $PY -m iddpm_ext.bench unet --device cuda --warmup 1 --iters 5 --json "$OUT/bench_unet.json"
-step bench_train 75 $PY -m iddpm_ext.bench train --device cuda --json "$OUT/bench_train.json"
+# train: the CIFAR-10 model at batch 128, our 10 cases and the reference model eager (fp32, bf16),
+#    each with its time per kind of work (--breakdown: one more, profiled step per case).
+step bench_train 90 $PY -m iddpm_ext.bench train --device cuda --breakdown --json "$OUT/bench_train.json"
 # -- issue 12's sampling comparison: the forward at B = 1 and 64 with the reference also under
 #    torch.compile(mode="max-autotune") (minutes of autotuning: last, and alone if it must be:
 #    GPU_CHECK_ONLY=bench_unet_compiled GPU_CHECK_BUDGET=420).
 step bench_unet_compiled 240 $PY -m iddpm_ext.bench unet --device cuda --forward-only --batch-sizes 1,64 \
   --warmup 2 --iters 10 --compile-reference max-autotune --json "$OUT/bench_unet_compiled.json"
 # -- issue 12's training comparison: TrainLoop(compile="default") for ours and the reference model
-#    (IDDPM_REF_PATH) eager and compiled, fp32 and bf16 at B = 128 (after the 10 plain cases;
+#    (IDDPM_REF_PATH) eager and compiled, fp32 and bf16 at B = 128 (after the 12 plain cases;
 #    alone: GPU_CHECK_ONLY=bench_train_compiled GPU_CHECK_BUDGET=420).
 step bench_train_compiled 240 $PY -m iddpm_ext.bench train --device cuda --warmup 2 --iters 5 \
   --compile default --json "$OUT/bench_train_compiled.json"
