@@ -643,6 +643,12 @@ def conv_winograd_train(mode: str | bool):
         set_conv_winograd_train(previous)
 
 
+def _functorch_wrapped(x: torch.Tensor | None) -> bool:
+    """Whether ``x`` is a torch.func transform's wrapper (grad, vmap, jvp: plain Tensor type)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(x is not None and wrapped is not None and wrapped(x))
+
+
 def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
     """The dtype a training call ``conv(x)`` runs the Winograd conv in (see above), or None."""
     mode = _conv_winograd_train
@@ -651,6 +657,7 @@ def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
     w, b = conv.weight, conv.bias
     if (
         type(x) is not torch.Tensor
+        or any(_functorch_wrapped(t) for t in (x, w, b))  # torch.func: the kernel has no batching rule
         or x.device.type != "cpu"
         or w.device.type != "cpu"
         or x.dim() != 4

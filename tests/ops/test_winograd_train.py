@@ -205,6 +205,27 @@ def test_auto_leaves_other_calls_to_torch(setup, calls):
     assert not calls and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, conv.stride, 1))
 
 
+def test_torch_func_transforms_take_torchs_conv(calls):
+    """Under torch.func.grad / vmap the wrapped inputs go to torch's conv (the kernel has no
+    batching rule): the transforms work and give torch's numbers."""
+    conv = _conv()
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=CL)
+    w = conv.weight.detach()
+
+    def loss(weight):
+        return F.conv2d(x, weight, conv.bias, 1, 1).square().sum()
+
+    def ours(weight):
+        return torch.func.functional_call(conv, {"weight": weight, "bias": conv.bias}, (x,)).square().sum()
+
+    with inn.conv_winograd_train("on"):
+        g = torch.func.grad(ours)(w)
+        batched = torch.func.vmap(lambda xi: conv(xi.unsqueeze(0)))(x)
+    assert not calls
+    torch.testing.assert_close(g, torch.func.grad(loss)(w), rtol=0, atol=0)
+    assert batched.shape == (2, 1, 32, 6, 6)
+
+
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
 def test_conv_add_folds_the_residual_with_its_gradient(layout, calls):
     conv = _conv()
