@@ -610,7 +610,8 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input
 #   gradient; the channels-last bf16 step measured 1.03x / 1.07x for those two models).
-# Not while torch.compile traces. Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
+# Not while torch.compile or torch.jit.trace traces, nor under torch.func transforms. Default from
+# IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
 _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 
 
@@ -652,7 +653,12 @@ def _functorch_wrapped(x: torch.Tensor | None) -> bool:
 def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
     """The dtype a training call ``conv(x)`` runs the Winograd conv in (see above), or None."""
     mode = _conv_winograd_train
-    if mode == "off" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if (
+        mode == "off"
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
         return None
     w, b = conv.weight, conv.bias
     if (

@@ -226,6 +226,18 @@ def test_torch_func_transforms_take_torchs_conv(calls):
     assert batched.shape == (2, 1, 32, 6, 6)
 
 
+def test_jit_trace_records_torchs_conv(calls):
+    conv = _conv()
+    x = torch.randn(1, 32, 4, 4).contiguous(memory_format=CL)
+    with inn.conv_winograd_train("on"):
+        traced = torch.jit.trace(conv, x)
+    assert not calls
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::_convolution" in kinds and not any("iddpm" in k or "PythonOp" in k for k in kinds), kinds
+    with inn.conv_winograd_train("off"):
+        assert torch.equal(traced(x), conv(x))
+
+
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
 def test_conv_add_folds_the_residual_with_its_gradient(layout, calls):
     conv = _conv()
