@@ -668,6 +668,7 @@ def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
         or w.device.type != "cpu"
         or x.dim() != 4
         or x.shape[1] != conv.in_channels
+        or min(x.shape[2], x.shape[3]) < 1  # (torch's conv raises its error for an empty map)
         or conv.kernel_size != (3, 3)
         or conv.stride != (1, 1)
         or conv.padding != (1, 1)

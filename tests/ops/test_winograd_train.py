@@ -257,6 +257,20 @@ def test_conv_add_folds_the_residual_with_its_gradient(layout, calls):
     torch.testing.assert_close(x.grad, xr.grad, rtol=2e-5, atol=2e-5)
 
 
+def test_empty_inputs(calls):
+    """An empty batch runs (zero gradients); an empty map is torch's own error, raised by the forward."""
+    conv = _conv()
+    x = torch.randn(0, 32, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    with inn.conv_winograd_train("on"):
+        y = conv(x)
+        y.sum().backward()
+        assert y.shape == (0, 32, 8, 8) and x.grad.shape == x.shape
+        assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            conv(torch.randn(2, 32, 0, 8, requires_grad=True))
+    assert len(calls) == 1
+
+
 def test_hooks_run_and_skip_the_fold(calls):
     conv = _conv()
     seen = []
