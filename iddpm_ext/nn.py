@@ -447,6 +447,8 @@ class _PrepackedForward:
             return None
         if dtype == torch.bfloat16 and mode == "fp32":
             return None
+        if min(x.shape[2], x.shape[3]) < 1:
+            return None  # an empty map: torch's conv raises its own error
         if mode in ("auto", "fp32"):
             if dtype == torch.bfloat16 and _amx():
                 return None

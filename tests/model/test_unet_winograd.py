@@ -196,6 +196,17 @@ def test_dtype_mismatches_get_torchs_own_error(winograd):
         assert conv(x).dtype == torch.bfloat16  # (the matching call runs)
 
 
+def test_empty_map_gets_torchs_own_error(spy):
+    """ "on" takes every size, but an empty feature map is torch's error (as without prepacking)."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    inn.set_conv_prepack(conv, True)
+    with torch.no_grad(), inn.conv_winograd("on"):
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            conv(torch.randn(2, 32, 0, 8))
+        assert conv(torch.randn(0, 32, 8, 8)).shape == (0, 32, 8, 8)  # an empty batch runs
+    assert spy == [(32, 32, 8, 8, False, torch.float32)]
+
+
 def test_calls_that_never_take_it(spy):
     model = _model()
     x, t = _inputs()
