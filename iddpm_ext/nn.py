@@ -612,8 +612,10 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input
 #   gradient; the channels-last bf16 step measured 1.03x / 1.07x for those two models).
-# Not while torch.compile or torch.jit.trace traces, nor under torch.func transforms. Default from
-# IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
+# Not while torch.compile or torch.jit.trace traces, nor under torch.func transforms or forward-mode
+# AD; a backward with create_graph computes every gradient by torch's differentiable conv backward.
+# Models switched to_inference() keep their prepacked forward (torch's conv) when trained.
+# Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
 _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 
 
@@ -646,6 +648,13 @@ def conv_winograd_train(mode: str | bool):
         set_conv_winograd_train(previous)
 
 
+def _forward_ad_level() -> int:
+    """The innermost ``torch.autograd.forward_ad.dual_level`` entered (-1: none)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    return getattr(forward_ad, "_current_level", -1)
+
+
 def _functorch_wrapped(x: torch.Tensor | None) -> bool:
     """Whether ``x`` is a torch.func transform's wrapper (grad, vmap, jvp: plain Tensor type)."""
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
@@ -666,6 +675,7 @@ def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
     if (
         type(x) is not torch.Tensor
         or any(_functorch_wrapped(t) for t in (x, w, b))  # torch.func: the kernel has no batching rule
+        or _forward_ad_level() >= 0  # forward-mode AD (dual tensors): the Function has no jvp
         or x.device.type != "cpu"
         or w.device.type != "cpu"
         or x.dim() != 4
@@ -705,15 +715,17 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
     x2 = x.to(dtype)
     weight = conv.weight.to(dtype)
     bias = None if conv.bias is None else conv.bias.to(dtype)
+    out_cl = _torch_conv_channels_last(x2, conv.weight)
     fold = (
         residual is not None
         and type(residual) is torch.Tensor
         and residual.dtype == dtype
         and residual.device.type == "cpu"
         and tuple(residual.shape) == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
-    )
+        and residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
+    )  # (a residual in the other layout: torch's add decides the sum's layout)
     y = _winograd_ops.conv3x3_winograd_train(x2, weight, bias, residual if fold else None)
-    if not _torch_conv_channels_last(x2, conv.weight):
+    if not out_cl:
         y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
     if residual is not None and not fold:
         y = residual + y

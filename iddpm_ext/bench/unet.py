@@ -190,10 +190,13 @@ def _autocast(device, dtype):
 
 
 def count_flops(model, x, t, backward: bool) -> int:
-    """FLOPs of one image (einsum attention, so the attention matmuls are counted)."""
+    """FLOPs of one image (einsum attention and torch's convs, so the attention matmuls and the convs
+    are counted: the counter knows no iddpm op)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with attention_impl("einsum"), FlopCounterMode(display=False) as counter:
+    from ..nn import conv_winograd_train
+
+    with attention_impl("einsum"), conv_winograd_train("off"), FlopCounterMode(display=False) as counter:
         if backward:
             model(x[:1], t[:1]).float().square().mean().backward()
         else:

@@ -109,10 +109,11 @@ def _train_weight(weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool
     k, k_flipped = _transform_rows()
     cout, cin = weight.shape[0], weight.shape[1]
     w = weight.detach().to(torch.float32)
-    if for_input_grad:
-        t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(16, cout, cin)
-    else:
-        t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(16, cin, cout)
+    with torch.autocast("cpu", enabled=False):  # float32 GEMMs also inside an autocast region
+        if for_input_grad:
+            t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(16, cout, cin)
+        else:
+            t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(16, cin, cout)
     return t.to(dtype)
 
 
@@ -124,21 +125,29 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
         return torch.ops.iddpm.conv3x3_winograd(x, _train_weight(weight, x.dtype, False), bias, residual)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = torch.ops.iddpm.conv3x3_winograd(grad_out, _train_weight(weight, grad_out.dtype, True))
-            if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-                grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
-        if need_w or need_b:
-            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                [False, need_w, need_b and ctx.has_bias],
-            )  # fmt: skip
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        # With create_graph (grad mode on here) every gradient comes from torch's own conv backward,
+        # which has a derivative (gradient penalties, Hessian-vector products); else the input
+        # gradient is a Winograd conv of grad_out with the flipped filter. No autocast either way
+        # (a backward called inside an autocast region).
+        create_graph = torch.is_grad_enabled()
+        winograd_x = need_x and not create_graph
+        with torch.autocast("cpu", enabled=False):
+            grad_x = grad_w = grad_b = None
+            if (need_x and not winograd_x) or need_w or need_b:
+                grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    [need_x and not winograd_x, need_w, need_b and ctx.has_bias],
+                )  # fmt: skip
+            if winograd_x:
+                grad_x = torch.ops.iddpm.conv3x3_winograd(
+                    grad_out, _train_weight(weight, grad_out.dtype, True)
+                )
+                if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+                    grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
         return grad_x, grad_w, grad_b, grad_out if need_r else None
 
 
@@ -158,6 +167,7 @@ def conv3x3_winograd_train(
     loader.require()
     checks.defined(x, "x")
     checks.defined(weight, "weight")
+    _check_tensor(x, "x")
     torch._check_value(
         weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
         lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
@@ -169,6 +179,14 @@ def conv3x3_winograd_train(
             f"x: expected shape [N, {weight.shape[1]}, H, W] (Cin = dim 1 of weight), got {list(x.shape)}"
         ),
     )
+    cout = weight.shape[0]
+    if bias is not None:
+        _check_tensor(bias, "bias", x, "x")
+        checks.shape(bias.dim() == 1 and bias.shape[0] == cout, "bias", (cout,), bias, " ([Cout] of weight)")
+    if residual is not None:
+        _check_tensor(residual, "residual", x, "x")
+        out = (x.shape[0], cout, x.shape[2], x.shape[3])
+        checks.shape(tuple(residual.shape) == out, "residual", out, residual, " (that of the output)")
     return _Conv3x3WinogradTrain.apply(x, weight, bias, residual)
 
 

@@ -97,9 +97,12 @@ def test_transformed_weights_match_the_kernels_and_the_flipped_filter():
     flipped = w.flip(2, 3).transpose(0, 1).contiguous()
     torch.testing.assert_close(bwd, WG.winograd_weight(flipped), rtol=0, atol=1e-6)
     assert fwd.shape == (16, 40, 24) and bwd.shape == (16, 24, 40)
+    with torch.autocast("cpu", torch.bfloat16):  # (a forward under autocast: still float32 GEMMs)
+        assert torch.equal(WG._train_weight(w, torch.float32, False), fwd)
+        assert torch.equal(WG._train_weight(w, torch.bfloat16, True), bwd.bfloat16())
 
 
-def test_only_requested_gradients_and_no_double_backward():
+def test_only_requested_gradients():
     x, w, b, _, gy = _case(2, 8, 8, 5, 5)
     x, w, b, gy = x.float(), w.float().requires_grad_(), b.float(), gy.float()
     y = WG.conv3x3_winograd_train(x, w, b)  # only the weight needs a gradient
@@ -108,10 +111,36 @@ def test_only_requested_gradients_and_no_double_backward():
         gy, x, w.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
     )[1]
     torch.testing.assert_close(w.grad, ref_w, rtol=0, atol=0)
-    xg = x.clone().requires_grad_()
-    (gx,) = torch.autograd.grad(WG.conv3x3_winograd_train(xg, w, b), xg, gy, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice|double|once_differentiable|does not require grad"):
-        gx.sum().backward()
+
+
+def test_double_backward_is_torchs():
+    """create_graph (a gradient penalty): the gradients come from torch's differentiable conv
+    backward, so the second derivative exists and equals torch's."""
+    x, w, b, r, _ = _case(2, 8, 8, 5, 5, residual=True)
+
+    def penalty(fn):
+        xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+        y = fn(xs, ws, b.float(), r.float())
+        (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        gx.square().sum().backward()
+        return gx.detach(), ws.grad
+
+    ours = penalty(WG.conv3x3_winograd_train)
+    theirs = penalty(_torch_conv)
+    for a, b_ in zip(ours, theirs):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_inside_autocast_stays_float32():
+    """A float32 forward whose backward runs inside a CPU bf16 autocast region: the input gradient
+    (Winograd, its weight transform a GEMM) is float32 math, as torch's own conv backward is."""
+    x, w, b, _, gy = _case(2, 32, 32, 8, 8)
+    ref = _grads(_torch_conv, x, w, b, None, gy, torch.float64, CL)
+    xs = x.float().contiguous(memory_format=CL).requires_grad_()
+    y = WG.conv3x3_winograd_train(xs, w.float(), b.float())
+    with torch.autocast("cpu", torch.bfloat16):
+        y.backward(gy.float())
+    assert _err(xs.grad, ref[1]) < 1e-5, _err(xs.grad, ref[1])
 
 
 @pytest.mark.parametrize(
@@ -120,8 +149,9 @@ def test_only_requested_gradients_and_no_double_backward():
         (lambda x, w: (x, w[:, :, :2]), r"weight: expected shape \[Cout, Cin, 3, 3\]"),
         (lambda x, w: (x, w.double()), "weight: expected dtype float32"),
         (lambda x, w: (x[:, :3], w), r"x: expected shape \[N, 4, H, W\]"),
-        (lambda x, w: (x.double(), w.double()), "weight: expected dtype float32 or bfloat16"),
+        (lambda x, w: (x.double(), w.double()), "x: expected dtype float32 or bfloat16, got float64"),
         (lambda x, w: (None, w), "x"),
+        (lambda x, w: (x.int(), w), "x: expected dtype float32 or bfloat16, got int32"),
     ],
 )
 def test_errors_name_the_argument(make, match):
@@ -129,6 +159,16 @@ def test_errors_name_the_argument(make, match):
     a, b = make(x, w)
     with pytest.raises(ValueError, match=match):
         WG.conv3x3_winograd_train(a, b)
+
+
+def test_bias_and_residual_errors_name_them():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"bias: expected shape \[6\] \(\[Cout\] of weight\), got \[4\]"):
+        WG.conv3x3_winograd_train(x, w, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"residual: expected shape \[1, 6, 5, 5\] \(that of the output\)"):
+        WG.conv3x3_winograd_train(x, w, None, torch.zeros(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="bias: expected dtype float32 or bfloat16, got float64"):
+        WG.conv3x3_winograd_train(x, w, torch.zeros(6, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,6 +266,38 @@ def test_torch_func_transforms_take_torchs_conv(calls):
     assert batched.shape == (2, 1, 32, 6, 6)
 
 
+def test_forward_mode_ad_takes_torchs_conv(calls):
+    """Dual tensors (torch.autograd.forward_ad) go to torch's conv: the Function has no jvp."""
+    import torch.autograd.forward_ad as fwAD
+
+    conv = _conv()
+    x = torch.randn(1, 32, 6, 6).contiguous(memory_format=CL)
+    t = torch.randn_like(x)
+    with inn.conv_winograd_train("on"), fwAD.dual_level():
+        y, tangent = fwAD.unpack_dual(conv(fwAD.make_dual(x, t)))
+    assert not calls
+    torch.testing.assert_close(tangent, F.conv2d(t, conv.weight, None, 1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_count_is_the_direct_convs(calls):
+    """bench's FLOP counter counts torch's convs (it knows no iddpm op): the same count whichever
+    path the training convs take."""
+    from iddpm_ext.bench.unet import count_flops
+
+    class Net(torch.nn.Module):  # count_flops calls model(x, t)
+        def __init__(self):
+            super().__init__()
+            self.conv = _conv(bias=False)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=CL)
+    with inn.conv_winograd_train("on"):
+        counted = count_flops(Net(), x, torch.zeros(2), backward=True)
+    assert counted == 2 * (2 * 32 * 32 * 9 * 64)  # one image's forward and weight gradient (x needs none)
+
+
 def test_jit_trace_records_torchs_conv(calls):
     conv = _conv()
     x = torch.randn(1, 32, 4, 4).contiguous(memory_format=CL)
@@ -236,6 +308,20 @@ def test_jit_trace_records_torchs_conv(calls):
     assert "aten::_convolution" in kinds and not any("iddpm" in k or "PythonOp" in k for k in kinds), kinds
     with inn.conv_winograd_train("off"):
         assert torch.equal(traced(x), conv(x))
+
+
+@pytest.mark.parametrize(
+    "mode, x_layout, r_layout", [("auto", CL, torch.contiguous_format), ("on", torch.contiguous_format, CL)]
+)
+def test_conv_add_keeps_torchs_layout_for_a_residual_in_the_other_one(mode, x_layout, r_layout, calls):
+    conv = _conv()
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=x_layout).requires_grad_()
+    r = torch.randn(2, 32, 6, 6).contiguous(memory_format=r_layout)
+    with inn.conv_winograd_train(mode):
+        y = inn.conv_add(conv, x, r)
+    ref = r + F.conv2d(x, conv.weight, conv.bias, 1, 1)
+    assert len(calls) == 1 and y.stride() == ref.stride(), (y.stride(), ref.stride())
+    torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
