@@ -738,10 +738,11 @@ class Conv2d(nn.Conv2d):
     rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _winograd_train_dtype(self, x) if _conv_winograd_train != "off" else None
-        if dtype is None:
-            return super().forward(x)
-        return _run_winograd_train(self, x, dtype)
+        if not torch.jit.is_scripting():  # (TorchScript compiles only nn.Conv2d's own call)
+            dtype = _winograd_train_dtype(self, x) if _conv_winograd_train != "off" else None
+            if dtype is not None:
+                return _run_winograd_train(self, x, dtype)
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 def set_conv_prepack(module: nn.Module, enabled: bool | str) -> nn.Module:

@@ -266,6 +266,13 @@ def test_torch_func_transforms_take_torchs_conv(calls):
     assert batched.shape == (2, 1, 32, 6, 6)
 
 
+def test_torchscript_compiles_it_as_torchs_conv():
+    conv = _conv()
+    scripted = torch.jit.script(conv)
+    x = torch.randn(1, 32, 4, 4)
+    assert torch.equal(scripted(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
+
+
 def test_forward_mode_ad_takes_torchs_conv(calls):
     """Dual tensors (torch.autograd.forward_ad) go to torch's conv: the Function has no jvp."""
     import torch.autograd.forward_ad as fwAD
