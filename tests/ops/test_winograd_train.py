@@ -266,6 +266,7 @@ def test_torch_func_transforms_take_torchs_conv(calls):
     assert batched.shape == (2, 1, 32, 6, 6)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_torchscript_compiles_it_as_torchs_conv():
     conv = _conv()
     scripted = torch.jit.script(conv)
@@ -273,6 +274,7 @@ def test_torchscript_compiles_it_as_torchs_conv():
     assert torch.equal(scripted(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # (torch scripts a helper)
 def test_forward_mode_ad_takes_torchs_conv(calls):
     """Dual tensors (torch.autograd.forward_ad) go to torch's conv: the Function has no jvp."""
     import torch.autograd.forward_ad as fwAD
@@ -305,6 +307,7 @@ def test_flop_count_is_the_direct_convs(calls):
     assert counted == 2 * (2 * 32 * 32 * 9 * 64)  # one image's forward and weight gradient (x needs none)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_jit_trace_records_torchs_conv(calls):
     conv = _conv()
     x = torch.randn(1, 32, 4, 4).contiguous(memory_format=CL)
