@@ -608,7 +608,7 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 #   direct conv (tests/ops/test_winograd_train.py) and measured faster here (iddpm bench train,
 #   one thread: the whole channels-last training step 1.02-1.07x at --config digits, batch 64,
 #   1.14-1.15x for the CIFAR-10 model at batch 8; docs/training.md); on NCHW input the layout copies ate
-#   the gain for the digits model (0.98x), so NCHW calls are left to torch;
+#   the gain for the digits model (0.89-0.98x), so NCHW calls are left to torch;
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input
 #   gradient; the channels-last bf16 step measured 0.98-1.03x / 1.00-1.07x for those two models).
