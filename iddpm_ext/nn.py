@@ -353,6 +353,33 @@ def _winograd_kernel() -> bool:
     return _winograd_available
 
 
+def _winograd_geometry(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a convolution the Winograd kernel computes: 2-D, 3×3, stride 1, zero
+    padding 1, dilation 1, one group (and ``_C`` has the kernel)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and _winograd_kernel()
+    )
+
+
+def _foldable(residual, dtype: torch.dtype, out_shape: tuple) -> bool:
+    """Whether the Winograd kernel can add ``residual`` to its output itself: a plain CPU tensor of
+    the compute dtype and the output's shape."""
+    return (
+        residual is not None
+        and type(residual) is torch.Tensor
+        and residual.dtype == dtype
+        and residual.device.type == "cpu"
+        and tuple(residual.shape) == tuple(out_shape)
+    )
+
+
 def _amx() -> bool:
     return _loader.cpu_has_amx()
 
@@ -429,19 +456,11 @@ class _PrepackedForward:
         if mode == "off":
             return None
         conv = self.conv
-        if (
-            not isinstance(conv, nn.Conv2d)
-            or conv.kernel_size != (3, 3)
-            or conv.stride != (1, 1)
-            or conv.dilation != (1, 1)
-            or conv.groups != 1
-            or not _winograd_kernel()
-        ):
+        if not _winograd_geometry(conv):
             return None
         dtype = self._torch_dtype(x)
         if (
             dtype not in (torch.float32, torch.bfloat16)
-            or self.geometry[0] != [1, 1]
             or conv.weight.dtype not in (torch.float32, torch.bfloat16)  # (autocast casts others)
         ):
             return None
@@ -485,13 +504,7 @@ class _PrepackedForward:
     def _run_winograd(self, x, dtype, residual):
         weight_t, bias = self._winograd_weight(dtype)
         x2 = x.to(dtype)
-        fold = (
-            residual is not None
-            and type(residual) is torch.Tensor
-            and residual.dtype == dtype
-            and residual.device.type == "cpu"
-            and tuple(residual.shape) == self._out_shape(x)
-        )
+        fold = _foldable(residual, dtype, self._out_shape(x))
         y = _winograd_ops.conv3x3_winograd(x2, weight_t, bias, residual if fold else None)
         if not self._channels_last_out(x2):
             y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
@@ -681,13 +694,7 @@ def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
         or x.dim() != 4
         or x.shape[1] != conv.in_channels
         or min(x.shape[2], x.shape[3]) < 1  # (torch's conv raises its error for an empty map)
-        or conv.kernel_size != (3, 3)
-        or conv.stride != (1, 1)
-        or conv.padding != (1, 1)
-        or conv.dilation != (1, 1)
-        or conv.groups != 1
-        or conv.padding_mode != "zeros"
-        or not _winograd_kernel()
+        or not _winograd_geometry(conv)
     ):
         return None
     floats = (torch.float32, torch.bfloat16)
@@ -716,13 +723,8 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
     weight = conv.weight.to(dtype)
     bias = None if conv.bias is None else conv.bias.to(dtype)
     out_cl = _torch_conv_channels_last(x2, conv.weight)
-    fold = (
-        residual is not None
-        and type(residual) is torch.Tensor
-        and residual.dtype == dtype
-        and residual.device.type == "cpu"
-        and tuple(residual.shape) == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
-        and residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
+    fold = _foldable(residual, dtype, (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])) and (
+        residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     )  # (a residual in the other layout: torch's add decides the sum's layout)
     y = _winograd_ops.conv3x3_winograd_train(x2, weight, bias, residual if fold else None)
     if not out_cl:
@@ -739,7 +741,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # (TorchScript compiles only nn.Conv2d's own call)
-            dtype = _winograd_train_dtype(self, x) if _conv_winograd_train != "off" else None
+            dtype = _winograd_train_dtype(self, x)
             if dtype is not None:
                 return _run_winograd_train(self, x, dtype)
         return self._conv_forward(x, self.weight, self.bias)
@@ -785,7 +787,7 @@ def conv_add(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.
     fwd = conv.__dict__.get("forward")
     if isinstance(fwd, _PrepackedForward) and not hooked:
         return fwd.run(x, residual)
-    if isinstance(conv, Conv2d) and fwd is None and not hooked and _conv_winograd_train != "off":
+    if isinstance(conv, Conv2d) and fwd is None and not hooked:
         dtype = _winograd_train_dtype(conv, x)
         if dtype is not None:
             return _run_winograd_train(conv, x, dtype, residual)

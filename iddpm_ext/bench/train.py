@@ -51,7 +51,7 @@ import torch
 from ..nn import conv_winograd_train
 from ..ops.attention import attention_impl
 from . import common
-from .unet import COMPILE_MODES, KINDS, breakdown_ms
+from .unet import COMPILE_MODES, KINDS, _event_kind, breakdown_ms
 
 # Model configurations, laid out by hand.
 # fmt: off
@@ -194,8 +194,6 @@ def _cases(compile_mode, with_reference, cpu=False) -> list:
 def _step_kind(ev) -> str:
     """--breakdown's kind of a profiled op: "optimizer" inside AdamW's step / zero_grad or the
     loop's gradient norm and EMA update (their record_function scopes), else its layer kind."""
-    from .unet import _event_kind
-
     node = ev.cpu_parent
     while node is not None:
         if node.name.startswith(_OPTIMIZER_SCOPES):
@@ -219,7 +217,7 @@ def run(args) -> list:
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup >= 0 else (1 if cpu else 3)
     iters = args.iters if args.iters >= 0 else ((2 if args.quick else 5) if cpu else 10)
-    cases = _cases(args.compile, reference_unet_class() is not None, cpu=device.type == "cpu")
+    cases = _cases(args.compile, reference_unet_class() is not None, cpu=cpu)
     records, rows = [], []
     baseline_ms = None
     reference_ms, compiled_reference_ms = {}, {}  # amp -> ms of the reference eager / compiled
@@ -240,11 +238,12 @@ def run(args) -> list:
                 ms = common.time_ms(step, device, warmup, iters, flush_l2=False)
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
-            if args.breakdown:
-                with attention_impl(impl), conv_winograd_train("on" if wino else "off"):
-                    extra = {"breakdown_ms": breakdown_ms(step, device, _step_kind, TRAIN_KINDS)}
-            else:
-                extra = {}
+                # (after the peak memory: the profiled step is not counted in it)
+                extra = (
+                    {"breakdown_ms": breakdown_ms(step, device, _step_kind, TRAIN_KINDS)}
+                    if args.breakdown
+                    else {}
+                )
             if baseline_ms is None:
                 baseline_ms = ms  # einsum, fp32, no checkpointing: the first case
             if ref:

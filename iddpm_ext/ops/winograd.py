@@ -168,10 +168,7 @@ def conv3x3_winograd_train(
     checks.defined(x, "x")
     checks.defined(weight, "weight")
     _check_tensor(x, "x")
-    torch._check_value(
-        weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
-        lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
-    )
+    _check_weight_shape(weight)
     _check_tensor(weight, "weight", x, "x")
     torch._check_value(
         x.dim() == 4 and x.shape[1] == weight.shape[1],
@@ -179,14 +176,7 @@ def conv3x3_winograd_train(
             f"x: expected shape [N, {weight.shape[1]}, H, W] (Cin = dim 1 of weight), got {list(x.shape)}"
         ),
     )
-    cout = weight.shape[0]
-    if bias is not None:
-        _check_tensor(bias, "bias", x, "x")
-        checks.shape(bias.dim() == 1 and bias.shape[0] == cout, "bias", (cout,), bias, " ([Cout] of weight)")
-    if residual is not None:
-        _check_tensor(residual, "residual", x, "x")
-        out = (x.shape[0], cout, x.shape[2], x.shape[3])
-        checks.shape(tuple(residual.shape) == out, "residual", out, residual, " (that of the output)")
+    _check_bias_residual(x, bias, residual, weight.shape[0], "weight")
     return _Conv3x3WinogradTrain.apply(x, weight, bias, residual)
 
 
@@ -220,6 +210,32 @@ def _check_packable(t, cin, cout, name):
         raise ValueError(f"{name}: {refusal}")
 
 
+def _check_weight_shape(weight):
+    torch._check_value(
+        weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+        lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
+    )
+
+
+def _check_bias_residual(x, bias, residual, cout, weight_name):
+    """bias [Cout] (Cout from ``weight_name``) and residual [N, Cout, H, W] of x's dtype and device."""
+    N, _, H, W = x.shape
+    if bias is not None:
+        _check_tensor(bias, "bias", x, "x")
+        cond = bias.dim() == 1 and bias.shape[0] == cout
+        checks.shape(cond, "bias", (cout,), bias, f" ([Cout] of {weight_name})")
+    if residual is not None:
+        _check_tensor(residual, "residual", x, "x")
+        out = (N, cout, H, W)
+        checks.shape(
+            residual.dim() == 4 and tuple(residual.shape) == out,
+            "residual",
+            out,
+            residual,
+            " (that of the output)",
+        )
+
+
 def _check_tensor(t, name, ref=None, ref_name=""):
     checks.defined(t, name)
     if ref is not None:
@@ -239,10 +255,7 @@ if loader.available():
     @torch.library.register_fake("iddpm::winograd_weight")
     def _winograd_weight_fake(weight, packed=False):
         checks.defined(weight, "weight")
-        torch._check_value(
-            weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
-            lambda: f"weight: expected shape [Cout, Cin, 3, 3], got {list(weight.shape)}",
-        )
+        _check_weight_shape(weight)
         _check_tensor(weight, "weight")
         cout, cin = weight.shape[0], weight.shape[1]
         if packed:
@@ -279,19 +292,7 @@ if loader.available():
                 ),
             )
             Cout = weight_t.shape[2]
-        if bias is not None:
-            _check_tensor(bias, "bias", x, "x")
-            cond = bias.dim() == 1 and bias.shape[0] == Cout
-            checks.shape(cond, "bias", (Cout,), bias, " ([Cout] of weight_t)")
-        if residual is not None:
-            _check_tensor(residual, "residual", x, "x")
-            checks.shape(
-                residual.dim() == 4 and tuple(residual.shape) == (N, Cout, H, W),
-                "residual",
-                (N, Cout, H, W),
-                residual,
-                " (that of the output)",
-            )
+        _check_bias_residual(x, bias, residual, Cout, "weight_t")
         return x.new_empty((N, Cout, H, W)).contiguous(memory_format=torch.channels_last)
 
     def _no_backward(ctx, grad):
