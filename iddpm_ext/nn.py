@@ -41,6 +41,9 @@ __all__ = [
     "get_conv_winograd",
     "get_conv_winograd_train",
     "set_conv_winograd_train",
+    "conv_winograd_weight_grad",
+    "get_conv_winograd_weight_grad",
+    "set_conv_winograd_weight_grad",
     "get_groupnorm_impl",
     "groupnorm_impl",
     "set_groupnorm_impl",
@@ -629,6 +632,9 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # AD; a backward with create_graph computes every gradient by torch's differentiable conv backward.
 # Models switched to_inference() keep their prepacked forward (torch's conv) when trained.
 # Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
+# The float32 weight gradient of those calls (set_conv_winograd_weight_grad, default from
+# IDDPM_CONV_WINOGRAD_WEIGHT_GRAD=auto/1/0): "auto" by conv3x3_winograd_weight_grad where Cin or
+# Cout >= 64 (measured 1.0-2.0x oneDNN's weight gradient there), "on" always, "off" torch's.
 _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 
 
@@ -637,6 +643,13 @@ def _winograd_train_mode_from_env() -> str:
 
 
 _conv_winograd_train = _winograd_train_mode_from_env()
+
+
+def _winograd_weight_grad_mode_from_env() -> str:
+    return _env_mode("IDDPM_CONV_WINOGRAD_WEIGHT_GRAD", _winograd_ops.WEIGHT_GRAD_MODES, "auto, 1 or 0")
+
+
+_conv_winograd_weight_grad = _winograd_weight_grad_mode_from_env()
 
 
 def set_conv_winograd_train(mode: str | bool) -> str:
@@ -649,6 +662,30 @@ def set_conv_winograd_train(mode: str | bool) -> str:
 
 def get_conv_winograd_train() -> str:
     return _conv_winograd_train
+
+
+def set_conv_winograd_weight_grad(mode: str | bool) -> str:
+    """Set how the Winograd training convs compute float32 weight gradients ("auto", "on": by
+    iddpm::conv3x3_winograd_weight_grad, "off": by torch; True / False for on / off); returns the
+    previous mode."""
+    global _conv_winograd_weight_grad
+    previous = _conv_winograd_weight_grad
+    _conv_winograd_weight_grad = _checked_mode(mode, _winograd_ops.WEIGHT_GRAD_MODES)
+    return previous
+
+
+def get_conv_winograd_weight_grad() -> str:
+    return _conv_winograd_weight_grad
+
+
+@contextlib.contextmanager
+def conv_winograd_weight_grad(mode: str | bool):
+    """Context manager: ``with conv_winograd_weight_grad("off"): loss.backward()`` etc."""
+    previous = set_conv_winograd_weight_grad(mode)
+    try:
+        yield
+    finally:
+        set_conv_winograd_weight_grad(previous)
 
 
 @contextlib.contextmanager
@@ -726,7 +763,9 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
     fold = _foldable(residual, dtype, (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])) and (
         residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     )  # (a residual in the other layout: torch's add decides the sum's layout)
-    y = _winograd_ops.conv3x3_winograd_train(x2, weight, bias, residual if fold else None)
+    y = _winograd_ops.conv3x3_winograd_train(
+        x2, weight, bias, residual if fold else None, _conv_winograd_weight_grad
+    )
     if not out_cl:
         y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
     if residual is not None and not fold:

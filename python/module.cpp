@@ -37,9 +37,10 @@ constexpr bool kWithCuda = false;
 // The ops of the `iddpm` namespace, as python/schemas.cpp defines them (tests/ops/test_build.py
 // checks that the two agree).
 constexpr const char* kOps[] = {
-    "gather_coefs",    "p_sample_step",          "ddim_step",         "ddim_reverse_step",
-    "qkv_attention",   "qkv_attention_backward", "group_norm_act",    "group_norm_act_backward",
-    "winograd_weight", "conv3x3_winograd",       "qkv_attention_bf16"};
+    "gather_coefs",      "p_sample_step",           "ddim_step",
+    "ddim_reverse_step", "qkv_attention",           "qkv_attention_backward",
+    "group_norm_act",    "group_norm_act_backward", "winograd_weight",
+    "conv3x3_winograd",  "qkv_attention_bf16",      "conv3x3_winograd_weight_grad"};
 
 py::dict build_info() {
   py::dict d;
@@ -95,7 +96,8 @@ py::list dtype_names(const DType (&dtypes)[N]) {
 //    "group_norm": {                   group_norm_act, group_norm_act_backward
 //      "cpu":  {"dtypes": [str, ...], "isa": str},   isa: the vector build run here
 //      "cuda": {"dtypes": [str, ...]} or None without CUDA},
-//    "winograd": {                     winograd_weight, conv3x3_winograd
+//    "winograd": {                     winograd_weight, conv3x3_winograd,
+//                                      conv3x3_winograd_weight_grad (float32 only)
 //      "cpu":  {"dtypes": [str, ...], "isa": str, "packed": bool},   isa: the vector build run
 //              here; packed: the packed bf16 weight runs here (AVX512-BF16)
 //      "cuda": None},

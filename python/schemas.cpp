@@ -67,4 +67,7 @@ TORCH_LIBRARY(iddpm, m) {
   m.def(
       "conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias=None, Tensor? residual=None) -> "
       "Tensor");
+  // x: [N, Cin, H, W]; grad_y: [N, Cout, H, W] -> the weight gradient [Cout, Cin, 3, 3] of
+  // conv2d(x, weight, stride 1, padding 1) (float32).
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
 }

@@ -8,6 +8,9 @@
 //   input transform:  V[k][p][c] = (Bᵀ d B)[i][j], k = 4·i + j, d the patch of channel c
 //   16 GEMMs:         M[k] = V[k] @ U[k]   ([P, Cin] @ [Cin, Cout], U = G g Gᵀ per (ci, co))
 //   output transform: y[2·ty + a][2·tx + b][co] = (Aᵀ M A)[a][b] + bias[co] + residual[...]
+// The weight gradient (iddpm::conv3x3_winograd_weight_grad) runs the adjoints backwards:
+//   dM[k][p][co] = (A dY Aᵀ)[i][j] from the output tile's gradient dY (rows/columns past H/W: 0),
+//   dU[k] = Σ over the tiles V[k]ᵀ @ dM[k]   ([Cin, P] @ [P, Cout]),  dg = Gᵀ dU G per (ci, co),
 // with Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 //      G  = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]],
 //      Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].

@@ -39,6 +39,15 @@ void winograd_output(const WinogradOutputParams& p) {
   wino_default::winograd_output(p);
 }
 
+void winograd_output_adjoint(const WinogradInputParams& p) {
+#if defined(__x86_64__)
+  const Isa isa = best_isa();
+  if (isa == Isa::kAvx512) return wino_avx512::winograd_output_adjoint(p);
+  if (isa == Isa::kAvx2) return wino_avx2::winograd_output_adjoint(p);
+#endif
+  wino_default::winograd_output_adjoint(p);
+}
+
 namespace {
 
 // v rounded once (to nearest, ties to even) to bfloat16. Rounding to float first and then to bf16
@@ -58,10 +67,11 @@ c10::BFloat16 round_to_bf16(double v) {
   return c10::BFloat16(f);  // round to nearest even
 }
 
+// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]] (common/winograd_params.h)
+constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+
 template <class T>
 void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4], T* u) {
-  // G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]
-  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   const int64_t kstride = Cin * Cout;
   for (int64_t co = 0; co < Cout; ++co) {
     for (int64_t ci = 0; ci < Cin; ++ci) {
@@ -88,6 +98,26 @@ void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4],
 }
 
 }  // namespace
+
+void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw) {
+  // dg = Gᵀ dU G per (co, ci): the adjoint of U = G g Gᵀ.
+  const int64_t kstride = Cin * Cout;
+  for (int64_t co = 0; co < Cout; ++co) {
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      double d[4][4];
+      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = du[k * kstride + ci * Cout + co];
+      double t[3][4];  // Gᵀ dU
+      for (int r = 0; r < 3; ++r)
+        for (int j = 0; j < 4; ++j)
+          t[r][j] = G[0][r] * d[0][j] + G[1][r] * d[1][j] + G[2][r] * d[2][j] + G[3][r] * d[3][j];
+      float* g = gw + (co * Cin + ci) * 9;
+      for (int r = 0; r < 3; ++r)
+        for (int s = 0; s < 3; ++s)
+          g[r * 3 + s] = static_cast<float>(t[r][0] * G[0][s] + t[r][1] * G[1][s] +
+                                            t[r][2] * G[2][s] + t[r][3] * G[3][s]);
+    }
+  }
+}
 
 void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
                      void* u) {

@@ -14,6 +14,12 @@ namespace iddpm::cpu {
 void winograd_input(const WinogradInputParams& p);
 // y from M (output transform, + bias, + residual).
 void winograd_output(const WinogradOutputParams& p);
+// dM from dY, the output transform's adjoint (A dY Aᵀ per tile; for the weight gradient): p.x is
+// dY [N, H, W, C] (channels-last), p.v receives dM [16, tile_end - tile_begin, C].
+void winograd_output_adjoint(const WinogradInputParams& p);
+// The weight gradient [Cout, Cin, 3, 3] (contiguous, float32) from dU [16, Cin, Cout] float32,
+// the gradient of the transformed weight: Gᵀ dU G per (co, ci), computed in float64.
+void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw);
 // The dtypes the transforms and the weight transform take (one for all arrays of a call).
 inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
 

@@ -6,10 +6,11 @@
 
 namespace iddpm::cpu {
 
-#define IDDPM_WINO_DECLARE_ISA(ns)                     \
-  namespace ns {                                       \
-  void winograd_input(const WinogradInputParams& p);   \
-  void winograd_output(const WinogradOutputParams& p); \
+#define IDDPM_WINO_DECLARE_ISA(ns)                            \
+  namespace ns {                                              \
+  void winograd_input(const WinogradInputParams& p);          \
+  void winograd_output(const WinogradOutputParams& p);        \
+  void winograd_output_adjoint(const WinogradInputParams& p); \
   }
 
 IDDPM_WINO_DECLARE_ISA(wino_default)

@@ -12,6 +12,10 @@
 //     channels-last. A packed weight_t runs the bf16 GEMMs and output transform of
 //     csrc/cpu/winograd_packed.cpp per block of tiles whose V stays in the L2 cache (M in float32,
 //     not rounded to bf16).
+//   iddpm::conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor
+//     the weight gradient [Cout, Cin, 3, 3] of conv2d(x, weight, stride 1, padding 1) given
+//     grad_y [N, Cout, H, W] (the output's gradient), float32 only, contiguous; by the same
+//     transforms: 16 GEMMs Vᵀ @ dM reduce over the tiles (2.25x fewer products than direct).
 // Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
 // where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
 // the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
@@ -22,6 +26,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -280,11 +285,68 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   return y;
 }
 
+// The weight gradient of y = conv2d(x, weight, padding 1) from grad_y: per block of tiles, V
+// (the input transform of x) and dM (the output transform's adjoint of grad_y), dU[k] += V[k]ᵀ
+// dM[k] (16 GEMMs [Cin, rows] @ [rows, Cout], at::baddbmm), and at the end Gᵀ dU G per filter
+// (float64). float32 only.
+at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_y_in) {
+  check_defined(x_in, "x");
+  check_dim(x_in, "x", 4, "[N, Cin, H, W]");
+  check_cpu_only(x_in, "x", "the op");
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat,
+                    "x: expected dtype float32 (the weight gradient op is float32 only), got ",
+                    torch_dtype_name(x_in));
+  check_defined(grad_y_in, "grad_y");
+  check_same_device(grad_y_in, "grad_y", x_in, "x");
+  check_same_dtype(grad_y_in, "grad_y", x_in, "x");
+  const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK_VALUE(grad_y_in.dim() == 4 && grad_y_in.size(0) == N && grad_y_in.size(2) == H &&
+                        grad_y_in.size(3) == W,
+                    "grad_y: expected shape [", N, ", Cout, ", H, ", ", W,
+                    "] (N, H and W of x), got ", shape_str(grad_y_in));
+  const int64_t Cout = grad_y_in.size(1);
+  const at::TensorOptions opts = x_in.options();
+  at::Tensor grad_w = at::empty({Cout, Cin, 3, 3}, opts);
+  const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
+  if (grad_w.numel() == 0) return grad_w;
+  if (P == 0) return grad_w.zero_();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl);
+  const at::Tensor gy = grad_y_in.contiguous(cl);
+  at::Tensor du = at::zeros({kWinogradPoints, Cin, Cout}, opts);
+  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and dM per tile
+  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
+  const at::Tensor ws_buf = workspace(block * per_tile * 4, opts);  // held for the call
+  float* ws = static_cast<float*>(ws_buf.mutable_data_ptr());
+  for (int64_t t0 = 0; t0 < P; t0 += block) {
+    const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;
+    float* vp = ws;
+    float* mp = ws + kWinogradPoints * rows * Cin;
+    WinogradInputParams in;
+    in.x = x.const_data_ptr();
+    in.v = vp;
+    in.N = N, in.H = H, in.W = W, in.C = Cin;
+    in.tile_begin = t0, in.tile_end = t1;
+    cpu::winograd_input(in);
+    in.x = gy.const_data_ptr();
+    in.v = mp;
+    in.C = Cout;
+    cpu::winograd_output_adjoint(in);
+    const at::Tensor v = at::from_blob(vp, {kWinogradPoints, rows, Cin}, opts);
+    const at::Tensor m = at::from_blob(mp, {kWinogradPoints, rows, Cout}, opts);
+    du.baddbmm_(v.transpose(1, 2), m);
+  }
+  cpu::winograd_weight_adjoint(du.const_data_ptr<float>(), Cout, Cin,
+                               grad_w.mutable_data_ptr<float>());
+  return grad_w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
+  m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
 }
 
 #ifdef IDDPM_WITH_CUDA
@@ -293,6 +355,7 @@ TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
 TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
+  m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
 }
 #endif
 

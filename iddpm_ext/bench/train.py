@@ -8,7 +8,10 @@ the device) and ``einsum`` (the reference's math), and without checkpointing ``a
 torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"); on the CPU
 also both of those with every 3×3 stride-1 conv's forward and input gradient by Winograd
 (``iddpm_ext.nn.conv_winograd_train("on")``, impl "... winograd"; the other rows run with it
-"off"; the default "auto" takes the fp32 channels-last calls with 32 or more channels). The
+"off"; the default "auto" takes the fp32 channels-last calls with 32 or more channels), their
+fp32 weight gradients by Winograd too where ``conv_winograd_weight_grad("auto")`` takes them (Cin
+or Cout ≥ 64), and once more, fp32 channels-last, with torch's weight gradients (impl "...
+winograd torch-dW"). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
 When IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
@@ -48,7 +51,7 @@ import tempfile
 
 import torch
 
-from ..nn import conv_winograd_train
+from ..nn import conv_winograd_train, conv_winograd_weight_grad
 from ..ops.attention import attention_impl
 from . import common
 from .unet import COMPILE_MODES, KINDS, _event_kind, breakdown_ms
@@ -171,23 +174,26 @@ def _step_flops(loop, x) -> int:
 
 def _cases(compile_mode, with_reference, cpu=False) -> list:
     """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model, Winograd
-    training convs) of each case, in the order they run (the first is the speedup baseline)."""
+    training convs: None, or their weight-gradient mode) of each case, in the order they run (the
+    first is the speedup baseline)."""
     cases = []
     for use_ckpt in (False, True):
         for amp in ("none", "bf16"):
             for impl in ("einsum", "auto"):
-                cases.append((use_ckpt, amp, impl, False, "none", False, False))
+                cases.append((use_ckpt, amp, impl, False, "none", False, None))
             if not use_ckpt:  # the torso channels-last, fused attention
-                cases.append((use_ckpt, amp, "auto", True, "none", False, False))
+                cases.append((use_ckpt, amp, "auto", True, "none", False, None))
             if not use_ckpt and cpu:  # the 3×3 convs by Winograd, NCHW and channels-last
-                cases += [(use_ckpt, amp, "auto", cl, "none", False, True) for cl in (False, True)]
+                cases += [(use_ckpt, amp, "auto", cl, "none", False, "auto") for cl in (False, True)]
+                if amp == "none":  # and with torch's weight gradients (bf16 has only those)
+                    cases.append((use_ckpt, amp, "auto", True, "none", False, "off"))
     if with_reference:  # the reference model eager, in the same loop
-        cases += [(False, amp, "auto", False, "none", True, False) for amp in ("none", "bf16")]
+        cases += [(False, amp, "auto", False, "none", True, None) for amp in ("none", "bf16")]
     if compile_mode:
         for amp in ("none", "bf16"):
             if with_reference:
-                cases.append((False, amp, "auto", False, compile_mode, True, False))
-            cases.append((False, amp, "auto", False, compile_mode, False, False))
+                cases.append((False, amp, "auto", False, compile_mode, True, None))
+            cases.append((False, amp, "auto", False, compile_mode, False, None))
     return cases
 
 
@@ -202,9 +208,10 @@ def _step_kind(ev) -> str:
     return _event_kind(ev)
 
 
-def _impl_name(impl, channels_last, compile_mode, reference, winograd=False) -> str:
+def _impl_name(impl, channels_last, compile_mode, reference, winograd=None) -> str:
     name = "reference" if reference else impl + (" channels-last" if channels_last else "")
     name += " winograd" if winograd else ""  # (conv_winograd_train("on"))
+    name += " torch-dW" if winograd == "off" else ""  # (conv_winograd_weight_grad("off"))
     return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
 
 
@@ -231,7 +238,11 @@ def run(args) -> list:
             if flops is None:
                 flops = _step_flops(loop, x)
             peak = None
-            with attention_impl(impl), conv_winograd_train("on" if wino else "off"):
+            with (
+                attention_impl(impl),
+                conv_winograd_train("on" if wino else "off"),
+                conv_winograd_weight_grad(wino or "auto"),
+            ):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -264,7 +275,8 @@ def run(args) -> list:
                 images_per_s=round(batch * 1000 / ms, 1),
                 use_checkpoint=use_ckpt,
                 channels_last=cl,
-                conv_winograd_train=wino,
+                conv_winograd_train=wino is not None,
+                conv_winograd_weight_grad=wino,
                 compile=comp,
                 reference=ref,
                 peak_mib=None if peak is None else round(peak, 1),

@@ -7,7 +7,8 @@ dispatch between the fused op and the readable eager path where the library pick
 - :mod:`.step` — iddpm::p_sample_step / ddim_step / ddim_reverse_step, the fused steps.
 - :mod:`.attention` — iddpm::qkv_attention (+ backward) and the UNet's attention dispatch.
 - :mod:`.group_norm` — iddpm::group_norm_act (+ backward), GroupNorm + scale-shift + SiLU fused.
-- :mod:`.winograd` — iddpm::conv3x3_winograd / winograd_weight, the CPU fp32 Winograd 3×3 conv.
+- :mod:`.winograd` — iddpm::conv3x3_winograd / winograd_weight, the CPU fp32 Winograd 3×3 conv,
+  and conv3x3_winograd_weight_grad, its weight gradient (training).
 - :mod:`.checks` — the fake implementations' argument checks (the C++ checks' messages); they
   refuse meta tensors mixed with real ones, which the dispatcher sends to the fakes.
 
@@ -27,4 +28,4 @@ from .gather_coefs import gather_coefs  # noqa: F401
 from .group_norm import group_norm_act, group_norm_act_reference  # noqa: F401
 from .loader import available, build_info, has_kernel, load_error, require  # noqa: F401
 from .step import ddim_reverse_step, ddim_step, p_sample_step  # noqa: F401
-from .winograd import conv3x3_winograd, winograd_weight  # noqa: F401
+from .winograd import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight  # noqa: F401

@@ -24,8 +24,11 @@ bf16 error budget (docs/unet.md).
 - :func:`conv3x3_winograd_train` — the same convolution from the [Cout, Cin, 3, 3] weight itself,
   with gradients (training): the forward and the input gradient (a 3×3 convolution of grad_out
   with the flipped, channel-transposed filter) run the Winograd kernel on weights transformed
-  afresh each call (one small GEMM each, in float32); the weight and bias gradients are torch's
-  own (``aten::convolution_backward``, oneDNN on the CPU).
+  afresh each call (one small GEMM each, in float32); the float32 weight gradient is
+  :func:`conv3x3_winograd_weight_grad` (``weight_grad``: by default where Cin or Cout ≥ 64), the
+  others torch's own (``aten::convolution_backward``, oneDNN on the CPU).
+- :func:`conv3x3_winograd_weight_grad` — the weight gradient of that convolution from x and the
+  output's gradient, by the same transforms (float32).
 
 The ops themselves have no autograd formula (differentiating through them raises); gradients
 come only through :func:`conv3x3_winograd_train`.
@@ -117,38 +120,63 @@ def _train_weight(weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool
     return t.to(dtype)
 
 
+WEIGHT_GRAD_MODES = ("auto", "on", "off")
+# "auto" takes the Winograd weight gradient where one of Cin, Cout is at least this: measured 1.0-2.0x
+# oneDNN's at such shapes, 0.88-1.03x with 32 channels in and out (iddpm bench conv --passes wgrad).
+_WEIGHT_GRAD_AUTO_MIN_CHANNELS = 64
+
+
+def _winograd_weight_grad(mode: str, dtype: torch.dtype, cin: int, cout: int) -> bool:
+    """Whether the weight gradient runs conv3x3_winograd_weight_grad (float32 only) in ``mode``."""
+    if mode == "off" or dtype != torch.float32:
+        return False
+    return mode == "on" or max(cin, cout) >= _WEIGHT_GRAD_AUTO_MIN_CHANNELS
+
+
 class _Conv3x3WinogradTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual):
+    def forward(ctx, x, weight, bias, residual, weight_grad):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.weight_grad = weight_grad
         return torch.ops.iddpm.conv3x3_winograd(x, _train_weight(weight, x.dtype, False), bias, residual)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        need_b = need_b and ctx.has_bias
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         # With create_graph (grad mode on here) every gradient comes from torch's own conv backward,
         # which has a derivative (gradient penalties, Hessian-vector products); else the input
-        # gradient is a Winograd conv of grad_out with the flipped filter. No autocast either way
-        # (a backward called inside an autocast region).
+        # gradient is a Winograd conv of grad_out with the flipped filter, and the weight gradient
+        # one too where ctx.weight_grad takes it (then the bias gradient is grad_out's sum). No
+        # autocast either way (a backward called inside an autocast region).
         create_graph = torch.is_grad_enabled()
         winograd_x = need_x and not create_graph
+        winograd_w = (
+            need_w
+            and not create_graph
+            and _winograd_weight_grad(ctx.weight_grad, x.dtype, weight.shape[1], weight.shape[0])
+        )
+        torch_grads = [need_x and not winograd_x, need_w and not winograd_w, need_b and not winograd_w]
         with torch.autocast("cpu", enabled=False):
             grad_x = grad_w = grad_b = None
-            if (need_x and not winograd_x) or need_w or need_b:
+            if any(torch_grads):
                 grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                    grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                    [need_x and not winograd_x, need_w, need_b and ctx.has_bias],
+                    grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, torch_grads
                 )  # fmt: skip
+            if winograd_w:
+                grad_w = torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_out)
+                if need_b:
+                    grad_b = grad_out.sum((0, 2, 3))
             if winograd_x:
                 grad_x = torch.ops.iddpm.conv3x3_winograd(
                     grad_out, _train_weight(weight, grad_out.dtype, True)
                 )
                 if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
                     grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
-        return grad_x, grad_w, grad_b, grad_out if need_r else None
+        return grad_x, grad_w, grad_b, grad_out if need_r else None, None
 
 
 def conv3x3_winograd_train(
@@ -156,6 +184,7 @@ def conv3x3_winograd_train(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    weight_grad: str = "auto",
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)`` with gradients for every
     argument, channels-last output (the kernel's).
@@ -163,8 +192,13 @@ def conv3x3_winograd_train(
     x: [N, Cin, H, W] CPU float32 or bfloat16; weight: [Cout, Cin, 3, 3]; bias: [Cout] or None;
     residual: [N, Cout, H, W] or None; all of x's dtype. In float32 the forward and the input
     gradient are as accurate as a direct convolution; in bfloat16 they round the transformed
-    input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above)."""
+    input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above).
+    weight_grad: how the weight gradient is computed in float32, "on" by
+    :func:`conv3x3_winograd_weight_grad`, "off" by torch, "auto" (default) by the former where
+    Cin or Cout is at least 64 (bf16: always torch's)."""
     loader.require()
+    if weight_grad not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"weight_grad: expected 'auto', 'on' or 'off', got {weight_grad!r}")
     checks.defined(x, "x")
     checks.defined(weight, "weight")
     _check_tensor(x, "x")
@@ -177,7 +211,17 @@ def conv3x3_winograd_train(
         ),
     )
     _check_bias_residual(x, bias, residual, weight.shape[0], "weight")
-    return _Conv3x3WinogradTrain.apply(x, weight, bias, residual)
+    return _Conv3x3WinogradTrain.apply(x, weight, bias, residual, weight_grad)
+
+
+def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The weight gradient [Cout, Cin, 3, 3] of ``F.conv2d(x, weight, padding=1)`` given the output's
+    gradient ``grad_y`` [N, Cout, H, W], by the Winograd transforms: per 2×2 output tile, the input
+    patch's ``Bᵀ d B`` and ``A dY Aᵀ`` (the output transform's adjoint), 16 GEMMs reducing over the
+    tiles, then ``Gᵀ dU G`` per filter (in float64). CPU float32 only (any layout); as accurate as
+    torch's weight gradient (tests/ops/test_winograd_train.py)."""
+    loader.require()
+    return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y)
 
 
 def conv3x3_winograd(
@@ -295,11 +339,38 @@ if loader.available():
         _check_bias_residual(x, bias, residual, Cout, "weight_t")
         return x.new_empty((N, Cout, H, W)).contiguous(memory_format=torch.channels_last)
 
+    @torch.library.register_fake("iddpm::conv3x3_winograd_weight_grad")
+    def _conv3x3_winograd_weight_grad_fake(x, grad_y):
+        checks.defined(x, "x")
+        checks.dim(x, "x", 4, "[N, Cin, H, W]")
+        checks.cpu_only(x, "x")
+        if x.dtype != torch.float32:
+            raise ValueError(
+                f"x: expected dtype float32 (the weight gradient op is float32 only), "
+                f"got {checks.dtype_name(x.dtype)}"
+            )
+        checks.defined(grad_y, "grad_y")
+        checks.same_device(grad_y, "grad_y", x, "x")
+        if grad_y.dtype != x.dtype:
+            raise ValueError(
+                f"grad_y: expected dtype float32 (that of x), got {checks.dtype_name(grad_y.dtype)}"
+            )
+        N, Cin, H, W = x.shape
+        torch._check_value(
+            grad_y.dim() == 4 and grad_y.shape[0] == N and grad_y.shape[2] == H and grad_y.shape[3] == W,
+            lambda: (
+                f"grad_y: expected shape [{N}, Cout, {H}, {W}] (N, H and W of x), got {list(grad_y.shape)}"
+            ),
+        )
+        return x.new_empty((grad_y.shape[1], Cin, 3, 3))
+
     def _no_backward(ctx, grad):
         raise RuntimeError(
-            "iddpm::conv3x3_winograd / winograd_weight have no gradient (inference only): "
-            "differentiate through F.conv2d instead (iddpm_ext.nn runs them for no-grad calls only)"
+            "iddpm::conv3x3_winograd, winograd_weight and conv3x3_winograd_weight_grad have no gradient "
+            "formula: "
+            "differentiate through F.conv2d or conv3x3_winograd_train instead"
         )
 
     torch.library.register_autograd("iddpm::conv3x3_winograd", _no_backward)
     torch.library.register_autograd("iddpm::winograd_weight", _no_backward)
+    torch.library.register_autograd("iddpm::conv3x3_winograd_weight_grad", _no_backward)

@@ -57,22 +57,27 @@ def _run_and_check(tmp_path, calls):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 20
+    assert len(recs) == 21
     assert all(r["shape"] == [8, 3, 16, 16] for r in recs)
     cl = [r for r in recs if r["channels_last"]]
     assert [(r["impl"], r["dtype"], r["use_checkpoint"]) for r in cl] == [
         ("auto channels-last", "float32", False),
         ("auto channels-last winograd", "float32", False),
+        ("auto channels-last winograd torch-dW", "float32", False),
         ("auto channels-last", "bfloat16", False),
         ("auto channels-last winograd", "bfloat16", False),
     ]
     # the Winograd training convs (CPU rows), NCHW and channels-last, fp32 and bf16
-    wino = [(r["impl"], r["dtype"]) for r in recs if r["conv_winograd_train"]]
+    # (weight gradients by Winograd where "auto" takes them, once by torch: fp32 channels-last)
+    wino = [(r["impl"], r["dtype"], r["conv_winograd_weight_grad"]) for r in recs if r["conv_winograd_train"]]
     assert wino == [
-        (impl, dtype)
-        for dtype in ("float32", "bfloat16")
-        for impl in ("auto winograd", "auto channels-last winograd")
+        ("auto winograd", "float32", "auto"),
+        ("auto channels-last winograd", "float32", "auto"),
+        ("auto channels-last winograd torch-dW", "float32", "off"),
+        ("auto winograd", "bfloat16", "auto"),
+        ("auto channels-last winograd", "bfloat16", "auto"),
     ]
+    assert all(r["conv_winograd_weight_grad"] is None for r in recs if not r["conv_winograd_train"])
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in recs)
     # one network's forward + backward FLOPs per step in every row, and TFLOP/s from them
     assert len({r["gflop_per_step"] for r in recs}) == 1 and recs[0]["gflop_per_step"] > 1e-3
@@ -81,16 +86,16 @@ def _run_and_check(tmp_path, calls):
     assert recs[0]["impl"] == "einsum" and recs[0]["speedup"] == 1
     # the reference eager (fp32, bf16), then the compiled section: per dtype the reference
     # compiled, then ours compiled
-    tail = [(r["impl"], r["dtype"]) for r in recs[14:]]
+    tail = [(r["impl"], r["dtype"]) for r in recs[15:]]
     assert tail == [("reference", "float32"), ("reference", "bfloat16")] + [
         (name, dtype)
         for dtype in ("float32", "bfloat16")
         for name in ("reference compile(max-autotune)", "auto compile(max-autotune)")
     ]
-    assert [r["reference"] for r in recs[14:]] == [True, True] + [True, False] * 2
-    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:14])
+    assert [r["reference"] for r in recs[15:]] == [True, True] + [True, False] * 2
+    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:15])
     # ours eager without checkpointing against the reference eager of the same precision
-    ref_ms = {r["dtype"]: r["ms"] for r in recs[14:16]}
+    ref_ms = {r["dtype"]: r["ms"] for r in recs[15:17]}
     for r in recs:
         eager_ours = not r["reference"] and not r["use_checkpoint"] and r["compile"] == "none"
         assert ("speedup_vs_reference" in r) == eager_ours, r["impl"]
@@ -140,7 +145,7 @@ def test_digits_config_and_breakdown(tmp_path, monkeypatch):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 14 and not any(r["reference"] for r in recs)
+    assert len(recs) == 15 and not any(r["reference"] for r in recs)
     assert all(r["op"].startswith("train step digits") and r["shape"] == [4, 1, 16, 16] for r in recs)
     assert 1.0e6 < recs[0]["params"] < 1.2e6  # "1.08 M parameters"
     for r in recs:
