@@ -44,6 +44,7 @@ __all__ = [
     "conv_winograd_weight_grad",
     "get_conv_winograd_weight_grad",
     "set_conv_winograd_weight_grad",
+    "winograd_train_takes",
     "get_groupnorm_impl",
     "groupnorm_impl",
     "set_groupnorm_impl",
@@ -615,16 +616,14 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # kernel, stride 1, padding 1, dilation 1, one group and zero padding may run
 # iddpm_ext.ops.winograd.conv3x3_winograd_train: the forward and the input gradient as Winograd
 # F(2×2, 3×3) convolutions on weights transformed afresh each call (they change every step), the
-# weight and bias gradients as torch computes them. The compute dtype is torch's (the input's = the
+# float32 weight gradient by the Winograd transforms too (below), the other gradients as torch
+# computes them. The compute dtype is torch's (the input's = the
 # weight's, or bf16 under CPU bf16 autocast, casting as autocast's conv does); the output has the
 # layout torch's conv gives; conv_add folds the residual into the kernel. Modes:
 #   "off": never;
-#   "auto": float32 calls on channels-last input (TrainLoop(channels_last=True), --channels_last)
-#   with Cin and Cout >= 32 and H, W >= 4 (the inference rule's float32 bounds): as accurate as the
-#   direct conv (tests/ops/test_winograd_train.py) and measured faster here (iddpm bench train,
-#   one thread: the whole channels-last training step 1.02-1.07x at --config digits, batch 64,
-#   1.14-1.15x for the CIFAR-10 model at batch 8; docs/training.md); on NCHW input the layout copies ate
-#   the gain for the digits model (0.89-0.98x), so NCHW calls are left to torch;
+#   "auto": float32 calls within _WINOGRAD_TRAIN_AUTO's bounds (below; channels-last or NCHW input):
+#   as accurate as the direct conv (tests/ops/test_winograd_train.py) and measured faster here
+#   (iddpm bench train, docs/training.md);
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input
 #   gradient; the channels-last bf16 step measured 0.98-1.03x / 1.00-1.07x for those two models).
@@ -634,8 +633,13 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # Default from IDDPM_CONV_WINOGRAD_TRAIN=auto/1/0 (unset: auto).
 # The float32 weight gradient of those calls (set_conv_winograd_weight_grad, default from
 # IDDPM_CONV_WINOGRAD_WEIGHT_GRAD=auto/1/0): "auto" by conv3x3_winograd_weight_grad where Cin or
-# Cout >= 64 (measured 1.0-2.0x oneDNN's weight gradient there), "on" always, "off" torch's.
+# Cout >= 64 (iddpm bench conv --passes wgrad), "on" always, "off" torch's.
 _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
+# "auto"'s float32 calls per input layout: (min(Cin, Cout), max(Cin, Cout), min(H, W), N·H·W) at
+# least: where one conv's forward + backward measured faster than torch's (iddpm bench conv --passes
+# train, docs/training.md). Below them the per-call weight transforms outweigh a small map's work
+# (e.g. 8×256×4×4), or 32-channel GEMMs gain too little; NCHW pays the kernel's layout copies.
+_WINOGRAD_TRAIN_AUTO = {"channels_last": (32, 64, 4, 256), "nchw": (64, 64, 4, 1024)}
 
 
 def _winograd_train_mode_from_env() -> str:
@@ -680,7 +684,9 @@ def get_conv_winograd_weight_grad() -> str:
 
 @contextlib.contextmanager
 def conv_winograd_weight_grad(mode: str | bool):
-    """Context manager: ``with conv_winograd_weight_grad("off"): loss.backward()`` etc."""
+    """Context manager: ``with conv_winograd_weight_grad("off"): loss = ...; loss.backward()``. The
+    mode is read by each conv's forward (the backward of a call follows the mode its forward ran
+    in), so the forward must run inside."""
     previous = set_conv_winograd_weight_grad(mode)
     try:
         yield
@@ -690,7 +696,8 @@ def conv_winograd_weight_grad(mode: str | bool):
 
 @contextlib.contextmanager
 def conv_winograd_train(mode: str | bool):
-    """Context manager: ``with conv_winograd_train("auto"): loss.backward()`` etc."""
+    """Context manager: ``with conv_winograd_train("auto"): loss = ...; loss.backward()``. The mode
+    is read by each conv's forward (its backward follows), so the forward must run inside."""
     previous = set_conv_winograd_train(mode)
     try:
         yield
@@ -743,15 +750,31 @@ def _winograd_train_dtype(conv: nn.Conv2d, x) -> torch.dtype | None:
         dtype = x.dtype
         if dtype not in floats or w.dtype != dtype or (b is not None and b.dtype != dtype):
             return None
-    if mode == "auto" and (
-        dtype != torch.float32
-        or not x.is_contiguous(memory_format=torch.channels_last)
-        or x.is_contiguous()
-        or min(conv.in_channels, conv.out_channels) < _WINOGRAD_AUTO_MIN_CHANNELS
-        or min(x.shape[2], x.shape[3]) < _WINOGRAD_AUTO_MIN_SIZE[torch.float32]
-    ):
-        return None
+    if mode == "auto":
+        if x.is_contiguous():
+            layout = "nchw"
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            layout = "channels_last"
+        else:
+            return None
+        min_c, max_c, min_size, min_pixels = _WINOGRAD_TRAIN_AUTO[layout]
+        cin, cout = conv.in_channels, conv.out_channels
+        N, _, H, W = x.shape
+        if (
+            dtype != torch.float32
+            or min(cin, cout) < min_c
+            or max(cin, cout) < max_c
+            or min(H, W) < min_size
+            or N * H * W < min_pixels
+        ):
+            return None
     return dtype
+
+
+def winograd_train_takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether a training call ``conv(x)`` (grad enabled) runs the Winograd conv in the current mode."""
+    with torch.enable_grad():
+        return _winograd_train_dtype(conv, x) is not None
 
 
 def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, residual=None) -> torch.Tensor:
@@ -775,8 +798,8 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose training calls may run the Winograd conv (:func:`set_conv_winograd_train`:
-    by default fp32 channels-last calls): the same parameters, state_dict and results up to float
-    rounding."""
+    by default the fp32 calls of the "auto" rule, channels-last or NCHW): the same parameters,
+    state_dict and results up to float rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # (TorchScript compiles only nn.Conv2d's own call)

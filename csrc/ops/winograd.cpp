@@ -14,7 +14,7 @@
 //     not rounded to bf16).
 //   iddpm::conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor
 //     the weight gradient [Cout, Cin, 3, 3] of conv2d(x, weight, stride 1, padding 1) given
-//     grad_y [N, Cout, H, W] (the output's gradient), float32 only, contiguous; by the same
+//     grad_y [N, Cout, H, W] (the output's gradient, any layout), float32 only; by the same
 //     transforms: 16 GEMMs Vᵀ @ dM reduce over the tiles (2.25x fewer products than direct).
 // Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
 // where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has

@@ -20,6 +20,11 @@ relative to the output's max) and ``per_forward`` (how many convs of this shape 
 CIFAR-10 UNet runs; 0: not in the model). After each dtype one ``conv3x3 per forward`` record per
 impl sums the model's convs weighted by that count: the time the UNet spends in them (with
 ``--quick``, in those of the quick cases).
+``--passes wgrad`` (float32) times the weight gradient instead, given the output's gradient
+(channels-last, like x): torch's (``aten::convolution_backward``, oneDNN; row "torch conv")
+against ``iddpm::conv3x3_winograd_weight_grad`` (row "iddpm (winograd)"), records ``conv3x3 weight
+grad`` (``err``: against float64, relative to the gradient's max) and ``conv3x3 weight grad per
+backward`` (per_forward: the same count, one weight gradient per conv per backward).
 CPU only (the op has no CUDA kernel): on another device it prints a line and times nothing.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..nn import conv_nd, conv_winograd_train, winograd_train_takes
 from ..ops import winograd
 from . import common
 
@@ -45,8 +51,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("torch conv", "packed (oneDNN)", "iddpm (winograd)", "iddpm (winograd, packed)")
 
 
+_PASSES = ("fwd", "wgrad", "train")
+_LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
 def add_arguments(parser):
     parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument(
+        "--passes",
+        default="fwd",
+        help="comma-separated: fwd (the convolution), wgrad (its weight gradient, float32: torch's "
+        "against iddpm::conv3x3_winograd_weight_grad), train (float32: one training call's forward "
+        "and backward through iddpm_ext.nn.Conv2d, Winograd off against on, channels-last and NCHW)",
+    )
     parser.add_argument(
         "--cases", default=None, help="cases as BxCinxCoutxHxW, comma-separated (default: the UNet's)"
     )
@@ -77,6 +94,44 @@ def _impls(x, w, b):
     return impls
 
 
+def _torch_wgrad(x, w, gy):
+    """torch's weight gradient of conv2d(x, w, padding=1) given the output's gradient gy."""
+    one = [1, 1]
+    return torch.ops.aten.convolution_backward(
+        gy, x, w, None, one, one, one, False, [0, 0], 1, [False, True, False]
+    )[1]
+
+
+def _wgrad_impls(x, w, gy):
+    """{impl: fn} of that weight gradient."""
+    return {
+        "torch conv": lambda: _torch_wgrad(x, w, gy),
+        "iddpm (winograd)": lambda: winograd.conv3x3_winograd_weight_grad(x, gy),
+    }
+
+
+def _train_impls(x, w, b, gy):
+    """{impl: fn} of one training call of iddpm_ext.nn's conv with weight w and bias b: forward of x
+    (which needs a gradient, as inside the UNet) and backward of gy, by torch's convs ("torch conv")
+    or the Winograd training conv ("iddpm (winograd)", conv_winograd_train("on")); fn returns the
+    weight gradient. Also whether "auto" takes the call."""
+    conv = conv_nd(2, w.shape[1], w.shape[0], 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+    x = x.detach().requires_grad_()
+
+    def step(mode):
+        conv.weight.grad = conv.bias.grad = x.grad = None
+        with conv_winograd_train(mode):
+            conv(x).backward(gy)
+        return conv.weight.grad
+
+    with conv_winograd_train("auto"):
+        auto = winograd_train_takes(conv, x)
+    return {"torch conv": lambda: step("off"), "iddpm (winograd)": lambda: step("on")}, auto
+
+
 def _vs_packed(times, impl):
     packed = times.get(IMPLS[1])
     return None if packed is None or impl == IMPLS[0] else round(packed / times[impl], 2)
@@ -91,32 +146,50 @@ def run(args) -> list:
         print("iddpm bench conv: iddpm_ext._C has no Winograd kernel (not built); nothing to time")
         return []
     dtypes = [_DTYPES[n] for n in common.parse_names(args.dtype, _DTYPES, "dtype")]
+    passes = common.parse_names(args.passes, _PASSES, "passes")
     if args.cases:
         cases = [(*c, 0) for c in common.parse_shapes(args.cases, "--cases", 5, "2x128x128x32x32")]
     else:
         cases = QUICK_CASES if args.quick else CASES
     records = []
-    for dtype in dtypes:
+    runs = [(p, d, lay) for p in passes for d in dtypes for lay in (_LAYOUTS if p == "train" else [None])]
+    for pass_, dtype, layout in runs:
+        if pass_ != "fwd" and dtype != torch.float32:
+            if layout in (None, "channels_last"):
+                print(f"iddpm bench conv: the {pass_} pass is float32 only; no {pass_} rows in {dtype}")
+            continue
+        op = {"fwd": "conv3x3", "wgrad": "conv3x3 weight grad", "train": "conv3x3 train"}[pass_]
         totals = dict.fromkeys(IMPLS, 0.0)
         packed_run = dtype == torch.bfloat16 and winograd.packed_available()
         for B, cin, cout, H, W, count in cases:
             gen = torch.Generator().manual_seed(0)
-            cl = torch.channels_last
-            x = torch.randn(B, cin, H, W, generator=gen).to(dtype).contiguous(memory_format=cl)
+            fmt = _LAYOUTS[layout or "channels_last"]
+            x = torch.randn(B, cin, H, W, generator=gen).to(dtype).contiguous(memory_format=fmt)
             w = (torch.randn(cout, cin, 3, 3, generator=gen) / (9 * cin) ** 0.5).to(dtype)
-            w = w.contiguous(memory_format=cl)
+            w = w.contiguous(memory_format=torch.channels_last if layout is None else fmt)
             b = torch.randn(cout, generator=gen).to(dtype)
-            ref = F.conv2d(x.double(), w.double(), b.double(), 1, 1)
+            extra = {}
+            if pass_ == "fwd":
+                ref = F.conv2d(x.double(), w.double(), b.double(), 1, 1)
+                impls = _impls(x, w, b)
+            else:
+                gy = torch.randn(B, cout, H, W, generator=gen).to(dtype).contiguous(memory_format=fmt)
+                ref = _torch_wgrad(x.double(), w.double(), gy.double())
+                if pass_ == "wgrad":
+                    impls = _wgrad_impls(x, w, gy)
+                else:
+                    impls, auto = _train_impls(x, w, b, gy)
+                    extra = {"layout": layout, "auto": auto}
             scale = max(ref.abs().max().item(), 1e-30)
-            flops = 2 * B * H * W * cin * cout * 9
+            flops = 2 * B * H * W * cin * cout * 9 * (3 if pass_ == "train" else 1)
             times = {}
-            with torch.no_grad():
-                for impl, fn in _impls(x, w, b).items():
+            with torch.set_grad_enabled(pass_ == "train"):
+                for impl, fn in impls.items():
                     times[impl] = common.time_ms(fn, device, args.warmup, args.iters)
                     err = (fn().double() - ref).abs().max().item() / scale
                     totals[impl] += times[impl] * count
                     rec = common.record(
-                        "conv3x3",
+                        op,
                         impl,
                         [B, cin, cout, H, W],
                         dtype,
@@ -127,6 +200,7 @@ def run(args) -> list:
                         vs_packed=_vs_packed(times, impl),
                         err=float(f"{err:.3g}"),
                         per_forward=count,
+                        **extra,
                     )
                     records.append(common.emit(args, rec))
             if packed_run and IMPLS[3] not in times:  # the model runs the plain weight there
@@ -135,7 +209,7 @@ def run(args) -> list:
             timed = {impl: t for impl, t in totals.items() if t > 0}
             for impl, total in timed.items():
                 rec = common.record(
-                    "conv3x3 per forward",
+                    op + {"fwd": " per forward", "wgrad": " per backward", "train": " per step"}[pass_],
                     impl,
                     "cifar10" if cases == CASES else "cifar10 (these cases)",
                     dtype,
@@ -143,6 +217,7 @@ def run(args) -> list:
                     total,
                     speedup=round(timed["torch conv"] / total, 2),
                     vs_packed=_vs_packed(timed, impl),
+                    **({"layout": layout} if layout else {}),
                 )
                 records.append(common.emit(args, rec))
     return records

@@ -6,12 +6,13 @@ gradient norm, AdamW and an EMA update. Cases: fp32 and bf16 autocast, with and 
 ``use_checkpoint``, attention ``auto`` (the fused kernel where the extension has one for
 the device) and ``einsum`` (the reference's math), and without checkpointing ``auto`` with the
 torso channels-last (``TrainLoop(channels_last=True)``, impl "auto channels-last"); on the CPU
-also both of those with every 3×3 stride-1 conv's forward and input gradient by Winograd
-(``iddpm_ext.nn.conv_winograd_train("on")``, impl "... winograd"; the other rows run with it
-"off"; the default "auto" takes the fp32 channels-last calls with 32 or more channels), their
-fp32 weight gradients by Winograd too where ``conv_winograd_weight_grad("auto")`` takes them (Cin
-or Cout ≥ 64), and once more, fp32 channels-last, with torch's weight gradients (impl "...
-winograd torch-dW"). The
+also both of those with the 3×3 stride-1 convs' forward and input gradient by Winograd
+(``iddpm_ext.nn.conv_winograd_train``, impl "... winograd": fp32 in the default mode "auto", which
+takes the calls its rule measured faster, so these rows are the library's default CPU path; bf16,
+which "auto" leaves to torch, "on": every call; the other rows run it "off"; record field
+``conv_winograd_train``: the mode), their fp32 weight gradients by Winograd too where
+``conv_winograd_weight_grad("auto")`` takes them (Cin or Cout ≥ 64), and once more, fp32
+channels-last, with torch's weight gradients (impl "... winograd torch-dW"). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
 When IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
@@ -210,7 +211,7 @@ def _step_kind(ev) -> str:
 
 def _impl_name(impl, channels_last, compile_mode, reference, winograd=None) -> str:
     name = "reference" if reference else impl + (" channels-last" if channels_last else "")
-    name += " winograd" if winograd else ""  # (conv_winograd_train("on"))
+    name += " winograd" if winograd else ""  # (conv_winograd_train: fp32 "auto", bf16 "on")
     name += " torch-dW" if winograd == "off" else ""  # (conv_winograd_weight_grad("off"))
     return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
 
@@ -238,9 +239,11 @@ def run(args) -> list:
             if flops is None:
                 flops = _step_flops(loop, x)
             peak = None
+            # the Winograd rows: fp32 by the default rule ("auto"), bf16 (which it leaves to torch) "on"
+            wino_mode = "off" if wino is None else ("on" if amp == "bf16" else "auto")
             with (
                 attention_impl(impl),
-                conv_winograd_train("on" if wino else "off"),
+                conv_winograd_train(wino_mode),
                 conv_winograd_weight_grad(wino or "auto"),
             ):
                 if device.type == "cuda":
@@ -275,7 +278,7 @@ def run(args) -> list:
                 images_per_s=round(batch * 1000 / ms, 1),
                 use_checkpoint=use_ckpt,
                 channels_last=cl,
-                conv_winograd_train=wino is not None,
+                conv_winograd_train=wino_mode,
                 conv_winograd_weight_grad=wino,
                 compile=comp,
                 reference=ref,

@@ -121,8 +121,8 @@ def _train_weight(weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool
 
 
 WEIGHT_GRAD_MODES = ("auto", "on", "off")
-# "auto" takes the Winograd weight gradient where one of Cin, Cout is at least this: measured 1.0-2.0x
-# oneDNN's at such shapes, 0.88-1.03x with 32 channels in and out (iddpm bench conv --passes wgrad).
+# "auto" takes the Winograd weight gradient where one of Cin, Cout is at least this (with 32 channels
+# in and out it gains too little: iddpm bench conv --passes wgrad, docs/training.md).
 _WEIGHT_GRAD_AUTO_MIN_CHANNELS = 64
 
 
@@ -160,6 +160,9 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
             and _winograd_weight_grad(ctx.weight_grad, x.dtype, weight.shape[1], weight.shape[0])
         )
         torch_grads = [need_x and not winograd_x, need_w and not winograd_w, need_b and not winograd_w]
+        # both kernels read grad_out channels-last: converted once for them (torch's backward and the
+        # residual's gradient take it as it came)
+        grad_cl = grad_out.contiguous(memory_format=torch.channels_last) if winograd_x or winograd_w else None
         with torch.autocast("cpu", enabled=False):
             grad_x = grad_w = grad_b = None
             if any(torch_grads):
@@ -167,12 +170,12 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
                     grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, torch_grads
                 )  # fmt: skip
             if winograd_w:
-                grad_w = torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_out)
+                grad_w = torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_cl)
                 if need_b:
-                    grad_b = grad_out.sum((0, 2, 3))
+                    grad_b = grad_cl.sum((0, 2, 3))
             if winograd_x:
                 grad_x = torch.ops.iddpm.conv3x3_winograd(
-                    grad_out, _train_weight(weight, grad_out.dtype, True)
+                    grad_cl, _train_weight(weight, grad_out.dtype, True)
                 )
                 if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
                     grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
@@ -195,7 +198,7 @@ def conv3x3_winograd_train(
     input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above).
     weight_grad: how the weight gradient is computed in float32, "on" by
     :func:`conv3x3_winograd_weight_grad`, "off" by torch, "auto" (default) by the former where
-    Cin or Cout is at least 64 (bf16: always torch's)."""
+    Cin or Cout is at least 64 (bf16: always torch's); fixed by this call for its backward."""
     loader.require()
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad: expected 'auto', 'on' or 'off', got {weight_grad!r}")
@@ -219,7 +222,9 @@ def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch
     gradient ``grad_y`` [N, Cout, H, W], by the Winograd transforms: per 2×2 output tile, the input
     patch's ``Bᵀ d B`` and ``A dY Aᵀ`` (the output transform's adjoint), 16 GEMMs reducing over the
     tiles, then ``Gᵀ dU G`` per filter (in float64). CPU float32 only (any layout); as accurate as
-    torch's weight gradient (tests/ops/test_winograd_train.py)."""
+    torch's weight gradient (tests/ops/test_winograd_weight_grad.py). Non-finite inputs give
+    non-finite gradients, though not always torch's: an Inf becomes NaN where the transforms
+    subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y)
 

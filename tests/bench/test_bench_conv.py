@@ -53,6 +53,60 @@ def test_rows_errors_and_per_forward_sums(tmp_path, capsys, monkeypatch):
     assert "iddpm bench conv" in capsys.readouterr().out
 
 
+def test_weight_gradient_pass(tmp_path, capsys, monkeypatch):
+    """--passes wgrad: torch's and the Winograd weight gradient per case (float32 only: a line for
+    bf16), their errors against float64, and the per-backward sums."""
+    monkeypatch.setattr(bench_conv, "CASES", [(2, 32, 64, 8, 8, 3), (1, 16, 16, 5, 7, 0)])
+    out = tmp_path / "w.json"
+    words = argv("conv --device cpu --passes wgrad --warmup 0 --iters 1 --json {json}", json=str(out))
+    assert bench.main(words) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["op"], r["impl"], r["shape"]) for r in recs] == [
+        ("conv3x3 weight grad", impl, shape)
+        for shape in ([2, 32, 64, 8, 8], [1, 16, 16, 5, 7])
+        for impl in ("torch conv", "iddpm (winograd)")
+    ] + [("conv3x3 weight grad per backward", impl, "cifar10") for impl in ("torch conv", "iddpm (winograd)")]
+    assert all(r["dtype"] == "float32" and r["ms"] > 0 for r in recs)
+    assert all(r["err"] <= 1e-5 for r in recs[:4])
+    for s in recs[4:]:
+        first = next(r for r in recs[:4] if r["impl"] == s["impl"] and r["per_forward"] == 3)
+        assert s["ms"] == pytest.approx(3 * first["ms"], rel=1e-3)
+    assert "the wgrad pass is float32 only; no wgrad rows in torch.bfloat16" in capsys.readouterr().out
+    assert bench.main(["conv", "--device", "cpu", "--passes", "bwd"]) == 2
+
+
+def test_train_pass(tmp_path, capsys, monkeypatch):
+    """--passes train: one training call (forward + backward) by torch's convs and by Winograd, per
+    case, channels-last then NCHW, each with whether "auto" takes it (as iddpm_ext.nn decides), the
+    weight gradient's error against float64, and per-step sums per layout."""
+    from iddpm_ext import nn as inn
+
+    monkeypatch.setattr(bench_conv, "CASES", [(4, 32, 64, 8, 8, 2), (1, 16, 16, 5, 7, 0)])
+    out = tmp_path / "t.json"
+    words = argv("conv --device cpu --passes train --warmup 0 --iters 1 --json {json}", json=str(out))
+    assert bench.main(words) == 0
+    recs = json.loads(out.read_text())["records"]
+    impls = ("torch conv", "iddpm (winograd)")
+    expected = []
+    for layout in ("channels_last", "nchw"):
+        shapes = ([4, 32, 64, 8, 8], [1, 16, 16, 5, 7])
+        expected += [("conv3x3 train", impl, shape, layout) for shape in shapes for impl in impls]
+        expected += [("conv3x3 train per step", impl, "cifar10", layout) for impl in impls]
+    assert [(r["op"], r["impl"], r["shape"], r["layout"]) for r in recs] == expected
+    per_case = [r for r in recs if r["op"] == "conv3x3 train"]
+    assert all(r["dtype"] == "float32" and r["ms"] > 0 and r["err"] <= 1e-5 for r in per_case)
+    # "auto": the first case channels-last only (NCHW needs 64 channels in and out), never the second
+    assert [r["auto"] for r in per_case] == [True, True, False, False, False, False, False, False]
+    conv = inn.conv_nd(2, 32, 64, 3, padding=1)
+    x_cl = torch.randn(4, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with inn.conv_winograd_train("auto"):
+        assert inn.winograd_train_takes(conv, x_cl)
+        assert not inn.winograd_train_takes(conv, torch.randn(4, 32, 8, 8))
+    with inn.conv_winograd_train("off"):
+        assert not inn.winograd_train_takes(conv, x_cl)
+    assert "the train pass is float32 only; no train rows in torch.bfloat16" in capsys.readouterr().out
+
+
 def test_without_onednn_bf16_no_packed_row(monkeypatch):
     monkeypatch.setattr(bench_conv, "CASES", [(1, 16, 16, 4, 4, 2)])
     monkeypatch.setattr(bench_conv, "_packed_available", lambda dtype: dtype != torch.bfloat16)

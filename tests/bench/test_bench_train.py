@@ -69,15 +69,20 @@ def _run_and_check(tmp_path, calls):
     ]
     # the Winograd training convs (CPU rows), NCHW and channels-last, fp32 and bf16
     # (weight gradients by Winograd where "auto" takes them, once by torch: fp32 channels-last)
-    wino = [(r["impl"], r["dtype"], r["conv_winograd_weight_grad"]) for r in recs if r["conv_winograd_train"]]
-    assert wino == [
-        ("auto winograd", "float32", "auto"),
-        ("auto channels-last winograd", "float32", "auto"),
-        ("auto channels-last winograd torch-dW", "float32", "off"),
-        ("auto winograd", "bfloat16", "auto"),
-        ("auto channels-last winograd", "bfloat16", "auto"),
+    # (fp32 by the default rule, bf16 every call)
+    wino = [
+        (r["impl"], r["dtype"], r["conv_winograd_train"], r["conv_winograd_weight_grad"])
+        for r in recs
+        if r["conv_winograd_train"] != "off"
     ]
-    assert all(r["conv_winograd_weight_grad"] is None for r in recs if not r["conv_winograd_train"])
+    assert wino == [
+        ("auto winograd", "float32", "auto", "auto"),
+        ("auto channels-last winograd", "float32", "auto", "auto"),
+        ("auto channels-last winograd torch-dW", "float32", "auto", "off"),
+        ("auto winograd", "bfloat16", "on", "auto"),
+        ("auto channels-last winograd", "bfloat16", "on", "auto"),
+    ]
+    assert all(r["conv_winograd_weight_grad"] is None for r in recs if r["conv_winograd_train"] == "off")
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in recs)
     # one network's forward + backward FLOPs per step in every row, and TFLOP/s from them
     assert len({r["gflop_per_step"] for r in recs}) == 1 and recs[0]["gflop_per_step"] > 1e-3

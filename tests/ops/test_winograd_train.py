@@ -205,16 +205,16 @@ def test_conv_nd_is_a_plain_conv2d_with_the_same_state_dict():
     "mode, layout, amp, expected",
     [
         ("off", CL, False, 0),
-        ("auto", CL, False, 1),  # fp32 channels-last: the default rule
-        ("auto", torch.contiguous_format, False, 0),  # NCHW: left to torch
+        ("auto", CL, False, 1),  # fp32: the default rule (both layouts at this size)
+        ("auto", torch.contiguous_format, False, 1),
         ("auto", CL, True, 0),  # bf16 autocast: only with "on"
         ("on", torch.contiguous_format, False, 1),
         ("on", CL, True, 1),
     ],
 )
 def test_which_calls_take_the_winograd_path(mode, layout, amp, expected, calls):
-    conv = _conv()
-    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=layout).requires_grad_()
+    conv = _conv(64, 64)
+    x = torch.randn(4, 64, 16, 16).contiguous(memory_format=layout).requires_grad_()
     with inn.conv_winograd_train(mode), torch.autocast("cpu", torch.bfloat16, enabled=amp):
         y = conv(x)
         ref = F.conv2d(x, conv.weight, conv.bias, 1, 1)  # autocast casts as it does for conv
@@ -228,18 +228,46 @@ def test_which_calls_take_the_winograd_path(mode, layout, amp, expected, calls):
         assert torch.equal(y, ref)  # torch's own conv, bit for bit
 
 
+# "auto"'s bounds per layout: min(Cin, Cout), max(Cin, Cout), min(H, W), N·H·W
+@pytest.mark.parametrize(
+    "cin, cout, shape, layout, expected",
+    [
+        (32, 64, (4, 8, 8), CL, 1),  # every channels-last bound met exactly
+        (64, 32, (16, 4, 4), CL, 1),
+        (32, 32, (4, 8, 8), CL, 0),  # max(Cin, Cout) < 64
+        (16, 64, (4, 8, 8), CL, 0),  # Cin < 32
+        (32, 64, (1, 16, 15), CL, 0),  # 240 pixels
+        (32, 64, (64, 3, 3), CL, 0),  # 3×3 map
+        (64, 64, (4, 16, 16), torch.contiguous_format, 1),  # every NCHW bound met exactly
+        (64, 64, (4, 16, 15), torch.contiguous_format, 0),  # 960 pixels
+        (32, 64, (4, 16, 16), torch.contiguous_format, 0),  # Cin < 64
+        (64, 64, (4, 4, 64), torch.contiguous_format, 1),
+        (64, 64, (4, 3, 128), torch.contiguous_format, 0),  # H = 3
+    ],
+)
+def test_auto_rule_bounds(cin, cout, shape, layout, expected, calls):
+    conv = _conv(cin, cout)
+    N, H, W = shape
+    x = torch.randn(N, cin, H, W).contiguous(memory_format=layout).requires_grad_()
+    with inn.conv_winograd_train("auto"):
+        y = conv(x)
+    assert len(calls) == expected
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, 1, 1), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "setup",
     [
-        lambda: (torch.no_grad(), _conv(), torch.randn(2, 32, 8, 8)),  # no grad: inference rules
-        lambda: (torch.enable_grad(), _conv(16, 32), torch.randn(2, 16, 8, 8)),  # Cin < 32
-        lambda: (torch.enable_grad(), _conv(), torch.randn(2, 32, 3, 3)),  # 3×3 map
-        lambda: (torch.enable_grad(), _conv(stride=2), torch.randn(2, 32, 8, 8)),  # strided
+        lambda: (torch.no_grad(), _conv(32, 64), torch.randn(4, 32, 8, 8)),  # no grad: inference rules
+        lambda: (torch.enable_grad(), _conv(32, 64, stride=2), torch.randn(4, 32, 8, 8)),  # strided
+        # neither channels-last nor NCHW-contiguous
+        lambda: (torch.enable_grad(), _conv(64, 64), torch.randn(4, 64, 16, 32)[..., ::2]),
     ],
 )
 def test_auto_leaves_other_calls_to_torch(setup, calls):
     ctx, conv, x = setup()
-    x = x.contiguous(memory_format=CL)
+    if x.is_contiguous():
+        x = x.contiguous(memory_format=CL)
     with ctx, inn.conv_winograd_train("auto"):
         y = conv(x)
     assert not calls and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, conv.stride, 1))
@@ -324,9 +352,9 @@ def test_jit_trace_records_torchs_conv(calls):
     "mode, x_layout, r_layout", [("auto", CL, torch.contiguous_format), ("on", torch.contiguous_format, CL)]
 )
 def test_conv_add_keeps_torchs_layout_for_a_residual_in_the_other_one(mode, x_layout, r_layout, calls):
-    conv = _conv()
-    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=x_layout).requires_grad_()
-    r = torch.randn(2, 32, 6, 6).contiguous(memory_format=r_layout)
+    conv = _conv(32, 64)
+    x = torch.randn(8, 32, 6, 6).contiguous(memory_format=x_layout).requires_grad_()
+    r = torch.randn(8, 64, 6, 6).contiguous(memory_format=r_layout)
     with inn.conv_winograd_train(mode):
         y = inn.conv_add(conv, x, r)
     ref = r + F.conv2d(x, conv.weight, conv.bias, 1, 1)
@@ -368,13 +396,13 @@ def test_empty_inputs(calls):
 
 
 def test_hooks_run_and_skip_the_fold(calls):
-    conv = _conv()
+    conv = _conv(32, 64)
     seen = []
     conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    x = torch.randn(1, 32, 4, 4).contiguous(memory_format=CL).requires_grad_()
+    x = torch.randn(16, 32, 4, 4).contiguous(memory_format=CL).requires_grad_()
     with inn.conv_winograd_train("auto"):
-        inn.conv_add(conv, x, torch.zeros(1, 32, 4, 4))
-    assert seen == [(1, 32, 4, 4)] and len(calls) == 1  # through conv(x): hook, then Winograd
+        inn.conv_add(conv, x, torch.zeros(16, 64, 4, 4))
+    assert seen == [(16, 64, 4, 4)] and len(calls) == 1  # through conv(x): hook, then Winograd
 
 
 def test_mode_switch_and_env(monkeypatch):
@@ -400,17 +428,20 @@ def test_mode_switch_and_env(monkeypatch):
 
 
 @pytest.mark.slow
-def test_unet_training_steps_match_the_plain_path(tmp_path, calls):
-    """A channels-last fp32 TrainLoop (the default "auto" takes its 32-channel convs) against the
-    same run with the path off: the losses of 4 steps and the final parameters agree to float32
+@pytest.mark.parametrize("channels_last, batch", [(True, 4), (False, 16)])
+def test_unet_training_steps_match_the_plain_path(tmp_path, calls, channels_last, batch):
+    """An fp32 TrainLoop, channels-last or NCHW (the default "auto" takes some of the tiny model's
+    convs at these batch sizes: its 32 → 64 and 64 → 64 ones channels-last, 64 → 64 NCHW) against
+    the same run with the path off: the losses of 4 steps and the final parameters agree to float32
     rounding accumulated over the steps."""
     from iddpm_ext.bench.train import _loop
 
     def run(mode):
         torch.manual_seed(0)
-        x = torch.rand(4, 3, 16, 16) * 2 - 1
+        x = torch.rand(batch, 3, 16, 16) * 2 - 1
         with inn.conv_winograd_train(mode):
-            loop, _, _ = _loop("tiny", False, "none", torch.device("cpu"), 4, str(tmp_path / mode), True)
+            folder = str(tmp_path / mode)
+            loop, _, _ = _loop("tiny", False, "none", torch.device("cpu"), batch, folder, channels_last)
             losses = []
             for _ in range(4):
                 loop.run_step(x, {})

@@ -208,7 +208,7 @@ def test_nn_switch_reaches_the_backward(monkeypatch):
     grads = {}
     for mode in ("on", "off"):
         conv.zero_grad()
-        with inn.conv_winograd_train("auto"), inn.conv_winograd_weight_grad(mode):
+        with inn.conv_winograd_train("on"), inn.conv_winograd_weight_grad(mode):
             assert inn.get_conv_winograd_weight_grad() == mode
             conv(x).backward(gy)
         grads[mode] = conv.weight.grad.clone()
@@ -231,3 +231,18 @@ def test_nn_switch_reaches_the_backward(monkeypatch):
     monkeypatch.setenv("IDDPM_CONV_WINOGRAD_WEIGHT_GRAD", "fast")
     with pytest.raises(ValueError, match="IDDPM_CONV_WINOGRAD_WEIGHT_GRAD: expected auto, 1 or 0"):
         inn._winograd_weight_grad_mode_from_env()
+
+
+def test_residual_gradient_keeps_the_incoming_layout():
+    """The residual's gradient is grad_out as it came (an NCHW skip connection gets an NCHW
+    gradient), not the channels-last copy the Winograd kernels read."""
+    torch.manual_seed(0)
+    conv = inn.conv_nd(2, 64, 64, 3, padding=1)
+    h0 = torch.randn(4, 64, 16, 16, requires_grad=True)
+    skip = h0 * 1  # a non-leaf NCHW residual, as in the UNet's ResBlock
+    seen = []
+    skip.register_hook(lambda g: seen.append(g.is_contiguous()))
+    with inn.conv_winograd_train("on"):
+        y = inn.conv_add(conv, h0, skip)
+    y.backward(torch.randn(y.shape))
+    assert seen == [True]
