@@ -638,8 +638,10 @@ _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 # "auto"'s float32 calls per input layout: (min(Cin, Cout), max(Cin, Cout), min(H, W), N·H·W) at
 # least: where one conv's forward + backward measured faster than torch's (iddpm bench conv --passes
 # train, docs/training.md). Below them the per-call weight transforms outweigh a small map's work
-# (e.g. 8×256×4×4), or 32-channel GEMMs gain too little; NCHW pays the kernel's layout copies.
-_WINOGRAD_TRAIN_AUTO = {"channels_last": (32, 64, 4, 256), "nchw": (64, 64, 4, 1024)}
+# (e.g. 8×256×4×4), or 32-channel GEMMs gain too little; NCHW pays the kernel's layout copies: its
+# 64-channel convs gained 1.14-1.33x alone but the digits model's NCHW step none (0.93-0.97x,
+# iddpm bench train), so NCHW needs 128 channels (the CIFAR-10 and ImageNet-64 models' convs).
+_WINOGRAD_TRAIN_AUTO = {"channels_last": (32, 64, 4, 256), "nchw": (128, 128, 4, 1024)}
 
 
 def _winograd_train_mode_from_env() -> str:

@@ -95,7 +95,7 @@ def test_train_pass(tmp_path, capsys, monkeypatch):
     assert [(r["op"], r["impl"], r["shape"], r["layout"]) for r in recs] == expected
     per_case = [r for r in recs if r["op"] == "conv3x3 train"]
     assert all(r["dtype"] == "float32" and r["ms"] > 0 and r["err"] <= 1e-5 for r in per_case)
-    # "auto": the first case channels-last only (NCHW needs 64 channels in and out), never the second
+    # "auto": the first case channels-last only (NCHW needs 128 channels in and out), never the second
     assert [r["auto"] for r in per_case] == [True, True, False, False, False, False, False, False]
     conv = inn.conv_nd(2, 32, 64, 3, padding=1)
     x_cl = torch.randn(4, 32, 8, 8).contiguous(memory_format=torch.channels_last)
