@@ -12,7 +12,9 @@ takes the calls its rule measured faster, so these rows are the library's defaul
 which "auto" leaves to torch, "on": every call; the other rows run it "off"; record field
 ``conv_winograd_train``: the mode), their fp32 weight gradients by Winograd too where
 ``conv_winograd_weight_grad("auto")`` takes them (Cin or Cout ≥ 64), and once more, fp32
-channels-last, with torch's weight gradients (impl "... winograd torch-dW"). The
+channels-last, with torch's weight gradients (impl "... winograd torch-dW"). Every row runs
+TrainLoop's default fused AdamW but one, fp32 ``auto`` with the reference's per-tensor AdamW (impl
+"auto per-tensor-adamw", record field ``fused_optimizer``). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
 
 When IDDPM_REF_PATH names a checkout of openai/improved-diffusion, the reference's UNetModel
@@ -127,7 +129,7 @@ def _reference_model(cfg, ours):
 
 
 def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=False, compile="none",
-          reference=False):  # fmt: skip
+          reference=False, fused_optimizer=True):  # fmt: skip
     from ..resample import UniformSampler
     from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from ..training.loop import TrainLoop
@@ -157,6 +159,7 @@ def _loop(config, use_checkpoint, amp, device, batch, out_dir, channels_last=Fal
         amp=amp,
         channels_last=channels_last,
         compile=compile,
+        fused_optimizer=fused_optimizer,
         progress=False,
         log=lambda *a, **k: None,
     )
@@ -175,26 +178,31 @@ def _step_flops(loop, x) -> int:
 
 def _cases(compile_mode, with_reference, cpu=False) -> list:
     """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model, Winograd
-    training convs: None, or their weight-gradient mode) of each case, in the order they run (the
-    first is the speedup baseline)."""
+    training convs: None, or their weight-gradient mode, fused AdamW) of each case, in the order
+    they run (the first is the speedup baseline)."""
+
+    def case(use_ckpt, amp, impl="auto", cl=False, comp="none", ref=False, wino=None, fused=True):
+        return (use_ckpt, amp, impl, cl, comp, ref, wino, fused)
+
     cases = []
     for use_ckpt in (False, True):
         for amp in ("none", "bf16"):
             for impl in ("einsum", "auto"):
-                cases.append((use_ckpt, amp, impl, False, "none", False, None))
+                cases.append(case(use_ckpt, amp, impl))
             if not use_ckpt:  # the torso channels-last, fused attention
-                cases.append((use_ckpt, amp, "auto", True, "none", False, None))
+                cases.append(case(use_ckpt, amp, cl=True))
             if not use_ckpt and cpu:  # the 3×3 convs by Winograd, NCHW and channels-last
-                cases += [(use_ckpt, amp, "auto", cl, "none", False, "auto") for cl in (False, True)]
+                cases += [case(use_ckpt, amp, cl=cl, wino="auto") for cl in (False, True)]
                 if amp == "none":  # and with torch's weight gradients (bf16 has only those)
-                    cases.append((use_ckpt, amp, "auto", True, "none", False, "off"))
+                    cases.append(case(use_ckpt, amp, cl=True, wino="off"))
+    cases.append(case(False, "none", fused=False))  # the reference's per-tensor AdamW
     if with_reference:  # the reference model eager, in the same loop
-        cases += [(False, amp, "auto", False, "none", True, None) for amp in ("none", "bf16")]
+        cases += [case(False, amp, ref=True) for amp in ("none", "bf16")]
     if compile_mode:
         for amp in ("none", "bf16"):
             if with_reference:
-                cases.append((False, amp, "auto", False, compile_mode, True, None))
-            cases.append((False, amp, "auto", False, compile_mode, False, None))
+                cases.append(case(False, amp, comp=compile_mode, ref=True))
+            cases.append(case(False, amp, comp=compile_mode))
     return cases
 
 
@@ -209,10 +217,11 @@ def _step_kind(ev) -> str:
     return _event_kind(ev)
 
 
-def _impl_name(impl, channels_last, compile_mode, reference, winograd=None) -> str:
+def _impl_name(impl, channels_last, compile_mode, reference, winograd=None, fused=True) -> str:
     name = "reference" if reference else impl + (" channels-last" if channels_last else "")
     name += " winograd" if winograd else ""  # (conv_winograd_train: fp32 "auto", bf16 "on")
     name += " torch-dW" if winograd == "off" else ""  # (conv_winograd_weight_grad("off"))
+    name += "" if fused else " per-tensor-adamw"  # (TrainLoop(fused_optimizer=False))
     return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
 
 
@@ -231,9 +240,9 @@ def run(args) -> list:
     reference_ms, compiled_reference_ms = {}, {}  # amp -> ms of the reference eager / compiled
     flops = None  # per step, counted once (the same network in every case)
     with tempfile.TemporaryDirectory() as tmp:
-        for use_ckpt, amp, impl, cl, comp, ref, wino in cases:
+        for use_ckpt, amp, impl, cl, comp, ref, wino, fused in cases:
             loop, x, n_params = _loop(
-                config, use_ckpt, amp, device, batch, tmp, channels_last=cl, compile=comp, reference=ref
+                config, use_ckpt, amp, device, batch, tmp, cl, comp, reference=ref, fused_optimizer=fused
             )
             step = functools.partial(loop.run_step, x, {})
             if flops is None:
@@ -264,7 +273,7 @@ def run(args) -> list:
                 (reference_ms if comp == "none" else compiled_reference_ms)[amp] = ms
             elif amp in compiled_reference_ms:
                 extra["speedup_vs_compiled_reference"] = round(compiled_reference_ms[amp] / ms, 3)
-            name = _impl_name(impl, cl, comp, ref, wino)
+            name = _impl_name(impl, cl, comp, ref, wino, fused)
             rec = common.record(
                 f"train step {config}" + (" +ckpt" if use_ckpt else ""),
                 name,
@@ -280,6 +289,7 @@ def run(args) -> list:
                 channels_last=cl,
                 conv_winograd_train=wino_mode,
                 conv_winograd_weight_grad=wino,
+                fused_optimizer=fused,
                 compile=comp,
                 reference=ref,
                 peak_mib=None if peak is None else round(peak, 1),

@@ -68,7 +68,7 @@ TRAIN_HELP = {
 TRAIN_EXTRA = dict(
     out_dir="runs/train", seed=0, amp="none", grad_clip=0.0, max_steps=0, device="", keep_checkpoints=0,
     random_flip=False, resize="crop", num_workers=0, progress=True, threads=0, tensorboard=False,
-    channels_last=False, compile="none",
+    channels_last=False, compile="none", fused_optimizer=True,
 )
 # fmt: on
 TRAIN_EXTRA_HELP = {
@@ -90,6 +90,8 @@ TRAIN_EXTRA_HELP = {
     "tensorboard package, not installed with iddpm_ext)",
     "channels_last": "train the UNet's torso in channels-last (NHWC) memory format (checkpoints are "
     "the same; not yet measured on a GPU)",
+    "fused_optimizer": "torch's fused AdamW (one kernel over all parameters; the same update up to "
+    "float rounding, several times faster on the CPU); False: the reference's per-tensor AdamW",
     "compile": "run the network's forward and backward through torch.compile in this mode (none: "
     "eager; reduce-overhead adds CUDA graphs; the first steps compile, for minutes; checkpoints are "
     "the same; not yet measured on a GPU)",

@@ -57,7 +57,7 @@ def _run_and_check(tmp_path, calls):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 21
+    assert len(recs) == 22
     assert all(r["shape"] == [8, 3, 16, 16] for r in recs)
     cl = [r for r in recs if r["channels_last"]]
     assert [(r["impl"], r["dtype"], r["use_checkpoint"]) for r in cl] == [
@@ -91,16 +91,21 @@ def _run_and_check(tmp_path, calls):
     assert recs[0]["impl"] == "einsum" and recs[0]["speedup"] == 1
     # the reference eager (fp32, bf16), then the compiled section: per dtype the reference
     # compiled, then ours compiled
-    tail = [(r["impl"], r["dtype"]) for r in recs[15:]]
+    # the reference's per-tensor AdamW once (the last eager case of ours)
+    assert [(r["impl"], r["dtype"]) for r in recs if not r["fused_optimizer"]] == [
+        ("auto per-tensor-adamw", "float32")
+    ]
+    assert recs[15]["impl"] == "auto per-tensor-adamw"
+    tail = [(r["impl"], r["dtype"]) for r in recs[16:]]
     assert tail == [("reference", "float32"), ("reference", "bfloat16")] + [
         (name, dtype)
         for dtype in ("float32", "bfloat16")
         for name in ("reference compile(max-autotune)", "auto compile(max-autotune)")
     ]
-    assert [r["reference"] for r in recs[15:]] == [True, True] + [True, False] * 2
-    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:15])
+    assert [r["reference"] for r in recs[16:]] == [True, True] + [True, False] * 2
+    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:16])
     # ours eager without checkpointing against the reference eager of the same precision
-    ref_ms = {r["dtype"]: r["ms"] for r in recs[15:17]}
+    ref_ms = {r["dtype"]: r["ms"] for r in recs[16:18]}
     for r in recs:
         eager_ours = not r["reference"] and not r["use_checkpoint"] and r["compile"] == "none"
         assert ("speedup_vs_reference" in r) == eager_ours, r["impl"]
@@ -150,7 +155,7 @@ def test_digits_config_and_breakdown(tmp_path, monkeypatch):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 15 and not any(r["reference"] for r in recs)
+    assert len(recs) == 16 and not any(r["reference"] for r in recs)
     assert all(r["op"].startswith("train step digits") and r["shape"] == [4, 1, 16, 16] for r in recs)
     assert 1.0e6 < recs[0]["params"] < 1.2e6  # "1.08 M parameters"
     for r in recs:

@@ -305,3 +305,34 @@ def test_resume_with_other_model_flags_is_refused(tmp_path):
             resume=str(tmp_path),
             config=tiny_config(learn_sigma=False, diffusion_steps=5, dropout=0.1),
         )
+
+
+def test_fused_optimizer_follows_the_per_tensor_adamw(tmp_path):
+    """TrainLoop(fused_optimizer=True), the default: torch's fused AdamW, whose parameters after one
+    step are the per-tensor AdamW's (the reference's) to float rounding, and the loss curve of 3
+    steps with it the per-tensor one's (later steps amplify the rounding through the network:
+    Adam's normalised update of near-zero gradients); a resumed run keeps its own choice whatever
+    the checkpoint says; a bad value names the argument."""
+    params, losses = {}, {}
+    for fused in (True, False):
+        out = tmp_path / str(fused)
+        loop = _loop(out, max_steps=1, save_interval=1, fused_optimizer=fused)
+        assert loop.fused_optimizer is fused
+        assert all(g["fused"] is (True if fused else None) for g in loop.opt.param_groups)
+        loop.run_loop()
+        params[fused] = [p.detach().clone() for p in loop.params]
+        again = _loop(tmp_path / f"three-{fused}", max_steps=3, fused_optimizer=fused)
+        again.run_loop()
+        losses[fused] = [loss for _, loss, _ in _losses(tmp_path / f"three-{fused}")]
+    assert any(not torch.equal(a, b) for a, b in zip(params[True], params[False]))  # two implementations
+    for a, b in zip(params[True], params[False]):  # (lr 1e-3: one step moves a weight up to ~1e-3)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    for saved, now in ((True, False), (False, True)):  # each run's checkpoint resumed the other way
+        again = _loop(tmp_path / f"again-{saved}", resume=str(tmp_path / str(saved)), max_steps=2,
+                      fused_optimizer=now)  # fmt: skip
+        assert again.step == 1 and all(g["fused"] is (True if now else None) for g in again.opt.param_groups)
+        again.run_loop()
+        assert again.step == 2
+    with pytest.raises(ValueError, match="fused_optimizer: expected True or False, got 'yes'"):
+        _loop(tmp_path / "bad", fused_optimizer="yes")
