@@ -792,7 +792,7 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
         x2, weight, bias, residual if fold else None, _conv_winograd_weight_grad
     )
     if not out_cl:
-        y = y.contiguous()  # torch's conv gives NCHW for NCHW input and weight
+        y = _winograd_ops.to_layout(y, False)  # torch's conv gives NCHW for NCHW input and weight
     if residual is not None and not fold:
         y = residual + y
     return y

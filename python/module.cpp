@@ -40,7 +40,8 @@ constexpr const char* kOps[] = {
     "gather_coefs",      "p_sample_step",           "ddim_step",
     "ddim_reverse_step", "qkv_attention",           "qkv_attention_backward",
     "group_norm_act",    "group_norm_act_backward", "winograd_weight",
-    "conv3x3_winograd",  "qkv_attention_bf16",      "conv3x3_winograd_weight_grad"};
+    "conv3x3_winograd",  "qkv_attention_bf16",      "conv3x3_winograd_weight_grad",
+    "convert_layout"};
 
 py::dict build_info() {
   py::dict d;

@@ -70,4 +70,6 @@ TORCH_LIBRARY(iddpm, m) {
   // x: [N, Cin, H, W]; grad_y: [N, Cout, H, W] -> the weight gradient [Cout, Cin, 3, 3] of
   // conv2d(x, weight, stride 1, padding 1) (float32).
   m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
+  // x: [N, C, H, W] -> a copy in channels-last (True) or contiguous NCHW (False) memory format.
+  m.def("convert_layout(Tensor x, bool channels_last) -> Tensor");
 }

@@ -39,6 +39,15 @@ void winograd_output(const WinogradOutputParams& p) {
   wino_default::winograd_output(p);
 }
 
+void transpose_planes(const void* src, void* dst, DType dtype, int64_t N, int64_t R, int64_t S) {
+#if defined(__x86_64__)
+  const Isa isa = best_isa();
+  if (isa == Isa::kAvx512) return wino_avx512::transpose_planes(src, dst, dtype, N, R, S);
+  if (isa == Isa::kAvx2) return wino_avx2::transpose_planes(src, dst, dtype, N, R, S);
+#endif
+  wino_default::transpose_planes(src, dst, dtype, N, R, S);
+}
+
 void winograd_output_adjoint(const WinogradInputParams& p) {
 #if defined(__x86_64__)
   const Isa isa = best_isa();

@@ -17,6 +17,10 @@ void winograd_output(const WinogradOutputParams& p);
 // dM from dY, the output transform's adjoint (A dY Aᵀ per tile; for the weight gradient): p.x is
 // dY [N, H, W, C] (channels-last), p.v receives dM [16, tile_end - tile_begin, C].
 void winograd_output_adjoint(const WinogradInputParams& p);
+// Per plane n < N: dst[n] = src[n]ᵀ, src [R][S] -> dst [S][R] (dense), float32 or bfloat16
+// (raw 16-bit elements): the NCHW <-> channels-last conversions of the ops (R = C, S = H·W or the
+// reverse).
+void transpose_planes(const void* src, void* dst, DType dtype, int64_t N, int64_t R, int64_t S);
 // The weight gradient [Cout, Cin, 3, 3] (contiguous, float32) from dU [16, Cin, Cout] float32,
 // the gradient of the transformed weight: Gᵀ dU G per (co, ci), computed in float64.
 void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw);

@@ -16,6 +16,9 @@
 //     the weight gradient [Cout, Cin, 3, 3] of conv2d(x, weight, stride 1, padding 1) given
 //     grad_y [N, Cout, H, W] (the output's gradient, any layout), float32 only; by the same
 //     transforms: 16 GEMMs Vᵀ @ dM reduce over the tiles (2.25x fewer products than direct).
+//   iddpm::convert_layout(Tensor x, bool channels_last) -> Tensor
+//     a copy of the 4-D x in channels-last (True) or contiguous NCHW (False) memory format: the
+//     ops' own conversion (below), for the Python side of the training conv.
 // Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
 // where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
 // the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
@@ -46,6 +49,33 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// t in channels-last (else contiguous NCHW) memory format: t itself where it already is (unless
+// `copy`), else a copy: for a dense 4-D float32/bf16 CPU tensor in the other layout by
+// cpu::transpose_planes (16×16 register blocks on AVX-512, several times torch's strided copy at
+// the UNet's shapes), else by torch.
+at::Tensor to_layout(const at::Tensor& t, bool channels_last, bool copy) {
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto other = channels_last ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  if (t.is_contiguous(fmt)) return copy ? t.clone(fmt) : t;
+  if (t.dim() != 4 || !t.is_cpu() || !t.is_contiguous(other) ||
+      !dtype_in(t.scalar_type(), cpu::kWinogradDtypes)) {
+    return t.contiguous(fmt);
+  }
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(fmt));
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  if (out.numel() > 0) {  // per image [C][HW] -> [HW][C], or back
+    cpu::transpose_planes(t.const_data_ptr(), out.mutable_data_ptr(), dtype_of(t), N,
+                          channels_last ? C : HW, channels_last ? HW : C);
+  }
+  return out;
+}
+
+at::Tensor convert_layout_cpu(const at::Tensor& x, bool channels_last) {
+  check_defined(x, "x");
+  check_dim(x, "x", 4, "[N, C, H, W]");
+  return to_layout(x, channels_last, /*copy=*/true);
+}
 
 constexpr int64_t kBlockBytes = int64_t(8) << 20;
 constexpr int64_t kMinBlockTiles = 64;
@@ -231,10 +261,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const auto cl = at::MemoryFormat::ChannelsLast;
   at::Tensor y = at::empty({N, Cout, H, W}, x_in.options(), cl);
   if (y.numel() == 0) return y;
-  const at::Tensor x = x_in.contiguous(cl);
+  const at::Tensor x = to_layout(x_in, true, false);
   const at::Tensor u = weight_t.contiguous();
   const at::Tensor b = given(bias) ? bias->contiguous() : at::Tensor();
-  const at::Tensor r = given(residual) ? residual->contiguous(cl) : at::Tensor();
+  const at::Tensor r = given(residual) ? to_layout(*residual, true, false) : at::Tensor();
   if (packed) {
     conv_packed(x, u, b, r, y);
     return y;
@@ -310,9 +340,8 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
   const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
   if (grad_w.numel() == 0) return grad_w;
   if (P == 0) return grad_w.zero_();
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(cl);
-  const at::Tensor gy = grad_y_in.contiguous(cl);
+  const at::Tensor x = to_layout(x_in, true, false);
+  const at::Tensor gy = to_layout(grad_y_in, true, false);
   at::Tensor du = at::zeros({kWinogradPoints, Cin, Cout}, opts);
   const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and dM per tile
   const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
@@ -347,6 +376,7 @@ TORCH_LIBRARY_IMPL(iddpm, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
   m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
+  m.impl("convert_layout", &convert_layout_cpu);
 }
 
 #ifdef IDDPM_WITH_CUDA
@@ -356,6 +386,7 @@ TORCH_LIBRARY_IMPL(iddpm, CUDA, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("conv3x3_winograd", &conv3x3_winograd_cpu);
   m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
+  m.impl("convert_layout", &convert_layout_cpu);  // (torch's copy on CUDA)
 }
 #endif
 

@@ -162,7 +162,7 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
         torch_grads = [need_x and not winograd_x, need_w and not winograd_w, need_b and not winograd_w]
         # both kernels read grad_out channels-last: converted once for them (torch's backward and the
         # residual's gradient take it as it came)
-        grad_cl = grad_out.contiguous(memory_format=torch.channels_last) if winograd_x or winograd_w else None
+        grad_cl = to_layout(grad_out, True) if winograd_x or winograd_w else None
         with torch.autocast("cpu", enabled=False):
             grad_x = grad_w = grad_b = None
             if any(torch_grads):
@@ -178,7 +178,7 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
                     grad_cl, _train_weight(weight, grad_out.dtype, True)
                 )
                 if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-                    grad_x = grad_x.contiguous()  # x's own layout (the kernel writes channels-last)
+                    grad_x = to_layout(grad_x, False)  # x's own layout (the kernel writes channels-last)
         return grad_x, grad_w, grad_b, grad_out if need_r else None, None
 
 
@@ -215,6 +215,19 @@ def conv3x3_winograd_train(
     )
     _check_bias_residual(x, bias, residual, weight.shape[0], "weight")
     return _Conv3x3WinogradTrain.apply(x, weight, bias, residual, weight_grad)
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x in channels-last (True) or contiguous NCHW (False) memory format: x itself where it already
+    is, else ``iddpm::convert_layout`` (4-D CPU float32/bf16 in the other layout: a blocked
+    transpose, several times torch's ``contiguous`` at the UNet's shapes; else torch's copy), with
+    gradient (passed through unchanged, in whatever layout it comes)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if x.is_contiguous(memory_format=fmt):
+        return x
+    if x.dim() != 4 or not available():
+        return x.contiguous(memory_format=fmt)
+    return torch.ops.iddpm.convert_layout(x, channels_last)
 
 
 def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
@@ -368,6 +381,18 @@ if loader.available():
             ),
         )
         return x.new_empty((grad_y.shape[1], Cin, 3, 3))
+
+    @torch.library.register_fake("iddpm::convert_layout")
+    def _convert_layout_fake(x, channels_last):
+        checks.defined(x, "x")
+        checks.dim(x, "x", 4, "[N, C, H, W]")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty_like(x, memory_format=fmt)
+
+    def _convert_layout_backward(ctx, grad):
+        return grad, None  # the same values: the gradient passes through
+
+    torch.library.register_autograd("iddpm::convert_layout", _convert_layout_backward)
 
     def _no_backward(ctx, grad):
         raise RuntimeError(

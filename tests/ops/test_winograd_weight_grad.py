@@ -246,3 +246,49 @@ def test_residual_gradient_keeps_the_incoming_layout():
         y = inn.conv_add(conv, h0, skip)
     y.backward(torch.randn(y.shape))
     assert seen == [True]
+
+
+# ------------------------------------------------------------------------------------------
+# iddpm::convert_layout, the ops' NCHW <-> channels-last copy
+# ------------------------------------------------------------------------------------------
+
+convert = torch.ops.iddpm.convert_layout
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 128, 32, 32), (3, 5, 7, 9), (2, 17, 33, 1), (1, 16, 4, 4), (0, 3, 2, 2)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int32])
+@pytest.mark.parametrize("isa", [None, "avx2", "default"])
+def test_convert_layout_is_torchs_copy(shape, dtype, isa, monkeypatch):
+    """Both directions, float32/bf16 by the kernel's blocked transpose (full 16×16 blocks and the
+    edges; every vector build), other dtypes by torch: the values and strides of torch's own."""
+    if isa:
+        monkeypatch.setenv("IDDPM_WINOGRAD_CPU_ISA", isa)
+    x = (torch.randn(shape) * 100).to(dtype)
+    for cl, src in ((True, x), (False, x.contiguous(memory_format=CL))):
+        ref = src.contiguous(memory_format=CL if cl else torch.contiguous_format)
+        out = convert(src, cl)
+        assert torch.equal(out, ref) and out.dtype == dtype
+        assert out.stride() == ref.stride() or out.numel() == 0  # (an empty tensor has any strides)
+
+
+def test_convert_layout_copies_and_passes_gradients():
+    x = torch.randn(2, 8, 4, 4)
+    same = convert(x, False)  # already NCHW: a copy, never an alias (a custom op's contract)
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+    strided = torch.randn(2, 8, 4, 8)[..., ::2]  # neither layout: torch's copy
+    torch.testing.assert_close(convert(strided, True), strided, rtol=0, atol=0)
+    torch.library.opcheck(convert.default, (x, True))
+    torch.library.opcheck(convert.default, (x.contiguous(memory_format=CL), False))
+    leaf = torch.randn(2, 8, 4, 4, requires_grad=True)
+    g = torch.randn(2, 8, 4, 4)
+    convert(leaf, True).backward(g)
+    assert torch.equal(leaf.grad, g)
+    assert WG.to_layout(x, False) is x  # the Python helper: no copy where none is needed
+    assert WG.to_layout(x, True).is_contiguous(memory_format=CL)
+    for device in ("cpu", "meta"):
+        with pytest.raises(
+            ValueError, match=r"x: expected a 4-D tensor \[N, C, H, W\], got shape \[2, 8, 4\]"
+        ):
+            convert(torch.zeros(2, 8, 4, device=device), True)
