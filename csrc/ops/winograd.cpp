@@ -52,8 +52,8 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 // t in channels-last (else contiguous NCHW) memory format: t itself where it already is (unless
 // `copy`), else a copy: for a dense 4-D float32/bf16 CPU tensor in the other layout by
-// cpu::transpose_planes (16×16 register blocks on AVX-512, several times torch's strided copy at
-// the UNet's shapes), else by torch.
+// cpu::transpose_planes (16×16 register blocks on AVX-512; torch's strided copy is much slower at
+// the UNet's shapes: iddpm bench conv --passes train, NCHW rows), else by torch.
 at::Tensor to_layout(const at::Tensor& t, bool channels_last, bool copy) {
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto other = channels_last ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;

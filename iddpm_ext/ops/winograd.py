@@ -220,8 +220,8 @@ def conv3x3_winograd_train(
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """x in channels-last (True) or contiguous NCHW (False) memory format: x itself where it already
     is, else ``iddpm::convert_layout`` (4-D CPU float32/bf16 in the other layout: a blocked
-    transpose, several times torch's ``contiguous`` at the UNet's shapes; else torch's copy), with
-    gradient (passed through unchanged, in whatever layout it comes)."""
+    transpose, faster than torch's strided ``contiguous``; else torch's copy), with gradient
+    (passed through unchanged, in whatever layout it comes)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if x.is_contiguous(memory_format=fmt):
         return x
