@@ -91,7 +91,7 @@ TRAIN_EXTRA_HELP = {
     "channels_last": "train the UNet's torso in channels-last (NHWC) memory format (checkpoints are "
     "the same; not yet measured on a GPU)",
     "fused_optimizer": "torch's fused AdamW (one kernel over all parameters; the same update up to "
-    "float rounding, several times faster on the CPU); False: the reference's per-tensor AdamW",
+    "float rounding, faster); False: the reference's per-tensor AdamW",
     "compile": "run the network's forward and backward through torch.compile in this mode (none: "
     "eager; reduce-overhead adds CUDA graphs; the first steps compile, for minutes; checkpoints are "
     "the same; not yet measured on a GPU)",

@@ -225,7 +225,7 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if x.is_contiguous(memory_format=fmt):
         return x
-    if x.dim() != 4 or not available():
+    if x.dim() != 4 or x.device.type != "cpu" or not available():
         return x.contiguous(memory_format=fmt)
     return torch.ops.iddpm.convert_layout(x, channels_last)
 

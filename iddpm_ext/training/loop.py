@@ -82,8 +82,9 @@ class TrainLoop:
     the same either way; dropout draws its masks from the compiled graph's random stream, so with
     dropout the numbers differ from an eager run), ``fused_optimizer`` (True, the default: torch's
     fused AdamW where the parameters allow it (floating point, CPU or CUDA), the reference's update
-    up to float rounding and several times faster on the CPU; False: the per-tensor AdamW the reference
-    runs; a resumed run keeps its own choice, whatever the checkpoint's).
+    up to float rounding, faster (docs/training.md); False: the per-tensor AdamW the reference runs;
+    a resumed run keeps its own choice, whatever the checkpoint's, and its moments are laid out as
+    its parameters).
 
     ``out_dir`` given: that folder, which must not hold another run unless it is resumed
     (``resume_checkpoint``). Not given (the reference's way): ``$DIFFUSION_BLOB_LOGDIR``, else the
@@ -184,7 +185,7 @@ class TrainLoop:
         if not isinstance(fused_optimizer, bool):
             raise ValueError(f"fused_optimizer: expected True or False, got {fused_optimizer!r}")
         # torch's fused AdamW (one kernel over all parameters) where it runs: the same update up to
-        # float rounding, several times faster than the per-tensor loop on the CPU.
+        # float rounding, faster than the per-tensor loop (iddpm bench train --breakdown).
         self.fused_optimizer = fused_optimizer and _fused_adamw_runs(self.params)
         self.opt = torch.optim.AdamW(
             self.params, lr=lr, weight_decay=weight_decay, fused=True if self.fused_optimizer else None
@@ -322,6 +323,13 @@ class TrainLoop:
             )
         return self.step
 
+    def _optimizer_state(self, saved: dict) -> dict:
+        """A saved optimizer state with this run's AdamW implementation in its param_groups (set
+        before loading, so torch places the step counters where that implementation wants them:
+        on the parameters' device for the fused kernel)."""
+        flags = {"fused": True, "foreach": None} if self.fused_optimizer else {"fused": None}
+        return {**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]}
+
     def _load_train_state(self, state, path, step=None):
         if not isinstance(state, dict):
             raise ckpt.CheckpointError(
@@ -331,13 +339,16 @@ class TrainLoop:
         if not reference and step is not None:
             ckpt.check_step(path, {"step": state.get("step")}, step)
         try:
-            self.opt.load_state_dict(state if reference else state["optimizer"])
-        except (KeyError, ValueError) as err:
+            self.opt.load_state_dict(self._optimizer_state(state if reference else state["optimizer"]))
+        except (KeyError, ValueError, TypeError) as err:
             raise ckpt.CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
-        for group in self.opt.param_groups:  # this run's implementation, not the saved one's
-            group["fused"] = True if self.fused_optimizer else None
-            if self.fused_optimizer:
-                group["foreach"] = None
+        # Each moment in its parameter's memory layout: the fused kernel walks them as flat buffers
+        # (a run saved channels-last and resumed NCHW, or the reference's NCHW state in a
+        # channels-last run, would pair mismatched elements).
+        for p, st in self.opt.state.items():
+            for key, value in st.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         if reference:
             return
         self.step = int(state["step"])

@@ -336,3 +336,22 @@ def test_fused_optimizer_follows_the_per_tensor_adamw(tmp_path):
         assert again.step == 2
     with pytest.raises(ValueError, match="fused_optimizer: expected True or False, got 'yes'"):
         _loop(tmp_path / "bad", fused_optimizer="yes")
+
+
+@pytest.mark.parametrize("saved_cl", [True, False])
+def test_fused_resume_across_layouts(tmp_path, saved_cl):
+    """A run saved channels-last and resumed NCHW (or the reverse): the loaded AdamW moments take
+    the parameters' layout (the fused kernel reads flat buffers), so the resumed step equals the
+    per-tensor AdamW's resumed step to float rounding, and the moments' strides are the params'."""
+    saved = tmp_path / "saved"
+    _loop(saved, max_steps=1, save_interval=1, channels_last=saved_cl).run_loop()
+    params = {}
+    for fused in (True, False):
+        out = tmp_path / f"resumed-{fused}"
+        loop = _loop(out, resume=str(saved), max_steps=2, channels_last=not saved_cl, fused_optimizer=fused)
+        for p, st in loop.opt.state.items():
+            assert st["exp_avg"].stride() == p.stride() and st["exp_avg_sq"].stride() == p.stride()
+        loop.run_loop()
+        params[fused] = [p.detach().clone() for p in loop.params]
+    for a, b in zip(params[True], params[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
