@@ -39,6 +39,33 @@ def test_cuda_training_steps(tmp_path, amp):
     assert [r["step"] for r in read_jsonl(str(tmp_path / "progress.jsonl"))] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_cuda_resume_across_adamw_implementations(tmp_path, saved_fused, resumed_fused):
+    """A run saved with one AdamW implementation resumed with the other on CUDA: the fused kernel
+    needs the loaded step counters on the parameters' device (TrainLoop writes its implementation
+    into the state's param groups before loading); the resumed steps run and stay finite."""
+    cfg = tiny_config(dropout=0.0)
+    images, labels = blob_images(32, 8, 1)
+
+    def loop(out, resume, max_steps, fused):
+        model, diffusion = create_model_and_diffusion(**cfg)
+        data = BatchStream(ArraySource(images, labels), 8)
+        return TrainLoop(model=model.cuda(), diffusion=diffusion, data=data, batch_size=8, microbatch=-1,
+                         lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=2, resume_checkpoint=resume,
+                         config=cfg, out_dir=str(out), max_steps=max_steps, progress=False,
+                         fused_optimizer=fused)  # fmt: skip
+
+    torch.manual_seed(0)
+    loop(tmp_path / "a", "", 2, saved_fused).run_loop()
+    again = loop(tmp_path / "b", str(tmp_path / "a"), 4, resumed_fused)
+    assert again.step == 2 and again.fused_optimizer is resumed_fused
+    for p, st in again.opt.state.items():
+        assert st["step"].device == (p.device if resumed_fused else torch.device("cpu")), st["step"].device
+    again.run_loop()
+    recs = read_jsonl(str(tmp_path / "b" / "progress.jsonl"))
+    assert [r["step"] for r in recs] == [3, 4] and all(np.isfinite(r["loss"]) for r in recs)
+
+
 def test_cuda_samples_do_not_depend_on_batch_size():
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(
