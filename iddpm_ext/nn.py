@@ -338,13 +338,19 @@ def set_conv_winograd_packed(enabled: bool) -> bool:
 
 
 @contextlib.contextmanager
-def conv_winograd_packed(enabled: bool):
-    """Context manager: ``with conv_winograd_packed(False): ...`` (one use per call)."""
-    previous = set_conv_winograd_packed(enabled)
+def _scoped(setter, value):
+    """``setter(value)`` for the body of a with statement, then the previous value again (setter
+    returns the previous value)."""
+    previous = setter(value)
     try:
         yield
     finally:
-        set_conv_winograd_packed(previous)
+        setter(previous)
+
+
+def conv_winograd_packed(enabled: bool):
+    """Context manager: ``with conv_winograd_packed(False): ...`` (one use per call)."""
+    return _scoped(set_conv_winograd_packed, enabled)
 
 
 _winograd_available = None
@@ -684,27 +690,17 @@ def get_conv_winograd_weight_grad() -> str:
     return _conv_winograd_weight_grad
 
 
-@contextlib.contextmanager
 def conv_winograd_weight_grad(mode: str | bool):
     """Context manager: ``with conv_winograd_weight_grad("off"): loss = ...; loss.backward()``. The
     mode is read by each conv's forward (the backward of a call follows the mode its forward ran
     in), so the forward must run inside."""
-    previous = set_conv_winograd_weight_grad(mode)
-    try:
-        yield
-    finally:
-        set_conv_winograd_weight_grad(previous)
+    return _scoped(set_conv_winograd_weight_grad, mode)
 
 
-@contextlib.contextmanager
 def conv_winograd_train(mode: str | bool):
     """Context manager: ``with conv_winograd_train("auto"): loss = ...; loss.backward()``. The mode
     is read by each conv's forward (its backward follows), so the forward must run inside."""
-    previous = set_conv_winograd_train(mode)
-    try:
-        yield
-    finally:
-        set_conv_winograd_train(previous)
+    return _scoped(set_conv_winograd_train, mode)
 
 
 def _forward_ad_level() -> int:

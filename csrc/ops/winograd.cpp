@@ -80,6 +80,12 @@ at::Tensor convert_layout_cpu(const at::Tensor& x, bool channels_last) {
 constexpr int64_t kBlockBytes = int64_t(8) << 20;
 constexpr int64_t kMinBlockTiles = 64;
 
+// Tiles per block of a call whose V and M (or dM) take `per_tile` elements of `esize` bytes per
+// tile: about kBlockBytes together, at least kMinBlockTiles (the GEMMs need rows), at most P.
+int64_t block_tiles(int64_t P, int64_t per_tile, int64_t esize) {
+  return std::min(P, std::max(kMinBlockTiles, kBlockBytes / (esize * per_tile)));
+}
+
 // A workspace of `bytes` bytes (never shared between threads, so concurrent calls from different
 // threads are safe): the calling thread's kept buffer (grown as needed, up to
 // 2·kBlockBytes: ~8 MB normally), or a buffer of this call alone for the rare wider convolution
@@ -277,7 +283,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const bool brgemm = use_brgemm(x.scalar_type());
   const int64_t esize = static_cast<int64_t>(x.element_size());
   const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // elements of V and M per tile
-  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (esize * per_tile)));
+  const int64_t block = block_tiles(P, per_tile, esize);
   const at::Tensor ws_buf = workspace(block * per_tile * esize, x.options());  // held for the call
   char* ws = static_cast<char*>(ws_buf.mutable_data_ptr());
   const void* xp = x.const_data_ptr();
@@ -344,7 +350,7 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
   const at::Tensor gy = to_layout(grad_y_in, true, false);
   at::Tensor du = at::zeros({kWinogradPoints, Cin, Cout}, opts);
   const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and dM per tile
-  const int64_t block = std::min(P, std::max(kMinBlockTiles, kBlockBytes / (4 * per_tile)));
+  const int64_t block = block_tiles(P, per_tile, 4);
   const at::Tensor ws_buf = workspace(block * per_tile * 4, opts);  // held for the call
   float* ws = static_cast<float*>(ws_buf.mutable_data_ptr());
   for (int64_t t0 = 0; t0 < P; t0 += block) {
