@@ -311,6 +311,60 @@ class conv_winograd:
         return False
 
 
+# The Winograd variant of the float32 convs above and of the training convs below (their forward
+# and input gradient): F(2×2, 3×3) ("2") or F(4×4, 3×3) ("4": 4×4 output tiles, 36 GEMMs with 2.25
+# instead of 4 multiplies per output and channel pair; about 4× F(2×2)'s float32 rounding error,
+# ~1e-6 of the output, iddpm_ext.ops.winograd). "auto": F(4×4) for float32 calls whose maps are at
+# least _WINOGRAD_TILE4_MIN_SIZE, else F(2×2): at B = 2 one conv measured 1.3-1.7× F(2×2)'s time at
+# 8×8 to 32×32 maps, 0.46-1.03× at 4×4 and 2×2 (one tile per image: few GEMM rows) (iddpm bench conv,
+# docs/unet.md).
+# bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16: ~4× the
+# error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset: auto).
+_WINOGRAD_TILE_MODES = ("auto", "2", "4")
+_WINOGRAD_TILE4_MIN_SIZE = 8  # min(H, W)
+
+
+def _winograd_tile_from_env() -> str:
+    raw = os.environ.get("IDDPM_CONV_WINOGRAD_TILE", "auto").strip().lower() or "auto"
+    if raw not in _WINOGRAD_TILE_MODES:
+        raise ValueError(f"IDDPM_CONV_WINOGRAD_TILE: expected auto, 2 or 4 (or unset), got {raw!r}")
+    return raw
+
+
+_conv_winograd_tile = _winograd_tile_from_env()
+
+
+def set_conv_winograd_tile(tile: int | str) -> str:
+    """Choose the Winograd variant of the float32 convs: 2 (F(2×2, 3×3)), 4 (F(4×4, 3×3)) or "auto"
+    (see above); returns the previous setting ("2", "4" or "auto")."""
+    global _conv_winograd_tile
+    value = str(tile).strip().lower() if isinstance(tile, (int, str)) and not isinstance(tile, bool) else None
+    if value not in _WINOGRAD_TILE_MODES:
+        raise ValueError(f"tile: expected 2, 4 or 'auto', got {tile!r}")
+    previous, _conv_winograd_tile = _conv_winograd_tile, value
+    return previous
+
+
+def get_conv_winograd_tile() -> str:
+    return _conv_winograd_tile
+
+
+def conv_winograd_tile(tile: int | str):
+    """Context manager: ``with conv_winograd_tile(2): ...`` (read by each conv call, forward and, in
+    training, the input gradient of that call)."""
+    return _scoped(set_conv_winograd_tile, tile)
+
+
+def _winograd_tile(dtype: torch.dtype, x: torch.Tensor) -> int:
+    """The Winograd variant (output tile edge, 2 or 4) of a conv call on ``x`` computed in ``dtype``."""
+    mode = _conv_winograd_tile
+    if dtype != torch.float32 or mode == "2":
+        return 2
+    if mode == "4":
+        return 4
+    return 4 if min(x.shape[2], x.shape[3]) >= _WINOGRAD_TILE4_MIN_SIZE else 2
+
+
 # bf16 Winograd convs run on the packed weight (iddpm_ext.ops.winograd.packable: a CPU with
 # AVX512-BF16, even Cin, Cout a multiple of 32; VDPBF16PS GEMMs per L2-sized block of tiles, the
 # products kept in float32: faster and slightly more accurate than the plain weight's at::bmm path,
@@ -494,16 +548,17 @@ class _PrepackedForward:
             return None  # the plain path raises torch's own shape error
         return dtype
 
-    def _winograd_weight(self, dtype):
-        """(transformed weight, bias) in ``dtype``, made once per weight version (cached)."""
+    def _winograd_weight(self, dtype, tile=2):
+        """(transformed weight, bias) in ``dtype`` for F(tile×tile, 3×3), made once per weight
+        version (cached)."""
         conv = self.conv
         w, b = conv.weight, conv.bias
         stamp = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
         packed = dtype == torch.bfloat16 and _winograd_packed and _winograd_ops.packable(w, dtype)
-        key = ("winograd", dtype, "packed") if packed else ("winograd", dtype)
+        key = ("winograd", dtype, "packed") if packed else ("winograd", dtype, tile)
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
-            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype), packed)
+            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype), packed, 2 if packed else tile)
             if key not in self.entries and len(self.entries) >= self._MAX_ENTRIES:
                 self.entries.clear()  # (a stale entry of this key is replaced, the others kept)
             bias = None if b is None else b.detach().to(dtype)
@@ -512,7 +567,7 @@ class _PrepackedForward:
         return entry[1], entry[2]
 
     def _run_winograd(self, x, dtype, residual):
-        weight_t, bias = self._winograd_weight(dtype)
+        weight_t, bias = self._winograd_weight(dtype, _winograd_tile(dtype, x))
         x2 = x.to(dtype)
         fold = _foldable(residual, dtype, self._out_shape(x))
         y = _winograd_ops.conv3x3_winograd(x2, weight_t, bias, residual if fold else None)
@@ -785,7 +840,7 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
         residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     )  # (a residual in the other layout: torch's add decides the sum's layout)
     y = _winograd_ops.conv3x3_winograd_train(
-        x2, weight, bias, residual if fold else None, _conv_winograd_weight_grad
+        x2, weight, bias, residual if fold else None, _conv_winograd_weight_grad, _winograd_tile(dtype, x)
     )
     if not out_cl:
         y = _winograd_ops.to_layout(y, False)  # torch's conv gives NCHW for NCHW input and weight

@@ -58,18 +58,19 @@ TORCH_LIBRARY(iddpm, m) {
       "int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ---- Winograd F(2x2, 3x3) convolution, CPU float32 / bfloat16 (csrc/ops/winograd.cpp) ----
-  // weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd takes);
-  // packed (bf16, AVX512-BF16 CPUs): [16, Cout/32, Cin/2, 64], for the VDPBF16PS GEMMs.
-  m.def("winograd_weight(Tensor weight, bool packed=False) -> Tensor");
+  // ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) convolution, CPU float32 / bfloat16
+  // (csrc/ops/winograd.cpp) weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight
+  // conv3x3_winograd takes); packed (bf16, AVX512-BF16 CPUs): [16, Cout/32, Cin/2, 64], for the
+  // VDPBF16PS GEMMs; tile=4 (float32): F(4x4, 3x3)'s [36, Cin, Cout].
+  m.def("winograd_weight(Tensor weight, bool packed=False, int tile=2) -> Tensor");
   // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]
   // -> conv2d(x, weight, bias, stride 1, padding 1) + residual, [N, Cout, H, W] channels-last.
   m.def(
       "conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias=None, Tensor? residual=None) -> "
       "Tensor");
   // x: [N, Cin, H, W]; grad_y: [N, Cout, H, W] -> the weight gradient [Cout, Cin, 3, 3] of
-  // conv2d(x, weight, stride 1, padding 1) (float32).
-  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
+  // conv2d(x, weight, stride 1, padding 1) (float32; tile 2 or 4: by F(2x2) or F(4x4)).
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y, int tile=2) -> Tensor");
   // x: [N, C, H, W] -> a copy in channels-last (True) or contiguous NCHW (False) memory format.
   m.def("convert_layout(Tensor x, bool channels_last) -> Tensor");
 }

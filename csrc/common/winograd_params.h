@@ -1,5 +1,6 @@
-// csrc/common/winograd_params.h — the arguments of the CPU Winograd F(2×2, 3×3) transforms of
-// iddpm::conv3x3_winograd (csrc/ops/winograd.cpp, csrc/cpu/winograd*), as raw pointers.
+// csrc/common/winograd_params.h — the arguments of the CPU Winograd F(2×2, 3×3) and F(4×4, 3×3)
+// transforms of iddpm::conv3x3_winograd (csrc/ops/winograd.cpp, csrc/cpu/winograd*), as raw
+// pointers. F(2×2, 3×3) below; F(4×4, 3×3) (`tile` = 4, float32 only) at the end.
 //
 // The convolution is 3×3, stride 1, padding 1 (zeros), dilation 1, one group, so the output has
 // the input's H × W. The output is cut into 2×2 tiles, P = N · ceil(H/2) · ceil(W/2) of them
@@ -30,7 +31,29 @@ inline constexpr int64_t kWinogradTile = 2;     // output tile edge (F(2×2, 3×
 inline constexpr int64_t kWinogradAlpha = 4;    // input tile edge
 inline constexpr int64_t kWinogradPoints = 16;  // alpha², the number of GEMMs
 
-inline int64_t winograd_tiles(int64_t size) { return (size + kWinogradTile - 1) / kWinogradTile; }
+// F(4×4, 3×3): 4×4 output tiles from 6×6 input patches (rows 4·ty - 1 … 4·ty + 4), 36 GEMMs: 2.25
+// products per output and channel pair instead of F(2×2)'s 4 (direct: 9), with larger transform
+// coefficients, so about 4× F(2×2)'s float32 rounding error (still ~1e-6 relative). Points 0, 1,
+// -1, ½, -2 and ∞ (the choice of Barabasz et al., "Error analysis and improving the accuracy of
+// Winograd convolution for deep neural networks", 2020: about 1.5× more accurate than 0, ±1, ±2):
+//   Bᵀ = [[1, -3/2, -2, 3/2, 1, 0], [0, -1, 1/2, 5/2, 1, 0], [0, 1, -5/2, 1/2, 1, 0],
+//         [0, -2, -1, 2, 1, 0], [0, 1/2, -1, -1/2, 1, 0], [0, 1, -3/2, -2, 3/2, 1]],
+//   G  = [[1, 0, 0], [1/3, 1/3, 1/3], [-1/3, 1/3, -1/3], [-16/15, -8/15, -4/15],
+//         [1/15, -2/15, 4/15], [0, 0, 1]],
+//   Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 1/2, -2, 0], [0, 1, 1, 1/4, 4, 0], [0, 1, -1, 1/8, -8,
+//   1]];
+// V, M and dM are then [36, tiles, C] (k = 6·i + j), U [36, Cin, Cout].
+inline constexpr int64_t kWinogradTile4 = 4;
+
+// The output tile edge (2 or 4) of a transformed weight with `points` matrices (16 or 36; else 0).
+inline int64_t winograd_tile_of_points(int64_t points) {
+  return points == 16 ? 2 : points == 36 ? 4 : 0;
+}
+// (tile + 2)², the GEMMs of F(tile×tile, 3×3).
+inline int64_t winograd_points(int64_t tile) { return (tile + 2) * (tile + 2); }
+inline int64_t winograd_tiles(int64_t size, int64_t tile = kWinogradTile) {
+  return (size + tile - 1) / tile;
+}
 
 // The transforms work on the tiles [tile_begin, tile_end) (the op runs blocks of tiles so that
 // V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16
@@ -38,19 +61,21 @@ inline int64_t winograd_tiles(int64_t size) { return (size + kWinogradTile - 1) 
 struct WinogradInputParams {
   DType dtype = DType::kFloat32;  // of x and v
   const void* x;                  // [N, H, W, C] (channels-last)
-  void* v;                        // [16, tile_end - tile_begin, C]
+  void* v;                        // [points, tile_end - tile_begin, C]
   int64_t N = 0, H = 0, W = 0, C = 0;
   int64_t tile_begin = 0, tile_end = 0;
+  int64_t tile = kWinogradTile;  // 2: F(2×2, 3×3); 4: F(4×4, 3×3) (float32 only)
 };
 
 struct WinogradOutputParams {
   DType dtype = DType::kFloat32;  // of m, bias, residual and y
-  const void* m;                  // [16, tile_end - tile_begin, C]
+  const void* m;                  // [points, tile_end - tile_begin, C]
   const void* bias;               // [C] or nullptr
   const void* residual;           // [N, H, W, C] or nullptr (added to the output)
   void* y;                        // [N, H, W, C]
   int64_t N = 0, H = 0, W = 0, C = 0;
   int64_t tile_begin = 0, tile_end = 0;
+  int64_t tile = kWinogradTile;  // 2 or 4, as above
 };
 
 // The bf16 convolution on a packed transformed weight (csrc/cpu/winograd_packed.cpp, CPUs with

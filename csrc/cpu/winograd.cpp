@@ -76,11 +76,18 @@ c10::BFloat16 round_to_bf16(double v) {
   return c10::BFloat16(f);  // round to nearest even
 }
 
-// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]] (common/winograd_params.h)
-constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+// G of F(2×2, 3×3) and of F(4×4, 3×3) (common/winograd_params.h), [alpha][3].
+constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double G4[6][3] = {{1, 0, 0},
+                             {1.0 / 3, 1.0 / 3, 1.0 / 3},
+                             {-1.0 / 3, 1.0 / 3, -1.0 / 3},
+                             {-16.0 / 15, -8.0 / 15, -4.0 / 15},
+                             {1.0 / 15, -2.0 / 15, 4.0 / 15},
+                             {0, 0, 1}};
 
-template <class T>
-void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4], T* u) {
+template <class T, int A>
+void weight_impl(const double (&G)[A][3], const T* w, int64_t Cout, int64_t Cin,
+                 const int64_t stride[4], T* u) {
   const int64_t kstride = Cin * Cout;
   for (int64_t co = 0; co < Cout; ++co) {
     for (int64_t ci = 0; ci < Cin; ++ci) {
@@ -89,18 +96,45 @@ void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4],
       for (int r = 0; r < 3; ++r)
         for (int s = 0; s < 3; ++s)
           gg[r][s] = static_cast<double>(g[r * stride[2] + s * stride[3]]);
-      double t[4][3];  // G g
-      for (int i = 0; i < 4; ++i)
+      double t[A][3];  // G g
+      for (int i = 0; i < A; ++i)
         for (int s = 0; s < 3; ++s)
           t[i][s] = G[i][0] * gg[0][s] + G[i][1] * gg[1][s] + G[i][2] * gg[2][s];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j) {
           const double v = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
           if constexpr (std::is_same_v<T, float>) {
-            u[(4 * i + j) * kstride + ci * Cout + co] = static_cast<float>(v);
+            u[(A * i + j) * kstride + ci * Cout + co] = static_cast<float>(v);
           } else {
-            u[(4 * i + j) * kstride + ci * Cout + co] = round_to_bf16(v);
+            u[(A * i + j) * kstride + ci * Cout + co] = round_to_bf16(v);
           }
+        }
+    }
+  }
+}
+
+// dg = Gᵀ dU G per (co, ci): the adjoint of U = G g Gᵀ.
+template <int A>
+void weight_adjoint_impl(const double (&G)[A][3], const float* du, int64_t Cout, int64_t Cin,
+                         float* gw) {
+  const int64_t kstride = Cin * Cout;
+  for (int64_t co = 0; co < Cout; ++co) {
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      double d[A][A];
+      for (int k = 0; k < A * A; ++k) d[k / A][k % A] = du[k * kstride + ci * Cout + co];
+      double t[3][A];  // Gᵀ dU
+      for (int r = 0; r < 3; ++r)
+        for (int j = 0; j < A; ++j) {
+          double acc = 0;
+          for (int i = 0; i < A; ++i) acc += G[i][r] * d[i][j];
+          t[r][j] = acc;
+        }
+      float* g = gw + (co * Cin + ci) * 9;
+      for (int r = 0; r < 3; ++r)
+        for (int s = 0; s < 3; ++s) {
+          double acc = 0;
+          for (int j = 0; j < A; ++j) acc += t[r][j] * G[j][s];
+          g[r * 3 + s] = static_cast<float>(acc);
         }
     }
   }
@@ -108,33 +142,21 @@ void weight_impl(const T* w, int64_t Cout, int64_t Cin, const int64_t stride[4],
 
 }  // namespace
 
-void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw) {
-  // dg = Gᵀ dU G per (co, ci): the adjoint of U = G g Gᵀ.
-  const int64_t kstride = Cin * Cout;
-  for (int64_t co = 0; co < Cout; ++co) {
-    for (int64_t ci = 0; ci < Cin; ++ci) {
-      double d[4][4];
-      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = du[k * kstride + ci * Cout + co];
-      double t[3][4];  // Gᵀ dU
-      for (int r = 0; r < 3; ++r)
-        for (int j = 0; j < 4; ++j)
-          t[r][j] = G[0][r] * d[0][j] + G[1][r] * d[1][j] + G[2][r] * d[2][j] + G[3][r] * d[3][j];
-      float* g = gw + (co * Cin + ci) * 9;
-      for (int r = 0; r < 3; ++r)
-        for (int s = 0; s < 3; ++s)
-          g[r * 3 + s] = static_cast<float>(t[r][0] * G[0][s] + t[r][1] * G[1][s] +
-                                            t[r][2] * G[2][s] + t[r][3] * G[3][s]);
-    }
-  }
+void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw, int64_t tile) {
+  if (tile == kWinogradTile4) return weight_adjoint_impl(G4, du, Cout, Cin, gw);
+  weight_adjoint_impl(G2, du, Cout, Cin, gw);
 }
 
 void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
-                     void* u) {
+                     void* u, int64_t tile) {
+  if (tile == kWinogradTile4) {  // float32 only (the op glue's check)
+    return weight_impl(G4, static_cast<const float*>(w), Cout, Cin, stride, static_cast<float*>(u));
+  }
   if (dtype == DType::kBFloat16) {
-    return weight_impl(static_cast<const c10::BFloat16*>(w), Cout, Cin, stride,
+    return weight_impl(G2, static_cast<const c10::BFloat16*>(w), Cout, Cin, stride,
                        static_cast<c10::BFloat16*>(u));
   }
-  weight_impl(static_cast<const float*>(w), Cout, Cin, stride, static_cast<float*>(u));
+  weight_impl(G2, static_cast<const float*>(w), Cout, Cin, stride, static_cast<float*>(u));
 }
 
 }  // namespace iddpm::cpu

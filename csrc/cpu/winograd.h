@@ -21,16 +21,19 @@ void winograd_output_adjoint(const WinogradInputParams& p);
 // (raw 16-bit elements): the NCHW <-> channels-last conversions of the ops (R = C, S = H·W or the
 // reverse).
 void transpose_planes(const void* src, void* dst, DType dtype, int64_t N, int64_t R, int64_t S);
-// The weight gradient [Cout, Cin, 3, 3] (contiguous, float32) from dU [16, Cin, Cout] float32,
-// the gradient of the transformed weight: Gᵀ dU G per (co, ci), computed in float64.
-void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw);
+// The weight gradient [Cout, Cin, 3, 3] (contiguous, float32) from dU [points, Cin, Cout] float32,
+// the gradient of the transformed weight: Gᵀ dU G per (co, ci), computed in float64 (tile 2 or 4:
+// F(tile×tile, 3×3)'s G).
+void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw,
+                             int64_t tile = kWinogradTile);
 // The dtypes the transforms and the weight transform take (one for all arrays of a call).
 inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
 
-// U [16, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), both of
-// `dtype` (float32 or bfloat16), computed in float64 and rounded once to dtype.
+// U [points, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), both of
+// `dtype` (float32 or bfloat16; tile 4 float32 only), computed in float64 and rounded once to
+// dtype. tile: 2 (F(2×2, 3×3), 16 points) or 4 (F(4×4, 3×3), 36 points).
 void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
-                     void* u);
+                     void* u, int64_t tile = kWinogradTile);
 // True when this CPU runs the packed bf16 convolution (AVX512-BF16 with AVX-512 F/BW/VL/DQ).
 bool winograd_packed_supported();
 // u_packed (common/winograd_params.h) from U [16, Cin, Cout] bf16 (raw bits), Cin even, Cout a

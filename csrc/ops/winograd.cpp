@@ -1,10 +1,12 @@
-// csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) convolution:
+// csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) and F(4×4, 3×3) convolutions:
 //
-//   iddpm::winograd_weight(Tensor weight, bool packed=False) -> Tensor
+//   iddpm::winograd_weight(Tensor weight, bool packed=False, int tile=2) -> Tensor
 //     weight: [Cout, Cin, 3, 3] float32 or bfloat16 (any strides) -> U [16, Cin, Cout] of its dtype
 //     (G g Gᵀ per (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made
 //     once per weight. packed (bf16, Cin even, Cout a multiple of 32, a CPU with AVX512-BF16): U
 //     packed for the VDPBF16PS GEMMs, [16, Cout/32, Cin/2, 64] (common/winograd_params.h).
+//     tile=4 (float32, not packed): F(4×4, 3×3)'s U [36, Cin, Cout]; conv3x3_winograd then runs
+//     F(4×4, 3×3) (36 GEMMs over 4×4 output tiles: 1.78× fewer products, ~4× the rounding error).
 //   iddpm::conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual) -> Tensor
 //     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] (any layout;
 //     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
@@ -12,10 +14,11 @@
 //     channels-last. A packed weight_t runs the bf16 GEMMs and output transform of
 //     csrc/cpu/winograd_packed.cpp per block of tiles whose V stays in the L2 cache (M in float32,
 //     not rounded to bf16).
-//   iddpm::conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor
+//   iddpm::conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y, int tile=2) -> Tensor
 //     the weight gradient [Cout, Cin, 3, 3] of conv2d(x, weight, stride 1, padding 1) given
 //     grad_y [N, Cout, H, W] (the output's gradient, any layout), float32 only; by the same
-//     transforms: 16 GEMMs Vᵀ @ dM reduce over the tiles (2.25x fewer products than direct).
+//     transforms: 16 GEMMs Vᵀ @ dM reduce over the tiles (2.25x fewer products than direct), or
+//     with tile=4 F(4×4, 3×3)'s 36 (4x fewer).
 //   iddpm::convert_layout(Tensor x, bool channels_last) -> Tensor
 //     a copy of the 4-D x in channels-last (True) or contiguous NCHW (False) memory format: the
 //     ops' own conversion (below), for the Python side of the training conv.
@@ -121,10 +124,10 @@ bool use_brgemm(at::ScalarType dtype) {
   return mode != "bmm" && dtype == at::kFloat;
 }
 
-void gemms_brgemm(const float* v, const float* u, float* m, int64_t rows, int64_t Cin,
-                  int64_t Cout) {
+void gemms_brgemm(int64_t points, const float* v, const float* u, float* m, int64_t rows,
+                  int64_t Cin, int64_t Cout) {
   const int64_t row_blocks = (rows + kGemmRows - 1) / kGemmRows;
-  at::parallel_for(0, kWinogradPoints * row_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, points * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t k = i / row_blocks, r0 = (i % row_blocks) * kGemmRows;
       const int64_t mr = std::min(kGemmRows, rows - r0);
@@ -158,19 +161,30 @@ void check_packable(const at::Tensor& weight, int64_t Cin, int64_t Cout, const c
                     "capabilities()['winograd']['cpu']['packed'] is False)");
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed) {
+// tile (2 or 4) for a tensor of `dtype` named `name` (F(4×4, 3×3) is float32 only).
+void check_tile(int64_t tile, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(tile == kWinogradTile || tile == kWinogradTile4,
+                    "tile: expected 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", tile);
+  TORCH_CHECK_VALUE(tile == kWinogradTile || t.scalar_type() == at::kFloat, name,
+                    ": tile=4 (F(4x4, 3x3)) is float32 only, got ", torch_dtype_name(t));
+}
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed, int64_t tile) {
   check_defined(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
                     "weight: expected shape [Cout, Cin, 3, 3], got ", shape_str(weight));
   check_cpu(weight, "weight");
+  check_tile(tile, weight, "weight");
   const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  TORCH_CHECK_VALUE(!packed || tile == kWinogradTile,
+                    "packed: the packed form is F(2x2, 3x3) (tile=2) only, got tile=", tile);
   if (packed) check_packable(weight, Cin, Cout, "weight");
-  at::Tensor u = at::empty({kWinogradPoints, Cin, Cout}, weight.options());
+  at::Tensor u = at::empty({winograd_points(tile), Cin, Cout}, weight.options());
   const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
                              weight.stride(3)};
   if (u.numel() > 0)
     cpu::winograd_weight(weight.const_data_ptr(), dtype_of(weight), Cout, Cin, stride,
-                         u.mutable_data_ptr());
+                         u.mutable_data_ptr(), tile);
   if (!packed) return u;
   at::Tensor up =
       at::empty({kWinogradPoints, Cout / kWinogradPackCols, Cin / 2, 2 * kWinogradPackCols},
@@ -243,11 +257,13 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
                       Cin, ") or [16, ", Cin, ", Cout], got ", shape_str(weight_t));
     check_packable(weight_t, Cin, weight_t.size(1) * kWinogradPackCols, "weight_t");
   } else {
-    TORCH_CHECK_VALUE(
-        weight_t.dim() == 3 && weight_t.size(0) == kWinogradPoints && weight_t.size(1) == Cin,
-        "weight_t: expected shape [16, ", Cin,
-        ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x), got ",
-        shape_str(weight_t));
+    TORCH_CHECK_VALUE(weight_t.dim() == 3 && winograd_tile_of_points(weight_t.size(0)) != 0 &&
+                          weight_t.size(1) == Cin,
+                      "weight_t: expected shape [16, ", Cin, ", Cout] or [36, ", Cin,
+                      ", Cout] (winograd_weight of a [Cout, Cin, 3, 3] weight with tile=2 or 4, "
+                      "Cin = dim 1 of x), got ",
+                      shape_str(weight_t));
+    check_tile(winograd_tile_of_points(weight_t.size(0)), weight_t, "weight_t");
   }
   const int64_t Cout = packed ? weight_t.size(1) * kWinogradPackCols : weight_t.size(2);
   if (given(bias)) {
@@ -275,14 +291,15 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     conv_packed(x, u, b, r, y);
     return y;
   }
-  const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
+  const int64_t points = weight_t.size(0), tile = winograd_tile_of_points(points);
+  const int64_t P = N * winograd_tiles(H, tile) * winograd_tiles(W, tile);
   // Blocks of tiles whose V and M together take about kBlockBytes (at least kMinBlockTiles
   // tiles: the GEMMs need rows), in a per-thread workspace kept between calls (fresh multi-MB
   // buffers cost page faults on every call).
   const DType dtype = dtype_of(x);
   const bool brgemm = use_brgemm(x.scalar_type());
   const int64_t esize = static_cast<int64_t>(x.element_size());
-  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // elements of V and M per tile
+  const int64_t per_tile = points * (Cin + Cout);  // elements of V and M per tile
   const int64_t block = block_tiles(P, per_tile, esize);
   const at::Tensor ws_buf = workspace(block * per_tile * esize, x.options());  // held for the call
   char* ws = static_cast<char*>(ws_buf.mutable_data_ptr());
@@ -290,9 +307,9 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   for (int64_t t0 = 0; t0 < P; t0 += block) {
     const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;
     void* vp = ws;
-    void* mp = ws + kWinogradPoints * rows * Cin * esize;
-    at::Tensor v = at::from_blob(vp, {kWinogradPoints, rows, Cin}, x.options());
-    at::Tensor m = at::from_blob(mp, {kWinogradPoints, rows, Cout}, x.options());
+    void* mp = ws + points * rows * Cin * esize;
+    at::Tensor v = at::from_blob(vp, {points, rows, Cin}, x.options());
+    at::Tensor m = at::from_blob(mp, {points, rows, Cout}, x.options());
     if (Cin > 0) {
       WinogradInputParams in;
       in.dtype = dtype;
@@ -300,10 +317,11 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
       in.v = vp;
       in.N = N, in.H = H, in.W = W, in.C = Cin;
       in.tile_begin = t0, in.tile_end = t1;
+      in.tile = tile;
       cpu::winograd_input(in);
     }
     if (brgemm && Cin > 0) {
-      gemms_brgemm(static_cast<const float*>(vp), u.const_data_ptr<float>(),
+      gemms_brgemm(points, static_cast<const float*>(vp), u.const_data_ptr<float>(),
                    static_cast<float*>(mp), rows, Cin, Cout);
     } else {
       at::bmm_out(m, v, u);  // Cin = 0: zeros
@@ -316,6 +334,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     out.y = y.mutable_data_ptr();
     out.N = N, out.H = H, out.W = W, out.C = Cout;
     out.tile_begin = t0, out.tile_end = t1;
+    out.tile = tile;
     cpu::winograd_output(out);
   }
   return y;
@@ -323,9 +342,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
 
 // The weight gradient of y = conv2d(x, weight, padding 1) from grad_y: per block of tiles, V
 // (the input transform of x) and dM (the output transform's adjoint of grad_y), dU[k] += V[k]ᵀ
-// dM[k] (16 GEMMs [Cin, rows] @ [rows, Cout], at::baddbmm), and at the end Gᵀ dU G per filter
-// (float64). float32 only.
-at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_y_in) {
+// dM[k] (16 or 36 GEMMs [Cin, rows] @ [rows, Cout], at::baddbmm), and at the end Gᵀ dU G per
+// filter (float64). float32 only.
+at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_y_in,
+                                            int64_t tile) {
   check_defined(x_in, "x");
   check_dim(x_in, "x", 4, "[N, Cin, H, W]");
   check_cpu_only(x_in, "x", "the op");
@@ -340,39 +360,41 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
                         grad_y_in.size(3) == W,
                     "grad_y: expected shape [", N, ", Cout, ", H, ", ", W,
                     "] (N, H and W of x), got ", shape_str(grad_y_in));
-  const int64_t Cout = grad_y_in.size(1);
+  check_tile(tile, x_in, "x");
+  const int64_t Cout = grad_y_in.size(1), points = winograd_points(tile);
   const at::TensorOptions opts = x_in.options();
   at::Tensor grad_w = at::empty({Cout, Cin, 3, 3}, opts);
-  const int64_t P = N * winograd_tiles(H) * winograd_tiles(W);
+  const int64_t P = N * winograd_tiles(H, tile) * winograd_tiles(W, tile);
   if (grad_w.numel() == 0) return grad_w;
   if (P == 0) return grad_w.zero_();
   const at::Tensor x = to_layout(x_in, true, false);
   const at::Tensor gy = to_layout(grad_y_in, true, false);
-  at::Tensor du = at::zeros({kWinogradPoints, Cin, Cout}, opts);
-  const int64_t per_tile = kWinogradPoints * (Cin + Cout);  // floats of V and dM per tile
+  at::Tensor du = at::zeros({points, Cin, Cout}, opts);
+  const int64_t per_tile = points * (Cin + Cout);  // floats of V and dM per tile
   const int64_t block = block_tiles(P, per_tile, 4);
   const at::Tensor ws_buf = workspace(block * per_tile * 4, opts);  // held for the call
   float* ws = static_cast<float*>(ws_buf.mutable_data_ptr());
   for (int64_t t0 = 0; t0 < P; t0 += block) {
     const int64_t t1 = std::min(P, t0 + block), rows = t1 - t0;
     float* vp = ws;
-    float* mp = ws + kWinogradPoints * rows * Cin;
+    float* mp = ws + points * rows * Cin;
     WinogradInputParams in;
     in.x = x.const_data_ptr();
     in.v = vp;
     in.N = N, in.H = H, in.W = W, in.C = Cin;
     in.tile_begin = t0, in.tile_end = t1;
+    in.tile = tile;
     cpu::winograd_input(in);
     in.x = gy.const_data_ptr();
     in.v = mp;
     in.C = Cout;
     cpu::winograd_output_adjoint(in);
-    const at::Tensor v = at::from_blob(vp, {kWinogradPoints, rows, Cin}, opts);
-    const at::Tensor m = at::from_blob(mp, {kWinogradPoints, rows, Cout}, opts);
+    const at::Tensor v = at::from_blob(vp, {points, rows, Cin}, opts);
+    const at::Tensor m = at::from_blob(mp, {points, rows, Cout}, opts);
     du.baddbmm_(v.transpose(1, 2), m);
   }
   cpu::winograd_weight_adjoint(du.const_data_ptr<float>(), Cout, Cin,
-                               grad_w.mutable_data_ptr<float>());
+                               grad_w.mutable_data_ptr<float>(), tile);
   return grad_w;
 }
 

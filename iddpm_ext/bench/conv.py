@@ -8,6 +8,8 @@ float32 and bfloat16 (all in that dtype; no autocast):
                       (what iddpm_ext.nn's prepacked inference convs run; absent where oneDNN
                       has no such conv for the dtype, e.g. bf16 without AVX-512)
   iddpm (winograd)    iddpm::conv3x3_winograd on a weight transformed once (F(2×2, 3×3))
+  iddpm (winograd F4) the same by F(4×4, 3×3) (winograd_weight(w, tile=4); float32 only), what
+                      iddpm_ext.nn runs for float32 maps of 4×4 and more (set_conv_winograd_tile)
   iddpm (winograd, packed)
                       the same on the packed bf16 weight (winograd_weight(w, packed=True): bf16,
                       CPUs with AVX512-BF16, even Cin, Cout a multiple of 32), what iddpm_ext.nn
@@ -22,7 +24,8 @@ impl sums the model's convs weighted by that count: the time the UNet spends in 
 ``--quick``, in those of the quick cases).
 ``--passes wgrad`` (float32) times the weight gradient instead, given the output's gradient
 (channels-last, like x): torch's (``aten::convolution_backward``, oneDNN; row "torch conv")
-against ``iddpm::conv3x3_winograd_weight_grad`` (row "iddpm (winograd)"), records ``conv3x3 weight
+against ``iddpm::conv3x3_winograd_weight_grad`` (row "iddpm (winograd)"; "iddpm (winograd F4)": by
+F(4×4, 3×3), tile=4), records ``conv3x3 weight
 grad`` (``err``: against float64, relative to the gradient's max) and ``conv3x3 weight grad per
 backward`` (per_forward: the same count, one weight gradient per conv per backward).
 CPU only (the op has no CUDA kernel): on another device it prints a line and times nothing.
@@ -33,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nn import conv_nd, conv_winograd_train, winograd_train_takes
+from ..nn import conv_nd, conv_winograd_tile, conv_winograd_train, winograd_train_takes
 from ..ops import winograd
 from . import common
 
@@ -48,7 +51,13 @@ CASES = [
 ]  # fmt: skip
 QUICK_CASES = [(2, 128, 128, 32, 32, 10), (2, 256, 256, 8, 8, 11)]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMPLS = ("torch conv", "packed (oneDNN)", "iddpm (winograd)", "iddpm (winograd, packed)")
+IMPLS = (
+    "torch conv",
+    "packed (oneDNN)",
+    "iddpm (winograd)",
+    "iddpm (winograd, packed)",
+    "iddpm (winograd F4)",
+)
 
 
 _PASSES = ("fwd", "wgrad", "train")
@@ -88,6 +97,9 @@ def _impls(x, w, b):
             x, packed, b, one, one, one, 1, "none", [], ""
         )
     impls["iddpm (winograd)"] = lambda: winograd.conv3x3_winograd(x, weight_t, b)
+    if x.dtype == torch.float32:
+        weight_t4 = winograd.winograd_weight(w, tile=4)
+        impls[IMPLS[4]] = lambda: winograd.conv3x3_winograd(x, weight_t4, b)
     if x.dtype == torch.bfloat16 and winograd.packable(w):
         weight_p = winograd.winograd_weight(w, packed=True)
         impls[IMPLS[3]] = lambda: winograd.conv3x3_winograd(x, weight_p, b)
@@ -107,13 +119,15 @@ def _wgrad_impls(x, w, gy):
     return {
         "torch conv": lambda: _torch_wgrad(x, w, gy),
         "iddpm (winograd)": lambda: winograd.conv3x3_winograd_weight_grad(x, gy),
+        IMPLS[4]: lambda: winograd.conv3x3_winograd_weight_grad(x, gy, tile=4),
     }
 
 
 def _train_impls(x, w, b, gy):
     """{impl: fn} of one training call of iddpm_ext.nn's conv with weight w and bias b: forward of x
     (which needs a gradient, as inside the UNet) and backward of gy, by torch's convs ("torch conv")
-    or the Winograd training conv ("iddpm (winograd)", conv_winograd_train("on")); fn returns the
+    or the Winograd training conv ("iddpm (winograd)", conv_winograd_train("on") with F(2×2, 3×3);
+    "iddpm (winograd F4)": F(4×4, 3×3) for the forward and the input gradient); fn returns the
     weight gradient. Also whether "auto" takes the call."""
     conv = conv_nd(2, w.shape[1], w.shape[0], 3, padding=1)
     with torch.no_grad():
@@ -121,15 +135,17 @@ def _train_impls(x, w, b, gy):
         conv.bias.copy_(b)
     x = x.detach().requires_grad_()
 
-    def step(mode):
+    def step(mode, tile=2):
         conv.weight.grad = conv.bias.grad = x.grad = None
-        with conv_winograd_train(mode):
+        with conv_winograd_train(mode), conv_winograd_tile(tile):
             conv(x).backward(gy)
         return conv.weight.grad
 
     with conv_winograd_train("auto"):
         auto = winograd_train_takes(conv, x)
-    return {"torch conv": lambda: step("off"), "iddpm (winograd)": lambda: step("on")}, auto
+    impls = {"torch conv": lambda: step("off"), "iddpm (winograd)": lambda: step("on")}
+    impls[IMPLS[4]] = lambda: step("on", 4)
+    return impls, auto
 
 
 def _vs_packed(times, impl):

@@ -383,10 +383,15 @@ def _forward_variants(model, config, device, compile_mode=None):
         variants.append(
             ("ours to_inference(channels-last, prepack)", f32, fp32_packed, f32, None, "auto", "auto")
         )
-        # The same model with the Winograd 3x3 convs off (iddpm_ext.nn.set_conv_winograd): the A/B.
+        # The same model with the Winograd 3x3 convs off (iddpm_ext.nn.set_conv_winograd), and with
+        # every one F(2×2, 3×3) (no F(4×4): iddpm_ext.nn.set_conv_winograd_tile): the A/Bs.
         variants.append(
             ("ours to_inference(channels-last, prepack), winograd off", f32, fp32_packed, f32, None,
              "auto", "auto", "off")
+        )  # fmt: skip
+        variants.append(
+            ("ours to_inference(channels-last, prepack), winograd F(2x2)", f32, fp32_packed, f32, None,
+             "auto", "auto", "tile2")
         )  # fmt: skip
         # Its forward replayed from op graphs (iddpm_ext.engine.capture_forward; captured in the
         # first call, which is not timed).
@@ -436,12 +441,14 @@ def _forward_variants(model, config, device, compile_mode=None):
 def _forward_call(variant, x, t, device):
     import contextlib
 
-    from ..nn import conv_winograd, conv_winograd_packed, groupnorm_impl
+    from ..nn import conv_winograd, conv_winograd_packed, conv_winograd_tile, groupnorm_impl
 
     _, _, module, in_dtype, ac_dtype, attn, gn = variant[:7]
     winograd = variant[7] if len(variant) > 7 else None  # None: the process-wide mode
     if winograd == "unpacked":  # the process-wide mode on the plain weight
         switch = lambda: conv_winograd_packed(False)  # noqa: E731
+    elif winograd == "tile2":  # the process-wide mode, F(2×2, 3×3) only
+        switch = lambda: conv_winograd_tile(2)  # noqa: E731
     elif winograd is not None:
         switch = lambda: conv_winograd(winograd)  # noqa: E731
     else:

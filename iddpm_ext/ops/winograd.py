@@ -30,6 +30,13 @@ bf16 error budget (docs/unet.md).
 - :func:`conv3x3_winograd_weight_grad` — the weight gradient of that convolution from x and the
   output's gradient, by the same transforms (float32).
 
+``tile=4`` (float32 only) runs Winograd's F(4×4, 3×3) instead: 4×4 output tiles from 6×6 patches,
+36 GEMMs, 2.25 multiplies per output and channel pair instead of F(2×2)'s 4 (direct: 9), with
+transform coefficients up to 8 (points 0, ±1, ½, -2): about 4× F(2×2)'s float32 rounding error
+(~1e-6 relative to the output at the UNet's shapes, against ~3e-7 for F(2×2) and ~2e-7 for the
+direct conv; tests/ops/test_winograd_f4.py). The transformed weight is then [36, Cin, Cout]; the
+conv reads the variant from its first dimension.
+
 The ops themselves have no autograd formula (differentiating through them raises); gradients
 come only through :func:`conv3x3_winograd_train`.
 """
@@ -79,44 +86,59 @@ def packable(weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     return packed_refusal(dtype or weight.dtype, weight.shape[1], weight.shape[0]) is None
 
 
-def winograd_weight(weight: torch.Tensor, packed: bool = False) -> torch.Tensor:
+TILES = (2, 4)  # F(2×2, 3×3) and F(4×4, 3×3)
+
+
+def winograd_weight(weight: torch.Tensor, packed: bool = False, tile: int = 2) -> torch.Tensor:
     """[Cout, Cin, 3, 3] float32 or bfloat16 CPU weight -> [16, Cin, Cout] of its dtype (``G g Gᵀ``
     per filter, computed in float64 and rounded once); ``packed``: bf16 only, [16, Cout/32, Cin/2,
-    64] (:func:`packable`)."""
+    64] (:func:`packable`); ``tile=4``: F(4×4, 3×3)'s [36, Cin, Cout] (float32 only, not packed)."""
     loader.require()
-    return torch.ops.iddpm.winograd_weight(weight, packed)
+    return torch.ops.iddpm.winograd_weight(weight, packed, tile)
 
 
-# G of F(2×2, 3×3) (the transform csrc/cpu/winograd* applies in float64): the transformed filter is
-# G g Gᵀ, point (i, j) = row 4i + j of kron(G, G) @ the 9 taps (row-major).
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# G·J = P·G, where J reverses the 3 taps and P swaps rows 0 and 3 of G: the transform of the flipped
-# filter is the filter's own with its points (i, j) moved to (p(i), p(j)).
-_FLIP_POINT = (3, 1, 2, 0)
+# G of F(2×2, 3×3) and F(4×4, 3×3) (the transforms csrc/cpu/winograd* applies in float64,
+# common/winograd_params.h): the transformed filter is G g Gᵀ, point (i, j) = row alpha·i + j of
+# kron(G, G) @ the 9 taps (row-major).
+_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: (
+        (1.0, 0.0, 0.0),
+        (1 / 3, 1 / 3, 1 / 3),
+        (-1 / 3, 1 / 3, -1 / 3),
+        (-16 / 15, -8 / 15, -4 / 15),
+        (1 / 15, -2 / 15, 4 / 15),
+        (0.0, 0.0, 1.0),
+    ),
+}
 
 
 @functools.cache
-def _transform_rows() -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, K_flipped): [16, 9] float32 matrices taking a filter's 9 taps to its 16 transformed points,
-    and to those of the filter flipped in both spatial dimensions."""
-    g = torch.tensor(_G, dtype=torch.float32)
+def _transform_rows(tile: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, K_flipped): [points, 9] float32 matrices (points = (tile + 2)²) taking a filter's 9 taps
+    to its transformed points, and those of the filter flipped in both spatial dimensions (its taps
+    in reverse order: K's columns reversed). Made in float64, rounded once."""
+    g = torch.tensor(_G[tile], dtype=torch.float64)
     k = torch.kron(g, g)
-    flipped = [4 * _FLIP_POINT[i] + _FLIP_POINT[j] for i in range(4) for j in range(4)]
-    return k, k[flipped].contiguous()
+    return k.float(), k.flip(1).float()
 
 
-def _train_weight(weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool) -> torch.Tensor:
-    """The transformed weight of a [Cout, Cin, 3, 3] weight in ``dtype`` (computed in float32): [16,
-    Cin, Cout] for the forward; for the input gradient, that of the flipped filter with Cin and Cout
-    exchanged, [16, Cout, Cin] (conv2d(grad_out, weight.flip(2, 3).transpose(0, 1), padding=1))."""
-    k, k_flipped = _transform_rows()
+def _train_weight(
+    weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool, tile: int = 2
+) -> torch.Tensor:
+    """The transformed weight of a [Cout, Cin, 3, 3] weight in ``dtype`` (computed in float32):
+    [points, Cin, Cout] for the forward; for the input gradient, that of the flipped filter with Cin
+    and Cout exchanged, [points, Cout, Cin] (conv2d(grad_out, weight.flip(2, 3).transpose(0, 1),
+    padding=1)); points = 16 (tile 2) or 36 (tile 4)."""
+    k, k_flipped = _transform_rows(tile)
     cout, cin = weight.shape[0], weight.shape[1]
+    points = k.shape[0]
     w = weight.detach().to(torch.float32)
     with torch.autocast("cpu", enabled=False):  # float32 GEMMs also inside an autocast region
         if for_input_grad:
-            t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(16, cout, cin)
+            t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(points, cout, cin)
         else:
-            t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(16, cin, cout)
+            t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(points, cin, cout)
     return t.to(dtype)
 
 
@@ -135,11 +157,14 @@ def _winograd_weight_grad(mode: str, dtype: torch.dtype, cin: int, cout: int) ->
 
 class _Conv3x3WinogradTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, weight_grad):
+    def forward(ctx, x, weight, bias, residual, weight_grad, tile):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.weight_grad = weight_grad
-        return torch.ops.iddpm.conv3x3_winograd(x, _train_weight(weight, x.dtype, False), bias, residual)
+        ctx.tile = tile
+        return torch.ops.iddpm.conv3x3_winograd(
+            x, _train_weight(weight, x.dtype, False, tile), bias, residual
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -175,11 +200,19 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
                     grad_b = grad_cl.sum((0, 2, 3))
             if winograd_x:
                 grad_x = torch.ops.iddpm.conv3x3_winograd(
-                    grad_cl, _train_weight(weight, grad_out.dtype, True)
+                    grad_cl, _train_weight(weight, grad_out.dtype, True, ctx.tile)
                 )
                 if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
                     grad_x = to_layout(grad_x, False)  # x's own layout (the kernel writes channels-last)
-        return grad_x, grad_w, grad_b, grad_out if need_r else None, None
+        return grad_x, grad_w, grad_b, grad_out if need_r else None, None, None
+
+
+def _check_tile(tile, t, name):
+    """tile 2 or 4; 4 only for float32 (csrc/ops/winograd.cpp's check_tile, its words)."""
+    if tile not in TILES:
+        raise ValueError(f"tile: expected 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got {tile!r}")
+    if tile == 4 and t.dtype != torch.float32:
+        raise ValueError(f"{name}: tile=4 (F(4x4, 3x3)) is float32 only, got {checks.dtype_name(t.dtype)}")
 
 
 def conv3x3_winograd_train(
@@ -188,6 +221,7 @@ def conv3x3_winograd_train(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     weight_grad: str = "auto",
+    tile: int = 2,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=1) (+ residual)`` with gradients for every
     argument, channels-last output (the kernel's).
@@ -198,7 +232,9 @@ def conv3x3_winograd_train(
     input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above).
     weight_grad: how the weight gradient is computed in float32, "on" by
     :func:`conv3x3_winograd_weight_grad`, "off" by torch, "auto" (default) by the former where
-    Cin or Cout is at least 64 (bf16: always torch's); fixed by this call for its backward."""
+    Cin or Cout is at least 64 (bf16: always torch's); fixed by this call for its backward.
+    tile: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), float32 only) for the forward and the input gradient
+    (the weight gradient keeps F(2×2, 3×3): F(4×4)'s measured slower at the UNet's smaller maps)."""
     loader.require()
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad: expected 'auto', 'on' or 'off', got {weight_grad!r}")
@@ -214,7 +250,8 @@ def conv3x3_winograd_train(
         ),
     )
     _check_bias_residual(x, bias, residual, weight.shape[0], "weight")
-    return _Conv3x3WinogradTrain.apply(x, weight, bias, residual, weight_grad)
+    _check_tile(tile, x, "x")
+    return _Conv3x3WinogradTrain.apply(x, weight, bias, residual, weight_grad, tile)
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -230,16 +267,17 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.ops.iddpm.convert_layout(x, channels_last)
 
 
-def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """The weight gradient [Cout, Cin, 3, 3] of ``F.conv2d(x, weight, padding=1)`` given the output's
     gradient ``grad_y`` [N, Cout, H, W], by the Winograd transforms: per 2×2 output tile, the input
     patch's ``Bᵀ d B`` and ``A dY Aᵀ`` (the output transform's adjoint), 16 GEMMs reducing over the
     tiles, then ``Gᵀ dU G`` per filter (in float64). CPU float32 only (any layout); as accurate as
     torch's weight gradient (tests/ops/test_winograd_weight_grad.py). Non-finite inputs give
     non-finite gradients, though not always torch's: an Inf becomes NaN where the transforms
-    subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums."""
+    subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums.
+    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; faster only at large maps)."""
     loader.require()
-    return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y)
+    return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y, tile)
 
 
 def conv3x3_winograd(
@@ -252,7 +290,8 @@ def conv3x3_winograd(
 
     x: [N, Cin, H, W] CPU, float32 or bfloat16; weight_t: :func:`winograd_weight` of the
     [Cout, Cin, 3, 3] weight (plain, or packed for bf16); bias: [Cout] or None; residual:
-    [N, Cout, H, W] or None (added to the output); all of x's dtype, as is the output."""
+    [N, Cout, H, W] or None (added to the output); all of x's dtype, as is the output. A
+    ``tile=4`` weight_t ([36, Cin, Cout], float32) runs F(4×4, 3×3)."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd(x, weight_t, bias, residual)
 
@@ -315,15 +354,18 @@ def _check_tensor(t, name, ref=None, ref_name=""):
 if loader.available():
 
     @torch.library.register_fake("iddpm::winograd_weight")
-    def _winograd_weight_fake(weight, packed=False):
+    def _winograd_weight_fake(weight, packed=False, tile=2):
         checks.defined(weight, "weight")
         _check_weight_shape(weight)
         _check_tensor(weight, "weight")
+        _check_tile(tile, weight, "weight")
         cout, cin = weight.shape[0], weight.shape[1]
+        if packed and tile != 2:
+            raise ValueError(f"packed: the packed form is F(2x2, 3x3) (tile=2) only, got tile={tile}")
         if packed:
             _check_packable(weight, cin, cout, "weight")
             return weight.new_empty((16, cout // PACK_COLS, cin // 2, 2 * PACK_COLS))
-        return weight.new_empty((16, cin, cout))
+        return weight.new_empty(((tile + 2) ** 2, cin, cout))
 
     @torch.library.register_fake("iddpm::conv3x3_winograd")
     def _conv3x3_winograd_fake(x, weight_t, bias=None, residual=None):
@@ -347,18 +389,20 @@ if loader.available():
             _check_packable(weight_t, Cin, Cout, "weight_t")
         else:
             torch._check_value(
-                weight_t.dim() == 3 and weight_t.shape[0] == 16 and weight_t.shape[1] == Cin,
+                weight_t.dim() == 3 and weight_t.shape[0] in (16, 36) and weight_t.shape[1] == Cin,
                 lambda: (
-                    f"weight_t: expected shape [16, {Cin}, Cout] (winograd_weight of a [Cout, Cin, 3, 3] "
-                    f"weight, Cin = dim 1 of x), got {list(weight_t.shape)}"
+                    f"weight_t: expected shape [16, {Cin}, Cout] or [36, {Cin}, Cout] (winograd_weight of "
+                    f"a [Cout, Cin, 3, 3] weight with tile=2 or 4, Cin = dim 1 of x), "
+                    f"got {list(weight_t.shape)}"
                 ),
             )
+            _check_tile(2 if weight_t.shape[0] == 16 else 4, weight_t, "weight_t")
             Cout = weight_t.shape[2]
         _check_bias_residual(x, bias, residual, Cout, "weight_t")
         return x.new_empty((N, Cout, H, W)).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("iddpm::conv3x3_winograd_weight_grad")
-    def _conv3x3_winograd_weight_grad_fake(x, grad_y):
+    def _conv3x3_winograd_weight_grad_fake(x, grad_y, tile=2):
         checks.defined(x, "x")
         checks.dim(x, "x", 4, "[N, Cin, H, W]")
         checks.cpu_only(x, "x")
@@ -380,6 +424,7 @@ if loader.available():
                 f"grad_y: expected shape [{N}, Cout, {H}, {W}] (N, H and W of x), got {list(grad_y.shape)}"
             ),
         )
+        _check_tile(tile, x, "x")
         return x.new_empty((grad_y.shape[1], Cin, 3, 3))
 
     @torch.library.register_fake("iddpm::convert_layout")

@@ -27,12 +27,13 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     recs = json.loads(out.read_text())["records"]
     packed = packed_available()  # then a bf16 row with the Winograd convs on the plain weight
-    assert [r["dtype"] for r in recs] == ["float32"] * 6 + ["bfloat16"] * (10 if packed else 9)
+    assert [r["dtype"] for r in recs] == ["float32"] * 7 + ["bfloat16"] * (10 if packed else 9)
     assert recs[0]["impl"].startswith("baseline (ours, all fast paths off")
-    assert recs[6]["impl"].endswith("+ bf16 autocast")
+    assert recs[7]["impl"].endswith("+ bf16 autocast")
     assert [r["impl"] for r in recs if "prepack" in r["impl"]] == [
         "ours to_inference(channels-last, prepack)",
         "ours to_inference(channels-last, prepack), winograd off",
+        "ours to_inference(channels-last, prepack), winograd F(2x2)",
         "ours to_inference(channels-last, prepack), op graph",
         "ours to_inference(channels-last, prepack) + bf16 autocast",
         "ours to_inference(channels-last, prepack) + bf16 autocast, op graph",
@@ -44,15 +45,15 @@ def test_forward_section_records(tmp_path, capsys, monkeypatch):
     for (impl, dtype), r in by_impl.items():  # a replayed forward gives the eager forward's bits
         if impl.endswith(", op graph"):
             assert r["rel_err"] == by_impl[(impl[: -len(", op graph")], dtype)]["rel_err"]
-    assert recs[0]["speedup"] == 1 and recs[6]["speedup"] == 1
+    assert recs[0]["speedup"] == 1 and recs[7]["speedup"] == 1
     assert recs[0]["speedup_cpu"] == 1 and all(r["cpu_ms"] > 0 for r in recs)
     for r in recs:
         assert r["op"] == "unet tiny fwd" and r["shape"] == [1, 3, 16, 16]
         assert r["ms"] > 0 and r["tflops"] > 0 and r["images_per_s"] > 0
         assert set(r["breakdown_ms"]) == set(bench_unet.KINDS) and r["breakdown_ms"]["conv"] > 0
     # fp32 fast paths within 1e-5 of the fp32 baseline; bf16 ones a bf16-sized error, not garbage
-    assert recs[0]["rel_err"] == 0 and all(r["rel_err"] <= 1e-5 for r in recs[:5])
-    assert all(0 < r["rel_err"] < 0.1 for r in recs[5:])
+    assert recs[0]["rel_err"] == 0 and all(r["rel_err"] <= 1e-5 for r in recs[:6])
+    assert all(0 < r["rel_err"] < 0.1 for r in recs[6:])
     assert "fwd B=1" in printed and "conv " in printed
 
 

@@ -236,7 +236,7 @@ def test_weight_cache_follows_changes():
             got = conv(x)
             expected = F.conv2d(x, conv.weight, conv.bias, 1, 1)
         assert _rel(got, expected) <= 1e-6
-        return fwd.entries[("winograd", torch.float32)][1]
+        return fwd.entries[("winograd", torch.float32, 2)][1]  # (6×7 maps: F(2×2))
 
     with inn.conv_winograd("on"):
         first = check()
@@ -252,11 +252,11 @@ def test_weight_cache_follows_changes():
         check()
         with torch.no_grad(), pytest.raises(RuntimeError, match="should be the same"):
             conv(x.bfloat16())  # fp32 weights, bf16 input: torch's own dtype error, no entry
-    assert list(fwd.entries) == [("winograd", torch.float32)]
+    assert list(fwd.entries) == [("winograd", torch.float32, 2)]
     with inn.conv_winograd("on"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         conv(x)  # a second compute dtype: its own entry next to the first
-    assert set(fwd.entries) == {("winograd", torch.float32), ("winograd", torch.bfloat16)}
-    assert fwd.entries[("winograd", torch.bfloat16)][1].dtype == torch.bfloat16
+    assert set(fwd.entries) == {("winograd", torch.float32, 2), ("winograd", torch.bfloat16, 2)}
+    assert fwd.entries[("winograd", torch.bfloat16, 2)][1].dtype == torch.bfloat16
     with inn.conv_winograd("on"):
         inn.clear_conv_prepack(conv)  # what UNetModel.train() calls
         assert fwd.entries == {}
@@ -268,11 +268,11 @@ def test_train_frees_the_transformed_weights():
     fast = _model().to_inference()
     with torch.no_grad(), inn.conv_winograd("on"):
         fast(*_inputs())
-    key = ("winograd", torch.float32)
-    holders = [m for m in fast.modules() if key in getattr(m.__dict__.get("forward"), "entries", {})]
-    assert holders
+    keys = {("winograd", torch.float32, 2), ("winograd", torch.float32, 4)}  # F(2×2) and F(4×4) convs
+    held = [set(getattr(m.__dict__.get("forward"), "entries", {})) & keys for m in fast.modules()]
+    assert set().union(*held) == keys
     fast.train()
-    assert all(key not in m.__dict__["forward"].entries for m in holders)
+    assert not any(set(getattr(m.__dict__.get("forward"), "entries", {})) & keys for m in fast.modules())
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -290,7 +290,7 @@ def test_conv_add_folds_the_residual_and_keeps_torchs_layout(channels_last):
             y = conv(x)
             row = torch.randn(1, 16, 1, 1, generator=g)  # broadcasts: added after, still right
             assert _rel(inn.conv_add(conv, x, row), row + F.conv2d(x, conv.weight, conv.bias, 1, 1)) <= 1e-6
-    assert ("winograd", torch.float32) in conv.__dict__["forward"].entries
+    assert ("winograd", torch.float32, 2) in conv.__dict__["forward"].entries
     assert _rel(got, expected) <= 1e-6
     assert y.is_contiguous(memory_format=fmt)  # as torch's conv lays it out
 

@@ -188,8 +188,8 @@ def test_nn_uses_the_packed_weight_and_can_switch_it_off():
                     outs[packed] = model(x)
                     entries = [conv.__dict__["forward"].entries for conv in model]
                     bf = torch.bfloat16
-                    first = ("winograd", bf, "packed") if packed else ("winograd", bf)
-                    assert [list(e) for e in entries] == [[first], [("winograd", bf)]]
+                    first = ("winograd", bf, "packed") if packed else ("winograd", bf, 2)
+                    assert [list(e) for e in entries] == [[first], [("winograd", bf, 2)]]
                     dims = [[entry[1].dim() for entry in e.values()] for e in entries]
                     # the 64 -> 64 conv packs (Cout a multiple of 32), the 64 -> 48 one cannot
                     assert dims == ([[4], [3]] if packed else [[3], [3]]), dims
