@@ -12,7 +12,10 @@ takes the calls its rule measured faster, so these rows are the library's defaul
 which "auto" leaves to torch, "on": every call; the other rows run it "off"; record field
 ``conv_winograd_train``: the mode), their fp32 weight gradients by Winograd too where
 ``conv_winograd_weight_grad("auto")`` takes them (Cin or Cout ≥ 64), and once more, fp32
-channels-last, with torch's weight gradients (impl "... winograd torch-dW"). Every row runs
+channels-last, with torch's weight gradients (impl "... winograd torch-dW"), and fp32 NCHW with every
+Winograd conv F(2×2, 3×3) (impl "auto winograd F(2x2)"; the other rows run the default tile rule,
+``iddpm_ext.nn.set_conv_winograd_tile``: F(4×4, 3×3) for maps of 8×8 and more; record field
+``conv_winograd_tile``). Every row runs
 TrainLoop's default fused AdamW but one, fp32 ``auto`` with the reference's per-tensor AdamW (impl
 "auto per-tensor-adamw", record field ``fused_optimizer``). The
 baseline for ``speedup`` is einsum / fp32 / no checkpointing; the GPU target is ≥ 2× its it/s.
@@ -54,7 +57,7 @@ import tempfile
 
 import torch
 
-from ..nn import conv_winograd_train, conv_winograd_weight_grad
+from ..nn import conv_winograd_tile, conv_winograd_train, conv_winograd_weight_grad
 from ..ops.attention import attention_impl
 from . import common
 from .unet import COMPILE_MODES, KINDS, _event_kind, breakdown_ms
@@ -178,11 +181,13 @@ def _step_flops(loop, x) -> int:
 
 def _cases(compile_mode, with_reference, cpu=False) -> list:
     """(use_checkpoint, amp, attention impl, channels_last, compile mode, reference model, Winograd
-    training convs: None, or their weight-gradient mode, fused AdamW) of each case, in the order
-    they run (the first is the speedup baseline)."""
+    training convs: None, or their weight-gradient mode, fused AdamW, Winograd tile mode) of each
+    case, in the order they run (the first is the speedup baseline)."""
 
-    def case(use_ckpt, amp, impl="auto", cl=False, comp="none", ref=False, wino=None, fused=True):
-        return (use_ckpt, amp, impl, cl, comp, ref, wino, fused)
+    def case(
+        use_ckpt, amp, impl="auto", cl=False, comp="none", ref=False, wino=None, fused=True, tile="auto"
+    ):
+        return (use_ckpt, amp, impl, cl, comp, ref, wino, fused, tile)
 
     cases = []
     for use_ckpt in (False, True):
@@ -195,6 +200,7 @@ def _cases(compile_mode, with_reference, cpu=False) -> list:
                 cases += [case(use_ckpt, amp, cl=cl, wino="auto") for cl in (False, True)]
                 if amp == "none":  # and with torch's weight gradients (bf16 has only those)
                     cases.append(case(use_ckpt, amp, cl=True, wino="off"))
+                    cases.append(case(use_ckpt, amp, wino="auto", tile="2"))  # F(2×2) only
     cases.append(case(False, "none", fused=False))  # the reference's per-tensor AdamW
     if with_reference:  # the reference model eager, in the same loop
         cases += [case(False, amp, ref=True) for amp in ("none", "bf16")]
@@ -217,10 +223,11 @@ def _step_kind(ev) -> str:
     return _event_kind(ev)
 
 
-def _impl_name(impl, channels_last, compile_mode, reference, winograd=None, fused=True) -> str:
+def _impl_name(impl, channels_last, compile_mode, reference, winograd=None, fused=True, tile="auto") -> str:
     name = "reference" if reference else impl + (" channels-last" if channels_last else "")
     name += " winograd" if winograd else ""  # (conv_winograd_train: fp32 "auto", bf16 "on")
     name += " torch-dW" if winograd == "off" else ""  # (conv_winograd_weight_grad("off"))
+    name += " F(2x2)" if tile == "2" else ""  # (conv_winograd_tile(2))
     name += "" if fused else " per-tensor-adamw"  # (TrainLoop(fused_optimizer=False))
     return name + (f" compile({compile_mode})" if compile_mode != "none" else "")
 
@@ -240,7 +247,7 @@ def run(args) -> list:
     reference_ms, compiled_reference_ms = {}, {}  # amp -> ms of the reference eager / compiled
     flops = None  # per step, counted once (the same network in every case)
     with tempfile.TemporaryDirectory() as tmp:
-        for use_ckpt, amp, impl, cl, comp, ref, wino, fused in cases:
+        for use_ckpt, amp, impl, cl, comp, ref, wino, fused, tile in cases:
             loop, x, n_params = _loop(
                 config, use_ckpt, amp, device, batch, tmp, cl, comp, reference=ref, fused_optimizer=fused
             )
@@ -254,6 +261,7 @@ def run(args) -> list:
                 attention_impl(impl),
                 conv_winograd_train(wino_mode),
                 conv_winograd_weight_grad(wino or "auto"),
+                conv_winograd_tile(tile),
             ):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -273,7 +281,7 @@ def run(args) -> list:
                 (reference_ms if comp == "none" else compiled_reference_ms)[amp] = ms
             elif amp in compiled_reference_ms:
                 extra["speedup_vs_compiled_reference"] = round(compiled_reference_ms[amp] / ms, 3)
-            name = _impl_name(impl, cl, comp, ref, wino, fused)
+            name = _impl_name(impl, cl, comp, ref, wino, fused, tile)
             rec = common.record(
                 f"train step {config}" + (" +ckpt" if use_ckpt else ""),
                 name,
@@ -289,6 +297,7 @@ def run(args) -> list:
                 channels_last=cl,
                 conv_winograd_train=wino_mode,
                 conv_winograd_weight_grad=wino,
+                conv_winograd_tile=tile,
                 fused_optimizer=fused,
                 compile=comp,
                 reference=ref,

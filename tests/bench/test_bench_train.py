@@ -57,7 +57,7 @@ def _run_and_check(tmp_path, calls):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 22
+    assert len(recs) == 23
     assert all(r["shape"] == [8, 3, 16, 16] for r in recs)
     cl = [r for r in recs if r["channels_last"]]
     assert [(r["impl"], r["dtype"], r["use_checkpoint"]) for r in cl] == [
@@ -79,6 +79,7 @@ def _run_and_check(tmp_path, calls):
         ("auto winograd", "float32", "auto", "auto"),
         ("auto channels-last winograd", "float32", "auto", "auto"),
         ("auto channels-last winograd torch-dW", "float32", "auto", "off"),
+        ("auto winograd F(2x2)", "float32", "auto", "auto"),
         ("auto winograd", "bfloat16", "on", "auto"),
         ("auto channels-last winograd", "bfloat16", "on", "auto"),
     ]
@@ -95,17 +96,18 @@ def _run_and_check(tmp_path, calls):
     assert [(r["impl"], r["dtype"]) for r in recs if not r["fused_optimizer"]] == [
         ("auto per-tensor-adamw", "float32")
     ]
-    assert recs[15]["impl"] == "auto per-tensor-adamw"
-    tail = [(r["impl"], r["dtype"]) for r in recs[16:]]
+    assert recs[16]["impl"] == "auto per-tensor-adamw"
+    assert [r["conv_winograd_tile"] for r in recs].count("2") == 1 and recs[6]["conv_winograd_tile"] == "2"
+    tail = [(r["impl"], r["dtype"]) for r in recs[17:]]
     assert tail == [("reference", "float32"), ("reference", "bfloat16")] + [
         (name, dtype)
         for dtype in ("float32", "bfloat16")
         for name in ("reference compile(max-autotune)", "auto compile(max-autotune)")
     ]
-    assert [r["reference"] for r in recs[16:]] == [True, True] + [True, False] * 2
-    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:16])
+    assert [r["reference"] for r in recs[17:]] == [True, True] + [True, False] * 2
+    assert all(not r["reference"] and r["compile"] == "none" for r in recs[:17])
     # ours eager without checkpointing against the reference eager of the same precision
-    ref_ms = {r["dtype"]: r["ms"] for r in recs[16:18]}
+    ref_ms = {r["dtype"]: r["ms"] for r in recs[17:19]}
     for r in recs:
         eager_ours = not r["reference"] and not r["use_checkpoint"] and r["compile"] == "none"
         assert ("speedup_vs_reference" in r) == eager_ours, r["impl"]
@@ -155,7 +157,7 @@ def test_digits_config_and_breakdown(tmp_path, monkeypatch):
     )
     assert bench.main(args) == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 16 and not any(r["reference"] for r in recs)
+    assert len(recs) == 17 and not any(r["reference"] for r in recs)
     assert all(r["op"].startswith("train step digits") and r["shape"] == [4, 1, 16, 16] for r in recs)
     assert 1.0e6 < recs[0]["params"] < 1.2e6  # "1.08 M parameters"
     for r in recs:
