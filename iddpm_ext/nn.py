@@ -44,6 +44,9 @@ __all__ = [
     "conv_winograd_weight_grad",
     "get_conv_winograd_weight_grad",
     "set_conv_winograd_weight_grad",
+    "conv_winograd_tile",
+    "get_conv_winograd_tile",
+    "set_conv_winograd_tile",
     "winograd_train_takes",
     "get_groupnorm_impl",
     "groupnorm_impl",
@@ -234,7 +237,8 @@ def _conv_geometry(conv: nn.Module):
 # Inside the inference conv forward (_PrepackedForward below, installed by to_inference /
 # set_conv_prepack), a no-grad CPU float32 or bfloat16 call of a 3×3 conv with stride 1, padding 1,
 # dilation 1 and one group may run iddpm::conv3x3_winograd (iddpm_ext.ops.winograd: F(2×2, 3×3),
-# 16 instead of 36 multiplies per output tile and channel pair) on a transformed copy of the weight,
+# 16 instead of 36 multiplies per output tile and channel pair; in float32 F(4×4, 3×3) where
+# set_conv_winograd_tile's rule takes it, below) on a transformed copy of the weight,
 # made once per weight version and compute dtype and kept with the packed weights (same cache,
 # same invalidation: address + version counter; freed by train(); not in the state_dict). The
 # compute dtype is torch's: the input's (= the weight's) dtype, or bf16 under CPU bf16 autocast
@@ -314,14 +318,18 @@ class conv_winograd:
 # The Winograd variant of the float32 convs above and of the training convs below (their forward
 # and input gradient): F(2×2, 3×3) ("2") or F(4×4, 3×3) ("4": 4×4 output tiles, 36 GEMMs with 2.25
 # instead of 4 multiplies per output and channel pair; about 4× F(2×2)'s float32 rounding error,
-# ~1e-6 of the output, iddpm_ext.ops.winograd). "auto": F(4×4) for float32 calls whose maps are at
-# least _WINOGRAD_TILE4_MIN_SIZE, else F(2×2): at B = 2 one conv measured 1.3-1.7× F(2×2)'s time at
-# 8×8 to 32×32 maps, 0.46-1.03× at 4×4 and 2×2 (one tile per image: few GEMM rows) (iddpm bench conv,
-# docs/unet.md).
-# bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16: ~4× the
-# error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset: auto).
+# ~1e-6 of the output, iddpm_ext.ops.winograd). "auto": F(4×4) for float32 calls with maps of at
+# least _WINOGRAD_TILE4_MIN_SIZE and at least _WINOGRAD_TILE4_MIN_TILES 4×4 output tiles (N·⌈H/4⌉·⌈W/4⌉:
+# the GEMMs' rows), else F(2×2). Alone, one conv at B = 2 ran 1.3-1.7× as fast as F(2×2) at 8×8 to
+# 32×32 maps and 0.46-1.03× at 4×4 and 2×2 (iddpm bench conv); inside the model, where each conv's
+# transformed weight (36/9 of the weight's bytes, F(2×2)'s 16/9) comes from memory, the 8×8 maps
+# lost at B = 1 and 2 (8 or fewer tiles) and 16×16 at B = 1 (16 tiles) was even (a reviewer's
+# in-model timing; docs/unet.md). bfloat16 calls always F(2×2) (F(4×4) would round its larger
+# transformed values to bf16: ~4× the error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset:
+# auto).
 _WINOGRAD_TILE_MODES = ("auto", "2", "4")
 _WINOGRAD_TILE4_MIN_SIZE = 8  # min(H, W)
+_WINOGRAD_TILE4_MIN_TILES = 32  # N · ⌈H/4⌉ · ⌈W/4⌉
 
 
 def _winograd_tile_from_env() -> str:
@@ -362,7 +370,9 @@ def _winograd_tile(dtype: torch.dtype, x: torch.Tensor) -> int:
         return 2
     if mode == "4":
         return 4
-    return 4 if min(x.shape[2], x.shape[3]) >= _WINOGRAD_TILE4_MIN_SIZE else 2
+    N, _, H, W = x.shape
+    tiles = N * ((H + 3) // 4) * ((W + 3) // 4)
+    return 4 if min(H, W) >= _WINOGRAD_TILE4_MIN_SIZE and tiles >= _WINOGRAD_TILE4_MIN_TILES else 2
 
 
 # bf16 Winograd convs run on the packed weight (iddpm_ext.ops.winograd.packable: a CPU with
@@ -676,7 +686,8 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # With grad recorded, a CPU call of a Conv2d below (conv_nd's 2-D conv: the UNet's) with a 3×3
 # kernel, stride 1, padding 1, dilation 1, one group and zero padding may run
 # iddpm_ext.ops.winograd.conv3x3_winograd_train: the forward and the input gradient as Winograd
-# F(2×2, 3×3) convolutions on weights transformed afresh each call (they change every step), the
+# F(2×2, 3×3) convolutions (float32: F(4×4, 3×3) where set_conv_winograd_tile's rule takes it) on
+# weights transformed afresh each call (they change every step), the
 # float32 weight gradient by the Winograd transforms too (below), the other gradients as torch
 # computes them. The compute dtype is torch's (the input's = the
 # weight's, or bf16 under CPU bf16 autocast, casting as autocast's conv does); the output has the

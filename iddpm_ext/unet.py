@@ -546,7 +546,9 @@ class UNetModel(nn.Module):
         (:func:`iddpm_ext.nn.set_conv_prepack`; with prepack True or "bf16" no-grad fp32 3×3 convs,
         and bf16 ones on CPUs without AMX, run as Winograd convs by default,
         :func:`iddpm_ext.nn.set_conv_winograd`, so the CPU fp32 default is affected too: ~1e-7 from
-        torch's conv, cached transformed weights; bf16: ~2× a direct bf16 conv's error); with ``batch_emb``
+        torch's conv by F(2×2, 3×3), ~1e-6 by F(4×4, 3×3), which the larger maps take,
+        :func:`iddpm_ext.nn.set_conv_winograd_tile`; cached transformed weights; bf16: ~2× a
+        direct bf16 conv's error); with ``batch_emb``
         no-grad calls compute every ResBlock's time-embedding projection in one GEMM
         (:meth:`_batched_emb`; True: on every device, False: off, None (default): CPU calls only,
         as it has not run on a GPU yet). ``forward`` still takes and returns NCHW tensors of the

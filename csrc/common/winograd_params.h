@@ -8,6 +8,7 @@
 // 2·ty - 1 … 2·ty + 2 and columns 2·tx - 1 … 2·tx + 2 (outside the image: zero).
 //   input transform:  V[k][p][c] = (Bᵀ d B)[i][j], k = 4·i + j, d the patch of channel c
 //   16 GEMMs:         M[k] = V[k] @ U[k]   ([P, Cin] @ [Cin, Cout], U = G g Gᵀ per (ci, co))
+//                     (F(4×4, 3×3): 36, below)
 //   output transform: y[2·ty + a][2·tx + b][co] = (Aᵀ M A)[a][b] + bias[co] + residual[...]
 // The weight gradient (iddpm::conv3x3_winograd_weight_grad) runs the adjoints backwards:
 //   dM[k][p][co] = (A dY Aᵀ)[i][j] from the output tile's gradient dY (rows/columns past H/W: 0),
@@ -56,7 +57,7 @@ inline int64_t winograd_tiles(int64_t size, int64_t tile = kWinogradTile) {
 }
 
 // The transforms work on the tiles [tile_begin, tile_end) (the op runs blocks of tiles so that
-// V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16
+// V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16 (36)
 // matrices is tile t.
 struct WinogradInputParams {
   DType dtype = DType::kFloat32;  // of x and v

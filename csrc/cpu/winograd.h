@@ -15,7 +15,7 @@ void winograd_input(const WinogradInputParams& p);
 // y from M (output transform, + bias, + residual).
 void winograd_output(const WinogradOutputParams& p);
 // dM from dY, the output transform's adjoint (A dY Aᵀ per tile; for the weight gradient): p.x is
-// dY [N, H, W, C] (channels-last), p.v receives dM [16, tile_end - tile_begin, C].
+// dY [N, H, W, C] (channels-last), p.v receives dM [16 or 36, tile_end - tile_begin, C] (p.tile).
 void winograd_output_adjoint(const WinogradInputParams& p);
 // Per plane n < N: dst[n] = src[n]ᵀ, src [R][S] -> dst [S][R] (dense), float32 or bfloat16
 // (raw 16-bit elements): the NCHW <-> channels-last conversions of the ops (R = C, S = H·W or the

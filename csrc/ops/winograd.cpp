@@ -22,7 +22,7 @@
 //   iddpm::convert_layout(Tensor x, bool channels_last) -> Tensor
 //     a copy of the 4-D x in channels-last (True) or contiguous NCHW (False) memory format: the
 //     ops' own conversion (below), for the Python side of the training conv.
-// Input transform, 16 GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
+// Input transform, 16 (F(4×4): 36) GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
 // where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
 // the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
 // once from float32 arithmetic). CPU only.
@@ -101,7 +101,7 @@ at::Tensor workspace(int64_t bytes, const at::TensorOptions& options) {
   return buf;
 }
 
-// ---- the 16 GEMMs M[k] = V[k] @ U[k] ([rows, Cin] @ [Cin, Cout], row-major, k = 0..15) ----
+// ---- the GEMMs M[k] = V[k] @ U[k] ([rows, Cin] @ [Cin, Cout], row-major, k < 16 or 36) ----
 // float32: torch's batch-reduce GEMM entry point at::native::cpublas::brgemm (oneDNN's
 // micro-kernel, which torch's CPU flash attention also runs, where torch has it and the CPU
 // supports it; else torch runs its own sgemm on the block) on blocks of kGemmRows x kGemmCols,
@@ -254,7 +254,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
                           weight_t.size(3) == 2 * kWinogradPackCols,
                       "weight_t: expected shape [16, Cout/32, ", Cin / 2, ", 64] (winograd_weight(",
                       "weight, packed=True) of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x = ",
-                      Cin, ") or [16, ", Cin, ", Cout], got ", shape_str(weight_t));
+                      Cin, ") or [16 or 36, ", Cin, ", Cout], got ", shape_str(weight_t));
     check_packable(weight_t, Cin, weight_t.size(1) * kWinogradPackCols, "weight_t");
   } else {
     TORCH_CHECK_VALUE(weight_t.dim() == 3 && winograd_tile_of_points(weight_t.size(0)) != 0 &&

@@ -9,7 +9,8 @@ float32 and bfloat16 (all in that dtype; no autocast):
                       has no such conv for the dtype, e.g. bf16 without AVX-512)
   iddpm (winograd)    iddpm::conv3x3_winograd on a weight transformed once (F(2×2, 3×3))
   iddpm (winograd F4) the same by F(4×4, 3×3) (winograd_weight(w, tile=4); float32 only), what
-                      iddpm_ext.nn runs for float32 maps of 4×4 and more (set_conv_winograd_tile)
+                      iddpm_ext.nn runs for float32 maps of 8×8 and more with at least 32
+                      4×4 tiles (set_conv_winograd_tile)
   iddpm (winograd, packed)
                       the same on the packed bf16 weight (winograd_weight(w, packed=True): bf16,
                       CPUs with AVX512-BF16, even Cin, Cout a multiple of 32), what iddpm_ext.nn

@@ -1,5 +1,6 @@
 """iddpm::conv3x3_winograd — a CPU float32 / bfloat16 3×3 convolution (stride 1, padding 1, dilation 1, one
-group) by Winograd's F(2×2, 3×3) (csrc/ops/winograd.cpp; transforms csrc/cpu/winograd*).
+group) by Winograd's F(2×2, 3×3), or in float32 F(4×4, 3×3) (csrc/ops/winograd.cpp; transforms
+csrc/cpu/winograd*).
 
 The output is cut into 2×2 tiles; each tile's 4×4 input patch d and each 3×3 filter g are
 transformed (``Bᵀ d B``, ``G g Gᵀ``), multiplied pointwise over the 16 points (16 GEMMs
@@ -228,7 +229,8 @@ def conv3x3_winograd_train(
 
     x: [N, Cin, H, W] CPU float32 or bfloat16; weight: [Cout, Cin, 3, 3]; bias: [Cout] or None;
     residual: [N, Cout, H, W] or None; all of x's dtype. In float32 the forward and the input
-    gradient are as accurate as a direct convolution; in bfloat16 they round the transformed
+    gradient are as accurate as a direct convolution with tile=2 (F(4×4), tile=4: ~4× that error,
+    ~1e-6 relative, see above); in bfloat16 they round the transformed
     input, weight and products to bf16 (~2× a direct bf16 convolution's error, see above).
     weight_grad: how the weight gradient is computed in float32, "on" by
     :func:`conv3x3_winograd_weight_grad`, "off" by torch, "auto" (default) by the former where
@@ -275,7 +277,8 @@ def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: in
     torch's weight gradient (tests/ops/test_winograd_weight_grad.py). Non-finite inputs give
     non-finite gradients, though not always torch's: an Inf becomes NaN where the transforms
     subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums.
-    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; faster only at large maps)."""
+    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; measured faster only at 32×32 maps and more; ~3× the
+    error; its transforms' coefficients reach 8, so values beyond ~FLT_MAX/64 may overflow)."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y, tile)
 
@@ -382,7 +385,7 @@ if loader.available():
                 lambda: (
                     f"weight_t: expected shape [16, Cout/32, {Cin // 2}, 64] (winograd_weight(weight, "
                     f"packed=True) of a [Cout, Cin, 3, 3] weight, Cin = dim 1 of x = {Cin}) or "
-                    f"[16, {Cin}, Cout], got {list(weight_t.shape)}"
+                    f"[16 or 36, {Cin}, Cout], got {list(weight_t.shape)}"
                 ),
             )
             Cout = weight_t.shape[1] * PACK_COLS

@@ -835,12 +835,22 @@ def _dims(data, sizes):
     return tuple(data.draw(st.sampled_from(s)) for s in sizes)
 
 
+# G of F(2×2, 3×3) and F(4×4, 3×3) (common/winograd_params.h)
+_WINOGRAD_G = {
+    2: [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+    4: [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3], [-16 / 15, -8 / 15, -4 / 15],
+        [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]],
+}  # fmt: skip
+
+
 def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     """iddpm::winograd_weight: weight [Cout, Cin, 3, 3] (0-size and huge-but-empty dims, other
-    kernel sizes and ranks, any dtype and layout), plain or packed, against G g Gᵀ in float64."""
+    kernel sizes and ranks, any dtype and layout), plain or packed, tile 2, 4 (F(4×4, 3×3), float32
+    only) or a bad one, against G g Gᵀ in float64."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     cout, cin = _dims(data, ([0, 1, 5, 16, 32], [0, 1, 2, 3, 17]))
     packed = data.draw(st.booleans())
+    tile = choose(data, 2, 4, 3, 0)
     if 0 in (cout, cin) and data.draw(st.booleans()):
         cout, cin = (HUGE, cin) if cout == 0 and cin else (cout, HUGE) if cin == 0 and cout else (cout, cin)
     shape = choose(data, (cout, cin, 3, 3), (cout, cin, 3), (cout, cin, 5, 5), (cout, cin, 3, 1), (3, 3))
@@ -848,9 +858,10 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     dtype = choose(data, good, *[d for d in DTYPES if d not in WINOGRAD_DTYPES])
     weight = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from([base, *mixes]))
-    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device), packed), ("weight",))
+    names = ("weight", "tile", "packed")
+    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device), packed, tile), names)
     if device == "meta":
-        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base), packed), ("weight",))
+        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base), packed, tile), names)
         check_meta_agrees((res, err), real, lambda e: False, "winograd_weight", strict=base == "cpu")
         return
     assert device != FAKE_CUDA or err is not None, "winograd_weight accepted a CUDA weight (CPU kernel only)"
@@ -858,22 +869,25 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
         return
     assert tuple(weight.shape[2:]) == (3, 3) and weight.dim() == 4
     assert weight.dtype in WINOGRAD_DTYPES, f"winograd_weight accepted {weight.dtype}"
+    assert tile in (2, 4) and (tile == 2 or (weight.dtype == torch.float32 and not packed)), f"tile {tile}"
+    points = (tile + 2) ** 2
     if packed:
         assert _packable(weight.shape[1], weight.shape[0], weight.dtype), f"packed {tuple(weight.shape)}"
         assert res.shape == (16, weight.shape[0] // 32, weight.shape[1] // 2, 64)
         res = _unpack(res, weight.shape[1])
-    assert res.shape == (16, weight.shape[1], weight.shape[0]) and res.dtype == weight.dtype
+    assert res.shape == (points, weight.shape[1], weight.shape[0]) and res.dtype == weight.dtype
     assert res.device.type == "cpu", f"winograd_weight ran on {res.device} (it has a CPU kernel only)"
     if res.numel() == 0:
         return
-    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    ref = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g).reshape(16, *res.shape[1:])
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64)
+    ref = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g).reshape(points, *res.shape[1:])
     close(res, ref, weight.dtype, "winograd_weight")
 
 
 def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     """iddpm::conv3x3_winograd: x [N, Cin, H, W] (0-size, huge-but-empty, odd and 1-pixel maps,
-    any layout and dtype), weight_t = winograd_weight(w) or of a wrong shape or dtype, optional
+    any layout and dtype), weight_t = winograd_weight(w) (F(2×2), packed, or F(4×4) for float32) or
+    of a wrong shape or dtype, optional
     bias [Cout] and residual [N, Cout, H, W] (or wrong); against float64 conv2d(x, w, bias,
     padding=1) + residual."""
     import torch.nn.functional as F
@@ -893,11 +907,13 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
     w = values((cout, cin, 3, 3), w_dtype, gen) if cout * cin <= 10**5 else None
     if w is not None and data.draw(st.integers(0, 9)):
         packed = _packable(cin, cout, w.dtype) and data.draw(st.booleans())
-        weight_t = torch.ops.iddpm.winograd_weight(w, packed)
+        tile = 4 if not packed and w.dtype == torch.float32 and data.draw(st.booleans()) else 2
+        weight_t = torch.ops.iddpm.winograd_weight(w, packed, tile)
     else:
         wt_shape = choose(
             data, (16, cin, cout), (9, cin, cout), (16, cin + 1, cout), (16, cin), (16, 1, cin // 2, 64),
-            (16, 1, cin // 2 + 1, 64), (16, 1, cin // 2, 32),
+            (16, 1, cin // 2 + 1, 64), (16, 1, cin // 2, 32), (36, cin, cout), (25, cin, cout),
+            (36, 1, cin // 2, 64),
         )  # fmt: skip
         wt_dtype = choose(data, torch.float32, torch.bfloat16, torch.float64)
         weight_t = make(data, wt_shape, wt_dtype, gen, layout="contiguous")
@@ -941,8 +957,9 @@ def fuzz_conv3x3_winograd(data, base="cpu", mixes=("meta",)):
         assert _packable(x.shape[1], weight_t.shape[1] * 32, x.dtype), f"packed {tuple(weight_t.shape)}"
         assert tuple(weight_t.shape) == (16, weight_t.shape[1], x.shape[1] // 2, 64)
         out_channels = weight_t.shape[1] * 32
-    else:
-        assert tuple(weight_t.shape[:2]) == (16, x.shape[1])
+    else:  # [16, Cin, Cout], or F(4×4)'s [36, Cin, Cout] (float32)
+        assert weight_t.shape[0] == 16 or (weight_t.shape[0] == 36 and x.dtype == torch.float32)
+        assert weight_t.dim() == 3 and weight_t.shape[1] == x.shape[1], tuple(weight_t.shape)
         out_channels = weight_t.shape[2]
     assert res.shape == (x.shape[0], out_channels, *x.shape[2:]) and res.dtype == x.dtype
     if res.numel() == 0 or w is None:

@@ -267,7 +267,9 @@ def test_weight_cache_follows_changes():
 def test_train_frees_the_transformed_weights():
     fast = _model().to_inference()
     with torch.no_grad(), inn.conv_winograd("on"):
-        fast(*_inputs())
+        for tile in (2, 4):
+            with inn.conv_winograd_tile(tile):
+                fast(*_inputs())
     keys = {("winograd", torch.float32, 2), ("winograd", torch.float32, 4)}  # F(2×2) and F(4×4) convs
     held = [set(getattr(m.__dict__.get("forward"), "entries", {})) & keys for m in fast.modules()]
     assert set().union(*held) == keys

@@ -129,7 +129,7 @@ def test_vector_builds_match_float64_too(monkeypatch, isa):
 
 def test_several_tile_blocks():
     """Enough tiles for several blocks of the op's 8 MB workspace."""
-    x, w, b, _ = _case(3, 128, 160, 46, 42)  # 3 · 12 · 11 = 396 tiles of 36 · 288 floats: 3 blocks
+    x, w, b, _ = _case(3, 128, 160, 46, 42)  # 3 · 12 · 11 = 396 tiles of 36 · 288 floats: 2 blocks
     ref = F.conv2d(x, w, b, 1, 1)
     assert _err(conv_op(x.float(), weight_op(w.float(), False, 4), b.float()), ref) < 5e-6
 
@@ -227,19 +227,24 @@ def test_train_tile_errors():
 
 
 @pytest.mark.parametrize(
-    "mode, dtype, size, tile",
+    "mode, dtype, shape, tile",
     [
-        ("auto", torch.float32, 8, 4),
-        ("auto", torch.float32, 7, 2),  # maps under 8×8: F(2×2)
-        ("auto", torch.bfloat16, 16, 2),  # bf16: always F(2×2)
-        ("4", torch.float32, 2, 4),
-        ("4", torch.bfloat16, 16, 2),
-        ("2", torch.float32, 32, 2),
+        ("auto", torch.float32, (2, 1, 16, 16), 4),  # 32 tiles of 4×4
+        ("auto", torch.float32, (1, 1, 16, 16), 2),  # 16: F(2×2)
+        ("auto", torch.float32, (8, 1, 8, 8), 4),
+        ("auto", torch.float32, (2, 1, 8, 8), 2),
+        ("auto", torch.float32, (1, 1, 8, 64), 4),  # 2 · 16 = 32 tiles
+        ("auto", torch.float32, (1, 1, 8, 60), 2),  # 2 · 15 = 30 tiles
+        ("auto", torch.float32, (64, 1, 7, 7), 2),  # maps under 8×8: F(2×2)
+        ("auto", torch.bfloat16, (8, 1, 32, 32), 2),  # bf16: always F(2×2)
+        ("4", torch.float32, (1, 1, 2, 2), 4),
+        ("4", torch.bfloat16, (8, 1, 32, 32), 2),
+        ("2", torch.float32, (8, 1, 32, 32), 2),
     ],
 )
-def test_which_calls_take_f4(mode, dtype, size, tile):
+def test_which_calls_take_f4(mode, dtype, shape, tile):
     with inn.conv_winograd_tile(mode):
-        assert inn._winograd_tile(dtype, torch.zeros(1, 1, size, size + 1)) == tile
+        assert inn._winograd_tile(dtype, torch.zeros(shape)) == tile
 
 
 def test_switch_values_errors_and_environment(monkeypatch):
