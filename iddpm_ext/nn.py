@@ -324,12 +324,14 @@ class conv_winograd:
 # 32×32 maps and 0.46-1.03× at 4×4 and 2×2 (iddpm bench conv); inside the model, where each conv's
 # transformed weight (36/9 of the weight's bytes, F(2×2)'s 16/9) comes from memory, the 8×8 maps
 # lost at B = 1 and 2 (8 or fewer tiles) and 16×16 at B = 1 (16 tiles) was even (a reviewer's
-# in-model timing; docs/unet.md). bfloat16 calls always F(2×2) (F(4×4) would round its larger
-# transformed values to bf16: ~4× the error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset:
-# auto).
+# in-model timing; docs/unet.md). A training call transforms its weight twice per step (forward,
+# input gradient), 2.25× the work of F(2×2)'s: it needs more tiles to gain (one training call at
+# 8×256×256×8×8, 32 tiles, 0.90-0.99× F(2×2)'s; from 128 tiles 1.0-1.2×: iddpm bench conv --passes
+# train). bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16:
+# ~4× the error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset: auto).
 _WINOGRAD_TILE_MODES = ("auto", "2", "4")
 _WINOGRAD_TILE4_MIN_SIZE = 8  # min(H, W)
-_WINOGRAD_TILE4_MIN_TILES = 32  # N · ⌈H/4⌉ · ⌈W/4⌉
+_WINOGRAD_TILE4_MIN_TILES = {False: 32, True: 128}  # N · ⌈H/4⌉ · ⌈W/4⌉, by "a training call"
 
 
 def _winograd_tile_from_env() -> str:
@@ -363,8 +365,9 @@ def conv_winograd_tile(tile: int | str):
     return _scoped(set_conv_winograd_tile, tile)
 
 
-def _winograd_tile(dtype: torch.dtype, x: torch.Tensor) -> int:
-    """The Winograd variant (output tile edge, 2 or 4) of a conv call on ``x`` computed in ``dtype``."""
+def _winograd_tile(dtype: torch.dtype, x: torch.Tensor, training: bool = False) -> int:
+    """The Winograd variant (output tile edge, 2 or 4) of a conv call on ``x`` computed in ``dtype``
+    (``training``: a Winograd training conv, whose weight is transformed on every call)."""
     mode = _conv_winograd_tile
     if dtype != torch.float32 or mode == "2":
         return 2
@@ -372,7 +375,7 @@ def _winograd_tile(dtype: torch.dtype, x: torch.Tensor) -> int:
         return 4
     N, _, H, W = x.shape
     tiles = N * ((H + 3) // 4) * ((W + 3) // 4)
-    return 4 if min(H, W) >= _WINOGRAD_TILE4_MIN_SIZE and tiles >= _WINOGRAD_TILE4_MIN_TILES else 2
+    return 4 if min(H, W) >= _WINOGRAD_TILE4_MIN_SIZE and tiles >= _WINOGRAD_TILE4_MIN_TILES[training] else 2
 
 
 # bf16 Winograd convs run on the packed weight (iddpm_ext.ops.winograd.packable: a CPU with
@@ -851,7 +854,12 @@ def _run_winograd_train(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype, re
         residual.is_contiguous(memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     )  # (a residual in the other layout: torch's add decides the sum's layout)
     y = _winograd_ops.conv3x3_winograd_train(
-        x2, weight, bias, residual if fold else None, _conv_winograd_weight_grad, _winograd_tile(dtype, x)
+        x2,
+        weight,
+        bias,
+        residual if fold else None,
+        _conv_winograd_weight_grad,
+        _winograd_tile(dtype, x, True),
     )
     if not out_cl:
         y = _winograd_ops.to_layout(y, False)  # torch's conv gives NCHW for NCHW input and weight

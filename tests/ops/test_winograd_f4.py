@@ -247,6 +247,18 @@ def test_which_calls_take_f4(mode, dtype, shape, tile):
         assert inn._winograd_tile(dtype, torch.zeros(shape)) == tile
 
 
+@pytest.mark.parametrize(
+    "shape, tile",
+    [((8, 1, 8, 8), 2), ((8, 1, 16, 16), 4), ((32, 1, 8, 8), 4), ((2, 1, 32, 32), 4), ((1, 1, 32, 32), 2)],
+)
+def test_training_calls_need_128_tiles(shape, tile):
+    """A training conv transforms its weight on every call: F(4×4) from 128 tiles of 4×4."""
+    assert inn._winograd_tile(torch.float32, torch.zeros(shape), training=True) == tile
+    assert inn._winograd_tile(torch.float32, torch.zeros(shape)) == (
+        4 if shape[0] * shape[2] * shape[3] >= 512 else 2
+    )
+
+
 def test_switch_values_errors_and_environment(monkeypatch):
     previous = inn.set_conv_winograd_tile(4)
     try:
