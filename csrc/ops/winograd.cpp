@@ -22,9 +22,9 @@
 //   iddpm::convert_layout(Tensor x, bool channels_last) -> Tensor
 //     a copy of the 4-D x in channels-last (True) or contiguous NCHW (False) memory format: the
 //     ops' own conversion (below), for the Python side of the training conv.
-// Input transform, 16 (F(4×4): 36) GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's micro-kernel
-// where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h has
-// the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
+// Input transform, 16 (F(4×4): 36) GEMMs [P, Cin] @ [Cin, Cout] (float32: cpublas::brgemm, oneDNN's
+// micro-kernel where it runs; bf16: at::bmm, oneDNN), output transform (common/winograd_params.h
+// has the math; the transforms are csrc/cpu/winograd*). bfloat16: V, M and y are bf16 (each rounded
 // once from float32 arithmetic). CPU only.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
