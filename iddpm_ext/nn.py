@@ -335,10 +335,7 @@ _WINOGRAD_TILE4_MIN_TILES = {False: 32, True: 128}  # N · ⌈H/4⌉ · ⌈W/4�
 
 
 def _winograd_tile_from_env() -> str:
-    raw = os.environ.get("IDDPM_CONV_WINOGRAD_TILE", "auto").strip().lower() or "auto"
-    if raw not in _WINOGRAD_TILE_MODES:
-        raise ValueError(f"IDDPM_CONV_WINOGRAD_TILE: expected auto, 2 or 4 (or unset), got {raw!r}")
-    return raw
+    return _env_mode("IDDPM_CONV_WINOGRAD_TILE", _WINOGRAD_TILE_MODES, "auto, 2 or 4")
 
 
 _conv_winograd_tile = _winograd_tile_from_env()
