@@ -113,38 +113,17 @@ void weight_impl(const double (&G)[A][3], const T* w, int64_t Cout, int64_t Cin,
   }
 }
 
-// dg = Gᵀ dU G per (co, ci): the adjoint of U = G g Gᵀ.
-template <int A>
-void weight_adjoint_impl(const double (&G)[A][3], const float* du, int64_t Cout, int64_t Cin,
-                         float* gw) {
-  const int64_t kstride = Cin * Cout;
-  for (int64_t co = 0; co < Cout; ++co) {
-    for (int64_t ci = 0; ci < Cin; ++ci) {
-      double d[A][A];
-      for (int k = 0; k < A * A; ++k) d[k / A][k % A] = du[k * kstride + ci * Cout + co];
-      double t[3][A];  // Gᵀ dU
-      for (int r = 0; r < 3; ++r)
-        for (int j = 0; j < A; ++j) {
-          double acc = 0;
-          for (int i = 0; i < A; ++i) acc += G[i][r] * d[i][j];
-          t[r][j] = acc;
-        }
-      float* g = gw + (co * Cin + ci) * 9;
-      for (int r = 0; r < 3; ++r)
-        for (int s = 0; s < 3; ++s) {
-          double acc = 0;
-          for (int j = 0; j < A; ++j) acc += t[r][j] * G[j][s];
-          g[r * 3 + s] = static_cast<float>(acc);
-        }
-    }
-  }
-}
-
 }  // namespace
 
-void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw, int64_t tile) {
-  if (tile == kWinogradTile4) return weight_adjoint_impl(G4, du, Cout, Cin, gw);
-  weight_adjoint_impl(G2, du, Cout, Cin, gw);
+void winograd_transform_matrix(int64_t tile, double* k) {
+  auto fill = [k](const auto& G, int A) {
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < A; ++j)
+        for (int r = 0; r < 3; ++r)
+          for (int s = 0; s < 3; ++s) k[(A * i + j) * 9 + 3 * r + s] = G[i][r] * G[j][s];
+  };
+  if (tile == kWinogradTile4) return fill(G4, 6);
+  fill(G2, 4);
 }
 
 void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],

@@ -21,11 +21,10 @@ void winograd_output_adjoint(const WinogradInputParams& p);
 // (raw 16-bit elements): the NCHW <-> channels-last conversions of the ops (R = C, S = H·W or the
 // reverse).
 void transpose_planes(const void* src, void* dst, DType dtype, int64_t N, int64_t R, int64_t S);
-// The weight gradient [Cout, Cin, 3, 3] (contiguous, float32) from dU [points, Cin, Cout] float32,
-// the gradient of the transformed weight: Gᵀ dU G per (co, ci), computed in float64 (tile 2 or 4:
-// F(tile×tile, 3×3)'s G).
-void winograd_weight_adjoint(const float* du, int64_t Cout, int64_t Cin, float* gw,
-                             int64_t tile = kWinogradTile);
+// kron(G, G) of F(tile×tile, 3×3) (tile 2 or 4) into k [points][9], float64: row 6i + j (4i + j)
+// takes a filter's 9 taps (row-major) to its transformed point (i, j); its transpose takes the
+// transformed weight's gradient back to the taps' (Gᵀ dU G).
+void winograd_transform_matrix(int64_t tile, double* k);
 // The dtypes the transforms and the weight transform take (one for all arrays of a call).
 inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
 

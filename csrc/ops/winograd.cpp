@@ -32,7 +32,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -369,8 +369,8 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
   if (P == 0) return grad_w.zero_();
   const at::Tensor x = to_layout(x_in, true, false);
   const at::Tensor gy = to_layout(grad_y_in, true, false);
-  at::Tensor du = at::zeros({points, Cin, Cout}, opts);
-  const int64_t per_tile = points * (Cin + Cout);  // floats of V and dM per tile
+  at::Tensor du = at::empty({points, Cin, Cout}, opts);  // (the first block's bmm writes it)
+  const int64_t per_tile = points * (Cin + Cout);        // floats of V and dM per tile
   const int64_t block = block_tiles(P, per_tile, 4);
   const at::Tensor ws_buf = workspace(block * per_tile * 4, opts);  // held for the call
   float* ws = static_cast<float*>(ws_buf.mutable_data_ptr());
@@ -391,10 +391,18 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
     cpu::winograd_output_adjoint(in);
     const at::Tensor v = at::from_blob(vp, {points, rows, Cin}, opts);
     const at::Tensor m = at::from_blob(mp, {points, rows, Cout}, opts);
-    du.baddbmm_(v.transpose(1, 2), m);
+    if (t0 == 0) {
+      at::bmm_out(du, v.transpose(1, 2), m);
+    } else {
+      du.baddbmm_(v.transpose(1, 2), m);
+    }
   }
-  cpu::winograd_weight_adjoint(du.const_data_ptr<float>(), Cout, Cin,
-                               grad_w.mutable_data_ptr<float>(), tile);
+  // Gᵀ dU G per filter as one GEMM: [9, points] @ [points, Cin·Cout] (kron(G, G)ᵀ, rounded once
+  // to float32 from float64), then the taps to [Cout, Cin, 3, 3].
+  at::Tensor k = at::empty({points, 9}, opts.dtype(at::kDouble));
+  cpu::winograd_transform_matrix(tile, k.mutable_data_ptr<double>());
+  const at::Tensor taps = at::mm(k.to(at::kFloat).t(), du.view({points, Cin * Cout}));
+  grad_w.copy_(taps.view({3, 3, Cin, Cout}).permute({3, 2, 0, 1}));
   return grad_w;
 }
 

@@ -196,7 +196,7 @@ class _Conv3x3WinogradTrain(torch.autograd.Function):
                     grad_out, x, weight, bias_sizes, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, torch_grads
                 )  # fmt: skip
             if winograd_w:
-                grad_w = torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_cl)
+                grad_w = torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_cl, ctx.tile)
                 if need_b:
                     grad_b = grad_cl.sum((0, 2, 3))
             if winograd_x:
@@ -235,8 +235,8 @@ def conv3x3_winograd_train(
     weight_grad: how the weight gradient is computed in float32, "on" by
     :func:`conv3x3_winograd_weight_grad`, "off" by torch, "auto" (default) by the former where
     Cin or Cout is at least 64 (bf16: always torch's); fixed by this call for its backward.
-    tile: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), float32 only) for the forward and the input gradient
-    (the weight gradient keeps F(2×2, 3×3): F(4×4)'s measured slower at the UNet's smaller maps)."""
+    tile: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), float32 only) for the forward, the input gradient and
+    the Winograd weight gradient."""
     loader.require()
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad: expected 'auto', 'on' or 'off', got {weight_grad!r}")
@@ -277,8 +277,9 @@ def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: in
     torch's weight gradient (tests/ops/test_winograd_weight_grad.py). Non-finite inputs give
     non-finite gradients, though not always torch's: an Inf becomes NaN where the transforms
     subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums.
-    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; measured faster only at 32×32 maps and more; ~3× the
-    error; its transforms' coefficients reach 8, so values beyond ~FLT_MAX/64 may overflow)."""
+    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; faster than F(2×2) from about 128 tiles of 4×4, iddpm
+    bench conv --passes wgrad; ~3× the error; its transforms' coefficients reach 8, so values
+    beyond ~FLT_MAX/64 may overflow)."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y, tile)
 

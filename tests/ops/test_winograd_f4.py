@@ -215,6 +215,18 @@ def test_train_gradients_match_float64(layout):
         assert _err(ours.grad, theirs.grad) < 5e-6
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_train_weight_gradient_follows_the_tile(tile):
+    """The training conv's Winograd weight gradient is the op's with the call's tile (same bits)."""
+    x, w, _, gy = (t.float() for t in _case(2, 16, 24, 12, 12))
+    x = x.contiguous(memory_format=CL)
+    gy = gy.contiguous(memory_format=CL)
+    w.requires_grad_()
+    WG.conv3x3_winograd_train(x, w, weight_grad="on", tile=tile).backward(gy)
+    assert torch.equal(w.grad, wgrad_op(x, gy, tile))
+    assert not torch.equal(w.grad, wgrad_op(x, gy, 6 - tile))
+
+
 def test_train_tile_errors():
     x, w = torch.zeros(1, 4, 5, 5), torch.zeros(6, 4, 3, 3)
     with pytest.raises(ValueError, match=r"tile: expected 2 .* or 4 .*, got 3"):
