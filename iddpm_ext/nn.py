@@ -325,10 +325,11 @@ class conv_winograd:
 # transformed weight (36/9 of the weight's bytes, F(2×2)'s 16/9) comes from memory, the 8×8 maps
 # lost at B = 1 and 2 (8 or fewer tiles) and 16×16 at B = 1 (16 tiles) was even (a reviewer's
 # in-model timing; docs/unet.md). A training call transforms its weight twice per step (forward,
-# input gradient), 2.25× the work of F(2×2)'s: it needs more tiles to gain (one training call at
-# 8×256×256×8×8, 32 tiles, 0.91-0.99× F(2×2)'s; from 128 tiles 0.99-1.22×: iddpm bench conv --passes
-# train). bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16:
-# ~4× the error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset: auto).
+# input gradient), 2.25× the work of F(2×2)'s: it needs more tiles to gain (one training call, its
+# weight gradient by the same tile, at 8×256×256×8×8, 32 tiles, 0.95× F(2×2)'s; from 128 tiles
+# 1.08-1.38×: iddpm bench conv --passes train, docs/perf/unet-cpu-winograd-f4-2026-11-29).
+# bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16: ~4× the
+# error). Default from IDDPM_CONV_WINOGRAD_TILE=auto/2/4 (unset: auto).
 _WINOGRAD_TILE_MODES = ("auto", "2", "4")
 _WINOGRAD_TILE4_MIN_SIZE = 8  # min(H, W)
 _WINOGRAD_TILE4_MIN_TILES = {False: 32, True: 128}  # N · ⌈H/4⌉ · ⌈W/4⌉, by "a training call"
