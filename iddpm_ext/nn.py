@@ -315,9 +315,9 @@ class conv_winograd:
         return False
 
 
-# The Winograd variant of the float32 convs above and of the training convs below (their forward
-# and input gradient): F(2×2, 3×3) ("2") or F(4×4, 3×3) ("4": 4×4 output tiles, 36 GEMMs with 2.25
-# instead of 4 multiplies per output and channel pair; about 4× F(2×2)'s float32 rounding error,
+# The Winograd variant of the float32 convs above and of the training convs below (their forward,
+# input gradient and weight gradient): F(2×2, 3×3) ("2") or F(4×4, 3×3) ("4": 4×4 output tiles, 36
+# GEMMs with 2.25 instead of 4 multiplies per output and channel pair; ~4× F(2×2)'s float32 error,
 # ~1e-6 of the output, iddpm_ext.ops.winograd). "auto": F(4×4) for float32 calls with maps of at
 # least _WINOGRAD_TILE4_MIN_SIZE and at least _WINOGRAD_TILE4_MIN_TILES 4×4 output tiles (N·⌈H/4⌉·⌈W/4⌉:
 # the GEMMs' rows), else F(2×2). Alone, one conv at B = 2 ran 1.3-1.7× as fast as F(2×2) at 8×8 to
@@ -358,8 +358,8 @@ def get_conv_winograd_tile() -> str:
 
 
 def conv_winograd_tile(tile: int | str):
-    """Context manager: ``with conv_winograd_tile(2): ...`` (read by each conv call, forward and, in
-    training, the input gradient of that call)."""
+    """Context manager: ``with conv_winograd_tile(2): ...`` (read by each conv call's forward; a
+    training call's input and weight gradients follow the tile its forward took)."""
     return _scoped(set_conv_winograd_tile, tile)
 
 
@@ -695,7 +695,8 @@ def _torch_conv_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # layout torch's conv gives; conv_add folds the residual into the kernel. Modes:
 #   "off": never;
 #   "auto": float32 calls within _WINOGRAD_TRAIN_AUTO's bounds (below; channels-last or NCHW input):
-#   as accurate as the direct conv (tests/ops/test_winograd_train.py) and measured faster here
+#   as accurate as the direct conv with F(2×2) (tests/ops/test_winograd_train.py; F(4×4), which
+#   set_conv_winograd_tile's rule takes for large maps, ~4× that error) and measured faster here
 #   (iddpm bench train, docs/training.md);
 #   "on": every such call, float32 and bfloat16, either layout (bf16 rounds the transformed input,
 #   weight and products: about 2× a direct bf16 conv's error in the forward and the input

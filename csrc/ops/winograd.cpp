@@ -342,8 +342,11 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
 
 // The weight gradient of y = conv2d(x, weight, padding 1) from grad_y: per block of tiles, V
 // (the input transform of x) and dM (the output transform's adjoint of grad_y), dU[k] += V[k]ᵀ
-// dM[k] (16 or 36 GEMMs [Cin, rows] @ [rows, Cout], at::baddbmm), and at the end Gᵀ dU G per
-// filter (float64). float32 only.
+// dM[k] (16 or 36 GEMMs [Cin, rows] @ [rows, Cout]: the first block's at::bmm writes dU, the
+// others' at::baddbmm add to it), and at the end Gᵀ dU G for every filter as one float32 GEMM.
+// float32 only. (The GEMMs run in float32 also inside an autocast region: their out= and in-place
+// forms, which autocast leaves alone. at::mm may split the last GEMM differently with the thread
+// count: the F(4×4) results can differ in the last bits between thread counts, not between runs.)
 at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_y_in,
                                             int64_t tile) {
   check_defined(x_in, "x");
@@ -401,7 +404,8 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Te
   // to float32 from float64), then the taps to [Cout, Cin, 3, 3].
   at::Tensor k = at::empty({points, 9}, opts.dtype(at::kDouble));
   cpu::winograd_transform_matrix(tile, k.mutable_data_ptr<double>());
-  const at::Tensor taps = at::mm(k.to(at::kFloat).t(), du.view({points, Cin * Cout}));
+  at::Tensor taps = at::empty({9, Cin * Cout}, opts);
+  at::mm_out(taps, k.to(at::kFloat).t(), du.view({points, Cin * Cout}));
   grad_w.copy_(taps.view({3, 3, Cin, Cout}).permute({3, 2, 0, 1}));
   return grad_w;
 }

@@ -271,15 +271,15 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """The weight gradient [Cout, Cin, 3, 3] of ``F.conv2d(x, weight, padding=1)`` given the output's
-    gradient ``grad_y`` [N, Cout, H, W], by the Winograd transforms: per 2×2 output tile, the input
-    patch's ``Bᵀ d B`` and ``A dY Aᵀ`` (the output transform's adjoint), 16 GEMMs reducing over the
-    tiles, then ``Gᵀ dU G`` per filter (in float64). CPU float32 only (any layout); as accurate as
-    torch's weight gradient (tests/ops/test_winograd_weight_grad.py). Non-finite inputs give
-    non-finite gradients, though not always torch's: an Inf becomes NaN where the transforms
-    subtract it from itself, and values beyond ~FLT_MAX/4 overflow in the transforms' sums.
-    ``tile=4``: by F(4×4, 3×3) (36 GEMMs; faster than F(2×2) from about 128 tiles of 4×4, iddpm
-    bench conv --passes wgrad; ~3× the error; its transforms' coefficients reach 8, so values
-    beyond ~FLT_MAX/64 may overflow)."""
+    gradient ``grad_y`` [N, Cout, H, W], by the Winograd transforms: per output tile (2×2, or 4×4
+    with ``tile=4``), the input patch's ``Bᵀ d B`` and ``A dY Aᵀ`` (the output transform's
+    adjoint), 16 (36) GEMMs reducing over the tiles, then ``Gᵀ dU G`` for every filter as one
+    float32 GEMM. CPU float32 only (any layout; float32 also inside an autocast region). tile=2:
+    as accurate as torch's weight gradient (within 3× its error, tests/ops/test_winograd_weight_grad.py);
+    tile=4: 2.5–5× F(2×2)'s error (up to ~6× torch's at the UNet's shapes), faster from about 128
+    tiles of 4×4 (iddpm bench conv --passes wgrad). Non-finite inputs give non-finite gradients,
+    though not always torch's: an Inf becomes NaN where the transforms subtract it from itself,
+    and values beyond ~FLT_MAX/4 (tile=4: ~FLT_MAX/64) overflow in the transforms' sums."""
     loader.require()
     return torch.ops.iddpm.conv3x3_winograd_weight_grad(x, grad_y, tile)
 

@@ -147,6 +147,35 @@ def test_weight_grad_matches_float64(N, Cin, Cout, H, W):
     assert torch.equal(WG.conv3x3_winograd_weight_grad(x.float(), gy.float(), tile=4), ours)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_weight_grad_several_blocks_and_layouts(layout):
+    """Enough tiles for several blocks (dU written by the first block's GEMM, added to by the
+    others), channels-last and strided inputs."""
+    x, _, _, gy = _case(2, 192, 160, 46, 42)  # 2 · 12 · 11 = 264 tiles of 36 · 352 floats: 2 blocks
+    w0 = torch.zeros(160, 192, 3, 3, dtype=torch.float64)
+    ref = torch.ops.aten.convolution_backward(
+        gy, x, w0, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]  # fmt: skip
+    xf, gyf = x.float(), gy.float()
+    if layout == "channels_last":
+        xf, gyf = xf.contiguous(memory_format=CL), gyf.contiguous(memory_format=CL)
+    else:
+        xf = torch.stack([xf, xf], 2).flatten(1, 2)[:, ::2]
+        gyf = torch.cat([gyf, gyf], 3)[..., :42]
+        assert not xf.is_contiguous() and not gyf.is_contiguous()
+    assert _err(wgrad_op(xf, gyf, 4), ref) < 5e-6
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_weight_grad_is_float32_under_autocast(tile):
+    """Inside a CPU autocast region the op's GEMMs still run in float32 (same bits as outside)."""
+    x, _, _, gy = (t.float() for t in _case(2, 32, 48, 12, 12))
+    plain = wgrad_op(x, gy, tile)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(wgrad_op(x, gy, tile), plain)
+
+
 def test_empty_inputs():
     x, w, _, gy = (t.float() for t in _case(0, 4, 6, 5, 5))
     assert conv_op(x, weight_op(w, False, 4)).shape == (0, 6, 5, 5)
