@@ -22,7 +22,9 @@ does 4/9 of the multiplies, so its figure is an effective rate), ``speedup`` ove
 relative to the output's max) and ``per_forward`` (how many convs of this shape one forward of the
 CIFAR-10 UNet runs; 0: not in the model). After each dtype one ``conv3x3 per forward`` record per
 impl sums the model's convs weighted by that count: the time the UNet spends in them (with
-``--quick``, in those of the quick cases).
+``--quick``, in those of the quick cases); the F4 row's sum takes F(2×2)'s time for the shapes the
+tile rule keeps on F(2×2) (iddpm_ext.nn.set_conv_winograd_tile; training's rule for the wgrad and
+train passes), as the model does.
 ``--passes wgrad`` (float32) times the weight gradient instead, given the output's gradient
 (channels-last, like x): torch's (``aten::convolution_backward``, oneDNN; row "torch conv")
 against ``iddpm::conv3x3_winograd_weight_grad`` (row "iddpm (winograd)"; "iddpm (winograd F4)": by
@@ -37,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nn import conv_nd, conv_winograd_tile, conv_winograd_train, winograd_train_takes
+from ..nn import _winograd_tile, conv_nd, conv_winograd_tile, conv_winograd_train, winograd_train_takes
 from ..ops import winograd
 from . import common
 
@@ -222,6 +224,9 @@ def run(args) -> list:
                     records.append(common.emit(args, rec))
             if packed_run and IMPLS[3] not in times:  # the model runs the plain weight there
                 totals[IMPLS[3]] += times[IMPLS[2]] * count
+            if IMPLS[4] in times and _winograd_tile(dtype, x, training=pass_ != "fwd") == 2:
+                # set_conv_winograd_tile's rule keeps this shape on F(2×2): the sum takes that time
+                totals[IMPLS[4]] += (times[IMPLS[2]] - times[IMPLS[4]]) * count
         if any(c[-1] for c in cases):
             timed = {impl: t for impl, t in totals.items() if t > 0}
             for impl, total in timed.items():
