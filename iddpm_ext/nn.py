@@ -714,8 +714,10 @@ _WINOGRAD_TRAIN_MODES = ("auto", "on", "off")
 # train, docs/training.md). Below them the per-call weight transforms outweigh a small map's work
 # (e.g. 8×256×4×4), or 32-channel GEMMs gain too little; NCHW pays the kernel's layout copies: its
 # 64-channel convs gained 1.14-1.33x alone but the digits model's NCHW step none (0.93-0.97x,
-# iddpm bench train), so NCHW needs 128 channels (the CIFAR-10 and ImageNet-64 models' convs).
-_WINOGRAD_TRAIN_AUTO = {"channels_last": (32, 64, 4, 256), "nchw": (128, 128, 4, 1024)}
+# iddpm bench train), so NCHW needs 128 channels (the CIFAR-10 and ImageNet-64 models' convs). NCHW
+# from 512 pixels since the weight gradient's Gᵀ dU G became one GEMM (8×256×256×8×8, 512 pixels:
+# 1.14× torch's training call, docs/perf/unet-cpu-winograd-f4-2026-11-29; it was 1024).
+_WINOGRAD_TRAIN_AUTO = {"channels_last": (32, 64, 4, 256), "nchw": (128, 128, 4, 512)}
 
 
 def _winograd_train_mode_from_env() -> str:

@@ -238,8 +238,8 @@ def test_which_calls_take_the_winograd_path(mode, layout, amp, expected, calls):
         (16, 64, (4, 8, 8), CL, 0),  # Cin < 32
         (32, 64, (1, 16, 15), CL, 0),  # 240 pixels
         (32, 64, (64, 3, 3), CL, 0),  # 3×3 map
-        (128, 128, (4, 16, 16), torch.contiguous_format, 1),  # every NCHW bound met exactly
-        (128, 128, (4, 16, 15), torch.contiguous_format, 0),  # 960 pixels
+        (128, 128, (2, 16, 16), torch.contiguous_format, 1),  # every NCHW bound met exactly
+        (128, 128, (2, 16, 15), torch.contiguous_format, 0),  # 480 pixels
         (64, 128, (4, 16, 16), torch.contiguous_format, 0),  # Cin < 128
         (128, 64, (4, 16, 16), torch.contiguous_format, 0),  # Cout < 128
         (128, 128, (4, 4, 64), torch.contiguous_format, 1),
