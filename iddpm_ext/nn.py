@@ -321,11 +321,12 @@ class conv_winograd:
 # ~1e-6 of the output, iddpm_ext.ops.winograd). "auto": F(4×4) for float32 calls with maps of at
 # least _WINOGRAD_TILE4_MIN_SIZE and at least _WINOGRAD_TILE4_MIN_TILES 4×4 output tiles (N·⌈H/4⌉·⌈W/4⌉:
 # the GEMMs' rows), else F(2×2). Alone, one conv at B = 2 ran 1.3-1.7× as fast as F(2×2) at 8×8 to
-# 32×32 maps and 0.46-1.03× at 4×4 and 2×2 (iddpm bench conv); inside the model, where each conv's
-# transformed weight (36/9 of the weight's bytes, F(2×2)'s 16/9) comes from memory, the 8×8 maps
-# lost at B = 1 and 2 (8 or fewer tiles) and 16×16 at B = 1 (16 tiles) was even (a reviewer's
-# in-model timing; docs/unet.md). A training call transforms its weight twice per step (forward,
-# input gradient), 2.25× the work of F(2×2)'s: it needs more tiles to gain (one training call, its
+# 32×32 maps (512 -> 256 channels at 8×8: 0.99×) and 0.46-1.03× at 4×4 and 2×2 (iddpm bench
+# conv); inside the model, where each conv's transformed weight (36/9 of the weight's bytes,
+# F(2×2)'s 16/9) comes from memory, the 8×8 maps lost at B = 1 and 2 (8 or fewer tiles) and
+# 16×16 at B = 1 (16 tiles) was even (a reviewer's in-model timing; docs/unet.md). A training
+# call transforms its weight twice per step (forward, input gradient), 2.25× the work of F(2×2)'s:
+# it needs more tiles to gain (one training call, its
 # weight gradient by the same tile, at 8×256×256×8×8, 32 tiles, 0.95× F(2×2)'s; from 128 tiles
 # 1.08-1.38×: iddpm bench conv --passes train, docs/perf/unet-cpu-winograd-f4-2026-11-29).
 # bfloat16 calls always F(2×2) (F(4×4) would round its larger transformed values to bf16: ~4× the
@@ -569,7 +570,9 @@ class _PrepackedForward:
         key = ("winograd", dtype, "packed") if packed else ("winograd", dtype, tile)
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
-            weight_t = _winograd_ops.winograd_weight(w.detach().to(dtype), packed, 2 if packed else tile)
+            weight_t = _winograd_ops.winograd_weight(
+                w.detach().to(dtype), packed, tile
+            )  # (packed: bf16, tile 2)
             if key not in self.entries and len(self.entries) >= self._MAX_ENTRIES:
                 self.entries.clear()  # (a stale entry of this key is replaced, the others kept)
             bias = None if b is None else b.detach().to(dtype)

@@ -58,9 +58,9 @@ TORCH_LIBRARY(iddpm, m) {
       "int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) convolution, CPU fp32 / bf16 (csrc/ops/winograd.cpp)
-  // ---- weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd
-  // takes); packed (bf16, AVX512-BF16 CPUs): [16, Cout/32, Cin/2, 64], for the VDPBF16PS GEMMs;
+  // ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) convolution, CPU (csrc/ops/winograd.cpp) ----
+  // weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd takes);
+  // packed (bf16, AVX512-BF16 CPUs): [16, Cout/32, Cin/2, 64], for the VDPBF16PS GEMMs;
   // tile=4 (float32): F(4x4, 3x3)'s [36, Cin, Cout].
   m.def("winograd_weight(Tensor weight, bool packed=False, int tile=2) -> Tensor");
   // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]
