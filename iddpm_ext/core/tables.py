@@ -50,9 +50,17 @@ def cached(cache: dict, key, make):
     value = cache.get(key)
     if value is None:
         value = make()
-        if not torch.compiler.is_exporting():
+        if not _exporting():
             cache[key] = value
     return value
+
+
+def _exporting() -> bool:
+    """Whether torch.export traces. Read from torch's flag itself where it has one: torch 2.11's dynamo
+    (the GPU machines' torch) answers ``torch.compiler.is_exporting()`` with True under
+    torch.compile as well, and every compiled call would then rebuild the tables."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return flag if isinstance(flag, bool) else torch.compiler.is_exporting()
 
 
 def check_betas(betas) -> np.ndarray:
