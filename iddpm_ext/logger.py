@@ -13,9 +13,13 @@ the suffix. As in the reference, the first logging call (or ``get_dir()``) befor
 folder's ``log.txt``, ``progress.csv`` and ``progress.json`` are continued by a later
 ``configure()`` (the reference starts them afresh), so rerunning a training script into its
 folder keeps the history; ``logkv_mean`` values are averaged per process (the reference also
-averages them over MPI ranks at ``dumpkvs``). ``TrainLoop`` dumps its per-interval means
-(already averaged over processes) here as well as into its ``progress.jsonl``
-(docs/training.md).
+averages them over MPI ranks at ``dumpkvs``; here too when ``configure`` or ``set_comm`` is
+given an mpi4py-style communicator: :func:`mpi_weighted_mean`). The reference's format classes
+(``HumanOutputFormat``, ``CSVOutputFormat``, ``JSONOutputFormat``, ``TensorBoardOutputFormat``,
+their bases ``KVWriter`` / ``SeqWriter``) and ``make_output_format`` are these formats, for code
+that builds a ``Logger`` itself; a file they are given by name is continued too. ``TrainLoop``
+dumps its per-interval means (already averaged over processes) here as well as into its
+``progress.jsonl`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 
-from .errors import MissingDependencyError
+from .errors import ArgumentError, MissingDependencyError
 from .io import atomic_write_bytes
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
@@ -58,7 +63,17 @@ __all__ = [
     "get_current",
     "prints_table",
     "check_formats",
+    "set_comm",
     "Logger",
+    "KVWriter",
+    "SeqWriter",
+    "HumanOutputFormat",
+    "CSVOutputFormat",
+    "JSONOutputFormat",
+    "TensorBoardOutputFormat",
+    "make_output_format",
+    "mpi_weighted_mean",
+    "get_rank_without_mpi_import",
     "DEBUG",
     "INFO",
     "WARN",
@@ -71,11 +86,38 @@ def _fmt(v) -> str:
     return f"{v:<8.3g}" if hasattr(v, "__float__") and not isinstance(v, (int, str)) else str(v)
 
 
-class _Table:
-    """stdout / log.txt: a boxed key | value table per dump, plain lines for log()."""
+class KVWriter:
+    """A format that takes the key-value dumps (``writekvs(kvs)``; the reference's base class)."""
 
-    def __init__(self, file, owns: bool):
-        self.file, self.owns = file, owns
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class SeqWriter:
+    """A format that takes ``log()``'s lines (``writeseq(seq)``; the reference's base class)."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """stdout / log.txt: a boxed key | value table per dump, plain lines for log().
+    ``filename_or_file``: a path (opened for appending, closed by ``close()``) or an open text
+    file (written to, left open)."""
+
+    def __init__(self, filename_or_file):
+        if isinstance(filename_or_file, (str, os.PathLike)):
+            self.file, self.owns = open(filename_or_file, "a"), True
+        elif hasattr(filename_or_file, "write"):
+            self.file, self.owns = filename_or_file, False
+        else:
+            raise ArgumentError(
+                f"filename_or_file: expected a path or a writable text file, got "
+                f"{type(filename_or_file).__name__}"
+            )
 
     def writekvs(self, kvs: dict):
         if not kvs:
@@ -96,11 +138,12 @@ class _Table:
             self.file.close()
 
 
-class _Csv:
+class CSVOutputFormat(KVWriter):
     """progress.csv: one row per dump under a header of every key seen. An existing file is
     continued (its header kept), so a resumed run's rows follow the earlier ones."""
 
-    def __init__(self, path: str):
+    def __init__(self, filename):
+        path = os.fspath(filename)
         self.path, self.keys = path, []
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             with open(path) as f:
@@ -119,30 +162,25 @@ class _Csv:
         with open(self.path, "a") as f:
             f.write(",".join("" if kvs.get(k) is None else str(kvs[k]) for k in self.keys) + "\n")
 
-    def close(self):
-        pass
 
-
-class _Json:
+class JSONOutputFormat(KVWriter):
     """progress.json: one JSON object per dump, appended."""
 
-    def __init__(self, path: str):
-        self.path = path
-        open(path, "a").close()
+    def __init__(self, filename):
+        self.path = os.fspath(filename)
+        open(self.path, "a").close()
 
     def writekvs(self, kvs: dict):
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (float(v) if hasattr(v, "dtype") else v) for k, v in kvs.items()}) + "\n")
 
-    def close(self):
-        pass
 
+class TensorBoardOutputFormat(KVWriter):
+    """Scalars of every dump as TensorBoard events in the folder ``dir`` (torch.utils.tensorboard's
+    SummaryWriter; the reference wrote them through TensorFlow)."""
 
-class _TensorBoard:
-    """Scalars of every dump as TensorBoard events (torch.utils.tensorboard's SummaryWriter)."""
-
-    def __init__(self, path: str):
-        self.writer = _summary_writer_class()(log_dir=path)
+    def __init__(self, dir):
+        self.writer = _summary_writer_class()(log_dir=os.fspath(dir))
         self.dumps = 0
 
     def writekvs(self, kvs: dict):
@@ -186,26 +224,73 @@ def check_formats(format_strs) -> list:
     return names
 
 
-def _make_format(name: str, directory: str, suffix: str):
-    os.makedirs(directory, exist_ok=True)
-    if name == "stdout":
-        return _Table(sys.stdout, owns=False)
-    if name == "log":
-        return _Table(open(os.path.join(directory, f"log{suffix}.txt"), "a"), owns=True)
-    if name == "csv":
-        return _Csv(os.path.join(directory, f"progress{suffix}.csv"))
-    if name == "json":
-        return _Json(os.path.join(directory, f"progress{suffix}.json"))
-    if name == "tensorboard":
-        return _TensorBoard(os.path.join(directory, f"tb{suffix}"))
-    raise ValueError(f"format_strs: expected names from {list(FORMATS)}, got {name!r}")
+def make_output_format(format, ev_dir, log_suffix=""):
+    """The format named ``format`` (one of :data:`FORMATS`) writing into the folder ``ev_dir``
+    (made if missing): ``log{log_suffix}.txt``, ``progress{log_suffix}.csv`` / ``.json``,
+    ``tb{log_suffix}/``, or stdout."""
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    if format == "tensorboard":
+        _summary_writer_class()  # (before the folder is made)
+    os.makedirs(ev_dir, exist_ok=True)
+    if format == "stdout":
+        return HumanOutputFormat(sys.stdout)
+    if format == "log":
+        return HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"))
+    if format == "csv":
+        return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
+    if format == "json":
+        return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
+    return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
+
+
+def get_rank_without_mpi_import() -> int:
+    """This process's rank as its launcher's environment gives it (MPI's ``PMI_RANK`` or
+    ``OMPI_COMM_WORLD_RANK``, as the reference reads, then torchrun's ``RANK``), else 0."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def mpi_weighted_mean(comm, local_name2valcount):
+    """Per name, the mean over ``comm``'s ranks of their values weighted by their counts: every
+    rank passes ``{name: (value, count)}``; rank 0 gets ``{name: mean}``, the others ``{}``.
+    ``comm``: an mpi4py-style communicator (``gather(obj, root=0)``, ``rank``). A value that is not
+    a number is left out with a warning, a name whose counts sum to 0 left out."""
+    gathered = comm.gather(local_name2valcount, root=0)
+    if comm.rank != 0:
+        return {}
+    sums, counts = {}, {}
+    for part in gathered:
+        for name, (value, count) in part.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                warnings.warn(
+                    f"mpi_weighted_mean: {name} = {value!r} is not a number, left out", stacklevel=2
+                )
+                continue
+            sums[name] = sums.get(name, 0.0) + value * count
+            counts[name] = counts.get(name, 0.0) + count
+    return {name: sums[name] / counts[name] for name in sums if counts[name] != 0}
 
 
 class Logger:
-    def __init__(self, dir, output_formats):
+    """Key-value diagnostics written to ``output_formats`` at every ``dumpkvs``. With ``comm``
+    (an mpi4py-style communicator), ``dumpkvs`` averages the values over its ranks
+    (:func:`mpi_weighted_mean`, weighted by each rank's ``logkv_mean`` count) and rank 0 writes
+    them. ``Logger.CURRENT`` / ``Logger.DEFAULT`` are the current and the default logger, as in
+    the reference."""
+
+    CURRENT: Logger | None = None
+    DEFAULT: Logger | None = None
+
+    def __init__(self, dir, output_formats, comm=None):
         self.dir, self.output_formats = dir, list(output_formats)
         self.name2val, self.name2cnt = {}, {}
         self.level = INFO
+        self.comm = comm
 
     def logkv(self, key, val):
         self.name2val[key] = val
@@ -217,9 +302,14 @@ class Logger:
         self.name2cnt[key] = n + 1
 
     def dumpkvs(self) -> dict:
-        out = dict(self.name2val)
+        if self.comm is None:
+            out = dict(self.name2val)
+        else:
+            local = {name: (val, self.name2cnt.get(name, 1)) for name, val in self.name2val.items()}
+            out = mpi_weighted_mean(self.comm, local)
         for fmt in self.output_formats:
-            fmt.writekvs(out)
+            if hasattr(fmt, "writekvs"):
+                fmt.writekvs(dict(out))
         self.name2val.clear()
         self.name2cnt.clear()
         return out
@@ -232,6 +322,9 @@ class Logger:
 
     def set_level(self, level):
         self.level = level
+
+    def set_comm(self, comm):
+        self.comm = comm
 
     def get_dir(self):
         return self.dir
@@ -250,7 +343,6 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     global _current
     from . import dist_util
 
-    del comm  # no MPI here; ranks come from torch.distributed
     dir = (
         dir
         or os.getenv("OPENAI_LOGDIR")
@@ -270,10 +362,10 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
         ).split(",")
     names = check_formats(format_strs)  # before any folder or file is made
     os.makedirs(dir, exist_ok=True)
-    formats = [_make_format(name, dir, log_suffix) for name in names]
+    formats = [make_output_format(name, dir, log_suffix) for name in names]
     if _current is not None and _current is not _default:
         _current.close()
-    _current = Logger(dir, formats)
+    _current = Logger.CURRENT = Logger(dir, formats, comm=comm)
     if formats:
         _current.log(f"Logging to {dir}")
     return _current
@@ -286,7 +378,7 @@ def get_current() -> Logger:
     global _default
     if _current is None:
         configure()
-        _default = _current
+        _default = Logger.DEFAULT = _current
     return _current
 
 
@@ -303,7 +395,7 @@ def reset():
     if _current is not _default:
         if _current is not None:
             _current.close()
-        _current = _default
+        _current = Logger.CURRENT = _default
         if _current is not None:
             _current.log("Reset logger")
 
@@ -312,13 +404,13 @@ def reset():
 def scoped_configure(dir=None, format_strs=None, comm=None):
     global _current
     previous = _current
-    _current = None
+    _current = Logger.CURRENT = None
     try:
         yield configure(dir=dir, format_strs=format_strs, comm=comm)
     finally:
         if _current is not None and _current is not _default:
             _current.close()
-        _current = previous
+        _current = Logger.CURRENT = previous
 
 
 def logkv(key, val):
@@ -398,6 +490,12 @@ def set_level(level):
     get_current().set_level(level)
 
 
+def set_comm(comm):
+    """Average the current logger's values over ``comm``'s ranks at each ``dumpkvs`` (an
+    mpi4py-style communicator; None: this process's values only)."""
+    get_current().set_comm(comm)
+
+
 def get_dir():
     return get_current().get_dir()
 
@@ -405,4 +503,6 @@ def get_dir():
 def prints_table() -> bool:
     """True when the current logger prints its key tables to stdout (the ``stdout`` format);
     the trainer then shows no progress bar unless asked."""
-    return _current is not None and any(isinstance(f, _Table) and not f.owns for f in _current.output_formats)
+    return _current is not None and any(
+        isinstance(f, HumanOutputFormat) and not f.owns for f in _current.output_formats
+    )
