@@ -62,7 +62,8 @@ TORCH_LIBRARY(iddpm, m) {
   // weight: [Cout, Cin, 3, 3] -> [16, Cin, Cout] (the transformed weight conv3x3_winograd takes);
   // packed (bf16, AVX512-BF16 CPUs): [16, Cout/32, Cin/2, 64], for the VDPBF16PS GEMMs;
   // tile=4 (float32): F(4x4, 3x3)'s [36, Cin, Cout].
-  m.def("winograd_weight(Tensor weight, bool packed=False, int tile=2) -> Tensor");
+  // flip: of the filters rotated by 180° (with weight.transpose(0, 1): the input gradient's U).
+  m.def("winograd_weight(Tensor weight, bool packed=False, int tile=2, bool flip=False) -> Tensor");
   // x: [N, Cin, H, W]; weight_t: winograd_weight(weight); bias: [Cout]; residual: [N, Cout, H, W]
   // -> conv2d(x, weight, bias, stride 1, padding 1) + residual, [N, Cout, H, W] channels-last.
   m.def(

@@ -59,6 +59,30 @@ inline int64_t winograd_tiles(int64_t size, int64_t tile = kWinogradTile) {
 // The transforms work on the tiles [tile_begin, tile_end) (the op runs blocks of tiles so that
 // V and M stay small); V and M hold that block only: row t - tile_begin of each of their 16 (36)
 // matrices is tile t.
+// G of F(2×2, 3×3) and of F(4×4, 3×3) (above), [alpha][3], for the weight transform G g Gᵀ.
+inline constexpr double kWinogradG2[4][3] = {
+    {1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+inline constexpr double kWinogradG4[6][3] = {{1, 0, 0},
+                                             {1.0 / 3, 1.0 / 3, 1.0 / 3},
+                                             {-1.0 / 3, 1.0 / 3, -1.0 / 3},
+                                             {-16.0 / 15, -8.0 / 15, -4.0 / 15},
+                                             {1.0 / 15, -2.0 / 15, 4.0 / 15},
+                                             {0, 0, 1}};
+
+// The weight transform: u[k][ci][co] = (G g Gᵀ)[i][j], k = alpha·i + j, g the 3×3 filter (co, ci)
+// of w (read at its strides, elements: a transposed view gives U of the transposed weight), or
+// with `flip` that filter rotated by 180° (g[2 - r][2 - s]: the input gradient's conv), computed
+// in float64 and rounded once to dtype.
+struct WinogradWeightParams {
+  DType dtype = DType::kFloat32;  // of w and u
+  const void* w;                  // [Cout, Cin, 3, 3] at `stride`
+  void* u;                        // [points, Cin, Cout] (dense)
+  int64_t Cout = 0, Cin = 0;
+  int64_t stride[4] = {0, 0, 0, 0};
+  int64_t tile = kWinogradTile;  // 2, or 4 (float32 only)
+  bool flip = false;
+};
+
 struct WinogradInputParams {
   DType dtype = DType::kFloat32;  // of x and v
   const void* x;                  // [N, H, W, C] (channels-last)

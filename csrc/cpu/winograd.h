@@ -30,9 +30,9 @@ inline constexpr DType kWinogradDtypes[] = {DType::kFloat32, DType::kBFloat16};
 
 // U [points, Cin, Cout] from a [Cout, Cin, 3, 3] weight given by its strides (elements), both of
 // `dtype` (float32 or bfloat16; tile 4 float32 only), computed in float64 and rounded once to
-// dtype. tile: 2 (F(2×2, 3×3), 16 points) or 4 (F(4×4, 3×3), 36 points).
-void winograd_weight(const void* w, DType dtype, int64_t Cout, int64_t Cin, const int64_t stride[4],
-                     void* u, int64_t tile = kWinogradTile);
+// dtype (common/winograd_params.h's WinogradWeightParams). tile: 2 (F(2×2, 3×3), 16 points) or 4
+// (F(4×4, 3×3), 36 points); flip: of the filters rotated by 180°.
+void winograd_weight(const WinogradWeightParams& p);
 // True when this CPU runs the packed bf16 convolution (AVX512-BF16 with AVX-512 F/BW/VL/DQ).
 bool winograd_packed_supported();
 // u_packed (common/winograd_params.h) from U [16, Cin, Cout] bf16 (raw bits), Cin even, Cout a

@@ -14,6 +14,7 @@ namespace iddpm::cpu {
   void winograd_output(const WinogradOutputParams& p);                                             \
   void winograd_output_adjoint(const WinogradInputParams& p);                                      \
   void transpose_planes(const void* src, void* dst, DType dtype, int64_t N, int64_t R, int64_t S); \
+  void winograd_weight(const WinogradWeightParams& p);                                             \
   }
 
 IDDPM_WINO_DECLARE_ISA(wino_default)

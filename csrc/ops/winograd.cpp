@@ -1,12 +1,14 @@
 // csrc/ops/winograd.cpp — torch glue of the CPU Winograd F(2×2, 3×3) and F(4×4, 3×3) convolutions:
 //
-//   iddpm::winograd_weight(Tensor weight, bool packed=False, int tile=2) -> Tensor
+//   iddpm::winograd_weight(Tensor weight, bool packed=False, int tile=2, bool flip=False) -> Tensor
 //     weight: [Cout, Cin, 3, 3] float32 or bfloat16 (any strides) -> U [16, Cin, Cout] of its dtype
 //     (G g Gᵀ per (co, ci), computed in float64, rounded once): what conv3x3_winograd takes, made
 //     once per weight. packed (bf16, Cin even, Cout a multiple of 32, a CPU with AVX512-BF16): U
 //     packed for the VDPBF16PS GEMMs, [16, Cout/32, Cin/2, 64] (common/winograd_params.h).
 //     tile=4 (float32, not packed): F(4×4, 3×3)'s U [36, Cin, Cout]; conv3x3_winograd then runs
 //     F(4×4, 3×3) (36 GEMMs over 4×4 output tiles: 1.78× fewer products, ~4× the rounding error).
+//     flip: U of the filters rotated by 180° (g[2 - r][2 - s]); of weight.transpose(0, 1), the U
+//     of the input gradient's conv (the training conv remakes both every call).
 //   iddpm::conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual) -> Tensor
 //     y = conv2d(x, weight, bias, stride 1, padding 1) (+ residual), x [N, Cin, H, W] (any layout;
 //     channels-last is read in place), weight_t = winograd_weight(weight), bias [Cout], residual
@@ -169,7 +171,7 @@ void check_tile(int64_t tile, const at::Tensor& t, const char* name) {
                     ": tile=4 (F(4x4, 3x3)) is float32 only, got ", torch_dtype_name(t));
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed, int64_t tile) {
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed, int64_t tile, bool flip) {
   check_defined(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
                     "weight: expected shape [Cout, Cin, 3, 3], got ", shape_str(weight));
@@ -180,11 +182,16 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool packed, int64_t ti
                     "packed: the packed form is F(2x2, 3x3) (tile=2) only, got tile=", tile);
   if (packed) check_packable(weight, Cin, Cout, "weight");
   at::Tensor u = at::empty({winograd_points(tile), Cin, Cout}, weight.options());
-  const int64_t stride[4] = {weight.stride(0), weight.stride(1), weight.stride(2),
-                             weight.stride(3)};
-  if (u.numel() > 0)
-    cpu::winograd_weight(weight.const_data_ptr(), dtype_of(weight), Cout, Cin, stride,
-                         u.mutable_data_ptr(), tile);
+  WinogradWeightParams p;
+  p.dtype = dtype_of(weight);
+  p.w = weight.const_data_ptr();
+  p.u = u.mutable_data_ptr();
+  p.Cout = Cout;
+  p.Cin = Cin;
+  for (int d = 0; d < 4; ++d) p.stride[d] = weight.stride(d);
+  p.tile = tile;
+  p.flip = flip;
+  if (u.numel() > 0) cpu::winograd_weight(p);
   if (!packed) return u;
   at::Tensor up =
       at::empty({kWinogradPoints, Cout / kWinogradPackCols, Cin / 2, 2 * kWinogradPackCols},

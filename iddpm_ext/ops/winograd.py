@@ -90,57 +90,30 @@ def packable(weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
 TILES = (2, 4)  # F(2×2, 3×3) and F(4×4, 3×3)
 
 
-def winograd_weight(weight: torch.Tensor, packed: bool = False, tile: int = 2) -> torch.Tensor:
-    """[Cout, Cin, 3, 3] float32 or bfloat16 CPU weight -> [16, Cin, Cout] of its dtype (``G g Gᵀ``
-    per filter, computed in float64 and rounded once); ``packed``: bf16 only, [16, Cout/32, Cin/2,
-    64] (:func:`packable`); ``tile=4``: F(4×4, 3×3)'s [36, Cin, Cout] (float32 only, not packed)."""
+def winograd_weight(
+    weight: torch.Tensor, packed: bool = False, tile: int = 2, flip: bool = False
+) -> torch.Tensor:
+    """[Cout, Cin, 3, 3] float32 or bfloat16 CPU weight (any strides) -> [16, Cin, Cout] of its
+    dtype (``G g Gᵀ`` per filter, computed in float64 and rounded once); ``packed``: bf16 only,
+    [16, Cout/32, Cin/2, 64] (:func:`packable`); ``tile=4``: F(4×4, 3×3)'s [36, Cin, Cout]
+    (float32 only, not packed); ``flip``: of the filters rotated by 180° (``weight.flip(2, 3)``'s,
+    without the copy; of ``weight.transpose(0, 1)``: the input gradient's transformed weight)."""
     loader.require()
-    return torch.ops.iddpm.winograd_weight(weight, packed, tile)
-
-
-# G of F(2×2, 3×3) and F(4×4, 3×3) (the transforms csrc/cpu/winograd* applies in float64,
-# common/winograd_params.h): the transformed filter is G g Gᵀ, point (i, j) = row alpha·i + j of
-# kron(G, G) @ the 9 taps (row-major).
-_G = {
-    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
-    4: (
-        (1.0, 0.0, 0.0),
-        (1 / 3, 1 / 3, 1 / 3),
-        (-1 / 3, 1 / 3, -1 / 3),
-        (-16 / 15, -8 / 15, -4 / 15),
-        (1 / 15, -2 / 15, 4 / 15),
-        (0.0, 0.0, 1.0),
-    ),
-}
-
-
-@functools.cache
-def _transform_rows(tile: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, K_flipped): [points, 9] float32 matrices (points = (tile + 2)²) taking a filter's 9 taps
-    to its transformed points, and those of the filter flipped in both spatial dimensions (its taps
-    in reverse order: K's columns reversed). Made in float64, rounded once."""
-    g = torch.tensor(_G[tile], dtype=torch.float64)
-    k = torch.kron(g, g)
-    return k.float(), k.flip(1).float()
+    return torch.ops.iddpm.winograd_weight(weight, packed, tile, flip)
 
 
 def _train_weight(
     weight: torch.Tensor, dtype: torch.dtype, for_input_grad: bool, tile: int = 2
 ) -> torch.Tensor:
-    """The transformed weight of a [Cout, Cin, 3, 3] weight in ``dtype`` (computed in float32):
-    [points, Cin, Cout] for the forward; for the input gradient, that of the flipped filter with Cin
-    and Cout exchanged, [points, Cout, Cin] (conv2d(grad_out, weight.flip(2, 3).transpose(0, 1),
-    padding=1)); points = 16 (tile 2) or 36 (tile 4)."""
-    k, k_flipped = _transform_rows(tile)
-    cout, cin = weight.shape[0], weight.shape[1]
-    points = k.shape[0]
-    w = weight.detach().to(torch.float32)
-    with torch.autocast("cpu", enabled=False):  # float32 GEMMs also inside an autocast region
-        if for_input_grad:
-            t = (k_flipped @ w.reshape(cout * cin, 9).t()).view(points, cout, cin)
-        else:
-            t = (k @ w.transpose(0, 1).reshape(cin * cout, 9).t()).view(points, cin, cout)
-    return t.to(dtype)
+    """The transformed weight of a [Cout, Cin, 3, 3] weight in ``dtype`` (iddpm::winograd_weight:
+    float64, rounded once): [points, Cin, Cout] for the forward; for the input gradient, that of the
+    flipped filter with Cin and Cout exchanged, [points, Cout, Cin] (conv2d(grad_out,
+    weight.flip(2, 3).transpose(0, 1), padding=1), read in place); points = 16 (tile 2) or 36
+    (tile 4)."""
+    w = weight.detach().to(dtype)
+    if for_input_grad:
+        return torch.ops.iddpm.winograd_weight(w.transpose(0, 1), False, tile, True)
+    return torch.ops.iddpm.winograd_weight(w, False, tile, False)
 
 
 WEIGHT_GRAD_MODES = ("auto", "on", "off")
@@ -358,7 +331,7 @@ def _check_tensor(t, name, ref=None, ref_name=""):
 if loader.available():
 
     @torch.library.register_fake("iddpm::winograd_weight")
-    def _winograd_weight_fake(weight, packed=False, tile=2):
+    def _winograd_weight_fake(weight, packed=False, tile=2, flip=False):
         checks.defined(weight, "weight")
         _check_weight_shape(weight)
         _check_tensor(weight, "weight")

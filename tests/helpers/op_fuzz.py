@@ -846,11 +846,12 @@ _WINOGRAD_G = {
 def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     """iddpm::winograd_weight: weight [Cout, Cin, 3, 3] (0-size and huge-but-empty dims, other
     kernel sizes and ranks, any dtype and layout), plain or packed, tile 2, 4 (F(4×4, 3×3), float32
-    only) or a bad one, against G g Gᵀ in float64."""
+    only) or a bad one, flipped or not, against G g Gᵀ in float64 (of g rotated by 180° with flip)."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     cout, cin = _dims(data, ([0, 1, 5, 16, 32], [0, 1, 2, 3, 17]))
     packed = data.draw(st.booleans())
     tile = choose(data, 2, 4, 3, 0)
+    flip = data.draw(st.booleans())
     if 0 in (cout, cin) and data.draw(st.booleans()):
         cout, cin = (HUGE, cin) if cout == 0 and cin else (cout, HUGE) if cin == 0 and cout else (cout, cin)
     shape = choose(data, (cout, cin, 3, 3), (cout, cin, 3), (cout, cin, 5, 5), (cout, cin, 3, 1), (3, 3))
@@ -859,9 +860,10 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     weight = make(data, shape, dtype, gen)
     device = data.draw(st.sampled_from([base, *mixes]))
     names = ("weight", "tile", "packed")
-    res, err = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, device), packed, tile), names)
+    op = torch.ops.iddpm.winograd_weight
+    res, err = outcome(lambda: op(place(weight, device), packed, tile, flip), names)
     if device == "meta":
-        real = outcome(lambda: torch.ops.iddpm.winograd_weight(place(weight, base), packed, tile), names)
+        real = outcome(lambda: op(place(weight, base), packed, tile, flip), names)
         check_meta_agrees((res, err), real, lambda e: False, "winograd_weight", strict=base == "cpu")
         return
     assert device != FAKE_CUDA or err is not None, "winograd_weight accepted a CUDA weight (CPU kernel only)"
@@ -880,7 +882,8 @@ def fuzz_winograd_weight(data, base="cpu", mixes=("meta",)):
     if res.numel() == 0:
         return
     g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64)
-    ref = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g).reshape(points, *res.shape[1:])
+    filters = weight.double().flip(2, 3) if flip else weight.double()
+    ref = torch.einsum("ij,ocjk,lk->ilco", g, filters, g).reshape(points, *res.shape[1:])
     close(res, ref, weight.dtype, "winograd_weight")
 
 

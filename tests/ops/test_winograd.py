@@ -245,6 +245,7 @@ def test_empty_tensors():
 def test_opcheck(dtype):
     x, w, b, r = (t.to(dtype) for t in _case(2, 8, 12, 5, 6, residual=True))
     torch.library.opcheck(wweight.default, (w,))
+    torch.library.opcheck(wweight.default, (w.transpose(0, 1), False, 2, True))  # the input grad's U
     u = wweight(w)
     torch.library.opcheck(conv.default, (x, u, b, r))
     torch.library.opcheck(conv.default, (x.contiguous(), u, None, None))

@@ -87,19 +87,24 @@ def test_output_and_every_gradient_match_float64(
     assert ours[1].is_contiguous(memory_format=layout)
 
 
-def test_transformed_weights_match_the_kernels_and_the_flipped_filter():
-    """The float32 training transform equals the op's float64 one (to float32 rounding); the
-    input-gradient transform is the op's transform of weight.flip(2, 3).transpose(0, 1)."""
+@pytest.mark.parametrize("tile", [2, 4])
+def test_transformed_weights_match_the_kernels_and_the_flipped_filter(tile):
+    """The training transforms are the op's: the input-gradient one is the op's transform of
+    weight.flip(2, 3).transpose(0, 1) (read in place: flip=True on the transposed view), bit
+    for bit; under autocast too (float64 inside the op either way)."""
     w = torch.randn(24, 40, 3, 3)
-    fwd = WG._train_weight(w, torch.float32, for_input_grad=False)
-    bwd = WG._train_weight(w, torch.float32, for_input_grad=True)
-    torch.testing.assert_close(fwd, WG.winograd_weight(w), rtol=0, atol=1e-6)
+    fwd = WG._train_weight(w, torch.float32, for_input_grad=False, tile=tile)
+    bwd = WG._train_weight(w, torch.float32, for_input_grad=True, tile=tile)
+    assert torch.equal(fwd, WG.winograd_weight(w, tile=tile))
     flipped = w.flip(2, 3).transpose(0, 1).contiguous()
-    torch.testing.assert_close(bwd, WG.winograd_weight(flipped), rtol=0, atol=1e-6)
-    assert fwd.shape == (16, 40, 24) and bwd.shape == (16, 24, 40)
-    with torch.autocast("cpu", torch.bfloat16):  # (a forward under autocast: still float32 GEMMs)
-        assert torch.equal(WG._train_weight(w, torch.float32, False), fwd)
-        assert torch.equal(WG._train_weight(w, torch.bfloat16, True), bwd.bfloat16())
+    assert torch.equal(bwd, WG.winograd_weight(flipped, tile=tile))
+    points = (tile + 2) ** 2
+    assert fwd.shape == (points, 40, 24) and bwd.shape == (points, 24, 40)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(WG._train_weight(w, torch.float32, False, tile), fwd)
+        if tile == 2:  # bf16: from the bf16 weight, rounded once
+            got = WG._train_weight(w.bfloat16(), torch.bfloat16, True)
+            assert torch.equal(got, WG.winograd_weight(flipped.bfloat16()))
 
 
 def test_only_requested_gradients():
