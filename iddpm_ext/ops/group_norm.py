@@ -99,6 +99,10 @@ def require_kernel(x: torch.Tensor):
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+# csrc/cuda/group_norm.h's kGroupNormMaxItemGroups: the grid's blocks, one per (batch item, group).
+_CUDA_MAX_ITEM_GROUPS = 2**31 - 1
+
+
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -126,6 +130,14 @@ def _fake_check_x(x, num_groups):
             f"shape {list(x.shape)}), got {num_groups}"
         ),
     )
+    if kind == "cuda":  # one CUDA block per (batch item, group)
+        torch._check_value(
+            x.shape[0] * num_groups <= _CUDA_MAX_ITEM_GROUPS,
+            lambda: (
+                f"num_groups: expected at most {_CUDA_MAX_ITEM_GROUPS} batch items × groups on CUDA, "
+                f"got {x.shape[0]} × {num_groups} (x of shape {list(x.shape)})"
+            ),
+        )
 
 
 def _fake_check_param(t, name, x, per_sample):

@@ -226,6 +226,21 @@ def test_forward_errors_name_the_argument(kw, match, device):
         op(*args.values())
 
 
+def test_fake_cuda_refuses_more_item_groups_than_the_grid_takes(monkeypatch):
+    """Traced for CUDA (fake tensors), the op refuses N · G > 2³¹ - 1 (one CUDA block per batch
+    item and group) as check_x does on the card, with its words."""
+    from torch._subclasses import fake_tensor
+
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)  # (no GPU here)
+    with fake_tensor.FakeTensorMode():
+        x = torch.empty(2**20, 4096, 1, device="cuda")
+        want = r"num_groups: expected at most 2147483647 batch items × groups on CUDA, got 1048576 × 4096"
+        with pytest.raises(ValueError, match=want):
+            op(x, 4096, None, None, None, None, 1e-5, True)
+        out = op(x[:4], 4096, None, None, None, None, 1e-5, True)[0]  # within the limit: traced
+        assert out.shape == (4, 4096, 1) and out.device.type == "cuda"
+
+
 def test_device_and_backward_errors():
     args = _bad()
     args["scale"] = args["scale"].to("meta")  # meta mixed with CPU reaches the fake: refused
