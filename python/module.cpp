@@ -184,6 +184,7 @@ bool set_attention_sm90_pipelined(bool enabled);  // returns the previous value
 bool attention_sm90_bulk_dq_enabled();
 bool set_attention_sm90_bulk_dq(bool enabled);  // returns the previous value
 int64_t attention_kernel_arch(int64_t device_index);
+bool attention_fp32_tf32();
 int64_t attention_smem_bytes(int64_t element_size, int64_t head_dim, bool backward);
 }  // namespace iddpm::ops
 
@@ -220,6 +221,10 @@ PYBIND11_MODULE(_C, m) {
         "Switch the sm_90a attention backward's bulk dq reductions on or off for the whole "
         "process; returns the previous value (initially: IDDPM_ATTENTION_SM90_BULK_DQ=1 in the "
         "environment at first use).");
+  m.def("attention_fp32_tf32", &iddpm::ops::attention_fp32_tf32,
+        "Whether the fused CUDA attention runs fp32 products on TF32 tensor cores now (torch's "
+        "torch.backends.cuda.matmul.fp32_precision == 'tf32', read as the op reads it at each "
+        "call), else split-TF32.");
   m.def("attention_kernel_arch", &iddpm::ops::attention_kernel_arch, py::arg("device_index"),
         "The architecture (10·major + minor) the CUDA attention's code on this device was built "
         "for; the fused CUDA attention needs 80 or more (0: built without CUDA).");

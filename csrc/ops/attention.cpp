@@ -16,10 +16,12 @@
 //
 // No layout copies: the kernels read q, k, v as the [C, T] blocks they are in qkv. A
 // non-contiguous argument (not the case for a Conv1d output) is made contiguous once here.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <atomic>
@@ -333,11 +335,27 @@ at::Tensor qkv_attention_bf16_cpu(const at::Tensor& qkv, int64_t num_heads) {
   return out;
 }
 
+}  // namespace
+
+// Whether fp32 products may run on TF32 tensor cores: torch's own setting for CUDA matmuls, read at
+// each call as cuBLAS does: torch.backends.cuda.matmul.fp32_precision == "tf32" (what
+// torch.set_float32_matmul_precision("high" or "medium"), torch.backends.cuda.matmul.allow_tf32
+// = True and torch.backends.fp32_precision = "tf32" set). Otherwise split-TF32 (fp32-accurate).
+// Read through the per-backend API where torch has it (2.9 on): its legacy getter,
+// allowTF32CuBLAS(), throws once the new API has set the precision. (The sm_80 / sm_90 launches
+// read it for fp32 only.)
+bool attention_fp32_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
+namespace {
+
 #ifdef IDDPM_WITH_CUDA
-// Whether fp32 products may run on TF32 tensor cores: torch's own switch for cuBLAS matmuls
-// (torch.backends.cuda.matmul.allow_tf32, which torch.set_float32_matmul_precision("high" or
-// "medium") turns on), read at each call as cuBLAS does. Otherwise split-TF32 (fp32-accurate).
-bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
 #ifdef IDDPM_WITH_SM90
 // Whether the op runs the Hopper (sm_90a) kernels instead of the sm_80 ones (forward and
@@ -413,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention_cuda(const at::Tensor& qkv_in, 
   check_shared_memory(qkv_in, d, false);
   Forward f = forward(d, qkv_in, at::kFloat);
   if (f.out.numel() == 0) return {f.out, f.lse};
-  f.p.allow_tf32 = allow_tf32();
+  f.p.allow_tf32 = qkv_in.scalar_type() == at::kFloat && attention_fp32_tf32();
   f.p.tile_major = attention_tile_major_enabled();
   f.p.sm90_pipelined = attention_sm90_pipelined_enabled();
   const int err = run_forward(f.p, qkv_in);
@@ -435,7 +453,7 @@ at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out_in, const at::
   at::Tensor delta = at::empty({d.B * d.H, d.T}, f32);
   b.p.dq_accum = dq_accum.data_ptr<float>();
   b.p.delta = delta.data_ptr<float>();
-  b.p.allow_tf32 = allow_tf32();
+  b.p.allow_tf32 = qkv_in.scalar_type() == at::kFloat && attention_fp32_tf32();
   b.p.tile_major = attention_tile_major_enabled();
   b.p.sm90_bulk_dq = attention_sm90_bulk_dq_enabled();
   const int err = run_backward(b.p, qkv_in);

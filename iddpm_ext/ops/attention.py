@@ -92,10 +92,12 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     "fused" always runs the op (a clear error when it cannot); "einsum" always runs the
     reference; "sdpa" always runs :func:`qkv_attention_sdpa`; "bf16" always runs
     :func:`qkv_attention_bf16` (bf16 CPU qkv only, without gradient).
-    On CUDA the fused fp32 op follows torch's TF32 switch as cuBLAS does
-    (``torch.backends.cuda.matmul.allow_tf32``, set by
-    ``torch.set_float32_matmul_precision("high")``): TF32 tensor cores when it is on,
-    split-TF32 (three TF32 products, about fp32's accuracy) when it is off.
+    On CUDA the fused fp32 op follows torch's TF32 setting as cuBLAS does
+    (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, set by
+    ``torch.set_float32_matmul_precision("high")``, ``torch.backends.cuda.matmul.allow_tf32 =
+    True`` or ``torch.backends.fp32_precision = "tf32"``; ``_C.attention_fp32_tf32()`` says what
+    it reads now): TF32 tensor cores when it is on, split-TF32 (three TF32 products, about fp32's
+    accuracy) when it is off.
     """
     impl = _impl
     if impl == "einsum":

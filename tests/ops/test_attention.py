@@ -337,3 +337,58 @@ def test_arguments_give_result_or_clean_error(B, width, T, heads, dtype):
     if out.numel():
         # Constant inputs: uniform attention, so the output is the (constant) v.
         assert max_err(out, torch.ones_like(out)) < 1e-6
+
+
+_TF32_SCRIPT = r"""
+import sys
+import torch
+from iddpm_ext import _C
+
+m = torch.backends.cuda.matmul
+seen = [_C.attention_fp32_tf32()]
+if sys.argv[1] == "legacy":
+    torch.set_float32_matmul_precision("high")
+    seen.append(_C.attention_fp32_tf32())
+    m.allow_tf32 = False
+    seen.append(_C.attention_fp32_tf32())
+    m.allow_tf32 = True
+    seen.append(_C.attention_fp32_tf32())
+elif sys.argv[1] == "new":
+    m.fp32_precision = "tf32"
+    seen.append(_C.attention_fp32_tf32())
+    try:  # torch's own legacy getter refuses a precision the new API set (what the op read before)
+        m.allow_tf32
+        seen.append("legacy getter answered")
+    except RuntimeError:
+        seen.append("legacy getter raised")
+    m.fp32_precision = "ieee"
+    seen.append(_C.attention_fp32_tf32())
+else:  # the all-backends default
+    torch.backends.fp32_precision = "tf32"
+    seen.append(_C.attention_fp32_tf32())
+print(seen)
+"""
+
+
+@pytest.mark.parametrize(
+    "api, want",
+    [
+        ("legacy", "[False, True, False, True]"),
+        ("new", "[False, True, 'legacy getter raised', False]"),
+        ("generic", "[False, True]"),
+    ],
+)
+def test_fp32_tf32_follows_torchs_setting_through_either_api(api, want):
+    """The fused CUDA op's TF32 choice (read by _C.attention_fp32_tf32 at each call, fp32 only)
+    follows torch's setting whether the legacy API (allow_tf32, set_float32_matmul_precision) or
+    the per-backend one (fp32_precision) set it, and reading it never raises: torch's legacy
+    getter, which the op used to call for every dtype, raises once the new API set the precision.
+    In a child process (mixing the two APIs marks torch's state for the rest of a process)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _TF32_SCRIPT, api], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == want
