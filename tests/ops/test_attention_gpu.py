@@ -294,6 +294,36 @@ def test_fp32_follows_torchs_tf32_switch():
         torch.set_float32_matmul_precision(previous)
 
 
+_NEW_API_SCRIPT = r"""
+import torch
+from iddpm_ext.ops import attention as A
+
+qkv = torch.randn(2, 3 * 2 * 64, 100, device="cuda")
+split = A.qkv_attention_fused(qkv, 2)
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # the per-backend API (torch >= 2.9)
+half = A.qkv_attention_fused(qkv.half(), 2)  # fp16 and bf16 do not read it at all
+tf32 = A.qkv_attention_fused(qkv, 2)
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+again = A.qkv_attention_fused(qkv, 2)
+ref = A.qkv_attention_reference(qkv.double(), 2)
+err = lambda a: (a.double() - ref).abs().max().item()  # noqa: E731
+assert torch.equal(again, split) and err(split) * 16 < err(tf32), (err(split), err(tf32))
+assert err(half) < 1e-2, err(half)
+print("ok")
+"""
+
+
+def test_tf32_set_through_the_per_backend_api():
+    # torch.backends.cuda.matmul.fp32_precision = "tf32" (which makes torch's legacy TF32 getter
+    # raise): the fp16 op runs, fp32 takes TF32, "ieee" split-TF32 again. In a child process
+    # (mixing the two APIs marks torch's state for the rest of a process).
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _NEW_API_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("C, T", [(64, 40), (128, 96), (192, 40)])
 def test_sanitizer_subset_tf32(C, T):
     # fp32 under TF32 for compute-sanitizer (scripts/gpu_check.sh): the kTf32 kernels round
