@@ -32,6 +32,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -529,17 +530,20 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // Raises a kernel's dynamic shared-memory limit once per device (`Tag` names the kernel), so
-// that later launches, including those under CUDA-graph capture, make no such call.
+// that later launches, including those under CUDA-graph capture, make no such call. (Atomic
+// flags: threads launching at once may both set the attribute, which is harmless, but do not
+// race on the flag.)
 template <class Tag>
 inline cudaError_t set_smem_limit_once(const void* kernel, size_t bytes) {
-  static bool done[64] = {};
+  static std::atomic<bool> done[64] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64 && done[dev]) return cudaSuccess;
+  const bool cached = dev >= 0 && dev < 64;
+  if (cached && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(bytes));
-  if (err == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
+  if (err == cudaSuccess && cached) done[dev].store(true, std::memory_order_release);
   return err;
 }
 
