@@ -199,7 +199,11 @@ def _bf16_nearest(v: float) -> float:
     if v == 0 or not math.isfinite(v):
         return v
     m, e = math.frexp(v)  # v = m · 2^e, 0.5 <= |m| < 1; bf16 keeps 8 significant bits
-    return math.ldexp(round(m * 256) / 256, e)  # m · 256 is exact; round() ties to even
+    r = math.ldexp(round(m * 256) / 256, e)  # m · 256 is exact; round() ties to even
+    return r if abs(r) <= _BF16_MAX else math.copysign(math.inf, v)
+
+
+_BF16_MAX = math.ldexp(255 / 128, 127)  # the largest finite bf16
 
 
 def test_bf16_weight_transform_rounds_once():
@@ -216,6 +220,28 @@ def test_bf16_weight_transform_rounds_once():
     assert torch.equal(u.double().flatten(), expected)
     assert u[4, 0, 0].item() == 0.5 * (1 + 2.0**-7)
     assert torch.equal(wweight(w.contiguous(memory_format=torch.channels_last)), u)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_bf16_weight_transform_rounds_once_in_every_lane(flip):
+    """Blocks of 16 output channels and a tail (Cout = 37), values planted just above, at and
+    below bf16 ties (where rounding through float32 would round twice), and overflow to ±inf and
+    NaN: every element the once-rounded float64 transform (flip: of the rotated filter)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 4, 3, 3, generator=g).bfloat16()
+    for co in (0, 7, 15, 16, 31, 36):  # U[1][0] = (g00 + g10 + g20) / 2: above, at, below a tie
+        tiny = (2.0**-30, 0.0, -(2.0**-30))[co % 3]
+        w[co, co % 4, :, 0] = torch.tensor([1.0, 2.0**-8, tiny], dtype=torch.bfloat16)
+    w[20, 1] = 3.0e38  # sums beyond the bf16 range: inf
+    w[21, 2, 0, 0], w[21, 2, 1, 1] = float("inf"), float("-inf")  # inf - inf: NaN
+    w[22, 3, 2, 2] = float("nan")
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    filters = w.double().flip(2, 3) if flip else w.double()
+    exact = torch.einsum("ir,ocrs,js->ijco", G, filters, G).reshape(16, 4, 37)
+    u = wweight(w, False, 2, flip)
+    expected = torch.tensor([_bf16_nearest(v) for v in exact.flatten().tolist()], dtype=torch.float64)
+    assert torch.isinf(expected).any() and torch.isnan(expected).any()
+    torch.testing.assert_close(u.double().flatten(), expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_gemm_switch(monkeypatch):
