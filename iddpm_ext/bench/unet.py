@@ -469,9 +469,21 @@ def _forward_call(variant, x, t, device):
 
 
 def forward_section(
-    model, config, size, batch_sizes, device, warmup, iters, breakdown, flops_per_image, compile_mode=None
+    model,
+    config,
+    size,
+    batch_sizes,
+    device,
+    warmup,
+    iters,
+    breakdown,
+    flops_per_image,
+    compile_mode=None,
+    emit=None,
 ):
-    """The forward records (see the module docstring) and their summary lines."""
+    """The forward records (see the module docstring) and their summary lines; ``emit(rec)``
+    (e.g. common.emit: printed and written to --json at once) sees each record as it is made, so a
+    run cut short by a time limit keeps the cases it finished."""
     variants = _forward_variants(model, config, device, compile_mode)
     n_params = sum(p.numel() for p in model.parameters())
     records, summary = [], []
@@ -480,7 +492,10 @@ def forward_section(
         x = torch.randn(batch, model.in_channels, size, size, generator=gen).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         calls = [_forward_call(v, x, t, device) for v in variants]
-        outs = [c().float() for c in calls]  # also the first warm-up run
+        # (also the first warm-up run) copies: a variant run under CUDA graphs (torch.compile's
+        # "max-autotune" / "reduce-overhead") returns memory of its graph pool, which its next
+        # generation overwrites (torch then refuses to read it); .float() of fp32 is no copy
+        outs = [c().detach().to(torch.float32, copy=True) for c in calls]
         for _ in range(max(warmup - 1, 0)):
             for c in calls:
                 c()
@@ -527,7 +542,7 @@ def forward_section(
                 params=n_params,
                 **extra,
             )
-            records.append(rec)
+            records.append(emit(rec) if emit is not None else rec)
             line = (
                 f"fwd B={batch:<4} {rec['dtype']:<9} {impl[:58]:<58} {ms:9.2f} ms "
                 f"{rec['images_per_s']:9.1f} img/s {rec['tflops']:7.3f} TF/s "
@@ -585,6 +600,7 @@ def run(args) -> list:
             args.breakdown,
             flops[False] // batch,
             args.compile_reference,
+            emit=lambda rec: common.emit(args, rec),
         )
         records += recs
         summary += lines

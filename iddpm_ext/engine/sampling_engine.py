@@ -208,6 +208,10 @@ class SamplingEngine:
             except (AttributeError, StopIteration, TypeError):
                 device = torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # "cuda" as the current device's index: the step looks tables up under x.device
+            # (cuda:N), and torch.device("cuda") != torch.device("cuda:0")
+            self.device = torch.device("cuda", torch.cuda.current_device())
         capture.default_generator(self.device)  # cpu or cuda only
         ops.require()
         if not ops.has_kernel(self.device):

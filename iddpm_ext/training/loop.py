@@ -37,7 +37,14 @@ from ..errors import TrainingStopped
 from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoint as ckpt
 from .log import MetricsLog
-from .options import COMPILE_MODES, blob_logdir, compile_options, parse_ema_rates, training_test_mode  # noqa: F401
+from .options import (  # noqa: F401
+    COMPILE_MODES,
+    blob_logdir,
+    compile_options,
+    parse_ema_rates,
+    training_test_mode,
+    uses_cudagraphs,
+)
 from .runlock import RunFolderLock
 
 # Signals that stop training gracefully: finish the step, save it, raise TrainingStopped.
@@ -231,6 +238,7 @@ class TrainLoop:
         else:
             self.ddp_model = model
         self.compile = compile_kwargs
+        self._cudagraphs = uses_cudagraphs(compile_kwargs)  # ("reduce-overhead", "max-autotune")
         # The network as the losses call it: compiled (its forward and backward), under autocast.
         self.forward_model = self.ddp_model
         if compile_kwargs is not None:
@@ -517,7 +525,7 @@ class TrainLoop:
             last = i + self.microbatch >= n_total
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, rng=self.t_rng)
             sync = contextlib.nullcontext() if (last or self.world == 1) else self.ddp_model.no_sync()
-            if self.compile is not None and self.compile.get("mode") == "reduce-overhead":
+            if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
             with sync:
                 losses = self.diffusion.training_losses(self.forward_model, micro, t, model_kwargs=micro_cond)

@@ -7,8 +7,25 @@ import os
 
 from .. import logger
 
-# TrainLoop(compile=...): "none" or a torch.compile mode ("reduce-overhead" adds CUDA graphs).
+# TrainLoop(compile=...): "none" or a torch.compile mode ("reduce-overhead" and "max-autotune"
+# add CUDA graphs on CUDA).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def uses_cudagraphs(compile_kwargs: dict | None) -> bool:
+    """Whether torch.compile with these keyword arguments runs CUDA graphs (its mode's or its
+    options' ``triton.cudagraphs``): then each training step must be marked as a new one."""
+    if not compile_kwargs:
+        return False
+    options = dict(compile_kwargs.get("options") or {})
+    if "triton.cudagraphs" in options:
+        return bool(options["triton.cudagraphs"])
+    mode = compile_kwargs.get("mode")
+    if not mode:
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def blob_logdir():

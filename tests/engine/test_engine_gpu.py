@@ -59,6 +59,17 @@ def test_graph_matches_non_graph_loop_fp32(model, sampler, eta, respacing):
     assert engine.stats["captures"] == 1
 
 
+def test_engine_on_cuda_without_index_makes_one_table(model):
+    """device="cuda" is the current device's index: the table the engine makes before capture
+    is the one the step reads (keyed by x.device, cuda:N), not a second copy."""
+    d = diffusion(respacing="10")
+    engine = SamplingEngine(model, d, mode="graph", device="cuda")
+    assert engine.device == torch.device("cuda", torch.cuda.current_device())
+    engine.sample(SHAPE)
+    cuda_tables = {id(t) for k, t in d._coef_tables.items() if torch.device(k).type == "cuda"}
+    assert len(cuda_tables) == 1, list(d._coef_tables)
+
+
 def test_graph_class_conditional(cond_model):
     d = diffusion(respacing="20")
     y = torch.tensor([0, 3, 6], device=DEV)
@@ -310,7 +321,7 @@ def test_sample_generate_graph_matches_eager_per_sample(no_tf32):
     d = diffusion(respacing="8")
     kw = dict(seed=13, device=DEV)
     ref, ref_y, _ = S.sample_batch(per_item, d, list(range(6)), (3, 16, 16), engine="eager", **kw)
-    engine = SamplingEngine(per_item, d, mode="graph", device=DEV)
+    engine = S.Sampler("graph", per_item, d, DEV)  # one capture for every batch below
     for size in (2, 3):
         outs, labels = [], []
         for s in range(0, 6, size):

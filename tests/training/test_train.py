@@ -267,6 +267,19 @@ def test_compile_argument_is_checked(tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before the run folder was touched
 
 
+def test_steps_are_marked_for_every_mode_with_cuda_graphs():
+    """TrainLoop marks each step's start for torch's CUDA-graph trees wherever the compile mode
+    (or an explicit option) runs CUDA graphs: "reduce-overhead" and "max-autotune" both do."""
+    from iddpm_ext.training.options import compile_options, uses_cudagraphs
+
+    modes = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    marked = [uses_cudagraphs(compile_options(m)) for m in modes]
+    assert marked == [False, False, True, True, False]
+    assert uses_cudagraphs({"mode": "default", "options": {"triton.cudagraphs": True}})
+    assert not uses_cudagraphs({"mode": "max-autotune", "options": {"triton.cudagraphs": False}})
+    assert not uses_cudagraphs({"backend": "eager"})
+
+
 def test_channels_last_needs_a_2d_unet():
     from iddpm_ext.unet import UNetModel
 
