@@ -6,10 +6,10 @@ mpi_weighted_mean and get_rank_without_mpi_import."""
 import io
 import json
 import sys
-import types
 
 import pytest
 
+from helpers.training import fake_tensorboard
 from iddpm_ext import logger
 from iddpm_ext.errors import ArgumentError
 
@@ -109,22 +109,7 @@ def test_make_output_format_stdout_and_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_tensorboard_output_format_writes_scalars(tmp_path, monkeypatch):
-    written = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            written.append(("dir", log_dir))
-
-        def add_scalar(self, tag, value, step):
-            written.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            written.append("closed")
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    written = fake_tensorboard(monkeypatch)
     fmt = logger.make_output_format("tensorboard", str(tmp_path), log_suffix="-r1")
     fmt.writekvs({"loss": 0.5, "step": 10, "name": "x"})
     fmt.close()

@@ -159,3 +159,27 @@ def forget_logger():
     if default is not None and default is not current:
         default.close()
     logger._current = logger._default = None
+
+
+def fake_tensorboard(monkeypatch) -> list:
+    """Installs a stand-in ``torch.utils.tensorboard`` whose SummaryWriter records what it is
+    given (("dir", log_dir), (tag, value, step) per scalar, "closed") into the returned list."""
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    return written

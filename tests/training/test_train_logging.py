@@ -6,12 +6,11 @@ with $OPENAI_LOGDIR and --tensorboard."""
 import json
 import os
 import sys
-import types
 
 import pytest
 import torch
 
-from helpers.training import blob_images, forget_logger, tiny_config, tiny_flags, write_npz
+from helpers.training import blob_images, fake_tensorboard, forget_logger, tiny_config, tiny_flags, write_npz
 from iddpm_ext import logger
 from iddpm_ext.cli import main
 from iddpm_ext.errors import CheckpointError, MissingDependencyError
@@ -181,22 +180,7 @@ def test_logger_tensorboard_format(tmp_path, monkeypatch):
         logger.configure(dir=str(tmp_path / "x"), format_strs=["log", "tensorboard"])
     assert not os.path.exists(tmp_path / "x")  # checked before anything was made
 
-    written = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            written.append(("dir", log_dir))
-
-        def add_scalar(self, tag, value, step):
-            written.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            written.append("closed")
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    written = fake_tensorboard(monkeypatch)
     with logger.scoped_configure(dir=str(tmp_path / "tb"), format_strs=["tensorboard"]):
         logger.logkv("step", 7)
         logger.logkv("loss", 0.5)
