@@ -8,7 +8,8 @@ making graph-mode samples independent of the batch split, and iddpm sample's eng
 import pytest
 import torch
 
-from helpers.engine_cases import Autocast, PerSample, diffusion, reference_loop, tiny_model
+from helpers import oracles
+from helpers.engine_cases import PerSample, diffusion, reference_loop, tiny_model
 from helpers.oracles import rel_err
 from iddpm_ext.engine import SamplingEngine
 from iddpm_ext.unet import UNetModel
@@ -141,15 +142,18 @@ def test_graph_bf16_within_twice_the_eager_bf16_error(model):
     d = diffusion(respacing="20")
     torch.cuda.manual_seed(9)
     fp32 = d.p_sample_loop(model, SHAPE)
+    # the bf16 reference through the engine's eager mode: the same fused step and in-kernel noise
+    # as fp32 and the graph (p_sample_loop with a bf16 learned-range output takes the eager step,
+    # as the reference does, whose randn_like noise is another draw)
     torch.cuda.manual_seed(9)
-    eager_bf16 = d.p_sample_loop(Autocast(model, "cuda", torch.bfloat16), SHAPE)
+    eager_bf16 = SamplingEngine(model, d, mode="eager", amp="bf16").sample(SHAPE)
     engine = SamplingEngine(model, d, mode="graph", amp="bf16")
     torch.cuda.manual_seed(9)
     graph_bf16 = engine.sample(SHAPE)
     assert graph_bf16.dtype == torch.float32
     eager_err = rel_err(eager_bf16, fp32)
     graph_err = rel_err(graph_bf16, fp32)
-    assert eager_err > 0  # bf16 really ran
+    assert 0 < eager_err < 0.1  # bf16 really ran, with the same noise as fp32
     assert graph_err <= 2 * eager_err + 1e-6, (graph_err, eager_err)
 
 
@@ -185,9 +189,11 @@ def test_compile_mode_on_cuda(cond_model):
     _close(ours, ref)
 
 
-def test_compile_graph_mode_on_cuda(cond_model):
+def test_compile_graph_mode_on_cuda(cond_model, no_tf32):
     """mode "compile-graph": inductor's compiled step captured in a CUDA graph; the samples are
-    the library's DDIM loop's (the fused step draws the same in-kernel noise)."""
+    the library's DDIM loop's (the fused step draws the same in-kernel noise) to 1e-4: inductor's
+    own GroupNorm / SiLU code rounds differently from the eager kernels (4.7e-6 measured for the
+    CPU's inductor; without TF32, which would amplify that ~500×)."""
     d = diffusion(respacing="8")
     y = torch.tensor([2, 0, 5], device=DEV)
     engine = SamplingEngine(cond_model, d, mode="compile-graph")
@@ -197,7 +203,7 @@ def test_compile_graph_mode_on_cuda(cond_model):
     again = engine.sample(SHAPE, sampler="ddim", eta=0.5, y=y, generator=g)
     g = torch.Generator(DEV).manual_seed(4)
     ref = d.ddim_sample_loop(cond_model, SHAPE, eta=0.5, model_kwargs={"y": y}, generator=g)
-    _close(ours, ref)
+    _close(ours, ref, tol=1e-4)
     assert torch.equal(again, ours)
     assert engine.stats["compiles"] == 1 and engine.stats["captures"] == 1
 
@@ -260,10 +266,8 @@ def test_diffusers_adapter_on_cuda(model):
 @pytest.fixture
 def no_tf32():
     """Plain fp32 convolutions and matmuls (as the CPU reference numbers)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with oracles.no_tf32():
+        yield
 
 
 # The noise is batch independent exactly (tests/ops/test_step*.py); a batched model's output

@@ -4,6 +4,7 @@ sampling step in float64, the attention math in float64, the in-kernel noise (Ph
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -164,3 +165,15 @@ def check_two_x_rule(ours, eager, ref, what: str, floor: float = 0.0):
         f"{what}: error {e_ours:.3g} of the fused op exceeds 2x the eager error {e_eager:.3g}"
     )
     return e_ours, e_eager
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Plain fp32 CUDA convolutions and matmuls inside (torch's cuDNN convolutions take TF32 by
+    default, whose 10-bit operands amplify last-bit differences ~100× past fp32 bounds)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers.models import randomize_
-from helpers.oracles import rel_err
+from helpers.oracles import no_tf32, rel_err
 from iddpm_ext import attention_impl
 from iddpm_ext.bench.unet import build_model
 
@@ -25,14 +25,7 @@ pytestmark = pytest.mark.gpu
 BOUND = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+_no_tf32 = no_tf32
 
 
 @pytest.fixture(scope="module")

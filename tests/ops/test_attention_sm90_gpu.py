@@ -252,7 +252,7 @@ def test_sm90_sanitizer_subset(C, T, offset, pipelined, bulk_dq):
     storage = _qkv(1, 1, 1, n + offset, torch.float16, seed=C + T).flatten()  # 3·(n + offset) values
     qkv = storage[offset : offset + n].view(B, 3 * H * C, T)  # contiguous; offset 1: 2 bytes in
     assert (qkv.data_ptr() % 16 == 0) is (offset == 0)
-    g = _qkv(1, 1, 1, B * H * C * T, torch.float16, seed=T).view(B, H * C, T)
+    g = _qkv(1, 1, 1, B * H * C * T, torch.float16, seed=T).flatten()[: B * H * C * T].view(B, H * C, T)
     with _sm90(pipelined, bulk_dq):
         out, lse = A.qkv_attention_with_lse(qkv, H)
         grad = A.qkv_attention_backward(g, qkv, out, lse, H)

@@ -129,14 +129,23 @@ def test_cuda_kernel_paths_match_cpu(case, x_dtype, mo_dtype):
 
 @pytest.mark.parametrize("rule", ["ancestral", "ddim", "reverse"])
 def test_cuda_low_precision_error_at_most_twice_eager(rule):
+    # through d.step with fused=True / False: the public p_sample sends a half learned-range
+    # ancestral step to the eager math (as the reference does), which would compare eager with eager
     d = make_diffusion(ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
     t = torch.tensor([0, 3, 20, 60, 99, 40]).to(DEV)
     x32, mo32, n32 = _cuda(*make_inputs(d, (6, 3, 8, 8), seed=3))
+    kind = {"reverse": "ddim_reverse"}.get(rule, rule)
+    eta = 0.5 if rule == "ddim" else 0.0
+
+    def step(x, mo, noise, fused):
+        noise = None if rule == "reverse" else noise
+        return d.step(kind, mo, x, t, clip_denoised=True, eta=eta, noise=noise, fused=fused)
+
     for dtype in (torch.float16, torch.bfloat16):
         x, mo, noise = x32.to(dtype), mo32.to(dtype), n32.to(dtype)
-        ref = run_step(d, rule, x32, mo32, t, True, 0.5, n32, fused=False)
-        eager = run_step(d, rule, x, mo, t, True, 0.5, noise, fused=False)
-        fused = run_step(d, rule, x, mo, t, True, 0.5, noise, fused=True)
+        ref = step(x32, mo32, n32, False)
+        eager = step(x, mo, noise, False)
+        fused = step(x, mo, noise, True)
         for key in ("sample", "pred_xstart"):
             eager_err = max_err(eager[key].to(dtype), ref[key])
             assert max_err(fused[key], ref[key]) <= 2 * eager_err + 1e-6, (dtype, key)
