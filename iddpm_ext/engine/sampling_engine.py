@@ -488,6 +488,9 @@ class SamplingEngine:
         def warm():
             entry.counter.zero_()
             entry.run_step()
+            # back to step 0: the CPU's op-graph capture runs the step once more for real, which
+            # must read a valid row (a one-step process has only row 0); sample() resets it too
+            entry.counter.zero_()
 
         if self.mode == "eager":
             entry.run_step = step

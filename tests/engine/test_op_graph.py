@@ -202,9 +202,10 @@ def test_errors(model):
 # ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("respacing", ["10", "1"])  # "1": a one-step process (one row of t)
 @pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
-def test_engine_graph_mode_gives_the_eager_engine_samples(model, sampler, eta):
-    d = diffusion(respacing="10")
+def test_engine_graph_mode_gives_the_eager_engine_samples(model, sampler, eta, respacing):
+    d = diffusion(respacing=respacing)
     eager = SamplingEngine(model, d, mode="eager")
     graph = SamplingEngine(model, d, mode="graph")
     assert isinstance(graph._backend, OpGraphBackend)
