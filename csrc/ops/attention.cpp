@@ -37,7 +37,6 @@
 #include "ops/dtype.h"
 
 #ifdef IDDPM_WITH_CUDA
-#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -25,9 +25,6 @@ pytestmark = pytest.mark.gpu
 BOUND = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-_no_tf32 = no_tf32
-
-
 @pytest.fixture(scope="module")
 def cifar():
     model, size = build_model("cifar10")
@@ -36,14 +33,14 @@ def cifar():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, size, size, generator=gen).cuda()
     t = torch.randint(0, 1000, (16,), generator=gen).cuda()
-    with torch.no_grad(), _no_tf32(), attention_impl("einsum"):
+    with torch.no_grad(), no_tf32(), attention_impl("einsum"):
         ref = model(x, t)
     return model, x, t, ref
 
 
 def _forward(model, x, t, impl, dtype=None):
     ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.no_grad(), _no_tf32(), attention_impl(impl), ctx:
+    with torch.no_grad(), no_tf32(), attention_impl(impl), ctx:
         return model(x, t)
 
 
@@ -75,7 +72,7 @@ def test_autocast_bf16_training_gradients(cifar):
     for dtype in (None, torch.bfloat16):
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-        with _no_tf32(), attention_impl("auto"), ctx:
+        with no_tf32(), attention_impl("auto"), ctx:
             loss = model(x[:8], t[:8]).float().square().mean()
         loss.backward()
         grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])

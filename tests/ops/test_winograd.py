@@ -162,6 +162,23 @@ def test_vector_builds_agree_bitwise(monkeypatch, dtype):
             assert set(o.view(torch.int16)[o.isnan()].tolist()) == {0x7FC0}
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_f2_weight_transform_builds_agree_bitwise(monkeypatch, flip):
+    """F(2×2)'s weight transform (G of 0, ±½, 1: exact products, so fused multiply-adds change
+    nothing) gives the same bits in every ISA build, float32 and bf16, blocks of 16 output
+    channels and a tail, weights over 12 decades."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 5, 3, 3, generator=g) * torch.logspace(-6, 6, 37).view(-1, 1, 1, 1)
+    outs = {torch.float32: [], torch.bfloat16: []}
+    for name in ("avx512", "avx2", "default"):
+        monkeypatch.setenv("IDDPM_WINOGRAD_CPU_ISA", name)
+        for dtype, got in outs.items():
+            got.append(wweight(w.to(dtype).transpose(0, 1) if flip else w.to(dtype), False, 2, flip))
+    for dtype, got in outs.items():
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert all(torch.equal(got[0].view(bits), o.view(bits)) for o in got[1:]), dtype
+
+
 def test_several_tile_blocks_match_torch(gemm):
     """512 + 512 channels: blocks of 128 tiles, so 2 × 9 × 9 = 162 tiles run as two blocks (and,
     with the brgemm GEMMs, row blocks of 64 with a tail, column blocks of 64)."""
